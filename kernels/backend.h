@@ -1,0 +1,138 @@
+// Backend: the one interface every compute backend (CPU, CUDA) implements. The model code in
+// runtime/ calls only these operations, on Tensors the backend allocated or imported, so it never
+// knows where the memory lives or how a kernel is written.
+//
+// Conventions: activations are [rows, features] row-major in activation_dtype(); linear weights
+// are bf16 [out, in] (y = W x + b); KV cache layers are [blocks, block_size, kv_heads, head_dim] in
+// kv_dtype(); integer tensors are I32. All operations are asynchronous with respect to the host
+// except download() and synchronize().
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/tensor.h"
+
+namespace arbiter {
+
+// One sequence's share of a forward step. Its new tokens occupy activation rows
+// [first_row, first_row + num_new) and positions [num_cached, num_cached + num_new).
+struct SequenceStep {
+  int32_t first_row = 0;
+  int32_t num_new = 0;
+  int32_t num_cached = 0;
+  // Full-attention layers: block b of the table holds positions [b * block_size, (b+1) * block_size).
+  std::vector<int32_t> full_blocks;
+  // Sliding-window layers: a ring; position p lives in slot p mod (sliding_blocks.size() * block_size).
+  std::vector<int32_t> sliding_blocks;
+};
+
+// Everything a backend needs to know about one forward step, described on the host.
+struct StepLayout {
+  std::vector<int32_t> tokens;      // one per activation row
+  std::vector<SequenceStep> sequences;
+  std::vector<int32_t> logit_rows;  // rows whose logits the step must produce, in output order
+  int32_t block_size = 16;
+};
+
+// The backend's own copy of a StepLayout (uploaded once per step, shared by every layer).
+class StepContext {
+ public:
+  virtual ~StepContext() = default;
+  virtual const StepLayout& layout() const = 0;
+};
+
+struct RopeParams {
+  std::vector<float> inv_freq;  // head_dim / 2 entries
+  float concentration = 1.0f;   // multiplies both cos and sin
+};
+
+struct AttentionParams {
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int window = 0;  // 0: causal over the whole context; w > 0: key k visible to query q iff q - w < k <= q
+  float scale = 0.0f;
+};
+
+// One layer's KV cache pool.
+struct KvLayer {
+  Tensor k;  // [blocks, block_size, kv_heads, head_dim]
+  Tensor v;
+};
+
+// One layer's MXFP4 experts (the ones this rank holds). Blocks [E, out, in/32, 16] u8, scales
+// [E, out, in/32] u8 (E8M0), biases bf16 [E, out]. gate_up rows are interleaved gate/up pairs.
+struct ExpertWeights {
+  Tensor gate_up_blocks, gate_up_scales, gate_up_bias;
+  Tensor down_blocks, down_scales, down_bias;
+  int num_experts() const { return static_cast<int>(gate_up_blocks.shape[0]); }
+  int hidden() const { return static_cast<int>(down_blocks.shape[1]); }
+  int intermediate() const { return static_cast<int>(down_blocks.shape[2] * 32); }
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual DType activation_dtype() const = 0;
+  virtual DType kv_dtype() const = 0;
+
+  // --- memory ---
+  virtual DeviceBuffer allocate(size_t bytes) = 0;
+  // Makes a host tensor (e.g. a view into a memory-mapped checkpoint) usable by kernels. The CPU
+  // backend returns the view itself; device backends copy it into memory they own until destroyed.
+  virtual Tensor import_weight(const Tensor& host) = 0;
+  virtual void upload(const void* host, const Tensor& dst) = 0;
+  virtual void download(const Tensor& src, void* host) = 0;
+  virtual void fill_zero(const Tensor& dst) = 0;
+  virtual void synchronize() = 0;
+
+  // --- per-step metadata ---
+  virtual std::unique_ptr<StepContext> prepare_step(const StepLayout& layout) = 0;
+
+  // --- operations ---
+  // out[r] = table[tokens[r]] for every row of the step.
+  virtual void embedding(const Tensor& table, const StepContext& step, const Tensor& out) = 0;
+  // out = x / sqrt(mean(x^2) + eps) * weight (weight bf16 or f32), in fp32.
+  virtual void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) = 0;
+  // residual += delta; out = rms_norm(residual).
+  virtual void add_rms_norm(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
+                            const Tensor& out) = 0;
+  // out = x W^T + bias; bias may be an empty Tensor (data == nullptr). out may be F32 even when
+  // activations are not (logits).
+  virtual void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) = 0;
+  // YaRN rotate-half RoPE in place on q [rows, q_heads*d] and k [rows, kv_heads*d] at each row's position.
+  virtual void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope,
+                    const StepContext& step) = 0;
+  // Attention with per-head sinks over the cached past (positions < num_cached, read from cache) and
+  // the step's own keys (k, v of this step's rows). Does not write the cache.
+  virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache,
+                         const Tensor& sinks, const AttentionParams& params, const StepContext& step,
+                         const Tensor& out) = 0;
+  // Writes the step's keys and values into the cache (sliding layers: only the last `window`).
+  virtual void kv_store(const Tensor& k, const Tensor& v, const KvLayer& cache, const AttentionParams& params,
+                        const StepContext& step) = 0;
+  // Top-k of router logits [rows, E]: expert ids [rows, k] (I32) and softmax-over-k weights [rows, k] (F32).
+  virtual void router_topk(const Tensor& logits, int k, const Tensor& expert_ids, const Tensor& expert_weights) = 0;
+  // out[r] = sum_j weights[r, j] * expert_{ids[r, j]}(x[r]) over j with ids[r, j] >= 0 (ids index this
+  // ExpertWeights' experts). Clamped SwiGLU with `swiglu_limit`.
+  virtual void moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                           const ExpertWeights& experts, float swiglu_limit, const Tensor& out) = 0;
+  // x += y.
+  virtual void add(const Tensor& x, const Tensor& y) = 0;
+  // out[i] = x[step.logit_rows[i]].
+  virtual void gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) = 0;
+  // out[r] = argmax of logits[r] (lowest index on ties).
+  virtual void argmax(const Tensor& logits, const Tensor& out) = 0;
+};
+
+// Creates a backend by name: "cpu", "cuda" or "cuda:N". Throws std::runtime_error naming what is
+// missing (e.g. CUDA not compiled in, no GPU present).
+std::unique_ptr<Backend> make_backend(const std::string& device);
+// True when a CUDA backend is compiled in and a GPU is visible.
+bool cuda_available();
+
+}  // namespace arbiter

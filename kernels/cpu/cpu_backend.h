@@ -1,0 +1,52 @@
+// CpuBackend: the Backend on host memory. fp32 activations and KV cache, bf16 dense weights read
+// straight from the memory-mapped checkpoint, MXFP4 experts dequantized per 32-value block on the
+// fly, every kernel spread over a ThreadPool.
+#pragma once
+
+#include <memory>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace arbiter {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads = 0);
+  std::string name() const override;
+  DType activation_dtype() const override { return DType::kF32; }
+  DType kv_dtype() const override { return DType::kF32; }
+
+  DeviceBuffer allocate(size_t bytes) override;
+  Tensor import_weight(const Tensor& host) override { return host; }
+  void upload(const void* host, const Tensor& dst) override;
+  void download(const Tensor& src, void* host) override;
+  void fill_zero(const Tensor& dst) override;
+  void synchronize() override {}
+
+  std::unique_ptr<StepContext> prepare_step(const StepLayout& layout) override;
+
+  void embedding(const Tensor& table, const StepContext& step, const Tensor& out) override;
+  void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override;
+  void add_rms_norm(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
+                    const Tensor& out) override;
+  void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) override;
+  void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope, const StepContext& step) override;
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache, const Tensor& sinks,
+                 const AttentionParams& params, const StepContext& step, const Tensor& out) override;
+  void kv_store(const Tensor& k, const Tensor& v, const KvLayer& cache, const AttentionParams& params,
+                const StepContext& step) override;
+  void router_topk(const Tensor& logits, int k, const Tensor& expert_ids, const Tensor& expert_weights) override;
+  void moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                   const ExpertWeights& experts, float swiglu_limit, const Tensor& out) override;
+  void add(const Tensor& x, const Tensor& y) override;
+  void gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) override;
+  void argmax(const Tensor& logits, const Tensor& out) override;
+
+  cpu::ThreadPool& pool() { return *pool_; }
+
+ private:
+  std::unique_ptr<cpu::ThreadPool> pool_;
+};
+
+}  // namespace arbiter

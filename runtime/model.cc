@@ -1,0 +1,143 @@
+#include "runtime/model.h"
+
+#include <cmath>
+#include <numbers>
+#include <stdexcept>
+
+namespace arbiter {
+
+RopeParams yarn_rope_params(const ModelConfig& c) {
+  const int half = c.head_dim / 2;
+  const double d = c.head_dim, base = c.rope_theta, factor = c.rope_factor;
+  const double L0 = c.rope_original_max_position;
+  auto correction_dim = [&](double rotations) {
+    return d * std::log(L0 / (rotations * 2 * std::numbers::pi)) / (2 * std::log(base));
+  };
+  double low = correction_dim(c.rope_beta_fast), high = correction_dim(c.rope_beta_slow);
+  if (c.rope_truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, d - 1);
+  if (high == low) high += 0.001;
+  RopeParams p;
+  p.inv_freq.resize(static_cast<size_t>(half));
+  for (int i = 0; i < half; ++i) {
+    const double freq = std::pow(base, 2.0 * i / d);
+    const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+    p.inv_freq[static_cast<size_t>(i)] = static_cast<float>((1 - ramp) / freq + ramp / (factor * freq));
+  }
+  p.concentration = factor > 1 ? static_cast<float>(0.1 * std::log(factor) + 1.0) : 1.0f;
+  return p;
+}
+
+Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend, const ModelOptions& options)
+    : config_(config),
+      options_(options),
+      backend_(backend),
+      weights_(load_weights(config, checkpoint, backend, options.experts)),
+      kv_(backend, config, options.kv),
+      rope_(yarn_rope_params(config)) {
+  const int64_t R = options.max_step_rows, L = options.max_logit_rows;
+  if (R <= 0 || L <= 0) throw std::invalid_argument("Model: max_step_rows and max_logit_rows must be positive");
+  const int64_t H = config.hidden_size, D = config.head_dim;
+  const int64_t Q = config.num_attention_heads * D, KV = config.num_key_value_heads * D;
+  const int64_t E = config.num_local_experts, K = config.num_experts_per_tok;
+  const DType act = backend.activation_dtype();
+  auto make = [&](DType dtype, Shape shape) {
+    buffers_.push_back(backend.allocate(static_cast<size_t>(shape.elements()) * dtype_size(dtype)));
+    return buffers_.back().view(dtype, shape);
+  };
+  x_ = make(act, {R, H});
+  normed_ = make(act, {R, H});
+  q_ = make(act, {R, Q});
+  k_ = make(act, {R, KV});
+  v_ = make(act, {R, KV});
+  attn_ = make(act, {R, Q});
+  delta_ = make(act, {R, H});
+  router_logits_ = make(DType::kF32, {R, E});
+  expert_ids_ = make(DType::kI32, {R, K});
+  expert_weights_ = make(DType::kF32, {R, K});
+  final_rows_ = make(act, {L, H});
+  logits_ = make(DType::kF32, {L, static_cast<int64_t>(config.vocab_size)});
+  argmax_ = make(DType::kI32, {L});
+}
+
+void Model::run(const StepLayout& layout) {
+  const int64_t rows = static_cast<int64_t>(layout.tokens.size());
+  const int64_t logit_rows = static_cast<int64_t>(layout.logit_rows.size());
+  if (rows <= 0 || rows > options_.max_step_rows)
+    throw std::invalid_argument("forward: step has " + std::to_string(rows) + " rows (1.." +
+                                std::to_string(options_.max_step_rows) + " allowed)");
+  if (logit_rows > options_.max_logit_rows)
+    throw std::invalid_argument("forward: " + std::to_string(logit_rows) + " logit rows requested (at most " +
+                                std::to_string(options_.max_logit_rows) + ")");
+  if (layout.block_size != kv_.options().block_size)
+    throw std::invalid_argument("forward: step block size differs from the KV cache's");
+  for (int32_t t : layout.tokens)
+    if (t < 0 || t >= config_.vocab_size)
+      throw std::out_of_range("forward: token id " + std::to_string(t) + " outside the vocabulary of " +
+                              std::to_string(config_.vocab_size));
+  for (int32_t r : layout.logit_rows)
+    if (r < 0 || r >= rows) throw std::out_of_range("forward: logit row outside the step");
+  const auto step = backend_.prepare_step(layout);
+  const ModelConfig& c = config_;
+  Tensor x = x_.slice_rows(0, rows), normed = normed_.slice_rows(0, rows), q = q_.slice_rows(0, rows),
+         k = k_.slice_rows(0, rows), v = v_.slice_rows(0, rows), attn = attn_.slice_rows(0, rows),
+         delta = delta_.slice_rows(0, rows), router = router_logits_.slice_rows(0, rows),
+         ids = expert_ids_.slice_rows(0, rows), weights = expert_weights_.slice_rows(0, rows);
+
+  backend_.embedding(weights_.embed_tokens, *step, x);
+  AttentionParams ap;
+  ap.num_q_heads = c.num_attention_heads;
+  ap.num_kv_heads = c.num_key_value_heads;
+  ap.head_dim = c.head_dim;
+  ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  for (size_t i = 0; i < weights_.layers.size(); ++i) {
+    const LayerWeights& l = weights_.layers[i];
+    // Attention block. The previous layer's MoE output is still in delta: fuse its residual add.
+    if (i == 0) backend_.rms_norm(x, l.input_norm, c.rms_norm_eps, normed);
+    else backend_.add_rms_norm(x, delta, l.input_norm, c.rms_norm_eps, normed);
+    backend_.linear(normed, l.q_weight, l.q_bias, q);
+    backend_.linear(normed, l.k_weight, l.k_bias, k);
+    backend_.linear(normed, l.v_weight, l.v_bias, v);
+    backend_.rope(q, k, c.head_dim, rope_, *step);
+    ap.window = l.sliding ? c.sliding_window : 0;
+    const KvLayer& cache = kv_.layer(static_cast<int>(i));
+    backend_.attention(q, k, v, cache, l.sinks, ap, *step, attn);
+    backend_.kv_store(k, v, cache, ap, *step);
+    backend_.linear(attn, l.o_weight, l.o_bias, delta);
+    // MoE block.
+    backend_.add_rms_norm(x, delta, l.post_attention_norm, c.rms_norm_eps, normed);
+    backend_.linear(normed, l.router_weight, l.router_bias, router);
+    backend_.router_topk(router, c.num_experts_per_tok, ids, weights);
+    backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);
+  }
+  backend_.add(x, delta);
+  if (logit_rows == 0) return;
+  const Tensor gathered = final_rows_.slice_rows(0, logit_rows);
+  backend_.gather_logit_rows(x, *step, gathered);
+  backend_.rms_norm(gathered, weights_.final_norm, c.rms_norm_eps, gathered);
+  backend_.linear(gathered, weights_.lm_head, Tensor{}, logits_.slice_rows(0, logit_rows));
+}
+
+std::vector<float> Model::forward(const StepLayout& layout) {
+  run(layout);
+  const Tensor out = logits_.slice_rows(0, static_cast<int64_t>(layout.logit_rows.size()));
+  std::vector<float> host(static_cast<size_t>(out.elements()));
+  if (!host.empty()) backend_.download(out, host.data());
+  return host;
+}
+
+std::vector<int32_t> Model::forward_argmax(const StepLayout& layout) {
+  run(layout);
+  const int64_t n = static_cast<int64_t>(layout.logit_rows.size());
+  std::vector<int32_t> host(static_cast<size_t>(n));
+  if (n == 0) return host;
+  backend_.argmax(logits_.slice_rows(0, n), argmax_.slice_rows(0, n));
+  backend_.download(argmax_.slice_rows(0, n), host.data());
+  return host;
+}
+
+}  // namespace arbiter

@@ -1,0 +1,40 @@
+// ModelWeights: every tensor of a gpt-oss checkpoint, checked against the config and made
+// resident on a backend. Dense weights stay bf16; experts stay packed MXFP4. A rank may hold only
+// a contiguous range of each layer's experts (expert parallelism).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "runtime/config.h"
+#include "runtime/safetensors.h"
+
+namespace arbiter {
+
+struct LayerWeights {
+  Tensor input_norm, post_attention_norm;  // bf16 or f32 [hidden]
+  Tensor q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias;
+  Tensor sinks;  // bf16 or f32 [q heads]
+  Tensor router_weight, router_bias;
+  ExpertWeights experts;  // this rank's experts only
+  bool sliding = false;
+};
+
+struct ExpertRange {
+  int first = 0;
+  int count = -1;  // -1: all experts
+};
+
+struct ModelWeights {
+  Tensor embed_tokens, final_norm, lm_head;
+  std::vector<LayerWeights> layers;
+  ExpertRange experts;  // which experts of each layer this rank holds
+};
+
+// Checks every tensor's presence, dtype and shape (errors name the file and the tensor) and imports
+// it into the backend. The checkpoint must outlive the weights on backends that import by view.
+ModelWeights load_weights(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend,
+                          ExpertRange experts = {});
+
+}  // namespace arbiter

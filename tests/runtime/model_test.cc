@@ -1,0 +1,148 @@
+// The whole forward pass against the golden reference, and the KV-cache paths against each other.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cpu/cpu_backend.h"
+#include "runtime/generate.h"
+#include "runtime/model.h"
+#include "runtime/npy.h"
+#include "tests/test_util.h"
+
+namespace arbiter {
+namespace {
+
+using testing::load_golden_case;
+
+ModelOptions small_options(int step_rows = 64, int logit_rows = 64) {
+  ModelOptions o;
+  o.max_step_rows = step_rows;
+  o.max_logit_rows = logit_rows;
+  o.kv.block_size = 4;
+  o.kv.full_blocks = 64;
+  o.kv.sliding_blocks = 32;
+  return o;
+}
+
+class GoldenTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GoldenTest, LogitsMatchReference) {
+  const auto g = load_golden_case(GetParam());
+  const ModelConfig config = load_model_config(g.dir + "/config.json");
+  Checkpoint ck(g.dir);
+  CpuBackend backend;
+  Model model(config, ck, backend, small_options());
+  const auto logits = compute_all_logits(model, g.tokens);
+  const NpyArray ref = read_npy_f32(g.dir + "/logits.npy");
+  ASSERT_EQ(ref.shape.size(), 2u);
+  ASSERT_EQ(ref.shape[0], static_cast<int64_t>(g.tokens.size()));
+  ASSERT_EQ(ref.shape[1], config.vocab_size);
+  ASSERT_EQ(logits.size(), ref.data.size());
+  float max_logit = 0, max_err = 0;
+  for (size_t i = 0; i < ref.data.size(); ++i) {
+    max_logit = std::max(max_logit, std::fabs(ref.data[i]));
+    max_err = std::max(max_err, std::fabs(ref.data[i] - logits[i]));
+  }
+  EXPECT_LE(max_err, 2e-4f * max_logit) << "max |logit| " << max_logit;
+  // A wrong model cannot pass by having tiny logits.
+  EXPECT_GT(max_logit, 0.1f);
+}
+
+TEST_P(GoldenTest, GreedyContinuationMatchesReference) {
+  const auto g = load_golden_case(GetParam());
+  const ModelConfig config = load_model_config(g.dir + "/config.json");
+  Checkpoint ck(g.dir);
+  CpuBackend backend;
+  Model model(config, ck, backend, small_options());
+  const auto out = greedy_generate(model, g.tokens, static_cast<int>(g.greedy.size()));
+  EXPECT_EQ(out, g.greedy);
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, GoldenTest, ::testing::ValuesIn(testing::golden_case_names()));
+
+// A random model whose window (5) is shorter than the sequences below.
+class CachePathsTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    config_ = testing::small_config();
+    MakeModelOptions o;
+    o.seed = 7;
+    make_random_model(config_, dir_->path(), o);
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static std::vector<int32_t> tokens(int n, int seed) {
+    std::vector<int32_t> t;
+    for (int i = 0; i < n; ++i) t.push_back((i * 37 + seed * 101 + 11) % config_.vocab_size);
+    return t;
+  }
+  static float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+    EXPECT_EQ(a.size(), b.size());
+    float m = 0;
+    for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+    return m;
+  }
+  static inline testing::TempDir* dir_ = nullptr;
+  static inline ModelConfig config_;
+};
+
+TEST_F(CachePathsTest, PrefillEqualsTokenByTokenDecode) {
+  Checkpoint ck(dir_->path());
+  CpuBackend backend;
+  const auto t = tokens(23, 1);
+  Model whole(config_, ck, backend, small_options(64, 64));
+  const auto prefill = compute_all_logits(whole, t);
+  Model stepwise(config_, ck, backend, small_options(1, 1));  // one token per step: pure decode
+  const auto decode = compute_all_logits(stepwise, t);
+  EXPECT_LE(max_abs_diff(prefill, decode), 1e-4f);
+  Model chunked(config_, ck, backend, small_options(7, 7));  // chunks not aligned to blocks or the window
+  EXPECT_LE(max_abs_diff(prefill, compute_all_logits(chunked, t)), 1e-4f);
+}
+
+TEST_F(CachePathsTest, BatchOfDifferentLengthsEqualsEachAlone) {
+  Checkpoint ck(dir_->path());
+  CpuBackend backend;
+  Model model(config_, ck, backend, small_options(64, 64));
+  const std::vector<std::vector<int32_t>> seqs = {tokens(3, 1), tokens(17, 2), tokens(9, 3), tokens(1, 4)};
+  std::vector<std::vector<float>> alone;
+  for (const auto& s : seqs) alone.push_back(compute_all_logits(model, s));
+  // Now all four in one step, interleaved with a decode step afterwards.
+  KvBlockPools pools(model.options().kv);
+  std::vector<std::unique_ptr<LocalSequence>> live;
+  StepLayout layout;
+  layout.block_size = model.options().kv.block_size;
+  for (const auto& s : seqs) {
+    live.push_back(std::make_unique<LocalSequence>(pools, model.kv_cache().ring_blocks_per_sequence()));
+    live.back()->append_to_step(layout, s.data(), static_cast<int>(s.size()), true, true);
+  }
+  const auto batched = model.forward(layout);
+  const size_t V = static_cast<size_t>(config_.vocab_size);
+  size_t offset = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    std::vector<float> part(batched.begin() + static_cast<long>(offset), batched.begin() + static_cast<long>(offset + seqs[i].size() * V));
+    EXPECT_LE(max_abs_diff(part, alone[i]), 1e-4f) << "sequence " << i;
+    offset += seqs[i].size() * V;
+  }
+}
+
+TEST_F(CachePathsTest, SequenceLongerThanWindowDiffersFromFullAttention) {
+  // Guard that the window is really applied: the same checkpoint with a huge window gives other logits
+  // at positions past the window, and the same logits before it.
+  Checkpoint ck(dir_->path());
+  CpuBackend backend;
+  const auto t = tokens(12, 5);
+  Model windowed(config_, ck, backend, small_options());
+  ModelConfig wide = config_;
+  wide.sliding_window = 64;
+  Model unwindowed(wide, ck, backend, small_options());
+  const auto a = compute_all_logits(windowed, t), b = compute_all_logits(unwindowed, t);
+  const size_t V = static_cast<size_t>(config_.vocab_size);
+  float before = 0, after = 0;
+  for (size_t i = 0; i < a.size(); ++i) (i / V < 5 ? before : after) = std::max(i / V < 5 ? before : after, std::fabs(a[i] - b[i]));
+  EXPECT_LE(before, 1e-5f);
+  EXPECT_GT(after, 1e-3f);
+}
+
+}  // namespace
+}  // namespace arbiter

@@ -1,0 +1,79 @@
+// Helpers shared by the test suites: golden-case loading, temporary folders, small random models.
+#pragma once
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "runtime/config.h"
+#include "runtime/make_model.h"
+
+namespace arbiter::testing {
+
+inline std::string golden_dir() { return ARBITER_GOLDEN_DIR; }
+
+struct GoldenCase {
+  std::string dir;
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> greedy;
+  double min_top2_margin = 0;
+};
+
+inline GoldenCase load_golden_case(const std::string& name) {
+  GoldenCase g;
+  g.dir = golden_dir() + "/" + name;
+  std::ifstream in(g.dir + "/case.json");
+  if (!in) throw std::runtime_error("golden case missing: " + g.dir);
+  const auto j = nlohmann::json::parse(in);
+  g.tokens = j.at("tokens").get<std::vector<int32_t>>();
+  g.greedy = j.at("greedy_continuation").get<std::vector<int32_t>>();
+  g.min_top2_margin = j.value("min_top2_margin", 0.0);
+  return g;
+}
+
+inline std::vector<std::string> golden_case_names() {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(golden_dir()))
+    if (std::filesystem::exists(e.path() / "case.json")) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// A fresh temporary folder, removed with the object.
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device rd;
+    path_ = std::filesystem::temp_directory_path() / ("arbiter-test-" + std::to_string(rd()) + std::to_string(rd()));
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  std::string path() const { return path_.string(); }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// A small config with every feature switched on (GQA, sliding window shorter than test sequences).
+inline ModelConfig small_config(int vocab = 512) {
+  ModelConfig c = preset_config("tiny");
+  c.vocab_size = vocab;
+  c.num_hidden_layers = 3;
+  c.hidden_size = 64;
+  c.intermediate_size = 64;
+  c.num_local_experts = 6;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.sliding_window = 5;
+  c.layer_is_sliding = {true, false, true};
+  return c;
+}
+
+}  // namespace arbiter::testing

@@ -1,0 +1,133 @@
+// The arbiter command: one binary, one subcommand per job (like git). Each subcommand parses its
+// own options, reports errors on stderr with exit status 2 (usage) or 1 (failure).
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/backend.h"
+#include "runtime/config.h"
+#include "runtime/generate.h"
+#include "runtime/make_model.h"
+#include "runtime/model.h"
+#include "runtime/npy.h"
+#include "runtime/safetensors.h"
+#include "tools/arbiter/cli_args.h"
+
+namespace arbiter {
+namespace {
+
+const char* kUsage =
+    "usage: arbiter <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  make-model --out DIR [--preset tiny|20b-shape|120b-shape] [--layers N] [--hidden N]\n"
+    "             [--intermediate N] [--experts N] [--experts-per-token N] [--heads N] [--kv-heads N]\n"
+    "             [--head-dim N] [--vocab N] [--window N] [--seed N] [--shard-mb N] [--f32-norms]\n"
+    "  logits     --model DIR --tokens 1,2,3 --out FILE.npy [--device cpu|cuda[:N]|auto]\n"
+    "  generate   --model DIR --tokens 1,2,3 --max-new-tokens N [--device ...]\n";
+
+std::vector<int32_t> token_arg(const CliArgs& args) {
+  const auto ids = parse_token_list(args.require("tokens"));
+  return std::vector<int32_t>(ids.begin(), ids.end());
+}
+
+int cmd_make_model(const CliArgs& args) {
+  ModelConfig c = preset_config(args.get("preset", "tiny"));
+  auto override_int = [&](const char* flag, int& field) { field = static_cast<int>(args.get_int(flag, field)); };
+  override_int("layers", c.num_hidden_layers);
+  override_int("hidden", c.hidden_size);
+  override_int("intermediate", c.intermediate_size);
+  override_int("experts", c.num_local_experts);
+  override_int("experts-per-token", c.num_experts_per_tok);
+  override_int("heads", c.num_attention_heads);
+  override_int("kv-heads", c.num_key_value_heads);
+  override_int("head-dim", c.head_dim);
+  override_int("vocab", c.vocab_size);
+  override_int("window", c.sliding_window);
+  c.layer_is_sliding.clear();
+  for (int i = 0; i < c.num_hidden_layers; ++i) c.layer_is_sliding.push_back(i % 2 == 0);
+  MakeModelOptions o;
+  o.seed = static_cast<uint64_t>(args.get_int("seed", 1));
+  o.shard_bytes = static_cast<uint64_t>(args.get_int("shard-mb", 4096)) << 20;
+  o.norms_f32 = args.flag("f32-norms");
+  const std::string out = args.require("out");
+  args.check_all_used();
+  make_random_model(c, out, o);
+  std::cerr << "wrote " << out << " (" << c.num_hidden_layers << " layers, hidden " << c.hidden_size << ", "
+            << c.num_local_experts << " experts, vocab " << c.vocab_size << ")\n";
+  return 0;
+}
+
+struct LoadedModel {
+  ModelConfig config;
+  std::unique_ptr<Checkpoint> checkpoint;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+};
+
+LoadedModel load(const CliArgs& args, int max_logit_rows, int context) {
+  LoadedModel m;
+  const std::string dir = args.require("model");
+  m.config = load_model_config((std::filesystem::path(dir) / "config.json").string());
+  m.checkpoint = std::make_unique<Checkpoint>(dir);
+  m.backend = make_backend(args.get("device", "auto"));
+  ModelOptions o;
+  o.max_step_rows = static_cast<int>(args.get_int("step-tokens", 256));
+  o.max_logit_rows = max_logit_rows;
+  o.kv.block_size = 16;
+  o.kv.full_blocks = (context + o.kv.block_size - 1) / o.kv.block_size + 1;
+  o.kv.sliding_blocks = (m.config.sliding_window + o.kv.block_size - 1) / o.kv.block_size;
+  m.model = std::make_unique<Model>(m.config, *m.checkpoint, *m.backend, o);
+  return m;
+}
+
+int cmd_logits(const CliArgs& args) {
+  const auto tokens = token_arg(args);
+  const std::string out = args.require("out");
+  LoadedModel m = load(args, 64, static_cast<int>(tokens.size()));
+  args.check_all_used();
+  const auto logits = compute_all_logits(*m.model, tokens);
+  write_npy_f32(out, {static_cast<int64_t>(tokens.size()), m.config.vocab_size}, logits.data());
+  return 0;
+}
+
+int cmd_generate(const CliArgs& args) {
+  const auto tokens = token_arg(args);
+  const int max_new = static_cast<int>(args.get_int("max-new-tokens", 16));
+  if (max_new < 0) throw std::invalid_argument("--max-new-tokens must be >= 0");
+  LoadedModel m = load(args, 1, static_cast<int>(tokens.size()) + max_new);
+  args.check_all_used();
+  const auto out = greedy_generate(*m.model, tokens, max_new);
+  std::string json = "{\"tokens\":[";
+  for (size_t i = 0; i < out.size(); ++i) json += (i ? "," : "") + std::to_string(out[i]);
+  std::cout << json << "]}\n";
+  return 0;
+}
+
+}  // namespace
+}  // namespace arbiter
+
+int main(int argc, char** argv) {
+  using namespace arbiter;
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "help")) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  try {
+    if (cmd == "make-model") return cmd_make_model(CliArgs(argc - 2, argv + 2, {"f32-norms"}));
+    if (cmd == "logits") return cmd_logits(CliArgs(argc - 2, argv + 2, {}));
+    if (cmd == "generate") return cmd_generate(CliArgs(argc - 2, argv + 2, {}));
+    std::cerr << "arbiter: unknown command '" << cmd << "'\n" << kUsage;
+    return 2;
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "arbiter " << cmd << ": " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "arbiter " << cmd << ": " << e.what() << "\n";
+    return 1;
+  }
+}
