@@ -72,6 +72,10 @@ LoadedModel load(const CliArgs& args, int max_logit_rows, int context) {
   LoadedModel m;
   const std::string dir = args.require("model");
   m.config = load_model_config((std::filesystem::path(dir) / "config.json").string());
+  for (int32_t t : token_arg(args))
+    if (t >= m.config.vocab_size)
+      throw std::invalid_argument("token id " + std::to_string(t) + " outside the vocabulary of " +
+                                  std::to_string(m.config.vocab_size));
   m.checkpoint = std::make_unique<Checkpoint>(dir);
   m.backend = make_backend(args.get("device", "auto"));
   ModelOptions o;
