@@ -1,0 +1,629 @@
+// CudaBackend: the Backend on one NVIDIA GPU. Host side only (compiled by the C++ compiler): memory,
+// streams, step metadata, cuBLASLt plans, argument checks; the kernels live in the .cu files behind
+// kernels/cuda/launch.h.
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels/cuda/cuda_testing.h"
+#include "kernels/cuda/launch.h"
+
+namespace arbiter {
+namespace {
+
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+
+void lt_check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error(std::string("cuBLASLt: ") + what + " failed with status " + std::to_string(static_cast<int>(s)));
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("CudaBackend: " + what);
+}
+
+// RAII owners of CUDA and cuBLASLt objects.
+struct StreamDeleter {
+  void operator()(CUstream_st* s) const { cudaStreamDestroy(s); }
+};
+struct EventDeleter {
+  void operator()(CUevent_st* e) const { cudaEventDestroy(e); }
+};
+struct PinnedDeleter {
+  void operator()(void* p) const { cudaFreeHost(p); }
+};
+struct LtHandleDeleter {
+  void operator()(cublasLtContext* h) const { cublasLtDestroy(h); }
+};
+struct LtDescDeleter {
+  void operator()(cublasLtMatmulDescOpaque_t* d) const { cublasLtMatmulDescDestroy(d); }
+};
+struct LtLayoutDeleter {
+  void operator()(cublasLtMatrixLayoutOpaque_t* l) const { cublasLtMatrixLayoutDestroy(l); }
+};
+struct LtPrefDeleter {
+  void operator()(cublasLtMatmulPreferenceOpaque_t* p) const { cublasLtMatmulPreferenceDestroy(p); }
+};
+using StreamPtr = std::unique_ptr<CUstream_st, StreamDeleter>;
+using EventPtr = std::unique_ptr<CUevent_st, EventDeleter>;
+using PinnedPtr = std::unique_ptr<void, PinnedDeleter>;
+using LtHandlePtr = std::unique_ptr<cublasLtContext, LtHandleDeleter>;
+using LtDescPtr = std::unique_ptr<cublasLtMatmulDescOpaque_t, LtDescDeleter>;
+using LtLayoutPtr = std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LtLayoutDeleter>;
+using LtPrefPtr = std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, LtPrefDeleter>;
+
+DeviceBuffer device_alloc(size_t bytes) {
+  void* p = nullptr;
+  cuda_check(cudaMalloc(&p, std::max<size_t>(bytes, 1)), ("cudaMalloc of " + std::to_string(bytes) + " bytes").c_str());
+  return DeviceBuffer(p, bytes, [](void* q) { cudaFree(q); });
+}
+
+EventPtr make_event() {
+  cudaEvent_t e = nullptr;
+  cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+  return EventPtr(e);
+}
+
+int pointer_alignment(const void* p) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  int a = 256;
+  while (a > 1 && v % static_cast<uintptr_t>(a) != 0) a /= 2;
+  return a;
+}
+
+bool is_bf16_or_f32(const Tensor& t) { return t.dtype == DType::kBF16 || t.dtype == DType::kF32; }
+
+// Device memory that grows on demand (outside steps where possible) and never shrinks.
+class Scratch {
+ public:
+  void* ensure(size_t bytes, cudaStream_t stream) {
+    if (bytes > buffer_.bytes() || !buffer_.data()) {
+      // Queued kernels may still read the old buffer.
+      cuda_check(cudaStreamSynchronize(stream), "scratch grow");
+      const size_t old = buffer_.bytes();
+      buffer_ = DeviceBuffer();
+      buffer_ = device_alloc(std::max(bytes, old + old / 2));
+    }
+    return buffer_.data();
+  }
+
+ private:
+  DeviceBuffer buffer_;
+};
+
+// One reusable host+device pair for a step's metadata.
+struct MetaSlot {
+  DeviceBuffer device;
+  PinnedPtr host;
+  size_t capacity = 0;  // int32 elements
+  EventPtr uploaded;
+  bool in_use = false;
+};
+
+class CudaStepContext final : public StepContext {
+ public:
+  CudaStepContext(const StepLayout& layout, MetaSlot* slot) : layout_(layout), slot_(slot) {}
+  ~CudaStepContext() override { slot_->in_use = false; }
+  const StepLayout& layout() const override { return layout_; }
+  cuda::StepArgs args;
+  int32_t max_full_block = -1, max_ring_block = -1;
+
+ private:
+  StepLayout layout_;
+  MetaSlot* slot_;
+};
+
+const CudaStepContext& cuda_step(const StepContext& step) {
+  const auto* s = dynamic_cast<const CudaStepContext*>(&step);
+  require(s != nullptr, "step context was not prepared by a CUDA backend");
+  return *s;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    cuda_check(cudaSetDevice(device_), "cudaSetDevice");
+    cudaDeviceProp prop{};
+    cuda_check(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
+    name_ = "cuda:" + std::to_string(device_) + " (" + prop.name + ", sm_" + std::to_string(prop.major) +
+            std::to_string(prop.minor) + ")";
+    cudaStream_t s = nullptr;
+    cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    stream_.reset(s);
+    cublasLtHandle_t h = nullptr;
+    lt_check(cublasLtCreate(&h), "cublasLtCreate");
+    lt_.reset(h);
+    lt_workspace_ = device_alloc(kLtWorkspace);
+  }
+  ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
+
+  std::string name() const override { return name_; }
+  DType activation_dtype() const override { return DType::kBF16; }
+  DType kv_dtype() const override { return DType::kBF16; }
+
+  DeviceBuffer allocate(size_t bytes) override {
+    select();
+    return device_alloc(bytes);
+  }
+
+  Tensor import_weight(const Tensor& host) override {
+    select();
+    weights_.push_back(device_alloc(host.bytes()));
+    Tensor t = host;
+    t.data = weights_.back().data();
+    if (host.bytes() > 0)
+      cuda_check(cudaMemcpy(t.data, host.data, host.bytes(), cudaMemcpyHostToDevice), "import_weight copy");
+    return t;
+  }
+
+  void upload(const void* host, const Tensor& dst) override {
+    select();
+    if (dst.bytes() == 0) return;
+    cuda_check(cudaMemcpyAsync(dst.data, host, dst.bytes(), cudaMemcpyHostToDevice, stream()), "upload");
+    cuda_check(cudaStreamSynchronize(stream()), "upload sync");
+  }
+
+  void download(const Tensor& src, void* host) override {
+    select();
+    if (src.bytes() == 0) return;
+    cuda_check(cudaMemcpyAsync(host, src.data, src.bytes(), cudaMemcpyDeviceToHost, stream()), "download");
+    cuda_check(cudaStreamSynchronize(stream()), "download sync");
+  }
+
+  void fill_zero(const Tensor& dst) override {
+    select();
+    if (dst.bytes() == 0) return;
+    cuda_check(cudaMemsetAsync(dst.data, 0, dst.bytes(), stream()), "fill_zero");
+  }
+
+  void synchronize() override {
+    select();
+    cuda_check(cudaStreamSynchronize(stream()), "synchronize");
+  }
+
+  std::unique_ptr<StepContext> prepare_step(const StepLayout& layout) override;
+
+  void embedding(const Tensor& table, const StepContext& step, const Tensor& out) override {
+    const auto& s = cuda_step(step);
+    require(table.shape.rank == 2 && is_bf16_or_f32(table), "embedding: table must be bf16/f32 [vocab, dim]");
+    require(out.dtype == DType::kBF16 && out.row_elements() == table.shape[1] && out.rows() >= s.args.rows,
+            "embedding: out must be bf16 [rows, dim]");
+    select();
+    cuda::embedding(table.data, table.dtype == DType::kBF16, table.shape[0], table.shape[1], s.args, out.data,
+                    s.args.rows, stream());
+  }
+
+  void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override {
+    check_norm(x, weight, out);
+    select();
+    cuda::rms_norm(x.data, weight.data, weight.dtype == DType::kBF16, eps, out.data, static_cast<int>(x.rows()),
+                   static_cast<int>(x.row_elements()), stream());
+  }
+
+  void add_rms_norm(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
+                    const Tensor& out) override {
+    check_norm(residual, weight, out);
+    require(delta.dtype == DType::kBF16 && delta.elements() == residual.elements(), "add_rms_norm: delta");
+    select();
+    cuda::add_rms_norm(residual.data, delta.data, weight.data, weight.dtype == DType::kBF16, eps, out.data,
+                       static_cast<int>(residual.rows()), static_cast<int>(residual.row_elements()), stream());
+  }
+
+  void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) override;
+
+  void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope, const StepContext& step) override {
+    const auto& s = cuda_step(step);
+    require(q.dtype == DType::kBF16 && k.dtype == DType::kBF16, "rope: q and k must be bf16");
+    require(head_dim > 0 && head_dim % 2 == 0 && q.row_elements() % head_dim == 0 && k.row_elements() % head_dim == 0,
+            "rope: head_dim");
+    require(static_cast<int>(rope.inv_freq.size()) == head_dim / 2 && head_dim / 2 <= cuda::kMaxRopeHalf,
+            "rope: inv_freq must have head_dim/2 (<= 128) entries");
+    require(q.rows() == k.rows() && q.rows() <= s.args.rows, "rope: rows");
+    cuda::RopeArgs args{};
+    std::copy(rope.inv_freq.begin(), rope.inv_freq.end(), args.inv_freq);
+    args.concentration = rope.concentration;
+    args.half = head_dim / 2;
+    select();
+    cuda::rope(q.data, k.data, static_cast<int>(q.rows()), static_cast<int>(q.row_elements() / head_dim),
+               static_cast<int>(k.row_elements() / head_dim), head_dim, args, s.args, stream());
+  }
+
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache, const Tensor& sinks,
+                 const AttentionParams& p, const StepContext& step, const Tensor& out) override {
+    const auto& s = cuda_step(step);
+    check_attention_shapes(q, k, v, cache, p, s);
+    require(is_bf16_or_f32(sinks) && sinks.elements() == p.num_q_heads, "attention: sinks");
+    require(out.dtype == DType::kBF16 && out.elements() == q.elements(), "attention: out");
+    cuda::AttentionArgs a{};
+    a.q = q.data;
+    a.k = k.data;
+    a.v = v.data;
+    a.cache_k = cache.k.data;
+    a.cache_v = cache.v.data;
+    a.sinks = sinks.data;
+    a.sinks_bf16 = sinks.dtype == DType::kBF16;
+    a.out = out.data;
+    a.rows = static_cast<int>(q.rows());
+    a.q_heads = p.num_q_heads;
+    a.kv_heads = p.num_kv_heads;
+    a.head_dim = p.head_dim;
+    a.window = p.window;
+    a.scale = p.scale;
+    select();
+    cuda::attention(a, s.args, stream());
+  }
+
+  void kv_store(const Tensor& k, const Tensor& v, const KvLayer& cache, const AttentionParams& p,
+                const StepContext& step) override {
+    const auto& s = cuda_step(step);
+    check_attention_shapes(Tensor{}, k, v, cache, p, s);
+    select();
+    cuda::kv_store(k.data, v.data, cache.k.data, cache.v.data, static_cast<int>(k.rows()),
+                   p.num_kv_heads * p.head_dim, p.window, s.args, stream());
+  }
+
+  void router_topk(const Tensor& logits, int k, const Tensor& expert_ids, const Tensor& expert_weights) override {
+    require(logits.dtype == DType::kF32, "router_topk: logits must be f32");
+    const int64_t n = logits.row_elements();
+    require(k > 0 && k <= n, "router_topk: k out of range");
+    require(expert_ids.dtype == DType::kI32 && expert_ids.elements() == logits.rows() * k, "router_topk: ids");
+    require(expert_weights.dtype == DType::kF32 && expert_weights.elements() == logits.rows() * k,
+            "router_topk: weights");
+    select();
+    cuda::router_topk(logits.as<const float>(), static_cast<int>(logits.rows()), static_cast<int>(n), k,
+                      expert_ids.as<int32_t>(), expert_weights.as<float>(), stream());
+  }
+
+  void moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const ExpertWeights& ex,
+                   float swiglu_limit, const Tensor& out) override {
+    const int rows = static_cast<int>(x.rows());
+    const int k = static_cast<int>(expert_ids.row_elements());
+    const int hidden = ex.hidden(), inter = ex.intermediate(), experts = ex.num_experts();
+    require(x.dtype == DType::kBF16 && out.dtype == DType::kBF16, "moe_experts: x and out must be bf16");
+    require(x.row_elements() == hidden && out.row_elements() == hidden && out.rows() == rows,
+            "moe_experts: hidden size");
+    require(expert_ids.dtype == DType::kI32 && expert_ids.rows() == rows, "moe_experts: ids");
+    require(expert_weights.dtype == DType::kF32 && expert_weights.elements() == expert_ids.elements(),
+            "moe_experts: weights");
+    require(ex.gate_up_blocks.shape.rank == 4 && ex.gate_up_blocks.shape[1] == 2 * inter &&
+                ex.gate_up_blocks.shape[2] * 32 == hidden && ex.gate_up_blocks.shape[3] == 16,
+            "moe_experts: gate_up blocks shape");
+    require(ex.gate_up_bias.dtype == DType::kBF16 && ex.down_bias.dtype == DType::kBF16, "moe_experts: biases bf16");
+    require(hidden % 32 == 0 && inter % 32 == 0, "moe_experts: sizes must be multiples of 32");
+    moe_dims_ = {k, experts, hidden, inter};
+    if (rows == 0) return;
+    select();
+    cuda::MoeArgs a{};
+    a.x = x.data;
+    a.ids = expert_ids.as<const int32_t>();
+    a.weights = expert_weights.as<const float>();
+    a.gu_blocks = ex.gate_up_blocks.as<const uint8_t>();
+    a.gu_scales = ex.gate_up_scales.as<const uint8_t>();
+    a.gu_bias = ex.gate_up_bias.data;
+    a.dn_blocks = ex.down_blocks.as<const uint8_t>();
+    a.dn_scales = ex.down_scales.as<const uint8_t>();
+    a.dn_bias = ex.down_bias.data;
+    a.out = out.data;
+    a.rows = rows;
+    a.k = k;
+    a.experts = experts;
+    a.hidden = hidden;
+    a.inter = inter;
+    a.limit = swiglu_limit;
+    a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream());
+    cuda::moe(a, stream());
+  }
+
+  void add(const Tensor& x, const Tensor& y) override {
+    require(x.dtype == DType::kBF16 && y.dtype == DType::kBF16 && x.elements() == y.elements(), "add: bf16, same size");
+    select();
+    cuda::add_bf16(x.data, y.data, x.elements(), stream());
+  }
+
+  void gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) override {
+    const auto& s = cuda_step(step);
+    require(x.dtype == out.dtype && x.row_elements() == out.row_elements() && out.rows() >= s.args.logit_count,
+            "gather_logit_rows: shapes");
+    select();
+    cuda::gather_rows(x.data, out.data, static_cast<int64_t>(x.row_elements() * dtype_size(x.dtype)), s.args,
+                      stream());
+  }
+
+  void argmax(const Tensor& logits, const Tensor& out) override {
+    require(logits.dtype == DType::kF32 && out.dtype == DType::kI32 && out.elements() >= logits.rows(),
+            "argmax: f32 logits, i32 out");
+    select();
+    cuda::argmax(logits.as<const float>(), static_cast<int>(logits.rows()), logits.row_elements(),
+                 out.as<int32_t>(), stream());
+  }
+
+ private:
+  static constexpr size_t kLtWorkspace = 32u << 20;
+
+  struct LtPlan {
+    LtDescPtr desc;
+    LtLayoutPtr a, b, c;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  using LtKey = std::tuple<int64_t, int64_t, int64_t, int, bool, int, int, int>;
+
+  cudaStream_t stream() const { return stream_.get(); }
+  void select() const { cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
+
+  void check_norm(const Tensor& x, const Tensor& weight, const Tensor& out) const {
+    require(x.dtype == DType::kBF16 && out.dtype == DType::kBF16, "rms_norm: x and out must be bf16");
+    require(out.elements() == x.elements(), "rms_norm: out size");
+    require(is_bf16_or_f32(weight) && weight.elements() == x.row_elements(), "rms_norm: weight");
+  }
+
+  void check_attention_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache,
+                              const AttentionParams& p, const CudaStepContext& s) const {
+    require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.num_q_heads % p.num_kv_heads == 0, "attention: heads");
+    require(p.head_dim == 64 || p.head_dim == 128, "attention: head_dim must be 64 or 128");
+    const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+    if (q.data) require(q.dtype == DType::kBF16 && q.row_elements() == p.num_q_heads * p.head_dim, "attention: q");
+    require(k.dtype == DType::kBF16 && v.dtype == DType::kBF16 && k.row_elements() == kv_row &&
+                v.row_elements() == kv_row && k.rows() == v.rows() && k.rows() == s.args.rows,
+            "attention: k/v must be bf16 [step rows, kv_heads*head_dim]");
+    require(cache.k.dtype == DType::kBF16 && cache.v.dtype == DType::kBF16 && cache.k.shape.rank == 4 &&
+                cache.k.shape[1] == s.args.block_size && cache.k.shape[2] * cache.k.shape[3] == kv_row &&
+                cache.v.shape == cache.k.shape,
+            "attention: cache must be bf16 [blocks, block_size, kv_heads, head_dim]");
+    const int64_t pool = cache.k.shape[0];
+    const int bs = s.args.block_size;
+    for (const SequenceStep& seq : s.layout().sequences) {
+      if (p.window > 0) {
+        const int64_t ring = static_cast<int64_t>(seq.sliding_blocks.size()) * bs;
+        require(ring >= p.window, "sliding ring smaller than the window");
+      } else {
+        require(static_cast<int64_t>(seq.full_blocks.size()) * bs >= seq.num_cached + seq.num_new,
+                "full-attention block table too short");
+      }
+    }
+    require((p.window > 0 ? s.max_ring_block : s.max_full_block) < pool, "block id outside the cache pool");
+  }
+
+  MetaSlot& free_meta_slot() {
+    for (auto& slot : meta_slots_)
+      if (!slot->in_use) return *slot;
+    meta_slots_.push_back(std::make_unique<MetaSlot>());
+    meta_slots_.back()->uploaded = make_event();
+    return *meta_slots_.back();
+  }
+
+  int device_;
+  std::string name_;
+  StreamPtr stream_;
+  LtHandlePtr lt_;
+  DeviceBuffer lt_workspace_;
+  std::map<LtKey, LtPlan> lt_plans_;
+  std::vector<DeviceBuffer> weights_;
+  std::vector<std::unique_ptr<MetaSlot>> meta_slots_;
+  Scratch moe_scratch_;
+  std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
+};
+
+std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout) {
+  select();
+  const int rows = static_cast<int>(layout.tokens.size());
+  const int seqs = static_cast<int>(layout.sequences.size());
+  const int logits = static_cast<int>(layout.logit_rows.size());
+  require(layout.block_size > 0, "prepare_step: block size must be positive");
+  std::vector<int32_t> pos(static_cast<size_t>(rows), -1), seq_of(static_cast<size_t>(rows), -1);
+  size_t table_ints = 0;
+  for (int si = 0; si < seqs; ++si) {
+    const SequenceStep& s = layout.sequences[static_cast<size_t>(si)];
+    require(s.num_new >= 0 && s.num_cached >= 0 && s.first_row >= 0 && s.first_row + s.num_new <= rows,
+            "prepare_step: sequence rows outside the step");
+    for (int i = 0; i < s.num_new; ++i) {
+      const size_t r = static_cast<size_t>(s.first_row + i);
+      require(seq_of[r] < 0, "prepare_step: a row belongs to two sequences");
+      seq_of[r] = si;
+      pos[r] = s.num_cached + i;
+    }
+    table_ints += s.full_blocks.size() + s.sliding_blocks.size();
+  }
+  for (int r = 0; r < rows; ++r) require(seq_of[static_cast<size_t>(r)] >= 0, "prepare_step: a row belongs to no sequence");
+  for (int32_t r : layout.logit_rows) require(r >= 0 && r < rows, "prepare_step: logit row outside the step");
+
+  // Layout of the metadata block (int32): tokens, row_pos, row_seq, seq_info, logit_rows, tables.
+  const size_t o_tokens = 0, o_pos = o_tokens + static_cast<size_t>(rows), o_seq = o_pos + static_cast<size_t>(rows);
+  const size_t o_info = o_seq + static_cast<size_t>(rows);
+  const size_t o_logits = o_info + static_cast<size_t>(seqs) * cuda::kSeqFields;
+  const size_t o_tables = o_logits + static_cast<size_t>(logits);
+  const size_t total = std::max<size_t>(o_tables + table_ints, 1);
+
+  MetaSlot& slot = free_meta_slot();
+  if (slot.capacity < total) {
+    const size_t cap = std::max<size_t>(total + total / 2, 4096);
+    cuda_check(cudaStreamSynchronize(stream()), "step metadata grow");
+    slot.device = device_alloc(cap * 4);
+    void* host = nullptr;
+    slot.host.reset();
+    cuda_check(cudaMallocHost(&host, cap * 4), "cudaMallocHost");
+    slot.host.reset(host);
+    slot.capacity = cap;
+  }
+  // The previous upload from this pinned buffer must be done before it is rewritten.
+  cuda_check(cudaEventSynchronize(slot.uploaded.get()), "step metadata event");
+  auto* h = static_cast<int32_t*>(slot.host.get());
+  std::copy(layout.tokens.begin(), layout.tokens.end(), h + o_tokens);
+  std::copy(pos.begin(), pos.end(), h + o_pos);
+  std::copy(seq_of.begin(), seq_of.end(), h + o_seq);
+  std::copy(layout.logit_rows.begin(), layout.logit_rows.end(), h + o_logits);
+  auto ctx = std::make_unique<CudaStepContext>(layout, &slot);
+  size_t t = o_tables;
+  for (int si = 0; si < seqs; ++si) {
+    const SequenceStep& s = layout.sequences[static_cast<size_t>(si)];
+    int32_t* info = h + o_info + static_cast<size_t>(si) * cuda::kSeqFields;
+    info[cuda::kFirstRow] = s.first_row;
+    info[cuda::kNumNew] = s.num_new;
+    info[cuda::kNumCached] = s.num_cached;
+    info[cuda::kFullOffset] = static_cast<int32_t>(t - o_tables);
+    info[cuda::kFullCount] = static_cast<int32_t>(s.full_blocks.size());
+    for (int32_t b : s.full_blocks) {
+      require(b >= 0, "prepare_step: negative block id");
+      ctx->max_full_block = std::max(ctx->max_full_block, b);
+      h[t++] = b;
+    }
+    info[cuda::kRingOffset] = static_cast<int32_t>(t - o_tables);
+    info[cuda::kRingCount] = static_cast<int32_t>(s.sliding_blocks.size());
+    for (int32_t b : s.sliding_blocks) {
+      require(b >= 0, "prepare_step: negative block id");
+      ctx->max_ring_block = std::max(ctx->max_ring_block, b);
+      h[t++] = b;
+    }
+    info[7] = 0;
+  }
+  cuda_check(cudaMemcpyAsync(slot.device.data(), h, total * 4, cudaMemcpyHostToDevice, stream()), "step upload");
+  cuda_check(cudaEventRecord(slot.uploaded.get(), stream()), "step event");
+  slot.in_use = true;
+
+  const auto* d = static_cast<const int32_t*>(slot.device.data());
+  cuda::StepArgs& a = ctx->args;
+  a.tokens = d + o_tokens;
+  a.row_pos = d + o_pos;
+  a.row_seq = d + o_seq;
+  a.seq_info = d + o_info;
+  a.logit_rows = d + o_logits;
+  a.tables = d + o_tables;
+  a.rows = rows;
+  a.seqs = seqs;
+  a.logit_count = logits;
+  a.block_size = layout.block_size;
+
+  // Grow the MoE workspace for this step's rows now rather than inside the step.
+  if (moe_dims_[1] > 0)
+    moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, moe_dims_[0], moe_dims_[1], moe_dims_[2], moe_dims_[3]),
+                        stream());
+  return ctx;
+}
+
+void CudaBackend::linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) {
+  require(x.dtype == DType::kBF16, "linear: x must be bf16");
+  require(weight.dtype == DType::kBF16 && weight.shape.rank == 2, "linear: weight must be bf16 [out, in]");
+  require(out.dtype == DType::kBF16 || out.dtype == DType::kF32, "linear: out must be bf16 or f32");
+  const int64_t m = x.rows(), n = weight.shape[0], k = weight.shape[1];
+  require(x.row_elements() == k && out.row_elements() == n && out.rows() == m, "linear: shapes");
+  require(!bias.data || (bias.dtype == DType::kBF16 && bias.elements() == n), "linear: bias must be bf16 [out]");
+  if (m == 0) return;
+  select();
+  const bool out_bf16 = out.dtype == DType::kBF16;
+  const bool epilogue_bias = bias.data && out_bf16;
+  const LtKey key{m, n, k, out_bf16 ? 1 : 0, epilogue_bias, pointer_alignment(weight.data), pointer_alignment(x.data),
+                  pointer_alignment(out.data)};
+  auto it = lt_plans_.find(key);
+  if (it == lt_plans_.end()) {
+    LtPlan plan;
+    cublasLtMatmulDesc_t desc = nullptr;
+    lt_check(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
+    plan.desc.reset(desc);
+    const cublasOperation_t transa = CUBLAS_OP_T, transb = CUBLAS_OP_N;
+    lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &transa, sizeof(transa)), "TRANSA");
+    lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &transb, sizeof(transb)), "TRANSB");
+    if (epilogue_bias) {
+      const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+      const cudaDataType_t bias_type = CUDA_R_16BF;
+      lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), "EPILOGUE");
+      lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)),
+               "BIAS_DATA_TYPE");
+    }
+    // Column-major view: out^T [n, m] = W [n, k] (stored as k x n, transposed) * x^T [k, m].
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+    lt_check(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k), "layout A");
+    plan.a.reset(la);
+    lt_check(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k), "layout B");
+    plan.b.reset(lb);
+    lt_check(cublasLtMatrixLayoutCreate(&lc, out_bf16 ? CUDA_R_16BF : CUDA_R_32F, static_cast<uint64_t>(n),
+                                        static_cast<uint64_t>(m), n),
+             "layout C");
+    plan.c.reset(lc);
+    cublasLtMatmulPreference_t pref_raw = nullptr;
+    lt_check(cublasLtMatmulPreferenceCreate(&pref_raw), "PreferenceCreate");
+    LtPrefPtr pref(pref_raw);
+    const uint64_t ws = kLtWorkspace;
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)),
+             "pref workspace");
+    const uint32_t align_a = static_cast<uint32_t>(std::get<5>(key)), align_b = static_cast<uint32_t>(std::get<6>(key)),
+                   align_c = static_cast<uint32_t>(std::get<7>(key));
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                                  sizeof(align_a)),
+             "pref align A");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                                  sizeof(align_b)),
+             "pref align B");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c,
+                                                  sizeof(align_c)),
+             "pref align C");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c,
+                                                  sizeof(align_c)),
+             "pref align D");
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    lt_check(cublasLtMatmulAlgoGetHeuristic(lt_.get(), desc, la, lb, lc, lc, pref_raw, 1, &result, &found),
+             "AlgoGetHeuristic");
+    if (found < 1)
+      throw std::runtime_error("cuBLASLt: no algorithm for " + std::to_string(m) + "x" + std::to_string(n) + "x" +
+                               std::to_string(k));
+    plan.algo = result.algo;
+    it = lt_plans_.emplace(key, std::move(plan)).first;
+  }
+  LtPlan& plan = it->second;
+  if (epilogue_bias) {
+    const void* ptr = bias.data;
+    lt_check(cublasLtMatmulDescSetAttribute(plan.desc.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr, sizeof(ptr)),
+             "BIAS_POINTER");
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  lt_check(cublasLtMatmul(lt_.get(), plan.desc.get(), &alpha, weight.data, plan.a.get(), x.data, plan.b.get(), &beta,
+                          out.data, plan.c.get(), out.data, plan.c.get(), &plan.algo, lt_workspace_.data(),
+                          kLtWorkspace, stream()),
+           "Matmul");
+  if (bias.data && !out_bf16)
+    cuda::add_bias_f32(out.as<float>(), bias.data, static_cast<int>(m), static_cast<int>(n), stream());
+}
+
+}  // namespace
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device / no driver" error
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  const int count = cuda_device_count();
+  if (device < 0 || device >= count)
+    throw std::runtime_error("CUDA device " + std::to_string(device) + " not available (" + std::to_string(count) +
+                             " visible)");
+  return std::make_unique<CudaBackend>(device);
+}
+
+void cuda_fill_random_bf16(const Tensor& t, uint64_t seed, float scale, float offset) {
+  if (t.dtype != DType::kBF16) throw std::invalid_argument("cuda_fill_random_bf16: tensor must be bf16");
+  cuda::fill_random_bf16(t.data, t.elements(), seed, scale, offset, nullptr);
+  cuda_check(cudaDeviceSynchronize(), "fill_random_bf16");
+}
+
+void cuda_fill_random_u8(const Tensor& t, uint64_t seed, int lo, int hi) {
+  if (t.dtype != DType::kU8) throw std::invalid_argument("cuda_fill_random_u8: tensor must be u8");
+  cuda::fill_random_u8(t.data, t.elements(), seed, lo, hi, nullptr);
+  cuda_check(cudaDeviceSynchronize(), "fill_random_u8");
+}
+
+}  // namespace arbiter

@@ -1,0 +1,348 @@
+// Small fused kernels of the CUDA backend: embedding gather, RMSNorm (+ residual add), RoPE, KV-cache
+// store, router top-k, argmax, row gathers and test fills. All math in fp32; bf16 in memory.
+#include <cfloat>
+
+#include "kernels/cuda/common.cuh"
+
+namespace arbiter::cuda {
+namespace {
+
+constexpr int kNormThreads = 256;
+
+__global__ void embedding_kernel(const void* table, bool table_bf16, int64_t vocab, int64_t dim,
+                                 const int32_t* tokens, bf16* out) {
+  const int row = blockIdx.x;
+  const int64_t id = tokens[row];
+  bf16* o = out + row * dim;
+  const bool ok = id >= 0 && id < vocab;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    if (!ok) {
+      o[i] = f2bf(0.0f);
+    } else if (table_bf16) {
+      o[i] = static_cast<const bf16*>(table)[id * dim + i];
+    } else {
+      o[i] = f2bf(static_cast<const float*>(table)[id * dim + i]);
+    }
+  }
+}
+
+__global__ void rms_norm_kernel(const bf16* x, const void* weight, bool weight_bf16, float eps, bf16* out, int dim) {
+  __shared__ float scratch[32];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = bf2f(x[base + i]);
+    ss += v * v;
+  }
+  ss = block_sum(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x)
+    out[base + i] = f2bf(bf2f(x[base + i]) * inv * load_weight(weight, weight_bf16, i));
+}
+
+__global__ void add_rms_norm_kernel(bf16* residual, const bf16* delta, const void* weight, bool weight_bf16,
+                                    float eps, bf16* out, int dim) {
+  __shared__ float scratch[32];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const bf16 r = f2bf(bf2f(residual[base + i]) + bf2f(delta[base + i]));
+    residual[base + i] = r;
+    const float v = bf2f(r);
+    ss += v * v;
+  }
+  ss = block_sum(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  // Each thread reads back only the elements it wrote above.
+  for (int i = threadIdx.x; i < dim; i += blockDim.x)
+    out[base + i] = f2bf(bf2f(residual[base + i]) * inv * load_weight(weight, weight_bf16, i));
+}
+
+__global__ void add_bias_f32_kernel(float* out, const bf16* bias, int64_t total, int cols) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] += bf2f(bias[i % cols]);
+}
+
+__global__ void rope_kernel(bf16* q, bf16* k, int q_heads, int k_heads, int head_dim, RopeArgs rope,
+                            const int32_t* row_pos) {
+  const int row = blockIdx.x;
+  const float pos = static_cast<float>(row_pos[row]);
+  const int half = rope.half;
+  const int total = (q_heads + k_heads) * half;
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int head = idx / half, i = idx - head * half;
+    bf16* v = head < q_heads ? q + (static_cast<int64_t>(row) * q_heads + head) * head_dim
+                             : k + (static_cast<int64_t>(row) * k_heads + (head - q_heads)) * head_dim;
+    const float angle = pos * rope.inv_freq[i];
+    float s, c;
+    sincosf(angle, &s, &c);
+    c *= rope.concentration;
+    s *= rope.concentration;
+    const float a = bf2f(v[i]), b = bf2f(v[i + half]);
+    v[i] = f2bf(a * c - b * s);
+    v[i + half] = f2bf(b * c + a * s);
+  }
+}
+
+__global__ void kv_store_kernel(const uint16_t* k, const uint16_t* v, uint16_t* cache_k, uint16_t* cache_v,
+                                int kv_row, int window, StepArgs step) {
+  const int row = blockIdx.x;
+  const int pos = step.row_pos[row];
+  const int32_t* info = step.seq_info + step.row_seq[row] * kSeqFields;
+  const int bs = step.block_size;
+  int64_t block, slot;
+  if (window > 0) {
+    const int ring = info[kRingCount] * bs;
+    const int i = pos - info[kNumCached];
+    if (i < info[kNumNew] - ring) return;  // overwritten later in this same step
+    const int s = pos % ring;
+    block = step.tables[info[kRingOffset] + s / bs];
+    slot = s % bs;
+  } else {
+    block = step.tables[info[kFullOffset] + pos / bs];
+    slot = pos % bs;
+  }
+  const int64_t dst = (block * bs + slot) * kv_row;
+  const int64_t src = static_cast<int64_t>(row) * kv_row;
+  for (int i = threadIdx.x; i < kv_row; i += blockDim.x) {
+    cache_k[dst + i] = k[src + i];
+    cache_v[dst + i] = v[src + i];
+  }
+}
+
+// One warp per row. Ties go to the lowest expert index, like the CPU reference.
+constexpr int kMaxExpertWords = 8;  // up to 32 * 32 * 8 = 8192 experts
+__global__ void router_topk_kernel(const float* logits, int rows, int experts, int k, int32_t* ids, float* weights) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const float* l = logits + static_cast<int64_t>(row) * experts;
+  uint32_t taken[kMaxExpertWords] = {};
+  float my_value = -FLT_MAX;
+  int my_id = 0;
+  for (int j = 0; j < k; ++j) {
+    float best = -INFINITY;
+    int best_id = INT32_MAX;
+    for (int w = 0; w < kMaxExpertWords; ++w) {
+#pragma unroll 4
+      for (int b = 0; b < 32; ++b) {
+        const int e = (w * 32 + b) * 32 + lane;
+        if (e >= experts) break;
+        if (taken[w] & (1u << b)) continue;
+        const float v = l[e];
+        if (best_id == INT32_MAX || v > best) {
+          best = v;
+          best_id = e;
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
+      if (oi != INT32_MAX && (best_id == INT32_MAX || ov > best || (ov == best && oi < best_id))) {
+        best = ov;
+        best_id = oi;
+      }
+    }
+    if (best_id % 32 == lane) {
+      const int slot = best_id / 32;
+      taken[slot / 32] |= 1u << (slot % 32);
+    }
+    if (lane == j) {
+      my_value = best;
+      my_id = best_id;
+    }
+  }
+  const float max = __shfl_sync(0xffffffffu, my_value, 0);
+  const float e = lane < k ? expf(my_value - max) : 0.0f;
+  const float sum = warp_sum(e);
+  if (lane < k) {
+    ids[static_cast<int64_t>(row) * k + lane] = my_id;
+    weights[static_cast<int64_t>(row) * k + lane] = e / sum;
+  }
+}
+
+__global__ void add_bf16_kernel(bf16* x, const bf16* y, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] = f2bf(bf2f(x[i]) + bf2f(y[i]));
+}
+
+__global__ void gather_rows_kernel(const uint8_t* x, uint8_t* out, int64_t row_bytes, const int32_t* rows) {
+  const int64_t src = static_cast<int64_t>(rows[blockIdx.x]) * row_bytes;
+  const int64_t dst = static_cast<int64_t>(blockIdx.x) * row_bytes;
+  if (row_bytes % 4 == 0) {
+    const auto* s = reinterpret_cast<const uint32_t*>(x + src);
+    auto* d = reinterpret_cast<uint32_t*>(out + dst);
+    for (int64_t i = threadIdx.x; i < row_bytes / 4; i += blockDim.x) d[i] = s[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < row_bytes; i += blockDim.x) out[dst + i] = x[src + i];
+  }
+}
+
+__global__ void argmax_kernel(const float* logits, int64_t n, int32_t* out) {
+  __shared__ float sv[32];
+  __shared__ int64_t si[32];
+  const float* l = logits + static_cast<int64_t>(blockIdx.x) * n;
+  float best = -INFINITY;
+  int64_t best_i = -1;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = l[i];
+    if (best_i < 0 || v > best) {
+      best = v;
+      best_i = i;
+    }
+  }
+  auto better = [](float v, int64_t i, float bv, int64_t bi) {
+    return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
+  };
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+    if (better(ov, oi, best, best_i)) {
+      best = ov;
+      best_i = oi;
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    sv[warp] = best;
+    si[warp] = best_i;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w)
+      if (better(sv[w], si[w], best, best_i)) {
+        best = sv[w];
+        best_i = si[w];
+      }
+    out[blockIdx.x] = static_cast<int32_t>(best_i < 0 ? 0 : best_i);
+  }
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+__global__ void fill_bf16_kernel(bf16* data, int64_t n, uint64_t seed, float scale, float offset) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = mix64(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i));
+    // Sum of four 16-bit uniforms: mean 2, variance 1/3.
+    float s = 0.0f;
+    for (int j = 0; j < 4; ++j) s += static_cast<float>((h >> (16 * j)) & 0xffff) * (1.0f / 65536.0f);
+    data[i] = f2bf(offset + scale * (s - 2.0f) * 1.7320508f);
+  }
+}
+
+__global__ void fill_u8_kernel(uint8_t* data, int64_t n, uint64_t seed, int lo, int hi) {
+  const uint32_t span = static_cast<uint32_t>(hi - lo + 1);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = mix64(seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i));
+    data[i] = static_cast<uint8_t>(lo + static_cast<int>(static_cast<uint32_t>(h >> 32) % span));
+  }
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 65536 ? (blocks < 1 ? 1 : blocks) : 65536);
+}
+
+}  // namespace
+
+void embedding(const void* table, bool table_bf16, int64_t vocab, int64_t dim, const StepArgs& step, void* out,
+               int rows, cudaStream_t stream) {
+  if (rows <= 0) return;
+  embedding_kernel<<<rows, 256, 0, stream>>>(table, table_bf16, vocab, dim, step.tokens, static_cast<bf16*>(out));
+  check_launch("embedding");
+}
+
+void rms_norm(const void* x, const void* weight, bool weight_bf16, float eps, void* out, int rows, int dim,
+              cudaStream_t stream) {
+  if (rows <= 0) return;
+  rms_norm_kernel<<<rows, kNormThreads, 0, stream>>>(static_cast<const bf16*>(x), weight, weight_bf16, eps,
+                                                     static_cast<bf16*>(out), dim);
+  check_launch("rms_norm");
+}
+
+void add_rms_norm(void* residual, const void* delta, const void* weight, bool weight_bf16, float eps, void* out,
+                  int rows, int dim, cudaStream_t stream) {
+  if (rows <= 0) return;
+  add_rms_norm_kernel<<<rows, kNormThreads, 0, stream>>>(static_cast<bf16*>(residual), static_cast<const bf16*>(delta),
+                                                         weight, weight_bf16, eps, static_cast<bf16*>(out), dim);
+  check_launch("add_rms_norm");
+}
+
+void add_bias_f32(float* out, const void* bias, int rows, int cols, cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(rows) * cols;
+  if (total <= 0) return;
+  add_bias_f32_kernel<<<grid_for(total, 256), 256, 0, stream>>>(out, static_cast<const bf16*>(bias), total, cols);
+  check_launch("add_bias_f32");
+}
+
+void rope(void* q, void* k, int rows, int q_heads, int k_heads, int head_dim, const RopeArgs& rope,
+          const StepArgs& step, cudaStream_t stream) {
+  if (rows <= 0) return;
+  const int total = (q_heads + k_heads) * rope.half;
+  const int threads = total >= 512 ? 512 : ((total + 31) / 32) * 32;
+  rope_kernel<<<rows, threads, 0, stream>>>(static_cast<bf16*>(q), static_cast<bf16*>(k), q_heads, k_heads, head_dim,
+                                            rope, step.row_pos);
+  check_launch("rope");
+}
+
+void kv_store(const void* k, const void* v, void* cache_k, void* cache_v, int rows, int kv_row, int window,
+              const StepArgs& step, cudaStream_t stream) {
+  if (rows <= 0) return;
+  kv_store_kernel<<<rows, 128, 0, stream>>>(static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v),
+                                            static_cast<uint16_t*>(cache_k), static_cast<uint16_t*>(cache_v), kv_row,
+                                            window, step);
+  check_launch("kv_store");
+}
+
+void router_topk(const float* logits, int rows, int experts, int k, int32_t* ids, float* weights,
+                 cudaStream_t stream) {
+  if (rows <= 0) return;
+  if (k > 32 || experts > 32 * 32 * kMaxExpertWords) throw std::invalid_argument("router_topk: k or experts too large");
+  const int warps = 4;
+  router_topk_kernel<<<(rows + warps - 1) / warps, warps * 32, 0, stream>>>(logits, rows, experts, k, ids, weights);
+  check_launch("router_topk");
+}
+
+void add_bf16(void* x, const void* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  add_bf16_kernel<<<grid_for(n, 256), 256, 0, stream>>>(static_cast<bf16*>(x), static_cast<const bf16*>(y), n);
+  check_launch("add");
+}
+
+void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& step, cudaStream_t stream) {
+  if (step.logit_count <= 0) return;
+  gather_rows_kernel<<<step.logit_count, 256, 0, stream>>>(static_cast<const uint8_t*>(x), static_cast<uint8_t*>(out),
+                                                           row_bytes, step.logit_rows);
+  check_launch("gather_rows");
+}
+
+void argmax(const float* logits, int rows, int64_t n, int32_t* out, cudaStream_t stream) {
+  if (rows <= 0) return;
+  argmax_kernel<<<rows, 1024, 0, stream>>>(logits, n, out);
+  check_launch("argmax");
+}
+
+void fill_random_bf16(void* data, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t stream) {
+  if (n <= 0) return;
+  fill_bf16_kernel<<<grid_for(n, 256), 256, 0, stream>>>(static_cast<bf16*>(data), n, seed, scale, offset);
+  check_launch("fill_random_bf16");
+}
+
+void fill_random_u8(void* data, int64_t n, uint64_t seed, int lo, int hi, cudaStream_t stream) {
+  if (n <= 0) return;
+  fill_u8_kernel<<<grid_for(n, 256), 256, 0, stream>>>(static_cast<uint8_t*>(data), n, seed, lo, hi);
+  check_launch("fill_random_u8");
+}
+
+}  // namespace arbiter::cuda

@@ -1,0 +1,96 @@
+// Host-callable launchers of the CUDA kernels (implemented in the .cu files of this folder) and the
+// plain-data structs they take. Included by the host-side backend (compiled by the C++ compiler)
+// and by the .cu files, so it holds no device code and no CUDA-only syntax.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace arbiter::cuda {
+
+// Step metadata in device memory (see CudaBackend::prepare_step). Per row: token, position and
+// sequence. Per sequence, kSeqFields ints: first_row, num_new, num_cached, offset of its
+// full-attention block table in `tables`, its length, offset of its sliding ring table, its length.
+inline constexpr int kSeqFields = 8;
+enum SeqField : int { kFirstRow = 0, kNumNew, kNumCached, kFullOffset, kFullCount, kRingOffset, kRingCount };
+
+struct StepArgs {
+  const int32_t* tokens = nullptr;
+  const int32_t* row_pos = nullptr;
+  const int32_t* row_seq = nullptr;
+  const int32_t* seq_info = nullptr;
+  const int32_t* tables = nullptr;
+  const int32_t* logit_rows = nullptr;
+  int rows = 0;
+  int seqs = 0;
+  int logit_count = 0;
+  int block_size = 0;
+};
+
+inline constexpr int kMaxRopeHalf = 128;
+struct RopeArgs {
+  float inv_freq[kMaxRopeHalf];
+  float concentration;
+  int half;
+};
+
+struct AttentionArgs {
+  const void* q;  // bf16 [rows, q_heads*d]
+  const void* k;  // bf16 [rows, kv_heads*d] (this step's keys)
+  const void* v;
+  const void* cache_k;  // bf16 [blocks, block_size, kv_heads, d]
+  const void* cache_v;
+  const void* sinks;  // [q_heads], bf16 or f32
+  bool sinks_bf16;
+  void* out;  // bf16 [rows, q_heads*d]
+  int rows, q_heads, kv_heads, head_dim, window;
+  float scale;
+};
+
+struct MoeArgs {
+  const void* x;  // bf16 [rows, hidden]
+  const int32_t* ids;  // [rows, k]
+  const float* weights;  // [rows, k]
+  const uint8_t* gu_blocks;  // [E, 2I, H/32, 16]
+  const uint8_t* gu_scales;  // [E, 2I, H/32]
+  const void* gu_bias;  // bf16 [E, 2I]
+  const uint8_t* dn_blocks;  // [E, H, I/32, 16]
+  const uint8_t* dn_scales;
+  const void* dn_bias;  // bf16 [E, H]
+  void* out;  // bf16 [rows, hidden]
+  int rows, k, experts, hidden, inter;
+  float limit;
+  // Workspace (see moe_workspace_bytes).
+  void* workspace;
+};
+
+// Bytes of workspace moe() needs for these sizes.
+size_t moe_workspace_bytes(int rows, int k, int experts, int hidden, int inter);
+
+void embedding(const void* table, bool table_bf16, int64_t vocab, int64_t dim, const StepArgs& step, void* out,
+               int rows, cudaStream_t stream);
+void rms_norm(const void* x, const void* weight, bool weight_bf16, float eps, void* out, int rows, int dim,
+              cudaStream_t stream);
+void add_rms_norm(void* residual, const void* delta, const void* weight, bool weight_bf16, float eps, void* out,
+                  int rows, int dim, cudaStream_t stream);
+// out[r, c] += bias[c] for an f32 out and a bf16 bias.
+void add_bias_f32(float* out, const void* bias, int rows, int cols, cudaStream_t stream);
+void rope(void* q, void* k, int rows, int q_heads, int k_heads, int head_dim, const RopeArgs& rope,
+          const StepArgs& step, cudaStream_t stream);
+void attention(const AttentionArgs& args, const StepArgs& step, cudaStream_t stream);
+void kv_store(const void* k, const void* v, void* cache_k, void* cache_v, int rows, int kv_row, int window,
+              const StepArgs& step, cudaStream_t stream);
+void router_topk(const float* logits, int rows, int experts, int k, int32_t* ids, float* weights,
+                 cudaStream_t stream);
+void moe(const MoeArgs& args, cudaStream_t stream);
+void add_bf16(void* x, const void* y, int64_t n, cudaStream_t stream);
+void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& step, cudaStream_t stream);
+void argmax(const float* logits, int rows, int64_t n, int32_t* out, cudaStream_t stream);
+
+// Test/benchmark helpers: deterministic pseudo-random fills on the device.
+// bf16: normal-ish values with standard deviation `scale`; u8: uniform bytes in [lo, hi].
+void fill_random_bf16(void* data, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t stream);
+void fill_random_u8(void* data, int64_t n, uint64_t seed, int lo, int hi, cudaStream_t stream);
+
+}  // namespace arbiter::cuda
