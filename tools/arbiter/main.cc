@@ -17,6 +17,13 @@
 #include "tools/arbiter/cli_args.h"
 
 namespace arbiter {
+// Text subcommands (tools/arbiter/cmd_text.cc).
+int cmd_tokenize(const CliArgs& args);
+int cmd_detokenize(const CliArgs& args);
+int cmd_render(const CliArgs& args);
+}  // namespace arbiter
+
+namespace arbiter {
 namespace {
 
 const char* kUsage =
@@ -27,6 +34,10 @@ const char* kUsage =
     "             [--intermediate N] [--experts N] [--experts-per-token N] [--heads N] [--kv-heads N]\n"
     "             [--head-dim N] [--vocab N] [--window N] [--seed N] [--shard-mb N] [--f32-norms]\n"
     "  logits     --model DIR --tokens 1,2,3 --out FILE.npy [--device cpu|cuda[:N]|auto]\n"
+    "  tokenize   --tokenizer FILE|--model DIR [--text T | stdin] [--specials] [--jsonl] [--invalid-utf8 replace|error]\n"
+    "  detokenize --tokenizer FILE|--model DIR [--tokens 1,2,3 | stdin JSON array] [--jsonl]\n"
+    "  render     --tokenizer FILE|--model DIR --policy FILE|--joint ID=FILE,... [--content T|--content-file F|stdin]\n"
+    "             [--reasoning low|medium|high] [--date YYYY-MM-DD] [--hf-newlines]\n"
     "  generate   --model DIR --tokens 1,2,3 --max-new-tokens N [--device ...]\n";
 
 std::vector<int32_t> token_arg(const CliArgs& args) {
@@ -124,6 +135,9 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "make-model") return cmd_make_model(CliArgs(argc - 2, argv + 2, {"f32-norms"}));
     if (cmd == "logits") return cmd_logits(CliArgs(argc - 2, argv + 2, {}));
+    if (cmd == "tokenize") return cmd_tokenize(CliArgs(argc - 2, argv + 2, {"specials", "jsonl"}));
+    if (cmd == "detokenize") return cmd_detokenize(CliArgs(argc - 2, argv + 2, {"jsonl"}));
+    if (cmd == "render") return cmd_render(CliArgs(argc - 2, argv + 2, {"hf-newlines"}));
     if (cmd == "generate") return cmd_generate(CliArgs(argc - 2, argv + 2, {}));
     std::cerr << "arbiter: unknown command '" << cmd << "'\n" << kUsage;
     return 2;

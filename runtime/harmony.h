@@ -1,0 +1,133 @@
+// OpenAI's harmony chat format for gpt-oss: renders conversations to token ids exactly as the
+// harmony reference does (system message with identity / cutoff / date / reasoning effort /
+// channels, developer "# Instructions", user, assistant prefix; no separators between messages;
+// all text encoded in content mode so it can never contain special tokens), and parses generated
+// tokens back into messages token by token (HarmonyParser).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/tokenizer.h"
+
+namespace arbiter {
+
+enum class ReasoningEffort { kLow, kMedium, kHigh };
+const char* to_string(ReasoningEffort effort);
+// "low" | "medium" | "high"; throws std::invalid_argument otherwise.
+ReasoningEffort parse_reasoning_effort(const std::string& text);
+
+struct SystemOptions {
+  std::string model_identity = "You are ChatGPT, a large language model trained by OpenAI.";
+  std::string knowledge_cutoff = "2024-06";
+  std::optional<std::string> current_date;  // YYYY-MM-DD; omitted by default (stable prefixes)
+  ReasoningEffort effort = ReasoningEffort::kMedium;
+  std::vector<std::string> channels = {"analysis", "commentary", "final"};
+  bool channels_required = true;
+  bool function_tools = false;  // adds the "Calls to these tools must go to ... 'functions'." line
+};
+
+// The text of the system message (no header, no <|end|>).
+std::string system_message_text(const SystemOptions& options);
+
+struct Message {
+  std::string author;         // system | developer | user | assistant, or a tool name (functions.x)
+  std::string recipient;      // empty or "all": none
+  std::string channel;        // analysis | commentary | final | empty
+  std::string content_type;   // e.g. "json" or "<|constrain|>json"; empty: none
+  std::string content;
+};
+
+class HarmonyRenderer {
+ public:
+  explicit HarmonyRenderer(const Tokenizer& tokenizer);
+
+  // One message: <|start|>author[ to=R][<|channel|>C][ TYPE]<|message|>content<|end|>|<|call|>
+  void render_message(const Message& message, std::vector<int32_t>& out) const;
+  void render_system(const SystemOptions& options, std::vector<int32_t>& out) const;
+  // "# Instructions\n\n" + instructions (harmony crate / vLLM form). Empty text: empty message.
+  void render_developer(const std::string& instructions, std::vector<int32_t>& out) const;
+  // <|start|>assistant
+  void render_generation_prefix(std::vector<int32_t>& out) const;
+  // A whole conversation; drops analysis messages as the harmony crate does (when the last
+  // assistant message is in the final channel, every analysis message before the first final one
+  // goes), then appends the generation prefix if asked.
+  std::vector<int32_t> render_conversation(const std::vector<Message>& messages, bool generation_prefix) const;
+
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+
+ private:
+  void text(const std::string& s, std::vector<int32_t>& out) const { tokenizer_->encode_append(s, out); }
+  const Tokenizer* tokenizer_;
+};
+
+// A message parsed from generated tokens.
+struct ParsedMessage {
+  std::string role;          // system | developer | user | assistant | tool
+  std::string author;        // role, or the tool name for tool messages
+  std::string recipient;
+  std::string channel;
+  std::string content_type;  // as written, e.g. "<|constrain|>json"
+  std::string content;       // decoded text (valid UTF-8)
+  std::vector<int32_t> content_tokens;
+  size_t first_content_index = 0;  // index (in the stream pushed so far) of its first content token
+  int32_t end_token = -1;          // <|end|>, <|return|>, <|call|>, or -1 when cut off
+  bool complete() const { return end_token >= 0; }
+};
+
+// Streaming parser for model output. Starts expecting a header for `expected_role` (the prompt
+// ended with <|start|>assistant), or in the between-messages state when expected_role is empty.
+// push() never throws: anything unexpected is recorded in errors() and skipped (non-strict mode).
+class HarmonyParser {
+ public:
+  enum class State { kExpectStart, kHeader, kContent, kStopped };
+
+  explicit HarmonyParser(const Tokenizer& tokenizer, std::string expected_role = "assistant");
+
+  // Consumes one generated token. Returns false once a stop token (<|return|>, <|call|>) has been
+  // seen; later tokens are ignored (and reported).
+  bool push(int32_t token) noexcept;
+  // End of stream (e.g. max tokens): keeps a message cut off in its header or content, with
+  // end_token -1. Idempotent.
+  void finish() noexcept;
+
+  State state() const { return state_; }
+  bool stopped() const { return state_ == State::kStopped; }
+  // Finished messages (and, after finish(), the one cut off).
+  const std::vector<ParsedMessage>& messages() const { return messages_; }
+  // The message being read (header fields known once in kContent).
+  const ParsedMessage& current() const { return current_; }
+  // Content text decoded by the last push(), for streaming to a client.
+  const std::string& last_delta() const { return delta_; }
+  const std::vector<std::string>& errors() const { return errors_; }
+  size_t tokens_seen() const { return seen_; }
+
+ private:
+  void begin_header(std::string role_hint);
+  void parse_header();
+  void close_message(int32_t end_token);
+  void error(std::string what);
+
+  const Tokenizer* tokenizer_;
+  State state_;
+  std::string role_hint_;
+  std::vector<int32_t> header_tokens_;
+  ParsedMessage current_;
+  StreamDecoder decoder_;
+  std::vector<ParsedMessage> messages_;
+  std::string delta_;
+  std::vector<std::string> errors_;
+  size_t seen_ = 0;
+  bool finished_ = false;
+};
+
+// Parses a header text (tokens between <|start|> and <|message|>, decoded, specials as names)
+// into role/author/recipient/channel/content type. Both recipient placements are accepted.
+// Returns false with a reason for leftovers it cannot place or an empty channel; fields that
+// could be read are still filled in.
+bool parse_harmony_header(const std::string& header, const std::string& role_hint, ParsedMessage& out,
+                          std::string* problem);
+
+}  // namespace arbiter
