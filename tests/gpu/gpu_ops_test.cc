@@ -1,0 +1,342 @@
+// Every CUDA backend operation against the CPU backend on random inputs: ragged batches, windows
+// shorter and longer than the sequences, block tables in random order and of exact length, sliding
+// rings shorter than a prefill chunk, ties in top-k and argmax. Skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "runtime/config.h"
+#include "runtime/model.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace arbiter {
+namespace {
+
+using namespace gpu_testing;
+
+class GpuOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ARBITER_SKIP_WITHOUT_GPU();
+    gpu_ = make_backend("cuda");
+  }
+  // A host bf16 weight imported into both backends (the CPU one keeps a view: keep the host copy alive).
+  std::pair<Tensor, Tensor> weight(const std::vector<float>& values, Shape shape) {
+    host_bf16_.push_back(std::make_unique<std::vector<uint16_t>>(to_bf16(values)));
+    Tensor host{host_bf16_.back()->data(), DType::kBF16, shape};
+    return {cpu_.import_weight(host), gpu_->import_weight(host)};
+  }
+  std::pair<Tensor, Tensor> weight_f32(const std::vector<float>& values, Shape shape) {
+    host_f32_.push_back(std::make_unique<std::vector<float>>(values));
+    Tensor host{host_f32_.back()->data(), DType::kF32, shape};
+    return {cpu_.import_weight(host), gpu_->import_weight(host)};
+  }
+  std::pair<Tensor, Tensor> weight_u8(const std::vector<uint8_t>& values, Shape shape) {
+    host_u8_.push_back(std::make_unique<std::vector<uint8_t>>(values));
+    Tensor host{host_u8_.back()->data(), DType::kU8, shape};
+    return {cpu_.import_weight(host), gpu_->import_weight(host)};
+  }
+  Pair out_pair(Shape shape, DType gpu_dtype = DType::kBF16) {
+    return paired(cpu_, *gpu_, shape, std::vector<float>(static_cast<size_t>(shape.elements()), 0.0f), gpu_dtype);
+  }
+
+  CpuBackend cpu_;
+  std::unique_ptr<Backend> gpu_;
+  std::mt19937 rng_{1234};
+  std::vector<std::unique_ptr<std::vector<uint16_t>>> host_bf16_;
+  std::vector<std::unique_ptr<std::vector<float>>> host_f32_;
+  std::vector<std::unique_ptr<std::vector<uint8_t>>> host_u8_;
+};
+
+struct SeqSpec {
+  int cached, fresh;
+};
+
+// Sequences with block tables drawn in random order from the pools; `extra_full` adds one spare block.
+StepLayout make_layout(const std::vector<SeqSpec>& specs, int block_size, int ring_blocks, int full_pool, int ring_pool,
+                       std::mt19937& rng, bool extra_full = false) {
+  std::vector<int32_t> full(static_cast<size_t>(full_pool)), ring(static_cast<size_t>(ring_pool));
+  std::iota(full.begin(), full.end(), 0);
+  std::iota(ring.begin(), ring.end(), 0);
+  std::shuffle(full.begin(), full.end(), rng);
+  std::shuffle(ring.begin(), ring.end(), rng);
+  size_t fi = 0, ri = 0;
+  StepLayout layout;
+  layout.block_size = block_size;
+  for (const auto& sp : specs) {
+    SequenceStep s;
+    s.first_row = static_cast<int32_t>(layout.tokens.size());
+    s.num_new = sp.fresh;
+    s.num_cached = sp.cached;
+    const int blocks = (sp.cached + sp.fresh + block_size - 1) / block_size + (extra_full ? 1 : 0);
+    for (int b = 0; b < blocks; ++b) s.full_blocks.push_back(full.at(fi++));
+    for (int b = 0; b < ring_blocks; ++b) s.sliding_blocks.push_back(ring.at(ri++));
+    for (int i = 0; i < sp.fresh; ++i) layout.tokens.push_back(static_cast<int32_t>(rng() % 1000));
+    if (sp.fresh > 0) layout.logit_rows.push_back(s.first_row + sp.fresh - 1);
+    layout.sequences.push_back(s);
+  }
+  return layout;
+}
+
+TEST_F(GpuOps, Embedding) {
+  const int V = 300, D = 96;
+  auto [ct, gt] = weight(random_values(V * D, rng_), {V, D});
+  const StepLayout layout = make_layout({{0, 5}, {3, 2}}, 16, 1, 8, 8, rng_);
+  const auto cs = cpu_.prepare_step(layout);
+  const auto gs = gpu_->prepare_step(layout);
+  Pair out = out_pair({7, D});
+  cpu_.embedding(ct, *cs, out.cpu);
+  gpu_->embedding(gt, *gs, out.gpu);
+  EXPECT_EQ(read_f32(*gpu_, out.gpu), read_f32(cpu_, out.cpu));
+}
+
+TEST_F(GpuOps, RmsNormAndAddRmsNorm) {
+  for (const int dim : {64, 2880}) {
+    for (const bool f32_weight : {false, true}) {
+      SCOPED_TRACE("dim " + std::to_string(dim) + (f32_weight ? " f32 weight" : " bf16 weight"));
+      const int rows = 7;
+      const auto wv = random_values(static_cast<size_t>(dim), rng_, 0.5f, 1.0f);
+      auto [cw, gw] = f32_weight ? weight_f32(wv, {dim}) : weight(wv, {dim});
+      Pair x = paired(cpu_, *gpu_, {rows, dim}, random_values(static_cast<size_t>(rows * dim), rng_, 3.0f));
+      Pair d = paired(cpu_, *gpu_, {rows, dim}, random_values(static_cast<size_t>(rows * dim), rng_));
+      Pair out = out_pair({rows, dim});
+      cpu_.rms_norm(x.cpu, cw, 1e-5f, out.cpu);
+      gpu_->rms_norm(x.gpu, gw, 1e-5f, out.gpu);
+      EXPECT_LE(rel_max_error(read_f32(*gpu_, out.gpu), read_f32(cpu_, out.cpu)), 1e-2);
+      // In place, as the model does for the final norm.
+      gpu_->rms_norm(x.gpu, gw, 1e-5f, x.gpu);
+      EXPECT_LE(rel_max_error(read_f32(*gpu_, x.gpu), read_f32(cpu_, out.cpu)), 1e-2);
+      Pair r = paired(cpu_, *gpu_, {rows, dim}, random_values(static_cast<size_t>(rows * dim), rng_, 3.0f));
+      cpu_.add_rms_norm(r.cpu, d.cpu, cw, 1e-5f, out.cpu);
+      gpu_->add_rms_norm(r.gpu, d.gpu, gw, 1e-5f, out.gpu);
+      EXPECT_LE(rel_max_error(read_f32(*gpu_, r.gpu), read_f32(cpu_, r.cpu)), 1e-2);
+      EXPECT_LE(rel_max_error(read_f32(*gpu_, out.gpu), read_f32(cpu_, out.cpu)), 1e-2);
+    }
+  }
+}
+
+TEST_F(GpuOps, Add) {
+  Pair x = paired(cpu_, *gpu_, {5, 72}, random_values(360, rng_));
+  Pair y = paired(cpu_, *gpu_, {5, 72}, random_values(360, rng_));
+  cpu_.add(x.cpu, y.cpu);
+  gpu_->add(x.gpu, y.gpu);
+  EXPECT_LE(rel_max_error(read_f32(*gpu_, x.gpu), read_f32(cpu_, x.cpu)), 1e-2);
+}
+
+TEST_F(GpuOps, Linear) {
+  struct Case {
+    int m, k, n;
+    bool bias;
+    DType out;
+  };
+  for (const Case c : {Case{1, 64, 96, true, DType::kBF16}, Case{7, 128, 200, false, DType::kBF16},
+                       Case{33, 2880, 512, true, DType::kBF16}, Case{5, 96, 8, true, DType::kF32},
+                       Case{3, 128, 1024, false, DType::kF32}, Case{130, 256, 4096, true, DType::kBF16}}) {
+    SCOPED_TRACE(std::to_string(c.m) + "x" + std::to_string(c.k) + "x" + std::to_string(c.n));
+    auto [cw, gw] = weight(random_values(static_cast<size_t>(c.n) * c.k, rng_, 0.05f), {c.n, c.k});
+    Tensor cb, gb;
+    if (c.bias) std::tie(cb, gb) = weight(random_values(static_cast<size_t>(c.n), rng_), {c.n});
+    Pair x = paired(cpu_, *gpu_, {c.m, c.k}, random_values(static_cast<size_t>(c.m) * c.k, rng_));
+    Pair out = out_pair({c.m, c.n}, c.out);
+    cpu_.linear(x.cpu, cw, cb, out.cpu);
+    gpu_->linear(x.gpu, gw, gb, out.gpu);
+    EXPECT_LE(rel_max_error(read_f32(*gpu_, out.gpu), read_f32(cpu_, out.cpu)), c.out == DType::kF32 ? 2e-3 : 1e-2);
+  }
+  // Row slices (the model runs steps on the first rows of its buffers).
+  auto [cw, gw] = weight(random_values(64 * 64, rng_, 0.1f), {64, 64});
+  Pair x = paired(cpu_, *gpu_, {9, 64}, random_values(9 * 64, rng_));
+  Pair out = out_pair({9, 64});
+  cpu_.linear(x.cpu.slice_rows(0, 4), cw, Tensor{}, out.cpu.slice_rows(0, 4));
+  gpu_->linear(x.gpu.slice_rows(0, 4), gw, Tensor{}, out.gpu.slice_rows(0, 4));
+  EXPECT_LE(rel_max_error(read_f32(*gpu_, out.gpu), read_f32(cpu_, out.cpu)), 1e-2);
+}
+
+TEST_F(GpuOps, Rope) {
+  const RopeParams rope = yarn_rope_params(preset_config("20b-shape"));
+  const int d = 64, hq = 8, hk = 2;
+  const StepLayout layout = make_layout({{0, 6}, {99990, 2}, {4095, 3}, {17, 1}}, 16, 1, 7000, 8, rng_);
+  const int rows = static_cast<int>(layout.tokens.size());
+  Pair q = paired(cpu_, *gpu_, {rows, hq * d}, random_values(static_cast<size_t>(rows * hq * d), rng_));
+  Pair k = paired(cpu_, *gpu_, {rows, hk * d}, random_values(static_cast<size_t>(rows * hk * d), rng_));
+  const auto cs = cpu_.prepare_step(layout);
+  const auto gs = gpu_->prepare_step(layout);
+  cpu_.rope(q.cpu, k.cpu, d, rope, *cs);
+  gpu_->rope(q.gpu, k.gpu, d, rope, *gs);
+  EXPECT_LE(rel_max_error(read_f32(*gpu_, q.gpu), read_f32(cpu_, q.cpu)), 1e-2);
+  EXPECT_LE(rel_max_error(read_f32(*gpu_, k.gpu), read_f32(cpu_, k.cpu)), 1e-2);
+}
+
+struct AttnCase {
+  std::string name;
+  int q_heads, kv_heads, head_dim, window, block_size, ring_extra;
+  std::vector<SeqSpec> seqs;
+  bool extra_full = false;
+};
+
+class GpuAttention : public GpuOps, public ::testing::WithParamInterface<AttnCase> {};
+
+TEST_P(GpuAttention, MatchesCpuAndStoresTheSameCache) {
+  const AttnCase& c = GetParam();
+  const int bs = c.block_size, d = c.head_dim;
+  const int ring_blocks = c.window > 0 ? (c.window + bs - 1) / bs + c.ring_extra : 1;
+  int full_needed = 0;
+  for (const auto& s : c.seqs) full_needed += (s.cached + s.fresh + bs - 1) / bs + 1;
+  const int full_pool = full_needed + 3;
+  const int ring_pool = ring_blocks * static_cast<int>(c.seqs.size()) + 2;
+  const StepLayout layout = make_layout(c.seqs, bs, ring_blocks, full_pool, ring_pool, rng_, c.extra_full);
+  const int rows = static_cast<int>(layout.tokens.size());
+  const int kv_row = c.kv_heads * d;
+  const int pool_blocks = c.window > 0 ? ring_pool : full_pool;
+  Pair q = paired(cpu_, *gpu_, {rows, c.q_heads * d}, random_values(static_cast<size_t>(rows * c.q_heads * d), rng_));
+  Pair k = paired(cpu_, *gpu_, {rows, kv_row}, random_values(static_cast<size_t>(rows * kv_row), rng_));
+  Pair v = paired(cpu_, *gpu_, {rows, kv_row}, random_values(static_cast<size_t>(rows * kv_row), rng_));
+  const Shape pool_shape{pool_blocks, bs, c.kv_heads, d};
+  const size_t pool_n = static_cast<size_t>(pool_shape.elements());
+  Pair ck = paired(cpu_, *gpu_, pool_shape, random_values(pool_n, rng_));
+  Pair cv = paired(cpu_, *gpu_, pool_shape, random_values(pool_n, rng_));
+  auto [csink, gsink] = weight(random_values(static_cast<size_t>(c.q_heads), rng_), {c.q_heads});
+  AttentionParams p;
+  p.num_q_heads = c.q_heads;
+  p.num_kv_heads = c.kv_heads;
+  p.head_dim = d;
+  p.window = c.window;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  Pair out = out_pair({rows, c.q_heads * d});
+  const auto cs = cpu_.prepare_step(layout);
+  const auto gs = gpu_->prepare_step(layout);
+  const KvLayer cl{ck.cpu, cv.cpu}, gl{ck.gpu, cv.gpu};
+  cpu_.attention(q.cpu, k.cpu, v.cpu, cl, csink, p, *cs, out.cpu);
+  gpu_->attention(q.gpu, k.gpu, v.gpu, gl, gsink, p, *gs, out.gpu);
+  const auto go = read_f32(*gpu_, out.gpu), co = read_f32(cpu_, out.cpu);
+  EXPECT_LE(rel_max_error(go, co), 1.5e-2);
+  cpu_.kv_store(k.cpu, v.cpu, cl, p, *cs);
+  gpu_->kv_store(k.gpu, v.gpu, gl, p, *gs);
+  EXPECT_EQ(read_f32(*gpu_, ck.gpu), read_f32(cpu_, ck.cpu));
+  EXPECT_EQ(read_f32(*gpu_, cv.gpu), read_f32(cpu_, cv.cpu));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, GpuAttention,
+    ::testing::Values(
+        AttnCase{"full_gqa2_ragged", 4, 2, 64, 0, 4, 0, {{0, 5}, {13, 1}, {7, 5}, {40, 3}, {8, 0}, {0, 1}}},
+        AttnCase{"full_spare_blocks", 4, 2, 64, 0, 4, 0, {{3, 9}, {16, 4}}, true},
+        AttnCase{"window3_shorter", 4, 2, 64, 3, 4, 0, {{0, 5}, {13, 1}, {7, 9}, {40, 3}}},
+        AttnCase{"window3_ring_larger", 4, 2, 64, 3, 4, 2, {{0, 11}, {13, 1}, {22, 6}}},
+        AttnCase{"window_longer_than_seq", 4, 2, 64, 1000, 16, 0, {{0, 5}, {13, 1}, {7, 9}, {40, 3}}},
+        AttnCase{"mqa_d128_window5", 8, 1, 128, 5, 16, 0, {{0, 7}, {30, 1}, {3, 20}}},
+        AttnCase{"d128_full", 4, 4, 128, 0, 16, 0, {{0, 33}, {70, 2}}},
+        AttnCase{"decode_long_20b_heads", 64, 8, 64, 0, 16, 0, {{300, 1}, {1000, 1}, {64, 1}}},
+        AttnCase{"prefill_longer_than_ring", 8, 2, 64, 128, 16, 0, {{0, 200}, {5, 150}}},
+        AttnCase{"prefill_window_full", 8, 2, 64, 0, 16, 0, {{0, 200}, {37, 64}}}),
+    [](const ::testing::TestParamInfo<AttnCase>& info) { return info.param.name; });
+
+TEST_F(GpuOps, RouterTopk) {
+  for (const int E : {6, 32, 128}) {
+    SCOPED_TRACE("experts " + std::to_string(E));
+    const int rows = 9, k = 4;
+    auto values = random_values(static_cast<size_t>(rows * E), rng_, 2.0f);
+    for (auto& x : values) x = std::round(x * 2.0f) / 2.0f;  // many ties: lowest index must win
+    Pair logits = paired(cpu_, *gpu_, {rows, E}, values, DType::kF32);
+    Pair ids = raw_paired(cpu_, *gpu_, DType::kI32, {rows, k}, std::vector<int32_t>(static_cast<size_t>(rows * k), -7));
+    Pair w = out_pair({rows, k}, DType::kF32);
+    cpu_.router_topk(logits.cpu, k, ids.cpu, w.cpu);
+    gpu_->router_topk(logits.gpu, k, ids.gpu, w.gpu);
+    EXPECT_EQ(read_raw<int32_t>(*gpu_, ids.gpu), read_raw<int32_t>(cpu_, ids.cpu));
+    EXPECT_LE(rel_max_error(read_f32(*gpu_, w.gpu), read_f32(cpu_, w.cpu)), 1e-5);
+  }
+}
+
+TEST_F(GpuOps, ArgmaxAndGather) {
+  for (const int n : {1000, 201088}) {
+    const int rows = 3;
+    auto values = random_values(static_cast<size_t>(rows) * n, rng_);
+    for (auto& x : values) x = std::round(x * 4.0f) / 4.0f;  // ties
+    Pair logits = paired(cpu_, *gpu_, {rows, n}, values, DType::kF32);
+    Pair out = raw_paired(cpu_, *gpu_, DType::kI32, {rows}, std::vector<int32_t>(rows, -1));
+    cpu_.argmax(logits.cpu, out.cpu);
+    gpu_->argmax(logits.gpu, out.gpu);
+    EXPECT_EQ(read_raw<int32_t>(*gpu_, out.gpu), read_raw<int32_t>(cpu_, out.cpu)) << "vocab " << n;
+  }
+  StepLayout layout = make_layout({{0, 4}, {2, 3}}, 16, 1, 8, 8, rng_);
+  layout.logit_rows = {3, 0, 3, 6};
+  Pair x = paired(cpu_, *gpu_, {7, 96}, random_values(7 * 96, rng_));
+  Pair out = out_pair({4, 96});
+  const auto cs = cpu_.prepare_step(layout);
+  const auto gs = gpu_->prepare_step(layout);
+  cpu_.gather_logit_rows(x.cpu, *cs, out.cpu);
+  gpu_->gather_logit_rows(x.gpu, *gs, out.gpu);
+  EXPECT_EQ(read_f32(*gpu_, out.gpu), read_f32(cpu_, out.cpu));
+}
+
+struct MoeCase {
+  std::string name;
+  int experts, hidden, inter, rows, k;
+};
+
+class GpuMoe : public GpuOps, public ::testing::WithParamInterface<MoeCase> {};
+
+TEST_P(GpuMoe, MatchesCpu) {
+  const MoeCase& c = GetParam();
+  const int E = c.experts, H = c.hidden, I = c.inter;
+  std::uniform_int_distribution<int> byte(0, 255);
+  auto scale_centre = [](int fan_in) {
+    return 127 - static_cast<int>(std::lround(std::log2(std::sqrt(8.56 * fan_in))));
+  };
+  auto blocks = [&](int out, int in) {
+    std::vector<uint8_t> b(static_cast<size_t>(E) * out * (in / 32) * 16);
+    for (auto& x : b) x = static_cast<uint8_t>(byte(rng_));
+    return b;
+  };
+  auto scales = [&](int out, int in) {
+    std::vector<uint8_t> s(static_cast<size_t>(E) * out * (in / 32));
+    const int centre = scale_centre(in);
+    for (auto& x : s) x = static_cast<uint8_t>(centre - 1 + byte(rng_) % 3);
+    return s;
+  };
+  ExpertWeights ce, ge;
+  std::tie(ce.gate_up_blocks, ge.gate_up_blocks) = weight_u8(blocks(2 * I, H), {E, 2 * I, H / 32, 16});
+  std::tie(ce.gate_up_scales, ge.gate_up_scales) = weight_u8(scales(2 * I, H), {E, 2 * I, H / 32});
+  std::tie(ce.gate_up_bias, ge.gate_up_bias) = weight(random_values(static_cast<size_t>(E) * 2 * I, rng_), {E, 2 * I});
+  std::tie(ce.down_blocks, ge.down_blocks) = weight_u8(blocks(H, I), {E, H, I / 32, 16});
+  std::tie(ce.down_scales, ge.down_scales) = weight_u8(scales(H, I), {E, H, I / 32});
+  std::tie(ce.down_bias, ge.down_bias) = weight(random_values(static_cast<size_t>(E) * H, rng_), {E, H});
+  // Distinct experts per row, some slots empty (-1).
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  for (int r = 0; r < c.rows; ++r) {
+    std::vector<int32_t> perm(static_cast<size_t>(E));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng_);
+    for (int j = 0; j < c.k; ++j) {
+      ids.push_back((r % 5 == 3 && j == 1) ? -1 : perm[static_cast<size_t>(j)]);
+      weights.push_back(std::uniform_real_distribution<float>(0.05f, 1.0f)(rng_));
+    }
+  }
+  Pair x = paired(cpu_, *gpu_, {c.rows, H}, random_values(static_cast<size_t>(c.rows) * H, rng_));
+  Pair id = raw_paired(cpu_, *gpu_, DType::kI32, {c.rows, c.k}, ids);
+  Pair w = paired(cpu_, *gpu_, {c.rows, c.k}, weights, DType::kF32);
+  Pair out = out_pair({c.rows, H});
+  cpu_.moe_experts(x.cpu, id.cpu, w.cpu, ce, 7.0f, out.cpu);
+  gpu_->moe_experts(x.gpu, id.gpu, w.gpu, ge, 7.0f, out.gpu);
+  const auto go = read_f32(*gpu_, out.gpu), co = read_f32(cpu_, out.cpu);
+  EXPECT_LE(rel_max_error(go, co), 2e-2);
+  // Run again (the workspace is reused) with a row slice: same result for those rows.
+  const int part = std::max(1, c.rows / 2);
+  gpu_->moe_experts(x.gpu.slice_rows(0, part), id.gpu.slice_rows(0, part), w.gpu.slice_rows(0, part), ge, 7.0f,
+                    out.gpu.slice_rows(0, part));
+  const auto again = read_f32(*gpu_, out.gpu);
+  EXPECT_EQ(again, go);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, GpuMoe,
+                         ::testing::Values(MoeCase{"tiny_one_row", 6, 64, 64, 1, 4},
+                                           MoeCase{"tiny_rows5", 6, 64, 64, 5, 4},
+                                           MoeCase{"many_tokens_per_expert", 6, 64, 96, 40, 4},
+                                           MoeCase{"golden_b_shape", 16, 128, 96, 13, 4},
+                                           MoeCase{"hidden2880_decode", 4, 2880, 2880, 1, 4},
+                                           MoeCase{"hidden2880_batch", 8, 2880, 2880, 24, 4},
+                                           MoeCase{"top1", 3, 96, 64, 17, 1}),
+                         [](const ::testing::TestParamInfo<MoeCase>& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace arbiter
