@@ -45,10 +45,6 @@ std::vector<float> to_f32(const Tensor& t) {
   return v;
 }
 
-float weight_at(const Tensor& t, int64_t i) {
-  return t.dtype == DType::kF32 ? t.as<const float>()[i] : bf16_to_f32(t.as<const uint16_t>()[i]);
-}
-
 }  // namespace
 
 CpuBackend::CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {}
@@ -81,8 +77,7 @@ void CpuBackend::embedding(const Tensor& table, const StepContext& step, const T
     if (id < 0 || id >= table.shape[0]) throw std::out_of_range("token id " + std::to_string(id) + " outside the vocabulary");
     float* o = out.as<float>() + static_cast<int64_t>(r) * dim;
     if (table.dtype == DType::kBF16) {
-      const uint16_t* src = table.as<const uint16_t>() + id * dim;
-      for (int64_t i = 0; i < dim; ++i) o[i] = bf16_to_f32(src[i]);
+      cpu::bf16_to_f32(table.as<const uint16_t>() + id * dim, dim, o);
     } else {
       std::memcpy(o, table.as<const float>() + id * dim, static_cast<size_t>(dim) * 4);
     }
@@ -92,9 +87,8 @@ void CpuBackend::embedding(const Tensor& table, const StepContext& step, const T
 void CpuBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) {
   const std::vector<float> w = to_f32(weight);
   const int64_t dim = x.row_elements();
-  pool_->parallel_for(x.rows(), 4, [&](int64_t b, int64_t e) {
-    cpu::ref::rms_norm(x.as<const float>() + b * dim, e - b, dim, w.data(), eps, out.as<float>() + b * dim);
-  });
+  require(static_cast<int64_t>(w.size()) == dim && out.row_elements() == dim, "rms_norm: shapes");
+  cpu::rms_norm(*pool_, x.as<const float>(), x.rows(), dim, w.data(), eps, out.as<float>());
 }
 
 void CpuBackend::add_rms_norm(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
@@ -117,13 +111,20 @@ void CpuBackend::rope(const Tensor& q, const Tensor& k, int head_dim, const Rope
   const auto& positions = static_cast<const CpuStepContext&>(step).positions();
   const int q_heads = static_cast<int>(q.row_elements() / head_dim);
   const int k_heads = static_cast<int>(k.row_elements() / head_dim);
-  pool_->parallel_for(static_cast<int64_t>(positions.size()), 1, [&](int64_t b, int64_t e) {
+  const int half = head_dim / 2;
+  require(static_cast<int>(rope.inv_freq.size()) == half, "rope: inv_freq size");
+  pool_->parallel_for(static_cast<int64_t>(positions.size()), 4, [&](int64_t b, int64_t e) {
+    // cos/sin once per row for all heads, computed exactly as the scalar reference does.
+    std::vector<float> cs(static_cast<size_t>(2 * half));
     for (int64_t r = b; r < e; ++r) {
       const int64_t pos = positions[static_cast<size_t>(r)];
-      cpu::ref::rope_row(q.as<float>() + r * q.row_elements(), q_heads, head_dim, pos, rope.inv_freq.data(),
-                         rope.concentration);
-      cpu::ref::rope_row(k.as<float>() + r * k.row_elements(), k_heads, head_dim, pos, rope.inv_freq.data(),
-                         rope.concentration);
+      for (int i = 0; i < half; ++i) {
+        const float angle = static_cast<float>(pos) * rope.inv_freq[static_cast<size_t>(i)];
+        cs[static_cast<size_t>(i)] = std::cos(angle) * rope.concentration;
+        cs[static_cast<size_t>(half + i)] = std::sin(angle) * rope.concentration;
+      }
+      cpu::rope_row(q.as<float>() + r * q.row_elements(), q_heads, head_dim, cs.data(), cs.data() + half);
+      cpu::rope_row(k.as<float>() + r * k.row_elements(), k_heads, head_dim, cs.data(), cs.data() + half);
     }
   });
 }
@@ -153,56 +154,97 @@ void CpuBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, co
   const StepLayout& layout = step.layout();
   const int bs = layout.block_size;
   const int d = p.head_dim;
+  require(p.num_kv_heads > 0 && p.num_q_heads % p.num_kv_heads == 0, "attention: heads");
   const int group = p.num_q_heads / p.num_kv_heads;
   const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * d;
   const int64_t q_row = static_cast<int64_t>(p.num_q_heads) * d;
   const bool sliding = p.window > 0;
-  // Work items: (row, q head).
-  std::vector<std::pair<int32_t, int32_t>> row_seq;  // row -> (sequence, index within new tokens)
-  row_seq.resize(layout.tokens.size());
-  for (size_t s = 0; s < layout.sequences.size(); ++s)
-    for (int32_t i = 0; i < layout.sequences[s].num_new; ++i)
-      row_seq[static_cast<size_t>(layout.sequences[s].first_row + i)] = {static_cast<int32_t>(s), i};
-  const int64_t items = static_cast<int64_t>(layout.tokens.size()) * p.num_q_heads;
-  pool_->parallel_for(items, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> scores;
-    std::vector<float> acc(static_cast<size_t>(d));
-    for (int64_t item = b; item < e; ++item) {
-      const int64_t row = item / p.num_q_heads;
-      const int h = static_cast<int>(item % p.num_q_heads);
-      const int kvh = h / group;
-      const auto [si, idx] = row_seq[static_cast<size_t>(row)];
-      const SequenceStep& seq = layout.sequences[static_cast<size_t>(si)];
-      const int64_t pos = seq.num_cached + idx;
-      const int64_t first = sliding ? std::max<int64_t>(0, pos - p.window + 1) : 0;
-      const float* qh = q.as<const float>() + row * q_row + h * d;
-      scores.resize(static_cast<size_t>(pos - first + 1));
-      const float sink = weight_at(sinks, h);
-      float max = sink;
-      auto key_of = [&](int64_t j, const Tensor& fresh, const Tensor& pool_tensor) -> const float* {
-        if (j >= seq.num_cached) return fresh.as<const float>() + (seq.first_row + (j - seq.num_cached)) * kv_row + kvh * d;
-        return cached_row(pool_tensor, seq, j, sliding, bs, kv_row) + kvh * d;
-      };
-      for (int64_t j = first; j <= pos; ++j) {
-        const float* kj = key_of(j, k, cache.k);
-        float dot = 0;
-        for (int i = 0; i < d; ++i) dot += qh[i] * kj[i];
-        const float s = dot * p.scale;
-        scores[static_cast<size_t>(j - first)] = s;
-        max = std::max(max, s);
+  const std::vector<float> sink = to_f32(sinks);
+  require(static_cast<int>(sink.size()) == p.num_q_heads, "attention: sinks");
+
+  // Per sequence: row pointers of every key it can see, from the cache (positions < num_cached)
+  // or from this step's own k/v rows.
+  struct SeqKeys {
+    int64_t base = 0;
+    size_t offset = 0;  // into key_ptrs / value_ptrs
+  };
+  std::vector<SeqKeys> seq_keys(layout.sequences.size());
+  std::vector<const float*> key_ptrs, value_ptrs;
+  for (size_t s = 0; s < layout.sequences.size(); ++s) {
+    const SequenceStep& seq = layout.sequences[s];
+    if (seq.num_new <= 0) continue;
+    const int64_t last = seq.num_cached + seq.num_new - 1;
+    const int64_t base = sliding ? std::max<int64_t>(0, seq.num_cached - p.window + 1) : 0;
+    seq_keys[s] = {base, key_ptrs.size()};
+    for (int64_t pos = base; pos <= last; ++pos) {
+      if (pos >= seq.num_cached) {
+        const int64_t row = seq.first_row + (pos - seq.num_cached);
+        key_ptrs.push_back(k.as<const float>() + row * kv_row);
+        value_ptrs.push_back(v.as<const float>() + row * kv_row);
+      } else {
+        key_ptrs.push_back(cached_row(cache.k, seq, pos, sliding, bs, kv_row));
+        value_ptrs.push_back(cached_row(cache.v, seq, pos, sliding, bs, kv_row));
       }
-      float denom = std::exp(sink - max);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = first; j <= pos; ++j) {
-        const float w = std::exp(scores[static_cast<size_t>(j - first)] - max);
-        denom += w;
-        const float* vj = key_of(j, v, cache.v);
-        for (int i = 0; i < d; ++i) acc[static_cast<size_t>(i)] += w * vj[i];
-      }
-      float* o = out.as<float>() + row * q_row + h * d;
-      for (int i = 0; i < d; ++i) o[i] = acc[static_cast<size_t>(i)] / denom;
     }
-  });
+  }
+
+  // Tasks: (kv head, sequence, tile of rows); the q heads of one kv head share its keys. Ordered
+  // head-major so that contiguous chunks of tasks carry similar work.
+  const int heads_per_task = std::min(group, cpu::isa::kAttnMaxQueries);
+  const int rows_per_task = std::max(1, 32 / heads_per_task);
+  std::vector<cpu::AttentionTask> tasks;
+  std::vector<const float*> qp;
+  std::vector<float*> op;
+  std::vector<int64_t> qpos;
+  std::vector<float> qsink;
+  const size_t total = layout.tokens.size() * static_cast<size_t>(p.num_q_heads);
+  qp.reserve(total);
+  op.reserve(total);
+  qpos.reserve(total);
+  qsink.reserve(total);
+  struct Range {
+    size_t first, count;
+  };
+  std::vector<Range> ranges;
+  for (int kvh = 0; kvh < p.num_kv_heads; ++kvh)
+    for (int h0 = 0; h0 < group; h0 += heads_per_task) {
+      const int nh = std::min(heads_per_task, group - h0);
+      for (size_t s = 0; s < layout.sequences.size(); ++s) {
+        const SequenceStep& seq = layout.sequences[s];
+        for (int32_t i0 = 0; i0 < seq.num_new; i0 += rows_per_task) {
+          const int32_t ni = std::min(rows_per_task, seq.num_new - i0);
+          cpu::AttentionTask t;
+          t.head_dim = d;
+          t.window = p.window;
+          t.scale = p.scale;
+          t.key_base = seq_keys[s].base;
+          t.head_offset = static_cast<int64_t>(kvh) * d;
+          const size_t first = qp.size();
+          for (int32_t i = i0; i < i0 + ni; ++i) {
+            const int64_t row = seq.first_row + i;
+            for (int hh = 0; hh < nh; ++hh) {
+              const int h = kvh * group + h0 + hh;
+              qp.push_back(q.as<const float>() + row * q_row + h * d);
+              op.push_back(out.as<float>() + row * q_row + h * d);
+              qpos.push_back(seq.num_cached + i);
+              qsink.push_back(sink[static_cast<size_t>(h)]);
+            }
+          }
+          t.num_queries = static_cast<int>(qp.size() - first);
+          t.keys = key_ptrs.data() + seq_keys[s].offset;
+          t.values = value_ptrs.data() + seq_keys[s].offset;
+          tasks.push_back(t);
+          ranges.push_back({first, qp.size() - first});
+        }
+      }
+    }
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    tasks[i].q = qp.data() + ranges[i].first;
+    tasks[i].out = op.data() + ranges[i].first;
+    tasks[i].q_pos = qpos.data() + ranges[i].first;
+    tasks[i].sinks = qsink.data() + ranges[i].first;
+  }
+  cpu::attention(*pool_, tasks.data(), static_cast<int64_t>(tasks.size()));
 }
 
 void CpuBackend::kv_store(const Tensor& k, const Tensor& v, const KvLayer& cache, const AttentionParams& p,
@@ -268,28 +310,21 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& expert_ids, const Te
                       ex.gate_up_scales.as<const uint8_t>() + e * gu_block_stride, 2 * inter,
                       ex.gate_up_bias.as<const uint16_t>() + e * 2 * inter, u.data());
     act.resize(static_cast<size_t>(m * inter));
-    for (int64_t i = 0; i < m; ++i)
-      cpu::ref::swiglu(&u[static_cast<size_t>(i * 2 * inter)], inter, swiglu_limit, &act[static_cast<size_t>(i * inter)]);
+    cpu::swiglu(*pool_, u.data(), m, inter, swiglu_limit, act.data());
     y.resize(static_cast<size_t>(m * hidden));
     cpu::linear_mxfp4(*pool_, act.data(), m, inter, ex.down_blocks.as<const uint8_t>() + e * down_block_stride * 16,
                       ex.down_scales.as<const uint8_t>() + e * down_block_stride, hidden,
                       ex.down_bias.as<const uint16_t>() + e * hidden, y.data());
     for (int64_t i = 0; i < m; ++i) {
       const auto [row, w] = members[static_cast<size_t>(i)];
-      float* o = out.as<float>() + row * hidden;
-      const float* yi = &y[static_cast<size_t>(i * hidden)];
-      for (int64_t c = 0; c < hidden; ++c) o[c] += w * yi[c];
+      cpu::axpy(out.as<float>() + row * hidden, w, &y[static_cast<size_t>(i * hidden)], hidden);
     }
   }
 }
 
 void CpuBackend::add(const Tensor& x, const Tensor& y) {
   require(x.elements() == y.elements(), "add: sizes differ");
-  float* a = x.as<float>();
-  const float* b = y.as<const float>();
-  pool_->parallel_for(x.elements(), 4096, [&](int64_t s, int64_t e) {
-    for (int64_t i = s; i < e; ++i) a[i] += b[i];
-  });
+  cpu::add(*pool_, x.as<float>(), y.as<const float>(), x.elements());
 }
 
 void CpuBackend::gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) {

@@ -1,64 +1,140 @@
+// Run-time dispatch and threading for the CPU kernels, plus their portable build (the generic
+// kernels in kernels_simd.h over an 8-lane array type the compiler vectorizes for the baseline).
 #include "kernels/cpu/kernels.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
-#include "kernels/cpu/reference.h"
 #include "kernels/tensor.h"
 
 namespace arbiter::cpu {
+namespace isa {
+
+void deinterleave32(const float* x, int64_t n, float* out) {
+  for (int64_t g = 0; g + 32 <= n; g += 32)
+    for (int j = 0; j < 16; ++j) {
+      out[g + j] = x[g + 2 * j];
+      out[g + 16 + j] = x[g + 2 * j + 1];
+    }
+}
+
+namespace portable_impl {
+
+struct S {
+  static constexpr int W = 8;
+  static constexpr int kGemmNV = 2;
+  static constexpr int kGemmMR = 4;
+  static constexpr int kGemmKC = 256;
+  static constexpr int kScoreQ = 4;
+  static constexpr int kScoreC = 2;
+  static constexpr int kPvQ = 2;
+  struct V {
+    float v[8];
+  };
+
+  template <typename F>
+  static V map(F f) {
+    V r;
+    for (int i = 0; i < W; ++i) r.v[i] = f(i);
+    return r;
+  }
+  static V zero() { return map([](int) { return 0.0f; }); }
+  static V set1(float a) { return map([a](int) { return a; }); }
+  static V load(const float* p) { return map([p](int i) { return p[i]; }); }
+  static void store(float* p, V v) { std::memcpy(p, v.v, sizeof v.v); }
+  static V load_n(const float* p, int n) { return map([p, n](int i) { return i < n ? p[i] : 0.0f; }); }
+  static void store_n(float* p, V v, int n) {
+    for (int i = 0; i < n && i < W; ++i) p[i] = v.v[i];
+  }
+  static V fma(V a, V b, V c) { return map([&](int i) { return a.v[i] * b.v[i] + c.v[i]; }); }
+  static V mul(V a, V b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
+  static V add(V a, V b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
+  static V sub(V a, V b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
+  static V div(V a, V b) { return map([&](int i) { return a.v[i] / b.v[i]; }); }
+  static V min(V a, V b) { return map([&](int i) { return std::min(a.v[i], b.v[i]); }); }
+  static V max(V a, V b) { return map([&](int i) { return std::max(a.v[i], b.v[i]); }); }
+  static float hsum(V v) {
+    float s = 0;
+    for (float f : v.v) s += f;
+    return s;
+  }
+  static float hmax(V v) { return *std::max_element(v.v, v.v + W); }
+  static void prefetch(const void*) {}
+  static V bf16(const uint16_t* p) { return map([p](int i) { return arbiter::bf16_to_f32(p[i]); }); }
+  static V bf16_n(const uint16_t* p, int n) { return map([p, n](int i) { return i < n ? arbiter::bf16_to_f32(p[i]) : 0.0f; }); }
+  static void fp4(const uint8_t* b, V* even, V* odd) {
+    for (int h = 0; h < 2; ++h) {
+      even[h] = map([&](int i) { return kFp4Values[b[8 * h + i] & 0xF]; });
+      odd[h] = map([&](int i) { return kFp4Values[b[8 * h + i] >> 4]; });
+    }
+  }
+  static void transpose(V* r) {
+    for (int i = 0; i < W; ++i)
+      for (int j = i + 1; j < W; ++j) std::swap(r[i].v[j], r[j].v[i]);
+  }
+  static void deinterleave(V a, V b, V& even, V& odd) {
+    even = map([&](int i) { return i < 4 ? a.v[2 * i] : b.v[2 * i - 8]; });
+    odd = map([&](int i) { return i < 4 ? a.v[2 * i + 1] : b.v[2 * i - 7]; });
+  }
+  static V select_range(V s, float lo, float hi) {
+    return map([&](int i) {
+      const float f = static_cast<float>(i);
+      return f >= lo && f <= hi ? s.v[i] : -std::numeric_limits<float>::infinity();
+    });
+  }
+  static V exp(V x) { return map([&](int i) { return std::exp(x.v[i]); }); }
+  static float exp1(float x) { return std::exp(x); }
+  static float sqrt1(float x) { return std::sqrt(x); }
+};
+
+#include "kernels/cpu/kernels_simd.h"
+
+}  // namespace portable_impl
+
+const KernelTable& portable_kernels() {
+  static constexpr KernelTable table = portable_impl::make_table("portable");
+  return table;
+}
+
+}  // namespace isa
+
 namespace {
 
 std::atomic<Isa> g_active{detected_isa()};
 
-// Portable kernels: plain loops the compiler can vectorize for the baseline target.
-void linear_bf16_rows(const float* x, int64_t rows, int64_t in, const uint16_t* w, int64_t o_begin, int64_t o_end,
-                      int64_t out_features, const uint16_t* bias, float* y) {
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const uint16_t* wo = w + o * in;
-    const float b = bias ? bf16_to_f32(bias[o]) : 0.0f;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * in;
-      float acc[8] = {};
-      int64_t i = 0;
-      for (; i + 8 <= in; i += 8)
-        for (int l = 0; l < 8; ++l) acc[l] += xr[i + l] * bf16_to_f32(wo[i + l]);
-      float sum = 0;
-      for (; i < in; ++i) sum += xr[i] * bf16_to_f32(wo[i]);
-      for (float a : acc) sum += a;
-      y[r * out_features + o] = sum + b;
-    }
+const isa::KernelTable& table() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return isa::avx512_kernels();
+    case Isa::kAvx2: return isa::avx2_kernels();
+    case Isa::kPortable: break;
   }
+  return isa::portable_kernels();
 }
 
-void linear_mxfp4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* blocks, const uint8_t* scales,
-                       int64_t o_begin, int64_t o_end, int64_t out_features, const uint16_t* bias, float* y) {
-  const int64_t groups = in / 32;
-  float wrow[32];
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    float acc_rows[64];
-    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
-      const int64_t nr = std::min<int64_t>(64, rows - r0);
-      std::fill(acc_rows, acc_rows + nr, 0.0f);
-      for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t* b = blocks + (o * groups + g) * 16;
-        const float s = ref::e8m0_value(scales[o * groups + g]);
-        for (int j = 0; j < 16; ++j) {
-          wrow[2 * j] = ref::fp4_value(b[j] & 0xF) * s;
-          wrow[2 * j + 1] = ref::fp4_value(b[j] >> 4) * s;
-        }
-        for (int64_t r = 0; r < nr; ++r) {
-          const float* xr = x + (r0 + r) * in + g * 32;
-          float acc = 0;
-          for (int l = 0; l < 32; ++l) acc += xr[l] * wrow[l];
-          acc_rows[r] += acc;
-        }
-      }
-      const float bv = bias ? bf16_to_f32(bias[o]) : 0.0f;
-      for (int64_t r = 0; r < nr; ++r) y[(r0 + r) * out_features + o] = acc_rows[r] + bv;
-    }
-  }
+// Per-thread scratch that only grows (attention blocks, de-interleaved activations).
+std::vector<float>& scratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.assign(floats, 0.0f);
+  return buffer;
+}
+
+// Output features per matvec work item: enough weight bytes per item to amortize the hand-off.
+int64_t matvec_grain(int64_t in, int64_t bytes_per_weight_x2) {
+  const int64_t row_bytes = std::max<int64_t>(1, in * bytes_per_weight_x2 / 2);
+  return std::max<int64_t>(8, (64 << 10) / row_bytes / 8 * 8);
+}
+
+void run_gemm(ThreadPool& pool, const isa::LinearArgs& a,
+              void (*kernel)(const isa::LinearArgs&, int64_t, int64_t), int nr) {
+  const int64_t panels = (a.out + nr - 1) / nr;
+  pool.parallel_for(panels, 1, [&](int64_t b, int64_t e) { kernel(a, b * nr, std::min(a.out, e * nr)); });
 }
 
 }  // namespace
@@ -66,7 +142,9 @@ void linear_mxfp4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* 
 Isa detected_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kPortable;
@@ -88,17 +166,124 @@ const char* isa_name(Isa isa) {
 }
 
 void linear_bf16(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint16_t* w,
-                 int64_t out_features, const uint16_t* bias, float* y) {
-  pool.parallel_for(out_features, 16, [&](int64_t b, int64_t e) {
-    linear_bf16_rows(x, rows, in, w, b, e, out_features, bias, y);
-  });
+                 int64_t out_features, const uint16_t* bias, float* y, LinearPath path) {
+  if (rows <= 0 || out_features <= 0) return;
+  const isa::KernelTable& t = table();
+  isa::LinearArgs a;
+  a.x = x;
+  a.rows = rows;
+  a.in = in;
+  a.out = out_features;
+  a.w = w;
+  a.bias = bias;
+  a.y = y;
+  if (path == LinearPath::kAuto) path = rows >= kBf16GemmMinRows ? LinearPath::kGemm : LinearPath::kMatvec;
+  if (path == LinearPath::kGemm) {
+    run_gemm(pool, a, t.bf16_gemm, t.gemm_nr);
+    return;
+  }
+  pool.parallel_for(out_features, matvec_grain(in, 4), [&](int64_t b, int64_t e) { t.bf16_matvec(a, b, e); });
 }
 
 void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint8_t* blocks,
-                  const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y) {
-  pool.parallel_for(out_features, 16, [&](int64_t b, int64_t e) {
-    linear_mxfp4_rows(x, rows, in, blocks, scales, b, e, out_features, bias, y);
+                  const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y, LinearPath path) {
+  if (in % 32 != 0) throw std::invalid_argument("linear_mxfp4: in (" + std::to_string(in) + ") is not a multiple of 32");
+  if (rows <= 0 || out_features <= 0) return;
+  const isa::KernelTable& t = table();
+  isa::LinearArgs a;
+  a.rows = rows;
+  a.in = in;
+  a.out = out_features;
+  a.blocks = blocks;
+  a.scales = scales;
+  a.bias = bias;
+  a.y = y;
+  if (path == LinearPath::kAuto) path = rows >= kMxfp4GemmMinRows ? LinearPath::kGemm : LinearPath::kMatvec;
+  if (path == LinearPath::kGemm) {
+    a.x = x;
+    run_gemm(pool, a, t.mxfp4_gemm, t.gemm_nr);
+    return;
+  }
+  std::vector<float>& xd = scratch(static_cast<size_t>(rows * in));
+  for (int64_t r = 0; r < rows; ++r) isa::deinterleave32(x + r * in, in, xd.data() + r * in);
+  a.x = xd.data();
+  pool.parallel_for(out_features, matvec_grain(in, 1), [&](int64_t b, int64_t e) { t.mxfp4_matvec(a, b, e); });
+}
+
+namespace {
+
+// The scalar attention of one task, for head sizes the vector kernels do not cover.
+void attention_scalar(const AttentionTask& t) {
+  const int d = t.head_dim;
+  std::vector<float> scores, acc(static_cast<size_t>(d));
+  for (int q = 0; q < t.num_queries; ++q) {
+    const int64_t pos = t.q_pos[q];
+    const int64_t first = t.window > 0 ? std::max<int64_t>(0, pos - t.window + 1) : 0;
+    const float* qh = t.q[q];
+    scores.resize(static_cast<size_t>(pos - first + 1));
+    float max = t.sinks[q];
+    for (int64_t j = first; j <= pos; ++j) {
+      const float* kj = t.keys[j - t.key_base] + t.head_offset;
+      float dot = 0;
+      for (int i = 0; i < d; ++i) dot += qh[i] * kj[i];
+      scores[static_cast<size_t>(j - first)] = dot * t.scale;
+      max = std::max(max, scores[static_cast<size_t>(j - first)]);
+    }
+    float denom = std::exp(t.sinks[q] - max);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t j = first; j <= pos; ++j) {
+      const float w = std::exp(scores[static_cast<size_t>(j - first)] - max);
+      denom += w;
+      const float* vj = t.values[j - t.key_base] + t.head_offset;
+      for (int i = 0; i < d; ++i) acc[static_cast<size_t>(i)] += w * vj[i];
+    }
+    for (int i = 0; i < d; ++i) t.out[q][i] = acc[static_cast<size_t>(i)] / denom;
+  }
+}
+
+}  // namespace
+
+void attention(ThreadPool& pool, const AttentionTask* tasks, int64_t count) {
+  const isa::KernelTable& t = table();
+  pool.parallel_for(count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const AttentionTask& task = tasks[i];
+      if (task.num_queries <= 0) continue;
+      if (task.head_dim % t.attention_lanes != 0 || task.num_queries > isa::kAttnMaxQueries) {
+        attention_scalar(task);
+        continue;
+      }
+      std::vector<float>& s = scratch(static_cast<size_t>(isa::attention_scratch_floats(task.head_dim, task.num_queries)));
+      t.attention(task, s.data());
+    }
   });
 }
+
+void rms_norm(ThreadPool& pool, const float* x, int64_t rows, int64_t dim, const float* weight, float eps, float* out) {
+  const isa::KernelTable& t = table();
+  pool.parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dim)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) t.rms_norm(x + r * dim, dim, weight, eps, out + r * dim);
+  });
+}
+
+void swiglu(ThreadPool& pool, const float* u, int64_t rows, int64_t n, float limit, float* act) {
+  const isa::KernelTable& t = table();
+  pool.parallel_for(rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) t.swiglu(u + r * 2 * n, n, limit, act + r * n);
+  });
+}
+
+void rope_row(float* row, int heads, int head_dim, const float* cos, const float* sin) {
+  table().rope(row, heads, head_dim, cos, sin);
+}
+
+void add(ThreadPool& pool, float* x, const float* y, int64_t n) {
+  const isa::KernelTable& t = table();
+  pool.parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) { t.add(x + b, y + b, e - b); });
+}
+
+void axpy(float* out, float w, const float* y, int64_t n) { table().axpy(out, w, y, n); }
+
+void bf16_to_f32(const uint16_t* in, int64_t n, float* out) { table().bf16_to_f32(in, n, out); }
 
 }  // namespace arbiter::cpu

@@ -1,10 +1,11 @@
 // The CPU backend's optimized kernels: multithreaded over a ThreadPool and vectorized for the
 // instruction set found at run time (AVX-512, AVX2/FMA, or portable C++). Each has a scalar
-// twin in reference.h that tests compare it with.
+// twin in reference.h (or, for attention, the model math in DESIGN.md §1) that tests compare it with.
 #pragma once
 
 #include <cstdint>
 
+#include "kernels/cpu/kernels_isa.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace arbiter::cpu {
@@ -15,11 +16,38 @@ Isa active_isa();     // what the kernels use now (detected unless overridden)
 void set_active_isa(Isa isa);  // tests and benchmarks; clamps to what the CPU supports
 const char* isa_name(Isa isa);
 
+// Which algorithm a linear layer uses. kAuto picks by the number of rows: matrix-vector
+// (streams each weight row once for all rows; decode) below a threshold, the packed GEMM above.
+enum class LinearPath { kAuto, kMatvec, kGemm };
+// Row counts from which kAuto switches to the GEMM.
+inline constexpr int64_t kBf16GemmMinRows = 16;
+inline constexpr int64_t kMxfp4GemmMinRows = 8;
+
 // y[r, o] = sum_i x[r, i] * w[o, i] + bias[o] with w bf16 [out, in]; bias may be null.
 void linear_bf16(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint16_t* w,
-                 int64_t out_features, const uint16_t* bias, float* y);
-// The same with an MXFP4 matrix (blocks [out, in/32, 16], scales [out, in/32]) and a bf16 bias.
+                 int64_t out_features, const uint16_t* bias, float* y, LinearPath path = LinearPath::kAuto);
+// The same with an MXFP4 matrix (blocks [out, in/32, 16], scales [out, in/32]) and a bf16 bias;
+// `in` must be a multiple of 32. Weights are dequantized per 32-value block as they are used.
 void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint8_t* blocks,
-                  const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y);
+                  const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y,
+                  LinearPath path = LinearPath::kAuto);
+
+// Attention with sinks over explicit key/value row pointers (see isa::AttentionTask); runs every
+// task, spread over the pool. Tasks must write disjoint outputs.
+using AttentionTask = isa::AttentionTask;
+void attention(ThreadPool& pool, const AttentionTask* tasks, int64_t count);
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, rows of `dim`; out may alias x.
+void rms_norm(ThreadPool& pool, const float* x, int64_t rows, int64_t dim, const float* weight, float eps, float* out);
+// Clamped SwiGLU of rows of interleaved gate/up pairs: u [rows, 2 * n] -> act [rows, n].
+void swiglu(ThreadPool& pool, const float* u, int64_t rows, int64_t n, float limit, float* act);
+// Rotate-half RoPE of one row of `heads` heads with per-pair cos/sin (times the concentration).
+void rope_row(float* row, int heads, int head_dim, const float* cos, const float* sin);
+// x += y over n floats (spread over the pool when large).
+void add(ThreadPool& pool, float* x, const float* y, int64_t n);
+// out += w * y over n floats (single-threaded).
+void axpy(float* out, float w, const float* y, int64_t n);
+// bf16 -> f32 over n values (single-threaded).
+void bf16_to_f32(const uint16_t* in, int64_t n, float* out);
 
 }  // namespace arbiter::cpu

@@ -1,0 +1,455 @@
+// The optimized CPU kernels against the scalar references (kernels/cpu/reference.h, and the
+// attention math of DESIGN.md §1 written out below), for every instruction set this CPU
+// supports, on random inputs with awkward sizes; attention, RoPE and the MoE block also through
+// CpuBackend operations with ragged batches and sliding windows.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/kernels.h"
+#include "kernels/cpu/reference.h"
+#include "kernels/tensor.h"
+
+namespace arbiter {
+namespace {
+
+using cpu::Isa;
+using cpu::LinearPath;
+
+std::vector<float> random_floats(std::mt19937& rng, size_t n, float lo = -1.0f, float hi = 1.0f) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+std::vector<uint16_t> random_bf16(std::mt19937& rng, size_t n, float scale = 1.0f) {
+  std::vector<uint16_t> v(n);
+  std::uniform_real_distribution<float> d(-scale, scale);
+  for (auto& x : v) x = f32_to_bf16(d(rng));
+  return v;
+}
+
+// Checks |got - want| <= rel * bound element-wise, where bound is the magnitude the result was
+// summed from (sum of |terms|): the right scale for the error of a reordered fp32 sum. Reports
+// the first failure.
+::testing::AssertionResult close(const std::vector<float>& got, const std::vector<float>& want,
+                                 const std::vector<float>& bound, double rel) {
+  if (got.size() != want.size()) return ::testing::AssertionFailure() << "sizes differ";
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double tol = rel * std::max(1e-3, static_cast<double>(bound[i]));
+    if (!(std::fabs(static_cast<double>(got[i]) - want[i]) <= tol))
+      return ::testing::AssertionFailure() << "element " << i << ": got " << got[i] << ", want " << want[i]
+                                           << " (tolerance " << tol << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+class KernelTest : public ::testing::TestWithParam<Isa> {
+ protected:
+  void SetUp() override {
+    if (static_cast<int>(GetParam()) > static_cast<int>(cpu::detected_isa()))
+      GTEST_SKIP() << cpu::isa_name(GetParam()) << " not supported by this CPU";
+    saved_ = cpu::active_isa();
+    cpu::set_active_isa(GetParam());
+    ASSERT_EQ(cpu::active_isa(), GetParam());
+  }
+  void TearDown() override { cpu::set_active_isa(saved_); }
+  Isa saved_ = Isa::kPortable;
+  cpu::ThreadPool pool_{2};
+};
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(KernelCheck, ToleranceCatchesSmallErrors) {
+  // The comparison used below must notice an error of one part in 10^4 of the summed magnitude.
+  const std::vector<float> want = {1.0f, -2.0f, 3.0f};
+  const std::vector<float> bound = {1.0f, 2.0f, 3.0f};
+  EXPECT_TRUE(close(want, want, bound, 2e-5));
+  std::vector<float> off = want;
+  off[1] += 2e-4f;
+  EXPECT_FALSE(close(off, want, bound, 2e-5));
+}
+
+TEST(KernelCheck, SetActiveIsaClampsToCpu) {
+  const Isa saved = cpu::active_isa();
+  cpu::set_active_isa(Isa::kAvx512);
+  EXPECT_LE(static_cast<int>(cpu::active_isa()), static_cast<int>(cpu::detected_isa()));
+  cpu::set_active_isa(Isa::kPortable);
+  EXPECT_EQ(cpu::active_isa(), Isa::kPortable);
+  cpu::set_active_isa(saved);
+}
+
+TEST_P(KernelTest, LinearBf16MatchesReference) {
+  std::mt19937 rng(1);
+  struct Size {
+    int64_t in, out;
+  };
+  for (const Size sz : {Size{37, 29}, Size{96, 70}, Size{300, 130}})
+    for (int64_t rows : {1, 3, 17, 64, 130}) {
+      const auto x = random_floats(rng, static_cast<size_t>(rows * sz.in));
+      const auto w = random_bf16(rng, static_cast<size_t>(sz.out * sz.in));
+      const auto b = random_bf16(rng, static_cast<size_t>(sz.out));
+      std::vector<float> want(static_cast<size_t>(rows * sz.out)), bound(want.size());
+      cpu::ref::linear_bf16(x.data(), rows, sz.in, w.data(), sz.out, b.data(), want.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < sz.out; ++o) {
+          double s = std::fabs(bf16_to_f32(b[static_cast<size_t>(o)]));
+          for (int64_t i = 0; i < sz.in; ++i)
+            s += std::fabs(x[static_cast<size_t>(r * sz.in + i)] * bf16_to_f32(w[static_cast<size_t>(o * sz.in + i)]));
+          bound[static_cast<size_t>(r * sz.out + o)] = static_cast<float>(s);
+        }
+      for (LinearPath path : {LinearPath::kMatvec, LinearPath::kGemm, LinearPath::kAuto})
+        for (bool with_bias : {true, false}) {
+          std::vector<float> got(want.size(), 123.0f);
+          cpu::linear_bf16(pool_, x.data(), rows, sz.in, w.data(), sz.out, with_bias ? b.data() : nullptr, got.data(),
+                           path);
+          std::vector<float> expect = want;
+          if (!with_bias)
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t o = 0; o < sz.out; ++o)
+                expect[static_cast<size_t>(r * sz.out + o)] -= bf16_to_f32(b[static_cast<size_t>(o)]);
+          EXPECT_TRUE(close(got, expect, bound, 2e-5))
+              << "rows " << rows << " in " << sz.in << " out " << sz.out << " path " << static_cast<int>(path)
+              << " bias " << with_bias;
+        }
+    }
+}
+
+TEST_P(KernelTest, LinearMxfp4MatchesReference) {
+  std::mt19937 rng(2);
+  std::uniform_int_distribution<int> byte(0, 255), scale(118, 130);
+  struct Size {
+    int64_t in, out;
+  };
+  for (const Size sz : {Size{32, 5}, Size{96, 67}, Size{320, 130}})
+    for (int64_t rows : {1, 3, 17, 64, 130}) {
+      const int64_t groups = sz.in / 32;
+      std::vector<uint8_t> blocks(static_cast<size_t>(sz.out * groups * 16)), scales(static_cast<size_t>(sz.out * groups));
+      for (auto& v : blocks) v = static_cast<uint8_t>(byte(rng));
+      for (auto& v : scales) v = static_cast<uint8_t>(scale(rng));
+      scales[0] = 0;  // the denormal 2^-127 scale must behave too
+      const auto x = random_floats(rng, static_cast<size_t>(rows * sz.in));
+      const auto b = random_bf16(rng, static_cast<size_t>(sz.out));
+      std::vector<float> want(static_cast<size_t>(rows * sz.out)), bound(want.size());
+      for (int64_t r = 0; r < rows; ++r) {
+        cpu::ref::mxfp4_matvec(x.data() + r * sz.in, sz.in, blocks.data(), scales.data(), sz.out, want.data() + r * sz.out);
+        for (int64_t o = 0; o < sz.out; ++o) {
+          want[static_cast<size_t>(r * sz.out + o)] += bf16_to_f32(b[static_cast<size_t>(o)]);
+          double s = std::fabs(bf16_to_f32(b[static_cast<size_t>(o)]));
+          for (int64_t i = 0; i < sz.in; ++i) {
+            const uint8_t byte_v = blocks[static_cast<size_t>((o * groups + i / 32) * 16 + (i % 32) / 2)];
+            const float wv = cpu::ref::fp4_value(i % 2 ? byte_v >> 4 : byte_v & 0xF) *
+                             cpu::ref::e8m0_value(scales[static_cast<size_t>(o * groups + i / 32)]);
+            s += std::fabs(x[static_cast<size_t>(r * sz.in + i)] * wv);
+          }
+          bound[static_cast<size_t>(r * sz.out + o)] = static_cast<float>(s);
+        }
+      }
+      for (LinearPath path : {LinearPath::kMatvec, LinearPath::kGemm, LinearPath::kAuto}) {
+        std::vector<float> got(want.size(), 123.0f);
+        cpu::linear_mxfp4(pool_, x.data(), rows, sz.in, blocks.data(), scales.data(), sz.out, b.data(), got.data(), path);
+        EXPECT_TRUE(close(got, want, bound, 2e-5))
+            << "rows " << rows << " in " << sz.in << " out " << sz.out << " path " << static_cast<int>(path);
+      }
+    }
+}
+
+TEST_P(KernelTest, Mxfp4RejectsPartialBlocks) {
+  std::vector<float> x(40), y(1);
+  std::vector<uint8_t> blocks(32), scales(2);
+  EXPECT_THROW(cpu::linear_mxfp4(pool_, x.data(), 1, 40, blocks.data(), scales.data(), 1, nullptr, y.data()),
+               std::invalid_argument);
+}
+
+TEST_P(KernelTest, RmsNormMatchesReference) {
+  std::mt19937 rng(3);
+  for (int64_t dim : {7, 96, 2880})
+    for (int64_t rows : {1, 3, 17}) {
+      const auto x = random_floats(rng, static_cast<size_t>(rows * dim), -3.0f, 3.0f);
+      const auto w = random_floats(rng, static_cast<size_t>(dim));
+      std::vector<float> want(x.size()), got(x.size()), bound(x.size());
+      cpu::ref::rms_norm(x.data(), rows, dim, w.data(), 1e-5f, want.data());
+      cpu::rms_norm(pool_, x.data(), rows, dim, w.data(), 1e-5f, got.data());
+      for (size_t i = 0; i < want.size(); ++i) bound[i] = std::fabs(want[i]);
+      EXPECT_TRUE(close(got, want, bound, 2e-6)) << "rows " << rows << " dim " << dim;
+      std::vector<float> in_place = x;  // out may alias x
+      cpu::rms_norm(pool_, in_place.data(), rows, dim, w.data(), 1e-5f, in_place.data());
+      EXPECT_TRUE(close(in_place, want, bound, 2e-6));
+    }
+}
+
+TEST_P(KernelTest, SwigluMatchesReference) {
+  std::mt19937 rng(4);
+  for (int64_t n : {1, 15, 16, 33, 2880})
+    for (int64_t rows : {1, 3}) {
+      auto u = random_floats(rng, static_cast<size_t>(rows * 2 * n), -12.0f, 12.0f);
+      u[0] = -100.0f;  // e^(170) overflows: the activation must still be -0
+      if (u.size() > 3) u[3] = 9.0f;
+      std::vector<float> want(static_cast<size_t>(rows * n)), got(want.size(), 5.0f), bound(want.size());
+      for (int64_t r = 0; r < rows; ++r) cpu::ref::swiglu(u.data() + r * 2 * n, n, 7.0f, want.data() + r * n);
+      cpu::swiglu(pool_, u.data(), rows, n, 7.0f, got.data());
+      for (size_t i = 0; i < want.size(); ++i) bound[i] = std::fabs(want[i]);
+      EXPECT_TRUE(close(got, want, bound, 1e-5)) << "rows " << rows << " n " << n;
+    }
+}
+
+TEST_P(KernelTest, AddAxpyAndBf16Conversion) {
+  std::mt19937 rng(5);
+  for (int64_t n : {1, 17, 100003}) {
+    auto x = random_floats(rng, static_cast<size_t>(n));
+    const auto y = random_floats(rng, static_cast<size_t>(n));
+    const auto b = random_bf16(rng, static_cast<size_t>(n));
+    std::vector<float> sum = x, ax = x, conv(static_cast<size_t>(n));
+    cpu::add(pool_, sum.data(), y.data(), n);
+    cpu::axpy(ax.data(), 0.25f, y.data(), n);
+    cpu::bf16_to_f32(b.data(), n, conv.data());
+    for (size_t i = 0; i < x.size(); ++i) {
+      ASSERT_EQ(sum[i], x[i] + y[i]) << i;
+      ASSERT_NEAR(ax[i], x[i] + 0.25f * y[i], 1e-6f) << i;
+      ASSERT_EQ(conv[i], bf16_to_f32(b[i])) << i;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through CpuBackend operations.
+
+Tensor view(std::vector<float>& v, Shape s) { return Tensor{v.data(), DType::kF32, s}; }
+
+TEST_P(KernelTest, BackendRopeMatchesReference) {
+  std::mt19937 rng(6);
+  CpuBackend backend(2);
+  const int d = 64, qh = 8, kh = 2;
+  RopeParams rope;
+  for (int i = 0; i < d / 2; ++i) rope.inv_freq.push_back(std::pow(10000.0f, -2.0f * i / d));
+  rope.concentration = 1.3f;
+  StepLayout layout;
+  SequenceStep a, b;
+  a.first_row = 0, a.num_new = 3, a.num_cached = 0;
+  b.first_row = 3, b.num_new = 2, b.num_cached = 1000;
+  layout.sequences = {a, b};
+  layout.tokens = {1, 2, 3, 4, 5};
+  auto q = random_floats(rng, 5 * qh * d), k = random_floats(rng, 5 * kh * d);
+  auto q_want = q, k_want = k;
+  const int64_t pos[5] = {0, 1, 2, 1000, 1001};
+  for (int r = 0; r < 5; ++r) {
+    cpu::ref::rope_row(q_want.data() + r * qh * d, qh, d, pos[r], rope.inv_freq.data(), rope.concentration);
+    cpu::ref::rope_row(k_want.data() + r * kh * d, kh, d, pos[r], rope.inv_freq.data(), rope.concentration);
+  }
+  auto step = backend.prepare_step(layout);
+  backend.rope(view(q, {5, qh * d}), view(k, {5, kh * d}), d, rope, *step);
+  std::vector<float> bq(q.size()), bk(k.size());
+  for (size_t i = 0; i < q.size(); ++i) bq[i] = std::fabs(q_want[i]) + 1.0f;
+  for (size_t i = 0; i < k.size(); ++i) bk[i] = std::fabs(k_want[i]) + 1.0f;
+  EXPECT_TRUE(close(q, q_want, bq, 1e-6));
+  EXPECT_TRUE(close(k, k_want, bk, 1e-6));
+}
+
+// A ragged batch through the paged cache: a first step stores each sequence's past with
+// kv_store, the second attends over it plus its own new tokens. The expectation is computed from
+// the full key/value history indexed by position, straight from the definition.
+struct AttentionCase {
+  int head_dim, q_heads, kv_heads, window, block_size;
+  std::vector<int> cached, fresh;  // per sequence
+};
+
+void run_attention_case(const AttentionCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  CpuBackend backend(2);
+  const int d = c.head_dim;
+  const int64_t kv_row = static_cast<int64_t>(c.kv_heads) * d, q_row = static_cast<int64_t>(c.q_heads) * d;
+  const bool sliding = c.window > 0;
+  const int ring_blocks = sliding ? (c.window + c.block_size - 1) / c.block_size : 0;
+  const size_t nseq = c.cached.size();
+  // Block tables.
+  int next_block = 0;
+  std::vector<SequenceStep> seqs(nseq);
+  for (size_t s = 0; s < nseq; ++s) {
+    const int total = c.cached[s] + c.fresh[s];
+    if (sliding)
+      for (int b = 0; b < ring_blocks; ++b) seqs[s].sliding_blocks.push_back(next_block++);
+    else
+      for (int b = 0; b < (total + c.block_size - 1) / c.block_size; ++b) seqs[s].full_blocks.push_back(next_block++);
+  }
+  std::vector<float> kpool(static_cast<size_t>(next_block * c.block_size * kv_row)), vpool(kpool.size());
+  KvLayer cache{view(kpool, {next_block, c.block_size, c.kv_heads, d}), view(vpool, {next_block, c.block_size, c.kv_heads, d})};
+  AttentionParams p;
+  p.num_q_heads = c.q_heads;
+  p.num_kv_heads = c.kv_heads;
+  p.head_dim = d;
+  p.window = c.window;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // History per sequence: positions [0, cached + fresh).
+  std::vector<std::vector<float>> hk(nseq), hv(nseq);
+  for (size_t s = 0; s < nseq; ++s) {
+    const size_t n = static_cast<size_t>((c.cached[s] + c.fresh[s]) * kv_row);
+    hk[s] = random_floats(rng, n, -2.0f, 2.0f);
+    hv[s] = random_floats(rng, n);
+  }
+  // Step 1: store the cached part.
+  {
+    StepLayout layout;
+    layout.block_size = c.block_size;
+    std::vector<float> k1, v1;
+    for (size_t s = 0; s < nseq; ++s) {
+      SequenceStep st = seqs[s];
+      st.first_row = static_cast<int32_t>(layout.tokens.size());
+      st.num_new = c.cached[s];
+      st.num_cached = 0;
+      for (int i = 0; i < c.cached[s]; ++i) layout.tokens.push_back(0);
+      k1.insert(k1.end(), hk[s].begin(), hk[s].begin() + c.cached[s] * kv_row);
+      v1.insert(v1.end(), hv[s].begin(), hv[s].begin() + c.cached[s] * kv_row);
+      layout.sequences.push_back(st);
+    }
+    if (!layout.tokens.empty()) {
+      const int64_t rows = static_cast<int64_t>(layout.tokens.size());
+      auto step = backend.prepare_step(layout);
+      backend.kv_store(view(k1, {rows, kv_row}), view(v1, {rows, kv_row}), cache, p, *step);
+    }
+  }
+  // Step 2: attention of the fresh tokens.
+  StepLayout layout;
+  layout.block_size = c.block_size;
+  std::vector<float> k2, v2;
+  for (size_t s = 0; s < nseq; ++s) {
+    SequenceStep st = seqs[s];
+    st.first_row = static_cast<int32_t>(layout.tokens.size());
+    st.num_new = c.fresh[s];
+    st.num_cached = c.cached[s];
+    for (int i = 0; i < c.fresh[s]; ++i) layout.tokens.push_back(0);
+    k2.insert(k2.end(), hk[s].begin() + c.cached[s] * kv_row, hk[s].end());
+    v2.insert(v2.end(), hv[s].begin() + c.cached[s] * kv_row, hv[s].end());
+    layout.sequences.push_back(st);
+  }
+  const int64_t rows = static_cast<int64_t>(layout.tokens.size());
+  auto q = random_floats(rng, static_cast<size_t>(rows * q_row), -2.0f, 2.0f);
+  const auto sinks = random_floats(rng, static_cast<size_t>(c.q_heads), -1.0f, 3.0f);
+  std::vector<float> got(q.size(), 77.0f);
+  auto sinks_copy = sinks;
+  auto step = backend.prepare_step(layout);
+  backend.attention(view(q, {rows, q_row}), view(k2, {rows, kv_row}), view(v2, {rows, kv_row}), cache,
+                    view(sinks_copy, {c.q_heads}), p, *step, view(got, {rows, q_row}));
+  // Expected, in double.
+  std::vector<float> want(got.size()), bound(got.size());
+  const int group = c.q_heads / c.kv_heads;
+  for (size_t s = 0; s < nseq; ++s)
+    for (int i = 0; i < c.fresh[s]; ++i) {
+      const int64_t row = layout.sequences[s].first_row + i, pos = c.cached[s] + i;
+      const int64_t first = sliding ? std::max<int64_t>(0, pos - c.window + 1) : 0;
+      for (int h = 0; h < c.q_heads; ++h) {
+        const float* qh = q.data() + row * q_row + h * d;
+        const int kvh = h / group;
+        std::vector<double> sc;
+        double mx = sinks[static_cast<size_t>(h)];
+        for (int64_t j = first; j <= pos; ++j) {
+          double dot = 0;
+          for (int e = 0; e < d; ++e) dot += static_cast<double>(qh[e]) * hk[s][static_cast<size_t>(j * kv_row + kvh * d + e)];
+          sc.push_back(dot * p.scale);
+          mx = std::max(mx, sc.back());
+        }
+        double den = std::exp(sinks[static_cast<size_t>(h)] - mx);
+        std::vector<double> acc(static_cast<size_t>(d), 0.0), mag(static_cast<size_t>(d), 0.0);
+        for (int64_t j = first; j <= pos; ++j) {
+          const double w = std::exp(sc[static_cast<size_t>(j - first)] - mx);
+          den += w;
+          for (int e = 0; e < d; ++e) {
+            const double v = hv[s][static_cast<size_t>(j * kv_row + kvh * d + e)];
+            acc[static_cast<size_t>(e)] += w * v;
+            mag[static_cast<size_t>(e)] += w * std::fabs(v);
+          }
+        }
+        for (int e = 0; e < d; ++e) {
+          want[static_cast<size_t>(row * q_row + h * d + e)] = static_cast<float>(acc[static_cast<size_t>(e)] / den);
+          bound[static_cast<size_t>(row * q_row + h * d + e)] = static_cast<float>(mag[static_cast<size_t>(e)] / den);
+        }
+      }
+    }
+  EXPECT_TRUE(close(got, want, bound, 2e-5));
+}
+
+TEST_P(KernelTest, AttentionFullCausalRaggedBatch) {
+  run_attention_case({64, 8, 2, 0, 16, {0, 5, 40, 0}, {1, 7, 33, 150}}, 10);
+}
+
+TEST_P(KernelTest, AttentionWindowShorterThanSequence) {
+  run_attention_case({64, 8, 2, 4, 16, {0, 9, 37}, {13, 1, 20}}, 11);
+  run_attention_case({64, 8, 2, 16, 16, {0, 100, 3}, {170, 2, 30}}, 12);
+}
+
+TEST_P(KernelTest, AttentionWindowLongerThanSequence) {
+  run_attention_case({64, 6, 3, 1000, 16, {0, 11}, {23, 4}}, 13);
+}
+
+TEST_P(KernelTest, AttentionOddHeadDimsAndGroups) {
+  run_attention_case({24, 4, 4, 0, 8, {3, 0}, {5, 19}}, 14);   // not a multiple of 16: scalar fallback on AVX-512
+  run_attention_case({32, 12, 1, 5, 4, {6, 0}, {2, 40}}, 15);  // 12 q heads on one kv head
+}
+
+TEST_P(KernelTest, BackendMoeExpertsMatchesReference) {
+  std::mt19937 rng(8);
+  CpuBackend backend(2);
+  const int64_t E = 5, hidden = 64, inter = 96, k = 2;
+  std::uniform_int_distribution<int> byte(0, 255), scale(120, 128);
+  auto make_u8 = [&](int64_t n, bool is_scale) {
+    std::vector<uint8_t> v(static_cast<size_t>(n));
+    for (auto& x : v) x = static_cast<uint8_t>(is_scale ? scale(rng) : byte(rng));
+    return v;
+  };
+  auto gu_blocks = make_u8(E * 2 * inter * (hidden / 32) * 16, false), gu_scales = make_u8(E * 2 * inter * (hidden / 32), true);
+  auto dn_blocks = make_u8(E * hidden * (inter / 32) * 16, false), dn_scales = make_u8(E * hidden * (inter / 32), true);
+  auto gu_bias = random_bf16(rng, static_cast<size_t>(E * 2 * inter)), dn_bias = random_bf16(rng, static_cast<size_t>(E * hidden));
+  ExpertWeights ex;
+  ex.gate_up_blocks = Tensor{gu_blocks.data(), DType::kU8, {E, 2 * inter, hidden / 32, 16}};
+  ex.gate_up_scales = Tensor{gu_scales.data(), DType::kU8, {E, 2 * inter, hidden / 32}};
+  ex.gate_up_bias = Tensor{gu_bias.data(), DType::kBF16, {E, 2 * inter}};
+  ex.down_blocks = Tensor{dn_blocks.data(), DType::kU8, {E, hidden, inter / 32, 16}};
+  ex.down_scales = Tensor{dn_scales.data(), DType::kU8, {E, hidden, inter / 32}};
+  ex.down_bias = Tensor{dn_bias.data(), DType::kBF16, {E, hidden}};
+  for (int64_t rows : {1, 3, 40}) {
+    auto x = random_floats(rng, static_cast<size_t>(rows * hidden));
+    std::vector<int32_t> ids(static_cast<size_t>(rows * k));
+    std::vector<float> wts(ids.size());
+    std::uniform_int_distribution<int> pick(0, static_cast<int>(E) - 1);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      ids[i] = (i % 7 == 6) ? -1 : pick(rng);  // -1: slot not held by this rank
+      wts[i] = 0.25f + 0.5f * static_cast<float>(i % 3);
+    }
+    std::vector<float> got(static_cast<size_t>(rows * hidden), 9.0f);
+    backend.moe_experts(view(x, {rows, hidden}), Tensor{ids.data(), DType::kI32, {rows, k}}, view(wts, {rows, k}), ex, 7.0f,
+                        view(got, {rows, hidden}));
+    std::vector<float> want(got.size(), 0.0f), bound(got.size(), 0.0f), u(static_cast<size_t>(2 * inter)),
+        act(static_cast<size_t>(inter)), y(static_cast<size_t>(hidden));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = ids[static_cast<size_t>(r * k + j)];
+        if (e < 0) continue;
+        cpu::ref::mxfp4_matvec(x.data() + r * hidden, hidden, gu_blocks.data() + e * 2 * inter * (hidden / 32) * 16,
+                               gu_scales.data() + e * 2 * inter * (hidden / 32), 2 * inter, u.data());
+        for (int64_t i = 0; i < 2 * inter; ++i) u[static_cast<size_t>(i)] += bf16_to_f32(gu_bias[static_cast<size_t>(e * 2 * inter + i)]);
+        cpu::ref::swiglu(u.data(), inter, 7.0f, act.data());
+        cpu::ref::mxfp4_matvec(act.data(), inter, dn_blocks.data() + e * hidden * (inter / 32) * 16,
+                               dn_scales.data() + e * hidden * (inter / 32), hidden, y.data());
+        double act_mag = 0;
+        for (float a : act) act_mag += std::fabs(a);
+        for (int64_t c = 0; c < hidden; ++c) {
+          const float w = wts[static_cast<size_t>(r * k + j)];
+          want[static_cast<size_t>(r * hidden + c)] += w * (y[static_cast<size_t>(c)] + bf16_to_f32(dn_bias[static_cast<size_t>(e * hidden + c)]));
+          bound[static_cast<size_t>(r * hidden + c)] += static_cast<float>(w * (act_mag * 6.0 * 2.0 + 1.0));
+        }
+      }
+    EXPECT_TRUE(close(got, want, bound, 2e-6)) << "rows " << rows;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, KernelTest, ::testing::Values(Isa::kPortable, Isa::kAvx2, Isa::kAvx512),
+                         [](const ::testing::TestParamInfo<Isa>& info) { return std::string(cpu::isa_name(info.param)); });
+
+}  // namespace
+}  // namespace arbiter

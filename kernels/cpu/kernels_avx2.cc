@@ -1,0 +1,141 @@
+// AVX2 + FMA build of the CPU kernels: 8 fp32 lanes, 16-wide GEMM panels, MXFP4 decoded with
+// vpermps over the 8 magnitudes plus the sign bit. This file alone is compiled with AVX2/FMA
+// flags and is only entered after the dispatcher has checked the CPU supports them.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels/cpu/kernels_isa.h"
+
+namespace arbiter::cpu::isa {
+namespace avx2_impl {
+
+struct S {
+  static constexpr int W = 8;
+  static constexpr int kGemmNV = 2;    // NR = 16
+  static constexpr int kGemmMR = 6;    // 6 x 2 accumulators
+  static constexpr int kGemmKC = 256;  // 256 x 16 fp32 panel = 16 KiB
+  static constexpr int kScoreQ = 4;
+  static constexpr int kScoreC = 2;
+  static constexpr int kPvQ = 2;
+  using V = __m256;
+
+  static __m256i lane_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V load_n(const float* p, int n) { return _mm256_maskload_ps(p, lane_mask(n)); }
+  static void store_n(float* p, V v, int n) { _mm256_maskstore_ps(p, lane_mask(n), v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float hmax(V v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+  static V bf16(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static V bf16_n(const uint16_t* p, int n) {
+    uint16_t tmp[8] = {};
+    for (int i = 0; i < n && i < 8; ++i) tmp[i] = p[i];
+    return bf16(tmp);
+  }
+
+  // 16 codes: even[h] = low nibbles of bytes 8h..8h+7, odd[h] = their high nibbles.
+  static V decode(__m256i idx) {
+    const V mag = _mm256_permutevar8x32_ps(_mm256_loadu_ps(kFp4Values), idx);  // low 3 bits
+    const __m256i sign = _mm256_and_si256(_mm256_slli_epi32(idx, 28), _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+    return _mm256_xor_ps(mag, _mm256_castsi256_ps(sign));
+  }
+  static void fp4(const uint8_t* b, V* even, V* odd) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * h)));
+      even[h] = decode(idx);
+      odd[h] = decode(_mm256_srli_epi32(idx, 4));
+    }
+  }
+
+  static void transpose(V* r) {
+    V t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+      r[j + 4] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+    }
+  }
+
+  static void deinterleave(V a, V b, V& even, V& odd) {
+    // a = a0..a7, b = b0..b7 -> even = a0 a2 a4 a6 b0 b2 b4 b6 after a cross-lane fix-up.
+    const V e = _mm256_shuffle_ps(a, b, 0x88);  // a0 a2 b0 b2 | a4 a6 b4 b6
+    const V o = _mm256_shuffle_ps(a, b, 0xDD);  // a1 a3 b1 b3 | a5 a7 b5 b7
+    even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8));
+    odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8));
+  }
+
+  static V select_range(V s, float lo, float hi) {
+    const V iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const V keep = _mm256_and_ps(_mm256_cmp_ps(iota, set1(lo), _CMP_GE_OQ), _mm256_cmp_ps(iota, set1(hi), _CMP_LE_OQ));
+    return _mm256_blendv_ps(set1(-__builtin_huge_valf()), s, keep);
+  }
+
+  static V exp(V x) {
+    const V tiny = _mm256_cmp_ps(x, set1(-87.33654f), _CMP_LT_OQ);
+    x = _mm256_min_ps(x, set1(88.72283f));
+    const V fx = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(fx, set1(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, set1(-2.12194440e-4f), r);
+    V p = set1(1.9875691500e-4f);
+    p = fma(p, r, set1(1.3981999507e-3f));
+    p = fma(p, r, set1(8.3334519073e-3f));
+    p = fma(p, r, set1(4.1665795894e-2f));
+    p = fma(p, r, set1(1.6666665459e-1f));
+    p = fma(p, r, set1(5.0000001201e-1f));
+    V y = fma(p, mul(r, r), r);
+    y = add(y, set1(1.0f));
+    // 2^n built in the exponent field; n = 128 (x near the top) gives the infinity bit pattern.
+    const __m256i n = _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127));
+    y = mul(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+    return _mm256_andnot_ps(tiny, y);
+  }
+  static float exp1(float x) { return __builtin_expf(x); }
+  static float sqrt1(float x) { return __builtin_sqrtf(x); }
+};
+
+#include "kernels/cpu/kernels_simd.h"
+
+}  // namespace avx2_impl
+
+const KernelTable& avx2_kernels() {
+  static constexpr KernelTable table = avx2_impl::make_table("avx2");
+  return table;
+}
+
+}  // namespace arbiter::cpu::isa

@@ -1,0 +1,100 @@
+// Internal interface between the CPU kernel dispatcher (kernels.cc) and the per-instruction-set
+// kernel files (kernels_avx512.cc, kernels_avx2.cc, and the portable build inside kernels.cc).
+// Each of those compiles kernels_simd.h for its own vector type and exports one KernelTable; the
+// dispatcher picks a table at run time and does the threading. Nothing here allocates: scratch
+// memory is handed in by the dispatcher, so the ISA files hold only straight-line compute code.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+
+namespace arbiter::cpu::isa {
+
+// One y = x W^T + b problem. The kernels compute output features [o_begin, o_end) of every row.
+struct LinearArgs {
+  const float* x = nullptr;  // [rows, in]; MXFP4 matvec: de-interleaved per 32-block (see below)
+  int64_t rows = 0;
+  int64_t in = 0;
+  int64_t out = 0;
+  const uint16_t* w = nullptr;       // bf16 [out, in]
+  const uint8_t* blocks = nullptr;   // MXFP4 [out, in/32, 16], low nibble = even element
+  const uint8_t* scales = nullptr;   // E8M0 [out, in/32]
+  const uint16_t* bias = nullptr;    // bf16 [out] or null
+  float* y = nullptr;                // [rows, out]
+};
+// The MXFP4 matvec reads x de-interleaved: within each block of 32, the 16 even elements first,
+// then the 16 odd ones (so the low and high nibbles of a byte meet their inputs without shuffles).
+void deinterleave32(const float* x, int64_t n, float* out);
+
+// One attention problem: query vectors that share one kv head and one sequence's keys.
+struct AttentionTask {
+  int head_dim = 0;
+  int num_queries = 0;
+  const float* const* q = nullptr;   // [num_queries] -> head_dim floats
+  float* const* out = nullptr;       // [num_queries] -> head_dim floats
+  const int64_t* q_pos = nullptr;    // [num_queries] position of each query
+  const float* sinks = nullptr;      // [num_queries] sink logit of each query's head
+  int64_t window = 0;                // 0: causal; w > 0: key k visible to q iff q - w < k <= q
+  float scale = 0.0f;
+  // keys[j] / values[j] point at the row of the key at position key_base + j; head_offset floats
+  // into that row is this task's kv head.
+  const float* const* keys = nullptr;
+  const float* const* values = nullptr;
+  int64_t key_base = 0;
+  int64_t head_offset = 0;
+};
+// Keys per attention block and the scratch (floats) one task needs.
+inline constexpr int kAttnKeyBlock = 128;
+inline constexpr int kAttnMaxQueries = 64;
+inline int64_t attention_scratch_floats(int head_dim, int num_queries) {
+  const int64_t padded = (num_queries + 15) / 16 * 16;
+  return static_cast<int64_t>(kAttnKeyBlock) * head_dim + padded * kAttnKeyBlock + padded * head_dim +
+         2 * padded + 64;
+}
+
+struct KernelTable {
+  const char* name;
+  int gemm_nr;  // output features per GEMM panel; gemm ranges start at multiples of it
+  void (*bf16_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
+  void (*bf16_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
+  void (*mxfp4_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
+  void (*mxfp4_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
+  // Needs head_dim % lanes == 0; scratch of attention_scratch_floats().
+  void (*attention)(const AttentionTask&, float* scratch);
+  int attention_lanes;
+  // act[j] from interleaved gate/up u[2j], u[2j+1], for n outputs.
+  void (*swiglu)(const float* u, int64_t n, float limit, float* act);
+  // One row: out = x / sqrt(mean(x^2) + eps) * w.
+  void (*rms_norm)(const float* x, int64_t dim, const float* w, float eps, float* out);
+  // Rotate-half RoPE of `heads` heads of one row with per-pair cos/sin (already times concentration).
+  void (*rope)(float* row, int heads, int head_dim, const float* cos, const float* sin);
+  // x[i] += y[i].
+  void (*add)(float* x, const float* y, int64_t n);
+  // out[i] += w * y[i].
+  void (*axpy)(float* out, float w, const float* y, int64_t n);
+  // out[i] = bf16 in[i].
+  void (*bf16_to_f32)(const uint16_t* in, int64_t n, float* out);
+};
+
+const KernelTable& portable_kernels();
+const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
+
+// FP4 E2M1 code values and E8M0 scales (2^(s-127), exact, s = 0 denormal, s = 255 infinity as in
+// the scalar reference), both constant-initialized so no ISA file runs code at start-up.
+inline constexpr float kFp4Values[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                         -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+struct E8m0Table {
+  float v[256];
+};
+constexpr E8m0Table make_e8m0_table() {
+  E8m0Table t{};
+  for (int s = 0; s < 256; ++s) {
+    uint32_t bits = s == 0 ? 0x00400000u : s == 255 ? 0x7f800000u : static_cast<uint32_t>(s) << 23;
+    t.v[s] = std::bit_cast<float>(bits);
+  }
+  return t;
+}
+inline constexpr E8m0Table kE8m0 = make_e8m0_table();
+
+}  // namespace arbiter::cpu::isa
