@@ -1,10 +1,50 @@
 #include "runtime/model.h"
 
 #include <cmath>
+#include <filesystem>
 #include <numbers>
+#include <set>
 #include <stdexcept>
 
+#include "parallel/communicator.h"
+#include "parallel/expert_placement.h"
+#include "parallel/moe_dispatch.h"
+
 namespace arbiter {
+namespace {
+
+bool expert_parallel(const ModelOptions& o) { return o.comm && o.comm->size() > 1; }
+
+std::shared_ptr<const ExpertPlacement> placement_for(const ModelConfig& c, const ModelOptions& o) {
+  auto p = o.placement ? o.placement
+                       : std::make_shared<const ExpertPlacement>(
+                             ExpertPlacement::contiguous(c.num_local_experts, o.comm->size()));
+  p->check_fits(c.num_local_experts, o.comm->size());
+  return p;
+}
+
+// The experts this rank loads. Under expert parallelism this is collective: the ranks first check
+// they agree on config, weight files (names, dtypes, shapes, file sizes) and placement, so ranks
+// started with different models fail here with a clear error instead of computing garbage.
+ExpertRange local_experts(const ModelConfig& c, const Checkpoint& ck, const ModelOptions& o) {
+  if (!expert_parallel(o)) return o.experts;
+  const auto placement = placement_for(c, o);
+  uint64_t h = fnv1a64(c.to_json());
+  std::set<std::string> files;
+  for (const std::string& name : ck.names()) {
+    const TensorInfo& t = ck.info(name);
+    h = fnv1a64(name + " " + dtype_name(t.dtype) + t.shape.str() + " " + std::to_string(t.end - t.begin), h);
+    files.insert(ck.file_of(name));
+  }
+  for (const std::string& f : files)
+    h = fnv1a64(std::filesystem::path(f).filename().string() + " " + std::to_string(std::filesystem::file_size(f)), h);
+  h = fnv1a64(placement->to_text(), h);
+  check_same_fingerprint(*o.comm, h, "the model (config.json, weight files, expert placement)");
+  const ExpertBlock b = placement->block_of(o.comm->rank());
+  return {b.first, b.count};
+}
+
+}  // namespace
 
 RopeParams yarn_rope_params(const ModelConfig& c) {
   const int half = c.head_dim / 2;
@@ -36,7 +76,7 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
     : config_(config),
       options_(options),
       backend_(backend),
-      weights_(load_weights(config, checkpoint, backend, options.experts)),
+      weights_(load_weights(config, checkpoint, backend, local_experts(config, checkpoint, options))),
       kv_(backend, config, options.kv),
       rope_(yarn_rope_params(config)) {
   const int64_t R = options.max_step_rows, L = options.max_logit_rows;
@@ -62,12 +102,28 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
   final_rows_ = make(act, {L, H});
   logits_ = make(DType::kF32, {L, static_cast<int64_t>(config.vocab_size)});
   argmax_ = make(DType::kI32, {L});
+  if (expert_parallel(options))
+    dispatcher_ = std::make_unique<MoeDispatcher>(*options.comm, *placement_for(config, options), backend,
+                                                  config.hidden_size, config.num_experts_per_tok);
+}
+
+Model::~Model() = default;
+
+void Model::run_empty_step() {
+  for (const LayerWeights& l : weights_.layers)
+    dispatcher_->moe(normed_.slice_rows(0, 0), expert_ids_.slice_rows(0, 0), expert_weights_.slice_rows(0, 0), l.experts,
+                     config_.swiglu_limit, delta_.slice_rows(0, 0));
+}
+
+void Model::serve_peers() {
+  if (!dispatcher_) return;
+  while (dispatcher_->begin_step(false)) run_empty_step();
 }
 
 void Model::run(const StepLayout& layout) {
   const int64_t rows = static_cast<int64_t>(layout.tokens.size());
   const int64_t logit_rows = static_cast<int64_t>(layout.logit_rows.size());
-  if (rows <= 0 || rows > options_.max_step_rows)
+  if (rows < (dispatcher_ ? 0 : 1) || rows > options_.max_step_rows)
     throw std::invalid_argument("forward: step has " + std::to_string(rows) + " rows (1.." +
                                 std::to_string(options_.max_step_rows) + " allowed)");
   if (logit_rows > options_.max_logit_rows)
@@ -81,6 +137,10 @@ void Model::run(const StepLayout& layout) {
                               std::to_string(config_.vocab_size));
   for (int32_t r : layout.logit_rows)
     if (r < 0 || r >= rows) throw std::out_of_range("forward: logit row outside the step");
+  if (dispatcher_) {
+    dispatcher_->begin_step(true);
+    if (rows == 0) return run_empty_step();
+  }
   const auto step = backend_.prepare_step(layout);
   const ModelConfig& c = config_;
   Tensor x = x_.slice_rows(0, rows), normed = normed_.slice_rows(0, rows), q = q_.slice_rows(0, rows),
@@ -112,7 +172,8 @@ void Model::run(const StepLayout& layout) {
     backend_.add_rms_norm(x, delta, l.post_attention_norm, c.rms_norm_eps, normed);
     backend_.linear(normed, l.router_weight, l.router_bias, router);
     backend_.router_topk(router, c.num_experts_per_tok, ids, weights);
-    backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);
+    if (dispatcher_) dispatcher_->moe(normed, ids, weights, l.experts, c.swiglu_limit, delta);
+    else backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);
   }
   backend_.add(x, delta);
   if (logit_rows == 0) return;

@@ -13,11 +13,22 @@
 
 namespace arbiter {
 
+class Communicator;
+class ExpertPlacement;
+class MoeDispatcher;
+
 struct ModelOptions {
   int max_step_rows = 512;   // tokens per forward step (the activation workspace is sized for it)
   int max_logit_rows = 64;   // rows per step whose logits can be requested
   KvCacheOptions kv;
   ExpertRange experts;       // experts this rank holds (all by default)
+  // Expert parallelism (DESIGN.md §3, parallel/): with a communicator of more than one rank, this
+  // rank loads only its placement's experts (`experts` is then ignored), every MoE layer runs through
+  // parallel/'s dispatcher, construction and forward() are collective (every rank calls forward() once
+  // per step, with zero tokens if it has none, or serve_peers() when it has no more steps), and the
+  // ranks check at construction that they run the same config, weight files and placement.
+  Communicator* comm = nullptr;                      // not owned; must outlive the Model
+  std::shared_ptr<const ExpertPlacement> placement;  // default: contiguous blocks over comm->size()
 };
 
 // YaRN (NTK-by-parts) inverse frequencies and concentration for a config (DESIGN.md §1, gpt-oss.md §4.3).
@@ -26,11 +37,15 @@ RopeParams yarn_rope_params(const ModelConfig& config);
 class Model {
  public:
   Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend, const ModelOptions& options = {});
+  ~Model();
 
   // Runs one step. Returns the logits of layout.logit_rows as float32 [logit_rows, vocab] on the host.
   std::vector<float> forward(const StepLayout& layout);
   // Same, but returns only the argmax of each requested row (no logits copied to the host).
   std::vector<int32_t> forward_argmax(const StepLayout& layout);
+  // Expert parallelism: this rank has no (more) steps of its own; takes part in the other ranks'
+  // steps with zero tokens until no rank has steps left. A no-op on a single rank.
+  void serve_peers();
 
   const ModelConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
@@ -40,6 +55,7 @@ class Model {
  private:
   // Runs every layer and the final norm + lm_head into logits_ for the requested rows.
   void run(const StepLayout& layout);
+  void run_empty_step();  // expert parallelism: every layer's exchange with zero tokens of our own
 
   ModelConfig config_;
   ModelOptions options_;
@@ -50,6 +66,7 @@ class Model {
   std::vector<DeviceBuffer> buffers_;
   Tensor x_, normed_, q_, k_, v_, attn_, delta_, router_logits_, expert_ids_, expert_weights_, final_rows_, logits_,
       argmax_;
+  std::unique_ptr<MoeDispatcher> dispatcher_;  // set when expert-parallel over more than one rank
 };
 
 }  // namespace arbiter

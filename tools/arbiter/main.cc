@@ -3,11 +3,19 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <iostream>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/backend.h"
+#include "parallel/expert_placement.h"
+#include "parallel/mpi_comm.h"
+#include "parallel/thread_comm.h"
+#if ARBITER_WITH_NCCL
+#include "parallel/nccl_comm.h"
+#endif
 #include "runtime/config.h"
 #include "runtime/generate.h"
 #include "runtime/make_model.h"
@@ -38,7 +46,9 @@ const char* kUsage =
     "  detokenize --tokenizer FILE|--model DIR [--tokens 1,2,3 | stdin JSON array] [--jsonl]\n"
     "  render     --tokenizer FILE|--model DIR --policy FILE|--joint ID=FILE,... [--content T|--content-file F|stdin]\n"
     "             [--reasoning low|medium|high] [--date YYYY-MM-DD] [--hf-newlines]\n"
-    "  generate   --model DIR --tokens 1,2,3 --max-new-tokens N [--device ...]\n";
+    "  generate   --model DIR --tokens 1,2,3 --max-new-tokens N [--device ...]\n"
+    "  (logits and generate also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
+    "   experts split over N thread ranks, or over the processes of `mpirun -np N arbiter ...`)\n";
 
 std::vector<int32_t> token_arg(const CliArgs& args) {
   const auto ids = parse_token_list(args.require("tokens"));
@@ -72,6 +82,64 @@ int cmd_make_model(const CliArgs& args) {
   return 0;
 }
 
+// Where this rank stands in an expert-parallel run (DESIGN.md §3); no communicator: a single rank.
+struct RankContext {
+  Communicator* comm = nullptr;
+  std::shared_ptr<const ExpertPlacement> placement;
+  bool leads() const { return !comm || comm->rank() == 0; }  // runs the sequence and writes the output
+};
+
+// Runs body once per rank of the transport that --transport / --ranks / mpirun choose: this process
+// alone, --ranks threads of it (ranks 1.. only serve their experts), or this process as one rank of
+// an MPI job (rank 0 writes the output; an error on any rank ends the whole job instead of a hang).
+// Each rank gets its own copy of the options.
+void run_ranks(const CliArgs& args, const std::function<void(const CliArgs&, const RankContext&)>& body) {
+  const std::string transport = args.get("transport", "auto");
+  const int ranks = static_cast<int>(args.get_int("ranks", 1));
+  const std::string placement_file = args.get("placement", "");
+  if (transport != "auto" && transport != "threads" && transport != "mpi" && transport != "nccl")
+    throw std::invalid_argument("--transport must be auto, threads, mpi or nccl (not '" + transport + "')");
+  if (ranks < 1) throw std::invalid_argument("--ranks must be at least 1");
+  RankContext base;
+  if (!placement_file.empty()) base.placement = std::make_shared<const ExpertPlacement>(ExpertPlacement::load(placement_file));
+  auto check_world = [&](int world) {
+    if (base.placement && base.placement->num_ranks() != world)
+      throw std::invalid_argument("placement " + placement_file + " is for " + std::to_string(base.placement->num_ranks()) +
+                                  " ranks but " + std::to_string(world) + " are running");
+  };
+  const bool mpi = transport == "mpi" || transport == "nccl" || (transport == "auto" && MpiComm::launched_by_mpirun());
+  if (!mpi) {
+    check_world(ranks);
+    if (ranks == 1) return body(args, base);
+    return run_thread_ranks(ranks, [&](Communicator& comm) {
+      const CliArgs own = args;
+      RankContext rc = base;
+      rc.comm = &comm;
+      body(own, rc);
+    });
+  }
+  if (args.has("ranks")) throw std::invalid_argument("--ranks is for --transport threads; under mpirun use -np");
+  MpiComm mpi_comm;
+  RankContext rc = base;
+  rc.comm = &mpi_comm;
+#if ARBITER_WITH_NCCL
+  std::unique_ptr<NcclComm> nccl;
+  if (transport == "nccl") {
+    nccl = std::make_unique<NcclComm>(mpi_comm);
+    rc.comm = nccl.get();
+  }
+#else
+  if (transport == "nccl") throw std::invalid_argument("--transport nccl: this build has no NCCL (CUDA and NCCL are needed at configure time)");
+#endif
+  try {
+    check_world(rc.comm->size());
+    body(args, rc);
+  } catch (const std::exception& e) {
+    if (rc.comm->size() > 1) rc.comm->abort(e.what());
+    throw;
+  }
+}
+
 struct LoadedModel {
   ModelConfig config;
   std::unique_ptr<Checkpoint> checkpoint;
@@ -79,7 +147,7 @@ struct LoadedModel {
   std::unique_ptr<Model> model;
 };
 
-LoadedModel load(const CliArgs& args, int max_logit_rows, int context) {
+LoadedModel load(const CliArgs& args, int max_logit_rows, int context, const RankContext& rank = {}) {
   LoadedModel m;
   const std::string dir = args.require("model");
   m.config = load_model_config((std::filesystem::path(dir) / "config.json").string());
@@ -95,6 +163,8 @@ LoadedModel load(const CliArgs& args, int max_logit_rows, int context) {
   o.kv.block_size = 16;
   o.kv.full_blocks = (context + o.kv.block_size - 1) / o.kv.block_size + 1;
   o.kv.sliding_blocks = (m.config.sliding_window + o.kv.block_size - 1) / o.kv.block_size;
+  o.comm = rank.comm;
+  o.placement = rank.placement;
   m.model = std::make_unique<Model>(m.config, *m.checkpoint, *m.backend, o);
   return m;
 }
@@ -102,10 +172,14 @@ LoadedModel load(const CliArgs& args, int max_logit_rows, int context) {
 int cmd_logits(const CliArgs& args) {
   const auto tokens = token_arg(args);
   const std::string out = args.require("out");
-  LoadedModel m = load(args, 64, static_cast<int>(tokens.size()));
-  args.check_all_used();
-  const auto logits = compute_all_logits(*m.model, tokens);
-  write_npy_f32(out, {static_cast<int64_t>(tokens.size()), m.config.vocab_size}, logits.data());
+  run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
+    LoadedModel m = load(rank_args, 64, static_cast<int>(tokens.size()), rank);
+    rank_args.check_all_used();
+    if (!rank.leads()) return m.model->serve_peers();
+    const auto logits = compute_all_logits(*m.model, tokens);
+    m.model->serve_peers();
+    write_npy_f32(out, {static_cast<int64_t>(tokens.size()), m.config.vocab_size}, logits.data());
+  });
   return 0;
 }
 
@@ -113,12 +187,16 @@ int cmd_generate(const CliArgs& args) {
   const auto tokens = token_arg(args);
   const int max_new = static_cast<int>(args.get_int("max-new-tokens", 16));
   if (max_new < 0) throw std::invalid_argument("--max-new-tokens must be >= 0");
-  LoadedModel m = load(args, 1, static_cast<int>(tokens.size()) + max_new);
-  args.check_all_used();
-  const auto out = greedy_generate(*m.model, tokens, max_new);
-  std::string json = "{\"tokens\":[";
-  for (size_t i = 0; i < out.size(); ++i) json += (i ? "," : "") + std::to_string(out[i]);
-  std::cout << json << "]}\n";
+  run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
+    LoadedModel m = load(rank_args, 1, static_cast<int>(tokens.size()) + max_new, rank);
+    rank_args.check_all_used();
+    if (!rank.leads()) return m.model->serve_peers();
+    const auto out = greedy_generate(*m.model, tokens, max_new);
+    m.model->serve_peers();
+    std::string json = "{\"tokens\":[";
+    for (size_t i = 0; i < out.size(); ++i) json += (i ? "," : "") + std::to_string(out[i]);
+    std::cout << json << "]}\n";
+  });
   return 0;
 }
 

@@ -1,0 +1,66 @@
+// Communicator: the one interface the expert-parallel code uses to talk to the other ranks
+// (DESIGN.md §3). ThreadComm (ranks are threads of one process), MpiComm (processes under mpirun)
+// and NcclComm (one GPU per process) implement it, so model code never knows which it has.
+//
+// Every operation is collective: all ranks call the same operations in the same order. Buffers are
+// host memory. A collective that cannot finish within the timeout (a peer died, hangs, or called a
+// different collective) throws CommError instead of hanging; after a CommError the communicator is
+// unusable and the job should end (abort()).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace arbiter {
+
+class CommError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Seconds a collective waits for its peers: $ARBITER_COMM_TIMEOUT if set, else 300.
+double default_comm_timeout();
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string name() const = 0;  // "threads", "mpi", "nccl"
+
+  // All-to-all with per-peer byte counts. `send` holds size() consecutive segments, segment p
+  // (send_counts[p] bytes) going to rank p; the segment from rank p lands in `recv` at offset
+  // recv_counts[0] + ... + recv_counts[p-1]. recv_counts[p] must equal rank p's send_counts[rank()].
+  // Zero counts are fine (null buffers too when all counts are zero).
+  virtual void all_to_all_v(const void* send, std::span<const size_t> send_counts, void* recv,
+                            std::span<const size_t> recv_counts) = 0;
+  // Every rank contributes `bytes` bytes; `recv` (size() * bytes) gets rank p's at p * bytes.
+  virtual void all_gather(const void* send, size_t bytes, void* recv) = 0;
+  // Copies `bytes` bytes of `data` on `root` into `data` on every rank.
+  virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+  // Makes every rank fail fast: pending and later collectives of the other ranks throw (threads),
+  // or the whole job ends with `code` (MPI, NCCL). Safe to call from an error handler.
+  virtual void abort(const std::string& reason, int code = 1) noexcept = 0;
+  virtual void set_timeout(double seconds) = 0;
+  virtual double timeout() const = 0;
+};
+
+// All-to-all of one count per peer: returns what every peer has for this rank.
+std::vector<size_t> exchange_counts(Communicator& comm, std::span<const size_t> send_counts);
+
+// 64-bit FNV-1a, chainable through `seed`: the fingerprint hash of config and weight files.
+uint64_t fnv1a64(const void* data, size_t bytes, uint64_t seed = 0xcbf29ce484222325ull);
+inline uint64_t fnv1a64(const std::string& s, uint64_t seed = 0xcbf29ce484222325ull) {
+  return fnv1a64(s.data(), s.size(), seed);
+}
+
+// Collective: throws std::runtime_error on every rank when the ranks' fingerprints differ, naming the
+// ranks that disagree with rank 0 and `what` was fingerprinted.
+void check_same_fingerprint(Communicator& comm, uint64_t fingerprint, const std::string& what);
+
+}  // namespace arbiter

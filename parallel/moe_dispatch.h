@@ -1,0 +1,100 @@
+// Expert-parallel MoE (DESIGN.md §3): each rank routes its tokens, sends every token's hidden row
+// once to each rank that owns at least one of its top-k experts (dispatch, all-to-all-v), the owners
+// run their experts on what they received, and the weighted partial sums come back (combine,
+// all-to-all-v) to be added up per token. Ranks with no tokens still take part.
+//
+// MoeExchange is the host-side part (plan, pack, exchange, sum) and needs no backend: the
+// benchmark drives it directly. MoeDispatcher wraps it around a Backend for the model.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "parallel/communicator.h"
+#include "parallel/expert_placement.h"
+
+namespace arbiter {
+
+class MoeExchange {
+ public:
+  // `dtype`: activation rows are F32 or BF16, `hidden` elements each.
+  MoeExchange(Communicator& comm, ExpertPlacement placement, int top_k, int hidden, DType dtype);
+
+  struct Received {
+    int64_t rows = 0;
+    const void* hidden = nullptr;         // [rows, hidden], grouped by source rank
+    const int32_t* expert_ids = nullptr;  // [rows, top_k]: this rank's local expert ids, -1 elsewhere
+    const float* weights = nullptr;       // [rows, top_k]: router weights (of all k experts)
+  };
+  // Collective. expert_ids/weights [rows, top_k] (global ids from router_topk; negative ids are
+  // skipped), hidden [rows, hidden]. The result stays valid until the next dispatch.
+  Received dispatch(const int32_t* expert_ids, const float* weights, const void* hidden, int64_t rows);
+  // Collective. expert_out [received rows, hidden]: for each received row, in Received order, the
+  // weighted sum of this rank's experts. Writes out [rows, hidden] of the last dispatch: per token,
+  // the sum over the ranks it went to (a token no rank took gets zeros).
+  void combine(const void* expert_out, void* out);
+
+  // Bytes this rank sent, summed over every dispatch/combine so far.
+  struct Traffic {
+    uint64_t to_peers = 0;        // dispatch + combine payload to other ranks (counts exchange excluded)
+    uint64_t to_self = 0;         // the part addressed to this rank itself (a local copy)
+    uint64_t all_gather_design = 0;  // what replicating every token on every other rank would send:
+                                     // hidden rows to each peer and a result row back from each
+  };
+  const Traffic& traffic() const { return traffic_; }
+  void reset_traffic() { traffic_ = {}; }
+
+  Communicator& comm() { return comm_; }
+  const ExpertPlacement& placement() const { return placement_; }
+  int top_k() const { return top_k_; }
+  int hidden() const { return hidden_; }
+  DType dtype() const { return dtype_; }
+
+ private:
+  Communicator& comm_;
+  ExpertPlacement placement_;
+  int top_k_, hidden_;
+  DType dtype_;
+  size_t row_bytes_, record_bytes_;
+  int64_t rows_ = 0;
+  std::vector<std::vector<int32_t>> dest_rows_;  // per destination rank: tokens sent there, in order
+  std::vector<int32_t> mark_;
+  std::vector<size_t> send_counts_, recv_counts_, back_send_, back_recv_;
+  std::vector<int64_t> recv_rows_from_;
+  std::vector<uint8_t> send_buf_, recv_buf_, back_buf_, x_recv_;
+  std::vector<int32_t> ids_recv_;
+  std::vector<float> w_recv_, acc_;
+  Traffic traffic_;
+};
+
+class MoeDispatcher {
+ public:
+  // `comm` must outlive the dispatcher.
+  MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k);
+
+  // Collective; the expert-parallel form of backend.moe_experts(x, ids, weights, experts, ...):
+  // x [rows, hidden], expert_ids/weights [rows, top_k] from router_topk (global expert ids), `local`
+  // this rank's experts (placement.experts_of(rank)), out [rows, hidden]. rows may be 0.
+  void moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const ExpertWeights& local,
+           float swiglu_limit, const Tensor& out);
+
+  // Collective handshake at the start of every step: returns whether any rank runs a step
+  // (has_step on at least one rank). Ranks whose steps are done keep calling begin_step(false) and
+  // run a zero-token step while it returns true.
+  bool begin_step(bool has_step);
+
+  MoeExchange& exchange() { return exchange_; }
+
+ private:
+  Tensor staging(DeviceBuffer& buffer, DType dtype, int64_t rows, int64_t cols);
+
+  MoeExchange exchange_;
+  Backend& backend_;
+  std::vector<uint8_t> h_x_, h_out_;
+  std::vector<int32_t> h_ids_;
+  std::vector<float> h_w_;
+  DeviceBuffer d_x_, d_ids_, d_w_, d_y_;
+};
+
+}  // namespace arbiter

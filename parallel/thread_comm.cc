@@ -1,0 +1,221 @@
+#include "parallel/thread_comm.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+namespace arbiter {
+
+// The state every rank of one group shares. Each collective is: post (publish pointers), sync,
+// copy from the peers' posted buffers, sync (so no rank leaves while others still read its buffers).
+class ThreadGroup {
+ public:
+  struct Post {
+    const char* op = nullptr;
+    const void* send = nullptr;
+    const size_t* send_counts = nullptr;   // all_to_all_v
+    const size_t* send_offsets = nullptr;  // all_to_all_v: byte offset of each peer's segment
+    size_t bytes = 0;                      // all_gather / broadcast
+    int root = 0;
+  };
+
+  ThreadGroup(int size, double timeout_s) : size_(size), timeout_s_(timeout_s), posts_(static_cast<size_t>(size)) {}
+
+  int size() const { return size_; }
+  double timeout() const {
+    std::lock_guard lk(mu_);
+    return timeout_s_;
+  }
+  void set_timeout(double s) {
+    std::lock_guard lk(mu_);
+    timeout_s_ = s;
+  }
+  Post& post(int rank) { return posts_[static_cast<size_t>(rank)]; }
+  const Post& post(int rank) const { return posts_[static_cast<size_t>(rank)]; }
+
+  // Waits until every rank has called sync the same number of times.
+  void sync(int rank, const char* op) {
+    std::unique_lock lk(mu_);
+    if (aborted_) throw CommError(abort_reason_);
+    const uint64_t gen = generation_;
+    if (++arrived_ == size_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    const auto limit = std::chrono::duration<double>(timeout_s_);
+    if (!cv_.wait_for(lk, limit, [&] { return generation_ != gen || aborted_; })) {
+      const int missing = size_ - arrived_;
+      abort_locked("ThreadComm: rank " + std::to_string(rank) + " timed out after " + std::to_string(timeout_s_) +
+                   " s in " + op + " waiting for " + std::to_string(missing) + " of " + std::to_string(size_) +
+                   " ranks (a rank died, hangs, or called a different collective)");
+      throw CommError(abort_reason_);
+    }
+    if (generation_ == gen) throw CommError(abort_reason_);
+  }
+
+  void abort(const std::string& reason) {
+    std::lock_guard lk(mu_);
+    abort_locked(reason);
+  }
+
+  // All ranks must be in the same collective: called after the first sync.
+  void check_same_op(int rank, const char* op) {
+    for (int p = 0; p < size_; ++p)
+      if (std::strcmp(post(p).op, op) != 0) {
+        const std::string reason = "ThreadComm: rank " + std::to_string(rank) + " is in " + op + " but rank " +
+                                   std::to_string(p) + " is in " + post(p).op;
+        abort(reason);
+        throw CommError(reason);
+      }
+  }
+
+ private:
+  void abort_locked(const std::string& reason) {
+    if (!aborted_) {
+      aborted_ = true;
+      abort_reason_ = reason;
+    }
+    cv_.notify_all();
+  }
+
+  const int size_;
+  double timeout_s_;
+  std::vector<Post> posts_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+  bool aborted_ = false;
+  std::string abort_reason_;
+};
+
+std::vector<std::unique_ptr<ThreadComm>> ThreadComm::create_group(int size, double timeout_s) {
+  if (size <= 0) throw std::invalid_argument("ThreadComm: group size must be positive");
+  auto group = std::make_shared<ThreadGroup>(size, timeout_s);
+  std::vector<std::unique_ptr<ThreadComm>> comms;
+  for (int r = 0; r < size; ++r) comms.push_back(std::make_unique<ThreadComm>(group, r));
+  return comms;
+}
+
+ThreadComm::ThreadComm(std::shared_ptr<ThreadGroup> group, int rank) : group_(std::move(group)), rank_(rank) {
+  if (rank < 0 || rank >= group_->size()) throw std::invalid_argument("ThreadComm: rank outside the group");
+}
+
+int ThreadComm::size() const { return group_->size(); }
+void ThreadComm::set_timeout(double seconds) { group_->set_timeout(seconds); }
+double ThreadComm::timeout() const { return group_->timeout(); }
+void ThreadComm::abort(const std::string& reason, int) noexcept {
+  try {
+    group_->abort("ThreadComm: rank " + std::to_string(rank_) + " aborted: " + reason);
+  } catch (...) {
+  }
+}
+
+void ThreadComm::all_to_all_v(const void* send, std::span<const size_t> send_counts, void* recv,
+                              std::span<const size_t> recv_counts) {
+  const size_t n = static_cast<size_t>(size());
+  if (send_counts.size() != n || recv_counts.size() != n)
+    throw std::invalid_argument("all_to_all_v: one count per rank expected");
+  std::vector<size_t> offsets(n);
+  for (size_t p = 1; p < n; ++p) offsets[p] = offsets[p - 1] + send_counts[p - 1];
+  auto& me = group_->post(rank_);
+  me = {"all_to_all_v", send, send_counts.data(), offsets.data(), 0, 0};
+  group_->sync(rank_, "all_to_all_v");
+  group_->check_same_op(rank_, "all_to_all_v");
+  std::string mismatch;
+  size_t at = 0;
+  for (size_t p = 0; p < n; ++p) {
+    const auto& peer = group_->post(static_cast<int>(p));
+    const size_t count = peer.send_counts[rank_];
+    if (count != recv_counts[p]) {
+      mismatch = "all_to_all_v: rank " + std::to_string(p) + " sends " + std::to_string(count) + " bytes to rank " +
+                 std::to_string(rank_) + ", which expects " + std::to_string(recv_counts[p]);
+      break;
+    }
+    if (count) std::memcpy(static_cast<char*>(recv) + at, static_cast<const char*>(peer.send) + peer.send_offsets[rank_], count);
+    at += count;
+  }
+  if (!mismatch.empty()) {
+    group_->abort(mismatch);
+    throw CommError(mismatch);
+  }
+  group_->sync(rank_, "all_to_all_v (done)");
+}
+
+void ThreadComm::all_gather(const void* send, size_t bytes, void* recv) {
+  auto& me = group_->post(rank_);
+  me = {"all_gather", send, nullptr, nullptr, bytes, 0};
+  group_->sync(rank_, "all_gather");
+  group_->check_same_op(rank_, "all_gather");
+  for (int p = 0; p < size(); ++p) {
+    const auto& peer = group_->post(p);
+    if (peer.bytes != bytes) {
+      const std::string reason = "all_gather: ranks disagree on the size (" + std::to_string(peer.bytes) + " vs " +
+                                 std::to_string(bytes) + " bytes)";
+      group_->abort(reason);
+      throw CommError(reason);
+    }
+    if (bytes) std::memcpy(static_cast<char*>(recv) + static_cast<size_t>(p) * bytes, peer.send, bytes);
+  }
+  group_->sync(rank_, "all_gather (done)");
+}
+
+void ThreadComm::broadcast(void* data, size_t bytes, int root) {
+  if (root < 0 || root >= size()) throw std::invalid_argument("broadcast: root outside the group");
+  auto& me = group_->post(rank_);
+  me = {"broadcast", data, nullptr, nullptr, bytes, root};
+  group_->sync(rank_, "broadcast");
+  group_->check_same_op(rank_, "broadcast");
+  const auto& src = group_->post(root);
+  if (src.bytes != bytes || src.root != root) {
+    const std::string reason = "broadcast: ranks disagree on the size or root";
+    group_->abort(reason);
+    throw CommError(reason);
+  }
+  if (rank_ != root && bytes) std::memcpy(data, src.send, bytes);
+  group_->sync(rank_, "broadcast (done)");
+}
+
+void ThreadComm::barrier() {
+  group_->post(rank_) = {"barrier", nullptr, nullptr, nullptr, 0, 0};
+  group_->sync(rank_, "barrier");
+  group_->check_same_op(rank_, "barrier");
+  // A second sync so a fast rank cannot overwrite its post before a slow one checked it.
+  group_->sync(rank_, "barrier (done)");
+}
+
+void run_thread_ranks(int size, const std::function<void(Communicator&)>& body, double timeout_s) {
+  auto comms = ThreadComm::create_group(size, timeout_s);
+  std::mutex mu;
+  std::exception_ptr first;
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(size));
+  for (int r = 0; r < size; ++r)
+    threads.emplace_back([&, r] {
+      ThreadComm& comm = *comms[static_cast<size_t>(r)];
+      try {
+        body(comm);
+      } catch (const std::exception& e) {
+        {
+          std::lock_guard lk(mu);
+          if (!first) first = std::current_exception();
+        }
+        comm.abort(e.what());
+      } catch (...) {
+        {
+          std::lock_guard lk(mu);
+          if (!first) first = std::current_exception();
+        }
+        comm.abort("unknown exception");
+      }
+    });
+  for (auto& t : threads) t.join();
+  if (first) std::rethrow_exception(first);
+}
+
+}  // namespace arbiter

@@ -1,0 +1,256 @@
+// The whole model under expert parallelism over thread ranks against the single-rank model: every
+// golden case over 2, 3 and 4 ranks (logits within 1e-5 relative, greedy continuations equal),
+// uneven placements, ranks without tokens, ranks that receive nothing, and the start-up errors.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <mutex>
+
+#include "kernels/cpu/cpu_backend.h"
+#include "parallel/expert_placement.h"
+#include "parallel/thread_comm.h"
+#include "runtime/generate.h"
+#include "runtime/model.h"
+#include "tests/test_util.h"
+
+namespace arbiter {
+namespace {
+
+using testing::GoldenCase;
+using testing::load_golden_case;
+
+ModelOptions small_options(Communicator* comm = nullptr, std::shared_ptr<const ExpertPlacement> placement = nullptr) {
+  ModelOptions o;
+  o.max_step_rows = 64;
+  o.max_logit_rows = 64;
+  o.kv.block_size = 4;
+  o.kv.full_blocks = 64;
+  o.kv.sliding_blocks = 32;
+  o.comm = comm;
+  o.placement = std::move(placement);
+  return o;
+}
+
+// One rank's model: its own checkpoint mapping and a one-thread backend (the ranks share 2 cores).
+struct RankModel {
+  explicit RankModel(const std::string& dir, Communicator* comm, std::shared_ptr<const ExpertPlacement> placement = nullptr)
+      : config(load_model_config(dir + "/config.json")), ck(dir), backend(1),
+        model(config, ck, backend, small_options(comm, std::move(placement))) {}
+  ModelConfig config;
+  Checkpoint ck;
+  CpuBackend backend;
+  Model model;
+};
+
+std::vector<float> single_rank_logits(const std::string& dir, const std::vector<int32_t>& tokens) {
+  RankModel m(dir, nullptr);
+  return compute_all_logits(m.model, tokens);
+}
+
+void expect_close(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  float max_err = 0, max_logit = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    max_err = std::max(max_err, std::fabs(got[i] - want[i]));
+    max_logit = std::max(max_logit, std::fabs(want[i]));
+  }
+  EXPECT_LE(max_err, 1e-5f * max_logit) << what << ": max |logit| " << max_logit;
+  EXPECT_GT(max_logit, 0.1f) << what;
+}
+
+std::shared_ptr<const ExpertPlacement> placement_text(const std::string& text) {
+  return std::make_shared<const ExpertPlacement>(ExpertPlacement::parse(text, "test placement"));
+}
+
+class EpGoldenTest : public ::testing::TestWithParam<std::string> {};
+
+// Rank 0 runs the sequence, the other ranks only serve their experts (zero tokens of their own).
+TEST_P(EpGoldenTest, LogitsAndGreedyMatchSingleRank) {
+  const GoldenCase g = load_golden_case(GetParam());
+  const auto single = single_rank_logits(g.dir, g.tokens);
+  for (int ranks : {2, 3, 4}) {
+    std::vector<float> logits;
+    std::vector<int32_t> greedy;
+    run_thread_ranks(ranks, [&](Communicator& comm) {
+      RankModel m(g.dir, &comm);
+      if (comm.rank() == 0) {
+        logits = compute_all_logits(m.model, g.tokens);
+        greedy = greedy_generate(m.model, g.tokens, static_cast<int>(g.greedy.size()));
+      }
+      m.model.serve_peers();
+    });
+    expect_close(logits, single, GetParam() + " over " + std::to_string(ranks) + " ranks");
+    EXPECT_EQ(greedy, g.greedy) << ranks << " ranks";
+  }
+}
+
+// Every rank runs its own sequence (data-parallel attention) in the same steps.
+TEST_P(EpGoldenTest, EveryRankItsOwnSequence) {
+  const GoldenCase g = load_golden_case(GetParam());
+  const int ranks = 3;
+  std::vector<std::vector<int32_t>> seqs;
+  std::vector<std::vector<float>> single;
+  for (int r = 0; r < ranks; ++r) {
+    seqs.emplace_back(g.tokens.begin() + r * 3, g.tokens.end() - r * 5);
+    single.push_back(single_rank_logits(g.dir, seqs.back()));
+  }
+  std::vector<std::vector<float>> got(ranks);
+  run_thread_ranks(ranks, [&](Communicator& comm) {
+    RankModel m(g.dir, &comm);
+    got[static_cast<size_t>(comm.rank())] = compute_all_logits(m.model, seqs[static_cast<size_t>(comm.rank())]);
+  });
+  for (int r = 0; r < ranks; ++r) expect_close(got[static_cast<size_t>(r)], single[static_cast<size_t>(r)], "rank " + std::to_string(r));
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, EpGoldenTest, ::testing::ValuesIn(testing::golden_case_names()));
+
+TEST(EpModel, UnevenPlacements) {
+  struct Case {
+    std::string golden, placement;
+    int ranks;
+  };
+  const std::vector<Case> cases = {
+      {"tiny-a", "experts 8\nrank 0: 0-5\nrank 1: 6\nrank 2: 7\n", 3},
+      {"tiny-b", "experts 16\nrank 0: 0\nrank 1: 1-2\nrank 2: 3-12\nrank 3: 13-15\n", 4},
+      {"tiny-b", "", 3},  // default contiguous 6/5/5
+  };
+  for (const auto& c : cases) {
+    const GoldenCase g = load_golden_case(c.golden);
+    const auto placement = c.placement.empty() ? nullptr : placement_text(c.placement);
+    std::vector<float> logits;
+    std::vector<int32_t> greedy;
+    run_thread_ranks(c.ranks, [&](Communicator& comm) {
+      RankModel m(g.dir, &comm, placement);
+      if (comm.rank() == 1) {  // not rank 0: any rank may lead
+        logits = compute_all_logits(m.model, g.tokens);
+        greedy = greedy_generate(m.model, g.tokens, static_cast<int>(g.greedy.size()));
+      }
+      m.model.serve_peers();
+    });
+    expect_close(logits, single_rank_logits(g.dir, g.tokens), c.golden + " placement\n" + c.placement);
+    EXPECT_EQ(greedy, g.greedy) << c.placement;
+  }
+}
+
+// Forwards to a real communicator and records, per rank, how many dispatches received no rows.
+class CountingComm final : public Communicator {
+ public:
+  explicit CountingComm(Communicator& inner) : inner_(inner) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  std::string name() const override { return "counting"; }
+  void all_to_all_v(const void* s, std::span<const size_t> sc, void* r, std::span<const size_t> rc) override {
+    // The dispatcher's order per layer: counts exchange, dispatch, combine.
+    size_t total = 0;
+    for (size_t c : rc) total += c;
+    if (calls_++ % 3 == 1 && total == 0) ++empty_dispatches;
+    inner_.all_to_all_v(s, sc, r, rc);
+  }
+  void all_gather(const void* s, size_t b, void* r) override { inner_.all_gather(s, b, r); }
+  void broadcast(void* d, size_t b, int root) override { inner_.broadcast(d, b, root); }
+  void barrier() override { inner_.barrier(); }
+  void abort(const std::string& reason, int code) noexcept override { inner_.abort(reason, code); }
+  void set_timeout(double s) override { inner_.set_timeout(s); }
+  double timeout() const override { return inner_.timeout(); }
+  int empty_dispatches = 0;
+
+ private:
+  Communicator& inner_;
+  long calls_ = 0;
+};
+
+// Decode steps of one token over 4 ranks: most layers send it to fewer than 4 ranks, so some ranks
+// receive nothing at all, and ranks 1-3 never have tokens of their own.
+TEST(EpModel, RanksWithoutTokensAndRanksThatReceiveNothing) {
+  const GoldenCase g = load_golden_case("tiny-b");
+  std::vector<int32_t> greedy;
+  std::atomic<int> empty = 0;
+  run_thread_ranks(4, [&](Communicator& comm) {
+    CountingComm counting(comm);
+    RankModel m(g.dir, &counting);
+    if (comm.rank() == 0) greedy = greedy_generate(m.model, g.tokens, static_cast<int>(g.greedy.size()));
+    m.model.serve_peers();
+    empty += counting.empty_dispatches;
+  });
+  EXPECT_EQ(greedy, g.greedy);
+  EXPECT_GT(empty.load(), 0);
+}
+
+// A step where rank 1 has a batch of two sequences and ranks 0 and 2 have none, then the reverse.
+TEST(EpModel, MixedEmptyAndBatchedSteps) {
+  const GoldenCase g = load_golden_case("tiny-a");
+  const std::vector<int32_t> a(g.tokens.begin(), g.tokens.begin() + 9), b(g.tokens.begin() + 4, g.tokens.end());
+  const auto la = single_rank_logits(g.dir, a), lb = single_rank_logits(g.dir, b);
+  std::vector<float> batched, alone;
+  run_thread_ranks(3, [&](Communicator& comm) {
+    RankModel m(g.dir, &comm);
+    KvBlockPools pools(m.model.options().kv);
+    StepLayout layout;
+    layout.block_size = m.model.options().kv.block_size;
+    LocalSequence sa(pools, m.model.kv_cache().ring_blocks_per_sequence()), sb(pools, m.model.kv_cache().ring_blocks_per_sequence());
+    if (comm.rank() == 1) {
+      sa.append_to_step(layout, a.data(), static_cast<int>(a.size()), true, true);
+      sb.append_to_step(layout, b.data(), static_cast<int>(b.size()), true, true);
+    }
+    const auto out = m.model.forward(layout);
+    if (comm.rank() == 1) batched = out;
+    else EXPECT_TRUE(out.empty());
+    StepLayout second;
+    second.block_size = layout.block_size;
+    LocalSequence sc(pools, m.model.kv_cache().ring_blocks_per_sequence());
+    if (comm.rank() != 1) sc.append_to_step(second, b.data(), static_cast<int>(b.size()), true, true);
+    const auto out2 = m.model.forward(second);
+    if (comm.rank() == 2) alone = out2;
+  });
+  std::vector<float> both = la;
+  both.insert(both.end(), lb.begin(), lb.end());
+  expect_close(batched, both, "batched on rank 1");
+  expect_close(alone, lb, "rank 2");
+}
+
+void expect_error(int ranks, const std::function<void(Communicator&)>& body, const std::string& part) {
+  try {
+    run_thread_ranks(ranks, body, 20.0);
+    ADD_FAILURE() << "expected an error containing '" << part << "'";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+  }
+}
+
+TEST(EpModel, StartupErrors) {
+  const std::string a = load_golden_case("tiny-a").dir, b = load_golden_case("tiny-b").dir;
+  expect_error(2, [&](Communicator& comm) { RankModel m(comm.rank() == 0 ? a : b, &comm); },
+               "ranks disagree on the model");
+  expect_error(2,
+               [&](Communicator& comm) {
+                 RankModel m(a, &comm, placement_text(comm.rank() == 0 ? "experts 8\nrank 0: 0-3\nrank 1: 4-7"
+                                                                       : "experts 8\nrank 0: 0-4\nrank 1: 5-7"));
+               },
+               "ranks disagree on the model");
+  expect_error(9, [&](Communicator& comm) { RankModel m(a, &comm); }, "9 ranks but only 8 experts");
+  expect_error(2, [&](Communicator& comm) { RankModel m(a, &comm, placement_text("experts 12\nrank 0: 0-5\nrank 1: 6-11")); },
+               "placement is for 12 experts but the model has 8");
+  expect_error(3, [&](Communicator& comm) { RankModel m(a, &comm, placement_text("experts 8\nrank 0: 0-3\nrank 1: 4-7")); },
+               "placement is for 2 ranks but 3 are running");
+}
+
+TEST(EpModel, DeadRankFailsThePeersFast) {
+  const std::string a = load_golden_case("tiny-a").dir;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    run_thread_ranks(3, [&](Communicator& comm) {
+      RankModel m(a, &comm);
+      if (comm.rank() == 2) throw std::runtime_error("rank 2 lost its device");
+      m.model.serve_peers();
+    });  // default (long) timeout: the abort must end it, not the clock
+    ADD_FAILURE() << "expected an error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "rank 2 lost its device");
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+}
+
+}  // namespace
+}  // namespace arbiter
