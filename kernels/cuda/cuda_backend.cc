@@ -83,6 +83,14 @@ int pointer_alignment(const void* p) {
   return a;
 }
 
+// Elements per row (Tensor::row_elements without its division, so that zero-row tensors are fine).
+int64_t row_len(const Tensor& t) {
+  if (t.shape.rank <= 1) return t.elements();
+  int64_t n = 1;
+  for (int i = 1; i < t.shape.rank; ++i) n *= t.shape[i];
+  return n;
+}
+
 bool is_bf16_or_f32(const Tensor& t) { return t.dtype == DType::kBF16 || t.dtype == DType::kF32; }
 
 // Device memory that grows on demand (outside steps where possible) and never shrinks.
@@ -198,7 +206,7 @@ class CudaBackend final : public Backend {
   void embedding(const Tensor& table, const StepContext& step, const Tensor& out) override {
     const auto& s = cuda_step(step);
     require(table.shape.rank == 2 && is_bf16_or_f32(table), "embedding: table must be bf16/f32 [vocab, dim]");
-    require(out.dtype == DType::kBF16 && out.row_elements() == table.shape[1] && out.rows() >= s.args.rows,
+    require(out.dtype == DType::kBF16 && row_len(out) == table.shape[1] && out.rows() >= s.args.rows,
             "embedding: out must be bf16 [rows, dim]");
     select();
     cuda::embedding(table.data, table.dtype == DType::kBF16, table.shape[0], table.shape[1], s.args, out.data,
@@ -209,7 +217,7 @@ class CudaBackend final : public Backend {
     check_norm(x, weight, out);
     select();
     cuda::rms_norm(x.data, weight.data, weight.dtype == DType::kBF16, eps, out.data, static_cast<int>(x.rows()),
-                   static_cast<int>(x.row_elements()), stream());
+                   static_cast<int>(row_len(x)), stream());
   }
 
   void add_rms_norm(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
@@ -218,7 +226,7 @@ class CudaBackend final : public Backend {
     require(delta.dtype == DType::kBF16 && delta.elements() == residual.elements(), "add_rms_norm: delta");
     select();
     cuda::add_rms_norm(residual.data, delta.data, weight.data, weight.dtype == DType::kBF16, eps, out.data,
-                       static_cast<int>(residual.rows()), static_cast<int>(residual.row_elements()), stream());
+                       static_cast<int>(residual.rows()), static_cast<int>(row_len(residual)), stream());
   }
 
   void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) override;
@@ -226,7 +234,7 @@ class CudaBackend final : public Backend {
   void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope, const StepContext& step) override {
     const auto& s = cuda_step(step);
     require(q.dtype == DType::kBF16 && k.dtype == DType::kBF16, "rope: q and k must be bf16");
-    require(head_dim > 0 && head_dim % 2 == 0 && q.row_elements() % head_dim == 0 && k.row_elements() % head_dim == 0,
+    require(head_dim > 0 && head_dim % 2 == 0 && row_len(q) % head_dim == 0 && row_len(k) % head_dim == 0,
             "rope: head_dim");
     require(static_cast<int>(rope.inv_freq.size()) == head_dim / 2 && head_dim / 2 <= cuda::kMaxRopeHalf,
             "rope: inv_freq must have head_dim/2 (<= 128) entries");
@@ -236,8 +244,8 @@ class CudaBackend final : public Backend {
     args.concentration = rope.concentration;
     args.half = head_dim / 2;
     select();
-    cuda::rope(q.data, k.data, static_cast<int>(q.rows()), static_cast<int>(q.row_elements() / head_dim),
-               static_cast<int>(k.row_elements() / head_dim), head_dim, args, s.args, stream());
+    cuda::rope(q.data, k.data, static_cast<int>(q.rows()), static_cast<int>(row_len(q) / head_dim),
+               static_cast<int>(row_len(k) / head_dim), head_dim, args, s.args, stream());
   }
 
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache, const Tensor& sinks,
@@ -276,7 +284,7 @@ class CudaBackend final : public Backend {
 
   void router_topk(const Tensor& logits, int k, const Tensor& expert_ids, const Tensor& expert_weights) override {
     require(logits.dtype == DType::kF32, "router_topk: logits must be f32");
-    const int64_t n = logits.row_elements();
+    const int64_t n = row_len(logits);
     require(k > 0 && k <= n, "router_topk: k out of range");
     require(expert_ids.dtype == DType::kI32 && expert_ids.elements() == logits.rows() * k, "router_topk: ids");
     require(expert_weights.dtype == DType::kF32 && expert_weights.elements() == logits.rows() * k,
@@ -289,10 +297,10 @@ class CudaBackend final : public Backend {
   void moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const ExpertWeights& ex,
                    float swiglu_limit, const Tensor& out) override {
     const int rows = static_cast<int>(x.rows());
-    const int k = static_cast<int>(expert_ids.row_elements());
+    const int k = static_cast<int>(row_len(expert_ids));
     const int hidden = ex.hidden(), inter = ex.intermediate(), experts = ex.num_experts();
     require(x.dtype == DType::kBF16 && out.dtype == DType::kBF16, "moe_experts: x and out must be bf16");
-    require(x.row_elements() == hidden && out.row_elements() == hidden && out.rows() == rows,
+    require(row_len(x) == hidden && row_len(out) == hidden && out.rows() == rows,
             "moe_experts: hidden size");
     require(expert_ids.dtype == DType::kI32 && expert_ids.rows() == rows, "moe_experts: ids");
     require(expert_weights.dtype == DType::kF32 && expert_weights.elements() == expert_ids.elements(),
@@ -334,10 +342,10 @@ class CudaBackend final : public Backend {
 
   void gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) override {
     const auto& s = cuda_step(step);
-    require(x.dtype == out.dtype && x.row_elements() == out.row_elements() && out.rows() >= s.args.logit_count,
+    require(x.dtype == out.dtype && row_len(x) == row_len(out) && out.rows() >= s.args.logit_count,
             "gather_logit_rows: shapes");
     select();
-    cuda::gather_rows(x.data, out.data, static_cast<int64_t>(x.row_elements() * dtype_size(x.dtype)), s.args,
+    cuda::gather_rows(x.data, out.data, static_cast<int64_t>(row_len(x) * dtype_size(x.dtype)), s.args,
                       stream());
   }
 
@@ -345,7 +353,7 @@ class CudaBackend final : public Backend {
     require(logits.dtype == DType::kF32 && out.dtype == DType::kI32 && out.elements() >= logits.rows(),
             "argmax: f32 logits, i32 out");
     select();
-    cuda::argmax(logits.as<const float>(), static_cast<int>(logits.rows()), logits.row_elements(),
+    cuda::argmax(logits.as<const float>(), static_cast<int>(logits.rows()), row_len(logits),
                  out.as<int32_t>(), stream());
   }
 
@@ -365,7 +373,7 @@ class CudaBackend final : public Backend {
   void check_norm(const Tensor& x, const Tensor& weight, const Tensor& out) const {
     require(x.dtype == DType::kBF16 && out.dtype == DType::kBF16, "rms_norm: x and out must be bf16");
     require(out.elements() == x.elements(), "rms_norm: out size");
-    require(is_bf16_or_f32(weight) && weight.elements() == x.row_elements(), "rms_norm: weight");
+    require(is_bf16_or_f32(weight) && weight.elements() == row_len(x), "rms_norm: weight");
   }
 
   void check_attention_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache,
@@ -373,9 +381,9 @@ class CudaBackend final : public Backend {
     require(p.num_q_heads > 0 && p.num_kv_heads > 0 && p.num_q_heads % p.num_kv_heads == 0, "attention: heads");
     require(p.head_dim == 64 || p.head_dim == 128, "attention: head_dim must be 64 or 128");
     const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
-    if (q.data) require(q.dtype == DType::kBF16 && q.row_elements() == p.num_q_heads * p.head_dim, "attention: q");
-    require(k.dtype == DType::kBF16 && v.dtype == DType::kBF16 && k.row_elements() == kv_row &&
-                v.row_elements() == kv_row && k.rows() == v.rows() && k.rows() == s.args.rows,
+    if (q.data) require(q.dtype == DType::kBF16 && row_len(q) == p.num_q_heads * p.head_dim, "attention: q");
+    require(k.dtype == DType::kBF16 && v.dtype == DType::kBF16 && row_len(k) == kv_row &&
+                row_len(v) == kv_row && k.rows() == v.rows() && k.rows() == s.args.rows,
             "attention: k/v must be bf16 [step rows, kv_heads*head_dim]");
     require(cache.k.dtype == DType::kBF16 && cache.v.dtype == DType::kBF16 && cache.k.shape.rank == 4 &&
                 cache.k.shape[1] == s.args.block_size && cache.k.shape[2] * cache.k.shape[3] == kv_row &&
@@ -516,7 +524,7 @@ void CudaBackend::linear(const Tensor& x, const Tensor& weight, const Tensor& bi
   require(weight.dtype == DType::kBF16 && weight.shape.rank == 2, "linear: weight must be bf16 [out, in]");
   require(out.dtype == DType::kBF16 || out.dtype == DType::kF32, "linear: out must be bf16 or f32");
   const int64_t m = x.rows(), n = weight.shape[0], k = weight.shape[1];
-  require(x.row_elements() == k && out.row_elements() == n && out.rows() == m, "linear: shapes");
+  require(row_len(x) == k && row_len(out) == n && out.rows() == m, "linear: shapes");
   require(!bias.data || (bias.dtype == DType::kBF16 && bias.elements() == n), "linear: bias must be bf16 [out]");
   if (m == 0) return;
   select();

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# GPU check: the one command a GPU machine runs. Uses the binaries packed by scripts/gpu-pack.sh
+# (carried as .gpu-pack/; GPU machines have nvcc but no gtest / Google Benchmark / nlohmann-json),
+# runs the GPU tests, a memcheck pass over part of them and the GPU benchmarks, and writes a short
+# report: OUTDIR/report.md, OUTDIR/report.json, OUTDIR/logs.txt (log tails), OUTDIR/bench.json.
+# Usage: scripts/gpu-check.sh OUTDIR   (finishes in a few minutes on an H100; output stays small)
+# Without a pack it tries to build one in place first (works where the build dependencies exist).
+set -uo pipefail
+out=${1:?usage: scripts/gpu-check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
+pack=$root/.gpu-pack
+work=$(mktemp -d /tmp/arbiter-gpu-check.XXXXXX)
+t0=$(date +%s)
+
+if [ ! -x "$pack/bin/gpu_ops_test" ]; then
+  echo "gpu-check: no $pack; trying to build one here"
+  (cd "$root" && bash scripts/gpu-pack.sh) >"$work/build.log" 2>&1 || echo "gpu-check: build failed (see logs.txt)"
+fi
+
+# Libraries: the pack's own, then the GPU machine's CUDA libraries wherever they are.
+libdirs=$pack/lib
+for name in libcublasLt.so.13 libcudart.so.13 libnccl.so.2; do
+  dir=""
+  for c in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+    if [ -e "$c/$name" ]; then dir=$c; break; fi
+  done
+  if [ -z "$dir" ]; then
+    f=$(find /usr/local /opt /usr/lib -name "$name" 2>/dev/null | head -1)
+    [ -n "$f" ] && dir=$(dirname "$f")
+  fi
+  echo "lib $name: ${dir:-NOT FOUND}" >>"$work/env.txt"
+  [ -n "$dir" ] && libdirs=$libdirs:$dir
+done
+export LD_LIBRARY_PATH=$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export ARBITER_GOLDEN_DIR=$pack/golden
+(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || echo "no nvidia-smi") >"$work/gpu.txt"
+for b in "$pack"/bin/*; do
+  ldd "$b" 2>&1 | grep "not found" | sed "s|^|$(basename "$b"): |" >>"$work/env.txt"
+done
+
+run() {  # name timeout command...
+  local name=$1 limit=$2
+  shift 2
+  local s=$(date +%s)
+  timeout "$limit" "$@" >"$work/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$(($(date +%s) - s))" >>"$work/steps.txt"
+}
+
+run ops 150 "$pack/bin/gpu_ops_test" --gtest_output=json:"$work/ops.json"
+run model 150 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model.json"
+run bench 170 "$pack/bin/gpu_bench" --benchmark_format=console --benchmark_out="$work/bench.json" --benchmark_out_format=json
+# The CLI end to end on a golden case.
+tokens=$(python3 -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['tokens'])))" "$pack/golden/tiny-a/case.json" 2>/dev/null)
+run cli 60 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli.npy" --device cuda
+# memcheck over a subset (slow under the sanitizer).
+san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$san" ]; then
+  run memcheck 100 "$san" --tool memcheck --error-exitcode 3 "$pack/bin/gpu_ops_test" \
+    --gtest_filter='GpuOps.*:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1'
+else
+  echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
+fi
+echo "total seconds=$(($(date +%s) - t0))" >>"$work/steps.txt"
+
+python3 - "$work" "$out" "$pack" <<'PY'
+import json, os, re, sys
+work, out, pack = sys.argv[1:4]
+
+def read(name, limit=None):
+    p = os.path.join(work, name)
+    if not os.path.exists(p):
+        return ""
+    s = open(p, errors="replace").read()
+    return s[-limit:] if limit else s
+
+def gtest(name):
+    p = os.path.join(work, name + ".json")
+    res = {"passed": 0, "failed": 0, "skipped": 0, "tests": {}, "failures": {}, "properties": {}}
+    if not os.path.exists(p):
+        res["crashed"] = True
+        return res
+    try:
+        data = json.load(open(p))
+    except Exception as e:
+        res["crashed"] = True
+        res["error"] = str(e)
+        return res
+    for suite in data.get("testsuites", []):
+        for t in suite.get("testsuite", []):
+            full = suite["name"] + "." + t["name"]
+            if t.get("failures"):
+                status = "fail"
+                res["failures"][full] = " | ".join(f.get("failure", "")[:600] for f in t["failures"])[:1500]
+            elif t.get("result") == "SKIPPED":
+                status = "skip"
+            else:
+                status = "pass"
+            res[{"pass": "passed", "fail": "failed", "skip": "skipped"}[status]] += 1
+            res["tests"][full] = status
+            for k, v in t.items():
+                if k not in ("name", "file", "line", "status", "result", "timestamp", "time", "classname", "failures", "value_param", "type_param"):
+                    res["properties"][k] = v
+    return res
+
+report = {"gpu": read("gpu.txt").strip(), "env": read("env.txt").strip().splitlines(),
+          "steps": read("steps.txt").strip().splitlines()}
+report["ops_test"] = gtest("ops")
+report["model_test"] = gtest("model")
+
+bench = {}
+bp = os.path.join(work, "bench.json")
+if os.path.exists(bp):
+    try:
+        for b in json.load(open(bp)).get("benchmarks", []):
+            keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
+            bench[b["name"]] = keep
+    except Exception as e:
+        bench["error"] = str(e)
+    os.system(f"cp {bp} {out}/bench.json")
+report["bench"] = bench
+
+cli = {"ran": os.path.exists(os.path.join(work, "cli.npy"))}
+if cli["ran"]:
+    try:
+        import numpy as np
+        got = np.load(os.path.join(work, "cli.npy")).astype(np.float64)
+        ref = np.load(os.path.join(pack, "golden/tiny-a/logits.npy")).astype(np.float64)
+        cos = (got * ref).sum(1) / np.sqrt((got * got).sum(1) * (ref * ref).sum(1))
+        cli["min_cosine"] = float(cos.min())
+        cli["argmax_equal"] = int((got.argmax(1) == ref.argmax(1)).sum())
+        cli["positions"] = int(ref.shape[0])
+    except Exception as e:
+        cli["error"] = str(e)
+report["cli_tiny_a"] = cli
+m = re.search(r"ERROR SUMMARY: (\d+) error", read("memcheck.log"))
+report["memcheck_errors"] = int(m.group(1)) if m else None
+json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
+
+L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
+for key in ("ops_test", "model_test"):
+    r = report[key]
+    L.append(f"- {key}: {'CRASHED/NO OUTPUT ' if r.get('crashed') else ''}{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped")
+    for name, msg in r["failures"].items():
+        L.append(f"  - FAIL {name}: {msg[:700]}")
+if report["model_test"]["properties"]:
+    L.append("- golden: " + ", ".join(f"{k}={v}" for k, v in sorted(report["model_test"]["properties"].items())))
+L.append(f"- cli logits tiny-a: {cli}")
+L.append(f"- memcheck errors: {report['memcheck_errors']}")
+L += ["", "| benchmark | time | counters |", "|---|---|---|"]
+for name, b in bench.items():
+    if not isinstance(b, dict):
+        continue
+    unit = b.get("time_unit", "")
+    cs = ", ".join(f"{k}={v:.4g}" for k, v in b.items() if k not in ("real_time", "time_unit"))
+    L.append(f"| {name} | {b.get('real_time', 0):.4g} | {cs} |")
+L += ["", "steps: " + "; ".join(report["steps"]), "env: " + "; ".join(report["env"])]
+open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
+
+with open(os.path.join(out, "logs.txt"), "w") as f:
+    for name in ("build", "ops", "model", "bench", "cli", "memcheck"):
+        s = read(name + ".log")
+        if not s:
+            continue
+        if name in ("ops", "model"):  # failures and the summary only
+            keep = [l for l in s.splitlines() if re.search(r"FAILED|Failure|error|Error|Expected|Which is|actual|SKIPPED \]|PASSED|tests ran|\.cc:\d+", l)]
+            s = "\n".join(keep)
+        f.write(f"===== {name} =====\n{s[-20000:]}\n")
+PY
+cat "$out/report.md"
+rm -rf "$work"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the CUDA backend's tests, the GPU benchmark and the arbiter CLI here (sm_90 only, into
+# build-gpu) and packs them into .gpu-pack/ with the golden data and the shared libraries that a bare
+# GPU machine may lack (GPU machines have the CUDA toolkit but no gtest, Google Benchmark, MPI...).
+# Then, on the GPU machine: scripts/gpu-check.sh OUTDIR (carry .gpu-pack).
+#   BUILD_DIR (default build-gpu), GOLDEN_SRC (default ../shared/golden), ARCHS (default 90).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+build=${BUILD_DIR:-build-gpu}
+golden=${GOLDEN_SRC:-$root/../shared/golden}
+pack=.gpu-pack
+
+cmake -S . -B "$build" -G Ninja -DARBITER_CUDA_ARCHITECTURES="${ARCHS:-90}" -DCMAKE_BUILD_TYPE=Release >/dev/null
+ninja -C "$build" -j"${JOBS:-2}" gpu_ops_test gpu_model_test gpu_bench arbiter
+
+rm -rf "$pack"
+mkdir -p "$pack/bin" "$pack/lib"
+bins=("$build/tests/gpu/gpu_ops_test" "$build/tests/gpu/gpu_model_test" "$build/bench/gpu/gpu_bench" "$build/arbiter")
+for b in "${bins[@]}"; do
+  cp "$b" "$pack/bin/"
+  strip --strip-debug "$pack/bin/$(basename "$b")" || true
+done
+cp -r "$golden" "$pack/golden"
+chmod -R u+w "$pack/golden"
+
+# Shared libraries: everything ldd resolves except the C/C++ runtime (newer on the GPU machine) and
+# the CUDA libraries (too large to carry; gpu-check.sh finds the GPU machine's own).
+for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
+  case "$(basename "$lib")" in
+    libc.so* | libm.so* | libstdc++.so* | libgcc_s.so* | ld-linux* | libpthread.so* | libdl.so* | librt.so* | \
+      libcuda.so* | libcudart.so* | libcublas*.so* | libnccl.so*) continue ;;
+  esac
+  cp -L "$lib" "$pack/lib/"
+done
+
+# Keep the pack out of git without touching .gitignore.
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.gpu-pack/' "$exclude" 2>/dev/null || echo '/.gpu-pack/' >>"$exclude"
+
+echo "packed into $pack ($(du -sh "$pack" | cut -f1)):"
+ls "$pack/bin" "$pack/lib"
