@@ -44,7 +44,7 @@ struct MpiComm::Impl {
     if (requests.empty()) return;
     const auto start = std::chrono::steady_clock::now();
     const auto deadline = start + std::chrono::duration<double>(timeout_s);
-    for (long spins = 0;; ++spins) {
+    for (;;) {
       int done = 0;
       check(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE), op);
       if (done) {
@@ -58,9 +58,11 @@ struct MpiComm::Impl {
         throw CommError("MpiComm: rank " + std::to_string(rank) + " timed out after " + std::to_string(timeout_s) +
                         " s in " + op + " (a rank died, hangs, or called a different collective)");
       }
-      // Spin briefly for latency, then back off so oversubscribed ranks leave the cores to the others.
-      if (now - start < std::chrono::microseconds(200)) std::this_thread::yield();
-      else std::this_thread::sleep_for(std::chrono::microseconds(spins % 16 == 0 ? 50 : 5));
+      // Poll (yielding, so oversubscribed ranks share the cores) while a transfer is likely in flight:
+      // large messages need several progress calls. Then back off for peers that are still computing.
+      const auto waited = now - start;
+      if (waited < std::chrono::milliseconds(5)) std::this_thread::yield();
+      else std::this_thread::sleep_for(std::min(waited / 50, std::chrono::steady_clock::duration(std::chrono::milliseconds(1))));
     }
   }
 };
