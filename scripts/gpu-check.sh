@@ -40,10 +40,17 @@ for b in "$pack"/bin/*; do
   ldd "$b" 2>&1 | grep "not found" | sed "s|^|$(basename "$b"): |" >>"$work/env.txt"
 done
 
+deadline=$((t0 + ${GPU_CHECK_BUDGET:-320}))  # every step ends by then, so the report always gets written
 run() {  # name timeout command...
   local name=$1 limit=$2
   shift 2
   local s=$(date +%s)
+  local left=$((deadline - s))
+  if [ "$left" -lt 10 ]; then
+    echo "$name skipped: out of time" >>"$work/steps.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@" >"$work/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc seconds=$(($(date +%s) - s))" >>"$work/steps.txt"
@@ -63,6 +70,11 @@ if [ -x "$san" ]; then
 else
   echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
 fi
+# The MoE layer on each product path (the default picks one by tokens per expert).
+for path in gemv mma; do
+  ARBITER_CUDA_MOE=$path run "bench_$path" 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe' \
+    --benchmark_format=console --benchmark_out="$work/bench_$path.json" --benchmark_out_format=json
+done
 echo "total seconds=$(($(date +%s) - t0))" >>"$work/steps.txt"
 
 python3 - "$work" "$out" "$pack" <<'PY'
@@ -111,15 +123,19 @@ report["ops_test"] = gtest("ops")
 report["model_test"] = gtest("model")
 
 bench = {}
-bp = os.path.join(work, "bench.json")
-if os.path.exists(bp):
+for suffix in ("", "_gemv", "_mma"):
+    bp = os.path.join(work, f"bench{suffix}.json")
+    if not os.path.exists(bp):
+        continue
     try:
         for b in json.load(open(bp)).get("benchmarks", []):
+            if suffix and not b["name"].startswith("Moe"):
+                continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
-            bench[b["name"]] = keep
+            bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
     except Exception as e:
-        bench["error"] = str(e)
-    os.system(f"cp {bp} {out}/bench.json")
+        bench["error" + suffix] = str(e)
+    os.system(f"cp {bp} {out}/bench{suffix}.json")
 report["bench"] = bench
 
 cli = {"ran": os.path.exists(os.path.join(work, "cli.npy"))}
@@ -160,7 +176,7 @@ L += ["", "steps: " + "; ".join(report["steps"]), "env: " + "; ".join(report["en
 open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
-    for name in ("build", "ops", "model", "bench", "cli", "memcheck"):
+    for name in ("build", "ops", "model", "bench", "bench_gemv", "bench_mma", "cli", "memcheck"):
         s = read(name + ".log")
         if not s:
             continue

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <stdexcept>
@@ -154,6 +155,11 @@ class CudaBackend final : public Backend {
     lt_check(cublasLtCreate(&h), "cublasLtCreate");
     lt_.reset(h);
     lt_workspace_ = device_alloc(kLtWorkspace);
+    // ARBITER_CUDA_MOE=gemv|mma forces one MoE product path (tests, benchmarks); default: by batch.
+    if (const char* env = std::getenv("ARBITER_CUDA_MOE")) {
+      if (std::strcmp(env, "gemv") == 0) moe_path_ = cuda::MoePath::kGemv;
+      if (std::strcmp(env, "mma") == 0) moe_path_ = cuda::MoePath::kMma;
+    }
   }
   ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
 
@@ -330,6 +336,7 @@ class CudaBackend final : public Backend {
     a.hidden = hidden;
     a.inter = inter;
     a.limit = swiglu_limit;
+    a.path = moe_path_;
     a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream());
     cuda::moe(a, stream());
   }
@@ -420,7 +427,8 @@ class CudaBackend final : public Backend {
   std::vector<DeviceBuffer> weights_;
   std::vector<std::unique_ptr<MetaSlot>> meta_slots_;
   Scratch moe_scratch_;
-  std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
+  std::array<int, 4> moe_dims_{};
+  cuda::MoePath moe_path_ = cuda::MoePath::kAuto;  // k, experts, hidden, inter of the last moe_experts call
 };
 
 std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout) {

@@ -48,6 +48,8 @@ struct AttentionArgs {
   float scale;
 };
 
+enum class MoePath : int { kAuto = 0, kGemv, kMma };
+
 struct MoeArgs {
   const void* x;  // bf16 [rows, hidden]
   const int32_t* ids;  // [rows, k]
@@ -61,6 +63,7 @@ struct MoeArgs {
   void* out;  // bf16 [rows, hidden]
   int rows, k, experts, hidden, inter;
   float limit;
+  MoePath path;  // kAuto: by tokens per expert
   // Workspace (see moe_workspace_bytes).
   void* workspace;
 };

@@ -4,6 +4,11 @@
 // gate/up), then down with its bias. Each (row, slot) result lands in its own slot of a buffer, and
 // a last kernel sums the slots of each row with the router weights, in slot order, so the result
 // does not depend on how tokens were grouped. The expert weights are never expanded in memory.
+// Two product kernels: a warp-per-row matrix-vector path for few tokens per expert (decode), and a
+// tensor-core path (WMMA bf16, fp32 accumulation) over 64-token x 64-row tiles for many, where each
+// 64-wide K slice of the weights is dequantized into shared memory just before use.
+#include <mma.h>
+
 #include <algorithm>
 
 #include "kernels/cuda/common.cuh"
@@ -12,11 +17,16 @@ namespace arbiter::cuda {
 namespace {
 
 constexpr int kGemvWarps = 4;
+constexpr int kTileM = 64, kTileN = 64, kTileK = 64, kMmaThreads = 128;
 constexpr int kMaxRouteExperts = 4096;
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
+int max_tiles(int slots, int experts) { return (slots + kTileM - 1) / kTileM + experts; }
+
 struct MoeWorkspace {
+  int32_t* tile_count;  // [1]
+  int32_t* tiles;    // [max_tiles, 2]: expert, first token index within the expert
   int32_t* offsets;  // [E + 1]
   int32_t* sorted;   // [rows * k] slot ids grouped by expert
   bf16* act;         // [rows * k, inter]
@@ -27,6 +37,10 @@ MoeWorkspace carve(void* base, int rows, int k, int experts, int inter) {
   auto* p = static_cast<uint8_t*>(base);
   const size_t slots = static_cast<size_t>(rows) * static_cast<size_t>(k);
   MoeWorkspace w{};
+  w.tile_count = reinterpret_cast<int32_t*>(p);
+  p += 256;
+  w.tiles = reinterpret_cast<int32_t*>(p);
+  p += align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts)) * 8);
   w.offsets = reinterpret_cast<int32_t*>(p);
   p += align256(static_cast<size_t>(experts + 1) * 4);
   w.sorted = reinterpret_cast<int32_t*>(p);
@@ -37,7 +51,9 @@ MoeWorkspace carve(void* base, int rows, int k, int experts, int inter) {
   return w;
 }
 
-__global__ void route_kernel(const int32_t* ids, int n, int experts, int32_t* offsets, int32_t* sorted) {
+__global__ void route_kernel(const int32_t* ids, int n, int experts, MoeWorkspace ws) {
+  int32_t* offsets = ws.offsets;
+  int32_t* sorted = ws.sorted;
   extern __shared__ int smem[];
   int* count = smem;
   int* cursor = smem + experts;
@@ -56,6 +72,14 @@ __global__ void route_kernel(const int32_t* ids, int n, int experts, int32_t* of
       run += count[e];
     }
     offsets[experts] = run;
+    int tiles = 0;
+    for (int e = 0; e < experts; ++e)
+      for (int t = 0; t < count[e]; t += kTileM) {
+        ws.tiles[2 * tiles] = e;
+        ws.tiles[2 * tiles + 1] = t;
+        ++tiles;
+      }
+    *ws.tile_count = tiles;
   }
   __syncthreads();
   for (int s = threadIdx.x; s < n; s += blockDim.x) {
@@ -169,6 +193,129 @@ __global__ __launch_bounds__(kGemvWarps * 32) void moe_gemv_kernel(MoeArgs a, Mo
   }
 }
 
+// Tensor-core grouped product over one (64-token tile of one expert) x (64 weight rows) block.
+template <int kStage>
+__global__ __launch_bounds__(kMmaThreads) void moe_mma_kernel(MoeArgs a, MoeWorkspace ws) {
+  using namespace nvcuda;
+  const int tile = blockIdx.y;
+  if (tile >= *ws.tile_count) return;
+  const int e = ws.tiles[2 * tile], t0 = ws.tiles[2 * tile + 1];
+  const int begin = ws.offsets[e];
+  const int nt = min(kTileM, ws.offsets[e + 1] - begin - t0);
+  const int in = kStage == 1 ? a.hidden : a.inter;
+  const int out_rows = kStage == 1 ? 2 * a.inter : a.hidden;
+  const int groups = in / 32;
+  const int col0 = blockIdx.x * kTileN;
+  if (col0 >= out_rows) return;
+  constexpr int kLd = kTileK + 8;  // bf16 elements per shared row (pads banks, keeps 32-byte alignment)
+  constexpr int kLdc = kTileN + 4;
+  struct Operands {
+    bf16 x[kTileM][kLd];
+    bf16 w[kTileN][kLd];
+  };
+  union Smem {
+    Operands op;
+    float c[kTileM][kLdc];
+  };
+  __shared__ __align__(128) Smem sm;
+  __shared__ const bf16* rows_of[kTileM];
+  __shared__ int slot_of[kTileM];
+  const int tid = threadIdx.x, warp = tid >> 5;
+  if (tid < kTileM) {
+    const int slot = tid < nt ? ws.sorted[begin + t0 + tid] : -1;
+    slot_of[tid] = slot;
+    rows_of[tid] = slot < 0 ? nullptr
+                            : (kStage == 1 ? static_cast<const bf16*>(a.x) + static_cast<int64_t>(slot / a.k) * a.hidden
+                                           : ws.act + static_cast<int64_t>(slot) * a.inter);
+  }
+  const uint8_t* blocks = (kStage == 1 ? a.gu_blocks : a.dn_blocks) + static_cast<int64_t>(e) * out_rows * groups * 16;
+  const uint8_t* scales = (kStage == 1 ? a.gu_scales : a.dn_scales) + static_cast<int64_t>(e) * out_rows * groups;
+  __syncthreads();
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+
+  for (int kb = 0; kb < in; kb += kTileK) {
+    // Activations: 64 rows x 64 values, 16 bytes per load.
+    for (int i = tid; i < kTileM * (kTileK / 8); i += kMmaThreads) {
+      const int r = i / (kTileK / 8), c = (i % (kTileK / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (rows_of[r] && kb + c < in) v = *reinterpret_cast<const uint4*>(rows_of[r] + kb + c);
+      *reinterpret_cast<uint4*>(&sm.op.x[r][c]) = v;
+    }
+    // Weights: each thread dequantizes one 32-value block of one row into bf16.
+    {
+      const int r = tid >> 1, half = tid & 1;
+      const int row = col0 + r, g = kb / 32 + half;
+      uint32_t packed[16];
+      if (row < out_rows && g < groups) {
+        const uint4 c = *reinterpret_cast<const uint4*>(blocks + (static_cast<int64_t>(row) * groups + g) * 16);
+        const float s = e8m0(scales[static_cast<int64_t>(row) * groups + g]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float f[8];
+          decode8(word(c, q), f);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const __nv_bfloat162 two = __floats2bfloat162_rn(f[2 * i] * s, f[2 * i + 1] * s);
+            packed[4 * q + i] = *reinterpret_cast<const uint32_t*>(&two);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) packed[i] = 0;
+      }
+      uint4* dst = reinterpret_cast<uint4*>(&sm.op.w[r][half * 32]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dst[i] = make_uint4(packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sm.op.x[wm + 16 * i][kk], kLd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sm.op.w[wn + 16 * j][kk], kLd);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&sm.c[wm + 16 * i][wn + 16 * j], acc[i][j], kLdc, wmma::mem_row_major);
+  __syncthreads();
+  const bf16* bias = static_cast<const bf16*>(kStage == 1 ? a.gu_bias : a.dn_bias) + static_cast<int64_t>(e) * out_rows;
+  if constexpr (kStage == 1) {
+    for (int i = tid; i < kTileM * (kTileN / 2); i += kMmaThreads) {
+      const int r = i / (kTileN / 2), j = i % (kTileN / 2);
+      const int col = col0 + 2 * j;
+      if (r >= nt || col >= out_rows) continue;
+      const float gate = fminf(sm.c[r][2 * j] + bf2f(bias[col]), a.limit);
+      const float up = fmaxf(-a.limit, fminf(sm.c[r][2 * j + 1] + bf2f(bias[col + 1]), a.limit));
+      const float v = gate / (1.0f + expf(-1.702f * gate)) * (up + 1.0f);
+      ws.act[static_cast<int64_t>(slot_of[r]) * a.inter + col / 2] = f2bf(v);
+    }
+  } else {
+    for (int i = tid; i < kTileM * kTileN; i += kMmaThreads) {
+      const int r = i / kTileN, c = i % kTileN;
+      const int col = col0 + c;
+      if (r >= nt || col >= out_rows) continue;
+      ws.y[static_cast<int64_t>(slot_of[r]) * a.hidden + col] = sm.c[r][c] + bf2f(bias[col]);
+    }
+  }
+}
+
 __global__ void combine_kernel(const int32_t* ids, const float* weights, int k, int experts, const float* y,
                                int hidden, bf16* out) {
   const int64_t row = blockIdx.x;
@@ -196,11 +343,22 @@ void launch_gemvs(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream)
   check_launch("moe down");
 }
 
+void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
+  const unsigned tiles = static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts));
+  const dim3 g1(static_cast<unsigned>((2 * a.inter + kTileN - 1) / kTileN), tiles);
+  moe_mma_kernel<1><<<g1, kMmaThreads, 0, stream>>>(a, ws);
+  check_launch("moe gate_up (mma)");
+  const dim3 g2(static_cast<unsigned>((a.hidden + kTileN - 1) / kTileN), tiles);
+  moe_mma_kernel<2><<<g2, kMmaThreads, 0, stream>>>(a, ws);
+  check_launch("moe down (mma)");
+}
+
 }  // namespace
 
 size_t moe_workspace_bytes(int rows, int k, int experts, int hidden, int inter) {
   const size_t slots = static_cast<size_t>(rows) * static_cast<size_t>(k);
-  return align256(static_cast<size_t>(experts + 1) * 4) + align256(slots * 4) +
+  return 256 + align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts)) * 8) +
+         align256(static_cast<size_t>(experts + 1) * 4) + align256(slots * 4) +
          align256(slots * static_cast<size_t>(inter) * 2) + align256(slots * static_cast<size_t>(hidden) * 4);
 }
 
@@ -210,10 +368,13 @@ void moe(const MoeArgs& a, cudaStream_t stream) {
   if (a.hidden % 32 != 0 || a.inter % 32 != 0) throw std::invalid_argument("CUDA moe: sizes must be multiples of 32");
   const MoeWorkspace ws = carve(a.workspace, a.rows, a.k, a.experts, a.inter);
   const int n = a.rows * a.k;
-  route_kernel<<<1, 1024, static_cast<size_t>(2 * a.experts) * sizeof(int), stream>>>(a.ids, n, a.experts,
-                                                                                       ws.offsets, ws.sorted);
+  route_kernel<<<1, 1024, static_cast<size_t>(2 * a.experts) * sizeof(int), stream>>>(a.ids, n, a.experts, ws);
   check_launch("moe route");
-  if (a.rows == 1) {
+  // Tensor cores once experts average 16+ tokens; the matrix-vector path below that.
+  const bool mma = a.path == MoePath::kMma || (a.path == MoePath::kAuto && n >= 16 * a.experts);
+  if (mma) {
+    launch_mmas(a, ws, stream);
+  } else if (a.rows == 1) {
     launch_gemvs<1>(a, ws, stream);
   } else {
     launch_gemvs<8>(a, ws, stream);

@@ -275,7 +275,7 @@ struct MoeCase {
 
 class GpuMoe : public GpuOps, public ::testing::WithParamInterface<MoeCase> {};
 
-TEST_P(GpuMoe, MatchesCpu) {
+TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
   const MoeCase& c = GetParam();
   const int E = c.experts, H = c.hidden, I = c.inter;
   std::uniform_int_distribution<int> byte(0, 255);
@@ -293,13 +293,19 @@ TEST_P(GpuMoe, MatchesCpu) {
     for (auto& x : s) x = static_cast<uint8_t>(centre - 1 + byte(rng_) % 3);
     return s;
   };
-  ExpertWeights ce, ge;
-  std::tie(ce.gate_up_blocks, ge.gate_up_blocks) = weight_u8(blocks(2 * I, H), {E, 2 * I, H / 32, 16});
-  std::tie(ce.gate_up_scales, ge.gate_up_scales) = weight_u8(scales(2 * I, H), {E, 2 * I, H / 32});
-  std::tie(ce.gate_up_bias, ge.gate_up_bias) = weight(random_values(static_cast<size_t>(E) * 2 * I, rng_), {E, 2 * I});
-  std::tie(ce.down_blocks, ge.down_blocks) = weight_u8(blocks(H, I), {E, H, I / 32, 16});
-  std::tie(ce.down_scales, ge.down_scales) = weight_u8(scales(H, I), {E, H, I / 32});
-  std::tie(ce.down_bias, ge.down_bias) = weight(random_values(static_cast<size_t>(E) * H, rng_), {E, H});
+  const auto gu_blocks = blocks(2 * I, H), gu_scales = scales(2 * I, H), dn_blocks = blocks(H, I), dn_scales = scales(H, I);
+  const auto gu_bias = to_bf16(random_values(static_cast<size_t>(E) * 2 * I, rng_));
+  const auto dn_bias = to_bf16(random_values(static_cast<size_t>(E) * H, rng_));
+  auto import_all = [&](Backend& b) {
+    ExpertWeights ex;
+    ex.gate_up_blocks = b.import_weight({const_cast<uint8_t*>(gu_blocks.data()), DType::kU8, {E, 2 * I, H / 32, 16}});
+    ex.gate_up_scales = b.import_weight({const_cast<uint8_t*>(gu_scales.data()), DType::kU8, {E, 2 * I, H / 32}});
+    ex.gate_up_bias = b.import_weight({const_cast<uint16_t*>(gu_bias.data()), DType::kBF16, {E, 2 * I}});
+    ex.down_blocks = b.import_weight({const_cast<uint8_t*>(dn_blocks.data()), DType::kU8, {E, H, I / 32, 16}});
+    ex.down_scales = b.import_weight({const_cast<uint8_t*>(dn_scales.data()), DType::kU8, {E, H, I / 32}});
+    ex.down_bias = b.import_weight({const_cast<uint16_t*>(dn_bias.data()), DType::kBF16, {E, H}});
+    return ex;
+  };
   // Distinct experts per row, some slots empty (-1).
   std::vector<int32_t> ids;
   std::vector<float> weights;
@@ -312,20 +318,41 @@ TEST_P(GpuMoe, MatchesCpu) {
       weights.push_back(std::uniform_real_distribution<float>(0.05f, 1.0f)(rng_));
     }
   }
-  Pair x = paired(cpu_, *gpu_, {c.rows, H}, random_values(static_cast<size_t>(c.rows) * H, rng_));
-  Pair id = raw_paired(cpu_, *gpu_, DType::kI32, {c.rows, c.k}, ids);
-  Pair w = paired(cpu_, *gpu_, {c.rows, c.k}, weights, DType::kF32);
-  Pair out = out_pair({c.rows, H});
-  cpu_.moe_experts(x.cpu, id.cpu, w.cpu, ce, 7.0f, out.cpu);
-  gpu_->moe_experts(x.gpu, id.gpu, w.gpu, ge, 7.0f, out.gpu);
-  const auto go = read_f32(*gpu_, out.gpu), co = read_f32(cpu_, out.cpu);
-  EXPECT_LE(rel_max_error(go, co), 2e-2);
-  // Run again (the workspace is reused) with a row slice: same result for those rows.
-  const int part = std::max(1, c.rows / 2);
-  gpu_->moe_experts(x.gpu.slice_rows(0, part), id.gpu.slice_rows(0, part), w.gpu.slice_rows(0, part), ge, 7.0f,
-                    out.gpu.slice_rows(0, part));
-  const auto again = read_f32(*gpu_, out.gpu);
-  EXPECT_EQ(again, go);
+  const auto xv = random_values(static_cast<size_t>(c.rows) * H, rng_);
+  const ExpertWeights ce = import_all(cpu_);
+  DeviceBuffer cx = cpu_.allocate(xv.size() * 4), cid = cpu_.allocate(ids.size() * 4), cw = cpu_.allocate(weights.size() * 4),
+               cout = cpu_.allocate(xv.size() * 4);
+  const Tensor tx = cx.view(DType::kF32, {c.rows, H}), tid = cid.view(DType::kI32, {c.rows, c.k}),
+               tw = cw.view(DType::kF32, {c.rows, c.k}), tout = cout.view(DType::kF32, {c.rows, H});
+  cpu_.upload(xv.data(), tx);
+  cpu_.upload(ids.data(), tid);
+  cpu_.upload(weights.data(), tw);
+  cpu_.moe_experts(tx, tid, tw, ce, 7.0f, tout);
+  const auto co = read_f32(cpu_, tout);
+  for (const char* path : {"auto", "gemv", "mma"}) {
+    SCOPED_TRACE(std::string("path ") + path);
+    setenv("ARBITER_CUDA_MOE", path, 1);
+    auto gpu = make_backend("cuda");
+    unsetenv("ARBITER_CUDA_MOE");
+    const ExpertWeights ge = import_all(*gpu);
+    DeviceBuffer gx = gpu->allocate(xv.size() * 2), gid = gpu->allocate(ids.size() * 4),
+                 gw = gpu->allocate(weights.size() * 4), gout = gpu->allocate(xv.size() * 2);
+    const Tensor x = gx.view(DType::kBF16, {c.rows, H}), id = gid.view(DType::kI32, {c.rows, c.k}),
+                 w = gw.view(DType::kF32, {c.rows, c.k}), out = gout.view(DType::kBF16, {c.rows, H});
+    const auto xb = to_bf16(xv);
+    gpu->upload(xb.data(), x);
+    gpu->upload(ids.data(), id);
+    gpu->upload(weights.data(), w);
+    gpu->fill_zero(out);
+    gpu->moe_experts(x, id, w, ge, 7.0f, out);
+    const auto go = read_f32(*gpu, out);
+    EXPECT_LE(rel_max_error(go, co), 2e-2);
+    // Again (the workspace is reused) on a row slice: the same result for those rows.
+    const int part = std::max(1, c.rows / 2);
+    gpu->moe_experts(x.slice_rows(0, part), id.slice_rows(0, part), w.slice_rows(0, part), ge, 7.0f,
+                     out.slice_rows(0, part));
+    EXPECT_EQ(read_f32(*gpu, out), go);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, GpuMoe,
@@ -335,6 +362,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, GpuMoe,
                                            MoeCase{"golden_b_shape", 16, 128, 96, 13, 4},
                                            MoeCase{"hidden2880_decode", 4, 2880, 2880, 1, 4},
                                            MoeCase{"hidden2880_batch", 8, 2880, 2880, 24, 4},
+                                           MoeCase{"hidden2880_prefill", 8, 2880, 2880, 70, 4},
                                            MoeCase{"top1", 3, 96, 64, 17, 1}),
                          [](const ::testing::TestParamInfo<MoeCase>& info) { return info.param.name; });
 
