@@ -380,8 +380,8 @@ Confidence label_confidence(const Tokenizer& tokenizer, std::span<const float> s
   return c;
 }
 
-Confidence label_confidence(const Tokenizer& tokenizer, const std::vector<std::pair<int32_t, float>>& top_logprobs,
-                            const std::vector<std::string>& labels, std::string_view chosen) {
+Confidence label_confidence_top(const Tokenizer& tokenizer, const std::vector<std::pair<int32_t, float>>& top_logprobs,
+                                const std::vector<std::string>& labels, std::string_view chosen) {
   Confidence c;
   size_t chosen_index;
   if (!label_tokens(tokenizer, labels, chosen, c, &chosen_index)) return c;

@@ -137,8 +137,8 @@ struct Confidence {
 Confidence label_confidence(const Tokenizer& tokenizer, std::span<const float> scores,
                             const std::vector<std::string>& labels, std::string_view chosen);
 // The same from a sparse top-k list of (token, log-probability); absent tokens count as 0.
-Confidence label_confidence(const Tokenizer& tokenizer, const std::vector<std::pair<int32_t, float>>& top_logprobs,
-                            const std::vector<std::string>& labels, std::string_view chosen);
+Confidence label_confidence_top(const Tokenizer& tokenizer, const std::vector<std::pair<int32_t, float>>& top_logprobs,
+                                const std::vector<std::string>& labels, std::string_view chosen);
 
 // Index into `final_tokens` of the token where the value of a JSON key starts (the token that
 // decides e.g. "violation": 1); `path` walks nested keys in order ({"SP", "violation"} in a joint

@@ -1,13 +1,18 @@
 #include "runtime/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
+#include <fcntl.h>
 #include <pcre2.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -238,16 +243,40 @@ std::string gpt2_decode(const std::string& token) {
   return out;
 }
 
-std::string read_file(const std::string& path) {
-  std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (!f) throw std::runtime_error("tokenizer: cannot open " + path);
-  std::string data;
-  char buf[1 << 16];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f.get())) > 0) data.append(buf, n);
-  if (std::ferror(f.get())) throw std::runtime_error("tokenizer: cannot read " + path);
-  return data;
-}
+// A read-only view of a whole file (mmap; no copy, no zero-filled buffer).
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw std::runtime_error("tokenizer: cannot open " + path);
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) {
+      ::close(fd_);
+      throw std::runtime_error("tokenizer: cannot stat " + path);
+    }
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ > 0) {
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd_, 0);
+      if (p == MAP_FAILED) {
+        ::close(fd_);
+        throw std::runtime_error("tokenizer: cannot map " + path);
+      }
+      data_ = static_cast<const char*>(p);
+    }
+  }
+  ~MappedFile() {
+    if (data_) ::munmap(const_cast<char*>(data_), size_);
+    ::close(fd_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  std::string_view view() const { return data_ ? std::string_view(data_, size_) : std::string_view(); }
+
+ private:
+  int fd_ = -1;
+  const char* data_ = nullptr;
+  size_t size_ = 0;
+};
 
 std::string base64_decode(std::string_view s) {
   auto value = [](char c) -> int {
@@ -611,9 +640,11 @@ Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::from_hf_json(const std::string& path) {
   HfJsonReader reader;
+  reader.vocab.reserve(1 << 18);
   {
-    const std::string data = read_file(path);
-    nlohmann::json::sax_parse(data, &reader);
+    const MappedFile file(path);
+    const std::string_view data = file.view();
+    nlohmann::json::sax_parse(data.begin(), data.end(), &reader);
   }
   if (reader.model_type != "BPE")
     throw std::runtime_error(path + ": model.type is '" + reader.model_type + "', expected BPE");
@@ -647,7 +678,8 @@ Tokenizer Tokenizer::from_hf_json(const std::string& path) {
 
 Tokenizer Tokenizer::from_tiktoken(const std::string& path, const std::vector<SpecialToken>& specials,
                                    const std::string& pattern) {
-  const std::string data = read_file(path);
+  const MappedFile file(path);
+  const std::string_view data = file.view();
   std::vector<std::string> tokens;
   size_t pos = 0, line_no = 0;
   while (pos < data.size()) {
@@ -682,9 +714,10 @@ Tokenizer Tokenizer::from_tiktoken(const std::string& path, const std::vector<Sp
 
 Tokenizer Tokenizer::load(const std::string& path) {
   std::string p = path;
-  if (std::FILE* f = std::fopen((p + "/tokenizer.json").c_str(), "rb")) {
-    std::fclose(f);
+  std::error_code ec;
+  if (std::filesystem::is_directory(p, ec)) {
     p += "/tokenizer.json";
+    if (!std::filesystem::exists(p, ec)) throw std::runtime_error("tokenizer: " + p + " does not exist");
   }
   if (p.size() >= 5 && p.compare(p.size() - 5, 5, ".json") == 0) return from_hf_json(p);
   return from_tiktoken(p, harmony_special_tokens());

@@ -149,8 +149,31 @@ export function randomProse(seed, count) {
   return out;
 }
 
+// Single pre-tokens longer than 128 bytes (the BPE switches to its heap-based merge loop there):
+// random letter runs from a few scripts, and random digit-free punctuation runs.
+export function longPieces(seed, count) {
+  const r = rng(seed);
+  const alphabets = ["abcdefghijklmnopqrstuvwxyz", "etaoinshrdlu", "абвгдежзийклмнопрстуфхцчшщыэюя", "αβγδεζηθικλμνξοπρστυφχψω",
+                     "的一是不了人我在有他这中大来上", "アイウエオカキクケコ", "éèêëàâîïôûç"];
+  const puncts = "!\"#$%&()*+,-.:;<=>?@[]^_`{|}~";
+  const out = [];
+  for (let i = 0; i < count; ++i) {
+    const n = 60 + r.int(1500);
+    let s = "";
+    if (i % 4 === 3) {
+      for (let j = 0; j < n; ++j) s += puncts[r.int(puncts.length)];
+    } else {
+      const a = [...r.pick(alphabets)], b = [...r.pick(alphabets)];
+      for (let j = 0; j < n; ++j) s += r.int(3) ? r.pick(a) : r.pick(b);
+    }
+    out.push(s);
+  }
+  return out;
+}
+
 export function testCorpus() {
-  return [...handPicked, ...longRuns(), ...randomStrings(12345, 400, 120), ...randomProse(777, 200)];
+  return [...handPicked, ...longRuns(), ...longPieces(31, 60), ...randomStrings(12345, 400, 120),
+          ...randomProse(777, 200)];
 }
 
 // A benchmark corpus of about `bytes` UTF-8 bytes: mostly English-like prose and code, some
