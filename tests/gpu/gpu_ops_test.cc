@@ -81,7 +81,9 @@ StepLayout make_layout(const std::vector<SeqSpec>& specs, int block_size, int ri
 TEST_F(GpuOps, Embedding) {
   const int V = 300, D = 96;
   auto [ct, gt] = weight(random_values(V * D, rng_), {V, D});
-  const StepLayout layout = make_layout({{0, 5}, {3, 2}}, 16, 1, 8, 8, rng_);
+  StepLayout layout = make_layout({{0, 5}, {3, 2}}, 16, 1, 8, 8, rng_);
+  for (auto& t : layout.tokens) t %= V;
+  layout.tokens.back() = V - 1;
   const auto cs = cpu_.prepare_step(layout);
   const auto gs = gpu_->prepare_step(layout);
   Pair out = out_pair({7, D});
