@@ -44,7 +44,8 @@ MoeExchange::Received MoeExchange::dispatch(const int32_t* ids, const float* wei
         dest_rows_[d].push_back(static_cast<int32_t>(t));
       }
     }
-  // Pack one record per (token, destination): hidden row, local expert ids (-1: not there), weights.
+  // Pack per destination: its tokens' hidden rows, then their local expert ids (-1: not there),
+  // then their router weights, so the receiver gets each source's rows contiguous.
   size_t total = 0;
   for (int d = 0; d < n; ++d) {
     send_counts_[static_cast<size_t>(d)] = dest_rows_[static_cast<size_t>(d)].size() * record_bytes_;
@@ -53,19 +54,25 @@ MoeExchange::Received MoeExchange::dispatch(const int32_t* ids, const float* wei
   send_buf_.resize(total);
   uint8_t* p = send_buf_.data();
   const auto* src = static_cast<const uint8_t*>(hidden);
-  for (int d = 0; d < n; ++d)
-    for (int32_t t : dest_rows_[static_cast<size_t>(d)]) {
+  const size_t meta = sizeof(int32_t) * static_cast<size_t>(K);
+  for (int d = 0; d < n; ++d) {
+    const auto& list = dest_rows_[static_cast<size_t>(d)];
+    uint8_t* ids_out = p + list.size() * row_bytes_;
+    uint8_t* w_out = ids_out + list.size() * meta;
+    for (int32_t t : list) {
       std::memcpy(p, src + static_cast<size_t>(t) * row_bytes_, row_bytes_);
       p += row_bytes_;
       for (int j = 0; j < K; ++j) {
         const int32_t e = ids[t * K + j];
         const int32_t local = (e >= 0 && placement_.owner(e) == d) ? placement_.local_index(e) : -1;
-        std::memcpy(p, &local, sizeof local);
-        p += sizeof local;
+        std::memcpy(ids_out, &local, sizeof local);
+        ids_out += sizeof local;
       }
-      std::memcpy(p, weights + static_cast<int64_t>(t) * K, sizeof(float) * static_cast<size_t>(K));
-      p += sizeof(float) * static_cast<size_t>(K);
+      std::memcpy(w_out, weights + static_cast<int64_t>(t) * K, meta);
+      w_out += meta;
     }
+    p = w_out;
+  }
   recv_counts_ = exchange_counts(comm_, send_counts_);
   const size_t recv_total = std::accumulate(recv_counts_.begin(), recv_counts_.end(), size_t{0});
   recv_buf_.resize(recv_total);
@@ -75,7 +82,8 @@ MoeExchange::Received MoeExchange::dispatch(const int32_t* ids, const float* wei
     (d == me ? traffic_.to_self : traffic_.to_peers) += bytes;
   }
   traffic_.all_gather_design += 2ull * static_cast<uint64_t>(rows) * row_bytes_ * static_cast<uint64_t>(n - 1);
-  // Unpack into the contiguous arrays the experts read.
+  // The hidden rows stay where they arrived (one contiguous segment per source); the small
+  // per-row ids and weights are gathered into contiguous arrays.
   int64_t received = 0;
   for (int s = 0; s < n; ++s) {
     const size_t c = recv_counts_[static_cast<size_t>(s)];
@@ -83,19 +91,29 @@ MoeExchange::Received MoeExchange::dispatch(const int32_t* ids, const float* wei
     recv_rows_from_[static_cast<size_t>(s)] = static_cast<int64_t>(c / record_bytes_);
     received += static_cast<int64_t>(c / record_bytes_);
   }
-  x_recv_.resize(static_cast<size_t>(received) * row_bytes_);
   ids_recv_.resize(static_cast<size_t>(received * K));
   w_recv_.resize(static_cast<size_t>(received * K));
+  segments_.clear();
   const uint8_t* q = recv_buf_.data();
-  for (int64_t i = 0; i < received; ++i) {
-    std::memcpy(x_recv_.data() + static_cast<size_t>(i) * row_bytes_, q, row_bytes_);
-    q += row_bytes_;
-    std::memcpy(ids_recv_.data() + i * K, q, sizeof(int32_t) * static_cast<size_t>(K));
-    q += sizeof(int32_t) * static_cast<size_t>(K);
-    std::memcpy(w_recv_.data() + i * K, q, sizeof(float) * static_cast<size_t>(K));
-    q += sizeof(float) * static_cast<size_t>(K);
+  int64_t row = 0;
+  for (int s = 0; s < n; ++s) {
+    const int64_t m = recv_rows_from_[static_cast<size_t>(s)];
+    if (m == 0) continue;
+    segments_.push_back({q, row, m});
+    q += static_cast<size_t>(m) * row_bytes_;
+    std::memcpy(ids_recv_.data() + row * K, q, static_cast<size_t>(m) * meta);
+    q += static_cast<size_t>(m) * meta;
+    std::memcpy(w_recv_.data() + row * K, q, static_cast<size_t>(m) * meta);
+    q += static_cast<size_t>(m) * meta;
+    row += m;
   }
-  return {received, x_recv_.data(), ids_recv_.data(), w_recv_.data()};
+  return {received, segments_, ids_recv_.data(), w_recv_.data()};
+}
+
+void MoeExchange::Received::gather_hidden(void* dst, size_t row_bytes) const {
+  for (const Segment& s : segments)
+    std::memcpy(static_cast<uint8_t*>(dst) + static_cast<size_t>(s.first_row) * row_bytes, s.hidden,
+                static_cast<size_t>(s.rows) * row_bytes);
 }
 
 void MoeExchange::combine(const void* expert_out, void* out) {
@@ -172,7 +190,7 @@ void MoeDispatcher::moe(const Tensor& x, const Tensor& expert_ids, const Tensor&
   if (got.rows > 0) {
     const Tensor dx = staging(d_x_, act, got.rows, H), dids = staging(d_ids_, DType::kI32, got.rows, K),
                  dw = staging(d_w_, DType::kF32, got.rows, K), dy = staging(d_y_, act, got.rows, H);
-    backend_.upload(got.hidden, dx);
+    for (const auto& seg : got.segments) backend_.upload(seg.hidden, dx.slice_rows(seg.first_row, seg.rows));
     backend_.upload(got.expert_ids, dids);
     backend_.upload(got.weights, dw);
     backend_.moe_experts(dx, dids, dw, local, swiglu_limit, dy);

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -21,11 +22,20 @@ class MoeExchange {
   // `dtype`: activation rows are F32 or BF16, `hidden` elements each.
   MoeExchange(Communicator& comm, ExpertPlacement placement, int top_k, int hidden, DType dtype);
 
+  // Rows received from one source rank: contiguous [rows, hidden], rows [first_row, first_row + rows)
+  // of the received order.
+  struct Segment {
+    const void* hidden = nullptr;
+    int64_t first_row = 0;
+    int64_t rows = 0;
+  };
   struct Received {
     int64_t rows = 0;
-    const void* hidden = nullptr;         // [rows, hidden], grouped by source rank
+    std::span<const Segment> segments;    // one per source rank that sent rows, in rank order
     const int32_t* expert_ids = nullptr;  // [rows, top_k]: this rank's local expert ids, -1 elsewhere
     const float* weights = nullptr;       // [rows, top_k]: router weights (of all k experts)
+    // Copies every received row into dst [rows, hidden] (`row_bytes` each).
+    void gather_hidden(void* dst, size_t row_bytes) const;
   };
   // Collective. expert_ids/weights [rows, top_k] (global ids from router_topk; negative ids are
   // skipped), hidden [rows, hidden]. The result stays valid until the next dispatch.
@@ -62,7 +72,8 @@ class MoeExchange {
   std::vector<int32_t> mark_;
   std::vector<size_t> send_counts_, recv_counts_, back_send_, back_recv_;
   std::vector<int64_t> recv_rows_from_;
-  std::vector<uint8_t> send_buf_, recv_buf_, back_buf_, x_recv_;
+  std::vector<uint8_t> send_buf_, recv_buf_, back_buf_;
+  std::vector<Segment> segments_;
   std::vector<int32_t> ids_recv_;
   std::vector<float> w_recv_, acc_;
   Traffic traffic_;

@@ -40,7 +40,9 @@ Tokens make_tokens(int rank, int K, int H, int max_expert) {
 void fake_experts(const MoeExchange& ex, int rank, const MoeExchange::Received& got, std::vector<float>& out) {
   const int K = ex.top_k(), H = ex.hidden();
   out.assign(static_cast<size_t>(got.rows * H), 0.0f);
-  const auto* x = static_cast<const float*>(got.hidden);
+  std::vector<float> gathered(static_cast<size_t>(got.rows * H));
+  got.gather_hidden(gathered.data(), sizeof(float) * static_cast<size_t>(H));
+  const float* x = gathered.data();
   for (int64_t i = 0; i < got.rows; ++i) {
     float scale = 0;
     for (int j = 0; j < K; ++j) {
@@ -114,7 +116,9 @@ TEST(MoeExchange, AllExpertsOnOneRankSendTheRowOnce) {
     EXPECT_EQ(ex.traffic().to_peers + ex.traffic().to_self,
               static_cast<uint64_t>(H * 2 + K * 8));  // one record, to rank 1
     std::vector<uint16_t> out(H);
-    ex.combine(got.hidden, out.data());  // the identity "expert"
+    std::vector<uint16_t> back(static_cast<size_t>(got.rows * H));
+    got.gather_hidden(back.data(), 2 * H);
+    ex.combine(back.data(), out.data());  // the identity "expert"
     for (int c = 0; c < H; ++c) EXPECT_EQ(out[static_cast<size_t>(c)], hidden[static_cast<size_t>(c)]);
   });
 }
