@@ -86,8 +86,9 @@ class HarmonyParser {
 
   explicit HarmonyParser(const Tokenizer& tokenizer, std::string expected_role = "assistant");
 
-  // Consumes one generated token. Returns false once a stop token (<|return|>, <|call|>) has been
-  // seen; later tokens are ignored (and reported).
+  // Consumes one generated token. Returns false once a stop token (<|return|>, <|call|>, or
+  // <|endoftext|>) has been seen; later tokens are ignored (and reported). <|end|> only closes a
+  // message.
   bool push(int32_t token) noexcept;
   // End of stream (e.g. max tokens): keeps a message cut off in its header or content, with
   // end_token -1. Idempotent.

@@ -170,6 +170,12 @@ PieceCache& piece_cache(uint64_t owner) {
 
 std::atomic<uint64_t> g_next_instance{1};
 
+// Lets the special-token table be searched with a string_view (no allocation per lookup).
+struct ViewHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return static_cast<size_t>(hash_bytes(s.data(), s.size())); }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Pattern preparation: `\s` and `\S` become explicit Unicode White_Space classes, because PCRE2
 // also counts U+180E as a space while OpenAI's tokenizer (Rust regex, White_Space) does not.
@@ -397,7 +403,7 @@ struct Tokenizer::Impl {
   RankTable ranks;
   std::array<int32_t, 256> byte_rank{};
   std::vector<SpecialToken> specials;
-  std::unordered_map<std::string, int32_t> special_ids;
+  std::unordered_map<std::string, int32_t, ViewHash, std::equal_to<>> special_ids;
   std::vector<size_t> special_lengths;  // distinct, longest first
   std::array<bool, 256> special_first{};
   std::string pattern;
@@ -610,7 +616,7 @@ struct Tokenizer::Impl {
       if (!special_first[static_cast<unsigned char>(text[i])]) continue;
       for (const size_t len : special_lengths) {
         if (i + len > text.size()) continue;
-        const auto it = special_ids.find(std::string(text.substr(i, len)));
+        const auto it = special_ids.find(text.substr(i, len));
         if (it == special_ids.end()) continue;
         encode_ordinary(text.substr(plain, i - plain), out);
         out.push_back(it->second);
@@ -758,7 +764,7 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
 }
 
 std::optional<int32_t> Tokenizer::special_id(std::string_view name) const {
-  const auto it = impl_->special_ids.find(std::string(name));
+  const auto it = impl_->special_ids.find(name);
   if (it == impl_->special_ids.end()) return std::nullopt;
   return it->second;
 }
