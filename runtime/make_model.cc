@@ -146,11 +146,19 @@ void write_shard(const std::string& path, const std::vector<const Spec*>& specs,
 void make_random_model(const ModelConfig& config, const std::string& dir, const MakeModelOptions& options) {
   config.validate();
   namespace fs = std::filesystem;
+  // Check every input before writing anything.
+  if (!options.tokenizer_dir.empty() && !fs::exists(fs::path(options.tokenizer_dir) / "tokenizer.json"))
+    throw std::runtime_error(options.tokenizer_dir + ": no tokenizer.json (run scripts/fetch-tokenizer.sh)");
   fs::create_directories(dir);
   {
     std::ofstream cfg(fs::path(dir) / "config.json");
     cfg << config.to_json();
     if (!cfg) throw std::runtime_error(dir + "/config.json: write failed");
+  }
+  if (!options.tokenizer_dir.empty()) {
+    const fs::path from(options.tokenizer_dir);
+    for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
+      if (fs::exists(from / name)) fs::copy_file(from / name, fs::path(dir) / name, fs::copy_options::overwrite_existing);
   }
   const std::vector<Spec> specs = model_specs(config, options.norms_f32);
   std::vector<std::vector<const Spec*>> shards(1);

@@ -14,6 +14,9 @@ struct MakeModelOptions {
   // Files larger than this are split into shards listed by model.safetensors.index.json.
   uint64_t shard_bytes = 4ull << 30;
   bool norms_f32 = false;  // write norm weights as f32 instead of bf16
+  // Folder holding tokenizer.json (+ tokenizer_config.json) to copy into the model, so a random
+  // model is a complete checkpoint folder like the real one. Empty: write no tokenizer.
+  std::string tokenizer_dir;
 };
 
 // Writes config.json and the weights into `dir` (created if missing). Deterministic for a seed.

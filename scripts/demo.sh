@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
+ARBITER_SKIP_ORACLES=1 bash scripts/fetch-tokenizer.sh
 model=${ARBITER_DEMO_MODEL:-models/tiny}
 ./build/arbiter make-model --preset tiny --seed 1 --out "$model"
 echo "greedy continuation of <|start|>user<|message|>:"

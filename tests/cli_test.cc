@@ -70,6 +70,14 @@ TEST(CliTest, MakeModelWritesALoadableCheckpointWithTheRealVocabulary) {
   EXPECT_EQ(c.vocab_size, 201088);
   EXPECT_EQ(c.num_local_experts, 4);
   EXPECT_EQ(c.num_hidden_layers, 2);
+  // A complete checkpoint folder: the real tokenizer comes along (fetched by scripts/fetch-tokenizer.sh).
+  EXPECT_TRUE(std::filesystem::exists(tmp.file("tokenizer.json"))) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(tmp.file("tokenizer_config.json")));
+  testing::TempDir untouched;
+  const Result missing = run("make-model --preset tiny --tokenizer-dir /nonexistent --out " + untouched.path());
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.output.find("/nonexistent: no tokenizer.json"), std::string::npos) << missing.output;
+  EXPECT_TRUE(std::filesystem::is_empty(untouched.path()));  // nothing half-written
   const Result gen = run("generate --device cpu --model " + tmp.path() + " --tokens 199998,5,200005 --max-new-tokens 3");
   ASSERT_EQ(gen.status, 0) << gen.output;
   EXPECT_EQ(nlohmann::json::parse(gen.output).at("tokens").size(), 3u);
