@@ -1,6 +1,7 @@
 // The arbiter command: one binary, one subcommand per job (like git). Each subcommand parses its
 // own options, reports errors on stderr with exit status 2 (usage) or 1 (failure).
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -41,6 +42,7 @@ const char* kUsage =
     "  make-model --out DIR [--preset tiny|20b-shape|120b-shape] [--layers N] [--hidden N]\n"
     "             [--intermediate N] [--experts N] [--experts-per-token N] [--heads N] [--kv-heads N]\n"
     "             [--head-dim N] [--vocab N] [--window N] [--seed N] [--shard-mb N] [--f32-norms]\n"
+    "             [--tokenizer-dir DIR]  (default: $ARBITER_TOKENIZER_DIR or .cache/tokenizer)\n"
     "  logits     --model DIR --tokens 1,2,3 --out FILE.npy [--device cpu|cuda[:N]|auto]\n"
     "  tokenize   --tokenizer FILE|--model DIR [--text T | stdin] [--specials] [--jsonl] [--invalid-utf8 replace|error]\n"
     "  detokenize --tokenizer FILE|--model DIR [--tokens 1,2,3 | stdin JSON array] [--jsonl]\n"
@@ -74,6 +76,17 @@ int cmd_make_model(const CliArgs& args) {
   o.seed = static_cast<uint64_t>(args.get_int("seed", 1));
   o.shard_bytes = static_cast<uint64_t>(args.get_int("shard-mb", 4096)) << 20;
   o.norms_f32 = args.flag("f32-norms");
+  o.tokenizer_dir = args.get("tokenizer-dir", "");
+  if (o.tokenizer_dir.empty()) {
+    // Default: the cache scripts/fetch-tokenizer.sh fills, beside the build folder holding this binary.
+    const char* env = std::getenv("ARBITER_TOKENIZER_DIR");
+    const std::filesystem::path fallback =
+        env ? std::filesystem::path(env)
+            : std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / ".cache" / "tokenizer";
+    if (std::filesystem::exists(fallback / "tokenizer.json")) o.tokenizer_dir = fallback.string();
+    else std::cerr << "make-model: no tokenizer at " << fallback.string()
+                   << " (run scripts/fetch-tokenizer.sh); writing the model without tokenizer.json\n";
+  }
   const std::string out = args.require("out");
   args.check_all_used();
   make_random_model(c, out, o);
