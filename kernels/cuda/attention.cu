@@ -4,6 +4,8 @@
 // partial results are merged at the end. Keys below the sequence's num_cached come from the cache
 // (full layers: block table; sliding layers: ring slot p mod ring size), the step's own keys from
 // k/v. The sink joins the denominator only: warp 0 starts from max = sink, sum = 1.
+#include <type_traits>
+
 #include "kernels/cuda/common.cuh"
 
 namespace arbiter::cuda {
@@ -95,23 +97,31 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(AttentionArgs a,
     l = l * corr + warp_sum(p);
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) acc[i] *= corr;
+    // The chunk's values: every lane loads its dims of all (up to) 32 keys first, then accumulates
+    // with each key's weight broadcast from the lane that scored it.
     const int count = min(32, nkeys - c);
-    for (int jj = 0; jj < count; ++jj) {
-      const float pj = __shfl_sync(0xffffffffu, p, jj);
+    using VWord = typename std::conditional<kPerLane == 2, uint32_t, uint2>::type;
+    VWord vv[32];
+#pragma unroll
+    for (int jj = 0; jj < 32; ++jj) {
       const int64_t oj = __shfl_sync(0xffffffffu, off, jj);
       const int fj = __shfl_sync(0xffffffffu, fresh, jj);
-      const bf16* vp = (fj ? v_fresh : v_cache) + oj + lane * kPerLane;
-      if constexpr (kPerLane == 2) {
-        const uint32_t u = *reinterpret_cast<const uint32_t*>(vp);
-        acc[0] += pj * bits_lo(u);
-        acc[1] += pj * bits_hi(u);
-      } else {
-        static_assert(kPerLane == 4, "head_dim 64 or 128");
-        const uint2 u = *reinterpret_cast<const uint2*>(vp);
-        acc[0] += pj * bits_lo(u.x);
-        acc[1] += pj * bits_hi(u.x);
-        acc[2] += pj * bits_lo(u.y);
-        acc[3] += pj * bits_hi(u.y);
+      if (jj < count) vv[jj] = *reinterpret_cast<const VWord*>((fj ? v_fresh : v_cache) + oj + lane * kPerLane);
+    }
+#pragma unroll
+    for (int jj = 0; jj < 32; ++jj) {
+      const float pj = __shfl_sync(0xffffffffu, p, jj);
+      if (jj < count) {
+        if constexpr (kPerLane == 2) {
+          acc[0] += pj * bits_lo(vv[jj]);
+          acc[1] += pj * bits_hi(vv[jj]);
+        } else {
+          static_assert(kPerLane == 4, "head_dim 64 or 128");
+          acc[0] += pj * bits_lo(vv[jj].x);
+          acc[1] += pj * bits_hi(vv[jj].x);
+          acc[2] += pj * bits_lo(vv[jj].y);
+          acc[3] += pj * bits_hi(vv[jj].y);
+        }
       }
     }
     m = m_new;

@@ -26,6 +26,8 @@ int max_tiles(int slots, int experts) { return (slots + kTileM - 1) / kTileM + e
 
 struct MoeWorkspace {
   int32_t* tile_count;  // [1]
+  int32_t* active_count;  // [1]
+  int32_t* active;   // [E]: experts with tokens, ascending
   int32_t* tiles;    // [max_tiles, 2]: expert, first token index within the expert
   int32_t* offsets;  // [E + 1]
   int32_t* sorted;   // [rows * k] slot ids grouped by expert
@@ -38,7 +40,10 @@ MoeWorkspace carve(void* base, int rows, int k, int experts, int inter) {
   const size_t slots = static_cast<size_t>(rows) * static_cast<size_t>(k);
   MoeWorkspace w{};
   w.tile_count = reinterpret_cast<int32_t*>(p);
+  w.active_count = w.tile_count + 1;
   p += 256;
+  w.active = reinterpret_cast<int32_t*>(p);
+  p += align256(static_cast<size_t>(experts) * 4);
   w.tiles = reinterpret_cast<int32_t*>(p);
   p += align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts)) * 8);
   w.offsets = reinterpret_cast<int32_t*>(p);
@@ -72,14 +77,17 @@ __global__ void route_kernel(const int32_t* ids, int n, int experts, MoeWorkspac
       run += count[e];
     }
     offsets[experts] = run;
-    int tiles = 0;
-    for (int e = 0; e < experts; ++e)
+    int tiles = 0, active = 0;
+    for (int e = 0; e < experts; ++e) {
+      if (count[e] > 0) ws.active[active++] = e;
       for (int t = 0; t < count[e]; t += kTileM) {
         ws.tiles[2 * tiles] = e;
         ws.tiles[2 * tiles + 1] = t;
         ++tiles;
       }
+    }
     *ws.tile_count = tiles;
+    *ws.active_count = active;
   }
   __syncthreads();
   for (int s = threadIdx.x; s < n; s += blockDim.x) {
@@ -88,28 +96,40 @@ __global__ void route_kernel(const int32_t* ids, int n, int experts, MoeWorkspac
   }
 }
 
-__device__ __forceinline__ float e8m0(uint32_t s) { return s == 0 ? 0x1p-127f : __uint_as_float(s << 23); }
+// A block's E8M0 scale 2^(s-127), times the 2^126 that decode8's bit patterns need, split into
+// two factors that cannot overflow: weight = pattern * pre * post (post is 1 unless s > 128).
+struct BlockScale {
+  float pre, post;
+};
+__device__ __forceinline__ BlockScale block_scale(uint32_t s) {
+  if (s <= 128) return {__uint_as_float((s + 126) << 23), 1.0f};
+  return {0x1p127f, __uint_as_float((s - 1) << 23)};
+}
 
-// Eight FP4 (E2M1) codes of a little-endian word, low nibble first, as floats. The three magnitude
-// bits land in an fp32 denormal/normal pattern that is exact after scaling by 2^126.
-__device__ __forceinline__ void decode8(uint32_t w, float (&f)[8]) {
+// Eight FP4 (E2M1) codes of a little-endian word, low nibble first, times `pre`. Sign and the three
+// magnitude bits are placed in an fp32 pattern worth value * 2^-126 (denormal for codes +-1, which
+// fp32 multiplies keep exactly: no flush-to-zero in this file); `pre` carries 2^126 and the scale.
+__device__ __forceinline__ void decode8(uint32_t w, float pre, float (&f)[8]) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const uint32_t nib = w >> (4 * i);
-    const uint32_t bits = ((nib & 8u) << 28) | ((nib & 7u) << 22);
-    f[i] = __uint_as_float(bits) * 0x1p126f;
+    const uint32_t sign = (4 * i + 3 <= 31 ? (w << (28 - 4 * i)) : 0u) & 0x80000000u;
+    const uint32_t mag = (4 * i <= 22 ? (w << (22 - 4 * i)) : (w >> (4 * i - 22))) & 0x01C00000u;
+    f[i] = __uint_as_float(sign | mag) * pre;
   }
 }
 
 __device__ __forceinline__ uint32_t word(const uint4& u, int q) { return q == 0 ? u.x : q == 1 ? u.y : q == 2 ? u.z : u.w; }
 
-// Warp-per-two-weight-rows product for the tokens routed to expert blockIdx.y, T tokens at a time.
+// Warp-per-two-weight-rows product for the tokens routed to one expert (blockIdx.y indexes the
+// experts that have tokens), T tokens at a time. Each lane owns every 32nd 32-value block of the two
+// rows; up to kUnroll blocks' codes are loaded before any is used, to keep loads in flight.
 template <int kStage, int T>
 __global__ __launch_bounds__(kGemvWarps * 32) void moe_gemv_kernel(MoeArgs a, MoeWorkspace ws) {
-  const int e = blockIdx.y;
+  constexpr int kUnroll = T == 1 ? 4 : 1;
+  if (static_cast<int>(blockIdx.y) >= *ws.active_count) return;
+  const int e = ws.active[blockIdx.y];
   const int begin = ws.offsets[e];
   const int n = ws.offsets[e + 1] - begin;
-  if (n == 0) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int in = kStage == 1 ? a.hidden : a.inter;
   const int out_rows = kStage == 1 ? 2 * a.inter : a.hidden;
@@ -122,6 +142,8 @@ __global__ __launch_bounds__(kGemvWarps * 32) void moe_gemv_kernel(MoeArgs a, Mo
   const uint8_t* scales = (kStage == 1 ? a.gu_scales : a.dn_scales) + first_row * groups;
   const bf16* bias = static_cast<const bf16*>(kStage == 1 ? a.gu_bias : a.dn_bias) + first_row;
   const float b0 = bf2f(bias[0]), b1 = has2 ? bf2f(bias[1]) : 0.0f;
+  // The second row of a pair that does not exist reads the first row again (and is never stored).
+  const int64_t second = has2 ? groups : 0;
 
   for (int t0 = 0; t0 < n; t0 += T) {
     const int nt = min(T, n - t0);
@@ -136,38 +158,51 @@ __global__ __launch_bounds__(kGemvWarps * 32) void moe_gemv_kernel(MoeArgs a, Mo
     float acc0[T], acc1[T];
 #pragma unroll
     for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = 0.0f;
-    for (int g = lane; g < groups; g += 32) {
-      const uint4 c0 = *reinterpret_cast<const uint4*>(blocks + static_cast<int64_t>(g) * 16);
-      const uint4 c1 = has2 ? *reinterpret_cast<const uint4*>(blocks + (static_cast<int64_t>(groups) + g) * 16)
-                            : make_uint4(0, 0, 0, 0);
-      const float s0 = e8m0(scales[g]);
-      const float s1 = has2 ? e8m0(scales[groups + g]) : 0.0f;
-      float p0[T], p1[T];
+    for (int g0 = lane; g0 < groups; g0 += 32 * kUnroll) {
+      uint4 c0[kUnroll], c1[kUnroll];
+      uint32_t s0[kUnroll], s1[kUnroll];
 #pragma unroll
-      for (int t = 0; t < T; ++t) p0[t] = p1[t] = 0.0f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float f0[8], f1[8];
-        decode8(word(c0, q), f0);
-        decode8(word(c1, q), f1);
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-          if (t < nt) {
-            const uint4 u = *reinterpret_cast<const uint4*>(xp[t] + g * 32 + q * 8);
-            const float x[8] = {bits_lo(u.x), bits_hi(u.x), bits_lo(u.y), bits_hi(u.y),
-                                bits_lo(u.z), bits_hi(u.z), bits_lo(u.w), bits_hi(u.w)};
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              p0[t] += f0[i] * x[i];
-              p1[t] += f1[i] * x[i];
-            }
-          }
+      for (int u = 0; u < kUnroll; ++u) {
+        const int g = g0 + 32 * u;
+        if (g < groups) {
+          c0[u] = *reinterpret_cast<const uint4*>(blocks + static_cast<int64_t>(g) * 16);
+          c1[u] = *reinterpret_cast<const uint4*>(blocks + (second + g) * 16);
+          s0[u] = scales[g];
+          s1[u] = scales[second + g];
         }
       }
 #pragma unroll
-      for (int t = 0; t < T; ++t) {
-        acc0[t] += p0[t] * s0;
-        acc1[t] += p1[t] * s1;
+      for (int u = 0; u < kUnroll; ++u) {
+        const int g = g0 + 32 * u;
+        if (g >= groups) break;
+        const BlockScale sc0 = block_scale(s0[u]), sc1 = block_scale(s1[u]);
+        float p0[T], p1[T];
+#pragma unroll
+        for (int t = 0; t < T; ++t) p0[t] = p1[t] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float f0[8], f1[8];
+          decode8(word(c0[u], q), sc0.pre, f0);
+          decode8(word(c1[u], q), sc1.pre, f1);
+#pragma unroll
+          for (int t = 0; t < T; ++t) {
+            if (t < nt) {
+              const uint4 v = *reinterpret_cast<const uint4*>(xp[t] + g * 32 + q * 8);
+              const float x[8] = {bits_lo(v.x), bits_hi(v.x), bits_lo(v.y), bits_hi(v.y),
+                                  bits_lo(v.z), bits_hi(v.z), bits_lo(v.w), bits_hi(v.w)};
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                p0[t] += f0[i] * x[i];
+                p1[t] += f1[i] * x[i];
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+          acc0[t] += p0[t] * sc0.post;
+          acc1[t] += p1[t] * sc1.post;
+        }
       }
     }
 #pragma unroll
@@ -239,41 +274,63 @@ __global__ __launch_bounds__(kMmaThreads) void moe_mma_kernel(MoeArgs a, MoeWork
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
 
-  for (int kb = 0; kb < in; kb += kTileK) {
-    // Activations: 64 rows x 64 values, 16 bytes per load.
-    for (int i = tid; i < kTileM * (kTileK / 8); i += kMmaThreads) {
-      const int r = i / (kTileK / 8), c = (i % (kTileK / 8)) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (rows_of[r] && kb + c < in) v = *reinterpret_cast<const uint4*>(rows_of[r] + kb + c);
-      *reinterpret_cast<uint4*>(&sm.op.x[r][c]) = v;
+  // Register staging of the next K slice: the global loads of slice kb+64 are in flight while the
+  // tensor cores work on slice kb. Activations: 4 x 16 bytes per thread; weights: one 32-value block.
+  constexpr int kXLoads = kTileM * (kTileK / 8) / kMmaThreads;
+  uint4 xr[kXLoads];
+  uint4 wcodes = make_uint4(0, 0, 0, 0);
+  uint32_t wscale = 0;
+  bool wvalid = false;
+  const int wrow = tid >> 1, whalf = tid & 1;
+  auto load_slice = [&](int kb) {
+#pragma unroll
+    for (int i = 0; i < kXLoads; ++i) {
+      const int idx = tid + i * kMmaThreads;
+      const int r = idx / (kTileK / 8), c = (idx % (kTileK / 8)) * 8;
+      xr[i] = make_uint4(0, 0, 0, 0);
+      if (rows_of[r] && kb + c < in) xr[i] = *reinterpret_cast<const uint4*>(rows_of[r] + kb + c);
     }
-    // Weights: each thread dequantizes one 32-value block of one row into bf16.
-    {
-      const int r = tid >> 1, half = tid & 1;
-      const int row = col0 + r, g = kb / 32 + half;
-      uint32_t packed[16];
-      if (row < out_rows && g < groups) {
-        const uint4 c = *reinterpret_cast<const uint4*>(blocks + (static_cast<int64_t>(row) * groups + g) * 16);
-        const float s = e8m0(scales[static_cast<int64_t>(row) * groups + g]);
+    const int row = col0 + wrow, g = kb / 32 + whalf;
+    wvalid = row < out_rows && g < groups;
+    if (wvalid) {
+      wcodes = *reinterpret_cast<const uint4*>(blocks + (static_cast<int64_t>(row) * groups + g) * 16);
+      wscale = scales[static_cast<int64_t>(row) * groups + g];
+    }
+  };
+  auto store_slice = [&]() {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          float f[8];
-          decode8(word(c, q), f);
+    for (int i = 0; i < kXLoads; ++i) {
+      const int idx = tid + i * kMmaThreads;
+      const int r = idx / (kTileK / 8), c = (idx % (kTileK / 8)) * 8;
+      *reinterpret_cast<uint4*>(&sm.op.x[r][c]) = xr[i];
+    }
+    uint32_t packed[16];
+    if (wvalid) {
+      const BlockScale sc = block_scale(wscale);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const __nv_bfloat162 two = __floats2bfloat162_rn(f[2 * i] * s, f[2 * i + 1] * s);
-            packed[4 * q + i] = *reinterpret_cast<const uint32_t*>(&two);
-          }
+      for (int q = 0; q < 4; ++q) {
+        float f[8];
+        decode8(word(wcodes, q), sc.pre, f);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const __nv_bfloat162 two = __floats2bfloat162_rn(f[2 * i] * sc.post, f[2 * i + 1] * sc.post);
+          packed[4 * q + i] = *reinterpret_cast<const uint32_t*>(&two);
         }
-      } else {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) packed[i] = 0;
       }
-      uint4* dst = reinterpret_cast<uint4*>(&sm.op.w[r][half * 32]);
+    } else {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) dst[i] = make_uint4(packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]);
+      for (int i = 0; i < 16; ++i) packed[i] = 0;
     }
+    uint4* dst = reinterpret_cast<uint4*>(&sm.op.w[wrow][whalf * 32]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dst[i] = make_uint4(packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]);
+  };
+
+  load_slice(0);
+  for (int kb = 0; kb < in; kb += kTileK) {
+    store_slice();
     __syncthreads();
+    if (kb + kTileK < in) load_slice(kb + kTileK);
 #pragma unroll
     for (int kk = 0; kk < kTileK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
@@ -333,12 +390,11 @@ __global__ void combine_kernel(const int32_t* ids, const float* weights, int k, 
 template <int T>
 void launch_gemvs(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
   const int rows_per_block = kGemvWarps * 2;
-  const dim3 g1(static_cast<unsigned>((2 * a.inter + rows_per_block - 1) / rows_per_block),
-                static_cast<unsigned>(a.experts));
+  const unsigned active = static_cast<unsigned>(std::min(a.experts, a.rows * a.k));
+  const dim3 g1(static_cast<unsigned>((2 * a.inter + rows_per_block - 1) / rows_per_block), active);
   moe_gemv_kernel<1, T><<<g1, kGemvWarps * 32, 0, stream>>>(a, ws);
   check_launch("moe gate_up");
-  const dim3 g2(static_cast<unsigned>((a.hidden + rows_per_block - 1) / rows_per_block),
-                static_cast<unsigned>(a.experts));
+  const dim3 g2(static_cast<unsigned>((a.hidden + rows_per_block - 1) / rows_per_block), active);
   moe_gemv_kernel<2, T><<<g2, kGemvWarps * 32, 0, stream>>>(a, ws);
   check_launch("moe down");
 }
@@ -357,7 +413,8 @@ void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) 
 
 size_t moe_workspace_bytes(int rows, int k, int experts, int hidden, int inter) {
   const size_t slots = static_cast<size_t>(rows) * static_cast<size_t>(k);
-  return 256 + align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts)) * 8) +
+  return 256 + align256(static_cast<size_t>(experts) * 4) +
+         align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts)) * 8) +
          align256(static_cast<size_t>(experts + 1) * 4) + align256(slots * 4) +
          align256(slots * static_cast<size_t>(inter) * 2) + align256(slots * static_cast<size_t>(hidden) * 4);
 }
@@ -370,8 +427,9 @@ void moe(const MoeArgs& a, cudaStream_t stream) {
   const int n = a.rows * a.k;
   route_kernel<<<1, 1024, static_cast<size_t>(2 * a.experts) * sizeof(int), stream>>>(a.ids, n, a.experts, ws);
   check_launch("moe route");
-  // Tensor cores once experts average 16+ tokens; the matrix-vector path below that.
-  const bool mma = a.path == MoePath::kMma || (a.path == MoePath::kAuto && n >= 16 * a.experts);
+  // Tensor cores once experts average 4+ tokens (measured on an H200: faster from about 8 tokens per
+  // expert even with most of each 64-token tile empty); the matrix-vector path below that.
+  const bool mma = a.path == MoePath::kMma || (a.path == MoePath::kAuto && n >= 4 * a.experts);
   if (mma) {
     launch_mmas(a, ws, stream);
   } else if (a.rows == 1) {
