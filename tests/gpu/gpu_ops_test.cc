@@ -175,6 +175,8 @@ struct AttnCase {
   bool extra_full = false;
 };
 
+void PrintTo(const AttnCase& c, std::ostream* os) { *os << c.name; }
+
 class GpuAttention : public GpuOps, public ::testing::WithParamInterface<AttnCase> {};
 
 TEST_P(GpuAttention, MatchesCpuAndStoresTheSameCache) {
@@ -274,6 +276,8 @@ struct MoeCase {
   std::string name;
   int experts, hidden, inter, rows, k;
 };
+
+void PrintTo(const MoeCase& c, std::ostream* os) { *os << c.name; }
 
 class GpuMoe : public GpuOps, public ::testing::WithParamInterface<MoeCase> {};
 
