@@ -17,12 +17,31 @@
 namespace arbiter::cpu {
 namespace isa {
 
-void deinterleave32(const float* x, int64_t n, float* out) {
-  for (int64_t g = 0; g + 32 <= n; g += 32)
-    for (int j = 0; j < 16; ++j) {
+void deinterleave(const float* x, int64_t n, int block, float* out) {
+  const int half = block / 2;
+  int64_t g = 0;
+  for (; g + block <= n; g += block)
+    for (int j = 0; j < half; ++j) {
       out[g + j] = x[g + 2 * j];
-      out[g + 16 + j] = x[g + 2 * j + 1];
+      out[g + half + j] = x[g + 2 * j + 1];
     }
+  for (; g < n; ++g) out[g] = x[g];
+}
+
+void deinterleave32(const float* x, int64_t n, float* out) { deinterleave(x, n, 32, out); }
+
+void pack_xt(const float* x, int64_t rows, int64_t in, int chunk, float* xt) {
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* dst = xt + c * in * chunk;
+    const int64_t m0 = c * chunk, mr = std::min<int64_t>(chunk, rows - m0);
+    for (int64_t k = 0; k < in; ++k) {
+      const int64_t j = k % 32, src_k = k - j + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
+      float* row = dst + k * chunk;
+      for (int64_t t = 0; t < mr; ++t) row[t] = x[(m0 + t) * in + src_k];
+      for (int64_t t = mr; t < chunk; ++t) row[t] = 0.0f;
+    }
+  }
 }
 
 namespace portable_impl {
@@ -32,6 +51,8 @@ struct S {
   static constexpr int kGemmNV = 2;
   static constexpr int kGemmMR = 4;
   static constexpr int kGemmKC = 256;
+  static constexpr int kGemmTN = 4;
+  static constexpr int kGemmTV = 2;
   static constexpr int kScoreQ = 4;
   static constexpr int kScoreC = 2;
   static constexpr int kPvQ = 2;
@@ -69,11 +90,13 @@ struct S {
   static void prefetch(const void*) {}
   static V bf16(const uint16_t* p) { return map([p](int i) { return arbiter::bf16_to_f32(p[i]); }); }
   static V bf16_n(const uint16_t* p, int n) { return map([p, n](int i) { return i < n ? arbiter::bf16_to_f32(p[i]) : 0.0f; }); }
-  static void fp4(const uint8_t* b, V* even, V* odd) {
-    for (int h = 0; h < 2; ++h) {
-      even[h] = map([&](int i) { return kFp4Values[b[8 * h + i] & 0xF]; });
-      odd[h] = map([&](int i) { return kFp4Values[b[8 * h + i] >> 4]; });
-    }
+  // Codes travel as exact small floats.
+  static V load_codes(const uint8_t* b) { return map([b](int i) { return static_cast<float>(b[i]); }); }
+  static V fp4_lo(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) & 0xF]; }); }
+  static V fp4_hi(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) >> 4]; }); }
+  static void bf16_pair(const uint16_t* p, V& even, V& odd) {
+    even = map([p](int i) { return arbiter::bf16_to_f32(p[2 * i]); });
+    odd = map([p](int i) { return arbiter::bf16_to_f32(p[2 * i + 1]); });
   }
   static void transpose(V* r) {
     for (int i = 0; i < W; ++i)
@@ -182,6 +205,9 @@ void linear_bf16(ThreadPool& pool, const float* x, int64_t rows, int64_t in, con
     run_gemm(pool, a, t.bf16_gemm, t.gemm_nr);
     return;
   }
+  std::vector<float>& xd = scratch(static_cast<size_t>(rows * in));
+  for (int64_t r = 0; r < rows; ++r) isa::deinterleave(x + r * in, in, 2 * t.lanes, xd.data() + r * in);
+  a.x = xd.data();
   pool.parallel_for(out_features, matvec_grain(in, 4), [&](int64_t b, int64_t e) { t.bf16_matvec(a, b, e); });
 }
 
@@ -200,8 +226,16 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
   a.y = y;
   if (path == LinearPath::kAuto) path = rows >= kMxfp4GemmMinRows ? LinearPath::kGemm : LinearPath::kMatvec;
   if (path == LinearPath::kGemm) {
-    a.x = x;
-    run_gemm(pool, a, t.mxfp4_gemm, t.gemm_nr);
+    // Token chunks of equal whole vectors: 70 rows in two chunks of 48 rather than 64 + 6.
+    const int64_t vecs = (rows + t.lanes - 1) / t.lanes, per_chunk = t.xt_chunk / t.lanes;
+    const int64_t chunks = (vecs + per_chunk - 1) / per_chunk;
+    const int64_t chunk = (vecs + chunks - 1) / chunks * t.lanes;
+    a.xt_chunk = chunk;
+    std::vector<float>& xt = scratch(static_cast<size_t>((rows + chunk - 1) / chunk * chunk * in));
+    isa::pack_xt(x, rows, in, static_cast<int>(chunk), xt.data());
+    a.x = xt.data();
+    const int64_t tn = t.mxfp4_gemm_rows, panels = (out_features + tn - 1) / tn;
+    pool.parallel_for(panels, 1, [&](int64_t b, int64_t e) { t.mxfp4_gemm(a, b * tn, std::min(out_features, e * tn)); });
     return;
   }
   std::vector<float>& xd = scratch(static_cast<size_t>(rows * in));

@@ -20,8 +20,8 @@ const char* isa_name(Isa isa);
 // (streams each weight row once for all rows; decode) below a threshold, the packed GEMM above.
 enum class LinearPath { kAuto, kMatvec, kGemm };
 // Row counts from which kAuto switches to the GEMM.
-inline constexpr int64_t kBf16GemmMinRows = 16;
-inline constexpr int64_t kMxfp4GemmMinRows = 8;
+inline constexpr int64_t kBf16GemmMinRows = 32;
+inline constexpr int64_t kMxfp4GemmMinRows = 24;
 
 // y[r, o] = sum_i x[r, i] * w[o, i] + bias[o] with w bf16 [out, in]; bias may be null.
 void linear_bf16(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint16_t* w,

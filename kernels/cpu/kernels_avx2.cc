@@ -15,6 +15,8 @@ struct S {
   static constexpr int kGemmNV = 2;    // NR = 16
   static constexpr int kGemmMR = 6;    // 6 x 2 accumulators
   static constexpr int kGemmKC = 256;  // 256 x 16 fp32 panel = 16 KiB
+  static constexpr int kGemmTN = 6;     // MXFP4 GEMM: weight rows x token vectors per chunk
+  static constexpr int kGemmTV = 2;
   static constexpr int kScoreQ = 4;
   static constexpr int kScoreC = 2;
   static constexpr int kPvQ = 2;
@@ -66,12 +68,15 @@ struct S {
     const __m256i sign = _mm256_and_si256(_mm256_slli_epi32(idx, 28), _mm256_set1_epi32(static_cast<int>(0x80000000u)));
     return _mm256_xor_ps(mag, _mm256_castsi256_ps(sign));
   }
-  static void fp4(const uint8_t* b, V* even, V* odd) {
-    for (int h = 0; h < 2; ++h) {
-      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * h)));
-      even[h] = decode(idx);
-      odd[h] = decode(_mm256_srli_epi32(idx, 4));
-    }
+  static V load_codes(const uint8_t* b) {
+    return _mm256_castsi256_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
+  }
+  static V fp4_lo(V c) { return decode(_mm256_castps_si256(c)); }
+  static V fp4_hi(V c) { return decode(_mm256_srli_epi32(_mm256_castps_si256(c), 4)); }
+  static void bf16_pair(const uint16_t* p, V& even, V& odd) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 
   static void transpose(V* r) {

@@ -19,6 +19,8 @@ struct S {
   static constexpr int kGemmNV = 4;    // NR = 64 output features per panel
   static constexpr int kGemmMR = 6;    // 6 x 4 accumulators
   static constexpr int kGemmKC = 128;  // 128 x 64 fp32 panel = 32 KiB (L1)
+  static constexpr int kGemmTN = 6;     // MXFP4 GEMM: weight rows x token vectors per chunk
+  static constexpr int kGemmTV = 4;
   static constexpr int kScoreQ = 8;
   static constexpr int kScoreC = 2;
   static constexpr int kPvQ = 4;
@@ -51,12 +53,19 @@ struct S {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 
-  // 16 codes (16 bytes = 32 FP4 values): even[0] = low nibbles, odd[0] = high nibbles.
-  static void fp4(const uint8_t* b, V* even, V* odd) {
-    const V lut = _mm512_loadu_ps(kFp4Values);
-    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-    even[0] = _mm512_permutexvar_ps(idx, lut);  // uses the low 4 bits of each index
-    odd[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), lut);
+  // 32 bf16 -> the 16 even and the 16 odd elements as fp32, without widening shuffles.
+  static void bf16_pair(const uint16_t* p, V& even, V& odd) {
+    const __m512i v = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  // 16 code bytes, one per 32-bit lane (carried in a float vector), and their two FP4 values.
+  static V load_codes(const uint8_t* b) {
+    return _mm512_castsi512_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))));
+  }
+  static V fp4_lo(V c) { return _mm512_permutexvar_ps(_mm512_castps_si512(c), _mm512_loadu_ps(kFp4Values)); }
+  static V fp4_hi(V c) {
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_castps_si512(c), 4), _mm512_loadu_ps(kFp4Values));
   }
 
   static void transpose(V* r) {

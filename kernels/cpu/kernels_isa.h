@@ -21,10 +21,18 @@ struct LinearArgs {
   const uint8_t* scales = nullptr;   // E8M0 [out, in/32]
   const uint16_t* bias = nullptr;    // bf16 [out] or null
   float* y = nullptr;                // [rows, out]
+  int64_t xt_chunk = 0;              // MXFP4 GEMM: tokens per x^T chunk (see pack_xt)
 };
 // The MXFP4 matvec reads x de-interleaved: within each block of 32, the 16 even elements first,
 // then the 16 odd ones (so the low and high nibbles of a byte meet their inputs without shuffles).
 void deinterleave32(const float* x, int64_t n, float* out);
+// The same with blocks of `block` floats (even); a partial last block is copied unchanged.
+void deinterleave(const float* x, int64_t n, int block, float* out);
+
+// The MXFP4 GEMM reads x transposed in chunks of `chunk` tokens: chunk c is [in][chunk] with
+// xt[c][k'][t] = x[c * chunk + t][k], k' the de-interleaved position of k (as above) and tokens
+// past the last row zero.
+void pack_xt(const float* x, int64_t rows, int64_t in, int chunk, float* xt);
 
 // One attention problem: query vectors that share one kv head and one sequence's keys.
 struct AttentionTask {
@@ -55,9 +63,14 @@ inline int64_t attention_scratch_floats(int head_dim, int num_queries) {
 struct KernelTable {
   const char* name;
   int gemm_nr;  // output features per GEMM panel; gemm ranges start at multiples of it
+  int lanes;    // floats per vector
+  int mxfp4_gemm_rows;  // weight rows per MXFP4 GEMM tile
+  int xt_chunk;         // most tokens per MXFP4 GEMM tile; x^T chunks are a multiple of lanes up to it
+  // x de-interleaved by deinterleave(x, in, 2 * lanes) (its first in / (2 lanes) blocks).
   void (*bf16_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   void (*bf16_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   void (*mxfp4_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
+  // x: pack_xt() of the activations with chunk xt_chunk; o_begin a multiple of mxfp4_gemm_rows.
   void (*mxfp4_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   // Needs head_dim % lanes == 0; scratch of attention_scratch_floats().
   void (*attention)(const AttentionTask&, float* scratch);

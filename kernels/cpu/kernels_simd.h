@@ -29,28 +29,43 @@ inline float bf16f(uint16_t v) {
 // ---------------------------------------------------------------------------------------------
 // bf16 matvec: O output rows x R activation rows per tile.
 
+// x arrives de-interleaved in blocks of 2W (the W even elements, then the W odd ones) over the
+// first in / (2W) * 2W inputs, so 2W bf16 weights become two fp32 vectors with one shift and one
+// mask (no widening shuffles); the tail is in natural order.
 template <int O, int R>
 void bf16_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
-  const int64_t in = a.in;
+  const int64_t in = a.in, paired = in / (2 * W) * (2 * W);
   const uint16_t* wr[O];
   for (int o = 0; o < O; ++o) wr[o] = a.w + (o0 + (o < no ? o : 0)) * in;
   const float* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = a.x + (r0 + r) * in;
-  V acc[O][R];
-  for (int o = 0; o < O; ++o)
+  // A single row keeps separate even/odd chains (latency); more rows have enough chains already.
+  constexpr int C = R == 1 ? 2 : 1;
+  V acc[O][R], acc2[O][C];
+  for (int o = 0; o < O; ++o) {
     for (int r = 0; r < R; ++r) acc[o][r] = S::zero();
+    for (int r = 0; r < C; ++r) acc2[o][r] = S::zero();
+  }
   int64_t k = 0;
-  for (; k + W <= in; k += W) {
-    V xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = S::load(xr[r] + k);
+  for (; k < paired; k += 2 * W) {
+    V xe[R], xo[R];
+    for (int r = 0; r < R; ++r) {
+      xe[r] = S::load(xr[r] + k);
+      xo[r] = S::load(xr[r] + k + W);
+    }
     for (int o = 0; o < O; ++o) {
-      S::prefetch(wr[o] + k + 512);
-      const V w = S::bf16(wr[o] + k);
-      for (int r = 0; r < R; ++r) acc[o][r] = S::fma(w, xv[r], acc[o][r]);
+      if ((k & 63) == 0) S::prefetch(wr[o] + k + 1024);
+      V we, wo;
+      S::bf16_pair(wr[o] + k, we, wo);
+      for (int r = 0; r < R; ++r) {
+        acc[o][r] = S::fma(we, xe[r], acc[o][r]);
+        if constexpr (R == 1) acc2[o][0] = S::fma(wo, xo[r], acc2[o][0]);
+        else acc[o][r] = S::fma(wo, xo[r], acc[o][r]);
+      }
     }
   }
-  if (k < in) {
-    const int n = static_cast<int>(in - k);
+  for (; k < in; k += W) {
+    const int n = static_cast<int>(imin(W, in - k));
     V xv[R];
     for (int r = 0; r < R; ++r) xv[r] = S::load_n(xr[r] + k, n);
     for (int o = 0; o < O; ++o) {
@@ -60,6 +75,7 @@ void bf16_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
   }
   for (int o = 0; o < no; ++o) {
     const float b = a.bias ? bf16f(a.bias[o0 + o]) : 0.0f;
+    if constexpr (R == 1) acc[o][0] = S::add(acc[o][0], acc2[o][0]);
     for (int r = 0; r < R; ++r) a.y[(r0 + r) * a.out + o0 + o] = S::hsum(acc[o][r]) + b;
   }
 }
@@ -112,9 +128,13 @@ void mxfp4_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
         xo[r][h] = S::load(xr[r] + g * 32 + 16 + h * W);
       }
     for (int o = 0; o < O; ++o) {
-      S::prefetch(br[o] + g * 16 + 256);
+      if ((g & 3) == 0) S::prefetch(br[o] + g * 16 + 512);
       V ev[kHalves], od[kHalves];
-      S::fp4(br[o] + g * 16, ev, od);
+      for (int h = 0; h < kHalves; ++h) {
+        const V c = S::load_codes(br[o] + g * 16 + h * W);
+        ev[h] = S::fp4_lo(c);
+        od[h] = S::fp4_hi(c);
+      }
       const V s = S::set1(kE8m0.v[sr[o][g]]);
       if constexpr (R == 1) {
         V t = S::mul(ev[0], xe[0][0]);
@@ -216,40 +236,6 @@ void pack_bf16(const LinearArgs& a, int64_t n0, int nr, int64_t k0, int kc, floa
   }
 }
 
-void pack_mxfp4(const LinearArgs& a, int64_t n0, int nr, int64_t k0, int kc, float* bp) {
-  const int64_t groups = a.in / 32;
-  for (int g = 0; g < NV; ++g) {
-    const int valid = static_cast<int>(imax(0, imin(W, nr - g * W)));
-    for (int kk = 0; kk < kc; kk += 32) {
-      const int64_t grp = (k0 + kk) / 32;
-      V ev[kHalves][W], od[kHalves][W];
-      for (int i = 0; i < W; ++i) {
-        if (i >= valid) {
-          for (int h = 0; h < kHalves; ++h) ev[h][i] = od[h][i] = S::zero();
-          continue;
-        }
-        const int64_t row = n0 + g * W + i;
-        V e[kHalves], o[kHalves];
-        S::fp4(a.blocks + (row * groups + grp) * 16, e, o);
-        const V s = S::set1(kE8m0.v[a.scales[row * groups + grp]]);
-        for (int h = 0; h < kHalves; ++h) {
-          ev[h][i] = S::mul(e[h], s);
-          od[h][i] = S::mul(o[h], s);
-        }
-      }
-      for (int h = 0; h < kHalves; ++h) {
-        S::transpose(ev[h]);
-        S::transpose(od[h]);
-        for (int t = 0; t < W; ++t) {
-          const int j = h * W + t;  // element pair index within the block: k = 2j, 2j + 1
-          S::store(bp + (kk + 2 * j) * NR + g * W, ev[h][t]);
-          S::store(bp + (kk + 2 * j + 1) * NR + g * W, od[h][t]);
-        }
-      }
-    }
-  }
-}
-
 template <void (*Pack)(const LinearArgs&, int64_t, int, int64_t, int, float*)>
 void gemm(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   alignas(64) float bp[KC * NR];
@@ -287,7 +273,91 @@ void gemm(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
 static_assert(MR <= 8, "remainder dispatch covers MR <= 8");
 
 void bf16_gemm(const LinearArgs& a, int64_t o_begin, int64_t o_end) { gemm<pack_bf16>(a, o_begin, o_end); }
-void mxfp4_gemm(const LinearArgs& a, int64_t o_begin, int64_t o_end) { gemm<pack_mxfp4>(a, o_begin, o_end); }
+// ---------------------------------------------------------------------------------------------
+// MXFP4 GEMM, transposed: C^T = W x^T. Tiles of TN weight rows x XC tokens. Per block of KD
+// inputs, the tile's weight rows are dequantized row-major into an L1 buffer (in the even/odd
+// order of each 32-block: no transposes) and consumed at once by broadcast-FMA against x^T,
+// which arrives packed per chunk of XC tokens ([in][XC], rows in the same even/odd order,
+// zero-padded). K is not blocked outside the registers: each output is written once.
+
+constexpr int TN = S::kGemmTN;  // weight rows per tile
+constexpr int TV = S::kGemmTV;  // token vectors per tile
+constexpr int XC = TV * W;      // tokens per x^T chunk (one tile)
+constexpr int KD = 256;         // inputs dequantized per block
+static_assert(KD % 32 == 0 && 32 % TV == 0, "blocks hold whole MXFP4 groups and split over accumulator sets");
+
+// With fewer than TV token vectors the k loop is split over P interleaved accumulator sets, so
+// there are always about TN * TV independent FMA chains.
+template <int MV>
+void mxfp4_tile(const LinearArgs& a, int64_t n0, int nr, const float* xt, int64_t ldx, float* tile) {
+  constexpr int P = TV / MV > 1 ? TV / MV : 1;
+  alignas(64) float wp[TN * KD];
+  for (int n = nr; n < TN; ++n)
+    for (int k = 0; k < KD; k += W) S::store(wp + n * KD + k, S::zero());
+  V acc[P][TN][MV];
+  for (int p = 0; p < P; ++p)
+    for (int n = 0; n < TN; ++n)
+      for (int v = 0; v < MV; ++v) acc[p][n][v] = S::zero();
+  const int64_t groups = a.in / 32;
+  for (int64_t kb = 0; kb < a.in; kb += KD) {
+    const int kn = static_cast<int>(imin(KD, a.in - kb));
+    for (int n = 0; n < nr; ++n) {
+      const uint8_t* b = a.blocks + ((n0 + n) * groups + kb / 32) * 16;
+      const uint8_t* sc = a.scales + (n0 + n) * groups + kb / 32;
+      float* dst = wp + n * KD;
+      for (int g = 0; g < kn / 32; ++g) {
+        const V s = S::set1(kE8m0.v[sc[g]]);
+        for (int h = 0; h < kHalves; ++h) {
+          const V c = S::load_codes(b + g * 16 + h * W);
+          S::store(dst + g * 32 + h * W, S::mul(S::fp4_lo(c), s));
+          S::store(dst + g * 32 + 16 + h * W, S::mul(S::fp4_hi(c), s));
+        }
+      }
+    }
+    const float* xk = xt + kb * ldx;
+#pragma GCC unroll 2
+    for (int k = 0; k < kn; k += P) {
+      for (int p = 0; p < P; ++p) {
+        V xv[MV];
+        for (int v = 0; v < MV; ++v) xv[v] = S::load(xk + (k + p) * ldx + v * W);
+        for (int n = 0; n < TN; ++n) {
+          const V wb = S::set1(wp[n * KD + k + p]);
+          for (int v = 0; v < MV; ++v) acc[p][n][v] = S::fma(wb, xv[v], acc[p][n][v]);
+        }
+      }
+    }
+  }
+  for (int n = 0; n < TN; ++n)
+    for (int v = 0; v < MV; ++v) {
+      V r = acc[0][n][v];
+      for (int p = 1; p < P; ++p) r = S::add(r, acc[p][n][v]);
+      S::store(tile + n * XC + v * W, r);
+    }
+}
+
+void mxfp4_gemm(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  alignas(64) float tile[TN * XC];
+  const int64_t ldx = a.xt_chunk, chunks = (a.rows + ldx - 1) / ldx;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t m0 = c * ldx;
+    const int mr = static_cast<int>(imin(ldx, a.rows - m0));
+    const float* xt = a.x + c * a.in * ldx;
+    for (int64_t n0 = o_begin; n0 < o_end; n0 += TN) {
+      const int nr = static_cast<int>(imin(TN, o_end - n0));
+      switch ((mr + W - 1) / W) {
+        case 1: mxfp4_tile<1>(a, n0, nr, xt, ldx, tile); break;
+        case 2: mxfp4_tile<2 < TV ? 2 : TV>(a, n0, nr, xt, ldx, tile); break;
+        case 3: mxfp4_tile<3 < TV ? 3 : TV>(a, n0, nr, xt, ldx, tile); break;
+        default: mxfp4_tile<TV>(a, n0, nr, xt, ldx, tile); break;
+      }
+      for (int n = 0; n < nr; ++n) {
+        const float b = a.bias ? bf16f(a.bias[n0 + n]) : 0.0f;
+        for (int m = 0; m < mr; ++m) a.y[(m0 + m) * a.out + n0 + n] = tile[n * XC + m] + b;
+      }
+    }
+  }
+}
+static_assert(TV <= 4, "tile dispatch covers up to 4 token vectors");
 
 // ---------------------------------------------------------------------------------------------
 // Attention.
@@ -508,6 +578,6 @@ void bf16_to_f32(const uint16_t* in, int64_t n, float* out) {
 }
 
 constexpr KernelTable make_table(const char* name) {
-  return KernelTable{name,      NR,      bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
+  return KernelTable{name,      NR,      W,         TN,        XC,        bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
                      swiglu,    rms_norm, rope,       add,       axpy,         bf16_to_f32};
 }
