@@ -13,11 +13,7 @@ bash scripts/fetch-tokenizer.sh >/dev/null
 tok_dir=${ARBITER_TOKENIZER_DIR:-$repo/.cache/tokenizer}
 node_dir=${ARBITER_NODE_DIR:-$repo/.cache/node}
 
-if ! ninja -C "$build" -j"${ARBITER_JOBS:-2}" text_bench >/dev/null 2>&1; then
-  # bench/CMakeLists.txt does not add bench/text yet: add it through a project include.
-  cmake -S "$repo" -B "$build" -DCMAKE_PROJECT_INCLUDE="$repo/bench/text/standalone.cmake" >/dev/null
-  ninja -C "$build" -j"${ARBITER_JOBS:-2}" text_bench >/dev/null
-fi
+ninja -C "$build" -j"${ARBITER_JOBS:-2}" text_bench >/dev/null
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
