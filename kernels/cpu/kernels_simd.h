@@ -92,9 +92,35 @@ void bf16_mv_rows(const LinearArgs& a, int64_t o0, int no) {
   }
 }
 
+// One activation row: weight rows one after another (the range is one sequential stream), with
+// software prefetch 4 KiB ahead. Deliberately only two FMA chains: measured on Zen 5, issuing
+// the loads faster than this lowers the achieved memory bandwidth (the prefetches fall behind).
+void bf16_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  const int64_t in = a.in, paired = in / (2 * W) * (2 * W);
+  const float* x = a.x;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint16_t* w = a.w + o * in;
+    V acc0 = S::zero(), acc1 = S::zero();
+    int64_t k = 0;
+    for (; k < paired; k += 2 * W) {
+      if ((k & 127) == 0)
+        for (int j = 0; j < 256; j += 64) S::prefetch(reinterpret_cast<const char*>(w + k) + 4096 + j);
+      V we, wo;
+      S::bf16_pair(w + k, we, wo);
+      acc0 = S::fma(we, S::load(x + k), acc0);
+      acc1 = S::fma(wo, S::load(x + k + W), acc1);
+    }
+    for (; k < in; k += W) {
+      const int n = static_cast<int>(imin(W, in - k));
+      acc0 = S::fma(S::bf16_n(w + k, n), S::load_n(x + k, n), acc0);
+    }
+    a.y[o] = S::hsum(S::add(acc0, acc1)) + (a.bias ? bf16f(a.bias[o]) : 0.0f);
+  }
+}
+
 void bf16_matvec(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   if (a.rows == 1) {
-    for (int64_t o0 = o_begin; o0 < o_end; o0 += 8) bf16_mv_tile<8, 1>(a, o0, static_cast<int>(imin(8, o_end - o0)), 0);
+    bf16_matvec_row(a, o_begin, o_end);
     return;
   }
   for (int64_t o0 = o_begin; o0 < o_end; o0 += 4) bf16_mv_rows<4>(a, o0, static_cast<int>(imin(4, o_end - o0)));
@@ -163,7 +189,42 @@ void mxfp4_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
   }
 }
 
+// One activation row: weight rows one after another (one sequential stream), two blocks per step
+// into two accumulators, the scale applied once per block.
+void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  const int64_t groups = a.in / 32;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* b = a.blocks + o * groups * 16;
+    const uint8_t* sc = a.scales + o * groups;
+    auto block = [&](int64_t g, V acc) {
+      const float* x = a.x + g * 32;
+      V c = S::load_codes(b + g * 16);
+      V t = S::mul(S::fp4_lo(c), S::load(x));
+      t = S::fma(S::fp4_hi(c), S::load(x + 16), t);
+      for (int h = 1; h < kHalves; ++h) {
+        c = S::load_codes(b + g * 16 + h * W);
+        t = S::fma(S::fp4_lo(c), S::load(x + h * W), t);
+        t = S::fma(S::fp4_hi(c), S::load(x + 16 + h * W), t);
+      }
+      return S::fma(t, S::set1(kE8m0.v[sc[g]]), acc);
+    };
+    V acc0 = S::zero(), acc1 = S::zero();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      if ((g & 3) == 0) S::prefetch(b + g * 16 + 2048);
+      acc0 = block(g, acc0);
+      acc1 = block(g + 1, acc1);
+    }
+    if (g < groups) acc0 = block(g, acc0);
+    a.y[o] = S::hsum(S::add(acc0, acc1)) + (a.bias ? bf16f(a.bias[o]) : 0.0f);
+  }
+}
+
 void mxfp4_matvec(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  if (a.rows == 1) {
+    mxfp4_matvec_row(a, o_begin, o_end);
+    return;
+  }
   for (int64_t o0 = o_begin; o0 < o_end; o0 += 4) {
     const int no = static_cast<int>(imin(4, o_end - o0));
     int64_t r0 = 0;
