@@ -72,16 +72,16 @@ void CpuBackend::embedding(const Tensor& table, const StepContext& step, const T
   const auto& tokens = step.layout().tokens;
   const int64_t dim = table.shape[1];
   require(out.rows() >= static_cast<int64_t>(tokens.size()) && out.row_elements() == dim, "embedding shape");
-  for (size_t r = 0; r < tokens.size(); ++r) {
-    const int64_t id = tokens[r];
+  for (const int32_t id : tokens)
     if (id < 0 || id >= table.shape[0]) throw std::out_of_range("token id " + std::to_string(id) + " outside the vocabulary");
-    float* o = out.as<float>() + static_cast<int64_t>(r) * dim;
-    if (table.dtype == DType::kBF16) {
-      cpu::bf16_to_f32(table.as<const uint16_t>() + id * dim, dim, o);
-    } else {
-      std::memcpy(o, table.as<const float>() + id * dim, static_cast<size_t>(dim) * 4);
+  pool_->parallel_for(static_cast<int64_t>(tokens.size()), 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t id = tokens[static_cast<size_t>(r)];
+      float* o = out.as<float>() + r * dim;
+      if (table.dtype == DType::kBF16) cpu::bf16_to_f32(table.as<const uint16_t>() + id * dim, dim, o);
+      else std::memcpy(o, table.as<const float>() + id * dim, static_cast<size_t>(dim) * 4);
     }
-  }
+  });
 }
 
 void CpuBackend::rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) {
@@ -294,30 +294,54 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& expert_ids, const Te
       by_expert[static_cast<size_t>(e)].push_back({r, expert_weights.as<const float>()[r * k + j]});
     }
   std::memset(out.data, 0, out.bytes());
-  std::vector<float> xs, u, act, y;
-  const int64_t gu_block_stride = 2 * inter * (hidden / 32);
-  const int64_t down_block_stride = hidden * (inter / 32);
+  // Each expert's rows gathered contiguously; all experts then go through gate_up, SwiGLU and down
+  // together (one parallel pass per matrix kind instead of one per expert).
+  std::vector<int64_t> first(static_cast<size_t>(num_experts) + 1, 0);
+  for (int e = 0; e < num_experts; ++e)
+    first[static_cast<size_t>(e) + 1] = first[static_cast<size_t>(e)] + static_cast<int64_t>(by_expert[static_cast<size_t>(e)].size());
+  const int64_t total = first.back();
+  if (total == 0) return;
+  std::vector<float> xs(static_cast<size_t>(total * hidden)), u(static_cast<size_t>(total * 2 * inter)),
+      act(static_cast<size_t>(total * inter)), y(static_cast<size_t>(total * hidden));
   for (int e = 0; e < num_experts; ++e) {
     const auto& members = by_expert[static_cast<size_t>(e)];
-    if (members.empty()) continue;
-    const int64_t m = static_cast<int64_t>(members.size());
-    xs.resize(static_cast<size_t>(m * hidden));
-    for (int64_t i = 0; i < m; ++i)
-      std::memcpy(&xs[static_cast<size_t>(i * hidden)], x.as<const float>() + members[static_cast<size_t>(i)].first * hidden,
-                  static_cast<size_t>(hidden) * 4);
-    u.resize(static_cast<size_t>(m * 2 * inter));
-    cpu::linear_mxfp4(*pool_, xs.data(), m, hidden, ex.gate_up_blocks.as<const uint8_t>() + e * gu_block_stride * 16,
-                      ex.gate_up_scales.as<const uint8_t>() + e * gu_block_stride, 2 * inter,
-                      ex.gate_up_bias.as<const uint16_t>() + e * 2 * inter, u.data());
-    act.resize(static_cast<size_t>(m * inter));
-    cpu::swiglu(*pool_, u.data(), m, inter, swiglu_limit, act.data());
-    y.resize(static_cast<size_t>(m * hidden));
-    cpu::linear_mxfp4(*pool_, act.data(), m, inter, ex.down_blocks.as<const uint8_t>() + e * down_block_stride * 16,
-                      ex.down_scales.as<const uint8_t>() + e * down_block_stride, hidden,
-                      ex.down_bias.as<const uint16_t>() + e * hidden, y.data());
-    for (int64_t i = 0; i < m; ++i) {
-      const auto [row, w] = members[static_cast<size_t>(i)];
-      cpu::axpy(out.as<float>() + row * hidden, w, &y[static_cast<size_t>(i * hidden)], hidden);
+    for (size_t i = 0; i < members.size(); ++i)
+      std::memcpy(&xs[static_cast<size_t>((first[static_cast<size_t>(e)] + static_cast<int64_t>(i)) * hidden)],
+                  x.as<const float>() + members[i].first * hidden, static_cast<size_t>(hidden) * 4);
+  }
+  const int64_t gu_block_stride = 2 * inter * (hidden / 32);
+  const int64_t down_block_stride = hidden * (inter / 32);
+  std::vector<cpu::Mxfp4Problem> gate_up, down;
+  for (int e = 0; e < num_experts; ++e) {
+    const int64_t m = first[static_cast<size_t>(e) + 1] - first[static_cast<size_t>(e)];
+    if (m == 0) continue;
+    const int64_t r0 = first[static_cast<size_t>(e)];
+    cpu::Mxfp4Problem g;
+    g.x = &xs[static_cast<size_t>(r0 * hidden)];
+    g.rows = m;
+    g.blocks = ex.gate_up_blocks.as<const uint8_t>() + e * gu_block_stride * 16;
+    g.scales = ex.gate_up_scales.as<const uint8_t>() + e * gu_block_stride;
+    g.bias = ex.gate_up_bias.as<const uint16_t>() + e * 2 * inter;
+    g.y = &u[static_cast<size_t>(r0 * 2 * inter)];
+    gate_up.push_back(g);
+    cpu::Mxfp4Problem d;
+    d.x = &act[static_cast<size_t>(r0 * inter)];
+    d.rows = m;
+    d.blocks = ex.down_blocks.as<const uint8_t>() + e * down_block_stride * 16;
+    d.scales = ex.down_scales.as<const uint8_t>() + e * down_block_stride;
+    d.bias = ex.down_bias.as<const uint16_t>() + e * hidden;
+    d.y = &y[static_cast<size_t>(r0 * hidden)];
+    down.push_back(d);
+  }
+  cpu::linear_mxfp4_multi(*pool_, hidden, 2 * inter, gate_up.data(), static_cast<int64_t>(gate_up.size()));
+  cpu::swiglu(*pool_, u.data(), total, inter, swiglu_limit, act.data());
+  cpu::linear_mxfp4_multi(*pool_, inter, hidden, down.data(), static_cast<int64_t>(down.size()));
+  for (int e = 0; e < num_experts; ++e) {
+    const auto& members = by_expert[static_cast<size_t>(e)];
+    for (size_t i = 0; i < members.size(); ++i) {
+      const auto [row, w] = members[i];
+      cpu::axpy(out.as<float>() + row * hidden, w,
+                &y[static_cast<size_t>((first[static_cast<size_t>(e)] + static_cast<int64_t>(i)) * hidden)], hidden);
     }
   }
 }
@@ -335,11 +359,8 @@ void CpuBackend::gather_logit_rows(const Tensor& x, const StepContext& step, con
 }
 
 void CpuBackend::argmax(const Tensor& logits, const Tensor& out) {
-  const int64_t n = logits.row_elements();
-  for (int64_t r = 0; r < logits.rows(); ++r) {
-    const float* l = logits.as<const float>() + r * n;
-    out.as<int32_t>()[r] = static_cast<int32_t>(std::max_element(l, l + n) - l);
-  }
+  require(logits.dtype == DType::kF32 && out.dtype == DType::kI32, "argmax: dtypes");
+  cpu::argmax_rows(*pool_, logits.as<const float>(), logits.rows(), logits.row_elements(), out.as<int32_t>());
 }
 
 }  // namespace arbiter

@@ -244,6 +244,51 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
   pool.parallel_for(out_features, matvec_grain(in, 1), [&](int64_t b, int64_t e) { t.mxfp4_matvec(a, b, e); });
 }
 
+void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, const Mxfp4Problem* problems, int64_t count) {
+  if (in % 32 != 0) throw std::invalid_argument("linear_mxfp4: in (" + std::to_string(in) + ") is not a multiple of 32");
+  const isa::KernelTable& t = table();
+  std::vector<isa::LinearArgs> args;
+  int64_t matvec_rows = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const Mxfp4Problem& p = problems[i];
+    if (p.rows <= 0) continue;
+    if (p.rows >= kMxfp4GemmMinRows) {
+      linear_mxfp4(pool, p.x, p.rows, in, p.blocks, p.scales, out_features, p.bias, p.y, LinearPath::kGemm);
+      continue;
+    }
+    isa::LinearArgs a;
+    a.rows = p.rows;
+    a.in = in;
+    a.out = out_features;
+    a.blocks = p.blocks;
+    a.scales = p.scales;
+    a.bias = p.bias;
+    a.y = p.y;
+    args.push_back(a);
+    matvec_rows += p.rows;
+  }
+  if (args.empty()) return;
+  std::vector<float>& xd = scratch(static_cast<size_t>(matvec_rows * in));
+  int64_t offset = 0, k = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const Mxfp4Problem& p = problems[i];
+    if (p.rows <= 0 || p.rows >= kMxfp4GemmMinRows) continue;
+    for (int64_t r = 0; r < p.rows; ++r) isa::deinterleave32(p.x + r * in, in, xd.data() + offset + r * in);
+    args[static_cast<size_t>(k++)].x = xd.data() + offset;
+    offset += p.rows * in;
+  }
+  // Work items: (problem, range of output features).
+  const int64_t per = std::max<int64_t>(32, (out_features + 7) / 8);
+  const int64_t chunks = (out_features + per - 1) / per;
+  pool.parallel_for(static_cast<int64_t>(args.size()) * chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const isa::LinearArgs& a = args[static_cast<size_t>(item / chunks)];
+      const int64_t o0 = (item % chunks) * per;
+      t.mxfp4_matvec(a, o0, std::min(out_features, o0 + per));
+    }
+  });
+}
+
 namespace {
 
 // The scalar attention of one task, for head sizes the vector kernels do not cover.
@@ -319,5 +364,26 @@ void add(ThreadPool& pool, float* x, const float* y, int64_t n) {
 void axpy(float* out, float w, const float* y, int64_t n) { table().axpy(out, w, y, n); }
 
 void bf16_to_f32(const uint16_t* in, int64_t n, float* out) { table().bf16_to_f32(in, n, out); }
+
+void argmax_rows(ThreadPool& pool, const float* x, int64_t rows, int64_t n, int32_t* out) {
+  const isa::KernelTable& t = table();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.size(), n / 4096));
+  std::vector<int64_t> best(static_cast<size_t>(rows * parts));
+  const int64_t per = (n + parts - 1) / parts;
+  pool.parallel_for(rows * parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t r = item / parts, p0 = (item % parts) * per, len = std::min(n, p0 + per) - p0;
+      best[static_cast<size_t>(item)] = len > 0 ? p0 + t.argmax(x + r * n + p0, len) : -1;
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t arg = best[static_cast<size_t>(r * parts)];
+    for (int64_t p = 1; p < parts; ++p) {
+      const int64_t c = best[static_cast<size_t>(r * parts + p)];
+      if (c >= 0 && x[r * n + c] > x[r * n + arg]) arg = c;  // earlier parts win ties
+    }
+    out[r] = static_cast<int32_t>(arg);
+  }
+}
 
 }  // namespace arbiter::cpu

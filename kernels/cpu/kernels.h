@@ -32,6 +32,19 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
                   const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y,
                   LinearPath path = LinearPath::kAuto);
 
+// Several MXFP4 products of the same shape (the experts of one MoE layer): problems that take the
+// matrix-vector path run together in one parallel pass (one hand-off to the pool instead of one
+// per expert), the others one after another on the GEMM path.
+struct Mxfp4Problem {
+  const float* x = nullptr;  // [rows, in]
+  int64_t rows = 0;
+  const uint8_t* blocks = nullptr;
+  const uint8_t* scales = nullptr;
+  const uint16_t* bias = nullptr;  // may be null
+  float* y = nullptr;              // [rows, out]
+};
+void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, const Mxfp4Problem* problems, int64_t count);
+
 // Attention with sinks over explicit key/value row pointers (see isa::AttentionTask); runs every
 // task, spread over the pool. Tasks must write disjoint outputs.
 using AttentionTask = isa::AttentionTask;
@@ -47,6 +60,9 @@ void rope_row(float* row, int heads, int head_dim, const float* cos, const float
 void add(ThreadPool& pool, float* x, const float* y, int64_t n);
 // out += w * y over n floats (single-threaded).
 void axpy(float* out, float w, const float* y, int64_t n);
+// out[r] = index of the largest of row r of x [rows, n] (lowest on ties); long rows are split
+// over the pool.
+void argmax_rows(ThreadPool& pool, const float* x, int64_t rows, int64_t n, int32_t* out);
 // bf16 -> f32 over n values (single-threaded).
 void bf16_to_f32(const uint16_t* in, int64_t n, float* out);
 

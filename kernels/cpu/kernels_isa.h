@@ -87,6 +87,8 @@ struct KernelTable {
   void (*axpy)(float* out, float w, const float* y, int64_t n);
   // out[i] = bf16 in[i].
   void (*bf16_to_f32)(const uint16_t* in, int64_t n, float* out);
+  // Index of the largest of n values, lowest on ties.
+  int64_t (*argmax)(const float* x, int64_t n);
 };
 
 const KernelTable& portable_kernels();

@@ -638,7 +638,23 @@ void bf16_to_f32(const uint16_t* in, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = bf16f(in[i]);
 }
 
+// Index of the largest of n values (the lowest such index on ties).
+int64_t argmax(const float* x, int64_t n) {
+  if (n <= 0) return -1;
+  float best = x[0];
+  int64_t i = 0;
+  if (n >= W) {
+    V m = S::load(x);
+    for (i = W; i + W <= n; i += W) m = S::max(m, S::load(x + i));
+    best = S::hmax(m);
+  }
+  for (; i < n; ++i) best = x[i] > best ? x[i] : best;
+  for (i = 0; i < n; ++i)
+    if (x[i] == best) return i;
+  return 0;  // all NaN
+}
+
 constexpr KernelTable make_table(const char* name) {
   return KernelTable{name,      NR,      W,         TN,        XC,        bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
-                     swiglu,    rms_norm, rope,       add,       axpy,         bf16_to_f32};
+                     swiglu,    rms_norm, rope,       add,       axpy,         bf16_to_f32, argmax};
 }

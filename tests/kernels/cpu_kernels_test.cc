@@ -412,7 +412,7 @@ TEST_P(KernelTest, BackendMoeExpertsMatchesReference) {
   ex.down_blocks = Tensor{dn_blocks.data(), DType::kU8, {E, hidden, inter / 32, 16}};
   ex.down_scales = Tensor{dn_scales.data(), DType::kU8, {E, hidden, inter / 32}};
   ex.down_bias = Tensor{dn_bias.data(), DType::kBF16, {E, hidden}};
-  for (int64_t rows : {1, 3, 40}) {
+  for (int64_t rows : {1, 3, 40, 130}) {  // 130: some experts take the GEMM path, some the matvec
     auto x = random_floats(rng, static_cast<size_t>(rows * hidden));
     std::vector<int32_t> ids(static_cast<size_t>(rows * k));
     std::vector<float> wts(ids.size());
@@ -446,6 +446,23 @@ TEST_P(KernelTest, BackendMoeExpertsMatchesReference) {
       }
     EXPECT_TRUE(close(got, want, bound, 2e-6)) << "rows " << rows;
   }
+}
+
+TEST_P(KernelTest, ArgmaxTakesLowestIndexOnTies) {
+  std::mt19937 rng(9);
+  for (int64_t n : {1, 7, 16, 33, 201088})
+    for (int64_t rows : {1, 3}) {
+      auto x = random_floats(rng, static_cast<size_t>(rows * n));
+      std::vector<int32_t> want(static_cast<size_t>(rows));
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = x.data() + r * n;
+        if (n > 10) row[n - 3] = row[n / 2] = row[5] = 2.0f;  // ties: the first must win
+        want[static_cast<size_t>(r)] = static_cast<int32_t>(std::max_element(row, row + n) - row);
+      }
+      std::vector<int32_t> got(static_cast<size_t>(rows), -7);
+      cpu::argmax_rows(pool_, x.data(), rows, n, got.data());
+      EXPECT_EQ(got, want) << "n " << n;
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, KernelTest, ::testing::Values(Isa::kPortable, Isa::kAvx2, Isa::kAvx512),
