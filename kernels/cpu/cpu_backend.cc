@@ -303,12 +303,25 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& expert_ids, const Te
   if (total == 0) return;
   std::vector<float> xs(static_cast<size_t>(total * hidden)), u(static_cast<size_t>(total * 2 * inter)),
       act(static_cast<size_t>(total * inter)), y(static_cast<size_t>(total * hidden));
+  // pos[r * k + j]: where (row r, slot j) sits in the expert-grouped rows (-1: not held here).
+  std::vector<int64_t> pos(static_cast<size_t>(rows * k), -1), src(static_cast<size_t>(total));
   for (int e = 0; e < num_experts; ++e) {
     const auto& members = by_expert[static_cast<size_t>(e)];
-    for (size_t i = 0; i < members.size(); ++i)
-      std::memcpy(&xs[static_cast<size_t>((first[static_cast<size_t>(e)] + static_cast<int64_t>(i)) * hidden)],
-                  x.as<const float>() + members[i].first * hidden, static_cast<size_t>(hidden) * 4);
+    for (size_t i = 0; i < members.size(); ++i) src[static_cast<size_t>(first[static_cast<size_t>(e)]) + i] = members[i].first;
   }
+  {
+    std::vector<int64_t> next(first.begin(), first.end() - 1);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int j = 0; j < k; ++j) {
+        const int32_t e = expert_ids.as<const int32_t>()[r * k + j];
+        if (e >= 0) pos[static_cast<size_t>(r * k + j)] = next[static_cast<size_t>(e)]++;
+      }
+  }
+  pool_->parallel_for(total, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      std::memcpy(&xs[static_cast<size_t>(i * hidden)], x.as<const float>() + src[static_cast<size_t>(i)] * hidden,
+                  static_cast<size_t>(hidden) * 4);
+  });
   const int64_t gu_block_stride = 2 * inter * (hidden / 32);
   const int64_t down_block_stride = hidden * (inter / 32);
   std::vector<cpu::Mxfp4Problem> gate_up, down;
@@ -336,14 +349,16 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& expert_ids, const Te
   cpu::linear_mxfp4_multi(*pool_, hidden, 2 * inter, gate_up.data(), static_cast<int64_t>(gate_up.size()));
   cpu::swiglu(*pool_, u.data(), total, inter, swiglu_limit, act.data());
   cpu::linear_mxfp4_multi(*pool_, inter, hidden, down.data(), static_cast<int64_t>(down.size()));
-  for (int e = 0; e < num_experts; ++e) {
-    const auto& members = by_expert[static_cast<size_t>(e)];
-    for (size_t i = 0; i < members.size(); ++i) {
-      const auto [row, w] = members[i];
-      cpu::axpy(out.as<float>() + row * hidden, w,
-                &y[static_cast<size_t>((first[static_cast<size_t>(e)] + static_cast<int64_t>(i)) * hidden)], hidden);
-    }
-  }
+  // Each output row sums its own slots in slot order (independent of what else is in the batch).
+  pool_->parallel_for(rows, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int j = 0; j < k; ++j) {
+        const int64_t p = pos[static_cast<size_t>(r * k + j)];
+        if (p >= 0)
+          cpu::axpy(out.as<float>() + r * hidden, expert_weights.as<const float>()[r * k + j],
+                    &y[static_cast<size_t>(p * hidden)], hidden);
+      }
+  });
 }
 
 void CpuBackend::add(const Tensor& x, const Tensor& y) {

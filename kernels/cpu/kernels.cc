@@ -30,19 +30,27 @@ void deinterleave(const float* x, int64_t n, int block, float* out) {
 
 void deinterleave32(const float* x, int64_t n, float* out) { deinterleave(x, n, 32, out); }
 
-void pack_xt(const float* x, int64_t rows, int64_t in, int chunk, float* xt) {
+void pack_xt_blocks(const float* x, int64_t rows, int64_t in, int chunk, int64_t k_begin, int64_t k_end, float* xt) {
   const int64_t chunks = (rows + chunk - 1) / chunk;
   for (int64_t c = 0; c < chunks; ++c) {
     float* dst = xt + c * in * chunk;
     const int64_t m0 = c * chunk, mr = std::min<int64_t>(chunk, rows - m0);
-    for (int64_t k = 0; k < in; ++k) {
-      const int64_t j = k % 32, src_k = k - j + (j < 16 ? 2 * j : 2 * (j - 16) + 1);
-      float* row = dst + k * chunk;
-      for (int64_t t = 0; t < mr; ++t) row[t] = x[(m0 + t) * in + src_k];
-      for (int64_t t = mr; t < chunk; ++t) row[t] = 0.0f;
+    for (int64_t g = k_begin; g < k_end; g += 32) {
+      // Token-major reads, one 32-block at a time, scattered into the block's 32 rows of x^T.
+      for (int64_t t = 0; t < mr; ++t) {
+        const float* src = x + (m0 + t) * in + g;
+        for (int j = 0; j < 16; ++j) {
+          dst[(g + j) * chunk + t] = src[2 * j];
+          dst[(g + 16 + j) * chunk + t] = src[2 * j + 1];
+        }
+      }
+      for (int64_t k = g; k < g + 32; ++k)
+        for (int64_t t = mr; t < chunk; ++t) dst[k * chunk + t] = 0.0f;
     }
   }
 }
+
+void pack_xt(const float* x, int64_t rows, int64_t in, int chunk, float* xt) { pack_xt_blocks(x, rows, in, chunk, 0, in, xt); }
 
 namespace portable_impl {
 
@@ -232,7 +240,10 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
     const int64_t chunk = (vecs + chunks - 1) / chunks * t.lanes;
     a.xt_chunk = chunk;
     std::vector<float>& xt = scratch(static_cast<size_t>((rows + chunk - 1) / chunk * chunk * in));
-    isa::pack_xt(x, rows, in, static_cast<int>(chunk), xt.data());
+    // Packed in parallel, 32 inputs (one block) per item.
+    pool.parallel_for(in / 32, 4, [&](int64_t b, int64_t e) {
+      isa::pack_xt_blocks(x, rows, in, static_cast<int>(chunk), b * 32, e * 32, xt.data());
+    });
     a.x = xt.data();
     const int64_t tn = t.mxfp4_gemm_rows, panels = (out_features + tn - 1) / tn;
     pool.parallel_for(panels, 1, [&](int64_t b, int64_t e) { t.mxfp4_gemm(a, b * tn, std::min(out_features, e * tn)); });

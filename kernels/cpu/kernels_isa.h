@@ -33,6 +33,8 @@ void deinterleave(const float* x, int64_t n, int block, float* out);
 // xt[c][k'][t] = x[c * chunk + t][k], k' the de-interleaved position of k (as above) and tokens
 // past the last row zero.
 void pack_xt(const float* x, int64_t rows, int64_t in, int chunk, float* xt);
+// The same for inputs [k_begin, k_end) only (multiples of 32), so the packing can be split.
+void pack_xt_blocks(const float* x, int64_t rows, int64_t in, int chunk, int64_t k_begin, int64_t k_end, float* xt);
 
 // One attention problem: query vectors that share one kv head and one sequence's keys.
 struct AttentionTask {
