@@ -140,6 +140,12 @@ namespace {
 
 std::atomic<Isa> g_active{detected_isa()};
 
+// MXFP4 GEMM items: whole tiles of weight rows, about 4 MFLOP each.
+int64_t mxfp4_gemm_rows_per_item(const isa::KernelTable& t, int64_t rows, int64_t in) {
+  const int64_t tiles = std::max<int64_t>(1, (4 << 20) / std::max<int64_t>(1, 2 * rows * in * t.mxfp4_gemm_rows));
+  return std::min<int64_t>(tiles, 16) * t.mxfp4_gemm_rows;
+}
+
 const isa::KernelTable& table() {
   switch (active_isa()) {
     case Isa::kAvx512: return isa::avx512_kernels();
@@ -156,16 +162,24 @@ std::vector<float>& scratch(size_t floats) {
   return buffer;
 }
 
-// Output features per matvec work item: enough weight bytes per item to amortize the hand-off.
-int64_t matvec_grain(int64_t in, int64_t bytes_per_weight_x2) {
-  const int64_t row_bytes = std::max<int64_t>(1, in * bytes_per_weight_x2 / 2);
-  return std::max<int64_t>(8, (64 << 10) / row_bytes / 8 * 8);
+// Output features per matvec work item: about 256 KiB of weights (or fewer rows when that would
+// leave fewer than 16 items), so the hand-off is amortized and the tail stays short.
+int64_t matvec_rows_per_item(int64_t in, int64_t out, double bytes_per_weight) {
+  const int64_t row_bytes = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(in) * bytes_per_weight));
+  return std::max<int64_t>(4, std::min((256 << 10) / row_bytes, (out + 15) / 16));
 }
 
-void run_gemm(ThreadPool& pool, const isa::LinearArgs& a,
-              void (*kernel)(const isa::LinearArgs&, int64_t, int64_t), int nr) {
-  const int64_t panels = (a.out + nr - 1) / nr;
-  pool.parallel_for(panels, 1, [&](int64_t b, int64_t e) { kernel(a, b * nr, std::min(a.out, e * nr)); });
+// Runs kernel(a, o_begin, o_end) over [0, a.out) in dynamically scheduled items of `per` outputs.
+void run_outputs(ThreadPool& pool, const isa::LinearArgs& a, int64_t per,
+                 void (*kernel)(const isa::LinearArgs&, int64_t, int64_t)) {
+  const int64_t items = (a.out + per - 1) / per;
+  dynamic_for(pool, items, [&](int64_t i) { kernel(a, i * per, std::min(a.out, (i + 1) * per)); });
+}
+
+// GEMM items: whole panels, several per item when there are plenty (the activations' K blocks are
+// then reused across the item's panels).
+int64_t panels_per_item(int64_t panels, int threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(4, panels / (8 * threads)));
 }
 
 }  // namespace
@@ -210,13 +224,14 @@ void linear_bf16(ThreadPool& pool, const float* x, int64_t rows, int64_t in, con
   a.y = y;
   if (path == LinearPath::kAuto) path = rows >= kBf16GemmMinRows ? LinearPath::kGemm : LinearPath::kMatvec;
   if (path == LinearPath::kGemm) {
-    run_gemm(pool, a, t.bf16_gemm, t.gemm_nr);
+    const int64_t panels = (out_features + t.gemm_nr - 1) / t.gemm_nr;
+    run_outputs(pool, a, panels_per_item(panels, pool.size()) * t.gemm_nr, t.bf16_gemm);
     return;
   }
   std::vector<float>& xd = scratch(static_cast<size_t>(rows * in));
   for (int64_t r = 0; r < rows; ++r) isa::deinterleave(x + r * in, in, 2 * t.lanes, xd.data() + r * in);
   a.x = xd.data();
-  pool.parallel_for(out_features, matvec_grain(in, 4), [&](int64_t b, int64_t e) { t.bf16_matvec(a, b, e); });
+  run_outputs(pool, a, matvec_rows_per_item(in, out_features, 2.0), t.bf16_matvec);
 }
 
 void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint8_t* blocks,
@@ -245,58 +260,87 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
       isa::pack_xt_blocks(x, rows, in, static_cast<int>(chunk), b * 32, e * 32, xt.data());
     });
     a.x = xt.data();
-    const int64_t tn = t.mxfp4_gemm_rows, panels = (out_features + tn - 1) / tn;
-    pool.parallel_for(panels, 1, [&](int64_t b, int64_t e) { t.mxfp4_gemm(a, b * tn, std::min(out_features, e * tn)); });
+    run_outputs(pool, a, mxfp4_gemm_rows_per_item(t, rows, in), t.mxfp4_gemm);
     return;
   }
   std::vector<float>& xd = scratch(static_cast<size_t>(rows * in));
   for (int64_t r = 0; r < rows; ++r) isa::deinterleave32(x + r * in, in, xd.data() + r * in);
   a.x = xd.data();
-  pool.parallel_for(out_features, matvec_grain(in, 1), [&](int64_t b, int64_t e) { t.mxfp4_matvec(a, b, e); });
+  run_outputs(pool, a, matvec_rows_per_item(in, out_features, 17.0 / 32), t.mxfp4_matvec);
 }
 
 void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, const Mxfp4Problem* problems, int64_t count) {
   if (in % 32 != 0) throw std::invalid_argument("linear_mxfp4: in (" + std::to_string(in) + ") is not a multiple of 32");
   const isa::KernelTable& t = table();
-  std::vector<isa::LinearArgs> args;
-  int64_t matvec_rows = 0;
+  // Every problem's activations in the layout its path reads (x^T chunks for the GEMM, even/odd
+  // blocks for the matvec), packed in one parallel pass; then all the work in one dynamic pass.
+  struct Job {
+    const float* src = nullptr;  // the problem's activations
+    isa::LinearArgs a;
+    bool gemm = false;
+    int64_t offset = 0;  // into the packed activations
+    int64_t per = 0;     // outputs per item
+    int64_t first_item = 0;
+  };
+  std::vector<Job> jobs;
+  int64_t floats = 0, items = 0;
   for (int64_t i = 0; i < count; ++i) {
     const Mxfp4Problem& p = problems[i];
     if (p.rows <= 0) continue;
-    if (p.rows >= kMxfp4GemmMinRows) {
-      linear_mxfp4(pool, p.x, p.rows, in, p.blocks, p.scales, out_features, p.bias, p.y, LinearPath::kGemm);
-      continue;
+    Job j;
+    j.src = p.x;
+    j.a.rows = p.rows;
+    j.a.in = in;
+    j.a.out = out_features;
+    j.a.blocks = p.blocks;
+    j.a.scales = p.scales;
+    j.a.bias = p.bias;
+    j.a.y = p.y;
+    j.gemm = p.rows >= kMxfp4GemmMinRows;
+    j.offset = floats;
+    if (j.gemm) {
+      const int64_t vecs = (p.rows + t.lanes - 1) / t.lanes, per_chunk = t.xt_chunk / t.lanes;
+      const int64_t chunks = (vecs + per_chunk - 1) / per_chunk;
+      j.a.xt_chunk = (vecs + chunks - 1) / chunks * t.lanes;
+      floats += (p.rows + j.a.xt_chunk - 1) / j.a.xt_chunk * j.a.xt_chunk * in;
+      j.per = mxfp4_gemm_rows_per_item(t, p.rows, in);
+    } else {
+      floats += p.rows * in;
+      j.per = matvec_rows_per_item(in, out_features, 17.0 / 32) / std::max<int64_t>(1, p.rows);
+      j.per = std::max<int64_t>(4, j.per);
     }
-    isa::LinearArgs a;
-    a.rows = p.rows;
-    a.in = in;
-    a.out = out_features;
-    a.blocks = p.blocks;
-    a.scales = p.scales;
-    a.bias = p.bias;
-    a.y = p.y;
-    args.push_back(a);
-    matvec_rows += p.rows;
+    j.first_item = items;
+    items += (out_features + j.per - 1) / j.per;
+    jobs.push_back(j);
   }
-  if (args.empty()) return;
-  std::vector<float>& xd = scratch(static_cast<size_t>(matvec_rows * in));
-  int64_t offset = 0, k = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const Mxfp4Problem& p = problems[i];
-    if (p.rows <= 0 || p.rows >= kMxfp4GemmMinRows) continue;
-    for (int64_t r = 0; r < p.rows; ++r) isa::deinterleave32(p.x + r * in, in, xd.data() + offset + r * in);
-    args[static_cast<size_t>(k++)].x = xd.data() + offset;
-    offset += p.rows * in;
-  }
-  // Work items: (problem, range of output features).
-  const int64_t per = std::max<int64_t>(32, (out_features + 7) / 8);
-  const int64_t chunks = (out_features + per - 1) / per;
-  pool.parallel_for(static_cast<int64_t>(args.size()) * chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t item = b; item < e; ++item) {
-      const isa::LinearArgs& a = args[static_cast<size_t>(item / chunks)];
-      const int64_t o0 = (item % chunks) * per;
-      t.mxfp4_matvec(a, o0, std::min(out_features, o0 + per));
+  if (jobs.empty()) return;
+  std::vector<float>& packed = scratch(static_cast<size_t>(floats));
+  const int64_t blocks = in / 32;
+  const int64_t pieces = (blocks + 7) / 8;  // 8 blocks (256 inputs) per packing item
+  dynamic_for(pool, static_cast<int64_t>(jobs.size()) * pieces, [&](int64_t item) {
+    const Job& j = jobs[static_cast<size_t>(item / pieces)];
+    const int64_t b0 = (item % pieces) * 8, b1 = std::min(blocks, b0 + 8);
+    const float* x = j.src;
+    float* dst = packed.data() + j.offset;
+    if (j.gemm) {
+      isa::pack_xt_blocks(x, j.a.rows, in, static_cast<int>(j.a.xt_chunk), b0 * 32, b1 * 32, dst);
+    } else {
+      for (int64_t r = 0; r < j.a.rows; ++r)
+        isa::deinterleave32(x + r * in + b0 * 32, (b1 - b0) * 32, dst + r * in + b0 * 32);
     }
+  });
+  for (Job& j : jobs) j.a.x = packed.data() + j.offset;
+  dynamic_for(pool, items, [&](int64_t item) {
+    size_t lo = 0, hi = jobs.size();
+    while (hi - lo > 1) {  // the job whose items contain `item`
+      const size_t mid = (lo + hi) / 2;
+      if (jobs[mid].first_item <= item) lo = mid;
+      else hi = mid;
+    }
+    const Job& j = jobs[lo];
+    const int64_t o0 = (item - j.first_item) * j.per, o1 = std::min(out_features, o0 + j.per);
+    if (j.gemm) t.mxfp4_gemm(j.a, o0, o1);
+    else t.mxfp4_matvec(j.a, o0, o1);
   });
 }
 
@@ -335,17 +379,15 @@ void attention_scalar(const AttentionTask& t) {
 
 void attention(ThreadPool& pool, const AttentionTask* tasks, int64_t count) {
   const isa::KernelTable& t = table();
-  pool.parallel_for(count, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const AttentionTask& task = tasks[i];
-      if (task.num_queries <= 0) continue;
-      if (task.head_dim % t.attention_lanes != 0 || task.num_queries > isa::kAttnMaxQueries) {
-        attention_scalar(task);
-        continue;
-      }
-      std::vector<float>& s = scratch(static_cast<size_t>(isa::attention_scratch_floats(task.head_dim, task.num_queries)));
-      t.attention(task, s.data());
+  dynamic_for(pool, count, [&](int64_t i) {
+    const AttentionTask& task = tasks[i];
+    if (task.num_queries <= 0) return;
+    if (task.head_dim % t.attention_lanes != 0 || task.num_queries > isa::kAttnMaxQueries) {
+      attention_scalar(task);
+      return;
     }
+    std::vector<float>& s = scratch(static_cast<size_t>(isa::attention_scratch_floats(task.head_dim, task.num_queries)));
+    t.attention(task, s.data());
   });
 }
 

@@ -3,6 +3,7 @@
 // twin in reference.h (or, for attention, the model math in DESIGN.md §1) that tests compare it with.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "kernels/cpu/kernels_isa.h"
@@ -15,6 +16,23 @@ Isa detected_isa();   // best the running CPU supports
 Isa active_isa();     // what the kernels use now (detected unless overridden)
 void set_active_isa(Isa isa);  // tests and benchmarks; clamps to what the CPU supports
 const char* isa_name(Isa isa);
+
+// Runs body(i) for every i in [0, items) on all pool threads (the caller included), handing the
+// items out one at a time from a shared counter: fine-grained dynamic balancing whatever the
+// pool's own chunking, and no harm when a worker wakes late (the others take its items).
+template <typename F>
+void dynamic_for(ThreadPool& pool, int64_t items, const F& body) {
+  if (items <= 0) return;
+  if (items == 1 || pool.size() == 1) {
+    for (int64_t i = 0; i < items; ++i) body(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  pool.parallel_for(pool.size(), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items; i = next.fetch_add(1, std::memory_order_relaxed))
+      body(i);
+  });
+}
 
 // Which algorithm a linear layer uses. kAuto picks by the number of rows: matrix-vector
 // (streams each weight row once for all rows; decode) below a threshold, the packed GEMM above.
