@@ -50,8 +50,6 @@ void pack_xt_blocks(const float* x, int64_t rows, int64_t in, int chunk, int64_t
   }
 }
 
-void pack_xt(const float* x, int64_t rows, int64_t in, int chunk, float* xt) { pack_xt_blocks(x, rows, in, chunk, 0, in, xt); }
-
 namespace portable_impl {
 
 struct S {

@@ -1,6 +1,8 @@
 // AVX2 + FMA build of the CPU kernels: 8 fp32 lanes, 16-wide GEMM panels, MXFP4 decoded with
 // vpermps over the 8 magnitudes plus the sign bit. This file alone is compiled with AVX2/FMA
 // flags and is only entered after the dispatcher has checked the CPU supports them.
+#if defined(__x86_64__)
+
 #include <immintrin.h>
 
 #include <cstdint>
@@ -144,3 +146,13 @@ const KernelTable& avx2_kernels() {
 }
 
 }  // namespace arbiter::cpu::isa
+
+#else  // not x86-64: never selected (detected_isa() says portable); keep the symbol.
+
+#include "kernels/cpu/kernels_isa.h"
+
+namespace arbiter::cpu::isa {
+const KernelTable& avx2_kernels() { return portable_kernels(); }
+}  // namespace arbiter::cpu::isa
+
+#endif

@@ -1,6 +1,8 @@
 // AVX-512 (F, BW, VL, DQ) build of the CPU kernels: 16 fp32 lanes, 64-wide GEMM panels, MXFP4
 // decoded with one vpermps per 16 codes. This file alone is compiled with AVX-512 flags and is
 // only entered after the dispatcher has checked the CPU supports it.
+#if defined(__x86_64__)
+
 // GCC 12's AVX-512 intrinsics initialise their "undefined" pass-through operands from themselves,
 // which -Wmaybe-uninitialized reports at every inlined use; the values are never read.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -140,3 +142,13 @@ const KernelTable& avx512_kernels() {
 }
 
 }  // namespace arbiter::cpu::isa
+
+#else  // not x86-64: never selected (detected_isa() says portable); keep the symbol.
+
+#include "kernels/cpu/kernels_isa.h"
+
+namespace arbiter::cpu::isa {
+const KernelTable& avx512_kernels() { return portable_kernels(); }
+}  // namespace arbiter::cpu::isa
+
+#endif

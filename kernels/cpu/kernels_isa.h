@@ -32,8 +32,8 @@ void deinterleave(const float* x, int64_t n, int block, float* out);
 // The MXFP4 GEMM reads x transposed in chunks of `chunk` tokens: chunk c is [in][chunk] with
 // xt[c][k'][t] = x[c * chunk + t][k], k' the de-interleaved position of k (as above) and tokens
 // past the last row zero.
-void pack_xt(const float* x, int64_t rows, int64_t in, int chunk, float* xt);
-// The same for inputs [k_begin, k_end) only (multiples of 32), so the packing can be split.
+// pack_xt_blocks writes the rows k' in [k_begin, k_end) (multiples of 32) of every chunk, so the
+// packing can be split over threads.
 void pack_xt_blocks(const float* x, int64_t rows, int64_t in, int chunk, int64_t k_begin, int64_t k_end, float* xt);
 
 // One attention problem: query vectors that share one kv head and one sequence's keys.
@@ -72,7 +72,8 @@ struct KernelTable {
   void (*bf16_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   void (*bf16_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   void (*mxfp4_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
-  // x: pack_xt() of the activations with chunk xt_chunk; o_begin a multiple of mxfp4_gemm_rows.
+  // x: the activations packed by pack_xt_blocks with chunk a.xt_chunk; o_begin a multiple of
+  // mxfp4_gemm_rows.
   void (*mxfp4_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   // Needs head_dim % lanes == 0; scratch of attention_scratch_floats().
   void (*attention)(const AttentionTask&, float* scratch);

@@ -15,6 +15,10 @@
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/reference.h"
 #include "kernels/tensor.h"
+#include "runtime/generate.h"
+#include "runtime/model.h"
+#include "runtime/npy.h"
+#include "tests/test_util.h"
 
 namespace arbiter {
 namespace {
@@ -463,6 +467,34 @@ TEST_P(KernelTest, ArgmaxTakesLowestIndexOnTies) {
       cpu::argmax_rows(pool_, x.data(), rows, n, got.data());
       EXPECT_EQ(got, want) << "n " << n;
     }
+}
+
+// The whole forward pass on every instruction set, against the golden logits: all prompt tokens
+// in one step (the GEMM paths where the rows allow) and one token per step (matrix-vector paths).
+TEST_P(KernelTest, GoldenLogitsOnThisIsa) {
+  for (const std::string& name : testing::golden_case_names()) {
+    const auto g = testing::load_golden_case(name);
+    const ModelConfig config = load_model_config(g.dir + "/config.json");
+    Checkpoint ck(g.dir);
+    CpuBackend backend(2);
+    const NpyArray ref = read_npy_f32(g.dir + "/logits.npy");
+    float max_logit = 0;
+    for (float v : ref.data) max_logit = std::max(max_logit, std::fabs(v));
+    for (int step_rows : {64, 1}) {
+      ModelOptions o;
+      o.max_step_rows = step_rows;
+      o.max_logit_rows = step_rows;
+      o.kv.block_size = 4;
+      o.kv.full_blocks = 64;
+      o.kv.sliding_blocks = 32;
+      Model model(config, ck, backend, o);
+      const auto logits = compute_all_logits(model, g.tokens);
+      ASSERT_EQ(logits.size(), ref.data.size());
+      float max_err = 0;
+      for (size_t i = 0; i < logits.size(); ++i) max_err = std::max(max_err, std::fabs(logits[i] - ref.data[i]));
+      EXPECT_LE(max_err, 2e-4f * max_logit) << name << " with " << step_rows << " rows per step";
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, KernelTest, ::testing::Values(Isa::kPortable, Isa::kAvx2, Isa::kAvx512),
