@@ -59,6 +59,10 @@ TEST_P(GoldenTest, GreedyContinuationMatchesReference) {
   EXPECT_EQ(out, g.greedy);
 }
 
+TEST(GoldenData, CasesArePresent) {
+  EXPECT_GE(testing::golden_case_names().size(), 2u) << "no golden cases under " << testing::golden_dir();
+}
+
 INSTANTIATE_TEST_SUITE_P(Golden, GoldenTest, ::testing::ValuesIn(testing::golden_case_names()));
 
 // A random model whose window (5) is shorter than the sequences below.
