@@ -301,8 +301,14 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& expert_ids, const Te
     first[static_cast<size_t>(e) + 1] = first[static_cast<size_t>(e)] + static_cast<int64_t>(by_expert[static_cast<size_t>(e)].size());
   const int64_t total = first.back();
   if (total == 0) return;
-  std::vector<float> xs(static_cast<size_t>(total * hidden)), u(static_cast<size_t>(total * 2 * inter)),
-      act(static_cast<size_t>(total * inter)), y(static_cast<size_t>(total * hidden));
+  auto grow = [](std::vector<float>& v, int64_t n) -> std::vector<float>& {
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+    return v;
+  };
+  std::vector<float>& xs = grow(moe_xs_, total * hidden);
+  std::vector<float>& u = grow(moe_u_, total * 2 * inter);
+  std::vector<float>& act = grow(moe_act_, total * inter);
+  std::vector<float>& y = grow(moe_y_, total * hidden);
   // pos[r * k + j]: where (row r, slot j) sits in the expert-grouped rows (-1: not held here).
   std::vector<int64_t> pos(static_cast<size_t>(rows * k), -1), src(static_cast<size_t>(total));
   for (int e = 0; e < num_experts; ++e) {

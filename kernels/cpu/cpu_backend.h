@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "kernels/backend.h"
 #include "kernels/cpu/thread_pool.h"
@@ -47,6 +48,9 @@ class CpuBackend final : public Backend {
 
  private:
   std::unique_ptr<cpu::ThreadPool> pool_;
+  // moe_experts' work buffers, kept between calls (they only grow) so a step neither allocates
+  // nor zero-fills tens of MB per layer.
+  std::vector<float> moe_xs_, moe_u_, moe_act_, moe_y_;
 };
 
 }  // namespace arbiter
