@@ -1,33 +1,39 @@
-// MoE experts on MXFP4 weights (gpt-oss.md §3, §4.6). Tokens are grouped by expert (route), then two
-// grouped products read the packed weights directly and dequantize each 32-value block in
-// registers: gate_up with the clamped SwiGLU fused into its epilogue (rows 2j/2j+1 are channel j's
-// gate/up), then down with its bias. Each (row, slot) result lands in its own slot of a buffer, and
-// a last kernel sums the slots of each row with the router weights, in slot order, so the result
-// does not depend on how tokens were grouped. The expert weights are never expanded in memory.
-// Two product kernels: a warp-per-row matrix-vector path for few tokens per expert (decode), and a
-// tensor-core path (WMMA bf16, fp32 accumulation) over 64-token x 64-row tiles for many, where each
-// 64-wide K slice of the weights is dequantized into shared memory just before use.
-#include <mma.h>
-
+// MoE experts on MXFP4 weights (gpt-oss.md §3, §4.6). Two grouped products read the packed weights
+// directly and decode each 32-value block in registers (exactly: FP4 bit patterns scaled by a bf16
+// power of two): gate_up with the clamped SwiGLU fused into its epilogue (rows 2j/2j+1 are channel
+// j's gate/up), then down with its bias. The expert weights are never expanded in device memory.
+//
+// Two product paths, both on tensor cores (bf16 in, fp32 accumulate):
+// - vector path (few tokens per expert, decode): a warp runs 16 weight rows x up to 8 tokens of one
+//   expert over all of K with weights streamed straight from global memory into MMA fragments;
+// - tile path (many tokens per expert, prefill): 128 x 128 tiles, activations and decoded weights
+//   staged through two shared-memory stages.
+// Routing groups the slots by expert (route_kernel); each (row, slot) result lands in its own slot
+// of a buffer and combine_kernel sums a row's slots with the router weights in slot order, so the
+// result does not depend on how tokens were grouped. A single row (batch-1 decode) skips routing:
+// its slots are the vector path's tasks and the down kernel sums them itself, with the same bits.
 #include <algorithm>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mxfp4.cuh"
 
 namespace arbiter::cuda {
 namespace {
 
-constexpr int kGemvWarps = 4;
-constexpr int kTileM = 64, kTileN = 64, kTileK = 64, kMmaThreads = 128;
 constexpr int kMaxRouteExperts = 4096;
+constexpr int kVecWarps = 8;
+constexpr int kVecTokens = 8;   // the vector path's tokens per task (the MMA's n)
+constexpr int kVecUnroll = 4;   // steps (4 groups each) of weights in flight per lane
+constexpr int kDownSplit = 2;   // the down product's K halves (fixed: results do not depend on the batch)
+constexpr int kMaxDirectK = 32;
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
-int max_tiles(int slots, int experts) { return (slots + kTileM - 1) / kTileM + experts; }
+// Upper bound on the (expert, up to `tile` tokens) work items of a step.
+int max_tiles(int slots, int experts, int tile) { return (slots + tile - 1) / tile + experts; }
 
 struct MoeWorkspace {
   int32_t* tile_count;  // [1]
-  int32_t* active_count;  // [1]
-  int32_t* active;   // [E]: experts with tokens, ascending
   int32_t* tiles;    // [max_tiles, 2]: expert, first token index within the expert
   int32_t* offsets;  // [E + 1]
   int32_t* sorted;   // [rows * k] slot ids grouped by expert
@@ -40,12 +46,9 @@ MoeWorkspace carve(void* base, int rows, int k, int experts, int inter) {
   const size_t slots = static_cast<size_t>(rows) * static_cast<size_t>(k);
   MoeWorkspace w{};
   w.tile_count = reinterpret_cast<int32_t*>(p);
-  w.active_count = w.tile_count + 1;
   p += 256;
-  w.active = reinterpret_cast<int32_t*>(p);
-  p += align256(static_cast<size_t>(experts) * 4);
   w.tiles = reinterpret_cast<int32_t*>(p);
-  p += align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts)) * 8);
+  p += align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts, kVecTokens)) * 8);
   w.offsets = reinterpret_cast<int32_t*>(p);
   p += align256(static_cast<size_t>(experts + 1) * 4);
   w.sorted = reinterpret_cast<int32_t*>(p);
@@ -56,7 +59,7 @@ MoeWorkspace carve(void* base, int rows, int k, int experts, int inter) {
   return w;
 }
 
-__global__ void route_kernel(const int32_t* ids, int n, int experts, MoeWorkspace ws) {
+__global__ void route_kernel(const int32_t* ids, int n, int experts, int tile, MoeWorkspace ws) {
   int32_t* offsets = ws.offsets;
   int32_t* sorted = ws.sorted;
   extern __shared__ int smem[];
@@ -77,17 +80,15 @@ __global__ void route_kernel(const int32_t* ids, int n, int experts, MoeWorkspac
       run += count[e];
     }
     offsets[experts] = run;
-    int tiles = 0, active = 0;
+    int tiles = 0;
     for (int e = 0; e < experts; ++e) {
-      if (count[e] > 0) ws.active[active++] = e;
-      for (int t = 0; t < count[e]; t += kTileM) {
+      for (int t = 0; t < count[e]; t += tile) {
         ws.tiles[2 * tiles] = e;
         ws.tiles[2 * tiles + 1] = t;
         ++tiles;
       }
     }
     *ws.tile_count = tiles;
-    *ws.active_count = active;
   }
   __syncthreads();
   for (int s = threadIdx.x; s < n; s += blockDim.x) {
@@ -96,168 +97,266 @@ __global__ void route_kernel(const int32_t* ids, int n, int experts, MoeWorkspac
   }
 }
 
-// A block's E8M0 scale 2^(s-127), times the 2^126 that decode8's bit patterns need, split into
-// two factors that cannot overflow: weight = pattern * pre * post (post is 1 unless s > 128).
-struct BlockScale {
-  float pre, post;
+
+// ---- Matrix-vector path (few tokens per expert): tensor cores on 16 weight rows x 8 tokens ----
+//
+// A warp owns 16 weight rows of one expert and up to 8 tokens, and runs mma.m16n8k16 (bf16 in, fp32
+// accumulate) over K. Lane (r = lane/4, j = lane%4) loads, for MMA rows r and r+8, the whole 16-byte
+// block of group g0+j (a step covers 4 groups, one per j), decodes it to bf16 pairs in registers and
+// scales them exactly; its B operand is token r's activations of the same group, permuted the same
+// way, so each MMA's k index is a permutation of the same inputs on both sides. kVecUnroll steps of
+// weights are loaded before any is used. A token's result does not depend on which other tokens share
+// its MMA, so the single-row path (no routing) and the routed path give the same bits.
+
+using mxfp4::word;
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One step's 8 MMAs: wa/wb are this lane's blocks of MMA rows r and r+8, xv its token's 32 activations
+// of the same group (layout: kernels/cuda/mxfp4.cuh).
+template <bool kBig>
+__device__ __forceinline__ void vec_step(const uint4& wa, const uint4& wb, uint32_t sa, uint32_t sb, const uint4 (&xv)[4],
+                                         float (&c)[4]) {
+  const uint32_t fa = mxfp4::factor(sa), fb = mxfp4::factor(sb);
+  const uint32_t fa2 = mxfp4::factor2(sa), fb2 = mxfp4::factor2(sb);
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    uint32_t pa[4], pb[4], bx[4];
+    mxfp4::decode_word<kBig>(word(wa, w), fa, fa2, pa);
+    mxfp4::decode_word<kBig>(word(wb, w), fb, fb2, pb);
+    mxfp4::activation_pairs(xv[w], bx);
+    mma_bf16(c, pa[0], pb[0], pa[1], pb[1], bx[0], bx[1]);
+    mma_bf16(c, pa[2], pb[2], pa[3], pb[3], bx[2], bx[3]);
+  }
+}
+
+// c += W[rows] . x over groups [gb, ge) of one expert's matrix (`blocks`/`scales` at its row 0).
+// row_a/row_b: the weight rows of MMA rows r and r+8 (-1: none); xrow: the activations of this lane's
+// token (B column lane/4), or nullptr. Warp-uniform control flow (every lane runs every MMA).
+__device__ __forceinline__ void vec_tile(const uint8_t* blocks, const uint8_t* scales, int groups, int row_a,
+                                         int row_b, const bf16* xrow, int gb, int ge, float (&c)[4]) {
+  const int j = mxfp4::vec_group(static_cast<int>(threadIdx.x & 31));
+  const uint8_t* ba = blocks + static_cast<int64_t>(row_a < 0 ? 0 : row_a) * groups * 16;
+  const uint8_t* bb = blocks + static_cast<int64_t>(row_b < 0 ? 0 : row_b) * groups * 16;
+  const uint8_t* sca = scales + static_cast<int64_t>(row_a < 0 ? 0 : row_a) * groups;
+  const uint8_t* scb = scales + static_cast<int64_t>(row_b < 0 ? 0 : row_b) * groups;
+  for (int g0 = gb; g0 < ge; g0 += 4 * kVecUnroll) {
+    uint4 wa[kVecUnroll], wb[kVecUnroll];
+    uint32_t sa[kVecUnroll], sb[kVecUnroll];
+#pragma unroll
+    for (int u = 0; u < kVecUnroll; ++u) {
+      const int g = g0 + 4 * u + j;
+      wa[u] = wb[u] = make_uint4(0, 0, 0, 0);
+      sa[u] = sb[u] = 127;
+      if (g < ge) {
+        if (row_a >= 0) {
+          wa[u] = __ldg(reinterpret_cast<const uint4*>(ba + static_cast<int64_t>(g) * 16));
+          sa[u] = __ldg(sca + g);
+        }
+        if (row_b >= 0) {
+          wb[u] = __ldg(reinterpret_cast<const uint4*>(bb + static_cast<int64_t>(g) * 16));
+          sb[u] = __ldg(scb + g);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kVecUnroll; ++u) {
+      if (g0 + 4 * u >= ge) break;  // warp-uniform
+      const int g = g0 + 4 * u + j;
+      uint4 xv[4];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        xv[w] = make_uint4(0, 0, 0, 0);
+        if (xrow && g < ge) xv[w] = __ldg(reinterpret_cast<const uint4*>(xrow + g * 32 + w * 8));
+      }
+      if (__any_sync(0xffffffffu, mxfp4::big(sa[u]) || mxfp4::big(sb[u]))) {
+        vec_step<true>(wa[u], wb[u], sa[u], sb[u], xv, c);
+      } else {
+        vec_step<false>(wa[u], wb[u], sa[u], sb[u], xv, c);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float swiglu(float gate, float up, float limit) {
+  gate = fminf(gate, limit);
+  up = fmaxf(-limit, fminf(up, limit));
+  return gate / (1.0f + expf(-1.702f * gate)) * (up + 1.0f);
+}
+
+// The work item of a routed block: up to kVecTokens tokens of one expert (route's tile list).
+struct VecTask {
+  int expert = -1, begin = 0, count = 0;
 };
-__device__ __forceinline__ BlockScale block_scale(uint32_t s) {
-  if (s <= 128) return {__uint_as_float((s + 126) << 23), 1.0f};
-  return {0x1p127f, __uint_as_float((s - 1) << 23)};
+__device__ __forceinline__ VecTask routed_task(const MoeWorkspace& ws) {
+  VecTask t;
+  if (static_cast<int>(blockIdx.y) >= *ws.tile_count) return t;
+  t.expert = ws.tiles[2 * blockIdx.y];
+  t.begin = ws.offsets[t.expert] + ws.tiles[2 * blockIdx.y + 1];
+  t.count = min(kVecTokens, ws.offsets[t.expert + 1] - t.begin);
+  return t;
 }
 
-// Eight FP4 (E2M1) codes of a little-endian word, low nibble first, times `pre`. Sign and the three
-// magnitude bits are placed in an fp32 pattern worth value * 2^-126 (denormal for codes +-1, which
-// fp32 multiplies keep exactly: no flush-to-zero in this file); `pre` carries 2^126 and the scale.
-__device__ __forceinline__ void decode8(uint32_t w, float pre, float (&f)[8]) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t sign = (4 * i + 3 <= 31 ? (w << (28 - 4 * i)) : 0u) & 0x80000000u;
-    const uint32_t mag = (4 * i <= 22 ? (w << (22 - 4 * i)) : (w >> (4 * i - 22))) & 0x01C00000u;
-    f[i] = __uint_as_float(sign | mag) * pre;
+// gate_up with the clamped SwiGLU fused: a warp owns 8 channels (MMA rows 0-7 their gate rows, 8-15 their
+// up rows), so each lane ends with the gate and up of one channel for tokens 2j and 2j+1.
+// kDirect (a single row): block y is the row's slot y, no routing. Else block y is a routed task.
+template <bool kDirect>
+__global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeArgs a, MoeWorkspace ws) {
+  VecTask t;
+  if constexpr (kDirect) {
+    t.expert = a.ids[blockIdx.y];
+    t.begin = static_cast<int>(blockIdx.y);
+    t.count = 1;
+  } else {
+    t = routed_task(ws);
   }
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& u, int q) { return q == 0 ? u.x : q == 1 ? u.y : q == 2 ? u.z : u.w; }
-
-// Warp-per-two-weight-rows product for the tokens routed to one expert (blockIdx.y indexes the
-// experts that have tokens), T tokens at a time. Each lane owns every 32nd 32-value block of the two
-// rows; up to kUnroll blocks' codes are loaded before any is used, to keep loads in flight.
-template <int kStage, int T>
-__global__ __launch_bounds__(kGemvWarps * 32) void moe_gemv_kernel(MoeArgs a, MoeWorkspace ws) {
-  constexpr int kUnroll = T == 1 ? 4 : 1;
-  if (static_cast<int>(blockIdx.y) >= *ws.active_count) return;
-  const int e = ws.active[blockIdx.y];
-  const int begin = ws.offsets[e];
-  const int n = ws.offsets[e + 1] - begin;
+  if (t.expert < 0 || t.expert >= a.experts) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int in = kStage == 1 ? a.hidden : a.inter;
-  const int out_rows = kStage == 1 ? 2 * a.inter : a.hidden;
-  const int groups = in / 32;
-  const int row0 = (blockIdx.x * kGemvWarps + warp) * 2;
-  if (row0 >= out_rows) return;
-  const bool has2 = row0 + 1 < out_rows;
-  const int64_t first_row = static_cast<int64_t>(e) * out_rows + row0;
-  const uint8_t* blocks = (kStage == 1 ? a.gu_blocks : a.dn_blocks) + first_row * groups * 16;
-  const uint8_t* scales = (kStage == 1 ? a.gu_scales : a.dn_scales) + first_row * groups;
-  const bf16* bias = static_cast<const bf16*>(kStage == 1 ? a.gu_bias : a.dn_bias) + first_row;
-  const float b0 = bf2f(bias[0]), b1 = has2 ? bf2f(bias[1]) : 0.0f;
-  // The second row of a pair that does not exist reads the first row again (and is never stored).
-  const int64_t second = has2 ? groups : 0;
+  const int first_ch = (static_cast<int>(blockIdx.x) * kVecWarps + warp) * 8;
+  if (first_ch >= a.inter) return;  // whole warp; this kernel has no block barrier
+  const int ch = first_ch + (lane >> 2);
+  const bool ch_ok = ch < a.inter;
+  const int groups = a.hidden / 32, out_rows = 2 * a.inter;
+  auto slot_of = [&](int n) { return kDirect ? t.begin : ws.sorted[t.begin + n]; };
+  const int n = lane >> 2;
+  const bf16* xrow = n < t.count ? static_cast<const bf16*>(a.x) + static_cast<int64_t>(slot_of(n) / a.k) * a.hidden
+                                 : nullptr;
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  vec_tile(a.gu_blocks + static_cast<int64_t>(t.expert) * out_rows * groups * 16,
+           a.gu_scales + static_cast<int64_t>(t.expert) * out_rows * groups, groups, ch_ok ? 2 * ch : -1,
+           ch_ok ? 2 * ch + 1 : -1, xrow, 0, groups, c);
+  if (!ch_ok) return;
+  const bf16* bias = static_cast<const bf16*>(a.gu_bias) + static_cast<int64_t>(t.expert) * out_rows;
+  const float bg = bf2f(bias[2 * ch]), bu = bf2f(bias[2 * ch + 1]);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tok = 2 * (lane & 3) + i;
+    if (tok < t.count)
+      ws.act[static_cast<int64_t>(slot_of(tok)) * a.inter + ch] = f2bf(swiglu(c[i] + bg, c[2 + i] + bu, a.limit));
+  }
+}
 
-  for (int t0 = 0; t0 < n; t0 += T) {
-    const int nt = min(T, n - t0);
-    int slot[T];
-    const bf16* xp[T];
+// down, routed: a block is 4 row tiles x kDownSplit K halves of one task; y[slot, row] = (half0 + half1) + bias.
+__global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_kernel(MoeArgs a, MoeWorkspace ws) {
+  static_assert(kDownSplit == 2 && kVecWarps % 2 == 0, "two K halves per tile");
+  __shared__ float other[kVecWarps / 2][32][4];
+  const VecTask t = routed_task(ws);
+  if (t.expert < 0 || t.expert >= a.experts) return;  // whole block
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tile = static_cast<int>(blockIdx.x) * (kVecWarps / 2) + warp / 2, h = warp % 2;
+  const int groups = a.inter / 32, half = (groups + 1) / 2;
+  const int r = lane >> 2, row_a = tile * 16 + r, row_b = row_a + 8;
+  const bool tile_ok = tile * 16 < a.hidden;
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (tile_ok) {
+    const int n = lane >> 2;
+    const bf16* xrow = n < t.count ? ws.act + static_cast<int64_t>(ws.sorted[t.begin + n]) * a.inter : nullptr;
+    vec_tile(a.dn_blocks + static_cast<int64_t>(t.expert) * a.hidden * groups * 16,
+             a.dn_scales + static_cast<int64_t>(t.expert) * a.hidden * groups, groups, row_a < a.hidden ? row_a : -1,
+             row_b < a.hidden ? row_b : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
+  }
+  if (h == 1) {
 #pragma unroll
-    for (int t = 0; t < T; ++t) {
-      slot[t] = ws.sorted[begin + t0 + (t < nt ? t : 0)];
-      xp[t] = kStage == 1 ? static_cast<const bf16*>(a.x) + static_cast<int64_t>(slot[t] / a.k) * a.hidden
-                          : ws.act + static_cast<int64_t>(slot[t]) * a.inter;
-    }
-    float acc0[T], acc1[T];
+    for (int i = 0; i < 4; ++i) other[warp / 2][lane][i] = c[i];
+  }
+  __syncthreads();
+  if (h != 0 || !tile_ok) return;
+  const bf16* bias = static_cast<const bf16*>(a.dn_bias) + static_cast<int64_t>(t.expert) * a.hidden;
 #pragma unroll
-    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = 0.0f;
-    for (int g0 = lane; g0 < groups; g0 += 32 * kUnroll) {
-      uint4 c0[kUnroll], c1[kUnroll];
-      uint32_t s0[kUnroll], s1[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int g = g0 + 32 * u;
-        if (g < groups) {
-          c0[u] = *reinterpret_cast<const uint4*>(blocks + static_cast<int64_t>(g) * 16);
-          c1[u] = *reinterpret_cast<const uint4*>(blocks + (second + g) * 16);
-          s0[u] = scales[g];
-          s1[u] = scales[second + g];
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int g = g0 + 32 * u;
-        if (g >= groups) break;
-        const BlockScale sc0 = block_scale(s0[u]), sc1 = block_scale(s1[u]);
-        float p0[T], p1[T];
-#pragma unroll
-        for (int t = 0; t < T; ++t) p0[t] = p1[t] = 0.0f;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          float f0[8], f1[8];
-          decode8(word(c0[u], q), sc0.pre, f0);
-          decode8(word(c1[u], q), sc1.pre, f1);
-#pragma unroll
-          for (int t = 0; t < T; ++t) {
-            if (t < nt) {
-              const uint4 v = *reinterpret_cast<const uint4*>(xp[t] + g * 32 + q * 8);
-              const float x[8] = {bits_lo(v.x), bits_hi(v.x), bits_lo(v.y), bits_hi(v.y),
-                                  bits_lo(v.z), bits_hi(v.z), bits_lo(v.w), bits_hi(v.w)};
-#pragma unroll
-              for (int i = 0; i < 8; ++i) {
-                p0[t] += f0[i] * x[i];
-                p1[t] += f1[i] * x[i];
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-          acc0[t] += p0[t] * sc0.post;
-          acc1[t] += p1[t] * sc1.post;
-        }
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-      acc0[t] = warp_sum(acc0[t]);
-      acc1[t] = warp_sum(acc1[t]);
-    }
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-      if (lane == t && t < nt) {
-        if constexpr (kStage == 1) {
-          const float gate = fminf(acc0[t] + b0, a.limit);
-          const float up = fmaxf(-a.limit, fminf(acc1[t] + b1, a.limit));
-          const float v = gate / (1.0f + expf(-1.702f * gate)) * (up + 1.0f);
-          ws.act[static_cast<int64_t>(slot[t]) * a.inter + row0 / 2] = f2bf(v);
-        } else {
-          float* yr = ws.y + static_cast<int64_t>(slot[t]) * a.hidden + row0;
-          yr[0] = acc0[t] + b0;
-          if (has2) yr[1] = acc1[t] + b1;
-        }
-      }
+  for (int i = 0; i < 4; ++i) {
+    const int row = i < 2 ? row_a : row_b, tok = 2 * (lane & 3) + (i & 1);
+    if (row < a.hidden && tok < t.count) {
+      const float y = (c[i] + other[warp / 2][lane][i]) + bf2f(bias[row]);
+      ws.y[static_cast<int64_t>(ws.sorted[t.begin + tok]) * a.hidden + row] = y;
     }
   }
 }
 
-// Tensor-core grouped product over one (64-token tile of one expert) x (64 weight rows) block.
+// down, single row: a block is one 16-row tile; its warps take the (slot, K half) units in turn, and the
+// block sums the slots in slot order with the router weights, as combine_kernel does (same bits).
+__global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_direct_kernel(MoeArgs a, MoeWorkspace ws) {
+  __shared__ float part[kMaxDirectK][kDownSplit][16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int groups = a.inter / 32, half = (groups + 1) / 2;
+  const int base = static_cast<int>(blockIdx.x) * 16, r = lane >> 2;
+  for (int u = warp; u < a.k * kDownSplit; u += kVecWarps) {
+    const int j = u / kDownSplit, h = u % kDownSplit;
+    const int e = a.ids[j];
+    if (e < 0 || e >= a.experts) continue;  // warp-uniform
+    const bf16* xrow = r == 0 ? ws.act + static_cast<int64_t>(j) * a.inter : nullptr;
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    vec_tile(a.dn_blocks + static_cast<int64_t>(e) * a.hidden * groups * 16,
+             a.dn_scales + static_cast<int64_t>(e) * a.hidden * groups, groups, base + r < a.hidden ? base + r : -1,
+             base + r + 8 < a.hidden ? base + r + 8 : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
+    if ((lane & 3) == 0) {  // token column 0
+      part[j][h][r] = c[0];
+      part[j][h][r + 8] = c[2];
+    }
+  }
+  __syncthreads();
+  const int row = base + static_cast<int>(threadIdx.x);
+  if (threadIdx.x >= 16 || row >= a.hidden) return;
+  float sum = 0.0f;
+  for (int j = 0; j < a.k; ++j) {
+    const int e = a.ids[j];
+    if (e < 0 || e >= a.experts) continue;
+    const float y = (part[j][0][threadIdx.x] + part[j][1][threadIdx.x]) +
+                    bf2f(static_cast<const bf16*>(a.dn_bias)[static_cast<int64_t>(e) * a.hidden + row]);
+    sum += a.weights[j] * y;
+  }
+  static_cast<bf16*>(a.out)[row] = f2bf(sum);
+}
+
+// ---- Tensor-core path (many tokens per expert): 128 tokens x 128 weight rows per block ----
+//
+// 8 warps (2 x 4), each 64 tokens x 32 weight rows, mma.m16n8k16 with fragments from ldmatrix. K runs
+// in 64-wide slices through two shared-memory stages: the next slice's activations arrive by
+// cp.async and its weight codes are held in registers while the tensor cores work on the current
+// slice, then decoded (exactly, as in the vector path) into the other stage.
+constexpr int kMmaM = 128, kMmaN = 128, kMmaK = 64, kMmaWarps = 8;
+constexpr int kMmaLd = kMmaK + 8;  // bf16 per shared row: 144 bytes, so ldmatrix rows hit distinct banks
+constexpr int kMmaStage = (kMmaM + kMmaN) * kMmaLd;  // bf16 per stage (activations, then weights)
+constexpr size_t kMmaSmem = 2u * kMmaStage * sizeof(bf16);
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
 template <int kStage>
-__global__ __launch_bounds__(kMmaThreads) void moe_mma_kernel(MoeArgs a, MoeWorkspace ws) {
-  using namespace nvcuda;
+__global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, MoeWorkspace ws) {
+  extern __shared__ __align__(16) uint8_t mma_smem[];
+  __shared__ const bf16* rows_of[kMmaM];
+  __shared__ int slot_of[kMmaM];
   const int tile = blockIdx.y;
   if (tile >= *ws.tile_count) return;
-  const int e = ws.tiles[2 * tile], t0 = ws.tiles[2 * tile + 1];
-  const int begin = ws.offsets[e];
-  const int nt = min(kTileM, ws.offsets[e + 1] - begin - t0);
+  const int e = ws.tiles[2 * tile];
+  const int begin = ws.offsets[e] + ws.tiles[2 * tile + 1];
+  const int nt = min(kMmaM, ws.offsets[e + 1] - begin);
   const int in = kStage == 1 ? a.hidden : a.inter;
   const int out_rows = kStage == 1 ? 2 * a.inter : a.hidden;
   const int groups = in / 32;
-  const int col0 = blockIdx.x * kTileN;
+  const int col0 = blockIdx.x * kMmaN;
   if (col0 >= out_rows) return;
-  constexpr int kLd = kTileK + 8;  // bf16 elements per shared row (pads banks, keeps 32-byte alignment)
-  constexpr int kLdc = kTileN + 4;
-  struct Operands {
-    bf16 x[kTileM][kLd];
-    bf16 w[kTileN][kLd];
-  };
-  union Smem {
-    Operands op;
-    float c[kTileM][kLdc];
-  };
-  __shared__ __align__(128) Smem sm;
-  __shared__ const bf16* rows_of[kTileM];
-  __shared__ int slot_of[kTileM];
-  const int tid = threadIdx.x, warp = tid >> 5;
-  if (tid < kTileM) {
-    const int slot = tid < nt ? ws.sorted[begin + t0 + tid] : -1;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid < kMmaM) {
+    const int slot = tid < nt ? ws.sorted[begin + tid] : -1;
     slot_of[tid] = slot;
     rows_of[tid] = slot < 0 ? nullptr
                             : (kStage == 1 ? static_cast<const bf16*>(a.x) + static_cast<int64_t>(slot / a.k) * a.hidden
@@ -265,110 +364,122 @@ __global__ __launch_bounds__(kMmaThreads) void moe_mma_kernel(MoeArgs a, MoeWork
   }
   const uint8_t* blocks = (kStage == 1 ? a.gu_blocks : a.dn_blocks) + static_cast<int64_t>(e) * out_rows * groups * 16;
   const uint8_t* scales = (kStage == 1 ? a.gu_scales : a.dn_scales) + static_cast<int64_t>(e) * out_rows * groups;
+  bf16* smem = reinterpret_cast<bf16*>(mma_smem);
+  auto xs = [&](int stage) { return smem + stage * kMmaStage; };
+  auto wsm = [&](int stage) { return smem + stage * kMmaStage + kMmaM * kMmaLd; };
   __syncthreads();
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  // Activations: 128 rows x 8 chunks of 16 bytes per slice, 4 per thread; missing rows/columns read as 0.
+  auto load_x = [&](int stage, int kb) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-
-  // Register staging of the next K slice: the global loads of slice kb+64 are in flight while the
-  // tensor cores work on slice kb. Activations: 4 x 16 bytes per thread; weights: one 32-value block.
-  constexpr int kXLoads = kTileM * (kTileK / 8) / kMmaThreads;
-  uint4 xr[kXLoads];
+    for (int i = 0; i < kMmaM * (kMmaK / 8) / (kMmaWarps * 32); ++i) {
+      const int c = tid + i * kMmaWarps * 32;
+      const int row = c >> 3, col = (c & 7) * 8;
+      const bf16* src = rows_of[row];
+      const bool ok = src != nullptr && kb + col < in;
+      cp_async16(xs(stage) + row * kMmaLd + col, ok ? src + kb + col : static_cast<const bf16*>(a.x), ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  // Weights: thread -> (row tid/2, group tid%2) of the slice: one 16-byte block and its scale.
+  const int wn = tid >> 1, wg = tid & 1, wrow = col0 + wn;
   uint4 wcodes = make_uint4(0, 0, 0, 0);
-  uint32_t wscale = 0;
+  uint32_t wscale = 127;
   bool wvalid = false;
-  const int wrow = tid >> 1, whalf = tid & 1;
-  auto load_slice = [&](int kb) {
-#pragma unroll
-    for (int i = 0; i < kXLoads; ++i) {
-      const int idx = tid + i * kMmaThreads;
-      const int r = idx / (kTileK / 8), c = (idx % (kTileK / 8)) * 8;
-      xr[i] = make_uint4(0, 0, 0, 0);
-      if (rows_of[r] && kb + c < in) xr[i] = *reinterpret_cast<const uint4*>(rows_of[r] + kb + c);
-    }
-    const int row = col0 + wrow, g = kb / 32 + whalf;
-    wvalid = row < out_rows && g < groups;
+  auto load_w = [&](int kb) {
+    const int g = kb / 32 + wg;
+    wvalid = wrow < out_rows && g < groups;
     if (wvalid) {
-      wcodes = *reinterpret_cast<const uint4*>(blocks + (static_cast<int64_t>(row) * groups + g) * 16);
-      wscale = scales[static_cast<int64_t>(row) * groups + g];
+      wcodes = __ldg(reinterpret_cast<const uint4*>(blocks + (static_cast<int64_t>(wrow) * groups + g) * 16));
+      wscale = __ldg(scales + static_cast<int64_t>(wrow) * groups + g);
     }
   };
-  auto store_slice = [&]() {
+  auto store_w = [&](int stage) {
+    uint4 o[4];
+    const uint32_t f = mxfp4::factor(wscale), f2 = mxfp4::factor2(wscale);
+    const bool big = mxfp4::big(wscale);
 #pragma unroll
-    for (int i = 0; i < kXLoads; ++i) {
-      const int idx = tid + i * kMmaThreads;
-      const int r = idx / (kTileK / 8), c = (idx % (kTileK / 8)) * 8;
-      *reinterpret_cast<uint4*>(&sm.op.x[r][c]) = xr[i];
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t q = wvalid ? word(wcodes, w) : 0u;
+      uint32_t p[4];
+      if (big) mxfp4::decode_word<true>(q, f, f2, p);
+      else mxfp4::decode_word<false>(q, f, f2, p);
+      o[w] = mxfp4::natural_order(p);
     }
-    uint32_t packed[16];
-    if (wvalid) {
-      const BlockScale sc = block_scale(wscale);
+    uint4* dst = reinterpret_cast<uint4*>(wsm(stage) + wn * kMmaLd + wg * 32);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float f[8];
-        decode8(word(wcodes, q), sc.pre, f);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const __nv_bfloat162 two = __floats2bfloat162_rn(f[2 * i] * sc.post, f[2 * i + 1] * sc.post);
-          packed[4 * q + i] = *reinterpret_cast<const uint32_t*>(&two);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) packed[i] = 0;
-    }
-    uint4* dst = reinterpret_cast<uint4*>(&sm.op.w[wrow][whalf * 32]);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dst[i] = make_uint4(packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]);
+    for (int w = 0; w < 4; ++w) dst[w] = o[w];
   };
 
-  load_slice(0);
-  for (int kb = 0; kb < in; kb += kTileK) {
-    store_slice();
-    __syncthreads();
-    if (kb + kTileK < in) load_slice(kb + kTileK);
+  float acc[4][4][4];
 #pragma unroll
-    for (int kk = 0; kk < kTileK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb[2];
+  for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sm.op.x[wm + 16 * i][kk], kLd);
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sm.op.w[wn + 16 * j][kk], kLd);
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+  const int wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
+
+  load_x(0, 0);
+  load_w(0);
+  store_w(0);
+  cp_async_wait_all();
+  __syncthreads();
+  const int slices = (in + kMmaK - 1) / kMmaK;
+  for (int s = 0; s < slices; ++s) {
+    const int cur = s & 1;
+    const bool more = s + 1 < slices;
+    if (more) {
+      load_x(cur ^ 1, (s + 1) * kMmaK);
+      load_w((s + 1) * kMmaK);
+    }
+    const bf16* xcur = xs(cur);
+    const bf16* wcur = wsm(cur);
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+    for (int ks = 0; ks < kMmaK / 16; ++ks) {
+      uint32_t af[4][4], bfr[2][4];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      for (int mt = 0; mt < 4; ++mt)
+        ldmatrix_x4(af[mt], xcur + (wm0 + mt * 16 + mxfp4::ldsm_a_row(lane)) * kMmaLd + ks * 16 + mxfp4::ldsm_a_col(lane));
+#pragma unroll
+      for (int np = 0; np < 2; ++np)
+        ldmatrix_x4(bfr[np], wcur + (wn0 + np * 16 + mxfp4::ldsm_b_row(lane)) * kMmaLd + ks * 16 + mxfp4::ldsm_b_col(lane));
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int n8 = 0; n8 < 4; ++n8)
+          mma_bf16(acc[mt][n8], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bfr[n8 >> 1][(n8 & 1) * 2],
+                   bfr[n8 >> 1][(n8 & 1) * 2 + 1]);
+    }
+    if (more) {
+      store_w(cur ^ 1);
+      cp_async_wait_all();
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&sm.c[wm + 16 * i][wn + 16 * j], acc[i][j], kLdc, wmma::mem_row_major);
-  __syncthreads();
+
+  // Epilogue: lane holds tokens (lane/4, +8) x weight rows (2*(lane%4), +1) of each 16 x 8 tile; in
+  // gate_up those two rows are one channel's gate and up.
   const bf16* bias = static_cast<const bf16*>(kStage == 1 ? a.gu_bias : a.dn_bias) + static_cast<int64_t>(e) * out_rows;
-  if constexpr (kStage == 1) {
-    for (int i = tid; i < kTileM * (kTileN / 2); i += kMmaThreads) {
-      const int r = i / (kTileN / 2), j = i % (kTileN / 2);
-      const int col = col0 + 2 * j;
-      if (r >= nt || col >= out_rows) continue;
-      const float gate = fminf(sm.c[r][2 * j] + bf2f(bias[col]), a.limit);
-      const float up = fmaxf(-a.limit, fminf(sm.c[r][2 * j + 1] + bf2f(bias[col + 1]), a.limit));
-      const float v = gate / (1.0f + expf(-1.702f * gate)) * (up + 1.0f);
-      ws.act[static_cast<int64_t>(slot_of[r]) * a.inter + col / 2] = f2bf(v);
-    }
-  } else {
-    for (int i = tid; i < kTileM * kTileN; i += kMmaThreads) {
-      const int r = i / kTileN, c = i % kTileN;
-      const int col = col0 + c;
-      if (r >= nt || col >= out_rows) continue;
-      ws.y[static_cast<int64_t>(slot_of[r]) * a.hidden + col] = sm.c[r][c] + bf2f(bias[col]);
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int m = wm0 + mt * 16 + (lane >> 2) + half * 8;
+      if (m >= nt) continue;
+      const int slot = slot_of[m];
+#pragma unroll
+      for (int n8 = 0; n8 < 4; ++n8) {
+        const int col = col0 + wn0 + n8 * 8 + 2 * (lane & 3);
+        if (col >= out_rows) continue;
+        const float v0 = acc[mt][n8][2 * half] + bf2f(bias[col]);
+        const float v1 = acc[mt][n8][2 * half + 1] + bf2f(bias[col + 1]);
+        if constexpr (kStage == 1) {
+          ws.act[static_cast<int64_t>(slot) * a.inter + col / 2] = f2bf(swiglu(v0, v1, a.limit));
+        } else {
+          *reinterpret_cast<float2*>(ws.y + static_cast<int64_t>(slot) * a.hidden + col) = make_float2(v0, v1);
+        }
+      }
     }
   }
 }
@@ -387,25 +498,33 @@ __global__ void combine_kernel(const int32_t* ids, const float* weights, int k, 
   }
 }
 
-template <int T>
-void launch_gemvs(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
-  const int rows_per_block = kGemvWarps * 2;
-  const unsigned active = static_cast<unsigned>(std::min(a.experts, a.rows * a.k));
-  const dim3 g1(static_cast<unsigned>((2 * a.inter + rows_per_block - 1) / rows_per_block), active);
-  moe_gemv_kernel<1, T><<<g1, kGemvWarps * 32, 0, stream>>>(a, ws);
-  check_launch("moe gate_up");
-  const dim3 g2(static_cast<unsigned>((a.hidden + rows_per_block - 1) / rows_per_block), active);
-  moe_gemv_kernel<2, T><<<g2, kGemvWarps * 32, 0, stream>>>(a, ws);
-  check_launch("moe down");
+void launch_vec(const MoeArgs& a, const MoeWorkspace& ws, bool direct, cudaStream_t stream) {
+  const unsigned tasks = direct ? static_cast<unsigned>(a.k) : static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts, kVecTokens));
+  const dim3 g1(static_cast<unsigned>((a.inter + kVecWarps * 8 - 1) / (kVecWarps * 8)), tasks);
+  const int down_tiles = (a.hidden + 15) / 16;
+  if (direct) {
+    moe_vec_gate_up_kernel<true><<<g1, kVecWarps * 32, 0, stream>>>(a, ws);
+    check_launch("moe gate_up (vec, one row)");
+    moe_vec_down_direct_kernel<<<static_cast<unsigned>(down_tiles), kVecWarps * 32, 0, stream>>>(a, ws);
+    check_launch("moe down (vec, one row)");
+    return;
+  }
+  moe_vec_gate_up_kernel<false><<<g1, kVecWarps * 32, 0, stream>>>(a, ws);
+  check_launch("moe gate_up (vec)");
+  const dim3 g2(static_cast<unsigned>((down_tiles + kVecWarps / 2 - 1) / (kVecWarps / 2)), tasks);
+  moe_vec_down_kernel<<<g2, kVecWarps * 32, 0, stream>>>(a, ws);
+  check_launch("moe down (vec)");
 }
 
 void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
-  const unsigned tiles = static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts));
-  const dim3 g1(static_cast<unsigned>((2 * a.inter + kTileN - 1) / kTileN), tiles);
-  moe_mma_kernel<1><<<g1, kMmaThreads, 0, stream>>>(a, ws);
+  const unsigned tiles = static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts, kMmaM));
+  cudaFuncSetAttribute(moe_mma_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMmaSmem));
+  cudaFuncSetAttribute(moe_mma_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMmaSmem));
+  const dim3 g1(static_cast<unsigned>((2 * a.inter + kMmaN - 1) / kMmaN), tiles);
+  moe_mma_kernel<1><<<g1, kMmaWarps * 32, kMmaSmem, stream>>>(a, ws);
   check_launch("moe gate_up (mma)");
-  const dim3 g2(static_cast<unsigned>((a.hidden + kTileN - 1) / kTileN), tiles);
-  moe_mma_kernel<2><<<g2, kMmaThreads, 0, stream>>>(a, ws);
+  const dim3 g2(static_cast<unsigned>((a.hidden + kMmaN - 1) / kMmaN), tiles);
+  moe_mma_kernel<2><<<g2, kMmaWarps * 32, kMmaSmem, stream>>>(a, ws);
   check_launch("moe down (mma)");
 }
 
@@ -413,8 +532,7 @@ void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) 
 
 size_t moe_workspace_bytes(int rows, int k, int experts, int hidden, int inter) {
   const size_t slots = static_cast<size_t>(rows) * static_cast<size_t>(k);
-  return 256 + align256(static_cast<size_t>(experts) * 4) +
-         align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts)) * 8) +
+  return 256 + align256(static_cast<size_t>(max_tiles(static_cast<int>(slots), experts, kVecTokens)) * 8) +
          align256(static_cast<size_t>(experts + 1) * 4) + align256(slots * 4) +
          align256(slots * static_cast<size_t>(inter) * 2) + align256(slots * static_cast<size_t>(hidden) * 4);
 }
@@ -425,17 +543,22 @@ void moe(const MoeArgs& a, cudaStream_t stream) {
   if (a.hidden % 32 != 0 || a.inter % 32 != 0) throw std::invalid_argument("CUDA moe: sizes must be multiples of 32");
   const MoeWorkspace ws = carve(a.workspace, a.rows, a.k, a.experts, a.inter);
   const int n = a.rows * a.k;
-  route_kernel<<<1, 1024, static_cast<size_t>(2 * a.experts) * sizeof(int), stream>>>(a.ids, n, a.experts, ws);
+  // Tensor-core tiles once experts average more than 32 tokens (a 128-token tile is then mostly
+  // full); below that the vector path, which reads each expert's weights once per 8 tokens.
+  const bool mma = a.path == MoePath::kMma || (a.path == MoePath::kAuto && n > 32 * a.experts);
+  // A single row needs no routing: its k slots are the vector path's tasks, and the down product
+  // sums them itself (no combine pass).
+  if (!mma && a.rows == 1 && a.k <= kMaxDirectK) {
+    launch_vec(a, ws, true, stream);
+    return;
+  }
+  const int tile = mma ? kMmaM : kVecTokens;
+  route_kernel<<<1, 1024, static_cast<size_t>(2 * a.experts) * sizeof(int), stream>>>(a.ids, n, a.experts, tile, ws);
   check_launch("moe route");
-  // Tensor cores once experts average 4+ tokens (measured on an H200: faster from about 8 tokens per
-  // expert even with most of each 64-token tile empty); the matrix-vector path below that.
-  const bool mma = a.path == MoePath::kMma || (a.path == MoePath::kAuto && n >= 4 * a.experts);
   if (mma) {
     launch_mmas(a, ws, stream);
-  } else if (a.rows == 1) {
-    launch_gemvs<1>(a, ws, stream);
   } else {
-    launch_gemvs<8>(a, ws, stream);
+    launch_vec(a, ws, false, stream);
   }
   combine_kernel<<<a.rows, 256, 0, stream>>>(a.ids, a.weights, a.k, a.experts, ws.y, a.hidden,
                                              static_cast<bf16*>(a.out));
