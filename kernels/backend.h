@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -127,6 +128,20 @@ class Backend {
   virtual void gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) = 0;
   // out[r] = argmax of logits[r] (lowest index on ties).
   virtual void argmax(const Tensor& logits, const Tensor& out) = 0;
+
+  // --- optional: recorded steps (device backends; the defaults just run the step) ---
+  // Runs `body`, which enqueues one forward step's operations on `step` and nothing else (no host
+  // synchronization, no communication). A device backend may record those operations for a step
+  // shape it has seen from the same `owner` before and replay the recording for later steps of that
+  // shape (the CUDA backend does this for decode steps, as CUDA graphs), so everything the operations
+  // touch (weights, caches, activation buffers) must stay where it is until forget_steps(owner).
+  virtual void run_step(const void* owner, const StepContext& step, const std::function<void()>& body) {
+    (void)owner;
+    (void)step;
+    body();
+  }
+  // Drops whatever run_step recorded for `owner`.
+  virtual void forget_steps(const void* owner) { (void)owner; }
 };
 
 // Creates a backend by name: "cpu", "cuda" or "cuda:N". Throws std::runtime_error naming what is

@@ -107,7 +107,8 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
                                                   config.hidden_size, config.num_experts_per_tok);
 }
 
-Model::~Model() = default;
+// Recorded steps (Backend::run_step) point at this model's buffers.
+Model::~Model() { backend_.forget_steps(this); }
 
 void Model::run_empty_step() {
   for (const LayerWeights& l : weights_.layers)
@@ -148,39 +149,46 @@ void Model::run(const StepLayout& layout) {
          delta = delta_.slice_rows(0, rows), router = router_logits_.slice_rows(0, rows),
          ids = expert_ids_.slice_rows(0, rows), weights = expert_weights_.slice_rows(0, rows);
 
-  backend_.embedding(weights_.embed_tokens, *step, x);
-  AttentionParams ap;
-  ap.num_q_heads = c.num_attention_heads;
-  ap.num_kv_heads = c.num_key_value_heads;
-  ap.head_dim = c.head_dim;
-  ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  for (size_t i = 0; i < weights_.layers.size(); ++i) {
-    const LayerWeights& l = weights_.layers[i];
-    // Attention block. The previous layer's MoE output is still in delta: fuse its residual add.
-    if (i == 0) backend_.rms_norm(x, l.input_norm, c.rms_norm_eps, normed);
-    else backend_.add_rms_norm(x, delta, l.input_norm, c.rms_norm_eps, normed);
-    backend_.linear(normed, l.q_weight, l.q_bias, q);
-    backend_.linear(normed, l.k_weight, l.k_bias, k);
-    backend_.linear(normed, l.v_weight, l.v_bias, v);
-    backend_.rope(q, k, c.head_dim, rope_, *step);
-    ap.window = l.sliding ? c.sliding_window : 0;
-    const KvLayer& cache = kv_.layer(static_cast<int>(i));
-    backend_.attention(q, k, v, cache, l.sinks, ap, *step, attn);
-    backend_.kv_store(k, v, cache, ap, *step);
-    backend_.linear(attn, l.o_weight, l.o_bias, delta);
-    // MoE block.
-    backend_.add_rms_norm(x, delta, l.post_attention_norm, c.rms_norm_eps, normed);
-    backend_.linear(normed, l.router_weight, l.router_bias, router);
-    backend_.router_topk(router, c.num_experts_per_tok, ids, weights);
-    if (dispatcher_) dispatcher_->moe(normed, ids, weights, l.experts, c.swiglu_limit, delta);
-    else backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);
-  }
-  backend_.add(x, delta);
-  if (logit_rows == 0) return;
-  const Tensor gathered = final_rows_.slice_rows(0, logit_rows);
-  backend_.gather_logit_rows(x, *step, gathered);
-  backend_.rms_norm(gathered, weights_.final_norm, c.rms_norm_eps, gathered);
-  backend_.linear(gathered, weights_.lm_head, Tensor{}, logits_.slice_rows(0, logit_rows));
+  // The step's operations. A device backend may record them once per step shape and replay the
+  // recording (Backend::run_step); under expert parallelism they exchange data with other ranks, so
+  // they run directly.
+  auto body = [&] {
+    backend_.embedding(weights_.embed_tokens, *step, x);
+    AttentionParams ap;
+    ap.num_q_heads = c.num_attention_heads;
+    ap.num_kv_heads = c.num_key_value_heads;
+    ap.head_dim = c.head_dim;
+    ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    for (size_t i = 0; i < weights_.layers.size(); ++i) {
+      const LayerWeights& l = weights_.layers[i];
+      // Attention block. The previous layer's MoE output is still in delta: fuse its residual add.
+      if (i == 0) backend_.rms_norm(x, l.input_norm, c.rms_norm_eps, normed);
+      else backend_.add_rms_norm(x, delta, l.input_norm, c.rms_norm_eps, normed);
+      backend_.linear(normed, l.q_weight, l.q_bias, q);
+      backend_.linear(normed, l.k_weight, l.k_bias, k);
+      backend_.linear(normed, l.v_weight, l.v_bias, v);
+      backend_.rope(q, k, c.head_dim, rope_, *step);
+      ap.window = l.sliding ? c.sliding_window : 0;
+      const KvLayer& cache = kv_.layer(static_cast<int>(i));
+      backend_.attention(q, k, v, cache, l.sinks, ap, *step, attn);
+      backend_.kv_store(k, v, cache, ap, *step);
+      backend_.linear(attn, l.o_weight, l.o_bias, delta);
+      // MoE block.
+      backend_.add_rms_norm(x, delta, l.post_attention_norm, c.rms_norm_eps, normed);
+      backend_.linear(normed, l.router_weight, l.router_bias, router);
+      backend_.router_topk(router, c.num_experts_per_tok, ids, weights);
+      if (dispatcher_) dispatcher_->moe(normed, ids, weights, l.experts, c.swiglu_limit, delta);
+      else backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);
+    }
+    backend_.add(x, delta);
+    if (logit_rows == 0) return;
+    const Tensor gathered = final_rows_.slice_rows(0, logit_rows);
+    backend_.gather_logit_rows(x, *step, gathered);
+    backend_.rms_norm(gathered, weights_.final_norm, c.rms_norm_eps, gathered);
+    backend_.linear(gathered, weights_.lm_head, Tensor{}, logits_.slice_rows(0, logit_rows));
+  };
+  if (dispatcher_) body();
+  else backend_.run_step(this, *step, body);
 }
 
 std::vector<float> Model::forward(const StepLayout& layout) {

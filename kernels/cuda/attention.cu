@@ -1,9 +1,9 @@
 // Attention over the paged KV cache with per-head sinks (gpt-oss.md §4.4), one thread block per
-// (row, q head): each warp streams 32-key chunks (one key per lane for q·k, then the chunk's values
-// accumulated with the key weights broadcast by shuffles) with an online softmax, and the warps'
-// partial results are merged at the end. Keys below the sequence's num_cached come from the cache
-// (full layers: block table; sliding layers: ring slot p mod ring size), the step's own keys from
-// k/v. The sink joins the denominator only: warp 0 starts from max = sink, sum = 1.
+// (row, q head): each warp (4 or 8 per block) streams 32-key chunks (one key per lane for q·k, then
+// the chunk's values accumulated with the key weights broadcast by shuffles) with an online softmax,
+// and the warps' partial results are merged at the end. Keys below the sequence's num_cached come
+// from the cache (full layers: block table; sliding layers: ring slot p mod ring size), the step's
+// own keys from k/v. The sink joins the denominator only: warp 0 starts from max = sink, sum = 1.
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -11,9 +11,9 @@
 namespace arbiter::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-
-template <int D>
+// Warps per block: 4 for large steps; 8 when the step has few (row, head) pairs (decode), so that
+// one block's keys are spread over more warps and fewer chunks run one after another.
+template <int D, int kWarps>
 __global__ __launch_bounds__(kWarps * 32) void attention_kernel(AttentionArgs a, StepArgs step) {
   constexpr int kPerLane = D / 32;
   const int row = blockIdx.x, h = blockIdx.y;
@@ -149,15 +149,21 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(AttentionArgs a,
   }
 }
 
+// Steps with at most this many (row, q head) blocks use 8 warps per block.
+constexpr int64_t kWideBlocks = 1024;
+
 }  // namespace
 
 void attention(const AttentionArgs& a, const StepArgs& step, cudaStream_t stream) {
   if (a.rows <= 0) return;
   const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(a.q_heads));
+  const bool wide = static_cast<int64_t>(a.rows) * a.q_heads <= kWideBlocks;
   if (a.head_dim == 64) {
-    attention_kernel<64><<<grid, kWarps * 32, 0, stream>>>(a, step);
+    if (wide) attention_kernel<64, 8><<<grid, 8 * 32, 0, stream>>>(a, step);
+    else attention_kernel<64, 4><<<grid, 4 * 32, 0, stream>>>(a, step);
   } else if (a.head_dim == 128) {
-    attention_kernel<128><<<grid, kWarps * 32, 0, stream>>>(a, step);
+    if (wide) attention_kernel<128, 8><<<grid, 8 * 32, 0, stream>>>(a, step);
+    else attention_kernel<128, 4><<<grid, 4 * 32, 0, stream>>>(a, step);
   } else {
     throw std::invalid_argument("CUDA attention: head_dim must be 64 or 128");
   }

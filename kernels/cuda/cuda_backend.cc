@@ -8,8 +8,11 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -57,6 +60,9 @@ struct LtLayoutDeleter {
 struct LtPrefDeleter {
   void operator()(cublasLtMatmulPreferenceOpaque_t* p) const { cublasLtMatmulPreferenceDestroy(p); }
 };
+struct GraphExecDeleter {
+  void operator()(CUgraphExec_st* g) const { cudaGraphExecDestroy(g); }
+};
 using StreamPtr = std::unique_ptr<CUstream_st, StreamDeleter>;
 using EventPtr = std::unique_ptr<CUevent_st, EventDeleter>;
 using PinnedPtr = std::unique_ptr<void, PinnedDeleter>;
@@ -64,6 +70,7 @@ using LtHandlePtr = std::unique_ptr<cublasLtContext, LtHandleDeleter>;
 using LtDescPtr = std::unique_ptr<cublasLtMatmulDescOpaque_t, LtDescDeleter>;
 using LtLayoutPtr = std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LtLayoutDeleter>;
 using LtPrefPtr = std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, LtPrefDeleter>;
+using GraphExecPtr = std::unique_ptr<CUgraphExec_st, GraphExecDeleter>;
 
 DeviceBuffer device_alloc(size_t bytes) {
   void* p = nullptr;
@@ -94,16 +101,18 @@ int64_t row_len(const Tensor& t) {
 
 bool is_bf16_or_f32(const Tensor& t) { return t.dtype == DType::kBF16 || t.dtype == DType::kF32; }
 
-// Device memory that grows on demand (outside steps where possible) and never shrinks.
+// Device memory that grows on demand (outside steps where possible) and never shrinks. Growing
+// moves it: `moved` counts the moves (recorded steps that point at it are then stale).
 class Scratch {
  public:
-  void* ensure(size_t bytes, cudaStream_t stream) {
+  void* ensure(size_t bytes, cudaStream_t stream, uint64_t& moved) {
     if (bytes > buffer_.bytes() || !buffer_.data()) {
       // Queued kernels may still read the old buffer.
       cuda_check(cudaStreamSynchronize(stream), "scratch grow");
       const size_t old = buffer_.bytes();
       buffer_ = DeviceBuffer();
       buffer_ = device_alloc(std::max(bytes, old + old / 2));
+      ++moved;
     }
     return buffer_.data();
   }
@@ -123,16 +132,38 @@ struct MetaSlot {
 
 class CudaStepContext final : public StepContext {
  public:
-  CudaStepContext(const StepLayout& layout, MetaSlot* slot) : layout_(layout), slot_(slot) {}
+  CudaStepContext(const StepLayout& layout, MetaSlot* slot, bool graph_slot)
+      : graph_slot(graph_slot), layout_(layout), slot_(slot) {}
   ~CudaStepContext() override { slot_->in_use = false; }
   const StepLayout& layout() const override { return layout_; }
   cuda::StepArgs args;
   int32_t max_full_block = -1, max_ring_block = -1;
+  // The metadata sits in the backend's one fixed graph slot, at addresses that depend only on the
+  // step's shape (rows, sequences, logit rows): a recorded step of that shape can read it.
+  const bool graph_slot;
 
  private:
   StepLayout layout_;
   MetaSlot* slot_;
 };
+
+// What a recorded step's argument checks required of the step it was recorded on, so that a replay
+// (which runs no operation's host code) can check a new step against the same caches.
+struct StepChecks {
+  bool full = false;                      // has full-attention layers
+  int64_t full_pool = INT64_MAX;          // smallest full-attention block pool
+  int window = 0;                         // largest sliding window
+  int64_t ring_pool = INT64_MAX;          // smallest sliding-window block pool
+};
+
+// A recorded decode step: one CUDA graph per (owner, rows, sequences, logit rows, block size).
+struct StepGraph {
+  GraphExecPtr exec;
+  uint64_t generation = 0;  // the backend's memory generation it was recorded against
+  StepChecks checks;
+  int eager_runs = 0, failures = 0;
+};
+using StepGraphKey = std::tuple<const void*, int, int, int, int>;
 
 const CudaStepContext& cuda_step(const StepContext& step) {
   const auto* s = dynamic_cast<const CudaStepContext*>(&step);
@@ -160,6 +191,12 @@ class CudaBackend final : public Backend {
       if (std::strcmp(env, "gemv") == 0) moe_path_ = cuda::MoePath::kGemv;
       if (std::strcmp(env, "mma") == 0) moe_path_ = cuda::MoePath::kMma;
     }
+    // ARBITER_CUDA_GEMV=0: dense products of few rows through cuBLASLt too (tests, benchmarks).
+    if (const char* env = std::getenv("ARBITER_CUDA_GEMV")) gemv_enabled_ = std::strcmp(env, "0") != 0;
+    // ARBITER_CUDA_GRAPHS=0: never record steps.
+    if (const char* env = std::getenv("ARBITER_CUDA_GRAPHS")) graphs_enabled_ = std::strcmp(env, "0") != 0;
+    graph_meta_ = std::make_unique<MetaSlot>();
+    graph_meta_->uploaded = make_event();
   }
   ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
 
@@ -337,7 +374,7 @@ class CudaBackend final : public Backend {
     a.inter = inter;
     a.limit = swiglu_limit;
     a.path = moe_path_;
-    a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream());
+    a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream(), generation_);
     cuda::moe(a, stream());
   }
 
@@ -362,6 +399,18 @@ class CudaBackend final : public Backend {
     select();
     cuda::argmax(logits.as<const float>(), static_cast<int>(logits.rows()), row_len(logits),
                  out.as<int32_t>(), stream());
+  }
+
+  void run_step(const void* owner, const StepContext& step, const std::function<void()>& body) override;
+
+  void forget_steps(const void* owner) override {
+    // Called from destructors: no throwing. Let any replay of them still running finish first.
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream());
+    for (auto it = graphs_.begin(); it != graphs_.end();) {
+      if (std::get<0>(it->first) == owner) it = graphs_.erase(it);
+      else ++it;
+    }
   }
 
  private:
@@ -398,6 +447,15 @@ class CudaBackend final : public Backend {
             "attention: cache must be bf16 [blocks, block_size, kv_heads, head_dim]");
     const int64_t pool = cache.k.shape[0];
     const int bs = s.args.block_size;
+    if (recording_) {
+      if (p.window > 0) {
+        recording_->window = std::max(recording_->window, p.window);
+        recording_->ring_pool = std::min(recording_->ring_pool, pool);
+      } else {
+        recording_->full = true;
+        recording_->full_pool = std::min(recording_->full_pool, pool);
+      }
+    }
     for (const SequenceStep& seq : s.layout().sequences) {
       if (p.window > 0) {
         const int64_t ring = static_cast<int64_t>(seq.sliding_blocks.size()) * bs;
@@ -408,6 +466,20 @@ class CudaBackend final : public Backend {
       }
     }
     require((p.window > 0 ? s.max_ring_block : s.max_full_block) < pool, "block id outside the cache pool");
+  }
+
+  // A replayed step runs no operation's host checks: check the step against what the recorded one needed.
+  static void check_replay(const StepChecks& c, const CudaStepContext& s) {
+    const int bs = s.args.block_size;
+    for (const SequenceStep& seq : s.layout().sequences) {
+      if (c.window > 0)
+        require(static_cast<int64_t>(seq.sliding_blocks.size()) * bs >= c.window, "sliding ring smaller than the window");
+      if (c.full)
+        require(static_cast<int64_t>(seq.full_blocks.size()) * bs >= seq.num_cached + seq.num_new,
+                "full-attention block table too short");
+    }
+    if (c.window > 0) require(s.max_ring_block < c.ring_pool, "block id outside the cache pool");
+    if (c.full) require(s.max_full_block < c.full_pool, "block id outside the cache pool");
   }
 
   MetaSlot& free_meta_slot() {
@@ -427,8 +499,16 @@ class CudaBackend final : public Backend {
   std::vector<DeviceBuffer> weights_;
   std::vector<std::unique_ptr<MetaSlot>> meta_slots_;
   Scratch moe_scratch_;
-  std::array<int, 4> moe_dims_{};
-  cuda::MoePath moe_path_ = cuda::MoePath::kAuto;  // k, experts, hidden, inter of the last moe_experts call
+  std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
+  cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
+  bool gemv_enabled_ = true;
+  // Recorded decode steps. Their metadata lives in graph_meta_ (one slot, fixed addresses);
+  // generation_ counts moves of memory they point at (that slot, the MoE workspace).
+  bool graphs_enabled_ = true;
+  std::unique_ptr<MetaSlot> graph_meta_;
+  uint64_t generation_ = 1;
+  std::map<StepGraphKey, StepGraph> graphs_;
+  StepChecks* recording_ = nullptr;  // set while a step is being recorded
 };
 
 std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout) {
@@ -461,9 +541,12 @@ std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout)
   const size_t o_tables = o_logits + static_cast<size_t>(logits);
   const size_t total = std::max<size_t>(o_tables + table_ints, 1);
 
-  MetaSlot& slot = free_meta_slot();
+  // Decode-shaped steps (one new token per sequence) use the fixed graph slot when it is free, so
+  // that run_step can record or replay them.
+  const bool graph_slot = graphs_enabled_ && rows == seqs && !graph_meta_->in_use;
+  MetaSlot& slot = graph_slot ? *graph_meta_ : free_meta_slot();
   if (slot.capacity < total) {
-    const size_t cap = std::max<size_t>(total + total / 2, 4096);
+    const size_t cap = std::max<size_t>(total + total / 2, graph_slot ? size_t{1} << 18 : 4096);
     cuda_check(cudaStreamSynchronize(stream()), "step metadata grow");
     slot.device = device_alloc(cap * 4);
     void* host = nullptr;
@@ -471,6 +554,7 @@ std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout)
     cuda_check(cudaMallocHost(&host, cap * 4), "cudaMallocHost");
     slot.host.reset(host);
     slot.capacity = cap;
+    if (graph_slot) ++generation_;
   }
   // The previous upload from this pinned buffer must be done before it is rewritten.
   cuda_check(cudaEventSynchronize(slot.uploaded.get()), "step metadata event");
@@ -479,7 +563,7 @@ std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout)
   std::copy(pos.begin(), pos.end(), h + o_pos);
   std::copy(seq_of.begin(), seq_of.end(), h + o_seq);
   std::copy(layout.logit_rows.begin(), layout.logit_rows.end(), h + o_logits);
-  auto ctx = std::make_unique<CudaStepContext>(layout, &slot);
+  auto ctx = std::make_unique<CudaStepContext>(layout, &slot, graph_slot);
   size_t t = o_tables;
   for (int si = 0; si < seqs; ++si) {
     const SequenceStep& s = layout.sequences[static_cast<size_t>(si)];
@@ -523,8 +607,54 @@ std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout)
   // Grow the MoE workspace for this step's rows now rather than inside the step.
   if (moe_dims_[1] > 0)
     moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, moe_dims_[0], moe_dims_[1], moe_dims_[2], moe_dims_[3]),
-                        stream());
+                        stream(), generation_);
   return ctx;
+}
+
+// Decode steps as CUDA graphs: the first step of a shape (per owner) runs directly (it creates the
+// cuBLASLt plans and grows the workspaces), the second is recorded by stream capture and replayed,
+// and later ones replay the recording after checking the step against what the recorded one needed.
+// A recording that fails (an operation that cannot be captured) falls back to running directly.
+void CudaBackend::run_step(const void* owner, const StepContext& step, const std::function<void()>& body) {
+  const auto& s = cuda_step(step);
+  if (!graphs_enabled_ || !s.graph_slot || recording_) return body();
+  select();
+  StepGraph& g = graphs_[StepGraphKey{owner, s.args.rows, s.args.seqs, s.args.logit_count, s.args.block_size}];
+  if (g.exec && g.generation == generation_) {
+    check_replay(g.checks, s);
+    cuda_check(cudaGraphLaunch(g.exec.get(), stream()), "cudaGraphLaunch");
+    return;
+  }
+  g.exec.reset();
+  if (g.eager_runs < 1 || g.failures >= 2) {
+    ++g.eager_runs;
+    return body();
+  }
+  g.checks = StepChecks{};
+  const uint64_t generation = generation_;
+  cuda_check(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  recording_ = &g.checks;
+  bool ok = true;
+  try {
+    body();
+  } catch (...) {
+    ok = false;  // an argument error is thrown again below, when the step runs directly
+  }
+  recording_ = nullptr;
+  cudaGraph_t graph = nullptr;
+  ok = cudaStreamEndCapture(stream(), &graph) == cudaSuccess && ok && graph && generation == generation_;
+  cudaGraphExec_t exec = nullptr;
+  if (ok) ok = cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+  if (graph) cudaGraphDestroy(graph);
+  if (ok) {
+    g.exec.reset(exec);
+    g.generation = generation_;
+    cuda_check(cudaGraphLaunch(exec, stream()), "cudaGraphLaunch");
+    return;
+  }
+  cudaGetLastError();  // clear the capture's error
+  if (g.failures++ == 0) std::fprintf(stderr, "arbiter: CUDA graph recording of a decode step failed; running it directly\n");
+  body();
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) {
@@ -537,6 +667,12 @@ void CudaBackend::linear(const Tensor& x, const Tensor& weight, const Tensor& bi
   if (m == 0) return;
   select();
   const bool out_bf16 = out.dtype == DType::kBF16;
+  // Few rows (decode): the weights are streamed once by a matrix-vector kernel with the bias fused.
+  if (gemv_enabled_ && cuda::gemv_supported(static_cast<int>(std::min<int64_t>(m, INT32_MAX)), n, k) &&
+      pointer_alignment(x.data) >= 16 && pointer_alignment(weight.data) >= 16) {
+    cuda::gemv(x.data, static_cast<int>(m), weight.data, bias.data, out.data, !out_bf16, n, k, stream());
+    return;
+  }
   const bool epilogue_bias = bias.data && out_bf16;
   const LtKey key{m, n, k, out_bf16 ? 1 : 0, epilogue_bias, pointer_alignment(weight.data), pointer_alignment(x.data),
                   pointer_alignment(out.data)};

@@ -88,6 +88,12 @@ void router_topk(const float* logits, int rows, int experts, int k, int32_t* ids
                  cudaStream_t stream);
 void moe(const MoeArgs& args, cudaStream_t stream);
 void add_bf16(void* x, const void* y, int64_t n, cudaStream_t stream);
+// Dense bf16 matrix-vector product for at most kGemvMaxRows activation rows: out[m, n] = x[m] . w[n]
+// (+ bias[n], bf16, may be null), out bf16 or f32. x rows and w rows contiguous, 16-byte aligned.
+inline constexpr int kGemvMaxRows = 8;
+bool gemv_supported(int m, int64_t n, int64_t k);
+void gemv(const void* x, int m, const void* w, const void* bias, void* out, bool out_f32, int64_t n, int64_t k,
+          cudaStream_t stream);
 void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& step, cudaStream_t stream);
 void argmax(const float* logits, int rows, int64_t n, int32_t* out, cudaStream_t stream);
 
