@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -34,6 +35,18 @@ Ceilings g_ceil;
 
 Backend& backend() {
   static std::unique_ptr<Backend> b = make_backend("cuda");
+  return *b;
+}
+
+// A second backend whose dense products of few rows go through cuBLASLt (the baseline of the
+// matrix-vector kernel).
+Backend& cublaslt_backend() {
+  static std::unique_ptr<Backend> b = [] {
+    setenv("ARBITER_CUDA_GEMV", "0", 1);
+    auto p = make_backend("cuda");
+    unsetenv("ARBITER_CUDA_GEMV");
+    return p;
+  }();
   return *b;
 }
 
@@ -173,8 +186,13 @@ class SynthModel {
   }
 
 
-  // One forward step as runtime/model.cc runs it, ending with the argmax of the logit rows.
-  void step(const StepContext& st, int rows, int logit_rows) {
+  // One forward step as runtime/model.cc runs it (through Backend::run_step, which records decode
+  // steps as CUDA graphs, unless `direct`), ending with the argmax of the logit rows.
+  void step(const StepContext& st, int rows, int logit_rows, bool direct = false) {
+    if (direct) return step_ops(st, rows, logit_rows);
+    backend().run_step(this, st, [&] { step_ops(st, rows, logit_rows); });
+  }
+  void step_ops(const StepContext& st, int rows, int logit_rows) {
     Backend& b = backend();
     const ModelConfig& c = c_;
     Tensor x = x_.slice_rows(0, rows), normed = normed_.slice_rows(0, rows), q = q_.slice_rows(0, rows),
@@ -346,21 +364,22 @@ void BM_GemmBf16(benchmark::State& state) {
 
 // A whole forward step of `m` for seqs x fresh new tokens after `cached` cached ones.
 // Without the head (layer benchmarks), the step stops before the final norm and lm_head.
-void run_steps(benchmark::State& state, SynthModel& m, int seqs, int cached, int fresh, bool with_head = true) {
+void run_steps(benchmark::State& state, SynthModel& m, int seqs, int cached, int fresh, bool with_head = true,
+               bool direct = false) {
   Backend& b = backend();
   const StepLayout layout = m.layout(seqs, cached, fresh);
   const int rows = seqs * fresh;
   const int logit_rows = with_head ? seqs : 0;
-  {
+  for (int i = 0; i < 2; ++i) {  // warm-up: plans, workspaces, the step's recording
     const auto st = b.prepare_step(layout);
-    m.step(*st, rows, logit_rows);  // warm-up: plans, workspace
+    m.step(*st, rows, logit_rows, direct);
   }
   EventTimer timer;
   double total = 0;
   int64_t n = 0;
   for (auto _ : state) {
     const auto st = b.prepare_step(layout);
-    const double s = timer.seconds([&] { m.step(*st, rows, logit_rows); });
+    const double s = timer.seconds([&] { m.step(*st, rows, logit_rows, direct); });
     state.SetIterationTime(s);
     total += s;
     ++n;
@@ -380,6 +399,10 @@ void run_steps(benchmark::State& state, SynthModel& m, int seqs, int cached, int
 
 void BM_Model20bDecode(benchmark::State& state) {
   run_steps(state, model20b(), static_cast<int>(state.range(0)), kContext, 1);
+}
+// The same without step recording (every operation launched from the host).
+void BM_Model20bDecodeDirect(benchmark::State& state) {
+  run_steps(state, model20b(), static_cast<int>(state.range(0)), kContext, 1, true, true);
 }
 void BM_Model20bPrefill(benchmark::State& state) { run_steps(state, model20b(), kPrefillSeqs, 0, kPrefillTokens); }
 
@@ -419,6 +442,39 @@ void layer_decode_bench(benchmark::State& state, const std::string& preset) {
 void BM_Layer20bDecode(benchmark::State& state) { layer_decode_bench(state, "20b-shape"); }
 void BM_Layer120bDecode(benchmark::State& state) { layer_decode_bench(state, "120b-shape"); }
 
+// One dense product at one row (decode): weight bytes per second over the copy bandwidth, for the
+// matrix-vector kernel (arg 1 = 0) and cuBLASLt (arg 1 = 1). Arg 0: 0 = q_proj (4096 x 2880),
+// 1 = lm_head (201088 x 2880), 2 = router (32 x 2880, f32 out).
+void BM_LinearRow(benchmark::State& state) {
+  static const int64_t shapes[3][2] = {{4096, 2880}, {201088, 2880}, {32, 2880}};
+  const int64_t n = shapes[state.range(0)][0], k = shapes[state.range(0)][1];
+  const bool f32 = state.range(0) == 2;
+  Backend& b = state.range(1) == 0 ? backend() : cublaslt_backend();
+  DeviceBuffer xb = b.allocate(static_cast<size_t>(k) * 2), wb = b.allocate(static_cast<size_t>(n * k) * 2),
+               bb = b.allocate(static_cast<size_t>(n) * 2), ob = b.allocate(static_cast<size_t>(n) * 4);
+  const Tensor x = xb.view(DType::kBF16, {1, k}), w = wb.view(DType::kBF16, {n, k}), bias = bb.view(DType::kBF16, {n}),
+               o = ob.view(f32 ? DType::kF32 : DType::kBF16, {1, n});
+  cuda_fill_random_bf16(x, 11, 1.0f);
+  cuda_fill_random_bf16(w, 12, 0.02f);
+  cuda_fill_random_bf16(bias, 13, 0.02f);
+  const Tensor bias_or_none = state.range(0) == 1 ? Tensor{} : bias;
+  b.linear(x, w, bias_or_none, o);
+  EventTimer timer;
+  double total = 0;
+  int64_t iters = 0;
+  for (auto _ : state) {
+    const double s = timer.seconds([&] {
+      for (int i = 0; i < 10; ++i) b.linear(x, w, bias_or_none, o);
+    }) / 10;
+    state.SetIterationTime(s);
+    total += s;
+    ++iters;
+  }
+  const double per = total / static_cast<double>(iters);
+  state.counters["us"] = per * 1e6;
+  if (g_ceil.copy_bytes_per_s > 0) state.counters["weight_bw_vs_copy"] = 2.0 * n * k / per / g_ceil.copy_bytes_per_s;
+}
+
 // Attention alone: decode (one query per sequence) over `cached` keys, full layer.
 void BM_AttentionDecode(benchmark::State& state) {
   SynthModel& m = layer_model("20b-shape");
@@ -457,10 +513,12 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("GemmBf16_8192", BM_GemmBf16)->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("Moe20bLayer", BM_Moe20bLayer)->Arg(1)->Arg(64)->Arg(256)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Moe120bLayer", BM_Moe120bLayer)->Arg(1)->Arg(256)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("LinearRow", BM_LinearRow)->ArgsProduct({{0, 1, 2}, {0, 1}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("AttentionDecode20b", BM_AttentionDecode)->Arg(1)->Arg(64)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Layer20bDecode", BM_Layer20bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Layer120bDecode", BM_Layer120bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Model20bDecode", BM_Model20bDecode)->Arg(1)->Arg(64)->Arg(256)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("Model20bDecodeDirect", BM_Model20bDecodeDirect)->Arg(1)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("Model20bPrefill4x512", BM_Model20bPrefill)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

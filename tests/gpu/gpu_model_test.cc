@@ -375,6 +375,49 @@ TEST_F(GpuCachePaths, BatchOfDifferentLengthsEqualsEachAlone) {
   expect_close(gpu_decode, reference.forward(cpu_decode), "batched decode vs CPU");
 }
 
+// Decode steps recorded as CUDA graphs and replayed (Backend::run_step) give exactly the logits of
+// the same steps launched one operation at a time: single-sequence decode from the first token, and
+// three sequences decoding together (the replay reads new block tables and positions every step).
+TEST_F(GpuCachePaths, RecordedDecodeStepsEqualDirectOnes) {
+  Checkpoint ck(dir_->path());
+  setenv("ARBITER_CUDA_GRAPHS", "0", 1);
+  auto direct_backend = make_backend("cuda");
+  unsetenv("ARBITER_CUDA_GRAPHS");
+  const auto t = tokens(13, 5);
+  Model recorded(config_, ck, *gpu_, small_options(1, 1));
+  Model direct(config_, ck, *direct_backend, small_options(1, 1));
+  EXPECT_EQ(compute_all_logits(recorded, t), compute_all_logits(direct, t)) << "token-by-token";
+  // The same model object again (its recordings are reused across sequences).
+  EXPECT_EQ(compute_all_logits(recorded, tokens(6, 8)), compute_all_logits(direct, tokens(6, 8))) << "second sequence";
+
+  auto batch_decode = [&](Backend& b) {
+    Model model(config_, ck, b, small_options(64, 64));
+    KvBlockPools pools(model.options().kv);
+    std::vector<std::unique_ptr<LocalSequence>> live;
+    StepLayout prefill;
+    prefill.block_size = model.options().kv.block_size;
+    const std::vector<std::vector<int32_t>> seqs = {tokens(3, 1), tokens(9, 2), tokens(5, 3)};
+    for (const auto& s : seqs) {
+      live.push_back(std::make_unique<LocalSequence>(pools, model.kv_cache().ring_blocks_per_sequence()));
+      live.back()->append_to_step(prefill, s.data(), static_cast<int>(s.size()), true);
+    }
+    std::vector<float> all = model.forward(prefill);
+    for (size_t i = 0; i < seqs.size(); ++i) live[i]->commit(static_cast<int>(seqs[i].size()));
+    for (int step = 0; step < 6; ++step) {
+      StepLayout decode;
+      decode.block_size = prefill.block_size;
+      std::vector<int32_t> next;
+      for (size_t i = 0; i < live.size(); ++i) next.push_back(static_cast<int32_t>((step * 31 + i * 7 + 3) % config_.vocab_size));
+      for (size_t i = 0; i < live.size(); ++i) live[i]->append_to_step(decode, &next[i], 1, true);
+      const auto logits = model.forward(decode);
+      all.insert(all.end(), logits.begin(), logits.end());
+      for (auto& s : live) s->commit(1);
+    }
+    return all;
+  };
+  EXPECT_EQ(batch_decode(*gpu_), batch_decode(*direct_backend)) << "three sequences";
+}
+
 TEST_F(GpuCachePaths, ArgmaxPathEqualsLogits) {
   Checkpoint ck(dir_->path());
   Model model(config_, ck, *gpu_, small_options(64, 64));
