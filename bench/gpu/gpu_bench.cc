@@ -61,14 +61,15 @@ class EventTimer {
     cudaEventDestroy(start_);
     cudaEventDestroy(stop_);
   }
+  // `on`: the backend whose stream fn's work goes to.
   template <typename F>
-  double seconds(F&& fn) {
-    backend().synchronize();
+  double seconds(F&& fn, Backend& on = backend()) {
+    on.synchronize();
     check(cudaDeviceSynchronize(), "sync");
     check(cudaEventRecord(start_, nullptr), "record");
     // The backend's stream is non-blocking: order it after the start event by a device sync instead.
     fn();
-    backend().synchronize();
+    on.synchronize();
     check(cudaEventRecord(stop_, nullptr), "record");
     check(cudaEventSynchronize(stop_), "sync");
     float ms = 0;
@@ -254,6 +255,65 @@ class SynthModel {
     b.attention(q_.slice_rows(0, rows), k_.slice_rows(0, rows), v_.slice_rows(0, rows), l.kv, l.sinks, ap, st,
                 attn_.slice_rows(0, rows));
   }
+  // One operation of a step of `rows` rows (`seqs` logit rows) on layer 1 (full attention) or 0
+  // (sliding), for the per-op profile (StepOp). The operations' inputs are whatever the buffers hold.
+  static constexpr const char* kOpNames[] = {"add_rms_norm", "q_proj",       "k_proj",    "v_proj",
+                                             "rope",         "attention",    "attention_sliding",
+                                             "kv_store",     "o_proj",       "router",    "router_topk",
+                                             "moe_experts",  "final_norm+lm_head", "argmax"};
+  static constexpr int kOps = 14;
+  void op_only(const StepContext& st, int op, int rows = 1, int seqs = 1) {
+    Backend& b = backend();
+    const bool sliding = op == 6;
+    const Layer& l = layers_[sliding ? 0 : 1 % layers_.size()];
+    const ModelConfig& c = c_;
+    AttentionParams ap;
+    ap.num_q_heads = c.num_attention_heads;
+    ap.num_kv_heads = c.num_key_value_heads;
+    ap.head_dim = c.head_dim;
+    ap.scale = 0.125f;
+    ap.window = l.sliding ? c.sliding_window : 0;
+    const Tensor x = x_.slice_rows(0, rows), normed = normed_.slice_rows(0, rows), q = q_.slice_rows(0, rows),
+                 k = k_.slice_rows(0, rows), v = v_.slice_rows(0, rows), attn = attn_.slice_rows(0, rows),
+                 delta = delta_.slice_rows(0, rows), router = router_.slice_rows(0, rows),
+                 ids = ids_.slice_rows(0, rows), weights = weights_.slice_rows(0, rows);
+    switch (op) {
+      case 0: b.add_rms_norm(x, delta, l.post_norm, 1e-5f, normed); break;
+      case 1: b.linear(normed, l.qw, l.qb, q); break;
+      case 2: b.linear(normed, l.kw, l.kb, k); break;
+      case 3: b.linear(normed, l.vw, l.vb, v); break;
+      case 4: b.rope(q, k, c.head_dim, rope_, st); break;
+      case 5:
+      case 6: b.attention(q, k, v, l.kv, l.sinks, ap, st, attn); break;
+      case 7: b.kv_store(k, v, l.kv, ap, st); break;
+      case 8: b.linear(attn, l.ow, l.ob, delta); break;
+      case 9: b.linear(normed, l.rw, l.rb, router); break;
+      case 10: b.router_topk(router, c.num_experts_per_tok, ids, weights); break;
+      case 11: b.moe_experts(normed, ids, weights, l.ex, c.swiglu_limit, delta); break;
+      case 12: {
+        const Tensor gathered = final_.slice_rows(0, seqs);
+        b.gather_logit_rows(x, st, gathered);
+        b.rms_norm(gathered, final_norm_, 1e-5f, gathered);
+        b.linear(gathered, lm_head_, Tensor{}, logits_.slice_rows(0, seqs));
+        break;
+      }
+      default: b.argmax(logits_.slice_rows(0, seqs), argmax_.slice_rows(0, seqs)); break;
+    }
+  }
+  double op_weight_bytes(int op) const {
+    const Layer& l = layers_[1 % layers_.size()];
+    switch (op) {
+      case 1: return static_cast<double>(l.qw.bytes());
+      case 2: return static_cast<double>(l.kw.bytes());
+      case 3: return static_cast<double>(l.vw.bytes());
+      case 8: return static_cast<double>(l.ow.bytes());
+      case 9: return static_cast<double>(l.rw.bytes());
+      case 11: return c_.num_experts_per_tok * expert_bytes_;
+      case 12: return static_cast<double>(lm_head_.bytes());
+      default: return 0;
+    }
+  }
+
   void fill_activations() {
     cuda_fill_random_bf16(normed_, 99, 1.0f);
     cuda_fill_random_bf16(q_, 98, 1.0f);
@@ -463,9 +523,12 @@ void BM_LinearRow(benchmark::State& state) {
   double total = 0;
   int64_t iters = 0;
   for (auto _ : state) {
-    const double s = timer.seconds([&] {
-      for (int i = 0; i < 10; ++i) b.linear(x, w, bias_or_none, o);
-    }) / 10;
+    const double s = timer.seconds(
+                         [&] {
+                           for (int i = 0; i < 10; ++i) b.linear(x, w, bias_or_none, o);
+                         },
+                         b) /
+                     10;
     state.SetIterationTime(s);
     total += s;
     ++iters;
@@ -473,6 +536,57 @@ void BM_LinearRow(benchmark::State& state) {
   const double per = total / static_cast<double>(iters);
   state.counters["us"] = per * 1e6;
   if (g_ceil.copy_bytes_per_s > 0) state.counters["weight_bw_vs_copy"] = 2.0 * n * k / per / g_ceil.copy_bytes_per_s;
+}
+
+// Each operation of a step of the 20b shape, repeated inside one Backend::run_step: arg 1 = 0, a
+// batch-1 decode step after 512 tokens (20 repetitions, recorded as a CUDA graph, so the time per
+// operation is its GPU time plus a graph's launch gap, as in a real decode step); arg 1 = 1, a prefill
+// step of 4 x 512 new tokens (3 repetitions, launched directly). Weight bandwidth over copy for the
+// products at batch 1, FLOP/s over the GEMM ceiling in prefill.
+void BM_StepOp(benchmark::State& state) {
+  static int owners[2][SynthModel::kOps];
+  const int op = static_cast<int>(state.range(0));
+  const bool prefill = state.range(1) == 1;
+  state.SetLabel(SynthModel::kOpNames[op]);
+  SynthModel& m = prefill ? model20b() : layer_model("20b-shape");
+  Backend& b = backend();
+  const StepLayout layout = prefill ? m.layout(kPrefillSeqs, 0, kPrefillTokens) : m.layout(1, kContext, 1);
+  const int rows = static_cast<int>(layout.tokens.size()), seqs = static_cast<int>(layout.sequences.size());
+  const int reps = prefill ? 3 : 20;
+  m.op_only(*b.prepare_step(layout), 9, rows, seqs);  // router logits and experts for moe_experts
+  m.op_only(*b.prepare_step(layout), 10, rows, seqs);
+  auto run = [&](const StepContext& st) {
+    b.run_step(&owners[prefill][op], st, [&] {
+      for (int i = 0; i < reps; ++i) m.op_only(st, op, rows, seqs);
+    });
+  };
+  for (int i = 0; i < 2; ++i) run(*b.prepare_step(layout));  // direct, then recorded (decode)
+  EventTimer timer;
+  double total = 0;
+  int64_t n = 0;
+  for (auto _ : state) {
+    const auto st = b.prepare_step(layout);
+    const double s = timer.seconds([&] { run(*st); }) / reps;
+    state.SetIterationTime(s);
+    total += s;
+    ++n;
+  }
+  const double per = total / static_cast<double>(n);
+  state.counters["us"] = per * 1e6;
+  const double bytes = m.op_weight_bytes(op);
+  if (!prefill && bytes > 0 && g_ceil.copy_bytes_per_s > 0)
+    state.counters["weight_bw_vs_copy"] = bytes / per / g_ceil.copy_bytes_per_s;
+  const ModelConfig c = preset_config("20b-shape");
+  const double H = c.hidden_size, Q = c.num_attention_heads * c.head_dim, KV = c.num_key_value_heads * c.head_dim;
+  const double I = c.intermediate_size;
+  double flops = 0;
+  switch (op) {
+    case 1: case 8: flops = 2.0 * rows * H * Q; break;
+    case 2: case 3: flops = 2.0 * rows * H * KV; break;
+    case 11: flops = 2.0 * rows * c.num_experts_per_tok * (H * 2 * I + I * H); break;
+    default: break;
+  }
+  if (prefill && flops > 0 && g_ceil.gemm_flops > 0) state.counters["flops_vs_gemm"] = flops / per / g_ceil.gemm_flops;
 }
 
 // Attention alone: decode (one query per sequence) over `cached` keys, full layer.
@@ -515,6 +629,7 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("Moe120bLayer", BM_Moe120bLayer)->Arg(1)->Arg(256)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("LinearRow", BM_LinearRow)->ArgsProduct({{0, 1, 2}, {0, 1}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("AttentionDecode20b", BM_AttentionDecode)->Arg(1)->Arg(64)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("StepOp20b", BM_StepOp)->ArgsProduct({benchmark::CreateDenseRange(0, SynthModel::kOps - 1, 1), {0, 1}})->UseManualTime()->Iterations(3)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Layer20bDecode", BM_Layer20bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Layer120bDecode", BM_Layer120bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Model20bDecode", BM_Model20bDecode)->Arg(1)->Arg(64)->Arg(256)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);

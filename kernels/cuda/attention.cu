@@ -80,6 +80,20 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(AttentionArgs a,
         }
         off = (block * bs + slot) * kv_row + kvh * D;
       }
+    }
+    // The chunk's values: every lane loads its dims of all (up to) 32 keys, issued here, before the
+    // keys are scored, so that both loads are in flight together; accumulated below with each key's
+    // weight broadcast from the lane that scored it.
+    const int count = min(32, nkeys - c);
+    using VWord = typename std::conditional<kPerLane == 2, uint32_t, uint2>::type;
+    VWord vv[32];
+#pragma unroll
+    for (int jj = 0; jj < 32; ++jj) {
+      const int64_t oj = __shfl_sync(0xffffffffu, off, jj);
+      const int fj = __shfl_sync(0xffffffffu, fresh, jj);
+      if (jj < count) vv[jj] = *reinterpret_cast<const VWord*>((fj ? v_fresh : v_cache) + oj + lane * kPerLane);
+    }
+    if (valid) {
       const uint4* kp = reinterpret_cast<const uint4*>((fresh ? k_fresh : k_cache) + off);
       float dot = 0.0f;
 #pragma unroll
@@ -97,17 +111,6 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(AttentionArgs a,
     l = l * corr + warp_sum(p);
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) acc[i] *= corr;
-    // The chunk's values: every lane loads its dims of all (up to) 32 keys first, then accumulates
-    // with each key's weight broadcast from the lane that scored it.
-    const int count = min(32, nkeys - c);
-    using VWord = typename std::conditional<kPerLane == 2, uint32_t, uint2>::type;
-    VWord vv[32];
-#pragma unroll
-    for (int jj = 0; jj < 32; ++jj) {
-      const int64_t oj = __shfl_sync(0xffffffffu, off, jj);
-      const int fj = __shfl_sync(0xffffffffu, fresh, jj);
-      if (jj < count) vv[jj] = *reinterpret_cast<const VWord*>((fj ? v_fresh : v_cache) + oj + lane * kPerLane);
-    }
 #pragma unroll
     for (int jj = 0; jj < 32; ++jj) {
       const float pj = __shfl_sync(0xffffffffu, p, jj);

@@ -1,16 +1,17 @@
 // Dense bf16 products for steps of few rows (decode): out[m, n] = x[m] . W[n] + bias[n], fp32
-// accumulation, bf16 or f32 out. Memory-bound: a warp owns kRows weight rows and streams them with
-// 16-byte loads, kUnroll chunks per lane in flight, against the (at most 8) activation rows, which stay
-// in L1; one warp reduction per (row, token) at the end. Replaces cuBLASLt where it would read the
-// weights with a general GEMM kernel and a separate bias pass.
+// accumulation, bf16 or f32 out. Memory-bound: a block owns R weight rows and its 256 threads split K,
+// each streaming 16-byte chunks of all R rows (kUnroll chunks per row in flight per thread, so one or
+// two rounds cover a 2880- or 4096-wide row) against the (at most 8) activation rows, which stay in
+// L1; warp sums, then the 8 warps' partials added in warp order. Replaces cuBLASLt where it would read
+// the weights with a general GEMM kernel and a separate bias pass.
 #include "kernels/cuda/common.cuh"
 
 namespace arbiter::cuda {
 namespace {
 
-constexpr int kGemvWarps = 8;
-constexpr int kRows = 2;
-constexpr int kUnroll = 4;
+constexpr int kGemvThreads = 256;
+constexpr int kGemvWarps = kGemvThreads / 32;
+constexpr int kUnroll = 2;
 
 __device__ __forceinline__ float dot8(const uint4& w, const uint4& x) {
   float s = bits_lo(w.x) * bits_lo(x.x);
@@ -24,73 +25,72 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x) {
   return s;
 }
 
-template <int M>
-__global__ __launch_bounds__(kGemvWarps * 32) void gemv_kernel(const bf16* x, int m_count, const bf16* w,
-                                                                const bf16* bias, void* out, bool out_f32, int n,
-                                                                int k) {
+template <int M, int R>
+__global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m_count, const bf16* w,
+                                                             const bf16* bias, void* out, bool out_f32, int n, int k) {
+  __shared__ float part[kGemvWarps][R * M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = (static_cast<int>(blockIdx.x) * kGemvWarps + warp) * kRows;
-  if (row0 >= n) return;
+  const int row0 = static_cast<int>(blockIdx.x) * R;
   const int chunks = k / 8;
-  const uint4* wr[kRows];
+  const uint4* wr[R];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < R; ++r)
     wr[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(min(row0 + r, n - 1)) * k);
   const uint4* xr = reinterpret_cast<const uint4*>(x);
-  float acc[kRows][M];
+  float acc[R][M];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
-  for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-    uint4 wv[kUnroll][kRows];
+  for (int c0 = static_cast<int>(threadIdx.x); c0 < chunks; c0 += kGemvThreads * kUnroll) {
+    uint4 wv[kUnroll][R];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + 32 * u;
+      const int c = c0 + kGemvThreads * u;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) wv[u][r] = c < chunks ? __ldcs(wr[r] + c) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < R; ++r) wv[u][r] = c < chunks ? __ldcs(wr[r] + c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + 32 * u;
+      const int c = c0 + kGemvThreads * u;
       if (c >= chunks) break;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         if (m < m_count) {
           const uint4 xv = __ldg(xr + static_cast<int64_t>(m) * chunks + c);
 #pragma unroll
-          for (int r = 0; r < kRows; ++r) acc[r][m] += dot8(wv[u][r], xv);
+          for (int r = 0; r < R; ++r) acc[r][m] += dot8(wv[u][r], xv);
         }
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
-  if (lane != 0) return;
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int row = row0 + r;
-    if (row >= n) break;
-    const float b = bias ? bf2f(bias[row]) : 0.0f;
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      if (m >= m_count) break;
-      const float v = acc[r][m] + b;
-      const int64_t o = static_cast<int64_t>(m) * n + row;
-      if (out_f32) static_cast<float*>(out)[o] = v;
-      else static_cast<bf16*>(out)[o] = f2bf(v);
+      const float s = warp_sum(acc[r][m]);
+      if (lane == 0) part[warp][r * M + m] = s;
     }
-  }
+  __syncthreads();
+  const int t = static_cast<int>(threadIdx.x);
+  if (t >= R * M) return;
+  const int r = t / M, m = t % M, row = row0 + r;
+  if (row >= n || m >= m_count) return;
+  float v = part[0][t];
+#pragma unroll
+  for (int q = 1; q < kGemvWarps; ++q) v += part[q][t];
+  if (bias) v += bf2f(bias[row]);
+  const int64_t o = static_cast<int64_t>(m) * n + row;
+  if (out_f32) static_cast<float*>(out)[o] = v;
+  else static_cast<bf16*>(out)[o] = f2bf(v);
 }
 
-template <int M>
+template <int M, int R>
 void launch(const void* x, int m, const void* w, const void* bias, void* out, bool out_f32, int n, int k,
             cudaStream_t stream) {
-  const int rows_per_block = kGemvWarps * kRows;
-  gemv_kernel<M><<<(n + rows_per_block - 1) / rows_per_block, kGemvWarps * 32, 0, stream>>>(
-      static_cast<const bf16*>(x), m, static_cast<const bf16*>(w), static_cast<const bf16*>(bias), out, out_f32, n, k);
+  gemv_kernel<M, R><<<(n + R - 1) / R, kGemvThreads, 0, stream>>>(static_cast<const bf16*>(x), m,
+                                                                   static_cast<const bf16*>(w),
+                                                                   static_cast<const bf16*>(bias), out, out_f32, n, k);
   check_launch("gemv");
 }
 
@@ -105,10 +105,10 @@ void gemv(const void* x, int m, const void* w, const void* bias, void* out, bool
           cudaStream_t stream) {
   if (!gemv_supported(m, n, k)) throw std::invalid_argument("CUDA gemv: unsupported shape");
   const int ni = static_cast<int>(n), ki = static_cast<int>(k);
-  if (m == 1) launch<1>(x, m, w, bias, out, out_f32, ni, ki, stream);
-  else if (m == 2) launch<2>(x, m, w, bias, out, out_f32, ni, ki, stream);
-  else if (m <= 4) launch<4>(x, m, w, bias, out, out_f32, ni, ki, stream);
-  else launch<8>(x, m, w, bias, out, out_f32, ni, ki, stream);
+  if (m == 1) launch<1, 4>(x, m, w, bias, out, out_f32, ni, ki, stream);
+  else if (m == 2) launch<2, 4>(x, m, w, bias, out, out_f32, ni, ki, stream);
+  else if (m <= 4) launch<4, 2>(x, m, w, bias, out, out_f32, ni, ki, stream);
+  else launch<8, 2>(x, m, w, bias, out, out_f32, ni, ki, stream);
 }
 
 }  // namespace arbiter::cuda
