@@ -21,14 +21,10 @@ namespace arbiter::cuda {
 namespace {
 
 constexpr int kMaxRouteExperts = 4096;
+constexpr int kVecWarps = 8;
 constexpr int kVecTokens = 8;   // the vector path's tokens per task (the MMA's n)
 constexpr int kVecUnroll = 4;   // steps (4 groups each) of weights in flight per lane
-// K splits: the warps of a vector-path block share one 16-row tile's K range, so that each warp's
-// loads go out in one or two rounds (the products are latency-bound otherwise). Fixed numbers, so
-// results do not depend on the batch; partial sums are added in split order.
-constexpr int kGateUpSplit = 8;  // gate_up block: one tile x 8 splits
-constexpr int kDownSplit = 4;    // down block: 2 tiles x 4 splits (routed) or one tile x k slots x 4 (one row)
-constexpr int kDirectDownWarps = 16;
+constexpr int kDownSplit = 2;   // the down product's K halves (fixed: results do not depend on the batch)
 constexpr int kMaxDirectK = 32;
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -105,7 +101,7 @@ __global__ void route_kernel(const int32_t* ids, int n, int experts, int tile, M
 // ---- Matrix-vector path (few tokens per expert): tensor cores on 16 weight rows x 8 tokens ----
 //
 // A warp owns 16 weight rows of one expert and up to 8 tokens, and runs mma.m16n8k16 (bf16 in, fp32
-// accumulate) over its share of K (the block's warps split K and add their partials in order). Lane (r = lane/4, j = lane%4) loads, for MMA rows r and r+8, the whole 16-byte
+// accumulate) over K. Lane (r = lane/4, j = lane%4) loads, for MMA rows r and r+8, the whole 16-byte
 // block of group g0+j (a step covers 4 groups, one per j), decodes it to bf16 pairs in registers and
 // scales them exactly; its B operand is token r's activations of the same group, permuted the same
 // way, so each MMA's k index is a permutation of the same inputs on both sides. kVecUnroll steps of
@@ -208,16 +204,11 @@ __device__ __forceinline__ VecTask routed_task(const MoeWorkspace& ws) {
   return t;
 }
 
-// Group range of K split h of `splits` over `groups` groups.
-__device__ __forceinline__ int split_begin(int h, int splits, int groups) { return h * groups / splits; }
-
-// gate_up with the clamped SwiGLU fused: a block owns 8 channels (MMA rows 0-7 their gate rows, 8-15
-// their up rows) and its 8 warps split K; after the partials are summed each lane of warp 0 holds
-// the gate and up of one channel for tokens 2j and 2j+1.
+// gate_up with the clamped SwiGLU fused: a warp owns 8 channels (MMA rows 0-7 their gate rows, 8-15 their
+// up rows), so each lane ends with the gate and up of one channel for tokens 2j and 2j+1.
 // kDirect (a single row): block y is the row's slot y, no routing. Else block y is a routed task.
 template <bool kDirect>
-__global__ __launch_bounds__(kGateUpSplit * 32) void moe_vec_gate_up_kernel(MoeArgs a, MoeWorkspace ws) {
-  __shared__ float part[kGateUpSplit][32][4];
+__global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeArgs a, MoeWorkspace ws) {
   VecTask t;
   if constexpr (kDirect) {
     t.expert = a.ids[blockIdx.y];
@@ -226,9 +217,11 @@ __global__ __launch_bounds__(kGateUpSplit * 32) void moe_vec_gate_up_kernel(MoeA
   } else {
     t = routed_task(ws);
   }
-  if (t.expert < 0 || t.expert >= a.experts) return;  // whole block
-  const int lane = threadIdx.x & 31, h = threadIdx.x >> 5;
-  const int ch = static_cast<int>(blockIdx.x) * 8 + (lane >> 2);
+  if (t.expert < 0 || t.expert >= a.experts) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int first_ch = (static_cast<int>(blockIdx.x) * kVecWarps + warp) * 8;
+  if (first_ch >= a.inter) return;  // whole warp; this kernel has no block barrier
+  const int ch = first_ch + (lane >> 2);
   const bool ch_ok = ch < a.inter;
   const int groups = a.hidden / 32, out_rows = 2 * a.inter;
   auto slot_of = [&](int n) { return kDirect ? t.begin : ws.sorted[t.begin + n]; };
@@ -238,15 +231,8 @@ __global__ __launch_bounds__(kGateUpSplit * 32) void moe_vec_gate_up_kernel(MoeA
   float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   vec_tile(a.gu_blocks + static_cast<int64_t>(t.expert) * out_rows * groups * 16,
            a.gu_scales + static_cast<int64_t>(t.expert) * out_rows * groups, groups, ch_ok ? 2 * ch : -1,
-           ch_ok ? 2 * ch + 1 : -1, xrow, split_begin(h, kGateUpSplit, groups), split_begin(h + 1, kGateUpSplit, groups),
-           c);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) part[h][lane][i] = c[i];
-  __syncthreads();
-  if (h != 0 || !ch_ok) return;
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    for (int s = 1; s < kGateUpSplit; ++s) c[i] += part[s][lane][i];
+           ch_ok ? 2 * ch + 1 : -1, xrow, 0, groups, c);
+  if (!ch_ok) return;
   const bf16* bias = static_cast<const bf16*>(a.gu_bias) + static_cast<int64_t>(t.expert) * out_rows;
   const float bg = bf2f(bias[2 * ch]), bu = bf2f(bias[2 * ch + 1]);
 #pragma unroll
@@ -257,28 +243,29 @@ __global__ __launch_bounds__(kGateUpSplit * 32) void moe_vec_gate_up_kernel(MoeA
   }
 }
 
-// down, routed: a block is 2 row tiles x kDownSplit K splits of one task;
-// y[slot, row] = (((split0 + split1) + split2) + split3) + bias.
-__global__ __launch_bounds__(2 * kDownSplit * 32) void moe_vec_down_kernel(MoeArgs a, MoeWorkspace ws) {
-  __shared__ float part[2 * kDownSplit][32][4];
+// down, routed: a block is 4 row tiles x kDownSplit K halves of one task; y[slot, row] = (half0 + half1) + bias.
+__global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_kernel(MoeArgs a, MoeWorkspace ws) {
+  static_assert(kDownSplit == 2 && kVecWarps % 2 == 0, "two K halves per tile");
+  __shared__ float other[kVecWarps / 2][32][4];
   const VecTask t = routed_task(ws);
   if (t.expert < 0 || t.expert >= a.experts) return;  // whole block
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int tile = static_cast<int>(blockIdx.x) * 2 + warp / kDownSplit, h = warp % kDownSplit;
-  const int groups = a.inter / 32;
+  const int tile = static_cast<int>(blockIdx.x) * (kVecWarps / 2) + warp / 2, h = warp % 2;
+  const int groups = a.inter / 32, half = (groups + 1) / 2;
   const int r = lane >> 2, row_a = tile * 16 + r, row_b = row_a + 8;
   const bool tile_ok = tile * 16 < a.hidden;
   float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (tile_ok) {  // warp-uniform
+  if (tile_ok) {
     const int n = lane >> 2;
     const bf16* xrow = n < t.count ? ws.act + static_cast<int64_t>(ws.sorted[t.begin + n]) * a.inter : nullptr;
     vec_tile(a.dn_blocks + static_cast<int64_t>(t.expert) * a.hidden * groups * 16,
              a.dn_scales + static_cast<int64_t>(t.expert) * a.hidden * groups, groups, row_a < a.hidden ? row_a : -1,
-             row_b < a.hidden ? row_b : -1, xrow, split_begin(h, kDownSplit, groups),
-             split_begin(h + 1, kDownSplit, groups), c);
+             row_b < a.hidden ? row_b : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
   }
+  if (h == 1) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) part[warp][lane][i] = c[i];
+    for (int i = 0; i < 4; ++i) other[warp / 2][lane][i] = c[i];
+  }
   __syncthreads();
   if (h != 0 || !tile_ok) return;
   const bf16* bias = static_cast<const bf16*>(a.dn_bias) + static_cast<int64_t>(t.expert) * a.hidden;
@@ -286,22 +273,20 @@ __global__ __launch_bounds__(2 * kDownSplit * 32) void moe_vec_down_kernel(MoeAr
   for (int i = 0; i < 4; ++i) {
     const int row = i < 2 ? row_a : row_b, tok = 2 * (lane & 3) + (i & 1);
     if (row < a.hidden && tok < t.count) {
-      float s = c[i];
-      for (int q = 1; q < kDownSplit; ++q) s += part[warp + q][lane][i];
-      ws.y[static_cast<int64_t>(ws.sorted[t.begin + tok]) * a.hidden + row] = s + bf2f(bias[row]);
+      const float y = (c[i] + other[warp / 2][lane][i]) + bf2f(bias[row]);
+      ws.y[static_cast<int64_t>(ws.sorted[t.begin + tok]) * a.hidden + row] = y;
     }
   }
 }
 
-// down, single row: a block is one 16-row tile; its warps take the (slot, K split) units in turn, and
-// the block sums the slots in slot order with the router weights, as combine_kernel does after the
-// routed kernel (the same operations in the same order: the same bits).
-__global__ __launch_bounds__(kDirectDownWarps * 32) void moe_vec_down_direct_kernel(MoeArgs a, MoeWorkspace ws) {
+// down, single row: a block is one 16-row tile; its warps take the (slot, K half) units in turn, and the
+// block sums the slots in slot order with the router weights, as combine_kernel does (same bits).
+__global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_direct_kernel(MoeArgs a, MoeWorkspace ws) {
   __shared__ float part[kMaxDirectK][kDownSplit][16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int groups = a.inter / 32;
+  const int groups = a.inter / 32, half = (groups + 1) / 2;
   const int base = static_cast<int>(blockIdx.x) * 16, r = lane >> 2;
-  for (int u = warp; u < a.k * kDownSplit; u += kDirectDownWarps) {
+  for (int u = warp; u < a.k * kDownSplit; u += kVecWarps) {
     const int j = u / kDownSplit, h = u % kDownSplit;
     const int e = a.ids[j];
     if (e < 0 || e >= a.experts) continue;  // warp-uniform
@@ -309,8 +294,7 @@ __global__ __launch_bounds__(kDirectDownWarps * 32) void moe_vec_down_direct_ker
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     vec_tile(a.dn_blocks + static_cast<int64_t>(e) * a.hidden * groups * 16,
              a.dn_scales + static_cast<int64_t>(e) * a.hidden * groups, groups, base + r < a.hidden ? base + r : -1,
-             base + r + 8 < a.hidden ? base + r + 8 : -1, xrow, split_begin(h, kDownSplit, groups),
-             split_begin(h + 1, kDownSplit, groups), c);
+             base + r + 8 < a.hidden ? base + r + 8 : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
     if ((lane & 3) == 0) {  // token column 0
       part[j][h][r] = c[0];
       part[j][h][r + 8] = c[2];
@@ -323,9 +307,8 @@ __global__ __launch_bounds__(kDirectDownWarps * 32) void moe_vec_down_direct_ker
   for (int j = 0; j < a.k; ++j) {
     const int e = a.ids[j];
     if (e < 0 || e >= a.experts) continue;
-    float s = part[j][0][threadIdx.x];
-    for (int q = 1; q < kDownSplit; ++q) s += part[j][q][threadIdx.x];
-    const float y = s + bf2f(static_cast<const bf16*>(a.dn_bias)[static_cast<int64_t>(e) * a.hidden + row]);
+    const float y = (part[j][0][threadIdx.x] + part[j][1][threadIdx.x]) +
+                    bf2f(static_cast<const bf16*>(a.dn_bias)[static_cast<int64_t>(e) * a.hidden + row]);
     sum += a.weights[j] * y;
   }
   static_cast<bf16*>(a.out)[row] = f2bf(sum);
@@ -517,19 +500,19 @@ __global__ void combine_kernel(const int32_t* ids, const float* weights, int k, 
 
 void launch_vec(const MoeArgs& a, const MoeWorkspace& ws, bool direct, cudaStream_t stream) {
   const unsigned tasks = direct ? static_cast<unsigned>(a.k) : static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts, kVecTokens));
-  const dim3 g1(static_cast<unsigned>((a.inter + 7) / 8), tasks);
+  const dim3 g1(static_cast<unsigned>((a.inter + kVecWarps * 8 - 1) / (kVecWarps * 8)), tasks);
   const int down_tiles = (a.hidden + 15) / 16;
   if (direct) {
-    moe_vec_gate_up_kernel<true><<<g1, kGateUpSplit * 32, 0, stream>>>(a, ws);
+    moe_vec_gate_up_kernel<true><<<g1, kVecWarps * 32, 0, stream>>>(a, ws);
     check_launch("moe gate_up (vec, one row)");
-    moe_vec_down_direct_kernel<<<static_cast<unsigned>(down_tiles), kDirectDownWarps * 32, 0, stream>>>(a, ws);
+    moe_vec_down_direct_kernel<<<static_cast<unsigned>(down_tiles), kVecWarps * 32, 0, stream>>>(a, ws);
     check_launch("moe down (vec, one row)");
     return;
   }
-  moe_vec_gate_up_kernel<false><<<g1, kGateUpSplit * 32, 0, stream>>>(a, ws);
+  moe_vec_gate_up_kernel<false><<<g1, kVecWarps * 32, 0, stream>>>(a, ws);
   check_launch("moe gate_up (vec)");
-  const dim3 g2(static_cast<unsigned>((down_tiles + 1) / 2), tasks);
-  moe_vec_down_kernel<<<g2, 2 * kDownSplit * 32, 0, stream>>>(a, ws);
+  const dim3 g2(static_cast<unsigned>((down_tiles + kVecWarps / 2 - 1) / (kVecWarps / 2)), tasks);
+  moe_vec_down_kernel<<<g2, kVecWarps * 32, 0, stream>>>(a, ws);
   check_launch("moe down (vec)");
 }
 
