@@ -35,6 +35,7 @@ for name in libcublasLt.so.13 libcudart.so.13 libnccl.so.2; do
 done
 export LD_LIBRARY_PATH=$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export ARBITER_GOLDEN_DIR=$pack/golden
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_plm_rsh_agent=
 (nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || echo "no nvidia-smi") >"$work/gpu.txt"
 for b in "$pack"/bin/*; do
   ldd "$b" 2>&1 | grep "not found" | sed "s|^|$(basename "$b"): |" >>"$work/env.txt"
@@ -63,6 +64,10 @@ run bench 100 "$pack/bin/gpu_bench" --benchmark_format=console --benchmark_out="
 # The CLI end to end on a golden case.
 tokens=$(python3 -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['tokens'])))" "$pack/golden/tiny-a/case.json" 2>/dev/null)
 run cli 20 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli.npy" --device cuda
+# Expert parallelism on the GPU (issue 4): 2 thread ranks sharing the one GPU, each with its own CUDA
+# backend and half the experts; and NcclComm with one rank (MPI singleton bootstrap).
+run cli_ep_threads 30 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli_ep_threads.npy" --device cuda --transport threads --ranks 2
+run cli_nccl 30 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli_nccl.npy" --device cuda --transport nccl
 # The MoE layer on each product path (the default picks one by tokens per expert).
 for path in gemv mma; do
   ARBITER_CUDA_MOE=$path run "bench_$path" 25 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe' \
@@ -139,11 +144,14 @@ for suffix in ("", "_gemv", "_mma"):
     os.system(f"cp {bp} {out}/bench{suffix}.json")
 report["bench"] = bench
 
-cli = {"ran": os.path.exists(os.path.join(work, "cli.npy"))}
-if cli["ran"]:
+def cli_result(name):
+    cli = {"ran": os.path.exists(os.path.join(work, name + ".npy"))}
+    if not cli["ran"]:
+        cli["log"] = read(name + ".log", 400)
+        return cli
     try:
         import numpy as np
-        got = np.load(os.path.join(work, "cli.npy")).astype(np.float64)
+        got = np.load(os.path.join(work, name + ".npy")).astype(np.float64)
         ref = np.load(os.path.join(pack, "golden/tiny-a/logits.npy")).astype(np.float64)
         cos = (got * ref).sum(1) / np.sqrt((got * got).sum(1) * (ref * ref).sum(1))
         cli["min_cosine"] = float(cos.min())
@@ -151,7 +159,11 @@ if cli["ran"]:
         cli["positions"] = int(ref.shape[0])
     except Exception as e:
         cli["error"] = str(e)
+    return cli
+cli = cli_result("cli")
 report["cli_tiny_a"] = cli
+report["cli_ep_threads_tiny_a"] = cli_result("cli_ep_threads")
+report["cli_nccl_tiny_a"] = cli_result("cli_nccl")
 m = re.search(r"ERROR SUMMARY: (\d+) error", read("memcheck.log"))
 report["memcheck_errors"] = int(m.group(1)) if m else None
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
@@ -165,6 +177,8 @@ for key in ("ops_test", "model_test"):
 if report["model_test"]["properties"]:
     L.append("- golden: " + ", ".join(f"{k}={v}" for k, v in sorted(report["model_test"]["properties"].items())))
 L.append(f"- cli logits tiny-a: {cli}")
+L.append(f"- cli logits tiny-a, EP 2 thread ranks on one GPU: {report['cli_ep_threads_tiny_a']}")
+L.append(f"- cli logits tiny-a, NcclComm 1 rank: {report['cli_nccl_tiny_a']}")
 L.append(f"- memcheck errors: {report['memcheck_errors']}")
 L += ["", "| benchmark | time | counters |", "|---|---|---|"]
 for name, b in bench.items():
@@ -177,7 +191,7 @@ L += ["", "steps: " + "; ".join(report["steps"]), "env: " + "; ".join(report["en
 open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
-    for name in ("build", "ops", "model", "bench", "bench_gemv", "bench_mma", "cli", "memcheck"):
+    for name in ("build", "ops", "model", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl", "memcheck"):
         s = read(name + ".log")
         if not s:
             continue
