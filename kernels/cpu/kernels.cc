@@ -328,7 +328,7 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
   float* packed = scratch(static_cast<size_t>(floats));
   const int64_t blocks = in / 32;
   const int64_t pieces = (blocks + 7) / 8;  // 8 blocks (256 inputs) per packing item
-  dynamic_for(pool, static_cast<int64_t>(jobs.size()) * pieces, [&](int64_t item) {
+  auto pack = [&](int64_t item) {
     const Job& j = jobs[static_cast<size_t>(item / pieces)];
     const int64_t b0 = (item % pieces) * 8, b1 = std::min(blocks, b0 + 8);
     const float* x = j.src;
@@ -339,7 +339,13 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
       for (int64_t r = 0; r < j.a.rows; ++r)
         isa::deinterleave32(x + r * in + b0 * 32, (b1 - b0) * 32, dst + r * in + b0 * 32);
     }
-  });
+  };
+  const int64_t pack_items = static_cast<int64_t>(jobs.size()) * pieces;
+  if (floats < (1 << 16)) {  // a few decode rows: not worth waking the pool
+    for (int64_t i = 0; i < pack_items; ++i) pack(i);
+  } else {
+    dynamic_for(pool, pack_items, pack);
+  }
   for (Job& j : jobs) j.a.x = packed + j.offset;
   dynamic_for(pool, items, [&](int64_t item) {
     size_t lo = 0, hi = jobs.size();
@@ -410,7 +416,7 @@ void rms_norm(ThreadPool& pool, const float* x, int64_t rows, int64_t dim, const
 
 void swiglu(ThreadPool& pool, const float* u, int64_t rows, int64_t n, float limit, float* act) {
   const isa::KernelTable& t = table();
-  pool.parallel_for(rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+  pool.parallel_for(rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) t.swiglu(u + r * 2 * n, n, limit, act + r * n);
   });
 }
