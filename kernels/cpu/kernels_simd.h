@@ -4,11 +4,15 @@
 // and include this file inside it. It therefore includes nothing itself and uses no library
 // templates, so no function compiled for a wide ISA can be shared with (and picked by the linker
 // for) a narrower one. Algorithms, per kernel:
-//  - bf16/MXFP4 matvec (decode): a few output rows at a time, each weight row streamed once for
-//    all activation rows, dot products reduced at the end.
-//  - bf16/MXFP4 GEMM (prefill): a panel of kGemmNV*W output features x kGemmKC inputs is converted
-//    (bf16) or dequantized (MXFP4) to fp32 and transposed once into a k-major buffer, then an
-//    MR x NR register-tiled FMA microkernel runs it against every activation row.
+//  - bf16/MXFP4 matvec (decode): each weight row streamed once for all activation rows; one row:
+//    the thread's rows as one sequential stream with software prefetch; several rows: tiles of 4
+//    weight rows x up to 4 activation rows; dot products reduced at the end. Activations arrive
+//    de-interleaved (even/odd elements) so weights need no widening shuffles.
+//  - bf16 GEMM (prefill): a panel of kGemmNV*W output features x kGemmKC inputs is converted to
+//    fp32 and transposed once into a k-major buffer, then a kGemmMR x NR register-tiled FMA
+//    microkernel runs it against every activation row.
+//  - MXFP4 GEMM (prefill experts): transposed, C^T = W x^T: weight rows dequantized row-major per
+//    256-input block into L1, broadcast against packed x^T token vectors; no transposes.
 //  - attention: per block of keys, K^T is built with in-register transposes, scores for a tile of
 //    queries x 16 keys come from broadcast-FMA, softmax is online over key blocks (with the sink as
 //    the initial maximum and denominator 1), and P V accumulates over d-vectorized value rows.
@@ -93,8 +97,8 @@ void bf16_mv_rows(const LinearArgs& a, int64_t o0, int no) {
 }
 
 // One activation row: weight rows one after another (the range is one sequential stream), with
-// software prefetch 4 KiB ahead. Deliberately only two FMA chains: measured on Zen 5, issuing
-// the loads faster than this lowers the achieved memory bandwidth (the prefetches fall behind).
+// software prefetch 4 KiB ahead and two FMA chains (more chains measured no faster on Zen 5: the
+// loop is bound by memory, and a lighter loop leaves more room for outstanding misses).
 void bf16_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   const int64_t in = a.in, paired = in / (2 * W) * (2 * W);
   const float* x = a.x;
