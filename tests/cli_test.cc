@@ -17,22 +17,9 @@
 namespace arbiter {
 namespace {
 
-struct Result {
-  int status;
-  std::string output;  // stdout and stderr together
-};
+using Result = testing::RunResult;
 
-Result run(const std::string& args) {
-  const std::string cmd = std::string(ARBITER_BINARY) + " " + args + " 2>&1";
-  std::FILE* pipe = ::popen(cmd.c_str(), "r");
-  if (!pipe) return {-1, "popen failed"};
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0) out.append(buf.data(), n);
-  const int st = ::pclose(pipe);
-  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
-}
+Result run(const std::string& args) { return testing::run_command(std::string(ARBITER_BINARY) + " " + args); }
 
 std::string join(const std::vector<int32_t>& v) {
   std::string s;

@@ -1,12 +1,15 @@
 // Helpers shared by the test suites: golden-case loading, temporary folders, small random models.
 #pragma once
 
+#include <array>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
+#include <sys/wait.h>
 
 #include "runtime/config.h"
 #include "runtime/make_model.h"
@@ -61,6 +64,24 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+struct RunResult {
+  int status;
+  std::string output;
+};
+
+// Runs a shell command, capturing stdout (and stderr when merge_stderr).
+inline RunResult run_command(const std::string& cmd, bool merge_stderr = true) {
+  const std::string full = cmd + (merge_stderr ? " 2>&1" : "");
+  std::FILE* pipe = ::popen(full.c_str(), "r");
+  if (!pipe) return {-1, "popen failed"};
+  std::string out;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0) out.append(buf.data(), n);
+  const int st = ::pclose(pipe);
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
+}
 
 // A small config with every feature switched on (GQA, sliding window shorter than test sequences).
 inline ModelConfig small_config(int vocab = 512) {

@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 
 #include "runtime/tokenizer.h"
+#include "tests/test_util.h"
 
 namespace arbiter::text_testing {
 
@@ -56,23 +57,8 @@ inline nlohmann::json golden_harmony() {
   return nlohmann::json::parse(read_file(golden_dir() + "/harmony/safeguard_prompt.json"));
 }
 
-struct RunResult {
-  int status;
-  std::string output;
-};
-
-// Runs a shell command, capturing stdout (and stderr when merge_stderr).
-inline RunResult run_command(const std::string& cmd, bool merge_stderr = true) {
-  const std::string full = cmd + (merge_stderr ? " 2>&1" : "");
-  std::FILE* pipe = ::popen(full.c_str(), "r");
-  if (!pipe) return {-1, "popen failed"};
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0) out.append(buf.data(), n);
-  const int st = ::pclose(pipe);
-  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
-}
+using arbiter::testing::RunResult;
+using arbiter::testing::run_command;
 
 inline std::string shell_quote(const std::string& s) {
   std::string q = "'";
