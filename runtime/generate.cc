@@ -1,6 +1,7 @@
 #include "runtime/generate.h"
 
 #include <algorithm>
+#include <memory>
 #include <stdexcept>
 
 namespace arbiter {
@@ -54,6 +55,28 @@ std::vector<float> compute_all_logits(Model& model, const std::vector<int32_t>& 
     all.insert(all.end(), logits.begin(), logits.end());
   }
   return all;
+}
+
+std::vector<std::vector<float>> compute_batch_logits(Model& model, const std::vector<std::vector<int32_t>>& sequences) {
+  const auto& opt = model.options();
+  KvBlockPools pools(opt.kv);
+  std::vector<std::unique_ptr<LocalSequence>> live;
+  StepLayout layout;
+  layout.block_size = opt.kv.block_size;
+  for (const auto& s : sequences) {
+    live.push_back(std::make_unique<LocalSequence>(pools, model.kv_cache().ring_blocks_per_sequence()));
+    live.back()->append_to_step(layout, s.data(), static_cast<int>(s.size()), true, true);
+  }
+  const std::vector<float> all = model.forward(layout);
+  const size_t vocab = static_cast<size_t>(model.config().vocab_size);
+  std::vector<std::vector<float>> out;
+  size_t offset = 0;
+  for (const auto& s : sequences) {
+    const size_t n = s.size() * vocab;
+    out.emplace_back(all.begin() + static_cast<std::ptrdiff_t>(offset), all.begin() + static_cast<std::ptrdiff_t>(offset + n));
+    offset += n;
+  }
+  return out;
 }
 
 std::vector<int32_t> greedy_generate(Model& model, const std::vector<int32_t>& prompt, int max_new_tokens,

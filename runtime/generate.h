@@ -43,6 +43,9 @@ class LocalSequence {
 
 // Logits at every position of `tokens` ([tokens, vocab] row-major), via chunked prefill.
 std::vector<float> compute_all_logits(Model& model, const std::vector<int32_t>& tokens);
+// Logits at every position of several sequences run together in one prefill step: one
+// [len_i, vocab] block per sequence, in input order. All of them must fit one step.
+std::vector<std::vector<float>> compute_batch_logits(Model& model, const std::vector<std::vector<int32_t>>& sequences);
 // Greedy continuation of `prompt`: prefill, then one decode step per new token through the cache.
 std::vector<int32_t> greedy_generate(Model& model, const std::vector<int32_t>& prompt, int max_new_tokens,
                                      const std::vector<int32_t>& stop_tokens = {});

@@ -111,23 +111,10 @@ TEST_F(CachePathsTest, BatchOfDifferentLengthsEqualsEachAlone) {
   const std::vector<std::vector<int32_t>> seqs = {tokens(3, 1), tokens(17, 2), tokens(9, 3), tokens(1, 4)};
   std::vector<std::vector<float>> alone;
   for (const auto& s : seqs) alone.push_back(compute_all_logits(model, s));
-  // Now all four in one step, interleaved with a decode step afterwards.
-  KvBlockPools pools(model.options().kv);
-  std::vector<std::unique_ptr<LocalSequence>> live;
-  StepLayout layout;
-  layout.block_size = model.options().kv.block_size;
-  for (const auto& s : seqs) {
-    live.push_back(std::make_unique<LocalSequence>(pools, model.kv_cache().ring_blocks_per_sequence()));
-    live.back()->append_to_step(layout, s.data(), static_cast<int>(s.size()), true, true);
-  }
-  const auto batched = model.forward(layout);
-  const size_t V = static_cast<size_t>(config_.vocab_size);
-  size_t offset = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    std::vector<float> part(batched.begin() + static_cast<long>(offset), batched.begin() + static_cast<long>(offset + seqs[i].size() * V));
-    EXPECT_LE(max_abs_diff(part, alone[i]), 1e-4f) << "sequence " << i;
-    offset += seqs[i].size() * V;
-  }
+  // Now all four in one step.
+  const auto batched = compute_batch_logits(model, seqs);
+  ASSERT_EQ(batched.size(), seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) EXPECT_LE(max_abs_diff(batched[i], alone[i]), 1e-4f) << "sequence " << i;
 }
 
 TEST_F(CachePathsTest, SequenceLongerThanWindowDiffersFromFullAttention) {
