@@ -1,13 +1,34 @@
 #include "kernels/backend.h"
 
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/reference.h"
 #if ARBITER_WITH_CUDA
 #include "kernels/cuda/cuda_backend.h"
 #endif
 
 namespace arbiter {
+
+void Backend::top_logprobs(const Tensor& logits, int k, const Tensor& ids, const Tensor& logprobs) {
+  const int64_t rows = logits.rows(), vocab = logits.row_elements();
+  if (logits.dtype != DType::kF32 || ids.dtype != DType::kI32 || logprobs.dtype != DType::kF32)
+    throw std::invalid_argument("top_logprobs: logits and log-probabilities must be F32, ids I32");
+  if (k < 1 || k > 64 || k > vocab || ids.rows() != rows || logprobs.rows() != rows || ids.row_elements() != k ||
+      logprobs.row_elements() != k)
+    throw std::invalid_argument("top_logprobs: k = " + std::to_string(k) + " does not fit the tensors");
+  if (rows == 0) return;
+  std::vector<float> host(static_cast<size_t>(rows * vocab));
+  download(logits, host.data());
+  std::vector<int32_t> top_ids(static_cast<size_t>(rows * k));
+  std::vector<float> top_lp(static_cast<size_t>(rows * k));
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::ref::top_logprobs(host.data() + r * vocab, vocab, k, top_ids.data() + r * k, top_lp.data() + r * k);
+  upload(top_ids.data(), ids);
+  upload(top_lp.data(), logprobs);
+}
 
 bool cuda_available() {
 #if ARBITER_WITH_CUDA

@@ -128,6 +128,11 @@ class Backend {
   virtual void gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) = 0;
   // out[r] = argmax of logits[r] (lowest index on ties).
   virtual void argmax(const Tensor& logits, const Tensor& out) = 0;
+  // Per row of logits [rows, vocab] (F32): the k largest entries' ids (I32 [rows, k], largest first,
+  // lowest id first on ties, so ids[r, 0] == argmax) and their log-probabilities under the softmax of
+  // the whole row (F32 [rows, k]). 1 <= k <= min(vocab, 64). The default downloads the logits and
+  // computes on the host; backends override it to keep the logits on the device.
+  virtual void top_logprobs(const Tensor& logits, int k, const Tensor& ids, const Tensor& logprobs);
 
   // --- optional: recorded steps (device backends; the defaults just run the step) ---
   // Runs `body`, which enqueues one forward step's operations on `step` and nothing else (no host

@@ -102,6 +102,8 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
   final_rows_ = make(act, {L, H});
   logits_ = make(DType::kF32, {L, static_cast<int64_t>(config.vocab_size)});
   argmax_ = make(DType::kI32, {L});
+  top_ids_ = make(DType::kI32, {L, kMaxTopLogprobs});
+  top_logprobs_ = make(DType::kF32, {L, kMaxTopLogprobs});
   if (expert_parallel(options))
     dispatcher_ = std::make_unique<MoeDispatcher>(*options.comm, *placement_for(config, options), backend,
                                                   config.hidden_size, config.num_experts_per_tok);
@@ -207,6 +209,23 @@ std::vector<int32_t> Model::forward_argmax(const StepLayout& layout) {
   backend_.argmax(logits_.slice_rows(0, n), argmax_.slice_rows(0, n));
   backend_.download(argmax_.slice_rows(0, n), host.data());
   return host;
+}
+
+TopLogprobs Model::forward_top(const StepLayout& layout, int k) {
+  if (k < 1 || k > kMaxTopLogprobs || k > config_.vocab_size)
+    throw std::invalid_argument("forward_top: k = " + std::to_string(k) + " outside 1.." + std::to_string(kMaxTopLogprobs));
+  run(layout);
+  TopLogprobs top;
+  top.k = k;
+  const int64_t n = static_cast<int64_t>(layout.logit_rows.size());
+  if (n == 0) return top;
+  const Tensor ids = top_ids_.slice_rows(0, n).reshaped({n, k}), lp = top_logprobs_.slice_rows(0, n).reshaped({n, k});
+  backend_.top_logprobs(logits_.slice_rows(0, n), k, ids, lp);
+  top.ids.resize(static_cast<size_t>(n * k));
+  top.logprobs.resize(static_cast<size_t>(n * k));
+  backend_.download(ids, top.ids.data());
+  backend_.download(lp, top.logprobs.data());
+  return top;
 }
 
 }  // namespace arbiter

@@ -34,8 +34,18 @@ struct ModelOptions {
 // YaRN (NTK-by-parts) inverse frequencies and concentration for a config (DESIGN.md §1, gpt-oss.md §4.3).
 RopeParams yarn_rope_params(const ModelConfig& config);
 
+// Per requested logit row, the k most likely tokens (largest first) and their log-probabilities:
+// row r's entries are ids[r * k + j], logprobs[r * k + j].
+struct TopLogprobs {
+  int k = 0;
+  std::vector<int32_t> ids;
+  std::vector<float> logprobs;
+};
+
 class Model {
  public:
+  static constexpr int kMaxTopLogprobs = 64;
+
   Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend, const ModelOptions& options = {});
   ~Model();
 
@@ -43,6 +53,9 @@ class Model {
   std::vector<float> forward(const StepLayout& layout);
   // Same, but returns only the argmax of each requested row (no logits copied to the host).
   std::vector<int32_t> forward_argmax(const StepLayout& layout);
+  // Same, but returns the top k (1..kMaxTopLogprobs) tokens of each requested row with their
+  // log-probabilities (ids[r * k] is the argmax). Only these leave the device.
+  TopLogprobs forward_top(const StepLayout& layout, int k);
   // Expert parallelism: this rank has no (more) steps of its own; takes part in the other ranks'
   // steps with zero tokens until no rank has steps left. A no-op on a single rank.
   void serve_peers();
@@ -65,7 +78,7 @@ class Model {
   RopeParams rope_;
   std::vector<DeviceBuffer> buffers_;
   Tensor x_, normed_, q_, k_, v_, attn_, delta_, router_logits_, expert_ids_, expert_weights_, final_rows_, logits_,
-      argmax_;
+      argmax_, top_ids_, top_logprobs_;
   std::unique_ptr<MoeDispatcher> dispatcher_;  // set when expert-parallel over more than one rank
 };
 

@@ -1,6 +1,8 @@
 #include "kernels/cpu/reference.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernels/tensor.h"
@@ -87,6 +89,30 @@ void topk_softmax(const float* logits, int64_t n, int k, int32_t* ids, float* we
   float max = logits[ids[0]], sum = 0;
   for (int j = 0; j < k; ++j) sum += (weights[j] = std::exp(logits[ids[j]] - max));
   for (int j = 0; j < k; ++j) weights[j] /= sum;
+}
+
+void top_logprobs(const float* logits, int64_t n, int k, int32_t* ids, float* logprobs) {
+  // Selection by a small sorted list: k is at most 64, so one pass with insertion is cheap.
+  std::vector<std::pair<float, int32_t>> best;
+  best.reserve(static_cast<size_t>(k) + 1);
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = logits[i];
+    max_logit = std::max(max_logit, v);
+    if (static_cast<int>(best.size()) == k && !(v > best.back().first)) continue;
+    auto at = std::find_if(best.begin(), best.end(), [v](const auto& e) { return v > e.first; });
+    best.insert(at, {v, static_cast<int32_t>(i)});
+    if (static_cast<int>(best.size()) > k) best.pop_back();
+  }
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+  const double log_z = static_cast<double>(max_logit) + std::log(sum);
+  for (int j = 0; j < k; ++j) {
+    const bool have = j < static_cast<int>(best.size());
+    ids[j] = have ? best[static_cast<size_t>(j)].second : -1;
+    logprobs[j] = have ? static_cast<float>(best[static_cast<size_t>(j)].first - log_z)
+                       : -std::numeric_limits<float>::infinity();
+  }
 }
 
 }  // namespace arbiter::cpu::ref

@@ -23,5 +23,8 @@ void rope_row(float* row, int heads, int head_dim, int64_t position, const float
 void swiglu(const float* u, int64_t intermediate, float limit, float* act);
 // Top-k (ties: lowest index) and softmax over the chosen logits.
 void topk_softmax(const float* logits, int64_t n, int k, int32_t* ids, float* weights);
+// The k largest of logits[0..n) (largest first, lowest id first on ties) and their log-probabilities
+// under the softmax of all n (computed in double).
+void top_logprobs(const float* logits, int64_t n, int k, int32_t* ids, float* logprobs);
 
 }  // namespace arbiter::cpu::ref

@@ -459,7 +459,7 @@ class CudaBackend final : public Backend {
     for (const SequenceStep& seq : s.layout().sequences) {
       if (p.window > 0) {
         const int64_t ring = static_cast<int64_t>(seq.sliding_blocks.size()) * bs;
-        require(ring >= p.window, "sliding ring smaller than the window");
+        require(ring >= std::min<int64_t>(p.window, seq.num_cached + seq.num_new), "sliding ring smaller than the window");
       } else {
         require(static_cast<int64_t>(seq.full_blocks.size()) * bs >= seq.num_cached + seq.num_new,
                 "full-attention block table too short");
@@ -473,7 +473,8 @@ class CudaBackend final : public Backend {
     const int bs = s.args.block_size;
     for (const SequenceStep& seq : s.layout().sequences) {
       if (c.window > 0)
-        require(static_cast<int64_t>(seq.sliding_blocks.size()) * bs >= c.window, "sliding ring smaller than the window");
+        require(static_cast<int64_t>(seq.sliding_blocks.size()) * bs >= std::min<int64_t>(c.window, seq.num_cached + seq.num_new),
+                "sliding ring smaller than the window");
       if (c.full)
         require(static_cast<int64_t>(seq.full_blocks.size()) * bs >= seq.num_cached + seq.num_new,
                 "full-attention block table too short");

@@ -1,0 +1,151 @@
+// Scheduler: the central scheduler on rank 0 (DESIGN.md §3, issue 6). It owns every decision:
+// the request queue, continuous batching with chunked prefill under a per-step token budget, KV
+// block allocation for every rank, prefix caching (scheduler/prefix_cache.h), routing of new
+// sequences to the rank that caches their prefix (balanced against load), preemption when a rank
+// runs out of blocks (the sequence is recomputed later), cancellation, deadlines and stop rules.
+// Each step it produces one proto::StepPlan per rank and consumes their proto::StepResults.
+//
+// Threading: submit(), cancel(), warm() and stats() are thread-safe (the HTTP threads call them);
+// plan_step() / complete_step() are called by one thread, the step loop (scheduler/step_loop.h).
+// Callbacks run on the step-loop thread and must not block.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/step_plan.pb.h"
+
+namespace arbiter {
+
+// Harmony stop tokens (DESIGN.md §2): generation ends on <|return|> or <|call|>.
+inline constexpr int32_t kTokenReturn = 200002;
+inline constexpr int32_t kTokenCall = 200012;
+inline constexpr int32_t kTokenEndOfText = 199999;
+
+// One generation: a prompt and how to continue it.
+struct SequenceSpec {
+  std::vector<int32_t> prompt;
+  int max_new_tokens = 1024;  // generated tokens, forced ones included
+  // Analysis-channel budget: once this many tokens were generated while the sequence is still in its
+  // first (analysis) message, the scheduler closes it by feeding `<|end|><|start|>assistant<|channel|>
+  // final<|message|>` as forced tokens, so the model must answer. -1: no budget.
+  int max_reasoning_tokens = -1;
+  proto::Sampling sampling;   // default: greedy
+  int top_logprobs = 0;       // alternatives reported per generated token (0..20)
+  std::vector<int32_t> stop_tokens = {kTokenReturn, kTokenCall, kTokenEndOfText};
+};
+
+struct GeneratedToken {
+  int32_t token = 0;
+  float logprob = 0;                          // 0 for forced tokens
+  std::vector<proto::TokenLogprob> top;       // empty for forced tokens
+  bool forced = false;                        // fed by the scheduler (reasoning budget), not sampled
+};
+
+enum class FinishReason { kStop, kLength, kCancelled, kDeadline, kError };
+const char* to_string(FinishReason reason);
+
+struct SequenceResult {
+  std::vector<GeneratedToken> tokens;  // everything after the prompt (the stop token included)
+  FinishReason finish = FinishReason::kStop;
+  std::string error;                   // kError: why
+  int prompt_tokens = 0;
+  int cached_tokens = 0;               // prompt tokens taken from the prefix cache on first admission
+  int reasoning_tokens = 0;            // generated while still in the analysis message
+  int preemptions = 0;
+  int rank = -1;                       // where it ran (last)
+};
+
+// A group of sequences that share an id, a deadline and a cancellation (one classify request fans
+// out into one sequence per policy).
+struct RequestSpec {
+  std::string id;                      // unique among live requests
+  std::vector<SequenceSpec> sequences;
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  // Optional streaming: called after each step with each new token of sequence `index`.
+  std::function<void(int index, const GeneratedToken& token)> on_token;
+  // Called exactly once, when every sequence has finished (results in the order of `sequences`).
+  std::function<void(std::vector<SequenceResult> results)> on_done;
+};
+
+enum class SubmitStatus { kAccepted, kQueueFull, kTooLong, kInvalid, kShuttingDown };
+const char* to_string(SubmitStatus status);
+
+struct SchedulerOptions {
+  int num_ranks = 1;
+  int blocks_per_rank = 1024;   // KV blocks per rank (block 0 is reserved, never handed out)
+  int block_size = 16;
+  int max_step_tokens = 512;    // input tokens per step per rank (the Model's max_step_rows)
+  int max_step_samples = 64;    // sampled sequences per step per rank (the Model's max_logit_rows)
+  int max_prefill_chunk = 512;  // prefill tokens of one sequence per step
+  int max_context = 8192;       // prompt + generated tokens of one sequence
+  int max_queued_requests = 1024;
+  bool prefix_caching = true;
+};
+
+struct RankStats {
+  int running = 0;              // sequences placed on this rank
+  int blocks_used = 0;          // referenced by running sequences
+  int blocks_cached = 0;        // unreferenced but kept by the prefix cache (evictable)
+  int blocks_total = 0;
+};
+
+struct SchedulerStats {
+  int queued_requests = 0;
+  int waiting_sequences = 0;    // admitted to the queue, not placed on a rank yet (or preempted)
+  int running_sequences = 0;
+  uint64_t steps = 0;
+  uint64_t prefill_tokens = 0;  // prompt tokens computed
+  uint64_t cached_tokens = 0;   // prompt tokens reused from the prefix cache
+  uint64_t decode_tokens = 0;   // tokens sampled
+  uint64_t prefix_lookups = 0;  // sequences admitted
+  uint64_t prefix_hits = 0;     // of them, with at least one cached block
+  uint64_t preemptions = 0;
+  uint64_t finished[5] = {};    // by FinishReason
+  int last_step_tokens = 0;     // input tokens of the last step, all ranks
+  std::vector<RankStats> ranks;
+};
+
+class Scheduler {
+ public:
+  explicit Scheduler(const SchedulerOptions& options);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Thread-safe. kTooLong: a prompt (+1) exceeds max_context or the rank's blocks; kInvalid: no
+  // sequences, an empty prompt or a duplicate live id; `why` (optional) says what.
+  SubmitStatus submit(RequestSpec request, std::string* why = nullptr);
+  // Thread-safe. Finishes the request's sequences with kCancelled (on_done is called). Unknown ids: no-op.
+  void cancel(const std::string& request_id);
+  // Thread-safe. Computes `prefix` into the prefix cache of `rank` (-1: every rank) ahead of traffic,
+  // as a sequence that samples nothing. No-op when prefix caching is off.
+  void warm(std::vector<int32_t> prefix, int rank = -1);
+  // Thread-safe. No new requests are accepted (kShuttingDown); in-flight ones go on.
+  void stop_accepting();
+  SchedulerStats stats() const;
+
+  // Step-loop thread.
+  bool has_work() const;  // thread-safe
+  // Blocks until there is work or `timeout` passes; returns has_work().
+  bool wait_for_work(std::chrono::milliseconds timeout);
+  // Plans one step: plans[r] for every rank r (possibly empty).
+  std::vector<proto::StepPlan> plan_step();
+  // Applies the ranks' results of the step just planned: appends tokens, applies stop rules,
+  // budgets and deadlines, registers newly filled blocks in the prefix cache, finishes sequences.
+  // A result with `error` finishes that rank's sequences of the step with kError.
+  void complete_step(const std::vector<proto::StepResult>& results);
+  // Finishes every live sequence with kError (`why`), e.g. when a rank died.
+  void fail_all(const std::string& why);
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace arbiter

@@ -1,0 +1,62 @@
+// StepLoop: the thread on rank 0 that drives serving (DESIGN.md §3): it asks the Scheduler for a
+// step plan per rank, runs the step on every rank through the StepExchange (rank 0's own Engine
+// included), and hands the results back to the Scheduler, for as long as there is work. It also
+// measures where the time goes: planning and result handling (scheduler), the plan/result exchange,
+// and the forward step itself.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "runtime/engine.h"
+#include "scheduler/scheduler.h"
+
+namespace arbiter {
+
+struct StepLoopStats {
+  uint64_t steps = 0;
+  double scheduler_seconds = 0;  // plan_step + complete_step
+  double exchange_seconds = 0;   // run_step wall time minus the slowest rank's forward time
+  double forward_seconds = 0;    // the slowest rank's forward time, summed over steps
+  double step_seconds = 0;       // whole steps, wall clock
+  // Step latency histogram (wall clock): counts of steps with latency <= kStepBuckets[i] seconds; the
+  // last count is +Inf.
+  static constexpr double kStepBuckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
+  std::vector<uint64_t> step_histogram = std::vector<uint64_t>(std::size(kStepBuckets) + 1, 0);
+};
+
+class StepLoop {
+ public:
+  StepLoop(Scheduler& scheduler, Engine& local, StepExchange& exchange);
+  ~StepLoop();  // stop(false)
+  StepLoop(const StepLoop&) = delete;
+  StepLoop& operator=(const StepLoop&) = delete;
+
+  void start();
+  // drain = true: stops accepting requests and returns once every in-flight request finished;
+  // drain = false: fails what is in flight. Either way the workers are shut down.
+  void stop(bool drain);
+  // Runs steps on the calling thread until the scheduler has no work (offline batch use).
+  void run_until_idle();
+
+  StepLoopStats stats() const;  // thread-safe
+
+ private:
+  void step_once();
+  void thread_main();
+
+  Scheduler& scheduler_;
+  Engine& local_;
+  StepExchange& exchange_;
+  std::atomic<bool> running_{false};
+  std::thread thread_;
+  mutable std::mutex stats_mutex_;
+  StepLoopStats stats_;
+  bool workers_shut_down_ = false;
+};
+
+}  // namespace arbiter
