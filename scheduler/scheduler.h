@@ -26,15 +26,18 @@ namespace arbiter {
 inline constexpr int32_t kTokenReturn = 200002;
 inline constexpr int32_t kTokenCall = 200012;
 inline constexpr int32_t kTokenEndOfText = 199999;
+inline constexpr int32_t kTokenEnd = 200007;  // <|end|>: closes a message (the analysis one)
 
 // One generation: a prompt and how to continue it.
 struct SequenceSpec {
   std::vector<int32_t> prompt;
   int max_new_tokens = 1024;  // generated tokens, forced ones included
   // Analysis-channel budget: once this many tokens were generated while the sequence is still in its
-  // first (analysis) message, the scheduler closes it by feeding `<|end|><|start|>assistant<|channel|>
-  // final<|message|>` as forced tokens, so the model must answer. -1: no budget.
+  // first message (before the first <|end|>), the scheduler closes it by feeding `close_reasoning`
+  // (the Classifier renders `<|end|><|start|>assistant<|channel|>final<|message|>`) as forced tokens,
+  // so the model must answer. -1 or an empty close_reasoning: no budget.
   int max_reasoning_tokens = -1;
+  std::vector<int32_t> close_reasoning;
   proto::Sampling sampling;   // default: greedy
   int top_logprobs = 0;       // alternatives reported per generated token (0..20)
   std::vector<int32_t> stop_tokens = {kTokenReturn, kTokenCall, kTokenEndOfText};
