@@ -11,12 +11,6 @@
 #include <string>
 
 #include "kernels/backend.h"
-#include "parallel/expert_placement.h"
-#include "parallel/mpi_comm.h"
-#include "parallel/thread_comm.h"
-#if ARBITER_WITH_NCCL
-#include "parallel/nccl_comm.h"
-#endif
 #include "runtime/config.h"
 #include "runtime/generate.h"
 #include "runtime/make_model.h"
@@ -24,13 +18,8 @@
 #include "runtime/npy.h"
 #include "runtime/safetensors.h"
 #include "tools/arbiter/cli_args.h"
-
-namespace arbiter {
-// Text subcommands (tools/arbiter/cmd_text.cc).
-int cmd_tokenize(const CliArgs& args);
-int cmd_detokenize(const CliArgs& args);
-int cmd_render(const CliArgs& args);
-}  // namespace arbiter
+#include "tools/arbiter/commands.h"
+#include "tools/arbiter/ranks.h"
 
 namespace arbiter {
 namespace {
@@ -93,64 +82,6 @@ int cmd_make_model(const CliArgs& args) {
   std::cerr << "wrote " << out << " (" << c.num_hidden_layers << " layers, hidden " << c.hidden_size << ", "
             << c.num_local_experts << " experts, vocab " << c.vocab_size << ")\n";
   return 0;
-}
-
-// Where this rank stands in an expert-parallel run (DESIGN.md §3); no communicator: a single rank.
-struct RankContext {
-  Communicator* comm = nullptr;
-  std::shared_ptr<const ExpertPlacement> placement;
-  bool leads() const { return !comm || comm->rank() == 0; }  // runs the sequence and writes the output
-};
-
-// Runs body once per rank of the transport that --transport / --ranks / mpirun choose: this process
-// alone, --ranks threads of it (ranks 1.. only serve their experts), or this process as one rank of
-// an MPI job (rank 0 writes the output; an error on any rank ends the whole job instead of a hang).
-// Each rank gets its own copy of the options.
-void run_ranks(const CliArgs& args, const std::function<void(const CliArgs&, const RankContext&)>& body) {
-  const std::string transport = args.get("transport", "auto");
-  const int ranks = static_cast<int>(args.get_int("ranks", 1));
-  const std::string placement_file = args.get("placement", "");
-  if (transport != "auto" && transport != "threads" && transport != "mpi" && transport != "nccl")
-    throw std::invalid_argument("--transport must be auto, threads, mpi or nccl (not '" + transport + "')");
-  if (ranks < 1) throw std::invalid_argument("--ranks must be at least 1");
-  RankContext base;
-  if (!placement_file.empty()) base.placement = std::make_shared<const ExpertPlacement>(ExpertPlacement::load(placement_file));
-  auto check_world = [&](int world) {
-    if (base.placement && base.placement->num_ranks() != world)
-      throw std::invalid_argument("placement " + placement_file + " is for " + std::to_string(base.placement->num_ranks()) +
-                                  " ranks but " + std::to_string(world) + " are running");
-  };
-  const bool mpi = transport == "mpi" || transport == "nccl" || (transport == "auto" && MpiComm::launched_by_mpirun());
-  if (!mpi) {
-    check_world(ranks);
-    if (ranks == 1) return body(args, base);
-    return run_thread_ranks(ranks, [&](Communicator& comm) {
-      const CliArgs own = args;
-      RankContext rc = base;
-      rc.comm = &comm;
-      body(own, rc);
-    });
-  }
-  if (args.has("ranks")) throw std::invalid_argument("--ranks is for --transport threads; under mpirun use -np");
-  MpiComm mpi_comm;
-  RankContext rc = base;
-  rc.comm = &mpi_comm;
-#if ARBITER_WITH_NCCL
-  std::unique_ptr<NcclComm> nccl;
-  if (transport == "nccl") {
-    nccl = std::make_unique<NcclComm>(mpi_comm);
-    rc.comm = nccl.get();
-  }
-#else
-  if (transport == "nccl") throw std::invalid_argument("--transport nccl: this build has no NCCL (CUDA and NCCL are needed at configure time)");
-#endif
-  try {
-    check_world(rc.comm->size());
-    body(args, rc);
-  } catch (const std::exception& e) {
-    if (rc.comm->size() > 1) rc.comm->abort(e.what());
-    throw;
-  }
 }
 
 struct LoadedModel {

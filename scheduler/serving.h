@@ -1,0 +1,76 @@
+// ServingRank: everything one rank needs to serve (DESIGN.md §3), put together once for
+// `arbiter serve`, `arbiter classify` and the load generator: the model on this rank's device with a
+// KV cache sized for serving, its Engine and the StepExchange; on rank 0 also the tokenizer, the
+// Scheduler, the StepLoop and the Classifier. Worker ranks call serve_workers() and return when
+// rank 0 shuts the loop down.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "runtime/config.h"
+#include "runtime/engine.h"
+#include "runtime/model.h"
+#include "runtime/safetensors.h"
+#include "runtime/tokenizer.h"
+#include "scheduler/classify.h"
+#include "scheduler/scheduler.h"
+#include "scheduler/step_loop.h"
+
+namespace arbiter {
+
+class Communicator;
+class ExpertPlacement;
+
+struct ServingOptions {
+  std::string model_dir;
+  std::string device = "auto";          // cpu | cuda[:N] | auto
+  std::string tokenizer_dir;            // default: model_dir (tokenizer.json), else $ARBITER_TOKENIZER_DIR
+  int block_size = 16;
+  int kv_blocks = 0;                    // KV blocks per rank; 0: enough for max_running x max_context / 4
+  int max_context = 4096;               // prompt + generated tokens per sequence
+  int max_step_tokens = 256;            // input tokens per step per rank
+  int max_step_samples = 64;            // sequences sampled per step per rank
+  int max_queued_requests = 1024;
+  bool prefix_caching = true;
+  ClassifierOptions classifier;
+};
+
+class ServingRank {
+ public:
+  // comm: this rank's communicator (nullptr: a single rank). Collective across ranks.
+  ServingRank(const ServingOptions& options, Communicator* comm = nullptr,
+              std::shared_ptr<const ExpertPlacement> placement = nullptr);
+  ~ServingRank();
+
+  bool leads() const;  // rank 0
+  int world_size() const;
+  const ServingOptions& options() const { return options_; }
+  const ModelConfig& config() const { return config_; }
+  std::string model_name() const;       // the model folder's name
+
+  // Rank 0 only (throw std::logic_error elsewhere).
+  const Tokenizer& tokenizer() const;
+  Scheduler& scheduler();
+  StepLoop& loop();
+  Classifier& classifier();
+
+  // Workers: runs steps until rank 0's loop stops. Rank 0: returns at once.
+  void serve_workers();
+
+ private:
+  ServingOptions options_;
+  Communicator* comm_;
+  ModelConfig config_;
+  std::unique_ptr<Checkpoint> checkpoint_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<StepExchange> exchange_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<StepLoop> loop_;
+  std::unique_ptr<Classifier> classifier_;
+};
+
+}  // namespace arbiter
