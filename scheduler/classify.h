@@ -4,11 +4,15 @@
 // confidence, the final text and the reasoning. Shared by the HTTP API and `arbiter classify`.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/harmony.h"
@@ -26,6 +30,7 @@ struct ReasoningBudgets {
   int for_effort(ReasoningEffort effort) const;
 };
 
+// One policy of a request: the text the model judges against and how its answer is read.
 struct ClassifyPolicy {
   std::string id;                   // reported back as policy_id
   std::string text;                 // the policy (developer message)
@@ -33,6 +38,7 @@ struct ClassifyPolicy {
   std::vector<std::string> violating_labels;
 };
 
+// One content judged against one or more policies (one sequence per policy).
 struct ClassifyRequest {
   std::string id;  // request id (unique among live requests)
   std::string content;
@@ -43,6 +49,7 @@ struct ClassifyRequest {
   std::optional<std::chrono::steady_clock::time_point> deadline;
 };
 
+// Token counts of one policy's sequence (or their sums over a request).
 struct ClassifyUsage {
   int prompt_tokens = 0;
   int cached_tokens = 0;
@@ -51,6 +58,7 @@ struct ClassifyUsage {
   ClassifyUsage& operator+=(const ClassifyUsage& other);
 };
 
+// What one policy's generation said: the verdict, how sure the model was, and what it cost.
 struct PolicyResult {
   std::string policy_id;
   // 0 / 1 (violation), a label string, or null when the answer could not be parsed (see final_text,
@@ -61,12 +69,14 @@ struct PolicyResult {
   std::optional<double> confidence;  // probability of the verdict's deciding token
   std::string final_text;
   std::string reasoning;             // empty unless return_reasoning
+  bool reasoning_truncated = false;  // the reasoning budget ran out: the scheduler closed the analysis
   FinishReason finish = FinishReason::kStop;
   std::string error;
   ClassifyUsage usage;
   bool violation() const;            // verdict says violation (1, or a violating label)
 };
 
+// The answer to one ClassifyRequest.
 struct ClassifyResult {
   std::string id;
   std::vector<PolicyResult> results;  // in the order of the request's policies
@@ -76,6 +86,7 @@ struct ClassifyResult {
   FinishReason finish = FinishReason::kStop;
 };
 
+// How the Classifier turns requests into sequences.
 struct ClassifierOptions {
   ReasoningBudgets budgets;
   int answer_tokens = 256;         // room for the final answer after the reasoning budget
@@ -83,15 +94,31 @@ struct ClassifierOptions {
   SafeguardPromptOptions prompt;   // effort is taken from each request
 };
 
+// JSON form of results, in api/api.proto's ClassifyResponse / PolicyResult / ClassifyUsage field
+// names (what `arbiter classify` prints).
+nlohmann::json to_json(const ClassifyUsage& usage);
+nlohmann::json to_json(const PolicyResult& result);
+nlohmann::json to_json(const ClassifyResult& result);
+
+// Classifier: builds one SequenceSpec per policy (prompt, reasoning budget and its closing tokens,
+// top logprobs), submits them to the Scheduler as one request, and turns the generations into a
+// ClassifyResult. Thread-safe: submit() may be called from several threads at once.
 class Classifier {
  public:
   Classifier(const Tokenizer& tokenizer, Scheduler& scheduler, const ClassifierOptions& options = {});
 
-  // The rendered prompt of one policy (what the scheduler will run).
+  // The rendered prompt of one policy (what the scheduler will run): equal to
+  // render_safeguard_prompt(policy, content) with the request's effort; the policy part is tokenized
+  // once per (policy, effort) and kept (a bounded cache).
   std::vector<int32_t> render(const ClassifyPolicy& policy, const std::string& content, ReasoningEffort effort) const;
   // The token prefix every request under `policy_text` shares (system + developer message + the start
-  // of the user message), for Scheduler::warm.
+  // of the user message, up to its <|message|>), for Scheduler::warm.
   std::vector<int32_t> policy_prefix(const std::string& policy_text, ReasoningEffort effort) const;
+  // The tokens the scheduler forces when the reasoning budget runs out:
+  // <|end|><|start|>assistant<|channel|>final<|message|>.
+  const std::vector<int32_t>& close_reasoning() const { return close_reasoning_; }
+  // The sequence one policy of `request` runs as.
+  SequenceSpec sequence(const ClassifyRequest& request, const ClassifyPolicy& policy) const;
 
   // Submits the request; `done` is called once (from the step-loop thread) with the result. Returns
   // the scheduler's verdict on admission (`done` is not called unless kAccepted).
@@ -99,14 +126,22 @@ class Classifier {
                       std::string* why = nullptr);
   // Turns one policy's generation into its result (exposed for tests and the CLI).
   PolicyResult interpret(const ClassifyPolicy& policy, const SequenceResult& generated, bool return_reasoning) const;
+  // Puts the per-policy results of `request` together (flagged, usage sums, worst finish).
+  ClassifyResult assemble(const ClassifyRequest& request, const std::vector<SequenceResult>& generated) const;
 
   const Tokenizer& tokenizer() const { return tokenizer_; }
   Scheduler& scheduler() { return scheduler_; }
 
  private:
+  std::vector<int32_t> cached_prefix(const std::string& policy_text, ReasoningEffort effort) const;
+
   const Tokenizer& tokenizer_;
   Scheduler& scheduler_;
   ClassifierOptions options_;
+  std::vector<int32_t> close_reasoning_;
+  std::vector<int32_t> prompt_suffix_;  // <|end|><|start|>assistant after the content
+  mutable std::mutex prefix_mutex_;
+  mutable std::map<std::pair<int, std::string>, std::vector<int32_t>> prefixes_;  // (effort, policy)
 };
 
 }  // namespace arbiter

@@ -1,0 +1,404 @@
+#include "scheduler/classify.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace arbiter {
+
+int ReasoningBudgets::for_effort(ReasoningEffort effort) const {
+  switch (effort) {
+    case ReasoningEffort::kLow:
+      return low;
+    case ReasoningEffort::kMedium:
+      return medium;
+    case ReasoningEffort::kHigh:
+      return high;
+  }
+  return medium;
+}
+
+ClassifyUsage& ClassifyUsage::operator+=(const ClassifyUsage& other) {
+  prompt_tokens += other.prompt_tokens;
+  cached_tokens += other.cached_tokens;
+  reasoning_tokens += other.reasoning_tokens;
+  completion_tokens += other.completion_tokens;
+  return *this;
+}
+
+bool PolicyResult::violation() const {
+  if (verdict.is_null()) return false;
+  const auto it = verdict_details.find("violation");
+  return it != verdict_details.end() && it->is_number_integer() && it->get<int>() == 1;
+}
+
+nlohmann::json to_json(const ClassifyUsage& usage) {
+  return {{"prompt_tokens", usage.prompt_tokens},
+          {"cached_tokens", usage.cached_tokens},
+          {"reasoning_tokens", usage.reasoning_tokens},
+          {"completion_tokens", usage.completion_tokens},
+          {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+}
+
+nlohmann::json to_json(const PolicyResult& r) {
+  nlohmann::json j;
+  j["policy_id"] = r.policy_id;
+  j["verdict"] = r.verdict;
+  j["confidence"] = r.confidence ? nlohmann::json(*r.confidence) : nlohmann::json(nullptr);
+  j["final"] = r.final_text;
+  if (!r.reasoning.empty()) j["reasoning"] = r.reasoning;
+  j["details"] = r.verdict_details;
+  if (!r.verdict_error.empty()) j["verdict_error"] = r.verdict_error;
+  j["violation"] = r.violation();
+  j["finish_reason"] = to_string(r.finish);
+  j["reasoning_truncated"] = r.reasoning_truncated;
+  if (!r.error.empty()) j["error"] = r.error;
+  j["usage"] = to_json(r.usage);
+  return j;
+}
+
+nlohmann::json to_json(const ClassifyResult& r) {
+  nlohmann::json j;
+  j["id"] = r.id;
+  j["object"] = "classification";
+  nlohmann::json results = nlohmann::json::array();
+  for (const auto& p : r.results) results.push_back(to_json(p));
+  j["results"] = std::move(results);
+  j["flagged"] = r.flagged;
+  j["usage"] = to_json(r.usage);
+  return j;
+}
+
+namespace {
+
+bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && is_space(s.front())) s.remove_prefix(1);
+  while (!s.empty() && is_space(s.back())) s.remove_suffix(1);
+  return s;
+}
+
+// The bytes of a token, or "" for ids the tokenizer does not know.
+std::string_view token_text(const Tokenizer& tokenizer, int32_t token) {
+  const auto bytes = tokenizer.token_bytes(token);
+  return bytes ? *bytes : std::string_view();
+}
+
+// The (token, logprob) alternatives reported with a generated token, the token itself included
+// (with temperature sampling the drawn token need not be among the reported top ones).
+std::vector<std::pair<int32_t, float>> alternatives(const GeneratedToken& g) {
+  std::vector<std::pair<int32_t, float>> top;
+  top.reserve(g.top.size() + 1);
+  bool has_self = false;
+  for (const auto& t : g.top) {
+    top.emplace_back(t.token(), t.logprob());
+    has_self = has_self || t.token() == g.token;
+  }
+  if (!has_self) top.emplace_back(g.token, g.logprob);
+  return top;
+}
+
+// Confidence of a 0/1 (or false/true) value decided by one generated token: P(token) over the
+// probability of it and its counterpart with the same leading whitespace ("1" vs "0", " true" vs
+// " false"). nullopt when the token is not such a value or was not sampled (forced, no top list).
+std::optional<double> value_confidence(const Tokenizer& tokenizer, const GeneratedToken& g) {
+  if (g.forced || g.top.empty()) return std::nullopt;
+  const std::string text(token_text(tokenizer, g.token));
+  const size_t lead_end = text.find_first_not_of(" \t\n\r");
+  if (lead_end == std::string::npos) return std::nullopt;
+  const std::string lead = text.substr(0, lead_end), value = text.substr(lead_end);
+  std::vector<std::string> labels;
+  if (value == "0" || value == "1") labels = {lead + "0", lead + "1"};
+  else if (value == "false" || value == "true") labels = {lead + "false", lead + "true"};
+  else return std::nullopt;
+  // The counterpart must be one token too, else the two are not alternatives at this position.
+  for (const auto& l : labels)
+    if (tokenizer.encode(l).size() != 1) return std::nullopt;
+  const Confidence c = label_confidence_top(tokenizer, alternatives(g), labels, text);
+  if (!c.ok || c.ambiguous) return std::nullopt;
+  return c.probability;
+}
+
+// Confidence of a declared label: the labels are tokenized as the answer would be (with the answer's
+// leading whitespace, then <|return|>), and the deciding position is the first token where the
+// chosen label's tokens part from those of every label that agrees with it so far (labels sharing
+// a first token, like "SP0" and "SP2", are told apart at their second). There the probability of
+// the chosen token is divided by the summed probability of the distinct tokens the labels still in
+// the race would put there. With distinct first tokens this is label_confidence_top at the first
+// final token. nullopt when the generated tokens do not spell the chosen label canonically.
+std::optional<double> label_choice_confidence(const Tokenizer& tokenizer, const std::vector<std::string>& labels,
+                                              const std::string& chosen, std::string_view final_text,
+                                              const std::vector<GeneratedToken>& generated, int64_t final_first) {
+  if (final_first < 0) return std::nullopt;
+  const size_t lead_end = std::min(final_text.find_first_not_of(" \t\n\r\f\v"), final_text.size());
+  const std::string lead(final_text.substr(0, lead_end));
+  std::vector<std::vector<int32_t>> spelled;
+  size_t chosen_index = labels.size();
+  for (size_t i = 0; i < labels.size(); ++i) {
+    spelled.push_back(tokenizer.encode(lead + labels[i]));
+    spelled.back().push_back(kTokenReturn);
+    if (labels[i] == chosen) chosen_index = i;
+  }
+  if (chosen_index == labels.size()) return std::nullopt;
+  const auto& mine = spelled[chosen_index];
+  std::vector<size_t> racing;  // labels equal to the chosen one's tokens so far
+  for (size_t i = 0; i < labels.size(); ++i)
+    if (i != chosen_index && labels[i] != chosen) racing.push_back(i);
+  for (size_t d = 0; d < mine.size(); ++d) {
+    const size_t at = static_cast<size_t>(final_first) + d;
+    if (at >= generated.size() || generated[at].token != mine[d]) return std::nullopt;
+    std::vector<int32_t> rivals;
+    std::vector<size_t> still;
+    for (const size_t i : racing) {
+      if (d >= spelled[i].size()) continue;
+      if (spelled[i][d] == mine[d]) still.push_back(i);
+      else if (std::find(rivals.begin(), rivals.end(), spelled[i][d]) == rivals.end()) rivals.push_back(spelled[i][d]);
+    }
+    if (!rivals.empty() || d + 1 == mine.size()) {
+      const GeneratedToken& g = generated[at];
+      if (g.forced || g.top.empty()) return std::nullopt;
+      const auto top = alternatives(g);
+      auto probability = [&](int32_t token) {
+        for (const auto& [t, lp] : top)
+          if (t == token) return std::exp(static_cast<double>(lp));
+        return 0.0;  // outside the reported top: counts as 0
+      };
+      const double p = probability(mine[d]);
+      double sum = p;
+      for (const int32_t r : rivals) sum += probability(r);
+      if (!(sum > 0)) return std::nullopt;
+      return p / sum;
+    }
+    racing = std::move(still);
+  }
+  return std::nullopt;
+}
+
+// Index of the first final token that is not whitespace only (the one that decides a 0/1 answer).
+std::optional<size_t> first_content_token(const Tokenizer& tokenizer, const std::vector<int32_t>& final_tokens) {
+  for (size_t i = 0; i < final_tokens.size(); ++i)
+    if (!trim(token_text(tokenizer, final_tokens[i])).empty()) return i;
+  return std::nullopt;
+}
+
+// FinishReason severity for a request's overall finish: error > deadline > cancelled > length > stop.
+int severity(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop:
+      return 0;
+    case FinishReason::kLength:
+      return 1;
+    case FinishReason::kCancelled:
+      return 2;
+    case FinishReason::kDeadline:
+      return 3;
+    case FinishReason::kError:
+      return 4;
+  }
+  return 4;
+}
+
+constexpr size_t kMaxCachedPrefixes = 256;
+
+}  // namespace
+
+Classifier::Classifier(const Tokenizer& tokenizer, Scheduler& scheduler, const ClassifierOptions& options)
+    : tokenizer_(tokenizer), scheduler_(scheduler), options_(options) {
+  if (options_.top_logprobs < 0 || options_.top_logprobs > 20)
+    throw std::invalid_argument("top_logprobs must be in 0..20 (got " + std::to_string(options_.top_logprobs) + ")");
+  if (options_.answer_tokens < 1) throw std::invalid_argument("answer_tokens must be positive");
+  const HarmonyRenderer renderer(tokenizer_);
+  // <|end|> closes the analysis message; the final message's header is rendered as harmony renders
+  // any assistant message (its trailing <|end|> dropped), so the ids are exactly the model's own.
+  close_reasoning_.push_back(harmony_ids::kEnd);
+  std::vector<int32_t> header;
+  renderer.render_message({"assistant", "", "final", "", ""}, header);
+  if (header.empty() || header.back() != harmony_ids::kEnd) throw std::logic_error("unexpected harmony header rendering");
+  header.pop_back();
+  close_reasoning_.insert(close_reasoning_.end(), header.begin(), header.end());
+  prompt_suffix_.push_back(harmony_ids::kEnd);
+  renderer.render_generation_prefix(prompt_suffix_);
+}
+
+std::vector<int32_t> Classifier::policy_prefix(const std::string& policy_text, ReasoningEffort effort) const {
+  SafeguardPromptOptions o = options_.prompt;
+  o.effort = effort;
+  // The prompt of an empty content ends <|message|><|end|><|start|>assistant; the content goes right
+  // after that <|message|>, encoded on its own, so everything up to it is shared by every content.
+  std::vector<int32_t> ids = render_safeguard_prompt(tokenizer_, policy_text, "", o);
+  const size_t suffix = prompt_suffix_.size();
+  if (ids.size() < suffix + 1 || !std::equal(prompt_suffix_.begin(), prompt_suffix_.end(), ids.end() - suffix) ||
+      ids[ids.size() - suffix - 1] != harmony_ids::kMessage)
+    throw std::logic_error("safeguard prompt does not end with the user message header and the assistant prefix");
+  ids.resize(ids.size() - suffix);
+  return ids;
+}
+
+std::vector<int32_t> Classifier::cached_prefix(const std::string& policy_text, ReasoningEffort effort) const {
+  const auto key = std::make_pair(static_cast<int>(effort), policy_text);
+  {
+    const std::lock_guard<std::mutex> lock(prefix_mutex_);
+    const auto it = prefixes_.find(key);
+    if (it != prefixes_.end()) return it->second;
+  }
+  std::vector<int32_t> prefix = policy_prefix(policy_text, effort);
+  const std::lock_guard<std::mutex> lock(prefix_mutex_);
+  if (prefixes_.size() >= kMaxCachedPrefixes) prefixes_.clear();  // many distinct policies: start over
+  prefixes_.emplace(key, prefix);
+  return prefix;
+}
+
+std::vector<int32_t> Classifier::render(const ClassifyPolicy& policy, const std::string& content,
+                                        ReasoningEffort effort) const {
+  std::vector<int32_t> ids = cached_prefix(policy.text, effort);
+  ids.reserve(ids.size() + content.size() / 3 + prompt_suffix_.size() + 8);
+  tokenizer_.encode_append(content, ids);
+  ids.insert(ids.end(), prompt_suffix_.begin(), prompt_suffix_.end());
+  return ids;
+}
+
+SequenceSpec Classifier::sequence(const ClassifyRequest& request, const ClassifyPolicy& policy) const {
+  SequenceSpec s;
+  s.prompt = render(policy, request.content, request.effort);
+  const int budget = options_.budgets.for_effort(request.effort);
+  s.max_reasoning_tokens = budget;
+  s.close_reasoning = close_reasoning_;
+  s.top_logprobs = options_.top_logprobs;
+  s.max_new_tokens = request.max_tokens > 0
+                         ? request.max_tokens
+                         : budget + static_cast<int>(close_reasoning_.size()) + options_.answer_tokens;
+  return s;
+}
+
+SubmitStatus Classifier::submit(const ClassifyRequest& request, std::function<void(ClassifyResult)> done,
+                                std::string* why) {
+  auto fail = [&](SubmitStatus status, std::string what) {
+    if (why) *why = std::move(what);
+    return status;
+  };
+  if (request.policies.empty()) return fail(SubmitStatus::kInvalid, "no policies");
+  if (request.max_tokens < 0) return fail(SubmitStatus::kInvalid, "max_tokens must not be negative");
+  if (!done) return fail(SubmitStatus::kInvalid, "no completion callback");
+  RequestSpec spec;
+  spec.id = request.id;
+  spec.deadline = request.deadline;
+  spec.sequences.reserve(request.policies.size());
+  for (const auto& policy : request.policies) spec.sequences.push_back(sequence(request, policy));
+  // The request is kept without its content (the callback needs the policies and the id only).
+  ClassifyRequest kept;
+  kept.id = request.id;
+  kept.policies = request.policies;
+  kept.return_reasoning = request.return_reasoning;
+  spec.on_done = [this, kept = std::move(kept), done = std::move(done)](std::vector<SequenceResult> results) {
+    done(assemble(kept, results));
+  };
+  return scheduler_.submit(std::move(spec), why);
+}
+
+ClassifyResult Classifier::assemble(const ClassifyRequest& request, const std::vector<SequenceResult>& generated) const {
+  ClassifyResult out;
+  out.id = request.id;
+  for (size_t i = 0; i < request.policies.size(); ++i) {
+    PolicyResult r;
+    if (i < generated.size()) {
+      r = interpret(request.policies[i], generated[i], request.return_reasoning);
+    } else {
+      r.policy_id = request.policies[i].id;
+      r.verdict = nullptr;
+      r.finish = FinishReason::kError;
+      r.error = "no generation for this policy";
+    }
+    out.flagged = out.flagged || r.violation();
+    out.usage += r.usage;
+    if (severity(r.finish) > severity(out.finish)) out.finish = r.finish;
+    out.results.push_back(std::move(r));
+  }
+  return out;
+}
+
+PolicyResult Classifier::interpret(const ClassifyPolicy& policy, const SequenceResult& generated,
+                                   bool return_reasoning) const {
+  PolicyResult r;
+  r.policy_id = policy.id;
+  r.finish = generated.finish;
+  r.error = generated.error;
+  r.usage.prompt_tokens = generated.prompt_tokens;
+  r.usage.cached_tokens = generated.cached_tokens;
+  r.usage.reasoning_tokens = generated.reasoning_tokens;
+  r.usage.completion_tokens = static_cast<int>(generated.tokens.size());
+  r.verdict = nullptr;
+
+  std::vector<int32_t> ids;
+  ids.reserve(generated.tokens.size());
+  for (const auto& g : generated.tokens) {
+    ids.push_back(g.token);
+    r.reasoning_truncated = r.reasoning_truncated || g.forced;
+  }
+  const SafeguardOutput out = parse_safeguard_output(tokenizer_, ids);
+  if (return_reasoning) r.reasoning = out.reasoning;
+  r.final_text = out.final_text;
+
+  if (!out.has_final) {
+    Verdict none;
+    none.status = VerdictStatus::kEmpty;
+    none.error = "no final answer";
+    if (generated.finish != FinishReason::kStop) none.error += std::string(" (finished: ") + to_string(generated.finish) + ")";
+    if (!out.errors.empty()) none.error += "; " + out.errors.front();
+    r.verdict_error = none.error;
+    r.verdict_details = none.to_json();
+    return r;
+  }
+
+  // Which reading of the answer applies: a declared label, then 0/1, then a JSON object.
+  const std::string_view answer = trim(out.final_text);
+  Verdict v;
+  enum class Kind { kLabel, kBinary, kJson } kind = Kind::kBinary;
+  std::optional<Verdict> label_failure;
+  if (!policy.labels.empty()) {
+    v = parse_label_verdict(out.final_text, policy.labels, policy.violating_labels);
+    kind = Kind::kLabel;
+    if (!v.ok()) label_failure = v;
+  }
+  if (policy.labels.empty() || !v.ok()) {
+    const bool looks_json = !answer.empty() && (answer.front() == '{' || answer.front() == '`');
+    if (looks_json) {
+      v = parse_json_verdict(out.final_text);
+      kind = Kind::kJson;
+    } else {
+      v = parse_binary_verdict(out.final_text);
+      kind = Kind::kBinary;
+      if (!v.ok() && label_failure) v = *label_failure;  // the policy asked for labels: say so
+    }
+  }
+  r.verdict_details = v.to_json();
+  if (!v.ok()) {
+    r.verdict_error = v.error;
+    return r;
+  }
+
+  const auto& final_tokens = out.final_tokens;
+  const int64_t first = out.final_first_index;
+  switch (kind) {
+    case Kind::kLabel: {
+      r.verdict = *v.label;
+      r.confidence = label_choice_confidence(tokenizer_, policy.labels, *v.label, out.final_text, generated.tokens, first);
+      break;
+    }
+    case Kind::kBinary: {
+      r.verdict = *v.violation;
+      if (const auto at = first_content_token(tokenizer_, final_tokens); at && first >= 0)
+        r.confidence = value_confidence(tokenizer_, generated.tokens.at(static_cast<size_t>(first) + *at));
+      break;
+    }
+    case Kind::kJson: {
+      r.verdict = *v.violation;
+      if (const auto at = json_value_token(tokenizer_, final_tokens, {"violation"}); at && first >= 0)
+        r.confidence = value_confidence(tokenizer_, generated.tokens.at(static_cast<size_t>(first) + *at));
+      break;
+    }
+  }
+  return r;
+}
+
+}  // namespace arbiter
