@@ -611,6 +611,56 @@ void BM_AttentionDecode(benchmark::State& state) {
   if (g_ceil.copy_bytes_per_s > 0) state.counters["kv_bw_vs_copy"] = kv_bytes / per / g_ceil.copy_bytes_per_s;
 }
 
+// Row selection over the 201088-entry vocabulary, per step: arg 0 = 0 argmax, 1 top_logprobs k = 20,
+// 2 top_logprobs k = 64 (device kernels), 3 top_logprobs k = 20 through the host default
+// (Backend::top_logprobs: download + CPU reference + upload, the baseline); arg 1 = rows.
+// Logit bytes read per second over the copy bandwidth.
+void BM_Select(benchmark::State& state) {
+  const int op = static_cast<int>(state.range(0)), rows = static_cast<int>(state.range(1));
+  const int64_t vocab = preset_config("20b-shape").vocab_size;
+  const int k = op == 2 ? 64 : 20;
+  Backend& b = backend();
+  static const std::vector<float> host = [] {
+    std::vector<float> v(static_cast<size_t>(64) * 201088);
+    uint64_t s = 88172645463325252ull;
+    for (auto& x : v) {  // xorshift: cheap, roughly uniform logits in [-10, 10)
+      s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+      x = static_cast<float>(s >> 40) * (20.0f / 16777216.0f) - 10.0f;
+    }
+    return v;
+  }();
+  if (static_cast<size_t>(rows) * static_cast<size_t>(vocab) > host.size()) {
+    state.SkipWithError("too many rows");
+    return;
+  }
+  DeviceBuffer lb = b.allocate(static_cast<size_t>(rows * vocab) * 4), ib = b.allocate(static_cast<size_t>(rows) * 64 * 4),
+               pb = b.allocate(static_cast<size_t>(rows) * 64 * 4);
+  const Tensor logits = lb.view(DType::kF32, {rows, vocab}), ids = ib.view(DType::kI32, {rows, k}),
+               lp = pb.view(DType::kF32, {rows, k}), am = ib.view(DType::kI32, {rows});
+  b.upload(host.data(), logits);
+  auto run = [&] {
+    switch (op) {
+      case 0: b.argmax(logits, am); break;
+      case 3: b.Backend::top_logprobs(logits, k, ids, lp); break;
+      default: b.top_logprobs(logits, k, ids, lp); break;
+    }
+  };
+  run();
+  EventTimer timer;
+  double total = 0;
+  int64_t n = 0;
+  for (auto _ : state) {
+    const double s = timer.seconds(run);
+    state.SetIterationTime(s);
+    total += s;
+    ++n;
+  }
+  const double per = total / static_cast<double>(n);
+  state.counters["us"] = per * 1e6;
+  if (g_ceil.copy_bytes_per_s > 0)
+    state.counters["logit_bw_vs_copy"] = 4.0 * rows * static_cast<double>(vocab) / per / g_ceil.copy_bytes_per_s;
+}
+
 }  // namespace
 }  // namespace arbiter
 
@@ -629,6 +679,7 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("Moe120bLayer", BM_Moe120bLayer)->Arg(1)->Arg(256)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("LinearRow", BM_LinearRow)->ArgsProduct({{0, 1, 2}, {0, 1}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("AttentionDecode20b", BM_AttentionDecode)->Arg(1)->Arg(64)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("Select20b", BM_Select)->ArgsProduct({{0, 1, 2, 3}, {1, 64}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("StepOp20b", BM_StepOp)->ArgsProduct({benchmark::CreateDenseRange(0, SynthModel::kOps - 1, 1), {0, 1}})->UseManualTime()->Iterations(3)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Layer20bDecode", BM_Layer20bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Layer120bDecode", BM_Layer120bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);

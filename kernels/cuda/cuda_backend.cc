@@ -197,6 +197,9 @@ class CudaBackend final : public Backend {
     if (const char* env = std::getenv("ARBITER_CUDA_GRAPHS")) graphs_enabled_ = std::strcmp(env, "0") != 0;
     graph_meta_ = std::make_unique<MetaSlot>();
     graph_meta_->uploaded = make_event();
+    // Row-selection workspace (argmax, top_logprobs): allocated once, zeroed; the kernels leave it zeroed.
+    select_ws_ = device_alloc(cuda::selection_workspace_bytes());
+    cuda_check(cudaMemset(select_ws_.data(), 0, select_ws_.bytes()), "selection workspace");
   }
   ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
 
@@ -398,7 +401,22 @@ class CudaBackend final : public Backend {
             "argmax: f32 logits, i32 out");
     select();
     cuda::argmax(logits.as<const float>(), static_cast<int>(logits.rows()), row_len(logits),
-                 out.as<int32_t>(), stream());
+                 out.as<int32_t>(), select_ws_.data(), stream());
+  }
+
+  void top_logprobs(const Tensor& logits, int k, const Tensor& ids, const Tensor& logprobs) override {
+    const int64_t rows = logits.rows(), vocab = row_len(logits);
+    require(logits.dtype == DType::kF32 && ids.dtype == DType::kI32 && logprobs.dtype == DType::kF32,
+            "top_logprobs: logits and log-probabilities must be f32, ids i32");
+    require(k >= 1 && k <= 64 && k <= vocab && ids.rows() == rows && logprobs.rows() == rows &&
+                row_len(ids) == k && row_len(logprobs) == k,
+            "top_logprobs: k = " + std::to_string(k) + " does not fit the tensors");
+    if (rows == 0) return;
+    // Vocabularies beyond what the kernel's merge holds (64 x 4096 entries): the host default.
+    if (!cuda::top_logprobs_supported(vocab, k)) return Backend::top_logprobs(logits, k, ids, logprobs);
+    select();
+    cuda::top_logprobs(logits.as<const float>(), static_cast<int>(rows), vocab, k, ids.as<int32_t>(),
+                       logprobs.as<float>(), select_ws_.data(), stream());
   }
 
   void run_step(const void* owner, const StepContext& step, const std::function<void()>& body) override;
@@ -500,6 +518,7 @@ class CudaBackend final : public Backend {
   std::vector<DeviceBuffer> weights_;
   std::vector<std::unique_ptr<MetaSlot>> meta_slots_;
   Scratch moe_scratch_;
+  DeviceBuffer select_ws_;  // argmax / top_logprobs partial results (fixed size, see launch.h)
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
   bool gemv_enabled_ = true;

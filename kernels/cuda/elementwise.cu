@@ -1,5 +1,5 @@
 // Small fused kernels of the CUDA backend: embedding gather, RMSNorm (+ residual add), RoPE, KV-cache
-// store, router top-k, argmax, row gathers and test fills. All math in fp32; bf16 in memory.
+// store, router top-k, row gathers and test fills. All math in fp32; bf16 in memory.
 #include <cfloat>
 
 #include "kernels/cuda/common.cuh"
@@ -182,47 +182,6 @@ __global__ void gather_rows_kernel(const uint8_t* x, uint8_t* out, int64_t row_b
   }
 }
 
-__global__ void argmax_kernel(const float* logits, int64_t n, int32_t* out) {
-  __shared__ float sv[32];
-  __shared__ int64_t si[32];
-  const float* l = logits + static_cast<int64_t>(blockIdx.x) * n;
-  float best = -INFINITY;
-  int64_t best_i = -1;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float v = l[i];
-    if (best_i < 0 || v > best) {
-      best = v;
-      best_i = i;
-    }
-  }
-  auto better = [](float v, int64_t i, float bv, int64_t bi) {
-    return i >= 0 && (bi < 0 || v > bv || (v == bv && i < bi));
-  };
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-    const int64_t oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-    if (better(ov, oi, best, best_i)) {
-      best = ov;
-      best_i = oi;
-    }
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    sv[warp] = best;
-    si[warp] = best_i;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w)
-      if (better(sv[w], si[w], best, best_i)) {
-        best = sv[w];
-        best_i = si[w];
-      }
-    out[blockIdx.x] = static_cast<int32_t>(best_i < 0 ? 0 : best_i);
-  }
-}
-
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -325,12 +284,6 @@ void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& st
   gather_rows_kernel<<<step.logit_count, 256, 0, stream>>>(static_cast<const uint8_t*>(x), static_cast<uint8_t*>(out),
                                                            row_bytes, step.logit_rows);
   check_launch("gather_rows");
-}
-
-void argmax(const float* logits, int rows, int64_t n, int32_t* out, cudaStream_t stream) {
-  if (rows <= 0) return;
-  argmax_kernel<<<rows, 1024, 0, stream>>>(logits, n, out);
-  check_launch("argmax");
 }
 
 void fill_random_bf16(void* data, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t stream) {

@@ -95,7 +95,16 @@ bool gemv_supported(int m, int64_t n, int64_t k);
 void gemv(const void* x, int m, const void* w, const void* bias, void* out, bool out_f32, int64_t n, int64_t k,
           cudaStream_t stream);
 void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& step, cudaStream_t stream);
-void argmax(const float* logits, int rows, int64_t n, int32_t* out, cudaStream_t stream);
+// Row selection (sampling.cu). Both need the workspace of selection_workspace_bytes(), allocated
+// once and zeroed before first use (the kernels leave it zeroed again); one stream at a time.
+size_t selection_workspace_bytes();
+// out[r] = argmax of logits[r] (lowest index on ties).
+void argmax(const float* logits, int rows, int64_t n, int32_t* out, void* workspace, cudaStream_t stream);
+// Per row: the k largest logits' ids (largest first, lowest id first on ties) and log-softmax values.
+inline constexpr int kTopLogprobsMaxK = 64;
+bool top_logprobs_supported(int64_t vocab, int k);  // k <= 64, vocab <= 64 * 4096
+void top_logprobs(const float* logits, int rows, int64_t vocab, int k, int32_t* ids, float* logprobs,
+                  void* workspace, cudaStream_t stream);
 
 // Test/benchmark helpers: deterministic pseudo-random fills on the device.
 // bf16: normal-ish values with standard deviation `scale`; u8: uniform bytes in [lo, hi].

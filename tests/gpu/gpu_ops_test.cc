@@ -275,6 +275,67 @@ TEST_F(GpuOps, ArgmaxAndGather) {
   EXPECT_EQ(read_f32(*gpu_, out.gpu), read_f32(cpu_, out.cpu));
 }
 
+// The device top_logprobs against the CPU reference: many ties (values on a 1/4 grid, -0 and +0
+// among them), masked (-inf) entries, k from 1 to 64, vocabularies from one block to the 201088 of
+// gpt-oss, and more rows than one launch covers.
+TEST_F(GpuOps, TopLogprobs) {
+  struct Case {
+    int rows, vocab, k;
+  };
+  for (const Case c : {Case{3, 100, 64}, Case{2, 64, 64}, Case{3, 1000, 1}, Case{3, 5000, 20}, Case{4, 201088, 64},
+                       Case{2, 201088, 1}, Case{130, 3000, 5}, Case{2, 4097, 64}, Case{2, 8192, 33}}) {
+    SCOPED_TRACE("rows " + std::to_string(c.rows) + " vocab " + std::to_string(c.vocab) + " k " + std::to_string(c.k));
+    const size_t n = static_cast<size_t>(c.rows) * c.vocab;
+    auto values = random_values(n, rng_, 3.0f);
+    for (auto& x : values) x = std::round(x * 4.0f) / 4.0f;
+    for (size_t i = 0; i < n; i += 7) values[i] = -INFINITY;
+    if (c.vocab > 100) values[static_cast<size_t>(c.vocab) + 17] = 40.0f;  // row 1: one dominant entry
+    Pair logits = paired(cpu_, *gpu_, {c.rows, c.vocab}, values, DType::kF32);
+    Pair ids = raw_paired(cpu_, *gpu_, DType::kI32, {c.rows, c.k}, std::vector<int32_t>(static_cast<size_t>(c.rows * c.k), -7));
+    Pair lp = out_pair({c.rows, c.k}, DType::kF32);
+    cpu_.top_logprobs(logits.cpu, c.k, ids.cpu, lp.cpu);
+    gpu_->top_logprobs(logits.gpu, c.k, ids.gpu, lp.gpu);
+    const auto gi = read_raw<int32_t>(*gpu_, ids.gpu), ci = read_raw<int32_t>(cpu_, ids.cpu);
+    EXPECT_EQ(gi, ci);
+    const auto gl = read_f32(*gpu_, lp.gpu), cl = read_f32(cpu_, lp.cpu);
+    double worst = 0;
+    for (size_t i = 0; i < cl.size(); ++i)  // equal (-inf included) or close
+      worst = std::max(worst, gl[i] == cl[i] ? 0.0 : static_cast<double>(std::fabs(gl[i] - cl[i])));
+    EXPECT_LE(worst, 1e-4);
+    // ids[r, 0] is the argmax.
+    Pair am = raw_paired(cpu_, *gpu_, DType::kI32, {c.rows}, std::vector<int32_t>(static_cast<size_t>(c.rows), -1));
+    gpu_->argmax(logits.gpu, am.gpu);
+    const auto ga = read_raw<int32_t>(*gpu_, am.gpu);
+    for (int r = 0; r < c.rows; ++r) EXPECT_EQ(ga[static_cast<size_t>(r)], gi[static_cast<size_t>(r) * c.k]) << "row " << r;
+  }
+  // Twice in a row on a row slice (the workspace counters must be left clean).
+  auto values = random_values(5 * 201088, rng_);
+  Pair logits = paired(cpu_, *gpu_, {5, 201088}, values, DType::kF32);
+  Pair ids = raw_paired(cpu_, *gpu_, DType::kI32, {2, 8}, std::vector<int32_t>(16, -7));
+  Pair lp = out_pair({2, 8}, DType::kF32);
+  cpu_.top_logprobs(logits.cpu.slice_rows(3, 2), 8, ids.cpu, lp.cpu);
+  for (int i = 0; i < 2; ++i) {
+    gpu_->top_logprobs(logits.gpu.slice_rows(3, 2), 8, ids.gpu, lp.gpu);
+    EXPECT_EQ(read_raw<int32_t>(*gpu_, ids.gpu), read_raw<int32_t>(cpu_, ids.cpu));
+    EXPECT_LE(rel_max_error(read_f32(*gpu_, lp.gpu), read_f32(cpu_, lp.cpu)), 1e-5);
+  }
+}
+
+TEST_F(GpuOps, ArgmaxManyRows) {
+  // More rows than one launch covers, rows shorter than one block, and a row that is all -inf.
+  for (const int n : {1, 37, 2049}) {
+    const int rows = 300;
+    auto values = random_values(static_cast<size_t>(rows) * n, rng_);
+    for (auto& x : values) x = std::round(x * 2.0f) / 2.0f;
+    for (int i = 0; i < n; ++i) values[static_cast<size_t>(5 * n + i)] = -INFINITY;
+    Pair logits = paired(cpu_, *gpu_, {rows, n}, values, DType::kF32);
+    Pair out = raw_paired(cpu_, *gpu_, DType::kI32, {rows}, std::vector<int32_t>(rows, -1));
+    cpu_.argmax(logits.cpu, out.cpu);
+    gpu_->argmax(logits.gpu, out.gpu);
+    EXPECT_EQ(read_raw<int32_t>(*gpu_, out.gpu), read_raw<int32_t>(cpu_, out.cpu)) << "vocab " << n;
+  }
+}
+
 struct MoeCase {
   std::string name;
   int experts, hidden, inter, rows, k;
