@@ -219,7 +219,9 @@ TopLogprobs Model::forward_top(const StepLayout& layout, int k) {
   top.k = k;
   const int64_t n = static_cast<int64_t>(layout.logit_rows.size());
   if (n == 0) return top;
-  const Tensor ids = top_ids_.slice_rows(0, n).reshaped({n, k}), lp = top_logprobs_.slice_rows(0, n).reshaped({n, k});
+  // The first n * k entries of the [max_logit_rows, kMaxTopLogprobs] buffers, viewed as [n, k].
+  const Tensor ids = top_ids_.reshaped({top_ids_.elements()}).slice_rows(0, n * k).reshaped({n, k}),
+               lp = top_logprobs_.reshaped({top_logprobs_.elements()}).slice_rows(0, n * k).reshaped({n, k});
   backend_.top_logprobs(logits_.slice_rows(0, n), k, ids, lp);
   top.ids.resize(static_cast<size_t>(n * k));
   top.logprobs.resize(static_cast<size_t>(n * k));
