@@ -155,10 +155,290 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(AttentionArgs a,
 // Steps with at most this many (row, q head) blocks use 8 warps per block.
 constexpr int64_t kWideBlocks = 1024;
 
+// ---------------------------------------------------------------------------------------------
+// Split attention (flash-decoding): one block per (key split, kv head, row) computes all the q heads
+// of that kv head's GQA group (at most 8), so each key and value is read once per group instead of
+// once per q head, and a row's keys are spread over `splits` blocks so that a decode step with few
+// rows still fills the GPU. The host picks `splits` from rows x kv heads only (never from the context
+// length, so a recorded step stays valid as the context grows); each row divides its own keys into
+// `splits` spans (multiples of 32 keys; trailing spans may be empty).
+//
+// A block walks its span in tiles of 128 keys: (1) thread t scores key t of the tile against the
+// group's queries (q in shared memory, the key row in registers) while its value row arrives in
+// shared memory by cp.async; (2) one warp per head takes the tile's max, rescales the running sum and
+// turns the scores into probabilities in place; (3) warp w accumulates the values of keys w, w+4, ...
+// (lane = dims), rescaled by the head's correction. At the end the 4 warps' sums are added in a fixed
+// order. With one split the block normalizes (sink included) and writes the output; otherwise it
+// writes (max, sum, unnormalized output) per head to the workspace and the last block of the
+// (row, kv head) to finish merges the splits in split order (deterministic, so recorded steps replay
+// to the bit) and resets the counter.
+constexpr int kSplitThreads = 128;
+constexpr int kSplitWarps = kSplitThreads / 32;
+constexpr int kSplitTile = 128;
+constexpr int kSplitMaxGroup = 8;
+constexpr int kSplitTargetBlocks = 512;  // splits = this / (rows x kv heads), clamped to [1, 32]
+constexpr int kSplitMaxSplits = 32;
+// Workspace: u32 counters [kSplitTargetBlocks], then per block float [kSplitMaxGroup][D + 2].
+constexpr size_t kSplitCounterBytes = 4 * kSplitTargetBlocks;
+constexpr size_t kSplitPartialFloats = size_t{kSplitMaxGroup} * (128 + 2);
+
+template <int D>
+struct SplitShared {
+  float q[kSplitMaxGroup][D];
+  union {
+    uint4 v[kSplitTile][D / 8];                   // the tile's value rows (bf16)
+    float wacc[kSplitWarps][kSplitMaxGroup][D];  // the warps' sums at the end
+  } u;
+  float p[kSplitMaxGroup][kSplitTile];  // scores, then probabilities
+  float m[kSplitMaxGroup], l[kSplitMaxGroup], corr[kSplitMaxGroup];
+  bool last;
+};
+
+__device__ __forceinline__ void split_cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src));
+}
+__device__ __forceinline__ void split_cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+template <int D>
+__global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(AttentionArgs a, StepArgs step, int splits,
+                                                                        float* partials, uint32_t* counters) {
+  constexpr int kPerLane = D / 32;
+  __shared__ SplitShared<D> sh;
+  const int split = blockIdx.x, kvh = blockIdx.y, row = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = a.q_heads / a.kv_heads;
+  const int pos = step.row_pos[row];
+  const int32_t* info = step.seq_info + step.row_seq[row] * kSeqFields;
+  const int num_cached = info[kNumCached], first_row = info[kFirstRow];
+  const bool sliding = a.window > 0;
+  const int first = sliding ? max(0, pos - a.window + 1) : 0;
+  const int nkeys = pos - first + 1;
+  const int span = ((nkeys + splits - 1) / splits + 31) & ~31;
+  const int k_begin = first + split * span;
+  const int k_end = min(pos + 1, k_begin + span);
+  const int64_t kv_row = static_cast<int64_t>(a.kv_heads) * D;
+  const int bs = step.block_size;
+  const int ring = info[kRingCount] * bs;
+  const int32_t* full_table = step.tables + info[kFullOffset];
+  const int32_t* ring_table = step.tables + info[kRingOffset];
+  const bf16* k_fresh = static_cast<const bf16*>(a.k);
+  const bf16* v_fresh = static_cast<const bf16*>(a.v);
+  const bf16* k_cache = static_cast<const bf16*>(a.cache_k);
+  const bf16* v_cache = static_cast<const bf16*>(a.cache_v);
+  const int64_t q_base = (static_cast<int64_t>(row) * a.q_heads + static_cast<int64_t>(kvh) * group) * D;
+
+  for (int i = tid; i < group * D; i += kSplitThreads)
+    sh.q[i / D][i % D] = bf2f(static_cast<const bf16*>(a.q)[q_base + i]);
+  if (tid < kSplitMaxGroup) {
+    sh.m[tid] = -INFINITY;
+    sh.l[tid] = 0.0f;
+  }
+  float acc[kSplitMaxGroup][kPerLane];
+#pragma unroll
+  for (int g = 0; g < kSplitMaxGroup; ++g)
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) acc[g][e] = 0.0f;
+  __syncthreads();
+
+  for (int t0 = k_begin; t0 < k_end; t0 += kSplitTile) {
+    const int tile_n = min(kSplitTile, k_end - t0);
+    // (1) Scores of key t0 + tid; its value row goes to shared memory meanwhile.
+    if (tid < tile_n) {
+      const int j = t0 + tid;
+      int64_t off;
+      bool fresh = j >= num_cached;
+      if (fresh) {
+        off = static_cast<int64_t>(first_row + j - num_cached) * kv_row + static_cast<int64_t>(kvh) * D;
+      } else {
+        int64_t block, slot;
+        if (sliding) {
+          const int r = j % ring;
+          block = ring_table[r / bs];
+          slot = r % bs;
+        } else {
+          block = full_table[j / bs];
+          slot = j % bs;
+        }
+        off = (block * bs + slot) * kv_row + static_cast<int64_t>(kvh) * D;
+      }
+      const uint4* kp = reinterpret_cast<const uint4*>((fresh ? k_fresh : k_cache) + off);
+      const uint4* vp = reinterpret_cast<const uint4*>((fresh ? v_fresh : v_cache) + off);
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) split_cp_async16(&sh.u.v[tid][i], vp + i);
+      uint4 kr[D / 8];
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) kr[i] = kp[i];
+      float dot[kSplitMaxGroup];
+#pragma unroll
+      for (int g = 0; g < kSplitMaxGroup; ++g) dot[g] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const float k0 = bits_lo(kr[i].x), k1 = bits_hi(kr[i].x), k2 = bits_lo(kr[i].y), k3 = bits_hi(kr[i].y);
+        const float k4 = bits_lo(kr[i].z), k5 = bits_hi(kr[i].z), k6 = bits_lo(kr[i].w), k7 = bits_hi(kr[i].w);
+#pragma unroll
+        for (int g = 0; g < kSplitMaxGroup; ++g) {
+          if (g < group) {
+            const float4 qa = *reinterpret_cast<const float4*>(&sh.q[g][8 * i]);
+            const float4 qb = *reinterpret_cast<const float4*>(&sh.q[g][8 * i + 4]);
+            dot[g] += qa.x * k0 + qa.y * k1 + qa.z * k2 + qa.w * k3 + qb.x * k4 + qb.y * k5 + qb.z * k6 + qb.w * k7;
+          }
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kSplitMaxGroup; ++g)
+        if (g < group) sh.p[g][tid] = dot[g] * a.scale;
+    }
+    split_cp_async_wait_all();
+    __syncthreads();
+    // (2) Per head: the tile's max, the running max and sum, probabilities in place.
+    for (int g = warp; g < group; g += kSplitWarps) {
+      float sv[kSplitTile / 32];
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kSplitTile / 32; ++i) {
+        const int j = lane + 32 * i;
+        sv[i] = j < tile_n ? sh.p[g][j] : -INFINITY;
+        tile_max = fmaxf(tile_max, sv[i]);
+      }
+      tile_max = warp_max(tile_max);
+      const float m_old = sh.m[g];
+      const float m_new = fmaxf(m_old, tile_max);
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kSplitTile / 32; ++i) {
+        const int j = lane + 32 * i;
+        const float pj = j < tile_n ? expf(sv[i] - m_new) : 0.0f;
+        sh.p[g][j] = pj;
+        sum += pj;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float corr = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
+        sh.corr[g] = corr;
+        sh.l[g] = sh.l[g] * corr + sum;
+        sh.m[g] = m_new;
+      }
+    }
+    __syncthreads();
+    // (3) Values: warp w takes keys w, w + 4, ... of the tile; lane owns dims [lane * kPerLane, +kPerLane).
+#pragma unroll
+    for (int g = 0; g < kSplitMaxGroup; ++g) {
+      const float c = g < group ? sh.corr[g] : 0.0f;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[g][e] *= c;
+    }
+    for (int j = warp; j < tile_n; j += kSplitWarps) {
+      float vf[kPerLane];
+      if constexpr (kPerLane == 2) {
+        const uint32_t w = reinterpret_cast<const uint32_t*>(&sh.u.v[j][0])[lane];
+        vf[0] = bits_lo(w);
+        vf[1] = bits_hi(w);
+      } else {
+        static_assert(kPerLane == 4, "head_dim 64 or 128");
+        const uint2 w = reinterpret_cast<const uint2*>(&sh.u.v[j][0])[lane];
+        vf[0] = bits_lo(w.x);
+        vf[1] = bits_hi(w.x);
+        vf[2] = bits_lo(w.y);
+        vf[3] = bits_hi(w.y);
+      }
+#pragma unroll
+      for (int g = 0; g < kSplitMaxGroup; ++g) {
+        if (g < group) {
+          const float pj = sh.p[g][j];
+#pragma unroll
+          for (int e = 0; e < kPerLane; ++e) acc[g][e] += pj * vf[e];
+        }
+      }
+    }
+    __syncthreads();  // the next tile overwrites p and the value rows
+  }
+
+  // The warps' sums, added in warp order.
+#pragma unroll
+  for (int g = 0; g < kSplitMaxGroup; ++g)
+    if (g < group)
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) sh.u.wacc[warp][g][lane * kPerLane + e] = acc[g][e];
+  __syncthreads();
+  bf16* out = static_cast<bf16*>(a.out) + q_base;
+  const int h0 = kvh * group;
+  if (splits == 1) {
+    for (int i = tid; i < group * D; i += kSplitThreads) {
+      const int g = i / D, d = i % D;
+      float num = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kSplitWarps; ++w) num += sh.u.wacc[w][g][d];
+      const float sink = load_weight(a.sinks, a.sinks_bf16, h0 + g);
+      const float m = sh.m[g], mx = fmaxf(m, sink);
+      const float f = expf(m - mx);
+      out[i] = f2bf(num * f / (sh.l[g] * f + expf(sink - mx)));
+    }
+    return;
+  }
+  const int64_t pair = static_cast<int64_t>(row) * a.kv_heads + kvh;
+  constexpr int kStride = D + 2;  // floats per head in a partial: D sums, max, sum
+  float* part = partials + (pair * splits + split) * kSplitMaxGroup * kStride;
+  for (int i = tid; i < group * D; i += kSplitThreads) {
+    const int g = i / D, d = i % D;
+    float num = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kSplitWarps; ++w) num += sh.u.wacc[w][g][d];
+    part[g * kStride + d] = num;
+  }
+  if (tid < group) {
+    part[tid * kStride + D] = sh.m[tid];
+    part[tid * kStride + D + 1] = sh.l[tid];
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) sh.last = atomicAdd(counters + pair, 1u) == static_cast<uint32_t>(splits - 1);
+  __syncthreads();
+  if (!sh.last) return;
+  __threadfence();
+  const float* parts = partials + pair * splits * kSplitMaxGroup * kStride;
+  for (int i = tid; i < group * D; i += kSplitThreads) {
+    const int g = i / D, d = i % D;
+    const float sink = load_weight(a.sinks, a.sinks_bf16, h0 + g);
+    float mx = sink;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, __ldcg(parts + (s * kSplitMaxGroup + g) * kStride + D));
+    float num = 0.0f, den = expf(sink - mx);
+    for (int s = 0; s < splits; ++s) {
+      const float* ps = parts + (s * kSplitMaxGroup + g) * kStride;
+      const float f = expf(__ldcg(ps + D) - mx);  // 0 for an empty split (max -inf)
+      num += f * __ldcg(ps + d);
+      den += f * __ldcg(ps + D + 1);
+    }
+    out[i] = f2bf(num / den);
+  }
+  if (tid == 0) counters[pair] = 0;
+}
+
 }  // namespace
 
-void attention(const AttentionArgs& a, const StepArgs& step, cudaStream_t stream) {
+size_t attention_workspace_bytes() {
+  return kSplitCounterBytes + size_t{kSplitTargetBlocks} * kSplitPartialFloats * sizeof(float);
+}
+
+void attention(const AttentionArgs& a, const StepArgs& step, void* workspace, cudaStream_t stream) {
   if (a.rows <= 0) return;
+  const int group = a.q_heads / a.kv_heads;
+  if (a.path != AttentionPath::kPerHead && group <= kSplitMaxGroup && a.rows <= 65535 &&
+      (a.head_dim == 64 || a.head_dim == 128)) {
+    const int64_t pairs = static_cast<int64_t>(a.rows) * a.kv_heads;
+    const int64_t fit = kSplitTargetBlocks / pairs;
+    const int splits = static_cast<int>(fit < 1 ? 1 : (fit > kSplitMaxSplits ? kSplitMaxSplits : fit));
+    auto* counters = static_cast<uint32_t*>(workspace);
+    auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + kSplitCounterBytes);
+    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.rows));
+    if (a.head_dim == 64) attention_split_kernel<64><<<grid, kSplitThreads, 0, stream>>>(a, step, splits, partials, counters);
+    else attention_split_kernel<128><<<grid, kSplitThreads, 0, stream>>>(a, step, splits, partials, counters);
+    check_launch("attention (split)");
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(a.q_heads));
   const bool wide = static_cast<int64_t>(a.rows) * a.q_heads <= kWideBlocks;
   if (a.head_dim == 64) {

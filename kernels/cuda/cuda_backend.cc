@@ -200,6 +200,13 @@ class CudaBackend final : public Backend {
     // Row-selection workspace (argmax, top_logprobs): allocated once, zeroed; the kernels leave it zeroed.
     select_ws_ = device_alloc(cuda::selection_workspace_bytes());
     cuda_check(cudaMemset(select_ws_.data(), 0, select_ws_.bytes()), "selection workspace");
+    attn_ws_ = device_alloc(cuda::attention_workspace_bytes());
+    cuda_check(cudaMemset(attn_ws_.data(), 0, attn_ws_.bytes()), "attention workspace");
+    // ARBITER_CUDA_ATTENTION=split|head forces an attention kernel (tests, benchmarks).
+    if (const char* env = std::getenv("ARBITER_CUDA_ATTENTION")) {
+      if (std::strcmp(env, "split") == 0) attention_path_ = cuda::AttentionPath::kSplit;
+      if (std::strcmp(env, "head") == 0) attention_path_ = cuda::AttentionPath::kPerHead;
+    }
   }
   ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
 
@@ -315,8 +322,9 @@ class CudaBackend final : public Backend {
     a.head_dim = p.head_dim;
     a.window = p.window;
     a.scale = p.scale;
+    a.path = attention_path_;
     select();
-    cuda::attention(a, s.args, stream());
+    cuda::attention(a, s.args, attn_ws_.data(), stream());
   }
 
   void kv_store(const Tensor& k, const Tensor& v, const KvLayer& cache, const AttentionParams& p,
@@ -519,6 +527,8 @@ class CudaBackend final : public Backend {
   std::vector<std::unique_ptr<MetaSlot>> meta_slots_;
   Scratch moe_scratch_;
   DeviceBuffer select_ws_;  // argmax / top_logprobs partial results (fixed size, see launch.h)
+  DeviceBuffer attn_ws_;    // split attention's partial results (fixed size)
+  cuda::AttentionPath attention_path_ = cuda::AttentionPath::kAuto;
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
   bool gemv_enabled_ = true;

@@ -35,6 +35,9 @@ struct RopeArgs {
   int half;
 };
 
+// Which attention kernel runs: kAuto = split (GQA groups of at most 8 q heads), else per head.
+enum class AttentionPath : int { kAuto = 0, kSplit, kPerHead };
+
 struct AttentionArgs {
   const void* q;  // bf16 [rows, q_heads*d]
   const void* k;  // bf16 [rows, kv_heads*d] (this step's keys)
@@ -46,6 +49,7 @@ struct AttentionArgs {
   void* out;  // bf16 [rows, q_heads*d]
   int rows, q_heads, kv_heads, head_dim, window;
   float scale;
+  AttentionPath path;
 };
 
 enum class MoePath : int { kAuto = 0, kGemv, kMma };
@@ -81,7 +85,9 @@ void add_rms_norm(void* residual, const void* delta, const void* weight, bool we
 void add_bias_f32(float* out, const void* bias, int rows, int cols, cudaStream_t stream);
 void rope(void* q, void* k, int rows, int q_heads, int k_heads, int head_dim, const RopeArgs& rope,
           const StepArgs& step, cudaStream_t stream);
-void attention(const AttentionArgs& args, const StepArgs& step, cudaStream_t stream);
+// `workspace`: attention_workspace_bytes(), allocated once and zeroed (left zeroed again).
+size_t attention_workspace_bytes();
+void attention(const AttentionArgs& args, const StepArgs& step, void* workspace, cudaStream_t stream);
 void kv_store(const void* k, const void* v, void* cache_k, void* cache_v, int rows, int kv_row, int window,
               const StepArgs& step, cudaStream_t stream);
 void router_topk(const float* logits, int rows, int experts, int k, int32_t* ids, float* weights,

@@ -213,9 +213,24 @@ TEST_P(GpuAttention, MatchesCpuAndStoresTheSameCache) {
   const auto gs = gpu_->prepare_step(layout);
   const KvLayer cl{ck.cpu, cv.cpu}, gl{ck.gpu, cv.gpu};
   cpu_.attention(q.cpu, k.cpu, v.cpu, cl, csink, p, *cs, out.cpu);
+  const auto co = read_f32(cpu_, out.cpu);
+  // Both kernels: split over keys (GQA groups of at most 8; the default) and one block per q head.
+  for (const char* path : {"split", "head"}) {
+    SCOPED_TRACE(std::string("attention path ") + path);
+    setenv("ARBITER_CUDA_ATTENTION", path, 1);
+    auto gpu = make_backend("cuda");
+    unsetenv("ARBITER_CUDA_ATTENTION");
+    const auto ps = gpu->prepare_step(layout);
+    gpu->fill_zero(out.gpu);
+    gpu->attention(q.gpu, k.gpu, v.gpu, gl, gsink, p, *ps, out.gpu);
+    const auto go = read_f32(*gpu, out.gpu);
+    EXPECT_LE(rel_max_error(go, co), 1.5e-2);
+    // Deterministic: the same bits again (the split kernel's workspace counters were left clean).
+    gpu->attention(q.gpu, k.gpu, v.gpu, gl, gsink, p, *ps, out.gpu);
+    EXPECT_EQ(read_f32(*gpu, out.gpu), go);
+  }
   gpu_->attention(q.gpu, k.gpu, v.gpu, gl, gsink, p, *gs, out.gpu);
-  const auto go = read_f32(*gpu_, out.gpu), co = read_f32(cpu_, out.cpu);
-  EXPECT_LE(rel_max_error(go, co), 1.5e-2);
+  EXPECT_LE(rel_max_error(read_f32(*gpu_, out.gpu), co), 1.5e-2);
   cpu_.kv_store(k.cpu, v.cpu, cl, p, *cs);
   gpu_->kv_store(k.gpu, v.gpu, gl, p, *gs);
   EXPECT_EQ(read_f32(*gpu_, ck.gpu), read_f32(cpu_, ck.cpu));
@@ -232,9 +247,19 @@ INSTANTIATE_TEST_SUITE_P(
         AttnCase{"window_longer_than_seq", 4, 2, 64, 1000, 16, 0, {{0, 5}, {13, 1}, {7, 9}, {40, 3}}},
         AttnCase{"mqa_d128_window5", 8, 1, 128, 5, 16, 0, {{0, 7}, {30, 1}, {3, 20}}},
         AttnCase{"d128_full", 4, 4, 128, 0, 16, 0, {{0, 33}, {70, 2}}},
-        AttnCase{"decode_long_20b_heads", 64, 8, 64, 0, 16, 0, {{300, 1}, {1000, 1}, {64, 1}}},
+        AttnCase{"decode_20b_heads", 64, 8, 64, 0, 16, 0, {{300, 1}, {1000, 1}, {64, 1}}},
         AttnCase{"prefill_longer_than_ring", 8, 2, 64, 128, 16, 0, {{0, 200}, {5, 150}}},
-        AttnCase{"prefill_window_full", 8, 2, 64, 0, 16, 0, {{0, 200}, {37, 64}}}),
+        AttnCase{"prefill_window_full", 8, 2, 64, 0, 16, 0, {{0, 200}, {37, 64}}},
+        // Long contexts (the split kernel spreads a row's keys over up to 32 blocks).
+        AttnCase{"decode_long_20b_heads", 64, 8, 64, 0, 16, 0, {{5000, 1}, {3071, 1}, {17, 1}, {0, 1}}},
+        AttnCase{"decode_long_sliding_20b", 64, 8, 64, 128, 16, 0, {{6000, 1}, {100, 1}, {127, 1}, {128, 1}}},
+        AttnCase{"decode_long_d128_window", 64, 8, 128, 1000, 16, 1, {{4000, 1}, {999, 1}, {1000, 2}}},
+        AttnCase{"decode_batch_ragged", 64, 8, 64, 0, 16, 0,
+                 {{513, 1}, {1, 1}, {2047, 1}, {128, 1}, {129, 1}, {700, 1}, {33, 1}, {4096, 1}}},
+        // Serving: a sliding layer whose table covers every position (slot p mod ring = p).
+        AttnCase{"sliding_table_covers_all", 64, 8, 64, 128, 16, 40, {{700, 1}, {500, 3}}},
+        // GQA groups of 16: the per-head kernel (the split one takes groups of at most 8).
+        AttnCase{"gqa16_per_head_fallback", 16, 1, 64, 0, 16, 0, {{300, 1}, {0, 4}}}),
     [](const ::testing::TestParamInfo<AttnCase>& info) { return info.param.name; });
 
 TEST_F(GpuOps, RouterTopk) {
