@@ -189,7 +189,7 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
   PlannedStep step;
   try {
     step = plan_step(model_, plan, num_blocks());
-  } catch (const std::invalid_argument&) {
+  } catch (...) {
     if (ep) {  // the other ranks' step goes on: take part with no tokens, then report
       StepLayout empty;
       empty.block_size = block_size();
