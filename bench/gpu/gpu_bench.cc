@@ -243,8 +243,7 @@ class SynthModel {
                   c_.swiglu_limit, delta_.slice_rows(0, rows));
   }
   // Just attention (+ cache store) of layer 1 (full) or 0 (sliding).
-  void attention_only(const StepContext& st, int rows, bool sliding) {
-    Backend& b = backend();
+  void attention_only(const StepContext& st, int rows, bool sliding, Backend& b = backend()) {
     const Layer& l = layers_[sliding ? 0 : 1 % layers_.size()];
     AttentionParams ap;
     ap.num_q_heads = c_.num_attention_heads;
@@ -611,6 +610,52 @@ void BM_AttentionDecode(benchmark::State& state) {
   if (g_ceil.copy_bytes_per_s > 0) state.counters["kv_bw_vs_copy"] = kv_bytes / per / g_ceil.copy_bytes_per_s;
 }
 
+// A backend whose attention runs on one kernel: 0 = split over keys (the default), 1 = one block per
+// q head (the previous kernel).
+Backend& attention_backend(int path) {
+  static std::unique_ptr<Backend> b[2];
+  if (!b[path]) {
+    setenv("ARBITER_CUDA_ATTENTION", path == 0 ? "split" : "head", 1);
+    b[path] = make_backend("cuda");
+    unsetenv("ARBITER_CUDA_ATTENTION");
+  }
+  return *b[path];
+}
+
+// Attention alone on each kernel (arg 0: 0 split, 1 per head). Arg 1: 0/1 decode of 1/64 sequences
+// after 512 tokens, 2/3 the same after 4096 tokens (full layer), 4/5 prefill 4 x 512 (full / sliding layer).
+void BM_AttentionPath(benchmark::State& state) {
+  const int path = static_cast<int>(state.range(0)), which = static_cast<int>(state.range(1));
+  static const char* kLabels[] = {"decode 1x512", "decode 64x512", "decode 1x4096", "decode 64x4096",
+                                  "prefill 4x512 full", "prefill 4x512 sliding"};
+  state.SetLabel(std::string(path == 0 ? "split " : "head ") + kLabels[which]);
+  const bool prefill = which >= 4;
+  SynthModel& m = prefill ? model20b() : layer_model("20b-shape");
+  Backend& b = attention_backend(path);
+  const int seqs = prefill ? kPrefillSeqs : (which % 2 == 0 ? 1 : 64);
+  const int cached = prefill ? 0 : (which < 2 ? kContext : 4096);
+  const StepLayout layout = m.layout(seqs, cached, prefill ? kPrefillTokens : 1);
+  const int rows = static_cast<int>(layout.tokens.size());
+  const bool sliding = which == 5;
+  const auto st = b.prepare_step(layout);
+  m.attention_only(*st, rows, sliding, b);
+  EventTimer timer;
+  double total = 0;
+  int64_t n = 0;
+  for (auto _ : state) {
+    const double s = timer.seconds([&] { m.attention_only(*st, rows, sliding, b); }, b);
+    state.SetIterationTime(s);
+    total += s;
+    ++n;
+  }
+  const double per = total / static_cast<double>(n);
+  state.counters["us"] = per * 1e6;
+  if (!prefill && g_ceil.copy_bytes_per_s > 0) {
+    const double kv_bytes = static_cast<double>(seqs) * (cached + 1) * 8 * 64 * 2 * 2;
+    state.counters["kv_bw_vs_copy"] = kv_bytes / per / g_ceil.copy_bytes_per_s;
+  }
+}
+
 // Row selection over the 201088-entry vocabulary, per step: arg 0 = 0 argmax, 1 top_logprobs k = 20,
 // 2 top_logprobs k = 64 (device kernels), 3 top_logprobs k = 20 through the host default
 // (Backend::top_logprobs: download + CPU reference + upload, the baseline); arg 1 = rows.
@@ -679,6 +724,7 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("Moe120bLayer", BM_Moe120bLayer)->Arg(1)->Arg(256)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("LinearRow", BM_LinearRow)->ArgsProduct({{0, 1, 2}, {0, 1}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("AttentionDecode20b", BM_AttentionDecode)->Arg(1)->Arg(64)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("AttentionPath20b", BM_AttentionPath)->ArgsProduct({{0, 1}, {0, 1, 2, 3, 4, 5}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Select20b", BM_Select)->ArgsProduct({{0, 1, 2, 3}, {1, 64}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("StepOp20b", BM_StepOp)->ArgsProduct({benchmark::CreateDenseRange(0, SynthModel::kOps - 1, 1), {0, 1}})->UseManualTime()->Iterations(3)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Layer20bDecode", BM_Layer20bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
