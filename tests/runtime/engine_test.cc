@@ -650,6 +650,15 @@ TEST(StepExchangeTest, ExpertParallelRanksMatchSingleRank) {
           // A step where rank 0 has nothing and rank 1 has nothing either still runs on both.
           const auto idle = exchange.run_step(engine, {proto::StepPlan(), proto::StepPlan()});
           EXPECT_EQ(idle.size(), 2u);
+          // Rank 0's own malformed plan comes back as its error; rank 1 still takes part.
+          proto::StepPlan bad;
+          bad.set_step(77);
+          bad.add_sequences()->set_sequence_id(5);
+          const auto failed = exchange.run_step(engine, {bad, proto::StepPlan()});
+          ASSERT_EQ(failed.size(), 2u);
+          EXPECT_NE(failed[0].error().find("sequence 5: no tokens"), std::string::npos) << failed[0].error();
+          EXPECT_EQ(failed[0].step(), 77u);
+          EXPECT_TRUE(failed[1].error().empty()) << failed[1].error();
           exchange.shutdown();
           exchange.shutdown();  // a second call is a no-op
           EXPECT_THROW(exchange.run_step(engine, {proto::StepPlan(), proto::StepPlan()}), std::logic_error);
