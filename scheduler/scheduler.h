@@ -87,15 +87,20 @@ struct SchedulerOptions {
   int max_step_samples = 64;    // sampled sequences per step per rank (the Model's max_logit_rows)
   int max_prefill_chunk = 512;  // prefill tokens of one sequence per step
   int max_context = 8192;       // prompt + generated tokens of one sequence
-  int max_queued_requests = 1024;
+  int max_queued_requests = 1024;  // requests with a sequence still waiting for a rank
   bool prefix_caching = true;
+  // Routing: a new sequence goes to the rank with the least estimated work, counting the tokens it
+  // must compute there (its prompt minus what that rank caches), the prompt tokens still to compute
+  // of the sequences already placed there, and this many tokens per sequence running there.
+  int route_load_tokens = 32;
 };
 
 struct RankStats {
   int running = 0;              // sequences placed on this rank
   int blocks_used = 0;          // referenced by running sequences
   int blocks_cached = 0;        // unreferenced but kept by the prefix cache (evictable)
-  int blocks_total = 0;
+  int blocks_total = 0;         // usable blocks (blocks_per_rank - 1: block 0 is reserved)
+  uint64_t evictions = 0;       // cached blocks evicted to make room
 };
 
 struct SchedulerStats {
@@ -145,6 +150,13 @@ class Scheduler {
   void complete_step(const std::vector<proto::StepResult>& results);
   // Finishes every live sequence with kError (`why`), e.g. when a rank died.
   void fail_all(const std::string& why);
+
+  // Tests and debugging: checks the block accounting of every rank (reference counts equal the
+  // block-table entries of live sequences, blocks being written are private, free + used + cached
+  // blocks = all, prefix chains intact); returns the first violation, empty when consistent.
+  std::string check_consistency() const;
+  // Drops every unreferenced cached block on every rank (a cold prefix cache).
+  void clear_prefix_cache();
 
  private:
   struct State;

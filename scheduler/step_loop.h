@@ -46,7 +46,9 @@ class StepLoop {
   StepLoopStats stats() const;  // thread-safe
 
  private:
-  void step_once();
+  // Plans, runs and completes one step; false when the plan had nothing to run. A step that throws
+  // fails what was in flight (Scheduler::fail_all) and the loop goes on.
+  bool step_once();
   void thread_main();
 
   Scheduler& scheduler_;
