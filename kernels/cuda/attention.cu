@@ -417,6 +417,233 @@ __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(Attentio
   if (tid == 0) counters[pair] = 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Prefill attention on tensor cores (mma.m16n8k16, bf16 in, fp32 accumulate), FlashAttention-2 style.
+// A block takes 16 x (8 / heads) consecutive new tokens of one sequence and `heads` q heads of one
+// GQA group (heads = the group size, at most 8): warp w owns 16 tokens of one head as the MMA rows.
+// The block walks the keys its tokens can see (causal, window) in tiles of 64: keys arrive in shared
+// memory row-major by cp.async, values transposed through registers (so both MMA B operands are one
+// 32-bit shared load, the rows padded by 8 bf16 so the loads hit distinct banks). Per tile a warp
+// computes S = Q K^T (Q fragments held in registers for the whole walk), masks, runs the online
+// softmax in the log2 domain seeded with the sink (max = sink, sum = 1, so a fully masked tile is
+// harmless), and accumulates P V with P taken straight from the S accumulators as bf16 A fragments.
+constexpr int kPrefillWarps = 8;
+constexpr int kPrefillKeys = 64;
+
+template <int D>
+struct PrefillShared {
+  bf16 k[kPrefillKeys][D + 8];   // keys, row-major
+  bf16 vt[D][kPrefillKeys + 8];  // values, transposed (dim-major)
+};
+
+__device__ __forceinline__ void prefill_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <int D>
+__global__ __launch_bounds__(kPrefillWarps * 32) void attention_prefill_kernel(AttentionArgs a, StepArgs step,
+                                                                               int heads) {
+  constexpr int kKSteps = D / 16, kDimTiles = D / 8;
+  __shared__ __align__(16) PrefillShared<D> sh;
+  const int seq = blockIdx.z;
+  const int group = a.q_heads / a.kv_heads;
+  const int chunks = group / heads;
+  const int kvh = blockIdx.y / chunks, chunk = blockIdx.y % chunks;
+  const int tokens = 16 * (kPrefillWarps / heads);
+  const int32_t* info = step.seq_info + seq * kSeqFields;
+  const int num_new = info[kNumNew], num_cached = info[kNumCached], first_row = info[kFirstRow];
+  const int t0 = blockIdx.x * tokens;
+  if (t0 >= num_new) return;  // the whole block
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int h = kvh * group + chunk * heads + warp % heads;
+  const int wt0 = t0 + 16 * (warp / heads);  // this warp's first token
+  const int ta = wt0 + gid, tb = ta + 8;     // this lane's two rows
+  const bool va = ta < num_new, vb = tb < num_new;
+  const int qpos_a = num_cached + ta, qpos_b = num_cached + tb;
+  const bool sliding = a.window > 0;
+  const int bs = step.block_size;
+  const int ring = info[kRingCount] * bs;
+  const int32_t* full_table = step.tables + info[kFullOffset];
+  const int32_t* ring_table = step.tables + info[kRingOffset];
+  const int64_t kv_row = static_cast<int64_t>(a.kv_heads) * D;
+  const bf16* k_fresh = static_cast<const bf16*>(a.k);
+  const bf16* v_fresh = static_cast<const bf16*>(a.v);
+  const bf16* k_cache = static_cast<const bf16*>(a.cache_k);
+  const bf16* v_cache = static_cast<const bf16*>(a.cache_v);
+
+  // Q fragments (A operand, rows = this warp's 16 tokens, k = dims).
+  uint32_t qf[kKSteps][4];
+  {
+    const auto* qa = reinterpret_cast<const uint32_t*>(static_cast<const bf16*>(a.q) +
+                                                       (static_cast<int64_t>(first_row + (va ? ta : 0)) * a.q_heads + h) * D);
+    const auto* qb = reinterpret_cast<const uint32_t*>(static_cast<const bf16*>(a.q) +
+                                                       (static_cast<int64_t>(first_row + (vb ? tb : 0)) * a.q_heads + h) * D);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      qf[kk][0] = va ? qa[8 * kk + tig] : 0u;
+      qf[kk][1] = vb ? qb[8 * kk + tig] : 0u;
+      qf[kk][2] = va ? qa[8 * kk + 4 + tig] : 0u;
+      qf[kk][3] = vb ? qb[8 * kk + 4 + tig] : 0u;
+    }
+  }
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale2 = a.scale * kLog2e;
+  const float sink2 = load_weight(a.sinks, a.sinks_bf16, h) * kLog2e;
+  float m_a = sink2, m_b = sink2;                        // running maxes (log2 domain), seeded with the sink
+  float l_a = tig == 0 ? 1.0f : 0.0f, l_b = l_a;         // this lane's share of the sums (the sink's 1 once)
+  float o[kDimTiles][4];
+#pragma unroll
+  for (int n = 0; n < kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+
+  // Keys the block's tokens see, and the ones this warp's tokens see.
+  const int last_token = min(num_new, t0 + tokens) - 1;
+  const int hi = num_cached + last_token;
+  const int lo = sliding ? max(0, num_cached + t0 - a.window + 1) : 0;
+  const bool warp_rows = wt0 < num_new;
+  const int warp_qmin = num_cached + wt0, warp_qmax = num_cached + min(wt0 + 15, num_new - 1);
+
+  for (int kt = lo; kt <= hi; kt += kPrefillKeys) {
+    const int n_keys = min(kPrefillKeys, hi + 1 - kt);
+    __syncthreads();  // the previous tile's reads are done
+    for (int c = threadIdx.x; c < kPrefillKeys * (D / 8); c += kPrefillWarps * 32) {
+      // A warp takes 32 keys' same 8 dims: the transposed value stores then hit distinct banks.
+      const int kr = c % kPrefillKeys, part = c / kPrefillKeys;
+      if (kr < n_keys) {
+        const int j = kt + kr;
+        const bool fresh = j >= num_cached;
+        int64_t off;
+        if (fresh) {
+          off = static_cast<int64_t>(first_row + j - num_cached) * kv_row;
+        } else {
+          int64_t block, slot;
+          if (sliding) {
+            const int r = j % ring;
+            block = ring_table[r / bs];
+            slot = r % bs;
+          } else {
+            block = full_table[j / bs];
+            slot = j % bs;
+          }
+          off = (block * bs + slot) * kv_row;
+        }
+        off += static_cast<int64_t>(kvh) * D + part * 8;
+        split_cp_async16(&sh.k[kr][part * 8], (fresh ? k_fresh : k_cache) + off);
+        const uint4 vv = *reinterpret_cast<const uint4*>((fresh ? v_fresh : v_cache) + off);
+        const bf16* ve = reinterpret_cast<const bf16*>(&vv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sh.vt[part * 8 + e][kr] = ve[e];
+      } else {
+        *reinterpret_cast<uint4*>(&sh.k[kr][part * 8]) = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sh.vt[part * 8 + e][kr] = f2bf(0.0f);
+      }
+    }
+    split_cp_async_wait_all();
+    __syncthreads();
+    const bool relevant = warp_rows && kt <= warp_qmax && (!sliding || kt + n_keys - 1 > warp_qmin - a.window);
+    if (!relevant) continue;
+    // S = Q K^T for 64 keys: 8 tiles of 8 keys.
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const bf16* kr = &sh.k[nt * 8 + gid][16 * kk + 2 * tig];
+        prefill_mma(s[nt], qf[kk], *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 8));
+      }
+    }
+    // Mask, scale, row maxes (the 4 lanes of a row hold its 64 scores).
+    float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = kt + nt * 8 + 2 * tig + (e & 1);
+        const int qp = e < 2 ? qpos_a : qpos_b;
+        const bool visible = j <= qp && (!sliding || j > qp - a.window);
+        s[nt][e] = visible ? s[nt][e] * scale2 : -INFINITY;
+      }
+      mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+      mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, o2));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, o2));
+    }
+    const float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
+    const float corr_a = exp2f(m_a - new_a), corr_b = exp2f(m_b - new_b);
+    m_a = new_a;
+    m_b = new_b;
+    float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - new_a);
+      s[nt][1] = exp2f(s[nt][1] - new_a);
+      s[nt][2] = exp2f(s[nt][2] - new_b);
+      s[nt][3] = exp2f(s[nt][3] - new_b);
+      sum_a += s[nt][0] + s[nt][1];
+      sum_b += s[nt][2] + s[nt][3];
+    }
+    l_a = l_a * corr_a + sum_a;
+    l_b = l_b * corr_b + sum_b;
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      o[n][0] *= corr_a;
+      o[n][1] *= corr_a;
+      o[n][2] *= corr_b;
+      o[n][3] *= corr_b;
+    }
+    // O += P V: P's A fragments are the S accumulators of key tiles 2kk and 2kk + 1.
+#pragma unroll
+    for (int kk = 0; kk < kPrefillKeys / 16; ++kk) {
+      const uint32_t pa[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int n = 0; n < kDimTiles; ++n) {
+        const bf16* vr = &sh.vt[n * 8 + gid][16 * kk + 2 * tig];
+        prefill_mma(o[n], pa, *reinterpret_cast<const uint32_t*>(vr), *reinterpret_cast<const uint32_t*>(vr + 8));
+      }
+    }
+  }
+  // Normalize: a row's sum is spread over its 4 lanes.
+#pragma unroll
+  for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, o2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, o2);
+  }
+  const float inv_a = 1.0f / l_a, inv_b = 1.0f / l_b;
+  bf16* out = static_cast<bf16*>(a.out);
+#pragma unroll
+  for (int n = 0; n < kDimTiles; ++n) {
+    const int d = n * 8 + 2 * tig;
+    if (va)
+      *reinterpret_cast<__nv_bfloat162*>(out + (static_cast<int64_t>(first_row + ta) * a.q_heads + h) * D + d) =
+          __floats2bfloat162_rn(o[n][0] * inv_a, o[n][1] * inv_a);
+    if (vb)
+      *reinterpret_cast<__nv_bfloat162*>(out + (static_cast<int64_t>(first_row + tb) * a.q_heads + h) * D + d) =
+          __floats2bfloat162_rn(o[n][2] * inv_b, o[n][3] * inv_b);
+  }
+}
+
+// q heads per prefill block for a GQA group, or 0 when the prefill kernel does not take the group.
+int prefill_heads(int group) {
+  if (group == 1 || group == 2 || group == 4) return group;
+  return group % kPrefillWarps == 0 ? kPrefillWarps : 0;
+}
+
 }  // namespace
 
 size_t attention_workspace_bytes() {
@@ -426,6 +653,18 @@ size_t attention_workspace_bytes() {
 void attention(const AttentionArgs& a, const StepArgs& step, void* workspace, cudaStream_t stream) {
   if (a.rows <= 0) return;
   const int group = a.q_heads / a.kv_heads;
+  // Prefill (some sequence has at least 16 new tokens) on tensor cores.
+  const int heads = prefill_heads(group);
+  const bool prefill_ok = heads > 0 && a.seqs > 0 && a.seqs <= 65535 && (a.head_dim == 64 || a.head_dim == 128);
+  if (prefill_ok && (a.path == AttentionPath::kMma || (a.path == AttentionPath::kAuto && a.max_new >= 16))) {
+    const int tokens = 16 * (kPrefillWarps / heads);
+    const dim3 grid(static_cast<unsigned>((a.max_new + tokens - 1) / tokens),
+                    static_cast<unsigned>(a.kv_heads * (group / heads)), static_cast<unsigned>(a.seqs));
+    if (a.head_dim == 64) attention_prefill_kernel<64><<<grid, kPrefillWarps * 32, 0, stream>>>(a, step, heads);
+    else attention_prefill_kernel<128><<<grid, kPrefillWarps * 32, 0, stream>>>(a, step, heads);
+    check_launch("attention (prefill)");
+    return;
+  }
   if (a.path != AttentionPath::kPerHead && group <= kSplitMaxGroup && a.rows <= 65535 &&
       (a.head_dim == 64 || a.head_dim == 128)) {
     const int64_t pairs = static_cast<int64_t>(a.rows) * a.kv_heads;

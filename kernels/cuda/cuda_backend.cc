@@ -202,10 +202,11 @@ class CudaBackend final : public Backend {
     cuda_check(cudaMemset(select_ws_.data(), 0, select_ws_.bytes()), "selection workspace");
     attn_ws_ = device_alloc(cuda::attention_workspace_bytes());
     cuda_check(cudaMemset(attn_ws_.data(), 0, attn_ws_.bytes()), "attention workspace");
-    // ARBITER_CUDA_ATTENTION=split|head forces an attention kernel (tests, benchmarks).
+    // ARBITER_CUDA_ATTENTION=split|head|mma forces an attention kernel (tests, benchmarks).
     if (const char* env = std::getenv("ARBITER_CUDA_ATTENTION")) {
       if (std::strcmp(env, "split") == 0) attention_path_ = cuda::AttentionPath::kSplit;
       if (std::strcmp(env, "head") == 0) attention_path_ = cuda::AttentionPath::kPerHead;
+      if (std::strcmp(env, "mma") == 0) attention_path_ = cuda::AttentionPath::kMma;
     }
   }
   ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
@@ -323,6 +324,9 @@ class CudaBackend final : public Backend {
     a.window = p.window;
     a.scale = p.scale;
     a.path = attention_path_;
+    a.seqs = s.args.seqs;
+    a.max_new = 0;
+    for (const SequenceStep& seq : s.layout().sequences) a.max_new = std::max(a.max_new, seq.num_new);
     select();
     cuda::attention(a, s.args, attn_ws_.data(), stream());
   }

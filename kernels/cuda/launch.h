@@ -35,8 +35,10 @@ struct RopeArgs {
   int half;
 };
 
-// Which attention kernel runs: kAuto = split (GQA groups of at most 8 q heads), else per head.
-enum class AttentionPath : int { kAuto = 0, kSplit, kPerHead };
+// Which attention kernel runs. kAuto: tensor-core prefill when some sequence has >= 16 new tokens
+// (GQA groups of 1, 2, 4 or a multiple of 8), else split over keys (groups of at most 8), else one
+// block per q head. The forced paths fall back the same way when a shape is not supported.
+enum class AttentionPath : int { kAuto = 0, kSplit, kPerHead, kMma };
 
 struct AttentionArgs {
   const void* q;  // bf16 [rows, q_heads*d]
@@ -50,6 +52,8 @@ struct AttentionArgs {
   int rows, q_heads, kv_heads, head_dim, window;
   float scale;
   AttentionPath path;
+  int seqs;     // sequences in the step
+  int max_new;  // most new tokens of one sequence (host-side, from the step's layout)
 };
 
 enum class MoePath : int { kAuto = 0, kGemv, kMma };

@@ -214,8 +214,9 @@ TEST_P(GpuAttention, MatchesCpuAndStoresTheSameCache) {
   const KvLayer cl{ck.cpu, cv.cpu}, gl{ck.gpu, cv.gpu};
   cpu_.attention(q.cpu, k.cpu, v.cpu, cl, csink, p, *cs, out.cpu);
   const auto co = read_f32(cpu_, out.cpu);
-  // Both kernels: split over keys (GQA groups of at most 8; the default) and one block per q head.
-  for (const char* path : {"split", "head"}) {
+  // Every kernel: split over keys (decode default), one block per q head, tensor-core prefill (the
+  // default when a sequence has >= 16 new tokens; forced here on every case it supports).
+  for (const char* path : {"split", "head", "mma"}) {
     SCOPED_TRACE(std::string("attention path ") + path);
     setenv("ARBITER_CUDA_ATTENTION", path, 1);
     auto gpu = make_backend("cuda");
@@ -259,7 +260,14 @@ INSTANTIATE_TEST_SUITE_P(
         // Serving: a sliding layer whose table covers every position (slot p mod ring = p).
         AttnCase{"sliding_table_covers_all", 64, 8, 64, 128, 16, 40, {{700, 1}, {500, 3}}},
         // GQA groups of 16: the per-head kernel (the split one takes groups of at most 8).
-        AttnCase{"gqa16_per_head_fallback", 16, 1, 64, 0, 16, 0, {{300, 1}, {0, 4}}}),
+        AttnCase{"gqa16_per_head_fallback", 16, 1, 64, 0, 16, 0, {{300, 1}, {0, 4}}},
+        // Prefill shapes for the tensor-core kernel: chunks after a cached prefix, ragged tails,
+        // windows cutting tiles, groups of 8 (20b) and 16 (two blocks per kv head), head_dim 128.
+        AttnCase{"prefill_20b_heads_chunked", 64, 8, 64, 0, 16, 0, {{0, 130}, {300, 77}, {1000, 16}, {5, 1}}},
+        AttnCase{"prefill_20b_sliding", 64, 8, 64, 128, 16, 0, {{0, 300}, {200, 90}, {700, 17}}},
+        AttnCase{"prefill_gqa16_window", 32, 2, 64, 40, 16, 0, {{0, 100}, {60, 33}}},
+        AttnCase{"prefill_d128_gqa4", 16, 4, 128, 0, 16, 0, {{0, 70}, {129, 64}}},
+        AttnCase{"prefill_d128_window_gqa8", 16, 2, 128, 50, 16, 1, {{10, 90}, {0, 16}}}),
     [](const ::testing::TestParamInfo<AttnCase>& info) { return info.param.name; });
 
 TEST_F(GpuOps, RouterTopk) {

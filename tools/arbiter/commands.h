@@ -11,4 +11,9 @@ int cmd_tokenize(const CliArgs& args);
 int cmd_detokenize(const CliArgs& args);
 int cmd_render(const CliArgs& args);
 
+// tools/arbiter/cmd_classify.cc
+int cmd_classify(const CliArgs& args);
+// tools/arbiter/cmd_bench.cc
+int cmd_bench(const CliArgs& args);
+
 }  // namespace arbiter

@@ -38,7 +38,12 @@ const char* kUsage =
     "  render     --tokenizer FILE|--model DIR --policy FILE|--joint ID=FILE,... [--content T|--content-file F|stdin]\n"
     "             [--reasoning low|medium|high] [--date YYYY-MM-DD] [--hf-newlines]\n"
     "  generate   --model DIR --tokens 1,2,3 --max-new-tokens N [--device ...]\n"
-    "  (logits and generate also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
+    "  classify   --model DIR --policy FILE[,FILE...] (--content T | --input IN.jsonl [--output OUT.jsonl])\n"
+    "             [--effort low|medium|high] [--max-tokens N] [--labels A,B --violating B] [--no-reasoning]\n"
+    "             [--reasoning-budget N] [--no-prefix-cache] [--device ...] [--max-context N] [--kv-blocks N]\n"
+    "  bench      (--model DIR | --preset tiny|small) [--requests N] [--policies P] [--reasoning-tokens N]\n"
+    "             [--json FILE]  load generator: prefix caching on vs off, decisions/s, latency, step overhead\n"
+    "  (logits, generate and classify also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
     "   experts split over N thread ranks, or over the processes of `mpirun -np N arbiter ...`)\n";
 
 std::vector<int32_t> token_arg(const CliArgs& args) {
@@ -161,6 +166,8 @@ int main(int argc, char** argv) {
     if (cmd == "detokenize") return cmd_detokenize(CliArgs(argc - 2, argv + 2, {"jsonl"}));
     if (cmd == "render") return cmd_render(CliArgs(argc - 2, argv + 2, {"hf-newlines"}));
     if (cmd == "generate") return cmd_generate(CliArgs(argc - 2, argv + 2, {}));
+    if (cmd == "classify") return cmd_classify(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "no-reasoning"}));
+    if (cmd == "bench") return cmd_bench(CliArgs(argc - 2, argv + 2, {"quick"}));
     std::cerr << "arbiter: unknown command '" << cmd << "'\n" << kUsage;
     return 2;
   } catch (const std::invalid_argument& e) {

@@ -1,0 +1,220 @@
+// `arbiter classify` run as a subprocess on a tiny random model (with the real tokenizer): one
+// --content, a JSONL file with bad lines (reported in place, never dropped, order kept), the same
+// generations with prefix caching off, thread ranks, and usage errors. Also `arbiter bench --quick`.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "tests/test_util.h"
+
+namespace arbiter {
+namespace {
+
+using testing::RunResult;
+using testing::TempDir;
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (const char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+std::string tokenizer_dir() {
+  const char* env = std::getenv("ARBITER_TOKENIZER_DIR");
+  return env && *env ? env : ARBITER_TOKENIZER_DIR;
+}
+
+// One tiny random model and two policy files for the whole suite.
+class CliClassify : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = std::make_unique<TempDir>();
+    const RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " make-model --preset tiny --seed 3 --out " +
+                                             quote(model()) + " --tokenizer-dir " + quote(tokenizer_dir()));
+    ASSERT_EQ(r.status, 0) << r.output;
+    std::ofstream(dir_->file("spam.txt")) << "# Spam\nAnswer 1 if the content is unsolicited promotion, else 0.\n";
+    std::ofstream(dir_->file("hate.txt")) << "# Hate\nAnswer 1 if the content attacks a protected group, else 0.\n";
+  }
+  static void TearDownTestSuite() { dir_.reset(); }
+
+  static std::string model() { return dir_->file("model"); }
+  static std::string policy(const std::string& name) { return dir_->file(name); }
+
+  // Runs `arbiter classify` with the common options; stdout only unless merge_stderr.
+  static RunResult classify(const std::string& args, bool merge_stderr = false) {
+    return testing::run_command(std::string(ARBITER_BINARY) + " classify --model " + quote(model()) +
+                                    " --device cpu --effort low --reasoning-budget 4 --max-tokens 12 --max-context 512 " +
+                                    args,
+                                merge_stderr);
+  }
+
+  static std::vector<nlohmann::json> read_jsonl(const std::string& path) {
+    std::ifstream in(path);
+    std::vector<nlohmann::json> rows;
+    std::string line;
+    while (std::getline(in, line)) rows.push_back(nlohmann::json::parse(line));
+    return rows;
+  }
+
+  static std::unique_ptr<TempDir> dir_;
+};
+
+std::unique_ptr<TempDir> CliClassify::dir_;
+
+TEST_F(CliClassify, OneContent) {
+  const RunResult r = classify("--policy " + quote(policy("spam.txt")) + " --content 'Buy cheap watches now!'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j.at("object"), "classification");
+  ASSERT_EQ(j.at("results").size(), 1u);
+  const auto& p = j.at("results")[0];
+  EXPECT_EQ(p.at("policy_id"), "spam");
+  EXPECT_TRUE(p.contains("verdict"));
+  EXPECT_TRUE(p.contains("final"));
+  EXPECT_TRUE(p.contains("confidence"));
+  // The random model answers nonsense: then the verdict is null and says why.
+  if (p.at("verdict").is_null()) {
+    EXPECT_FALSE(p.at("verdict_error").get<std::string>().empty());
+  }
+  EXPECT_GT(p.at("usage").at("prompt_tokens").get<int>(), 30);
+  EXPECT_LE(p.at("usage").at("completion_tokens").get<int>(), 12);
+  EXPECT_GT(p.at("usage").at("completion_tokens").get<int>(), 0);
+  EXPECT_EQ(j.at("usage").at("prompt_tokens"), p.at("usage").at("prompt_tokens"));
+}
+
+TEST_F(CliClassify, SeveralPoliciesInOrder) {
+  const RunResult r = classify("--policy " + quote(policy("spam.txt") + "," + policy("hate.txt")) + " --content 'hello'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  ASSERT_EQ(j.at("results").size(), 2u);
+  EXPECT_EQ(j.at("results")[0].at("policy_id"), "spam");
+  EXPECT_EQ(j.at("results")[1].at("policy_id"), "hate");
+  EXPECT_EQ(j.at("usage").at("prompt_tokens").get<int>(),
+            j.at("results")[0].at("usage").at("prompt_tokens").get<int>() +
+                j.at("results")[1].at("usage").at("prompt_tokens").get<int>());
+}
+
+// Writes the JSONL input used by the file tests: good lines, bad ones, repeated and missing ids.
+std::string write_input(const TempDir& dir) {
+  const std::string path = dir.file("in.jsonl");
+  std::ofstream out(path);
+  out << R"({"id": "a", "content": "Limited offer: click example.com for free money"})" << "\n"
+      << R"(this is not json)" << "\n"
+      << R"({"id": 7, "content": "See you at lunch tomorrow?"})" << "\n"
+      << R"({"id": "no-content"})" << "\n"
+      << "\n"
+      << R"({"id": "a", "content": "Same id again, other content"})" << "\n"
+      << R"({"content": "no id at all"})" << "\n"
+      << R"({"id": "num", "content": 12})" << "\n"
+      << R"({"id": "last", "content": "Limited offer: click example.com for free money"})" << "\n";
+  return path;
+}
+
+TEST_F(CliClassify, InputFileKeepsOrderAndReportsBadLines) {
+  TempDir io;
+  const std::string in = write_input(io), out = io.file("out.jsonl");
+  const RunResult r = classify("--policy " + quote(policy("spam.txt")) + " --input " + quote(in) + " --output " + quote(out), true);
+  ASSERT_EQ(r.status, 0) << r.output;
+  // stderr is not a terminal here: a summary, no progress bar.
+  EXPECT_EQ(r.output.find('\r'), std::string::npos);
+  EXPECT_NE(r.output.find("9 lines, 5 classified"), std::string::npos) << r.output;
+  const auto rows = read_jsonl(out);
+  ASSERT_EQ(rows.size(), 9u);
+  for (size_t i = 0; i < rows.size(); ++i) EXPECT_EQ(rows[i].at("line"), i + 1) << rows[i];
+  EXPECT_EQ(rows[0].at("id"), "a");
+  EXPECT_TRUE(rows[0].contains("results"));
+  EXPECT_NE(rows[1].at("error").get<std::string>().find("not valid JSON"), std::string::npos);
+  EXPECT_TRUE(rows[1].at("id").is_null());
+  EXPECT_EQ(rows[2].at("id"), 7);
+  EXPECT_TRUE(rows[2].contains("results"));
+  EXPECT_EQ(rows[3].at("id"), "no-content");
+  EXPECT_NE(rows[3].at("error").get<std::string>().find("content"), std::string::npos);
+  EXPECT_EQ(rows[4].at("error"), "empty line");
+  EXPECT_EQ(rows[5].at("id"), "a");
+  EXPECT_TRUE(rows[5].contains("results"));
+  EXPECT_TRUE(rows[6].at("id").is_null());
+  EXPECT_TRUE(rows[6].contains("results"));
+  EXPECT_NE(rows[7].at("error").get<std::string>().find("must be a string"), std::string::npos);
+  EXPECT_EQ(rows[8].at("id"), "last");
+  // Lines 1 and 9 are the same content under the same policy: the same generation. The later one
+  // reuses the policy prefix from the cache.
+  EXPECT_EQ(rows[0].at("results")[0].at("final"), rows[8].at("results")[0].at("final"));
+  EXPECT_EQ(rows[0].at("results")[0].at("verdict"), rows[8].at("results")[0].at("verdict"));
+  int cached = 0;
+  for (const auto& row : rows)
+    if (row.contains("results")) cached += row.at("usage").at("cached_tokens").get<int>();
+  EXPECT_GT(cached, 0);
+}
+
+TEST_F(CliClassify, SameGenerationsWithoutThePrefixCache) {
+  TempDir io;
+  const std::string in = write_input(io), on = io.file("on.jsonl"), off = io.file("off.jsonl");
+  const std::string common = "--policy " + quote(policy("spam.txt") + "," + policy("hate.txt")) + " --input " + quote(in);
+  RunResult r = classify(common + " --output " + quote(on));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = classify(common + " --no-prefix-cache --output " + quote(off));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto a = read_jsonl(on), b = read_jsonl(off);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].contains("results"), b[i].contains("results")) << i;
+    if (!a[i].contains("results")) continue;
+    EXPECT_EQ(b[i].at("usage").at("cached_tokens"), 0) << b[i];
+    for (size_t p = 0; p < 2; ++p) {
+      EXPECT_EQ(a[i]["results"][p]["final"], b[i]["results"][p]["final"]) << "line " << i + 1;
+      EXPECT_EQ(a[i]["results"][p]["verdict"], b[i]["results"][p]["verdict"]) << "line " << i + 1;
+      EXPECT_EQ(a[i]["results"][p]["usage"]["completion_tokens"], b[i]["results"][p]["usage"]["completion_tokens"]);
+    }
+  }
+}
+
+TEST_F(CliClassify, ThreadRanksServeTheSameFile) {
+  TempDir io;
+  const std::string in = write_input(io), out = io.file("out.jsonl");
+  const RunResult r = classify("--transport threads --ranks 2 --policy " + quote(policy("spam.txt")) + " --input " + quote(in) +
+                               " --output " + quote(out));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto rows = read_jsonl(out);
+  ASSERT_EQ(rows.size(), 9u);
+  EXPECT_TRUE(rows[0].contains("results"));
+  EXPECT_TRUE(rows[1].contains("error"));
+}
+
+TEST_F(CliClassify, UsageErrors) {
+  RunResult r = classify("--policy " + quote(policy("spam.txt")), true);
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("--content"), std::string::npos) << r.output;
+  r = classify("--policy " + quote(policy("spam.txt")) + " --content x --labels A,B --violating C", true);
+  EXPECT_EQ(r.status, 2) << r.output;
+  r = classify("--policy " + quote(policy("spam.txt")) + " --content x --effort extreme", true);
+  EXPECT_EQ(r.status, 2) << r.output;
+  r = classify("--policy " + quote(policy("spam.txt")) + " --content x --bogus 1", true);
+  EXPECT_EQ(r.status, 2) << r.output;
+  r = classify("--policy /nonexistent/policy.txt --content x", true);
+  EXPECT_EQ(r.status, 1) << r.output;
+}
+
+TEST(CliBench, QuickRunReportsBothModes) {
+  TempDir io;
+  const std::string json = io.file("bench.json");
+  const RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " bench --quick --preset tiny --tokenizer " +
+                                           quote(tokenizer_dir()) + " --json " + quote(json));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("| prefix cache |"), std::string::npos) << r.output;
+  std::ifstream in(json);
+  const auto j = nlohmann::json::parse(in);
+  EXPECT_TRUE(j.at("prefix_cache_on").at("prefix_caching").get<bool>());
+  EXPECT_FALSE(j.at("prefix_cache_off").at("prefix_caching").get<bool>());
+  EXPECT_EQ(j.at("prefix_cache_off").at("prompt_tokens_cached"), 0);
+  EXPECT_LT(j.at("prefix_cache_on").at("prefill_tokens_computed").get<double>(),
+            j.at("prefix_cache_off").at("prefill_tokens_computed").get<double>());
+  EXPECT_GT(j.at("ratios").at("prefill_tokens_off_over_on").get<double>(), 1.0);
+}
+
+}  // namespace
+}  // namespace arbiter

@@ -1,0 +1,337 @@
+// `arbiter bench`: the serving load generator (issue 6). N classify requests over P synthetic
+// policies (~500 tokens each) with distinct contents (~100 tokens), reasoning capped at a small
+// fixed budget, all submitted at once to the Classifier of one ServingRank and run by the step loop;
+// the same workload runs with prefix caching on and off in this process, and the ratios are
+// reported (prefill tokens computed, decisions/s), with p50/p99 latency and the step loop's own
+// overhead ((scheduler + exchange seconds) / step seconds). A small JSON (--json FILE) and a
+// markdown table (stdout).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "runtime/config.h"
+#include "runtime/make_model.h"
+#include "scheduler/classify.h"
+#include "scheduler/serving.h"
+#include "tools/arbiter/cli_args.h"
+
+namespace arbiter {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// What the load generator sends.
+struct Workload {
+  int requests = 48;
+  int policies = 4;
+  int policy_tokens = 500;
+  int content_tokens = 100;
+  int reasoning_tokens = 16;  // budget per sequence (every effort)
+  int answer_tokens = 4;      // generated after the forced close
+  uint64_t seed = 7;
+};
+
+// Measurements of one run of the workload.
+struct RunReport {
+  bool prefix_caching = false;
+  double seconds = 0;
+  double decisions_per_second = 0;
+  double latency_p50 = 0, latency_p99 = 0;
+  uint64_t prefill_tokens = 0;   // prompt tokens computed (policy warm-up included)
+  uint64_t cached_tokens = 0;    // prompt tokens reused
+  uint64_t decode_tokens = 0;
+  uint64_t prompt_tokens = 0;    // of the requests
+  uint64_t steps = 0;
+  double step_seconds = 0, scheduler_seconds = 0, exchange_seconds = 0, forward_seconds = 0;
+  double overhead() const { return step_seconds > 0 ? (scheduler_seconds + exchange_seconds) / step_seconds : 0; }
+  int errors = 0;
+};
+
+// Deterministic filler text: words drawn from a small vocabulary until the text is `tokens` long.
+std::string synthetic_text(const Tokenizer& tokenizer, std::mt19937_64& rng, const std::string& head, int tokens) {
+  static const char* kWords[] = {"content",  "promotional", "message", "link",     "users",   "unsolicited", "account",
+                                 "offer",    "repeated",    "posting", "commerce", "severity", "category",   "example",
+                                 "deceptive", "automated",  "bulk",    "review",   "signal",  "platform",    "context",
+                                 "request",  "violation",   "harm",    "benign",   "label",   "escalate",    "policy"};
+  std::string text = head;
+  while (static_cast<int>(tokenizer.encode(text).size()) < tokens) {
+    for (int i = 0; i < 8; ++i) text += std::string(" ") + kWords[rng() % std::size(kWords)];
+    text += rng() % 3 == 0 ? ".\n" : ".";
+  }
+  return text;
+}
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5));
+  return v[i];
+}
+
+RunReport run_workload(ServingOptions options, bool prefix_caching, const Workload& w) {
+  options.prefix_caching = prefix_caching;
+  options.classifier.budgets = {w.reasoning_tokens, w.reasoning_tokens, w.reasoning_tokens};
+  options.classifier.answer_tokens = w.answer_tokens;
+  ServingRank serving(options);
+  const Tokenizer& tokenizer = serving.tokenizer();
+  std::mt19937_64 rng(w.seed);
+  std::vector<ClassifyPolicy> policies;
+  for (int p = 0; p < w.policies; ++p)
+    policies.push_back({"P" + std::to_string(p), synthetic_text(tokenizer, rng, "Policy P" + std::to_string(p) +
+                                                                                    ": answer 1 for a violation, else 0.\n",
+                                                                w.policy_tokens),
+                        {}, {}});
+  std::vector<ClassifyRequest> requests;
+  for (int i = 0; i < w.requests; ++i) {
+    ClassifyRequest r;
+    r.id = "bench-" + std::to_string(i);
+    r.content = synthetic_text(tokenizer, rng, "Item " + std::to_string(i) + ":", w.content_tokens);
+    r.policies = {policies[static_cast<size_t>(i % w.policies)]};
+    r.effort = ReasoningEffort::kLow;
+    r.return_reasoning = false;
+    requests.push_back(std::move(r));
+  }
+
+  RunReport report;
+  report.prefix_caching = prefix_caching;
+  const auto start = Clock::now();
+  // Policies are registered ahead of traffic: their prefixes are computed once (a no-op when
+  // prefix caching is off). The warm-up counts in the time and the prefill tokens.
+  // (The scheduler does not hold back sequences whose prefix another one is computing, so requests
+  // submitted before their policy is cached would each compute it.)
+  for (const auto& p : policies) serving.scheduler().warm(serving.classifier().policy_prefix(p.text, ReasoningEffort::kLow));
+  serving.loop().run_until_idle();
+  std::vector<double> latencies;
+  for (const auto& r : requests) {
+    const auto submitted = Clock::now();
+    std::string why;
+    const SubmitStatus status = serving.classifier().submit(
+        r,
+        [&latencies, &report, submitted](ClassifyResult result) {
+          latencies.push_back(std::chrono::duration<double>(Clock::now() - submitted).count());
+          report.prompt_tokens += static_cast<uint64_t>(result.usage.prompt_tokens);
+          if (result.finish == FinishReason::kError) ++report.errors;
+        },
+        &why);
+    if (status != SubmitStatus::kAccepted)
+      throw std::runtime_error("bench request not accepted (" + std::string(to_string(status)) + "): " + why);
+  }
+  serving.loop().run_until_idle();
+  report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (static_cast<int>(latencies.size()) != w.requests) throw std::runtime_error("not every bench request finished");
+  report.decisions_per_second = w.requests / report.seconds;
+  report.latency_p50 = percentile(latencies, 0.50);
+  report.latency_p99 = percentile(latencies, 0.99);
+  const SchedulerStats s = serving.scheduler().stats();
+  report.prefill_tokens = s.prefill_tokens;
+  report.cached_tokens = s.cached_tokens;
+  report.decode_tokens = s.decode_tokens;
+  const StepLoopStats l = serving.loop().stats();
+  report.steps = l.steps;
+  report.step_seconds = l.step_seconds;
+  report.scheduler_seconds = l.scheduler_seconds;
+  report.exchange_seconds = l.exchange_seconds;
+  report.forward_seconds = l.forward_seconds;
+  serving.loop().stop(true);
+  return report;
+}
+
+nlohmann::json to_json(const RunReport& r) {
+  return {{"prefix_caching", r.prefix_caching},
+          {"seconds", r.seconds},
+          {"decisions_per_second", r.decisions_per_second},
+          {"latency_p50_s", r.latency_p50},
+          {"latency_p99_s", r.latency_p99},
+          {"prompt_tokens", r.prompt_tokens},
+          {"prefill_tokens_computed", r.prefill_tokens},
+          {"prompt_tokens_cached", r.cached_tokens},
+          {"decode_tokens", r.decode_tokens},
+          {"steps", r.steps},
+          {"step_seconds", r.step_seconds},
+          {"scheduler_seconds", r.scheduler_seconds},
+          {"exchange_seconds", r.exchange_seconds},
+          {"forward_seconds", r.forward_seconds},
+          {"step_loop_overhead", r.overhead()},
+          {"errors", r.errors}};
+}
+
+std::string fixed(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
+
+std::string markdown(const RunReport& on, const RunReport& off) {
+  std::ostringstream t;
+  t << "| prefix cache | decisions/s | p50 latency (s) | p99 latency (s) | prefill tokens computed | prompt tokens cached "
+       "| decode tokens | steps | step-loop overhead |\n"
+    << "|---|---|---|---|---|---|---|---|---|\n";
+  for (const RunReport* r : {&on, &off})
+    t << "| " << (r->prefix_caching ? "on" : "off") << " | " << fixed(r->decisions_per_second, 2) << " | "
+      << fixed(r->latency_p50, 2) << " | " << fixed(r->latency_p99, 2) << " | " << r->prefill_tokens << " | "
+      << r->cached_tokens << " | " << r->decode_tokens << " | " << r->steps << " | " << fixed(100 * r->overhead(), 2)
+      << "% |\n";
+  return t.str();
+}
+
+std::string default_tokenizer_dir() {
+  if (const char* env = std::getenv("ARBITER_TOKENIZER_DIR")) return env;
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / ".cache" / "tokenizer").string();
+}
+
+// A random model folder removed with the object (the bench's default model).
+class TempModel {
+ public:
+  TempModel(const ModelConfig& config, const std::string& tokenizer_dir) {
+    std::random_device rd;
+    dir_ = std::filesystem::temp_directory_path() / ("arbiter-bench-" + std::to_string(rd()) + std::to_string(rd()));
+    MakeModelOptions o;
+    o.tokenizer_dir = tokenizer_dir;
+    make_random_model(config, dir_.string(), o);
+  }
+  ~TempModel() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  TempModel(const TempModel&) = delete;
+  TempModel& operator=(const TempModel&) = delete;
+  std::string path() const { return dir_.string(); }
+
+ private:
+  std::filesystem::path dir_;
+};
+
+// The bench's random model shapes: "tiny" (make-model's) and "small", whose layers outweigh the
+// 201088-row unembedding per token, as the real models' do.
+ModelConfig bench_config(const std::string& preset) {
+  ModelConfig c = preset_config("tiny");
+  if (preset == "small") {
+    c.num_hidden_layers = 8;
+    c.hidden_size = 256;
+    c.intermediate_size = 1024;
+    c.num_local_experts = 8;
+    c.num_experts_per_tok = 4;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = 2;
+    c.head_dim = 64;
+    c.sliding_window = 128;
+  } else if (preset != "tiny") {
+    throw std::invalid_argument("--preset must be tiny or small (not '" + preset + "')");
+  }
+  c.layer_is_sliding.clear();
+  for (int i = 0; i < c.num_hidden_layers; ++i) c.layer_is_sliding.push_back(i % 2 == 0);
+  return c;
+}
+
+}  // namespace
+
+int cmd_bench(const CliArgs& args) {
+  Workload w;
+  auto read_int = [&](const char* flag, int& field, int min) {
+    field = static_cast<int>(args.get_int(flag, field));
+    if (field < min) throw std::invalid_argument(std::string("--") + flag + " must be at least " + std::to_string(min));
+  };
+  if (args.flag("quick")) {  // a smoke run for tests
+    w.requests = 8;
+    w.policies = 2;
+    w.policy_tokens = 120;
+    w.content_tokens = 20;
+    w.reasoning_tokens = 4;
+    w.answer_tokens = 2;
+  }
+  read_int("requests", w.requests, 1);
+  read_int("policies", w.policies, 1);
+  read_int("policy-tokens", w.policy_tokens, 1);
+  read_int("content-tokens", w.content_tokens, 1);
+  read_int("reasoning-tokens", w.reasoning_tokens, 0);
+  read_int("answer-tokens", w.answer_tokens, 1);
+  w.seed = static_cast<uint64_t>(args.get_int("seed", static_cast<long long>(w.seed)));
+  const std::string json_path = args.get("json", "");
+  const bool has_model = args.has("model");
+  const std::string preset = args.get("preset", "small");
+  ServingOptions options;
+  options.device = args.get("device", "cpu");
+  options.tokenizer_dir = args.get("tokenizer", default_tokenizer_dir());
+  options.max_context = static_cast<int>(args.get_int("max-context", 2048));
+  options.max_step_tokens = static_cast<int>(args.get_int("step-tokens", 512));
+  options.max_step_samples = static_cast<int>(args.get_int("step-samples", 64));
+  options.kv_blocks = static_cast<int>(args.get_int("kv-blocks", 0));
+  options.max_queued_requests = std::max(options.max_queued_requests, w.requests);
+  options.classifier.top_logprobs = static_cast<int>(args.get_int("top-logprobs", 5));
+  const std::string model_arg = has_model ? args.require("model") : "";
+  args.check_all_used();
+
+  std::unique_ptr<TempModel> temp;
+  ModelConfig config;
+  if (has_model) {
+    options.model_dir = model_arg;
+    config = load_model_config((std::filesystem::path(model_arg) / "config.json").string());
+  } else {
+    config = bench_config(preset);
+    std::cerr << "bench: writing a random '" << preset << "' model\n";
+    temp = std::make_unique<TempModel>(config, options.tokenizer_dir);
+    options.model_dir = temp->path();
+  }
+  if (options.kv_blocks == 0) {
+    // Every request's blocks at once, plus the policies' (and room to spare).
+    const int per_sequence = (w.policy_tokens + w.content_tokens + 128 + w.reasoning_tokens + 16 + w.answer_tokens) /
+                                 options.block_size + 2;
+    options.kv_blocks = std::max(256, per_sequence * (w.requests + w.policies) + 1);
+  }
+
+  std::cerr << "bench: " << w.requests << " requests over " << w.policies << " policies, prefix caching on\n";
+  const RunReport on = run_workload(options, true, w);
+  std::cerr << "bench: the same with prefix caching off\n";
+  const RunReport off = run_workload(options, false, w);
+
+  const double prefill_ratio = on.prefill_tokens ? static_cast<double>(off.prefill_tokens) / on.prefill_tokens : 0;
+  const double speedup = off.decisions_per_second > 0 ? on.decisions_per_second / off.decisions_per_second : 0;
+  nlohmann::json j;
+  j["model"] = {{"name", has_model ? std::filesystem::path(model_arg).filename().string() : "random-" + preset},
+                {"layers", config.num_hidden_layers},
+                {"hidden", config.hidden_size},
+                {"intermediate", config.intermediate_size},
+                {"experts", config.num_local_experts},
+                {"experts_per_token", config.num_experts_per_tok},
+                {"heads", config.num_attention_heads},
+                {"kv_heads", config.num_key_value_heads},
+                {"vocab", config.vocab_size},
+                {"device", options.device}};
+  j["workload"] = {{"requests", w.requests},         {"policies", w.policies},
+                   {"policy_tokens", w.policy_tokens}, {"content_tokens", w.content_tokens},
+                   {"reasoning_tokens", w.reasoning_tokens}, {"answer_tokens", w.answer_tokens},
+                   {"step_tokens", options.max_step_tokens}, {"step_samples", options.max_step_samples}};
+  j["prefix_cache_on"] = to_json(on);
+  j["prefix_cache_off"] = to_json(off);
+  j["ratios"] = {{"prefill_tokens_off_over_on", prefill_ratio}, {"decisions_per_second_on_over_off", speedup}};
+  j["targets"] = {{"prefill_ratio_at_least_3", prefill_ratio >= 3},
+                  {"speedup_at_least_2", speedup >= 2},
+                  {"overhead_at_most_5_percent", on.overhead() <= 0.05 && off.overhead() <= 0.05}};
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    if (!out) throw std::runtime_error("cannot write " + json_path);
+    out << j.dump(2) << "\n";
+  }
+  std::cout << "model: " << j["model"]["name"].get<std::string>() << " (" << config.num_hidden_layers << " layers, hidden "
+            << config.hidden_size << ", " << config.num_local_experts << " experts top-" << config.num_experts_per_tok
+            << ", vocab " << config.vocab_size << ") on " << options.device << "; " << w.requests << " requests over "
+            << w.policies << " policies of ~" << w.policy_tokens << " tokens, contents ~" << w.content_tokens
+            << " tokens, reasoning capped at " << w.reasoning_tokens << "\n\n"
+            << markdown(on, off) << "\nprefix caching on vs off: " << fixed(prefill_ratio, 2)
+            << "x fewer prefill tokens computed, " << fixed(speedup, 2) << "x decisions/s\n";
+  if (on.errors || off.errors) throw std::runtime_error("some bench requests failed");
+  return 0;
+}
+
+}  // namespace arbiter

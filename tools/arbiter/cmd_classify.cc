@@ -1,0 +1,318 @@
+// `arbiter classify`: offline classification with the serving engine (no HTTP). One content
+// (--content, one JSON result on stdout) or a JSONL file of {"id", "content"} lines (--input /
+// --output: one JSON result per input line, in input order; a bad line gets an "error" row, never
+// dropped). Runs on one rank, on thread ranks (--ranks N) or under mpirun, where rank 0 schedules
+// and the workers only run steps.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "scheduler/classify.h"
+#include "scheduler/serving.h"
+#include "tools/arbiter/cli_args.h"
+#include "tools/arbiter/ranks.h"
+
+namespace arbiter {
+namespace {
+
+std::string dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::string piece;
+  std::istringstream in(text);
+  while (std::getline(in, piece, ','))
+    if (!piece.empty()) out.push_back(piece);
+  return out;
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// --policy FILE[,FILE...]: each file one policy, its id the file name without extension.
+std::vector<ClassifyPolicy> load_policies(const CliArgs& args) {
+  const auto labels = split_list(args.get("labels", ""));
+  const auto violating = split_list(args.get("violating", ""));
+  for (const auto& v : violating)
+    if (std::find(labels.begin(), labels.end(), v) == labels.end())
+      throw std::invalid_argument("--violating label '" + v + "' is not among --labels");
+  std::vector<ClassifyPolicy> policies;
+  for (const auto& file : split_list(args.require("policy"))) {
+    ClassifyPolicy p;
+    p.id = std::filesystem::path(file).stem().string();
+    for (const auto& other : policies)
+      if (other.id == p.id) p.id += "-" + std::to_string(policies.size() + 1);
+    p.text = read_text_file(file);
+    p.labels = labels;
+    p.violating_labels = violating;
+    policies.push_back(std::move(p));
+  }
+  if (policies.empty()) throw std::invalid_argument("--policy names no file");
+  return policies;
+}
+
+ServingOptions serving_options(const CliArgs& args) {
+  ServingOptions o;
+  o.model_dir = args.require("model");
+  o.device = args.get("device", "auto");
+  o.tokenizer_dir = args.get("tokenizer", "");
+  o.max_context = static_cast<int>(args.get_int("max-context", o.max_context));
+  o.kv_blocks = static_cast<int>(args.get_int("kv-blocks", o.kv_blocks));
+  o.max_step_tokens = static_cast<int>(args.get_int("step-tokens", o.max_step_tokens));
+  o.max_step_samples = static_cast<int>(args.get_int("step-samples", o.max_step_samples));
+  o.prefix_caching = !args.flag("no-prefix-cache");
+  o.classifier.top_logprobs = static_cast<int>(args.get_int("top-logprobs", o.classifier.top_logprobs));
+  o.classifier.answer_tokens = static_cast<int>(args.get_int("answer-tokens", o.classifier.answer_tokens));
+  if (args.has("reasoning-budget")) {
+    const int budget = static_cast<int>(args.get_int("reasoning-budget", 0));
+    if (budget < 0) throw std::invalid_argument("--reasoning-budget must not be negative");
+    o.classifier.budgets = {budget, budget, budget};
+  }
+  return o;
+}
+
+// One line of --input, as read: a request or why it could not be one.
+struct InputLine {
+  nlohmann::json id;         // the line's "id" (null when absent or unreadable)
+  std::string content;
+  std::string error;         // non-empty: a bad line
+};
+
+InputLine parse_input_line(const std::string& line) {
+  InputLine in;
+  if (line.find_first_not_of(" \t\r") == std::string::npos) {
+    in.error = "empty line";
+    return in;
+  }
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(line);
+  } catch (const nlohmann::json::exception& e) {
+    in.error = std::string("not valid JSON: ") + e.what();
+    return in;
+  }
+  if (!j.is_object()) {
+    in.error = "expected a JSON object with \"content\"";
+    return in;
+  }
+  if (const auto it = j.find("id"); it != j.end()) in.id = *it;
+  const auto content = j.find("content");
+  if (content == j.end() || !content->is_string()) {
+    in.error = content == j.end() ? "no \"content\" field" : "\"content\" must be a string";
+    return in;
+  }
+  in.content = content->get<std::string>();
+  return in;
+}
+
+// A progress bar on stderr, drawn only when stderr is a terminal.
+class ProgressBar {
+ public:
+  explicit ProgressBar(size_t total) : total_(total), enabled_(::isatty(STDERR_FILENO) == 1) {}
+  ~ProgressBar() {
+    if (enabled_ && drawn_) std::fputs("\n", stderr);
+  }
+  ProgressBar(const ProgressBar&) = delete;
+  ProgressBar& operator=(const ProgressBar&) = delete;
+
+  void advance() {
+    ++done_;
+    if (!enabled_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (done_ != total_ && now - last_ < std::chrono::milliseconds(100)) return;
+    last_ = now;
+    drawn_ = true;
+    const int width = 30;
+    const int filled = total_ ? static_cast<int>(width * done_ / total_) : width;
+    const double seconds = std::chrono::duration<double>(now - start_).count();
+    std::fprintf(stderr, "\r[%s%s] %zu/%zu  %.1f/s ", std::string(filled, '#').c_str(),
+                 std::string(width - filled, '.').c_str(), done_, total_, seconds > 0 ? done_ / seconds : 0.0);
+    std::fflush(stderr);
+  }
+
+ private:
+  size_t total_;
+  size_t done_ = 0;
+  bool enabled_;
+  bool drawn_ = false;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_{};
+};
+
+// Writes rows in input order as soon as every earlier row is known.
+class OrderedWriter {
+ public:
+  OrderedWriter(std::ostream& out, size_t rows) : out_(out), rows_(rows) {}
+  void put(size_t index, nlohmann::json row) {
+    rows_.at(index) = std::move(row);
+    while (next_ < rows_.size() && rows_[next_]) {
+      out_ << dump(*rows_[next_]) << "\n";
+      rows_[next_].reset();
+      ++next_;
+    }
+    out_.flush();
+  }
+  bool complete() const { return next_ == rows_.size(); }
+
+ private:
+  std::ostream& out_;
+  std::vector<std::optional<nlohmann::json>> rows_;
+  size_t next_ = 0;
+};
+
+nlohmann::json error_row(const nlohmann::json& id, size_t line, const std::string& error) {
+  return {{"id", id}, {"line", line}, {"error", error}};
+}
+
+struct ClassifyJob {
+  std::vector<ClassifyPolicy> policies;
+  ReasoningEffort effort = ReasoningEffort::kMedium;
+  int max_tokens = 0;
+  bool return_reasoning = true;
+};
+
+ClassifyRequest make_request(const ClassifyJob& job, std::string id, std::string content) {
+  ClassifyRequest r;
+  r.id = std::move(id);
+  r.content = std::move(content);
+  r.policies = job.policies;
+  r.effort = job.effort;
+  r.max_tokens = job.max_tokens;
+  r.return_reasoning = job.return_reasoning;
+  return r;
+}
+
+// --content: one request, one JSON result on stdout.
+void classify_one(ServingRank& serving, const ClassifyJob& job, const std::string& content) {
+  std::optional<ClassifyResult> result;
+  std::string why;
+  const SubmitStatus status =
+      serving.classifier().submit(make_request(job, "content", content), [&](ClassifyResult r) { result = std::move(r); }, &why);
+  if (status != SubmitStatus::kAccepted)
+    throw std::runtime_error(std::string("request not accepted (") + to_string(status) + "): " + why);
+  serving.loop().run_until_idle();
+  if (!result) throw std::runtime_error("the scheduler went idle without finishing the request");
+  std::cout << dump(to_json(*result)) << "\n";
+}
+
+// --input/--output: every line classified, results written in input order. Requests are submitted
+// in waves no larger than the scheduler's queue, each run until the scheduler is idle.
+void classify_file(ServingRank& serving, const ClassifyJob& job, const std::string& input_path,
+                   const std::string& output_path) {
+  std::vector<InputLine> lines;
+  {
+    std::ifstream file;
+    if (input_path != "-") {
+      file.open(input_path, std::ios::binary);
+      if (!file) throw std::runtime_error("cannot read " + input_path);
+    }
+    std::istream& in = input_path == "-" ? std::cin : file;
+    std::string line;
+    while (std::getline(in, line)) lines.push_back(parse_input_line(line));
+  }
+  std::ofstream file_out;
+  if (output_path != "-") {
+    file_out.open(output_path, std::ios::binary | std::ios::trunc);
+    if (!file_out) throw std::runtime_error("cannot write " + output_path);
+  }
+  std::ostream& out = output_path == "-" ? std::cout : file_out;
+  // The policies' prefixes are computed once, before the requests that share them arrive (requests
+  // admitted together would each compute an uncached prefix). A no-op without prefix caching.
+  for (const auto& policy : job.policies)
+    serving.scheduler().warm(serving.classifier().policy_prefix(policy.text, job.effort));
+  serving.loop().run_until_idle();
+  OrderedWriter writer(out, lines.size());
+  ProgressBar progress(lines.size());
+  size_t bad = 0, classified = 0, flagged = 0;
+  const size_t wave = static_cast<size_t>(std::max(1, serving.options().max_queued_requests));
+  size_t next = 0;
+  while (next < lines.size()) {
+    size_t submitted = 0;
+    for (; next < lines.size() && submitted < wave; ++next) {
+      InputLine& line = lines[next];
+      const size_t index = next;
+      if (!line.error.empty()) {
+        writer.put(index, error_row(line.id, index + 1, line.error));
+        ++bad;
+        progress.advance();
+        continue;
+      }
+      // Input ids may repeat or be missing; the scheduler gets the line number, the output the id.
+      ClassifyRequest request = make_request(job, "line-" + std::to_string(index + 1), std::move(line.content));
+      const nlohmann::json id = line.id;
+      std::string why;
+      const SubmitStatus status = serving.classifier().submit(
+          request,
+          [&writer, &progress, &classified, &flagged, id, index](ClassifyResult r) {
+            nlohmann::json row = to_json(r);
+            row["id"] = id;
+            row["line"] = index + 1;
+            flagged += r.flagged ? 1 : 0;
+            ++classified;
+            writer.put(index, std::move(row));
+            progress.advance();
+          },
+          &why);
+      if (status == SubmitStatus::kQueueFull) break;  // run what is queued, then go on from this line
+      if (status != SubmitStatus::kAccepted) {
+        writer.put(index, error_row(id, index + 1, std::string(to_string(status)) + ": " + why));
+        ++bad;
+        progress.advance();
+        continue;
+      }
+      ++submitted;
+    }
+    serving.loop().run_until_idle();
+    if (submitted == 0 && next < lines.size() && !serving.scheduler().has_work())
+      throw std::runtime_error("the scheduler accepts no request (queue full while idle)");
+  }
+  if (!writer.complete()) throw std::runtime_error("some requests never finished");
+  std::cerr << "classify: " << lines.size() << " lines, " << classified << " classified (" << flagged << " flagged), "
+            << bad << " errors\n";
+}
+
+}  // namespace
+
+int cmd_classify(const CliArgs& args) {
+  const bool has_content = args.has("content"), has_input = args.has("input");
+  if (has_content == has_input) throw std::invalid_argument("give exactly one of --content TEXT and --input FILE.jsonl");
+  ClassifyJob job;
+  job.policies = load_policies(args);
+  job.effort = parse_reasoning_effort(args.get("effort", "medium"));
+  job.max_tokens = static_cast<int>(args.get_int("max-tokens", 0));
+  if (job.max_tokens < 0) throw std::invalid_argument("--max-tokens must not be negative");
+  job.return_reasoning = !args.flag("no-reasoning");
+  const std::string content = has_content ? args.require("content") : "";
+  const std::string input = has_input ? args.require("input") : "";
+  const std::string output = has_input ? args.get("output", "-") : "";
+  if (has_content && args.has("output")) throw std::invalid_argument("--output goes with --input");
+  const ServingOptions options = serving_options(args);
+  run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
+    rank_args.check_all_used();
+    ServingRank serving(options, rank.comm, rank.placement);
+    if (!serving.leads()) return serving.serve_workers();
+    if (has_content) classify_one(serving, job, content);
+    else classify_file(serving, job, input, output);
+    serving.loop().stop(true);  // the workers leave serve_workers()
+  });
+  return 0;
+}
+
+}  // namespace arbiter
