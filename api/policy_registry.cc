@@ -1,0 +1,220 @@
+#include "api/policy_registry.h"
+
+#include <sqlite3.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+namespace arbiter::api {
+namespace {
+
+// A prepared statement, finalized with the object.
+class Statement {
+ public:
+  Statement(sqlite3* db, const char* sql) : db_(db) {
+    if (sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr) != SQLITE_OK)
+      throw std::runtime_error(std::string("policy db: ") + sqlite3_errmsg(db));
+  }
+  ~Statement() { sqlite3_finalize(stmt_); }
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+
+  Statement& bind(int index, const std::string& text) {
+    check(sqlite3_bind_text(stmt_, index, text.data(), static_cast<int>(text.size()), SQLITE_TRANSIENT));
+    return *this;
+  }
+  Statement& bind(int index, int64_t value) {
+    check(sqlite3_bind_int64(stmt_, index, value));
+    return *this;
+  }
+  // true: a row is ready; false: done.
+  bool step() {
+    const int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    throw std::runtime_error(std::string("policy db: ") + sqlite3_errmsg(db_));
+  }
+  std::string text(int column) const {
+    const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, column));
+    return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(stmt_, column))) : std::string();
+  }
+  int64_t integer(int column) const { return sqlite3_column_int64(stmt_, column); }
+
+ private:
+  void check(int rc) const {
+    if (rc != SQLITE_OK) throw std::runtime_error(std::string("policy db: ") + sqlite3_errmsg(db_));
+  }
+  sqlite3* db_;
+  sqlite3_stmt* stmt_ = nullptr;
+};
+
+std::string to_json_array(const std::vector<std::string>& v) { return nlohmann::json(v).dump(); }
+
+std::vector<std::string> from_json_array(const std::string& text) {
+  const auto j = nlohmann::json::parse(text, nullptr, false);
+  if (!j.is_array()) return {};
+  std::vector<std::string> out;
+  for (const auto& e : j)
+    if (e.is_string()) out.push_back(e.get<std::string>());
+  return out;
+}
+
+int64_t now_seconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+void PolicyRegistry::DbCloser::operator()(sqlite3* db) const { sqlite3_close(db); }
+
+PolicyRegistry::PolicyRegistry(const std::string& db_path) {
+  if (db_path.empty()) return;
+  sqlite3* raw = nullptr;
+  const int rc = sqlite3_open_v2(db_path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
+  db_.reset(raw);  // closed by the holder even when opening failed
+  if (rc != SQLITE_OK)
+    throw std::runtime_error("cannot open policy db " + db_path + ": " + (raw ? sqlite3_errmsg(raw) : "out of memory"));
+  sqlite3_busy_timeout(db_.get(), 5000);
+  exec(
+      "CREATE TABLE IF NOT EXISTS policies ("
+      " id TEXT NOT NULL, version INTEGER NOT NULL, text TEXT NOT NULL, labels TEXT NOT NULL,"
+      " violating_labels TEXT NOT NULL, description TEXT NOT NULL, created INTEGER NOT NULL,"
+      " deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (id, version))");
+  load();
+}
+
+PolicyRegistry::~PolicyRegistry() = default;
+
+void PolicyRegistry::exec(const std::string& sql) const {
+  char* error = nullptr;
+  if (sqlite3_exec(db_.get(), sql.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
+    const std::string why = error ? error : "unknown error";
+    sqlite3_free(error);
+    throw std::runtime_error("policy db: " + why);
+  }
+}
+
+void PolicyRegistry::load() {
+  Statement s(db_.get(),
+              "SELECT id, version, text, labels, violating_labels, description, created, deleted FROM policies "
+              "ORDER BY id, version");
+  while (s.step()) {
+    Entry e;
+    e.policy.draft.id = s.text(0);
+    e.policy.version = static_cast<int>(s.integer(1));
+    e.policy.draft.text = s.text(2);
+    e.policy.draft.labels = from_json_array(s.text(3));
+    e.policy.draft.violating_labels = from_json_array(s.text(4));
+    e.policy.draft.description = s.text(5);
+    e.policy.created = s.integer(6);
+    e.deleted = s.integer(7) != 0;
+    policies_[e.policy.draft.id].push_back(std::move(e));
+  }
+}
+
+bool PolicyRegistry::valid_id(const std::string& id) {
+  if (id.empty() || id.size() > 128) return false;
+  for (char c : id)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.'))
+      return false;
+  return true;
+}
+
+std::optional<PolicyRef> PolicyRegistry::parse_ref(const std::string& text) {
+  PolicyRef ref;
+  const size_t at = text.find('@');
+  ref.id = text.substr(0, at);
+  if (!valid_id(ref.id)) return std::nullopt;
+  if (at == std::string::npos) return ref;
+  const std::string number = text.substr(at + 1);
+  if (number.empty() || number.size() > 9 || number[0] == '0') return std::nullopt;
+  for (char c : number)
+    if (c < '0' || c > '9') return std::nullopt;
+  ref.version = std::stoi(number);
+  return ref;
+}
+
+StoredPolicy PolicyRegistry::put(const PolicyDraft& draft, bool* created) {
+  if (!valid_id(draft.id))
+    throw std::invalid_argument("policy id must be 1-128 letters, digits, '_', '-' or '.' (got '" + draft.id + "')");
+  if (draft.text.empty()) throw std::invalid_argument("policy text must not be empty");
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto& versions = policies_[draft.id];
+  for (auto it = versions.rbegin(); it != versions.rend(); ++it) {
+    if (it->deleted) continue;
+    if (it->policy.draft == draft) {
+      if (created) *created = false;
+      return it->policy;
+    }
+    break;
+  }
+  Entry e;
+  e.policy.draft = draft;
+  e.policy.version = versions.empty() ? 1 : versions.back().policy.version + 1;
+  e.policy.created = now_seconds();
+  if (db_) {
+    Statement s(db_.get(),
+                "INSERT INTO policies (id, version, text, labels, violating_labels, description, created, deleted) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 0)");
+    s.bind(1, draft.id).bind(2, static_cast<int64_t>(e.policy.version)).bind(3, draft.text);
+    s.bind(4, to_json_array(draft.labels)).bind(5, to_json_array(draft.violating_labels)).bind(6, draft.description);
+    s.bind(7, e.policy.created);
+    s.step();
+  }
+  versions.push_back(e);
+  if (created) *created = true;
+  return e.policy;
+}
+
+std::optional<StoredPolicy> PolicyRegistry::get(const PolicyRef& ref) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = policies_.find(ref.id);
+  if (it == policies_.end()) return std::nullopt;
+  for (auto e = it->second.rbegin(); e != it->second.rend(); ++e) {
+    if (e->deleted) continue;
+    if (!ref.version || *ref.version == e->policy.version) return e->policy;
+  }
+  return std::nullopt;
+}
+
+std::vector<int> PolicyRegistry::versions(const std::string& id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int> out;
+  if (const auto it = policies_.find(id); it != policies_.end())
+    for (const Entry& e : it->second)
+      if (!e.deleted) out.push_back(e.policy.version);
+  return out;
+}
+
+std::vector<StoredPolicy> PolicyRegistry::list() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<StoredPolicy> out;
+  for (const auto& [id, versions] : policies_)
+    for (auto e = versions.rbegin(); e != versions.rend(); ++e)
+      if (!e->deleted) {
+        out.push_back(e->policy);
+        break;
+      }
+  return out;
+}
+
+std::vector<int> PolicyRegistry::remove(const PolicyRef& ref) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int> removed;
+  const auto it = policies_.find(ref.id);
+  if (it == policies_.end()) return removed;
+  for (Entry& e : it->second) {
+    if (e.deleted || (ref.version && *ref.version != e.policy.version)) continue;
+    if (db_) {
+      Statement s(db_.get(), "UPDATE policies SET deleted = 1 WHERE id = ? AND version = ?");
+      s.bind(1, ref.id).bind(2, static_cast<int64_t>(e.policy.version));
+      s.step();
+    }
+    e.deleted = true;
+    removed.push_back(e.policy.version);
+  }
+  return removed;
+}
+
+}  // namespace arbiter::api

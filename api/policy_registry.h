@@ -1,0 +1,89 @@
+// PolicyRegistry: the named policies behind /v1/policies. Every change to a policy is a new version
+// (1, 2, ...); classify requests name a policy by `id` (its latest version) or `id@version`.
+// Deleting removes a version (or all of an id's) for good: version numbers are never reused.
+// Kept in memory, and, when given an SQLite file, written through to it and loaded from it at
+// start, so policies survive a restart. Thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+struct sqlite3;
+
+namespace arbiter::api {
+
+// What a client submits for a policy (a new version of `id`).
+struct PolicyDraft {
+  std::string id;
+  std::string text;
+  std::vector<std::string> labels;
+  std::vector<std::string> violating_labels;
+  std::string description;
+  bool operator==(const PolicyDraft&) const = default;
+};
+
+// One stored version of a policy.
+struct StoredPolicy {
+  PolicyDraft draft;
+  int version = 0;
+  int64_t created = 0;  // unix seconds
+};
+
+// "id" or "id@version", split.
+struct PolicyRef {
+  std::string id;
+  std::optional<int> version;
+};
+
+class PolicyRegistry {
+ public:
+  // db_path empty: in memory only. Otherwise opens (creating) the SQLite file and loads it; throws
+  // std::runtime_error when the file cannot be used.
+  explicit PolicyRegistry(const std::string& db_path = "");
+  ~PolicyRegistry();
+  PolicyRegistry(const PolicyRegistry&) = delete;
+  PolicyRegistry& operator=(const PolicyRegistry&) = delete;
+
+  // Letters, digits, '_', '-', '.'; 1..128 characters.
+  static bool valid_id(const std::string& id);
+  // Parses "id" / "id@N" (N >= 1); nullopt when malformed.
+  static std::optional<PolicyRef> parse_ref(const std::string& text);
+
+  // Stores `draft` as a new version of its id and returns it; when it equals the latest version,
+  // nothing is stored and the latest is returned with *created = false. Throws std::invalid_argument
+  // for a bad id or an empty text.
+  StoredPolicy put(const PolicyDraft& draft, bool* created = nullptr);
+  // The latest live version (no version in the ref) or that version; nullopt when unknown or deleted.
+  std::optional<StoredPolicy> get(const PolicyRef& ref) const;
+  // The live versions of `id`, ascending.
+  std::vector<int> versions(const std::string& id) const;
+  // The latest version of every policy, by id.
+  std::vector<StoredPolicy> list() const;
+  // Deletes one version or, without a version, all of them; returns the versions deleted.
+  std::vector<int> remove(const PolicyRef& ref);
+
+  bool persistent() const { return db_ != nullptr; }
+
+ private:
+  // Every version ever stored under an id (deleted ones kept as tombstones so numbers stay unique).
+  struct Entry {
+    StoredPolicy policy;
+    bool deleted = false;
+  };
+  struct DbCloser {
+    void operator()(sqlite3* db) const;
+  };
+  void load();
+  void exec(const std::string& sql) const;
+
+  mutable std::mutex mutex_;
+  std::map<std::string, std::vector<Entry>> policies_;
+  std::unique_ptr<sqlite3, DbCloser> db_;
+};
+
+}  // namespace arbiter::api

@@ -1,0 +1,858 @@
+#include "api/server.h"
+
+#include <httplib.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <thread>
+
+#include "api/api.pb.h"
+#include "api/chat_api.h"
+#include "api/classify_api.h"
+#include "api/connection_watch.h"
+#include "api/errors.h"
+#include "api/json_io.h"
+#include "api/pending.h"
+#include "scheduler/classify.h"
+#include "scheduler/scheduler.h"
+#include "scheduler/step_loop.h"
+
+namespace arbiter::api {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr auto kPoll = std::chrono::milliseconds(50);
+// How long past its deadline (or its cancellation) a handler waits for the scheduler's answer.
+constexpr auto kGrace = std::chrono::seconds(30);
+
+uint32_t unix_now() {
+  return static_cast<uint32_t>(
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+}
+
+HttpReply json_reply(int status, std::string body) {
+  HttpReply r;
+  r.status = status;
+  r.body = std::move(body);
+  return r;
+}
+
+HttpReply error_reply(const ApiError& e) {
+  HttpReply r = json_reply(e.status, error_json(e));
+  if (e.retry_after > 0) r.headers.emplace_back("Retry-After", std::to_string(e.retry_after));
+  if (e.status == 401) r.headers.emplace_back("WWW-Authenticate", "Bearer");
+  return r;
+}
+
+std::string header(const HttpRequest& r, const std::string& name) {
+  const auto it = r.headers.find(name);
+  return it == r.headers.end() ? "" : it->second;
+}
+
+// Token counts of one answered request, for the token counters.
+struct TokenCounts {
+  int prompt = 0, cached = 0, reasoning = 0, completion = 0;
+};
+
+// The state a chat generation shares between the step-loop thread (callbacks) and the HTTP thread.
+struct ChatRun {
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::vector<int32_t> tokens;  // delivered by on_token
+  std::optional<SequenceResult> result;
+  bool finished() {
+    std::lock_guard<std::mutex> lock(mutex);
+    return result.has_value();
+  }
+};
+
+}  // namespace
+
+struct ApiServer::Impl {
+  explicit Impl(ApiOptions o) : options(std::move(o)), registry(options.policy_db) {}
+
+  ApiOptions options;
+  PolicyRegistry registry;
+  MetricsRegistry metrics;
+  std::mutex handles_mutex;
+  std::optional<ServingHandles> handles;
+  std::atomic<bool> draining{false};
+  std::atomic<uint64_t> next_id{1};
+  std::string id_salt;
+  uint32_t started = unix_now();
+
+  std::mutex idle_mutex;
+  std::condition_variable idle_changed;
+  int in_flight = 0;
+
+  httplib::Server http;
+  std::thread http_thread;
+  bool bound = false;
+
+  // Counts a request in flight for as long as it lives (streams keep it alive until they end).
+  struct InFlight {
+    explicit InFlight(Impl& impl) : impl(impl) {
+      std::lock_guard<std::mutex> lock(impl.idle_mutex);
+      ++impl.in_flight;
+    }
+    ~InFlight() {
+      {
+        std::lock_guard<std::mutex> lock(impl.idle_mutex);
+        --impl.in_flight;
+      }
+      impl.idle_changed.notify_all();
+    }
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+    Impl& impl;
+  };
+
+  std::string new_id(const char* prefix) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%06llx", static_cast<unsigned long long>(next_id.fetch_add(1)));
+    return std::string(prefix) + "-" + id_salt + buf;
+  }
+
+  std::optional<ServingHandles> serving() {
+    std::lock_guard<std::mutex> lock(handles_mutex);
+    return handles;
+  }
+
+  // The loaded model, or 503 while loading / draining.
+  ServingHandles require_serving() {
+    if (draining.load())
+      throw ApiException({503, "The server is shutting down.", "server_error", "", "shutting_down", options.retry_after_seconds});
+    auto h = serving();
+    if (!h) throw ApiException({503, "The model is still loading.", "server_error", "", "model_loading", options.retry_after_seconds});
+    return *h;
+  }
+
+  void check_model(const std::string& requested, const ServingHandles& h) {
+    if (!requested.empty() && requested != h.model_name)
+      throw ApiException({404, "The model '" + printable(requested) + "' does not exist (this server serves '" + h.model_name + "').",
+                          "not_found_error", "model", "model_not_found", 0});
+  }
+
+  std::optional<Clock::time_point> deadline(std::optional<double> requested) const {
+    double seconds = options.request_timeout;
+    if (requested) seconds = seconds > 0 ? std::min(seconds, *requested) : *requested;
+    if (!(seconds > 0)) return std::nullopt;
+    return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  }
+
+  // The scheduler's refusal as an error.
+  ApiError submit_error(SubmitStatus status, const std::string& why) const {
+    switch (status) {
+      case SubmitStatus::kQueueFull:
+        return {429, "The request queue is full; retry later.", "rate_limit_error", "", "queue_full", options.retry_after_seconds};
+      case SubmitStatus::kTooLong:
+        return {400, "The prompt does not fit the model's context: " + why, "invalid_request_error", "", "context_length_exceeded", 0};
+      case SubmitStatus::kShuttingDown:
+        return {503, "The server is shutting down.", "server_error", "", "shutting_down", options.retry_after_seconds};
+      case SubmitStatus::kInvalid:
+      default: return {400, "The request was refused: " + why, "invalid_request_error", "", "invalid_request", 0};
+    }
+  }
+
+  // The error for a generation that ended other than normally; nullopt when it did end normally.
+  std::optional<ApiError> finish_error(FinishReason finish, bool client_gone, const std::string& why) const {
+    switch (finish) {
+      case FinishReason::kDeadline:
+        return ApiError{504, "The request did not finish before its deadline.", "timeout_error", "", "timeout", 0};
+      case FinishReason::kError:
+        return ApiError{500, "The generation failed: " + why, "server_error", "", "generation_failed", 0};
+      case FinishReason::kCancelled:
+        if (client_gone) return ApiError{499, "The client closed the connection.", "invalid_request_error", "", "client_closed", 0};
+        return ApiError{503, "The request was cancelled (the server is shutting down).", "server_error", "", "cancelled",
+                        options.retry_after_seconds};
+      default: return std::nullopt;
+    }
+  }
+
+  void count_tokens(const TokenCounts& t) {
+    const char* help = "Tokens of answered requests, by kind.";
+    metrics.counter("arbiter_tokens_total", help, {{"kind", "prompt"}}).inc(t.prompt);
+    metrics.counter("arbiter_tokens_total", help, {{"kind", "cached"}}).inc(t.cached);
+    metrics.counter("arbiter_tokens_total", help, {{"kind", "reasoning"}}).inc(t.reasoning);
+    metrics.counter("arbiter_tokens_total", help, {{"kind", "completion"}}).inc(t.completion);
+  }
+
+  void warm(const ServingHandles& h, const std::string& policy_text) {
+    if (h.classifier && h.scheduler) h.scheduler->warm(h.classifier->policy_prefix(policy_text, options.default_effort));
+  }
+
+  HttpReply dispatch(const HttpRequest& req, std::string& endpoint, const std::shared_ptr<InFlight>& guard);
+  HttpReply classify(const HttpRequest& req);
+  HttpReply chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard);
+  HttpReply policies_post(const HttpRequest& req);
+  HttpReply policies_list();
+  HttpReply policy_get(const std::string& ref_text);
+  HttpReply policy_delete(const std::string& ref_text);
+  HttpReply models();
+  HttpReply health(bool readiness);
+  HttpReply metrics_text();
+  wire::Policy policy_wire(const StoredPolicy& p, bool with_versions);
+};
+
+// ---------------------------------------------------------------------------------------------
+// Routing.
+
+HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoint, const std::shared_ptr<InFlight>& guard) {
+  const std::string& path = req.path;
+  const std::string& method = req.method;
+  auto allow = [&](std::initializer_list<const char*> methods) {
+    for (const char* m : methods)
+      if (method == m || (method == "HEAD" && std::string(m) == "GET")) return;
+    throw ApiException({405, "Method " + printable(method) + " is not allowed on " + endpoint + ".", "invalid_request_error", "",
+                        "method_not_allowed", 0});
+  };
+
+  if (path == "/health" || path == "/ready") {
+    endpoint = path;
+    allow({"GET"});
+    return health(path == "/ready");
+  }
+  if (path == "/metrics") {
+    endpoint = path;
+    allow({"GET"});
+    return metrics_text();
+  }
+  if (path.rfind("/v1/", 0) != 0)
+    throw ApiException({404, "Unknown path " + printable(path) + ".", "not_found_error", "", "unknown_path", 0});
+
+  if (path == "/v1/classify" || path == "/v1/chat/completions" || path == "/v1/models" || path == "/v1/policies") endpoint = path;
+  else if (path.rfind("/v1/policies/", 0) == 0) endpoint = "/v1/policies/{id}";
+  else throw ApiException({404, "Unknown path " + printable(path) + ".", "not_found_error", "", "unknown_path", 0});
+
+  if (!options.keys.accepts(header(req, "authorization"))) {
+    const bool missing = header(req, "authorization").empty();
+    throw ApiException({401,
+                        missing ? "You didn't provide an API key (Authorization: Bearer <key>)."
+                                : "Incorrect API key provided.",
+                        "invalid_request_error", "", "invalid_api_key", 0});
+  }
+  if (req.body.size() > options.max_body_bytes)
+    throw ApiException({413, "The request body is " + std::to_string(req.body.size()) + " bytes; the limit is " +
+                                 std::to_string(options.max_body_bytes) + ".",
+                        "invalid_request_error", "", "request_too_large", 0});
+
+  if (endpoint == "/v1/classify") {
+    allow({"POST"});
+    return classify(req);
+  }
+  if (endpoint == "/v1/chat/completions") {
+    allow({"POST"});
+    return chat(req, guard);
+  }
+  if (endpoint == "/v1/models") {
+    allow({"GET"});
+    return models();
+  }
+  if (endpoint == "/v1/policies") {
+    allow({"GET", "POST"});
+    return method == "POST" ? policies_post(req) : policies_list();
+  }
+  allow({"GET", "DELETE"});
+  const std::string ref = path.substr(std::string("/v1/policies/").size());
+  return method == "DELETE" ? policy_delete(ref) : policy_get(ref);
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /v1/classify
+
+HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
+  wire::ClassifyRequest body;
+  parse_json(req.body, body);
+  ClassifyLimits limits;
+  limits.default_effort = options.default_effort;
+  limits.max_policies = options.max_policies_per_request;
+  const auto loaded = serving();
+  if (loaded) limits.max_context = loaded->max_context;
+  ResolvedClassify resolved = resolve_classify(body, registry, limits);
+  const ServingHandles h = require_serving();
+  check_model(body.model(), h);
+
+  ClassifyRequest& request = resolved.request;
+  request.id = new_id("clf");
+  request.deadline = deadline(resolved.timeout);
+  auto pending = std::make_shared<Pending<ClassifyResult>>();
+  std::string why;
+  SubmitStatus status;
+  try {
+    status = h.classifier->submit(request, [pending](ClassifyResult r) { pending->set(std::move(r)); }, &why);
+  } catch (const std::invalid_argument& e) {
+    throw bad_request(std::string("The request was refused: ") + e.what(), "", "invalid_request");
+  }
+  if (status != SubmitStatus::kAccepted) throw ApiException(submit_error(status, why));
+
+  bool gone = false, cancelled = false;
+  Clock::time_point cancelled_at{};
+  while (!pending->wait_for(kPoll)) {
+    const auto now = Clock::now();
+    if (!cancelled && req.client_gone && req.client_gone()) gone = true;
+    if (!cancelled && (gone || (request.deadline && now > *request.deadline + kGrace))) {
+      h.scheduler->cancel(request.id);
+      cancelled = true;
+      cancelled_at = now;
+    }
+    if (cancelled && now > cancelled_at + kGrace) {
+      throw ApiException(gone ? *finish_error(FinishReason::kCancelled, true, "")
+                              : *finish_error(FinishReason::kDeadline, false, ""));
+    }
+  }
+  const ClassifyResult result = pending->take();
+  std::string error;
+  for (const auto& r : result.results)
+    if (!r.error.empty()) error = r.error;
+  if (auto e = finish_error(result.finish, gone, error)) throw ApiException(*e);
+  count_tokens({result.usage.prompt_tokens, result.usage.cached_tokens, result.usage.reasoning_tokens,
+                result.usage.completion_tokens});
+  if (result.flagged) metrics.counter("arbiter_classify_flagged_total", "Classify requests with a violation.").inc();
+  return json_reply(200, print_json(classify_response(result, resolved, h.model_name, unix_now())));
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /v1/chat/completions
+
+namespace {
+
+// Waits (briefly) for new tokens and feeds them to `out`; returns true once the generation is over
+// and every token was read.
+bool read_tokens(ChatRun& run, ChatOutput& out, size_t& consumed, ChatOutput::Delta& delta) {
+  std::vector<int32_t> fresh;
+  bool done = false;
+  {
+    std::unique_lock<std::mutex> lock(run.mutex);
+    run.changed.wait_for(lock, kPoll, [&] { return run.tokens.size() > consumed || run.result.has_value(); });
+    fresh.assign(run.tokens.begin() + static_cast<std::ptrdiff_t>(std::min(consumed, run.tokens.size())), run.tokens.end());
+    if (run.result) {
+      done = true;
+      // Tokens the result holds beyond what on_token delivered.
+      const auto& all = run.result->tokens;
+      for (size_t i = consumed + fresh.size(); i < all.size(); ++i) fresh.push_back(all[i].token);
+    }
+  }
+  consumed += fresh.size();
+  for (int32_t t : fresh) {
+    const ChatOutput::Delta d = out.push(t);
+    delta.reasoning += d.reasoning;
+    delta.content += d.content;
+  }
+  return done;
+}
+
+void fill_chat_usage(const SequenceResult& r, wire::ChatUsage& u) {
+  const int completion = static_cast<int>(r.tokens.size());
+  u.set_prompt_tokens(r.prompt_tokens);
+  u.set_completion_tokens(completion);
+  u.set_total_tokens(r.prompt_tokens + completion);
+  u.mutable_prompt_tokens_details()->set_cached_tokens(r.cached_tokens);
+  u.mutable_completion_tokens_details()->set_reasoning_tokens(r.reasoning_tokens);
+}
+
+std::string sse(const std::string& json) { return "data: " + json + "\n\n"; }
+
+// Cancels a generation whose reply was dropped before it finished (a stream never started).
+struct CancelUnlessFinished {
+  Scheduler* scheduler;
+  std::string id;
+  std::shared_ptr<ChatRun> run;
+  ~CancelUnlessFinished() {
+    if (!run->finished()) scheduler->cancel(id);
+  }
+};
+
+}  // namespace
+
+HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard) {
+  wire::ChatCompletionRequest body;
+  parse_json(req.body, body);
+  const ServingHandles h = require_serving();
+  check_model(body.model(), h);
+  const HarmonyRenderer renderer(*h.tokenizer);
+  ChatLimits limits;
+  limits.default_effort = options.default_effort;
+  limits.max_context = h.max_context;
+  ChatPlan plan = plan_chat(body, renderer, limits);
+
+  auto run = std::make_shared<ChatRun>();
+  RequestSpec spec;
+  spec.id = new_id("chatcmpl");
+  spec.deadline = deadline(plan.timeout);
+  spec.sequences.push_back(plan.sequence);
+  spec.on_token = [run](int, const GeneratedToken& t) {
+    {
+      std::lock_guard<std::mutex> lock(run->mutex);
+      run->tokens.push_back(t.token);
+    }
+    run->changed.notify_all();
+  };
+  spec.on_done = [run](std::vector<SequenceResult> results) {
+    {
+      std::lock_guard<std::mutex> lock(run->mutex);
+      run->result = results.empty() ? SequenceResult{} : std::move(results[0]);
+      if (results.empty()) run->result->finish = FinishReason::kError;
+    }
+    run->changed.notify_all();
+  };
+  const std::string id = spec.id;
+  const auto deadline_at = spec.deadline;
+  std::string why;
+  const SubmitStatus status = h.scheduler->submit(std::move(spec), &why);
+  if (status != SubmitStatus::kAccepted) throw ApiException(submit_error(status, why));
+
+  const std::string model = h.model_name;
+  const uint32_t created = unix_now();
+  auto output = std::make_shared<ChatOutput>(*h.tokenizer, plan.stop);
+  auto cleanup = std::make_shared<CancelUnlessFinished>(CancelUnlessFinished{h.scheduler, id, run});
+  Scheduler* scheduler = h.scheduler;
+  std::function<bool()> client_gone = req.client_gone;
+
+  // Reads the generation to its end, calling `on_delta` with each piece of text; handles cancelling
+  // on a stop string, a gone client (`alive` false) or a scheduler that never answers.
+  struct Outcome {
+    bool stopped_by_string = false;
+    bool gone = false;
+  };
+  auto drive = [run, output, scheduler, id, deadline_at, client_gone](
+                   const std::function<bool(const ChatOutput::Delta&)>& on_delta) -> Outcome {
+    Outcome o;
+    size_t consumed = 0;
+    bool cancelled = false;
+    Clock::time_point cancelled_at{};
+    for (;;) {
+      ChatOutput::Delta delta;
+      const bool done = read_tokens(*run, *output, consumed, delta);
+      if (done) {
+        const ChatOutput::Delta tail = output->finish();
+        delta.reasoning += tail.reasoning;
+        delta.content += tail.content;
+      }
+      if (!delta.empty() && !o.gone && !on_delta(delta)) o.gone = true;
+      if (done) break;
+      const auto now = Clock::now();
+      if (!o.gone && client_gone && client_gone()) o.gone = true;
+      if (!cancelled && output->stopped()) o.stopped_by_string = true;
+      if (!cancelled && (o.gone || o.stopped_by_string || (deadline_at && now > *deadline_at + kGrace))) {
+        scheduler->cancel(id);
+        cancelled = true;
+        cancelled_at = now;
+      }
+      if (cancelled && now > cancelled_at + kGrace) {
+        // The scheduler never answered: give up (the generation is abandoned).
+        std::lock_guard<std::mutex> lock(run->mutex);
+        if (!run->result) {
+          run->result = SequenceResult{};
+          run->result->finish = o.gone ? FinishReason::kCancelled : FinishReason::kDeadline;
+        }
+      }
+    }
+    if (output->stopped()) o.stopped_by_string = true;
+    return o;
+  };
+  auto finish_reason = [run](const Outcome& o) -> std::string {
+    if (o.stopped_by_string) return "stop";
+    return run->result->finish == FinishReason::kLength ? "length" : "stop";
+  };
+  auto tokens_of = [this](const SequenceResult& r) {
+    count_tokens({r.prompt_tokens, r.cached_tokens, r.reasoning_tokens, static_cast<int>(r.tokens.size())});
+  };
+
+  if (!plan.stream) {
+    const Outcome o = drive([](const ChatOutput::Delta&) { return true; });
+    const SequenceResult& r = *run->result;
+    if (!o.stopped_by_string)
+      if (auto e = finish_error(r.finish, o.gone, r.error)) throw ApiException(*e);
+    tokens_of(r);
+    wire::ChatCompletionResponse out;
+    out.set_id(id);
+    out.set_object("chat.completion");
+    out.set_created(created);
+    out.set_model(model);
+    wire::ChatChoice* choice = out.add_choices();
+    choice->set_index(0);
+    choice->mutable_message()->set_role("assistant");
+    choice->mutable_message()->set_content(output->content());
+    choice->mutable_message()->set_reasoning(output->reasoning());
+    choice->mutable_message()->set_reasoning_content(output->reasoning());
+    choice->set_finish_reason(finish_reason(o));
+    choice->mutable_logprobs()->set_null_value(google::protobuf::NULL_VALUE);
+    fill_chat_usage(r, *out.mutable_usage());
+    return json_reply(200, print_json(out));
+  }
+
+  HttpReply reply;
+  reply.content_type = "text/event-stream";
+  reply.headers.emplace_back("Cache-Control", "no-cache");
+  const bool include_usage = plan.include_usage;
+  reply.stream = [=, this](const std::function<bool(std::string_view)>& write) {
+    (void)guard;    // the request stays in flight until the stream ends
+    (void)cleanup;  // cancels the generation if this never runs
+    auto chunk = [&]() {
+      wire::ChatCompletionChunk c;
+      c.set_id(id);
+      c.set_object("chat.completion.chunk");
+      c.set_created(created);
+      c.set_model(model);
+      return c;
+    };
+    auto choice_of = [](wire::ChatCompletionChunk& c) {
+      wire::ChatChunkChoice* choice = c.add_choices();
+      choice->set_index(0);
+      choice->mutable_finish_reason()->set_null_value(google::protobuf::NULL_VALUE);
+      choice->mutable_logprobs()->set_null_value(google::protobuf::NULL_VALUE);
+      return choice;
+    };
+    {
+      wire::ChatCompletionChunk first = chunk();
+      wire::ChatChunkChoice* choice = choice_of(first);
+      choice->mutable_delta()->set_role("assistant");
+      choice->mutable_delta()->set_content("");
+      if (!write(sse(print_json(first)))) {
+        scheduler->cancel(id);
+        return;
+      }
+    }
+    const Outcome o = drive([&](const ChatOutput::Delta& d) {
+      wire::ChatCompletionChunk c = chunk();
+      wire::ChatDelta* delta = choice_of(c)->mutable_delta();
+      if (!d.reasoning.empty()) {
+        delta->set_reasoning(d.reasoning);
+        delta->set_reasoning_content(d.reasoning);
+      }
+      if (!d.content.empty()) delta->set_content(d.content);
+      return write(sse(print_json(c)));
+    });
+    if (o.gone) return;
+    const SequenceResult& r = *run->result;
+    if (!o.stopped_by_string)
+      if (auto e = finish_error(r.finish, false, r.error)) {
+        write(sse(error_json(*e)));
+        write("data: [DONE]\n\n");
+        return;
+      }
+    tokens_of(r);
+    wire::ChatCompletionChunk last = chunk();
+    wire::ChatChunkChoice* choice = choice_of(last);
+    choice->mutable_delta();
+    choice->mutable_finish_reason()->set_string_value(finish_reason(o));
+    if (!write(sse(print_json(last)))) return;
+    if (include_usage) {
+      wire::ChatCompletionChunk usage = chunk();
+      fill_chat_usage(r, *usage.mutable_usage());
+      if (!write(sse(print_json(usage)))) return;
+    }
+    write("data: [DONE]\n\n");
+  };
+  return reply;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies.
+
+wire::Policy ApiServer::Impl::policy_wire(const StoredPolicy& p, bool with_versions) {
+  wire::Policy w;
+  w.set_object("policy");
+  w.set_id(p.draft.id);
+  w.set_version(p.version);
+  w.set_text(p.draft.text);
+  for (const auto& l : p.draft.labels) w.add_labels(l);
+  for (const auto& l : p.draft.violating_labels) w.add_violating_labels(l);
+  w.set_description(p.draft.description);
+  w.set_created(static_cast<uint32_t>(p.created));
+  if (with_versions)
+    for (int v : registry.versions(p.draft.id)) w.add_versions(v);
+  if (auto h = serving(); h && h->classifier)
+    w.set_prompt_tokens(static_cast<int32_t>(h->classifier->policy_prefix(p.draft.text, options.default_effort).size()));
+  return w;
+}
+
+HttpReply ApiServer::Impl::policies_post(const HttpRequest& req) {
+  wire::PolicyCreateRequest body;
+  parse_json(req.body, body);
+  if (body.id().empty()) throw bad_request("Missing required parameter: 'id'.", "id", "missing_required_parameter");
+  if (!PolicyRegistry::valid_id(body.id()))
+    throw bad_request("Policy ids are 1-128 letters, digits, '_', '-' or '.' (got '" + printable(body.id()) + "').", "id", "invalid_value");
+  if (body.text().empty()) throw bad_request("'text' must be a non-empty string.", "text", "empty_policy");
+  PolicyDraft draft;
+  draft.id = body.id();
+  draft.text = body.text();
+  draft.labels.assign(body.labels().begin(), body.labels().end());
+  draft.violating_labels.assign(body.violating_labels().begin(), body.violating_labels().end());
+  draft.description = body.description();
+  for (size_t i = 0; i < draft.labels.size(); ++i)
+    if (draft.labels[i].empty()) throw bad_request("Labels must not be empty.", "labels[" + std::to_string(i) + "]", "invalid_value");
+  for (size_t i = 0; i < draft.violating_labels.size(); ++i)
+    if (std::find(draft.labels.begin(), draft.labels.end(), draft.violating_labels[i]) == draft.labels.end())
+      throw bad_request("Violating label '" + printable(draft.violating_labels[i]) + "' is not one of the policy's labels.",
+                        "violating_labels[" + std::to_string(i) + "]", "invalid_value");
+  bool created = false;
+  const StoredPolicy stored = registry.put(draft, &created);
+  if (created)
+    if (auto h = serving()) warm(*h, stored.draft.text);
+  metrics.gauge("arbiter_policies", "Registered policies (latest versions).").set(static_cast<double>(registry.list().size()));
+  return json_reply(created ? 201 : 200, print_json(policy_wire(stored, true)));
+}
+
+HttpReply ApiServer::Impl::policies_list() {
+  wire::PolicyList list;
+  list.set_object("list");
+  for (const StoredPolicy& p : registry.list()) *list.add_data() = policy_wire(p, true);
+  return json_reply(200, print_json(list));
+}
+
+namespace {
+PolicyRef parse_policy_path(const std::string& text) {
+  const auto ref = PolicyRegistry::parse_ref(text);
+  if (!ref) throw bad_request("Malformed policy reference '" + printable(text) + "' (expected 'id' or 'id@version').", "id", "invalid_value");
+  return *ref;
+}
+}  // namespace
+
+HttpReply ApiServer::Impl::policy_get(const std::string& ref_text) {
+  const auto stored = registry.get(parse_policy_path(ref_text));
+  if (!stored)
+    throw ApiException({404, "No policy '" + printable(ref_text) + "' is registered.", "not_found_error", "id", "policy_not_found", 0});
+  return json_reply(200, print_json(policy_wire(*stored, true)));
+}
+
+HttpReply ApiServer::Impl::policy_delete(const std::string& ref_text) {
+  const PolicyRef ref = parse_policy_path(ref_text);
+  const std::vector<int> removed = registry.remove(ref);
+  if (removed.empty())
+    throw ApiException({404, "No policy '" + printable(ref_text) + "' is registered.", "not_found_error", "id", "policy_not_found", 0});
+  wire::PolicyDeleted out;
+  out.set_object("policy.deleted");
+  out.set_id(ref.id);
+  for (int v : removed) out.add_versions(v);
+  out.set_deleted(true);
+  metrics.gauge("arbiter_policies", "Registered policies (latest versions).").set(static_cast<double>(registry.list().size()));
+  return json_reply(200, print_json(out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models, health, metrics.
+
+HttpReply ApiServer::Impl::models() {
+  const ServingHandles h = require_serving();
+  wire::ModelList list;
+  list.set_object("list");
+  wire::Model* m = list.add_data();
+  m->set_id(h.model_name);
+  m->set_object("model");
+  m->set_created(started);
+  m->set_owned_by("arbiter");
+  m->set_max_context(h.max_context);
+  return json_reply(200, print_json(list));
+}
+
+HttpReply ApiServer::Impl::health(bool readiness) {
+  wire::HealthResponse out;
+  const auto h = serving();
+  const bool drain = draining.load();
+  if (h) {
+    out.set_model(h->model_name);
+    out.set_ranks(h->world_size);
+  }
+  if (!readiness) {
+    out.set_status("ok");
+    return json_reply(200, print_json(out));
+  }
+  out.set_status(drain ? "draining" : h ? "ready" : "loading");
+  HttpReply r = json_reply(h && !drain ? 200 : 503, print_json(out));
+  if (r.status == 503) r.headers.emplace_back("Retry-After", std::to_string(options.retry_after_seconds));
+  return r;
+}
+
+HttpReply ApiServer::Impl::metrics_text() {
+  const auto h = serving();
+  metrics.gauge("arbiter_ready", "1 when the model is loaded, every rank is up and the server is not draining.")
+      .set(h && !draining.load() ? 1 : 0);
+  {
+    std::lock_guard<std::mutex> lock(idle_mutex);
+    metrics.gauge("arbiter_http_in_flight", "HTTP requests being handled.").set(in_flight - 1);  // less this scrape
+  }
+  metrics.gauge("arbiter_policies", "Registered policies (latest versions).").set(static_cast<double>(registry.list().size()));
+  if (h && h->scheduler) {
+    const SchedulerStats s = h->scheduler->stats();
+    metrics.gauge("arbiter_queue_depth", "Requests waiting in the scheduler's queue.").set(s.queued_requests);
+    metrics.gauge("arbiter_waiting_sequences", "Sequences admitted but not placed on a rank (or preempted).").set(s.waiting_sequences);
+    metrics.gauge("arbiter_running_sequences", "Sequences placed on a rank.").set(s.running_sequences);
+    metrics.counter("arbiter_steps_total", "Forward steps run.").set_total(static_cast<double>(s.steps));
+    const char* token_help = "Tokens the scheduler ran, by kind (prefill computed, cached reused, decode sampled).";
+    metrics.counter("arbiter_scheduler_tokens_total", token_help, {{"kind", "prefill"}}).set_total(static_cast<double>(s.prefill_tokens));
+    metrics.counter("arbiter_scheduler_tokens_total", token_help, {{"kind", "cached"}}).set_total(static_cast<double>(s.cached_tokens));
+    metrics.counter("arbiter_scheduler_tokens_total", token_help, {{"kind", "decode"}}).set_total(static_cast<double>(s.decode_tokens));
+    metrics.gauge("arbiter_batch_tokens", "Input tokens of the last step, all ranks.").set(s.last_step_tokens);
+    metrics.gauge("arbiter_batch_tokens_per_step", "Input tokens per step on average, all ranks.")
+        .set(s.steps ? static_cast<double>(s.prefill_tokens + s.decode_tokens) / static_cast<double>(s.steps) : 0);
+    metrics.counter("arbiter_prefix_cache_lookups_total", "Sequences admitted (prefix-cache lookups).").set_total(static_cast<double>(s.prefix_lookups));
+    metrics.counter("arbiter_prefix_cache_hits_total", "Admitted sequences that reused at least one cached block.").set_total(static_cast<double>(s.prefix_hits));
+    metrics.gauge("arbiter_prefix_cache_hit_rate", "Share of admitted sequences that reused cached prefix blocks.")
+        .set(s.prefix_lookups ? static_cast<double>(s.prefix_hits) / static_cast<double>(s.prefix_lookups) : 0);
+    metrics.gauge("arbiter_prefix_cache_token_hit_rate", "Share of prompt tokens taken from the prefix cache.")
+        .set(s.cached_tokens + s.prefill_tokens ? static_cast<double>(s.cached_tokens) / static_cast<double>(s.cached_tokens + s.prefill_tokens) : 0);
+    metrics.counter("arbiter_preemptions_total", "Sequences preempted for lack of KV blocks.").set_total(static_cast<double>(s.preemptions));
+    static const char* kFinish[] = {"stop", "length", "cancelled", "deadline", "error"};
+    for (int i = 0; i < 5; ++i)
+      metrics.counter("arbiter_sequences_finished_total", "Finished sequences, by reason.", {{"reason", kFinish[i]}})
+          .set_total(static_cast<double>(s.finished[i]));
+    for (size_t r = 0; r < s.ranks.size(); ++r) {
+      const MetricLabels rank{{"rank", std::to_string(r)}};
+      metrics.gauge("arbiter_kv_blocks_used", "KV blocks referenced by running sequences, per rank.", rank).set(s.ranks[r].blocks_used);
+      metrics.gauge("arbiter_kv_blocks_cached", "Unreferenced KV blocks kept by the prefix cache, per rank.", rank).set(s.ranks[r].blocks_cached);
+      metrics.gauge("arbiter_kv_blocks_total", "KV blocks per rank.", rank).set(s.ranks[r].blocks_total);
+      metrics.gauge("arbiter_rank_running_sequences", "Sequences running per rank.", rank).set(s.ranks[r].running);
+    }
+  }
+  if (h && h->loop) {
+    const StepLoopStats ls = h->loop->stats();
+    const std::vector<double> bounds(std::begin(StepLoopStats::kStepBuckets), std::end(StepLoopStats::kStepBuckets));
+    if (ls.step_histogram.size() == bounds.size() + 1)
+      metrics.histogram("arbiter_step_latency_seconds", "Wall time of whole forward steps.", bounds).set(ls.step_histogram, ls.step_seconds);
+    const char* help = "Where step-loop time goes: scheduler (plan + results), exchange (plans/results between ranks), forward.";
+    metrics.counter("arbiter_step_seconds_total", help, {{"part", "scheduler"}}).set_total(ls.scheduler_seconds);
+    metrics.counter("arbiter_step_seconds_total", help, {{"part", "exchange"}}).set_total(ls.exchange_seconds);
+    metrics.counter("arbiter_step_seconds_total", help, {{"part", "forward"}}).set_total(ls.forward_seconds);
+  }
+  HttpReply r = json_reply(200, metrics.render());
+  r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ApiServer.
+
+ApiServer::ApiServer(ApiOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {
+  std::random_device rd;
+  char salt[16];
+  std::snprintf(salt, sizeof(salt), "%08x", rd());
+  impl_->id_salt = salt;
+  impl_->metrics.gauge("arbiter_policies", "Registered policies (latest versions).")
+      .set(static_cast<double>(impl_->registry.list().size()));
+}
+
+ApiServer::~ApiServer() { stop(); }
+
+MetricsRegistry& ApiServer::metrics() { return impl_->metrics; }
+PolicyRegistry& ApiServer::policies() { return impl_->registry; }
+
+HttpReply ApiServer::handle(const HttpRequest& request) {
+  const auto start = Clock::now();
+  auto guard = std::make_shared<Impl::InFlight>(*impl_);
+  std::string endpoint = "other";
+  HttpReply reply;
+  try {
+    reply = impl_->dispatch(request, endpoint, guard);
+  } catch (const ApiException& e) {
+    reply = error_reply(e.error());
+  } catch (const std::exception& e) {
+    reply = error_reply({500, std::string("Internal error: ") + e.what(), "server_error", "", "internal_error", 0});
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  impl_->metrics.counter("arbiter_http_requests_total", "HTTP requests answered, by endpoint and status.",
+                         {{"endpoint", endpoint}, {"status", std::to_string(reply.status)}})
+      .inc();
+  impl_->metrics
+      .histogram("arbiter_http_request_duration_seconds", "Time to answer (streams: to the first byte), by endpoint.",
+                 {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}, {{"endpoint", endpoint}})
+      .observe(seconds);
+  return reply;
+}
+
+void ApiServer::attach(const ServingHandles& handles) {
+  {
+    std::lock_guard<std::mutex> lock(impl_->handles_mutex);
+    impl_->handles = handles;
+  }
+  for (const StoredPolicy& p : impl_->registry.list()) impl_->warm(handles, p.draft.text);
+}
+
+void ApiServer::drain() { impl_->draining.store(true); }
+
+bool ApiServer::wait_idle(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(impl_->idle_mutex);
+  return impl_->idle_changed.wait_for(lock, timeout, [&] { return impl_->in_flight == 0; });
+}
+
+int ApiServer::bind() {
+  Impl& impl = *impl_;
+  const size_t threads = static_cast<size_t>(std::max(1, impl.options.http_threads));
+  // cpp-httplib's interface: it takes ownership of the queue it gets from this factory.
+  impl.http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  impl.http.set_payload_max_length(impl.options.max_body_bytes);
+  impl.http.set_keep_alive_max_count(1000);
+  impl.http.set_read_timeout(60, 0);
+  impl.http.set_write_timeout(60, 0);
+  impl.http.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request&, httplib::Response& res) {
+    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    ApiError e{res.status, "HTTP error " + std::to_string(res.status) + ".", "invalid_request_error", "", "", 0};
+    if (res.status == 413) e = {413, "The request body is larger than the server accepts.", "invalid_request_error", "", "request_too_large", 0};
+    else if (res.status >= 500) e.type = "server_error";
+    res.set_content(error_json(e), "application/json");
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+  impl.http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
+    res.status = 500;
+    res.set_content(error_json({500, "Internal error.", "server_error", "", "internal_error", 0}), "application/json");
+  });
+  auto adapter = [this](const httplib::Request& req, httplib::Response& res) {
+    HttpRequest r;
+    r.method = req.method;
+    r.path = req.path;
+    r.body = req.body;
+    for (const auto& [k, v] : req.headers) {
+      std::string name = k;
+      std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+      r.headers.emplace(std::move(name), v);
+    }
+    auto watch = std::make_shared<ConnectionWatch>(req.local_addr, req.local_port, req.remote_addr, req.remote_port);
+    r.client_gone = [watch] { return watch->closed(); };
+    HttpReply reply = handle(r);
+    res.status = reply.status;
+    for (const auto& [k, v] : reply.headers) res.set_header(k, v);
+    if (reply.stream) {
+      res.set_chunked_content_provider(reply.content_type, [stream = std::move(reply.stream)](size_t, httplib::DataSink& sink) {
+        stream([&](std::string_view chunk) { return sink.write(chunk.data(), chunk.size()); });
+        sink.done();
+        return true;
+      });
+    } else {
+      res.set_content(reply.body, reply.content_type);
+    }
+  };
+  const httplib::Server::Handler handler = adapter;
+  impl.http.Get(".*", handler);
+  impl.http.Post(".*", handler);
+  impl.http.Delete(".*", handler);
+  impl.http.Put(".*", handler);
+  impl.http.Patch(".*", handler);
+  impl.http.Options(".*", handler);
+
+  int port = impl.options.port;
+  if (port == 0) {
+    port = impl.http.bind_to_any_port(impl.options.host);
+    if (port <= 0) throw std::runtime_error("cannot listen on " + impl.options.host + " (any port)");
+  } else if (!impl.http.bind_to_port(impl.options.host, port)) {
+    throw std::runtime_error("cannot listen on " + impl.options.host + ":" + std::to_string(port));
+  }
+  impl.bound = true;
+  return port;
+}
+
+void ApiServer::start() {
+  if (!impl_->bound) throw std::logic_error("ApiServer::start before bind");
+  if (impl_->http_thread.joinable()) return;
+  impl_->http_thread = std::thread([this] { impl_->http.listen_after_bind(); });
+}
+
+void ApiServer::stop() {
+  if (impl_->bound) impl_->http.stop();
+  if (impl_->http_thread.joinable()) impl_->http_thread.join();
+}
+
+}  // namespace arbiter::api

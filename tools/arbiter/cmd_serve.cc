@@ -1,0 +1,131 @@
+// `arbiter serve`: the HTTP API (api/server.h) over the serving engine. Rank 0 listens and prints
+// the address as soon as it is bound (model endpoints answer 503 and /ready fails until the
+// weights are loaded on every rank), runs the step loop and answers requests; under mpirun (or
+// --ranks N thread ranks) the other ranks only run steps. SIGTERM or SIGINT drains: no new work is
+// accepted, requests in flight are answered, then every rank exits cleanly.
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+
+#include "api/auth.h"
+#include "api/server.h"
+#include "scheduler/serving.h"
+#include "tools/arbiter/cli_args.h"
+#include "tools/arbiter/ranks.h"
+
+namespace arbiter {
+namespace {
+
+// Options of `arbiter serve` that are not the engine's.
+api::ApiOptions api_options(const CliArgs& args) {
+  api::ApiOptions o;
+  o.host = args.get("host", o.host);
+  o.port = static_cast<int>(args.get_int("port", o.port));
+  if (o.port < 0 || o.port > 65535) throw std::invalid_argument("--port must be 0..65535");
+  if (args.has("api-key-file")) o.keys = api::ApiKeys::load(args.get("api-key-file", ""));
+  const long long body = args.get_int("max-body-bytes", static_cast<long long>(o.max_body_bytes));
+  if (body < 1) throw std::invalid_argument("--max-body-bytes must be positive");
+  o.max_body_bytes = static_cast<size_t>(body);
+  o.request_timeout = std::stod(args.get("request-timeout", std::to_string(o.request_timeout)));
+  if (o.request_timeout < 0) throw std::invalid_argument("--request-timeout must not be negative (0: none)");
+  o.http_threads = static_cast<int>(args.get_int("http-threads", o.http_threads));
+  if (o.http_threads < 1) throw std::invalid_argument("--http-threads must be positive");
+  o.default_effort = parse_reasoning_effort(args.get("effort", "medium"));
+  o.policy_db = args.get("policy-db", "");
+  o.max_policies_per_request = static_cast<int>(args.get_int("max-policies", o.max_policies_per_request));
+  return o;
+}
+
+ServingOptions serving_options(const CliArgs& args) {
+  ServingOptions o;
+  o.model_dir = args.require("model");
+  o.device = args.get("device", "auto");
+  o.tokenizer_dir = args.get("tokenizer", "");
+  o.max_context = static_cast<int>(args.get_int("max-context", o.max_context));
+  o.kv_blocks = static_cast<int>(args.get_int("kv-blocks", o.kv_blocks));
+  o.max_step_tokens = static_cast<int>(args.get_int("step-tokens", o.max_step_tokens));
+  o.max_step_samples = static_cast<int>(args.get_int("step-samples", o.max_step_samples));
+  o.max_queued_requests = static_cast<int>(args.get_int("max-queued", o.max_queued_requests));
+  o.prefix_caching = !args.flag("no-prefix-cache");
+  o.classifier.top_logprobs = static_cast<int>(args.get_int("top-logprobs", o.classifier.top_logprobs));
+  o.classifier.answer_tokens = static_cast<int>(args.get_int("answer-tokens", o.classifier.answer_tokens));
+  if (args.has("reasoning-budget")) {
+    const int budget = static_cast<int>(args.get_int("reasoning-budget", 0));
+    if (budget < 0) throw std::invalid_argument("--reasoning-budget must not be negative");
+    o.classifier.budgets = {budget, budget, budget};
+  }
+  return o;
+}
+
+// Waits for SIGTERM / SIGINT (blocked in every thread, see cmd_serve).
+int wait_for_signal(const sigset_t& signals) {
+  for (;;) {
+    const int sig = sigwaitinfo(&signals, nullptr);
+    if (sig > 0) return sig;
+  }
+}
+
+}  // namespace
+
+int cmd_serve(const CliArgs& args) {
+  // Termination signals are taken synchronously by rank 0's thread; every thread started from
+  // here on inherits the mask (worker ranks ignore them and stop when rank 0 shuts the loop down).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
+    const ServingOptions serving_opts = serving_options(rank_args);
+    if (!rank.leads()) {
+      (void)api_options(rank_args);  // consumes (and checks) the HTTP options on every rank
+      (void)rank_args.get("served-model-name", "");
+      rank_args.check_all_used();
+      ServingRank serving(serving_opts, rank.comm, rank.placement);
+      serving.serve_workers();
+      return;
+    }
+    api::ApiOptions opts = api_options(rank_args);
+    const std::string served_name = rank_args.get("served-model-name", "");
+    rank_args.check_all_used();
+    api::ApiServer server(opts);
+    const int port = server.bind();
+    server.start();
+    std::cout << "arbiter serve: listening on http://" << opts.host << ":" << port << std::endl;
+
+    ServingRank serving(serving_opts, rank.comm, rank.placement);
+    serving.loop().start();
+    api::ServingHandles handles;
+    handles.classifier = &serving.classifier();
+    handles.scheduler = &serving.scheduler();
+    handles.loop = &serving.loop();
+    handles.tokenizer = &serving.tokenizer();
+    handles.model_name = served_name.empty() ? serving.model_name() : served_name;
+    handles.max_context = std::min(serving.options().max_context, serving.config().max_position_embeddings);
+    handles.world_size = serving.world_size();
+    server.attach(handles);
+    std::cout << "arbiter serve: ready (model " << handles.model_name << ", " << handles.world_size << " rank"
+              << (handles.world_size > 1 ? "s" : "") << ", " << server.policies().list().size() << " policies)"
+              << std::endl;
+
+    const int sig = wait_for_signal(signals);
+    std::cout << "arbiter serve: " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ", draining" << std::endl;
+    server.drain();                   // /ready fails, new model requests get 503
+    serving.loop().stop(true);        // in-flight generations finish, workers are released
+    if (!server.wait_idle(std::chrono::seconds(30)))  // their replies (and streams) are written
+      std::cerr << "arbiter serve: requests still open after 30 s; closing\n";
+    server.stop();
+    std::cout << "arbiter serve: stopped" << std::endl;
+  });
+  return 0;
+}
+
+}  // namespace arbiter
