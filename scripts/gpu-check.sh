@@ -77,7 +77,10 @@ done
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$san" ]; then
   run memcheck 60 "$san" --tool memcheck --error-exitcode 3 "$pack/bin/gpu_ops_test" \
-    --gtest_filter='GpuOps.Linear:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
+    --gtest_filter='GpuOps.Linear:GpuOps.TopLogprobsSmall:GpuOps.ArgmaxManyRows:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuAttention.*/decode_batch_ragged:Cases/GpuAttention.*/prefill_20b_sliding:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
+  # Shared-memory races in the kernels with block-wide phases (selection, split and prefill attention).
+  run racecheck 60 "$san" --tool racecheck --error-exitcode 4 "$pack/bin/gpu_ops_test" \
+    --gtest_filter='GpuOps.TopLogprobsSmall:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/decode_20b_heads'
 else
   echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
 fi
@@ -166,6 +169,8 @@ report["cli_ep_threads_tiny_a"] = cli_result("cli_ep_threads")
 report["cli_nccl_tiny_a"] = cli_result("cli_nccl")
 m = re.search(r"ERROR SUMMARY: (\d+) error", read("memcheck.log"))
 report["memcheck_errors"] = int(m.group(1)) if m else None
+m = re.search(r"RACECHECK SUMMARY: (\d+) hazard", read("racecheck.log"))
+report["racecheck_hazards"] = int(m.group(1)) if m else None
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
 L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
@@ -180,6 +185,7 @@ L.append(f"- cli logits tiny-a: {cli}")
 L.append(f"- cli logits tiny-a, EP 2 thread ranks on one GPU: {report['cli_ep_threads_tiny_a']}")
 L.append(f"- cli logits tiny-a, NcclComm 1 rank: {report['cli_nccl_tiny_a']}")
 L.append(f"- memcheck errors: {report['memcheck_errors']}")
+L.append(f"- racecheck hazards: {report['racecheck_hazards']}")
 L += ["", "| benchmark | time | counters |", "|---|---|---|"]
 for name, b in bench.items():
     if not isinstance(b, dict):
@@ -191,7 +197,7 @@ L += ["", "steps: " + "; ".join(report["steps"]), "env: " + "; ".join(report["en
 open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
-    for name in ("build", "ops", "model", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl", "memcheck"):
+    for name in ("build", "ops", "model", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue

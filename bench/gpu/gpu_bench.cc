@@ -610,25 +610,27 @@ void BM_AttentionDecode(benchmark::State& state) {
   if (g_ceil.copy_bytes_per_s > 0) state.counters["kv_bw_vs_copy"] = kv_bytes / per / g_ceil.copy_bytes_per_s;
 }
 
-// A backend whose attention runs on one kernel: 0 = split over keys (the default), 1 = one block per
-// q head (the previous kernel).
+// A backend whose attention runs on one kernel: 0 = split over keys (the decode default), 1 = one
+// block per q head (the previous kernel), 2 = tensor-core prefill kernel (the prefill default).
 Backend& attention_backend(int path) {
-  static std::unique_ptr<Backend> b[2];
+  static std::unique_ptr<Backend> b[3];
+  static const char* kNames[] = {"split", "head", "mma"};
   if (!b[path]) {
-    setenv("ARBITER_CUDA_ATTENTION", path == 0 ? "split" : "head", 1);
+    setenv("ARBITER_CUDA_ATTENTION", kNames[path], 1);
     b[path] = make_backend("cuda");
     unsetenv("ARBITER_CUDA_ATTENTION");
   }
   return *b[path];
 }
 
-// Attention alone on each kernel (arg 0: 0 split, 1 per head). Arg 1: 0/1 decode of 1/64 sequences
+// Attention alone on each kernel (arg 0: 0 split, 1 per head, 2 tensor-core prefill). Arg 1: 0/1 decode of 1/64 sequences
 // after 512 tokens, 2/3 the same after 4096 tokens (full layer), 4/5 prefill 4 x 512 (full / sliding layer).
 void BM_AttentionPath(benchmark::State& state) {
   const int path = static_cast<int>(state.range(0)), which = static_cast<int>(state.range(1));
   static const char* kLabels[] = {"decode 1x512", "decode 64x512", "decode 1x4096", "decode 64x4096",
                                   "prefill 4x512 full", "prefill 4x512 sliding"};
-  state.SetLabel(std::string(path == 0 ? "split " : "head ") + kLabels[which]);
+  static const char* kPaths[] = {"split ", "head ", "mma "};
+  state.SetLabel(std::string(kPaths[path]) + kLabels[which]);
   const bool prefill = which >= 4;
   SynthModel& m = prefill ? model20b() : layer_model("20b-shape");
   Backend& b = attention_backend(path);
@@ -724,7 +726,7 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("Moe120bLayer", BM_Moe120bLayer)->Arg(1)->Arg(256)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("LinearRow", BM_LinearRow)->ArgsProduct({{0, 1, 2}, {0, 1}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("AttentionDecode20b", BM_AttentionDecode)->Arg(1)->Arg(64)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
-  benchmark::RegisterBenchmark("AttentionPath20b", BM_AttentionPath)->ArgsProduct({{0, 1}, {0, 1, 2, 3, 4, 5}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("AttentionPath20b", BM_AttentionPath)->ArgsProduct({{0, 1, 2}, {0, 1, 2, 3, 4, 5}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Select20b", BM_Select)->ArgsProduct({{0, 1, 2, 3}, {1, 64}})->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("StepOp20b", BM_StepOp)->ArgsProduct({benchmark::CreateDenseRange(0, SynthModel::kOps - 1, 1), {0, 1}})->UseManualTime()->Iterations(3)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Layer20bDecode", BM_Layer20bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);

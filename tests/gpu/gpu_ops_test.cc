@@ -354,6 +354,20 @@ TEST_F(GpuOps, TopLogprobs) {
   }
 }
 
+// A small top_logprobs (several blocks per row, ties at the k-th value) for the race checker.
+TEST_F(GpuOps, TopLogprobsSmall) {
+  const int rows = 2, vocab = 9000, k = 64;
+  auto values = random_values(static_cast<size_t>(rows) * vocab, rng_, 2.0f);
+  for (auto& x : values) x = std::round(x * 2.0f) / 2.0f;
+  Pair logits = paired(cpu_, *gpu_, {rows, vocab}, values, DType::kF32);
+  Pair ids = raw_paired(cpu_, *gpu_, DType::kI32, {rows, k}, std::vector<int32_t>(rows * k, -7));
+  Pair lp = out_pair({rows, k}, DType::kF32);
+  cpu_.top_logprobs(logits.cpu, k, ids.cpu, lp.cpu);
+  gpu_->top_logprobs(logits.gpu, k, ids.gpu, lp.gpu);
+  EXPECT_EQ(read_raw<int32_t>(*gpu_, ids.gpu), read_raw<int32_t>(cpu_, ids.cpu));
+  EXPECT_LE(rel_max_error(read_f32(*gpu_, lp.gpu), read_f32(cpu_, lp.cpu)), 1e-5);
+}
+
 TEST_F(GpuOps, ArgmaxManyRows) {
   // More rows than one launch covers, rows shorter than one block, and a row that is all -inf.
   for (const int n : {1, 37, 2049}) {
