@@ -11,6 +11,7 @@
 #include <random>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "parallel/thread_comm.h"
 #include "runtime/generate.h"
 #include "runtime/safetensors.h"
 #include "tests/test_util.h"
@@ -219,6 +220,56 @@ TEST_F(StepLoopModel, ThreadServesUntilDrainedAndSurvivesAFailedStep) {
   EXPECT_EQ(late["in-flight"], reference(prompt));
   EXPECT_EQ(scheduler.submit(request("after", prompt, &late)), SubmitStatus::kShuttingDown);
   EXPECT_GE(loop.stats().steps, 2u * kNewTokens);
+}
+
+TEST_F(StepLoopModel, TwoExpertParallelRanksServeTheSameGreedyOutputs) {
+  const auto all = prompts();
+  std::vector<std::vector<int32_t>> want;
+  for (const auto& p : all) want.push_back(reference(p));
+  std::map<std::string, std::vector<int32_t>> outputs;
+  std::map<std::string, int> ranks;
+  bool worker_returned = false;
+  run_thread_ranks(
+      2,
+      [&](Communicator& comm) {
+        ModelOptions mo = model_options();
+        mo.comm = &comm;
+        Checkpoint checkpoint(dir_->path());
+        CpuBackend backend(1);
+        Model model(config_, checkpoint, backend, mo);
+        Engine engine(model);
+        StepExchange exchange(&comm);
+        if (exchange.rank() != 0) {
+          exchange.serve(engine);
+          worker_returned = true;
+          return;
+        }
+        SchedulerOptions so = scheduler_options(true);
+        so.num_ranks = 2;
+        Scheduler scheduler(so);
+        StepLoop loop(scheduler, engine, exchange);
+        for (size_t i = 0; i < all.size(); ++i) {
+          const std::string id = "ep" + std::to_string(i);
+          RequestSpec r = request(id, all[i], &outputs);
+          auto record = r.on_done;
+          r.on_done = [record, &ranks, id](std::vector<SequenceResult> results) {
+            ranks[id] = results[0].rank;
+            record(std::move(results));
+          };
+          ASSERT_EQ(scheduler.submit(std::move(r)), SubmitStatus::kAccepted);
+        }
+        loop.run_until_idle();
+        loop.stop(true);  // shuts the worker down
+      },
+      120);
+  EXPECT_TRUE(worker_returned);
+  std::map<int, int> per_rank;
+  for (size_t i = 0; i < all.size(); ++i) {
+    EXPECT_EQ(outputs["ep" + std::to_string(i)], want[i]) << i;
+    ++per_rank[ranks["ep" + std::to_string(i)]];
+  }
+  EXPECT_GT(per_rank[0], 0);
+  EXPECT_GT(per_rank[1], 0);
 }
 
 }  // namespace
