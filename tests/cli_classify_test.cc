@@ -185,6 +185,30 @@ TEST_F(CliClassify, ThreadRanksServeTheSameFile) {
   EXPECT_TRUE(rows[1].contains("error"));
 }
 
+TEST_F(CliClassify, UnderMpirunTheWorkersServeRankZero) {
+  const std::string mpiexec = ARBITER_MPIEXEC;
+  if (mpiexec.empty()) GTEST_SKIP() << "no mpiexec found at configure time";
+  TempDir io;
+  const std::string in = write_input(io), one = io.file("one.jsonl"), two = io.file("two.jsonl");
+  const std::string common = "--policy " + quote(policy("spam.txt")) + " --input " + quote(in);
+  RunResult r = classify(common + " --output " + quote(one));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = testing::run_command("OMPI_MCA_plm_rsh_agent= OMPI_MCA_btl_vader_single_copy_mechanism=none " + mpiexec +
+                           " --oversubscribe --allow-run-as-root -np 2 " + ARBITER_BINARY + " classify --model " +
+                           quote(model()) + " --device cpu --effort low --reasoning-budget 4 --max-tokens 12 --max-context 512 " +
+                           common + " --output " + quote(two));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto a = read_jsonl(one), b = read_jsonl(two);
+  ASSERT_EQ(a.size(), 9u);
+  ASSERT_EQ(b.size(), 9u);
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].contains("results"), b[i].contains("results")) << i;
+    if (a[i].contains("results")) {
+      EXPECT_EQ(a[i]["results"][0]["final"], b[i]["results"][0]["final"]) << "line " << i + 1;
+    }
+  }
+}
+
 TEST_F(CliClassify, UsageErrors) {
   RunResult r = classify("--policy " + quote(policy("spam.txt")), true);
   EXPECT_EQ(r.status, 2) << r.output;

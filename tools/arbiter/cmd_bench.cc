@@ -33,7 +33,7 @@ using Clock = std::chrono::steady_clock;
 
 // What the load generator sends.
 struct Workload {
-  int requests = 48;
+  int requests = 32;
   int policies = 4;
   int policy_tokens = 500;
   int content_tokens = 100;
