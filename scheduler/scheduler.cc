@@ -491,6 +491,8 @@ struct Scheduler::State {
   // Applies one rank's result to the sequences it ran.
   void apply_result(int rank, const proto::StepResult* result, Events& events) {
     std::string error = result ? result->error() : "no result";
+    if (error.empty() && result->step() != stats.steps - 1)
+      error = "result of step " + std::to_string(result->step()) + " for step " + std::to_string(stats.steps - 1);
     std::unordered_map<uint64_t, const proto::SampledToken*> samples;
     if (result && error.empty())
       for (const auto& sampled : result->samples()) samples[sampled.sequence_id()] = &sampled;

@@ -5,6 +5,16 @@
 // runs out of blocks (the sequence is recomputed later), cancellation, deadlines and stop rules.
 // Each step it produces one proto::StepPlan per rank and consumes their proto::StepResults.
 //
+// Each step, per rank: every running sequence with one token to feed decodes (in placement order),
+// then prefill chunks first come first served (a prompt, forced closing tokens, or a recompute after
+// preemption), within max_step_tokens / max_step_samples / max_prefill_chunk. Waiting sequences are
+// placed, first come first served, on the rank with the least estimated work (uncached tokens there
+// plus that rank's queued prompt work and running sequences), among ranks that can hold all their
+// tokens now. One block table per sequence serves every layer. When a sequence needs a block and the
+// rank has none (after evicting unreferenced cached blocks), the most recently placed sequence not
+// yet in the step is preempted: its blocks are released (the cached ones stay cached) and it goes
+// back to the front of the queue to recompute prompt + generated tokens, with the same output.
+//
 // Threading: submit(), cancel(), warm() and stats() are thread-safe (the HTTP threads call them);
 // plan_step() / complete_step() are called by one thread, the step loop (scheduler/step_loop.h).
 // Callbacks run on the step-loop thread and must not block.
@@ -84,9 +94,11 @@ struct SchedulerOptions {
   int blocks_per_rank = 1024;   // KV blocks per rank (block 0 is reserved, never handed out)
   int block_size = 16;
   int max_step_tokens = 512;    // input tokens per step per rank (the Model's max_step_rows)
-  int max_step_samples = 64;    // sampled sequences per step per rank (the Model's max_logit_rows)
+  int max_step_samples = 64;    // sampled sequences per step per rank (the Model's max_logit_rows);
+                                // also the most sequences placed on one rank at once
   int max_prefill_chunk = 512;  // prefill tokens of one sequence per step
-  int max_context = 8192;       // prompt + generated tokens of one sequence
+  int max_context = 8192;       // prompt + generated tokens of one sequence (capped at what one
+                                // rank's blocks hold: (blocks_per_rank - 1) * block_size)
   int max_queued_requests = 1024;  // requests with a sequence still waiting for a rank
   bool prefix_caching = true;
   // Routing: a new sequence goes to the rank with the least estimated work, counting the tokens it
@@ -127,7 +139,10 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
 
   // Thread-safe. kTooLong: a prompt (+1) exceeds max_context or the rank's blocks; kInvalid: no
-  // sequences, an empty prompt or a duplicate live id; `why` (optional) says what.
+  // sequences, an empty prompt, max_new_tokens < 1, top_logprobs outside 0..20 or a duplicate live
+  // id; kQueueFull: max_queued_requests requests are waiting for a rank; `why` (optional) says what.
+  // A request's deadline is checked at every plan and completion (one that already passed finishes
+  // with kDeadline at the next step).
   SubmitStatus submit(RequestSpec request, std::string* why = nullptr);
   // Thread-safe. Finishes the request's sequences with kCancelled (on_done is called). Unknown ids: no-op.
   void cancel(const std::string& request_id);
