@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: the one command a GPU machine runs. Uses the binaries packed by scripts/gpu-pack.sh
 # (carried as .gpu-pack/; GPU machines have nvcc but no gtest / Google Benchmark / nlohmann-json),
-# runs the GPU tests, a memcheck pass over part of them and the GPU benchmarks, and writes a short
+# runs the GPU tests, memcheck and racecheck passes over part of them and the GPU benchmarks, and writes a short
 # report: OUTDIR/report.md, OUTDIR/report.json, OUTDIR/logs.txt (log tails), OUTDIR/bench.json.
 # Usage: scripts/gpu-check.sh OUTDIR   (ends within GPU_CHECK_BUDGET seconds, default 225; output stays small)
 # Without a pack it tries to build one in place first (works where the build dependencies exist).
@@ -57,7 +57,7 @@ run() {  # name timeout command...
   echo "$name rc=$rc seconds=$(($(date +%s) - s))" >>"$work/steps.txt"
 }
 
-# Most important first: tests, then the benchmarks, then the per-path MoE numbers, memcheck last.
+# Most important first: tests, then the benchmarks, then the per-path MoE numbers, the sanitizers last.
 run ops 75 "$pack/bin/gpu_ops_test" --gtest_output=json:"$work/ops.json"
 run model 75 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model.json"
 run bench 100 "$pack/bin/gpu_bench" --benchmark_format=console --benchmark_out="$work/bench.json" --benchmark_out_format=json

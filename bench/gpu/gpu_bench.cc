@@ -463,6 +463,11 @@ void BM_Model20bDecode(benchmark::State& state) {
 void BM_Model20bDecodeDirect(benchmark::State& state) {
   run_steps(state, model20b(), static_cast<int>(state.range(0)), kContext, 1, true, true);
 }
+// Decode after 4096 cached tokens (the split attention's case; the recorded step of the 512-token
+// benchmark is replayed, as in serving when the context grows).
+void BM_Model20bDecodeLong(benchmark::State& state) {
+  run_steps(state, model20b(), static_cast<int>(state.range(0)), 4096, 1);
+}
 void BM_Model20bPrefill(benchmark::State& state) { run_steps(state, model20b(), kPrefillSeqs, 0, kPrefillTokens); }
 
 // MoE block alone (router + experts) of one 20b/120b layer.
@@ -733,6 +738,7 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("Layer120bDecode", BM_Layer120bDecode)->Arg(1)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("Model20bDecode", BM_Model20bDecode)->Arg(1)->Arg(64)->Arg(256)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("Model20bDecodeDirect", BM_Model20bDecodeDirect)->Arg(1)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("Model20bDecode4096", BM_Model20bDecodeLong)->Arg(1)->Arg(64)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("Model20bPrefill4x512", BM_Model20bPrefill)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

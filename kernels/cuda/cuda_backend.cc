@@ -198,10 +198,13 @@ class CudaBackend final : public Backend {
     graph_meta_ = std::make_unique<MetaSlot>();
     graph_meta_->uploaded = make_event();
     // Row-selection workspace (argmax, top_logprobs): allocated once, zeroed; the kernels leave it zeroed.
+    // Zeroed on the backend's own stream (non-blocking: a legacy-stream memset would not be ordered
+    // before its kernels), and finished before the constructor returns.
     select_ws_ = device_alloc(cuda::selection_workspace_bytes());
-    cuda_check(cudaMemset(select_ws_.data(), 0, select_ws_.bytes()), "selection workspace");
+    cuda_check(cudaMemsetAsync(select_ws_.data(), 0, select_ws_.bytes(), stream()), "selection workspace");
     attn_ws_ = device_alloc(cuda::attention_workspace_bytes());
-    cuda_check(cudaMemset(attn_ws_.data(), 0, attn_ws_.bytes()), "attention workspace");
+    cuda_check(cudaMemsetAsync(attn_ws_.data(), 0, attn_ws_.bytes(), stream()), "attention workspace");
+    cuda_check(cudaStreamSynchronize(stream()), "workspace zeroing");
     // ARBITER_CUDA_ATTENTION=split|head|mma forces an attention kernel (tests, benchmarks).
     if (const char* env = std::getenv("ARBITER_CUDA_ATTENTION")) {
       if (std::strcmp(env, "split") == 0) attention_path_ = cuda::AttentionPath::kSplit;
