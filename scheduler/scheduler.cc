@@ -9,7 +9,6 @@
 #include <span>
 #include <stdexcept>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "scheduler/prefix_cache.h"
 
@@ -54,7 +53,7 @@ struct RequestState {
   std::vector<SequenceResult> results;
   std::vector<uint64_t> sequence_ids;
   int unfinished = 0;
-  bool cancel_requested = false;
+  mutable uint64_t counted = 0;  // queued_requests(): the last count that included this request
 };
 
 // One generation while it is live: its tokens so far, where it runs and what of it is computed there.
@@ -104,7 +103,13 @@ struct Scheduler::State {
   std::map<uint64_t, std::unique_ptr<Sequence>> live;  // every unfinished sequence
   std::deque<Sequence*> waiting;                       // not placed on a rank, in admission order
   std::unordered_map<std::string, std::shared_ptr<RequestState>> requests;
+  std::vector<std::weak_ptr<RequestState>> cancellations;  // cancel() calls since the last plan/completion
+  std::multimap<Clock::time_point, std::weak_ptr<RequestState>> deadlines;
+  std::vector<uint64_t> finished_ids;                      // finished, not yet swept
+  uint64_t count_generation = 0;
+  std::vector<std::vector<Sequence*>> placed;          // per rank: its sequences, in placement order
   std::vector<std::vector<Sequence*>> planned;         // per rank: the step in flight
+  int queued = 0;                                      // queued_requests(), kept between steps
   uint64_t next_sequence_id = 1;
   uint64_t next_placement = 1;
   SchedulerStats stats;
@@ -115,12 +120,18 @@ struct Scheduler::State {
       throw std::invalid_argument("SchedulerOptions: sizes and limits must be positive (blocks_per_rank >= 2)");
     max_context = std::min(o.max_context, (o.blocks_per_rank - 1) * o.block_size);
     for (int r = 0; r < o.num_ranks; ++r) caches.emplace_back(o.blocks_per_rank, o.block_size);
+    placed.resize(static_cast<size_t>(o.num_ranks));
     planned.resize(static_cast<size_t>(o.num_ranks));
   }
 
   int bs() const { return options.block_size; }
 
   // --- finishing ---
+
+  void unplace(Sequence& s) {
+    if (s.rank < 0) return;
+    std::erase(placed[static_cast<size_t>(s.rank)], &s);
+  }
 
   void release_blocks(Sequence& s) {
     if (s.rank >= 0 && !s.blocks.empty()) caches[static_cast<size_t>(s.rank)].release(s.blocks);
@@ -133,6 +144,8 @@ struct Scheduler::State {
   void finish(Sequence& s, FinishReason reason, const std::string& error, Events& events) {
     if (s.finished) return;
     s.finished = true;
+    finished_ids.push_back(s.id);
+    unplace(s);
     release_blocks(s);
     if (s.warm) return;
     ++stats.finished[static_cast<int>(reason)];
@@ -159,19 +172,27 @@ struct Scheduler::State {
 
   // Cancellations and deadlines: the whole request ends.
   void apply_cancellations(Events& events) {
+    std::vector<std::weak_ptr<RequestState>> cancelled;
+    cancelled.swap(cancellations);
+    for (const auto& weak : cancelled)
+      if (const auto request = weak.lock(); request && request->unfinished > 0)
+        finish_request(*request, FinishReason::kCancelled, "cancelled", events);
     const auto now = Clock::now();
-    std::vector<std::shared_ptr<RequestState>> ending;
-    for (const auto& [id, request] : requests)
-      if (request->cancel_requested || (request->deadline && now >= *request->deadline)) ending.push_back(request);
-    for (const auto& request : ending)
-      finish_request(*request, request->cancel_requested ? FinishReason::kCancelled : FinishReason::kDeadline,
-                     request->cancel_requested ? "cancelled" : "deadline passed", events);
+    while (!deadlines.empty() && deadlines.begin()->first <= now) {
+      const auto request = deadlines.begin()->second.lock();
+      deadlines.erase(deadlines.begin());
+      if (request && request->unfinished > 0) finish_request(*request, FinishReason::kDeadline, "deadline passed", events);
+    }
   }
 
   // Drops finished sequences from the containers.
   void sweep() {
-    std::erase_if(waiting, [](const Sequence* s) { return s->finished; });
-    std::erase_if(live, [](const auto& entry) { return entry.second->finished; });
+    if (!finished_ids.empty()) {
+      std::erase_if(waiting, [](const Sequence* s) { return s->finished; });
+      for (uint64_t id : finished_ids) live.erase(id);
+      finished_ids.clear();
+    }
+    queued = queued_requests();
   }
 
   // --- tokens ---
@@ -264,26 +285,18 @@ struct Scheduler::State {
     return true;
   }
 
-  std::vector<Sequence*> placed_on(int rank) const {
-    std::vector<Sequence*> seqs;
-    for (const auto& [id, s] : live)
-      if (s->rank == rank && !s->finished) seqs.push_back(s.get());
-    std::sort(seqs.begin(), seqs.end(), [](const Sequence* a, const Sequence* b) { return a->placed_order < b->placed_order; });
-    return seqs;
-  }
-
   // The sequence to preempt on `rank`: the most recently placed one not in this step's plan.
   Sequence* pick_victim(int rank) const {
-    Sequence* victim = nullptr;
-    for (const auto& [id, s] : live)
-      if (s->rank == rank && !s->finished && s->planned_tokens == 0 && (!victim || s->placed_order > victim->placed_order))
-        victim = s.get();
-    return victim;
+    const auto& seqs = placed[static_cast<size_t>(rank)];
+    for (auto it = seqs.rbegin(); it != seqs.rend(); ++it)
+      if ((*it)->planned_tokens == 0) return *it;
+    return nullptr;
   }
 
   // Releases the sequence's blocks and puts it back at the front of the queue; it recomputes its
   // tokens (prompt + generated) when placed again, mostly from the prefix cache.
   void preempt(Sequence& s) {
+    unplace(s);
     release_blocks(s);
     s.rank = -1;
     ++s.result.preemptions;
@@ -333,7 +346,7 @@ struct Scheduler::State {
 
   // Running sequences of one rank: every decode first, then prefill chunks first come first served.
   void plan_running(int rank, Budget& budget) {
-    const std::vector<Sequence*> seqs = placed_on(rank);
+    const std::vector<Sequence*> seqs = placed[static_cast<size_t>(rank)];  // a copy: preemption edits it
     for (Sequence* s : seqs) {
       if (budget.tokens == 0 || budget.samples == 0) break;
       if (s->rank != rank || s->warm || s->pending() != 1) continue;
@@ -403,6 +416,7 @@ struct Scheduler::State {
     const int matched_tokens = static_cast<int>(placement.matched.size()) * bs();
     s.rank = placement.rank;
     s.placed_order = next_placement++;
+    placed[static_cast<size_t>(s.rank)].push_back(&s);
     s.blocks = std::move(placement.matched);
     s.cached_chain = static_cast<int>(s.blocks.size());
     s.chain_broken = false;
@@ -426,10 +440,9 @@ struct Scheduler::State {
   void admit_waiting(std::vector<Budget>& budgets, Events& events) {
     std::vector<int64_t> backlog(static_cast<size_t>(options.num_ranks), 0);
     std::vector<int> running(static_cast<size_t>(options.num_ranks), 0);
-    for (const auto& [id, s] : live) {
-      if (s->rank < 0 || s->finished) continue;
-      backlog[static_cast<size_t>(s->rank)] += s->pending() - s->planned_tokens;
-      ++running[static_cast<size_t>(s->rank)];
+    for (int r = 0; r < options.num_ranks; ++r) {
+      for (const Sequence* s : placed[static_cast<size_t>(r)]) backlog[static_cast<size_t>(r)] += s->pending() - s->planned_tokens;
+      running[static_cast<size_t>(r)] = static_cast<int>(placed[static_cast<size_t>(r)].size());
     }
     const std::vector<Sequence*> queue(waiting.begin(), waiting.end());
     bool blocked = false;  // a request sequence could not be placed: later ones wait their turn
@@ -525,11 +538,15 @@ struct Scheduler::State {
     planned[static_cast<size_t>(rank)].clear();
   }
 
-  int queued_requests() const {
-    std::unordered_set<const RequestState*> queued;
-    for (const Sequence* s : waiting)
-      if (!s->finished && s->request) queued.insert(s->request.get());
-    return static_cast<int>(queued.size());
+  int queued_requests() {
+    const uint64_t generation = ++count_generation;
+    int count = 0;
+    for (const Sequence* s : waiting) {
+      if (s->finished || !s->request || s->request->counted == generation) continue;
+      s->request->counted = generation;
+      ++count;
+    }
+    return count;
   }
 };
 
@@ -556,7 +573,7 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
       return fail(SubmitStatus::kTooLong, which + "prompt of " + std::to_string(spec.prompt.size()) +
                                               " tokens leaves no room in a context of " + std::to_string(st.max_context));
   }
-  if (st.queued_requests() >= st.options.max_queued_requests)
+  if (st.queued >= st.options.max_queued_requests)
     return fail(SubmitStatus::kQueueFull, "the queue holds " + std::to_string(st.options.max_queued_requests) + " requests");
 
   auto state = std::make_shared<RequestState>();
@@ -578,7 +595,9 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
     st.waiting.push_back(seq.get());
     st.live.emplace(seq->id, std::move(seq));
   }
+  if (state->deadline) st.deadlines.emplace(*state->deadline, state);
   st.requests.emplace(state->id, std::move(state));
+  ++st.queued;
   st.work_cv.notify_all();
   return SubmitStatus::kAccepted;
 }
@@ -587,7 +606,7 @@ void Scheduler::cancel(const std::string& request_id) {
   std::lock_guard lock(state_->mutex);
   const auto it = state_->requests.find(request_id);
   if (it == state_->requests.end()) return;
-  it->second->cancel_requested = true;
+  state_->cancellations.push_back(it->second);
   state_->work_cv.notify_all();
 }
 
@@ -624,7 +643,7 @@ SchedulerStats Scheduler::stats() const {
   const State& st = *state_;
   std::lock_guard lock(st.mutex);
   SchedulerStats out = st.stats;
-  out.queued_requests = st.queued_requests();
+  out.queued_requests = st.queued;
   out.waiting_sequences = 0;
   out.running_sequences = 0;
   out.ranks.assign(static_cast<size_t>(st.options.num_ranks), RankStats{});
@@ -743,6 +762,18 @@ std::string Scheduler::check_consistency() const {
   }
   for (const Sequence* s : st.waiting)
     if (!s->finished && (s->rank >= 0 || !s->blocks.empty())) return "a waiting sequence holds blocks";
+  size_t placed = 0;
+  for (int r = 0; r < st.options.num_ranks; ++r) {
+    const auto& seqs = st.placed[static_cast<size_t>(r)];
+    placed += seqs.size();
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (seqs[i]->finished || seqs[i]->rank != r) return "rank " + std::to_string(r) + " lists a sequence that is not there";
+      if (i > 0 && seqs[i - 1]->placed_order >= seqs[i]->placed_order) return "placement order broken";
+    }
+  }
+  size_t placed_live = 0;
+  for (const auto& [id, s] : st.live) placed_live += s->rank >= 0 && !s->finished ? 1 : 0;
+  if (placed != placed_live) return "placed sequences missing from their rank's list";
   return {};
 }
 

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <deque>
 #include <map>
 #include <numeric>
@@ -794,7 +795,9 @@ TEST(Scheduler, RandomizedStress) {
   o.max_prefill_chunk = 9;
   o.max_queued_requests = 12;
   Harness h(o, rules);
-  std::mt19937 rng(1234);
+  // ARBITER_STRESS_SEED=n runs another random schedule.
+  const char* seed = std::getenv("ARBITER_STRESS_SEED");
+  std::mt19937 rng(seed ? static_cast<uint32_t>(std::stoul(seed)) : 1234u);
   const std::vector<std::vector<int32_t>> policies = {tokens_from(1, 21), tokens_from(2, 30), tokens_from(3, 12)};
   std::map<std::string, std::vector<SequenceSpec>> submitted;
   int next = 0;
