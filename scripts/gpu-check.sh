@@ -73,6 +73,14 @@ for path in gemv mma; do
   ARBITER_CUDA_MOE=$path run "bench_$path" 25 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe' \
     --benchmark_format=console --benchmark_out="$work/bench_$path.json" --benchmark_out_format=json
 done
+# Programmatic dependent launch (opt-in, ARBITER_CUDA_PDL=1): the model tests, the kernels with
+# block-counting merges, and the decode benchmarks with it on ([pdl] rows in the report).
+ARBITER_CUDA_PDL=1 run model_pdl 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_pdl.json"
+ARBITER_CUDA_PDL=1 run ops_pdl 60 "$pack/bin/gpu_ops_test" \
+  --gtest_filter='Cases/GpuAttention.*:GpuOps.TopLogprobs*:GpuOps.Argmax*:GpuOps.Linear:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/hidden2880_decode' \
+  --gtest_output=json:"$work/ops_pdl.json"
+ARBITER_CUDA_PDL=1 run bench_pdl 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Layer20bDecode|Model20bDecode|StepOp20b/.*/0' \
+  --benchmark_format=console --benchmark_out="$work/bench_pdl.json" --benchmark_out_format=json
 # memcheck over a subset (slow under the sanitizer).
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$san" ]; then
@@ -130,15 +138,19 @@ report = {"gpu": read("gpu.txt").strip(), "env": read("env.txt").strip().splitli
           "steps": read("steps.txt").strip().splitlines()}
 report["ops_test"] = gtest("ops")
 report["model_test"] = gtest("model")
+report["model_test_pdl"] = gtest("model_pdl")
+report["ops_test_pdl"] = gtest("ops_pdl")
 
 bench = {}
-for suffix in ("", "_gemv", "_mma"):
+for suffix in ("", "_gemv", "_mma", "_pdl"):
     bp = os.path.join(work, f"bench{suffix}.json")
     if not os.path.exists(bp):
         continue
     try:
         for b in json.load(open(bp)).get("benchmarks", []):
-            if suffix and not b["name"].startswith("Moe"):
+            if suffix in ("_gemv", "_mma") and not b["name"].startswith("Moe"):
+                continue
+            if suffix == "_pdl" and not b["name"].startswith(("Model", "Layer", "StepOp")):
                 continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
             bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
@@ -174,7 +186,7 @@ report["racecheck_hazards"] = int(m.group(1)) if m else None
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
 L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
-for key in ("ops_test", "model_test"):
+for key in ("ops_test", "model_test", "ops_test_pdl", "model_test_pdl"):
     r = report[key]
     L.append(f"- {key}: {'CRASHED/NO OUTPUT ' if r.get('crashed') else ''}{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped")
     for name, msg in r["failures"].items():
@@ -197,11 +209,12 @@ L += ["", "steps: " + "; ".join(report["steps"]), "env: " + "; ".join(report["en
 open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
-    for name in ("build", "ops", "model", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl", "memcheck", "racecheck"):
+    for name in ("build", "ops", "model", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
+                 "model_pdl", "ops_pdl", "bench_pdl", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue
-        if name in ("ops", "model"):  # failures and the summary only
+        if name in ("ops", "model", "ops_pdl", "model_pdl"):  # failures and the summary only
             keep = [l for l in s.splitlines() if re.search(r"FAILED|Failure|error|Error|Expected|Which is|actual|SKIPPED \]|PASSED|tests ran|\.cc:\d+", l)]
             s = "\n".join(keep)
         f.write(f"===== {name} =====\n{s[-20000:]}\n")

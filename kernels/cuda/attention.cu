@@ -15,6 +15,7 @@ namespace {
 // one block's keys are spread over more warps and fewer chunks run one after another.
 template <int D, int kWarps>
 __global__ __launch_bounds__(kWarps * 32) void attention_kernel(AttentionArgs a, StepArgs step) {
+  pdl_begin();
   constexpr int kPerLane = D / 32;
   const int row = blockIdx.x, h = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -206,6 +207,7 @@ __device__ __forceinline__ void split_cp_async_wait_all() {
 template <int D>
 __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(AttentionArgs a, StepArgs step, int splits,
                                                                         float* partials, uint32_t* counters) {
+  pdl_begin();
   constexpr int kPerLane = D / 32;
   __shared__ SplitShared<D> sh;
   const int split = blockIdx.x, kvh = blockIdx.y, row = blockIdx.z;
@@ -451,6 +453,7 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 template <int D>
 __global__ __launch_bounds__(kPrefillWarps * 32) void attention_prefill_kernel(AttentionArgs a, StepArgs step,
                                                                                int heads) {
+  pdl_begin();
   constexpr int kKSteps = D / 16, kDimTiles = D / 8;
   __shared__ __align__(16) PrefillShared<D> sh;
   const int seq = blockIdx.z;
@@ -660,8 +663,8 @@ void attention(const AttentionArgs& a, const StepArgs& step, void* workspace, cu
     const int tokens = 16 * (kPrefillWarps / heads);
     const dim3 grid(static_cast<unsigned>((a.max_new + tokens - 1) / tokens),
                     static_cast<unsigned>(a.kv_heads * (group / heads)), static_cast<unsigned>(a.seqs));
-    if (a.head_dim == 64) attention_prefill_kernel<64><<<grid, kPrefillWarps * 32, 0, stream>>>(a, step, heads);
-    else attention_prefill_kernel<128><<<grid, kPrefillWarps * 32, 0, stream>>>(a, step, heads);
+    if (a.head_dim == 64) launch_kernel(attention_prefill_kernel<64>, grid, dim3(kPrefillWarps * 32), 0, stream, a, step, heads);
+    else launch_kernel(attention_prefill_kernel<128>, grid, dim3(kPrefillWarps * 32), 0, stream, a, step, heads);
     check_launch("attention (prefill)");
     return;
   }
@@ -673,19 +676,19 @@ void attention(const AttentionArgs& a, const StepArgs& step, void* workspace, cu
     auto* counters = static_cast<uint32_t*>(workspace);
     auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + kSplitCounterBytes);
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.rows));
-    if (a.head_dim == 64) attention_split_kernel<64><<<grid, kSplitThreads, 0, stream>>>(a, step, splits, partials, counters);
-    else attention_split_kernel<128><<<grid, kSplitThreads, 0, stream>>>(a, step, splits, partials, counters);
+    if (a.head_dim == 64) launch_kernel(attention_split_kernel<64>, grid, dim3(kSplitThreads), 0, stream, a, step, splits, partials, counters);
+    else launch_kernel(attention_split_kernel<128>, grid, dim3(kSplitThreads), 0, stream, a, step, splits, partials, counters);
     check_launch("attention (split)");
     return;
   }
   const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(a.q_heads));
   const bool wide = static_cast<int64_t>(a.rows) * a.q_heads <= kWideBlocks;
   if (a.head_dim == 64) {
-    if (wide) attention_kernel<64, 8><<<grid, 8 * 32, 0, stream>>>(a, step);
-    else attention_kernel<64, 4><<<grid, 4 * 32, 0, stream>>>(a, step);
+    if (wide) launch_kernel(attention_kernel<64, 8>, grid, dim3(8 * 32), 0, stream, a, step);
+    else launch_kernel(attention_kernel<64, 4>, grid, dim3(4 * 32), 0, stream, a, step);
   } else if (a.head_dim == 128) {
-    if (wide) attention_kernel<128, 8><<<grid, 8 * 32, 0, stream>>>(a, step);
-    else attention_kernel<128, 4><<<grid, 4 * 32, 0, stream>>>(a, step);
+    if (wide) launch_kernel(attention_kernel<128, 8>, grid, dim3(8 * 32), 0, stream, a, step);
+    else launch_kernel(attention_kernel<128, 4>, grid, dim3(4 * 32), 0, stream, a, step);
   } else {
     throw std::invalid_argument("CUDA attention: head_dim must be 64 or 128");
   }

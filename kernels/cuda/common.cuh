@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "kernels/cuda/launch.h"
 
@@ -18,6 +19,45 @@ using bf16 = __nv_bfloat16;
 inline void check_launch(const char* what) {
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA kernel ") + what + ": " + cudaGetErrorString(e));
+}
+
+// Programmatic dependent launch (PDL; sm_90+, opt-in with ARBITER_CUDA_PDL=1, read once per
+// process). Kernels go through launch_kernel(); with PDL on, a kernel may be scheduled while the
+// previous one on the stream is still running, so every kernel calls pdl_begin() before it touches
+// global memory that another kernel writes (before it: only reads of weights, which nothing writes).
+// pdl_begin waits until the previous grid has finished and its writes are visible, then lets the
+// next grid be scheduled (it waits in turn). Without PDL both instructions are no-ops.
+bool pdl_enabled();  // elementwise.cu
+
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Hint: bring a line of read-only data (weights) into L2.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  if (!pdl_enabled()) {
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return;
+  }
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA kernel launch (PDL): ") + cudaGetErrorString(e));
 }
 
 __device__ __forceinline__ float bf2f(bf16 v) { return __bfloat162float(v); }

@@ -1,6 +1,8 @@
 // Small fused kernels of the CUDA backend: embedding gather, RMSNorm (+ residual add), RoPE, KV-cache
 // store, router top-k, row gathers and test fills. All math in fp32; bf16 in memory.
 #include <cfloat>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/common.cuh"
 
@@ -11,6 +13,7 @@ constexpr int kNormThreads = 256;
 
 __global__ void embedding_kernel(const void* table, bool table_bf16, int64_t vocab, int64_t dim,
                                  const int32_t* tokens, bf16* out) {
+  pdl_begin();
   const int row = blockIdx.x;
   const int64_t id = tokens[row];
   bf16* o = out + row * dim;
@@ -27,6 +30,7 @@ __global__ void embedding_kernel(const void* table, bool table_bf16, int64_t voc
 }
 
 __global__ void rms_norm_kernel(const bf16* x, const void* weight, bool weight_bf16, float eps, bf16* out, int dim) {
+  pdl_begin();
   __shared__ float scratch[32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
   float ss = 0.0f;
@@ -42,6 +46,7 @@ __global__ void rms_norm_kernel(const bf16* x, const void* weight, bool weight_b
 
 __global__ void add_rms_norm_kernel(bf16* residual, const bf16* delta, const void* weight, bool weight_bf16,
                                     float eps, bf16* out, int dim) {
+  pdl_begin();
   __shared__ float scratch[32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
   float ss = 0.0f;
@@ -59,6 +64,7 @@ __global__ void add_rms_norm_kernel(bf16* residual, const bf16* delta, const voi
 }
 
 __global__ void add_bias_f32_kernel(float* out, const bf16* bias, int64_t total, int cols) {
+  pdl_begin();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] += bf2f(bias[i % cols]);
@@ -66,6 +72,7 @@ __global__ void add_bias_f32_kernel(float* out, const bf16* bias, int64_t total,
 
 __global__ void rope_kernel(bf16* q, bf16* k, int q_heads, int k_heads, int head_dim, RopeArgs rope,
                             const int32_t* row_pos) {
+  pdl_begin();
   const int row = blockIdx.x;
   const float pos = static_cast<float>(row_pos[row]);
   const int half = rope.half;
@@ -87,6 +94,7 @@ __global__ void rope_kernel(bf16* q, bf16* k, int q_heads, int k_heads, int head
 
 __global__ void kv_store_kernel(const uint16_t* k, const uint16_t* v, uint16_t* cache_k, uint16_t* cache_v,
                                 int kv_row, int window, StepArgs step) {
+  pdl_begin();
   const int row = blockIdx.x;
   const int pos = step.row_pos[row];
   const int32_t* info = step.seq_info + step.row_seq[row] * kSeqFields;
@@ -114,6 +122,7 @@ __global__ void kv_store_kernel(const uint16_t* k, const uint16_t* v, uint16_t* 
 // One warp per row. Ties go to the lowest expert index, like the CPU reference.
 constexpr int kMaxExpertWords = 8;  // up to 32 * 32 * 8 = 8192 experts
 __global__ void router_topk_kernel(const float* logits, int rows, int experts, int k, int32_t* ids, float* weights) {
+  pdl_begin();
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= rows) return;
@@ -165,12 +174,14 @@ __global__ void router_topk_kernel(const float* logits, int rows, int experts, i
 }
 
 __global__ void add_bf16_kernel(bf16* x, const bf16* y, int64_t n) {
+  pdl_begin();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     x[i] = f2bf(bf2f(x[i]) + bf2f(y[i]));
 }
 
 __global__ void gather_rows_kernel(const uint8_t* x, uint8_t* out, int64_t row_bytes, const int32_t* rows) {
+  pdl_begin();
   const int64_t src = static_cast<int64_t>(rows[blockIdx.x]) * row_bytes;
   const int64_t dst = static_cast<int64_t>(blockIdx.x) * row_bytes;
   if (row_bytes % 4 == 0) {
@@ -215,33 +226,50 @@ int grid_for(int64_t n, int threads) {
 
 }  // namespace
 
+bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("ARBITER_CUDA_PDL");
+    if (!env || std::strcmp(env, "1") != 0) return false;
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return major >= 9;
+  }();
+  return enabled;
+}
+
 void embedding(const void* table, bool table_bf16, int64_t vocab, int64_t dim, const StepArgs& step, void* out,
                int rows, cudaStream_t stream) {
   if (rows <= 0) return;
-  embedding_kernel<<<rows, 256, 0, stream>>>(table, table_bf16, vocab, dim, step.tokens, static_cast<bf16*>(out));
+  launch_kernel(embedding_kernel, dim3(rows), dim3(256), 0, stream, table, table_bf16, vocab, dim, step.tokens,
+                static_cast<bf16*>(out));
   check_launch("embedding");
 }
 
 void rms_norm(const void* x, const void* weight, bool weight_bf16, float eps, void* out, int rows, int dim,
               cudaStream_t stream) {
   if (rows <= 0) return;
-  rms_norm_kernel<<<rows, kNormThreads, 0, stream>>>(static_cast<const bf16*>(x), weight, weight_bf16, eps,
-                                                     static_cast<bf16*>(out), dim);
+  launch_kernel(rms_norm_kernel, dim3(rows), dim3(kNormThreads), 0, stream, static_cast<const bf16*>(x), weight,
+                weight_bf16, eps, static_cast<bf16*>(out), dim);
   check_launch("rms_norm");
 }
 
 void add_rms_norm(void* residual, const void* delta, const void* weight, bool weight_bf16, float eps, void* out,
                   int rows, int dim, cudaStream_t stream) {
   if (rows <= 0) return;
-  add_rms_norm_kernel<<<rows, kNormThreads, 0, stream>>>(static_cast<bf16*>(residual), static_cast<const bf16*>(delta),
-                                                         weight, weight_bf16, eps, static_cast<bf16*>(out), dim);
+  launch_kernel(add_rms_norm_kernel, dim3(rows), dim3(kNormThreads), 0, stream, static_cast<bf16*>(residual),
+                static_cast<const bf16*>(delta), weight, weight_bf16, eps, static_cast<bf16*>(out), dim);
   check_launch("add_rms_norm");
 }
 
 void add_bias_f32(float* out, const void* bias, int rows, int cols, cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(rows) * cols;
   if (total <= 0) return;
-  add_bias_f32_kernel<<<grid_for(total, 256), 256, 0, stream>>>(out, static_cast<const bf16*>(bias), total, cols);
+  launch_kernel(add_bias_f32_kernel, dim3(grid_for(total, 256)), dim3(256), 0, stream, out, static_cast<const bf16*>(bias),
+                total, cols);
   check_launch("add_bias_f32");
 }
 
@@ -250,17 +278,17 @@ void rope(void* q, void* k, int rows, int q_heads, int k_heads, int head_dim, co
   if (rows <= 0) return;
   const int total = (q_heads + k_heads) * rope.half;
   const int threads = total >= 512 ? 512 : ((total + 31) / 32) * 32;
-  rope_kernel<<<rows, threads, 0, stream>>>(static_cast<bf16*>(q), static_cast<bf16*>(k), q_heads, k_heads, head_dim,
-                                            rope, step.row_pos);
+  launch_kernel(rope_kernel, dim3(rows), dim3(threads), 0, stream, static_cast<bf16*>(q), static_cast<bf16*>(k), q_heads,
+                k_heads, head_dim, rope, step.row_pos);
   check_launch("rope");
 }
 
 void kv_store(const void* k, const void* v, void* cache_k, void* cache_v, int rows, int kv_row, int window,
               const StepArgs& step, cudaStream_t stream) {
   if (rows <= 0) return;
-  kv_store_kernel<<<rows, 128, 0, stream>>>(static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v),
-                                            static_cast<uint16_t*>(cache_k), static_cast<uint16_t*>(cache_v), kv_row,
-                                            window, step);
+  launch_kernel(kv_store_kernel, dim3(rows), dim3(128), 0, stream, static_cast<const uint16_t*>(k),
+                static_cast<const uint16_t*>(v), static_cast<uint16_t*>(cache_k), static_cast<uint16_t*>(cache_v), kv_row,
+                window, step);
   check_launch("kv_store");
 }
 
@@ -269,20 +297,22 @@ void router_topk(const float* logits, int rows, int experts, int k, int32_t* ids
   if (rows <= 0) return;
   if (k > 32 || experts > 32 * 32 * kMaxExpertWords) throw std::invalid_argument("router_topk: k or experts too large");
   const int warps = 4;
-  router_topk_kernel<<<(rows + warps - 1) / warps, warps * 32, 0, stream>>>(logits, rows, experts, k, ids, weights);
+  launch_kernel(router_topk_kernel, dim3((rows + warps - 1) / warps), dim3(warps * 32), 0, stream, logits, rows, experts, k,
+                ids, weights);
   check_launch("router_topk");
 }
 
 void add_bf16(void* x, const void* y, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  add_bf16_kernel<<<grid_for(n, 256), 256, 0, stream>>>(static_cast<bf16*>(x), static_cast<const bf16*>(y), n);
+  launch_kernel(add_bf16_kernel, dim3(grid_for(n, 256)), dim3(256), 0, stream, static_cast<bf16*>(x),
+                static_cast<const bf16*>(y), n);
   check_launch("add");
 }
 
 void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& step, cudaStream_t stream) {
   if (step.logit_count <= 0) return;
-  gather_rows_kernel<<<step.logit_count, 256, 0, stream>>>(static_cast<const uint8_t*>(x), static_cast<uint8_t*>(out),
-                                                           row_bytes, step.logit_rows);
+  launch_kernel(gather_rows_kernel, dim3(step.logit_count), dim3(256), 0, stream, static_cast<const uint8_t*>(x),
+                static_cast<uint8_t*>(out), row_bytes, step.logit_rows);
   check_launch("gather_rows");
 }
 

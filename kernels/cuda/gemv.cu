@@ -36,6 +36,16 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
 #pragma unroll
   for (int r = 0; r < R; ++r)
     wr[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(min(row0 + r, n - 1)) * k);
+  // Weights are never written: fetch this thread's first chunks into L2 while (with PDL) the
+  // previous kernel finishes, then wait for the activations.
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int c = static_cast<int>(threadIdx.x) + kGemvThreads * u;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (c < chunks) prefetch_l2(wr[r] + c);
+  }
+  pdl_begin();
   const uint4* xr = reinterpret_cast<const uint4*>(x);
   float acc[R][M];
 #pragma unroll
@@ -88,9 +98,8 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
 template <int M, int R>
 void launch(const void* x, int m, const void* w, const void* bias, void* out, bool out_f32, int n, int k,
             cudaStream_t stream) {
-  gemv_kernel<M, R><<<(n + R - 1) / R, kGemvThreads, 0, stream>>>(static_cast<const bf16*>(x), m,
-                                                                   static_cast<const bf16*>(w),
-                                                                   static_cast<const bf16*>(bias), out, out_f32, n, k);
+  launch_kernel(gemv_kernel<M, R>, dim3((n + R - 1) / R), dim3(kGemvThreads), 0, stream, static_cast<const bf16*>(x), m,
+                static_cast<const bf16*>(w), static_cast<const bf16*>(bias), out, out_f32, n, k);
   check_launch("gemv");
 }
 

@@ -60,6 +60,7 @@ MoeWorkspace carve(void* base, int rows, int k, int experts, int inter) {
 }
 
 __global__ void route_kernel(const int32_t* ids, int n, int experts, int tile, MoeWorkspace ws) {
+  pdl_begin();
   int32_t* offsets = ws.offsets;
   int32_t* sorted = ws.sorted;
   extern __shared__ int smem[];
@@ -209,6 +210,7 @@ __device__ __forceinline__ VecTask routed_task(const MoeWorkspace& ws) {
 // kDirect (a single row): block y is the row's slot y, no routing. Else block y is a routed task.
 template <bool kDirect>
 __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeArgs a, MoeWorkspace ws) {
+  pdl_begin();
   VecTask t;
   if constexpr (kDirect) {
     t.expert = a.ids[blockIdx.y];
@@ -245,6 +247,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeA
 
 // down, routed: a block is 4 row tiles x kDownSplit K halves of one task; y[slot, row] = (half0 + half1) + bias.
 __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_kernel(MoeArgs a, MoeWorkspace ws) {
+  pdl_begin();
   static_assert(kDownSplit == 2 && kVecWarps % 2 == 0, "two K halves per tile");
   __shared__ float other[kVecWarps / 2][32][4];
   const VecTask t = routed_task(ws);
@@ -282,6 +285,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_kernel(MoeArgs
 // down, single row: a block is one 16-row tile; its warps take the (slot, K half) units in turn, and the
 // block sums the slots in slot order with the router weights, as combine_kernel does (same bits).
 __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_direct_kernel(MoeArgs a, MoeWorkspace ws) {
+  pdl_begin();
   __shared__ float part[kMaxDirectK][kDownSplit][16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = a.inter / 32, half = (groups + 1) / 2;
@@ -341,6 +345,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
 
 template <int kStage>
 __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, MoeWorkspace ws) {
+  pdl_begin();
   extern __shared__ __align__(16) uint8_t mma_smem[];
   __shared__ const bf16* rows_of[kMmaM];
   __shared__ int slot_of[kMmaM];
@@ -486,6 +491,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
 
 __global__ void combine_kernel(const int32_t* ids, const float* weights, int k, int experts, const float* y,
                                int hidden, bf16* out) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
     float sum = 0.0f;
@@ -503,16 +509,17 @@ void launch_vec(const MoeArgs& a, const MoeWorkspace& ws, bool direct, cudaStrea
   const dim3 g1(static_cast<unsigned>((a.inter + kVecWarps * 8 - 1) / (kVecWarps * 8)), tasks);
   const int down_tiles = (a.hidden + 15) / 16;
   if (direct) {
-    moe_vec_gate_up_kernel<true><<<g1, kVecWarps * 32, 0, stream>>>(a, ws);
+    launch_kernel(moe_vec_gate_up_kernel<true>, g1, dim3(kVecWarps * 32), 0, stream, a, ws);
     check_launch("moe gate_up (vec, one row)");
-    moe_vec_down_direct_kernel<<<static_cast<unsigned>(down_tiles), kVecWarps * 32, 0, stream>>>(a, ws);
+    launch_kernel(moe_vec_down_direct_kernel, dim3(static_cast<unsigned>(down_tiles)), dim3(kVecWarps * 32), 0, stream, a,
+                  ws);
     check_launch("moe down (vec, one row)");
     return;
   }
-  moe_vec_gate_up_kernel<false><<<g1, kVecWarps * 32, 0, stream>>>(a, ws);
+  launch_kernel(moe_vec_gate_up_kernel<false>, g1, dim3(kVecWarps * 32), 0, stream, a, ws);
   check_launch("moe gate_up (vec)");
   const dim3 g2(static_cast<unsigned>((down_tiles + kVecWarps / 2 - 1) / (kVecWarps / 2)), tasks);
-  moe_vec_down_kernel<<<g2, kVecWarps * 32, 0, stream>>>(a, ws);
+  launch_kernel(moe_vec_down_kernel, g2, dim3(kVecWarps * 32), 0, stream, a, ws);
   check_launch("moe down (vec)");
 }
 
@@ -521,10 +528,10 @@ void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) 
   cudaFuncSetAttribute(moe_mma_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMmaSmem));
   cudaFuncSetAttribute(moe_mma_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMmaSmem));
   const dim3 g1(static_cast<unsigned>((2 * a.inter + kMmaN - 1) / kMmaN), tiles);
-  moe_mma_kernel<1><<<g1, kMmaWarps * 32, kMmaSmem, stream>>>(a, ws);
+  launch_kernel(moe_mma_kernel<1>, g1, dim3(kMmaWarps * 32), kMmaSmem, stream, a, ws);
   check_launch("moe gate_up (mma)");
   const dim3 g2(static_cast<unsigned>((a.hidden + kMmaN - 1) / kMmaN), tiles);
-  moe_mma_kernel<2><<<g2, kMmaWarps * 32, kMmaSmem, stream>>>(a, ws);
+  launch_kernel(moe_mma_kernel<2>, g2, dim3(kMmaWarps * 32), kMmaSmem, stream, a, ws);
   check_launch("moe down (mma)");
 }
 
@@ -554,15 +561,16 @@ void moe(const MoeArgs& a, cudaStream_t stream) {
     return;
   }
   const int tile = mma ? kMmaM : kVecTokens;
-  route_kernel<<<1, 1024, static_cast<size_t>(2 * a.experts) * sizeof(int), stream>>>(a.ids, n, a.experts, tile, ws);
+  launch_kernel(route_kernel, dim3(1), dim3(1024), static_cast<size_t>(2 * a.experts) * sizeof(int), stream, a.ids, n,
+                a.experts, tile, ws);
   check_launch("moe route");
   if (mma) {
     launch_mmas(a, ws, stream);
   } else {
     launch_vec(a, ws, false, stream);
   }
-  combine_kernel<<<a.rows, 256, 0, stream>>>(a.ids, a.weights, a.k, a.experts, ws.y, a.hidden,
-                                             static_cast<bf16*>(a.out));
+  launch_kernel(combine_kernel, dim3(a.rows), dim3(256), 0, stream, a.ids, a.weights, a.k, a.experts, ws.y, a.hidden,
+                static_cast<bf16*>(a.out));
   check_launch("moe combine");
 }
 

@@ -103,6 +103,7 @@ __device__ __forceinline__ uint64_t block_exclusive_scan(uint64_t v, uint64_t* s
 __global__ __launch_bounds__(kArgmaxThreads) void argmax_split_kernel(const float* logits, int64_t n, int chunks,
                                                                        int32_t* out, uint64_t* best_slots,
                                                                        uint32_t* counters) {
+  pdl_begin();
   __shared__ uint64_t warp_best[kArgmaxThreads / 32];
   __shared__ bool last;
   const int row = blockIdx.y;
@@ -264,6 +265,7 @@ __global__ __launch_bounds__(kTopThreads) void top_logprobs_kernel(const float* 
                                                                     int k, int32_t* ids_out, float* lp_out,
                                                                     float2* stats, uint64_t* cands,
                                                                     uint32_t* counters) {
+  pdl_begin();
   __shared__ TopShared sh;
   const int row = blockIdx.y, c = blockIdx.x, tid = threadIdx.x;
   const int64_t begin = static_cast<int64_t>(c) * kTopChunk;
@@ -346,8 +348,8 @@ void argmax(const float* logits, int rows, int64_t n, int32_t* out, void* worksp
   for (int r0 = 0; r0 < rows; r0 += kRowsPerLaunch) {
     const int nr = std::min(kRowsPerLaunch, rows - r0);
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(nr));
-    argmax_split_kernel<<<grid, kArgmaxThreads, 0, stream>>>(
-        logits + static_cast<int64_t>(r0) * n, n, static_cast<int>(chunks), out + r0,
+    launch_kernel(
+        argmax_split_kernel, grid, dim3(kArgmaxThreads), 0, stream, logits + static_cast<int64_t>(r0) * n, n, static_cast<int>(chunks), out + r0,
         reinterpret_cast<uint64_t*>(ws + kWsArgmaxBest), reinterpret_cast<uint32_t*>(ws + kWsArgmaxCounters));
     check_launch("argmax");
   }
@@ -362,8 +364,8 @@ void top_logprobs(const float* logits, int rows, int64_t vocab, int k, int32_t* 
   for (int r0 = 0; r0 < rows; r0 += kRowsPerLaunch) {
     const int nr = std::min(kRowsPerLaunch, rows - r0);
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(nr));
-    top_logprobs_kernel<<<grid, kTopThreads, 0, stream>>>(
-        logits + static_cast<int64_t>(r0) * vocab, vocab, chunks, k, ids + static_cast<int64_t>(r0) * k,
+    launch_kernel(
+        top_logprobs_kernel, grid, dim3(kTopThreads), 0, stream, logits + static_cast<int64_t>(r0) * vocab, vocab, chunks, k, ids + static_cast<int64_t>(r0) * k,
         logprobs + static_cast<int64_t>(r0) * k, reinterpret_cast<float2*>(ws + kWsTopStats),
         reinterpret_cast<uint64_t*>(ws + kWsTopCands), reinterpret_cast<uint32_t*>(ws + kWsTopCounters));
     check_launch("top_logprobs");
