@@ -79,6 +79,11 @@ struct Sequence {
   std::vector<int32_t> blocks;            // block table on the rank (all layers)
   int cached_chain = 0;                   // leading blocks registered in the rank's prefix cache
   bool chain_broken = false;              // a registration was refused: register no further blocks
+  // Blocks [computing_begin, computing_end) of the table are announced to the rank as being
+  // computed (State::computing), so a sequence with the same prefix can wait for them to be cached.
+  std::vector<uint64_t> block_keys;       // content keys of the announced blocks (index = block)
+  int computing_begin = 0;
+  int computing_end = 0;
 
   // This step's work.
   int planned_tokens = 0;
@@ -108,6 +113,9 @@ struct Scheduler::State {
   std::vector<uint64_t> finished_ids;                      // finished, not yet swept
   uint64_t count_generation = 0;
   std::vector<std::vector<Sequence*>> placed;          // per rank: its sequences, in placement order
+  // Per rank: content keys of whole blocks that placed sequences are computing and will cache (a
+  // hint for routing only; KV is only ever shared through the PrefixCache, which compares tokens).
+  std::vector<std::unordered_map<uint64_t, int>> computing;
   std::vector<std::vector<Sequence*>> planned;         // per rank: the step in flight
   int queued = 0;                                      // queued_requests(), kept between steps
   uint64_t next_sequence_id = 1;
@@ -121,15 +129,55 @@ struct Scheduler::State {
     max_context = std::min(o.max_context, (o.blocks_per_rank - 1) * o.block_size);
     for (int r = 0; r < o.num_ranks; ++r) caches.emplace_back(o.blocks_per_rank, o.block_size);
     placed.resize(static_cast<size_t>(o.num_ranks));
+    computing.resize(static_cast<size_t>(o.num_ranks));
     planned.resize(static_cast<size_t>(o.num_ranks));
   }
 
   int bs() const { return options.block_size; }
 
+  // Content keys of the first `count` whole blocks of `tokens` (key of block b covers blocks 0..b).
+  std::vector<uint64_t> content_keys(const std::vector<int32_t>& tokens, int count) const {
+    std::vector<uint64_t> keys;
+    keys.reserve(static_cast<size_t>(count));
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (int b = 0; b < count; ++b) {
+      for (int i = b * bs(); i < (b + 1) * bs(); ++i) {
+        h ^= static_cast<uint32_t>(tokens[static_cast<size_t>(i)]);
+        h *= 0x100000001b3ull;
+        h ^= h >> 32;
+      }
+      keys.push_back(h);
+    }
+    return keys;
+  }
+
+  // Announces the whole blocks the sequence is about to compute (from its cached prefix on).
+  void announce_computing(Sequence& s) {
+    if (!options.prefix_caching) return;
+    const int whole = static_cast<int>(s.tokens.size()) / bs();
+    s.computing_begin = s.cached_chain;
+    s.computing_end = std::max(s.computing_begin, whole);
+    if (s.computing_begin == s.computing_end) return;
+    s.block_keys = content_keys(s.tokens, s.computing_end);
+    auto& rank = computing[static_cast<size_t>(s.rank)];
+    for (int b = s.computing_begin; b < s.computing_end; ++b) ++rank[s.block_keys[static_cast<size_t>(b)]];
+  }
+
+  // Withdraws announced blocks [computing_begin, up_to).
+  void withdraw_computing(Sequence& s, int up_to) {
+    if (s.rank < 0) return;
+    auto& rank = computing[static_cast<size_t>(s.rank)];
+    for (; s.computing_begin < std::min(up_to, s.computing_end); ++s.computing_begin) {
+      const auto it = rank.find(s.block_keys[static_cast<size_t>(s.computing_begin)]);
+      if (it != rank.end() && --it->second == 0) rank.erase(it);
+    }
+  }
+
   // --- finishing ---
 
   void unplace(Sequence& s) {
     if (s.rank < 0) return;
+    withdraw_computing(s, s.computing_end);
     std::erase(placed[static_cast<size_t>(s.rank)], &s);
   }
 
@@ -263,11 +311,13 @@ struct Scheduler::State {
       const auto reg = cache.register_block(s.blocks[static_cast<size_t>(i)], parent, content);
       if (!reg.cached) {
         s.chain_broken = true;
+        withdraw_computing(s, s.computing_end);  // nothing more of it will be cached
         return;
       }
       s.blocks[static_cast<size_t>(i)] = reg.block;
       ++s.cached_chain;
     }
+    withdraw_computing(s, s.cached_chain);
   }
 
   // --- planning ---
@@ -376,6 +426,7 @@ struct Scheduler::State {
   struct Placement {
     int rank = -1;
     std::vector<int32_t> matched;
+    bool wait = false;  // a rank is computing more of this prefix: waiting for it is cheaper
   };
 
   Placement choose_rank(const Sequence& s, const std::vector<int64_t>& backlog, const std::vector<int>& running,
@@ -385,6 +436,8 @@ struct Scheduler::State {
     const int max_match = s.warm ? len / bs() : (len - 1) / bs();
     Placement best;
     int64_t best_cost = std::numeric_limits<int64_t>::max();
+    int64_t best_soon_cost = std::numeric_limits<int64_t>::max();  // counting blocks being computed
+    std::vector<uint64_t> keys;  // computed when some rank is computing blocks
     for (int r = 0; r < options.num_ranks; ++r) {
       if (s.pinned_rank >= 0 && r != s.pinned_rank) continue;
       const size_t ri = static_cast<size_t>(r);
@@ -399,13 +452,28 @@ struct Scheduler::State {
       for (int32_t b : matched) held_elsewhere += cache.ref_count(b) == 0 ? 1 : 0;
       const int needed = ceil_div(len, bs()) - static_cast<int>(matched.size());
       if (needed > cache.available_blocks() - held_elsewhere) continue;
-      const int64_t cost = backlog[ri] + static_cast<int64_t>(options.route_load_tokens) * running[ri] + len -
-                           static_cast<int64_t>(matched.size()) * bs();
+      const int64_t load = backlog[ri] + static_cast<int64_t>(options.route_load_tokens) * running[ri];
+      const int64_t cost = load + len - static_cast<int64_t>(matched.size()) * bs();
+      // Blocks after the cached ones that a sequence on this rank is computing right now.
+      int soon = static_cast<int>(matched.size());
+      if (!computing[ri].empty()) {
+        if (keys.empty()) keys = content_keys(s.tokens, max_match);
+        while (soon < max_match && computing[ri].count(keys[static_cast<size_t>(soon)])) ++soon;
+      }
+      best_soon_cost = std::min(best_soon_cost, load + len - static_cast<int64_t>(soon) * bs());
       if (cost < best_cost || (cost == best_cost && matched.size() > best.matched.size())) {
         best_cost = cost;
         best.rank = r;
         best.matched = std::move(matched);
       }
+    }
+    // Waiting pays when a rank will soon hold at least a block more of the prefix than the best
+    // placement now gains over it (e.g. a burst of requests under a policy nobody has cached yet:
+    // the first computes the policy once, the others reuse it).
+    if (best.rank >= 0 && best_soon_cost + bs() <= best_cost) {
+      best.rank = -1;
+      best.matched.clear();
+      best.wait = true;
     }
     return best;
   }
@@ -423,6 +491,7 @@ struct Scheduler::State {
     s.num_computed = matched_tokens;
     if (!ensure_capacity(s, static_cast<int>(s.tokens.size())))
       throw std::logic_error("Scheduler: a placed sequence could not get its blocks");
+    announce_computing(s);
     s.result.rank = s.rank;
     if (!s.ever_placed) {
       s.ever_placed = true;
@@ -454,6 +523,7 @@ struct Scheduler::State {
         if (s->finished) continue;
       }
       Placement placement = choose_rank(*s, backlog, running, budgets);
+      if (placement.wait) continue;  // the prefix it needs is being computed: place it once cached
       if (placement.rank < 0) {
         if (!s->warm) blocked = true;
         continue;
@@ -770,6 +840,12 @@ std::string Scheduler::check_consistency() const {
       if (seqs[i]->finished || seqs[i]->rank != r) return "rank " + std::to_string(r) + " lists a sequence that is not there";
       if (i > 0 && seqs[i - 1]->placed_order >= seqs[i]->placed_order) return "placement order broken";
     }
+  }
+  for (int r = 0; r < st.options.num_ranks; ++r) {
+    std::unordered_map<uint64_t, int> announced;
+    for (const Sequence* s : st.placed[static_cast<size_t>(r)])
+      for (int b = s->computing_begin; b < s->computing_end; ++b) ++announced[s->block_keys[static_cast<size_t>(b)]];
+    if (announced != st.computing[static_cast<size_t>(r)]) return "rank " + std::to_string(r) + ": blocks being computed miscounted";
   }
   size_t placed_live = 0;
   for (const auto& [id, s] : st.live) placed_live += s->rank >= 0 && !s->finished ? 1 : 0;

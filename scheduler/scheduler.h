@@ -10,7 +10,9 @@
 // preemption), within max_step_tokens / max_step_samples / max_prefill_chunk. Waiting sequences are
 // placed, first come first served, on the rank with the least estimated work (uncached tokens there
 // plus that rank's queued prompt work and running sequences), among ranks that can hold all their
-// tokens now. One block table per sequence serves every layer. When a sequence needs a block and the
+// tokens now; a sequence waits instead when a rank is computing more of its prefix right now (a
+// burst under a new policy computes the policy once per rank). One block table per sequence serves
+// every layer. When a sequence needs a block and the
 // rank has none (after evicting unreferenced cached blocks), the most recently placed sequence not
 // yet in the step is preempted: its blocks are released (the cached ones stay cached) and it goes
 // back to the front of the queue to recompute prompt + generated tokens, with the same output.

@@ -406,6 +406,33 @@ TEST(Scheduler, SecondRequestReusesThePolicyPrefix) {
   EXPECT_EQ(outputs[true], outputs[false]);
 }
 
+TEST(Scheduler, ABurstUnderANewPolicyComputesItOnce) {
+  const std::vector<int32_t> policy = tokens_from(77, 40);
+  std::map<bool, std::vector<std::vector<int32_t>>> outputs;
+  for (bool caching : {true, false}) {
+    SchedulerOptions o = small_options();
+    o.prefix_caching = caching;
+    o.max_step_tokens = 16;
+    Harness h(o);
+    std::vector<SequenceSpec> specs;
+    for (uint32_t i = 0; i < 6; ++i) {
+      specs.push_back(make_spec(concat(policy, tokens_from(900 + i, 5)), 4));
+      ASSERT_EQ(h.submit("b" + std::to_string(i), {specs.back()}), SubmitStatus::kAccepted);
+    }
+    h.run();
+    for (uint32_t i = 0; i < 6; ++i) {
+      const auto& r = h.outcome("b" + std::to_string(i)).results[0];
+      expect_matches_reference(r, specs[i], h.rules, 200);
+      outputs[caching].push_back(token_ids(r.tokens));
+      if (caching) {
+        EXPECT_EQ(r.cached_tokens, i == 0 ? 0 : 40) << i;
+      }
+    }
+    EXPECT_EQ(h.scheduler.stats().prefill_tokens, caching ? 40u + 6u * 5u : 6u * 45u);
+  }
+  EXPECT_EQ(outputs[true], outputs[false]);
+}
+
 TEST(Scheduler, FullyCachedPromptStillComputesItsLastToken) {
   Harness h(small_options());
   const auto spec = make_spec(tokens_from(3, 16), 4);  // exactly 4 blocks
@@ -631,17 +658,26 @@ TEST(Scheduler, RoutingPrefersTheCachingRankButBalancesLoad) {
   h.run();
   EXPECT_EQ(h.outcome("first").results[0].rank, 1);
   EXPECT_EQ(h.outcome("first").results[0].cached_tokens, 64);
-  // A burst: the caching rank takes requests until its load outweighs the prefix it saves.
+  // A burst: the caching rank takes requests until its load outweighs the prefix it saves; then rank
+  // 0 computes the policy once and shares it with the requests after.
+  const uint64_t prefill_before = h.scheduler.stats().prefill_tokens;
   for (int i = 0; i < 12; ++i)
     ASSERT_EQ(h.submit("b" + std::to_string(i), {make_spec(concat(policy, tokens_from(50 + static_cast<uint32_t>(i), 3)), 40)}),
               SubmitStatus::kAccepted);
   h.run();
   std::map<int, int> per_rank;
-  for (int i = 0; i < 12; ++i) ++per_rank[h.outcome("b" + std::to_string(i)).results[0].rank];
-  EXPECT_GT(per_rank[1], per_rank[0]);
-  EXPECT_GT(per_rank[0], 0);
+  int cached_on_0 = 0;
+  for (int i = 0; i < 12; ++i) {
+    const auto& r = h.outcome("b" + std::to_string(i)).results[0];
+    ++per_rank[r.rank];
+    if (r.rank == 0 && r.cached_tokens == 64) ++cached_on_0;
+  }
+  EXPECT_GT(per_rank[1], 0);
+  EXPECT_GT(per_rank[0], 1);
+  EXPECT_EQ(cached_on_0, per_rank[0] - 1);
   EXPECT_EQ(h.outcome("b0").results[0].rank, 1);
   EXPECT_EQ(h.outcome("b0").results[0].cached_tokens, 64);
+  EXPECT_EQ(h.scheduler.stats().prefill_tokens - prefill_before, 64u + 12u * 3u);  // the policy once, on rank 0
   // Unknown rank for warm-up.
   EXPECT_THROW(h.scheduler.warm(policy, 5), std::invalid_argument);
   h.expect_all_blocks_released();
