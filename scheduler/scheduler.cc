@@ -400,16 +400,16 @@ struct Scheduler::State {
     for (Sequence* s : seqs) {
       if (budget.tokens == 0 || budget.samples == 0) break;
       if (s->rank != rank || s->warm || s->pending() != 1) continue;
-      bool placed = true;
+      bool has_room = true;
       while (!ensure_capacity(*s, s->num_computed + 1)) {
         Sequence* victim = pick_victim(rank);
         preempt(*victim);
         if (victim == s) {
-          placed = false;
+          has_room = false;
           break;
         }
       }
-      if (!placed) continue;
+      if (!has_room) continue;
       plan(*s, 1, true, true);
       --budget.tokens;
       --budget.samples;
