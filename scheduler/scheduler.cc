@@ -44,6 +44,17 @@ using Events = std::vector<std::function<void()>>;
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Runs the callbacks collected during a plan or completion, after the lock is released. A callback
+// that throws is the caller's bug; it must not end the step (and every other request with it).
+void run_events(Events& events) {
+  for (auto& event : events) {
+    try {
+      event();
+    } catch (...) {
+    }
+  }
+}
+
 // A request while it is live: its callbacks, deadline, and the results of its finished sequences.
 struct RequestState {
   std::string id;
@@ -765,7 +776,7 @@ std::vector<proto::StepPlan> Scheduler::plan_step() {
     ++st.stats.steps;
     st.sweep();
   }
-  for (auto& event : events) event();
+  run_events(events);
   return plans;
 }
 
@@ -781,7 +792,7 @@ void Scheduler::complete_step(const std::vector<proto::StepResult>& results) {
     st.apply_cancellations(events);
     st.sweep();
   }
-  for (auto& event : events) event();
+  run_events(events);
 }
 
 void Scheduler::fail_all(const std::string& why) {
@@ -797,7 +808,7 @@ void Scheduler::fail_all(const std::string& why) {
     for (auto& [id, s] : st.live) st.finish(*s, FinishReason::kError, why, events);
     st.sweep();
   }
-  for (auto& event : events) event();
+  run_events(events);
 }
 
 std::string Scheduler::check_consistency() const {

@@ -19,7 +19,8 @@
 //
 // Threading: submit(), cancel(), warm() and stats() are thread-safe (the HTTP threads call them);
 // plan_step() / complete_step() are called by one thread, the step loop (scheduler/step_loop.h).
-// Callbacks run on the step-loop thread and must not block.
+// Callbacks run on the step-loop thread, outside the scheduler's lock (they may call submit() or
+// cancel()), and must not block; an exception thrown by one is swallowed.
 #pragma once
 
 #include <chrono>

@@ -775,6 +775,21 @@ TEST(Scheduler, CallbacksMaySubmitAndCancelReentrantly) {
   EXPECT_EQ(finished, 6);
 }
 
+TEST(Scheduler, AThrowingCallbackDoesNotDisturbOtherRequests) {
+  Harness h(small_options());
+  RequestSpec bad;
+  bad.id = "throws";
+  bad.sequences = {make_spec(tokens_from(1, 6), 3)};
+  bad.on_token = [](int, const GeneratedToken&) { throw std::runtime_error("client bug"); };
+  bad.on_done = [](std::vector<SequenceResult>) { throw std::runtime_error("client bug"); };
+  ASSERT_EQ(h.scheduler.submit(std::move(bad)), SubmitStatus::kAccepted);
+  const auto spec = make_spec(tokens_from(2, 6), 5);
+  ASSERT_EQ(h.submit("fine", {spec}), SubmitStatus::kAccepted);
+  h.run();
+  expect_matches_reference(h.outcome("fine").results[0], spec, h.rules, 200);
+  EXPECT_EQ(h.scheduler.stats().finished[static_cast<int>(FinishReason::kLength)], 2u);
+}
+
 TEST(Scheduler, FailAllEndsEverythingOnce) {
   Harness h(small_options());
   ASSERT_EQ(h.submit("a", {make_spec(tokens_from(1, 30), 100), make_spec(tokens_from(2, 3), 100)}), SubmitStatus::kAccepted);
