@@ -658,13 +658,15 @@ void attention(const AttentionArgs& a, const StepArgs& step, void* workspace, cu
   const int group = a.q_heads / a.kv_heads;
   // Prefill (some sequence has at least 16 new tokens) on tensor cores.
   const int heads = prefill_heads(group);
-  const bool prefill_ok = heads > 0 && a.seqs > 0 && a.seqs <= 65535 && (a.head_dim == 64 || a.head_dim == 128);
+  const bool prefill_ok =
+      heads > 0 && a.seqs > 0 && a.seqs <= 65535 && (a.head_dim == 64 || a.head_dim == 128);
   if (prefill_ok && (a.path == AttentionPath::kMma || (a.path == AttentionPath::kAuto && a.max_new >= 16))) {
     const int tokens = 16 * (kPrefillWarps / heads);
     const dim3 grid(static_cast<unsigned>((a.max_new + tokens - 1) / tokens),
                     static_cast<unsigned>(a.kv_heads * (group / heads)), static_cast<unsigned>(a.seqs));
-    if (a.head_dim == 64) launch_kernel(attention_prefill_kernel<64>, grid, dim3(kPrefillWarps * 32), 0, stream, a, step, heads);
-    else launch_kernel(attention_prefill_kernel<128>, grid, dim3(kPrefillWarps * 32), 0, stream, a, step, heads);
+    const dim3 block(kPrefillWarps * 32);
+    if (a.head_dim == 64) launch_kernel(attention_prefill_kernel<64>, grid, block, 0, stream, a, step, heads);
+    else launch_kernel(attention_prefill_kernel<128>, grid, block, 0, stream, a, step, heads);
     check_launch("attention (prefill)");
     return;
   }
@@ -676,8 +678,11 @@ void attention(const AttentionArgs& a, const StepArgs& step, void* workspace, cu
     auto* counters = static_cast<uint32_t*>(workspace);
     auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + kSplitCounterBytes);
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.rows));
-    if (a.head_dim == 64) launch_kernel(attention_split_kernel<64>, grid, dim3(kSplitThreads), 0, stream, a, step, splits, partials, counters);
-    else launch_kernel(attention_split_kernel<128>, grid, dim3(kSplitThreads), 0, stream, a, step, splits, partials, counters);
+    const dim3 block(kSplitThreads);
+    if (a.head_dim == 64)
+      launch_kernel(attention_split_kernel<64>, grid, block, 0, stream, a, step, splits, partials, counters);
+    else
+      launch_kernel(attention_split_kernel<128>, grid, block, 0, stream, a, step, splits, partials, counters);
     check_launch("attention (split)");
     return;
   }

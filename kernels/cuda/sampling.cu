@@ -348,9 +348,9 @@ void argmax(const float* logits, int rows, int64_t n, int32_t* out, void* worksp
   for (int r0 = 0; r0 < rows; r0 += kRowsPerLaunch) {
     const int nr = std::min(kRowsPerLaunch, rows - r0);
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(nr));
-    launch_kernel(
-        argmax_split_kernel, grid, dim3(kArgmaxThreads), 0, stream, logits + static_cast<int64_t>(r0) * n, n, static_cast<int>(chunks), out + r0,
-        reinterpret_cast<uint64_t*>(ws + kWsArgmaxBest), reinterpret_cast<uint32_t*>(ws + kWsArgmaxCounters));
+    launch_kernel(argmax_split_kernel, grid, dim3(kArgmaxThreads), 0, stream, logits + static_cast<int64_t>(r0) * n, n,
+                  static_cast<int>(chunks), out + r0, reinterpret_cast<uint64_t*>(ws + kWsArgmaxBest),
+                  reinterpret_cast<uint32_t*>(ws + kWsArgmaxCounters));
     check_launch("argmax");
   }
 }
@@ -364,10 +364,10 @@ void top_logprobs(const float* logits, int rows, int64_t vocab, int k, int32_t* 
   for (int r0 = 0; r0 < rows; r0 += kRowsPerLaunch) {
     const int nr = std::min(kRowsPerLaunch, rows - r0);
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(nr));
-    launch_kernel(
-        top_logprobs_kernel, grid, dim3(kTopThreads), 0, stream, logits + static_cast<int64_t>(r0) * vocab, vocab, chunks, k, ids + static_cast<int64_t>(r0) * k,
-        logprobs + static_cast<int64_t>(r0) * k, reinterpret_cast<float2*>(ws + kWsTopStats),
-        reinterpret_cast<uint64_t*>(ws + kWsTopCands), reinterpret_cast<uint32_t*>(ws + kWsTopCounters));
+    launch_kernel(top_logprobs_kernel, grid, dim3(kTopThreads), 0, stream, logits + static_cast<int64_t>(r0) * vocab,
+                  vocab, chunks, k, ids + static_cast<int64_t>(r0) * k, logprobs + static_cast<int64_t>(r0) * k,
+                  reinterpret_cast<float2*>(ws + kWsTopStats), reinterpret_cast<uint64_t*>(ws + kWsTopCands),
+                  reinterpret_cast<uint32_t*>(ws + kWsTopCounters));
     check_launch("top_logprobs");
   }
 }
