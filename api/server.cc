@@ -357,13 +357,20 @@ void fill_chat_usage(const SequenceResult& r, wire::ChatUsage& u) {
 std::string sse(const std::string& json) { return "data: " + json + "\n\n"; }
 
 // Cancels a generation whose reply was dropped before it finished (a stream never started).
-struct CancelUnlessFinished {
-  Scheduler* scheduler;
-  std::string id;
-  std::shared_ptr<ChatRun> run;
+class CancelUnlessFinished {
+ public:
+  CancelUnlessFinished(Scheduler* scheduler, std::string id, std::shared_ptr<ChatRun> run)
+      : scheduler(scheduler), id(std::move(id)), run(std::move(run)) {}
+  CancelUnlessFinished(const CancelUnlessFinished&) = delete;
+  CancelUnlessFinished& operator=(const CancelUnlessFinished&) = delete;
   ~CancelUnlessFinished() {
     if (!run->finished()) scheduler->cancel(id);
   }
+
+ private:
+  Scheduler* scheduler;
+  std::string id;
+  std::shared_ptr<ChatRun> run;
 };
 
 }  // namespace
@@ -408,7 +415,7 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
   const std::string model = h.model_name;
   const uint32_t created = unix_now();
   auto output = std::make_shared<ChatOutput>(*h.tokenizer, plan.stop);
-  auto cleanup = std::make_shared<CancelUnlessFinished>(CancelUnlessFinished{h.scheduler, id, run});
+  auto cleanup = std::make_shared<CancelUnlessFinished>(h.scheduler, id, run);
   Scheduler* scheduler = h.scheduler;
   std::function<bool()> client_gone = req.client_gone;
 
@@ -786,6 +793,7 @@ int ApiServer::bind() {
   impl.http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   impl.http.set_payload_max_length(impl.options.max_body_bytes);
   impl.http.set_keep_alive_max_count(1000);
+  impl.http.set_keep_alive_timeout(2);  // an idle keep-alive connection also holds up shutdown this long
   impl.http.set_read_timeout(60, 0);
   impl.http.set_write_timeout(60, 0);
   impl.http.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request&, httplib::Response& res) {

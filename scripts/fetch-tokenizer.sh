@@ -52,6 +52,6 @@ if [[ "${ARBITER_SKIP_ORACLES:-0}" != 1 ]]; then
   else
     [[ -f "$node_dir/package.json" ]] || echo '{"name":"arbiter-oracles","private":true}' > "$node_dir/package.json"
     echo "fetch-tokenizer: npm install js-tiktoken tiktoken into $node_dir"
-    (cd "$node_dir" && npm install --silent --no-audit --no-fund js-tiktoken@1.0.21 tiktoken@1.0.22 >/dev/null)
+    (cd "$node_dir" && npm install --silent --no-audit --no-fund js-tiktoken@1.0.21 tiktoken@1.0.22 openai@6.30.1 >/dev/null)
   fi
 fi

@@ -1,9 +1,10 @@
 // `arbiter serve`: the HTTP API (api/server.h) over the serving engine. Rank 0 listens and prints
 // the address as soon as it is bound (model endpoints answer 503 and /ready fails until the
 // weights are loaded on every rank), runs the step loop and answers requests; under mpirun (or
-// --ranks N thread ranks) the other ranks only run steps. SIGTERM or SIGINT drains: no new work is
-// accepted, requests in flight are answered, then every rank exits cleanly.
+// --ranks N thread ranks) the other ranks only run steps. SIGTERM or SIGINT (to rank 0) drains: no
+// new work is accepted, requests in flight are answered, then every rank exits cleanly.
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -99,7 +100,9 @@ int cmd_serve(const CliArgs& args) {
     api::ApiServer server(opts);
     const int port = server.bind();
     server.start();
-    std::cout << "arbiter serve: listening on http://" << opts.host << ":" << port << std::endl;
+    // The pid: under mpirun, SIGTERM to rank 0 drains the job and every process exits 0 (mpirun
+    // itself, signalled, forwards the signal, rank 0 still drains, but mpirun reports failure).
+    std::cout << "arbiter serve: listening on http://" << opts.host << ":" << port << " (pid " << getpid() << ")" << std::endl;
 
     ServingRank serving(serving_opts, rank.comm, rank.placement);
     serving.loop().start();

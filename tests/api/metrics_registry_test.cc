@@ -1,0 +1,124 @@
+// The Prometheus registry's text format, and the policy registry's versions and SQLite persistence.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "api/metrics.h"
+#include "api/policy_registry.h"
+#include "tests/test_util.h"
+
+namespace arbiter::api {
+namespace {
+
+TEST(Metrics, TextExpositionFormat) {
+  MetricsRegistry m;
+  m.counter("requests_total", "Requests.", {{"endpoint", "/v1/classify"}, {"status", "200"}}).inc();
+  m.counter("requests_total", "Requests.", {{"endpoint", "/v1/classify"}, {"status", "200"}}).inc(2);
+  m.counter("requests_total", "Requests.", {{"endpoint", "/v1/classify"}, {"status", "429"}}).inc();
+  m.gauge("queue_depth", "Queued.\nSecond line").set(3.5);
+  Histogram& h = m.histogram("latency_seconds", "Latency.", {0.1, 1});
+  h.observe(0.05);
+  h.observe(0.5);
+  h.observe(5);
+  m.gauge("weird", "Label escaping.", {{"v", "a\"b\\c\nd"}}).set(1);
+  const std::string text = m.render();
+  const std::string expected =
+      "# HELP requests_total Requests.\n"
+      "# TYPE requests_total counter\n"
+      "requests_total{endpoint=\"/v1/classify\",status=\"200\"} 3\n"
+      "requests_total{endpoint=\"/v1/classify\",status=\"429\"} 1\n"
+      "# HELP queue_depth Queued.\\nSecond line\n"
+      "# TYPE queue_depth gauge\n"
+      "queue_depth 3.5\n"
+      "# HELP latency_seconds Latency.\n"
+      "# TYPE latency_seconds histogram\n"
+      "latency_seconds_bucket{le=\"0.1\"} 1\n"
+      "latency_seconds_bucket{le=\"1\"} 2\n"
+      "latency_seconds_bucket{le=\"+Inf\"} 3\n"
+      "latency_seconds_sum 5.55\n"
+      "latency_seconds_count 3\n"
+      "# HELP weird Label escaping.\n"
+      "# TYPE weird gauge\n"
+      "weird{v=\"a\\\"b\\\\c\\nd\"} 1\n";
+  EXPECT_EQ(text, expected);
+}
+
+TEST(Metrics, MirroredHistogramAndCountersAndBadNames) {
+  MetricsRegistry m;
+  m.histogram("step_seconds", "Steps.", {0.01, 0.1}, {{"rank", "0"}}).set({4, 0, 1}, 2.25);
+  m.counter("steps_total", "Steps.").set_total(5);
+  const std::string text = m.render();
+  EXPECT_NE(text.find("step_seconds_bucket{rank=\"0\",le=\"0.01\"} 4\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("step_seconds_bucket{rank=\"0\",le=\"0.1\"} 4\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("step_seconds_bucket{rank=\"0\",le=\"+Inf\"} 5\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("step_seconds_count{rank=\"0\"} 5\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("steps_total 5\n"), std::string::npos) << text;
+  EXPECT_THROW(m.gauge("steps_total", "clash"), std::invalid_argument);
+  EXPECT_THROW(m.gauge("1bad", "x"), std::invalid_argument);
+  EXPECT_THROW(m.gauge("ok", "x", {{"bad-label", "v"}}), std::invalid_argument);
+  EXPECT_THROW(m.histogram("h", "x", {1, 0.5}), std::invalid_argument);
+  EXPECT_THROW(m.counter("c", "x").inc(-1), std::invalid_argument);
+  EXPECT_EQ(format_metric_value(0.25), "0.25");
+  EXPECT_EQ(format_metric_value(1e20), "1e+20");
+}
+
+TEST(PolicyRegistry, RefsAndIds) {
+  EXPECT_TRUE(PolicyRegistry::valid_id("spam.v2_x-1"));
+  EXPECT_FALSE(PolicyRegistry::valid_id(""));
+  EXPECT_FALSE(PolicyRegistry::valid_id("a b"));
+  EXPECT_FALSE(PolicyRegistry::valid_id(std::string(129, 'a')));
+  EXPECT_EQ(PolicyRegistry::parse_ref("spam@12")->version, 12);
+  EXPECT_FALSE(PolicyRegistry::parse_ref("spam")->version.has_value());
+  for (const char* bad : {"spam@", "spam@0", "spam@01", "spam@x", "@1", "a@1@2", "spam@9999999999"})
+    EXPECT_FALSE(PolicyRegistry::parse_ref(bad).has_value()) << bad;
+}
+
+TEST(PolicyRegistry, VersionsNeverReused) {
+  PolicyRegistry r;
+  bool created = false;
+  EXPECT_EQ(r.put({"p", "one", {}, {}, ""}, &created).version, 1);
+  EXPECT_TRUE(created);
+  EXPECT_EQ(r.put({"p", "one", {}, {}, ""}, &created).version, 1);
+  EXPECT_FALSE(created);
+  EXPECT_EQ(r.put({"p", "two", {"A", "B"}, {"B"}, "d"}).version, 2);
+  EXPECT_EQ(r.get({"p", std::nullopt})->draft.text, "two");
+  EXPECT_EQ(r.get({"p", 1})->draft.text, "one");
+  EXPECT_EQ(r.versions("p"), (std::vector<int>{1, 2}));
+  EXPECT_EQ(r.remove({"p", std::nullopt}), (std::vector<int>{1, 2}));
+  EXPECT_FALSE(r.get({"p", std::nullopt}).has_value());
+  EXPECT_TRUE(r.list().empty());
+  EXPECT_EQ(r.put({"p", "three", {}, {}, ""}).version, 3);
+  EXPECT_THROW(r.put({"bad id", "x", {}, {}, ""}), std::invalid_argument);
+  EXPECT_THROW(r.put({"q", "", {}, {}, ""}), std::invalid_argument);
+}
+
+TEST(PolicyRegistry, PersistsInSqlite) {
+  testing::TempDir tmp;
+  const std::string db = tmp.file("policies.db");
+  {
+    PolicyRegistry r(db);
+    EXPECT_TRUE(r.persistent());
+    r.put({"spam", "v1", {"0", "1"}, {"1"}, "first"});
+    r.put({"spam", "v2 with 'quotes' and unicode \xc3\xa9", {"0", "1"}, {"1"}, "second"});
+    r.put({"hate", "h1", {}, {}, ""});
+    r.put({"gone", "g", {}, {}, ""});
+    r.remove({"gone", std::nullopt});
+    r.remove({"spam", 1});
+  }
+  PolicyRegistry again(db);
+  ASSERT_EQ(again.list().size(), 2u);
+  const auto spam = again.get({"spam", std::nullopt});
+  ASSERT_TRUE(spam);
+  EXPECT_EQ(spam->version, 2);
+  EXPECT_EQ(spam->draft.text, "v2 with 'quotes' and unicode \xc3\xa9");
+  EXPECT_EQ(spam->draft.labels, (std::vector<std::string>{"0", "1"}));
+  EXPECT_EQ(spam->draft.violating_labels, (std::vector<std::string>{"1"}));
+  EXPECT_EQ(spam->draft.description, "second");
+  EXPECT_FALSE(again.get({"spam", 1}).has_value());
+  EXPECT_FALSE(again.get({"gone", std::nullopt}).has_value());
+  EXPECT_EQ(again.put({"gone", "g2", {}, {}, ""}).version, 2);  // numbering continues after the restart
+  EXPECT_THROW(PolicyRegistry(tmp.file("no/such/dir/x.db")), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace arbiter::api

@@ -1,0 +1,498 @@
+// `arbiter serve` end to end, as a subprocess on a tiny random model: concurrent classify requests
+// all answered; greedy output the same alone, in a full batch, without prefix caching and under
+// `mpirun -np 2`; prefix-cache hits in /metrics; every error status over real HTTP; a flood of
+// malformed requests; client disconnects cancel; SIGTERM drains; the npm `openai` client.
+#include <gtest/gtest.h>
+#include <httplib.h>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <filesystem>
+#include <random>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/test_util.h"
+
+namespace arbiter {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+// A running `arbiter serve` (or `mpirun ... arbiter serve`); SIGTERM and reaped when destroyed.
+class ServeProcess {
+ public:
+  ServeProcess(const std::vector<std::string>& args, const std::string& log_file, bool mpi = false) : log_(log_file) {
+    std::vector<std::string> argv;
+    if (mpi) argv = {ARBITER_MPIEXEC, "--oversubscribe", "--allow-run-as-root", "-np", "2"};
+    argv.push_back(ARBITER_BINARY);
+    argv.push_back("serve");
+    argv.insert(argv.end(), args.begin(), args.end());
+    int out[2];
+    if (pipe(out) != 0) throw std::runtime_error("pipe");
+    pid_ = fork();
+    if (pid_ == 0) {
+      dup2(out[1], STDOUT_FILENO);
+      const int err = open(log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (err >= 0) dup2(err, STDERR_FILENO);
+      close(out[0]);
+      setenv("OMPI_MCA_plm_rsh_agent", "", 1);
+      setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+      std::vector<char*> c;
+      for (auto& a : argv) c.push_back(a.data());
+      c.push_back(nullptr);
+      execv(c[0], c.data());
+      _exit(127);
+    }
+    close(out[1]);
+    stdout_ = out[0];
+    // The address line comes first.
+    const std::regex address("listening on http://([0-9.]+):([0-9]+) \\(pid ([0-9]+)\\)");
+    std::string text;
+    const auto give_up = Clock::now() + std::chrono::seconds(60);
+    std::smatch m;
+    while (!std::regex_search(text, m, address)) {
+      std::string failure;
+      pollfd p{stdout_, POLLIN, 0};
+      if (Clock::now() > give_up) failure = "no address printed";
+      else if (poll(&p, 1, 200) > 0) {
+        char buf[256];
+        const ssize_t n = read(stdout_, buf, sizeof(buf));
+        if (n <= 0) failure = "arbiter serve exited";
+        else text.append(buf, static_cast<size_t>(n));
+      }
+      if (!failure.empty()) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, nullptr, 0);
+        close(stdout_);
+        throw std::runtime_error(failure + "; output: " + text + log());
+      }
+    }
+    port_ = std::stoi(m[2]);
+    server_pid_ = std::stoi(m[3]);
+  }
+  ~ServeProcess() {
+    if (pid_ > 0 && !reaped_) {
+      kill(server_pid_ > 0 ? server_pid_ : pid_, SIGTERM);
+      if (wait_exit(20) < -1) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, nullptr, 0);
+      }
+    }
+    if (stdout_ >= 0) close(stdout_);
+  }
+  ServeProcess(const ServeProcess&) = delete;
+  ServeProcess& operator=(const ServeProcess&) = delete;
+
+  int port() const { return port_; }
+  pid_t pid() const { return pid_; }            // what was started (mpirun, or arbiter)
+  pid_t server_pid() const { return server_pid_; }  // the arbiter process serving HTTP (rank 0)
+  std::string log() const {
+    std::ifstream in(log_);
+    return "\n--- server log ---\n" + std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  // Exit status once the process ends within `seconds`; -2 when it did not; -1 killed by a signal.
+  int wait_exit(double seconds) {
+    const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+    while (Clock::now() < until) {
+      int status = 0;
+      const pid_t r = waitpid(pid_, &status, WNOHANG);
+      if (r == pid_) {
+        reaped_ = true;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return -2;
+  }
+
+ private:
+  std::string log_;
+  pid_t pid_ = -1;
+  int stdout_ = -1;
+  int port_ = 0;
+  pid_t server_pid_ = -1;
+  bool reaped_ = false;
+};
+
+struct Reply {
+  int status = 0;
+  json body;
+  std::string raw;
+  std::string retry_after;
+};
+
+Reply call(int port, const std::string& method, const std::string& path, const std::string& body = "",
+           const std::string& key = "") {
+  httplib::Client client("127.0.0.1", port);
+  client.set_read_timeout(120, 0);
+  client.set_connection_timeout(10, 0);
+  httplib::Headers headers;
+  if (!key.empty()) headers.emplace("Authorization", "Bearer " + key);
+  httplib::Result r = method == "GET"      ? client.Get(path.c_str(), headers)
+                      : method == "DELETE" ? client.Delete(path.c_str(), headers)
+                                           : client.Post(path.c_str(), headers, body, "application/json");
+  Reply out;
+  if (!r) return out;
+  out.status = r->status;
+  out.raw = r->body;
+  out.body = json::parse(r->body, nullptr, false);
+  out.retry_after = r->get_header_value("Retry-After");
+  return out;
+}
+
+bool wait_ready(int port, double seconds) {
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < until) {
+    if (call(port, "GET", "/ready").status == 200) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return false;
+}
+
+// The value of a metric line (name with labels, as printed); -1 when absent.
+double metric(int port, const std::string& series) {
+  const Reply r = call(port, "GET", "/metrics");
+  std::istringstream in(r.raw);
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
+  return -1;
+}
+
+const char* kPolicyTexts[4] = {
+    "# Spam\nSpam is unsolicited bulk advertising. Return exactly one character: 0 or 1.",
+    "# Hate\nContent that attacks people for protected traits violates. Return exactly one character: 0 or 1.",
+    "# Fraud\nPhishing and scams violate. Answer with a label: SAFE or FRAUD.",
+    "# Self-harm\nInstructions for self-harm violate. Return exactly one character: 0 or 1.",
+};
+
+class Serve : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    tmp_ = std::make_unique<testing::TempDir>();
+    const auto r = testing::run_command(std::string(ARBITER_BINARY) + " make-model --preset tiny --seed 5 --tokenizer-dir " +
+                                        ARBITER_TOKENIZER_DIR + " --out " + model_dir());
+    ASSERT_EQ(r.status, 0) << r.output;
+  }
+  static void TearDownTestSuite() { tmp_.reset(); }
+  static std::string model_dir() { return tmp_->file("model"); }
+  static std::string file(const std::string& name) { return tmp_->file(name); }
+
+  static std::vector<std::string> base_args() {
+    return {"--model", model_dir(), "--port", "0", "--device", "cpu", "--request-timeout", "120"};
+  }
+
+  static void register_policies(int port) {
+    for (int i = 0; i < 4; ++i) {
+      json p = {{"id", "p" + std::to_string(i)}, {"text", kPolicyTexts[i]}};
+      if (i == 2) p["labels"] = {"SAFE", "FRAUD"}, p["violating_labels"] = {"FRAUD"};
+      const Reply r = call(port, "POST", "/v1/policies", p.dump());
+      ASSERT_TRUE(r.status == 201 || r.status == 200) << r.raw;
+    }
+  }
+
+  static json classify_body(const std::string& content, int max_tokens = 6) {
+    return {{"content", content}, {"policies", {{{"id", "p0"}}, {{"id", "p1"}}, {{"id", "p2@1"}}, {{"id", "p3"}}}},
+            {"reasoning_effort", "low"}, {"max_tokens", max_tokens}};
+  }
+
+  // What must be equal between runs of the same request.
+  static json essence(const json& response) {
+    json out = json::array();
+    for (const auto& r : response["results"])
+      out.push_back({r["policy_id"], r["verdict"], r["final"], r.value("reasoning", ""), r["finish_reason"],
+                     r["usage"]["completion_tokens"], r["usage"]["reasoning_tokens"], r["usage"]["prompt_tokens"]});
+    return out;
+  }
+
+  static inline std::unique_ptr<testing::TempDir> tmp_;
+};
+
+TEST_F(Serve, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
+  ServeProcess server(base_args(), file("main.log"));
+  const int port = server.port();
+  ASSERT_TRUE(wait_ready(port, 60)) << server.log();
+  register_policies(port);
+
+  // Alone.
+  const Reply alone = call(port, "POST", "/v1/classify", classify_body("probe: win a free cruise").dump());
+  ASSERT_EQ(alone.status, 200) << alone.raw;
+  ASSERT_EQ(alone.body["results"].size(), 4u);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(alone.body["results"][i]["policy_id"], i == 2 ? "p2@1" : "p" + std::to_string(i));
+  EXPECT_EQ(alone.body["results"][2]["policy_version"], 1);
+  // Registered policies were warmed: the first request of each already reuses the cached prefix.
+  EXPECT_GT(alone.body["usage"]["cached_tokens"].get<int>(), 0) << alone.raw;
+  EXPECT_GT(metric(port, "arbiter_prefix_cache_hit_rate"), 0);
+  EXPECT_GT(metric(port, "arbiter_prefix_cache_hits_total"), 0);
+
+  // 64 at once, the probe among them.
+  std::vector<Reply> replies(64);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 64; ++i)
+    threads.emplace_back([&, i] {
+      const std::string content = i == 37 ? "probe: win a free cruise" : "message number " + std::to_string(i) + " about cheap watches";
+      replies[i] = call(port, "POST", "/v1/classify", classify_body(content).dump());
+    });
+  for (auto& t : threads) t.join();
+  std::set<std::string> ids;
+  for (int i = 0; i < 64; ++i) {
+    ASSERT_EQ(replies[i].status, 200) << i << ": " << replies[i].raw << server.log();
+    ASSERT_EQ(replies[i].body["results"].size(), 4u);
+    for (int k = 0; k < 4; ++k)
+      EXPECT_EQ(replies[i].body["results"][k]["policy_id"], k == 2 ? "p2@1" : "p" + std::to_string(k));
+    ids.insert(replies[i].body["id"].get<std::string>());
+  }
+  EXPECT_EQ(ids.size(), 64u);
+  EXPECT_EQ(essence(replies[37].body), essence(alone.body)) << "batch changed a greedy result";
+  EXPECT_GT(metric(port, "arbiter_prefix_cache_token_hit_rate"), 0);
+  EXPECT_EQ(metric(port, "arbiter_http_requests_total{endpoint=\"/v1/classify\",status=\"200\"}"), 65);
+  EXPECT_GE(metric(port, "arbiter_step_latency_seconds_count"), 1);
+  EXPECT_GE(metric(port, "arbiter_kv_blocks_total{rank=\"0\"}"), 1);
+
+  // An inline policy: its first request computes the prefix, the second reuses it.
+  const json inline_body = {{"content", "hello"}, {"policies", {{{"id", "x"}, {"text", "An inline policy. Answer 0 or 1."}}}},
+                            {"max_tokens", 4}, {"return_reasoning", false}};
+  const Reply first = call(port, "POST", "/v1/classify", inline_body.dump());
+  const Reply second = call(port, "POST", "/v1/classify", inline_body.dump());
+  ASSERT_EQ(second.status, 200) << second.raw;
+  EXPECT_FALSE(second.body["results"][0].contains("reasoning"));
+  EXPECT_GT(second.body["usage"]["cached_tokens"].get<int>(), first.body["usage"]["cached_tokens"].get<int>());
+
+  // The npm openai client: non-streaming and streaming agree (greedy), reasoning under both names.
+  const std::string node_modules = std::string(ARBITER_NODE_DIR) + "/node_modules";
+  ASSERT_TRUE(std::filesystem::exists(node_modules + "/openai/package.json"))
+      << "the npm openai client is missing: run scripts/fetch-tokenizer.sh";
+  const auto node = testing::run_command("NODE_PATH=" + node_modules + " " + ARBITER_NODE + " " + ARBITER_SOURCE_DIR +
+                                             "/tests/api/openai_client.cjs http://127.0.0.1:" + std::to_string(port) + "/v1 model",
+                                         false);
+  ASSERT_EQ(node.status, 0) << node.output << server.log();
+  const json o = json::parse(node.output);
+  EXPECT_EQ(o["plain"]["object"], "chat.completion");
+  EXPECT_EQ(o["plain"]["content"], o["streamed"]["content"]);
+  EXPECT_EQ(o["plain"]["reasoning"], o["streamed"]["reasoning"]);
+  EXPECT_EQ(o["plain"]["reasoning_content"], o["plain"]["reasoning"]);
+  EXPECT_EQ(o["streamed"]["reasoning_content"], o["streamed"]["reasoning"]);
+  EXPECT_EQ(o["plain"]["finish_reason"], o["streamed"]["finish_reason"]);
+  EXPECT_EQ(o["plain"]["usage"]["completion_tokens"], o["streamed"]["usage"]["completion_tokens"]);
+  EXPECT_LE(o["plain"]["usage"]["completion_tokens"].get<int>(), 12);
+  EXPECT_EQ(o["streamed"]["role"], "assistant");
+  EXPECT_EQ(o["models"], json::array({"model"}));
+  EXPECT_EQ(o["error"]["status"], 400);
+
+  // Without prefix caching: the same answers, and no hits.
+  ServeProcess cold([] {
+    auto a = base_args();
+    a.push_back("--no-prefix-cache");
+    return a;
+  }(), file("cold.log"));
+  ASSERT_TRUE(wait_ready(cold.port(), 60)) << cold.log();
+  register_policies(cold.port());
+  const Reply cold_reply = call(cold.port(), "POST", "/v1/classify", classify_body("probe: win a free cruise").dump());
+  ASSERT_EQ(cold_reply.status, 200) << cold_reply.raw;
+  EXPECT_EQ(essence(cold_reply.body), essence(alone.body)) << "prefix caching changed a greedy result";
+  EXPECT_EQ(cold_reply.body["usage"]["cached_tokens"], 0);
+  EXPECT_EQ(metric(cold.port(), "arbiter_prefix_cache_hit_rate"), 0);
+
+  // Under mpirun -np 2 (experts split over two processes): the same answers.
+  ServeProcess ep(base_args(), file("mpi.log"), true);
+  ASSERT_TRUE(wait_ready(ep.port(), 90)) << ep.log();
+  EXPECT_EQ(call(ep.port(), "GET", "/ready").body["ranks"], 2);
+  register_policies(ep.port());
+  std::vector<Reply> ep_replies(8);
+  std::vector<std::thread> ep_threads;
+  for (int i = 0; i < 8; ++i)
+    ep_threads.emplace_back([&, i] {
+      ep_replies[i] = call(ep.port(), "POST", "/v1/classify",
+                           classify_body(i == 3 ? "probe: win a free cruise" : "other " + std::to_string(i)).dump());
+    });
+  for (auto& t : ep_threads) t.join();
+  for (const Reply& r : ep_replies) ASSERT_EQ(r.status, 200) << r.raw << ep.log();
+  EXPECT_EQ(essence(ep_replies[3].body), essence(alone.body)) << "expert parallelism changed a greedy result";
+  kill(ep.server_pid(), SIGTERM);  // rank 0 drains and releases the worker: mpirun exits 0
+  EXPECT_EQ(ep.wait_exit(30), 0) << ep.log();
+}
+
+// Raw HTTP on a socket we control (to hang up mid-request).
+int connect_to(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+TEST_F(Serve, ErrorStatusesFloodsAndDisconnects) {
+  std::ofstream(file("keys")) << "# keys\nkey-one\n\nkey-two\n";
+  auto args = base_args();
+  args.insert(args.end(), {"--api-key-file", file("keys"), "--max-body-bytes", "65536", "--max-context", "512", "--max-queued", "1"});
+  ServeProcess server(args, file("errors.log"));
+  const int port = server.port();
+  ASSERT_TRUE(wait_ready(port, 60)) << server.log();
+  auto post = [&](const std::string& path, const std::string& body, const std::string& k = "key-two") {
+    return call(port, "POST", path, body, k);
+  };
+  auto code = [](const Reply& r) { return r.body["error"]["code"].is_string() ? r.body["error"]["code"].get<std::string>() : ""; };
+  const json ok_body = {{"content", "hi"}, {"policies", {{{"id", "a"}, {"text", "Policy A. Answer 0 or 1."}}}}, {"max_tokens", 4}};
+
+  EXPECT_EQ(post("/v1/classify", ok_body.dump()).status, 200);
+  EXPECT_EQ(post("/v1/classify", ok_body.dump(), "").status, 401);
+  EXPECT_EQ(post("/v1/classify", ok_body.dump(), "key-three").status, 401);
+  EXPECT_EQ(call(port, "GET", "/health").status, 200);  // probes need no key
+  Reply r = post("/v1/classify", "{\"content\": ");
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(code(r), "invalid_json");
+  r = post("/v1/classify", R"({"content": "x", "policies": [{"text": 1}]})");
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(r.body["error"]["param"], "policies[0].text");
+  EXPECT_EQ(post("/v1/classify", R"({"content": "", "policies": [{"text": "p"}]})").status, 400);
+  EXPECT_EQ(post("/v1/classify", R"({"content": "x", "policies": []})").status, 400);
+  r = post("/v1/classify", R"({"content": "x", "policies": [{"id": "missing"}]})");
+  EXPECT_EQ(r.status, 404);
+  EXPECT_EQ(code(r), "policy_not_found");
+  std::string long_content;
+  for (int i = 0; i < 700; ++i) long_content += " word" + std::to_string(i);
+  r = post("/v1/classify", json{{"content", long_content}, {"policies", {{{"text", "p"}}}}}.dump());
+  EXPECT_EQ(r.status, 400) << r.raw;
+  EXPECT_EQ(code(r), "context_length_exceeded");
+  r = post("/v1/chat/completions", json{{"messages", {{{"role", "user"}, {"content", long_content}}}}}.dump());
+  EXPECT_EQ(r.status, 400) << r.raw;
+  EXPECT_EQ(code(r), "context_length_exceeded");
+  r = post("/v1/classify", json{{"content", std::string(70000, 'x')}, {"policies", {{{"text", "p"}}}}}.dump());
+  EXPECT_EQ(r.status, 413) << r.raw;
+  EXPECT_EQ(code(r), "request_too_large");
+  json late = ok_body;
+  late["timeout"] = 1e-6;
+  late["max_tokens"] = 64;
+  r = post("/v1/classify", late.dump());
+  EXPECT_EQ(r.status, 504) << r.raw;
+  EXPECT_EQ(code(r), "timeout");
+  EXPECT_EQ(post("/v1/chat/completions", json{{"model", "other"}, {"messages", {{{"role", "user"}, {"content", "x"}}}}}.dump()).status, 404);
+
+  // Queue full: only one request may wait for a rank; a burst gets 429 with Retry-After for the rest.
+  std::vector<Reply> burst(24);
+  {
+    std::vector<std::thread> threads;
+    json many = {{"content", "burst"}, {"max_tokens", 8}, {"policies", json::array()}};
+    for (int k = 0; k < 4; ++k) many["policies"].push_back({{"id", "q" + std::to_string(k)}, {"text", kPolicyTexts[k]}});
+    for (int i = 0; i < 24; ++i) threads.emplace_back([&, i] { burst[i] = post("/v1/classify", many.dump()); });
+    for (auto& t : threads) t.join();
+  }
+  int ok = 0, full = 0;
+  for (const Reply& b : burst) {
+    if (b.status == 200) ++ok;
+    if (b.status == 429) {
+      ++full;
+      EXPECT_EQ(code(b), "queue_full");
+      EXPECT_EQ(b.retry_after, "1");
+    }
+    EXPECT_TRUE(b.status == 200 || b.status == 429) << b.raw;
+  }
+  EXPECT_GE(ok, 1);
+  EXPECT_GE(full, 1);
+
+  // A flood of malformed requests from several clients, then a normal request.
+  {
+    std::vector<std::thread> threads;
+    std::atomic<int> bad{0};
+    for (int t = 0; t < 8; ++t)
+      threads.emplace_back([&, t] {
+        std::mt19937 rng(static_cast<unsigned>(t));
+        for (int i = 0; i < 40; ++i) {
+          std::string junk(rng() % 300, '\0');
+          for (char& c : junk) c = static_cast<char>(rng() % 256);
+          const char* paths[] = {"/v1/classify", "/v1/chat/completions", "/v1/policies"};
+          const Reply j = post(paths[i % 3], junk);
+          if (j.status < 400 || j.status >= 500 || !j.body.contains("error")) ++bad;
+        }
+      });
+    for (auto& t : threads) t.join();
+    EXPECT_EQ(bad.load(), 0);
+  }
+  EXPECT_EQ(post("/v1/classify", ok_body.dump()).status, 200);
+
+  // Hanging up cancels the work: a stream after its first chunk, a classify right after sending.
+  const double cancelled_before = std::max(0.0, metric(port, "arbiter_sequences_finished_total{reason=\"cancelled\"}"));
+  {
+    const int fd = connect_to(port);
+    ASSERT_GE(fd, 0);
+    const std::string auth_body =
+        json{{"messages", {{{"role", "user"}, {"content", "tell me a long story"}}}}, {"max_tokens", 400}, {"stream", true}}.dump();
+    const std::string req = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one\r\nContent-Length: " +
+                            std::to_string(auth_body.size()) + "\r\n\r\n" + auth_body;
+    ASSERT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+    std::string got;
+    char buf[512];
+    while (got.find("data: ") == std::string::npos) {
+      const ssize_t n = read(fd, buf, sizeof(buf));
+      if (n <= 0) break;
+      got.append(buf, static_cast<size_t>(n));
+    }
+    EXPECT_NE(got.find("text/event-stream"), std::string::npos) << got;
+    close(fd);
+  }
+  {
+    const int fd = connect_to(port);
+    ASSERT_GE(fd, 0);
+    const std::string body = json{{"content", "x"}, {"policies", {{{"text", "p"}}}}, {"max_tokens", 400}}.dump();
+    const std::string req = "POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\n\r\n" + body;
+    ASSERT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    close(fd);
+  }
+  const auto until = Clock::now() + std::chrono::seconds(20);
+  while (metric(port, "arbiter_sequences_finished_total{reason=\"cancelled\"}") < cancelled_before + 2 && Clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_GE(metric(port, "arbiter_sequences_finished_total{reason=\"cancelled\"}"), cancelled_before + 2) << server.log();
+
+}
+
+TEST_F(Serve, SigtermDrainsRequestsInFlight) {
+  ServeProcess server(base_args(), file("drain.log"));
+  const int port = server.port();
+  ASSERT_TRUE(wait_ready(port, 60)) << server.log();
+  std::vector<Reply> inflight(6);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 6; ++i)
+    threads.emplace_back([&, i] {
+      const json body = {{"content", "in flight " + std::to_string(i)}, {"policies", {{{"text", "Policy A. Answer 0 or 1."}}}},
+                         {"max_tokens", 48}};
+      inflight[i] = call(port, "POST", "/v1/classify", body.dump());
+    });
+  // Every request is being handled (the scrape itself not counted) before the signal.
+  const auto until = Clock::now() + std::chrono::seconds(20);
+  while (metric(port, "arbiter_http_in_flight") < 6 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  EXPECT_EQ(metric(port, "arbiter_http_in_flight"), 6);
+  kill(server.pid(), SIGTERM);
+  for (auto& t : threads) t.join();
+  for (const Reply& f : inflight) {
+    EXPECT_EQ(f.status, 200) << f.raw << server.log();
+  }
+  EXPECT_EQ(server.wait_exit(30), 0) << server.log();
+}
+
+}  // namespace
+}  // namespace arbiter
