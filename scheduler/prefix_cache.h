@@ -84,6 +84,7 @@ class PrefixCache {
   std::string check() const;
 
  private:
+  // One block's bookkeeping: references, and for a cached block its place in a chain.
   struct Block {
     int refs = 0;
     bool registered = false;

@@ -108,6 +108,8 @@ struct Sequence {
 
 }  // namespace
 
+// Everything the scheduler knows, guarded by `mutex`: live requests and sequences, the queue, each
+// rank's prefix cache and placements, the step in flight, and the counters.
 struct Scheduler::State {
   SchedulerOptions options;
   int max_context = 0;  // options.max_context, capped by what one rank's blocks hold

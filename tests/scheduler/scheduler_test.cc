@@ -107,6 +107,7 @@ class FakeCluster {
   uint64_t max_step_tokens_seen = 0;
 
  private:
+  // What one KV position holds in the fake cache: the token written there and its position.
   struct Slot {
     int32_t token = -1;
     int32_t position = -1;
