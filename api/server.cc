@@ -182,7 +182,8 @@ struct ApiServer::Impl {
   }
 
   void warm(const ServingHandles& h, const std::string& policy_text) {
-    if (h.classifier && h.scheduler) h.scheduler->warm(h.classifier->policy_prefix(policy_text, options.default_effort));
+    if (!h.classifier || !h.scheduler) return;
+    for (ReasoningEffort effort : options.warm_efforts) h.scheduler->warm(h.classifier->policy_prefix(policy_text, effort));
   }
 
   HttpReply dispatch(const HttpRequest& req, std::string& endpoint, const std::shared_ptr<InFlight>& guard);

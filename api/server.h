@@ -43,6 +43,9 @@ struct ApiOptions {
   double request_timeout = 600;         // seconds per request (0: none); a request's `timeout` may shorten it
   int http_threads = 128;               // concurrent connections served
   ReasoningEffort default_effort = ReasoningEffort::kMedium;
+  // Registered policies are computed into the prefix cache once per effort listed here (the effort
+  // is in the system message, ahead of the policy, so each effort has its own prefix).
+  std::vector<ReasoningEffort> warm_efforts = {ReasoningEffort::kLow, ReasoningEffort::kMedium, ReasoningEffort::kHigh};
   std::string policy_db;                // SQLite file for policies ("" : memory only)
   int retry_after_seconds = 1;          // Retry-After of 429 / 503 replies
   int max_policies_per_request = 32;

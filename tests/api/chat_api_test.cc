@@ -23,7 +23,7 @@ wire::ChatCompletionRequest request(const std::string& body) {
   return r;
 }
 
-TEST(ChatPlan, RendersHarmonyLikeTheSafeguardPrompt) {
+TEST(ApiChatPlan, RendersHarmonyLikeTheSafeguardPrompt) {
   const HarmonyRenderer renderer(tokenizer());
   const ChatPlan plan = plan_chat(request(R"({"messages": [{"role": "system", "content": "POLICY"},)"
                                           R"( {"role": "user", "content": [{"type": "text", "text": "CONTENT"}]}],)"
@@ -37,7 +37,7 @@ TEST(ChatPlan, RendersHarmonyLikeTheSafeguardPrompt) {
   EXPECT_FALSE(plan.stream);
 }
 
-TEST(ChatPlan, RejectsWhatItCannotServe) {
+TEST(ApiChatPlan, RejectsWhatItCannotServe) {
   const HarmonyRenderer renderer(tokenizer());
   struct Case {
     const char* body;
@@ -79,7 +79,7 @@ TEST(ChatPlan, RejectsWhatItCannotServe) {
   }
 }
 
-TEST(ChatOutput, SplitsReasoningAndContentAndAppliesStopStrings) {
+TEST(ApiChatOutput, SplitsReasoningAndContentAndAppliesStopStrings) {
   const auto ids = tokenizer().encode_with_specials(
       "<|channel|>analysis<|message|>Thinking about it.<|end|><|start|>assistant<|channel|>final<|message|>"
       "Hello there STOP and more<|return|>");
@@ -107,7 +107,7 @@ TEST(ChatOutput, SplitsReasoningAndContentAndAppliesStopStrings) {
   EXPECT_EQ(content, "Hello there");
 }
 
-TEST(ChatOutput, CutOffOutputKeepsWhatWasThere) {
+TEST(ApiChatOutput, CutOffOutputKeepsWhatWasThere) {
   const auto ids = tokenizer().encode_with_specials("<|channel|>analysis<|message|>abc");
   ChatOutput out(tokenizer(), {"zzz"});
   for (int32_t t : ids) out.push(t);

@@ -10,7 +10,7 @@
 namespace arbiter::api {
 namespace {
 
-TEST(Metrics, TextExpositionFormat) {
+TEST(ApiMetrics, TextExpositionFormat) {
   MetricsRegistry m;
   m.counter("requests_total", "Requests.", {{"endpoint", "/v1/classify"}, {"status", "200"}}).inc();
   m.counter("requests_total", "Requests.", {{"endpoint", "/v1/classify"}, {"status", "200"}}).inc(2);
@@ -43,7 +43,7 @@ TEST(Metrics, TextExpositionFormat) {
   EXPECT_EQ(text, expected);
 }
 
-TEST(Metrics, MirroredHistogramAndCountersAndBadNames) {
+TEST(ApiMetrics, MirroredHistogramAndCountersAndBadNames) {
   MetricsRegistry m;
   m.histogram("step_seconds", "Steps.", {0.01, 0.1}, {{"rank", "0"}}).set({4, 0, 1}, 2.25);
   m.counter("steps_total", "Steps.").set_total(5);
@@ -62,7 +62,7 @@ TEST(Metrics, MirroredHistogramAndCountersAndBadNames) {
   EXPECT_EQ(format_metric_value(1e20), "1e+20");
 }
 
-TEST(PolicyRegistry, RefsAndIds) {
+TEST(ApiPolicyRegistry, RefsAndIds) {
   EXPECT_TRUE(PolicyRegistry::valid_id("spam.v2_x-1"));
   EXPECT_FALSE(PolicyRegistry::valid_id(""));
   EXPECT_FALSE(PolicyRegistry::valid_id("a b"));
@@ -73,7 +73,7 @@ TEST(PolicyRegistry, RefsAndIds) {
     EXPECT_FALSE(PolicyRegistry::parse_ref(bad).has_value()) << bad;
 }
 
-TEST(PolicyRegistry, VersionsNeverReused) {
+TEST(ApiPolicyRegistry, VersionsNeverReused) {
   PolicyRegistry r;
   bool created = false;
   EXPECT_EQ(r.put({"p", "one", {}, {}, ""}, &created).version, 1);
@@ -92,7 +92,7 @@ TEST(PolicyRegistry, VersionsNeverReused) {
   EXPECT_THROW(r.put({"q", "", {}, {}, ""}), std::invalid_argument);
 }
 
-TEST(PolicyRegistry, PersistsInSqlite) {
+TEST(ApiPolicyRegistry, PersistsInSqlite) {
   testing::TempDir tmp;
   const std::string db = tmp.file("policies.db");
   {

@@ -184,7 +184,7 @@ const char* kPolicyTexts[4] = {
     "# Self-harm\nInstructions for self-harm violate. Return exactly one character: 0 or 1.",
 };
 
-class Serve : public ::testing::Test {
+class ApiServe : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     tmp_ = std::make_unique<testing::TempDir>();
@@ -200,13 +200,17 @@ class Serve : public ::testing::Test {
     return {"--model", model_dir(), "--port", "0", "--device", "cpu", "--request-timeout", "120"};
   }
 
-  static void register_policies(int port) {
+  // Registers p0..p3; returns each one's prefix length in tokens.
+  static std::vector<int> register_policies(int port) {
+    std::vector<int> prefix;
     for (int i = 0; i < 4; ++i) {
       json p = {{"id", "p" + std::to_string(i)}, {"text", kPolicyTexts[i]}};
       if (i == 2) p["labels"] = {"SAFE", "FRAUD"}, p["violating_labels"] = {"FRAUD"};
       const Reply r = call(port, "POST", "/v1/policies", p.dump());
-      ASSERT_TRUE(r.status == 201 || r.status == 200) << r.raw;
+      EXPECT_TRUE(r.status == 201 || r.status == 200) << r.raw;
+      prefix.push_back(r.body.value("prompt_tokens", 0));
     }
+    return prefix;
   }
 
   static json classify_body(const std::string& content, int max_tokens = 6) {
@@ -226,11 +230,11 @@ class Serve : public ::testing::Test {
   static inline std::unique_ptr<testing::TempDir> tmp_;
 };
 
-TEST_F(Serve, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
+TEST_F(ApiServe, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
   ServeProcess server(base_args(), file("main.log"));
   const int port = server.port();
   ASSERT_TRUE(wait_ready(port, 60)) << server.log();
-  register_policies(port);
+  const std::vector<int> prefix = register_policies(port);
 
   // Alone.
   const Reply alone = call(port, "POST", "/v1/classify", classify_body("probe: win a free cruise").dump());
@@ -238,8 +242,12 @@ TEST_F(Serve, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
   ASSERT_EQ(alone.body["results"].size(), 4u);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(alone.body["results"][i]["policy_id"], i == 2 ? "p2@1" : "p" + std::to_string(i));
   EXPECT_EQ(alone.body["results"][2]["policy_version"], 1);
-  // Registered policies were warmed: the first request of each already reuses the cached prefix.
-  EXPECT_GT(alone.body["usage"]["cached_tokens"].get<int>(), 0) << alone.raw;
+  // Registered policies were warmed (at every effort): the first request of each already reuses
+  // every whole block of the policy's prefix.
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_GT(prefix[i], 16);
+    EXPECT_GE(alone.body["results"][i]["usage"]["cached_tokens"].get<int>(), prefix[i] / 16 * 16) << alone.raw;
+  }
   EXPECT_GT(metric(port, "arbiter_prefix_cache_hit_rate"), 0);
   EXPECT_GT(metric(port, "arbiter_prefix_cache_hits_total"), 0);
 
@@ -344,7 +352,7 @@ int connect_to(int port) {
   return fd;
 }
 
-TEST_F(Serve, ErrorStatusesFloodsAndDisconnects) {
+TEST_F(ApiServe, ErrorStatusesFloodsAndDisconnects) {
   std::ofstream(file("keys")) << "# keys\nkey-one\n\nkey-two\n";
   auto args = base_args();
   args.insert(args.end(), {"--api-key-file", file("keys"), "--max-body-bytes", "65536", "--max-context", "512", "--max-queued", "1"});
@@ -470,28 +478,46 @@ TEST_F(Serve, ErrorStatusesFloodsAndDisconnects) {
 
 }
 
-TEST_F(Serve, SigtermDrainsRequestsInFlight) {
-  ServeProcess server(base_args(), file("drain.log"));
-  const int port = server.port();
-  ASSERT_TRUE(wait_ready(port, 60)) << server.log();
+TEST_F(ApiServe, SigtermDrainsRequestsInFlightAndPoliciesSurviveARestart) {
+  auto args = base_args();
+  args.insert(args.end(), {"--policy-db", file("policies.db")});
+  auto server = std::make_unique<ServeProcess>(args, file("drain.log"));
+  const int port = server->port();
+  ASSERT_TRUE(wait_ready(port, 60)) << server->log();
+  ASSERT_EQ(call(port, "POST", "/v1/policies", json{{"id", "kept"}, {"text", "A policy that must survive."}}.dump()).status, 201);
+  ASSERT_EQ(call(port, "POST", "/v1/policies", json{{"id", "kept"}, {"text", "Its second version."}}.dump()).status, 201);
   std::vector<Reply> inflight(6);
   std::vector<std::thread> threads;
   for (int i = 0; i < 6; ++i)
     threads.emplace_back([&, i] {
       const json body = {{"content", "in flight " + std::to_string(i)}, {"policies", {{{"text", "Policy A. Answer 0 or 1."}}}},
-                         {"max_tokens", 48}};
+                         {"max_tokens", 160}};
       inflight[i] = call(port, "POST", "/v1/classify", body.dump());
     });
   // Every request is being handled (the scrape itself not counted) before the signal.
   const auto until = Clock::now() + std::chrono::seconds(20);
   while (metric(port, "arbiter_http_in_flight") < 6 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(2));
   EXPECT_EQ(metric(port, "arbiter_http_in_flight"), 6);
-  kill(server.pid(), SIGTERM);
+  kill(server->pid(), SIGTERM);
   for (auto& t : threads) t.join();
-  for (const Reply& f : inflight) {
-    EXPECT_EQ(f.status, 200) << f.raw << server.log();
-  }
-  EXPECT_EQ(server.wait_exit(30), 0) << server.log();
+  for (const Reply& f : inflight) EXPECT_EQ(f.status, 200) << f.raw << server->log();
+  EXPECT_EQ(server->wait_exit(30), 0) << server->log();
+  server.reset();
+
+  // Restarted on the same policy db: both versions are back.
+  ServeProcess again(args, file("restart.log"));
+  ASSERT_TRUE(wait_ready(again.port(), 60)) << again.log();
+  const Reply kept = call(again.port(), "GET", "/v1/policies/kept");
+  ASSERT_EQ(kept.status, 200) << kept.raw;
+  EXPECT_EQ(kept.body["version"], 2);
+  EXPECT_EQ(kept.body["versions"], json::array({1, 2}));
+  EXPECT_EQ(call(again.port(), "GET", "/v1/policies/kept@1").body["text"], "A policy that must survive.");
+  const Reply r = call(again.port(), "POST", "/v1/classify",
+                       json{{"content", "x"}, {"policies", {{{"id", "kept"}}}}, {"max_tokens", 2}}.dump());
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.body["results"][0]["policy_version"], 2);
+  // Loaded policies are warmed at start like registered ones.
+  EXPECT_GE(r.body["results"][0]["usage"]["cached_tokens"].get<int>(), kept.body["prompt_tokens"].get<int>() / 16 * 16) << r.raw;
 }
 
 }  // namespace

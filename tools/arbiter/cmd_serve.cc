@@ -39,6 +39,16 @@ api::ApiOptions api_options(const CliArgs& args) {
   if (o.http_threads < 1) throw std::invalid_argument("--http-threads must be positive");
   o.default_effort = parse_reasoning_effort(args.get("effort", "medium"));
   o.policy_db = args.get("policy-db", "");
+  if (args.has("warm-efforts")) {  // e.g. "low,medium"; "none": registered policies are not precomputed
+    o.warm_efforts.clear();
+    std::string list = args.get("warm-efforts", "");
+    for (size_t start = 0; start <= list.size();) {
+      const size_t comma = std::min(list.find(',', start), list.size());
+      const std::string item = list.substr(start, comma - start);
+      if (!item.empty() && item != "none") o.warm_efforts.push_back(parse_reasoning_effort(item));
+      start = comma + 1;
+    }
+  }
   o.max_policies_per_request = static_cast<int>(args.get_int("max-policies", o.max_policies_per_request));
   return o;
 }
