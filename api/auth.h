@@ -8,6 +8,7 @@
 
 namespace arbiter::api {
 
+// The configured keys and the check of a request's Authorization header.
 class ApiKeys {
  public:
   ApiKeys() = default;

@@ -64,6 +64,7 @@ class Histogram {
   double sum_ = 0;
 };
 
+// The families of one process, rendered together for a scrape.
 class MetricsRegistry {
  public:
   // The series of family `name` with `labels`, created on first use. Throws std::invalid_argument
@@ -79,6 +80,7 @@ class MetricsRegistry {
 
  private:
   enum class Kind { kCounter, kGauge, kHistogram };
+  // One metric name: its help, type and labelled series.
   struct Family {
     std::string name, help;
     Kind kind;

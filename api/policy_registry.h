@@ -40,6 +40,7 @@ struct PolicyRef {
   std::optional<int> version;
 };
 
+// The store of named, versioned policies (see the top of this file).
 class PolicyRegistry {
  public:
   // db_path empty: in memory only. Otherwise opens (creating) the SQLite file and loads it; throws
@@ -75,6 +76,7 @@ class PolicyRegistry {
     StoredPolicy policy;
     bool deleted = false;
   };
+  // Closes the SQLite connection (the unique_ptr's deleter).
   struct DbCloser {
     void operator()(sqlite3* db) const;
   };

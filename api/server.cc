@@ -72,6 +72,7 @@ struct ChatRun {
 
 }  // namespace
 
+// The server's state: options, registries, the serving handles once attached, the HTTP transport.
 struct ApiServer::Impl {
   explicit Impl(ApiOptions o) : options(std::move(o)), registry(options.policy_db) {}
 
@@ -420,12 +421,13 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
   Scheduler* scheduler = h.scheduler;
   std::function<bool()> client_gone = req.client_gone;
 
-  // Reads the generation to its end, calling `on_delta` with each piece of text; handles cancelling
-  // on a stop string, a gone client (`alive` false) or a scheduler that never answers.
+  // How reading a generation ended (besides its FinishReason).
   struct Outcome {
     bool stopped_by_string = false;
     bool gone = false;
   };
+  // Reads the generation to its end, calling `on_delta` with each piece of text (false: the client
+  // is gone); cancels on a stop string, a gone client or a scheduler that never answers.
   auto drive = [run, output, scheduler, id, deadline_at, client_gone](
                    const std::function<bool(const ChatOutput::Delta&)>& on_delta) -> Outcome {
     Outcome o;

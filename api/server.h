@@ -35,6 +35,7 @@ class Tokenizer;
 
 namespace arbiter::api {
 
+// How the server listens and what it allows (set from `arbiter serve` options).
 struct ApiOptions {
   std::string host = "127.0.0.1";
   int port = 8080;                      // 0: any free port (bind() says which)
@@ -82,6 +83,7 @@ struct HttpReply {
   std::function<void(const std::function<bool(std::string_view)>& write)> stream;
 };
 
+// The API: request handling (handle) and its HTTP transport (bind/start/stop).
 class ApiServer {
  public:
   explicit ApiServer(ApiOptions options);

@@ -352,6 +352,18 @@ int connect_to(int port) {
   return fd;
 }
 
+TEST_F(ApiServe, CommandLine) {
+  const auto help = testing::run_command(std::string(ARBITER_BINARY) + " serve --help");
+  EXPECT_EQ(help.status, 0) << help.output;
+  EXPECT_NE(help.output.find("--policy-db"), std::string::npos) << help.output;
+  // A model that cannot be loaded ends the command with an error after the address was printed.
+  const auto missing = testing::run_command(std::string(ARBITER_BINARY) + " serve --port 0 --model " + file("no-such-model"));
+  EXPECT_EQ(missing.status, 1) << missing.output;
+  EXPECT_NE(missing.output.find("no-such-model"), std::string::npos) << missing.output;
+  const auto typo = testing::run_command(std::string(ARBITER_BINARY) + " serve --model " + model_dir() + " --prot 1");
+  EXPECT_EQ(typo.status, 2) << typo.output;
+}
+
 TEST_F(ApiServe, ErrorStatusesFloodsAndDisconnects) {
   std::ofstream(file("keys")) << "# keys\nkey-one\n\nkey-two\n";
   auto args = base_args();

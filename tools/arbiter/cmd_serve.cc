@@ -23,6 +23,26 @@
 namespace arbiter {
 namespace {
 
+const char* kServeUsage =
+    "usage: arbiter serve --model DIR [options]        (mpirun -np N arbiter serve ... : experts over N ranks)\n"
+    "  --host H                 listen address (127.0.0.1)\n"
+    "  --port P                 port (8080; 0: any free port); the address and pid are printed once bound\n"
+    "  --api-key-file F         bearer keys, one per line: /v1/* then needs 'Authorization: Bearer <key>'\n"
+    "  --policy-db F            SQLite file keeping registered policies across restarts\n"
+    "  --request-timeout S      seconds a request may take (600; 0: none); a request's 'timeout' may shorten it\n"
+    "  --max-body-bytes N       larger bodies get 413 (4194304)\n"
+    "  --max-queued N           requests waiting for a rank before 429 (1024)\n"
+    "  --http-threads N         connections served at once (128)\n"
+    "  --effort low|medium|high default reasoning effort (medium)\n"
+    "  --warm-efforts LIST      efforts registered policies are precomputed for (low,medium,high; none)\n"
+    "  --served-model-name NAME the model id of /v1/models (the model folder's name)\n"
+    "  --max-policies N         policies per classify request (32)\n"
+    "  --no-prefix-cache        disable prefix caching\n"
+    "  engine: --device cpu|cuda[:N]|auto --tokenizer DIR --max-context N --kv-blocks N --step-tokens N\n"
+    "          --step-samples N --top-logprobs N --answer-tokens N --reasoning-budget N\n"
+    "          --transport auto|threads|mpi|nccl --ranks N --placement FILE\n"
+    "SIGTERM/SIGINT (to rank 0) drains: in-flight requests are answered, then every rank exits 0.\n";
+
 // Options of `arbiter serve` that are not the engine's.
 api::ApiOptions api_options(const CliArgs& args) {
   api::ApiOptions o;
@@ -85,6 +105,10 @@ int wait_for_signal(const sigset_t& signals) {
 }  // namespace
 
 int cmd_serve(const CliArgs& args) {
+  if (args.flag("help")) {
+    std::cout << kServeUsage;
+    return 0;
+  }
   // Termination signals are taken synchronously by rank 0's thread; every thread started from
   // here on inherits the mask (worker ranks ignore them and stop when rank 0 shuts the loop down).
   sigset_t signals;
