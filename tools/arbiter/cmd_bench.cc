@@ -103,6 +103,14 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
     requests.push_back(std::move(r));
   }
 
+  // What the completion callbacks record; shared with them, so that one run late (the step loop
+  // failing what is in flight while an error unwinds) still finds it.
+  struct Completions {
+    std::vector<double> latencies;
+    uint64_t prompt_tokens = 0;
+    int errors = 0;
+  };
+  const auto completions = std::make_shared<Completions>();
   RunReport report;
   report.prefix_caching = prefix_caching;
   const auto start = Clock::now();
@@ -112,16 +120,15 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
   // submitted before their policy is cached would each compute it.)
   for (const auto& p : policies) serving.scheduler().warm(serving.classifier().policy_prefix(p.text, ReasoningEffort::kLow));
   serving.loop().run_until_idle();
-  std::vector<double> latencies;
   for (const auto& r : requests) {
     const auto submitted = Clock::now();
     std::string why;
     const SubmitStatus status = serving.classifier().submit(
         r,
-        [&latencies, &report, submitted](ClassifyResult result) {
-          latencies.push_back(std::chrono::duration<double>(Clock::now() - submitted).count());
-          report.prompt_tokens += static_cast<uint64_t>(result.usage.prompt_tokens);
-          if (result.finish == FinishReason::kError) ++report.errors;
+        [completions, submitted](ClassifyResult result) {
+          completions->latencies.push_back(std::chrono::duration<double>(Clock::now() - submitted).count());
+          completions->prompt_tokens += static_cast<uint64_t>(result.usage.prompt_tokens);
+          if (result.finish == FinishReason::kError) ++completions->errors;
         },
         &why);
     if (status != SubmitStatus::kAccepted)
@@ -129,7 +136,10 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
   }
   serving.loop().run_until_idle();
   report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const std::vector<double>& latencies = completions->latencies;
   if (static_cast<int>(latencies.size()) != w.requests) throw std::runtime_error("not every bench request finished");
+  report.prompt_tokens = completions->prompt_tokens;
+  report.errors = completions->errors;
   report.decisions_per_second = w.requests / report.seconds;
   report.latency_p50 = percentile(latencies, 0.50);
   report.latency_p99 = percentile(latencies, 0.99);

@@ -126,9 +126,7 @@ InputLine parse_input_line(const std::string& line) {
 class ProgressBar {
  public:
   explicit ProgressBar(size_t total) : total_(total), enabled_(::isatty(STDERR_FILENO) == 1) {}
-  ~ProgressBar() {
-    if (enabled_ && drawn_) std::fputs("\n", stderr);
-  }
+  ~ProgressBar() { finish(); }
   ProgressBar(const ProgressBar&) = delete;
   ProgressBar& operator=(const ProgressBar&) = delete;
 
@@ -146,6 +144,11 @@ class ProgressBar {
                  std::string(width - filled, '.').c_str(), done_, total_, seconds > 0 ? done_ / seconds : 0.0);
     std::fflush(stderr);
   }
+  // Ends the bar's line (before anything else is written to stderr).
+  void finish() {
+    if (enabled_ && drawn_) std::fputs("\n", stderr);
+    drawn_ = false;
+  }
 
  private:
   size_t total_;
@@ -156,29 +159,48 @@ class ProgressBar {
   std::chrono::steady_clock::time_point last_{};
 };
 
-// Writes rows in input order as soon as every earlier row is known.
+// Writes rows in input order as soon as every earlier row is known, to a file or ("-") stdout.
 class OrderedWriter {
  public:
-  OrderedWriter(std::ostream& out, size_t rows) : out_(out), rows_(rows) {}
+  OrderedWriter(const std::string& path, size_t rows) : rows_(rows) {
+    if (path == "-") return;
+    file_.open(path, std::ios::binary | std::ios::trunc);
+    if (!file_) throw std::runtime_error("cannot write " + path);
+    out_ = &file_;
+  }
   void put(size_t index, nlohmann::json row) {
     rows_.at(index) = std::move(row);
     while (next_ < rows_.size() && rows_[next_]) {
-      out_ << dump(*rows_[next_]) << "\n";
+      *out_ << dump(*rows_[next_]) << "\n";
       rows_[next_].reset();
       ++next_;
     }
-    out_.flush();
+    out_->flush();
   }
   bool complete() const { return next_ == rows_.size(); }
 
  private:
-  std::ostream& out_;
+  std::ofstream file_;
+  std::ostream* out_ = &std::cout;
   std::vector<std::optional<nlohmann::json>> rows_;
   size_t next_ = 0;
 };
 
-nlohmann::json error_row(const nlohmann::json& id, size_t line, const std::string& error) {
-  return {{"id", id}, {"line", line}, {"error", error}};
+// Everything the completion callbacks of one --input run touch. Shared with the callbacks, so that
+// one run late (the step loop failing what is in flight while an error unwinds) still finds it.
+struct FileRun {
+  FileRun(const std::string& output_path, size_t rows) : writer(output_path, rows), progress(rows) {}
+  OrderedWriter writer;
+  ProgressBar progress;
+  size_t classified = 0, flagged = 0, bad = 0;
+
+  void error(size_t index, const nlohmann::json& id, const std::string& why);
+};
+
+void FileRun::error(size_t index, const nlohmann::json& id, const std::string& why) {
+  writer.put(index, {{"id", id}, {"line", index + 1}, {"error", why}});
+  ++bad;
+  progress.advance();
 }
 
 struct ClassifyJob {
@@ -201,15 +223,15 @@ ClassifyRequest make_request(const ClassifyJob& job, std::string id, std::string
 
 // --content: one request, one JSON result on stdout.
 void classify_one(ServingRank& serving, const ClassifyJob& job, const std::string& content) {
-  std::optional<ClassifyResult> result;
+  auto result = std::make_shared<std::optional<ClassifyResult>>();
   std::string why;
-  const SubmitStatus status =
-      serving.classifier().submit(make_request(job, "content", content), [&](ClassifyResult r) { result = std::move(r); }, &why);
+  const SubmitStatus status = serving.classifier().submit(
+      make_request(job, "content", content), [result](ClassifyResult r) { *result = std::move(r); }, &why);
   if (status != SubmitStatus::kAccepted)
     throw std::runtime_error(std::string("request not accepted (") + to_string(status) + "): " + why);
   serving.loop().run_until_idle();
-  if (!result) throw std::runtime_error("the scheduler went idle without finishing the request");
-  std::cout << dump(to_json(*result)) << "\n";
+  if (!*result) throw std::runtime_error("the scheduler went idle without finishing the request");
+  std::cout << dump(to_json(**result)) << "\n";
 }
 
 // --input/--output: every line classified, results written in input order. Requests are submitted
@@ -227,20 +249,12 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
     std::string line;
     while (std::getline(in, line)) lines.push_back(parse_input_line(line));
   }
-  std::ofstream file_out;
-  if (output_path != "-") {
-    file_out.open(output_path, std::ios::binary | std::ios::trunc);
-    if (!file_out) throw std::runtime_error("cannot write " + output_path);
-  }
-  std::ostream& out = output_path == "-" ? std::cout : file_out;
+  const auto run = std::make_shared<FileRun>(output_path, lines.size());
   // The policies' prefixes are computed once, before the requests that share them arrive (requests
   // admitted together would each compute an uncached prefix). A no-op without prefix caching.
   for (const auto& policy : job.policies)
     serving.scheduler().warm(serving.classifier().policy_prefix(policy.text, job.effort));
   serving.loop().run_until_idle();
-  OrderedWriter writer(out, lines.size());
-  ProgressBar progress(lines.size());
-  size_t bad = 0, classified = 0, flagged = 0;
   const size_t wave = static_cast<size_t>(std::max(1, serving.options().max_queued_requests));
   size_t next = 0;
   while (next < lines.size()) {
@@ -249,9 +263,7 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
       InputLine& line = lines[next];
       const size_t index = next;
       if (!line.error.empty()) {
-        writer.put(index, error_row(line.id, index + 1, line.error));
-        ++bad;
-        progress.advance();
+        run->error(index, line.id, line.error);
         continue;
       }
       // Input ids may repeat or be missing; the scheduler gets the line number, the output the id.
@@ -260,21 +272,19 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
       std::string why;
       const SubmitStatus status = serving.classifier().submit(
           request,
-          [&writer, &progress, &classified, &flagged, id, index](ClassifyResult r) {
+          [run, id, index](ClassifyResult r) {
             nlohmann::json row = to_json(r);
             row["id"] = id;
             row["line"] = index + 1;
-            flagged += r.flagged ? 1 : 0;
-            ++classified;
-            writer.put(index, std::move(row));
-            progress.advance();
+            run->flagged += r.flagged ? 1 : 0;
+            ++run->classified;
+            run->writer.put(index, std::move(row));
+            run->progress.advance();
           },
           &why);
       if (status == SubmitStatus::kQueueFull) break;  // run what is queued, then go on from this line
       if (status != SubmitStatus::kAccepted) {
-        writer.put(index, error_row(id, index + 1, std::string(to_string(status)) + ": " + why));
-        ++bad;
-        progress.advance();
+        run->error(index, id, std::string(to_string(status)) + ": " + why);
         continue;
       }
       ++submitted;
@@ -283,9 +293,10 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
     if (submitted == 0 && next < lines.size() && !serving.scheduler().has_work())
       throw std::runtime_error("the scheduler accepts no request (queue full while idle)");
   }
-  if (!writer.complete()) throw std::runtime_error("some requests never finished");
-  std::cerr << "classify: " << lines.size() << " lines, " << classified << " classified (" << flagged << " flagged), "
-            << bad << " errors\n";
+  run->progress.finish();
+  if (!run->writer.complete()) throw std::runtime_error("some requests never finished");
+  std::cerr << "classify: " << lines.size() << " lines, " << run->classified << " classified (" << run->flagged
+            << " flagged), " << run->bad << " errors\n";
 }
 
 }  // namespace
