@@ -120,13 +120,14 @@ std::optional<double> value_confidence(const Tokenizer& tokenizer, const Generat
   return c.probability;
 }
 
-// Confidence of a declared label: the labels are tokenized as the answer would be (with the answer's
-// leading whitespace, then <|return|>), and the deciding position is the first token where the
-// chosen label's tokens part from those of every label that agrees with it so far (labels sharing
-// a first token, like "SP0" and "SP2", are told apart at their second). There the probability of
-// the chosen token is divided by the summed probability of the distinct tokens the labels still in
-// the race would put there. With distinct first tokens this is label_confidence_top at the first
-// final token. nullopt when the generated tokens do not spell the chosen label canonically.
+// Confidence of a declared label. The labels are tokenized as the answer would be (with the answer's
+// leading whitespace, then <|return|>) and followed along the chosen label's tokens: at each position
+// where labels that agreed with it so far part ways, the probability of the chosen token is divided
+// by the summed probability of the distinct tokens those labels would put there, and the confidence
+// is the product over such positions. Labels sharing a first token ("SP0", "SP2") are thus told
+// apart at their second, and a label that is a prefix of another ("spam", "spam-bot") by the stop
+// token. With distinct first tokens this is label_confidence_top at the first final token. nullopt
+// when the generated tokens do not spell the chosen label canonically where it matters.
 std::optional<double> label_choice_confidence(const Tokenizer& tokenizer, const std::vector<std::string>& labels,
                                               const std::string& chosen, std::string_view final_text,
                                               const std::vector<GeneratedToken>& generated, int64_t final_first) {
@@ -144,8 +145,9 @@ std::optional<double> label_choice_confidence(const Tokenizer& tokenizer, const 
   const auto& mine = spelled[chosen_index];
   std::vector<size_t> racing;  // labels equal to the chosen one's tokens so far
   for (size_t i = 0; i < labels.size(); ++i)
-    if (i != chosen_index && labels[i] != chosen) racing.push_back(i);
-  for (size_t d = 0; d < mine.size(); ++d) {
+    if (labels[i] != chosen) racing.push_back(i);
+  double confidence = 1;
+  for (size_t d = 0; d < mine.size() && !racing.empty(); ++d) {
     const size_t at = static_cast<size_t>(final_first) + d;
     if (at >= generated.size() || generated[at].token != mine[d]) return std::nullopt;
     std::vector<int32_t> rivals;
@@ -155,24 +157,23 @@ std::optional<double> label_choice_confidence(const Tokenizer& tokenizer, const 
       if (spelled[i][d] == mine[d]) still.push_back(i);
       else if (std::find(rivals.begin(), rivals.end(), spelled[i][d]) == rivals.end()) rivals.push_back(spelled[i][d]);
     }
-    if (!rivals.empty() || d + 1 == mine.size()) {
-      const GeneratedToken& g = generated[at];
-      if (g.forced || g.top.empty()) return std::nullopt;
-      const auto top = alternatives(g);
-      auto probability = [&](int32_t token) {
-        for (const auto& [t, lp] : top)
-          if (t == token) return std::exp(static_cast<double>(lp));
-        return 0.0;  // outside the reported top: counts as 0
-      };
-      const double p = probability(mine[d]);
-      double sum = p;
-      for (const int32_t r : rivals) sum += probability(r);
-      if (!(sum > 0)) return std::nullopt;
-      return p / sum;
-    }
     racing = std::move(still);
+    if (rivals.empty()) continue;
+    const GeneratedToken& g = generated[at];
+    if (g.forced || g.top.empty()) return std::nullopt;
+    const auto top = alternatives(g);
+    auto probability = [&](int32_t token) {
+      for (const auto& [t, lp] : top)
+        if (t == token) return std::exp(static_cast<double>(lp));
+      return 0.0;  // outside the reported top: counts as 0
+    };
+    const double p = probability(mine[d]);
+    double sum = p;
+    for (const int32_t r : rivals) sum += probability(r);
+    if (!(sum > 0)) return std::nullopt;
+    confidence *= p / sum;
   }
-  return std::nullopt;
+  return confidence;
 }
 
 // Index of the first final token that is not whitespace only (the one that decides a 0/1 answer).

@@ -282,6 +282,24 @@ TEST_F(ClassifierTest, LabelVerdictWithDistinctFirstTokensMatchesLabelConfidence
   EXPECT_NEAR(*r.confidence, 2.0 / 3.0, 1e-5);
 }
 
+TEST_F(ClassifierTest, LabelThatIsAPrefixOfAnotherIsDecidedByTheStopToken) {
+  // "spam" is the first token of "spam-bot": choosing "spam" means stopping where "spam-bot" goes on.
+  // "ok" parts at the first token: P = 0.9 / (0.9 + 0.1) there, times 0.6 / (0.6 + 0.3) at the stop.
+  ClassifyPolicy policy{"b", "Answer spam, spam-bot or ok.", {"spam", "spam-bot", "ok"}, {"spam", "spam-bot"}};
+  const int32_t spam = single_token("spam");
+  const auto bot = tokenizer().encode("spam-bot");
+  ASSERT_GT(bot.size(), 1u);
+  ASSERT_EQ(bot[0], spam);
+  Generation gen;
+  gen.analysis("promo").final_header().sampled(spam, {{spam, std::log(0.9f)}, {single_token("ok"), std::log(0.1f)}});
+  gen.sampled(kTokenReturn, {{kTokenReturn, std::log(0.6f)}, {bot[1], std::log(0.3f)}, {42, std::log(0.1f)}});
+  const PolicyResult r = classifier_.interpret(policy, gen.done(), true);
+  EXPECT_EQ(r.verdict, nlohmann::json("spam"));
+  EXPECT_TRUE(r.violation());
+  ASSERT_TRUE(r.confidence.has_value());
+  EXPECT_NEAR(*r.confidence, 0.9 * (0.6 / 0.9), 1e-5);
+}
+
 TEST_F(ClassifierTest, UnexpectedLabelIsANullVerdict) {
   ClassifyPolicy policy{"v", "Answer VALID or INVALID.", {"VALID", "INVALID"}, {"INVALID"}};
   const auto g = Generation().analysis("hmm").final_header().text("PROBABLY VALID").end().done();
