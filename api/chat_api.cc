@@ -69,6 +69,8 @@ ChatPlan plan_chat(const wire::ChatCompletionRequest& body, const HarmonyRendere
   ChatPlan plan;
   if (body.messages().empty()) throw bad_request("'messages' must hold at least one message.", "messages", "invalid_value");
   if (body.has_n() && body.n() != 1) throw bad_request("Only n = 1 is supported.", "n", "invalid_value");
+  if (!body.tools().empty()) throw bad_request("Tools are not supported by this server.", "tools", "unsupported_parameter");
+  if (body.logprobs()) throw bad_request("Log probabilities are not supported by this server.", "logprobs", "unsupported_parameter");
   SystemOptions system;
   system.effort = effort_field(body.reasoning_effort(), limits.default_effort, "reasoning_effort");
   std::vector<Message> conversation;

@@ -53,6 +53,8 @@ TEST(ApiChatPlan, RejectsWhatItCannotServe) {
       {R"({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]})", "messages[0].content[0].text"},
       {R"({"messages": [{"role": "user", "content": ["x"]}]})", "messages[0].content[0]"},
       {R"({"messages": [{"role": "user", "content": "x"}], "n": 2})", "n"},
+      {R"({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})", "tools"},
+      {R"({"messages": [{"role": "user", "content": "x"}], "logprobs": true})", "logprobs"},
       {R"({"messages": [{"role": "user", "content": "x"}], "temperature": 3})", "temperature"},
       {R"({"messages": [{"role": "user", "content": "x"}], "top_p": 0})", "top_p"},
       {R"({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0})", "max_tokens"},
