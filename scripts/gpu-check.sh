@@ -68,6 +68,15 @@ run cli 20 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$t
 # backend and half the experts; and NcclComm with one rank (MPI singleton bootstrap).
 run cli_ep_threads 30 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli_ep_threads.npy" --device cuda --transport threads --ranks 2
 run cli_nccl 30 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli_nccl.npy" --device cuda --transport nccl
+# Serving (issue 6) on the GPU: the load generator (prefix caching on vs off, step-loop overhead) on a
+# small random model, and one classification on the CPU and on the GPU of the same tiny model.
+run serve_bench 60 "$pack/bin/arbiter" bench --device cuda --tokenizer "$pack/tokenizer" --requests 64 --policies 4 \
+  --json "$work/serve_bench.json"
+run make_tiny 20 "$pack/bin/arbiter" make-model --preset tiny --out "$work/tiny" --tokenizer-dir "$pack/tokenizer"
+for dev in cpu cuda; do
+  run "classify_$dev" 30 "$pack/bin/arbiter" classify --model "$work/tiny" --device "$dev" --policy "$pack/tokenizer/policy.txt" \
+    --content "hello there" --max-tokens 24
+done
 # The MoE layer on each product path (the default picks one by tokens per expert).
 for path in gemv mma; do
   ARBITER_CUDA_MOE=$path run "bench_$path" 25 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe' \
@@ -179,6 +188,18 @@ cli = cli_result("cli")
 report["cli_tiny_a"] = cli
 report["cli_ep_threads_tiny_a"] = cli_result("cli_ep_threads")
 report["cli_nccl_tiny_a"] = cli_result("cli_nccl")
+try:
+    report["serve_bench"] = json.load(open(os.path.join(work, "serve_bench.json")))
+except Exception as e:
+    report["serve_bench"] = {"error": str(e), "log": read("serve_bench.log", 600)}
+def classify_out(name):
+    s = read(name + ".log")
+    try:
+        return json.loads(s.strip().splitlines()[-1])
+    except Exception:
+        return {"error": s[-400:]}
+cc, cg = classify_out("classify_cpu"), classify_out("classify_cuda")
+report["classify_cpu_vs_cuda"] = {"cpu": cc, "cuda": cg}
 m = re.search(r"ERROR SUMMARY: (\d+) error", read("memcheck.log"))
 report["memcheck_errors"] = int(m.group(1)) if m else None
 m = re.search(r"RACECHECK SUMMARY: (\d+) hazard", read("racecheck.log"))
@@ -196,6 +217,13 @@ if report["model_test"]["properties"]:
 L.append(f"- cli logits tiny-a: {cli}")
 L.append(f"- cli logits tiny-a, EP 2 thread ranks on one GPU: {report['cli_ep_threads_tiny_a']}")
 L.append(f"- cli logits tiny-a, NcclComm 1 rank: {report['cli_nccl_tiny_a']}")
+L.append(f"- serve bench (cuda): {json.dumps(report['serve_bench'])[:1500]}")
+def brief(r):
+    if not isinstance(r, dict) or "results" not in r:
+        return json.dumps(r)[:300]
+    return json.dumps([{k: x.get(k) for k in ("verdict", "final", "usage")} for x in r["results"]])[:300]
+L.append(f"- classify tiny cpu: {brief(cc)}")
+L.append(f"- classify tiny cuda: {brief(cg)}")
 L.append(f"- memcheck errors: {report['memcheck_errors']}")
 L.append(f"- racecheck hazards: {report['racecheck_hazards']}")
 L += ["", "| benchmark | time | counters |", "|---|---|---|"]
@@ -210,7 +238,7 @@ open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for name in ("build", "ops", "model", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
-                 "model_pdl", "ops_pdl", "bench_pdl", "memcheck", "racecheck"):
+                 "model_pdl", "ops_pdl", "bench_pdl", "serve_bench", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue

@@ -22,6 +22,10 @@ for b in "${bins[@]}"; do
   strip --strip-debug "$pack/bin/$(basename "$b")" || true
 done
 cp -r "$golden" "$pack/golden"
+# The real tokenizer, for the serving checks (arbiter classify / bench).
+mkdir -p "$pack/tokenizer"
+cp tests/data/spam/policy.txt "$pack/tokenizer/policy.txt"
+cp .cache/tokenizer/tokenizer.json "$pack/tokenizer/" 2>/dev/null || echo "gpu-pack: no .cache/tokenizer (run scripts/fetch-tokenizer.sh); serving checks will fail"
 chmod -R u+w "$pack/golden"
 
 # Shared libraries: everything ldd resolves except the C/C++ runtime (newer on the GPU machine) and
