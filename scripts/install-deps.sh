@@ -9,6 +9,7 @@ packages=(
   libprotobuf-dev protobuf-compiler
   libcpp-httplib-dev nlohmann-json3-dev
   libpcre2-dev libsqlite3-dev
+  curl python3
 )
 missing=()
 for p in "${packages[@]}"; do
