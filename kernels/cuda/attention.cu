@@ -22,6 +22,7 @@ __global__ __launch_bounds__(kWarps * 32) void attention_kernel(AttentionArgs a,
   const int kvh = h / (a.q_heads / a.kv_heads);
   const int pos = step.row_pos[row];
   const int32_t* info = step.seq_info + step.row_seq[row] * kSeqFields;
+  if (info[kNumNew] >= a.row_max_new) return;  // the prefill kernel takes this sequence (whole block)
   const int num_cached = info[kNumCached], first_row = info[kFirstRow];
   const bool sliding = a.window > 0;
   const int first = sliding ? max(0, pos - a.window + 1) : 0;
@@ -215,6 +216,8 @@ __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(Attentio
   const int group = a.q_heads / a.kv_heads;
   const int pos = step.row_pos[row];
   const int32_t* info = step.seq_info + step.row_seq[row] * kSeqFields;
+  // The prefill kernel takes this sequence: every split of the row leaves (its counter untouched).
+  if (info[kNumNew] >= a.row_max_new) return;
   const int num_cached = info[kNumCached], first_row = info[kFirstRow];
   const bool sliding = a.window > 0;
   const int first = sliding ? max(0, pos - a.window + 1) : 0;
@@ -318,6 +321,9 @@ __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(Attentio
         sum += pj;
       }
       sum = warp_sum(sum);
+      // Every lane read sh.m[g] above; lane 0 rewrites it below. A shuffle does not order shared
+      // memory accesses (racecheck: read/write hazard on m within the warp), __syncwarp does.
+      __syncwarp();
       if (lane == 0) {
         const float corr = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
         sh.corr[g] = corr;
@@ -377,7 +383,10 @@ __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(Attentio
       const float sink = load_weight(a.sinks, a.sinks_bf16, h0 + g);
       const float m = sh.m[g], mx = fmaxf(m, sink);
       const float f = expf(m - mx);
-      out[i] = f2bf(num * f / (sh.l[g] * f + expf(sink - mx)));
+      // The merge's operations below with one non-empty split (explicit roundings, so the compiler's
+      // contraction choices cannot differ): a row whose keys fit one span gets the same bits for any
+      // split count, i.e. in any step.
+      out[i] = f2bf(__fmul_rn(num, f) / __fmaf_rn(sh.l[g], f, expf(sink - mx)));
     }
     return;
   }
@@ -411,8 +420,8 @@ __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(Attentio
     for (int s = 0; s < splits; ++s) {
       const float* ps = parts + (s * kSplitMaxGroup + g) * kStride;
       const float f = expf(__ldcg(ps + D) - mx);  // 0 for an empty split (max -inf)
-      num += f * __ldcg(ps + d);
-      den += f * __ldcg(ps + D + 1);
+      num = __fmaf_rn(f, __ldcg(ps + d), num);
+      den = __fmaf_rn(f, __ldcg(ps + D + 1), den);
     }
     out[i] = f2bf(num / den);
   }
@@ -449,6 +458,13 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
+// (x, y) as bf16x2 `hi` (rounded) plus bf16x2 `lo` (the exact remainders x - hi.x, y - hi.y, rounded).
+__device__ __forceinline__ void split_bf16x2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  const float2 hf = __bfloat1622float2(h);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = pack_bf16x2(x - hf.x, y - hf.y);
+}
 
 template <int D>
 __global__ __launch_bounds__(kPrefillWarps * 32) void attention_prefill_kernel(AttentionArgs a, StepArgs step,
@@ -464,7 +480,8 @@ __global__ __launch_bounds__(kPrefillWarps * 32) void attention_prefill_kernel(A
   const int32_t* info = step.seq_info + seq * kSeqFields;
   const int num_new = info[kNumNew], num_cached = info[kNumCached], first_row = info[kFirstRow];
   const int t0 = blockIdx.x * tokens;
-  if (t0 >= num_new) return;  // the whole block
+  // The whole block: past the sequence's tokens, or a short sequence the split kernel takes.
+  if (t0 >= num_new || num_new < a.mma_min_new) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
   const int h = kvh * group + chunk * heads + warp % heads;
@@ -608,16 +625,23 @@ __global__ __launch_bounds__(kPrefillWarps * 32) void attention_prefill_kernel(A
       o[n][2] *= corr_b;
       o[n][3] *= corr_b;
     }
-    // O += P V: P's A fragments are the S accumulators of key tiles 2kk and 2kk + 1.
+    // O += P V: P's A fragments are the S accumulators of key tiles 2kk and 2kk + 1. P goes in as two
+    // bf16 parts (hi = P rounded, lo = the rest rounded: ~16 bits of P, exact bf16 V), so the weights
+    // keep about fp32 softmax precision like the other kernels; P in bf16 alone added ~2^-9 relative
+    // noise per weight (enough to tip near-tie router decisions of the golden models).
 #pragma unroll
     for (int kk = 0; kk < kPrefillKeys / 16; ++kk) {
-      const uint32_t pa[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
-                              pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pa[4], pl[4];
+      split_bf16x2(s[2 * kk][0], s[2 * kk][1], pa[0], pl[0]);
+      split_bf16x2(s[2 * kk][2], s[2 * kk][3], pa[1], pl[1]);
+      split_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1], pa[2], pl[2]);
+      split_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3], pa[3], pl[3]);
 #pragma unroll
       for (int n = 0; n < kDimTiles; ++n) {
         const bf16* vr = &sh.vt[n * 8 + gid][16 * kk + 2 * tig];
-        prefill_mma(o[n], pa, *reinterpret_cast<const uint32_t*>(vr), *reinterpret_cast<const uint32_t*>(vr + 8));
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(vr), b1 = *reinterpret_cast<const uint32_t*>(vr + 8);
+        prefill_mma(o[n], pl, b0, b1);
+        prefill_mma(o[n], pa, b0, b1);
       }
     }
   }
@@ -653,14 +677,34 @@ size_t attention_workspace_bytes() {
   return kSplitCounterBytes + size_t{kSplitTargetBlocks} * kSplitPartialFloats * sizeof(float);
 }
 
-void attention(const AttentionArgs& a, const StepArgs& step, void* workspace, cudaStream_t stream) {
-  if (a.rows <= 0) return;
+// Sequences with at least this many new tokens take the tensor-core prefill kernel (auto path).
+constexpr int kPrefillMinNew = 16;
+
+void attention(const AttentionArgs& args, const StepArgs& step, void* workspace, cudaStream_t stream) {
+  if (args.rows <= 0) return;
+  AttentionArgs a = args;
   const int group = a.q_heads / a.kv_heads;
-  // Prefill (some sequence has at least 16 new tokens) on tensor cores.
   const int heads = prefill_heads(group);
   const bool prefill_ok =
       heads > 0 && a.seqs > 0 && a.seqs <= 65535 && (a.head_dim == 64 || a.head_dim == 128);
-  if (prefill_ok && (a.path == AttentionPath::kMma || (a.path == AttentionPath::kAuto && a.max_new >= 16))) {
+  // Auto chooses per sequence: >= 16 new tokens on tensor cores, the others (decode rows, short
+  // chunks) on the split / per-head kernels, so that a sequence's result does not depend on what
+  // else is in the step. A step with both kinds launches both kernels, each skipping the other's.
+  bool run_prefill = false, run_rows = true;
+  a.mma_min_new = 0;
+  a.row_max_new = INT32_MAX;
+  if (prefill_ok && a.path == AttentionPath::kMma) {
+    run_prefill = true;
+    run_rows = false;
+  } else if (prefill_ok && a.path == AttentionPath::kAuto && a.max_new >= kPrefillMinNew) {
+    run_prefill = true;
+    run_rows = a.min_new > 0 && a.min_new < kPrefillMinNew;
+    if (run_rows) {
+      a.mma_min_new = kPrefillMinNew;
+      a.row_max_new = kPrefillMinNew;
+    }
+  }
+  if (run_prefill) {
     const int tokens = 16 * (kPrefillWarps / heads);
     const dim3 grid(static_cast<unsigned>((a.max_new + tokens - 1) / tokens),
                     static_cast<unsigned>(a.kv_heads * (group / heads)), static_cast<unsigned>(a.seqs));
@@ -668,8 +712,8 @@ void attention(const AttentionArgs& a, const StepArgs& step, void* workspace, cu
     if (a.head_dim == 64) launch_kernel(attention_prefill_kernel<64>, grid, block, 0, stream, a, step, heads);
     else launch_kernel(attention_prefill_kernel<128>, grid, block, 0, stream, a, step, heads);
     check_launch("attention (prefill)");
-    return;
   }
+  if (!run_rows) return;
   if (a.path != AttentionPath::kPerHead && group <= kSplitMaxGroup && a.rows <= 65535 &&
       (a.head_dim == 64 || a.head_dim == 128)) {
     const int64_t pairs = static_cast<int64_t>(a.rows) * a.kv_heads;

@@ -329,7 +329,11 @@ class CudaBackend final : public Backend {
     a.path = attention_path_;
     a.seqs = s.args.seqs;
     a.max_new = 0;
-    for (const SequenceStep& seq : s.layout().sequences) a.max_new = std::max(a.max_new, seq.num_new);
+    a.min_new = 0;
+    for (const SequenceStep& seq : s.layout().sequences) {
+      a.max_new = std::max(a.max_new, seq.num_new);
+      if (seq.num_new > 0) a.min_new = a.min_new == 0 ? seq.num_new : std::min(a.min_new, seq.num_new);
+    }
     select();
     cuda::attention(a, s.args, attn_ws_.data(), stream());
   }

@@ -35,9 +35,11 @@ struct RopeArgs {
   int half;
 };
 
-// Which attention kernel runs. kAuto: tensor-core prefill when some sequence has >= 16 new tokens
-// (GQA groups of 1, 2, 4 or a multiple of 8), else split over keys (groups of at most 8), else one
-// block per q head. The forced paths fall back the same way when a shape is not supported.
+// Which attention kernel runs. kAuto chooses per sequence: tensor-core prefill for sequences with
+// >= 16 new tokens (GQA groups of 1, 2, 4 or a multiple of 8), split over keys (groups of at most 8)
+// or else one block per q head for the others; a step that mixes both launches two kernels, each
+// skipping the other's sequences, so a sequence gets the same kernel (and bits) alone as in any batch.
+// The forced paths take every sequence and fall back the same way when a shape is not supported.
 enum class AttentionPath : int { kAuto = 0, kSplit, kPerHead, kMma };
 
 struct AttentionArgs {
@@ -54,6 +56,12 @@ struct AttentionArgs {
   AttentionPath path;
   int seqs;     // sequences in the step
   int max_new;  // most new tokens of one sequence (host-side, from the step's layout)
+  int min_new;  // fewest new tokens of a sequence that has any (host-side; 0 when none has any)
+  // Set by attention() for the kernels: the prefill kernel skips sequences with fewer than
+  // `mma_min_new` new tokens (0: none skipped); the split / per-head kernels skip rows of sequences
+  // with at least `row_max_new` new tokens (INT32_MAX: none skipped).
+  int mma_min_new;
+  int row_max_new;
 };
 
 enum class MoePath : int { kAuto = 0, kGemv, kMma };

@@ -231,7 +231,36 @@ TEST_P(GpuAttention, MatchesCpuAndStoresTheSameCache) {
     EXPECT_EQ(read_f32(*gpu, out.gpu), go);
   }
   gpu_->attention(q.gpu, k.gpu, v.gpu, gl, gsink, p, *gs, out.gpu);
-  EXPECT_LE(rel_max_error(read_f32(*gpu_, out.gpu), co), 1.5e-2);
+  const auto batch = read_f32(*gpu_, out.gpu);
+  EXPECT_LE(rel_max_error(batch, co), 1.5e-2);
+  // Each sequence alone (default kernel choice) gives its rows of the batch: the kernel is chosen per
+  // sequence (>= 16 new tokens: tensor cores; else split / per head), so the same kernel runs alone and
+  // in any batch. To the bit where the kernel's work does not depend on the step's shape (prefill
+  // kernel; split kernel when the row's keys fit one 32-key span whatever the split count).
+  const size_t row_elems = static_cast<size_t>(c.q_heads) * d;
+  for (size_t si = 0; si < layout.sequences.size(); ++si) {
+    const SequenceStep& seq = layout.sequences[si];
+    if (seq.num_new == 0) continue;
+    SCOPED_TRACE("sequence " + std::to_string(si) + " alone (" + std::to_string(seq.num_cached) + " cached, " +
+                 std::to_string(seq.num_new) + " new)");
+    StepLayout one;
+    one.block_size = layout.block_size;
+    SequenceStep s1 = seq;
+    s1.first_row = 0;
+    one.sequences.push_back(s1);
+    one.tokens.assign(layout.tokens.begin() + seq.first_row, layout.tokens.begin() + seq.first_row + seq.num_new);
+    one.logit_rows.push_back(seq.num_new - 1);
+    const auto os = gpu_->prepare_step(one);
+    const Tensor o1 = out.gpu.slice_rows(seq.first_row, seq.num_new);
+    gpu_->fill_zero(o1);
+    gpu_->attention(q.gpu.slice_rows(seq.first_row, seq.num_new), k.gpu.slice_rows(seq.first_row, seq.num_new),
+                    v.gpu.slice_rows(seq.first_row, seq.num_new), gl, gsink, p, *os, o1);
+    const auto alone = read_f32(*gpu_, o1);
+    const std::vector<float> want(batch.begin() + static_cast<long>(seq.first_row * row_elems),
+                                  batch.begin() + static_cast<long>((seq.first_row + seq.num_new) * row_elems));
+    if (seq.num_new >= 16 || seq.num_cached + seq.num_new <= 32) EXPECT_EQ(alone, want);
+    else EXPECT_LE(rel_max_error(alone, want), 1e-2);
+  }
   cpu_.kv_store(k.cpu, v.cpu, cl, p, *cs);
   gpu_->kv_store(k.gpu, v.gpu, gl, p, *gs);
   EXPECT_EQ(read_f32(*gpu_, ck.gpu), read_f32(cpu_, ck.cpu));
@@ -267,7 +296,27 @@ INSTANTIATE_TEST_SUITE_P(
         AttnCase{"prefill_20b_sliding", 64, 8, 64, 128, 16, 0, {{0, 300}, {200, 90}, {700, 17}}},
         AttnCase{"prefill_gqa16_window", 32, 2, 64, 40, 16, 0, {{0, 100}, {60, 33}}},
         AttnCase{"prefill_d128_gqa4", 16, 4, 128, 0, 16, 0, {{0, 70}, {129, 64}}},
-        AttnCase{"prefill_d128_window_gqa8", 16, 2, 128, 50, 16, 1, {{10, 90}, {0, 16}}}),
+        AttnCase{"prefill_d128_window_gqa8", 16, 2, 128, 50, 16, 1, {{10, 90}, {0, 16}}},
+        // Prefill steps mixing sequences shorter and longer than the 16-row MMA tile (gpu_model_test
+        // BatchOfDifferentLengthsEqualsEachAlone: 3, 17, 9 and 1 new tokens in one step): with and
+        // without cached prefixes, full and sliding, the model tests' shape (4 q / 2 kv heads, window 5,
+        // blocks of 4) and the 20b's (64 / 8), head_dim 128, a GQA-16 group.
+        AttnCase{"mixed_model_shape_3_17_9_1", 4, 2, 64, 0, 4, 0, {{0, 3}, {0, 17}, {0, 9}, {0, 1}}},
+        AttnCase{"mixed_model_shape_sliding", 4, 2, 64, 5, 4, 0, {{0, 3}, {0, 17}, {0, 9}, {0, 1}}},
+        AttnCase{"mixed_lengths_full", 4, 2, 64, 0, 4, 0,
+                 {{0, 1}, {0, 2}, {0, 3}, {0, 9}, {0, 15}, {0, 16}, {0, 17}, {0, 33}}},
+        AttnCase{"mixed_lengths_sliding", 4, 2, 64, 5, 4, 1,
+                 {{0, 33}, {0, 1}, {0, 17}, {0, 2}, {0, 16}, {0, 3}, {0, 15}, {0, 9}}},
+        AttnCase{"mixed_cached_full", 4, 2, 64, 0, 4, 0,
+                 {{5, 1}, {20, 2}, {3, 3}, {40, 9}, {16, 15}, {7, 16}, {100, 17}, {33, 33}}},
+        AttnCase{"mixed_cached_sliding", 4, 2, 64, 5, 4, 0,
+                 {{5, 1}, {20, 2}, {3, 3}, {40, 9}, {16, 15}, {7, 16}, {100, 17}, {33, 33}}},
+        AttnCase{"mixed_20b_full", 64, 8, 64, 0, 16, 0,
+                 {{300, 1}, {0, 2}, {0, 3}, {70, 9}, {0, 15}, {0, 16}, {500, 17}, {0, 33}}},
+        AttnCase{"mixed_20b_sliding", 64, 8, 64, 128, 16, 0,
+                 {{0, 1}, {200, 2}, {0, 3}, {0, 9}, {130, 15}, {0, 16}, {0, 17}, {90, 33}}},
+        AttnCase{"mixed_d128_gqa4", 16, 4, 128, 0, 16, 0, {{0, 1}, {40, 2}, {0, 15}, {0, 16}, {64, 17}, {0, 33}}},
+        AttnCase{"mixed_gqa16_window", 32, 2, 64, 40, 16, 0, {{0, 1}, {60, 3}, {0, 9}, {0, 17}, {10, 33}}}),
     [](const ::testing::TestParamInfo<AttnCase>& info) { return info.param.name; });
 
 TEST_F(GpuOps, RouterTopk) {
