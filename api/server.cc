@@ -10,6 +10,8 @@
 #include <random>
 #include <thread>
 
+#include <sys/socket.h>
+
 #include "api/api.pb.h"
 #include "api/chat_api.h"
 #include "api/classify_api.h"
@@ -28,6 +30,16 @@ using Clock = std::chrono::steady_clock;
 constexpr auto kPoll = std::chrono::milliseconds(50);
 // How long past its deadline (or its cancellation) a handler waits for the scheduler's answer.
 constexpr auto kGrace = std::chrono::seconds(30);
+
+// cpp-httplib's server with a deeper listen queue: the library listens with a backlog of 5, which
+// drops connections when dozens of clients connect at once.
+class HttpTransport : public httplib::Server {
+ public:
+  void widen_backlog(int backlog) {
+    const int fd = static_cast<int>(svr_sock_.load());
+    if (fd >= 0) ::listen(fd, backlog);  // listening again only changes the backlog
+  }
+};
 
 uint32_t unix_now() {
   return static_cast<uint32_t>(
@@ -82,6 +94,11 @@ struct ApiServer::Impl {
   std::mutex handles_mutex;
   std::optional<ServingHandles> handles;
   std::atomic<bool> draining{false};
+  // Requests between their admission check and their submission to the scheduler; drain() waits
+  // for them, so a request that was admitted is never refused by a scheduler that stopped accepting.
+  std::mutex admit_mutex;
+  std::condition_variable admit_done;
+  int admitting = 0;
   std::atomic<uint64_t> next_id{1};
   std::string id_salt;
   uint32_t started = unix_now();
@@ -90,7 +107,7 @@ struct ApiServer::Impl {
   std::condition_variable idle_changed;
   int in_flight = 0;
 
-  httplib::Server http;
+  HttpTransport http;
   std::thread http_thread;
   bool bound = false;
 
@@ -122,6 +139,30 @@ struct ApiServer::Impl {
     std::lock_guard<std::mutex> lock(handles_mutex);
     return handles;
   }
+
+  // Admits a request for the model (503 while loading / draining) until it has been submitted.
+  class Admission {
+   public:
+    explicit Admission(Impl& impl) : impl_(impl) {
+      std::lock_guard<std::mutex> lock(impl.admit_mutex);
+      handles_ = impl.require_serving();
+      ++impl.admitting;
+    }
+    ~Admission() {
+      {
+        std::lock_guard<std::mutex> lock(impl_.admit_mutex);
+        --impl_.admitting;
+      }
+      impl_.admit_done.notify_all();
+    }
+    Admission(const Admission&) = delete;
+    Admission& operator=(const Admission&) = delete;
+    const ServingHandles& handles() const { return handles_; }
+
+   private:
+    Impl& impl_;
+    ServingHandles handles_;
+  };
 
   // The loaded model, or 503 while loading / draining.
   ServingHandles require_serving() {
@@ -275,7 +316,8 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   const auto loaded = serving();
   if (loaded) limits.max_context = loaded->max_context;
   ResolvedClassify resolved = resolve_classify(body, registry, limits);
-  const ServingHandles h = require_serving();
+  std::optional<Admission> admission(std::in_place, *this);
+  const ServingHandles h = admission->handles();
   check_model(body.model(), h);
 
   ClassifyRequest& request = resolved.request;
@@ -289,6 +331,7 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   } catch (const std::invalid_argument& e) {
     throw bad_request(std::string("The request was refused: ") + e.what(), "", "invalid_request");
   }
+  admission.reset();
   if (status != SubmitStatus::kAccepted) throw ApiException(submit_error(status, why));
 
   bool gone = false, cancelled = false;
@@ -380,7 +423,8 @@ class CancelUnlessFinished {
 HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard) {
   wire::ChatCompletionRequest body;
   parse_json(req.body, body);
-  const ServingHandles h = require_serving();
+  std::optional<Admission> admission(std::in_place, *this);
+  const ServingHandles h = admission->handles();
   check_model(body.model(), h);
   const HarmonyRenderer renderer(*h.tokenizer);
   ChatLimits limits;
@@ -412,6 +456,7 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
   const auto deadline_at = spec.deadline;
   std::string why;
   const SubmitStatus status = h.scheduler->submit(std::move(spec), &why);
+  admission.reset();
   if (status != SubmitStatus::kAccepted) throw ApiException(submit_error(status, why));
 
   const std::string model = h.model_name;
@@ -782,7 +827,11 @@ void ApiServer::attach(const ServingHandles& handles) {
   for (const StoredPolicy& p : impl_->registry.list()) impl_->warm(handles, p.draft.text);
 }
 
-void ApiServer::drain() { impl_->draining.store(true); }
+void ApiServer::drain() {
+  std::unique_lock<std::mutex> lock(impl_->admit_mutex);
+  impl_->draining.store(true);
+  impl_->admit_done.wait(lock, [&] { return impl_->admitting == 0; });
+}
 
 bool ApiServer::wait_idle(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(impl_->idle_mutex);
@@ -851,6 +900,7 @@ int ApiServer::bind() {
   } else if (!impl.http.bind_to_port(impl.options.host, port)) {
     throw std::runtime_error("cannot listen on " + impl.options.host + ":" + std::to_string(port));
   }
+  impl.http.widen_backlog(1024);
   impl.bound = true;
   return port;
 }

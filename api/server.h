@@ -97,7 +97,9 @@ class ApiServer {
   // The model is loaded and every rank is up: model endpoints open, /ready says so, and every
   // registered policy's prefix is computed into the prefix cache.
   void attach(const ServingHandles& handles);
-  // Shutting down: /ready fails and new model requests get 503; requests in flight go on.
+  // Shutting down: /ready fails and new model requests get 503; requests in flight go on. Returns
+  // once every request admitted before has been submitted to the scheduler (so stopping the
+  // scheduler's intake afterwards refuses none of them).
   void drain();
   // Waits until no request is being handled (streams included); false on timeout.
   bool wait_idle(std::chrono::milliseconds timeout);
