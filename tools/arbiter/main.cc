@@ -39,12 +39,14 @@ const char* kUsage =
     "  render     --tokenizer FILE|--model DIR --policy FILE|--joint ID=FILE,... [--content T|--content-file F|stdin]\n"
     "             [--reasoning low|medium|high] [--date YYYY-MM-DD] [--hf-newlines]\n"
     "  generate   --model DIR --tokens 1,2,3 --max-new-tokens N [--device ...]\n"
+    "  serve      --model DIR [--host H] [--port P] [--api-key-file F] [--policy-db FILE] [--no-prefix-cache]\n"
+    "             HTTP API: /v1/classify, /v1/policies, /v1/chat/completions, /metrics (`arbiter serve --help`)\n"
     "  classify   --model DIR --policy FILE[,FILE...] (--content T | --input IN.jsonl [--output OUT.jsonl])\n"
     "             [--effort low|medium|high] [--max-tokens N] [--labels A,B --violating B] [--no-reasoning]\n"
     "             [--reasoning-budget N] [--no-prefix-cache] [--device ...] [--max-context N] [--kv-blocks N]\n"
     "  bench      (--model DIR | --preset tiny|small) [--requests N] [--policies P] [--reasoning-tokens N]\n"
     "             [--json FILE]  load generator: prefix caching on vs off, decisions/s, latency, step overhead\n"
-    "  (logits, generate and classify also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
+    "  (logits, generate, classify and serve also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
     "   experts split over N thread ranks, or over the processes of `mpirun -np N arbiter ...`)\n";
 
 std::vector<int32_t> token_arg(const CliArgs& args) {
