@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <chrono>
 #include <thread>
 
 #include <sys/socket.h>
@@ -909,6 +910,11 @@ void ApiServer::start() {
   if (!impl_->bound) throw std::logic_error("ApiServer::start before bind");
   if (impl_->http_thread.joinable()) return;
   impl_->http_thread = std::thread([this] { impl_->http.listen_after_bind(); });
+  // cpp-httplib's stop() does nothing until the listen loop has marked itself running, so a stop()
+  // right after start() (e.g. the model failed to load) would leave the loop, and the join, hanging.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!impl_->http.is_running() && std::chrono::steady_clock::now() < give_up)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
 }
 
 void ApiServer::stop() {

@@ -30,13 +30,15 @@ void Backend::top_logprobs(const Tensor& logits, int k, const Tensor& ids, const
   upload(top_lp.data(), logprobs);
 }
 
-bool cuda_available() {
+int gpu_count() {
 #if ARBITER_WITH_CUDA
-  return cuda_device_count() > 0;
+  return cuda_device_count();
 #else
-  return false;
+  return 0;
 #endif
 }
+
+bool cuda_available() { return gpu_count() > 0; }
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
   if (device == "cpu") return std::make_unique<CpuBackend>();

@@ -154,5 +154,7 @@ class Backend {
 std::unique_ptr<Backend> make_backend(const std::string& device);
 // True when a CUDA backend is compiled in and a GPU is visible.
 bool cuda_available();
+// GPUs a compiled-in CUDA backend can see (0 without CUDA).
+int gpu_count();
 
 }  // namespace arbiter

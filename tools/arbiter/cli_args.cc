@@ -1,5 +1,7 @@
 #include "tools/arbiter/cli_args.h"
 
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 namespace arbiter {
@@ -17,6 +19,26 @@ CliArgs::CliArgs(int argc, char** argv, const std::set<std::string>& boolean_fla
       if (i + 1 >= argc) throw std::invalid_argument("option --" + a + " needs a value");
       values_[a] = argv[++i];
     }
+  }
+  const auto config = values_.find("config");
+  if (config == values_.end()) return;
+  const std::string path = config->second;
+  values_.erase(config);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::invalid_argument("--config: cannot read " + path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  for (const ConfigOption& o : parse_deploy_config(text.str(), path)) {
+    if (values_.count(o.name)) continue;  // the command line wins
+    if (boolean_flags.count(o.name)) {
+      if (o.value == "true") values_[o.name] = "1";
+      else if (o.value != "false")
+        throw std::invalid_argument(path + ":" + std::to_string(o.line) + ": " + o.name + " is a flag: true or false, not '" +
+                                    o.value + "'");
+    } else {
+      values_[o.name] = o.value;
+    }
+    origin_[o.name] = path + ":" + std::to_string(o.line);
   }
 }
 
@@ -52,9 +74,18 @@ bool CliArgs::flag(const std::string& name) const {
   return values_.count(name) != 0;
 }
 
+const std::string* CliArgs::peek(const std::string& name) const {
+  const auto it = values_.find(name);
+  return it == values_.end() ? nullptr : &it->second;
+}
+
 void CliArgs::check_all_used() const {
   for (const auto& [name, value] : values_)
-    if (!used_.count(name)) throw std::invalid_argument("unknown option --" + name);
+    if (!used_.count(name)) {
+      const auto from = origin_.find(name);
+      throw std::invalid_argument(from == origin_.end() ? "unknown option --" + name
+                                                        : from->second + ": unknown option '" + name + "'");
+    }
 }
 
 std::vector<int> parse_token_list(const std::string& text) {
@@ -75,6 +106,78 @@ std::vector<int> parse_token_list(const std::string& text) {
     out.push_back(static_cast<int>(v));
     if (comma == std::string::npos) break;
     start = comma + 1;
+  }
+  return out;
+}
+
+namespace {
+
+std::string trim(const std::string& s) {
+  const size_t b = s.find_first_not_of(" \t\r");
+  if (b == std::string::npos) return "";
+  const size_t e = s.find_last_not_of(" \t\r");
+  return s.substr(b, e - b + 1);
+}
+
+bool valid_name(const std::string& name) {
+  if (name.empty() || name.size() > 64 || name[0] == '-') return false;
+  for (const char c : name)
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) return false;
+  return true;
+}
+
+}  // namespace
+
+std::vector<ConfigOption> parse_deploy_config(const std::string& text, const std::string& source) {
+  std::vector<ConfigOption> out;
+  std::set<std::string> seen;
+  int line_no = 0;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    const std::string raw = text.substr(start, end - start);
+    start = end + 1;
+    ++line_no;
+    auto fail = [&](const std::string& why) {
+      throw std::invalid_argument(source + ":" + std::to_string(line_no) + ": " + why);
+    };
+    for (const char c : raw)
+      if ((static_cast<unsigned char>(c) < 0x20 && c != '\t' && c != '\r') || c == 0x7f) fail("control character");
+    // A comment starts at a '#' outside quotes.
+    std::string line;
+    char quote = 0;
+    for (const char c : raw) {
+      if (quote) {
+        if (c == quote) quote = 0;
+      } else if (c == '"' || c == '\'') {
+        quote = c;
+      } else if (c == '#') {
+        break;
+      }
+      line += c;
+    }
+    line = trim(line);
+    if (line.empty()) continue;
+    if (raw[0] == ' ' || raw[0] == '\t') fail("indented line: only a flat mapping of `name: value` is supported");
+    const size_t colon = line.find(':');
+    if (colon == std::string::npos) fail("expected `name: value`");
+    const std::string name = trim(line.substr(0, colon));
+    std::string value = trim(line.substr(colon + 1));
+    if (!valid_name(name)) fail("bad option name '" + name + "' (lowercase letters, digits and '-')");
+    if (name == "config") fail("a config cannot include another (--config)");
+    if (!seen.insert(name).second) fail("option '" + name + "' given twice");
+    if (value.empty()) fail("option '" + name + "' has no value");
+    if (value[0] == '"' || value[0] == '\'') {
+      if (value.size() < 2 || value.back() != value[0]) fail("unterminated quote in the value of '" + name + "'");
+      const char q = value[0];
+      value = value.substr(1, value.size() - 2);
+      if (value.find(q) != std::string::npos) fail("stray quote in the value of '" + name + "'");
+    } else if (value[0] == '[' || value[0] == '{' || value[0] == '&' || value[0] == '*' || value[0] == '|' ||
+               value[0] == '>' || value == "-") {
+      fail("value of '" + name + "' is not a plain scalar (lists, mappings, anchors and blocks are not supported)");
+    }
+    out.push_back({name, value, line_no});
   }
   return out;
 }

@@ -1,5 +1,7 @@
 // CliArgs: `--name value` / `--flag` parsing for the arbiter subcommands, with errors that name
 // the option. Every option must be consumed, so a misspelt flag is an error, not a silent default.
+// `--config FILE` reads more options from a deployment config (configs/deploy/*.yaml, see
+// parse_deploy_config); options given on the command line win over the file's.
 #pragma once
 
 #include <map>
@@ -18,13 +20,32 @@ class CliArgs {
   std::string require(const std::string& name) const;
   long long get_int(const std::string& name, long long fallback) const;
   bool flag(const std::string& name) const;
+  // The value given for `name`, or nullptr; does not count as using the option.
+  const std::string* peek(const std::string& name) const;
+  // Sets (or replaces) an option, as if it had been given on the command line.
+  void set(const std::string& name, const std::string& value) { values_[name] = value; }
   // Throws if any option was given that no get/require/flag call asked about.
   void check_all_used() const;
 
  private:
   std::map<std::string, std::string> values_;
+  std::map<std::string, std::string> origin_;  // options that came from a config file: "FILE:LINE"
   mutable std::set<std::string> used_;
 };
+
+// One option of a deployment config: `name: value` on line `line`.
+struct ConfigOption {
+  std::string name;
+  std::string value;
+  int line = 0;
+};
+
+// A deployment config: the YAML subset of one flat mapping of scalars, one `name: value` per line
+// (names as the command-line options without the dashes, e.g. `step-tokens: 512`); `#` starts a
+// comment, blank lines are skipped, values may be quoted ("..." or '...'), `true` / `false` set or
+// clear a boolean flag. Anything else (nesting, lists, duplicate names, control characters) throws
+// std::invalid_argument naming `source` and the line.
+std::vector<ConfigOption> parse_deploy_config(const std::string& text, const std::string& source);
 
 // "1,2,3" -> ids; throws std::invalid_argument with the offending piece.
 std::vector<int> parse_token_list(const std::string& text);

@@ -3,6 +3,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/backend.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/thread_comm.h"
 #if ARBITER_WITH_NCCL
@@ -49,9 +50,16 @@ void run_ranks(const CliArgs& args, const std::function<void(const CliArgs&, con
 #else
   if (transport == "nccl") throw std::invalid_argument("--transport nccl: this build has no NCCL (CUDA and NCCL are needed at configure time)");
 #endif
+  // One GPU per process: a rank not given a GPU index takes its node-local rank's GPU (the one
+  // NcclComm uses too), instead of every rank of the node landing on GPU 0.
+  CliArgs own = args;
+  const std::string* device = own.peek("device");
+  const int gpus = gpu_count();
+  if (gpus > 0 && (!device || *device == "auto" || *device == "cuda"))
+    own.set("device", "cuda:" + std::to_string(mpi_comm.local_rank() % gpus));
   try {
     check_world(rc.comm->size());
-    body(args, rc);
+    body(own, rc);
   } catch (const std::exception& e) {
     if (rc.comm->size() > 1) rc.comm->abort(e.what());
     throw;
