@@ -2,12 +2,9 @@
 // and over MPI processes (mpirun -np N arbiter ...), and the launch errors, run as users run them.
 #include <gtest/gtest.h>
 
-#include <array>
 #include <cmath>
-#include <cstdio>
 #include <fstream>
 #include <string>
-#include <sys/wait.h>
 
 #include "runtime/npy.h"
 #include "tests/test_util.h"
@@ -15,21 +12,8 @@
 namespace arbiter {
 namespace {
 
-struct Result {
-  int status;
-  std::string output;
-};
-
-Result shell(const std::string& cmd) {
-  std::FILE* pipe = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (!pipe) return {-1, "popen failed"};
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0) out.append(buf.data(), n);
-  const int st = ::pclose(pipe);
-  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
-}
+using testing::run_command;
+using Result = testing::RunResult;
 
 // No ssh in CI containers: the empty agent lets Open MPI start local ranks without one.
 std::string mpirun(int np) {
@@ -59,16 +43,16 @@ TEST(EpCli, LogitsOverThreadsAndMpiMatchSingleRank) {
   const auto g = testing::load_golden_case("tiny-b");
   testing::TempDir tmp;
   const std::string args = " logits --device cpu --model " + g.dir + " --tokens " + join(g.tokens) + " --out ";
-  Result r = shell(kArbiter + args + tmp.file("single.npy"));
+  Result r = run_command(kArbiter + args + tmp.file("single.npy"));
   ASSERT_EQ(r.status, 0) << r.output;
   const NpyArray single = read_npy_f32(tmp.file("single.npy")), golden = read_npy_f32(g.dir + "/logits.npy");
   EXPECT_LE(max_rel_err(single, golden), 2e-4f);
 
-  r = shell(kArbiter + args + tmp.file("threads.npy") + " --transport threads --ranks 3");
+  r = run_command(kArbiter + args + tmp.file("threads.npy") + " --transport threads --ranks 3");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_LE(max_rel_err(read_npy_f32(tmp.file("threads.npy")), single), 1e-5f);
 
-  r = shell(mpirun(2) + kArbiter + args + tmp.file("mpi.npy"));
+  r = run_command(mpirun(2) + kArbiter + args + tmp.file("mpi.npy"));
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_LE(max_rel_err(read_npy_f32(tmp.file("mpi.npy")), single), 1e-5f);
 }
@@ -78,13 +62,13 @@ TEST(EpCli, GenerateOverThreadsAndMpi) {
   const std::string want = "{\"tokens\":[" + join(g.greedy) + "]}\n";
   const std::string args = " generate --device cpu --model " + g.dir + " --tokens " + join(g.tokens) +
                            " --max-new-tokens " + std::to_string(g.greedy.size());
-  Result r = shell(kArbiter + args + " --transport threads --ranks 2");
+  Result r = run_command(kArbiter + args + " --transport threads --ranks 2");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(r.output, want);
-  r = shell(mpirun(3) + kArbiter + args);  // 8 experts over 3 ranks: 3/3/2
+  r = run_command(mpirun(3) + kArbiter + args);  // 8 experts over 3 ranks: 3/3/2
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(r.output, want) << "only rank 0 writes";
-  r = shell(mpirun(2) + kArbiter + args + " --transport mpi --placement " + ARBITER_SOURCE_DIR +
+  r = run_command(mpirun(2) + kArbiter + args + " --transport mpi --placement " + ARBITER_SOURCE_DIR +
             "/tests/parallel/data/tiny-a-7-1.placement");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(r.output, want);
@@ -95,26 +79,26 @@ TEST(EpCli, LaunchErrors) {
   testing::TempDir tmp;
   const std::string tail = " --tokens " + join(a.tokens) + " --out " + tmp.file("x.npy");
   // Ranks started with different models (MPMD launch): every rank refuses, none hangs.
-  Result r = shell(mpirun(1) + kArbiter + " logits --model " + a.dir + tail + " : -np 1 " + kArbiter +
+  Result r = run_command(mpirun(1) + kArbiter + " logits --model " + a.dir + tail + " : -np 1 " + kArbiter +
                    " logits --model " + b.dir + tail);
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("ranks disagree on the model"), std::string::npos) << r.output;
 
-  r = shell(kArbiter + " logits --model " + a.dir + tail + " --ranks 9");
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 9");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("9 ranks but only 8 experts"), std::string::npos) << r.output;
 
   std::ofstream(tmp.file("bad.placement")) << "experts 8\nrank 0: 0-2\nrank 1: 4-7\n";
-  r = shell(kArbiter + " logits --model " + a.dir + tail + " --ranks 2 --placement " + tmp.file("bad.placement"));
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 2 --placement " + tmp.file("bad.placement"));
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.output.find("no rank owns expert 3"), std::string::npos) << r.output;
 
   std::ofstream(tmp.file("two.placement")) << "experts 8\nrank 0: 0-3\nrank 1: 4-7\n";
-  r = shell(kArbiter + " logits --model " + a.dir + tail + " --ranks 3 --placement " + tmp.file("two.placement"));
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 3 --placement " + tmp.file("two.placement"));
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.output.find("is for 2 ranks but 3 are running"), std::string::npos) << r.output;
 
-  r = shell(kArbiter + " logits --model " + a.dir + tail + " --transport carrier-pigeon");
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --transport carrier-pigeon");
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.output.find("--transport must be"), std::string::npos) << r.output;
 }

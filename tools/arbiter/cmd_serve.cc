@@ -19,6 +19,7 @@
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
 #include "tools/arbiter/ranks.h"
+#include "tools/arbiter/serving_args.h"
 
 namespace arbiter {
 namespace {
@@ -73,24 +74,9 @@ api::ApiOptions api_options(const CliArgs& args) {
   return o;
 }
 
-ServingOptions serving_options(const CliArgs& args) {
-  ServingOptions o;
-  o.model_dir = args.require("model");
-  o.device = args.get("device", "auto");
-  o.tokenizer_dir = args.get("tokenizer", "");
-  o.max_context = static_cast<int>(args.get_int("max-context", o.max_context));
-  o.kv_blocks = static_cast<int>(args.get_int("kv-blocks", o.kv_blocks));
-  o.max_step_tokens = static_cast<int>(args.get_int("step-tokens", o.max_step_tokens));
-  o.max_step_samples = static_cast<int>(args.get_int("step-samples", o.max_step_samples));
+ServingOptions serve_options(const CliArgs& args) {
+  ServingOptions o = serving_options(args);
   o.max_queued_requests = static_cast<int>(args.get_int("max-queued", o.max_queued_requests));
-  o.prefix_caching = !args.flag("no-prefix-cache");
-  o.classifier.top_logprobs = static_cast<int>(args.get_int("top-logprobs", o.classifier.top_logprobs));
-  o.classifier.answer_tokens = static_cast<int>(args.get_int("answer-tokens", o.classifier.answer_tokens));
-  if (args.has("reasoning-budget")) {
-    const int budget = static_cast<int>(args.get_int("reasoning-budget", 0));
-    if (budget < 0) throw std::invalid_argument("--reasoning-budget must not be negative");
-    o.classifier.budgets = {budget, budget, budget};
-  }
   return o;
 }
 
@@ -119,7 +105,7 @@ int cmd_serve(const CliArgs& args) {
   signal(SIGPIPE, SIG_IGN);
 
   run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
-    const ServingOptions serving_opts = serving_options(rank_args);
+    const ServingOptions serving_opts = serve_options(rank_args);
     if (!rank.leads()) {
       (void)api_options(rank_args);  // consumes (and checks) the HTTP options on every rank
       (void)rank_args.get("served-model-name", "");
