@@ -30,6 +30,10 @@ void Backend::top_logprobs(const Tensor& logits, int k, const Tensor& ids, const
   upload(top_lp.data(), logprobs);
 }
 
+void Backend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {
+  for (const LinearTerm& t : terms) linear(x, t.weight, t.bias, t.out);
+}
+
 int gpu_count() {
 #if ARBITER_WITH_CUDA
   return cuda_device_count();

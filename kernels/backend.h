@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,13 @@ struct ExpertWeights {
   int intermediate() const { return static_cast<int>(down_blocks.shape[2] * 32); }
 };
 
+// One product of Backend::linear_group: out = x W^T + bias.
+struct LinearTerm {
+  Tensor weight;  // bf16 [out, in]
+  Tensor bias;    // may be empty (data == nullptr)
+  Tensor out;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -105,6 +113,10 @@ class Backend {
   // out = x W^T + bias; bias may be an empty Tensor (data == nullptr). out may be F32 even when
   // activations are not (logits).
   virtual void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) = 0;
+  // Several products of the same activations (a layer's q, k and v), each as linear() would
+  // compute it. A backend may run them as one pass (one hand-off, one weight stream); the default
+  // calls linear() for each.
+  virtual void linear_group(const Tensor& x, std::span<const LinearTerm> terms);
   // YaRN rotate-half RoPE in place on q [rows, q_heads*d] and k [rows, kv_heads*d] at each row's position.
   virtual void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope,
                     const StepContext& step) = 0;

@@ -107,6 +107,23 @@ void CpuBackend::linear(const Tensor& x, const Tensor& weight, const Tensor& bia
                    bias.data ? bias.as<const uint16_t>() : nullptr, out.as<float>());
 }
 
+void CpuBackend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {
+  require(x.dtype == DType::kF32, "linear: activations must be f32");
+  std::vector<cpu::Bf16Problem> problems;
+  for (const LinearTerm& t : terms) {
+    require(t.weight.dtype == DType::kBF16 && t.weight.shape.rank == 2, "linear: weight must be bf16 [out, in]");
+    const int64_t out_features = t.weight.shape[0];
+    require(t.weight.shape[1] == x.row_elements() && t.out.dtype == DType::kF32 &&
+                t.out.row_elements() == out_features && t.out.rows() == x.rows(),
+            "linear: shapes");
+    require(!t.bias.data || (t.bias.dtype == DType::kBF16 && t.bias.elements() == out_features), "linear: bias");
+    problems.push_back({t.weight.as<const uint16_t>(), out_features,
+                        t.bias.data ? t.bias.as<const uint16_t>() : nullptr, t.out.as<float>()});
+  }
+  cpu::linear_bf16_multi(*pool_, x.as<const float>(), x.rows(), x.row_elements(), problems.data(),
+                         static_cast<int64_t>(problems.size()));
+}
+
 void CpuBackend::rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope, const StepContext& step) {
   const auto& positions = static_cast<const CpuStepContext&>(step).positions();
   const int q_heads = static_cast<int>(q.row_elements() / head_dim);

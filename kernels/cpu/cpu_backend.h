@@ -32,6 +32,7 @@ class CpuBackend final : public Backend {
   void add_rms_norm(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
                     const Tensor& out) override;
   void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) override;
+  void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override;
   void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope, const StepContext& step) override;
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache, const Tensor& sinks,
                  const AttentionParams& params, const StepContext& step, const Tensor& out) override;

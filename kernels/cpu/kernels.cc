@@ -245,6 +245,50 @@ void linear_bf16(ThreadPool& pool, const float* x, int64_t rows, int64_t in, con
   run_outputs(pool, a, matvec_rows_per_item(in, out_features, 2.0), t.bf16_matvec);
 }
 
+void linear_bf16_multi(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const Bf16Problem* problems,
+                       int64_t count, LinearPath path) {
+  if (rows <= 0 || count <= 0) return;
+  if (path == LinearPath::kAuto) path = rows >= kBf16GemmMinRows ? LinearPath::kGemm : LinearPath::kMatvec;
+  if (path == LinearPath::kGemm || count == 1) {
+    for (int64_t i = 0; i < count; ++i)
+      linear_bf16(pool, x, rows, in, problems[i].w, problems[i].out_features, problems[i].bias, problems[i].y, path);
+    return;
+  }
+  const isa::KernelTable& t = table();
+  float* xd = scratch(static_cast<size_t>(rows * in));
+  for (int64_t r = 0; r < rows; ++r) isa::deinterleave(x + r * in, in, 2 * t.lanes, xd + r * in);
+  struct Job {
+    isa::LinearArgs a;
+    int64_t per = 0;
+    int64_t first_item = 0;
+  };
+  std::vector<Job> jobs;
+  int64_t items = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const Bf16Problem& p = problems[i];
+    if (p.out_features <= 0) continue;
+    Job j;
+    j.a.x = xd;
+    j.a.rows = rows;
+    j.a.in = in;
+    j.a.out = p.out_features;
+    j.a.w = p.w;
+    j.a.bias = p.bias;
+    j.a.y = p.y;
+    j.per = matvec_rows_per_item(in, p.out_features, 2.0);
+    j.first_item = items;
+    items += (p.out_features + j.per - 1) / j.per;
+    jobs.push_back(j);
+  }
+  dynamic_for(pool, items, [&](int64_t item) {
+    size_t n = 0;
+    while (n + 1 < jobs.size() && jobs[n + 1].first_item <= item) ++n;  // a handful of jobs
+    const Job& j = jobs[n];
+    const int64_t o0 = (item - j.first_item) * j.per;
+    t.bf16_matvec(j.a, o0, std::min(j.a.out, o0 + j.per));
+  });
+}
+
 void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint8_t* blocks,
                   const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y, LinearPath path) {
   if (in % 32 != 0) throw std::invalid_argument("linear_mxfp4: in (" + std::to_string(in) + ") is not a multiple of 32");

@@ -44,6 +44,17 @@ inline constexpr int64_t kMxfp4GemmMinRows = 24;
 // y[r, o] = sum_i x[r, i] * w[o, i] + bias[o] with w bf16 [out, in]; bias may be null.
 void linear_bf16(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint16_t* w,
                  int64_t out_features, const uint16_t* bias, float* y, LinearPath path = LinearPath::kAuto);
+// Several bf16 products of the same activations (q, k and v of one layer). On the matrix-vector
+// path they run in one parallel pass over all their outputs: one hand-off to the pool and one long
+// weight stream instead of three; on the GEMM path one after another.
+struct Bf16Problem {
+  const uint16_t* w = nullptr;     // bf16 [out_features, in]
+  int64_t out_features = 0;
+  const uint16_t* bias = nullptr;  // may be null
+  float* y = nullptr;              // [rows, out_features]
+};
+void linear_bf16_multi(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const Bf16Problem* problems,
+                       int64_t count, LinearPath path = LinearPath::kAuto);
 // The same with an MXFP4 matrix (blocks [out, in/32, 16], scales [out, in/32]) and a bf16 bias;
 // `in` must be a multiple of 32. Weights are dequantized per 32-value block as they are used.
 void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint8_t* blocks,

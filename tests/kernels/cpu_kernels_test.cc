@@ -126,6 +126,35 @@ TEST_P(KernelTest, LinearBf16MatchesReference) {
     }
 }
 
+// q, k and v as one pass: each product's bits must equal its own linear_bf16 call (same kernel per
+// output), for problem sizes that split into items unevenly, with and without biases, on both paths.
+TEST_P(KernelTest, LinearBf16MultiEqualsSeparateCalls) {
+  std::mt19937 rng(5);
+  const int64_t in = 200;
+  const std::vector<int64_t> outs = {130, 17, 0, 64, 5};
+  for (int64_t rows : {1, 2, 5, 40}) {
+    const auto x = random_floats(rng, static_cast<size_t>(rows * in));
+    std::vector<std::vector<uint16_t>> w, b;
+    std::vector<std::vector<float>> got, want;
+    std::vector<cpu::Bf16Problem> problems;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      w.push_back(random_bf16(rng, static_cast<size_t>(outs[i] * in)));
+      b.push_back(random_bf16(rng, static_cast<size_t>(outs[i])));
+      got.emplace_back(static_cast<size_t>(rows * outs[i]), 123.0f);
+      want.emplace_back(static_cast<size_t>(rows * outs[i]), -7.0f);
+    }
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const uint16_t* bias = i % 2 == 0 ? b[i].data() : nullptr;
+      problems.push_back({w[i].data(), outs[i], bias, got[i].data()});
+      cpu::linear_bf16(pool_, x.data(), rows, in, w[i].data(), outs[i], bias, want[i].data());
+    }
+    cpu::linear_bf16_multi(pool_, x.data(), rows, in, problems.data(), static_cast<int64_t>(problems.size()));
+    for (size_t i = 0; i < outs.size(); ++i)
+      EXPECT_EQ(0, std::memcmp(got[i].data(), want[i].data(), got[i].size() * sizeof(float)))
+          << "rows " << rows << " problem " << i << " (" << outs[i] << " outputs)";
+  }
+}
+
 TEST_P(KernelTest, LinearMxfp4MatchesReference) {
   std::mt19937 rng(2);
   std::uniform_int_distribution<int> byte(0, 255), scale(118, 130);
