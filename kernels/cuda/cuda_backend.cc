@@ -287,6 +287,7 @@ class CudaBackend final : public Backend {
   }
 
   void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) override;
+  void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override;
 
   void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope, const StepContext& step) override {
     const auto& s = cuda_step(step);
@@ -696,6 +697,33 @@ void CudaBackend::run_step(const void* owner, const StepContext& step, const std
   cudaGetLastError();  // clear the capture's error
   if (g.failures++ == 0) std::fprintf(stderr, "arbiter: CUDA graph recording of a decode step failed; running it directly\n");
   body();
+}
+
+// Decode's q, k and v as one GEMV launch (k and v alone fill only a few SMs); anything the GEMV
+// does not take runs as separate products.
+void CudaBackend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {
+  const int64_t m = x.rows(), k = row_len(x);
+  bool grouped = gemv_enabled_ && !terms.empty() && terms.size() <= static_cast<size_t>(cuda::kGemvMaxTargets) &&
+                 x.dtype == DType::kBF16 && m >= 1 && m <= cuda::kGemvMaxRows && pointer_alignment(x.data) >= 16;
+  for (const LinearTerm& t : terms) {
+    if (!grouped) break;
+    grouped = t.weight.dtype == DType::kBF16 && t.weight.shape.rank == 2 && t.weight.shape[1] == k &&
+              cuda::gemv_supported(static_cast<int>(m), t.weight.shape[0], k) &&
+              pointer_alignment(t.weight.data) >= 16 && t.out.dtype == terms[0].out.dtype &&
+              (t.out.dtype == DType::kBF16 || t.out.dtype == DType::kF32) && t.out.rows() == m &&
+              row_len(t.out) == t.weight.shape[0] &&
+              (!t.bias.data || (t.bias.dtype == DType::kBF16 && t.bias.elements() == t.weight.shape[0]));
+  }
+  if (!grouped) {
+    Backend::linear_group(x, terms);
+    return;
+  }
+  select();
+  cuda::GemvTarget targets[cuda::kGemvMaxTargets];
+  for (size_t j = 0; j < terms.size(); ++j)
+    targets[j] = {terms[j].weight.data, terms[j].bias.data, terms[j].out.data, terms[j].weight.shape[0]};
+  cuda::gemv_group(x.data, static_cast<int>(m), targets, static_cast<int>(terms.size()),
+                   terms[0].out.dtype == DType::kF32, k, stream());
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) {

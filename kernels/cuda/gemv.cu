@@ -2,7 +2,8 @@
 // accumulation, bf16 or f32 out. Memory-bound: a block owns R weight rows and its 256 threads split K,
 // each streaming 16-byte chunks of all R rows (kUnroll chunks per row in flight per thread, so one or
 // two rounds cover a 2880- or 4096-wide row) against the (at most 8) activation rows, which stay in
-// L1; warp sums, then the 8 warps' partials added in warp order. Replaces cuBLASLt where it would read
+// L1; warp sums, then the 8 warps' partials added in warp order. One launch may cover several
+// products of the same activations (q, k, v), each block working for one of them. Replaces cuBLASLt where it would read
 // the weights with a general GEMM kernel and a separate bias pass.
 #include "kernels/cuda/common.cuh"
 
@@ -25,12 +26,36 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x) {
   return s;
 }
 
+// The products of one launch: target j owns blocks [first_block[j], first_block[j + 1]).
+struct GemvLaunch {
+  const bf16* w[kGemvMaxTargets];
+  const bf16* bias[kGemvMaxTargets];
+  void* out[kGemvMaxTargets];
+  int n[kGemvMaxTargets];
+  int first_block[kGemvMaxTargets];
+  int count;
+};
+
 template <int M, int R>
-__global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m_count, const bf16* w,
-                                                             const bf16* bias, void* out, bool out_f32, int n, int k) {
+__global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m_count, GemvLaunch targets,
+                                                             bool out_f32, int k) {
   __shared__ float part[kGemvWarps][R * M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = static_cast<int>(blockIdx.x) * R;
+  // This block's target (selected without indexing the parameter arrays dynamically).
+  const bf16* w = targets.w[0];
+  const bf16* bias = targets.bias[0];
+  void* out = targets.out[0];
+  int n = targets.n[0], first = 0;
+#pragma unroll
+  for (int j = 1; j < kGemvMaxTargets; ++j)
+    if (j < targets.count && static_cast<int>(blockIdx.x) >= targets.first_block[j]) {
+      w = targets.w[j];
+      bias = targets.bias[j];
+      out = targets.out[j];
+      n = targets.n[j];
+      first = targets.first_block[j];
+    }
+  const int row0 = (static_cast<int>(blockIdx.x) - first) * R;
   const int chunks = k / 8;
   const uint4* wr[R];
 #pragma unroll
@@ -96,11 +121,29 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
 }
 
 template <int M, int R>
-void launch(const void* x, int m, const void* w, const void* bias, void* out, bool out_f32, int n, int k,
-            cudaStream_t stream) {
-  launch_kernel(gemv_kernel<M, R>, dim3((n + R - 1) / R), dim3(kGemvThreads), 0, stream, static_cast<const bf16*>(x), m,
-                static_cast<const bf16*>(w), static_cast<const bf16*>(bias), out, out_f32, n, k);
+void launch(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int k, cudaStream_t stream) {
+  GemvLaunch l{};
+  int blocks = 0;
+  for (int j = 0; j < count; ++j) {
+    l.w[j] = static_cast<const bf16*>(targets[j].w);
+    l.bias[j] = static_cast<const bf16*>(targets[j].bias);
+    l.out[j] = targets[j].out;
+    l.n[j] = static_cast<int>(targets[j].n);
+    l.first_block[j] = blocks;
+    blocks += (l.n[j] + R - 1) / R;
+  }
+  l.count = count;
+  launch_kernel(gemv_kernel<M, R>, dim3(blocks), dim3(kGemvThreads), 0, stream, static_cast<const bf16*>(x), m, l,
+                out_f32, k);
   check_launch("gemv");
+}
+
+void launch_for_rows(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int k,
+                     cudaStream_t stream) {
+  if (m == 1) launch<1, 4>(x, m, targets, count, out_f32, k, stream);
+  else if (m == 2) launch<2, 4>(x, m, targets, count, out_f32, k, stream);
+  else if (m <= 4) launch<4, 2>(x, m, targets, count, out_f32, k, stream);
+  else launch<8, 2>(x, m, targets, count, out_f32, k, stream);
 }
 
 }  // namespace
@@ -113,11 +156,20 @@ bool gemv_supported(int m, int64_t n, int64_t k) {
 void gemv(const void* x, int m, const void* w, const void* bias, void* out, bool out_f32, int64_t n, int64_t k,
           cudaStream_t stream) {
   if (!gemv_supported(m, n, k)) throw std::invalid_argument("CUDA gemv: unsupported shape");
-  const int ni = static_cast<int>(n), ki = static_cast<int>(k);
-  if (m == 1) launch<1, 4>(x, m, w, bias, out, out_f32, ni, ki, stream);
-  else if (m == 2) launch<2, 4>(x, m, w, bias, out, out_f32, ni, ki, stream);
-  else if (m <= 4) launch<4, 2>(x, m, w, bias, out, out_f32, ni, ki, stream);
-  else launch<8, 2>(x, m, w, bias, out, out_f32, ni, ki, stream);
+  const GemvTarget target{w, bias, out, n};
+  launch_for_rows(x, m, &target, 1, out_f32, static_cast<int>(k), stream);
+}
+
+void gemv_group(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int64_t k,
+                cudaStream_t stream) {
+  if (count < 1 || count > kGemvMaxTargets) throw std::invalid_argument("CUDA gemv_group: 1 to 4 targets");
+  int64_t blocks = 0;
+  for (int j = 0; j < count; ++j) {
+    if (!gemv_supported(m, targets[j].n, k)) throw std::invalid_argument("CUDA gemv_group: unsupported shape");
+    blocks += targets[j].n;  // an upper bound on the blocks (R >= 1)
+  }
+  if (blocks >= (int64_t{1} << 30)) throw std::invalid_argument("CUDA gemv_group: too many rows");
+  launch_for_rows(x, m, targets, count, out_f32, static_cast<int>(k), stream);
 }
 
 }  // namespace arbiter::cuda

@@ -112,6 +112,18 @@ inline constexpr int kGemvMaxRows = 8;
 bool gemv_supported(int m, int64_t n, int64_t k);
 void gemv(const void* x, int m, const void* w, const void* bias, void* out, bool out_f32, int64_t n, int64_t k,
           cudaStream_t stream);
+// Several such products of the same x (a layer's q, k and v) in one launch: each target's rows
+// are computed exactly as gemv() would (same blocks, same summation order), so the results are the
+// same bits. Targets share m, k and the out dtype; at most kGemvMaxTargets.
+inline constexpr int kGemvMaxTargets = 4;
+struct GemvTarget {
+  const void* w = nullptr;     // bf16 [n, k]
+  const void* bias = nullptr;  // bf16 [n] or null
+  void* out = nullptr;         // [m, n]
+  int64_t n = 0;
+};
+void gemv_group(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int64_t k,
+                cudaStream_t stream);
 void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& step, cudaStream_t stream);
 // Row selection (sampling.cu). Both need the workspace of selection_workspace_bytes(), allocated
 // once and zeroed before first use (the kernels leave it zeroed again); one stream at a time.

@@ -156,6 +156,44 @@ TEST_F(GpuOps, Linear) {
   EXPECT_LE(rel_max_error(read_f32(*gpu_, out.gpu), read_f32(cpu_, out.cpu)), 1e-2);
 }
 
+// q, k and v as one launch: each product equal to its own linear() to the bit (the grouped GEMV runs
+// the same blocks), and to the CPU within bf16 tolerance; shapes the GEMV does not take (9 rows, a
+// width not a multiple of 8) fall back to separate products.
+TEST_F(GpuOps, LinearGroup) {
+  struct Case {
+    int m, k;
+    std::vector<int> n;
+    DType out;
+  };
+  for (const Case& c : {Case{1, 2880, {4096, 512, 512}, DType::kBF16}, Case{2, 128, {70, 16, 16}, DType::kBF16},
+                        Case{3, 64, {8, 200}, DType::kF32}, Case{8, 256, {33, 1, 64, 5}, DType::kBF16},
+                        Case{9, 64, {40, 24, 24}, DType::kBF16}, Case{1, 100, {24, 8}, DType::kF32}}) {
+    SCOPED_TRACE(std::to_string(c.m) + " rows, k " + std::to_string(c.k));
+    Pair x = paired(cpu_, *gpu_, {c.m, c.k}, random_values(static_cast<size_t>(c.m) * c.k, rng_));
+    std::vector<LinearTerm> cpu_terms, gpu_terms;
+    std::vector<Pair> outs, singles;
+    for (size_t j = 0; j < c.n.size(); ++j) {
+      const int n = c.n[j];
+      auto [cw, gw] = weight(random_values(static_cast<size_t>(n) * c.k, rng_, 0.05f), {n, c.k});
+      Tensor cb, gb;
+      if (j % 2 == 0) std::tie(cb, gb) = weight(random_values(static_cast<size_t>(n), rng_), {n});
+      outs.push_back(out_pair({c.m, n}, c.out));
+      singles.push_back(out_pair({c.m, n}, c.out));
+      cpu_terms.push_back({cw, cb, outs.back().cpu});
+      gpu_terms.push_back({gw, gb, outs.back().gpu});
+      gpu_->linear(x.gpu, gw, gb, singles.back().gpu);
+    }
+    cpu_.linear_group(x.cpu, cpu_terms);
+    gpu_->linear_group(x.gpu, gpu_terms);
+    for (size_t j = 0; j < c.n.size(); ++j) {
+      SCOPED_TRACE("term " + std::to_string(j));
+      const auto got = read_f32(*gpu_, outs[j].gpu);
+      EXPECT_EQ(got, read_f32(*gpu_, singles[j].gpu));
+      EXPECT_LE(rel_max_error(got, read_f32(cpu_, outs[j].cpu)), c.out == DType::kF32 ? 2e-3 : 1e-2);
+    }
+  }
+}
+
 TEST_F(GpuOps, Rope) {
   const RopeParams rope = yarn_rope_params(preset_config("20b-shape"));
   const int d = 64, hq = 8, hk = 2;
