@@ -410,20 +410,52 @@ __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(Attentio
   __syncthreads();
   if (!sh.last) return;
   __threadfence();
+  // The merge. Every load is issued before its value is needed (the splits' maxima and sums into
+  // shared memory by all threads at once, then each output's partial sums 8 splits at a time), while
+  // the arithmetic keeps one fixed order: max over sink then splits 0, 1, ...; per split the factor
+  // exp(m_s - max) (0 for an empty split); sums and numerators as fused multiply-adds in split order.
   const float* parts = partials + pair * splits * kSplitMaxGroup * kStride;
-  for (int i = tid; i < group * D; i += kSplitThreads) {
-    const int g = i / D, d = i % D;
+  static_assert(3 * kSplitMaxSplits * kSplitMaxGroup + 2 * kSplitMaxGroup <= kSplitMaxGroup * kSplitTile,
+                "the merge's tables fit in the (no longer used) probabilities");
+  float* split_max = &sh.p[0][0];                                     // [split][head]
+  float* split_sum = split_max + kSplitMaxSplits * kSplitMaxGroup;    // [split][head]
+  float* split_factor = split_sum + kSplitMaxSplits * kSplitMaxGroup; // [split][head]
+  float* head_den = split_factor + kSplitMaxSplits * kSplitMaxGroup;  // [head]
+  for (int i = tid; i < splits * group; i += kSplitThreads) {
+    const int s = i / group, g = i % group;
+    const float* ps = parts + (s * kSplitMaxGroup + g) * kStride;
+    split_max[s * kSplitMaxGroup + g] = __ldcg(ps + D);
+    split_sum[s * kSplitMaxGroup + g] = __ldcg(ps + D + 1);
+  }
+  __syncthreads();
+  if (tid < group) {
+    const int g = tid;
     const float sink = load_weight(a.sinks, a.sinks_bf16, h0 + g);
     float mx = sink;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, __ldcg(parts + (s * kSplitMaxGroup + g) * kStride + D));
-    float num = 0.0f, den = expf(sink - mx);
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, split_max[s * kSplitMaxGroup + g]);
+    float den = expf(sink - mx);
     for (int s = 0; s < splits; ++s) {
-      const float* ps = parts + (s * kSplitMaxGroup + g) * kStride;
-      const float f = expf(__ldcg(ps + D) - mx);  // 0 for an empty split (max -inf)
-      num = __fmaf_rn(f, __ldcg(ps + d), num);
-      den = __fmaf_rn(f, __ldcg(ps + D + 1), den);
+      const float f = expf(split_max[s * kSplitMaxGroup + g] - mx);  // 0 for an empty split (max -inf)
+      split_factor[s * kSplitMaxGroup + g] = f;
+      den = __fmaf_rn(f, split_sum[s * kSplitMaxGroup + g], den);
     }
-    out[i] = f2bf(num / den);
+    head_den[g] = den;
+  }
+  __syncthreads();
+  constexpr int kMergeBatch = 8;
+  for (int i = tid; i < group * D; i += kSplitThreads) {
+    const int g = i / D, d = i % D;
+    float num = 0.0f;
+    for (int s0 = 0; s0 < splits; s0 += kMergeBatch) {
+      float v[kMergeBatch];
+#pragma unroll
+      for (int j = 0; j < kMergeBatch; ++j)
+        v[j] = s0 + j < splits ? __ldcg(parts + ((s0 + j) * kSplitMaxGroup + g) * kStride + d) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kMergeBatch; ++j)
+        if (s0 + j < splits) num = __fmaf_rn(split_factor[(s0 + j) * kSplitMaxGroup + g], v[j], num);
+    }
+    out[i] = f2bf(num / head_den[g]);
   }
   if (tid == 0) counters[pair] = 0;
 }
