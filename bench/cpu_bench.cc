@@ -420,6 +420,57 @@ std::vector<int32_t> random_tokens(int n, uint32_t seed, int vocab) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The read floor of a batch-1 decode step: the same weight bytes read in the same parallel passes
+// (q+k+v, o, router, the 4 experts' gate_up, their down, per layer; then lm_head), each pass handed
+// out in 256 KiB items to all threads as the matrix-vector kernels are, but with a plain read and no
+// arithmetic. A forward pass cannot beat it with these threads and these hand-offs.
+
+using ByteRange = std::pair<const uint8_t*, size_t>;
+
+ByteRange bytes_of(const Tensor& t) { return {static_cast<const uint8_t*>(t.data), static_cast<size_t>(t.bytes())}; }
+
+// Plain read of a byte range: its 64-byte-aligned whole 256-byte chunks (the rest is < 320 bytes).
+float read_range(const uint8_t* p, size_t n) {
+  const auto start = reinterpret_cast<uintptr_t>(p), aligned = (start + 63) / 64 * 64;
+  if (aligned - start >= n) return 0.0f;
+  const size_t usable = (n - (aligned - start)) / 256 * 256;
+  return sum_floats(reinterpret_cast<const float*>(aligned), usable / 4);
+}
+
+void read_pass(cpu::ThreadPool& pool, const std::vector<ByteRange>& ranges) {
+  constexpr size_t kItem = 256 << 10;
+  std::vector<ByteRange> items;
+  for (const auto& [p, n] : ranges)
+    for (size_t b = 0; b < n; b += kItem) items.emplace_back(p + b, std::min(kItem, n - b));
+  std::vector<float> sums(items.size());
+  cpu::dynamic_for(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+    sums[static_cast<size_t>(i)] = read_range(items[static_cast<size_t>(i)].first, items[static_cast<size_t>(i)].second);
+  });
+  benchmark::DoNotOptimize(sums.data());
+}
+
+// The passes of one batch-1 decode step (experts 0-3 of each layer stand for the routed ones).
+std::vector<std::vector<ByteRange>> decode_read_passes(const ModelWeights& w) {
+  std::vector<std::vector<ByteRange>> passes;
+  for (const LayerWeights& l : w.layers) {
+    passes.push_back({bytes_of(l.q_weight), bytes_of(l.k_weight), bytes_of(l.v_weight)});
+    passes.push_back({bytes_of(l.o_weight)});
+    passes.push_back({bytes_of(l.router_weight)});
+    std::vector<ByteRange> gate_up, down;
+    for (int e = 0; e < 4 && e < l.experts.num_experts(); ++e) {
+      gate_up.push_back(bytes_of(l.experts.gate_up_blocks.slice_rows(e, 1)));
+      gate_up.push_back(bytes_of(l.experts.gate_up_scales.slice_rows(e, 1)));
+      down.push_back(bytes_of(l.experts.down_blocks.slice_rows(e, 1)));
+      down.push_back(bytes_of(l.experts.down_scales.slice_rows(e, 1)));
+    }
+    passes.push_back(gate_up);
+    passes.push_back(down);
+  }
+  passes.push_back({bytes_of(w.lm_head)});
+  return passes;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Accounting.
 
 int64_t bf16_matrix_bytes(int64_t out, int64_t in, bool bias) { return 2 * out * in + (bias ? 2 * out : 0); }
@@ -548,6 +599,23 @@ void BM_Decode(benchmark::State& state) {
   state.counters["bw_vs_read"] = bytes_per_s / read_bw;
   // What batch-1's target (0.85 of copy) asks of a plain read in this run.
   state.counters["target_vs_read"] = 0.85 * copy_bw / read_bw;
+  if (batch == 1) {
+    // The read floor (above), timed as often as the step was, right after it.
+    const ModelWeights w = load_weights(b.config, *b.checkpoint, *b.cpu);
+    const auto passes = decode_read_passes(w);
+    double floor_bytes = 0;
+    for (const auto& pass : passes)
+      for (const auto& r : pass) floor_bytes += static_cast<double>(r.second);
+    double floor_total = 0;
+    for (int64_t i = 0; i < std::max<int64_t>(steps, 5); ++i) {
+      const auto t = Clock::now();
+      for (const auto& pass : passes) read_pass(b.cpu->pool(), pass);
+      floor_total += seconds_since(t);
+    }
+    const double floor_bytes_per_s = floor_bytes * static_cast<double>(std::max<int64_t>(steps, 5)) / floor_total;
+    state.counters["floor_vs_copy"] = floor_bytes_per_s / copy_bw;
+    state.counters["bw_vs_floor"] = bytes_per_s / floor_bytes_per_s;
+  }
 }
 
 void BM_Prefill(benchmark::State& state) {
