@@ -34,6 +34,12 @@ void Backend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {
   for (const LinearTerm& t : terms) linear(x, t.weight, t.bias, t.out);
 }
 
+void Backend::route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
+                    const Tensor& expert_ids, const Tensor& expert_weights) {
+  linear(x, weight, bias, logits);
+  router_topk(logits, k, expert_ids, expert_weights);
+}
+
 int gpu_count() {
 #if ARBITER_WITH_CUDA
   return cuda_device_count();

@@ -130,6 +130,10 @@ class Backend {
                         const StepContext& step) = 0;
   // Top-k of router logits [rows, E]: expert ids [rows, k] (I32) and softmax-over-k weights [rows, k] (F32).
   virtual void router_topk(const Tensor& logits, int k, const Tensor& expert_ids, const Tensor& expert_weights) = 0;
+  // The MoE router: logits = x W^T + bias (F32 [rows, E]), then router_topk(logits, k, ...). A
+  // backend may fuse the two; the default calls linear() then router_topk().
+  virtual void route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
+                     const Tensor& expert_ids, const Tensor& expert_weights);
   // out[r] = sum_j weights[r, j] * expert_{ids[r, j]}(x[r]) over j with ids[r, j] >= 0 (ids index this
   // ExpertWeights' experts). Clamped SwiGLU with `swiglu_limit`.
   virtual void moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,

@@ -176,8 +176,7 @@ void Model::run(const StepLayout& layout) {
       backend_.linear(attn, l.o_weight, l.o_bias, delta);
       // MoE block.
       backend_.add_rms_norm(x, delta, l.post_attention_norm, c.rms_norm_eps, normed);
-      backend_.linear(normed, l.router_weight, l.router_bias, router);
-      backend_.router_topk(router, c.num_experts_per_tok, ids, weights);
+      backend_.route(normed, l.router_weight, l.router_bias, c.num_experts_per_tok, router, ids, weights);
       if (dispatcher_) dispatcher_->moe(normed, ids, weights, l.experts, c.swiglu_limit, delta);
       else backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);
     }

@@ -204,6 +204,8 @@ class CudaBackend final : public Backend {
     cuda_check(cudaMemsetAsync(select_ws_.data(), 0, select_ws_.bytes(), stream()), "selection workspace");
     attn_ws_ = device_alloc(cuda::attention_workspace_bytes());
     cuda_check(cudaMemsetAsync(attn_ws_.data(), 0, attn_ws_.bytes(), stream()), "attention workspace");
+    route_ws_ = device_alloc(cuda::route_workspace_bytes());
+    cuda_check(cudaMemsetAsync(route_ws_.data(), 0, route_ws_.bytes(), stream()), "router workspace");
     cuda_check(cudaStreamSynchronize(stream()), "workspace zeroing");
     // ARBITER_CUDA_ATTENTION=split|head|mma forces an attention kernel (tests, benchmarks).
     if (const char* env = std::getenv("ARBITER_CUDA_ATTENTION")) {
@@ -288,6 +290,8 @@ class CudaBackend final : public Backend {
 
   void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) override;
   void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override;
+  void route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
+             const Tensor& expert_ids, const Tensor& expert_weights) override;
 
   void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope, const StepContext& step) override {
     const auto& s = cuda_step(step);
@@ -540,6 +544,7 @@ class CudaBackend final : public Backend {
   Scratch moe_scratch_;
   DeviceBuffer select_ws_;  // argmax / top_logprobs partial results (fixed size, see launch.h)
   DeviceBuffer attn_ws_;    // split attention's partial results (fixed size)
+  DeviceBuffer route_ws_;   // the fused router's block counter (zeroed)
   cuda::AttentionPath attention_path_ = cuda::AttentionPath::kAuto;
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
@@ -724,6 +729,29 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const LinearTerm> term
     targets[j] = {terms[j].weight.data, terms[j].bias.data, terms[j].out.data, terms[j].weight.shape[0]};
   cuda::gemv_group(x.data, static_cast<int>(m), targets, static_cast<int>(terms.size()),
                    terms[0].out.dtype == DType::kF32, k, stream());
+}
+
+// Decode's router as one launch (GEMV + top-k in its last block); other shapes as two operations.
+void CudaBackend::route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
+                        const Tensor& expert_ids, const Tensor& expert_weights) {
+  const int64_t m = x.rows();
+  const bool fused = gemv_enabled_ && x.dtype == DType::kBF16 && weight.dtype == DType::kBF16 &&
+                     weight.shape.rank == 2 && m >= 1 && m <= cuda::kGemvMaxRows &&
+                     cuda::route_supported(static_cast<int>(m), weight.shape[0], weight.shape[1], k) &&
+                     row_len(x) == weight.shape[1] && pointer_alignment(x.data) >= 16 &&
+                     pointer_alignment(weight.data) >= 16 && logits.dtype == DType::kF32 && logits.rows() == m &&
+                     row_len(logits) == weight.shape[0] &&
+                     (!bias.data || (bias.dtype == DType::kBF16 && bias.elements() == weight.shape[0])) &&
+                     expert_ids.dtype == DType::kI32 && expert_weights.dtype == DType::kF32 && expert_ids.rows() == m &&
+                     expert_weights.rows() == m && row_len(expert_ids) == k && row_len(expert_weights) == k;
+  if (!fused) {
+    Backend::route(x, weight, bias, k, logits, expert_ids, expert_weights);
+    return;
+  }
+  select();
+  cuda::route(x.data, static_cast<int>(m), weight.data, bias.data, static_cast<float*>(logits.data), weight.shape[0],
+              weight.shape[1], k, static_cast<int32_t*>(expert_ids.data), static_cast<float*>(expert_weights.data),
+              route_ws_.data(), stream());
 }
 
 void CudaBackend::linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) {

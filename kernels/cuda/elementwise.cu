@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/router.cuh"
 
 namespace arbiter::cuda {
 namespace {
@@ -119,58 +120,13 @@ __global__ void kv_store_kernel(const uint16_t* k, const uint16_t* v, uint16_t* 
   }
 }
 
-// One warp per row. Ties go to the lowest expert index, like the CPU reference.
-constexpr int kMaxExpertWords = 8;  // up to 32 * 32 * 8 = 8192 experts
+// One warp per row (router.cuh).
 __global__ void router_topk_kernel(const float* logits, int rows, int experts, int k, int32_t* ids, float* weights) {
   pdl_begin();
-  const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= rows) return;
-  const float* l = logits + static_cast<int64_t>(row) * experts;
-  uint32_t taken[kMaxExpertWords] = {};
-  float my_value = -FLT_MAX;
-  int my_id = 0;
-  for (int j = 0; j < k; ++j) {
-    float best = -INFINITY;
-    int best_id = INT32_MAX;
-    for (int w = 0; w < kMaxExpertWords; ++w) {
-#pragma unroll 4
-      for (int b = 0; b < 32; ++b) {
-        const int e = (w * 32 + b) * 32 + lane;
-        if (e >= experts) break;
-        if (taken[w] & (1u << b)) continue;
-        const float v = l[e];
-        if (best_id == INT32_MAX || v > best) {
-          best = v;
-          best_id = e;
-        }
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
-      if (oi != INT32_MAX && (best_id == INT32_MAX || ov > best || (ov == best && oi < best_id))) {
-        best = ov;
-        best_id = oi;
-      }
-    }
-    if (best_id % 32 == lane) {
-      const int slot = best_id / 32;
-      taken[slot / 32] |= 1u << (slot % 32);
-    }
-    if (lane == j) {
-      my_value = best;
-      my_id = best_id;
-    }
-  }
-  const float max = __shfl_sync(0xffffffffu, my_value, 0);
-  const float e = lane < k ? expf(my_value - max) : 0.0f;
-  const float sum = warp_sum(e);
-  if (lane < k) {
-    ids[static_cast<int64_t>(row) * k + lane] = my_id;
-    weights[static_cast<int64_t>(row) * k + lane] = e / sum;
-  }
+  router_topk_row(logits + static_cast<int64_t>(row) * experts, experts, k, ids + static_cast<int64_t>(row) * k,
+                  weights + static_cast<int64_t>(row) * k);
 }
 
 __global__ void add_bf16_kernel(bf16* x, const bf16* y, int64_t n) {

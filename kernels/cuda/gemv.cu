@@ -6,6 +6,7 @@
 // products of the same activations (q, k, v), each block working for one of them. Replaces cuBLASLt where it would read
 // the weights with a general GEMM kernel and a separate bias pass.
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/router.cuh"
 
 namespace arbiter::cuda {
 namespace {
@@ -36,9 +37,18 @@ struct GemvLaunch {
   int count;
 };
 
-template <int M, int R>
+// The router's top-k after its logits (a single f32 target): the last block to finish (counter,
+// reset by that block) runs router_topk_row on each row, one warp per row.
+struct RouteEpilogue {
+  int k = 0;
+  int32_t* ids = nullptr;
+  float* weights = nullptr;
+  uint32_t* counter = nullptr;
+};
+
+template <int M, int R, bool kRoute>
 __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m_count, GemvLaunch targets,
-                                                             bool out_f32, int k) {
+                                                             bool out_f32, int k, RouteEpilogue route) {
   __shared__ float part[kGemvWarps][R * M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // This block's target (selected without indexing the parameter arrays dynamically).
@@ -108,20 +118,36 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
     }
   __syncthreads();
   const int t = static_cast<int>(threadIdx.x);
-  if (t >= R * M) return;
-  const int r = t / M, m = t % M, row = row0 + r;
-  if (row >= n || m >= m_count) return;
-  float v = part[0][t];
+  if (t < R * M) {
+    const int r = t / M, m = t % M, row = row0 + r;
+    if (row < n && m < m_count) {
+      float v = part[0][t];
 #pragma unroll
-  for (int q = 1; q < kGemvWarps; ++q) v += part[q][t];
-  if (bias) v += bf2f(bias[row]);
-  const int64_t o = static_cast<int64_t>(m) * n + row;
-  if (out_f32) static_cast<float*>(out)[o] = v;
-  else static_cast<bf16*>(out)[o] = f2bf(v);
+      for (int q = 1; q < kGemvWarps; ++q) v += part[q][t];
+      if (bias) v += bf2f(bias[row]);
+      const int64_t o = static_cast<int64_t>(m) * n + row;
+      if (out_f32) static_cast<float*>(out)[o] = v;
+      else static_cast<bf16*>(out)[o] = f2bf(v);
+    }
+  }
+  if constexpr (kRoute) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (t == 0) last = atomicAdd(route.counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (warp < m_count)
+      router_topk_row(static_cast<const float*>(out) + static_cast<int64_t>(warp) * n, n, route.k,
+                      route.ids + static_cast<int64_t>(warp) * route.k, route.weights + static_cast<int64_t>(warp) * route.k);
+    if (t == 0) *route.counter = 0;
+  }
 }
 
-template <int M, int R>
-void launch(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int k, cudaStream_t stream) {
+template <int M, int R, bool kRoute = false>
+void launch(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int k, cudaStream_t stream,
+            const RouteEpilogue& route = {}) {
   GemvLaunch l{};
   int blocks = 0;
   for (int j = 0; j < count; ++j) {
@@ -133,8 +159,8 @@ void launch(const void* x, int m, const GemvTarget* targets, int count, bool out
     blocks += (l.n[j] + R - 1) / R;
   }
   l.count = count;
-  launch_kernel(gemv_kernel<M, R>, dim3(blocks), dim3(kGemvThreads), 0, stream, static_cast<const bf16*>(x), m, l,
-                out_f32, k);
+  launch_kernel(gemv_kernel<M, R, kRoute>, dim3(blocks), dim3(kGemvThreads), 0, stream, static_cast<const bf16*>(x), m,
+                l, out_f32, k, route);
   check_launch("gemv");
 }
 
@@ -158,6 +184,30 @@ void gemv(const void* x, int m, const void* w, const void* bias, void* out, bool
   if (!gemv_supported(m, n, k)) throw std::invalid_argument("CUDA gemv: unsupported shape");
   const GemvTarget target{w, bias, out, n};
   launch_for_rows(x, m, &target, 1, out_f32, static_cast<int>(k), stream);
+}
+
+bool route_supported(int m, int64_t experts, int64_t k, int top_k) {
+  return gemv_supported(m, experts, k) && top_k >= 1 && top_k <= 32 && top_k <= experts &&
+         experts <= 32 * 32 * kMaxExpertWords;
+}
+
+size_t route_workspace_bytes() { return 256; }
+
+void route(const void* x, int m, const void* w, const void* bias, float* logits, int64_t experts, int64_t k, int top_k,
+           int32_t* ids, float* weights, void* workspace, cudaStream_t stream) {
+  if (!route_supported(m, experts, k, top_k)) throw std::invalid_argument("CUDA route: unsupported shape");
+  const GemvTarget target{w, bias, logits, experts};
+  RouteEpilogue r;
+  r.k = top_k;
+  r.ids = ids;
+  r.weights = weights;
+  r.counter = static_cast<uint32_t*>(workspace);
+  // One row per warp of the last block: every m <= kGemvMaxRows fits.
+  const int ki = static_cast<int>(k);
+  if (m == 1) launch<1, 4, true>(x, m, &target, 1, true, ki, stream, r);
+  else if (m == 2) launch<2, 4, true>(x, m, &target, 1, true, ki, stream, r);
+  else if (m <= 4) launch<4, 2, true>(x, m, &target, 1, true, ki, stream, r);
+  else launch<8, 2, true>(x, m, &target, 1, true, ki, stream, r);
 }
 
 void gemv_group(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int64_t k,

@@ -124,6 +124,13 @@ struct GemvTarget {
 };
 void gemv_group(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int64_t k,
                 cudaStream_t stream);
+// The MoE router in one launch: logits[m, experts] = x . W + bias (f32) by the GEMV, then the last
+// block runs the router top-k + softmax on every row (the bits of router_topk). `workspace`:
+// route_workspace_bytes(), zeroed once (left zeroed again); one stream at a time.
+bool route_supported(int m, int64_t experts, int64_t k, int top_k);
+size_t route_workspace_bytes();
+void route(const void* x, int m, const void* w, const void* bias, float* logits, int64_t experts, int64_t k, int top_k,
+           int32_t* ids, float* weights, void* workspace, cudaStream_t stream);
 void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& step, cudaStream_t stream);
 // Row selection (sampling.cu). Both need the workspace of selection_workspace_bytes(), allocated
 // once and zeroed before first use (the kernels leave it zeroed again); one stream at a time.

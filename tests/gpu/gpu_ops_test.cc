@@ -3,6 +3,8 @@
 // rings shorter than a prefill chunk, ties in top-k and argmax. Skips without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <functional>
 #include <numeric>
 
 #include "runtime/config.h"
@@ -370,6 +372,48 @@ TEST_F(GpuOps, RouterTopk) {
     gpu_->router_topk(logits.gpu, k, ids.gpu, w.gpu);
     EXPECT_EQ(read_raw<int32_t>(*gpu_, ids.gpu), read_raw<int32_t>(cpu_, ids.cpu));
     EXPECT_LE(rel_max_error(read_f32(*gpu_, w.gpu), read_f32(cpu_, w.cpu)), 1e-5);
+  }
+}
+
+// The router in one launch (GEMV + top-k in its last block) against the two operations on the
+// GPU (same bits: the same GEMV and the same per-row top-k code) and the CPU's ids; twice in a row
+// (the block counter must be left at zero); shapes the fused kernel does not take (9 rows) fall
+// back to the two operations.
+TEST_F(GpuOps, RouteEqualsLinearThenTopk) {
+  for (const int rows : {1, 2, 3, 8, 9}) {
+    for (const int E : {32, 128}) {
+      SCOPED_TRACE(std::to_string(rows) + " rows, " + std::to_string(E) + " experts");
+      const int H = 256, k = 4;
+      auto [cw, gw] = weight(random_values(static_cast<size_t>(E) * H, rng_, 0.05f), {E, H});
+      auto [cb, gb] = weight(random_values(static_cast<size_t>(E), rng_), {E});
+      Pair x = paired(cpu_, *gpu_, {rows, H}, random_values(static_cast<size_t>(rows) * H, rng_));
+      Pair logits = out_pair({rows, E}, DType::kF32), logits2 = out_pair({rows, E}, DType::kF32);
+      const std::vector<int32_t> init(static_cast<size_t>(rows * k), -7);
+      Pair ids = raw_paired(cpu_, *gpu_, DType::kI32, {rows, k}, init);
+      Pair ids2 = raw_paired(cpu_, *gpu_, DType::kI32, {rows, k}, init);
+      Pair w = out_pair({rows, k}, DType::kF32), w2 = out_pair({rows, k}, DType::kF32);
+      gpu_->linear(x.gpu, gw, gb, logits2.gpu);
+      gpu_->router_topk(logits2.gpu, k, ids2.gpu, w2.gpu);
+      for (int rep = 0; rep < 2; ++rep) {
+        gpu_->route(x.gpu, gw, gb, k, logits.gpu, ids.gpu, w.gpu);
+        EXPECT_EQ(read_f32(*gpu_, logits.gpu), read_f32(*gpu_, logits2.gpu));
+        EXPECT_EQ(read_raw<int32_t>(*gpu_, ids.gpu), read_raw<int32_t>(*gpu_, ids2.gpu));
+        EXPECT_EQ(read_f32(*gpu_, w.gpu), read_f32(*gpu_, w2.gpu));
+      }
+      cpu_.route(x.cpu, cw, cb, k, logits.cpu, ids.cpu, w.cpu);
+      EXPECT_LE(rel_max_error(read_f32(*gpu_, logits.gpu), read_f32(cpu_, logits.cpu)), 1e-2);
+      // Ids (in order) may differ only where two of the CPU's k + 1 largest logits are a near-tie.
+      const auto cl = read_f32(cpu_, logits.cpu);
+      const auto cid = read_raw<int32_t>(cpu_, ids.cpu), gid = read_raw<int32_t>(*gpu_, ids.gpu);
+      for (int r = 0; r < rows; ++r) {
+        std::vector<float> row(cl.begin() + r * E, cl.begin() + (r + 1) * E);
+        std::sort(row.begin(), row.end(), std::greater<float>());
+        bool near_tie = false;
+        for (int j = 0; j < k; ++j) near_tie = near_tie || row[static_cast<size_t>(j)] - row[static_cast<size_t>(j + 1)] < 0.05f;
+        if (near_tie) continue;
+        for (int j = 0; j < k; ++j) EXPECT_EQ(gid[static_cast<size_t>(r * k + j)], cid[static_cast<size_t>(r * k + j)]) << "row " << r;
+      }
+    }
   }
 }
 
