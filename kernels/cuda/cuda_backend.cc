@@ -206,6 +206,9 @@ class CudaBackend final : public Backend {
     }
     // ARBITER_CUDA_GEMV=0: dense products of few rows through cuBLASLt too (tests, benchmarks).
     if (const char* env = std::getenv("ARBITER_CUDA_GEMV")) gemv_enabled_ = std::strcmp(env, "0") != 0;
+    // ARBITER_CUDA_ARENA=0: reserve() does nothing, every allocation is its own cudaMalloc (so that
+    // compute-sanitizer memcheck sees overruns between tensors, which one region would hide).
+    if (const char* env = std::getenv("ARBITER_CUDA_ARENA")) arena_enabled_ = std::strcmp(env, "0") != 0;
     // ARBITER_CUDA_GRAPHS=0: never record steps.
     if (const char* env = std::getenv("ARBITER_CUDA_GRAPHS")) graphs_enabled_ = std::strcmp(env, "0") != 0;
     graph_meta_ = std::make_unique<MetaSlot>();
@@ -231,6 +234,7 @@ class CudaBackend final : public Backend {
   // for the largest call announced (when larger than the current one); a second call adds a second
   // region (live buffers stay where they are).
   void reserve(size_t bytes, const MoeLimits& moe) override {
+    if (!arena_enabled_) return;
     select();
     size_t moe_bytes = 0;
     if (moe.max_rows > 0 && moe.k > 0 && moe.experts > 0 && moe.max_rows * moe.k <= INT_MAX) {
@@ -614,6 +618,7 @@ class CudaBackend final : public Backend {
   // buffers keep their region alive anyway, see device_memory).
   std::vector<std::shared_ptr<ArenaRegion>> arena_regions_;
   size_t arena_overflow_allocations_ = 0;
+  bool arena_enabled_ = true;
   std::vector<DeviceBuffer> weights_;
   std::vector<std::unique_ptr<MetaSlot>> meta_slots_;
   Scratch moe_scratch_;

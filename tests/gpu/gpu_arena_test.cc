@@ -18,6 +18,12 @@ namespace {
 
 using namespace gpu_testing;
 
+#define ARBITER_SKIP_WITHOUT_ARENA()                                                                    \
+  do {                                                                                                 \
+    if (const char* env = std::getenv("ARBITER_CUDA_ARENA"); env && std::string(env) == "0")          \
+      GTEST_SKIP() << "ARBITER_CUDA_ARENA=0: the arena is off";                                       \
+  } while (0)
+
 ModelOptions arena_options(int step_rows, int logit_rows) {
   ModelOptions o;
   o.max_step_rows = step_rows;
@@ -39,6 +45,7 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& ref, 
 
 TEST(GpuArena, ModelsAllocateOnlyFromTheirReservation) {
   ARBITER_SKIP_WITHOUT_GPU();
+  ARBITER_SKIP_WITHOUT_ARENA();
   testing::TempDir dir;
   const ModelConfig config = testing::small_config();
   MakeModelOptions mo;
@@ -85,6 +92,7 @@ TEST(GpuArena, ModelsAllocateOnlyFromTheirReservation) {
 // Allocations beyond a reservation still work (their own cudaMalloc) and are counted.
 TEST(GpuArena, OverflowIsCountedAndUsable) {
   ARBITER_SKIP_WITHOUT_GPU();
+  ARBITER_SKIP_WITHOUT_ARENA();
   auto gpu = make_backend("cuda");
   gpu->reserve(device_arena_bytes(1000));
   DeviceBuffer inside = gpu->allocate(1000);
