@@ -21,8 +21,8 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_testing.h"
-#include "kernels/device_arena.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/device_arena.h"
 
 namespace arbiter {
 namespace {
