@@ -82,6 +82,13 @@ struct LinearTerm {
   Tensor out;
 };
 
+// The largest moe_experts call a model will make (rows of x, top-k, experts held, hidden and
+// intermediate sizes), for Backend::reserve. max_rows == 0: not known.
+struct MoeLimits {
+  int64_t max_rows = 0;
+  int k = 0, experts = 0, hidden = 0, intermediate = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -90,6 +97,15 @@ class Backend {
   virtual DType kv_dtype() const = 0;
 
   // --- memory ---
+  // The bytes of the allocate() / import_weight() calls that will follow (each rounded up with
+  // device_arena_bytes), so that a device backend can take them as one region up front instead of
+  // one allocation each, and the largest moe_experts call that will follow, so that it can size its
+  // own workspace with them. A hint: allocations beyond it still succeed. May be called more than
+  // once (e.g. two models on one backend); each call covers the allocations after it. Default: no-op.
+  virtual void reserve(size_t bytes, const MoeLimits& moe = {}) {
+    (void)bytes;
+    (void)moe;
+  }
   virtual DeviceBuffer allocate(size_t bytes) = 0;
   // Makes a host tensor (e.g. a view into a memory-mapped checkpoint) usable by kernels. The CPU
   // backend returns the view itself; device backends copy it into memory they own until destroyed.

@@ -1,8 +1,11 @@
 #include "parallel/moe_dispatch.h"
 
+#include <array>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
+
+#include "kernels/device_arena.h"
 
 namespace arbiter {
 
@@ -157,8 +160,36 @@ void MoeExchange::combine(const void* expert_out, void* out) {
   }
 }
 
-MoeDispatcher::MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k)
-    : exchange_(comm, std::move(placement), top_k, hidden, backend.activation_dtype()), backend_(backend) {}
+namespace {
+
+// The four staging buffers (x, ids, weights, y) for `rows` received rows: dtype and columns.
+struct StagingShape {
+  DType dtype;
+  int64_t cols;
+};
+std::array<StagingShape, 4> staging_shapes(int hidden, int top_k, DType act) {
+  return {{{act, hidden}, {DType::kI32, top_k}, {DType::kF32, top_k}, {act, hidden}}};
+}
+
+}  // namespace
+
+MoeDispatcher::MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k,
+                             int64_t max_step_rows)
+    : exchange_(comm, std::move(placement), top_k, hidden, backend.activation_dtype()), backend_(backend) {
+  if (max_step_rows <= 0) return;
+  const int64_t rows = max_step_rows * comm.size();
+  const auto shapes = staging_shapes(hidden, top_k, backend.activation_dtype());
+  DeviceBuffer* buffers[] = {&d_x_, &d_ids_, &d_w_, &d_y_};
+  for (size_t i = 0; i < shapes.size(); ++i) staging(*buffers[i], shapes[i].dtype, rows, shapes[i].cols);
+}
+
+size_t MoeDispatcher::reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType act) {
+  if (max_step_rows <= 0) return 0;
+  size_t total = 0;
+  for (const StagingShape& s : staging_shapes(hidden, top_k, act))
+    total += device_arena_bytes(static_cast<size_t>(max_step_rows * ranks * s.cols) * dtype_size(s.dtype));
+  return total;
+}
 
 Tensor MoeDispatcher::staging(DeviceBuffer& buffer, DType dtype, int64_t rows, int64_t cols) {
   const size_t need = static_cast<size_t>(rows * cols) * dtype_size(dtype);

@@ -81,8 +81,14 @@ class MoeExchange {
 
 class MoeDispatcher {
  public:
-  // `comm` must outlive the dispatcher.
-  MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k);
+  // `comm` must outlive the dispatcher. max_step_rows > 0: the most rows any rank's step has; the
+  // device staging buffers are then allocated here for the most rows this rank can receive
+  // (every rank's rows), so that steps allocate nothing. 0: they grow on demand.
+  MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k,
+                int64_t max_step_rows = 0);
+  // The bytes the constructor allocates for these arguments (rounded as arena allocations), for
+  // Backend::reserve.
+  static size_t reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType activation_dtype);
 
   // Collective; the expert-parallel form of backend.moe_experts(x, ids, weights, experts, ...):
   // x [rows, hidden], expert_ids/weights [rows, top_k] from router_topk (global expert ids), `local`

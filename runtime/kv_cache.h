@@ -21,6 +21,9 @@ struct KvCacheOptions {
 class KvCache {
  public:
   KvCache(Backend& backend, const ModelConfig& config, const KvCacheOptions& options);
+  // The bytes the constructor allocates (each pool rounded up as an arena allocation, see
+  // kernels/device_arena.h), for Backend::reserve.
+  static size_t reserve_bytes(DType kv_dtype, const ModelConfig& config, const KvCacheOptions& options);
   const KvLayer& layer(int index) const { return layers_[static_cast<size_t>(index)]; }
   const KvCacheOptions& options() const { return options_; }
   int ring_blocks_per_sequence() const { return ring_blocks_; }

@@ -6,6 +6,7 @@
 #include <set>
 #include <stdexcept>
 
+#include "kernels/device_arena.h"
 #include "parallel/communicator.h"
 #include "parallel/expert_placement.h"
 #include "parallel/moe_dispatch.h"
@@ -72,41 +73,71 @@ RopeParams yarn_rope_params(const ModelConfig& c) {
   return p;
 }
 
-Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend, const ModelOptions& options)
-    : config_(config),
-      options_(options),
-      backend_(backend),
-      weights_(load_weights(config, checkpoint, backend, local_experts(config, checkpoint, options))),
-      kv_(backend, config, options.kv),
-      rope_(yarn_rope_params(config)) {
+std::vector<Model::BufferSpec> Model::buffer_specs(const ModelConfig& config, const ModelOptions& options, DType act) {
   const int64_t R = options.max_step_rows, L = options.max_logit_rows;
   if (R <= 0 || L <= 0) throw std::invalid_argument("Model: max_step_rows and max_logit_rows must be positive");
   const int64_t H = config.hidden_size, D = config.head_dim;
   const int64_t Q = config.num_attention_heads * D, KV = config.num_key_value_heads * D;
   const int64_t E = config.num_local_experts, K = config.num_experts_per_tok;
-  const DType act = backend.activation_dtype();
-  auto make = [&](DType dtype, Shape shape) {
-    buffers_.push_back(backend.allocate(static_cast<size_t>(shape.elements()) * dtype_size(dtype)));
-    return buffers_.back().view(dtype, shape);
+  return {
+      {&Model::x_, act, {R, H}},
+      {&Model::normed_, act, {R, H}},
+      {&Model::q_, act, {R, Q}},
+      {&Model::k_, act, {R, KV}},
+      {&Model::v_, act, {R, KV}},
+      {&Model::attn_, act, {R, Q}},
+      {&Model::delta_, act, {R, H}},
+      {&Model::router_logits_, DType::kF32, {R, E}},
+      {&Model::expert_ids_, DType::kI32, {R, K}},
+      {&Model::expert_weights_, DType::kF32, {R, K}},
+      {&Model::final_rows_, act, {L, H}},
+      {&Model::logits_, DType::kF32, {L, static_cast<int64_t>(config.vocab_size)}},
+      {&Model::argmax_, DType::kI32, {L}},
+      {&Model::top_ids_, DType::kI32, {L, kMaxTopLogprobs}},
+      {&Model::top_logprobs_, DType::kF32, {L, kMaxTopLogprobs}},
   };
-  x_ = make(act, {R, H});
-  normed_ = make(act, {R, H});
-  q_ = make(act, {R, Q});
-  k_ = make(act, {R, KV});
-  v_ = make(act, {R, KV});
-  attn_ = make(act, {R, Q});
-  delta_ = make(act, {R, H});
-  router_logits_ = make(DType::kF32, {R, E});
-  expert_ids_ = make(DType::kI32, {R, K});
-  expert_weights_ = make(DType::kF32, {R, K});
-  final_rows_ = make(act, {L, H});
-  logits_ = make(DType::kF32, {L, static_cast<int64_t>(config.vocab_size)});
-  argmax_ = make(DType::kI32, {L});
-  top_ids_ = make(DType::kI32, {L, kMaxTopLogprobs});
-  top_logprobs_ = make(DType::kF32, {L, kMaxTopLogprobs});
+}
+
+// Everything the Model allocates on the backend, summed from the same lists the allocations use
+// (weights_reserve_bytes, KvCache::reserve_bytes, buffer_specs, MoeDispatcher::reserve_bytes), is
+// announced with one Backend::reserve before the first of them; then the weights are loaded.
+ModelWeights Model::reserve_and_load_weights(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend,
+                                             const ModelOptions& options) {
+  const ExpertRange experts = local_experts(config, checkpoint, options);
+  size_t bytes = weights_reserve_bytes(config, checkpoint, experts);
+  bytes += KvCache::reserve_bytes(backend.kv_dtype(), config, options.kv);
+  for (const BufferSpec& b : buffer_specs(config, options, backend.activation_dtype()))
+    bytes += device_arena_bytes(static_cast<size_t>(b.shape.elements()) * dtype_size(b.dtype));
+  const int ranks = expert_parallel(options) ? options.comm->size() : 1;
+  if (expert_parallel(options))
+    bytes += MoeDispatcher::reserve_bytes(ranks, options.max_step_rows, config.hidden_size,
+                                          config.num_experts_per_tok, backend.activation_dtype());
+  MoeLimits moe;
+  // Under expert parallelism this rank's experts may get a row from every rank.
+  moe.max_rows = static_cast<int64_t>(options.max_step_rows) * ranks;
+  moe.k = config.num_experts_per_tok;
+  moe.experts = experts.count < 0 ? config.num_local_experts - experts.first : experts.count;
+  moe.hidden = config.hidden_size;
+  moe.intermediate = config.intermediate_size;
+  backend.reserve(bytes, moe);
+  return load_weights(config, checkpoint, backend, experts);
+}
+
+Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend, const ModelOptions& options)
+    : config_(config),
+      options_(options),
+      backend_(backend),
+      weights_(reserve_and_load_weights(config, checkpoint, backend, options)),
+      kv_(backend, config, options.kv),
+      rope_(yarn_rope_params(config)) {
+  for (const BufferSpec& b : buffer_specs(config, options, backend.activation_dtype())) {
+    buffers_.push_back(backend.allocate(static_cast<size_t>(b.shape.elements()) * dtype_size(b.dtype)));
+    this->*b.member = buffers_.back().view(b.dtype, b.shape);
+  }
   if (expert_parallel(options))
     dispatcher_ = std::make_unique<MoeDispatcher>(*options.comm, *placement_for(config, options), backend,
-                                                  config.hidden_size, config.num_experts_per_tok);
+                                                  config.hidden_size, config.num_experts_per_tok,
+                                                  options.max_step_rows);
 }
 
 // Recorded steps (Backend::run_step) point at this model's buffers.

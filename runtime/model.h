@@ -66,6 +66,16 @@ class Model {
   Backend& backend() { return backend_; }
 
  private:
+  // One activation / output buffer: the member that views it, its dtype and shape.
+  struct BufferSpec {
+    Tensor Model::*member;
+    DType dtype;
+    Shape shape;
+  };
+  static std::vector<BufferSpec> buffer_specs(const ModelConfig& config, const ModelOptions& options, DType act);
+  // Backend::reserve for everything the model will allocate, then load_weights.
+  static ModelWeights reserve_and_load_weights(const ModelConfig& config, const Checkpoint& checkpoint,
+                                               Backend& backend, const ModelOptions& options);
   // Runs every layer and the final norm + lm_head into logits_ for the requested rows.
   void run(const StepLayout& layout);
   void run_empty_step();  // expert parallelism: every layer's exchange with zero tokens of our own

@@ -1,10 +1,17 @@
 #include "runtime/weights.h"
 
+#include <functional>
 #include <stdexcept>
 
-namespace arbiter {
+#include "kernels/device_arena.h"
 
-ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, Backend& backend, ExpertRange range) {
+namespace arbiter {
+namespace {
+
+// Every tensor of the model (this rank's experts only), checked and passed through `import`: the
+// one list that both load_weights and weights_reserve_bytes walk, so they cannot disagree.
+ModelWeights collect_weights(const ModelConfig& c, const Checkpoint& ck, ExpertRange range,
+                             const std::function<Tensor(const Tensor&)>& import) {
   if (range.count < 0) range.count = c.num_local_experts - range.first;
   if (range.first < 0 || range.count <= 0 || range.first + range.count > c.num_local_experts)
     throw std::runtime_error("expert range [" + std::to_string(range.first) + ", " +
@@ -13,12 +20,12 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, Backend& b
   const int64_t H = c.hidden_size, V = c.vocab_size, D = c.head_dim;
   const int64_t Q = c.num_attention_heads * D, KV = c.num_key_value_heads * D;
   const int64_t E = c.num_local_experts, I = c.intermediate_size;
-  auto bf16 = [&](const std::string& name, Shape shape) { return backend.import_weight(ck.get(name, DType::kBF16, shape)); };
+  auto bf16 = [&](const std::string& name, Shape shape) { return import(ck.get(name, DType::kBF16, shape)); };
   auto vec = [&](const std::string& name, int64_t n) {
-    return backend.import_weight(ck.get_any(name, {DType::kBF16, DType::kF32}, Shape{n}));
+    return import(ck.get_any(name, {DType::kBF16, DType::kF32}, Shape{n}));
   };
   auto experts = [&](const std::string& name, DType dtype, Shape shape) {
-    return backend.import_weight(ck.get(name, dtype, shape).slice_rows(range.first, range.count));
+    return import(ck.get(name, dtype, shape).slice_rows(range.first, range.count));
   };
   ModelWeights w;
   w.experts = range;
@@ -52,6 +59,21 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, Backend& b
     w.layers.push_back(l);
   }
   return w;
+}
+
+}  // namespace
+
+ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, Backend& backend, ExpertRange range) {
+  return collect_weights(c, ck, range, [&](const Tensor& host) { return backend.import_weight(host); });
+}
+
+size_t weights_reserve_bytes(const ModelConfig& c, const Checkpoint& ck, ExpertRange range) {
+  size_t total = 0;
+  collect_weights(c, ck, range, [&](const Tensor& host) {
+    total += device_arena_bytes(host.bytes());
+    return host;
+  });
+  return total;
 }
 
 }  // namespace arbiter

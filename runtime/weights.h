@@ -37,4 +37,8 @@ struct ModelWeights {
 ModelWeights load_weights(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend,
                           ExpertRange experts = {});
 
+// The bytes load_weights will import (each tensor rounded up as an arena allocation, see
+// kernels/device_arena.h), for Backend::reserve. Checks the tensors like load_weights.
+size_t weights_reserve_bytes(const ModelConfig& config, const Checkpoint& checkpoint, ExpertRange experts = {});
+
 }  // namespace arbiter

@@ -60,6 +60,8 @@ run() {  # name timeout command...
 # Most important first: tests, then the benchmarks, then the per-path MoE numbers, the sanitizers last.
 run ops 75 "$pack/bin/gpu_ops_test" --gtest_output=json:"$work/ops.json"
 run model 75 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model.json"
+# The device arena (Backend::reserve): a model allocates only from its reservation.
+run arena 30 "$pack/bin/gpu_arena_test" --gtest_output=json:"$work/arena.json"
 # The model tests again on the previous attention kernel (one block per q head, fp32 throughout, for
 # every sequence): a failure in both runs is not the split / tensor-core kernels'.
 ARBITER_CUDA_ATTENTION=head run model_head 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_head.json"
@@ -157,6 +159,7 @@ report = {"gpu": read("gpu.txt").strip(), "env": read("env.txt").strip().splitli
           "steps": read("steps.txt").strip().splitlines()}
 report["ops_test"] = gtest("ops")
 report["model_test"] = gtest("model")
+report["arena_test"] = gtest("arena")
 report["model_test_head"] = gtest("model_head")
 report["model_test_nopdl"] = gtest("model_nopdl")
 report["ops_test_nopdl"] = gtest("ops_nopdl")

@@ -12,11 +12,12 @@ golden=${GOLDEN_SRC:-$root/../shared/golden}
 pack=.gpu-pack
 
 cmake -S . -B "$build" -G Ninja -DARBITER_CUDA_ARCHITECTURES="${ARCHS:-90}" -DCMAKE_BUILD_TYPE=Release >/dev/null
-ninja -C "$build" -j"${JOBS:-2}" gpu_ops_test gpu_model_test gpu_bench arbiter
+ninja -C "$build" -j"${JOBS:-2}" gpu_ops_test gpu_model_test gpu_arena_test gpu_bench arbiter
 
 rm -rf "$pack"
 mkdir -p "$pack/bin" "$pack/lib"
-bins=("$build/tests/gpu/gpu_ops_test" "$build/tests/gpu/gpu_model_test" "$build/bench/gpu/gpu_bench" "$build/arbiter")
+bins=("$build/tests/gpu/gpu_ops_test" "$build/tests/gpu/gpu_model_test" "$build/tests/gpu/gpu_arena_test" "$build/bench/gpu/gpu_bench"
+      "$build/arbiter")
 for b in "${bins[@]}"; do
   cp "$b" "$pack/bin/"
   strip --strip-debug "$pack/bin/$(basename "$b")" || true

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -21,6 +22,7 @@
 
 #include "kernels/cuda/cuda_testing.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/device_arena.h"
 
 namespace arbiter {
 namespace {
@@ -101,21 +103,32 @@ int64_t row_len(const Tensor& t) {
 
 bool is_bf16_or_f32(const Tensor& t) { return t.dtype == DType::kBF16 || t.dtype == DType::kF32; }
 
+// One reserved region: a single cudaMalloc and the arena that hands out its ranges. Held by
+// shared_ptr by the backend and by every buffer carved from it, so it outlives them all.
+struct ArenaRegion {
+  explicit ArenaRegion(size_t bytes) : memory(device_alloc(bytes)), arena(memory.data(), bytes) {}
+  DeviceBuffer memory;  // declared first: freed after the arena (which checks nothing is live)
+  DeviceArena arena;
+};
+
 // Device memory that grows on demand (outside steps where possible) and never shrinks. Growing
-// moves it: `moved` counts the moves (recorded steps that point at it are then stale).
+// moves it: `moved` counts the moves (recorded steps that point at it are then stale). `exact`:
+// exactly `bytes` (sized up front) rather than 1.5x the old size.
 class Scratch {
  public:
-  void* ensure(size_t bytes, cudaStream_t stream, uint64_t& moved) {
+  void* ensure(size_t bytes, cudaStream_t stream, uint64_t& moved, const std::function<DeviceBuffer(size_t)>& alloc,
+               bool exact = false) {
     if (bytes > buffer_.bytes() || !buffer_.data()) {
       // Queued kernels may still read the old buffer.
       cuda_check(cudaStreamSynchronize(stream), "scratch grow");
       const size_t old = buffer_.bytes();
       buffer_ = DeviceBuffer();
-      buffer_ = device_alloc(std::max(bytes, old + old / 2));
+      buffer_ = alloc(exact ? bytes : std::max(bytes, old + old / 2));
       ++moved;
     }
     return buffer_.data();
   }
+  size_t bytes() const { return buffer_.bytes(); }
 
  private:
   DeviceBuffer buffer_;
@@ -193,6 +206,9 @@ class CudaBackend final : public Backend {
     }
     // ARBITER_CUDA_GEMV=0: dense products of few rows through cuBLASLt too (tests, benchmarks).
     if (const char* env = std::getenv("ARBITER_CUDA_GEMV")) gemv_enabled_ = std::strcmp(env, "0") != 0;
+    // ARBITER_CUDA_ARENA=0: reserve() does nothing, every allocation is its own cudaMalloc (so that
+    // compute-sanitizer memcheck sees overruns between tensors, which one region would hide).
+    if (const char* env = std::getenv("ARBITER_CUDA_ARENA")) arena_enabled_ = std::strcmp(env, "0") != 0;
     // ARBITER_CUDA_GRAPHS=0: never record steps.
     if (const char* env = std::getenv("ARBITER_CUDA_GRAPHS")) graphs_enabled_ = std::strcmp(env, "0") != 0;
     graph_meta_ = std::make_unique<MetaSlot>();
@@ -216,18 +232,52 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
 
+  // One cudaMalloc for `bytes` of allocate() / import_weight() calls to come plus the MoE workspace
+  // for the largest call announced (when larger than the current one); a second call adds a second
+  // region (live buffers stay where they are).
+  void reserve(size_t bytes, const MoeLimits& moe) override {
+    if (!arena_enabled_) return;
+    select();
+    size_t moe_bytes = 0;
+    if (moe.max_rows > 0 && moe.k > 0 && moe.experts > 0 && moe.max_rows * moe.k <= INT_MAX) {
+      const size_t need = cuda::moe_workspace_bytes(static_cast<int>(moe.max_rows), moe.k, moe.experts, moe.hidden,
+                                                    moe.intermediate);
+      if (need > moe_scratch_.bytes()) moe_bytes = need;
+    }
+    const size_t total = bytes + (moe_bytes ? device_arena_bytes(moe_bytes) : 0);
+    if (total == 0) return;
+    arena_regions_.push_back(std::make_shared<ArenaRegion>(total));
+    if (moe_bytes) {
+      moe_scratch_.ensure(moe_bytes, stream(), generation_, [this](size_t n) { return device_memory(n); }, true);
+      moe_dims_ = {moe.k, moe.experts, moe.hidden, moe.intermediate};
+    }
+  }
+
+  CudaArenaStats arena_stats() const {
+    CudaArenaStats st;
+    st.regions = arena_regions_.size();
+    for (const auto& r : arena_regions_) {
+      st.capacity += r->arena.capacity();
+      st.bytes_in_use += r->arena.bytes_in_use();
+      st.peak_bytes_in_use += r->arena.peak_bytes_in_use();
+      st.live_allocations += r->arena.live_allocations();
+    }
+    st.arena_overflow_allocations = arena_overflow_allocations_;
+    return st;
+  }
+
   std::string name() const override { return name_; }
   DType activation_dtype() const override { return DType::kBF16; }
   DType kv_dtype() const override { return DType::kBF16; }
 
   DeviceBuffer allocate(size_t bytes) override {
     select();
-    return device_alloc(bytes);
+    return device_memory(bytes);
   }
 
   Tensor import_weight(const Tensor& host) override {
     select();
-    weights_.push_back(device_alloc(host.bytes()));
+    weights_.push_back(device_memory(host.bytes()));
     Tensor t = host;
     t.data = weights_.back().data();
     if (host.bytes() > 0)
@@ -401,7 +451,8 @@ class CudaBackend final : public Backend {
     a.inter = inter;
     a.limit = swiglu_limit;
     a.path = moe_path_;
-    a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream(), generation_);
+    a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream(), generation_,
+                                      [this](size_t n) { return device_memory(n); });
     cuda::moe(a, stream());
   }
 
@@ -466,6 +517,35 @@ class CudaBackend final : public Backend {
   using LtKey = std::tuple<int64_t, int64_t, int64_t, int, bool, int, int, int>;
 
   cudaStream_t stream() const { return stream_.get(); }
+
+  // Device memory for allocate(), import_weight() and the MoE workspace: from the reserved regions
+  // (first fit, oldest region first) when one has room, else its own cudaMalloc, counted as an arena
+  // overflow once anything was reserved. Freeing an arena range synchronizes the device first, as
+  // cudaFree does, so that no queued kernel still uses a range that is handed out again.
+  DeviceBuffer device_memory(size_t bytes) {
+    for (const auto& region : arena_regions_) {
+      DeviceBuffer range = region->arena.allocate(bytes, kDeviceArenaAlignment, region);
+      if (!range.data()) continue;
+      void* data = range.data();
+      auto held = std::make_shared<DeviceBuffer>(std::move(range));
+      return DeviceBuffer(data, bytes, [device = device_, held](void*) {
+        int previous = -1;
+        const bool restore = cudaGetDevice(&previous) == cudaSuccess && previous != device;
+        cudaSetDevice(device);
+        cudaDeviceSynchronize();
+        if (restore) cudaSetDevice(previous);
+        *held = DeviceBuffer();  // returns the range (the region stays alive while `held` needs it)
+      });
+    }
+    if (!arena_regions_.empty()) {
+      if (arena_overflow_allocations_++ == 0)
+        std::fprintf(stderr,
+                     "arbiter: CUDA: an allocation of %zu bytes did not fit the reserved device memory; using its own "
+                     "cudaMalloc (counted as an arena overflow; reported once)\n",
+                     bytes);
+    }
+    return device_alloc(bytes);
+  }
   void select() const { cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
 
   void check_norm(const Tensor& x, const Tensor& weight, const Tensor& out) const {
@@ -539,6 +619,11 @@ class CudaBackend final : public Backend {
   LtHandlePtr lt_;
   DeviceBuffer lt_workspace_;
   std::map<LtKey, LtPlan> lt_plans_;
+  // Regions taken by reserve(), declared before every member holding memory carved from them (the
+  // buffers keep their region alive anyway, see device_memory).
+  std::vector<std::shared_ptr<ArenaRegion>> arena_regions_;
+  size_t arena_overflow_allocations_ = 0;
+  bool arena_enabled_ = true;
   std::vector<DeviceBuffer> weights_;
   std::vector<std::unique_ptr<MetaSlot>> meta_slots_;
   Scratch moe_scratch_;
@@ -654,7 +739,7 @@ std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout)
   // Grow the MoE workspace for this step's rows now rather than inside the step.
   if (moe_dims_[1] > 0)
     moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, moe_dims_[0], moe_dims_[1], moe_dims_[2], moe_dims_[3]),
-                        stream(), generation_);
+                        stream(), generation_, [this](size_t n) { return device_memory(n); });
   return ctx;
 }
 
@@ -861,6 +946,12 @@ std::unique_ptr<Backend> make_cuda_backend(int device) {
     throw std::runtime_error("CUDA device " + std::to_string(device) + " not available (" + std::to_string(count) +
                              " visible)");
   return std::make_unique<CudaBackend>(device);
+}
+
+CudaArenaStats cuda_arena_stats(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  if (!cuda) throw std::invalid_argument("cuda_arena_stats: " + backend.name() + " is not a CUDA backend");
+  return cuda->arena_stats();
 }
 
 void cuda_fill_random_bf16(const Tensor& t, uint64_t seed, float scale, float offset) {

@@ -1,12 +1,29 @@
 // Helpers for tests and benchmarks of the CUDA backend: deterministic pseudo-random fills of device
-// tensors (so that large random models need no host memory or files). Not used by the runtime.
+// tensors (so that large random models need no host memory or files), and the state of a backend's
+// device arena. Not used by the runtime.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
+#include "kernels/backend.h"
 #include "kernels/tensor.h"
 
 namespace arbiter {
+
+// A CUDA backend's reserved device memory (Backend::reserve), summed over its regions.
+struct CudaArenaStats {
+  size_t regions = 0;            // reserve() calls that took memory
+  size_t capacity = 0;           // bytes in all regions
+  size_t bytes_in_use = 0;       // bytes handed out and not yet freed
+  size_t peak_bytes_in_use = 0;  // sum of each region's peak
+  size_t live_allocations = 0;
+  // Allocations (allocate, import_weight, MoE workspace) made after a reserve() that did not fit
+  // the reserved regions and got their own cudaMalloc: 0 when reserve() covered everything.
+  size_t arena_overflow_allocations = 0;
+};
+// Throws std::invalid_argument when `backend` is not a CUDA backend (e.g. a wrapper around one).
+CudaArenaStats cuda_arena_stats(const Backend& backend);
 
 // bf16 tensor: roughly normal values, mean `offset`, standard deviation `scale`. Synchronizes.
 void cuda_fill_random_bf16(const Tensor& t, uint64_t seed, float scale, float offset = 0.0f);

@@ -63,6 +63,7 @@ class RouterProbe final : public Backend {
   std::string name() const override { return "probe(" + b_.name() + ")"; }
   DType activation_dtype() const override { return b_.activation_dtype(); }
   DType kv_dtype() const override { return b_.kv_dtype(); }
+  void reserve(size_t bytes, const MoeLimits& moe) override { b_.reserve(bytes, moe); }
   DeviceBuffer allocate(size_t bytes) override { return b_.allocate(bytes); }
   Tensor import_weight(const Tensor& host) override { return b_.import_weight(host); }
   void upload(const void* host, const Tensor& dst) override { b_.upload(host, dst); }

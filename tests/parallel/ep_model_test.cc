@@ -13,6 +13,7 @@
 #include "parallel/thread_comm.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
+#include "tests/memory_ledger.h"
 #include "tests/test_util.h"
 
 namespace arbiter {
@@ -84,6 +85,39 @@ TEST_P(EpGoldenTest, LogitsAndGreedyMatchSingleRank) {
     expect_close(logits, single, GetParam() + " over " + std::to_string(ranks) + " ranks");
     EXPECT_EQ(greedy, g.greedy) << ranks << " ranks";
   }
+}
+
+// Backend::reserve under expert parallelism: each rank announces exactly what it allocates (its
+// experts only, plus the dispatcher's staging buffers for rows from every rank), and its MoE calls
+// for rows from every rank; steps allocate nothing (the staging buffers are sized up front).
+TEST(EpReserve, EachRankAnnouncesExactlyWhatItAllocates) {
+  const GoldenCase g = load_golden_case("tiny-a");  // 8 experts
+  const int ranks = 3;
+  const auto placement = placement_text("experts 8\nrank 0: 0-2\nrank 1: 3-6\nrank 2: 7");
+  std::mutex mutex;
+  std::vector<std::string> failures;
+  run_thread_ranks(ranks, [&](Communicator& comm) {
+    const ModelConfig config = load_model_config(g.dir + "/config.json");
+    Checkpoint ck(g.dir);
+    CpuBackend cpu(1);
+    testing::MemoryLedger ledger(cpu);
+    Model model(config, ck, ledger, small_options(&comm, placement));
+    const size_t after_load = ledger.allocated_bytes;
+    if (comm.rank() == 0) compute_all_logits(model, g.tokens);
+    model.serve_peers();
+    const int experts[] = {3, 4, 1};
+    std::string why;
+    if (ledger.reserve_calls != 1 || ledger.allocations_before_reserve != 0) why += " reserve not first/once;";
+    if (ledger.reserved_bytes != after_load) why += " reserved " + std::to_string(ledger.reserved_bytes) + " != allocated " +
+                                                   std::to_string(after_load) + ";";
+    if (ledger.allocated_bytes != after_load) why += " steps allocated;";
+    if (ledger.last_moe.max_rows != 64 * ranks || ledger.last_moe.experts != experts[comm.rank()]) why += " moe limits;";
+    if (!why.empty()) {
+      std::lock_guard<std::mutex> lock(mutex);
+      failures.push_back("rank " + std::to_string(comm.rank()) + ":" + why);
+    }
+  });
+  EXPECT_TRUE(failures.empty()) << ::testing::PrintToString(failures);
 }
 
 // Every rank runs its own sequence (data-parallel attention) in the same steps.

@@ -8,6 +8,7 @@
 #include "runtime/generate.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
+#include "tests/memory_ledger.h"
 #include "tests/test_util.h"
 
 namespace arbiter {
@@ -64,6 +65,39 @@ TEST(GoldenData, CasesArePresent) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, GoldenTest, ::testing::ValuesIn(testing::golden_case_names()));
+
+// Backend::reserve: one call, before the first allocation, announcing exactly the bytes the model
+// then allocates (weights, KV pools, buffers; each rounded as an arena allocation), also when the
+// model holds only some experts; a step allocates nothing.
+TEST(ModelReserve, AnnouncesExactlyWhatItAllocates) {
+  const auto g = load_golden_case(testing::golden_case_names().at(0));
+  const ModelConfig config = load_model_config(g.dir + "/config.json");
+  Checkpoint ck(g.dir);
+  CpuBackend cpu;
+  for (const ExpertRange experts : {ExpertRange{}, ExpertRange{1, 2}}) {
+    for (const int rows : {1, 7, 64}) {
+      SCOPED_TRACE("experts from " + std::to_string(experts.first) + ", rows " + std::to_string(rows));
+      testing::MemoryLedger ledger(cpu);
+      ModelOptions o = small_options(rows, rows);
+      o.experts = experts;
+      Model model(config, ck, ledger, o);
+      EXPECT_EQ(ledger.reserve_calls, 1);
+      EXPECT_EQ(ledger.allocations_before_reserve, 0);
+      EXPECT_EQ(ledger.reserved_bytes, ledger.allocated_bytes);
+      EXPECT_GT(ledger.reserved_bytes, 0u);
+      EXPECT_EQ(ledger.last_moe.max_rows, rows);
+      EXPECT_EQ(ledger.last_moe.k, config.num_experts_per_tok);
+      EXPECT_EQ(ledger.last_moe.experts, experts.count < 0 ? config.num_local_experts : experts.count);
+      EXPECT_EQ(ledger.last_moe.hidden, config.hidden_size);
+      EXPECT_EQ(ledger.last_moe.intermediate, config.intermediate_size);
+      if (experts.count < 0) {
+        const size_t before = ledger.allocated_bytes;
+        compute_all_logits(model, std::vector<int32_t>(g.tokens.begin(), g.tokens.begin() + 5));
+        EXPECT_EQ(ledger.allocated_bytes, before) << "a step allocated memory";
+      }
+    }
+  }
+}
 
 // A random model whose window (5) is shorter than the sequences below.
 class CachePathsTest : public ::testing::Test {
