@@ -62,6 +62,10 @@ class MemoryLedger final : public Backend {
                 const StepContext& s) override {
     b_.kv_store(k, v, c, p, s);
   }
+  void route(const Tensor& x, const Tensor& w, const Tensor& bias, int k, const Tensor& logits, const Tensor& ids,
+             const Tensor& weights) override {
+    b_.route(x, w, bias, k, logits, ids, weights);
+  }
   void router_topk(const Tensor& logits, int k, const Tensor& ids, const Tensor& weights) override {
     b_.router_topk(logits, k, ids, weights);
   }

@@ -77,6 +77,7 @@ class RouterProbe final : public Backend {
     b_.add_rms_norm(r, d, w, e, o);
   }
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& o) override { b_.linear(x, w, bias, o); }
+  void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override { b_.linear_group(x, terms); }
   void rope(const Tensor& q, const Tensor& k, int d, const RopeParams& r, const StepContext& s) override {
     b_.rope(q, k, d, r, s);
   }
@@ -90,15 +91,13 @@ class RouterProbe final : public Backend {
   }
   void router_topk(const Tensor& logits, int k, const Tensor& ids, const Tensor& weights) override {
     b_.router_topk(logits, k, ids, weights);
-    Call c;
-    c.rows = logits.rows();
-    c.experts = logits.elements() / std::max<int64_t>(1, c.rows);
-    c.k = k;
-    c.logits.resize(static_cast<size_t>(logits.elements()));
-    c.ids.resize(static_cast<size_t>(ids.elements()));
-    b_.download(logits, c.logits.data());
-    b_.download(ids, c.ids.data());
-    calls.push_back(std::move(c));
+    record(logits, k, ids);
+  }
+  // The model's router (the inner backend's fused kernel when it has one), recorded the same way.
+  void route(const Tensor& x, const Tensor& w, const Tensor& bias, int k, const Tensor& logits, const Tensor& ids,
+             const Tensor& weights) override {
+    b_.route(x, w, bias, k, logits, ids, weights);
+    record(logits, k, ids);
   }
   void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w, const ExpertWeights& ex, float limit,
                    const Tensor& o) override {
@@ -109,6 +108,18 @@ class RouterProbe final : public Backend {
   void argmax(const Tensor& l, const Tensor& o) override { b_.argmax(l, o); }
 
  private:
+  void record(const Tensor& logits, int k, const Tensor& ids) {
+    Call c;
+    c.rows = logits.rows();
+    c.experts = logits.elements() / std::max<int64_t>(1, c.rows);
+    c.k = k;
+    c.logits.resize(static_cast<size_t>(logits.elements()));
+    c.ids.resize(static_cast<size_t>(ids.elements()));
+    b_.download(logits, c.logits.data());
+    b_.download(ids, c.ids.data());
+    calls.push_back(std::move(c));
+  }
+
   Backend& b_;
 };
 
