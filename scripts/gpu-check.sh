@@ -91,18 +91,21 @@ done
 # block-counting merges and the decode benchmarks once more with it off ([nopdl] rows in the report).
 ARBITER_CUDA_PDL=0 run model_nopdl 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_nopdl.json"
 ARBITER_CUDA_PDL=0 run ops_nopdl 60 "$pack/bin/gpu_ops_test" \
-  --gtest_filter='Cases/GpuAttention.*:GpuOps.TopLogprobs*:GpuOps.Argmax*:GpuOps.Linear:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/hidden2880_decode' \
+  --gtest_filter='Cases/GpuAttention.*:GpuOps.TopLogprobs*:GpuOps.Argmax*:GpuOps.Linear:GpuOps.LinearGroup:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/hidden2880_decode' \
   --gtest_output=json:"$work/ops_nopdl.json"
 ARBITER_CUDA_PDL=0 run bench_nopdl 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Layer20bDecode|Model20bDecode|StepOp20b/.*/0' \
   --benchmark_format=console --benchmark_out="$work/bench_nopdl.json" --benchmark_out_format=json
+# q/k/v and the router as separate launches ([nofuse] rows): what the fused launches save.
+ARBITER_CUDA_FUSE=0 run bench_nofuse 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Layer20bDecode|Model20bDecode' \
+  --benchmark_format=console --benchmark_out="$work/bench_nofuse.json" --benchmark_out_format=json
 # memcheck over a subset (slow under the sanitizer).
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$san" ]; then
   run memcheck 60 "$san" --tool memcheck --error-exitcode 3 "$pack/bin/gpu_ops_test" \
-    --gtest_filter='GpuOps.Linear:GpuOps.TopLogprobsSmall:GpuOps.ArgmaxManyRows:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuAttention.*/decode_batch_ragged:Cases/GpuAttention.*/prefill_20b_sliding:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_sliding:Cases/GpuAttention.*/mixed_20b_full:Cases/GpuAttention.*/mixed_d128_gqa4:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
+    --gtest_filter='GpuOps.Linear:GpuOps.LinearGroup:GpuOps.Route*:GpuOps.TopLogprobsSmall:GpuOps.ArgmaxManyRows:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuAttention.*/decode_batch_ragged:Cases/GpuAttention.*/prefill_20b_sliding:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_sliding:Cases/GpuAttention.*/mixed_20b_full:Cases/GpuAttention.*/mixed_d128_gqa4:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
   # Shared-memory races in the kernels with block-wide phases (selection, split and prefill attention).
   run racecheck 60 "$san" --tool racecheck --error-exitcode 4 "$pack/bin/gpu_ops_test" \
-    --gtest_filter='GpuOps.TopLogprobsSmall:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
+    --gtest_filter='GpuOps.TopLogprobsSmall:GpuOps.Route*:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
 else
   echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
 fi
@@ -165,7 +168,7 @@ report["model_test_nopdl"] = gtest("model_nopdl")
 report["ops_test_nopdl"] = gtest("ops_nopdl")
 
 bench = {}
-for suffix in ("", "_gemv", "_mma", "_nopdl"):
+for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse"):
     bp = os.path.join(work, f"bench{suffix}.json")
     if not os.path.exists(bp):
         continue
@@ -173,7 +176,7 @@ for suffix in ("", "_gemv", "_mma", "_nopdl"):
         for b in json.load(open(bp)).get("benchmarks", []):
             if suffix in ("_gemv", "_mma") and not b["name"].startswith("Moe"):
                 continue
-            if suffix == "_nopdl" and not b["name"].startswith(("Model", "Layer", "StepOp")):
+            if suffix in ("_nopdl", "_nofuse") and not b["name"].startswith(("Model", "Layer", "StepOp")):
                 continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
             bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
@@ -261,7 +264,7 @@ open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for name in ("build", "ops", "model", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
-                 "model_nopdl", "ops_nopdl", "bench_nopdl", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
+                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue

@@ -206,6 +206,8 @@ class CudaBackend final : public Backend {
     }
     // ARBITER_CUDA_GEMV=0: dense products of few rows through cuBLASLt too (tests, benchmarks).
     if (const char* env = std::getenv("ARBITER_CUDA_GEMV")) gemv_enabled_ = std::strcmp(env, "0") != 0;
+    // ARBITER_CUDA_FUSE=0: q/k/v and the router as separate launches (A/B of the fused ones).
+    if (const char* env = std::getenv("ARBITER_CUDA_FUSE")) fuse_enabled_ = std::strcmp(env, "0") != 0;
     // ARBITER_CUDA_ARENA=0: reserve() does nothing, every allocation is its own cudaMalloc (so that
     // compute-sanitizer memcheck sees overruns between tensors, which one region would hide).
     if (const char* env = std::getenv("ARBITER_CUDA_ARENA")) arena_enabled_ = std::strcmp(env, "0") != 0;
@@ -634,6 +636,7 @@ class CudaBackend final : public Backend {
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
   bool gemv_enabled_ = true;
+  bool fuse_enabled_ = true;
   // Recorded decode steps. Their metadata lives in graph_meta_ (one slot, fixed addresses);
   // generation_ counts moves of memory they point at (that slot, the MoE workspace).
   bool graphs_enabled_ = true;
@@ -793,7 +796,7 @@ void CudaBackend::run_step(const void* owner, const StepContext& step, const std
 // does not take runs as separate products.
 void CudaBackend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {
   const int64_t m = x.rows(), k = row_len(x);
-  bool grouped = gemv_enabled_ && !terms.empty() && terms.size() <= static_cast<size_t>(cuda::kGemvMaxTargets) &&
+  bool grouped = gemv_enabled_ && fuse_enabled_ && !terms.empty() && terms.size() <= static_cast<size_t>(cuda::kGemvMaxTargets) &&
                  x.dtype == DType::kBF16 && m >= 1 && m <= cuda::kGemvMaxRows && pointer_alignment(x.data) >= 16;
   for (const LinearTerm& t : terms) {
     if (!grouped) break;
@@ -820,7 +823,7 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const LinearTerm> term
 void CudaBackend::route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
                         const Tensor& expert_ids, const Tensor& expert_weights) {
   const int64_t m = x.rows();
-  const bool fused = gemv_enabled_ && x.dtype == DType::kBF16 && weight.dtype == DType::kBF16 &&
+  const bool fused = gemv_enabled_ && fuse_enabled_ && x.dtype == DType::kBF16 && weight.dtype == DType::kBF16 &&
                      weight.shape.rank == 2 && m >= 1 && m <= cuda::kGemvMaxRows &&
                      cuda::route_supported(static_cast<int>(m), weight.shape[0], weight.shape[1], k) &&
                      row_len(x) == weight.shape[1] && pointer_alignment(x.data) >= 16 &&
