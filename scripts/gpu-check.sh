@@ -109,6 +109,20 @@ if [ -x "$san" ]; then
 else
   echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
 fi
+# Nsight Compute on the decode kernels whose speed is still unexplained (kernels/cuda/NOTES.md): the
+# batch-1 and batch-64 MoE layers and the batch-1 step operations; a few launches each, summarized
+# in the report (duration, memory / DRAM / SM throughput, occupancy, registers, issue activity).
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if [ -x "$ncu" ]; then
+  ncu_args=(--clock-control none --csv --page details --section SpeedOfLight --section Occupancy --section LaunchStats
+            --section SchedulerStats --section WarpStateStats)
+  run ncu_moe1 40 "$ncu" "${ncu_args[@]}" -k 'regex:moe' -c 4 "$pack/bin/gpu_bench" --benchmark_filter='Moe20bLayer/1/'
+  run ncu_moe64 40 "$ncu" "${ncu_args[@]}" -k 'regex:moe|route|combine' -c 8 "$pack/bin/gpu_bench" --benchmark_filter='Moe20bLayer/64/'
+  run ncu_ops1 60 "$ncu" "${ncu_args[@]}" -k 'regex:gemv|attention|rms|rope|kv_store|router|argmax' -c 24 "$pack/bin/gpu_bench" \
+    --benchmark_filter='StepOp20b/.*/0'
+else
+  echo "ncu skipped: no ncu" >>"$work/steps.txt"
+fi
 # Last, when there is time left: serving on the whole 20b shape (24 layers, random weights written here).
 if [ "${GPU_CHECK_SERVE_20B:-0}" = 1 ]; then
   run make_20b 150 "$pack/bin/arbiter" make-model --preset 20b-shape --out "$work/m20" --tokenizer-dir "$pack/tokenizer"
@@ -225,6 +239,26 @@ m = re.search(r"ERROR SUMMARY: (\d+) error", read("memcheck.log"))
 report["memcheck_errors"] = int(m.group(1)) if m else None
 m = re.search(r"RACECHECK SUMMARY: (\d+) hazard", read("racecheck.log"))
 report["racecheck_hazards"] = int(m.group(1)) if m else None
+# Nsight Compute: one line per profiled launch with the metrics that say what bounds it.
+def ncu_summary(name):
+    import csv, io
+    text = read(name + ".log")
+    lines = [l for l in text.splitlines() if l.startswith('"')]
+    if not lines:
+        return {"error": text[-300:]}
+    keep = ("Duration", "Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
+            "Theoretical Occupancy", "Registers Per Thread", "Issued Warp Per Scheduler", "No Eligible",
+            "Warp Cycles Per Issued Instruction", "Block Size", "Grid Size")
+    rows = {}
+    for r in csv.DictReader(io.StringIO("\n".join(lines))):
+        key = r.get("ID", "?")
+        row = rows.setdefault(key, {"kernel": (r.get("Kernel Name") or "?")[:60], "grid": r.get("Grid Size"),
+                                    "block": r.get("Block Size")})
+        if r.get("Metric Name") in keep:
+            row[r["Metric Name"]] = (r.get("Metric Value") or "") + " " + (r.get("Metric Unit") or "")
+    return list(rows.values())
+report["ncu"] = {n: ncu_summary(n) for n in ("ncu_moe1", "ncu_moe64", "ncu_ops1")}
+os.system(f"cp {work}/ncu_*.log {out}/ 2>/dev/null")
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
 L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
@@ -252,6 +286,13 @@ L.append(f"- classify tiny cpu: {brief(cc)}")
 L.append(f"- classify tiny cuda: {brief(cg)}")
 L.append(f"- memcheck errors: {report['memcheck_errors']}")
 L.append(f"- racecheck hazards: {report['racecheck_hazards']}")
+for n, rows in report["ncu"].items():
+    if isinstance(rows, dict):
+        L.append(f"- {n}: {json.dumps(rows)[:300]}")
+        continue
+    L.append(f"- {n}:")
+    for r in rows:
+        L.append("  - " + "; ".join(f"{k}={str(v).strip()}" for k, v in r.items()))
 L += ["", "| benchmark | time | counters |", "|---|---|---|"]
 for name, b in bench.items():
     if not isinstance(b, dict):
