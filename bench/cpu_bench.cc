@@ -698,6 +698,30 @@ void BM_LinearMxfp4(benchmark::State& state) {
   state.counters["weight_GB/s"] = benchmark::Counter(static_cast<double>(blocks.size() + scales.size()), benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// One hand-off to the pool and back (a dynamic_for of 8 trivial items) after the caller has been
+// busy alone for `gap` microseconds, as between a decode step's parallel passes. Reports the round
+// trip; it is what every parallel pass of a step pays on top of its work.
+void BM_PoolHandOff(benchmark::State& state) {
+  const auto gap = std::chrono::microseconds(state.range(0));
+  cpu::ThreadPool& pool = bench().cpu->pool();
+  std::atomic<int> sink{0};
+  double total = 0;
+  int64_t n = 0;
+  for (auto _ : state) {
+    const auto busy = Clock::now();
+    while (Clock::now() - busy < gap) {
+    }
+    const auto t = Clock::now();
+    cpu::dynamic_for(pool, 8, [&](int64_t) { sink.fetch_add(1, std::memory_order_relaxed); });
+    const double dt = seconds_since(t);
+    state.SetIterationTime(dt);
+    total += dt;
+    ++n;
+  }
+  state.counters["us_per_handoff"] = 1e6 * total / static_cast<double>(std::max<int64_t>(1, n));
+}
+
+BENCHMARK(BM_PoolHandOff)->Arg(0)->Arg(100)->Arg(300)->Arg(1000)->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(2000);
 BENCHMARK(BM_LinearBf16)->Arg(1)->Arg(16)->Arg(64)->Arg(512)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LinearMxfp4)->Arg(1)->Arg(4)->Arg(64)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_CopyBandwidth)->Iterations(1)->UseManualTime()->Unit(benchmark::kMillisecond);

@@ -1,7 +1,11 @@
 // ThreadPool: a fixed set of worker threads that split index ranges among themselves
-// (parallel_for). The CPU backend owns one; kernels receive it to use every core.
+// (parallel_for). The CPU backend owns one; kernels receive it to use every core. Between calls a
+// worker spins briefly before it sleeps, and the caller spins briefly before it sleeps on the
+// workers: a decode step hands work to the pool ~30 times in quick succession, and waking a sleeping
+// thread (a halted vCPU on a VM) costs ~25 us each way, against ~3 us spinning.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -39,6 +43,11 @@ class ThreadPool {
   uint64_t generation_ = 0;
   int busy_ = 0;
   bool stop_ = false;
+  // Copies of generation_ / busy_ / stop_ (written under mutex_) that threads poll while spinning;
+  // the decisions themselves are taken again under mutex_.
+  std::atomic<uint64_t> generation_seen_{0};
+  std::atomic<int> busy_seen_{0};
+  std::atomic<bool> stop_seen_{false};
   std::mutex call_mutex_;  // one parallel_for at a time
 };
 
