@@ -95,6 +95,12 @@ ARBITER_CUDA_PDL=0 run ops_nopdl 60 "$pack/bin/gpu_ops_test" \
   --gtest_output=json:"$work/ops_nopdl.json"
 ARBITER_CUDA_PDL=0 run bench_nopdl 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Layer20bDecode|Model20bDecode|StepOp20b/.*/0' \
   --benchmark_format=console --benchmark_out="$work/bench_nopdl.json" --benchmark_out_format=json
+# Routed vector-path MoE tasks of 16 tokens (opt-in until measured; GpuMoe's "gemv16" path checks
+# their bits in the ops step): the model tests and the MoE / decode benchmarks with them ([groups2]
+# rows against the default rows above).
+ARBITER_CUDA_MOE_GROUPS=2 run model_groups2 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_groups2.json"
+ARBITER_CUDA_MOE_GROUPS=2 run bench_groups2 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe20bLayer|Moe120bLayer|Model20bDecode' \
+  --benchmark_format=console --benchmark_out="$work/bench_groups2.json" --benchmark_out_format=json
 # q/k/v and the router as separate launches ([nofuse] rows): what the fused launches save.
 ARBITER_CUDA_FUSE=0 run bench_nofuse 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Layer20bDecode|Model20bDecode' \
   --benchmark_format=console --benchmark_out="$work/bench_nofuse.json" --benchmark_out_format=json
@@ -180,9 +186,10 @@ report["arena_test"] = gtest("arena")
 report["model_test_head"] = gtest("model_head")
 report["model_test_nopdl"] = gtest("model_nopdl")
 report["ops_test_nopdl"] = gtest("ops_nopdl")
+report["model_test_groups2"] = gtest("model_groups2")
 
 bench = {}
-for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse"):
+for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2"):
     bp = os.path.join(work, f"bench{suffix}.json")
     if not os.path.exists(bp):
         continue
@@ -190,7 +197,7 @@ for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse"):
         for b in json.load(open(bp)).get("benchmarks", []):
             if suffix in ("_gemv", "_mma") and not b["name"].startswith("Moe"):
                 continue
-            if suffix in ("_nopdl", "_nofuse") and not b["name"].startswith(("Model", "Layer", "StepOp")):
+            if suffix in ("_nopdl", "_nofuse", "_groups2") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe")):
                 continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
             bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
@@ -262,7 +269,7 @@ os.system(f"cp {work}/ncu_*.log {out}/ 2>/dev/null")
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
 L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
-for key in ("ops_test", "model_test", "model_test_head", "ops_test_nopdl", "model_test_nopdl"):
+for key in ("ops_test", "model_test", "model_test_head", "ops_test_nopdl", "model_test_nopdl", "model_test_groups2"):
     r = report[key]
     L.append(f"- {key}: {'CRASHED/NO OUTPUT ' if r.get('crashed') else ''}{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped")
     for name, msg in r["failures"].items():
@@ -305,11 +312,11 @@ open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for name in ("build", "ops", "model", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
-                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
+                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue
-        if name in ("ops", "model", "model_head", "ops_nopdl", "model_nopdl"):  # failures and the summary only
+        if name in ("ops", "model", "model_head", "ops_nopdl", "model_nopdl", "model_groups2"):  # failures and the summary only
             keep = [l for l in s.splitlines() if re.search(r"FAILED|Failure|error|Error|Expected|Which is|actual|SKIPPED \]|PASSED|tests ran|\.cc:\d+", l)]
             s = "\n".join(keep)
         f.write(f"===== {name} =====\n{s[-20000:]}\n")

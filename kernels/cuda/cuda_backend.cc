@@ -208,6 +208,8 @@ class CudaBackend final : public Backend {
     if (const char* env = std::getenv("ARBITER_CUDA_GEMV")) gemv_enabled_ = std::strcmp(env, "0") != 0;
     // ARBITER_CUDA_FUSE=0: q/k/v and the router as separate launches (A/B of the fused ones).
     if (const char* env = std::getenv("ARBITER_CUDA_FUSE")) fuse_enabled_ = std::strcmp(env, "0") != 0;
+    // ARBITER_CUDA_MOE_GROUPS=2: routed vector-path MoE tasks of 16 tokens instead of 8.
+    if (const char* env = std::getenv("ARBITER_CUDA_MOE_GROUPS")) moe_vec_groups_ = std::strcmp(env, "2") == 0 ? 2 : 1;
     // ARBITER_CUDA_ARENA=0: reserve() does nothing, every allocation is its own cudaMalloc (so that
     // compute-sanitizer memcheck sees overruns between tensors, which one region would hide).
     if (const char* env = std::getenv("ARBITER_CUDA_ARENA")) arena_enabled_ = std::strcmp(env, "0") != 0;
@@ -453,6 +455,7 @@ class CudaBackend final : public Backend {
     a.inter = inter;
     a.limit = swiglu_limit;
     a.path = moe_path_;
+    a.vec_groups = moe_vec_groups_;
     a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream(), generation_,
                                       [this](size_t n) { return device_memory(n); });
     cuda::moe(a, stream());
@@ -635,6 +638,7 @@ class CudaBackend final : public Backend {
   cuda::AttentionPath attention_path_ = cuda::AttentionPath::kAuto;
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
+  int moe_vec_groups_ = 1;  // ARBITER_CUDA_MOE_GROUPS=2: 16-token vector tasks (opt-in until measured)
   bool gemv_enabled_ = true;
   bool fuse_enabled_ = true;
   // Recorded decode steps. Their metadata lives in graph_meta_ (one slot, fixed addresses);

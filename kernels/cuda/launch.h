@@ -80,6 +80,9 @@ struct MoeArgs {
   int rows, k, experts, hidden, inter;
   float limit;
   MoePath path;  // kAuto: by tokens per expert
+  // Token groups of 8 per routed vector-path task: 1 (tasks of 8 tokens) or 2 (16: an expert's
+  // weights are read and decoded once for up to 16 tokens). Results are the same bits either way.
+  int vec_groups = 1;
   // Workspace (see moe_workspace_bytes).
   void* workspace;
 };

@@ -122,27 +122,34 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1
 
 // One step's 8 MMAs: wa/wb are this lane's blocks of MMA rows r and r+8, xv its token's 32 activations
 // of the same group (layout: kernels/cuda/mxfp4.cuh).
-template <bool kBig>
-__device__ __forceinline__ void vec_step(const uint4& wa, const uint4& wb, uint32_t sa, uint32_t sb, const uint4 (&xv)[4],
-                                         float (&c)[4]) {
+// With G token groups the decoded weights serve G MMAs (group q: tokens 8q ... 8q + 7).
+template <bool kBig, int G>
+__device__ __forceinline__ void vec_step(const uint4& wa, const uint4& wb, uint32_t sa, uint32_t sb,
+                                         const uint4 (&xv)[G][4], float (&c)[G][4]) {
   const uint32_t fa = mxfp4::factor(sa), fb = mxfp4::factor(sb);
   const uint32_t fa2 = mxfp4::factor2(sa), fb2 = mxfp4::factor2(sb);
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
-    uint32_t pa[4], pb[4], bx[4];
+    uint32_t pa[4], pb[4];
     mxfp4::decode_word<kBig>(word(wa, w), fa, fa2, pa);
     mxfp4::decode_word<kBig>(word(wb, w), fb, fb2, pb);
-    mxfp4::activation_pairs(xv[w], bx);
-    mma_bf16(c, pa[0], pb[0], pa[1], pb[1], bx[0], bx[1]);
-    mma_bf16(c, pa[2], pb[2], pa[3], pb[3], bx[2], bx[3]);
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+      uint32_t bx[4];
+      mxfp4::activation_pairs(xv[q][w], bx);
+      mma_bf16(c[q], pa[0], pb[0], pa[1], pb[1], bx[0], bx[1]);
+      mma_bf16(c[q], pa[2], pb[2], pa[3], pb[3], bx[2], bx[3]);
+    }
   }
 }
 
 // c += W[rows] . x over groups [gb, ge) of one expert's matrix (`blocks`/`scales` at its row 0).
-// row_a/row_b: the weight rows of MMA rows r and r+8 (-1: none); xrow: the activations of this lane's
-// token (B column lane/4), or nullptr. Warp-uniform control flow (every lane runs every MMA).
+// row_a/row_b: the weight rows of MMA rows r and r+8 (-1: none); xrow[q]: the activations of this
+// lane's token in token group q (B column lane/4, i.e. token 8q + lane/4), or nullptr. Warp-uniform
+// control flow (every lane runs every MMA).
+template <int G>
 __device__ __forceinline__ void vec_tile(const uint8_t* blocks, const uint8_t* scales, int groups, int row_a,
-                                         int row_b, const bf16* xrow, int gb, int ge, float (&c)[4]) {
+                                         int row_b, const bf16* const (&xrow)[G], int gb, int ge, float (&c)[G][4]) {
   const int j = mxfp4::vec_group(static_cast<int>(threadIdx.x & 31));
   const uint8_t* ba = blocks + static_cast<int64_t>(row_a < 0 ? 0 : row_a) * groups * 16;
   const uint8_t* bb = blocks + static_cast<int64_t>(row_b < 0 ? 0 : row_b) * groups * 16;
@@ -171,16 +178,18 @@ __device__ __forceinline__ void vec_tile(const uint8_t* blocks, const uint8_t* s
     for (int u = 0; u < kVecUnroll; ++u) {
       if (g0 + 4 * u >= ge) break;  // warp-uniform
       const int g = g0 + 4 * u + j;
-      uint4 xv[4];
+      uint4 xv[G][4];
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        xv[w] = make_uint4(0, 0, 0, 0);
-        if (xrow && g < ge) xv[w] = __ldg(reinterpret_cast<const uint4*>(xrow + g * 32 + w * 8));
-      }
+      for (int q = 0; q < G; ++q)
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          xv[q][w] = make_uint4(0, 0, 0, 0);
+          if (xrow[q] && g < ge) xv[q][w] = __ldg(reinterpret_cast<const uint4*>(xrow[q] + g * 32 + w * 8));
+        }
       if (__any_sync(0xffffffffu, mxfp4::big(sa[u]) || mxfp4::big(sb[u]))) {
-        vec_step<true>(wa[u], wb[u], sa[u], sb[u], xv, c);
+        vec_step<true, G>(wa[u], wb[u], sa[u], sb[u], xv, c);
       } else {
-        vec_step<false>(wa[u], wb[u], sa[u], sb[u], xv, c);
+        vec_step<false, G>(wa[u], wb[u], sa[u], sb[u], xv, c);
       }
     }
   }
@@ -192,23 +201,24 @@ __device__ __forceinline__ float swiglu(float gate, float up, float limit) {
   return gate / (1.0f + expf(-1.702f * gate)) * (up + 1.0f);
 }
 
-// The work item of a routed block: up to kVecTokens tokens of one expert (route's tile list).
+// The work item of a routed block: up to G x kVecTokens tokens of one expert (route's tile list).
 struct VecTask {
   int expert = -1, begin = 0, count = 0;
 };
+template <int G>
 __device__ __forceinline__ VecTask routed_task(const MoeWorkspace& ws) {
   VecTask t;
   if (static_cast<int>(blockIdx.y) >= *ws.tile_count) return t;
   t.expert = ws.tiles[2 * blockIdx.y];
   t.begin = ws.offsets[t.expert] + ws.tiles[2 * blockIdx.y + 1];
-  t.count = min(kVecTokens, ws.offsets[t.expert + 1] - t.begin);
+  t.count = min(G * kVecTokens, ws.offsets[t.expert + 1] - t.begin);
   return t;
 }
 
 // gate_up with the clamped SwiGLU fused: a warp owns 8 channels (MMA rows 0-7 their gate rows, 8-15 their
 // up rows), so each lane ends with the gate and up of one channel for tokens 2j and 2j+1.
 // kDirect (a single row): block y is the row's slot y, no routing. Else block y is a routed task.
-template <bool kDirect>
+template <bool kDirect, int G>
 __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeArgs a, MoeWorkspace ws) {
   pdl_begin();
   VecTask t;
@@ -217,7 +227,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeA
     t.begin = static_cast<int>(blockIdx.y);
     t.count = 1;
   } else {
-    t = routed_task(ws);
+    t = routed_task<G>(ws);
   }
   if (t.expert < 0 || t.expert >= a.experts) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -227,59 +237,80 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeA
   const bool ch_ok = ch < a.inter;
   const int groups = a.hidden / 32, out_rows = 2 * a.inter;
   auto slot_of = [&](int n) { return kDirect ? t.begin : ws.sorted[t.begin + n]; };
-  const int n = lane >> 2;
-  const bf16* xrow = n < t.count ? static_cast<const bf16*>(a.x) + static_cast<int64_t>(slot_of(n) / a.k) * a.hidden
-                                 : nullptr;
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  vec_tile(a.gu_blocks + static_cast<int64_t>(t.expert) * out_rows * groups * 16,
-           a.gu_scales + static_cast<int64_t>(t.expert) * out_rows * groups, groups, ch_ok ? 2 * ch : -1,
-           ch_ok ? 2 * ch + 1 : -1, xrow, 0, groups, c);
+  const bf16* xrow[G];
+  float c[G][4];
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    const int n = q * kVecTokens + (lane >> 2);
+    xrow[q] = n < t.count ? static_cast<const bf16*>(a.x) + static_cast<int64_t>(slot_of(n) / a.k) * a.hidden : nullptr;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[q][i] = 0.0f;
+  }
+  vec_tile<G>(a.gu_blocks + static_cast<int64_t>(t.expert) * out_rows * groups * 16,
+              a.gu_scales + static_cast<int64_t>(t.expert) * out_rows * groups, groups, ch_ok ? 2 * ch : -1,
+              ch_ok ? 2 * ch + 1 : -1, xrow, 0, groups, c);
   if (!ch_ok) return;
   const bf16* bias = static_cast<const bf16*>(a.gu_bias) + static_cast<int64_t>(t.expert) * out_rows;
   const float bg = bf2f(bias[2 * ch]), bu = bf2f(bias[2 * ch + 1]);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int tok = 2 * (lane & 3) + i;
-    if (tok < t.count)
-      ws.act[static_cast<int64_t>(slot_of(tok)) * a.inter + ch] = f2bf(swiglu(c[i] + bg, c[2 + i] + bu, a.limit));
-  }
+  for (int q = 0; q < G; ++q)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int tok = q * kVecTokens + 2 * (lane & 3) + i;
+      if (tok < t.count)
+        ws.act[static_cast<int64_t>(slot_of(tok)) * a.inter + ch] =
+            f2bf(swiglu(c[q][i] + bg, c[q][2 + i] + bu, a.limit));
+    }
 }
 
 // down, routed: a block is 4 row tiles x kDownSplit K halves of one task; y[slot, row] = (half0 + half1) + bias.
+template <int G>
 __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_kernel(MoeArgs a, MoeWorkspace ws) {
   pdl_begin();
   static_assert(kDownSplit == 2 && kVecWarps % 2 == 0, "two K halves per tile");
-  __shared__ float other[kVecWarps / 2][32][4];
-  const VecTask t = routed_task(ws);
+  __shared__ float other[kVecWarps / 2][32][G][4];
+  const VecTask t = routed_task<G>(ws);
   if (t.expert < 0 || t.expert >= a.experts) return;  // whole block
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tile = static_cast<int>(blockIdx.x) * (kVecWarps / 2) + warp / 2, h = warp % 2;
   const int groups = a.inter / 32, half = (groups + 1) / 2;
   const int r = lane >> 2, row_a = tile * 16 + r, row_b = row_a + 8;
   const bool tile_ok = tile * 16 < a.hidden;
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float c[G][4];
+#pragma unroll
+  for (int q = 0; q < G; ++q)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[q][i] = 0.0f;
   if (tile_ok) {
-    const int n = lane >> 2;
-    const bf16* xrow = n < t.count ? ws.act + static_cast<int64_t>(ws.sorted[t.begin + n]) * a.inter : nullptr;
-    vec_tile(a.dn_blocks + static_cast<int64_t>(t.expert) * a.hidden * groups * 16,
-             a.dn_scales + static_cast<int64_t>(t.expert) * a.hidden * groups, groups, row_a < a.hidden ? row_a : -1,
-             row_b < a.hidden ? row_b : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
+    const bf16* xrow[G];
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+      const int n = q * kVecTokens + (lane >> 2);
+      xrow[q] = n < t.count ? ws.act + static_cast<int64_t>(ws.sorted[t.begin + n]) * a.inter : nullptr;
+    }
+    vec_tile<G>(a.dn_blocks + static_cast<int64_t>(t.expert) * a.hidden * groups * 16,
+                a.dn_scales + static_cast<int64_t>(t.expert) * a.hidden * groups, groups, row_a < a.hidden ? row_a : -1,
+                row_b < a.hidden ? row_b : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
   }
   if (h == 1) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) other[warp / 2][lane][i] = c[i];
+    for (int q = 0; q < G; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) other[warp / 2][lane][q][i] = c[q][i];
   }
   __syncthreads();
   if (h != 0 || !tile_ok) return;
   const bf16* bias = static_cast<const bf16*>(a.dn_bias) + static_cast<int64_t>(t.expert) * a.hidden;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = i < 2 ? row_a : row_b, tok = 2 * (lane & 3) + (i & 1);
-    if (row < a.hidden && tok < t.count) {
-      const float y = (c[i] + other[warp / 2][lane][i]) + bf2f(bias[row]);
-      ws.y[static_cast<int64_t>(ws.sorted[t.begin + tok]) * a.hidden + row] = y;
+  for (int q = 0; q < G; ++q)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = i < 2 ? row_a : row_b, tok = q * kVecTokens + 2 * (lane & 3) + (i & 1);
+      if (row < a.hidden && tok < t.count) {
+        const float y = (c[q][i] + other[warp / 2][lane][q][i]) + bf2f(bias[row]);
+        ws.y[static_cast<int64_t>(ws.sorted[t.begin + tok]) * a.hidden + row] = y;
+      }
     }
-  }
 }
 
 // down, single row: a block is one 16-row tile; its warps take the (slot, K half) units in turn, and the
@@ -294,14 +325,14 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_direct_kernel(
     const int j = u / kDownSplit, h = u % kDownSplit;
     const int e = a.ids[j];
     if (e < 0 || e >= a.experts) continue;  // warp-uniform
-    const bf16* xrow = r == 0 ? ws.act + static_cast<int64_t>(j) * a.inter : nullptr;
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    vec_tile(a.dn_blocks + static_cast<int64_t>(e) * a.hidden * groups * 16,
-             a.dn_scales + static_cast<int64_t>(e) * a.hidden * groups, groups, base + r < a.hidden ? base + r : -1,
-             base + r + 8 < a.hidden ? base + r + 8 : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
+    const bf16* const xrow[1] = {r == 0 ? ws.act + static_cast<int64_t>(j) * a.inter : nullptr};
+    float c[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    vec_tile<1>(a.dn_blocks + static_cast<int64_t>(e) * a.hidden * groups * 16,
+                a.dn_scales + static_cast<int64_t>(e) * a.hidden * groups, groups, base + r < a.hidden ? base + r : -1,
+                base + r + 8 < a.hidden ? base + r + 8 : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
     if ((lane & 3) == 0) {  // token column 0
-      part[j][h][r] = c[0];
-      part[j][h][r + 8] = c[2];
+      part[j][h][r] = c[0][0];
+      part[j][h][r + 8] = c[0][2];
     }
   }
   __syncthreads();
@@ -504,23 +535,30 @@ __global__ void combine_kernel(const int32_t* ids, const float* weights, int k, 
   }
 }
 
+template <int G>
+void launch_vec_routed(const MoeArgs& a, const MoeWorkspace& ws, const dim3& g1, const dim3& g2, cudaStream_t stream) {
+  launch_kernel(moe_vec_gate_up_kernel<false, G>, g1, dim3(kVecWarps * 32), 0, stream, a, ws);
+  check_launch("moe gate_up (vec)");
+  launch_kernel(moe_vec_down_kernel<G>, g2, dim3(kVecWarps * 32), 0, stream, a, ws);
+  check_launch("moe down (vec)");
+}
+
 void launch_vec(const MoeArgs& a, const MoeWorkspace& ws, bool direct, cudaStream_t stream) {
+  // Routed tasks of G x 8 tokens are fewer than those of 8: the 8-token bound covers both.
   const unsigned tasks = direct ? static_cast<unsigned>(a.k) : static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts, kVecTokens));
   const dim3 g1(static_cast<unsigned>((a.inter + kVecWarps * 8 - 1) / (kVecWarps * 8)), tasks);
   const int down_tiles = (a.hidden + 15) / 16;
   if (direct) {
-    launch_kernel(moe_vec_gate_up_kernel<true>, g1, dim3(kVecWarps * 32), 0, stream, a, ws);
+    launch_kernel(moe_vec_gate_up_kernel<true, 1>, g1, dim3(kVecWarps * 32), 0, stream, a, ws);
     check_launch("moe gate_up (vec, one row)");
     launch_kernel(moe_vec_down_direct_kernel, dim3(static_cast<unsigned>(down_tiles)), dim3(kVecWarps * 32), 0, stream, a,
                   ws);
     check_launch("moe down (vec, one row)");
     return;
   }
-  launch_kernel(moe_vec_gate_up_kernel<false>, g1, dim3(kVecWarps * 32), 0, stream, a, ws);
-  check_launch("moe gate_up (vec)");
   const dim3 g2(static_cast<unsigned>((down_tiles + kVecWarps / 2 - 1) / (kVecWarps / 2)), tasks);
-  launch_kernel(moe_vec_down_kernel, g2, dim3(kVecWarps * 32), 0, stream, a, ws);
-  check_launch("moe down (vec)");
+  if (a.vec_groups == 2) launch_vec_routed<2>(a, ws, g1, g2, stream);
+  else launch_vec_routed<1>(a, ws, g1, g2, stream);
 }
 
 void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
@@ -560,7 +598,7 @@ void moe(const MoeArgs& a, cudaStream_t stream) {
     launch_vec(a, ws, true, stream);
     return;
   }
-  const int tile = mma ? kMmaM : kVecTokens;
+  const int tile = mma ? kMmaM : (a.vec_groups == 2 ? 2 : 1) * kVecTokens;
   launch_kernel(route_kernel, dim3(1), dim3(1024), static_cast<size_t>(2 * a.experts) * sizeof(int), stream, a.ids, n,
                 a.experts, tile, ws);
   check_launch("moe route");

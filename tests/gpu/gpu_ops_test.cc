@@ -578,11 +578,16 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
   cpu_.upload(weights.data(), tw);
   cpu_.moe_experts(tx, tid, tw, ce, 7.0f, tout);
   const auto co = read_f32(cpu_, tout);
-  for (const char* path : {"auto", "gemv", "mma"}) {
-    SCOPED_TRACE(std::string("path ") + path);
-    setenv("ARBITER_CUDA_MOE", path, 1);
+  // "gemv16": the vector path with routed tasks of 16 tokens (ARBITER_CUDA_MOE_GROUPS=2), which must
+  // give the bits of the 8-token tasks.
+  std::vector<float> gemv_out;
+  for (const std::string path : {"auto", "gemv", "gemv16", "mma"}) {
+    SCOPED_TRACE("path " + path);
+    setenv("ARBITER_CUDA_MOE", path == "gemv16" ? "gemv" : path.c_str(), 1);
+    if (path == "gemv16") setenv("ARBITER_CUDA_MOE_GROUPS", "2", 1);
     auto gpu = make_backend("cuda");
     unsetenv("ARBITER_CUDA_MOE");
+    unsetenv("ARBITER_CUDA_MOE_GROUPS");
     const ExpertWeights ge = import_all(*gpu);
     DeviceBuffer gx = gpu->allocate(xv.size() * 2), gid = gpu->allocate(ids.size() * 4),
                  gw = gpu->allocate(weights.size() * 4), gout = gpu->allocate(xv.size() * 2);
@@ -596,16 +601,23 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
     gpu->moe_experts(x, id, w, ge, 7.0f, out);
     const auto go = read_f32(*gpu, out);
     EXPECT_LE(rel_max_error(go, co), 2e-2);
+    if (path == "gemv") gemv_out = go;
+    if (path == "gemv16") {
+      EXPECT_EQ(go, gemv_out);
+    }
     // Again (the workspace is reused) on a row slice: the same result for those rows, to the bit on a
     // fixed path (auto may pick the other path for fewer rows).
     const int part = std::max(1, c.rows / 2);
     gpu->moe_experts(x.slice_rows(0, part), id.slice_rows(0, part), w.slice_rows(0, part), ge, 7.0f,
                      out.slice_rows(0, part));
-    if (std::string(path) == "auto") EXPECT_LE(rel_max_error(read_f32(*gpu, out), go), 2e-2);
-    else EXPECT_EQ(read_f32(*gpu, out), go);
+    if (path == "auto") {
+      EXPECT_LE(rel_max_error(read_f32(*gpu, out), go), 2e-2);
+    } else {
+      EXPECT_EQ(read_f32(*gpu, out), go);
+    }
     // A single row alone (decode: no routing on the vector path) gives that row's bits of the batch.
     const int last = c.rows - 1;
-    if (std::string(path) == "gemv") {
+    if (path == "gemv" || path == "gemv16") {
       gpu->moe_experts(x.slice_rows(last, 1), id.slice_rows(last, 1), w.slice_rows(last, 1), ge, 7.0f,
                        out.slice_rows(last, 1));
       EXPECT_EQ(read_f32(*gpu, out), go);
