@@ -25,7 +25,7 @@ echo "== online: arbiter serve + POST /v1/classify =="
 port=${ARBITER_DEMO_PORT:-18080}
 ./build/arbiter serve --model "$model" --port "$port" >/tmp/arbiter-demo-serve.log 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; rm -f "$input"' EXIT
+trap 'kill $server 2>/dev/null || true; rm -f "$input"' EXIT
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break
   sleep 0.2
