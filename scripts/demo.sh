@@ -5,12 +5,18 @@
 # scheduler with policy prefix caching, engine, verdict parsing. Then the same through the HTTP API:
 # `arbiter serve` answers POST /v1/classify. The weights are random, so the reasoning is noise and the
 # verdict is usually null (unparseable); the pipeline is the real one.
+# ARBITER_DEMO_BIN=path: use that binary and skip the set-up (the test suite runs the demo this way);
+# ARBITER_DEMO_MODEL, ARBITER_DEMO_PORT: where the model goes, which port the server takes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build.sh
-ARBITER_SKIP_ORACLES=1 bash scripts/fetch-tokenizer.sh
+bin=${ARBITER_DEMO_BIN:-}
+if [ -z "$bin" ]; then
+  bash scripts/build.sh
+  ARBITER_SKIP_ORACLES=1 bash scripts/fetch-tokenizer.sh
+  bin=./build/arbiter
+fi
 model=${ARBITER_DEMO_MODEL:-models/tiny}
-./build/arbiter make-model --preset tiny --seed 1 --out "$model"
+"$bin" make-model --preset tiny --seed 1 --out "$model"
 
 echo "== offline: arbiter classify (spam policy, 3 contents) =="
 input=$(mktemp)
@@ -18,12 +24,12 @@ trap 'rm -f "$input"' EXIT
 printf '%s\n' '{"id":"a","content":"Buy cheap followers now!!! Limited offer, click here"}' \
   '{"id":"b","content":"Does anyone know a good bakery near the station?"}' \
   '{"id":"c","content":"WIN A FREE PHONE: reply with your card number"}' >"$input"
-./build/arbiter classify --model "$model" --policy tests/data/spam/policy.txt --input "$input" --output - \
+"$bin" classify --model "$model" --policy tests/data/spam/policy.txt --input "$input" --output - \
   --effort low --max-tokens 24
 
 echo "== online: arbiter serve + POST /v1/classify =="
 port=${ARBITER_DEMO_PORT:-18080}
-./build/arbiter serve --model "$model" --port "$port" >/tmp/arbiter-demo-serve.log 2>&1 &
+"$bin" serve --model "$model" --port "$port" >/tmp/arbiter-demo-serve.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -f "$input"' EXIT
 for _ in $(seq 100); do
@@ -31,7 +37,7 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 body=$(python3 -c 'import json,sys; print(json.dumps({"content": "Buy cheap followers now!!!", "policies": [{"id": "spam", "text": open(sys.argv[1]).read()}], "reasoning_effort": "low", "max_tokens": 24}))' tests/data/spam/policy.txt)
-curl -s -X POST "http://127.0.0.1:$port/v1/classify" -H 'Content-Type: application/json' -d "$body"
+curl -sf -X POST "http://127.0.0.1:$port/v1/classify" -H 'Content-Type: application/json' -d "$body"
 echo
 kill -TERM $server
 wait $server || true

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "tests/test_util.h"
 
 namespace arbiter {
@@ -238,6 +240,21 @@ TEST(CliBench, QuickRunReportsBothModes) {
   EXPECT_LT(j.at("prefix_cache_on").at("prefill_tokens_computed").get<double>(),
             j.at("prefix_cache_off").at("prefill_tokens_computed").get<double>());
   EXPECT_GT(j.at("ratios").at("prefill_tokens_off_over_on").get<double>(), 1.0);
+}
+
+// The README's main job (scripts/demo.sh) with this build's binary: offline classification of three
+// contents and one classification over HTTP, and a zero exit status at the end.
+TEST(MainJob, DemoScriptClassifiesOfflineAndOverHttp) {
+  TempDir dir;
+  const int port = 20000 + static_cast<int>(::getpid() % 20000);
+  const RunResult r = testing::run_command(
+      "ARBITER_DEMO_BIN=" + quote(ARBITER_BINARY) + " ARBITER_DEMO_MODEL=" + quote(dir.file("tiny")) +
+          " ARBITER_DEMO_PORT=" + std::to_string(port) + " ARBITER_TOKENIZER_DIR=" + quote(tokenizer_dir()) +
+          " bash " + quote(std::string(ARBITER_SOURCE_DIR) + "/scripts/demo.sh"),
+      true);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("classify: 3 lines, 3 classified"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("\"object\":\"classification\",\"created\""), std::string::npos) << r.output;
 }
 
 }  // namespace
