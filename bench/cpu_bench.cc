@@ -26,6 +26,7 @@
 
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/kernels.h"
+#include "kernels/forwarding_backend.h"
 #include "runtime/config.h"
 #include "runtime/generate.h"
 #include "runtime/make_model.h"
@@ -263,48 +264,43 @@ const Machine& machine() {
 // ---------------------------------------------------------------------------------------------
 // The model, and a backend wrapper that records which experts each MoE layer ran.
 
-class CountingBackend final : public Backend {
+class CountingBackend final : public ForwardingBackend {
  public:
-  explicit CountingBackend(Backend& inner) : b_(inner) {}
-  std::string name() const override { return b_.name(); }
-  DType activation_dtype() const override { return b_.activation_dtype(); }
-  DType kv_dtype() const override { return b_.kv_dtype(); }
-  DeviceBuffer allocate(size_t bytes) override { return b_.allocate(bytes); }
-  Tensor import_weight(const Tensor& host) override { return b_.import_weight(host); }
-  void upload(const void* host, const Tensor& dst) override { b_.upload(host, dst); }
-  void download(const Tensor& src, void* host) override { b_.download(src, host); }
-  void fill_zero(const Tensor& dst) override { b_.fill_zero(dst); }
-  void synchronize() override { b_.synchronize(); }
-  std::unique_ptr<StepContext> prepare_step(const StepLayout& layout) override { return b_.prepare_step(layout); }
-  void embedding(const Tensor& t, const StepContext& s, const Tensor& o) override { { const Timer tm(*this, 0); b_.embedding(t, s, o); } }
-  void rms_norm(const Tensor& x, const Tensor& w, float eps, const Tensor& o) override { { const Timer tm(*this, 1); b_.rms_norm(x, w, eps, o); } }
+  explicit CountingBackend(Backend& inner) : ForwardingBackend(inner) {}
+  void embedding(const Tensor& t, const StepContext& s, const Tensor& o) override { { const Timer tm(*this, 0); inner().embedding(t, s, o); } }
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, const Tensor& o) override { { const Timer tm(*this, 1); inner().rms_norm(x, w, eps, o); } }
   void add_rms_norm(const Tensor& r, const Tensor& d, const Tensor& w, float eps, const Tensor& o) override {
-    { const Timer tm(*this, 2); b_.add_rms_norm(r, d, w, eps, o); }
+    { const Timer tm(*this, 2); inner().add_rms_norm(r, d, w, eps, o); }
   }
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& o) override {
     const Timer tm(*this, w.shape[0] >= 100000 ? 12 : 3);  // the vocabulary projection on its own
-    b_.linear(x, w, bias, o);
+    inner().linear(x, w, bias, o);
   }
   void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override {
     const Timer tm(*this, 3);
     static const bool separate = std::getenv("ARBITER_BENCH_SEPARATE_QKV") != nullptr;  // A/B of the fused pass
     if (separate) {
-      for (const LinearTerm& t : terms) b_.linear(x, t.weight, t.bias, t.out);
+      for (const LinearTerm& t : terms) inner().linear(x, t.weight, t.bias, t.out);
     } else {
-      b_.linear_group(x, terms);
+      inner().linear_group(x, terms);
     }
   }
   void rope(const Tensor& q, const Tensor& k, int d, const RopeParams& r, const StepContext& s) override {
-    { const Timer tm(*this, 4); b_.rope(q, k, d, r, s); }
+    { const Timer tm(*this, 4); inner().rope(q, k, d, r, s); }
   }
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& c, const Tensor& sinks,
                  const AttentionParams& p, const StepContext& s, const Tensor& o) override {
-    { const Timer tm(*this, 5); b_.attention(q, k, v, c, sinks, p, s, o); }
+    { const Timer tm(*this, 5); inner().attention(q, k, v, c, sinks, p, s, o); }
   }
   void kv_store(const Tensor& k, const Tensor& v, const KvLayer& c, const AttentionParams& p, const StepContext& s) override {
-    { const Timer tm(*this, 6); b_.kv_store(k, v, c, p, s); }
+    { const Timer tm(*this, 6); inner().kv_store(k, v, c, p, s); }
   }
-  void router_topk(const Tensor& l, int k, const Tensor& ids, const Tensor& w) override { { const Timer tm(*this, 7); b_.router_topk(l, k, ids, w); } }
+  // Through this wrapper's own linear and router_topk, so the router stays in their timers.
+  void route(const Tensor& x, const Tensor& w, const Tensor& bias, int k, const Tensor& logits, const Tensor& ids,
+             const Tensor& weights) override {
+    Backend::route(x, w, bias, k, logits, ids, weights);
+  }
+  void router_topk(const Tensor& l, int k, const Tensor& ids, const Tensor& w) override { { const Timer tm(*this, 7); inner().router_topk(l, k, ids, w); } }
   void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w, const ExpertWeights& ex, float limit,
                    const Tensor& o) override {
     std::set<int32_t> distinct;
@@ -316,11 +312,11 @@ class CountingBackend final : public Backend {
       }
     }
     distinct_experts_ += static_cast<int64_t>(distinct.size());
-    { const Timer tm(*this, 8); b_.moe_experts(x, ids, w, ex, limit, o); }
+    { const Timer tm(*this, 8); inner().moe_experts(x, ids, w, ex, limit, o); }
   }
-  void add(const Tensor& x, const Tensor& y) override { { const Timer tm(*this, 9); b_.add(x, y); } }
-  void gather_logit_rows(const Tensor& x, const StepContext& s, const Tensor& o) override { { const Timer tm(*this, 10); b_.gather_logit_rows(x, s, o); } }
-  void argmax(const Tensor& l, const Tensor& o) override { { const Timer tm(*this, 11); b_.argmax(l, o); } }
+  void add(const Tensor& x, const Tensor& y) override { { const Timer tm(*this, 9); inner().add(x, y); } }
+  void gather_logit_rows(const Tensor& x, const StepContext& s, const Tensor& o) override { { const Timer tm(*this, 10); inner().gather_logit_rows(x, s, o); } }
+  void argmax(const Tensor& l, const Tensor& o) override { { const Timer tm(*this, 11); inner().argmax(l, o); } }
 
   void reset() {
     distinct_experts_ = pairs_ = 0;
@@ -346,7 +342,6 @@ class CountingBackend final : public Backend {
     int op_;
     Clock::time_point start_;
   };
-  Backend& b_;
   int64_t distinct_experts_ = 0, pairs_ = 0;
   double seconds_[kOps] = {};
 };

@@ -13,6 +13,7 @@
 
 #include "runtime/config.h"
 #include "runtime/make_model.h"
+#include "runtime/model.h"
 
 namespace arbiter::testing {
 
@@ -96,6 +97,18 @@ inline ModelConfig small_config(int vocab = 512) {
   c.sliding_window = 5;
   c.layer_is_sliding = {true, false, true};
   return c;
+}
+
+// Model options for small_config(): blocks of 4 (so short tests cross block boundaries), 64 full
+// blocks and a 32-block sliding pool per layer.
+inline ModelOptions small_model_options(int step_rows = 64, int logit_rows = 64) {
+  ModelOptions o;
+  o.max_step_rows = step_rows;
+  o.max_logit_rows = logit_rows;
+  o.kv.block_size = 4;
+  o.kv.full_blocks = 64;
+  o.kv.sliding_blocks = 32;
+  return o;
 }
 
 }  // namespace arbiter::testing

@@ -180,6 +180,18 @@ int64_t matvec_rows_per_item(int64_t in, int64_t out, double bytes_per_weight) {
   return std::max<int64_t>(4, std::min((256 << 10) / row_bytes, (out + 15) / 16));
 }
 
+// The job whose work items contain `item`, in jobs ordered by their `first_item` (the first at 0).
+template <typename Job>
+const Job& job_of(const std::vector<Job>& jobs, int64_t item) {
+  size_t lo = 0, hi = jobs.size();
+  while (hi - lo > 1) {
+    const size_t mid = (lo + hi) / 2;
+    if (jobs[mid].first_item <= item) lo = mid;
+    else hi = mid;
+  }
+  return jobs[lo];
+}
+
 // Runs kernel(a, o_begin, o_end) over [0, a.out) in dynamically scheduled items of `per` outputs.
 void run_outputs(ThreadPool& pool, const isa::LinearArgs& a, int64_t per,
                  void (*kernel)(const isa::LinearArgs&, int64_t, int64_t)) {
@@ -281,9 +293,7 @@ void linear_bf16_multi(ThreadPool& pool, const float* x, int64_t rows, int64_t i
     jobs.push_back(j);
   }
   dynamic_for(pool, items, [&](int64_t item) {
-    size_t n = 0;
-    while (n + 1 < jobs.size() && jobs[n + 1].first_item <= item) ++n;  // a handful of jobs
-    const Job& j = jobs[n];
+    const Job& j = job_of(jobs, item);
     const int64_t o0 = (item - j.first_item) * j.per;
     t.bf16_matvec(j.a, o0, std::min(j.a.out, o0 + j.per));
   });
@@ -392,13 +402,7 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
   }
   for (Job& j : jobs) j.a.x = packed + j.offset;
   dynamic_for(pool, items, [&](int64_t item) {
-    size_t lo = 0, hi = jobs.size();
-    while (hi - lo > 1) {  // the job whose items contain `item`
-      const size_t mid = (lo + hi) / 2;
-      if (jobs[mid].first_item <= item) lo = mid;
-      else hi = mid;
-    }
-    const Job& j = jobs[lo];
+    const Job& j = job_of(jobs, item);
     const int64_t o0 = (item - j.first_item) * j.per, o1 = std::min(out_features, o0 + j.per);
     if (j.gemm) t.mxfp4_gemm(j.a, o0, o1);
     else t.mxfp4_matvec(j.a, o0, o1);

@@ -24,16 +24,6 @@ using namespace gpu_testing;
       GTEST_SKIP() << "ARBITER_CUDA_ARENA=0: the arena is off";                                       \
   } while (0)
 
-ModelOptions arena_options(int step_rows, int logit_rows) {
-  ModelOptions o;
-  o.max_step_rows = step_rows;
-  o.max_logit_rows = logit_rows;
-  o.kv.block_size = 4;
-  o.kv.full_blocks = 64;
-  o.kv.sliding_blocks = 32;
-  return o;
-}
-
 void expect_close(const std::vector<float>& got, const std::vector<float>& ref, size_t vocab, const std::string& what) {
   ASSERT_EQ(got.size(), ref.size()) << what;
   double min_cos = 1;
@@ -58,7 +48,7 @@ TEST(GpuArena, ModelsAllocateOnlyFromTheirReservation) {
   for (int i = 0; i < 19; ++i) tokens.push_back((i * 53 + 7) % config.vocab_size);
   const size_t V = static_cast<size_t>(config.vocab_size);
   {
-    Model prefill(config, ck, *gpu, arena_options(64, 64));
+    Model prefill(config, ck, *gpu, testing::small_model_options(64, 64));
     CudaArenaStats s = cuda_arena_stats(*gpu);
     EXPECT_EQ(s.regions, 1u);
     EXPECT_EQ(s.arena_overflow_allocations, 0u);
@@ -67,7 +57,7 @@ TEST(GpuArena, ModelsAllocateOnlyFromTheirReservation) {
     EXPECT_EQ(s.bytes_in_use, s.capacity);
     const auto whole = compute_all_logits(prefill, tokens);
 
-    Model decode(config, ck, *gpu, arena_options(1, 1));  // a second reservation on the same backend
+    Model decode(config, ck, *gpu, testing::small_model_options(1, 1));  // a second reservation on the same backend
     s = cuda_arena_stats(*gpu);
     EXPECT_EQ(s.regions, 2u);
     EXPECT_EQ(s.arena_overflow_allocations, 0u);
@@ -78,7 +68,7 @@ TEST(GpuArena, ModelsAllocateOnlyFromTheirReservation) {
     EXPECT_EQ(s.bytes_in_use, s.capacity) << "a step allocated or moved device memory";
 
     CpuBackend cpu;
-    Model reference(config, ck, cpu, arena_options(64, 64));
+    Model reference(config, ck, cpu, testing::small_model_options(64, 64));
     const auto cpu_logits = compute_all_logits(reference, tokens);
     expect_close(whole, cpu_logits, V, "prefill on the arena vs CPU");
     expect_close(stepwise, cpu_logits, V, "token-by-token decode on the arena vs CPU");

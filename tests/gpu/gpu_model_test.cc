@@ -4,6 +4,7 @@
 // against the CPU backend. Skips without a GPU.
 #include <gtest/gtest.h>
 
+#include "kernels/forwarding_backend.h"
 #include "runtime/generate.h"
 #include "runtime/make_model.h"
 #include "runtime/model.h"
@@ -15,16 +16,6 @@ namespace arbiter {
 namespace {
 
 using namespace gpu_testing;
-
-ModelOptions small_options(int step_rows = 64, int logit_rows = 64) {
-  ModelOptions o;
-  o.max_step_rows = step_rows;
-  o.max_logit_rows = logit_rows;
-  o.kv.block_size = 4;
-  o.kv.full_blocks = 64;
-  o.kv.sliding_blocks = 32;
-  return o;
-}
 
 struct Agreement {
   double min_cosine = 1.0;
@@ -47,11 +38,11 @@ Agreement compare_rows(const std::vector<float>& got, const std::vector<float>& 
   return a;
 }
 
-// Forwards every operation to another backend and records each router_topk call's logits and
+// Forwards every operation to another backend and records each router call's logits and
 // chosen experts (downloaded, so it synchronizes: tests only).
-class RouterProbe final : public Backend {
+class RouterProbe final : public ForwardingBackend {
  public:
-  explicit RouterProbe(Backend& inner) : b_(inner) {}
+  explicit RouterProbe(Backend& inner) : ForwardingBackend(inner) {}
   struct Call {
     std::vector<float> logits;
     std::vector<int32_t> ids;
@@ -60,52 +51,17 @@ class RouterProbe final : public Backend {
   };
   std::vector<Call> calls;
 
-  std::string name() const override { return "probe(" + b_.name() + ")"; }
-  DType activation_dtype() const override { return b_.activation_dtype(); }
-  DType kv_dtype() const override { return b_.kv_dtype(); }
-  void reserve(size_t bytes, const MoeLimits& moe) override { b_.reserve(bytes, moe); }
-  DeviceBuffer allocate(size_t bytes) override { return b_.allocate(bytes); }
-  Tensor import_weight(const Tensor& host) override { return b_.import_weight(host); }
-  void upload(const void* host, const Tensor& dst) override { b_.upload(host, dst); }
-  void download(const Tensor& src, void* host) override { b_.download(src, host); }
-  void fill_zero(const Tensor& dst) override { b_.fill_zero(dst); }
-  void synchronize() override { b_.synchronize(); }
-  std::unique_ptr<StepContext> prepare_step(const StepLayout& layout) override { return b_.prepare_step(layout); }
-  void embedding(const Tensor& t, const StepContext& s, const Tensor& o) override { b_.embedding(t, s, o); }
-  void rms_norm(const Tensor& x, const Tensor& w, float e, const Tensor& o) override { b_.rms_norm(x, w, e, o); }
-  void add_rms_norm(const Tensor& r, const Tensor& d, const Tensor& w, float e, const Tensor& o) override {
-    b_.add_rms_norm(r, d, w, e, o);
-  }
-  void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& o) override { b_.linear(x, w, bias, o); }
-  void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override { b_.linear_group(x, terms); }
-  void rope(const Tensor& q, const Tensor& k, int d, const RopeParams& r, const StepContext& s) override {
-    b_.rope(q, k, d, r, s);
-  }
-  void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& c, const Tensor& sinks,
-                 const AttentionParams& p, const StepContext& s, const Tensor& o) override {
-    b_.attention(q, k, v, c, sinks, p, s, o);
-  }
-  void kv_store(const Tensor& k, const Tensor& v, const KvLayer& c, const AttentionParams& p,
-                const StepContext& s) override {
-    b_.kv_store(k, v, c, p, s);
-  }
+  std::string name() const override { return "probe(" + inner().name() + ")"; }
   void router_topk(const Tensor& logits, int k, const Tensor& ids, const Tensor& weights) override {
-    b_.router_topk(logits, k, ids, weights);
+    inner().router_topk(logits, k, ids, weights);
     record(logits, k, ids);
   }
   // The model's router (the inner backend's fused kernel when it has one), recorded the same way.
   void route(const Tensor& x, const Tensor& w, const Tensor& bias, int k, const Tensor& logits, const Tensor& ids,
              const Tensor& weights) override {
-    b_.route(x, w, bias, k, logits, ids, weights);
+    inner().route(x, w, bias, k, logits, ids, weights);
     record(logits, k, ids);
   }
-  void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w, const ExpertWeights& ex, float limit,
-                   const Tensor& o) override {
-    b_.moe_experts(x, ids, w, ex, limit, o);
-  }
-  void add(const Tensor& x, const Tensor& y) override { b_.add(x, y); }
-  void gather_logit_rows(const Tensor& x, const StepContext& s, const Tensor& o) override { b_.gather_logit_rows(x, s, o); }
-  void argmax(const Tensor& l, const Tensor& o) override { b_.argmax(l, o); }
 
  private:
   void record(const Tensor& logits, int k, const Tensor& ids) {
@@ -115,12 +71,10 @@ class RouterProbe final : public Backend {
     c.k = k;
     c.logits.resize(static_cast<size_t>(logits.elements()));
     c.ids.resize(static_cast<size_t>(ids.elements()));
-    b_.download(logits, c.logits.data());
-    b_.download(ids, c.ids.data());
+    inner().download(logits, c.logits.data());
+    inner().download(ids, c.ids.data());
     calls.push_back(std::move(c));
   }
-
-  Backend& b_;
 };
 
 // Golden logits. The tiny golden models have router top-k decisions separated by as little as 0.002
@@ -143,11 +97,11 @@ TEST(GpuGolden, LogitsMatchReference) {
     Checkpoint ck(g.dir);
     auto gpu = make_backend("cuda");
     RouterProbe gpu_probe(*gpu);
-    Model model(config, ck, gpu_probe, small_options());
+    Model model(config, ck, gpu_probe, testing::small_model_options());
     const auto logits = compute_all_logits(model, g.tokens);
     CpuBackend cpu;
     RouterProbe cpu_probe(cpu);
-    Model reference(config, ck, cpu_probe, small_options());
+    Model reference(config, ck, cpu_probe, testing::small_model_options());
     compute_all_logits(reference, g.tokens);
     const NpyArray ref = read_npy_f32(g.dir + "/logits.npy");
     ASSERT_EQ(ref.data.size(), logits.size());
@@ -264,13 +218,13 @@ TEST(GpuGolden, GreedyContinuationMatchesWhereMarginAllows) {
     const size_t V = static_cast<size_t>(config.vocab_size);
     Checkpoint ck(g.dir);
     auto gpu = make_backend("cuda");
-    Model gpu_model(config, ck, *gpu, small_options());
+    Model gpu_model(config, ck, *gpu, testing::small_model_options());
     const auto out = greedy_generate(gpu_model, g.tokens, static_cast<int>(g.greedy.size()));
     ASSERT_EQ(out.size(), g.greedy.size());
     const NpyArray ref = read_npy_f32(g.dir + "/logits.npy");
     const double err = compare_rows(compute_all_logits(gpu_model, g.tokens), ref.data, V).max_abs_err;
     CpuBackend cpu;
-    Model cpu_model(config, ck, cpu, small_options());
+    Model cpu_model(config, ck, cpu, testing::small_model_options());
     std::vector<int32_t> all = g.tokens;
     all.insert(all.end(), g.greedy.begin(), g.greedy.end());
     const auto cpu_logits = compute_all_logits(cpu_model, all);
@@ -328,20 +282,20 @@ class GpuCachePaths : public ::testing::Test {
 TEST_F(GpuCachePaths, DecodeEqualsPrefillAndCpu) {
   Checkpoint ck(dir_->path());
   const auto t = tokens(23, 1);
-  Model whole(config_, ck, *gpu_, small_options(64, 64));
+  Model whole(config_, ck, *gpu_, testing::small_model_options(64, 64));
   const auto prefill = compute_all_logits(whole, t);
-  Model stepwise(config_, ck, *gpu_, small_options(1, 1));
+  Model stepwise(config_, ck, *gpu_, testing::small_model_options(1, 1));
   expect_close(compute_all_logits(stepwise, t), prefill, "token-by-token decode vs prefill");
-  Model chunked(config_, ck, *gpu_, small_options(7, 7));
+  Model chunked(config_, ck, *gpu_, testing::small_model_options(7, 7));
   expect_close(compute_all_logits(chunked, t), prefill, "7-token chunks vs prefill");
   CpuBackend cpu;
-  Model reference(config_, ck, cpu, small_options(64, 64));
+  Model reference(config_, ck, cpu, testing::small_model_options(64, 64));
   expect_close(prefill, compute_all_logits(reference, t), "GPU vs CPU");
 }
 
 TEST_F(GpuCachePaths, BatchOfDifferentLengthsEqualsEachAlone) {
   Checkpoint ck(dir_->path());
-  Model model(config_, ck, *gpu_, small_options(64, 64));
+  Model model(config_, ck, *gpu_, testing::small_model_options(64, 64));
   const std::vector<std::vector<int32_t>> seqs = {tokens(3, 1), tokens(17, 2), tokens(9, 3), tokens(1, 4)};
   std::vector<std::vector<float>> alone;
   for (const auto& s : seqs) alone.push_back(compute_all_logits(model, s));
@@ -370,7 +324,7 @@ TEST_F(GpuCachePaths, BatchOfDifferentLengthsEqualsEachAlone) {
   for (auto& s : live) s->append_to_step(decode, &next, 1, true);
   const auto gpu_decode = model.forward(decode);
   CpuBackend cpu;
-  Model reference(config_, ck, cpu, small_options(64, 64));
+  Model reference(config_, ck, cpu, testing::small_model_options(64, 64));
   KvBlockPools cpu_pools(reference.options().kv);
   std::vector<std::unique_ptr<LocalSequence>> cpu_live;
   StepLayout cpu_prefill;
@@ -396,14 +350,14 @@ TEST_F(GpuCachePaths, RecordedDecodeStepsEqualDirectOnes) {
   auto direct_backend = make_backend("cuda");
   unsetenv("ARBITER_CUDA_GRAPHS");
   const auto t = tokens(13, 5);
-  Model recorded(config_, ck, *gpu_, small_options(1, 1));
-  Model direct(config_, ck, *direct_backend, small_options(1, 1));
+  Model recorded(config_, ck, *gpu_, testing::small_model_options(1, 1));
+  Model direct(config_, ck, *direct_backend, testing::small_model_options(1, 1));
   EXPECT_EQ(compute_all_logits(recorded, t), compute_all_logits(direct, t)) << "token-by-token";
   // The same model object again (its recordings are reused across sequences).
   EXPECT_EQ(compute_all_logits(recorded, tokens(6, 8)), compute_all_logits(direct, tokens(6, 8))) << "second sequence";
 
   auto batch_decode = [&](Backend& b) {
-    Model model(config_, ck, b, small_options(64, 64));
+    Model model(config_, ck, b, testing::small_model_options(64, 64));
     KvBlockPools pools(model.options().kv);
     std::vector<std::unique_ptr<LocalSequence>> live;
     StepLayout prefill;
@@ -432,7 +386,7 @@ TEST_F(GpuCachePaths, RecordedDecodeStepsEqualDirectOnes) {
 
 TEST_F(GpuCachePaths, ArgmaxPathEqualsLogits) {
   Checkpoint ck(dir_->path());
-  Model model(config_, ck, *gpu_, small_options(64, 64));
+  Model model(config_, ck, *gpu_, testing::small_model_options(64, 64));
   const auto t = tokens(11, 9);
   const auto greedy = greedy_generate(model, t, 6);
   // The same continuation from full logits, recomputed on the whole sequence each time.

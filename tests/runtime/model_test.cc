@@ -16,16 +16,6 @@ namespace {
 
 using testing::load_golden_case;
 
-ModelOptions small_options(int step_rows = 64, int logit_rows = 64) {
-  ModelOptions o;
-  o.max_step_rows = step_rows;
-  o.max_logit_rows = logit_rows;
-  o.kv.block_size = 4;
-  o.kv.full_blocks = 64;
-  o.kv.sliding_blocks = 32;
-  return o;
-}
-
 class GoldenTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GoldenTest, LogitsMatchReference) {
@@ -33,7 +23,7 @@ TEST_P(GoldenTest, LogitsMatchReference) {
   const ModelConfig config = load_model_config(g.dir + "/config.json");
   Checkpoint ck(g.dir);
   CpuBackend backend;
-  Model model(config, ck, backend, small_options());
+  Model model(config, ck, backend, testing::small_model_options());
   const auto logits = compute_all_logits(model, g.tokens);
   const NpyArray ref = read_npy_f32(g.dir + "/logits.npy");
   ASSERT_EQ(ref.shape.size(), 2u);
@@ -55,7 +45,7 @@ TEST_P(GoldenTest, GreedyContinuationMatchesReference) {
   const ModelConfig config = load_model_config(g.dir + "/config.json");
   Checkpoint ck(g.dir);
   CpuBackend backend;
-  Model model(config, ck, backend, small_options());
+  Model model(config, ck, backend, testing::small_model_options());
   const auto out = greedy_generate(model, g.tokens, static_cast<int>(g.greedy.size()));
   EXPECT_EQ(out, g.greedy);
 }
@@ -78,7 +68,7 @@ TEST(ModelReserve, AnnouncesExactlyWhatItAllocates) {
     for (const int rows : {1, 7, 64}) {
       SCOPED_TRACE("experts from " + std::to_string(experts.first) + ", rows " + std::to_string(rows));
       testing::MemoryLedger ledger(cpu);
-      ModelOptions o = small_options(rows, rows);
+      ModelOptions o = testing::small_model_options(rows, rows);
       o.experts = experts;
       Model model(config, ck, ledger, o);
       EXPECT_EQ(ledger.reserve_calls, 1);
@@ -129,19 +119,19 @@ TEST_F(CachePathsTest, PrefillEqualsTokenByTokenDecode) {
   Checkpoint ck(dir_->path());
   CpuBackend backend;
   const auto t = tokens(23, 1);
-  Model whole(config_, ck, backend, small_options(64, 64));
+  Model whole(config_, ck, backend, testing::small_model_options(64, 64));
   const auto prefill = compute_all_logits(whole, t);
-  Model stepwise(config_, ck, backend, small_options(1, 1));  // one token per step: pure decode
+  Model stepwise(config_, ck, backend, testing::small_model_options(1, 1));  // one token per step: pure decode
   const auto decode = compute_all_logits(stepwise, t);
   EXPECT_LE(max_abs_diff(prefill, decode), 1e-4f);
-  Model chunked(config_, ck, backend, small_options(7, 7));  // chunks not aligned to blocks or the window
+  Model chunked(config_, ck, backend, testing::small_model_options(7, 7));  // chunks not aligned to blocks or the window
   EXPECT_LE(max_abs_diff(prefill, compute_all_logits(chunked, t)), 1e-4f);
 }
 
 TEST_F(CachePathsTest, BatchOfDifferentLengthsEqualsEachAlone) {
   Checkpoint ck(dir_->path());
   CpuBackend backend;
-  Model model(config_, ck, backend, small_options(64, 64));
+  Model model(config_, ck, backend, testing::small_model_options(64, 64));
   const std::vector<std::vector<int32_t>> seqs = {tokens(3, 1), tokens(17, 2), tokens(9, 3), tokens(1, 4)};
   std::vector<std::vector<float>> alone;
   for (const auto& s : seqs) alone.push_back(compute_all_logits(model, s));
@@ -157,10 +147,10 @@ TEST_F(CachePathsTest, SequenceLongerThanWindowDiffersFromFullAttention) {
   Checkpoint ck(dir_->path());
   CpuBackend backend;
   const auto t = tokens(12, 5);
-  Model windowed(config_, ck, backend, small_options());
+  Model windowed(config_, ck, backend, testing::small_model_options());
   ModelConfig wide = config_;
   wide.sliding_window = 64;
-  Model unwindowed(wide, ck, backend, small_options());
+  Model unwindowed(wide, ck, backend, testing::small_model_options());
   const auto a = compute_all_logits(windowed, t), b = compute_all_logits(unwindowed, t);
   const size_t V = static_cast<size_t>(config_.vocab_size);
   float before = 0, after = 0;
