@@ -1,5 +1,6 @@
 #include "kernels/backend.h"
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -11,6 +12,23 @@
 #endif
 
 namespace arbiter {
+
+void rope_cos_sin(const RopeParams& rope, int64_t position, float* cos_sin) {
+  const size_t half = rope.inv_freq.size();
+  for (size_t i = 0; i < half; ++i) {
+    const float angle = static_cast<float>(position) * rope.inv_freq[i];
+    cos_sin[i] = std::cos(angle) * rope.concentration;
+    cos_sin[half + i] = std::sin(angle) * rope.concentration;
+  }
+}
+
+std::vector<float> rope_table(const RopeParams& rope, int64_t positions) {
+  if (positions < 0) throw std::invalid_argument("rope_table: negative position count");
+  const size_t row = 2 * rope.inv_freq.size();
+  std::vector<float> table(static_cast<size_t>(positions) * row);
+  for (int64_t p = 0; p < positions; ++p) rope_cos_sin(rope, p, table.data() + static_cast<size_t>(p) * row);
+  return table;
+}
 
 void Backend::top_logprobs(const Tensor& logits, int k, const Tensor& ids, const Tensor& logprobs) {
   const int64_t rows = logits.rows(), vocab = logits.row_elements();

@@ -49,7 +49,17 @@ class StepContext {
 struct RopeParams {
   std::vector<float> inv_freq;  // head_dim / 2 entries
   float concentration = 1.0f;   // multiplies both cos and sin
+  // Optional table on the backend, F32 [positions, head_dim]: row p is rope_cos_sin(p) (cos, then
+  // sin). Rows at positions inside it are read instead of computed; positions past it are computed.
+  Tensor table;
 };
+
+// The cos and sin (times the concentration) of position `position` for each of the half =
+// inv_freq.size() frequencies, in float exactly as every backend computes them: cos_sin[i] = cos,
+// cos_sin[half + i] = sin.
+void rope_cos_sin(const RopeParams& rope, int64_t position, float* cos_sin);
+// The host contents of RopeParams::table for positions [0, positions).
+std::vector<float> rope_table(const RopeParams& rope, int64_t positions);
 
 struct AttentionParams {
   int num_q_heads = 0;

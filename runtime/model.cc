@@ -73,6 +73,15 @@ RopeParams yarn_rope_params(const ModelConfig& c) {
   return p;
 }
 
+namespace {
+// Positions a sequence can reach: one KV slot each in a full-attention layer's pool (later ones, in a
+// model with sliding layers only, have their cos/sin computed per step).
+int64_t rope_table_positions(const ModelConfig& config, const ModelOptions& options) {
+  const int64_t pool = static_cast<int64_t>(options.kv.full_blocks) * options.kv.block_size;
+  return std::max<int64_t>(1, std::min<int64_t>(pool, config.max_position_embeddings));
+}
+}  // namespace
+
 std::vector<Model::BufferSpec> Model::buffer_specs(const ModelConfig& config, const ModelOptions& options, DType act) {
   const int64_t R = options.max_step_rows, L = options.max_logit_rows;
   if (R <= 0 || L <= 0) throw std::invalid_argument("Model: max_step_rows and max_logit_rows must be positive");
@@ -95,6 +104,7 @@ std::vector<Model::BufferSpec> Model::buffer_specs(const ModelConfig& config, co
       {&Model::argmax_, DType::kI32, {L}},
       {&Model::top_ids_, DType::kI32, {L, kMaxTopLogprobs}},
       {&Model::top_logprobs_, DType::kF32, {L, kMaxTopLogprobs}},
+      {&Model::rope_table_, DType::kF32, {rope_table_positions(config, options), D}},
   };
 }
 
@@ -134,6 +144,10 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
     buffers_.push_back(backend.allocate(static_cast<size_t>(b.shape.elements()) * dtype_size(b.dtype)));
     this->*b.member = buffers_.back().view(b.dtype, b.shape);
   }
+  // RoPE's cos/sin precomputed once for every position the full-attention KV pool can hold.
+  const std::vector<float> table = rope_table(rope_, rope_table_.rows());
+  backend.upload(table.data(), rope_table_);
+  rope_.table = rope_table_;
   if (expert_parallel(options))
     dispatcher_ = std::make_unique<MoeDispatcher>(*options.comm, *placement_for(config, options), backend,
                                                   config.hidden_size, config.num_experts_per_tok,

@@ -88,7 +88,7 @@ class Model {
   RopeParams rope_;
   std::vector<DeviceBuffer> buffers_;
   Tensor x_, normed_, q_, k_, v_, attn_, delta_, router_logits_, expert_ids_, expert_weights_, final_rows_, logits_,
-      argmax_, top_ids_, top_logprobs_;
+      argmax_, top_ids_, top_logprobs_, rope_table_;
   std::unique_ptr<MoeDispatcher> dispatcher_;  // set when expert-parallel over more than one rank
 };
 

@@ -101,6 +101,18 @@ ARBITER_CUDA_PDL=0 run bench_nopdl 60 "$pack/bin/gpu_bench" --benchmark_filter='
 ARBITER_CUDA_MOE_GROUPS=2 run model_groups2 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_groups2.json"
 ARBITER_CUDA_MOE_GROUPS=2 run bench_groups2 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe20bLayer|Moe120bLayer|Model20bDecode' \
   --benchmark_format=console --benchmark_out="$work/bench_groups2.json" --benchmark_out_format=json
+# The vector-path MoE variants (same bits, opt-in until measured; GpuMoe's "pipe", "pipe16" and
+# "warps4" paths check their bits in the ops step): the weights through a per-warp shared-memory
+# cp.async ring (ARBITER_CUDA_MOE_PIPE=1, [pipe] rows) and gate_up blocks of 4 warps
+# (ARBITER_CUDA_MOE_WARPS=4, [warps4] rows; [pipe4] both), against the default rows above.
+ARBITER_CUDA_MOE_PIPE=1 ARBITER_CUDA_MOE_WARPS=4 run model_pipe 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_pipe.json"
+ARBITER_CUDA_MOE_PIPE=1 run bench_pipe 30 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Moe20bLayer|Moe120bLayer|Model20bDecode' \
+  --benchmark_format=console --benchmark_out="$work/bench_pipe.json" --benchmark_out_format=json
+ARBITER_CUDA_MOE_WARPS=4 run bench_warps4 30 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Moe20bLayer|Moe120bLayer|Model20bDecode' \
+  --benchmark_format=console --benchmark_out="$work/bench_warps4.json" --benchmark_out_format=json
+ARBITER_CUDA_MOE_PIPE=1 ARBITER_CUDA_MOE_WARPS=4 run bench_pipe4 30 "$pack/bin/gpu_bench" \
+  --benchmark_filter='Copy|Moe20bLayer|Moe120bLayer|Model20bDecode' \
+  --benchmark_format=console --benchmark_out="$work/bench_pipe4.json" --benchmark_out_format=json
 # q/k/v and the router as separate launches ([nofuse] rows): what the fused launches save.
 ARBITER_CUDA_FUSE=0 run bench_nofuse 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Layer20bDecode|Model20bDecode' \
   --benchmark_format=console --benchmark_out="$work/bench_nofuse.json" --benchmark_out_format=json
@@ -111,7 +123,7 @@ if [ -x "$san" ]; then
     --gtest_filter='GpuOps.Linear:GpuOps.LinearGroup:GpuOps.Route*:GpuOps.TopLogprobsSmall:GpuOps.ArgmaxManyRows:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuAttention.*/decode_batch_ragged:Cases/GpuAttention.*/prefill_20b_sliding:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_sliding:Cases/GpuAttention.*/mixed_20b_full:Cases/GpuAttention.*/mixed_d128_gqa4:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
   # Shared-memory races in the kernels with block-wide phases (selection, split and prefill attention).
   run racecheck 60 "$san" --tool racecheck --error-exitcode 4 "$pack/bin/gpu_ops_test" \
-    --gtest_filter='GpuOps.TopLogprobsSmall:GpuOps.Route*:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
+    --gtest_filter='GpuOps.TopLogprobsSmall:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
 else
   echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
 fi
@@ -187,9 +199,10 @@ report["model_test_head"] = gtest("model_head")
 report["model_test_nopdl"] = gtest("model_nopdl")
 report["ops_test_nopdl"] = gtest("ops_nopdl")
 report["model_test_groups2"] = gtest("model_groups2")
+report["model_test_pipe"] = gtest("model_pipe")
 
 bench = {}
-for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2"):
+for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4"):
     bp = os.path.join(work, f"bench{suffix}.json")
     if not os.path.exists(bp):
         continue
@@ -197,7 +210,7 @@ for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2"):
         for b in json.load(open(bp)).get("benchmarks", []):
             if suffix in ("_gemv", "_mma") and not b["name"].startswith("Moe"):
                 continue
-            if suffix in ("_nopdl", "_nofuse", "_groups2") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe")):
+            if suffix in ("_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe")):
                 continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
             bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
@@ -269,7 +282,8 @@ os.system(f"cp {work}/ncu_*.log {out}/ 2>/dev/null")
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
 L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
-for key in ("ops_test", "model_test", "model_test_head", "ops_test_nopdl", "model_test_nopdl", "model_test_groups2"):
+for key in ("ops_test", "model_test", "model_test_head", "ops_test_nopdl", "model_test_nopdl", "model_test_groups2",
+            "model_test_pipe"):
     r = report[key]
     L.append(f"- {key}: {'CRASHED/NO OUTPUT ' if r.get('crashed') else ''}{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped")
     for name, msg in r["failures"].items():
@@ -312,11 +326,11 @@ open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for name in ("build", "ops", "model", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
-                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
+                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "model_pipe", "bench_pipe", "bench_warps4", "bench_pipe4", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue
-        if name in ("ops", "model", "model_head", "ops_nopdl", "model_nopdl", "model_groups2"):  # failures and the summary only
+        if name in ("ops", "model", "model_head", "ops_nopdl", "model_nopdl", "model_groups2", "model_pipe"):  # failures and the summary only
             keep = [l for l in s.splitlines() if re.search(r"FAILED|Failure|error|Error|Expected|Which is|actual|SKIPPED \]|PASSED|tests ran|\.cc:\d+", l)]
             s = "\n".join(keep)
         f.write(f"===== {name} =====\n{s[-20000:]}\n")

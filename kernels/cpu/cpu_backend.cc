@@ -130,18 +130,20 @@ void CpuBackend::rope(const Tensor& q, const Tensor& k, int head_dim, const Rope
   const int k_heads = static_cast<int>(k.row_elements() / head_dim);
   const int half = head_dim / 2;
   require(static_cast<int>(rope.inv_freq.size()) == half, "rope: inv_freq size");
+  const bool has_table = rope.table.data != nullptr;
+  if (has_table)
+    require(rope.table.dtype == DType::kF32 && rope.table.row_elements() == head_dim, "rope: table must be F32 [positions, head_dim]");
+  const int64_t table_rows = has_table ? rope.table.rows() : 0;
   pool_->parallel_for(static_cast<int64_t>(positions.size()), 4, [&](int64_t b, int64_t e) {
-    // cos/sin once per row for all heads, computed exactly as the scalar reference does.
-    std::vector<float> cs(static_cast<size_t>(2 * half));
+    // cos/sin once per row for all heads: the table's row, or computed the same way (rope_cos_sin).
+    std::vector<float> computed(static_cast<size_t>(2 * half));
     for (int64_t r = b; r < e; ++r) {
       const int64_t pos = positions[static_cast<size_t>(r)];
-      for (int i = 0; i < half; ++i) {
-        const float angle = static_cast<float>(pos) * rope.inv_freq[static_cast<size_t>(i)];
-        cs[static_cast<size_t>(i)] = std::cos(angle) * rope.concentration;
-        cs[static_cast<size_t>(half + i)] = std::sin(angle) * rope.concentration;
-      }
-      cpu::rope_row(q.as<float>() + r * q.row_elements(), q_heads, head_dim, cs.data(), cs.data() + half);
-      cpu::rope_row(k.as<float>() + r * k.row_elements(), k_heads, head_dim, cs.data(), cs.data() + half);
+      const float* cs = computed.data();
+      if (pos >= 0 && pos < table_rows) cs = rope.table.as<const float>() + pos * head_dim;
+      else rope_cos_sin(rope, pos, computed.data());
+      cpu::rope_row(q.as<float>() + r * q.row_elements(), q_heads, head_dim, cs, cs + half);
+      cpu::rope_row(k.as<float>() + r * k.row_elements(), k_heads, head_dim, cs, cs + half);
     }
   });
 }

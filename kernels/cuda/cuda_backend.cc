@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -210,6 +211,10 @@ class CudaBackend final : public Backend {
     if (const char* env = std::getenv("ARBITER_CUDA_FUSE")) fuse_enabled_ = std::strcmp(env, "0") != 0;
     // ARBITER_CUDA_MOE_GROUPS=2: routed vector-path MoE tasks of 16 tokens instead of 8.
     if (const char* env = std::getenv("ARBITER_CUDA_MOE_GROUPS")) moe_vec_groups_ = std::strcmp(env, "2") == 0 ? 2 : 1;
+    // ARBITER_CUDA_MOE_PIPE=1: vector-path weights through a shared-memory cp.async ring;
+    // ARBITER_CUDA_MOE_WARPS=4: gate_up blocks of 4 warps. Same bits; opt-in until measured.
+    if (const char* env = std::getenv("ARBITER_CUDA_MOE_PIPE")) moe_vec_pipe_ = std::strcmp(env, "1") == 0;
+    if (const char* env = std::getenv("ARBITER_CUDA_MOE_WARPS")) moe_gate_up_warps_ = std::strcmp(env, "4") == 0 ? 4 : 8;
     // ARBITER_CUDA_ARENA=0: reserve() does nothing, every allocation is its own cudaMalloc (so that
     // compute-sanitizer memcheck sees overruns between tensors, which one region would hide).
     if (const char* env = std::getenv("ARBITER_CUDA_ARENA")) arena_enabled_ = std::strcmp(env, "0") != 0;
@@ -359,6 +364,13 @@ class CudaBackend final : public Backend {
     std::copy(rope.inv_freq.begin(), rope.inv_freq.end(), args.inv_freq);
     args.concentration = rope.concentration;
     args.half = head_dim / 2;
+    if (rope.table.data) {
+      require(rope.table.dtype == DType::kF32 && rope.table.row_elements() == head_dim &&
+                  rope.table.rows() <= std::numeric_limits<int>::max(),
+              "rope: table must be F32 [positions, head_dim]");
+      args.table = rope.table.as<const float>();
+      args.table_rows = static_cast<int>(rope.table.rows());
+    }
     select();
     cuda::rope(q.data, k.data, static_cast<int>(q.rows()), static_cast<int>(row_len(q) / head_dim),
                static_cast<int>(row_len(k) / head_dim), head_dim, args, s.args, stream());
@@ -456,6 +468,8 @@ class CudaBackend final : public Backend {
     a.limit = swiglu_limit;
     a.path = moe_path_;
     a.vec_groups = moe_vec_groups_;
+    a.vec_pipe = moe_vec_pipe_;
+    a.vec_gate_up_warps = moe_gate_up_warps_;
     a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream(), generation_,
                                       [this](size_t n) { return device_memory(n); });
     cuda::moe(a, stream());
@@ -639,6 +653,8 @@ class CudaBackend final : public Backend {
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
   int moe_vec_groups_ = 1;  // ARBITER_CUDA_MOE_GROUPS=2: 16-token vector tasks (opt-in until measured)
+  bool moe_vec_pipe_ = false;  // ARBITER_CUDA_MOE_PIPE=1 (opt-in until measured)
+  int moe_gate_up_warps_ = 8;  // ARBITER_CUDA_MOE_WARPS=4 (opt-in until measured)
   bool gemv_enabled_ = true;
   bool fuse_enabled_ = true;
   // Recorded decode steps. Their metadata lives in graph_meta_ (one slot, fixed addresses);

@@ -33,6 +33,8 @@ struct RopeArgs {
   float inv_freq[kMaxRopeHalf];
   float concentration;
   int half;
+  const float* table;  // RopeParams::table: [table_rows, 2 * half] cos, sin (nullptr: none)
+  int table_rows;
 };
 
 // Which attention kernel runs. kAuto chooses per sequence: tensor-core prefill for sequences with
@@ -83,6 +85,11 @@ struct MoeArgs {
   // Token groups of 8 per routed vector-path task: 1 (tasks of 8 tokens) or 2 (16: an expert's
   // weights are read and decoded once for up to 16 tokens). Results are the same bits either way.
   int vec_groups = 1;
+  // Vector path variants, same bits (A/B until measured): the weights streamed through a per-warp
+  // cp.async ring in shared memory (vec_pipe), and gate_up blocks of 4 warps instead of 8 (more,
+  // smaller blocks spread a batch-1 step's 180 blocks more evenly over the SMs).
+  bool vec_pipe = false;
+  int vec_gate_up_warps = 8;
   // Workspace (see moe_workspace_bytes).
   void* workspace;
 };

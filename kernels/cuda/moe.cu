@@ -99,6 +99,19 @@ __global__ void route_kernel(const int32_t* ids, int n, int experts, int tile, M
 }
 
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Waits until at most n of this thread's committed groups are still in flight.
+template <int n>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory");
+}
 // ---- Matrix-vector path (few tokens per expert): tensor cores on 16 weight rows x 8 tokens ----
 //
 // A warp owns 16 weight rows of one expert and up to 8 tokens, and runs mma.m16n8k16 (bf16 in, fp32
@@ -195,6 +208,95 @@ __device__ __forceinline__ void vec_tile(const uint8_t* blocks, const uint8_t* s
   }
 }
 
+// vec_tile with the weights streamed through a per-warp ring in shared memory: each lane copies its
+// own 16-byte blocks by cp.async (kPipeStages stages of kPipeSteps steps; a stage is issued
+// kPipeStages - 1 stages before it is used, so that much stays in flight while the lane decodes and
+// multiplies) and takes their scales into registers at the same time. A lane reads back only what it
+// copied itself, so the ring needs no barrier. The operations on each step are vec_tile's, in the same
+// order: the same bits (ARBITER_CUDA_MOE_PIPE=1 selects it; GpuMoe checks the bits).
+constexpr int kPipeStages = 4, kPipeSteps = 2;
+constexpr int kPipeRing = kPipeStages * kPipeSteps * 32 * 2;  // uint4 per warp (8 KB)
+
+__device__ __forceinline__ uint4* pipe_ring() {
+  extern __shared__ __align__(16) uint4 vec_pipe_smem[];
+  return vec_pipe_smem + (threadIdx.x >> 5) * kPipeRing;
+}
+
+template <int G>
+__device__ __forceinline__ void vec_tile_pipe(const uint8_t* blocks, const uint8_t* scales, int groups, int row_a,
+                                              int row_b, const bf16* const (&xrow)[G], int gb, int ge, float (&c)[G][4]) {
+  constexpr int kStageGroups = 4 * kPipeSteps;
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int j = mxfp4::vec_group(lane);
+  const uint8_t* ba = blocks + static_cast<int64_t>(row_a < 0 ? 0 : row_a) * groups * 16;
+  const uint8_t* bb = blocks + static_cast<int64_t>(row_b < 0 ? 0 : row_b) * groups * 16;
+  const uint8_t* sca = scales + static_cast<int64_t>(row_a < 0 ? 0 : row_a) * groups;
+  const uint8_t* scb = scales + static_cast<int64_t>(row_b < 0 ? 0 : row_b) * groups;
+  uint4* ring = pipe_ring();
+  uint32_t sa[kPipeStages][kPipeSteps], sb[kPipeStages][kPipeSteps];
+  // Stage `st` of the ring <- the steps starting at group g0 (nothing past ge: an empty group).
+  auto issue = [&](int st, int g0) {
+    asm volatile("" ::: "memory");  // the slot's earlier shared loads stay before its refill
+#pragma unroll
+    for (int u = 0; u < kPipeSteps; ++u) {
+      const int g = g0 + 4 * u + j;
+      const bool in = g < ge;
+      uint4* dst = ring + ((st * kPipeSteps + u) * 32 + lane) * 2;
+      if (g0 + 4 * u < ge) {  // warp-uniform
+        cp_async16(dst, in && row_a >= 0 ? ba + static_cast<int64_t>(g) * 16 : ba, in && row_a >= 0 ? 16 : 0);
+        cp_async16(dst + 1, in && row_b >= 0 ? bb + static_cast<int64_t>(g) * 16 : bb, in && row_b >= 0 ? 16 : 0);
+      }
+      sa[st][u] = in && row_a >= 0 ? __ldg(sca + g) : 127u;
+      sb[st][u] = in && row_b >= 0 ? __ldg(scb + g) : 127u;
+    }
+    cp_async_commit();
+  };
+  auto compute = [&](int st, int g0) {
+#pragma unroll
+    for (int u = 0; u < kPipeSteps; ++u) {
+      if (g0 + 4 * u >= ge) break;  // warp-uniform
+      const int g = g0 + 4 * u + j;
+      const uint4* src = ring + ((st * kPipeSteps + u) * 32 + lane) * 2;
+      const uint4 wa = src[0], wb = src[1];
+      uint4 xv[G][4];
+#pragma unroll
+      for (int q = 0; q < G; ++q)
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          xv[q][w] = make_uint4(0, 0, 0, 0);
+          if (xrow[q] && g < ge) xv[q][w] = __ldg(reinterpret_cast<const uint4*>(xrow[q] + g * 32 + w * 8));
+        }
+      if (__any_sync(0xffffffffu, mxfp4::big(sa[st][u]) || mxfp4::big(sb[st][u]))) {
+        vec_step<true, G>(wa, wb, sa[st][u], sb[st][u], xv, c);
+      } else {
+        vec_step<false, G>(wa, wb, sa[st][u], sb[st][u], xv, c);
+      }
+    }
+  };
+  const int stages = (ge - gb + kStageGroups - 1) / kStageGroups;
+#pragma unroll
+  for (int st = 0; st < kPipeStages - 1; ++st) issue(st, gb + st * kStageGroups);
+  for (int t0 = 0; t0 < stages; t0 += kPipeStages) {
+#pragma unroll
+    for (int st = 0; st < kPipeStages; ++st) {
+      // The slot used one stage ago gets the stage kPipeStages - 1 ahead; then stage t0 + st is complete.
+      issue((st + kPipeStages - 1) % kPipeStages, gb + (t0 + st + kPipeStages - 1) * kStageGroups);
+      cp_async_wait<kPipeStages - 1>();
+      if (t0 + st >= stages) break;  // warp-uniform
+      compute(st, gb + (t0 + st) * kStageGroups);
+    }
+  }
+  cp_async_wait_all();
+}
+
+// The vector path's product over groups [gb, ge): the ring in shared memory, or loads into registers.
+template <bool kPipe, int G>
+__device__ __forceinline__ void vec_product(const uint8_t* blocks, const uint8_t* scales, int groups, int row_a,
+                                            int row_b, const bf16* const (&xrow)[G], int gb, int ge, float (&c)[G][4]) {
+  if constexpr (kPipe) vec_tile_pipe<G>(blocks, scales, groups, row_a, row_b, xrow, gb, ge, c);
+  else vec_tile<G>(blocks, scales, groups, row_a, row_b, xrow, gb, ge, c);
+}
+
 __device__ __forceinline__ float swiglu(float gate, float up, float limit) {
   gate = fminf(gate, limit);
   up = fmaxf(-limit, fminf(up, limit));
@@ -218,7 +320,7 @@ __device__ __forceinline__ VecTask routed_task(const MoeWorkspace& ws) {
 // gate_up with the clamped SwiGLU fused: a warp owns 8 channels (MMA rows 0-7 their gate rows, 8-15 their
 // up rows), so each lane ends with the gate and up of one channel for tokens 2j and 2j+1.
 // kDirect (a single row): block y is the row's slot y, no routing. Else block y is a routed task.
-template <bool kDirect, int G>
+template <bool kDirect, int G, bool kPipe>
 __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeArgs a, MoeWorkspace ws) {
   pdl_begin();
   VecTask t;
@@ -231,7 +333,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeA
   }
   if (t.expert < 0 || t.expert >= a.experts) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int first_ch = (static_cast<int>(blockIdx.x) * kVecWarps + warp) * 8;
+  const int first_ch = (static_cast<int>(blockIdx.x * (blockDim.x >> 5)) + warp) * 8;  // 4 or 8 warps per block
   if (first_ch >= a.inter) return;  // whole warp; this kernel has no block barrier
   const int ch = first_ch + (lane >> 2);
   const bool ch_ok = ch < a.inter;
@@ -246,7 +348,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeA
 #pragma unroll
     for (int i = 0; i < 4; ++i) c[q][i] = 0.0f;
   }
-  vec_tile<G>(a.gu_blocks + static_cast<int64_t>(t.expert) * out_rows * groups * 16,
+  vec_product<kPipe, G>(a.gu_blocks + static_cast<int64_t>(t.expert) * out_rows * groups * 16,
               a.gu_scales + static_cast<int64_t>(t.expert) * out_rows * groups, groups, ch_ok ? 2 * ch : -1,
               ch_ok ? 2 * ch + 1 : -1, xrow, 0, groups, c);
   if (!ch_ok) return;
@@ -264,7 +366,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_gate_up_kernel(MoeA
 }
 
 // down, routed: a block is 4 row tiles x kDownSplit K halves of one task; y[slot, row] = (half0 + half1) + bias.
-template <int G>
+template <int G, bool kPipe>
 __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_kernel(MoeArgs a, MoeWorkspace ws) {
   pdl_begin();
   static_assert(kDownSplit == 2 && kVecWarps % 2 == 0, "two K halves per tile");
@@ -288,7 +390,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_kernel(MoeArgs
       const int n = q * kVecTokens + (lane >> 2);
       xrow[q] = n < t.count ? ws.act + static_cast<int64_t>(ws.sorted[t.begin + n]) * a.inter : nullptr;
     }
-    vec_tile<G>(a.dn_blocks + static_cast<int64_t>(t.expert) * a.hidden * groups * 16,
+    vec_product<kPipe, G>(a.dn_blocks + static_cast<int64_t>(t.expert) * a.hidden * groups * 16,
                 a.dn_scales + static_cast<int64_t>(t.expert) * a.hidden * groups, groups, row_a < a.hidden ? row_a : -1,
                 row_b < a.hidden ? row_b : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
   }
@@ -315,6 +417,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_kernel(MoeArgs
 
 // down, single row: a block is one 16-row tile; its warps take the (slot, K half) units in turn, and the
 // block sums the slots in slot order with the router weights, as combine_kernel does (same bits).
+template <bool kPipe>
 __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_direct_kernel(MoeArgs a, MoeWorkspace ws) {
   pdl_begin();
   __shared__ float part[kMaxDirectK][kDownSplit][16];
@@ -327,7 +430,7 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_direct_kernel(
     if (e < 0 || e >= a.experts) continue;  // warp-uniform
     const bf16* const xrow[1] = {r == 0 ? ws.act + static_cast<int64_t>(j) * a.inter : nullptr};
     float c[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-    vec_tile<1>(a.dn_blocks + static_cast<int64_t>(e) * a.hidden * groups * 16,
+    vec_product<kPipe, 1>(a.dn_blocks + static_cast<int64_t>(e) * a.hidden * groups * 16,
                 a.dn_scales + static_cast<int64_t>(e) * a.hidden * groups, groups, base + r < a.hidden ? base + r : -1,
                 base + r + 8 < a.hidden ? base + r + 8 : -1, xrow, h == 0 ? 0 : half, h == 0 ? half : groups, c);
     if ((lane & 3) == 0) {  // token column 0
@@ -360,14 +463,6 @@ constexpr int kMmaLd = kMmaK + 8;  // bf16 per shared row: 144 bytes, so ldmatri
 constexpr int kMmaStage = (kMmaM + kMmaN) * kMmaLd;  // bf16 per stage (activations, then weights)
 constexpr size_t kMmaSmem = 2u * kMmaStage * sizeof(bf16);
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -535,30 +630,57 @@ __global__ void combine_kernel(const int32_t* ids, const float* weights, int k, 
   }
 }
 
-template <int G>
-void launch_vec_routed(const MoeArgs& a, const MoeWorkspace& ws, const dim3& g1, const dim3& g2, cudaStream_t stream) {
-  launch_kernel(moe_vec_gate_up_kernel<false, G>, g1, dim3(kVecWarps * 32), 0, stream, a, ws);
+// Dynamic shared memory of a vector-path launch of `warps` warps (the ring of the pipelined tiles).
+template <typename Kernel>
+size_t vec_smem(Kernel kernel, bool pipe, int warps) {
+  if (!pipe) return 0;
+  const size_t bytes = static_cast<size_t>(warps) * kPipeRing * sizeof(uint4);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return bytes;
+}
+
+template <int G, bool kPipe>
+void launch_vec_routed(const MoeArgs& a, const MoeWorkspace& ws, const dim3& g1, int gu_warps, const dim3& g2,
+                       cudaStream_t stream) {
+  auto* gate_up = moe_vec_gate_up_kernel<false, G, kPipe>;
+  launch_kernel(gate_up, g1, dim3(gu_warps * 32), vec_smem(gate_up, kPipe, gu_warps), stream, a, ws);
   check_launch("moe gate_up (vec)");
-  launch_kernel(moe_vec_down_kernel<G>, g2, dim3(kVecWarps * 32), 0, stream, a, ws);
+  auto* down = moe_vec_down_kernel<G, kPipe>;
+  launch_kernel(down, g2, dim3(kVecWarps * 32), vec_smem(down, kPipe, kVecWarps), stream, a, ws);
   check_launch("moe down (vec)");
+}
+
+template <bool kPipe>
+void launch_vec_direct(const MoeArgs& a, const MoeWorkspace& ws, const dim3& g1, int gu_warps, int down_tiles,
+                       cudaStream_t stream) {
+  auto* gate_up = moe_vec_gate_up_kernel<true, 1, kPipe>;
+  launch_kernel(gate_up, g1, dim3(gu_warps * 32), vec_smem(gate_up, kPipe, gu_warps), stream, a, ws);
+  check_launch("moe gate_up (vec, one row)");
+  auto* down = moe_vec_down_direct_kernel<kPipe>;
+  launch_kernel(down, dim3(static_cast<unsigned>(down_tiles)), dim3(kVecWarps * 32), vec_smem(down, kPipe, kVecWarps),
+                stream, a, ws);
+  check_launch("moe down (vec, one row)");
 }
 
 void launch_vec(const MoeArgs& a, const MoeWorkspace& ws, bool direct, cudaStream_t stream) {
   // Routed tasks of G x 8 tokens are fewer than those of 8: the 8-token bound covers both.
   const unsigned tasks = direct ? static_cast<unsigned>(a.k) : static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts, kVecTokens));
-  const dim3 g1(static_cast<unsigned>((a.inter + kVecWarps * 8 - 1) / (kVecWarps * 8)), tasks);
+  const int gu_warps = a.vec_gate_up_warps == 4 ? 4 : kVecWarps;
+  const dim3 g1(static_cast<unsigned>((a.inter + gu_warps * 8 - 1) / (gu_warps * 8)), tasks);
   const int down_tiles = (a.hidden + 15) / 16;
   if (direct) {
-    launch_kernel(moe_vec_gate_up_kernel<true, 1>, g1, dim3(kVecWarps * 32), 0, stream, a, ws);
-    check_launch("moe gate_up (vec, one row)");
-    launch_kernel(moe_vec_down_direct_kernel, dim3(static_cast<unsigned>(down_tiles)), dim3(kVecWarps * 32), 0, stream, a,
-                  ws);
-    check_launch("moe down (vec, one row)");
+    if (a.vec_pipe) launch_vec_direct<true>(a, ws, g1, gu_warps, down_tiles, stream);
+    else launch_vec_direct<false>(a, ws, g1, gu_warps, down_tiles, stream);
     return;
   }
   const dim3 g2(static_cast<unsigned>((down_tiles + kVecWarps / 2 - 1) / (kVecWarps / 2)), tasks);
-  if (a.vec_groups == 2) launch_vec_routed<2>(a, ws, g1, g2, stream);
-  else launch_vec_routed<1>(a, ws, g1, g2, stream);
+  if (a.vec_groups == 2) {
+    if (a.vec_pipe) launch_vec_routed<2, true>(a, ws, g1, gu_warps, g2, stream);
+    else launch_vec_routed<2, false>(a, ws, g1, gu_warps, g2, stream);
+  } else {
+    if (a.vec_pipe) launch_vec_routed<1, true>(a, ws, g1, gu_warps, g2, stream);
+    else launch_vec_routed<1, false>(a, ws, g1, gu_warps, g2, stream);
+  }
 }
 
 void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {

@@ -211,6 +211,66 @@ TEST_F(GpuOps, Rope) {
   EXPECT_LE(rel_max_error(read_f32(*gpu_, k.gpu), read_f32(cpu_, k.cpu)), 1e-2);
 }
 
+// The position of row r of a step.
+int layout_position(const StepLayout& layout, int r) {
+  for (const SequenceStep& s : layout.sequences)
+    if (r >= s.first_row && r < s.first_row + s.num_new) return s.num_cached + (r - s.first_row);
+  return -1;
+}
+
+// RopeParams::table (the model's precomputed cos/sin): the rows inside it are read on the device (an
+// identity table leaves them unrotated, to the bit), positions past it (99990, 99991) are computed
+// as without a table, and the real table agrees with the CPU backend reading the same table.
+TEST_F(GpuOps, RopeTable) {
+  const RopeParams computed = yarn_rope_params(preset_config("20b-shape"));
+  const int d = 64, hq = 8, hk = 2, positions = 4096;
+  const StepLayout layout = make_layout({{0, 6}, {99990, 2}, {4095, 1}, {17, 1}}, 16, 1, 7000, 8, rng_);
+  const int rows = static_cast<int>(layout.tokens.size());
+  const auto q0 = random_values(static_cast<size_t>(rows * hq * d), rng_);
+  const auto k0 = random_values(static_cast<size_t>(rows * hk * d), rng_);
+  const auto cs = cpu_.prepare_step(layout);
+  const auto gs = gpu_->prepare_step(layout);
+  auto run_gpu = [&](const RopeParams& rope) {
+    Pair q = paired(cpu_, *gpu_, {rows, hq * d}, q0), k = paired(cpu_, *gpu_, {rows, hk * d}, k0);
+    gpu_->rope(q.gpu, k.gpu, d, rope, *gs);
+    return std::make_pair(read_f32(*gpu_, q.gpu), read_f32(*gpu_, k.gpu));
+  };
+  const auto [q_computed, k_computed] = run_gpu(computed);
+  const auto [q_in, k_in] = [&] {
+    Pair q = paired(cpu_, *gpu_, {rows, hq * d}, q0), k = paired(cpu_, *gpu_, {rows, hk * d}, k0);
+    return std::make_pair(read_f32(*gpu_, q.gpu), read_f32(*gpu_, k.gpu));
+  }();
+
+  RopeParams with_table = computed;
+  std::tie(std::ignore, with_table.table) = weight_f32(rope_table(computed, positions), {positions, d});
+  RopeParams cpu_table = computed;
+  std::tie(cpu_table.table, std::ignore) = weight_f32(rope_table(computed, positions), {positions, d});
+  const auto [q_table, k_table] = run_gpu(with_table);
+  Pair q = paired(cpu_, *gpu_, {rows, hq * d}, q0), k = paired(cpu_, *gpu_, {rows, hk * d}, k0);
+  cpu_.rope(q.cpu, k.cpu, d, cpu_table, *cs);
+  EXPECT_LE(rel_max_error(q_table, read_f32(cpu_, q.cpu)), 1e-2);
+  EXPECT_LE(rel_max_error(k_table, read_f32(cpu_, k.cpu)), 1e-2);
+
+  std::vector<float> identity(static_cast<size_t>(positions * d));
+  for (size_t i = 0; i < identity.size(); ++i) identity[i] = static_cast<int>(i % d) < d / 2 ? 1.0f : 0.0f;
+  RopeParams doctored = computed;
+  std::tie(std::ignore, doctored.table) = weight_f32(identity, {positions, d});
+  const auto [q_id, k_id] = run_gpu(doctored);
+  for (int r = 0; r < rows; ++r) {
+    const bool in_table = layout_position(layout, r) < positions;
+    for (int j = 0; j < hq * d; ++j) {
+      const size_t i = static_cast<size_t>(r * hq * d + j);
+      ASSERT_EQ(q_id[i], in_table ? q_in[i] : q_computed[i]) << "q row " << r;
+      if (in_table) continue;
+      ASSERT_EQ(q_table[i], q_computed[i]) << "q row " << r;
+    }
+    for (int j = 0; j < hk * d; ++j) {
+      const size_t i = static_cast<size_t>(r * hk * d + j);
+      ASSERT_EQ(k_id[i], in_table ? k_in[i] : k_computed[i]) << "k row " << r;
+    }
+  }
+}
+
 struct AttnCase {
   std::string name;
   int q_heads, kv_heads, head_dim, window, block_size, ring_extra;
@@ -578,16 +638,29 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
   cpu_.upload(weights.data(), tw);
   cpu_.moe_experts(tx, tid, tw, ce, 7.0f, tout);
   const auto co = read_f32(cpu_, tout);
-  // "gemv16": the vector path with routed tasks of 16 tokens (ARBITER_CUDA_MOE_GROUPS=2), which must
-  // give the bits of the 8-token tasks.
+  // The vector path's variants, which must give the bits of "gemv" (8-token tasks, weights loaded into
+  // registers, gate_up blocks of 8 warps): "gemv16" routed tasks of 16 tokens
+  // (ARBITER_CUDA_MOE_GROUPS=2), "pipe" the weights through the shared-memory ring
+  // (ARBITER_CUDA_MOE_PIPE=1), "pipe16" both, "warps4" gate_up blocks of 4 warps (ARBITER_CUDA_MOE_WARPS=4).
+  struct PathEnv {
+    std::string name, moe, groups, pipe, warps;
+  };
+  const PathEnv paths[] = {{"auto", "auto", "1", "0", "8"},  {"gemv", "gemv", "1", "0", "8"},
+                           {"gemv16", "gemv", "2", "0", "8"}, {"pipe", "gemv", "1", "1", "8"},
+                           {"pipe16", "gemv", "2", "1", "4"}, {"warps4", "gemv", "1", "0", "4"},
+                           {"mma", "mma", "1", "0", "8"}};
   std::vector<float> gemv_out;
-  for (const std::string path : {"auto", "gemv", "gemv16", "mma"}) {
+  for (const PathEnv& env : paths) {
+    const std::string& path = env.name;
+    const bool vector_variant = env.moe == "gemv" && path != "gemv";
     SCOPED_TRACE("path " + path);
-    setenv("ARBITER_CUDA_MOE", path == "gemv16" ? "gemv" : path.c_str(), 1);
-    if (path == "gemv16") setenv("ARBITER_CUDA_MOE_GROUPS", "2", 1);
+    setenv("ARBITER_CUDA_MOE", env.moe.c_str(), 1);
+    setenv("ARBITER_CUDA_MOE_GROUPS", env.groups.c_str(), 1);
+    setenv("ARBITER_CUDA_MOE_PIPE", env.pipe.c_str(), 1);
+    setenv("ARBITER_CUDA_MOE_WARPS", env.warps.c_str(), 1);
     auto gpu = make_backend("cuda");
-    unsetenv("ARBITER_CUDA_MOE");
-    unsetenv("ARBITER_CUDA_MOE_GROUPS");
+    for (const char* name : {"ARBITER_CUDA_MOE", "ARBITER_CUDA_MOE_GROUPS", "ARBITER_CUDA_MOE_PIPE", "ARBITER_CUDA_MOE_WARPS"})
+      unsetenv(name);
     const ExpertWeights ge = import_all(*gpu);
     DeviceBuffer gx = gpu->allocate(xv.size() * 2), gid = gpu->allocate(ids.size() * 4),
                  gw = gpu->allocate(weights.size() * 4), gout = gpu->allocate(xv.size() * 2);
@@ -602,7 +675,7 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
     const auto go = read_f32(*gpu, out);
     EXPECT_LE(rel_max_error(go, co), 2e-2);
     if (path == "gemv") gemv_out = go;
-    if (path == "gemv16") {
+    if (vector_variant) {
       EXPECT_EQ(go, gemv_out);
     }
     // Again (the workspace is reused) on a row slice: the same result for those rows, to the bit on a
@@ -617,7 +690,7 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
     }
     // A single row alone (decode: no routing on the vector path) gives that row's bits of the batch.
     const int last = c.rows - 1;
-    if (path == "gemv" || path == "gemv16") {
+    if (env.moe == "gemv") {
       gpu->moe_experts(x.slice_rows(last, 1), id.slice_rows(last, 1), w.slice_rows(last, 1), ge, 7.0f,
                        out.slice_rows(last, 1));
       EXPECT_EQ(read_f32(*gpu, out), go);

@@ -285,6 +285,57 @@ TEST_P(KernelTest, BackendRopeMatchesReference) {
   EXPECT_TRUE(close(k, k_want, bk, 1e-6));
 }
 
+// RopeParams::table: rows inside it are read (a doctored table shows it), positions past it are
+// computed, and the real table gives exactly the computed bits.
+TEST_P(KernelTest, BackendRopeReadsTableRowsAndComputesPastIt) {
+  std::mt19937 rng(7);
+  CpuBackend backend(2);
+  const int d = 16, qh = 4, kh = 2;
+  RopeParams rope;
+  for (int i = 0; i < d / 2; ++i) rope.inv_freq.push_back(std::pow(10000.0f, -2.0f * i / d));
+  rope.concentration = 1.1f;
+  StepLayout layout;
+  SequenceStep a, b;
+  a.first_row = 0, a.num_new = 3, a.num_cached = 0;
+  b.first_row = 3, b.num_new = 2, b.num_cached = 1000;
+  layout.sequences = {a, b};
+  layout.tokens = {1, 2, 3, 4, 5};
+  auto step = backend.prepare_step(layout);
+  const auto q0 = random_floats(rng, 5 * qh * d), k0 = random_floats(rng, 5 * kh * d);
+  auto run = [&](const RopeParams& p) {
+    auto q = q0, k = k0;
+    backend.rope(view(q, {5, qh * d}), view(k, {5, kh * d}), d, p, *step);
+    q.insert(q.end(), k.begin(), k.end());
+    return q;
+  };
+  const auto computed = run(rope);
+  ASSERT_NE(computed, [&] { auto both = q0; both.insert(both.end(), k0.begin(), k0.end()); return both; }());
+
+  auto table = rope_table(rope, 1001);  // positions 0..1000: every row but the last (1001)
+  ASSERT_EQ(table.size(), static_cast<size_t>(1001 * d));
+  RopeParams with_table = rope;
+  with_table.table = view(table, {1001, d});
+  EXPECT_EQ(run(with_table), computed);
+
+  auto identity = table;  // cos 1, sin 0: rows read from it come out unrotated
+  for (int p = 0; p < 1001; ++p)
+    for (int i = 0; i < d; ++i) identity[static_cast<size_t>(p * d + i)] = i < d / 2 ? 1.0f : 0.0f;
+  RopeParams doctored = rope;
+  doctored.table = view(identity, {1001, d});
+  const auto got = run(doctored);
+  for (int r = 0; r < 5; ++r) {
+    const bool in_table = r < 4;  // positions 0, 1, 2, 1000 | 1001
+    for (int j = 0; j < qh * d; ++j) {
+      const size_t i = static_cast<size_t>(r * qh * d + j);
+      ASSERT_EQ(got[i], in_table ? q0[i] : computed[i]) << "q row " << r << " " << j;
+    }
+    for (int j = 0; j < kh * d; ++j) {
+      const size_t i = static_cast<size_t>(5 * qh * d + r * kh * d + j);
+      ASSERT_EQ(got[i], in_table ? k0[i - 5 * qh * d] : computed[i]) << "k row " << r << " " << j;
+    }
+  }
+}
+
 // A ragged batch through the paged cache: a first step stores each sequence's past with
 // kv_store, the second attends over it plus its own new tokens. The expectation is computed from
 // the full key/value history indexed by position, straight from the definition.
