@@ -113,6 +113,21 @@ ARBITER_CUDA_MOE_WARPS=4 run bench_warps4 30 "$pack/bin/gpu_bench" --benchmark_f
 ARBITER_CUDA_MOE_PIPE=1 ARBITER_CUDA_MOE_WARPS=4 run bench_pipe4 30 "$pack/bin/gpu_bench" \
   --benchmark_filter='Copy|Moe20bLayer|Moe120bLayer|Model20bDecode' \
   --benchmark_format=console --benchmark_out="$work/bench_pipe4.json" --benchmark_out_format=json
+# Tensor-core MoE tiles of 64 and 32 tokens instead of 128 (same bits, GpuMoe's "mma64" / "mma32"
+# paths): batch-256 decode averages 32 tokens per expert, so a 128-token tile is 3/4 padding
+# ([tile64] / [tile32] rows against the default rows).
+for t in 64 32; do
+  ARBITER_CUDA_MOE_TILE=$t run "bench_tile$t" 40 "$pack/bin/gpu_bench" \
+    --benchmark_filter='Copy|Gemm|Moe20bLayer/256|Moe120bLayer/256|Model20bDecode/256|Model20bPrefill' \
+    --benchmark_format=console --benchmark_out="$work/bench_tile$t.json" --benchmark_out_format=json
+done
+# Fewer key splits in the split attention kernel (it aims at 512 blocks: 32 splits of a 512-key
+# context at batch 1, each a short tile plus a merge): [attn128] / [attn64] rows aim at 128 / 64 blocks.
+for n in 128 64; do
+  ARBITER_CUDA_ATTN_BLOCKS=$n run "bench_attn$n" 30 "$pack/bin/gpu_bench" \
+    --benchmark_filter='Copy|AttentionPath20b/0/|AttentionDecode20b|StepOp20b/(5|6)/0|Model20bDecode/1|Model20bDecode4096/1' \
+    --benchmark_format=console --benchmark_out="$work/bench_attn$n.json" --benchmark_out_format=json
+done
 # q/k/v and the router as separate launches ([nofuse] rows): what the fused launches save.
 ARBITER_CUDA_FUSE=0 run bench_nofuse 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Layer20bDecode|Model20bDecode' \
   --benchmark_format=console --benchmark_out="$work/bench_nofuse.json" --benchmark_out_format=json
@@ -202,7 +217,7 @@ report["model_test_groups2"] = gtest("model_groups2")
 report["model_test_pipe"] = gtest("model_pipe")
 
 bench = {}
-for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4"):
+for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_attn128", "_attn64"):
     bp = os.path.join(work, f"bench{suffix}.json")
     if not os.path.exists(bp):
         continue
@@ -210,7 +225,7 @@ for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_
         for b in json.load(open(bp)).get("benchmarks", []):
             if suffix in ("_gemv", "_mma") and not b["name"].startswith("Moe"):
                 continue
-            if suffix in ("_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe")):
+            if suffix in ("_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_attn128", "_attn64") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe", "Attention")):
                 continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
             bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
@@ -326,7 +341,7 @@ open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for name in ("build", "ops", "model", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
-                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "model_pipe", "bench_pipe", "bench_warps4", "bench_pipe4", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
+                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "model_pipe", "bench_pipe", "bench_warps4", "bench_pipe4", "bench_tile64", "bench_tile32", "bench_attn128", "bench_attn64", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue

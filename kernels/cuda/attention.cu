@@ -4,6 +4,7 @@
 // and the warps' partial results are merged at the end. Keys below the sequence's num_cached come
 // from the cache (full layers: block table; sliding layers: ring slot p mod ring size), the step's
 // own keys from k/v. The sink joins the denominator only: warp 0 starts from max = sink, sum = 1.
+#include <algorithm>
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -178,10 +179,12 @@ constexpr int kSplitThreads = 128;
 constexpr int kSplitWarps = kSplitThreads / 32;
 constexpr int kSplitTile = 128;
 constexpr int kSplitMaxGroup = 8;
-constexpr int kSplitTargetBlocks = 512;  // splits = this / (rows x kv heads), clamped to [1, 32]
 constexpr int kSplitMaxSplits = 32;
-// Workspace: u32 counters [kSplitTargetBlocks], then per block float [kSplitMaxGroup][D + 2].
-constexpr size_t kSplitCounterBytes = 4 * kSplitTargetBlocks;
+// Blocks of a launch with more than one split: at most this many (AttentionArgs::split_target_blocks,
+// default 512, is clamped to it). Workspace: u32 counters [kSplitMaxBlocks], then per block float
+// [kSplitMaxGroup][D + 2].
+constexpr int kSplitMaxBlocks = 512;
+constexpr size_t kSplitCounterBytes = 4 * kSplitMaxBlocks;
 constexpr size_t kSplitPartialFloats = size_t{kSplitMaxGroup} * (128 + 2);
 
 template <int D>
@@ -706,7 +709,7 @@ int prefill_heads(int group) {
 }  // namespace
 
 size_t attention_workspace_bytes() {
-  return kSplitCounterBytes + size_t{kSplitTargetBlocks} * kSplitPartialFloats * sizeof(float);
+  return kSplitCounterBytes + size_t{kSplitMaxBlocks} * kSplitPartialFloats * sizeof(float);
 }
 
 // Sequences with at least this many new tokens take the tensor-core prefill kernel (auto path).
@@ -749,7 +752,7 @@ void attention(const AttentionArgs& args, const StepArgs& step, void* workspace,
   if (a.path != AttentionPath::kPerHead && group <= kSplitMaxGroup && a.rows <= 65535 &&
       (a.head_dim == 64 || a.head_dim == 128)) {
     const int64_t pairs = static_cast<int64_t>(a.rows) * a.kv_heads;
-    int64_t fit = kSplitTargetBlocks / pairs;
+    int64_t fit = std::clamp(a.split_target_blocks, 1, kSplitMaxBlocks) / pairs;
     // A sliding window bounds the keys a row reads: beyond one split per 64 of them the extra blocks
     // are empty or nearly so and only add merge work (H200: a 128-key window at batch 1 took 23 us with
     // 32 splits, against 10.7 us for the per-head kernel).

@@ -215,6 +215,8 @@ class CudaBackend final : public Backend {
     // ARBITER_CUDA_MOE_WARPS=4: gate_up blocks of 4 warps. Same bits; opt-in until measured.
     if (const char* env = std::getenv("ARBITER_CUDA_MOE_PIPE")) moe_vec_pipe_ = std::strcmp(env, "1") == 0;
     if (const char* env = std::getenv("ARBITER_CUDA_MOE_WARPS")) moe_gate_up_warps_ = std::strcmp(env, "4") == 0 ? 4 : 8;
+    // ARBITER_CUDA_MOE_TILE=32|64: tensor-core MoE tiles of that many tokens instead of 128 (same bits).
+    if (const char* env = std::getenv("ARBITER_CUDA_MOE_TILE")) moe_mma_tile_ = std::atoi(env);
     // ARBITER_CUDA_ARENA=0: reserve() does nothing, every allocation is its own cudaMalloc (so that
     // compute-sanitizer memcheck sees overruns between tensors, which one region would hide).
     if (const char* env = std::getenv("ARBITER_CUDA_ARENA")) arena_enabled_ = std::strcmp(env, "0") != 0;
@@ -238,6 +240,9 @@ class CudaBackend final : public Backend {
       if (std::strcmp(env, "head") == 0) attention_path_ = cuda::AttentionPath::kPerHead;
       if (std::strcmp(env, "mma") == 0) attention_path_ = cuda::AttentionPath::kMma;
     }
+    // ARBITER_CUDA_ATTN_BLOCKS=N: the split kernel aims at N blocks instead of 512 (fewer key splits
+    // for few rows; benchmarks).
+    if (const char* env = std::getenv("ARBITER_CUDA_ATTN_BLOCKS")) attention_split_blocks_ = std::max(1, std::atoi(env));
   }
   ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
 
@@ -398,6 +403,7 @@ class CudaBackend final : public Backend {
     a.window = p.window;
     a.scale = p.scale;
     a.path = attention_path_;
+    a.split_target_blocks = attention_split_blocks_;
     a.seqs = s.args.seqs;
     a.max_new = 0;
     a.min_new = 0;
@@ -470,6 +476,7 @@ class CudaBackend final : public Backend {
     a.vec_groups = moe_vec_groups_;
     a.vec_pipe = moe_vec_pipe_;
     a.vec_gate_up_warps = moe_gate_up_warps_;
+    a.mma_tile = moe_mma_tile_;
     a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream(), generation_,
                                       [this](size_t n) { return device_memory(n); });
     cuda::moe(a, stream());
@@ -650,11 +657,13 @@ class CudaBackend final : public Backend {
   DeviceBuffer attn_ws_;    // split attention's partial results (fixed size)
   DeviceBuffer route_ws_;   // the fused router's block counter (zeroed)
   cuda::AttentionPath attention_path_ = cuda::AttentionPath::kAuto;
+  int attention_split_blocks_ = 512;  // ARBITER_CUDA_ATTN_BLOCKS
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
   int moe_vec_groups_ = 1;  // ARBITER_CUDA_MOE_GROUPS=2: 16-token vector tasks (opt-in until measured)
   bool moe_vec_pipe_ = false;  // ARBITER_CUDA_MOE_PIPE=1 (opt-in until measured)
   int moe_gate_up_warps_ = 8;  // ARBITER_CUDA_MOE_WARPS=4 (opt-in until measured)
+  int moe_mma_tile_ = 128;     // ARBITER_CUDA_MOE_TILE=32|64 (opt-in until measured)
   bool gemv_enabled_ = true;
   bool fuse_enabled_ = true;
   // Recorded decode steps. Their metadata lives in graph_meta_ (one slot, fixed addresses);

@@ -64,6 +64,9 @@ struct AttentionArgs {
   // with at least `row_max_new` new tokens (INT32_MAX: none skipped).
   int mma_min_new;
   int row_max_new;
+  // The split kernel's target block count: splits = this / (rows x kv heads), clamped to [1, 32]
+  // (default 512; ARBITER_CUDA_ATTN_BLOCKS, to measure fewer splits at batch 1).
+  int split_target_blocks = 512;
 };
 
 enum class MoePath : int { kAuto = 0, kGemv, kMma };
@@ -90,6 +93,8 @@ struct MoeArgs {
   // smaller blocks spread a batch-1 step's 180 blocks more evenly over the SMs).
   bool vec_pipe = false;
   int vec_gate_up_warps = 8;
+  // Tokens per tensor-core tile: 128, 64 or 32 (fewer MMAs wasted on experts with few tokens; same bits).
+  int mma_tile = 128;
   // Workspace (see moe_workspace_bytes).
   void* workspace;
 };

@@ -452,16 +452,21 @@ __global__ __launch_bounds__(kVecWarps * 32, 2) void moe_vec_down_direct_kernel(
   static_cast<bf16*>(a.out)[row] = f2bf(sum);
 }
 
-// ---- Tensor-core path (many tokens per expert): 128 tokens x 128 weight rows per block ----
+// ---- Tensor-core path (many tokens per expert): kM tokens x 128 weight rows per block ----
 //
-// 8 warps (2 x 4), each 64 tokens x 32 weight rows, mma.m16n8k16 with fragments from ldmatrix. K runs
-// in 64-wide slices through two shared-memory stages: the next slice's activations arrive by
+// 8 warps (2 x 4), each kM / 2 tokens x 32 weight rows, mma.m16n8k16 with fragments from ldmatrix. K
+// runs in 64-wide slices through two shared-memory stages: the next slice's activations arrive by
 // cp.async and its weight codes are held in registers while the tensor cores work on the current
-// slice, then decoded (exactly, as in the vector path) into the other stage.
+// slice, then decoded (exactly, as in the vector path) into the other stage. kM = 128 (default), 64
+// or 32 tokens (ARBITER_CUDA_MOE_TILE): a smaller tile wastes fewer MMAs on experts with few tokens
+// (batch-256 decode of the 20b averages 32 per expert, a quarter of a 128-token tile). Each output is
+// the same sum in the same order for every kM, so the bits do not depend on it.
 constexpr int kMmaM = 128, kMmaN = 128, kMmaK = 64, kMmaWarps = 8;
 constexpr int kMmaLd = kMmaK + 8;  // bf16 per shared row: 144 bytes, so ldmatrix rows hit distinct banks
-constexpr int kMmaStage = (kMmaM + kMmaN) * kMmaLd;  // bf16 per stage (activations, then weights)
-constexpr size_t kMmaSmem = 2u * kMmaStage * sizeof(bf16);
+template <int kM>
+constexpr int kMmaStageElems = (kM + kMmaN) * kMmaLd;  // bf16 per stage (activations, then weights)
+template <int kM>
+constexpr size_t kMmaSmemBytes = 2u * kMmaStageElems<kM> * sizeof(bf16);
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -469,24 +474,26 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(smem_addr(p)));
 }
 
-template <int kStage>
+template <int kStage, int kM>
 __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, MoeWorkspace ws) {
+  static_assert(kM == 32 || kM == 64 || kM == 128, "token tiles of 32, 64 or 128");
+  constexpr int kMt = kM / 32;  // 16-token fragments per warp
   pdl_begin();
   extern __shared__ __align__(16) uint8_t mma_smem[];
-  __shared__ const bf16* rows_of[kMmaM];
-  __shared__ int slot_of[kMmaM];
+  __shared__ const bf16* rows_of[kM];
+  __shared__ int slot_of[kM];
   const int tile = blockIdx.y;
   if (tile >= *ws.tile_count) return;
   const int e = ws.tiles[2 * tile];
   const int begin = ws.offsets[e] + ws.tiles[2 * tile + 1];
-  const int nt = min(kMmaM, ws.offsets[e + 1] - begin);
+  const int nt = min(kM, ws.offsets[e + 1] - begin);
   const int in = kStage == 1 ? a.hidden : a.inter;
   const int out_rows = kStage == 1 ? 2 * a.inter : a.hidden;
   const int groups = in / 32;
   const int col0 = blockIdx.x * kMmaN;
   if (col0 >= out_rows) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid < kMmaM) {
+  if (tid < kM) {
     const int slot = tid < nt ? ws.sorted[begin + tid] : -1;
     slot_of[tid] = slot;
     rows_of[tid] = slot < 0 ? nullptr
@@ -496,14 +503,14 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
   const uint8_t* blocks = (kStage == 1 ? a.gu_blocks : a.dn_blocks) + static_cast<int64_t>(e) * out_rows * groups * 16;
   const uint8_t* scales = (kStage == 1 ? a.gu_scales : a.dn_scales) + static_cast<int64_t>(e) * out_rows * groups;
   bf16* smem = reinterpret_cast<bf16*>(mma_smem);
-  auto xs = [&](int stage) { return smem + stage * kMmaStage; };
-  auto wsm = [&](int stage) { return smem + stage * kMmaStage + kMmaM * kMmaLd; };
+  auto xs = [&](int stage) { return smem + stage * kMmaStageElems<kM>; };
+  auto wsm = [&](int stage) { return smem + stage * kMmaStageElems<kM> + kM * kMmaLd; };
   __syncthreads();
 
-  // Activations: 128 rows x 8 chunks of 16 bytes per slice, 4 per thread; missing rows/columns read as 0.
+  // Activations: kM rows x 8 chunks of 16 bytes per slice, kM / 32 per thread; missing rows/columns read as 0.
   auto load_x = [&](int stage, int kb) {
 #pragma unroll
-    for (int i = 0; i < kMmaM * (kMmaK / 8) / (kMmaWarps * 32); ++i) {
+    for (int i = 0; i < kM * (kMmaK / 8) / (kMmaWarps * 32); ++i) {
       const int c = tid + i * kMmaWarps * 32;
       const int row = c >> 3, col = (c & 7) * 8;
       const bf16* src = rows_of[row];
@@ -542,14 +549,14 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
     for (int w = 0; w < 4; ++w) dst[w] = o[w];
   };
 
-  float acc[4][4][4];
+  float acc[kMt][4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kMt; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
-  const int wm0 = (warp >> 2) * 64, wn0 = (warp & 3) * 32;
+  const int wm0 = (warp >> 2) * (kM / 2), wn0 = (warp & 3) * 32;
 
   load_x(0, 0);
   load_w(0);
@@ -568,15 +575,15 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
     const bf16* wcur = wsm(cur);
 #pragma unroll
     for (int ks = 0; ks < kMmaK / 16; ++ks) {
-      uint32_t af[4][4], bfr[2][4];
+      uint32_t af[kMt][4], bfr[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
+      for (int mt = 0; mt < kMt; ++mt)
         ldmatrix_x4(af[mt], xcur + (wm0 + mt * 16 + mxfp4::ldsm_a_row(lane)) * kMmaLd + ks * 16 + mxfp4::ldsm_a_col(lane));
 #pragma unroll
       for (int np = 0; np < 2; ++np)
         ldmatrix_x4(bfr[np], wcur + (wn0 + np * 16 + mxfp4::ldsm_b_row(lane)) * kMmaLd + ks * 16 + mxfp4::ldsm_b_col(lane));
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
+      for (int mt = 0; mt < kMt; ++mt)
 #pragma unroll
         for (int n8 = 0; n8 < 4; ++n8)
           mma_bf16(acc[mt][n8], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bfr[n8 >> 1][(n8 & 1) * 2],
@@ -593,7 +600,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
   // gate_up those two rows are one channel's gate and up.
   const bf16* bias = static_cast<const bf16*>(kStage == 1 ? a.gu_bias : a.dn_bias) + static_cast<int64_t>(e) * out_rows;
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
+  for (int mt = 0; mt < kMt; ++mt) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int m = wm0 + mt * 16 + (lane >> 2) + half * 8;
@@ -683,17 +690,22 @@ void launch_vec(const MoeArgs& a, const MoeWorkspace& ws, bool direct, cudaStrea
   }
 }
 
+template <int kM>
 void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
-  const unsigned tiles = static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts, kMmaM));
-  cudaFuncSetAttribute(moe_mma_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMmaSmem));
-  cudaFuncSetAttribute(moe_mma_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMmaSmem));
+  const unsigned tiles = static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts, kM));
+  constexpr size_t smem = kMmaSmemBytes<kM>;
+  cudaFuncSetAttribute(moe_mma_kernel<1, kM>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaFuncSetAttribute(moe_mma_kernel<2, kM>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 g1(static_cast<unsigned>((2 * a.inter + kMmaN - 1) / kMmaN), tiles);
-  launch_kernel(moe_mma_kernel<1>, g1, dim3(kMmaWarps * 32), kMmaSmem, stream, a, ws);
+  launch_kernel(moe_mma_kernel<1, kM>, g1, dim3(kMmaWarps * 32), smem, stream, a, ws);
   check_launch("moe gate_up (mma)");
   const dim3 g2(static_cast<unsigned>((a.hidden + kMmaN - 1) / kMmaN), tiles);
-  launch_kernel(moe_mma_kernel<2>, g2, dim3(kMmaWarps * 32), kMmaSmem, stream, a, ws);
+  launch_kernel(moe_mma_kernel<2, kM>, g2, dim3(kMmaWarps * 32), smem, stream, a, ws);
   check_launch("moe down (mma)");
 }
+
+// The tensor-core path's tokens per tile: MoeArgs::mma_tile when it is 32 or 64, else 128.
+int mma_tile_tokens(const MoeArgs& a) { return a.mma_tile == 32 || a.mma_tile == 64 ? a.mma_tile : kMmaM; }
 
 }  // namespace
 
@@ -720,12 +732,14 @@ void moe(const MoeArgs& a, cudaStream_t stream) {
     launch_vec(a, ws, true, stream);
     return;
   }
-  const int tile = mma ? kMmaM : (a.vec_groups == 2 ? 2 : 1) * kVecTokens;
+  const int tile = mma ? mma_tile_tokens(a) : (a.vec_groups == 2 ? 2 : 1) * kVecTokens;
   launch_kernel(route_kernel, dim3(1), dim3(1024), static_cast<size_t>(2 * a.experts) * sizeof(int), stream, a.ids, n,
                 a.experts, tile, ws);
   check_launch("moe route");
   if (mma) {
-    launch_mmas(a, ws, stream);
+    if (tile == 32) launch_mmas<32>(a, ws, stream);
+    else if (tile == 64) launch_mmas<64>(a, ws, stream);
+    else launch_mmas<kMmaM>(a, ws, stream);
   } else {
     launch_vec(a, ws, false, stream);
   }

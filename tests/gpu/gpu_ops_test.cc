@@ -641,25 +641,29 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
   // The vector path's variants, which must give the bits of "gemv" (8-token tasks, weights loaded into
   // registers, gate_up blocks of 8 warps): "gemv16" routed tasks of 16 tokens
   // (ARBITER_CUDA_MOE_GROUPS=2), "pipe" the weights through the shared-memory ring
-  // (ARBITER_CUDA_MOE_PIPE=1), "pipe16" both, "warps4" gate_up blocks of 4 warps (ARBITER_CUDA_MOE_WARPS=4).
+  // (ARBITER_CUDA_MOE_PIPE=1), "pipe16" both with gate_up blocks of 4 warps, "warps4" gate_up blocks of 4
+  // warps (ARBITER_CUDA_MOE_WARPS=4). The tensor-core path's tiles of 64 and 32 tokens
+  // (ARBITER_CUDA_MOE_TILE) must give the bits of its 128-token tiles ("mma").
   struct PathEnv {
-    std::string name, moe, groups, pipe, warps;
+    std::string name, moe, groups, pipe, warps, tile;
   };
-  const PathEnv paths[] = {{"auto", "auto", "1", "0", "8"},  {"gemv", "gemv", "1", "0", "8"},
-                           {"gemv16", "gemv", "2", "0", "8"}, {"pipe", "gemv", "1", "1", "8"},
-                           {"pipe16", "gemv", "2", "1", "4"}, {"warps4", "gemv", "1", "0", "4"},
-                           {"mma", "mma", "1", "0", "8"}};
-  std::vector<float> gemv_out;
+  const PathEnv paths[] = {{"auto", "auto", "1", "0", "8", "128"},   {"gemv", "gemv", "1", "0", "8", "128"},
+                           {"gemv16", "gemv", "2", "0", "8", "128"}, {"pipe", "gemv", "1", "1", "8", "128"},
+                           {"pipe16", "gemv", "2", "1", "4", "128"}, {"warps4", "gemv", "1", "0", "4", "128"},
+                           {"mma", "mma", "1", "0", "8", "128"},     {"mma64", "mma", "1", "0", "8", "64"},
+                           {"mma32", "mma", "1", "0", "8", "32"}};
+  std::vector<float> gemv_out, mma_out;
   for (const PathEnv& env : paths) {
     const std::string& path = env.name;
-    const bool vector_variant = env.moe == "gemv" && path != "gemv";
     SCOPED_TRACE("path " + path);
     setenv("ARBITER_CUDA_MOE", env.moe.c_str(), 1);
     setenv("ARBITER_CUDA_MOE_GROUPS", env.groups.c_str(), 1);
     setenv("ARBITER_CUDA_MOE_PIPE", env.pipe.c_str(), 1);
     setenv("ARBITER_CUDA_MOE_WARPS", env.warps.c_str(), 1);
+    setenv("ARBITER_CUDA_MOE_TILE", env.tile.c_str(), 1);
     auto gpu = make_backend("cuda");
-    for (const char* name : {"ARBITER_CUDA_MOE", "ARBITER_CUDA_MOE_GROUPS", "ARBITER_CUDA_MOE_PIPE", "ARBITER_CUDA_MOE_WARPS"})
+    for (const char* name : {"ARBITER_CUDA_MOE", "ARBITER_CUDA_MOE_GROUPS", "ARBITER_CUDA_MOE_PIPE", "ARBITER_CUDA_MOE_WARPS",
+                             "ARBITER_CUDA_MOE_TILE"})
       unsetenv(name);
     const ExpertWeights ge = import_all(*gpu);
     DeviceBuffer gx = gpu->allocate(xv.size() * 2), gid = gpu->allocate(ids.size() * 4),
@@ -675,8 +679,12 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
     const auto go = read_f32(*gpu, out);
     EXPECT_LE(rel_max_error(go, co), 2e-2);
     if (path == "gemv") gemv_out = go;
-    if (vector_variant) {
+    if (path == "mma") mma_out = go;
+    if (path != "gemv" && env.moe == "gemv") {
       EXPECT_EQ(go, gemv_out);
+    }
+    if (path != "mma" && env.moe == "mma") {
+      EXPECT_EQ(go, mma_out);
     }
     // Again (the workspace is reused) on a row slice: the same result for those rows, to the bit on a
     // fixed path (auto may pick the other path for fewer rows).
