@@ -309,6 +309,30 @@ if report["model_test_head"]["properties"]:
     L.append("- golden, ARBITER_CUDA_ATTENTION=head: " + ", ".join(
         f"{k}={v}" for k, v in sorted(report["model_test_head"]["properties"].items())
         if k.endswith(("greedy_matched", "argmax_near_tie_mismatches", "router_flips", "min_cosine_clean_rows"))))
+# The opt-in variants against the default in one table (time ÷ default time; < 1 is faster), early in
+# the report so that a short look shows which switch to make the default (kernels/cuda/NOTES.md).
+def base_name(n):
+    return re.sub(r"/(iterations:\d+|manual_time|real_time)", "", n)
+variant_keys = ["Moe20bLayer/1", "Moe20bLayer/64", "Moe20bLayer/256", "Moe120bLayer/256", "Model20bDecode/1",
+                "Model20bDecode/64", "Model20bDecode/256", "Model20bDecode4096/1", "Model20bPrefill4x512", "StepOp20b/5/0",
+                "StepOp20b/6/0"]
+variant_tags = ["pipe", "warps4", "pipe4", "groups2", "tile64", "tile32", "attn128", "attn64", "nofuse", "nopdl"]
+times = {}
+for name, b in bench.items():
+    if isinstance(b, dict) and "real_time" in b:
+        m = re.match(r"(.*?)(?: \[(\w+)\])?$", name)
+        times[(base_name(m.group(1)), m.group(2) or "")] = b["real_time"]
+present = [t for t in variant_tags if any((k, t) in times for k in variant_keys)]
+if present:
+    L += ["", "Opt-in variants: default time, then each variant's time ÷ default (< 1: faster; kernels/cuda/NOTES.md).",
+          "", "| benchmark | default | " + " | ".join(present) + " |", "|---" * (len(present) + 2) + "|"]
+    for k in variant_keys:
+        d = times.get((k, ""))
+        if d is None:
+            continue
+        cells = [f"{times[(k, t)] / d:.3f}" if (k, t) in times and d > 0 else "" for t in present]
+        L.append(f"| {k} | {d:.4g} | " + " | ".join(cells) + " |")
+    L.append("")
 L.append(f"- cli logits tiny-a: {cli}")
 L.append(f"- cli logits tiny-a, EP 2 thread ranks on one GPU: {report['cli_ep_threads_tiny_a']}")
 L.append(f"- cli logits tiny-a, NcclComm 1 rank: {report['cli_nccl_tiny_a']}")
