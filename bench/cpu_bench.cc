@@ -295,6 +295,11 @@ class CountingBackend final : public ForwardingBackend {
   void kv_store(const Tensor& k, const Tensor& v, const KvLayer& c, const AttentionParams& p, const StepContext& s) override {
     { const Timer tm(*this, 6); inner().kv_store(k, v, c, p, s); }
   }
+  // Through this wrapper's own linear_group and rope (their timers); the CPU backend does the same.
+  void linear_group_rope(const Tensor& x, std::span<const LinearTerm> terms, int head_dim, const RopeParams& rope,
+                         const StepContext& step) override {
+    Backend::linear_group_rope(x, terms, head_dim, rope, step);
+  }
   // Through this wrapper's own linear and router_topk, so the router stays in their timers.
   void route(const Tensor& x, const Tensor& w, const Tensor& bias, int k, const Tensor& logits, const Tensor& ids,
              const Tensor& weights) override {

@@ -52,6 +52,13 @@ void Backend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {
   for (const LinearTerm& t : terms) linear(x, t.weight, t.bias, t.out);
 }
 
+void Backend::linear_group_rope(const Tensor& x, std::span<const LinearTerm> terms, int head_dim, const RopeParams& rope,
+                                const StepContext& step) {
+  if (terms.size() < 2) throw std::invalid_argument("linear_group_rope: needs the q and k terms first");
+  linear_group(x, terms);
+  this->rope(terms[0].out, terms[1].out, head_dim, rope, step);
+}
+
 void Backend::route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
                     const Tensor& expert_ids, const Tensor& expert_weights) {
   linear(x, weight, bias, logits);

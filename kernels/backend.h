@@ -146,6 +146,11 @@ class Backend {
   // YaRN rotate-half RoPE in place on q [rows, q_heads*d] and k [rows, kv_heads*d] at each row's position.
   virtual void rope(const Tensor& q, const Tensor& k, int head_dim, const RopeParams& rope,
                     const StepContext& step) = 0;
+  // The attention block's projections and RoPE: every term's product (linear_group), then rope() on
+  // the outputs of terms[0] (q) and terms[1] (k). A device backend may rotate in the products'
+  // epilogue; the result must be the bits of the two calls.
+  virtual void linear_group_rope(const Tensor& x, std::span<const LinearTerm> terms, int head_dim, const RopeParams& rope,
+                                 const StepContext& step);
   // Attention with per-head sinks over the cached past (positions < num_cached, read from cache) and
   // the step's own keys (k, v of this step's rows). Does not write the cache.
   virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache,

@@ -34,6 +34,10 @@ class ForwardingBackend : public Backend {
   }
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& o) override { inner_.linear(x, w, bias, o); }
   void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override { inner_.linear_group(x, terms); }
+  void linear_group_rope(const Tensor& x, std::span<const LinearTerm> terms, int head_dim, const RopeParams& rope,
+                         const StepContext& step) override {
+    inner_.linear_group_rope(x, terms, head_dim, rope, step);
+  }
   void rope(const Tensor& q, const Tensor& k, int d, const RopeParams& r, const StepContext& s) override {
     inner_.rope(q, k, d, r, s);
   }

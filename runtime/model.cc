@@ -212,8 +212,7 @@ void Model::run(const StepLayout& layout) {
       if (i == 0) backend_.rms_norm(x, l.input_norm, c.rms_norm_eps, normed);
       else backend_.add_rms_norm(x, delta, l.input_norm, c.rms_norm_eps, normed);
       const LinearTerm qkv[] = {{l.q_weight, l.q_bias, q}, {l.k_weight, l.k_bias, k}, {l.v_weight, l.v_bias, v}};
-      backend_.linear_group(normed, qkv);
-      backend_.rope(q, k, c.head_dim, rope_, *step);
+      backend_.linear_group_rope(normed, qkv, c.head_dim, rope_, *step);
       ap.window = l.sliding ? c.sliding_window : 0;
       const KvLayer& cache = kv_.layer(static_cast<int>(i));
       backend_.attention(q, k, v, cache, l.sinks, ap, *step, attn);

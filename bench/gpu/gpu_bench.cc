@@ -160,6 +160,10 @@ class SynthModel {
     logits_ = act({max_seqs, V}, DType::kF32);
     argmax_ = act({max_seqs}, DType::kI32);
     rope_ = yarn_rope_params(c);
+    // The model's RoPE table (runtime/model.cc): every position the KV cache can hold.
+    const std::vector<float> table = rope_table(rope_, max_context);
+    rope_.table = act({max_context, D}, DType::kF32);
+    b.upload(table.data(), rope_.table);
     b.synchronize();
   }
 
@@ -210,17 +214,14 @@ class SynthModel {
       const Layer& l = layers_[i];
       if (i == 0) b.rms_norm(x, l.in_norm, 1e-5f, normed);
       else b.add_rms_norm(x, delta, l.in_norm, 1e-5f, normed);
-      b.linear(normed, l.qw, l.qb, q);
-      b.linear(normed, l.kw, l.kb, k);
-      b.linear(normed, l.vw, l.vb, v);
-      b.rope(q, k, c.head_dim, rope_, st);
+      const LinearTerm qkv[] = {{l.qw, l.qb, q}, {l.kw, l.kb, k}, {l.vw, l.vb, v}};
+      b.linear_group_rope(normed, qkv, c.head_dim, rope_, st);
       ap.window = l.sliding ? c.sliding_window : 0;
       b.attention(q, k, v, l.kv, l.sinks, ap, st, attn);
       b.kv_store(k, v, l.kv, ap, st);
       b.linear(attn, l.ow, l.ob, delta);
       b.add_rms_norm(x, delta, l.post_norm, 1e-5f, normed);
-      b.linear(normed, l.rw, l.rb, router);
-      b.router_topk(router, c.num_experts_per_tok, ids, weights);
+      b.route(normed, l.rw, l.rb, c.num_experts_per_tok, router, ids, weights);
       b.moe_experts(normed, ids, weights, l.ex, c.swiglu_limit, delta);
     }
     b.add(x, delta);
@@ -259,8 +260,9 @@ class SynthModel {
   static constexpr const char* kOpNames[] = {"add_rms_norm", "q_proj",       "k_proj",    "v_proj",
                                              "rope",         "attention",    "attention_sliding",
                                              "kv_store",     "o_proj",       "router",    "router_topk",
-                                             "moe_experts",  "final_norm+lm_head", "argmax"};
-  static constexpr int kOps = 14;
+                                             "moe_experts",  "final_norm+lm_head", "argmax",
+                                             "qkv+rope",     "route"};
+  static constexpr int kOps = 16;
   void op_only(const StepContext& st, int op, int rows = 1, int seqs = 1) {
     Backend& b = backend();
     const bool sliding = op == 6;
@@ -296,7 +298,13 @@ class SynthModel {
         b.linear(gathered, lm_head_, Tensor{}, logits_.slice_rows(0, seqs));
         break;
       }
-      default: b.argmax(logits_.slice_rows(0, seqs), argmax_.slice_rows(0, seqs)); break;
+      case 13: b.argmax(logits_.slice_rows(0, seqs), argmax_.slice_rows(0, seqs)); break;
+      case 14: {  // what the step runs (fused on the GPU at <= 8 rows) in place of ops 1-4
+        const LinearTerm qkv[] = {{l.qw, l.qb, q}, {l.kw, l.kb, k}, {l.vw, l.vb, v}};
+        b.linear_group_rope(normed, qkv, c.head_dim, rope_, st);
+        break;
+      }
+      default: b.route(normed, l.rw, l.rb, c.num_experts_per_tok, router, ids, weights); break;  // ops 9-10
     }
   }
   double op_weight_bytes(int op) const {

@@ -185,6 +185,25 @@ const CudaStepContext& cuda_step(const StepContext& step) {
   return *s;
 }
 
+// The kernels' RoPE arguments (head_dim / 2 frequencies, the optional table).
+cuda::RopeArgs rope_args(const RopeParams& rope, int head_dim) {
+  require(head_dim > 0 && head_dim % 2 == 0 && static_cast<int>(rope.inv_freq.size()) == head_dim / 2 &&
+              head_dim / 2 <= cuda::kMaxRopeHalf,
+          "rope: inv_freq must have head_dim/2 (<= 128) entries");
+  cuda::RopeArgs args{};
+  std::copy(rope.inv_freq.begin(), rope.inv_freq.end(), args.inv_freq);
+  args.concentration = rope.concentration;
+  args.half = head_dim / 2;
+  if (rope.table.data) {
+    require(rope.table.dtype == DType::kF32 && rope.table.row_elements() == head_dim &&
+                rope.table.rows() <= std::numeric_limits<int>::max(),
+            "rope: table must be F32 [positions, head_dim]");
+    args.table = rope.table.as<const float>();
+    args.table_rows = static_cast<int>(rope.table.rows());
+  }
+  return args;
+}
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -354,6 +373,8 @@ class CudaBackend final : public Backend {
 
   void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) override;
   void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override;
+  void linear_group_rope(const Tensor& x, std::span<const LinearTerm> terms, int head_dim, const RopeParams& rope,
+                         const StepContext& step) override;
   void route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
              const Tensor& expert_ids, const Tensor& expert_weights) override;
 
@@ -365,17 +386,7 @@ class CudaBackend final : public Backend {
     require(static_cast<int>(rope.inv_freq.size()) == head_dim / 2 && head_dim / 2 <= cuda::kMaxRopeHalf,
             "rope: inv_freq must have head_dim/2 (<= 128) entries");
     require(q.rows() == k.rows() && q.rows() <= s.args.rows, "rope: rows");
-    cuda::RopeArgs args{};
-    std::copy(rope.inv_freq.begin(), rope.inv_freq.end(), args.inv_freq);
-    args.concentration = rope.concentration;
-    args.half = head_dim / 2;
-    if (rope.table.data) {
-      require(rope.table.dtype == DType::kF32 && rope.table.row_elements() == head_dim &&
-                  rope.table.rows() <= std::numeric_limits<int>::max(),
-              "rope: table must be F32 [positions, head_dim]");
-      args.table = rope.table.as<const float>();
-      args.table_rows = static_cast<int>(rope.table.rows());
-    }
+    const cuda::RopeArgs args = rope_args(rope, head_dim);
     select();
     cuda::rope(q.data, k.data, static_cast<int>(q.rows()), static_cast<int>(row_len(q) / head_dim),
                static_cast<int>(row_len(k) / head_dim), head_dim, args, s.args, stream());
@@ -846,6 +857,41 @@ void CudaBackend::linear_group(const Tensor& x, std::span<const LinearTerm> term
     targets[j] = {terms[j].weight.data, terms[j].bias.data, terms[j].out.data, terms[j].weight.shape[0]};
   cuda::gemv_group(x.data, static_cast<int>(m), targets, static_cast<int>(terms.size()),
                    terms[0].out.dtype == DType::kF32, k, stream());
+}
+
+// Decode's q/k/v with RoPE in the GEMV's epilogue (one launch, the bits of linear_group + rope); other
+// shapes as the two operations.
+void CudaBackend::linear_group_rope(const Tensor& x, std::span<const LinearTerm> terms, int head_dim,
+                                    const RopeParams& rope, const StepContext& step) {
+  const auto& s = cuda_step(step);
+  const int64_t m = x.rows(), k = row_len(x);
+  bool fused = gemv_enabled_ && fuse_enabled_ && terms.size() >= 2 &&
+               terms.size() <= static_cast<size_t>(cuda::kGemvMaxTargets) && x.dtype == DType::kBF16 && m >= 1 &&
+               m <= cuda::kGemvMaxRows && m <= s.args.rows && pointer_alignment(x.data) >= 16 && head_dim > 0 &&
+               head_dim % 8 == 0 && head_dim / 2 <= cuda::kMaxRopeHalf &&
+               static_cast<int>(rope.inv_freq.size()) == head_dim / 2;
+  for (size_t j = 0; j < terms.size() && fused; ++j) {
+    const LinearTerm& t = terms[j];
+    fused = t.weight.dtype == DType::kBF16 && t.weight.shape.rank == 2 && t.weight.shape[1] == k &&
+            cuda::gemv_supported(static_cast<int>(m), t.weight.shape[0], k) && pointer_alignment(t.weight.data) >= 16 &&
+            t.out.dtype == DType::kBF16 && t.out.rows() == m && row_len(t.out) == t.weight.shape[0] &&
+            (!t.bias.data || (t.bias.dtype == DType::kBF16 && t.bias.elements() == t.weight.shape[0])) &&
+            (j >= 2 || t.weight.shape[0] % head_dim == 0);
+  }
+  if (!fused) {
+    Backend::linear_group_rope(x, terms, head_dim, rope, step);
+    return;
+  }
+  cuda::GemvRope r;
+  r.args = rope_args(rope, head_dim);
+  r.row_pos = s.args.row_pos;
+  r.head_dim = head_dim;
+  r.targets = 2;
+  select();
+  cuda::GemvTarget targets[cuda::kGemvMaxTargets];
+  for (size_t j = 0; j < terms.size(); ++j)
+    targets[j] = {terms[j].weight.data, terms[j].bias.data, terms[j].out.data, terms[j].weight.shape[0]};
+  cuda::gemv_group(x.data, static_cast<int>(m), targets, static_cast<int>(terms.size()), false, k, stream(), &r);
 }
 
 // Decode's router as one launch (GEMV + top-k in its last block); other shapes as two operations.

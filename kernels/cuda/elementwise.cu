@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/router.cuh"
 
 namespace arbiter::cuda {
@@ -75,26 +76,16 @@ __global__ void rope_kernel(bf16* q, bf16* k, int q_heads, int k_heads, int head
                             const int32_t* row_pos) {
   pdl_begin();
   const int row = blockIdx.x;
-  const int pos_index = row_pos[row];
-  const float pos = static_cast<float>(pos_index);
+  const int pos = row_pos[row];
   const int half = rope.half;
   const int total = (q_heads + k_heads) * half;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
     const int head = idx / half, i = idx - head * half;
     bf16* v = head < q_heads ? q + (static_cast<int64_t>(row) * q_heads + head) * head_dim
                              : k + (static_cast<int64_t>(row) * k_heads + (head - q_heads)) * head_dim;
-    float s, c;
-    if (pos_index < rope.table_rows) {  // the precomputed row (the CPU backend's exact values)
-      c = __ldg(rope.table + static_cast<int64_t>(pos_index) * 2 * half + i);
-      s = __ldg(rope.table + static_cast<int64_t>(pos_index) * 2 * half + half + i);
-    } else {
-      sincosf(pos * rope.inv_freq[i], &s, &c);
-      c *= rope.concentration;
-      s *= rope.concentration;
-    }
-    const float a = bf2f(v[i]), b = bf2f(v[i + half]);
-    v[i] = f2bf(a * c - b * s);
-    v[i + half] = f2bf(b * c + a * s);
+    float c, s;
+    rope_cos_sin(rope, pos, i, c, s);
+    rope_rotate(bf2f(v[i]), bf2f(v[i + half]), c, s, v[i], v[i + half]);
   }
 }
 

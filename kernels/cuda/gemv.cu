@@ -6,6 +6,7 @@
 // products of the same activations (q, k, v), each block working for one of them. Replaces cuBLASLt where it would read
 // the weights with a general GEMM kernel and a separate bias pass.
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/router.cuh"
 
 namespace arbiter::cuda {
@@ -35,6 +36,7 @@ struct GemvLaunch {
   int n[kGemvMaxTargets];
   int first_block[kGemvMaxTargets];
   int count;
+  int rope_targets;  // targets [0, rope_targets) are rotated by `rope` (q, k); 0: none
 };
 
 // The router's top-k after its logits (a single f32 target): the last block to finish (counter,
@@ -46,9 +48,21 @@ struct RouteEpilogue {
   uint32_t* counter = nullptr;
 };
 
+// The weight row behind a block's local row r. Plain targets: R consecutive rows. Rotated targets:
+// RoPE pairs (i, i + half) of one head in the same block, rows [j0, j0 + R/2) and their partners, so
+// the epilogue can rotate them (a head's head_dim rows span head_dim / R blocks).
+template <int R>
+__device__ __forceinline__ int gemv_row(int local_block, int r, bool rotated, int head_dim) {
+  if (!rotated) return local_block * R + r;
+  const int per_head = head_dim / R, half = head_dim / 2;
+  const int head = local_block / per_head, j0 = (local_block % per_head) * (R / 2);
+  return head * head_dim + (r < R / 2 ? 0 : half) + j0 + r % (R / 2);
+}
+
 template <int M, int R, bool kRoute>
 __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m_count, GemvLaunch targets,
-                                                             bool out_f32, int k, RouteEpilogue route) {
+                                                             bool out_f32, int k, RouteEpilogue route, GemvRope rope) {
+  static_assert(R % 2 == 0, "rotated blocks hold whole RoPE pairs");
   __shared__ float part[kGemvWarps][R * M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // This block's target (selected without indexing the parameter arrays dynamically).
@@ -56,6 +70,7 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
   const bf16* bias = targets.bias[0];
   void* out = targets.out[0];
   int n = targets.n[0], first = 0;
+  bool rotated = targets.rope_targets > 0;
 #pragma unroll
   for (int j = 1; j < kGemvMaxTargets; ++j)
     if (j < targets.count && static_cast<int>(blockIdx.x) >= targets.first_block[j]) {
@@ -64,13 +79,15 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
       out = targets.out[j];
       n = targets.n[j];
       first = targets.first_block[j];
+      rotated = j < targets.rope_targets;
     }
-  const int row0 = (static_cast<int>(blockIdx.x) - first) * R;
+  const int local_block = static_cast<int>(blockIdx.x) - first;
   const int chunks = k / 8;
   const uint4* wr[R];
 #pragma unroll
   for (int r = 0; r < R; ++r)
-    wr[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(min(row0 + r, n - 1)) * k);
+    wr[r] = reinterpret_cast<const uint4*>(
+        w + static_cast<int64_t>(min(gemv_row<R>(local_block, r, rotated, rope.head_dim), n - 1)) * k);
   // Weights are never written: fetch this thread's first chunks into L2 while (with PDL) the
   // previous kernel finishes, then wait for the activations.
 #pragma unroll
@@ -119,15 +136,30 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
   __syncthreads();
   const int t = static_cast<int>(threadIdx.x);
   if (t < R * M) {
-    const int r = t / M, m = t % M, row = row0 + r;
+    const int r = t / M, m = t % M, row = gemv_row<R>(local_block, r, rotated, rope.head_dim);
     if (row < n && m < m_count) {
       float v = part[0][t];
 #pragma unroll
       for (int q = 1; q < kGemvWarps; ++q) v += part[q][t];
       if (bias) v += bf2f(bias[row]);
       const int64_t o = static_cast<int64_t>(m) * n + row;
-      if (out_f32) static_cast<float*>(out)[o] = v;
+      if (rotated) part[0][t] = bf2f(f2bf(v));  // what the rope kernel would read back from out
+      else if (out_f32) static_cast<float*>(out)[o] = v;
       else static_cast<bf16*>(out)[o] = f2bf(v);
+    }
+  }
+  if (rotated) {  // block-uniform; this block's rows are whole pairs (i, i + half) of one head
+    __syncthreads();
+    if (t < (R / 2) * M) {
+      const int r = t / M, m = t % M;
+      if (m < m_count) {
+        const int row_a = gemv_row<R>(local_block, r, true, rope.head_dim);
+        const int row_b = gemv_row<R>(local_block, r + R / 2, true, rope.head_dim);
+        float c, s;
+        rope_cos_sin(rope.args, rope.row_pos[m], row_a % rope.head_dim, c, s);
+        bf16* o = static_cast<bf16*>(out) + static_cast<int64_t>(m) * n;
+        rope_rotate(part[0][r * M + m], part[0][(r + R / 2) * M + m], c, s, o[row_a], o[row_b]);
+      }
     }
   }
   if constexpr (kRoute) {
@@ -147,8 +179,9 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
 
 template <int M, int R, bool kRoute = false>
 void launch(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int k, cudaStream_t stream,
-            const RouteEpilogue& route = {}) {
+            const RouteEpilogue& route = {}, const GemvRope& rope = {}) {
   GemvLaunch l{};
+  l.rope_targets = rope.targets;
   int blocks = 0;
   for (int j = 0; j < count; ++j) {
     l.w[j] = static_cast<const bf16*>(targets[j].w);
@@ -160,16 +193,16 @@ void launch(const void* x, int m, const GemvTarget* targets, int count, bool out
   }
   l.count = count;
   launch_kernel(gemv_kernel<M, R, kRoute>, dim3(blocks), dim3(kGemvThreads), 0, stream, static_cast<const bf16*>(x), m,
-                l, out_f32, k, route);
+                l, out_f32, k, route, rope);
   check_launch("gemv");
 }
 
 void launch_for_rows(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int k,
-                     cudaStream_t stream) {
-  if (m == 1) launch<1, 4>(x, m, targets, count, out_f32, k, stream);
-  else if (m == 2) launch<2, 4>(x, m, targets, count, out_f32, k, stream);
-  else if (m <= 4) launch<4, 2>(x, m, targets, count, out_f32, k, stream);
-  else launch<8, 2>(x, m, targets, count, out_f32, k, stream);
+                     cudaStream_t stream, const GemvRope& rope = {}) {
+  if (m == 1) launch<1, 4>(x, m, targets, count, out_f32, k, stream, {}, rope);
+  else if (m == 2) launch<2, 4>(x, m, targets, count, out_f32, k, stream, {}, rope);
+  else if (m <= 4) launch<4, 2>(x, m, targets, count, out_f32, k, stream, {}, rope);
+  else launch<8, 2>(x, m, targets, count, out_f32, k, stream, {}, rope);
 }
 
 }  // namespace
@@ -211,15 +244,23 @@ void route(const void* x, int m, const void* w, const void* bias, float* logits,
 }
 
 void gemv_group(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int64_t k,
-                cudaStream_t stream) {
+                cudaStream_t stream, const GemvRope* rope) {
   if (count < 1 || count > kGemvMaxTargets) throw std::invalid_argument("CUDA gemv_group: 1 to 4 targets");
+  if (rope && rope->targets > 0) {
+    const int d = rope->head_dim;
+    if (out_f32 || rope->targets > count || d <= 0 || d % 8 != 0 || d / 2 != rope->args.half || d / 2 > kMaxRopeHalf ||
+        !rope->row_pos)
+      throw std::invalid_argument("CUDA gemv_group: RoPE needs bf16 outputs and head_dim a multiple of 8 (<= 256)");
+    for (int j = 0; j < rope->targets; ++j)
+      if (targets[j].n % d != 0) throw std::invalid_argument("CUDA gemv_group: rotated rows are not whole heads");
+  }
   int64_t blocks = 0;
   for (int j = 0; j < count; ++j) {
     if (!gemv_supported(m, targets[j].n, k)) throw std::invalid_argument("CUDA gemv_group: unsupported shape");
     blocks += targets[j].n;  // an upper bound on the blocks (R >= 1)
   }
   if (blocks >= (int64_t{1} << 30)) throw std::invalid_argument("CUDA gemv_group: too many rows");
-  launch_for_rows(x, m, targets, count, out_f32, static_cast<int>(k), stream);
+  launch_for_rows(x, m, targets, count, out_f32, static_cast<int>(k), stream, rope ? *rope : GemvRope{});
 }
 
 }  // namespace arbiter::cuda

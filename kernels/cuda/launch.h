@@ -137,8 +137,16 @@ struct GemvTarget {
   void* out = nullptr;         // [m, n]
   int64_t n = 0;
 };
+// RoPE in gemv_group's epilogue: targets [0, targets) (q, then k) come out rotated, the bits of
+// gemv_group followed by rope() (head_dim a multiple of 8; bf16 outputs).
+struct GemvRope {
+  RopeArgs args{};
+  const int32_t* row_pos = nullptr;  // StepArgs::row_pos
+  int head_dim = 0;
+  int targets = 0;
+};
 void gemv_group(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int64_t k,
-                cudaStream_t stream);
+                cudaStream_t stream, const GemvRope* rope = nullptr);
 // The MoE router in one launch: logits[m, experts] = x . W + bias (f32) by the GEMV, then the last
 // block runs the router top-k + softmax on every row (the bits of router_topk). `workspace`:
 // route_workspace_bytes(), zeroed once (left zeroed again); one stream at a time.

@@ -211,6 +211,54 @@ TEST_F(GpuOps, Rope) {
   EXPECT_LE(rel_max_error(read_f32(*gpu_, k.gpu), read_f32(cpu_, k.cpu)), 1e-2);
 }
 
+// q, k, v and RoPE in one launch (Backend::linear_group_rope): the bits of linear_group then rope on the
+// same GPU, for 1-8 rows (both GEMV block shapes), head_dim 64 and 128, positions inside and past the
+// RoPE table and without a table; 9 rows fall back to the two operations. Within bf16 tolerance of
+// the CPU backend doing the same.
+TEST_F(GpuOps, LinearGroupRope) {
+  struct Case {
+    int m, k, d, q_heads, kv_heads;
+    bool table;
+  };
+  for (const Case& c : {Case{1, 2880, 64, 64, 8, true}, Case{2, 256, 64, 4, 2, true}, Case{3, 128, 128, 4, 1, false},
+                        Case{5, 256, 64, 8, 2, true}, Case{8, 64, 64, 2, 1, true}, Case{9, 64, 64, 2, 2, true}}) {
+    SCOPED_TRACE(std::to_string(c.m) + " rows, head_dim " + std::to_string(c.d));
+    const int nq = c.q_heads * c.d, nkv = c.kv_heads * c.d;
+    std::vector<SeqSpec> seqs;
+    for (int r = 0; r < c.m; ++r) seqs.push_back({r % 2 == 0 ? 4000 + 40 * r : 17 * r, 1});  // some past 4096
+    const StepLayout layout = make_layout(seqs, 16, 1, 4200, 16, rng_);
+    const auto cs = cpu_.prepare_step(layout);
+    const auto gs = gpu_->prepare_step(layout);
+    RopeParams rope;
+    for (int i = 0; i < c.d / 2; ++i) rope.inv_freq.push_back(std::pow(150000.0f, -2.0f * i / c.d));
+    rope.concentration = 1.2f;
+    RopeParams cpu_rope = rope, gpu_rope = rope;
+    if (c.table) std::tie(cpu_rope.table, gpu_rope.table) = weight_f32(rope_table(rope, 4096), {4096, c.d});
+    Pair x = paired(cpu_, *gpu_, {c.m, c.k}, random_values(static_cast<size_t>(c.m) * c.k, rng_));
+    std::vector<LinearTerm> cpu_terms, gpu_terms, gpu_separate;
+    std::vector<Pair> fused, separate;
+    for (const int n : {nq, nkv, nkv}) {
+      auto [cw, gw] = weight(random_values(static_cast<size_t>(n) * c.k, rng_, 0.05f), {n, c.k});
+      auto [cb, gb] = weight(random_values(static_cast<size_t>(n), rng_), {n});
+      fused.push_back(out_pair({c.m, n}));
+      separate.push_back(out_pair({c.m, n}));
+      cpu_terms.push_back({cw, cb, fused.back().cpu});
+      gpu_terms.push_back({gw, gb, fused.back().gpu});
+      gpu_separate.push_back({gw, gb, separate.back().gpu});
+    }
+    cpu_.linear_group_rope(x.cpu, cpu_terms, c.d, cpu_rope, *cs);
+    gpu_->linear_group_rope(x.gpu, gpu_terms, c.d, gpu_rope, *gs);
+    gpu_->linear_group(x.gpu, gpu_separate);
+    gpu_->rope(separate[0].gpu, separate[1].gpu, c.d, gpu_rope, *gs);
+    for (size_t j = 0; j < 3; ++j) {
+      SCOPED_TRACE("term " + std::to_string(j));
+      const auto got = read_f32(*gpu_, fused[j].gpu);
+      EXPECT_EQ(got, read_f32(*gpu_, separate[j].gpu));
+      EXPECT_LE(rel_max_error(got, read_f32(cpu_, fused[j].cpu)), 2e-2);
+    }
+  }
+}
+
 // The position of row r of a step.
 int layout_position(const StepLayout& layout, int r) {
   for (const SequenceStep& s : layout.sequences)

@@ -336,6 +336,57 @@ TEST_P(KernelTest, BackendRopeReadsTableRowsAndComputesPastIt) {
   }
 }
 
+// Backend::linear_group_rope (the model's q/k/v + RoPE) on the CPU: the bits of linear_group and then
+// rope on the first two outputs; the third (v) is not rotated.
+TEST_P(KernelTest, BackendLinearGroupRopeIsProductsThenRope) {
+  std::mt19937 rng(8);
+  CpuBackend backend(2);
+  const int d = 16, in = 64, rows = 3, nq = 4 * d, nkv = 2 * d;
+  RopeParams rope;
+  for (int i = 0; i < d / 2; ++i) rope.inv_freq.push_back(std::pow(10000.0f, -2.0f * i / d));
+  StepLayout layout;
+  SequenceStep a;
+  a.first_row = 0, a.num_new = rows, a.num_cached = 40;
+  layout.sequences = {a};
+  layout.tokens = {1, 2, 3};
+  auto step = backend.prepare_step(layout);
+  auto x = random_floats(rng, static_cast<size_t>(rows * in));
+  std::vector<std::vector<uint16_t>> weights;
+  for (const int n : {nq, nkv, nkv}) weights.push_back(random_bf16(rng, static_cast<size_t>(n * in)));
+  auto run = [&](bool fused) {
+    std::vector<std::vector<float>> outs;
+    std::vector<LinearTerm> terms;
+    outs.reserve(3);
+    for (size_t j = 0; j < 3; ++j) {
+      const int64_t n = static_cast<int64_t>(weights[j].size()) / in;
+      outs.emplace_back(static_cast<size_t>(rows * n));
+      terms.push_back({Tensor{weights[j].data(), DType::kBF16, {n, in}}, Tensor{}, view(outs.back(), {rows, n})});
+    }
+    if (fused) {
+      backend.linear_group_rope(view(x, {rows, in}), terms, d, rope, *step);
+    } else {
+      backend.linear_group(view(x, {rows, in}), terms);
+      backend.rope(terms[0].out, terms[1].out, d, rope, *step);
+    }
+    return outs;
+  };
+  const auto fused = run(true), separate = run(false);
+  EXPECT_EQ(fused, separate);
+  std::vector<std::vector<float>> unrotated(3);
+  {
+    std::vector<LinearTerm> terms;
+    for (size_t j = 0; j < 3; ++j) {
+      const int64_t n = static_cast<int64_t>(weights[j].size()) / in;
+      unrotated[j].resize(static_cast<size_t>(rows * n));
+      terms.push_back({Tensor{weights[j].data(), DType::kBF16, {n, in}}, Tensor{}, view(unrotated[j], {rows, n})});
+    }
+    backend.linear_group(view(x, {rows, in}), terms);
+  }
+  EXPECT_NE(fused[0], unrotated[0]);
+  EXPECT_NE(fused[1], unrotated[1]);
+  EXPECT_EQ(fused[2], unrotated[2]);
+}
+
 // A ragged batch through the paged cache: a first step stores each sequence's past with
 // kv_store, the second attends over it plus its own new tokens. The expectation is computed from
 // the full key/value history indexed by position, straight from the definition.
