@@ -116,10 +116,13 @@ ARBITER_CUDA_MOE_PIPE=1 ARBITER_CUDA_MOE_WARPS=4 run bench_pipe4 30 "$pack/bin/g
 # Tensor-core MoE tiles of 64 and 32 tokens instead of 128 (same bits, GpuMoe's "mma64" / "mma32"
 # paths): batch-256 decode averages 32 tokens per expert, so a 128-token tile is 3/4 padding
 # ([tile64] / [tile32] rows against the default rows).
-for t in 64 32; do
-  ARBITER_CUDA_MOE_TILE=$t run "bench_tile$t" 40 "$pack/bin/gpu_bench" \
+# The tile kernel's deeper pipeline (3 activation stages, raw weight codes 3 slices ahead; same bits,
+# GpuMoe's "deep" / "deep32" paths): [deep] with 128-token tiles, [deep32] with 32.
+for v in tile64:64:0 tile32:32:0 deep:128:1 deep32:32:1; do
+  IFS=: read -r tag tile deep <<<"$v"
+  ARBITER_CUDA_MOE_TILE=$tile ARBITER_CUDA_MOE_DEEP=$deep run "bench_$tag" 40 "$pack/bin/gpu_bench" \
     --benchmark_filter='Copy|Gemm|Moe20bLayer/256|Moe120bLayer/256|Model20bDecode/256|Model20bPrefill' \
-    --benchmark_format=console --benchmark_out="$work/bench_tile$t.json" --benchmark_out_format=json
+    --benchmark_format=console --benchmark_out="$work/bench_$tag.json" --benchmark_out_format=json
 done
 # Fewer key splits in the split attention kernel (it aims at 512 blocks: 32 splits of a 512-key
 # context at batch 1, each a short tile plus a merge): [attn128] / [attn64] rows aim at 128 / 64 blocks.
@@ -217,7 +220,7 @@ report["model_test_groups2"] = gtest("model_groups2")
 report["model_test_pipe"] = gtest("model_pipe")
 
 bench = {}
-for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_attn128", "_attn64"):
+for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_deep", "_deep32", "_attn128", "_attn64"):
     bp = os.path.join(work, f"bench{suffix}.json")
     if not os.path.exists(bp):
         continue
@@ -225,7 +228,7 @@ for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_
         for b in json.load(open(bp)).get("benchmarks", []):
             if suffix in ("_gemv", "_mma") and not b["name"].startswith("Moe"):
                 continue
-            if suffix in ("_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_attn128", "_attn64") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe", "Attention")):
+            if suffix in ("_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_deep", "_deep32", "_attn128", "_attn64") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe", "Attention")):
                 continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
             bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
@@ -316,7 +319,8 @@ def base_name(n):
 variant_keys = ["Moe20bLayer/1", "Moe20bLayer/64", "Moe20bLayer/256", "Moe120bLayer/256", "Model20bDecode/1",
                 "Model20bDecode/64", "Model20bDecode/256", "Model20bDecode4096/1", "Model20bPrefill4x512", "StepOp20b/5/0",
                 "StepOp20b/6/0"]
-variant_tags = ["pipe", "warps4", "pipe4", "groups2", "tile64", "tile32", "attn128", "attn64", "nofuse", "nopdl"]
+variant_tags = ["pipe", "warps4", "pipe4", "groups2", "tile64", "tile32", "deep", "deep32", "attn128", "attn64", "nofuse",
+                "nopdl"]
 times = {}
 for name, b in bench.items():
     if isinstance(b, dict) and "real_time" in b:
@@ -365,7 +369,7 @@ open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for name in ("build", "ops", "model", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
-                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "model_pipe", "bench_pipe", "bench_warps4", "bench_pipe4", "bench_tile64", "bench_tile32", "bench_attn128", "bench_attn64", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
+                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "model_pipe", "bench_pipe", "bench_warps4", "bench_pipe4", "bench_tile64", "bench_tile32", "bench_deep", "bench_deep32", "bench_attn128", "bench_attn64", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue

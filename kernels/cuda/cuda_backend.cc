@@ -236,6 +236,8 @@ class CudaBackend final : public Backend {
     if (const char* env = std::getenv("ARBITER_CUDA_MOE_WARPS")) moe_gate_up_warps_ = std::strcmp(env, "4") == 0 ? 4 : 8;
     // ARBITER_CUDA_MOE_TILE=32|64: tensor-core MoE tiles of that many tokens instead of 128 (same bits).
     if (const char* env = std::getenv("ARBITER_CUDA_MOE_TILE")) moe_mma_tile_ = std::atoi(env);
+    // ARBITER_CUDA_MOE_DEEP=1: the tensor-core MoE kernel's deeper cp.async pipeline (same bits).
+    if (const char* env = std::getenv("ARBITER_CUDA_MOE_DEEP")) moe_mma_deep_ = std::strcmp(env, "1") == 0;
     // ARBITER_CUDA_ARENA=0: reserve() does nothing, every allocation is its own cudaMalloc (so that
     // compute-sanitizer memcheck sees overruns between tensors, which one region would hide).
     if (const char* env = std::getenv("ARBITER_CUDA_ARENA")) arena_enabled_ = std::strcmp(env, "0") != 0;
@@ -488,6 +490,7 @@ class CudaBackend final : public Backend {
     a.vec_pipe = moe_vec_pipe_;
     a.vec_gate_up_warps = moe_gate_up_warps_;
     a.mma_tile = moe_mma_tile_;
+    a.mma_deep = moe_mma_deep_;
     a.workspace = moe_scratch_.ensure(cuda::moe_workspace_bytes(rows, k, experts, hidden, inter), stream(), generation_,
                                       [this](size_t n) { return device_memory(n); });
     cuda::moe(a, stream());
@@ -675,6 +678,7 @@ class CudaBackend final : public Backend {
   bool moe_vec_pipe_ = false;  // ARBITER_CUDA_MOE_PIPE=1 (opt-in until measured)
   int moe_gate_up_warps_ = 8;  // ARBITER_CUDA_MOE_WARPS=4 (opt-in until measured)
   int moe_mma_tile_ = 128;     // ARBITER_CUDA_MOE_TILE=32|64 (opt-in until measured)
+  bool moe_mma_deep_ = false;  // ARBITER_CUDA_MOE_DEEP=1 (opt-in until measured)
   bool gemv_enabled_ = true;
   bool fuse_enabled_ = true;
   // Recorded decode steps. Their metadata lives in graph_meta_ (one slot, fixed addresses);

@@ -95,6 +95,9 @@ struct MoeArgs {
   int vec_gate_up_warps = 8;
   // Tokens per tensor-core tile: 128, 64 or 32 (fewer MMAs wasted on experts with few tokens; same bits).
   int mma_tile = 128;
+  // The tensor-core path's deeper pipeline (3 activation stages, raw weight codes 3 slices ahead by
+  // cp.async; same bits).
+  bool mma_deep = false;
   // Workspace (see moe_workspace_bytes).
   void* workspace;
 };

@@ -467,6 +467,12 @@ template <int kM>
 constexpr int kMmaStageElems = (kM + kMmaN) * kMmaLd;  // bf16 per stage (activations, then weights)
 template <int kM>
 constexpr size_t kMmaSmemBytes = 2u * kMmaStageElems<kM> * sizeof(bf16);
+// The deep pipeline (ARBITER_CUDA_MOE_DEEP=1, same bits): activations through 3 stages, the weights' raw
+// codes through 4 (cp.async, issued 3 slices ahead), decoded weights through 2.
+constexpr int kDeepXStages = 3, kDeepRawStages = 4;
+template <int kM>
+constexpr size_t kMmaDeepSmemBytes = (static_cast<size_t>(kDeepXStages) * kM + 2u * kMmaN) * kMmaLd * sizeof(bf16) +
+                                     static_cast<size_t>(kDeepRawStages) * kMmaWarps * 32 * sizeof(uint4);
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -474,7 +480,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(smem_addr(p)));
 }
 
-template <int kStage, int kM>
+template <int kStage, int kM, bool kDeep>
 __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, MoeWorkspace ws) {
   static_assert(kM == 32 || kM == 64 || kM == 128, "token tiles of 32, 64 or 128");
   constexpr int kMt = kM / 32;  // 16-token fragments per warp
@@ -503,8 +509,14 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
   const uint8_t* blocks = (kStage == 1 ? a.gu_blocks : a.dn_blocks) + static_cast<int64_t>(e) * out_rows * groups * 16;
   const uint8_t* scales = (kStage == 1 ? a.gu_scales : a.dn_scales) + static_cast<int64_t>(e) * out_rows * groups;
   bf16* smem = reinterpret_cast<bf16*>(mma_smem);
-  auto xs = [&](int stage) { return smem + stage * kMmaStageElems<kM>; };
-  auto wsm = [&](int stage) { return smem + stage * kMmaStageElems<kM> + kM * kMmaLd; };
+  // Plain: stage i = activations then weights. Deep: kDeepXStages activation stages, 2 weight stages,
+  // then the raw code ring.
+  auto xs = [&](int stage) {
+    return kDeep ? smem + stage * kM * kMmaLd : smem + stage * kMmaStageElems<kM>;
+  };
+  auto wsm = [&](int stage) {
+    return kDeep ? smem + kDeepXStages * kM * kMmaLd + stage * kMmaN * kMmaLd : smem + stage * kMmaStageElems<kM> + kM * kMmaLd;
+  };
   __syncthreads();
 
   // Activations: kM rows x 8 chunks of 16 bytes per slice, kM / 32 per thread; missing rows/columns read as 0.
@@ -517,7 +529,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
       const bool ok = src != nullptr && kb + col < in;
       cp_async16(xs(stage) + row * kMmaLd + col, ok ? src + kb + col : static_cast<const bf16*>(a.x), ok ? 16 : 0);
     }
-    cp_async_commit();
+    if (!kDeep) cp_async_commit();  // the deep loop commits its groups itself
   };
   // Weights: thread -> (row tid/2, group tid%2) of the slice: one 16-byte block and its scale.
   const int wn = tid >> 1, wg = tid & 1, wrow = col0 + wn;
@@ -533,6 +545,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
     }
   };
   auto store_w = [&](int stage) {
+    static_assert(!kDeep || kMmaK == 64, "two 32-value groups per slice");
     uint4 o[4];
     const uint32_t f = mxfp4::factor(wscale), f2 = mxfp4::factor2(wscale);
     const bool big = mxfp4::big(wscale);
@@ -558,21 +571,11 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
   const int wm0 = (warp >> 2) * (kM / 2), wn0 = (warp & 3) * 32;
 
-  load_x(0, 0);
-  load_w(0);
-  store_w(0);
-  cp_async_wait_all();
-  __syncthreads();
   const int slices = (in + kMmaK - 1) / kMmaK;
-  for (int s = 0; s < slices; ++s) {
-    const int cur = s & 1;
-    const bool more = s + 1 < slices;
-    if (more) {
-      load_x(cur ^ 1, (s + 1) * kMmaK);
-      load_w((s + 1) * kMmaK);
-    }
-    const bf16* xcur = xs(cur);
-    const bf16* wcur = wsm(cur);
+  // One slice's tensor-core work on activation stage xst and weight stage wst.
+  auto multiply = [&](int xst, int wst) {
+    const bf16* xcur = xs(xst);
+    const bf16* wcur = wsm(wst);
 #pragma unroll
     for (int ks = 0; ks < kMmaK / 16; ++ks) {
       uint32_t af[kMt][4], bfr[2][4];
@@ -589,11 +592,66 @@ __global__ __launch_bounds__(kMmaWarps * 32, 2) void moe_mma_kernel(MoeArgs a, M
           mma_bf16(acc[mt][n8], af[mt][0], af[mt][1], af[mt][2], af[mt][3], bfr[n8 >> 1][(n8 & 1) * 2],
                    bfr[n8 >> 1][(n8 & 1) * 2 + 1]);
     }
+  };
+  if constexpr (kDeep) {
+    // Slice t's raw codes (this thread's block of it) into ring slot t % kDeepRawStages by cp.async; its
+    // scale is returned (127 past the end: zero codes decode to +0 with any scale, as in store_w).
+    uint4* raw = reinterpret_cast<uint4*>(smem + kDeepXStages * kM * kMmaLd + 2 * kMmaN * kMmaLd);
+    auto issue_raw = [&](int t) {
+      const int g = t * (kMmaK / 32) + wg;
+      const bool ok = t < slices && wrow < out_rows && g < groups;
+      const uint8_t* src = ok ? blocks + (static_cast<int64_t>(wrow) * groups + g) * 16 : blocks;
+      cp_async16(raw + (t % kDeepRawStages) * (kMmaWarps * 32) + tid, src, ok ? 16 : 0);
+      return ok ? static_cast<uint32_t>(__ldg(scales + static_cast<int64_t>(wrow) * groups + g)) : 127u;
+    };
+    auto decode_raw = [&](int t, uint32_t scale, int wst) {
+      wcodes = raw[(t % kDeepRawStages) * (kMmaWarps * 32) + tid];
+      wscale = scale;
+      wvalid = true;
+      store_w(wst);
+    };
+    // Groups: before the loop {x0, raw0, raw1} and {x1, raw2}; iteration s commits {x(s+2), raw(s+3)}.
+    load_x(0, 0);
+    const uint32_t sc0 = issue_raw(0);
+    uint32_t sc1 = issue_raw(1);
+    cp_async_commit();
+    if (slices > 1) load_x(1, kMmaK);
+    uint32_t sc2 = issue_raw(2);
+    cp_async_commit();
+    cp_async_wait<1>();
+    decode_raw(0, sc0, 0);
+    for (int s = 0; s < slices; ++s) {
+      cp_async_wait<1>();  // the group of iteration s - 2: x(s) and raw(s + 1)
+      __syncthreads();     // every thread's copies and decoded weights visible; slots of slice s - 1 free
+      if (s + 1 < slices) decode_raw(s + 1, sc1, (s + 1) & 1);
+      if (s + 2 < slices) load_x((s + 2) % kDeepXStages, (s + 2) * kMmaK);
+      const uint32_t sc3 = issue_raw(s + 3);
+      cp_async_commit();
+      multiply(s % kDeepXStages, s & 1);
+      sc1 = sc2;
+      sc2 = sc3;
+    }
+    cp_async_wait_all();
+  } else {
+  load_x(0, 0);
+  load_w(0);
+  store_w(0);
+  cp_async_wait_all();
+  __syncthreads();
+  for (int s = 0; s < slices; ++s) {
+    const int cur = s & 1;
+    const bool more = s + 1 < slices;
+    if (more) {
+      load_x(cur ^ 1, (s + 1) * kMmaK);
+      load_w((s + 1) * kMmaK);
+    }
+    multiply(cur, cur);
     if (more) {
       store_w(cur ^ 1);
       cp_async_wait_all();
     }
     __syncthreads();
+  }
   }
 
   // Epilogue: lane holds tokens (lane/4, +8) x weight rows (2*(lane%4), +1) of each 16 x 8 tile; in
@@ -690,18 +748,31 @@ void launch_vec(const MoeArgs& a, const MoeWorkspace& ws, bool direct, cudaStrea
   }
 }
 
-template <int kM>
-void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
+template <int kM, bool kDeep>
+void launch_mmas_with(const MoeArgs& a, const MoeWorkspace& ws, size_t smem, cudaStream_t stream) {
   const unsigned tiles = static_cast<unsigned>(max_tiles(a.rows * a.k, a.experts, kM));
-  constexpr size_t smem = kMmaSmemBytes<kM>;
-  cudaFuncSetAttribute(moe_mma_kernel<1, kM>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  cudaFuncSetAttribute(moe_mma_kernel<2, kM>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaFuncSetAttribute(moe_mma_kernel<1, kM, kDeep>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaFuncSetAttribute(moe_mma_kernel<2, kM, kDeep>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 g1(static_cast<unsigned>((2 * a.inter + kMmaN - 1) / kMmaN), tiles);
-  launch_kernel(moe_mma_kernel<1, kM>, g1, dim3(kMmaWarps * 32), smem, stream, a, ws);
+  launch_kernel(moe_mma_kernel<1, kM, kDeep>, g1, dim3(kMmaWarps * 32), smem, stream, a, ws);
   check_launch("moe gate_up (mma)");
   const dim3 g2(static_cast<unsigned>((a.hidden + kMmaN - 1) / kMmaN), tiles);
-  launch_kernel(moe_mma_kernel<2, kM>, g2, dim3(kMmaWarps * 32), smem, stream, a, ws);
+  launch_kernel(moe_mma_kernel<2, kM, kDeep>, g2, dim3(kMmaWarps * 32), smem, stream, a, ws);
   check_launch("moe down (mma)");
+}
+
+// The deep pipeline when asked for and the device lets a block have its shared memory (sm_89 parts
+// allow 99 KB per block: 128-token tiles then take the plain kernel).
+template <int kM>
+void launch_mmas(const MoeArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
+  if (a.mma_deep) {
+    int device = 0, optin = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (kMmaDeepSmemBytes<kM> <= static_cast<size_t>(optin))
+      return launch_mmas_with<kM, true>(a, ws, kMmaDeepSmemBytes<kM>, stream);
+  }
+  launch_mmas_with<kM, false>(a, ws, kMmaSmemBytes<kM>, stream);
 }
 
 // The tensor-core path's tokens per tile: MoeArgs::mma_tile when it is 32 or 64, else 128.

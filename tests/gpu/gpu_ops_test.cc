@@ -691,15 +691,17 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
   // (ARBITER_CUDA_MOE_GROUPS=2), "pipe" the weights through the shared-memory ring
   // (ARBITER_CUDA_MOE_PIPE=1), "pipe16" both with gate_up blocks of 4 warps, "warps4" gate_up blocks of 4
   // warps (ARBITER_CUDA_MOE_WARPS=4). The tensor-core path's tiles of 64 and 32 tokens
-  // (ARBITER_CUDA_MOE_TILE) must give the bits of its 128-token tiles ("mma").
+  // (ARBITER_CUDA_MOE_TILE) and its deeper pipeline (ARBITER_CUDA_MOE_DEEP=1, "deep", "deep32") must
+  // give the bits of its 128-token tiles ("mma").
   struct PathEnv {
-    std::string name, moe, groups, pipe, warps, tile;
+    std::string name, moe, groups, pipe, warps, tile, deep = "0";
   };
   const PathEnv paths[] = {{"auto", "auto", "1", "0", "8", "128"},   {"gemv", "gemv", "1", "0", "8", "128"},
                            {"gemv16", "gemv", "2", "0", "8", "128"}, {"pipe", "gemv", "1", "1", "8", "128"},
                            {"pipe16", "gemv", "2", "1", "4", "128"}, {"warps4", "gemv", "1", "0", "4", "128"},
                            {"mma", "mma", "1", "0", "8", "128"},     {"mma64", "mma", "1", "0", "8", "64"},
-                           {"mma32", "mma", "1", "0", "8", "32"}};
+                           {"mma32", "mma", "1", "0", "8", "32"},    {"deep", "mma", "1", "0", "8", "128", "1"},
+                           {"deep32", "mma", "1", "0", "8", "32", "1"}};
   std::vector<float> gemv_out, mma_out;
   for (const PathEnv& env : paths) {
     const std::string& path = env.name;
@@ -709,9 +711,10 @@ TEST_P(GpuMoe, MatchesCpuOnEveryPath) {
     setenv("ARBITER_CUDA_MOE_PIPE", env.pipe.c_str(), 1);
     setenv("ARBITER_CUDA_MOE_WARPS", env.warps.c_str(), 1);
     setenv("ARBITER_CUDA_MOE_TILE", env.tile.c_str(), 1);
+    setenv("ARBITER_CUDA_MOE_DEEP", env.deep.c_str(), 1);
     auto gpu = make_backend("cuda");
     for (const char* name : {"ARBITER_CUDA_MOE", "ARBITER_CUDA_MOE_GROUPS", "ARBITER_CUDA_MOE_PIPE", "ARBITER_CUDA_MOE_WARPS",
-                             "ARBITER_CUDA_MOE_TILE"})
+                             "ARBITER_CUDA_MOE_TILE", "ARBITER_CUDA_MOE_DEEP"})
       unsetenv(name);
     const ExpertWeights ge = import_all(*gpu);
     DeviceBuffer gx = gpu->allocate(xv.size() * 2), gid = gpu->allocate(ids.size() * 4),
