@@ -6,6 +6,7 @@
 // products of the same activations (q, k, v), each block working for one of them. Replaces cuBLASLt where it would read
 // the weights with a general GEMM kernel and a separate bias pass.
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/gemv_rows.cuh"
 #include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/router.cuh"
 
@@ -47,17 +48,6 @@ struct RouteEpilogue {
   float* weights = nullptr;
   uint32_t* counter = nullptr;
 };
-
-// The weight row behind a block's local row r. Plain targets: R consecutive rows. Rotated targets:
-// RoPE pairs (i, i + half) of one head in the same block, rows [j0, j0 + R/2) and their partners, so
-// the epilogue can rotate them (a head's head_dim rows span head_dim / R blocks).
-template <int R>
-__device__ __forceinline__ int gemv_row(int local_block, int r, bool rotated, int head_dim) {
-  if (!rotated) return local_block * R + r;
-  const int per_head = head_dim / R, half = head_dim / 2;
-  const int head = local_block / per_head, j0 = (local_block % per_head) * (R / 2);
-  return head * head_dim + (r < R / 2 ? 0 : half) + j0 + r % (R / 2);
-}
 
 template <int M, int R, bool kRoute>
 __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m_count, GemvLaunch targets,
