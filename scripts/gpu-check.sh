@@ -3,7 +3,7 @@
 # (carried as .gpu-pack/; GPU machines have nvcc but no gtest / Google Benchmark / nlohmann-json),
 # runs the GPU tests, memcheck and racecheck passes over part of them and the GPU benchmarks, and writes a short
 # report: OUTDIR/report.md, OUTDIR/report.json, OUTDIR/logs.txt (log tails), OUTDIR/bench.json.
-# Usage: scripts/gpu-check.sh OUTDIR   (ends within GPU_CHECK_BUDGET seconds, default 225; output stays small)
+# Usage: scripts/gpu-check.sh OUTDIR   (ends within GPU_CHECK_BUDGET seconds, default 420; output stays small)
 # Without a pack it tries to build one in place first (works where the build dependencies exist).
 set -uo pipefail
 out=${1:?usage: scripts/gpu-check.sh OUTDIR}
@@ -41,7 +41,7 @@ for b in "$pack"/bin/*; do
   ldd "$b" 2>&1 | grep "not found" | sed "s|^|$(basename "$b"): |" >>"$work/env.txt"
 done
 
-deadline=$((t0 + ${GPU_CHECK_BUDGET:-225}))  # every step ends by then, so the report always gets written
+deadline=$((t0 + ${GPU_CHECK_BUDGET:-420}))  # every step ends by then, so the report always gets written
 run() {  # name timeout command...
   local name=$1 limit=$2
   shift 2
@@ -57,14 +57,12 @@ run() {  # name timeout command...
   echo "$name rc=$rc seconds=$(($(date +%s) - s))" >>"$work/steps.txt"
 }
 
-# Most important first: tests, then the benchmarks, then the per-path MoE numbers, the sanitizers last.
+# Most important first: tests, the benchmarks, the opt-in variants' benchmarks (which switch to make the
+# default), Nsight Compute, then the reruns that attribute failures and the sanitizers.
 run ops 75 "$pack/bin/gpu_ops_test" --gtest_output=json:"$work/ops.json"
 run model 75 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model.json"
 # The device arena (Backend::reserve): a model allocates only from its reservation.
 run arena 30 "$pack/bin/gpu_arena_test" --gtest_output=json:"$work/arena.json"
-# The model tests again on the previous attention kernel (one block per q head, fp32 throughout, for
-# every sequence): a failure in both runs is not the split / tensor-core kernels'.
-ARBITER_CUDA_ATTENTION=head run model_head 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_head.json"
 run bench 100 "$pack/bin/gpu_bench" --benchmark_format=console --benchmark_out="$work/bench.json" --benchmark_out_format=json
 # The CLI end to end on a golden case.
 tokens=$(python3 -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['tokens'])))" "$pack/golden/tiny-a/case.json" 2>/dev/null)
@@ -87,20 +85,6 @@ for path in gemv mma; do
   ARBITER_CUDA_MOE=$path run "bench_$path" 25 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe' \
     --benchmark_format=console --benchmark_out="$work/bench_$path.json" --benchmark_out_format=json
 done
-# Programmatic dependent launch is on by default (sm_90+); the model tests, the kernels with
-# block-counting merges and the decode benchmarks once more with it off ([nopdl] rows in the report).
-ARBITER_CUDA_PDL=0 run model_nopdl 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_nopdl.json"
-ARBITER_CUDA_PDL=0 run ops_nopdl 60 "$pack/bin/gpu_ops_test" \
-  --gtest_filter='Cases/GpuAttention.*:GpuOps.TopLogprobs*:GpuOps.Argmax*:GpuOps.Linear:GpuOps.LinearGroup*:GpuOps.Rope*:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/hidden2880_decode' \
-  --gtest_output=json:"$work/ops_nopdl.json"
-ARBITER_CUDA_PDL=0 run bench_nopdl 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Layer20bDecode|Model20bDecode|StepOp20b/.*/0' \
-  --benchmark_format=console --benchmark_out="$work/bench_nopdl.json" --benchmark_out_format=json
-# Routed vector-path MoE tasks of 16 tokens (opt-in until measured; GpuMoe's "gemv16" path checks
-# their bits in the ops step): the model tests and the MoE / decode benchmarks with them ([groups2]
-# rows against the default rows above).
-ARBITER_CUDA_MOE_GROUPS=2 run model_groups2 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_groups2.json"
-ARBITER_CUDA_MOE_GROUPS=2 run bench_groups2 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe20bLayer|Moe120bLayer|Model20bDecode' \
-  --benchmark_format=console --benchmark_out="$work/bench_groups2.json" --benchmark_out_format=json
 # The vector-path MoE variants (same bits, opt-in until measured; GpuMoe's "pipe", "pipe16" and
 # "warps4" paths check their bits in the ops step): the weights through a per-warp shared-memory
 # cp.async ring (ARBITER_CUDA_MOE_PIPE=1, [pipe] rows) and gate_up blocks of 4 warps
@@ -134,17 +118,6 @@ done
 # q/k/v and the router as separate launches ([nofuse] rows): what the fused launches save.
 ARBITER_CUDA_FUSE=0 run bench_nofuse 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Layer20bDecode|Model20bDecode' \
   --benchmark_format=console --benchmark_out="$work/bench_nofuse.json" --benchmark_out_format=json
-# memcheck over a subset (slow under the sanitizer).
-san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [ -x "$san" ]; then
-  run memcheck 60 "$san" --tool memcheck --error-exitcode 3 "$pack/bin/gpu_ops_test" \
-    --gtest_filter='GpuOps.Linear:GpuOps.LinearGroup*:GpuOps.Rope*:GpuOps.Route*:GpuOps.TopLogprobsSmall:GpuOps.ArgmaxManyRows:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuAttention.*/decode_batch_ragged:Cases/GpuAttention.*/prefill_20b_sliding:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_sliding:Cases/GpuAttention.*/mixed_20b_full:Cases/GpuAttention.*/mixed_d128_gqa4:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
-  # Shared-memory races in the kernels with block-wide phases (selection, split and prefill attention).
-  run racecheck 60 "$san" --tool racecheck --error-exitcode 4 "$pack/bin/gpu_ops_test" \
-    --gtest_filter='GpuOps.TopLogprobsSmall:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
-else
-  echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
-fi
 # Nsight Compute on the decode kernels whose speed is still unexplained (kernels/cuda/NOTES.md): the
 # batch-1 and batch-64 MoE layers and the batch-1 step operations; a few launches each, summarized
 # in the report (duration, memory / DRAM / SM throughput, occupancy, registers, issue activity).
@@ -156,8 +129,38 @@ if [ -x "$ncu" ]; then
   run ncu_moe64 40 "$ncu" "${ncu_args[@]}" -k 'regex:moe|route|combine' -c 8 "$pack/bin/gpu_bench" --benchmark_filter='Moe20bLayer/64/'
   run ncu_ops1 60 "$ncu" "${ncu_args[@]}" -k 'regex:gemv|attention|rms|rope|kv_store|router|argmax' -c 24 "$pack/bin/gpu_bench" \
     --benchmark_filter='StepOp20b/.*/0'
+  ARBITER_CUDA_MOE_PIPE=1 run ncu_moe1_pipe 40 "$ncu" "${ncu_args[@]}" -k 'regex:moe' -c 4 "$pack/bin/gpu_bench" \
+    --benchmark_filter='Moe20bLayer/1/'
 else
   echo "ncu skipped: no ncu" >>"$work/steps.txt"
+fi
+# The model tests again on the previous attention kernel (one block per q head, fp32 throughout, for
+# every sequence): a failure in both runs is not the split / tensor-core kernels'.
+ARBITER_CUDA_ATTENTION=head run model_head 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_head.json"
+# Programmatic dependent launch is on by default (sm_90+); the model tests, the kernels with
+# block-counting merges and the decode benchmarks once more with it off ([nopdl] rows in the report).
+ARBITER_CUDA_PDL=0 run model_nopdl 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_nopdl.json"
+ARBITER_CUDA_PDL=0 run ops_nopdl 60 "$pack/bin/gpu_ops_test" \
+  --gtest_filter='Cases/GpuAttention.*:GpuOps.TopLogprobs*:GpuOps.Argmax*:GpuOps.Linear:GpuOps.LinearGroup*:GpuOps.Rope*:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/hidden2880_decode' \
+  --gtest_output=json:"$work/ops_nopdl.json"
+ARBITER_CUDA_PDL=0 run bench_nopdl 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Layer20bDecode|Model20bDecode|StepOp20b/.*/0' \
+  --benchmark_format=console --benchmark_out="$work/bench_nopdl.json" --benchmark_out_format=json
+# Routed vector-path MoE tasks of 16 tokens (opt-in until measured; GpuMoe's "gemv16" path checks
+# their bits in the ops step): the model tests and the MoE / decode benchmarks with them ([groups2]
+# rows against the default rows above).
+ARBITER_CUDA_MOE_GROUPS=2 run model_groups2 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_groups2.json"
+ARBITER_CUDA_MOE_GROUPS=2 run bench_groups2 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Moe20bLayer|Moe120bLayer|Model20bDecode' \
+  --benchmark_format=console --benchmark_out="$work/bench_groups2.json" --benchmark_out_format=json
+# memcheck over a subset (slow under the sanitizer).
+san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$san" ]; then
+  run memcheck 60 "$san" --tool memcheck --error-exitcode 3 "$pack/bin/gpu_ops_test" \
+    --gtest_filter='GpuOps.Linear:GpuOps.LinearGroup*:GpuOps.Rope*:GpuOps.Route*:GpuOps.TopLogprobsSmall:GpuOps.ArgmaxManyRows:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuAttention.*/decode_batch_ragged:Cases/GpuAttention.*/prefill_20b_sliding:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_sliding:Cases/GpuAttention.*/mixed_20b_full:Cases/GpuAttention.*/mixed_d128_gqa4:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
+  # Shared-memory races in the kernels with block-wide phases (selection, split and prefill attention).
+  run racecheck 60 "$san" --tool racecheck --error-exitcode 4 "$pack/bin/gpu_ops_test" \
+    --gtest_filter='GpuOps.TopLogprobsSmall:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
+else
+  echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
 fi
 # Last, when there is time left: serving on the whole 20b shape (24 layers, random weights written here).
 if [ "${GPU_CHECK_SERVE_20B:-0}" = 1 ]; then
@@ -295,7 +298,7 @@ def ncu_summary(name):
         if r.get("Metric Name") in keep:
             row[r["Metric Name"]] = (r.get("Metric Value") or "") + " " + (r.get("Metric Unit") or "")
     return list(rows.values())
-report["ncu"] = {n: ncu_summary(n) for n in ("ncu_moe1", "ncu_moe64", "ncu_ops1")}
+report["ncu"] = {n: ncu_summary(n) for n in ("ncu_moe1", "ncu_moe64", "ncu_ops1", "ncu_moe1_pipe")}
 os.system(f"cp {work}/ncu_*.log {out}/ 2>/dev/null")
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
