@@ -110,10 +110,15 @@ for v in tile64:64:0 tile32:32:0 deep:128:1 deep32:32:1; do
 done
 # Fewer key splits in the split attention kernel (it aims at 512 blocks: 32 splits of a 512-key
 # context at batch 1, each a short tile plus a merge): [attn128] / [attn64] rows aim at 128 / 64 blocks.
-for n in 128 64; do
-  ARBITER_CUDA_ATTN_BLOCKS=$n run "bench_attn$n" 30 "$pack/bin/gpu_bench" \
+# [span128]: the default 32 splits, but at least 128 keys in each non-empty one (a 512-key row uses 4).
+# The attention tests with both knobs first (they read the knobs when the backend is made).
+ARBITER_CUDA_ATTN_BLOCKS=64 ARBITER_CUDA_ATTN_MIN_SPAN=128 run ops_attn 60 "$pack/bin/gpu_ops_test" \
+  --gtest_filter='Cases/GpuAttention.*' --gtest_output=json:"$work/ops_attn.json"
+for v in attn128:128:32 attn64:64:32 span128:512:128; do
+  IFS=: read -r tag n span <<<"$v"
+  ARBITER_CUDA_ATTN_BLOCKS=$n ARBITER_CUDA_ATTN_MIN_SPAN=$span run "bench_$tag" 30 "$pack/bin/gpu_bench" \
     --benchmark_filter='Copy|AttentionPath20b/0/|AttentionDecode20b|StepOp20b/(5|6)/0|Model20bDecode/1|Model20bDecode4096/1' \
-    --benchmark_format=console --benchmark_out="$work/bench_attn$n.json" --benchmark_out_format=json
+    --benchmark_format=console --benchmark_out="$work/bench_$tag.json" --benchmark_out_format=json
 done
 # q/k/v and the router as separate launches ([nofuse] rows): what the fused launches save.
 ARBITER_CUDA_FUSE=0 run bench_nofuse 40 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Layer20bDecode|Model20bDecode' \
@@ -221,9 +226,10 @@ report["model_test_nopdl"] = gtest("model_nopdl")
 report["ops_test_nopdl"] = gtest("ops_nopdl")
 report["model_test_groups2"] = gtest("model_groups2")
 report["model_test_pipe"] = gtest("model_pipe")
+report["ops_test_attn_knobs"] = gtest("ops_attn")
 
 bench = {}
-for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_deep", "_deep32", "_attn128", "_attn64"):
+for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_deep", "_deep32", "_attn128", "_attn64", "_span128"):
     bp = os.path.join(work, f"bench{suffix}.json")
     if not os.path.exists(bp):
         continue
@@ -231,7 +237,7 @@ for suffix in ("", "_gemv", "_mma", "_nopdl", "_nofuse", "_groups2", "_pipe", "_
         for b in json.load(open(bp)).get("benchmarks", []):
             if suffix in ("_gemv", "_mma") and not b["name"].startswith("Moe"):
                 continue
-            if suffix in ("_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_deep", "_deep32", "_attn128", "_attn64") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe", "Attention")):
+            if suffix in ("_nopdl", "_nofuse", "_groups2", "_pipe", "_warps4", "_pipe4", "_tile64", "_tile32", "_deep", "_deep32", "_attn128", "_attn64", "_span128") and not b["name"].startswith(("Model", "Layer", "StepOp", "Moe", "Attention")):
                 continue
             keep = {k: v for k, v in b.items() if isinstance(v, (int, float)) and k not in ("family_index", "per_family_instance_index", "repetitions", "repetition_index", "threads", "iterations", "cpu_time")}
             bench[b["name"] + (f" [{suffix[1:]}]" if suffix else "")] = keep
@@ -304,7 +310,7 @@ json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
 L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
 for key in ("ops_test", "model_test", "model_test_head", "ops_test_nopdl", "model_test_nopdl", "model_test_groups2",
-            "model_test_pipe"):
+            "model_test_pipe", "ops_test_attn_knobs"):
     r = report[key]
     L.append(f"- {key}: {'CRASHED/NO OUTPUT ' if r.get('crashed') else ''}{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped")
     for name, msg in r["failures"].items():
@@ -322,7 +328,7 @@ def base_name(n):
 variant_keys = ["Moe20bLayer/1", "Moe20bLayer/64", "Moe20bLayer/256", "Moe120bLayer/256", "Model20bDecode/1",
                 "Model20bDecode/64", "Model20bDecode/256", "Model20bDecode4096/1", "Model20bPrefill4x512", "StepOp20b/5/0",
                 "StepOp20b/6/0"]
-variant_tags = ["pipe", "warps4", "pipe4", "groups2", "tile64", "tile32", "deep", "deep32", "attn128", "attn64", "nofuse",
+variant_tags = ["pipe", "warps4", "pipe4", "groups2", "tile64", "tile32", "deep", "deep32", "attn128", "attn64", "span128", "nofuse",
                 "nopdl"]
 times = {}
 for name, b in bench.items():
@@ -372,11 +378,11 @@ open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
     for name in ("build", "ops", "model", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
-                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "model_pipe", "bench_pipe", "bench_warps4", "bench_pipe4", "bench_tile64", "bench_tile32", "bench_deep", "bench_deep32", "bench_attn128", "bench_attn64", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
+                 "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "model_pipe", "ops_attn", "bench_pipe", "bench_warps4", "bench_pipe4", "bench_tile64", "bench_tile32", "bench_deep", "bench_deep32", "bench_attn128", "bench_attn64", "bench_span128", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:
             continue
-        if name in ("ops", "model", "model_head", "ops_nopdl", "model_nopdl", "model_groups2", "model_pipe"):  # failures and the summary only
+        if name in ("ops", "model", "model_head", "ops_nopdl", "model_nopdl", "model_groups2", "model_pipe", "ops_attn"):  # failures and the summary only
             keep = [l for l in s.splitlines() if re.search(r"FAILED|Failure|error|Error|Expected|Which is|actual|SKIPPED \]|PASSED|tests ran|\.cc:\d+", l)]
             s = "\n".join(keep)
         f.write(f"===== {name} =====\n{s[-20000:]}\n")

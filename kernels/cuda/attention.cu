@@ -225,7 +225,9 @@ __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(Attentio
   const bool sliding = a.window > 0;
   const int first = sliding ? max(0, pos - a.window + 1) : 0;
   const int nkeys = pos - first + 1;
-  const int span = ((nkeys + splits - 1) / splits + 31) & ~31;
+  // Keys per split: an equal share in multiples of 32, at least split_min_span (a short context then
+  // uses the first few splits and leaves the others empty instead of giving each a sliver).
+  const int span = max(a.split_min_span, ((nkeys + splits - 1) / splits + 31) & ~31);
   const int k_begin = first + split * span;
   const int k_end = min(pos + 1, k_begin + span);
   const int64_t kv_row = static_cast<int64_t>(a.kv_heads) * D;

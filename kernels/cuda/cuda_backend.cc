@@ -264,6 +264,9 @@ class CudaBackend final : public Backend {
     // ARBITER_CUDA_ATTN_BLOCKS=N: the split kernel aims at N blocks instead of 512 (fewer key splits
     // for few rows; benchmarks).
     if (const char* env = std::getenv("ARBITER_CUDA_ATTN_BLOCKS")) attention_split_blocks_ = std::max(1, std::atoi(env));
+    // ARBITER_CUDA_ATTN_MIN_SPAN=N: at least N keys (rounded up to 32) per non-empty split.
+    if (const char* env = std::getenv("ARBITER_CUDA_ATTN_MIN_SPAN"))
+      attention_min_span_ = std::clamp((std::atoi(env) + 31) / 32 * 32, 32, 1 << 20);
   }
   ~CudaBackend() override { cudaStreamSynchronize(stream_.get()); }
 
@@ -417,6 +420,7 @@ class CudaBackend final : public Backend {
     a.scale = p.scale;
     a.path = attention_path_;
     a.split_target_blocks = attention_split_blocks_;
+    a.split_min_span = attention_min_span_;
     a.seqs = s.args.seqs;
     a.max_new = 0;
     a.min_new = 0;
@@ -672,6 +676,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer route_ws_;   // the fused router's block counter (zeroed)
   cuda::AttentionPath attention_path_ = cuda::AttentionPath::kAuto;
   int attention_split_blocks_ = 512;  // ARBITER_CUDA_ATTN_BLOCKS
+  int attention_min_span_ = 32;       // ARBITER_CUDA_ATTN_MIN_SPAN
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
   int moe_vec_groups_ = 1;  // ARBITER_CUDA_MOE_GROUPS=2: 16-token vector tasks (opt-in until measured)

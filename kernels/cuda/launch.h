@@ -67,6 +67,9 @@ struct AttentionArgs {
   // The split kernel's target block count: splits = this / (rows x kv heads), clamped to [1, 32]
   // (default 512; ARBITER_CUDA_ATTN_BLOCKS, to measure fewer splits at batch 1).
   int split_target_blocks = 512;
+  // The split kernel's fewest keys per non-empty split (a multiple of 32; default 32: an equal share
+  // of the row's keys). Read at run time, so a recorded step stays valid as the context grows.
+  int split_min_span = 32;
 };
 
 enum class MoePath : int { kAuto = 0, kGemv, kMma };
