@@ -300,6 +300,11 @@ class CountingBackend final : public ForwardingBackend {
                          const StepContext& step) override {
     Backend::linear_group_rope(x, terms, head_dim, rope, step);
   }
+  // Through this wrapper's own attention and kv_store (their timers).
+  void attention_store(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& c, const Tensor& sinks,
+                       const AttentionParams& p, const StepContext& s, const Tensor& o) override {
+    Backend::attention_store(q, k, v, c, sinks, p, s, o);
+  }
   // Through this wrapper's own linear and router_topk, so the router stays in their timers.
   void route(const Tensor& x, const Tensor& w, const Tensor& bias, int k, const Tensor& logits, const Tensor& ids,
              const Tensor& weights) override {

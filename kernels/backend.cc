@@ -59,6 +59,13 @@ void Backend::linear_group_rope(const Tensor& x, std::span<const LinearTerm> ter
   this->rope(terms[0].out, terms[1].out, head_dim, rope, step);
 }
 
+void Backend::attention_store(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache,
+                              const Tensor& sinks, const AttentionParams& params, const StepContext& step,
+                              const Tensor& out) {
+  attention(q, k, v, cache, sinks, params, step, out);
+  kv_store(k, v, cache, params, step);
+}
+
 void Backend::route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
                     const Tensor& expert_ids, const Tensor& expert_weights) {
   linear(x, weight, bias, logits);

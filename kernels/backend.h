@@ -159,6 +159,10 @@ class Backend {
   // Writes the step's keys and values into the cache (sliding layers: only the last `window`).
   virtual void kv_store(const Tensor& k, const Tensor& v, const KvLayer& cache, const AttentionParams& params,
                         const StepContext& step) = 0;
+  // attention() then kv_store() of the same step and layer. A device backend may store inside the
+  // attention kernel when no row can read a slot another row writes; the results must be the same.
+  virtual void attention_store(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache, const Tensor& sinks,
+                               const AttentionParams& params, const StepContext& step, const Tensor& out);
   // Top-k of router logits [rows, E]: expert ids [rows, k] (I32) and softmax-over-k weights [rows, k] (F32).
   virtual void router_topk(const Tensor& logits, int k, const Tensor& expert_ids, const Tensor& expert_weights) = 0;
   // The MoE router: logits = x W^T + bias (F32 [rows, E]), then router_topk(logits, k, ...). A

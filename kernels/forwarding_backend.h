@@ -45,6 +45,10 @@ class ForwardingBackend : public Backend {
                  const AttentionParams& p, const StepContext& s, const Tensor& o) override {
     inner_.attention(q, k, v, c, sinks, p, s, o);
   }
+  void attention_store(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& c, const Tensor& sinks,
+                       const AttentionParams& p, const StepContext& s, const Tensor& out) override {
+    inner_.attention_store(q, k, v, c, sinks, p, s, out);
+  }
   void kv_store(const Tensor& k, const Tensor& v, const KvLayer& c, const AttentionParams& p,
                 const StepContext& s) override {
     inner_.kv_store(k, v, c, p, s);

@@ -215,8 +215,7 @@ void Model::run(const StepLayout& layout) {
       backend_.linear_group_rope(normed, qkv, c.head_dim, rope_, *step);
       ap.window = l.sliding ? c.sliding_window : 0;
       const KvLayer& cache = kv_.layer(static_cast<int>(i));
-      backend_.attention(q, k, v, cache, l.sinks, ap, *step, attn);
-      backend_.kv_store(k, v, cache, ap, *step);
+      backend_.attention_store(q, k, v, cache, l.sinks, ap, *step, attn);
       backend_.linear(attn, l.o_weight, l.o_bias, delta);
       // MoE block.
       backend_.add_rms_norm(x, delta, l.post_attention_norm, c.rms_norm_eps, normed);

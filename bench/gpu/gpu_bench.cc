@@ -217,8 +217,7 @@ class SynthModel {
       const LinearTerm qkv[] = {{l.qw, l.qb, q}, {l.kw, l.kb, k}, {l.vw, l.vb, v}};
       b.linear_group_rope(normed, qkv, c.head_dim, rope_, st);
       ap.window = l.sliding ? c.sliding_window : 0;
-      b.attention(q, k, v, l.kv, l.sinks, ap, st, attn);
-      b.kv_store(k, v, l.kv, ap, st);
+      b.attention_store(q, k, v, l.kv, l.sinks, ap, st, attn);
       b.linear(attn, l.ow, l.ob, delta);
       b.add_rms_norm(x, delta, l.post_norm, 1e-5f, normed);
       b.route(normed, l.rw, l.rb, c.num_experts_per_tok, router, ids, weights);

@@ -222,6 +222,14 @@ __global__ __launch_bounds__(kSplitThreads) void attention_split_kernel(Attentio
   // The prefill kernel takes this sequence: every split of the row leaves (its counter untouched).
   if (info[kNumNew] >= a.row_max_new) return;
   const int num_cached = info[kNumCached], first_row = info[kFirstRow];
+  if (a.store_kv && split == 0) {  // kv_store's copy of this row's kv head (see AttentionArgs::store_kv)
+    const int64_t dst = kv_cache_row(step, info, pos, a.window) * a.kv_heads * D + static_cast<int64_t>(kvh) * D;
+    const int64_t src = (static_cast<int64_t>(row) * a.kv_heads + kvh) * D;
+    for (int i = tid; i < D; i += kSplitThreads) {
+      static_cast<bf16*>(a.cache_k)[dst + i] = static_cast<const bf16*>(a.k)[src + i];
+      static_cast<bf16*>(a.cache_v)[dst + i] = static_cast<const bf16*>(a.v)[src + i];
+    }
+  }
   const bool sliding = a.window > 0;
   const int first = sliding ? max(0, pos - a.window + 1) : 0;
   const int nkeys = pos - first + 1;
@@ -717,9 +725,10 @@ size_t attention_workspace_bytes() {
 // Sequences with at least this many new tokens take the tensor-core prefill kernel (auto path).
 constexpr int kPrefillMinNew = 16;
 
-void attention(const AttentionArgs& args, const StepArgs& step, void* workspace, cudaStream_t stream) {
-  if (args.rows <= 0) return;
+bool attention(const AttentionArgs& args, const StepArgs& step, void* workspace, cudaStream_t stream) {
+  if (args.rows <= 0) return args.store_kv;
   AttentionArgs a = args;
+  a.store_kv = false;
   const int group = a.q_heads / a.kv_heads;
   const int heads = prefill_heads(group);
   const bool prefill_ok =
@@ -750,7 +759,7 @@ void attention(const AttentionArgs& args, const StepArgs& step, void* workspace,
     else launch_kernel(attention_prefill_kernel<128>, grid, block, 0, stream, a, step, heads);
     check_launch("attention (prefill)");
   }
-  if (!run_rows) return;
+  if (!run_rows) return false;
   if (a.path != AttentionPath::kPerHead && group <= kSplitMaxGroup && a.rows <= 65535 &&
       (a.head_dim == 64 || a.head_dim == 128)) {
     const int64_t pairs = static_cast<int64_t>(a.rows) * a.kv_heads;
@@ -764,12 +773,14 @@ void attention(const AttentionArgs& args, const StepArgs& step, void* workspace,
     auto* partials = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + kSplitCounterBytes);
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.rows));
     const dim3 block(kSplitThreads);
+    // One new token per sequence, all on this kernel: the store can ride along (AttentionArgs::store_kv).
+    a.store_kv = args.store_kv && !run_prefill && a.max_new == 1 && a.min_new == 1;
     if (a.head_dim == 64)
       launch_kernel(attention_split_kernel<64>, grid, block, 0, stream, a, step, splits, partials, counters);
     else
       launch_kernel(attention_split_kernel<128>, grid, block, 0, stream, a, step, splits, partials, counters);
     check_launch("attention (split)");
-    return;
+    return a.store_kv;
   }
   const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(a.q_heads));
   const bool wide = static_cast<int64_t>(a.rows) * a.q_heads <= kWideBlocks;
@@ -783,6 +794,7 @@ void attention(const AttentionArgs& args, const StepArgs& step, void* workspace,
     throw std::invalid_argument("CUDA attention: head_dim must be 64 or 128");
   }
   check_launch("attention");
+  return false;
 }
 
 }  // namespace arbiter::cuda

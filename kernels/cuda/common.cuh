@@ -91,4 +91,15 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* 32 floats 
   return warp_sum(t);
 }
 
+// The KV-cache row (block * block_size + slot) that holds position `pos` of the sequence described by
+// `info` (StepArgs::seq_info): its full-attention block table, or (window > 0) its sliding ring.
+__device__ __forceinline__ int64_t kv_cache_row(const StepArgs& step, const int32_t* info, int pos, int window) {
+  const int bs = step.block_size;
+  if (window > 0) {
+    const int s = pos % (info[kRingCount] * bs);
+    return static_cast<int64_t>(step.tables[info[kRingOffset] + s / bs]) * bs + s % bs;
+  }
+  return static_cast<int64_t>(step.tables[info[kFullOffset] + pos / bs]) * bs + pos % bs;
+}
+
 }  // namespace arbiter::cuda

@@ -264,6 +264,8 @@ class CudaBackend final : public Backend {
     // ARBITER_CUDA_ATTN_BLOCKS=N: the split kernel aims at N blocks instead of 512 (fewer key splits
     // for few rows; benchmarks).
     if (const char* env = std::getenv("ARBITER_CUDA_ATTN_BLOCKS")) attention_split_blocks_ = std::max(1, std::atoi(env));
+    // ARBITER_CUDA_FUSE=0 also keeps the KV store a launch of its own.
+    store_in_attention_ = fuse_enabled_;
     // ARBITER_CUDA_ATTN_MIN_SPAN=N: at least N keys (rounded up to 32) per non-empty split.
     if (const char* env = std::getenv("ARBITER_CUDA_ATTN_MIN_SPAN"))
       attention_min_span_ = std::clamp((std::atoi(env) + 31) / 32 * 32, 32, 1 << 20);
@@ -399,6 +401,18 @@ class CudaBackend final : public Backend {
 
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache, const Tensor& sinks,
                  const AttentionParams& p, const StepContext& step, const Tensor& out) override {
+    run_attention(q, k, v, cache, sinks, p, step, out, false);
+  }
+
+  // Decode steps store k and v inside the split attention kernel (one launch fewer per layer).
+  void attention_store(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache, const Tensor& sinks,
+                       const AttentionParams& p, const StepContext& step, const Tensor& out) override {
+    if (!run_attention(q, k, v, cache, sinks, p, step, out, store_in_attention_)) kv_store(k, v, cache, p, step);
+  }
+
+  // Returns whether the kernel also stored k and v (asked by `store`; see cuda::AttentionArgs::store_kv).
+  bool run_attention(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& cache, const Tensor& sinks,
+                     const AttentionParams& p, const StepContext& step, const Tensor& out, bool store) {
     const auto& s = cuda_step(step);
     check_attention_shapes(q, k, v, cache, p, s);
     require(is_bf16_or_f32(sinks) && sinks.elements() == p.num_q_heads, "attention: sinks");
@@ -428,8 +442,9 @@ class CudaBackend final : public Backend {
       a.max_new = std::max(a.max_new, seq.num_new);
       if (seq.num_new > 0) a.min_new = a.min_new == 0 ? seq.num_new : std::min(a.min_new, seq.num_new);
     }
+    a.store_kv = store;
     select();
-    cuda::attention(a, s.args, attn_ws_.data(), stream());
+    return cuda::attention(a, s.args, attn_ws_.data(), stream());
   }
 
   void kv_store(const Tensor& k, const Tensor& v, const KvLayer& cache, const AttentionParams& p,
@@ -677,6 +692,7 @@ class CudaBackend final : public Backend {
   cuda::AttentionPath attention_path_ = cuda::AttentionPath::kAuto;
   int attention_split_blocks_ = 512;  // ARBITER_CUDA_ATTN_BLOCKS
   int attention_min_span_ = 32;       // ARBITER_CUDA_ATTN_MIN_SPAN
+  bool store_in_attention_ = true;    // attention_store: the split kernel stores decode rows' k / v
   std::array<int, 4> moe_dims_{};  // k, experts, hidden, inter of the last moe_experts call
   cuda::MoePath moe_path_ = cuda::MoePath::kAuto;
   int moe_vec_groups_ = 1;  // ARBITER_CUDA_MOE_GROUPS=2: 16-token vector tasks (opt-in until measured)

@@ -95,20 +95,9 @@ __global__ void kv_store_kernel(const uint16_t* k, const uint16_t* v, uint16_t* 
   const int row = blockIdx.x;
   const int pos = step.row_pos[row];
   const int32_t* info = step.seq_info + step.row_seq[row] * kSeqFields;
-  const int bs = step.block_size;
-  int64_t block, slot;
-  if (window > 0) {
-    const int ring = info[kRingCount] * bs;
-    const int i = pos - info[kNumCached];
-    if (i < info[kNumNew] - ring) return;  // overwritten later in this same step
-    const int s = pos % ring;
-    block = step.tables[info[kRingOffset] + s / bs];
-    slot = s % bs;
-  } else {
-    block = step.tables[info[kFullOffset] + pos / bs];
-    slot = pos % bs;
-  }
-  const int64_t dst = (block * bs + slot) * kv_row;
+  if (window > 0 && pos - info[kNumCached] < info[kNumNew] - info[kRingCount] * step.block_size)
+    return;  // its ring slot is overwritten later in this same step
+  const int64_t dst = kv_cache_row(step, info, pos, window) * kv_row;
   const int64_t src = static_cast<int64_t>(row) * kv_row;
   for (int i = threadIdx.x; i < kv_row; i += blockDim.x) {
     cache_k[dst + i] = k[src + i];

@@ -48,8 +48,8 @@ struct AttentionArgs {
   const void* q;  // bf16 [rows, q_heads*d]
   const void* k;  // bf16 [rows, kv_heads*d] (this step's keys)
   const void* v;
-  const void* cache_k;  // bf16 [blocks, block_size, kv_heads, d]
-  const void* cache_v;
+  void* cache_k;  // bf16 [blocks, block_size, kv_heads, d]; written only with store_kv
+  void* cache_v;
   const void* sinks;  // [q_heads], bf16 or f32
   bool sinks_bf16;
   void* out;  // bf16 [rows, q_heads*d]
@@ -67,6 +67,10 @@ struct AttentionArgs {
   // The split kernel's target block count: splits = this / (rows x kv heads), clamped to [1, 32]
   // (default 512; ARBITER_CUDA_ATTN_BLOCKS, to measure fewer splits at batch 1).
   int split_target_blocks = 512;
+  // Asks attention() to store each row's k and v into the cache too (what kv_store() does), which it
+  // does (and returns true) when the split kernel runs every row of a step of one new token per
+  // sequence: no row then reads the slot another row writes.
+  bool store_kv = false;
   // The split kernel's fewest keys per non-empty split (a multiple of 32; default 32: an equal share
   // of the row's keys). Read at run time, so a recorded step stays valid as the context grows.
   int split_min_span = 32;
@@ -120,7 +124,8 @@ void rope(void* q, void* k, int rows, int q_heads, int k_heads, int head_dim, co
           const StepArgs& step, cudaStream_t stream);
 // `workspace`: attention_workspace_bytes(), allocated once and zeroed (left zeroed again).
 size_t attention_workspace_bytes();
-void attention(const AttentionArgs& args, const StepArgs& step, void* workspace, cudaStream_t stream);
+// Returns whether it also stored the step's k and v into the cache (args.store_kv, see there).
+bool attention(const AttentionArgs& args, const StepArgs& step, void* workspace, cudaStream_t stream);
 void kv_store(const void* k, const void* v, void* cache_k, void* cache_v, int rows, int kv_row, int window,
               const StepArgs& step, cudaStream_t stream);
 void router_topk(const float* logits, int rows, int experts, int k, int32_t* ids, float* weights,

@@ -409,10 +409,19 @@ TEST_P(GpuAttention, MatchesCpuAndStoresTheSameCache) {
     if (seq.num_new >= 16 || seq.num_cached + seq.num_new <= 32) EXPECT_EQ(alone, want);
     else EXPECT_LE(rel_max_error(alone, want), 1e-2);
   }
+  // attention_store (the model's call) on a copy of the caches: the output of attention and the
+  // caches of kv_store, to the bit (decode steps store inside the split kernel, others separately).
+  Pair ck2 = paired(cpu_, *gpu_, pool_shape, read_f32(*gpu_, ck.gpu)), cv2 = paired(cpu_, *gpu_, pool_shape, read_f32(*gpu_, cv.gpu));
+  const KvLayer gl2{ck2.gpu, cv2.gpu};
+  Pair out2 = out_pair({rows, c.q_heads * d});
+  gpu_->attention_store(q.gpu, k.gpu, v.gpu, gl2, gsink, p, *gs, out2.gpu);
+  EXPECT_EQ(read_f32(*gpu_, out2.gpu), batch);
   cpu_.kv_store(k.cpu, v.cpu, cl, p, *cs);
   gpu_->kv_store(k.gpu, v.gpu, gl, p, *gs);
   EXPECT_EQ(read_f32(*gpu_, ck.gpu), read_f32(cpu_, ck.cpu));
   EXPECT_EQ(read_f32(*gpu_, cv.gpu), read_f32(cpu_, cv.cpu));
+  EXPECT_EQ(read_f32(*gpu_, ck2.gpu), read_f32(*gpu_, ck.gpu));
+  EXPECT_EQ(read_f32(*gpu_, cv2.gpu), read_f32(*gpu_, cv.gpu));
 }
 
 INSTANTIATE_TEST_SUITE_P(
