@@ -41,6 +41,12 @@ for b in "$pack"/bin/*; do
   ldd "$b" 2>&1 | grep "not found" | sed "s|^|$(basename "$b"): |" >>"$work/env.txt"
 done
 
+# The tokenizer travels compressed (scripts/gpu-pack.sh); the serving checks read it from here.
+tok=$work/tokenizer
+mkdir -p "$tok"
+cp "$pack/tokenizer/policy.txt" "$tok/" 2>/dev/null
+if [ -f "$pack/tokenizer/tokenizer.json.gz" ]; then gunzip -c "$pack/tokenizer/tokenizer.json.gz" >"$tok/tokenizer.json"
+elif [ -f "$pack/tokenizer/tokenizer.json" ]; then cp "$pack/tokenizer/tokenizer.json" "$tok/"; fi
 deadline=$((t0 + ${GPU_CHECK_BUDGET:-420}))  # every step ends by then, so the report always gets written
 run() {  # name timeout command...
   local name=$1 limit=$2
@@ -73,11 +79,11 @@ run cli_ep_threads 30 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" -
 run cli_nccl 30 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli_nccl.npy" --device cuda --transport nccl
 # Serving (issue 6) on the GPU: the load generator (prefix caching on vs off, step-loop overhead) on a
 # small random model, and one classification on the CPU and on the GPU of the same tiny model.
-run serve_bench 60 "$pack/bin/arbiter" bench --device cuda --tokenizer "$pack/tokenizer" --requests 64 --policies 4 \
+run serve_bench 60 "$pack/bin/arbiter" bench --device cuda --tokenizer "$tok" --requests 64 --policies 4 \
   --json "$work/serve_bench.json"
-run make_tiny 20 "$pack/bin/arbiter" make-model --preset tiny --out "$work/tiny" --tokenizer-dir "$pack/tokenizer"
+run make_tiny 20 "$pack/bin/arbiter" make-model --preset tiny --out "$work/tiny" --tokenizer-dir "$tok"
 for dev in cpu cuda; do
-  run "classify_$dev" 30 "$pack/bin/arbiter" classify --model "$work/tiny" --device "$dev" --policy "$pack/tokenizer/policy.txt" \
+  run "classify_$dev" 30 "$pack/bin/arbiter" classify --model "$work/tiny" --device "$dev" --policy "$tok/policy.txt" \
     --content "hello there" --max-tokens 24
 done
 # The MoE layer on each product path (the default picks one by tokens per expert).
@@ -169,7 +175,7 @@ else
 fi
 # Last, when there is time left: serving on the whole 20b shape (24 layers, random weights written here).
 if [ "${GPU_CHECK_SERVE_20B:-0}" = 1 ]; then
-  run make_20b 150 "$pack/bin/arbiter" make-model --preset 20b-shape --out "$work/m20" --tokenizer-dir "$pack/tokenizer"
+  run make_20b 150 "$pack/bin/arbiter" make-model --preset 20b-shape --out "$work/m20" --tokenizer-dir "$tok"
   run serve_bench_20b 150 "$pack/bin/arbiter" bench --device cuda --model "$work/m20" --requests 512 --policies 8 \
     --step-tokens 2048 --reasoning-tokens 16 --json "$work/serve_bench_20b.json"
   rm -rf "$work/m20"

@@ -26,7 +26,9 @@ cp -r "$golden" "$pack/golden"
 # The real tokenizer, for the serving checks (arbiter classify / bench).
 mkdir -p "$pack/tokenizer"
 cp tests/data/spam/policy.txt "$pack/tokenizer/policy.txt"
-cp .cache/tokenizer/tokenizer.json "$pack/tokenizer/" 2>/dev/null || echo "gpu-pack: no .cache/tokenizer (run scripts/fetch-tokenizer.sh); serving checks will fail"
+# Compressed (27 MB -> a few): a carried pack must stay under 64 MiB; gpu-check.sh unpacks it.
+gzip -9 -c .cache/tokenizer/tokenizer.json >"$pack/tokenizer/tokenizer.json.gz" 2>/dev/null ||
+  echo "gpu-pack: no .cache/tokenizer (run scripts/fetch-tokenizer.sh); serving checks will fail"
 chmod -R u+w "$pack/golden"
 
 # Shared libraries: everything ldd resolves except the C/C++ runtime (newer on the GPU machine) and
@@ -46,3 +48,7 @@ grep -qx '/.gpu-pack/' "$exclude" 2>/dev/null || echo '/.gpu-pack/' >>"$exclude"
 
 echo "packed into $pack ($(du -sh "$pack" | cut -f1)):"
 ls "$pack/bin" "$pack/lib"
+# The device tool carries at most 64 MiB of ignored paths.
+bytes=$(du -sb "$pack" | cut -f1)
+echo "gpu-pack: $pack is $bytes bytes"
+[ "$bytes" -lt $((64 * 1024 * 1024)) ] || echo "gpu-pack: WARNING: over the 64 MiB a device call can carry"
