@@ -300,6 +300,11 @@ class CountingBackend final : public ForwardingBackend {
                          const StepContext& step) override {
     Backend::linear_group_rope(x, terms, head_dim, rope, step);
   }
+  // Through this wrapper's own linear and add_rms_norm (their timers).
+  void linear_add_rms_norm(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& d, const Tensor& r,
+                           const Tensor& nw, float e, const Tensor& o) override {
+    Backend::linear_add_rms_norm(x, w, b, d, r, nw, e, o);
+  }
   // Through this wrapper's own attention and kv_store (their timers).
   void attention_store(const Tensor& q, const Tensor& k, const Tensor& v, const KvLayer& c, const Tensor& sinks,
                        const AttentionParams& p, const StepContext& s, const Tensor& o) override {

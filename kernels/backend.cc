@@ -66,6 +66,12 @@ void Backend::attention_store(const Tensor& q, const Tensor& k, const Tensor& v,
   kv_store(k, v, cache, params, step);
 }
 
+void Backend::linear_add_rms_norm(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& delta,
+                                  const Tensor& residual, const Tensor& norm_weight, float eps, const Tensor& out) {
+  linear(x, w, bias, delta);
+  add_rms_norm(residual, delta, norm_weight, eps, out);
+}
+
 void Backend::route(const Tensor& x, const Tensor& weight, const Tensor& bias, int k, const Tensor& logits,
                     const Tensor& expert_ids, const Tensor& expert_weights) {
   linear(x, weight, bias, logits);

@@ -136,6 +136,11 @@ class Backend {
   // residual += delta; out = rms_norm(residual).
   virtual void add_rms_norm(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
                             const Tensor& out) = 0;
+  // linear(x, w, bias, delta) then add_rms_norm(residual, delta, norm_weight, eps, out): the attention
+  // block's output projection and the norm in front of the MoE. A device backend may run the norm in
+  // the product's last block; the results must be the bits of the two calls.
+  virtual void linear_add_rms_norm(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& delta,
+                                   const Tensor& residual, const Tensor& norm_weight, float eps, const Tensor& out);
   // out = x W^T + bias; bias may be an empty Tensor (data == nullptr). out may be F32 even when
   // activations are not (logits).
   virtual void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) = 0;

@@ -32,6 +32,10 @@ class ForwardingBackend : public Backend {
   void add_rms_norm(const Tensor& r, const Tensor& d, const Tensor& w, float e, const Tensor& o) override {
     inner_.add_rms_norm(r, d, w, e, o);
   }
+  void linear_add_rms_norm(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& d, const Tensor& r,
+                           const Tensor& nw, float e, const Tensor& o) override {
+    inner_.linear_add_rms_norm(x, w, b, d, r, nw, e, o);
+  }
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& o) override { inner_.linear(x, w, bias, o); }
   void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override { inner_.linear_group(x, terms); }
   void linear_group_rope(const Tensor& x, std::span<const LinearTerm> terms, int head_dim, const RopeParams& rope,

@@ -216,9 +216,8 @@ void Model::run(const StepLayout& layout) {
       ap.window = l.sliding ? c.sliding_window : 0;
       const KvLayer& cache = kv_.layer(static_cast<int>(i));
       backend_.attention_store(q, k, v, cache, l.sinks, ap, *step, attn);
-      backend_.linear(attn, l.o_weight, l.o_bias, delta);
-      // MoE block.
-      backend_.add_rms_norm(x, delta, l.post_attention_norm, c.rms_norm_eps, normed);
+      // The output projection and the MoE block's norm.
+      backend_.linear_add_rms_norm(attn, l.o_weight, l.o_bias, delta, x, l.post_attention_norm, c.rms_norm_eps, normed);
       backend_.route(normed, l.router_weight, l.router_bias, c.num_experts_per_tok, router, ids, weights);
       if (dispatcher_) dispatcher_->moe(normed, ids, weights, l.experts, c.swiglu_limit, delta);
       else backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);

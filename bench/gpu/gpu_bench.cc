@@ -218,8 +218,7 @@ class SynthModel {
       b.linear_group_rope(normed, qkv, c.head_dim, rope_, st);
       ap.window = l.sliding ? c.sliding_window : 0;
       b.attention_store(q, k, v, l.kv, l.sinks, ap, st, attn);
-      b.linear(attn, l.ow, l.ob, delta);
-      b.add_rms_norm(x, delta, l.post_norm, 1e-5f, normed);
+      b.linear_add_rms_norm(attn, l.ow, l.ob, delta, x, l.post_norm, 1e-5f, normed);
       b.route(normed, l.rw, l.rb, c.num_experts_per_tok, router, ids, weights);
       b.moe_experts(normed, ids, weights, l.ex, c.swiglu_limit, delta);
     }

@@ -379,6 +379,8 @@ class CudaBackend final : public Backend {
   }
 
   void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out) override;
+  void linear_add_rms_norm(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& delta,
+                           const Tensor& residual, const Tensor& norm_weight, float eps, const Tensor& out) override;
   void linear_group(const Tensor& x, std::span<const LinearTerm> terms) override;
   void linear_group_rope(const Tensor& x, std::span<const LinearTerm> terms, int head_dim, const RopeParams& rope,
                          const StepContext& step) override;
@@ -917,6 +919,30 @@ void CudaBackend::linear_group_rope(const Tensor& x, std::span<const LinearTerm>
   for (size_t j = 0; j < terms.size(); ++j)
     targets[j] = {terms[j].weight.data, terms[j].bias.data, terms[j].out.data, terms[j].weight.shape[0]};
   cuda::gemv_group(x.data, static_cast<int>(m), targets, static_cast<int>(terms.size()), false, k, stream(), &r);
+}
+
+// Decode's o projection with the residual add + RMSNorm in its last block (one launch, the bits of
+// linear + add_rms_norm); other shapes as the two operations.
+void CudaBackend::linear_add_rms_norm(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& delta,
+                                      const Tensor& residual, const Tensor& norm_weight, float eps, const Tensor& out) {
+  const int64_t m = x.rows(), n = w.shape.rank == 2 ? w.shape[0] : 0;
+  const bool fused = gemv_enabled_ && fuse_enabled_ && x.dtype == DType::kBF16 && w.dtype == DType::kBF16 &&
+                     w.shape.rank == 2 && w.shape[1] == row_len(x) && m >= 1 && m <= cuda::kGemvMaxRows &&
+                     cuda::gemv_supported(static_cast<int>(m), n, w.shape[1]) && pointer_alignment(x.data) >= 16 &&
+                     pointer_alignment(w.data) >= 16 &&
+                     (!bias.data || (bias.dtype == DType::kBF16 && bias.elements() == n)) &&
+                     delta.dtype == DType::kBF16 && delta.rows() == m && row_len(delta) == n &&
+                     residual.dtype == DType::kBF16 && residual.rows() == m && row_len(residual) == n &&
+                     out.dtype == DType::kBF16 && out.rows() == m && row_len(out) == n &&
+                     (norm_weight.dtype == DType::kBF16 || norm_weight.dtype == DType::kF32) && norm_weight.elements() == n &&
+                     n <= std::numeric_limits<int>::max();
+  if (!fused) {
+    Backend::linear_add_rms_norm(x, w, bias, delta, residual, norm_weight, eps, out);
+    return;
+  }
+  select();
+  cuda::gemv_add_rms_norm(x.data, static_cast<int>(m), w.data, bias.data, delta.data, n, w.shape[1], residual.data,
+                          norm_weight.data, norm_weight.dtype == DType::kBF16, eps, out.data, route_ws_.data(), stream());
 }
 
 // Decode's router as one launch (GEMV + top-k in its last block); other shapes as two operations.

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/norm.cuh"
 #include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/router.cuh"
 
@@ -50,19 +51,8 @@ __global__ void add_rms_norm_kernel(bf16* residual, const bf16* delta, const voi
                                     float eps, bf16* out, int dim) {
   pdl_begin();
   __shared__ float scratch[32];
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    const bf16 r = f2bf(bf2f(residual[base + i]) + bf2f(delta[base + i]));
-    residual[base + i] = r;
-    const float v = bf2f(r);
-    ss += v * v;
-  }
-  ss = block_sum(ss, scratch);
-  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
-  // Each thread reads back only the elements it wrote above.
-  for (int i = threadIdx.x; i < dim; i += blockDim.x)
-    out[base + i] = f2bf(bf2f(residual[base + i]) * inv * load_weight(weight, weight_bf16, i));
+  add_rms_norm_row<false>(residual, delta, weight, weight_bf16, eps, out, dim, static_cast<int64_t>(blockIdx.x) * dim,
+                          scratch);
 }
 
 __global__ void add_bias_f32_kernel(float* out, const bf16* bias, int64_t total, int cols) {

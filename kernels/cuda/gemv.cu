@@ -7,6 +7,7 @@
 // the weights with a general GEMM kernel and a separate bias pass.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/gemv_rows.cuh"
+#include "kernels/cuda/norm.cuh"
 #include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/router.cuh"
 
@@ -49,9 +50,24 @@ struct RouteEpilogue {
   uint32_t* counter = nullptr;
 };
 
-template <int M, int R, bool kRoute>
+// The residual add + RMSNorm after the o projection (a single bf16 target of `dim` outputs): the last
+// block to finish (counter, reset by that block) runs add_rms_norm_row on each row.
+struct NormEpilogue {
+  bf16* residual = nullptr;
+  const void* weight = nullptr;
+  bool weight_bf16 = false;
+  float eps = 0.0f;
+  bf16* out = nullptr;
+  uint32_t* counter = nullptr;
+};
+
+enum GemvEpilogue : int { kPlain = 0, kRouteTopk = 1, kAddNorm = 2 };
+
+template <int M, int R, int kEpi>
 __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m_count, GemvLaunch targets,
-                                                             bool out_f32, int k, RouteEpilogue route, GemvRope rope) {
+                                                             bool out_f32, int k, RouteEpilogue route, GemvRope rope,
+                                                             NormEpilogue norm) {
+  constexpr bool kRoute = kEpi == kRouteTopk;
   static_assert(R % 2 == 0, "rotated blocks hold whole RoPE pairs");
   __shared__ float part[kGemvWarps][R * M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -152,6 +168,20 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
       }
     }
   }
+  if constexpr (kEpi == kAddNorm) {
+    __shared__ bool last;
+    __shared__ float scratch[32];
+    __threadfence();
+    __syncthreads();
+    if (t == 0) last = atomicAdd(norm.counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int m = 0; m < m_count; ++m)
+      add_rms_norm_row<true>(norm.residual, static_cast<const bf16*>(out), norm.weight, norm.weight_bf16, norm.eps, norm.out,
+                             n, static_cast<int64_t>(m) * n, scratch);
+    if (t == 0) *norm.counter = 0;
+  }
   if constexpr (kRoute) {
     __shared__ bool last;
     __threadfence();
@@ -167,9 +197,9 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
   }
 }
 
-template <int M, int R, bool kRoute = false>
+template <int M, int R, int kEpi = kPlain>
 void launch(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int k, cudaStream_t stream,
-            const RouteEpilogue& route = {}, const GemvRope& rope = {}) {
+            const RouteEpilogue& route = {}, const GemvRope& rope = {}, const NormEpilogue& norm = {}) {
   GemvLaunch l{};
   l.rope_targets = rope.targets;
   int blocks = 0;
@@ -182,8 +212,8 @@ void launch(const void* x, int m, const GemvTarget* targets, int count, bool out
     blocks += (l.n[j] + R - 1) / R;
   }
   l.count = count;
-  launch_kernel(gemv_kernel<M, R, kRoute>, dim3(blocks), dim3(kGemvThreads), 0, stream, static_cast<const bf16*>(x), m,
-                l, out_f32, k, route, rope);
+  launch_kernel(gemv_kernel<M, R, kEpi>, dim3(blocks), dim3(kGemvThreads), 0, stream, static_cast<const bf16*>(x), m,
+                l, out_f32, k, route, rope, norm);
   check_launch("gemv");
 }
 
@@ -214,7 +244,26 @@ bool route_supported(int m, int64_t experts, int64_t k, int top_k) {
          experts <= 32 * 32 * kMaxExpertWords;
 }
 
-size_t route_workspace_bytes() { return 256; }
+size_t route_workspace_bytes() { return 256; }  // the router's counter at 0, the norm epilogue's at 128
+
+void gemv_add_rms_norm(const void* x, int m, const void* w, const void* bias, void* delta, int64_t n, int64_t k,
+                       void* residual, const void* norm_weight, bool norm_weight_bf16, float eps, void* out,
+                       void* workspace, cudaStream_t stream) {
+  if (!gemv_supported(m, n, k)) throw std::invalid_argument("CUDA gemv_add_rms_norm: unsupported shape");
+  const GemvTarget target{w, bias, delta, n};
+  NormEpilogue e;
+  e.residual = static_cast<bf16*>(residual);
+  e.weight = norm_weight;
+  e.weight_bf16 = norm_weight_bf16;
+  e.eps = eps;
+  e.out = static_cast<bf16*>(out);
+  e.counter = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(workspace) + 128);
+  const int ki = static_cast<int>(k);
+  if (m == 1) launch<1, 4, kAddNorm>(x, m, &target, 1, false, ki, stream, {}, {}, e);
+  else if (m == 2) launch<2, 4, kAddNorm>(x, m, &target, 1, false, ki, stream, {}, {}, e);
+  else if (m <= 4) launch<4, 2, kAddNorm>(x, m, &target, 1, false, ki, stream, {}, {}, e);
+  else launch<8, 2, kAddNorm>(x, m, &target, 1, false, ki, stream, {}, {}, e);
+}
 
 void route(const void* x, int m, const void* w, const void* bias, float* logits, int64_t experts, int64_t k, int top_k,
            int32_t* ids, float* weights, void* workspace, cudaStream_t stream) {
@@ -227,10 +276,10 @@ void route(const void* x, int m, const void* w, const void* bias, float* logits,
   r.counter = static_cast<uint32_t*>(workspace);
   // One row per warp of the last block: every m <= kGemvMaxRows fits.
   const int ki = static_cast<int>(k);
-  if (m == 1) launch<1, 4, true>(x, m, &target, 1, true, ki, stream, r);
-  else if (m == 2) launch<2, 4, true>(x, m, &target, 1, true, ki, stream, r);
-  else if (m <= 4) launch<4, 2, true>(x, m, &target, 1, true, ki, stream, r);
-  else launch<8, 2, true>(x, m, &target, 1, true, ki, stream, r);
+  if (m == 1) launch<1, 4, kRouteTopk>(x, m, &target, 1, true, ki, stream, r);
+  else if (m == 2) launch<2, 4, kRouteTopk>(x, m, &target, 1, true, ki, stream, r);
+  else if (m <= 4) launch<4, 2, kRouteTopk>(x, m, &target, 1, true, ki, stream, r);
+  else launch<8, 2, kRouteTopk>(x, m, &target, 1, true, ki, stream, r);
 }
 
 void gemv_group(const void* x, int m, const GemvTarget* targets, int count, bool out_f32, int64_t k,

@@ -163,6 +163,12 @@ void gemv_group(const void* x, int m, const GemvTarget* targets, int count, bool
 // route_workspace_bytes(), zeroed once (left zeroed again); one stream at a time.
 bool route_supported(int m, int64_t experts, int64_t k, int top_k);
 size_t route_workspace_bytes();
+// The o projection and the residual add + RMSNorm after it in one launch: delta[m, n] = x . W + bias
+// (bf16) by the GEMV, then its last block runs add_rms_norm on every row (the bits of gemv +
+// add_rms_norm). `workspace`: the route workspace (its counter at byte 128; one stream at a time).
+void gemv_add_rms_norm(const void* x, int m, const void* w, const void* bias, void* delta, int64_t n, int64_t k,
+                       void* residual, const void* norm_weight, bool norm_weight_bf16, float eps, void* out,
+                       void* workspace, cudaStream_t stream);
 void route(const void* x, int m, const void* w, const void* bias, float* logits, int64_t experts, int64_t k, int top_k,
            int32_t* ids, float* weights, void* workspace, cudaStream_t stream);
 void gather_rows(const void* x, void* out, int64_t row_bytes, const StepArgs& step, cudaStream_t stream);

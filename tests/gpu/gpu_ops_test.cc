@@ -211,6 +211,42 @@ TEST_F(GpuOps, Rope) {
   EXPECT_LE(rel_max_error(read_f32(*gpu_, k.gpu), read_f32(cpu_, k.cpu)), 1e-2);
 }
 
+// The o projection with the residual add + RMSNorm in its last block (Backend::linear_add_rms_norm):
+// delta, the updated residual and the normed rows equal linear then add_rms_norm to the bit (twice in a
+// row: the block counter is reset), for 1-8 rows and a 9-row fallback, bf16 and f32 norm weights; and
+// the CPU backend within bf16 tolerance.
+TEST_F(GpuOps, LinearAddRmsNorm) {
+  struct Case {
+    int m, k, n;
+    bool f32_norm;
+  };
+  for (const Case& c : {Case{1, 4096, 2880, false}, Case{2, 64, 200, true}, Case{3, 128, 64, false},
+                        Case{5, 256, 2880, true}, Case{8, 64, 96, false}, Case{9, 64, 64, false}}) {
+    SCOPED_TRACE(std::to_string(c.m) + " rows, n " + std::to_string(c.n));
+    Pair x = paired(cpu_, *gpu_, {c.m, c.k}, random_values(static_cast<size_t>(c.m) * c.k, rng_));
+    auto [cw, gw] = weight(random_values(static_cast<size_t>(c.n) * c.k, rng_, 0.05f), {c.n, c.k});
+    auto [cb, gb] = weight(random_values(static_cast<size_t>(c.n), rng_), {c.n});
+    const auto norm_values = random_values(static_cast<size_t>(c.n), rng_, 0.5f, 1.0f);
+    auto [cn, gn] = c.f32_norm ? weight_f32(norm_values, {c.n}) : weight(norm_values, {c.n});
+    const auto residual0 = random_values(static_cast<size_t>(c.m) * c.n, rng_, 2.0f);
+    Pair r1 = paired(cpu_, *gpu_, {c.m, c.n}, residual0), r2 = paired(cpu_, *gpu_, {c.m, c.n}, residual0);
+    Pair d1 = out_pair({c.m, c.n}), d2 = out_pair({c.m, c.n}), o1 = out_pair({c.m, c.n}), o2 = out_pair({c.m, c.n});
+    for (int round = 0; round < 2; ++round) {
+      SCOPED_TRACE("round " + std::to_string(round));
+      gpu_->linear_add_rms_norm(x.gpu, gw, gb, d1.gpu, r1.gpu, gn, 1e-5f, o1.gpu);
+      gpu_->linear(x.gpu, gw, gb, d2.gpu);
+      gpu_->add_rms_norm(r2.gpu, d2.gpu, gn, 1e-5f, o2.gpu);
+      EXPECT_EQ(read_f32(*gpu_, d1.gpu), read_f32(*gpu_, d2.gpu));
+      EXPECT_EQ(read_f32(*gpu_, r1.gpu), read_f32(*gpu_, r2.gpu));
+      EXPECT_EQ(read_f32(*gpu_, o1.gpu), read_f32(*gpu_, o2.gpu));
+    }
+    cpu_.linear_add_rms_norm(x.cpu, cw, cb, d1.cpu, r1.cpu, cn, 1e-5f, o1.cpu);
+    cpu_.linear_add_rms_norm(x.cpu, cw, cb, d1.cpu, r1.cpu, cn, 1e-5f, o1.cpu);
+    EXPECT_LE(rel_max_error(read_f32(*gpu_, r1.gpu), read_f32(cpu_, r1.cpu)), 2e-2);
+    EXPECT_LE(rel_max_error(read_f32(*gpu_, o1.gpu), read_f32(cpu_, o1.cpu)), 3e-2);
+  }
+}
+
 // q, k, v and RoPE in one launch (Backend::linear_group_rope): the bits of linear_group then rope on the
 // same GPU, for 1-8 rows (both GEMV block shapes), head_dim 64 and 128, positions inside and past the
 // RoPE table and without a table; 9 rows fall back to the two operations. Within bf16 tolerance of
