@@ -152,7 +152,7 @@ ARBITER_CUDA_ATTENTION=head run model_head 60 "$pack/bin/gpu_model_test" --gtest
 # block-counting merges and the decode benchmarks once more with it off ([nopdl] rows in the report).
 ARBITER_CUDA_PDL=0 run model_nopdl 60 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model_nopdl.json"
 ARBITER_CUDA_PDL=0 run ops_nopdl 60 "$pack/bin/gpu_ops_test" \
-  --gtest_filter='Cases/GpuAttention.*:GpuOps.TopLogprobs*:GpuOps.Argmax*:GpuOps.Linear:GpuOps.LinearGroup*:GpuOps.Rope*:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/hidden2880_decode' \
+  --gtest_filter='Cases/GpuAttention.*:GpuOps.TopLogprobs*:GpuOps.Argmax*:GpuOps.Linear:GpuOps.LinearGroup*:GpuOps.LinearAddRmsNorm:GpuOps.Rope*:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/hidden2880_decode' \
   --gtest_output=json:"$work/ops_nopdl.json"
 ARBITER_CUDA_PDL=0 run bench_nopdl 60 "$pack/bin/gpu_bench" --benchmark_filter='Copy|Gemm|Layer20bDecode|Model20bDecode|StepOp20b/.*/0' \
   --benchmark_format=console --benchmark_out="$work/bench_nopdl.json" --benchmark_out_format=json
@@ -166,10 +166,10 @@ ARBITER_CUDA_MOE_GROUPS=2 run bench_groups2 40 "$pack/bin/gpu_bench" --benchmark
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$san" ]; then
   run memcheck 60 "$san" --tool memcheck --error-exitcode 3 "$pack/bin/gpu_ops_test" \
-    --gtest_filter='GpuOps.Linear:GpuOps.LinearGroup*:GpuOps.Rope*:GpuOps.Route*:GpuOps.TopLogprobsSmall:GpuOps.ArgmaxManyRows:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuAttention.*/decode_batch_ragged:Cases/GpuAttention.*/prefill_20b_sliding:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_sliding:Cases/GpuAttention.*/mixed_20b_full:Cases/GpuAttention.*/mixed_d128_gqa4:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
+    --gtest_filter='GpuOps.Linear:GpuOps.LinearGroup*:GpuOps.LinearAddRmsNorm:GpuOps.Rope*:GpuOps.Route*:GpuOps.TopLogprobsSmall:GpuOps.ArgmaxManyRows:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/mqa_d128_window5:Cases/GpuAttention.*/decode_batch_ragged:Cases/GpuAttention.*/prefill_20b_sliding:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_sliding:Cases/GpuAttention.*/mixed_20b_full:Cases/GpuAttention.*/mixed_d128_gqa4:Cases/GpuMoe.*/tiny_rows5:Cases/GpuMoe.*/many_tokens_per_expert:Cases/GpuMoe.*/top1:Cases/GpuMoe.*/many_slots_per_row'
   # Shared-memory races in the kernels with block-wide phases (selection, split and prefill attention).
   run racecheck 60 "$san" --tool racecheck --error-exitcode 4 "$pack/bin/gpu_ops_test" \
-    --gtest_filter='GpuOps.TopLogprobsSmall:GpuOps.Route*:Cases/GpuMoe.*/tiny_rows5:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
+    --gtest_filter='GpuOps.TopLogprobsSmall:GpuOps.Route*:GpuOps.LinearAddRmsNorm:Cases/GpuMoe.*/tiny_rows5:Cases/GpuAttention.*/full_gqa2_ragged:Cases/GpuAttention.*/window3_ring_larger:Cases/GpuAttention.*/prefill_d128_gqa4:Cases/GpuAttention.*/mixed_model_shape_3_17_9_1:Cases/GpuAttention.*/mixed_cached_full:Cases/GpuAttention.*/mixed_lengths_sliding'
 else
   echo "memcheck skipped: no compute-sanitizer" >>"$work/steps.txt"
 fi
