@@ -259,8 +259,8 @@ class SynthModel {
                                              "rope",         "attention",    "attention_sliding",
                                              "kv_store",     "o_proj",       "router",    "router_topk",
                                              "moe_experts",  "final_norm+lm_head", "argmax",
-                                             "qkv+rope",     "route"};
-  static constexpr int kOps = 16;
+                                             "qkv+rope",     "route",        "o_proj+norm"};
+  static constexpr int kOps = 17;
   void op_only(const StepContext& st, int op, int rows = 1, int seqs = 1) {
     Backend& b = backend();
     const bool sliding = op == 6;
@@ -302,7 +302,8 @@ class SynthModel {
         b.linear_group_rope(normed, qkv, c.head_dim, rope_, st);
         break;
       }
-      default: b.route(normed, l.rw, l.rb, c.num_experts_per_tok, router, ids, weights); break;  // ops 9-10
+      case 15: b.route(normed, l.rw, l.rb, c.num_experts_per_tok, router, ids, weights); break;  // ops 9-10
+      default: b.linear_add_rms_norm(attn, l.ow, l.ob, delta, x, l.post_norm, 1e-5f, normed); break;  // ops 8 + 0
     }
   }
   double op_weight_bytes(int op) const {
