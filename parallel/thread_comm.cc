@@ -63,6 +63,20 @@ class ThreadGroup {
     abort_locked(reason);
   }
 
+  // A rank found the collective's arguments inconsistent while reading the others' posts. The error is
+  // recorded and raised on every rank only after the closing sync (raise_recorded), so that no rank
+  // returns and frees buffers another rank is still reading.
+  void record_error(const std::string& reason) {
+    std::lock_guard lk(mu_);
+    if (error_.empty()) error_ = reason;
+  }
+  void raise_recorded() {
+    std::lock_guard lk(mu_);
+    if (error_.empty()) return;
+    abort_locked(error_);
+    throw CommError(error_);
+  }
+
   // All ranks must be in the same collective: called after the first sync.
   void check_same_op(int rank, const char* op) {
     for (int p = 0; p < size_; ++p)
@@ -92,6 +106,7 @@ class ThreadGroup {
   uint64_t generation_ = 0;
   bool aborted_ = false;
   std::string abort_reason_;
+  std::string error_;  // record_error
 };
 
 std::vector<std::unique_ptr<ThreadComm>> ThreadComm::create_group(int size, double timeout_s) {
@@ -140,11 +155,9 @@ void ThreadComm::all_to_all_v(const void* send, std::span<const size_t> send_cou
     if (count) std::memcpy(static_cast<char*>(recv) + at, static_cast<const char*>(peer.send) + peer.send_offsets[rank_], count);
     at += count;
   }
-  if (!mismatch.empty()) {
-    group_->abort(mismatch);
-    throw CommError(mismatch);
-  }
+  if (!mismatch.empty()) group_->record_error(mismatch);
   group_->sync(rank_, "all_to_all_v (done)");
+  group_->raise_recorded();
 }
 
 void ThreadComm::all_gather(const void* send, size_t bytes, void* recv) {
@@ -155,14 +168,14 @@ void ThreadComm::all_gather(const void* send, size_t bytes, void* recv) {
   for (int p = 0; p < size(); ++p) {
     const auto& peer = group_->post(p);
     if (peer.bytes != bytes) {
-      const std::string reason = "all_gather: ranks disagree on the size (" + std::to_string(peer.bytes) + " vs " +
-                                 std::to_string(bytes) + " bytes)";
-      group_->abort(reason);
-      throw CommError(reason);
+      group_->record_error("all_gather: ranks disagree on the size (" + std::to_string(peer.bytes) + " vs " +
+                           std::to_string(bytes) + " bytes)");
+      break;
     }
     if (bytes) std::memcpy(static_cast<char*>(recv) + static_cast<size_t>(p) * bytes, peer.send, bytes);
   }
   group_->sync(rank_, "all_gather (done)");
+  group_->raise_recorded();
 }
 
 void ThreadComm::broadcast(void* data, size_t bytes, int root) {
@@ -172,13 +185,10 @@ void ThreadComm::broadcast(void* data, size_t bytes, int root) {
   group_->sync(rank_, "broadcast");
   group_->check_same_op(rank_, "broadcast");
   const auto& src = group_->post(root);
-  if (src.bytes != bytes || src.root != root) {
-    const std::string reason = "broadcast: ranks disagree on the size or root";
-    group_->abort(reason);
-    throw CommError(reason);
-  }
-  if (rank_ != root && bytes) std::memcpy(data, src.send, bytes);
+  if (src.bytes != bytes || src.root != root) group_->record_error("broadcast: ranks disagree on the size or root");
+  else if (rank_ != root && bytes) std::memcpy(data, src.send, bytes);
   group_->sync(rank_, "broadcast (done)");
+  group_->raise_recorded();
 }
 
 void ThreadComm::barrier() {
