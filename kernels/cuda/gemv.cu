@@ -63,6 +63,19 @@ struct NormEpilogue {
 
 enum GemvEpilogue : int { kPlain = 0, kRouteTopk = 1, kAddNorm = 2 };
 
+// Whether this block is the last of the launch to get here (every thread of every block calls it after
+// writing its outputs); that block then sees every block's writes. The caller's last block resets the
+// counter for the next launch.
+__device__ __forceinline__ bool last_block_to_finish(uint32_t* counter) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 template <int M, int R, int kEpi>
 __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m_count, GemvLaunch targets,
                                                              bool out_f32, int k, RouteEpilogue route, GemvRope rope,
@@ -169,27 +182,15 @@ __global__ __launch_bounds__(kGemvThreads) void gemv_kernel(const bf16* x, int m
     }
   }
   if constexpr (kEpi == kAddNorm) {
-    __shared__ bool last;
     __shared__ float scratch[32];
-    __threadfence();
-    __syncthreads();
-    if (t == 0) last = atomicAdd(norm.counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_block_to_finish(norm.counter)) return;
     for (int m = 0; m < m_count; ++m)
       add_rms_norm_row<true>(norm.residual, static_cast<const bf16*>(out), norm.weight, norm.weight_bf16, norm.eps, norm.out,
                              n, static_cast<int64_t>(m) * n, scratch);
     if (t == 0) *norm.counter = 0;
   }
   if constexpr (kRoute) {
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (t == 0) last = atomicAdd(route.counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_block_to_finish(route.counter)) return;
     if (warp < m_count)
       router_topk_row(static_cast<const float*>(out) + static_cast<int64_t>(warp) * n, n, route.k,
                       route.ids + static_cast<int64_t>(warp) * route.k, route.weights + static_cast<int64_t>(warp) * route.k);

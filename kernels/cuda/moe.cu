@@ -156,6 +156,26 @@ __device__ __forceinline__ void vec_step(const uint4& wa, const uint4& wb, uint3
   }
 }
 
+// One step for this lane's group g (< ge, else its activations read as 0): its tokens' activations of
+// the group, then vec_step on the weight blocks wa / wb (scales sa / sb) of its two rows.
+template <int G>
+__device__ __forceinline__ void vec_group_step(const uint4& wa, const uint4& wb, uint32_t sa, uint32_t sb,
+                                               const bf16* const (&xrow)[G], int g, int ge, float (&c)[G][4]) {
+  uint4 xv[G][4];
+#pragma unroll
+  for (int q = 0; q < G; ++q)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      xv[q][w] = make_uint4(0, 0, 0, 0);
+      if (xrow[q] && g < ge) xv[q][w] = __ldg(reinterpret_cast<const uint4*>(xrow[q] + g * 32 + w * 8));
+    }
+  if (__any_sync(0xffffffffu, mxfp4::big(sa) || mxfp4::big(sb))) {
+    vec_step<true, G>(wa, wb, sa, sb, xv, c);
+  } else {
+    vec_step<false, G>(wa, wb, sa, sb, xv, c);
+  }
+}
+
 // c += W[rows] . x over groups [gb, ge) of one expert's matrix (`blocks`/`scales` at its row 0).
 // row_a/row_b: the weight rows of MMA rows r and r+8 (-1: none); xrow[q]: the activations of this
 // lane's token in token group q (B column lane/4, i.e. token 8q + lane/4), or nullptr. Warp-uniform
@@ -190,20 +210,7 @@ __device__ __forceinline__ void vec_tile(const uint8_t* blocks, const uint8_t* s
 #pragma unroll
     for (int u = 0; u < kVecUnroll; ++u) {
       if (g0 + 4 * u >= ge) break;  // warp-uniform
-      const int g = g0 + 4 * u + j;
-      uint4 xv[G][4];
-#pragma unroll
-      for (int q = 0; q < G; ++q)
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          xv[q][w] = make_uint4(0, 0, 0, 0);
-          if (xrow[q] && g < ge) xv[q][w] = __ldg(reinterpret_cast<const uint4*>(xrow[q] + g * 32 + w * 8));
-        }
-      if (__any_sync(0xffffffffu, mxfp4::big(sa[u]) || mxfp4::big(sb[u]))) {
-        vec_step<true, G>(wa[u], wb[u], sa[u], sb[u], xv, c);
-      } else {
-        vec_step<false, G>(wa[u], wb[u], sa[u], sb[u], xv, c);
-      }
+      vec_group_step<G>(wa[u], wb[u], sa[u], sb[u], xrow, g0 + 4 * u + j, ge, c);
     }
   }
 }
@@ -255,22 +262,8 @@ __device__ __forceinline__ void vec_tile_pipe(const uint8_t* blocks, const uint8
 #pragma unroll
     for (int u = 0; u < kPipeSteps; ++u) {
       if (g0 + 4 * u >= ge) break;  // warp-uniform
-      const int g = g0 + 4 * u + j;
       const uint4* src = ring + ((st * kPipeSteps + u) * 32 + lane) * 2;
-      const uint4 wa = src[0], wb = src[1];
-      uint4 xv[G][4];
-#pragma unroll
-      for (int q = 0; q < G; ++q)
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          xv[q][w] = make_uint4(0, 0, 0, 0);
-          if (xrow[q] && g < ge) xv[q][w] = __ldg(reinterpret_cast<const uint4*>(xrow[q] + g * 32 + w * 8));
-        }
-      if (__any_sync(0xffffffffu, mxfp4::big(sa[st][u]) || mxfp4::big(sb[st][u]))) {
-        vec_step<true, G>(wa, wb, sa[st][u], sb[st][u], xv, c);
-      } else {
-        vec_step<false, G>(wa, wb, sa[st][u], sb[st][u], xv, c);
-      }
+      vec_group_step<G>(src[0], src[1], sa[st][u], sb[st][u], xrow, g0 + 4 * u + j, ge, c);
     }
   };
   const int stages = (ge - gb + kStageGroups - 1) / kStageGroups;

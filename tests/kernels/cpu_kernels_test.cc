@@ -256,19 +256,31 @@ TEST_P(KernelTest, AddAxpyAndBf16Conversion) {
 
 Tensor view(std::vector<float>& v, Shape s) { return Tensor{v.data(), DType::kF32, s}; }
 
-TEST_P(KernelTest, BackendRopeMatchesReference) {
-  std::mt19937 rng(6);
-  CpuBackend backend(2);
-  const int d = 64, qh = 8, kh = 2;
+// Plain RoPE frequencies (base 10000) for head_dim d.
+RopeParams test_rope(int d, float concentration) {
   RopeParams rope;
   for (int i = 0; i < d / 2; ++i) rope.inv_freq.push_back(std::pow(10000.0f, -2.0f * i / d));
-  rope.concentration = 1.3f;
+  rope.concentration = concentration;
+  return rope;
+}
+
+// Two sequences in one step: 3 new tokens at positions 0-2, 2 new at 1000-1001.
+StepLayout two_sequence_layout() {
   StepLayout layout;
   SequenceStep a, b;
   a.first_row = 0, a.num_new = 3, a.num_cached = 0;
   b.first_row = 3, b.num_new = 2, b.num_cached = 1000;
   layout.sequences = {a, b};
   layout.tokens = {1, 2, 3, 4, 5};
+  return layout;
+}
+
+TEST_P(KernelTest, BackendRopeMatchesReference) {
+  std::mt19937 rng(6);
+  CpuBackend backend(2);
+  const int d = 64, qh = 8, kh = 2;
+  const RopeParams rope = test_rope(d, 1.3f);
+  const StepLayout layout = two_sequence_layout();
   auto q = random_floats(rng, 5 * qh * d), k = random_floats(rng, 5 * kh * d);
   auto q_want = q, k_want = k;
   const int64_t pos[5] = {0, 1, 2, 1000, 1001};
@@ -291,16 +303,8 @@ TEST_P(KernelTest, BackendRopeReadsTableRowsAndComputesPastIt) {
   std::mt19937 rng(7);
   CpuBackend backend(2);
   const int d = 16, qh = 4, kh = 2;
-  RopeParams rope;
-  for (int i = 0; i < d / 2; ++i) rope.inv_freq.push_back(std::pow(10000.0f, -2.0f * i / d));
-  rope.concentration = 1.1f;
-  StepLayout layout;
-  SequenceStep a, b;
-  a.first_row = 0, a.num_new = 3, a.num_cached = 0;
-  b.first_row = 3, b.num_new = 2, b.num_cached = 1000;
-  layout.sequences = {a, b};
-  layout.tokens = {1, 2, 3, 4, 5};
-  auto step = backend.prepare_step(layout);
+  const RopeParams rope = test_rope(d, 1.1f);
+  auto step = backend.prepare_step(two_sequence_layout());
   const auto q0 = random_floats(rng, 5 * qh * d), k0 = random_floats(rng, 5 * kh * d);
   auto run = [&](const RopeParams& p) {
     auto q = q0, k = k0;
@@ -342,8 +346,7 @@ TEST_P(KernelTest, BackendLinearGroupRopeIsProductsThenRope) {
   std::mt19937 rng(8);
   CpuBackend backend(2);
   const int d = 16, in = 64, rows = 3, nq = 4 * d, nkv = 2 * d;
-  RopeParams rope;
-  for (int i = 0; i < d / 2; ++i) rope.inv_freq.push_back(std::pow(10000.0f, -2.0f * i / d));
+  const RopeParams rope = test_rope(d, 1.0f);
   StepLayout layout;
   SequenceStep a;
   a.first_row = 0, a.num_new = rows, a.num_cached = 40;
@@ -612,13 +615,7 @@ TEST_P(KernelTest, GoldenLogitsOnThisIsa) {
     float max_logit = 0;
     for (float v : ref.data) max_logit = std::max(max_logit, std::fabs(v));
     for (int step_rows : {64, 1}) {
-      ModelOptions o;
-      o.max_step_rows = step_rows;
-      o.max_logit_rows = step_rows;
-      o.kv.block_size = 4;
-      o.kv.full_blocks = 64;
-      o.kv.sliding_blocks = 32;
-      Model model(config, ck, backend, o);
+      Model model(config, ck, backend, testing::small_model_options(step_rows, step_rows));
       const auto logits = compute_all_logits(model, g.tokens);
       ASSERT_EQ(logits.size(), ref.data.size());
       float max_err = 0;
