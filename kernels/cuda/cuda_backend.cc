@@ -392,10 +392,8 @@ class CudaBackend final : public Backend {
     require(q.dtype == DType::kBF16 && k.dtype == DType::kBF16, "rope: q and k must be bf16");
     require(head_dim > 0 && head_dim % 2 == 0 && row_len(q) % head_dim == 0 && row_len(k) % head_dim == 0,
             "rope: head_dim");
-    require(static_cast<int>(rope.inv_freq.size()) == head_dim / 2 && head_dim / 2 <= cuda::kMaxRopeHalf,
-            "rope: inv_freq must have head_dim/2 (<= 128) entries");
     require(q.rows() == k.rows() && q.rows() <= s.args.rows, "rope: rows");
-    const cuda::RopeArgs args = rope_args(rope, head_dim);
+    const cuda::RopeArgs args = rope_args(rope, head_dim);  // checks inv_freq and the table
     select();
     cuda::rope(q.data, k.data, static_cast<int>(q.rows()), static_cast<int>(row_len(q) / head_dim),
                static_cast<int>(row_len(k) / head_dim), head_dim, args, s.args, stream());
