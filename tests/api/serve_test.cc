@@ -29,156 +29,11 @@
 #include <thread>
 #include <vector>
 
+#include "tests/api/serve_process.h"
 #include "tests/test_util.h"
 
 namespace arbiter {
 namespace {
-
-using nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-// A running `arbiter serve` (or `mpirun ... arbiter serve`); SIGTERM and reaped when destroyed.
-class ServeProcess {
- public:
-  ServeProcess(const std::vector<std::string>& args, const std::string& log_file, bool mpi = false) : log_(log_file) {
-    std::vector<std::string> argv;
-    if (mpi) argv = {ARBITER_MPIEXEC, "--oversubscribe", "--allow-run-as-root", "-np", "2"};
-    argv.push_back(ARBITER_BINARY);
-    argv.push_back("serve");
-    argv.insert(argv.end(), args.begin(), args.end());
-    int out[2];
-    if (pipe(out) != 0) throw std::runtime_error("pipe");
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(out[1], STDOUT_FILENO);
-      const int err = open(log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (err >= 0) dup2(err, STDERR_FILENO);
-      close(out[0]);
-      setenv("OMPI_MCA_plm_rsh_agent", "", 1);
-      setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-      std::vector<char*> c;
-      for (auto& a : argv) c.push_back(a.data());
-      c.push_back(nullptr);
-      execv(c[0], c.data());
-      _exit(127);
-    }
-    close(out[1]);
-    stdout_ = out[0];
-    // The address line comes first.
-    const std::regex address("listening on http://([0-9.]+):([0-9]+) \\(pid ([0-9]+)\\)");
-    std::string text;
-    const auto give_up = Clock::now() + std::chrono::seconds(60);
-    std::smatch m;
-    while (!std::regex_search(text, m, address)) {
-      std::string failure;
-      pollfd p{stdout_, POLLIN, 0};
-      if (Clock::now() > give_up) failure = "no address printed";
-      else if (poll(&p, 1, 200) > 0) {
-        char buf[256];
-        const ssize_t n = read(stdout_, buf, sizeof(buf));
-        if (n <= 0) failure = "arbiter serve exited";
-        else text.append(buf, static_cast<size_t>(n));
-      }
-      if (!failure.empty()) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-        close(stdout_);
-        throw std::runtime_error(failure + "; output: " + text + log());
-      }
-    }
-    port_ = std::stoi(m[2]);
-    server_pid_ = std::stoi(m[3]);
-  }
-  ~ServeProcess() {
-    if (pid_ > 0 && !reaped_) {
-      kill(server_pid_ > 0 ? server_pid_ : pid_, SIGTERM);
-      if (wait_exit(20) < -1) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-      }
-    }
-    if (stdout_ >= 0) close(stdout_);
-  }
-  ServeProcess(const ServeProcess&) = delete;
-  ServeProcess& operator=(const ServeProcess&) = delete;
-
-  int port() const { return port_; }
-  pid_t pid() const { return pid_; }            // what was started (mpirun, or arbiter)
-  pid_t server_pid() const { return server_pid_; }  // the arbiter process serving HTTP (rank 0)
-  std::string log() const {
-    std::ifstream in(log_);
-    return "\n--- server log ---\n" + std::string(std::istreambuf_iterator<char>(in), {});
-  }
-  // Exit status once the process ends within `seconds`; -2 when it did not; -1 killed by a signal.
-  int wait_exit(double seconds) {
-    const auto until = Clock::now() + std::chrono::duration<double>(seconds);
-    while (Clock::now() < until) {
-      int status = 0;
-      const pid_t r = waitpid(pid_, &status, WNOHANG);
-      if (r == pid_) {
-        reaped_ = true;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return -2;
-  }
-
- private:
-  std::string log_;
-  pid_t pid_ = -1;
-  int stdout_ = -1;
-  int port_ = 0;
-  pid_t server_pid_ = -1;
-  bool reaped_ = false;
-};
-
-struct Reply {
-  int status = 0;
-  json body;
-  std::string raw;
-  std::string retry_after;
-};
-
-Reply call(int port, const std::string& method, const std::string& path, const std::string& body = "",
-           const std::string& key = "") {
-  httplib::Client client("127.0.0.1", port);
-  client.set_read_timeout(120, 0);
-  client.set_connection_timeout(10, 0);
-  httplib::Headers headers;
-  if (!key.empty()) headers.emplace("Authorization", "Bearer " + key);
-  httplib::Result r = method == "GET"      ? client.Get(path.c_str(), headers)
-                      : method == "DELETE" ? client.Delete(path.c_str(), headers)
-                                           : client.Post(path.c_str(), headers, body, "application/json");
-  Reply out;
-  if (!r) {
-    out.raw = "no response: " + httplib::to_string(r.error());
-    return out;
-  }
-  out.status = r->status;
-  out.raw = r->body;
-  out.body = json::parse(r->body, nullptr, false);
-  out.retry_after = r->get_header_value("Retry-After");
-  return out;
-}
-
-bool wait_ready(int port, double seconds) {
-  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
-  while (Clock::now() < until) {
-    if (call(port, "GET", "/ready").status == 200) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return false;
-}
-
-// The value of a metric line (name with labels, as printed); -1 when absent.
-double metric(int port, const std::string& series) {
-  const Reply r = call(port, "GET", "/metrics");
-  std::istringstream in(r.raw);
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
-  return -1;
-}
 
 const char* kPolicyTexts[4] = {
     "# Spam\nSpam is unsolicited bulk advertising. Return exactly one character: 0 or 1.",
@@ -342,19 +197,6 @@ TEST_F(ApiServe, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
 }
 
 // Raw HTTP on a socket we control (to hang up mid-request).
-int connect_to(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 TEST_F(ApiServe, CommandLine) {
   const auto help = testing::run_command(std::string(ARBITER_BINARY) + " serve --help");
   EXPECT_EQ(help.status, 0) << help.output;
