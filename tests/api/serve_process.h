@@ -230,9 +230,9 @@ class RawConnection {
   void shutdown_write() { shutdown(fd_, SHUT_WR); }
 
   // The next response (1xx interim responses are collected into it); nullopt when the connection
-  // ends or nothing complete arrives within `seconds`.
-  std::optional<RawResponse> read_response(double seconds = 30) {
-    const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  // ends or nothing complete arrives within `seconds`. no_body: the answer to a HEAD request.
+  std::optional<RawResponse> read_response(double seconds = 30, bool no_body = false) {
+    const auto until = deadline(seconds);
     RawResponse r;
     for (;;) {
       size_t head_end;
@@ -262,6 +262,7 @@ class RawConnection {
       }
       break;
     }
+    if (no_body) return r;
     if (r.headers.count("content-length")) {
       const size_t length = std::stoul(r.headers["content-length"]);
       while (buffer_.size() < length)
@@ -292,13 +293,16 @@ class RawConnection {
   // Waits until the server closes the connection (end of stream or reset); false when it is still
   // open after `seconds`. Bytes that arrive meanwhile are kept for read_response().
   bool wait_closed(double seconds) {
-    const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+    const auto until = deadline(seconds);
     while (Clock::now() < until)
       if (!fill(until)) return Clock::now() < until;
     return false;
   }
 
  private:
+  static Clock::time_point deadline(double seconds) {
+    return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  }
   // Reads more bytes; false at end of stream, on an error or at `until`.
   bool fill(Clock::time_point until) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()).count();
