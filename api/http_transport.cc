@@ -233,7 +233,7 @@ struct HttpTransport::Impl {
 // then reads the next one. Every step on the socket runs on the connection's strand.
 class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(Impl* impl, tcp::socket socket) : impl_(impl), stream_(std::move(socket)) {
+  Connection(Impl* impl, tcp::socket socket) : impl_(impl), socket_(std::move(socket)), timer_(socket_.get_executor()) {
     impl_->open.fetch_add(1);
     impl_->connections_gauge.add(1);
   }
@@ -253,13 +253,13 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
       impl_->live.emplace(this, weak_from_this());
     }
     beast::error_code ignored;
-    stream_.socket().set_option(tcp::no_delay(true), ignored);
-    asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->wait_for_request(); });
+    socket_.set_option(tcp::no_delay(true), ignored);
+    asio::dispatch(socket_.get_executor(), [self = shared_from_this()] { self->wait_for_request(); });
   }
 
   // Answers 503 (too many connections) and closes.
   void reject() {
-    asio::dispatch(stream_.get_executor(), [self = shared_from_this()] {
+    asio::dispatch(socket_.get_executor(), [self = shared_from_this()] {
       self->keep_alive_ = false;
       self->impl_->count_rejected("connections");
       self->write_reply(error_reply(503, "The server has too many open connections; retry later.", "too_many_connections",
@@ -267,24 +267,24 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     });
   }
 
-  // On the strand: closes the connection if it is waiting for a request; otherwise it closes after
-  // its reply.
+  // On the strand: closes the connection if it is waiting for or reading a request (what it has
+  // not finished sending will not be answered); otherwise it closes after its reply.
   void close_if_idle() {
     keep_alive_ = false;
-    if (waiting_) close();
+    if (reading_) close();
   }
-  beast::tcp_stream::executor_type executor() { return stream_.get_executor(); }
+  asio::any_io_executor executor() { return socket_.get_executor(); }
 
  private:
   void wait_for_request() {
     if (impl_->stopping.load()) return close();
+    reading_ = true;
     if (buffer_.size() > 0) return read_head();
     // Nothing buffered: wait for the first byte (a fresh connection has header_timeout to send one,
     // an idle keep-alive connection idle_timeout).
-    waiting_ = true;
-    stream_.expires_after(seconds(first_ ? impl_->options.header_timeout : impl_->options.idle_timeout));
-    stream_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
-      self->waiting_ = false;
+    arm(seconds(first_ ? impl_->options.header_timeout : impl_->options.idle_timeout));
+    socket_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
+      self->timer_.cancel();
       if (ec) return self->close();  // idle timeout, end of stream or reset: nothing was asked
       self->buffer_.commit(n);
       self->read_head();
@@ -296,9 +296,11 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     parser_.emplace();
     parser_->header_limit(kHeaderLimit);
     parser_->body_limit(impl_->options.max_body_bytes);
-    stream_.expires_after(seconds(impl_->options.header_timeout));
-    http::async_read_header(stream_, buffer_, *parser_,
-                            [self = shared_from_this()](beast::error_code ec, size_t) { self->on_head(ec); });
+    arm(seconds(impl_->options.header_timeout));
+    http::async_read_header(socket_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->timer_.cancel();
+      self->on_head(ec);
+    });
   }
 
   void on_head(beast::error_code ec) {
@@ -311,8 +313,9 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     if (parser_->is_done()) return on_request();
     if (beast::iequals(req[http::field::expect], "100-continue") && version_ >= 11) {
       auto interim = std::make_shared<std::string>("HTTP/1.1 100 Continue\r\n\r\n");
-      stream_.expires_after(seconds(impl_->options.write_timeout));
-      asio::async_write(stream_, asio::buffer(*interim), [self = shared_from_this(), interim](beast::error_code e, size_t) {
+      arm(seconds(impl_->options.write_timeout));
+      asio::async_write(socket_, asio::buffer(*interim), [self = shared_from_this(), interim](beast::error_code e, size_t) {
+        self->timer_.cancel();
         if (e) return self->close();
         self->read_body();
       });
@@ -322,18 +325,32 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
   }
 
   void read_body() {
-    stream_.expires_after(seconds(impl_->options.body_timeout));
-    http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
+    arm(seconds(impl_->options.body_timeout));
+    http::async_read(socket_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->timer_.cancel();
       if (ec) return self->read_failed(ec);
       self->on_request();
     });
   }
 
+  // Starts the deadline of the next socket operation: when it passes, the operation is cancelled
+  // (and fails with timed_out_ set).
+  void arm(Clock::duration d) {
+    timed_out_ = false;
+    timer_.expires_after(d);
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec) return;  // cancelled: the operation finished in time
+      self->timed_out_ = true;
+      beast::error_code ignored;
+      self->socket_.cancel(ignored);
+    });
+  }
+
   void read_failed(beast::error_code ec) {
     keep_alive_ = false;
-    if (ec == beast::error::timeout) {  // the stream closed the socket: no one to answer
+    if (timed_out_) {  // a head or body that did not arrive in time: answered, then closed
       impl_->count_rejected("timeout");
-      return close();
+      return write_reply(error_reply(408, "The request did not arrive in time.", "request_timeout", 0));
     }
     if (ec == http::error::body_limit) return too_large(0);
     if (ec == http::error::header_limit) {
@@ -358,7 +375,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
   }
 
   void on_request() {
-    stream_.expires_never();
+    reading_ = false;
     auto message = parser_->release();
     parser_.reset();
     HttpRequest request;
@@ -387,7 +404,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
   // On a handler thread.
   void handle(HttpRequest request) {
     impl_->waiting_gauge.set(static_cast<double>(impl_->pool->waiting()));
-    auto watch = std::make_shared<ConnectionWatch>(stream_.socket().native_handle(), version_ >= 11);
+    auto watch = std::make_shared<ConnectionWatch>(socket_.native_handle(), version_ >= 11);
     request.client_gone = [watch] { return watch->closed(); };
     HttpReply reply;
     try {
@@ -397,7 +414,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     }
     watch->mark_replying();
     if (reply.stream) return write_stream(std::move(reply), *watch);
-    asio::post(stream_.get_executor(), [self = shared_from_this(), reply = std::move(reply)]() mutable {
+    asio::post(socket_.get_executor(), [self = shared_from_this(), reply = std::move(reply)]() mutable {
       self->write_reply(std::move(reply));
     });
   }
@@ -407,8 +424,9 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     if (impl_->stopping.load()) keep_alive_ = false;
     auto out = std::make_shared<std::string>(reply_head(reply, version_, keep_alive_, static_cast<long long>(reply.body.size())));
     if (!head_only_) *out += reply.body;
-    stream_.expires_after(seconds(impl_->options.write_timeout));
-    asio::async_write(stream_, asio::buffer(*out), [self = shared_from_this(), out](beast::error_code ec, size_t) {
+    arm(seconds(impl_->options.write_timeout));
+    asio::async_write(socket_, asio::buffer(*out), [self = shared_from_this(), out](beast::error_code ec, size_t) {
+      self->timer_.cancel();
       if (ec) return self->close();
       self->after_reply();
     });
@@ -448,7 +466,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
       watch.set_body_probe(nullptr);
       if (ok && chunked) ok = write_blocking("0\r\n\r\n");
     }
-    asio::post(stream_.get_executor(), [self = shared_from_this(), ok] {
+    asio::post(socket_.get_executor(), [self = shared_from_this(), ok] {
       if (!ok) return self->close();
       self->after_reply();
     });
@@ -458,10 +476,12 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     auto done = std::make_shared<std::promise<bool>>();
     auto result = done->get_future();
     auto out = std::make_shared<std::string>(std::move(data));
-    asio::post(stream_.get_executor(), [self = shared_from_this(), out, done] {
-      self->stream_.expires_after(seconds(self->impl_->options.write_timeout));
-      asio::async_write(self->stream_, asio::buffer(*out),
-                        [out, done](beast::error_code ec, size_t) { done->set_value(!ec); });
+    asio::post(socket_.get_executor(), [self = shared_from_this(), out, done] {
+      self->arm(seconds(self->impl_->options.write_timeout));
+      asio::async_write(self->socket_, asio::buffer(*out), [self, out, done](beast::error_code ec, size_t) {
+        self->timer_.cancel();
+        done->set_value(!ec);
+      });
     });
     // The loop answers within write_timeout; the margin covers a loop that is being stopped.
     if (result.wait_for(seconds(impl_->options.write_timeout + 5)) != std::future_status::ready) return false;
@@ -476,32 +496,35 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
   // the reply is not destroyed by a reset when unread request bytes remain (e.g. a refused body).
   void shutdown_and_close() {
     beast::error_code ignored;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
-    stream_.expires_after(kLingerOnClose);
+    socket_.shutdown(tcp::socket::shutdown_send, ignored);
+    arm(kLingerOnClose);
     drain_before_close();
   }
   void drain_before_close() {
-    stream_.async_read_some(asio::buffer(drain_), [self = shared_from_this()](beast::error_code ec, size_t) {
-      if (ec) return self->close();
+    socket_.async_read_some(asio::buffer(drain_), [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (ec) return self->close();  // end of stream, or the linger deadline cancelled the read
       self->drain_before_close();
     });
   }
 
   void close() {
     beast::error_code ignored;
-    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
-    stream_.close();
+    timer_.cancel();
+    socket_.shutdown(tcp::socket::shutdown_both, ignored);
+    socket_.close(ignored);
   }
 
   Impl* impl_;
-  beast::tcp_stream stream_;
+  tcp::socket socket_;
+  asio::steady_timer timer_;  // the deadline of the operation in progress
+  bool timed_out_ = false;    // the deadline cancelled it
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   unsigned version_ = 11;
   std::atomic<bool> keep_alive_{true};  // cleared by stop() while a handler thread may read it
   bool head_only_ = false;
   bool first_ = true;
-  bool waiting_ = false;
+  bool reading_ = false;  // waiting for or reading a request (not handling or answering one)
   char drain_[4096];
 };
 

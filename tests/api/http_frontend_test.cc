@@ -267,8 +267,12 @@ TEST_F(HttpFrontEnd, SlowAndIdleConnectionsDoNotStarveWork) {
 
   // Trickled heads and bodies are cut at their deadline (2 s), whatever the pace of the bytes.
   const auto t0 = Clock::now();
-  for (auto& c : slow_heads) EXPECT_TRUE(c->wait_closed(6)) << "a trickled head outlived its deadline";
-  for (auto& c : slow_bodies) EXPECT_TRUE(c->wait_closed(6)) << "a trickled body outlived its deadline";
+  for (auto* group : {&slow_heads, &slow_bodies})
+    for (auto& c : *group) {
+      EXPECT_TRUE(c->wait_closed(6)) << "a trickled request outlived its deadline";
+      const auto r = c->read_response(0.1);  // what arrived before the close
+      EXPECT_TRUE(r && r->status == 408) << "no 408 for a request that did not arrive in time";
+    }
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 6.5);
   trickling = false;
   trickle.join();
