@@ -190,9 +190,11 @@ void ChatOutput::add_content(const std::string& text, Delta& delta) {
 ChatOutput::Delta ChatOutput::push(int32_t token) {
   Delta delta;
   const bool in_content = parser_.state() == HarmonyParser::State::kContent;
-  const Channel channel = in_content ? channel_of(parser_.current()) : Channel::kNone;
+  Channel channel = in_content ? channel_of(parser_.current()) : Channel::kNone;
   const size_t index = parser_.messages().size();
   parser_.push(token);
+  // A message that ended inside its header: its salvaged content arrives all at once.
+  if (!in_content && parser_.messages().size() > index) channel = channel_of(parser_.messages()[index]);
   const std::string& text = parser_.last_delta();
   if (channel == Channel::kReasoning) add_reasoning(text, index, delta);
   else if (channel == Channel::kContent) add_content(text, delta);
@@ -202,12 +204,18 @@ ChatOutput::Delta ChatOutput::push(int32_t token) {
 ChatOutput::Delta ChatOutput::finish() {
   Delta delta;
   const bool in_content = parser_.state() == HarmonyParser::State::kContent;
+  const bool in_header = parser_.state() == HarmonyParser::State::kHeader;
   const Channel channel = in_content ? channel_of(parser_.current()) : Channel::kNone;
   const size_t seen = in_content ? parser_.current().content.size() : 0;
   const size_t index = parser_.messages().size();
   parser_.finish();
-  // A message cut off in its content: what the decoder still held.
-  if (in_content && index < parser_.messages().size()) {
+  // A message cut off in its content: what the decoder still held; one cut off in its header: the
+  // words salvaged from it.
+  if (in_header && index < parser_.messages().size()) {
+    const ParsedMessage& m = parser_.messages()[index];
+    if (channel_of(m) == Channel::kReasoning) add_reasoning(m.content, index, delta);
+    else if (channel_of(m) == Channel::kContent) add_content(m.content, delta);
+  } else if (in_content && index < parser_.messages().size()) {
     const std::string& all = parser_.messages()[index].content;
     const std::string tail = all.size() > seen ? all.substr(seen) : "";
     if (channel == Channel::kReasoning) add_reasoning(tail, index, delta);

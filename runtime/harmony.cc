@@ -142,9 +142,12 @@ bool is_role(const std::string& s) { return s == "system" || s == "developer" ||
 
 }  // namespace
 
-bool parse_harmony_header(const std::string& header, const std::string& role_hint, ParsedMessage& out,
-                          std::string* problem) {
-  std::string why;
+namespace {
+
+// The part of header parsing both readings share: cuts out the channel, fills role and author, and
+// returns the words left after the role. `why` gets the first problem found.
+std::vector<std::string> header_words(const std::string& header, const std::string& role_hint, ParsedMessage& out,
+                                      std::string& why) {
   std::string h = header;
   static const std::string kChannelText = "<|channel|>", kConstrainText = "<|constrain|>";
   if (const size_t at = h.find(kChannelText); at != std::string::npos) {
@@ -184,7 +187,15 @@ bool parse_harmony_header(const std::string& header, const std::string& role_hin
     if (out.role != "tool" && why.empty()) why = "unknown role '" + parts[0] + "'";
     next = 1;
   }
-  std::vector<std::string> rest(parts.begin() + static_cast<std::ptrdiff_t>(next), parts.end());
+  return std::vector<std::string>(parts.begin() + static_cast<std::ptrdiff_t>(next), parts.end());
+}
+
+}  // namespace
+
+bool parse_harmony_header(const std::string& header, const std::string& role_hint, ParsedMessage& out,
+                          std::string* problem) {
+  std::string why;
+  std::vector<std::string> rest = header_words(header, role_hint, out, why);
   auto strip_to = [](const std::string& s) { return s.rfind("to=", 0) == 0 ? s.substr(3) : s; };
   if (!rest.empty()) {
     const std::string last = rest.back();
@@ -208,10 +219,18 @@ bool parse_harmony_header(const std::string& header, const std::string& role_hin
   return why.empty();
 }
 
+void salvage_harmony_header(const std::string& header, const std::string& role_hint, ParsedMessage& out) {
+  std::string why;
+  const std::vector<std::string> rest = header_words(header, role_hint, out, why);
+  out.content.clear();
+  for (const auto& word : rest) out.content += (out.content.empty() ? "" : " ") + word;
+}
+
 // ---------------------------------------------------------------------------------------------
 
-HarmonyParser::HarmonyParser(const Tokenizer& tokenizer, std::string expected_role)
+HarmonyParser::HarmonyParser(const Tokenizer& tokenizer, std::string expected_role, Mode mode)
     : tokenizer_(&tokenizer),
+      mode_(mode),
       state_(expected_role.empty() ? State::kExpectStart : State::kHeader),
       role_hint_(std::move(expected_role)),
       decoder_(tokenizer) {}
@@ -226,6 +245,7 @@ void HarmonyParser::begin_header(std::string role_hint) {
   state_ = State::kHeader;
   role_hint_ = std::move(role_hint);
   header_tokens_.clear();
+  header_positions_.clear();
   current_ = ParsedMessage{};
 }
 
@@ -238,6 +258,31 @@ void HarmonyParser::parse_header() {
   if (!parse_harmony_header(text, role_hint_, current_, &problem)) error("header '" + text + "': " + problem);
   current_.first_content_index = seen_;
   header_tokens_.clear();
+  header_positions_.clear();
+  role_hint_.clear();
+}
+
+void HarmonyParser::salvage_header() {
+  std::string text;
+  for (const int32_t t : header_tokens_) text.append(*tokenizer_->token_bytes(t));
+  current_ = ParsedMessage{};
+  salvage_harmony_header(utf8::repair(text), role_hint_, current_);
+  // The content's tokens: the shortest run of trailing header tokens that reads as the content.
+  if (!current_.content.empty()) {
+    std::string tail;
+    for (size_t k = header_tokens_.size(); k-- > 0 && !tokenizer_->is_special(header_tokens_[k]);) {
+      tail.insert(0, *tokenizer_->token_bytes(header_tokens_[k]));
+      if (trim(utf8::repair(tail)) == current_.content) {
+        current_.content_tokens.assign(header_tokens_.begin() + static_cast<std::ptrdiff_t>(k), header_tokens_.end());
+        current_.first_content_index = header_positions_[k];
+        break;
+      }
+      if (tail.size() > current_.content.size() + 64) break;
+    }
+  }
+  delta_ = current_.content;
+  header_tokens_.clear();
+  header_positions_.clear();
   role_hint_.clear();
 }
 
@@ -266,14 +311,17 @@ bool HarmonyParser::push(int32_t token) noexcept {
       error("id " + std::to_string(token) + " is not in the vocabulary; ignored");
       return true;
     }
-    const bool stop = token == kReturn || token == kCall || token == kEndOfText;
-    const bool ends = stop || token == kEnd;
+    // In a whole transcript a stop token only ends its message; in generation it ends the output.
+    const bool stop = mode_ == Mode::kGeneration && (token == kReturn || token == kCall || token == kEndOfText);
+    const bool ends_message = token == kEnd || token == kReturn || token == kCall || token == kEndOfText;
     switch (state_) {
       case State::kExpectStart:
         if (token == kStart) {
           begin_header("");
         } else if (stop) {
           state_ = State::kStopped;
+        } else if (ends_message) {
+          error("message end outside a message; ignored");
         } else {
           error("expected <|start|>, got id " + std::to_string(token) + "; ignored");
         }
@@ -282,10 +330,11 @@ bool HarmonyParser::push(int32_t token) noexcept {
         if (token == kMessage) {
           parse_header();
           state_ = State::kContent;
-        } else if (ends) {
-          // Salvage: the header is all there is; the message has no content.
-          error("message ended inside its header");
-          parse_header();
+        } else if (ends_message) {
+          // No <|message|>: as the harmony reference's non-strict mode does, the header's fields are
+          // read (role, channel) and the words after them are the content, e.g. "<|channel|>final 1".
+          error("message ended inside its header (no <|message|>); its words after the channel kept as content");
+          salvage_header();
           close_message(token);
           state_ = stop ? State::kStopped : State::kExpectStart;
         } else if (token == kStart) {
@@ -293,10 +342,11 @@ bool HarmonyParser::push(int32_t token) noexcept {
           begin_header("");
         } else {
           header_tokens_.push_back(token);
+          header_positions_.push_back(seen_ - 1);
         }
         break;
       case State::kContent:
-        if (ends) {
+        if (ends_message) {
           close_message(token);
           state_ = stop ? State::kStopped : State::kExpectStart;
         } else if (token == kStart) {
@@ -324,10 +374,11 @@ bool HarmonyParser::push(int32_t token) noexcept {
 void HarmonyParser::finish() noexcept {
   if (finished_) return;
   finished_ = true;
+  delta_.clear();
   try {
     if (state_ == State::kHeader && !header_tokens_.empty()) {
-      error("output cut off inside a header");
-      parse_header();
+      error("output cut off inside a header; its words after the channel kept as content");
+      salvage_header();
       close_message(-1);
     } else if (state_ == State::kContent) {
       close_message(-1);

@@ -79,12 +79,19 @@ struct ParsedMessage {
 
 // Streaming parser for model output. Starts expecting a header for `expected_role` (the prompt
 // ended with <|start|>assistant), or in the between-messages state when expected_role is empty.
-// push() never throws: anything unexpected is recorded in errors() and skipped (non-strict mode).
+// push() never throws: anything unexpected is recorded in errors() and skipped. Like the harmony
+// reference's non-strict mode, a message that ends inside its header (no <|message|>) keeps the
+// header's role and channel and takes the words after them as its content ("<|channel|>final 1"
+// is a final message "1"); unlike it, this holds for every message, not only the first, and for
+// output cut off inside a header.
 class HarmonyParser {
  public:
   enum class State { kExpectStart, kHeader, kContent, kStopped };
+  // kGeneration: a stop token ends the output (later tokens are ignored). kTranscript: a whole
+  // conversation, where <|return|> and <|call|> only end their message and parsing goes on.
+  enum class Mode { kGeneration, kTranscript };
 
-  explicit HarmonyParser(const Tokenizer& tokenizer, std::string expected_role = "assistant");
+  explicit HarmonyParser(const Tokenizer& tokenizer, std::string expected_role = "assistant", Mode mode = Mode::kGeneration);
 
   // Consumes one generated token. Returns false once a stop token (<|return|>, <|call|>, or
   // <|endoftext|>) has been seen; later tokens are ignored (and reported). <|end|> only closes a
@@ -100,7 +107,8 @@ class HarmonyParser {
   const std::vector<ParsedMessage>& messages() const { return messages_; }
   // The message being read (header fields known once in kContent).
   const ParsedMessage& current() const { return current_; }
-  // Content text decoded by the last push(), for streaming to a client.
+  // Content text decoded by the last push() (or finish()), for streaming to a client: all of them
+  // together are the messages' contents in order.
   const std::string& last_delta() const { return delta_; }
   const std::vector<std::string>& errors() const { return errors_; }
   size_t tokens_seen() const { return seen_; }
@@ -108,13 +116,16 @@ class HarmonyParser {
  private:
   void begin_header(std::string role_hint);
   void parse_header();
+  void salvage_header();
   void close_message(int32_t end_token);
   void error(std::string what);
 
   const Tokenizer* tokenizer_;
+  Mode mode_;
   State state_;
   std::string role_hint_;
   std::vector<int32_t> header_tokens_;
+  std::vector<size_t> header_positions_;  // index of each header token in the stream
   ParsedMessage current_;
   StreamDecoder decoder_;
   std::vector<ParsedMessage> messages_;
@@ -130,5 +141,8 @@ class HarmonyParser {
 // could be read are still filled in.
 bool parse_harmony_header(const std::string& header, const std::string& role_hint, ParsedMessage& out,
                           std::string* problem);
+// Reads a header that was never closed by <|message|>: role, author and channel as above, and every
+// word after them (joined by single spaces) as the content.
+void salvage_harmony_header(const std::string& header, const std::string& role_hint, ParsedMessage& out);
 
 }  // namespace arbiter

@@ -353,6 +353,70 @@ TEST(HarmonyParser, Utf8SplitAcrossTokensInContent) {
   EXPECT_EQ(q.messages()[0].content, "\xef\xbf\xbd\xef\xbf\xbd");
 }
 
+// The harmony reference's non-strict case: a message without <|message|> keeps its channel and the
+// rest of its header as content.
+TEST(HarmonyParser, HeaderWithoutMessageKeepsItsWordsAsContent) {
+  const Tokenizer& tok = tokenizer();
+  std::vector<std::string> errors;
+  auto msgs = parse_all(tok.encode_with_specials("<|channel|>commentary Hello<|end|>"), "assistant", &errors);
+  ASSERT_EQ(msgs.size(), 1u);
+  EXPECT_EQ(msgs[0].role, "assistant");
+  EXPECT_EQ(msgs[0].channel, "commentary");
+  EXPECT_EQ(msgs[0].content, "Hello");
+  EXPECT_TRUE(msgs[0].recipient.empty());
+  EXPECT_FALSE(errors.empty());  // reported, not silent
+  // The real model's slip in a safeguard answer, after a well-formed analysis: the verdict is kept,
+  // with the token that carries it (for its confidence).
+  const Ids slip = tok.encode_with_specials(
+      "<|channel|>analysis<|message|>Phishing. Violation.<|end|><|start|>assistant<|channel|>final 1<|return|>");
+  const SafeguardOutput out = parse_safeguard_output(tok, slip);
+  EXPECT_TRUE(out.finished);
+  EXPECT_TRUE(out.has_final);
+  EXPECT_EQ(out.final_text, "1");
+  EXPECT_EQ(out.reasoning, "Phishing. Violation.");
+  ASSERT_FALSE(out.final_tokens.empty());
+  ASSERT_GE(out.final_first_index, 0);
+  EXPECT_EQ(slip.at(static_cast<size_t>(out.final_first_index)), out.final_tokens[0]);
+  std::string text;
+  for (const int32_t t : out.final_tokens) text += *tok.token_bytes(t);
+  EXPECT_EQ(text.substr(text.find_first_not_of(' ')), "1");
+  // Several words, and a JSON answer; cut off inside the header (no stop token) too.
+  msgs = parse_all(tok.encode_with_specials("<|channel|>final {\"violation\": 1}<|return|>"), "assistant");
+  ASSERT_EQ(msgs.size(), 1u);
+  EXPECT_EQ(msgs[0].content, "{\"violation\": 1}");
+  msgs = parse_all(tok.encode_with_specials("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>final SAFE"), "assistant");
+  ASSERT_EQ(msgs.size(), 2u);
+  EXPECT_EQ(msgs[1].channel, "final");
+  EXPECT_EQ(msgs[1].content, "SAFE");
+  EXPECT_FALSE(msgs[1].complete());
+  // A well-formed header with a recipient is still read as one.
+  msgs = parse_all(tok.encode_with_specials("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>"), "assistant");
+  ASSERT_EQ(msgs.size(), 1u);
+  EXPECT_EQ(msgs[0].recipient, "functions.f");
+  EXPECT_EQ(msgs[0].content, "{}");
+}
+
+TEST(HarmonyParser, TranscriptModeReadsPastStopTokens) {
+  const Tokenizer& tok = tokenizer();
+  const Ids transcript = tok.encode_with_specials(
+      "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>final<|message|>a<|return|>"
+      "<|start|>user<|message|>again<|end|><|start|>assistant<|channel|>commentary to=functions.f<|message|>{}<|call|>"
+      "<|start|>functions.f to=assistant<|channel|>commentary<|message|>42<|end|>");
+  HarmonyParser whole(tok, "", HarmonyParser::Mode::kTranscript);
+  for (const int32_t t : transcript) EXPECT_TRUE(whole.push(t));
+  whole.finish();
+  ASSERT_EQ(whole.messages().size(), 5u);
+  EXPECT_EQ(whole.messages()[1].end_token, kReturn);
+  EXPECT_EQ(whole.messages()[2].content, "again");
+  EXPECT_EQ(whole.messages()[3].recipient, "functions.f");
+  EXPECT_EQ(whole.messages()[4].author, "functions.f");
+  EXPECT_EQ(whole.messages()[4].content, "42");
+  EXPECT_TRUE(whole.errors().empty());
+  // In generation mode the same tokens stop at the first <|return|>.
+  const auto generated = parse_all(transcript, "");
+  EXPECT_EQ(generated.size(), 2u);
+}
+
 TEST(HarmonyParser, FuzzArbitraryTokenSequences) {
   const Tokenizer& tok = tokenizer();
   std::mt19937 rng(20251101);
@@ -363,7 +427,9 @@ TEST(HarmonyParser, FuzzArbitraryTokenSequences) {
       " \n\t{\"violation\": 1} 0 1 é 😀");
   size_t total_messages = 0;
   for (int run = 0; run < 3000; ++run) {
-    HarmonyParser p(tok, run % 3 ? "assistant" : "");
+    const auto mode = run % 5 == 4 ? HarmonyParser::Mode::kTranscript : HarmonyParser::Mode::kGeneration;
+    HarmonyParser p(tok, run % 3 ? "assistant" : "", mode);
+    std::string deltas;
     const int n = static_cast<int>(rng() % 60);
     Ids seq;
     for (int i = 0; i < n; ++i) {
@@ -376,9 +442,15 @@ TEST(HarmonyParser, FuzzArbitraryTokenSequences) {
       seq.push_back(t);
       p.push(t);
       ASSERT_TRUE(utf8::is_valid(p.last_delta()));
+      deltas += p.last_delta();
     }
     p.finish();
+    deltas += p.last_delta();
     p.finish();
+    // The streamed deltas are exactly the messages' contents.
+    std::string contents;
+    for (const auto& m : p.messages()) contents += m.content;
+    ASSERT_EQ(deltas, contents) << "run " << run;
     size_t ends = 0;
     for (const int32_t t : seq) ends += t == kEnd || t == kReturn || t == kCall || t == kEndOfText || t == kStart;
     ASSERT_LE(p.messages().size(), ends + 1);
