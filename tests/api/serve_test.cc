@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/api/serve_process.h"
 #include "tests/test_util.h"
 
 namespace arbiter {
@@ -37,101 +38,7 @@ namespace {
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-// A running `arbiter serve` (or `mpirun ... arbiter serve`); SIGTERM and reaped when destroyed.
-class ServeProcess {
- public:
-  ServeProcess(const std::vector<std::string>& args, const std::string& log_file, bool mpi = false) : log_(log_file) {
-    std::vector<std::string> argv;
-    if (mpi) argv = {ARBITER_MPIEXEC, "--oversubscribe", "--allow-run-as-root", "-np", "2"};
-    argv.push_back(ARBITER_BINARY);
-    argv.push_back("serve");
-    argv.insert(argv.end(), args.begin(), args.end());
-    int out[2];
-    if (pipe(out) != 0) throw std::runtime_error("pipe");
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(out[1], STDOUT_FILENO);
-      const int err = open(log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (err >= 0) dup2(err, STDERR_FILENO);
-      close(out[0]);
-      setenv("OMPI_MCA_plm_rsh_agent", "", 1);
-      setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-      std::vector<char*> c;
-      for (auto& a : argv) c.push_back(a.data());
-      c.push_back(nullptr);
-      execv(c[0], c.data());
-      _exit(127);
-    }
-    close(out[1]);
-    stdout_ = out[0];
-    // The address line comes first.
-    const std::regex address("listening on http://([0-9.]+):([0-9]+) \\(pid ([0-9]+)\\)");
-    std::string text;
-    const auto give_up = Clock::now() + std::chrono::seconds(60);
-    std::smatch m;
-    while (!std::regex_search(text, m, address)) {
-      std::string failure;
-      pollfd p{stdout_, POLLIN, 0};
-      if (Clock::now() > give_up) failure = "no address printed";
-      else if (poll(&p, 1, 200) > 0) {
-        char buf[256];
-        const ssize_t n = read(stdout_, buf, sizeof(buf));
-        if (n <= 0) failure = "arbiter serve exited";
-        else text.append(buf, static_cast<size_t>(n));
-      }
-      if (!failure.empty()) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-        close(stdout_);
-        throw std::runtime_error(failure + "; output: " + text + log());
-      }
-    }
-    port_ = std::stoi(m[2]);
-    server_pid_ = std::stoi(m[3]);
-  }
-  ~ServeProcess() {
-    if (pid_ > 0 && !reaped_) {
-      kill(server_pid_ > 0 ? server_pid_ : pid_, SIGTERM);
-      if (wait_exit(20) < -1) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-      }
-    }
-    if (stdout_ >= 0) close(stdout_);
-  }
-  ServeProcess(const ServeProcess&) = delete;
-  ServeProcess& operator=(const ServeProcess&) = delete;
-
-  int port() const { return port_; }
-  pid_t pid() const { return pid_; }            // what was started (mpirun, or arbiter)
-  pid_t server_pid() const { return server_pid_; }  // the arbiter process serving HTTP (rank 0)
-  std::string log() const {
-    std::ifstream in(log_);
-    return "\n--- server log ---\n" + std::string(std::istreambuf_iterator<char>(in), {});
-  }
-  // Exit status once the process ends within `seconds`; -2 when it did not; -1 killed by a signal.
-  int wait_exit(double seconds) {
-    const auto until = Clock::now() + std::chrono::duration<double>(seconds);
-    while (Clock::now() < until) {
-      int status = 0;
-      const pid_t r = waitpid(pid_, &status, WNOHANG);
-      if (r == pid_) {
-        reaped_ = true;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return -2;
-  }
-
- private:
-  std::string log_;
-  pid_t pid_ = -1;
-  int stdout_ = -1;
-  int port_ = 0;
-  pid_t server_pid_ = -1;
-  bool reaped_ = false;
-};
+using testing::ServeProcess;
 
 struct Reply {
   int status = 0;
