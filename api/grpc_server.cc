@@ -120,9 +120,10 @@ grpc::Status error_status(grpc::ServerContext* ctx, const HttpReply& reply, Kind
 // A call's deadline as the timeout of its classify request: the server's timeout, the request's
 // and the client's, whichever ends first. false when the deadline has already passed.
 bool apply_deadline(SystemClock::time_point deadline, wire::ClassifyRequest& request) {
-  if (deadline == SystemClock::time_point::max()) return true;
+  if (deadline == SystemClock::time_point::max()) return true;  // none
   const double left = std::chrono::duration<double>(deadline - SystemClock::now()).count();
   if (left <= 0) return false;
+  if (left > 1e8) return true;  // years: as good as none
   // A timeout that is not a positive number stays as it is: ApiServer answers it 400.
   if (!request.has_timeout() || (request.timeout() > 0 && request.timeout() > left)) request.set_timeout(left);
   return true;
@@ -364,6 +365,8 @@ int GrpcServer::start() {
       (host.find(':') != std::string::npos && host.front() != '[' ? "[" + host + "]" : host) + ":" + std::to_string(impl.port);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
+  // A port in use is an error, as for HTTP (gRPC would otherwise share it with SO_REUSEPORT).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   int bound = 0;
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &bound);
   builder.RegisterService(&impl);

@@ -256,6 +256,14 @@ TEST_F(ApiGrpc, UnaryClassifyAnswersAsHttpDoes) {
   ASSERT_EQ(status, 200) << http.dump();
   EXPECT_EQ(essence(to_json(response)), essence(http)) << "gRPC and HTTP disagree on a greedy request";
   EXPECT_NE(response.id(), http["id"].get<std::string>());
+  {  // Without a deadline: the server's timeout alone.
+    grpc::ClientContext plain;
+    plain.AddMetadata("authorization", std::string("Bearer ") + kKey);
+    wire::ClassifyResponse again;
+    const grpc::Status ps = stub->Classify(&plain, request, &again);
+    ASSERT_TRUE(ps.ok()) << ps.error_message();
+    EXPECT_EQ(essence(to_json(again)), essence(to_json(response)));
+  }
 
   // Models, health, and the calls counted by method and code.
   auto mctx = context();
@@ -268,24 +276,39 @@ TEST_F(ApiGrpc, UnaryClassifyAnswersAsHttpDoes) {
   ASSERT_TRUE(stub->Health(hctx.get(), {}, &health).ok());
   EXPECT_EQ(health.status(), "ok");
   EXPECT_EQ(health.ranks(), 1);
-  EXPECT_EQ(metric(server.http, "arbiter_grpc_requests_total{method=\"Classify\",code=\"OK\"}"), 1) << metrics_text(server.http);
+  EXPECT_EQ(metric(server.http, "arbiter_grpc_requests_total{method=\"Classify\",code=\"OK\"}"), 2) << metrics_text(server.http);
 
   // SIGTERM: readiness goes, the process drains and exits 0.
   kill(server.process->server_pid(), SIGTERM);
   EXPECT_EQ(server.process->wait_exit(30), 0) << server.process->log();
 }
 
+TEST_F(ApiGrpc, CommandLine) {
+  const auto help = testing::run_command(std::string(ARBITER_BINARY) + " serve --help");
+  EXPECT_EQ(help.status, 0) << help.output;
+  EXPECT_NE(help.output.find("--grpc-port"), std::string::npos) << help.output;
+  const auto bad = testing::run_command(std::string(ARBITER_BINARY) + " serve --port 0 --grpc-port 70000 --model " + file("model"));
+  EXPECT_NE(bad.status, 0) << bad.output;
+  EXPECT_NE(bad.output.find("--grpc-port"), std::string::npos) << bad.output;
+  // A gRPC port in use: the command fails (no silent sharing of the port).
+  Endpoints first = start_server(args(), file("first.log"));
+  const auto taken = testing::run_command(std::string(ARBITER_BINARY) + " serve --port 0 --device cpu --grpc-port " +
+                                          std::to_string(first.grpc) + " --model " + file("model"));
+  EXPECT_EQ(taken.status, 1) << taken.output;
+  EXPECT_NE(taken.output.find("cannot serve gRPC"), std::string::npos) << taken.output;
+}
+
 TEST_F(ApiGrpc, ClassifyStreamSendsEachPolicyWhenItEndsThenTheResponse) {
   // Two thread ranks and a small step budget: the long policy (first in the request) is prefilled
   // on one rank over many steps while the short one runs on the other and ends first.
   auto a = args();
-  a.insert(a.end(), {"--ranks", "2", "--step-tokens", "32", "--warm-efforts", "none"});
+  a.insert(a.end(), {"--ranks", "2", "--step-tokens", "8", "--warm-efforts", "none"});
   Endpoints server = start_server(a, file("stream.log"));
   auto stub = stub_for(server.grpc);
   ASSERT_TRUE(wait_ready(*stub, 60)) << server.process->log();
 
   std::string long_policy = "# Spam\n";
-  for (int i = 0; i < 60; ++i) long_policy += "Rule " + std::to_string(i) + ": unsolicited offers violate. ";
+  for (int i = 0; i < 150; ++i) long_policy += "Rule " + std::to_string(i) + ": unsolicited offers violate. ";
   long_policy += "Return exactly one character: 0 or 1.";
   wire::ClassifyRequest request;
   request.set_content("win a free cruise now");
@@ -302,9 +325,12 @@ TEST_F(ApiGrpc, ClassifyStreamSendsEachPolicyWhenItEndsThenTheResponse) {
   auto reader = stub->ClassifyStream(ctx.get(), request);
   std::vector<wire::ClassifyStreamEvent> events;
   std::vector<Clock::time_point> arrived;
+  double running_at_first = -1;
   for (wire::ClassifyStreamEvent e; reader->Read(&e);) {
     events.push_back(e);
     arrived.push_back(Clock::now());
+    // The first result arrives while the long policy is still being computed.
+    if (events.size() == 1) running_at_first = metric(server.http, "arbiter_running_sequences");
   }
   const grpc::Status s = reader->Finish();
   ASSERT_TRUE(s.ok()) << s.error_message() << server.process->log();
@@ -316,6 +342,7 @@ TEST_F(ApiGrpc, ClassifyStreamSendsEachPolicyWhenItEndsThenTheResponse) {
   EXPECT_EQ(events[0].policy_result().result().policy_id(), "short");
   EXPECT_EQ(events[1].policy_result().index(), 0);
   EXPECT_EQ(events[1].policy_result().result().policy_id(), "long");
+  EXPECT_EQ(running_at_first, 1) << "the first result came only after every policy had ended";
   EXPECT_LT(arrived[0], arrived[1]);
   // Each early result is the one in the final response.
   const wire::ClassifyResponse& final_response = events[2].response();
@@ -675,7 +702,7 @@ TEST_F(ApiGrpc, RandomBytesAndRandomFieldsAlwaysGetAStatus) {
       if (rng() % 6 == 0) p->add_violating_labels(random_text(5));
     }
     if (rng() % 3 == 0) req.set_reasoning_effort(rng() % 2 ? "low" : random_text(6));
-    if (rng() % 2) req.set_max_tokens(static_cast<int32_t>(rng() % 3) == 0 ? -static_cast<int32_t>(rng() % 100) : static_cast<int32_t>(rng() % 6));
+    if (rng() % 5) req.set_max_tokens(static_cast<int32_t>(rng() % 3) == 0 ? -static_cast<int32_t>(rng() % 100) : static_cast<int32_t>(rng() % 6));
     if (rng() % 3 == 0) req.set_timeout(numbers[rng() % std::size(numbers)]);
     if (rng() % 5 == 0) req.set_model(random_text(8));
     if (rng() % 4 == 0) req.set_return_reasoning(rng() % 2);
