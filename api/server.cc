@@ -1,7 +1,5 @@
 #include "api/server.h"
 
-#include <httplib.h>
-
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -11,12 +9,10 @@
 #include <chrono>
 #include <thread>
 
-#include <sys/socket.h>
-
 #include "api/api.pb.h"
 #include "api/chat_api.h"
 #include "api/classify_api.h"
-#include "api/connection_watch.h"
+#include "api/http_transport.h"
 #include "api/errors.h"
 #include "api/json_io.h"
 #include "api/pending.h"
@@ -31,16 +27,6 @@ using Clock = std::chrono::steady_clock;
 constexpr auto kPoll = std::chrono::milliseconds(50);
 // How long past its deadline (or its cancellation) a handler waits for the scheduler's answer.
 constexpr auto kGrace = std::chrono::seconds(30);
-
-// cpp-httplib's server with a deeper listen queue: the library listens with a backlog of 5, which
-// drops connections when dozens of clients connect at once.
-class HttpTransport : public httplib::Server {
- public:
-  void widen_backlog(int backlog) {
-    const int fd = static_cast<int>(svr_sock_.load());
-    if (fd >= 0) ::listen(fd, backlog);  // listening again only changes the backlog
-  }
-};
 
 uint32_t unix_now() {
   return static_cast<uint32_t>(
@@ -108,9 +94,7 @@ struct ApiServer::Impl {
   std::condition_variable idle_changed;
   int in_flight = 0;
 
-  HttpTransport http;
-  std::thread http_thread;
-  bool bound = false;
+  std::unique_ptr<HttpTransport> http;
 
   // Counts a request in flight for as long as it lives (streams keep it alive until they end).
   struct InFlight {
@@ -554,6 +538,7 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
   HttpReply reply;
   reply.content_type = "text/event-stream";
   reply.headers.emplace_back("Cache-Control", "no-cache");
+  reply.stream_probe = ":\n\n";  // an SSE comment
   const bool include_usage = plan.include_usage;
   reply.stream = [=, this](const std::function<bool(std::string_view)>& write) {
     (void)guard;    // the request stays in flight until the stream ends
@@ -850,86 +835,29 @@ bool ApiServer::wait_idle(std::chrono::milliseconds timeout) {
 }
 
 int ApiServer::bind() {
-  Impl& impl = *impl_;
-  const size_t threads = static_cast<size_t>(std::max(1, impl.options.http_threads));
-  // cpp-httplib's interface: it takes ownership of the queue it gets from this factory.
-  impl.http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-  impl.http.set_payload_max_length(impl.options.max_body_bytes);
-  impl.http.set_keep_alive_max_count(1000);
-  impl.http.set_keep_alive_timeout(2);  // an idle keep-alive connection also holds up shutdown this long
-  impl.http.set_read_timeout(60, 0);
-  impl.http.set_write_timeout(60, 0);
-  impl.http.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request&, httplib::Response& res) {
-    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-    ApiError e{res.status, "HTTP error " + std::to_string(res.status) + ".", "invalid_request_error", "", "", 0};
-    if (res.status == 413) e = {413, "The request body is larger than the server accepts.", "invalid_request_error", "", "request_too_large", 0};
-    else if (res.status >= 500) e.type = "server_error";
-    res.set_content(error_json(e), "application/json");
-    return httplib::Server::HandlerResponse::Handled;
-  }));
-  impl.http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
-    res.status = 500;
-    res.set_content(error_json({500, "Internal error.", "server_error", "", "internal_error", 0}), "application/json");
-  });
-  auto adapter = [this](const httplib::Request& req, httplib::Response& res) {
-    HttpRequest r;
-    r.method = req.method;
-    r.path = req.path;
-    r.body = req.body;
-    for (const auto& [k, v] : req.headers) {
-      std::string name = k;
-      std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-      r.headers.emplace(std::move(name), v);
-    }
-    auto watch = std::make_shared<ConnectionWatch>(req.local_addr, req.local_port, req.remote_addr, req.remote_port);
-    r.client_gone = [watch] { return watch->closed(); };
-    HttpReply reply = handle(r);
-    res.status = reply.status;
-    for (const auto& [k, v] : reply.headers) res.set_header(k, v);
-    if (reply.stream) {
-      res.set_chunked_content_provider(reply.content_type, [stream = std::move(reply.stream)](size_t, httplib::DataSink& sink) {
-        stream([&](std::string_view chunk) { return sink.write(chunk.data(), chunk.size()); });
-        sink.done();
-        return true;
-      });
-    } else {
-      res.set_content(reply.body, reply.content_type);
-    }
-  };
-  const httplib::Server::Handler handler = adapter;
-  impl.http.Get(".*", handler);
-  impl.http.Post(".*", handler);
-  impl.http.Delete(".*", handler);
-  impl.http.Put(".*", handler);
-  impl.http.Patch(".*", handler);
-  impl.http.Options(".*", handler);
-
-  int port = impl.options.port;
-  if (port == 0) {
-    port = impl.http.bind_to_any_port(impl.options.host);
-    if (port <= 0) throw std::runtime_error("cannot listen on " + impl.options.host + " (any port)");
-  } else if (!impl.http.bind_to_port(impl.options.host, port)) {
-    throw std::runtime_error("cannot listen on " + impl.options.host + ":" + std::to_string(port));
-  }
-  impl.http.widen_backlog(1024);
-  impl.bound = true;
-  return port;
+  const ApiOptions& o = impl_->options;
+  HttpTransportOptions t;
+  t.host = o.host;
+  t.port = o.port;
+  t.max_body_bytes = o.max_body_bytes;
+  t.handler_threads = o.http_threads;
+  t.max_waiting = o.max_waiting;
+  t.max_connections = o.max_connections;
+  t.header_timeout = o.header_timeout;
+  t.body_timeout = o.body_timeout;
+  t.idle_timeout = o.idle_timeout;
+  t.retry_after_seconds = o.retry_after_seconds;
+  impl_->http = std::make_unique<HttpTransport>(t, [this](const HttpRequest& r) { return handle(r); }, impl_->metrics);
+  return impl_->http->bind();
 }
 
 void ApiServer::start() {
-  if (!impl_->bound) throw std::logic_error("ApiServer::start before bind");
-  if (impl_->http_thread.joinable()) return;
-  impl_->http_thread = std::thread([this] { impl_->http.listen_after_bind(); });
-  // cpp-httplib's stop() does nothing until the listen loop has marked itself running, so a stop()
-  // right after start() (e.g. the model failed to load) would leave the loop, and the join, hanging.
-  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!impl_->http.is_running() && std::chrono::steady_clock::now() < give_up)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (!impl_->http) throw std::logic_error("ApiServer::start before bind");
+  impl_->http->start();
 }
 
 void ApiServer::stop() {
-  if (impl_->bound) impl_->http.stop();
-  if (impl_->http_thread.joinable()) impl_->http_thread.join();
+  if (impl_->http) impl_->http->stop();
 }
 
 }  // namespace arbiter::api

@@ -9,7 +9,7 @@
 // cancelled.
 //
 // Request handling is transport-independent (handle(HttpRequest) -> HttpReply, what the unit tests
-// drive); cpp-httplib carries it over HTTP/1.1. The server can listen before the model is loaded:
+// drive); api/http_transport.h carries it over HTTP/1.1. The server can listen before the model is loaded:
 // model endpoints answer 503 until attach().
 #pragma once
 
@@ -42,7 +42,12 @@ struct ApiOptions {
   ApiKeys keys;                         // none: no authentication
   size_t max_body_bytes = 4u << 20;
   double request_timeout = 600;         // seconds per request (0: none); a request's `timeout` may shorten it
-  int http_threads = 128;               // concurrent connections served
+  int http_threads = 256;               // requests handled at once (each may wait for the model)
+  int max_waiting = 1024;               // complete requests waiting for a handler thread before 429
+  int max_connections = 4096;           // open connections before 503
+  double header_timeout = 10;           // seconds for a request head, from its first byte
+  double body_timeout = 60;             // seconds for a request body, after its head
+  double idle_timeout = 5;              // seconds a keep-alive connection may stay idle
   ReasoningEffort default_effort = ReasoningEffort::kMedium;
   // Registered policies are computed into the prefix cache once per effort listed here (the effort
   // is in the system message, ahead of the policy, so each effort has its own prefix).
@@ -85,6 +90,9 @@ struct HttpReply {
   // Streaming replies: writes every chunk through `write` (false: the client is gone) and returns
   // when the stream is over.
   std::function<void(const std::function<bool(std::string_view)>& write)> stream;
+  // Bytes a stream may carry anywhere without changing its meaning (an SSE comment): the transport
+  // writes them to find out whether a client that stopped sending is still reading.
+  std::string stream_probe;
 };
 
 // The API: request handling (handle) and its HTTP transport (bind/start/stop).

@@ -8,7 +8,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libprotobuf-dev protobuf-compiler
   libgrpc++-dev protobuf-compiler-grpc
-  libcpp-httplib-dev nlohmann-json3-dev
+  libboost-dev libcpp-httplib-dev nlohmann-json3-dev
   libpcre2-dev libsqlite3-dev
   curl python3
 )

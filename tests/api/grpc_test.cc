@@ -35,9 +35,6 @@
 namespace arbiter {
 namespace {
 
-using nlohmann::json;
-using testing::ServeProcess;
-using Clock = std::chrono::steady_clock;
 namespace wire = api::wire;
 
 constexpr const char* kKey = "key-one";
@@ -92,14 +89,6 @@ std::string metrics_text(int port) {
   httplib::Client client("127.0.0.1", port);
   const auto r = client.Get("/metrics");
   return r ? r->body : "";
-}
-
-// The value of a metric series (name with labels, as printed); -1 when absent.
-double metric(int port, const std::string& series) {
-  std::istringstream in(metrics_text(port));
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
-  return -1;
 }
 
 // Waits until `series` reaches `at_least`; its last value.

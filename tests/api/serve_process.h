@@ -1,26 +1,40 @@
-// ServeProcess: a running `arbiter serve` (or `mpirun -np 2 arbiter serve`) for end-to-end tests of
-// the HTTP and gRPC APIs: started with a pipe on its standard output, which is read until the
-// address line; SIGTERM (to rank 0) and reaped when destroyed. Needs ARBITER_BINARY, and
-// ARBITER_MPIEXEC for mpi runs.
+// Test helpers for a real `arbiter serve` subprocess: ServeProcess starts it (alone or under
+// `mpirun -np 2`) and reads the address it prints; call() sends one HTTP request; wait_ready() and
+// metric() read /ready and /metrics. Shared by the API test suites.
 #pragma once
 
+#include <gtest/gtest.h>
+#include <httplib.h>
+
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
+#include <map>
+#include <optional>
 #include <cstdlib>
 #include <fstream>
-#include <iterator>
+#include <nlohmann/json.hpp>
 #include <regex>
+#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
-namespace arbiter::testing {
+namespace arbiter {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
 
 // A running `arbiter serve` (or `mpirun ... arbiter serve`); SIGTERM and reaped when destroyed.
 class ServeProcess {
@@ -50,16 +64,26 @@ class ServeProcess {
     close(out[1]);
     stdout_ = out[0];
     // The address line comes first.
+    const std::regex address("listening on http://([0-9.]+):([0-9]+) \\(pid ([0-9]+)\\)");
+    std::string& text = output_;
+    const auto give_up = Clock::now() + std::chrono::seconds(60);
     std::smatch m;
-    try {
-      m = wait_for_output(std::regex("listening on http://([0-9.]+):([0-9]+) \\(pid ([0-9]+)\\)"), 60);
-    } catch (...) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-      close(stdout_);
-      stdout_ = -1;
-      reaped_ = true;
-      throw;
+    while (!std::regex_search(text, m, address)) {
+      std::string failure;
+      pollfd p{stdout_, POLLIN, 0};
+      if (Clock::now() > give_up) failure = "no address printed";
+      else if (poll(&p, 1, 200) > 0) {
+        char buf[256];
+        const ssize_t n = read(stdout_, buf, sizeof(buf));
+        if (n <= 0) failure = "arbiter serve exited";
+        else text.append(buf, static_cast<size_t>(n));
+      }
+      if (!failure.empty()) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, nullptr, 0);
+        close(stdout_);
+        throw std::runtime_error(failure + "; output: " + text + log());
+      }
     }
     port_ = std::stoi(m[2]);
     server_pid_ = std::stoi(m[3]);
@@ -77,8 +101,9 @@ class ServeProcess {
   ServeProcess(const ServeProcess&) = delete;
   ServeProcess& operator=(const ServeProcess&) = delete;
 
-  // Reads the server's standard output until `pattern` matches it (within `seconds`); the match
-  // (its groups refer to output()). Throws when the output ends or the time runs out first.
+  // Reads on in the server's standard output until `pattern` matches it (e.g. the gRPC address
+  // printed after the HTTP one); the match refers to output(). Throws when the output ends or
+  // `seconds` pass first.
   std::smatch wait_for_output(const std::regex& pattern, double seconds) {
     const auto give_up = Clock::now() + std::chrono::duration<double>(seconds);
     std::smatch m;
@@ -121,7 +146,6 @@ class ServeProcess {
   }
 
  private:
-  using Clock = std::chrono::steady_clock;
   std::string log_;
   std::string output_;
   pid_t pid_ = -1;
@@ -131,4 +155,192 @@ class ServeProcess {
   bool reaped_ = false;
 };
 
-}  // namespace arbiter::testing
+struct Reply {
+  int status = 0;
+  json body;
+  std::string raw;
+  std::string retry_after;
+};
+
+inline Reply call(int port, const std::string& method, const std::string& path, const std::string& body = "",
+           const std::string& key = "") {
+  httplib::Client client("127.0.0.1", port);
+  client.set_read_timeout(120, 0);
+  client.set_connection_timeout(10, 0);
+  httplib::Headers headers;
+  if (!key.empty()) headers.emplace("Authorization", "Bearer " + key);
+  httplib::Result r = method == "GET"      ? client.Get(path.c_str(), headers)
+                      : method == "DELETE" ? client.Delete(path.c_str(), headers)
+                                           : client.Post(path.c_str(), headers, body, "application/json");
+  Reply out;
+  if (!r) {
+    out.raw = "no response: " + httplib::to_string(r.error());
+    return out;
+  }
+  out.status = r->status;
+  out.raw = r->body;
+  out.body = json::parse(r->body, nullptr, false);
+  out.retry_after = r->get_header_value("Retry-After");
+  return out;
+}
+
+inline bool wait_ready(int port, double seconds) {
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < until) {
+    if (call(port, "GET", "/ready").status == 200) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return false;
+}
+
+// The value of a metric line (name with labels, as printed); -1 when absent.
+inline double metric(int port, const std::string& series) {
+  const Reply r = call(port, "GET", "/metrics");
+  std::istringstream in(r.raw);
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
+  return -1;
+}
+
+// A TCP connection to 127.0.0.1:port; -1 when it cannot connect.
+inline int connect_to(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// One HTTP response as read off a raw socket.
+struct RawResponse {
+  int status = 0;
+  std::string version;                         // "HTTP/1.1"
+  std::map<std::string, std::string> headers;  // lower-case names
+  std::string body;
+  std::vector<int> interim;                    // 1xx statuses that came before it
+  std::string header(const std::string& name) const {
+    const auto it = headers.find(name);
+    return it == headers.end() ? "" : it->second;
+  }
+};
+
+// A raw client connection, for what an HTTP library hides: pipelining, half-close, trickled bytes,
+// malformed requests. Closed when destroyed.
+class RawConnection {
+ public:
+  explicit RawConnection(int port) : fd_(connect_to(port)) {}
+  ~RawConnection() {
+    if (fd_ >= 0) close(fd_);
+  }
+  RawConnection(const RawConnection&) = delete;
+  RawConnection& operator=(const RawConnection&) = delete;
+
+  bool ok() const { return fd_ >= 0; }
+  int fd() const { return fd_; }
+  bool send_all(std::string_view data) {
+    while (!data.empty()) {
+      const ssize_t n = send(fd_, data.data(), data.size(), MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      data.remove_prefix(static_cast<size_t>(n));
+    }
+    return true;
+  }
+  void shutdown_write() { shutdown(fd_, SHUT_WR); }
+
+  // The next response (1xx interim responses are collected into it); nullopt when the connection
+  // ends or nothing complete arrives within `seconds`. no_body: the answer to a HEAD request.
+  std::optional<RawResponse> read_response(double seconds = 30, bool no_body = false) {
+    const auto until = deadline(seconds);
+    RawResponse r;
+    for (;;) {
+      size_t head_end;
+      while ((head_end = buffer_.find("\r\n\r\n")) == std::string::npos)
+        if (!fill(until)) return std::nullopt;
+      const std::string head = buffer_.substr(0, head_end);
+      buffer_.erase(0, head_end + 4);
+      std::istringstream lines(head);
+      std::string line;
+      std::getline(lines, line);
+      std::istringstream status_line(line);
+      status_line >> r.version >> r.status;
+      r.headers.clear();
+      while (std::getline(lines, line)) {
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        const size_t colon = line.find(':');
+        if (colon == std::string::npos) continue;
+        std::string name = line.substr(0, colon);
+        std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+        std::string value = line.substr(colon + 1);
+        value.erase(0, value.find_first_not_of(' '));
+        r.headers[name] = value;
+      }
+      if (r.status >= 100 && r.status < 200) {
+        r.interim.push_back(r.status);
+        continue;
+      }
+      break;
+    }
+    if (no_body) return r;
+    if (r.headers.count("content-length")) {
+      const size_t length = std::stoul(r.headers["content-length"]);
+      while (buffer_.size() < length)
+        if (!fill(until)) return std::nullopt;
+      r.body = buffer_.substr(0, length);
+      buffer_.erase(0, length);
+    } else if (r.header("transfer-encoding") == "chunked") {
+      for (;;) {
+        size_t eol;
+        while ((eol = buffer_.find("\r\n")) == std::string::npos)
+          if (!fill(until)) return std::nullopt;
+        const size_t size = std::stoul(buffer_.substr(0, eol), nullptr, 16);
+        while (buffer_.size() < eol + 2 + size + 2)
+          if (!fill(until)) return std::nullopt;
+        r.body += buffer_.substr(eol + 2, size);
+        buffer_.erase(0, eol + 2 + size + 2);
+        if (size == 0) break;
+      }
+    } else {
+      while (fill(until)) {
+      }
+      r.body = std::move(buffer_);
+      buffer_.clear();
+    }
+    return r;
+  }
+
+  // Waits until the server closes the connection (end of stream or reset); false when it is still
+  // open after `seconds`. Bytes that arrive meanwhile are kept for read_response().
+  bool wait_closed(double seconds) {
+    const auto until = deadline(seconds);
+    while (Clock::now() < until)
+      if (!fill(until)) return Clock::now() < until;
+    return false;
+  }
+
+ private:
+  static Clock::time_point deadline(double seconds) {
+    return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  }
+  // Reads more bytes; false at end of stream, on an error or at `until`.
+  bool fill(Clock::time_point until) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()).count();
+    if (left <= 0) return false;
+    pollfd p{fd_, POLLIN, 0};
+    if (poll(&p, 1, static_cast<int>(left)) <= 0) return false;
+    char buf[16384];
+    const ssize_t n = recv(fd_, buf, sizeof(buf), 0);
+    if (n <= 0) return false;
+    buffer_.append(buf, static_cast<size_t>(n));
+    return true;
+  }
+
+  int fd_;
+  std::string buffer_;
+};
+
+}  // namespace arbiter

@@ -35,58 +35,6 @@
 namespace arbiter {
 namespace {
 
-using nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-using testing::ServeProcess;
-
-struct Reply {
-  int status = 0;
-  json body;
-  std::string raw;
-  std::string retry_after;
-};
-
-Reply call(int port, const std::string& method, const std::string& path, const std::string& body = "",
-           const std::string& key = "") {
-  httplib::Client client("127.0.0.1", port);
-  client.set_read_timeout(120, 0);
-  client.set_connection_timeout(10, 0);
-  httplib::Headers headers;
-  if (!key.empty()) headers.emplace("Authorization", "Bearer " + key);
-  httplib::Result r = method == "GET"      ? client.Get(path.c_str(), headers)
-                      : method == "DELETE" ? client.Delete(path.c_str(), headers)
-                                           : client.Post(path.c_str(), headers, body, "application/json");
-  Reply out;
-  if (!r) {
-    out.raw = "no response: " + httplib::to_string(r.error());
-    return out;
-  }
-  out.status = r->status;
-  out.raw = r->body;
-  out.body = json::parse(r->body, nullptr, false);
-  out.retry_after = r->get_header_value("Retry-After");
-  return out;
-}
-
-bool wait_ready(int port, double seconds) {
-  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
-  while (Clock::now() < until) {
-    if (call(port, "GET", "/ready").status == 200) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return false;
-}
-
-// The value of a metric line (name with labels, as printed); -1 when absent.
-double metric(int port, const std::string& series) {
-  const Reply r = call(port, "GET", "/metrics");
-  std::istringstream in(r.raw);
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
-  return -1;
-}
-
 const char* kPolicyTexts[4] = {
     "# Spam\nSpam is unsolicited bulk advertising. Return exactly one character: 0 or 1.",
     "# Hate\nContent that attacks people for protected traits violates. Return exactly one character: 0 or 1.",
@@ -249,19 +197,6 @@ TEST_F(ApiServe, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
 }
 
 // Raw HTTP on a socket we control (to hang up mid-request).
-int connect_to(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 TEST_F(ApiServe, CommandLine) {
   const auto help = testing::run_command(std::string(ARBITER_BINARY) + " serve --help");
   EXPECT_EQ(help.status, 0) << help.output;

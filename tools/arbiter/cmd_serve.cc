@@ -36,8 +36,13 @@ const char* kServeUsage =
     "  --policy-db F            SQLite file keeping registered policies across restarts\n"
     "  --request-timeout S      seconds a request may take (600; 0: none); a request's 'timeout' may shorten it\n"
     "  --max-body-bytes N       larger bodies get 413 (4194304); gRPC: the largest request message\n"
-    "  --max-queued N           requests waiting for a rank before 429 (1024)\n"
-    "  --http-threads N         connections served at once (128); gRPC: calls served at once\n"
+    "  --http-threads N         requests handled at once, each waiting for the model (256); gRPC: calls at once\n"
+    "  --max-queued N           requests waiting for a rank before 429 (= --http-threads; at most that)\n"
+    "  --max-waiting N          complete requests waiting for a free handler thread before 429 (1024)\n"
+    "  --max-connections N      open connections before 503 (4096, capped by the descriptor limit)\n"
+    "  --header-timeout S       seconds for a request head from its first byte (10)\n"
+    "  --body-timeout S         seconds for a request body after its head (60)\n"
+    "  --idle-timeout S         seconds a keep-alive connection may stay idle (5)\n"
     "  --effort low|medium|high default reasoning effort (medium)\n"
     "  --warm-efforts LIST      efforts registered policies are precomputed for (low,medium,high; none)\n"
     "  --served-model-name NAME the model id of /v1/models (the model folder's name)\n"
@@ -62,6 +67,17 @@ api::ApiOptions api_options(const CliArgs& args) {
   if (o.request_timeout < 0) throw std::invalid_argument("--request-timeout must not be negative (0: none)");
   o.http_threads = static_cast<int>(args.get_int("http-threads", o.http_threads));
   if (o.http_threads < 1) throw std::invalid_argument("--http-threads must be positive");
+  o.max_waiting = static_cast<int>(args.get_int("max-waiting", o.max_waiting));
+  if (o.max_waiting < 0) throw std::invalid_argument("--max-waiting must not be negative");
+  o.max_connections = static_cast<int>(args.get_int("max-connections", o.max_connections));
+  if (o.max_connections < 1) throw std::invalid_argument("--max-connections must be positive");
+  auto positive_seconds = [&](const char* name, double& value) {
+    value = std::stod(args.get(name, std::to_string(value)));
+    if (!(value > 0)) throw std::invalid_argument(std::string("--") + name + " must be a positive number of seconds");
+  };
+  positive_seconds("header-timeout", o.header_timeout);
+  positive_seconds("body-timeout", o.body_timeout);
+  positive_seconds("idle-timeout", o.idle_timeout);
   o.default_effort = parse_reasoning_effort(args.get("effort", "medium"));
   o.policy_db = args.get("policy-db", "");
   if (args.has("warm-efforts")) {  // e.g. "low,medium"; "none": registered policies are not precomputed
@@ -86,9 +102,17 @@ std::optional<int> grpc_port(const CliArgs& args) {
   return static_cast<int>(port);
 }
 
-ServingOptions serve_options(const CliArgs& args) {
+// The engine's options; `http_threads` bounds the scheduler's queue: every queued request is waited
+// for by one handler thread, so a longer queue could never fill and its 429 would never be sent.
+ServingOptions serve_options(const CliArgs& args, int http_threads) {
   ServingOptions o = serving_options(args);
-  o.max_queued_requests = static_cast<int>(args.get_int("max-queued", o.max_queued_requests));
+  o.max_queued_requests = static_cast<int>(args.get_int("max-queued", http_threads));
+  if (o.max_queued_requests < 1) throw std::invalid_argument("--max-queued must be positive");
+  if (o.max_queued_requests > http_threads)
+    throw std::invalid_argument("--max-queued (" + std::to_string(o.max_queued_requests) + ") exceeds --http-threads (" +
+                                std::to_string(http_threads) +
+                                "): each queued request holds a handler thread, so the queue could never fill and "
+                                "clients would wait unseen instead of getting 429; lower --max-queued or raise --http-threads");
   return o;
 }
 
@@ -117,7 +141,7 @@ int cmd_serve(const CliArgs& args) {
   signal(SIGPIPE, SIG_IGN);
 
   run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
-    const ServingOptions serving_opts = serve_options(rank_args);
+    const ServingOptions serving_opts = serve_options(rank_args, api_options(rank_args).http_threads);
     if (!rank.leads()) {
       (void)api_options(rank_args);  // consumes (and checks) the HTTP and gRPC options on every rank
       (void)grpc_port(rank_args);
