@@ -115,6 +115,24 @@ void fill_usage(const ClassifyUsage& u, wire::ClassifyUsage& out) {
 
 }  // namespace
 
+wire::PolicyResult policy_result_wire(const PolicyResult& pr, const ResolvedClassify& request, size_t index) {
+  wire::PolicyResult w;
+  w.set_policy_id(pr.policy_id);
+  if (index < request.versions.size() && request.versions[index]) w.set_policy_version(*request.versions[index]);
+  *w.mutable_verdict() = to_value(pr.verdict);
+  if (pr.confidence) w.mutable_confidence()->set_number_value(*pr.confidence);
+  else w.mutable_confidence()->set_null_value(google::protobuf::NULL_VALUE);
+  w.set_final(printable(pr.final_text));
+  if (request.request.return_reasoning) w.set_reasoning(printable(pr.reasoning));
+  if (pr.verdict_details.is_object() && !pr.verdict_details.empty()) *w.mutable_details() = to_struct(pr.verdict_details);
+  if (!pr.verdict_error.empty()) w.set_verdict_error(printable(pr.verdict_error));
+  w.set_violation(pr.violation());
+  w.set_finish_reason(finish_reason_name(pr.finish));
+  w.set_reasoning_truncated(pr.reasoning_truncated);
+  fill_usage(pr.usage, *w.mutable_usage());
+  return w;
+}
+
 wire::ClassifyResponse classify_response(const ClassifyResult& result, const ResolvedClassify& request,
                                          const std::string& model, uint32_t created) {
   wire::ClassifyResponse out;
@@ -122,23 +140,7 @@ wire::ClassifyResponse classify_response(const ClassifyResult& result, const Res
   out.set_object("classification");
   out.set_created(created);
   out.set_model(model);
-  for (size_t i = 0; i < result.results.size(); ++i) {
-    const PolicyResult& pr = result.results[i];
-    wire::PolicyResult* w = out.add_results();
-    w->set_policy_id(pr.policy_id);
-    if (i < request.versions.size() && request.versions[i]) w->set_policy_version(*request.versions[i]);
-    *w->mutable_verdict() = to_value(pr.verdict);
-    if (pr.confidence) w->mutable_confidence()->set_number_value(*pr.confidence);
-    else w->mutable_confidence()->set_null_value(google::protobuf::NULL_VALUE);
-    w->set_final(printable(pr.final_text));
-    if (request.request.return_reasoning) w->set_reasoning(printable(pr.reasoning));
-    if (pr.verdict_details.is_object() && !pr.verdict_details.empty()) *w->mutable_details() = to_struct(pr.verdict_details);
-    if (!pr.verdict_error.empty()) w->set_verdict_error(printable(pr.verdict_error));
-    w->set_violation(pr.violation());
-    w->set_finish_reason(finish_reason_name(pr.finish));
-    w->set_reasoning_truncated(pr.reasoning_truncated);
-    fill_usage(pr.usage, *w->mutable_usage());
-  }
+  for (size_t i = 0; i < result.results.size(); ++i) *out.add_results() = policy_result_wire(result.results[i], request, i);
   out.set_flagged(result.flagged);
   fill_usage(result.usage, *out.mutable_usage());
   return out;

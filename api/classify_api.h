@@ -34,6 +34,9 @@ ReasoningEffort effort_field(const std::string& text, ReasoningEffort fallback, 
 ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const PolicyRegistry& registry,
                                   const ClassifyLimits& limits);
 
+// One policy's result as in the response (`index`: the policy's place in the request).
+wire::PolicyResult policy_result_wire(const PolicyResult& result, const ResolvedClassify& request, size_t index);
+
 wire::ClassifyResponse classify_response(const ClassifyResult& result, const ResolvedClassify& request,
                                          const std::string& model, uint32_t created);
 

@@ -311,8 +311,18 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   auto pending = std::make_shared<Pending<ClassifyResult>>();
   std::string why;
   SubmitStatus status;
+  // Early per-policy results, for callers that asked (only generations that ended normally).
+  std::function<void(size_t, const PolicyResult&)> on_policy;
+  if (req.on_policy_result) {
+    auto shape = std::make_shared<ResolvedClassify>();  // what policy_result_wire reads, without the content
+    shape->versions = resolved.versions;
+    shape->request.return_reasoning = request.return_reasoning;
+    on_policy = [sink = req.on_policy_result, shape](size_t index, const PolicyResult& r) {
+      if (r.finish == FinishReason::kStop || r.finish == FinishReason::kLength) sink(index, print_json(policy_result_wire(r, *shape, index)));
+    };
+  }
   try {
-    status = h.classifier->submit(request, [pending](ClassifyResult r) { pending->set(std::move(r)); }, &why);
+    status = h.classifier->submit(request, [pending](ClassifyResult r) { pending->set(std::move(r)); }, &why, std::move(on_policy));
   } catch (const std::invalid_argument& e) {
     throw bad_request(std::string("The request was refused: ") + e.what(), "", "invalid_request");
   }

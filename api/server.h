@@ -75,6 +75,10 @@ struct HttpRequest {
   std::map<std::string, std::string> headers;  // lower-case names
   std::string body;
   std::function<bool()> client_gone;   // optional: the client closed the connection
+  // Optional, POST /v1/classify only: called with each policy's result (an api.proto PolicyResult
+  // as JSON, and its index in the request's policies) as soon as that policy's generation ends
+  // normally, before the reply. Runs on the scheduler's thread: it must not block.
+  std::function<void(size_t index, const std::string& policy_result_json)> on_policy_result;
 };
 
 // The reply: a whole body, or a stream of chunks (server-sent events).

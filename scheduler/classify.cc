@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 
 namespace arbiter {
@@ -273,7 +274,7 @@ SequenceSpec Classifier::sequence(const ClassifyRequest& request, const Classify
 }
 
 SubmitStatus Classifier::submit(const ClassifyRequest& request, std::function<void(ClassifyResult)> done,
-                                std::string* why) {
+                                std::string* why, std::function<void(size_t, const PolicyResult&)> on_policy) {
   auto fail = [&](SubmitStatus status, std::string what) {
     if (why) *why = std::move(what);
     return status;
@@ -286,13 +287,18 @@ SubmitStatus Classifier::submit(const ClassifyRequest& request, std::function<vo
   spec.deadline = request.deadline;
   spec.sequences.reserve(request.policies.size());
   for (const auto& policy : request.policies) spec.sequences.push_back(sequence(request, policy));
-  // The request is kept without its content (the callback needs the policies and the id only).
-  ClassifyRequest kept;
-  kept.id = request.id;
-  kept.policies = request.policies;
-  kept.return_reasoning = request.return_reasoning;
-  spec.on_done = [this, kept = std::move(kept), done = std::move(done)](std::vector<SequenceResult> results) {
-    done(assemble(kept, results));
+  // The request is kept without its content (the callbacks need the policies and the id only).
+  auto kept = std::make_shared<ClassifyRequest>();
+  kept->id = request.id;
+  kept->policies = request.policies;
+  kept->return_reasoning = request.return_reasoning;
+  if (on_policy)
+    spec.on_sequence_done = [this, kept, on_policy = std::move(on_policy)](int index, const SequenceResult& generated) {
+      const size_t i = static_cast<size_t>(index);
+      if (i < kept->policies.size()) on_policy(i, interpret(kept->policies[i], generated, kept->return_reasoning));
+    };
+  spec.on_done = [this, kept, done = std::move(done)](std::vector<SequenceResult> results) {
+    done(assemble(*kept, results));
   };
   return scheduler_.submit(std::move(spec), why);
 }

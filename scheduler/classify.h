@@ -121,9 +121,12 @@ class Classifier {
   SequenceSpec sequence(const ClassifyRequest& request, const ClassifyPolicy& policy) const;
 
   // Submits the request; `done` is called once (from the step-loop thread) with the result. Returns
-  // the scheduler's verdict on admission (`done` is not called unless kAccepted).
+  // the scheduler's verdict on admission (`done` is not called unless kAccepted). Optional
+  // `on_policy` is called (same thread, must not block) with each policy's result as soon as its
+  // sequence ends, whatever the reason (PolicyResult::finish), every call before `done`.
   SubmitStatus submit(const ClassifyRequest& request, std::function<void(ClassifyResult)> done,
-                      std::string* why = nullptr);
+                      std::string* why = nullptr,
+                      std::function<void(size_t index, const PolicyResult& result)> on_policy = {});
   // Turns one policy's generation into its result (exposed for tests and the CLI).
   PolicyResult interpret(const ClassifyPolicy& policy, const SequenceResult& generated, bool return_reasoning) const;
   // Puts the per-policy results of `request` together (flagged, usage sums, worst finish).

@@ -60,6 +60,7 @@ struct RequestState {
   std::string id;
   std::optional<Clock::time_point> deadline;
   std::function<void(int, const GeneratedToken&)> on_token;
+  std::function<void(int, const SequenceResult&)> on_sequence_done;
   std::function<void(std::vector<SequenceResult>)> on_done;
   std::vector<SequenceResult> results;
   std::vector<uint64_t> sequence_ids;
@@ -215,6 +216,10 @@ struct Scheduler::State {
     s.result.prompt_tokens = s.prompt_len;
     RequestState& request = *s.request;
     request.results[static_cast<size_t>(s.index)] = std::move(s.result);
+    // The event reads the stored result: it runs before on_done's (queued after it) moves them,
+    // and nothing writes a finished sequence's result again.
+    if (request.on_sequence_done)
+      events.push_back([r = s.request, index = s.index] { r->on_sequence_done(index, r->results[static_cast<size_t>(index)]); });
     if (--request.unfinished == 0) {
       requests.erase(request.id);
       events.push_back([r = s.request] {
@@ -663,6 +668,7 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
   state->id = request.id;
   state->deadline = request.deadline;
   state->on_token = std::move(request.on_token);
+  state->on_sequence_done = std::move(request.on_sequence_done);
   state->on_done = std::move(request.on_done);
   state->results.resize(request.sequences.size());
   state->unfinished = static_cast<int>(request.sequences.size());

@@ -85,6 +85,10 @@ struct RequestSpec {
   std::optional<std::chrono::steady_clock::time_point> deadline;
   // Optional streaming: called after each step with each new token of sequence `index`.
   std::function<void(int index, const GeneratedToken& token)> on_token;
+  // Optional: called once per sequence as soon as sequence `index` finishes (for any reason), with
+  // the result on_done will also get; every call comes before on_done (a request's callers can act
+  // on one policy's answer while its other sequences still run).
+  std::function<void(int index, const SequenceResult& result)> on_sequence_done;
   // Called exactly once, when every sequence has finished (results in the order of `sequences`).
   std::function<void(std::vector<SequenceResult> results)> on_done;
 };

@@ -7,6 +7,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
   libprotobuf-dev protobuf-compiler
+  libgrpc++-dev protobuf-compiler-grpc
   libboost-dev libcpp-httplib-dev nlohmann-json3-dev
   libpcre2-dev libsqlite3-dev
   curl python3

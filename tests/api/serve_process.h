@@ -65,7 +65,7 @@ class ServeProcess {
     stdout_ = out[0];
     // The address line comes first.
     const std::regex address("listening on http://([0-9.]+):([0-9]+) \\(pid ([0-9]+)\\)");
-    std::string text;
+    std::string& text = output_;
     const auto give_up = Clock::now() + std::chrono::seconds(60);
     std::smatch m;
     while (!std::regex_search(text, m, address)) {
@@ -101,6 +101,28 @@ class ServeProcess {
   ServeProcess(const ServeProcess&) = delete;
   ServeProcess& operator=(const ServeProcess&) = delete;
 
+  // Reads on in the server's standard output until `pattern` matches it (e.g. the gRPC address
+  // printed after the HTTP one); the match refers to output(). Throws when the output ends or
+  // `seconds` pass first.
+  std::smatch wait_for_output(const std::regex& pattern, double seconds) {
+    const auto give_up = Clock::now() + std::chrono::duration<double>(seconds);
+    std::smatch m;
+    while (!std::regex_search(output_, m, pattern)) {
+      std::string failure;
+      pollfd p{stdout_, POLLIN, 0};
+      if (Clock::now() > give_up) failure = "no such output";
+      else if (poll(&p, 1, 200) > 0) {
+        char buf[256];
+        const ssize_t n = read(stdout_, buf, sizeof(buf));
+        if (n <= 0) failure = "arbiter serve exited";
+        else output_.append(buf, static_cast<size_t>(n));
+      }
+      if (!failure.empty()) throw std::runtime_error(failure + "; output: " + output_ + log());
+    }
+    return m;
+  }
+  const std::string& output() const { return output_; }  // standard output read so far
+
   int port() const { return port_; }
   pid_t pid() const { return pid_; }            // what was started (mpirun, or arbiter)
   pid_t server_pid() const { return server_pid_; }  // the arbiter process serving HTTP (rank 0)
@@ -125,6 +147,7 @@ class ServeProcess {
 
  private:
   std::string log_;
+  std::string output_;
   pid_t pid_ = -1;
   int stdout_ = -1;
   int port_ = 0;

@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -420,6 +422,36 @@ TEST_F(ClassifierTest, SubmitFansOutOneSequencePerPolicyAndReportsOnCancel) {
   EXPECT_EQ(got->results[2].policy_id, "third");
   EXPECT_EQ(got->finish, FinishReason::kCancelled);
   EXPECT_TRUE(got->results[0].verdict.is_null());
+}
+
+TEST_F(ClassifierTest, SubmitReportsEachPolicyBeforeTheRequest) {
+  ClassifyRequest request;
+  request.id = "each";
+  request.content = "Buy cheap watches at example.com";
+  request.policies = {binary_policy(), {"other", "Answer 1 for hate, else 0.", {}, {}}};
+  std::vector<std::pair<size_t, PolicyResult>> each;
+  bool done_seen = false, after_done = false;
+  std::string why;
+  ASSERT_EQ(classifier_.submit(
+                request, [&](ClassifyResult) { done_seen = true; }, &why,
+                [&](size_t index, const PolicyResult& r) {
+                  after_done = after_done || done_seen;
+                  each.emplace_back(index, r);
+                }),
+            SubmitStatus::kAccepted)
+      << why;
+  scheduler_.cancel("each");
+  scheduler_.plan_step();
+  EXPECT_TRUE(done_seen);
+  EXPECT_FALSE(after_done);
+  ASSERT_EQ(each.size(), 2u);
+  std::set<size_t> indices;
+  for (const auto& [index, r] : each) {
+    indices.insert(index);
+    EXPECT_EQ(r.policy_id, request.policies[index].id);
+    EXPECT_EQ(r.finish, FinishReason::kCancelled);
+  }
+  EXPECT_EQ(indices, (std::set<size_t>{0, 1}));
 }
 
 }  // namespace

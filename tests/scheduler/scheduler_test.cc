@@ -186,6 +186,8 @@ struct Outcome {
   int done_calls = 0;
   std::vector<std::pair<int, int32_t>> streamed;  // (index, token)
   bool tokens_after_done = false;
+  std::vector<std::pair<int, SequenceResult>> sequences_done;  // on_sequence_done, in call order
+  bool sequence_done_after_done = false;
 };
 
 class Harness {
@@ -203,6 +205,10 @@ class Harness {
     request.on_token = [outcome](int index, const GeneratedToken& t) {
       if (outcome->done_calls > 0) outcome->tokens_after_done = true;
       outcome->streamed.emplace_back(index, t.token);
+    };
+    request.on_sequence_done = [outcome](int index, const SequenceResult& result) {
+      if (outcome->done_calls > 0) outcome->sequence_done_after_done = true;
+      outcome->sequences_done.emplace_back(index, result);
     };
     request.on_done = [this, outcome, id](std::vector<SequenceResult> results) {
       ++outcome->done_calls;
@@ -330,6 +336,51 @@ TEST(Scheduler, FanOutSharesTheRequestAndReportsOnceInOrder) {
   EXPECT_EQ(h.done_order[0], "single");
   EXPECT_EQ(h.submit("multi", {make_spec({1, 2}, 1)}), SubmitStatus::kAccepted);
   h.run();
+  h.expect_all_blocks_released();
+}
+
+// Each sequence of a request is reported as it finishes (shorter ones first), with the result
+// on_done gets later; a cancellation reports every unfinished sequence, once.
+TEST(Scheduler, EachSequenceIsReportedWhenItFinishesBeforeTheRequest) {
+  Harness h(small_options());
+  std::vector<SequenceSpec> specs;
+  for (int i = 0; i < 3; ++i) specs.push_back(make_spec(tokens_from(20 + static_cast<uint32_t>(i), 6), 30 - 10 * i));  // 30, 20, 10 tokens
+  ASSERT_EQ(h.submit("fan", specs), SubmitStatus::kAccepted);
+  int steps_at_first = -1;
+  for (int i = 0; i < 1000 && h.scheduler.has_work(); ++i) {
+    h.step();
+    if (steps_at_first < 0 && !h.outcome("fan").sequences_done.empty()) {
+      steps_at_first = h.steps;
+      EXPECT_EQ(h.outcome("fan").done_calls, 0) << "the first sequence must be reported before the request";
+    }
+  }
+  const Outcome& fan = h.outcome("fan");
+  EXPECT_EQ(fan.done_calls, 1);
+  EXPECT_FALSE(fan.sequence_done_after_done);
+  ASSERT_EQ(fan.sequences_done.size(), 3u);
+  EXPECT_EQ(fan.sequences_done[0].first, 2);  // the shortest first
+  EXPECT_EQ(fan.sequences_done[1].first, 1);
+  EXPECT_EQ(fan.sequences_done[2].first, 0);
+  for (const auto& [index, result] : fan.sequences_done) {
+    SCOPED_TRACE(index);
+    EXPECT_EQ(result.finish, FinishReason::kLength);
+    EXPECT_EQ(token_ids(result.tokens), token_ids(fan.results[static_cast<size_t>(index)].tokens));
+    EXPECT_EQ(result.prompt_tokens, fan.results[static_cast<size_t>(index)].prompt_tokens);
+  }
+
+  ASSERT_EQ(h.submit("cut", {make_spec(tokens_from(5, 8), 100), make_spec(tokens_from(6, 8), 2)}), SubmitStatus::kAccepted);
+  for (int i = 0; i < 6; ++i) h.step();
+  ASSERT_EQ(h.outcome("cut").sequences_done.size(), 1u);  // the 2-token one is done
+  h.scheduler.cancel("cut");
+  h.run();
+  const Outcome& cut = h.outcome("cut");
+  ASSERT_EQ(cut.sequences_done.size(), 2u);
+  EXPECT_EQ(cut.sequences_done[0].first, 1);
+  EXPECT_EQ(cut.sequences_done[0].second.finish, FinishReason::kLength);
+  EXPECT_EQ(cut.sequences_done[1].first, 0);
+  EXPECT_EQ(cut.sequences_done[1].second.finish, FinishReason::kCancelled);
+  EXPECT_EQ(cut.done_calls, 1);
+  EXPECT_FALSE(cut.sequence_done_after_done);
   h.expect_all_blocks_released();
 }
 

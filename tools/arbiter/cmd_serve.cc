@@ -1,5 +1,6 @@
-// `arbiter serve`: the HTTP API (api/server.h) over the serving engine. Rank 0 listens and prints
-// the address as soon as it is bound (model endpoints answer 503 and /ready fails until the
+// `arbiter serve`: the HTTP API (api/server.h), and with --grpc-port its gRPC twin
+// (api/grpc_server.h), over the serving engine. Rank 0 listens and prints the address(es) as soon as
+// they are bound (model endpoints answer 503 and /ready fails until the
 // weights are loaded on every rank), runs the step loop and answers requests; under mpirun (or
 // --ranks N thread ranks) the other ranks only run steps. SIGTERM or SIGINT (to rank 0) drains: no
 // new work is accepted, requests in flight are answered, then every rank exits cleanly.
@@ -11,10 +12,12 @@
 #include <cstdio>
 #include <ctime>
 #include <iostream>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
 #include "api/auth.h"
+#include "api/grpc_server.h"
 #include "api/server.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
@@ -28,11 +31,12 @@ const char* kServeUsage =
     "usage: arbiter serve --model DIR [options]        (mpirun -np N arbiter serve ... : experts over N ranks)\n"
     "  --host H                 listen address (127.0.0.1)\n"
     "  --port P                 port (8080; 0: any free port); the address and pid are printed once bound\n"
+    "  --grpc-port P            also serve the gRPC API (api/grpc.proto) on this port (0: any free port)\n"
     "  --api-key-file F         bearer keys, one per line: /v1/* then needs 'Authorization: Bearer <key>'\n"
     "  --policy-db F            SQLite file keeping registered policies across restarts\n"
     "  --request-timeout S      seconds a request may take (600; 0: none); a request's 'timeout' may shorten it\n"
-    "  --max-body-bytes N       larger bodies get 413 (4194304)\n"
-    "  --http-threads N         requests handled at once, each waiting for the model (256)\n"
+    "  --max-body-bytes N       larger bodies get 413 (4194304); gRPC: the largest request message\n"
+    "  --http-threads N         requests handled at once, each waiting for the model (256); gRPC: calls at once\n"
     "  --max-queued N           requests waiting for a rank before 429 (= --http-threads; at most that)\n"
     "  --max-waiting N          complete requests waiting for a free handler thread before 429 (1024)\n"
     "  --max-connections N      open connections before 503 (4096, capped by the descriptor limit)\n"
@@ -90,6 +94,14 @@ api::ApiOptions api_options(const CliArgs& args) {
   return o;
 }
 
+// --grpc-port: absent, no gRPC server.
+std::optional<int> grpc_port(const CliArgs& args) {
+  if (!args.has("grpc-port")) return std::nullopt;
+  const long long port = args.get_int("grpc-port", 0);
+  if (port < 0 || port > 65535) throw std::invalid_argument("--grpc-port must be 0..65535");
+  return static_cast<int>(port);
+}
+
 // The engine's options; `http_threads` bounds the scheduler's queue: every queued request is waited
 // for by one handler thread, so a longer queue could never fill and its 429 would never be sent.
 ServingOptions serve_options(const CliArgs& args, int http_threads) {
@@ -131,7 +143,8 @@ int cmd_serve(const CliArgs& args) {
   run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
     const ServingOptions serving_opts = serve_options(rank_args, api_options(rank_args).http_threads);
     if (!rank.leads()) {
-      (void)api_options(rank_args);  // consumes (and checks) the HTTP options on every rank
+      (void)api_options(rank_args);  // consumes (and checks) the HTTP and gRPC options on every rank
+      (void)grpc_port(rank_args);
       (void)rank_args.get("served-model-name", "");
       rank_args.check_all_used();
       ServingRank serving(serving_opts, rank.comm, rank.placement);
@@ -139,6 +152,7 @@ int cmd_serve(const CliArgs& args) {
       return;
     }
     api::ApiOptions opts = api_options(rank_args);
+    const std::optional<int> grpc_at = grpc_port(rank_args);
     const std::string served_name = rank_args.get("served-model-name", "");
     rank_args.check_all_used();
     api::ApiServer server(opts);
@@ -147,6 +161,12 @@ int cmd_serve(const CliArgs& args) {
     // The pid: under mpirun, SIGTERM to rank 0 drains the job and every process exits 0 (mpirun
     // itself, signalled, forwards the signal, rank 0 still drains, but mpirun reports failure).
     std::cout << "arbiter serve: listening on http://" << opts.host << ":" << port << " (pid " << getpid() << ")" << std::endl;
+    std::optional<api::GrpcServer> grpc;  // stops before `server`, whose handle() it calls
+    if (grpc_at) {
+      grpc.emplace(server, opts, *grpc_at);
+      const int grpc_bound = grpc->start();
+      std::cout << "arbiter serve: gRPC on " << opts.host << ":" << grpc_bound << std::endl;
+    }
 
     ServingRank serving(serving_opts, rank.comm, rank.placement);
     serving.loop().start();
@@ -159,6 +179,7 @@ int cmd_serve(const CliArgs& args) {
     handles.max_context = std::min(serving.options().max_context, serving.config().max_position_embeddings);
     handles.world_size = serving.world_size();
     server.attach(handles);
+    if (grpc) grpc->set_serving(true);
     std::cout << "arbiter serve: ready (model " << handles.model_name << ", " << handles.world_size << " rank"
               << (handles.world_size > 1 ? "s" : "") << ", " << server.policies().list().size() << " policies)"
               << std::endl;
@@ -166,9 +187,11 @@ int cmd_serve(const CliArgs& args) {
     const int sig = wait_for_signal(signals);
     std::cout << "arbiter serve: " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ", draining" << std::endl;
     server.drain();                   // /ready fails, new model requests get 503
+    if (grpc) grpc->set_serving(false);
     serving.loop().stop(true);        // in-flight generations finish, workers are released
     if (!server.wait_idle(std::chrono::seconds(30)))  // their replies (and streams) are written
       std::cerr << "arbiter serve: requests still open after 30 s; closing\n";
+    if (grpc) grpc->stop();           // streams write their last message
     server.stop();
     std::cout << "arbiter serve: stopped" << std::endl;
   });
