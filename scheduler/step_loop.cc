@@ -56,7 +56,7 @@ void StepLoop::stop(bool drain) {
 }
 
 void StepLoop::run_until_idle() {
-  while (scheduler_.has_work()) {
+  while (scheduler_.has_work() && !failure()) {
     if (!step_once()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 }

@@ -43,7 +43,8 @@ class StepLoop {
   // drain = true: stops accepting requests and returns once every in-flight request finished;
   // drain = false: fails what is in flight. Either way the workers are shut down.
   void stop(bool drain);
-  // Runs steps on the calling thread until the scheduler has no work (offline batch use).
+  // Runs steps on the calling thread until the scheduler has no work (offline batch use), or the
+  // exchange with the other ranks broke (failure()).
   void run_until_idle();
 
   StepLoopStats stats() const;  // thread-safe
