@@ -291,7 +291,8 @@ TEST_F(RankFaults, StalledWorkerFailsRequestsAtOnceAndServingResumesWhenItContin
   EXPECT_EQ(inflight.reply.body["error"]["code"], "rank_unavailable") << inflight.reply.raw;
   EXPECT_NE(inflight.reply.raw.find("rank 1"), std::string::npos) << inflight.reply.raw;
   EXPECT_FALSE(inflight.reply.retry_after.empty());
-  EXPECT_GE(took, kHeartbeatTimeout - 0.2) << "answered before the rank could count as stalled";
+  // (The last heartbeat before the stop may have left up to an interval earlier, later under load.)
+  EXPECT_GE(took, kHeartbeatTimeout / 2) << "answered before the rank could count as stalled";
   EXPECT_LT(took, kHeartbeatTimeout + 3) << "the stall was not noticed within the heartbeat timeout";
 
   // While it stays stopped: /ready names it, /health still answers (rank 0 lives), new work gets 503.
