@@ -57,7 +57,8 @@ const char* kServeUsage =
     "                           started it stalls (30; 0: no limit); must exceed the longest step\n"
     "SIGTERM/SIGINT (to rank 0) drains: in-flight requests are answered, then every rank exits 0.\n"
     "A worker rank that stalls: /ready and model requests answer 503 (rank_fault, rank_unavailable) until it\n"
-    "is back. A worker rank that died: requests in flight get 503, then the job ends with exit status 75.\n";
+    "is back. A worker rank that died: requests in flight get 503, then rank 0 ends the job (MPI_Abort, status\n"
+    "75; mpirun may report the dead rank's status instead). Restart the whole group (docs/operating.md).\n";
 
 // Exit status of a job that rank 0 ended because a rank died or the exchange with the ranks broke
 // (EX_TEMPFAIL: restarting the group is expected to help).
