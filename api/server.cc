@@ -149,13 +149,24 @@ struct ApiServer::Impl {
     ServingHandles handles_;
   };
 
-  // The loaded model, or 503 while loading / draining.
+  // The loaded model, or 503 while loading / draining / a rank is at fault.
   ServingHandles require_serving() {
+    auto h = serving();
+    if (h)
+      if (auto why = rank_fault(*h)) throw ApiException(rank_unavailable(*why));
     if (draining.load())
       throw ApiException({503, "The server is shutting down.", "server_error", "", "shutting_down", options.retry_after_seconds});
-    auto h = serving();
     if (!h) throw ApiException({503, "The model is still loading.", "server_error", "", "model_loading", options.retry_after_seconds});
     return *h;
+  }
+
+  static std::optional<std::string> rank_fault(const ServingHandles& h) {
+    return h.rank_fault ? h.rank_fault() : std::nullopt;
+  }
+
+  // A rank cannot serve (ServingHandles::rank_fault says why).
+  ApiError rank_unavailable(const std::string& why) const {
+    return {503, "The model is unavailable: " + why + ".", "server_error", "", "rank_unavailable", options.retry_after_seconds};
   }
 
   void check_model(const std::string& requested, const ServingHandles& h) {
@@ -333,6 +344,10 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   Clock::time_point cancelled_at{};
   while (!pending->wait_for(kPoll)) {
     const auto now = Clock::now();
+    if (auto why = rank_fault(h)) {  // the answer would come late or never: say so now
+      h.scheduler->cancel(request.id);
+      throw ApiException(rank_unavailable(*why));
+    }
     if (!cancelled && req.client_gone && req.client_gone()) gone = true;
     if (!cancelled && (gone || (request.deadline && now > *request.deadline + kGrace))) {
       h.scheduler->cancel(request.id);
@@ -460,15 +475,17 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
   auto cleanup = std::make_shared<CancelUnlessFinished>(h.scheduler, id, run);
   Scheduler* scheduler = h.scheduler;
   std::function<bool()> client_gone = req.client_gone;
+  std::function<std::optional<std::string>()> fault = h.rank_fault;
 
   // How reading a generation ended (besides its FinishReason).
   struct Outcome {
     bool stopped_by_string = false;
     bool gone = false;
+    std::optional<std::string> rank_fault;  // abandoned: a rank cannot serve (why)
   };
   // Reads the generation to its end, calling `on_delta` with each piece of text (false: the client
-  // is gone); cancels on a stop string, a gone client or a scheduler that never answers.
-  auto drive = [run, output, scheduler, id, deadline_at, client_gone](
+  // is gone); cancels on a stop string, a gone client, a rank at fault or a scheduler that never answers.
+  auto drive = [run, output, scheduler, id, deadline_at, client_gone, fault](
                    const std::function<bool(const ChatOutput::Delta&)>& on_delta) -> Outcome {
     Outcome o;
     size_t consumed = 0;
@@ -484,6 +501,11 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
       }
       if (!delta.empty() && !o.gone && !on_delta(delta)) o.gone = true;
       if (done) break;
+      if (fault) o.rank_fault = fault();
+      if (o.rank_fault) {
+        scheduler->cancel(id);
+        break;
+      }
       const auto now = Clock::now();
       if (!o.gone && client_gone && client_gone()) o.gone = true;
       if (!cancelled && output->stopped()) o.stopped_by_string = true;
@@ -514,6 +536,7 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
 
   if (!plan.stream) {
     const Outcome o = drive([](const ChatOutput::Delta&) { return true; });
+    if (o.rank_fault) throw ApiException(rank_unavailable(*o.rank_fault));
     const SequenceResult& r = *run->result;
     if (!o.stopped_by_string)
       if (auto e = finish_error(r.finish, o.gone, r.error)) throw ApiException(*e);
@@ -579,6 +602,11 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
       return write(sse(print_json(c)));
     });
     if (o.gone) return;
+    if (o.rank_fault) {
+      write(sse(error_json(rank_unavailable(*o.rank_fault))));
+      write("data: [DONE]\n\n");
+      return;
+    }
     const SequenceResult& r = *run->result;
     if (!o.stopped_by_string)
       if (auto e = finish_error(r.finish, false, r.error)) {
@@ -713,16 +741,20 @@ HttpReply ApiServer::Impl::health(bool readiness) {
     out.set_status("ok");
     return json_reply(200, print_json(out));
   }
-  out.set_status(drain ? "draining" : h ? "ready" : "loading");
-  HttpReply r = json_reply(h && !drain ? 200 : 503, print_json(out));
+  const std::optional<std::string> fault = h ? rank_fault(*h) : std::nullopt;
+  out.set_status(fault ? "rank_fault" : drain ? "draining" : h ? "ready" : "loading");
+  if (fault) out.set_message(*fault);
+  HttpReply r = json_reply(h && !drain && !fault ? 200 : 503, print_json(out));
   if (r.status == 503) r.headers.emplace_back("Retry-After", std::to_string(options.retry_after_seconds));
   return r;
 }
 
 HttpReply ApiServer::Impl::metrics_text() {
   const auto h = serving();
+  const bool fault = h && rank_fault(*h);
   metrics.gauge("arbiter_ready", "1 when the model is loaded, every rank is up and the server is not draining.")
-      .set(h && !draining.load() ? 1 : 0);
+      .set(h && !draining.load() && !fault ? 1 : 0);
+  metrics.gauge("arbiter_rank_fault", "1 while a rank died or stalls (/ready says which).").set(fault ? 1 : 0);
   {
     std::lock_guard<std::mutex> lock(idle_mutex);
     metrics.gauge("arbiter_http_in_flight", "HTTP requests being handled.").set(in_flight - 1);  // less this scrape

@@ -5,8 +5,8 @@
 //   GET /v1/models, GET /health, GET /ready, GET /metrics (Prometheus)
 // Bodies follow api/api.proto. Every failure is an OpenAI-style error body with its status (400
 // bad input, 401 bad key, 404 unknown policy/path, 413 body too large, 429 queue full with
-// Retry-After, 503 loading/draining, 504 deadline). A client that disconnects has its work
-// cancelled.
+// Retry-After, 503 loading/draining/a rank at fault, 504 deadline). A client that disconnects has
+// its work cancelled.
 //
 // Request handling is transport-independent (handle(HttpRequest) -> HttpReply, what the unit tests
 // drive); api/http_transport.h carries it over HTTP/1.1. The server can listen before the model is loaded:
@@ -17,6 +17,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -66,6 +67,11 @@ struct ServingHandles {
   std::string model_name;
   int max_context = 0;
   int world_size = 1;
+  // Optional: why the ranks cannot serve right now (e.g. "rank 1 died (...)"), nullopt while they
+  // can. While it says something, /ready answers 503 (status "rank_fault"), new model requests get
+  // 503 `rank_unavailable`, and requests waiting for the model fail at once with the same error (their
+  // work is cancelled). Called often (every poll of every waiting request): must be cheap.
+  std::function<std::optional<std::string>()> rank_fault;
 };
 
 // One HTTP request as the handlers see it.

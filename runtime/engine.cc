@@ -317,9 +317,12 @@ std::vector<proto::StepResult> StepExchange::run_step(Engine& local, const std::
 
   std::vector<std::string> segments(plans.size());
   for (size_t r = 1; r < plans.size(); ++r) segments[r] = plans[r].SerializeAsString();
+  last_exchange_ = std::chrono::steady_clock::now();
+  if (observer_) observer_(++steps_);
   scatter_from_root(*comm_, segments);  // rank 0's own plan stays here (segment 0 is empty)
   const proto::StepResult own = run_local(local, plans[0], 0);
   const std::vector<std::string> payloads = gather_to_root(*comm_, std::string());
+  last_exchange_ = std::chrono::steady_clock::now();
   std::vector<proto::StepResult> results(plans.size());
   results[0] = own;
   for (size_t r = 1; r < plans.size(); ++r)
@@ -357,7 +360,16 @@ void StepExchange::serve(Engine& local) {
       result = run_local(local, plan, rank());
     }
     gather_to_root(*comm_, result.SerializeAsString());
+    if (observer_) observer_(++steps_);
   }
+}
+
+void StepExchange::keep_alive(Engine& local) {
+  if (rank() != 0) throw std::logic_error("StepExchange::keep_alive: only rank 0 plans steps");
+  if (!distributed() || shut_down_) return;
+  const auto idle = std::chrono::steady_clock::now() - last_exchange_;
+  if (idle < std::chrono::duration<double>(comm_->timeout() / 4)) return;
+  run_step(local, std::vector<proto::StepPlan>(static_cast<size_t>(world_size())));  // nothing to report but a CommError
 }
 
 }  // namespace arbiter

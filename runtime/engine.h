@@ -7,7 +7,9 @@
 // serialized protobuf messages; with no communicator (one rank) it just runs the local engine.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -80,12 +82,24 @@ class StepExchange {
   void shutdown();
   // Workers: receives plans and runs them until rank 0 calls shutdown(). std::logic_error on rank 0.
   void serve(Engine& local);
+  // Rank 0, while there is no work: the workers wait for the next plan inside a collective whose
+  // timeout would end an idle job, so once the ranks have not exchanged anything for a quarter of the
+  // communicator's timeout this runs one empty step. Does nothing on a single rank.
+  void keep_alive(Engine& local);
+
+  // Called with a running count of steps: on rank 0 each time one is sent to the workers (before
+  // they run it), on a worker each time it has completed one. For liveness checks (heartbeats).
+  // Set before the first step.
+  void set_step_observer(std::function<void(uint64_t steps)> observer) { observer_ = std::move(observer); }
 
  private:
   bool distributed() const;
 
   Communicator* comm_;
   bool shut_down_ = false;
+  uint64_t steps_ = 0;  // rank 0: steps sent; workers: steps completed
+  std::function<void(uint64_t)> observer_;
+  std::chrono::steady_clock::time_point last_exchange_ = std::chrono::steady_clock::now();
 };
 
 }  // namespace arbiter

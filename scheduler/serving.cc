@@ -67,6 +67,17 @@ ServingRank::ServingRank(const ServingOptions& options, Communicator* comm,
   model_ = std::make_unique<Model>(config_, *checkpoint_, *backend_, mo);
   engine_ = std::make_unique<Engine>(*model_);
   exchange_ = std::make_unique<StepExchange>(comm_);
+  // Thread ranks share this process (one cannot die alone); one rank has nobody to watch.
+  if (comm_ && comm_->size() > 1 && comm_->name() != "threads" && options_.heartbeat_timeout > 0) {
+    HeartbeatOptions ho;
+    ho.timeout = options_.heartbeat_timeout;
+    ho.step_timeout = options_.step_timeout;
+    heartbeat_ = start_heartbeat(*comm_, ho);
+    if (HeartbeatMonitor* monitor = heartbeat_.monitor.get())
+      exchange_->set_step_observer([monitor](uint64_t steps) { monitor->step_started(steps); });
+    if (HeartbeatSender* sender = heartbeat_.sender.get())
+      exchange_->set_step_observer([sender](uint64_t steps) { sender->set_completed_steps(steps); });
+  }
   if (!leads()) return;
 
   SchedulerOptions so;
@@ -124,6 +135,13 @@ Classifier& ServingRank::classifier() {
 void ServingRank::serve_workers() {
   if (leads()) return;
   exchange_->serve(*engine_);
+}
+
+std::optional<RankFault> ServingRank::rank_fault() const {
+  if (loop_)
+    if (auto failure = loop_->failure()) return RankFault{-1, true, *failure};
+  if (heartbeat_.monitor) return heartbeat_.monitor->fault();
+  return std::nullopt;
 }
 
 }  // namespace arbiter

@@ -1,13 +1,15 @@
 // ServingRank: everything one rank needs to serve (DESIGN.md §3), put together once for
 // `arbiter serve`, `arbiter classify` and the load generator: the model on this rank's device with a
 // KV cache sized for serving, its Engine and the StepExchange; on rank 0 also the tokenizer, the
-// Scheduler, the StepLoop and the Classifier. Worker ranks call serve_workers() and return when
-// rank 0 shuts the loop down.
+// Scheduler, the StepLoop and the Classifier; under mpirun, if asked, worker heartbeats to rank 0.
+// Worker ranks call serve_workers() and return when rank 0 shuts the loop down.
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "parallel/heartbeat.h"
 #include "runtime/config.h"
 #include "runtime/engine.h"
 #include "runtime/model.h"
@@ -34,6 +36,10 @@ struct ServingOptions {
   int max_queued_requests = 1024;
   bool prefix_caching = true;
   ClassifierOptions classifier;
+  // Process ranks (mpirun, more than one): worker heartbeats to rank 0 (parallel/heartbeat.h), so
+  // rank 0 sees a rank that died or stalls. heartbeat_timeout 0: none; step_timeout 0: no step limit.
+  double heartbeat_timeout = 0;
+  double step_timeout = 0;
 };
 
 class ServingRank {
@@ -58,6 +64,11 @@ class ServingRank {
   // Workers: runs steps until rank 0's loop stops. Rank 0: returns at once.
   void serve_workers();
 
+  // Rank 0: why the ranks cannot serve right now, nullopt while they can: the step exchange broke
+  // (fatal), a worker died (fatal) or a worker stalls (heartbeats; may end). Thread-safe; always
+  // nullopt on other ranks and where there are no heartbeats (one rank, thread ranks).
+  std::optional<RankFault> rank_fault() const;
+
  private:
   ServingOptions options_;
   Communicator* comm_;
@@ -66,6 +77,7 @@ class ServingRank {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<Engine> engine_;
+  Heartbeat heartbeat_;  // before exchange_, whose step observer feeds it
   std::unique_ptr<StepExchange> exchange_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<Scheduler> scheduler_;

@@ -4,6 +4,8 @@
 #include <exception>
 #include <string>
 
+#include "parallel/communicator.h"
+
 namespace arbiter {
 
 namespace {
@@ -46,6 +48,7 @@ void StepLoop::stop(bool drain) {
   running_ = false;
   if (thread_.joinable()) thread_.join();
   if (!drain) scheduler_.fail_all("the server is stopping");
+  if (failure()) workers_shut_down_ = true;  // the exchange is broken: the workers cannot be reached
   if (!workers_shut_down_) {
     workers_shut_down_ = true;
     exchange_.shutdown();
@@ -53,7 +56,7 @@ void StepLoop::stop(bool drain) {
 }
 
 void StepLoop::run_until_idle() {
-  while (scheduler_.has_work()) {
+  while (scheduler_.has_work() && !failure()) {
     if (!step_once()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 }
@@ -63,9 +66,31 @@ StepLoopStats StepLoop::stats() const {
   return stats_;
 }
 
+std::optional<std::string> StepLoop::failure() const {
+  std::lock_guard lock(stats_mutex_);
+  return failure_;
+}
+
+void StepLoop::set_failure(const std::string& why) {
+  {
+    std::lock_guard lock(stats_mutex_);
+    if (!failure_) failure_ = why;
+  }
+  running_ = false;  // no more steps: a drain waiting on the loop returns
+}
+
 void StepLoop::thread_main() {
   while (running_) {
-    if (!scheduler_.wait_for_work(std::chrono::milliseconds(50))) continue;
+    if (!scheduler_.wait_for_work(std::chrono::milliseconds(50))) {
+      try {
+        exchange_.keep_alive(local_);
+      } catch (const CommError& e) {
+        set_failure(std::string("the exchange with the other ranks failed: ") + e.what());
+      } catch (const std::exception&) {
+        // An empty step that failed on a rank serves nobody: the next one will tell.
+      }
+      continue;
+    }
     // A step with nothing to run (e.g. every sequence waits for blocks) waits a little instead of spinning.
     if (!step_once()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
@@ -106,6 +131,10 @@ bool StepLoop::step_once() {
       ++stats_.step_histogram[static_cast<size_t>(bucket - std::begin(StepLoopStats::kStepBuckets))];
     }
     stats_.scheduler_seconds += seconds(t1 - t0) + seconds(t3 - t2);
+  } catch (const CommError& e) {
+    // The collectives are out of step with the other ranks for good: no later step can run.
+    set_failure(std::string("the exchange with the other ranks failed: ") + e.what());
+    scheduler_.fail_all(*failure());
   } catch (const std::exception& e) {
     // The step is lost; what was in flight fails, the loop goes on with new requests.
     scheduler_.fail_all(std::string("step failed: ") + e.what());

@@ -1,6 +1,7 @@
 // StepLoop: the thread on rank 0 that drives serving (DESIGN.md §3): it asks the Scheduler for a
 // step plan per rank, runs the step on every rank through the StepExchange (rank 0's own Engine
-// included), and hands the results back to the Scheduler, for as long as there is work. It also
+// included), and hands the results back to the Scheduler, for as long as there is work (while idle it
+// keeps the workers' wait for the next plan from timing out: StepExchange::keep_alive). It also
 // measures where the time goes: planning and result handling (scheduler), the plan/result exchange,
 // and the forward step itself.
 #pragma once
@@ -9,6 +10,8 @@
 #include <chrono>
 #include <cstdint>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -40,16 +43,22 @@ class StepLoop {
   // drain = true: stops accepting requests and returns once every in-flight request finished;
   // drain = false: fails what is in flight. Either way the workers are shut down.
   void stop(bool drain);
-  // Runs steps on the calling thread until the scheduler has no work (offline batch use).
+  // Runs steps on the calling thread until the scheduler has no work (offline batch use), or the
+  // exchange with the other ranks broke (failure()).
   void run_until_idle();
 
   StepLoopStats stats() const;  // thread-safe
+  // Why the loop stopped stepping for good: the exchange with the other ranks broke (CommError, e.g.
+  // a rank died or stalled past the communicator's timeout); nullopt while it runs. Thread-safe.
+  std::optional<std::string> failure() const;
 
  private:
   // Plans, runs and completes one step; false when the plan had nothing to run. A step that throws
-  // fails what was in flight (Scheduler::fail_all) and the loop goes on.
+  // fails what was in flight (Scheduler::fail_all) and the loop goes on, unless the communicator broke:
+  // then the loop records failure() and stops stepping (the workers cannot take part any more).
   bool step_once();
   void thread_main();
+  void set_failure(const std::string& why);
 
   Scheduler& scheduler_;
   Engine& local_;
@@ -58,6 +67,7 @@ class StepLoop {
   std::thread thread_;
   mutable std::mutex stats_mutex_;
   StepLoopStats stats_;
+  std::optional<std::string> failure_;  // under stats_mutex_
   bool workers_shut_down_ = false;
 };
 

@@ -1,12 +1,16 @@
 // StepLoop on a real tiny random model: greedy outputs through the scheduler, the engine and the
 // loop equal greedy_generate, alone and in a batch of 8, with prefix caching on and off; the loop's
-// thread mode, drain, timing stats, and recovery from a step that fails.
+// thread mode, drain, timing stats, and recovery from a step that fails; on two ranks, keep-alive steps
+// while idle and a broken exchange (CommError) that stops the loop.
 #include "scheduler/step_loop.h"
 
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <future>
 #include <map>
+#include <optional>
+#include <thread>
 #include <memory>
 #include <random>
 
@@ -270,6 +274,101 @@ TEST_F(StepLoopModel, TwoExpertParallelRanksServeTheSameGreedyOutputs) {
   }
   EXPECT_GT(per_rank[0], 0);
   EXPECT_GT(per_rank[1], 0);
+}
+
+// Two thread ranks whose collectives time out after 0.4 s (set once the models are loaded).
+// serve_worker = false: rank 1 never serves, so rank 0's first step cannot complete.
+void run_two_ranks_with_short_timeout(const ModelConfig& config, const std::string& dir, bool serve_worker,
+                                      const std::function<void(StepLoop&, Scheduler&, Engine&)>& lead,
+                                      bool* worker_returned) {
+  run_thread_ranks(
+      2,
+      [&](Communicator& comm) {
+        ModelOptions mo = model_options();
+        mo.comm = &comm;
+        Checkpoint checkpoint(dir);
+        CpuBackend backend(1);
+        Model model(config, checkpoint, backend, mo);
+        Engine engine(model);
+        StepExchange exchange(&comm);
+        comm.barrier();
+        if (comm.rank() == 0) comm.set_timeout(0.4);  // one timeout for the whole group
+        comm.barrier();
+        if (exchange.rank() != 0) {
+          if (serve_worker) exchange.serve(engine);
+          *worker_returned = true;
+          return;
+        }
+        SchedulerOptions so = scheduler_options(true);
+        so.num_ranks = 2;
+        Scheduler scheduler(so);
+        StepLoop loop(scheduler, engine, exchange);
+        lead(loop, scheduler, engine);
+      },
+      60);
+}
+
+TEST_F(StepLoopModel, AnIdleLoopKeepsTheWorkersWaitingForPlansAlive) {
+  const auto prompt = prompts()[0];
+  std::map<std::string, std::vector<int32_t>> outputs;
+  bool worker_returned = false;
+  std::optional<std::string> failure;
+  run_two_ranks_with_short_timeout(config_, dir_->path(), true, [&](StepLoop& loop, Scheduler& scheduler, Engine&) {
+    loop.start();
+    // Idle for several collective timeouts: without keep-alive steps the worker's wait for the
+    // next plan would time out and abort the group.
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    failure = loop.failure();
+    std::promise<void> done;
+    RequestSpec r = request("after-idle", prompt, &outputs);
+    auto record = r.on_done;
+    r.on_done = [record, &done](std::vector<SequenceResult> results) {
+      record(std::move(results));
+      done.set_value();
+    };
+    ASSERT_EQ(scheduler.submit(std::move(r)), SubmitStatus::kAccepted);
+    ASSERT_EQ(done.get_future().wait_for(std::chrono::seconds(60)), std::future_status::ready);
+    loop.stop(true);
+  }, &worker_returned);
+  EXPECT_FALSE(failure.has_value()) << *failure;
+  EXPECT_EQ(outputs["after-idle"], reference(prompt));
+  EXPECT_TRUE(worker_returned);
+}
+
+TEST_F(StepLoopModel, ABrokenExchangeStopsTheLoopAndIsReported) {
+  const auto prompt = prompts()[0];
+  bool worker_returned = false;
+  std::optional<std::string> failure;
+  std::optional<SequenceResult> result;
+  double stop_seconds = -1;
+  run_two_ranks_with_short_timeout(config_, dir_->path(), false, [&](StepLoop& loop, Scheduler& scheduler, Engine&) {
+    std::promise<SequenceResult> finished;
+    RequestSpec r;
+    r.id = "lost";
+    SequenceSpec s;
+    s.prompt = prompt;
+    s.max_new_tokens = kNewTokens;
+    r.sequences = {s};
+    r.on_done = [&finished](std::vector<SequenceResult> results) { finished.set_value(results[0]); };
+    ASSERT_EQ(scheduler.submit(std::move(r)), SubmitStatus::kAccepted);
+    loop.start();
+    auto f = finished.get_future();
+    ASSERT_EQ(f.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+    result = f.get();
+    failure = loop.failure();
+    // Stopping does not try to reach the workers through the broken exchange.
+    const auto t0 = std::chrono::steady_clock::now();
+    loop.stop(false);
+    stop_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }, &worker_returned);
+  ASSERT_TRUE(result.has_value());
+  EXPECT_EQ(result->finish, FinishReason::kError);
+  ASSERT_TRUE(failure.has_value()) << "a CommError must stop the loop for good";
+  EXPECT_NE(failure->find("exchange with the other ranks failed"), std::string::npos) << *failure;
+  EXPECT_EQ(result->error, *failure);
+  EXPECT_GE(stop_seconds, 0);
+  EXPECT_LT(stop_seconds, 0.3);
+  EXPECT_TRUE(worker_returned);
 }
 
 }  // namespace

@@ -4,17 +4,26 @@
 // weights are loaded on every rank), runs the step loop and answers requests; under mpirun (or
 // --ranks N thread ranks) the other ranks only run steps. SIGTERM or SIGINT (to rank 0) drains: no
 // new work is accepted, requests in flight are answered, then every rank exits cleanly.
+//
+// Under mpirun rank 0 also watches the other ranks (heartbeats, parallel/heartbeat.h): while one
+// stalls, /ready and model requests answer 503 and requests in flight fail at once; once one died
+// (or the exchange with the ranks broke), rank 0 answers what is in flight with 503 and ends the
+// job with kRankFaultExit, so that whoever runs the job restarts the whole group.
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
+#include <future>
 #include <iostream>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "api/auth.h"
 #include "api/grpc_server.h"
@@ -51,7 +60,19 @@ const char* kServeUsage =
     "  engine: --device cpu|cuda[:N]|auto --tokenizer DIR --max-context N --kv-blocks N --step-tokens N\n"
     "          --step-samples N --top-logprobs N --answer-tokens N --reasoning-budget N\n"
     "          --transport auto|threads|mpi|nccl --ranks N --placement FILE\n"
-    "SIGTERM/SIGINT (to rank 0) drains: in-flight requests are answered, then every rank exits 0.\n";
+    "  --heartbeat-timeout S    mpirun: a worker rank not heard from for S seconds stalls (3; 0: no heartbeats)\n"
+    "  --step-timeout S         mpirun: a worker rank that has not completed a step S seconds after rank 0\n"
+    "                           started it stalls (30; 0: no limit); must exceed the longest step\n"
+    "SIGTERM/SIGINT (to rank 0) drains: in-flight requests are answered, then every rank exits 0.\n"
+    "A worker rank that stalls: /ready and model requests answer 503 (rank_fault, rank_unavailable) until it\n"
+    "is back. A worker rank that died: requests in flight get 503, then rank 0 ends the job (MPI_Abort, status\n"
+    "75; mpirun may report the dead rank's status instead). Restart the whole group (docs/operating.md).\n";
+
+// Exit status of a job that rank 0 ended because a rank died or the exchange with the ranks broke
+// (EX_TEMPFAIL: restarting the group is expected to help).
+constexpr int kRankFaultExit = 75;
+// How long rank 0 lets requests in flight take to receive their 503 before it ends the job.
+constexpr auto kFaultAnswerWait = std::chrono::seconds(2);
 
 // Options of `arbiter serve` that are not the engine's.
 api::ApiOptions api_options(const CliArgs& args) {
@@ -113,15 +134,41 @@ ServingOptions serve_options(const CliArgs& args, int http_threads) {
                                 std::to_string(http_threads) +
                                 "): each queued request holds a handler thread, so the queue could never fill and "
                                 "clients would wait unseen instead of getting 429; lower --max-queued or raise --http-threads");
+  o.heartbeat_timeout = std::stod(args.get("heartbeat-timeout", "3"));
+  if (!(o.heartbeat_timeout >= 0)) throw std::invalid_argument("--heartbeat-timeout must not be negative (0: no heartbeats)");
+  o.step_timeout = std::stod(args.get("step-timeout", "30"));
+  if (!(o.step_timeout >= 0)) throw std::invalid_argument("--step-timeout must not be negative (0: no limit)");
   return o;
 }
 
-// Waits for SIGTERM / SIGINT (blocked in every thread, see cmd_serve).
-int wait_for_signal(const sigset_t& signals) {
-  for (;;) {
-    const int sig = sigwaitinfo(&signals, nullptr);
-    if (sig > 0) return sig;
-  }
+// Waits up to `timeout` for SIGTERM / SIGINT (blocked in every thread, see cmd_serve); 0 when none came.
+int wait_for_signal(const sigset_t& signals, std::chrono::milliseconds timeout) {
+  const timespec ts{static_cast<time_t>(timeout.count() / 1000), static_cast<long>(timeout.count() % 1000) * 1000000L};
+  const int sig = sigtimedwait(&signals, nullptr, &ts);
+  return sig > 0 ? sig : 0;
+}
+
+// Rank 0 after a fault the job cannot serve through (a rank died, or the exchange broke; or any
+// fault while shutting down): requests in flight get their 503 (the handlers see the fault), then
+// every rank ends with kRankFaultExit. Does not return.
+[[noreturn]] void end_job(api::ApiServer& server, const RankContext& rank, const RankFault& fault) {
+  std::cerr << "arbiter serve: " << fault.message << "; answering requests in flight with 503, then ending the job (exit "
+            << kRankFaultExit << ")" << std::endl;
+  if (!server.wait_idle(std::chrono::duration_cast<std::chrono::milliseconds>(kFaultAnswerWait)))
+    std::cerr << "arbiter serve: requests still open after " << kFaultAnswerWait.count() << " s" << std::endl;
+  // Let the HTTP threads write the last replies; stopping can wait on slow connections, so bounded.
+  auto stopped = std::make_shared<std::promise<void>>();
+  std::future<void> done = stopped->get_future();
+  std::thread([&server, stopped] {
+    server.stop();
+    stopped->set_value();
+  }).detach();
+  done.wait_for(std::chrono::seconds(1));
+  std::cout.flush();
+  std::cerr.flush();
+  // MPI_Abort ends every rank (a stalled one too); thread ranks share this process.
+  if (rank.comm && rank.comm->name() != "threads") rank.comm->abort(fault.message, kRankFaultExit);
+  std::_Exit(kRankFaultExit);
 }
 
 }  // namespace
@@ -148,6 +195,8 @@ int cmd_serve(const CliArgs& args) {
       (void)rank_args.get("served-model-name", "");
       rank_args.check_all_used();
       ServingRank serving(serving_opts, rank.comm, rank.placement);
+      std::cout << "arbiter serve: rank " << rank.comm->rank() << " of " << rank.comm->size() << " running steps (pid "
+                << getpid() << ")" << std::endl;
       serving.serve_workers();
       return;
     }
@@ -178,17 +227,41 @@ int cmd_serve(const CliArgs& args) {
     handles.model_name = served_name.empty() ? serving.model_name() : served_name;
     handles.max_context = std::min(serving.options().max_context, serving.config().max_position_embeddings);
     handles.world_size = serving.world_size();
+    handles.rank_fault = [&serving]() -> std::optional<std::string> {
+      if (auto fault = serving.rank_fault()) return fault->message;
+      return std::nullopt;
+    };
     server.attach(handles);
     if (grpc) grpc->set_serving(true);
     std::cout << "arbiter serve: ready (model " << handles.model_name << ", " << handles.world_size << " rank"
               << (handles.world_size > 1 ? "s" : "") << ", " << server.policies().list().size() << " policies)"
               << std::endl;
 
-    const int sig = wait_for_signal(signals);
+    // Until a signal or a fatal rank fault; a stall is reported when it starts and when it ends.
+    int sig = 0;
+    std::optional<RankFault> fault;
+    for (;;) {
+      sig = wait_for_signal(signals, std::chrono::milliseconds(100));
+      std::optional<RankFault> now = serving.rank_fault();
+      if (now && (!fault || now->rank != fault->rank || now->fatal != fault->fatal))
+        std::cerr << "arbiter serve: " << now->message << "; /ready and model requests answer 503" << std::endl;
+      if (!now && fault) std::cerr << "arbiter serve: rank " << fault->rank << " is back; ready" << std::endl;
+      fault = std::move(now);
+      if ((fault && fault->fatal) || sig) break;
+    }
+    if (fault) end_job(server, rank, *fault);  // a rank died, or a signal while one stalls
+
     std::cout << "arbiter serve: " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ", draining" << std::endl;
     server.drain();                   // /ready fails, new model requests get 503
     if (grpc) grpc->set_serving(false);
-    serving.loop().stop(true);        // in-flight generations finish, workers are released
+    // In-flight generations finish, while the ranks are watched: when a rank dies mpirun signals every
+    // other rank, and a drain waiting on a dead or stalled rank would hang until the communicator's timeout.
+    serving.scheduler().stop_accepting();
+    while (serving.scheduler().has_work()) {
+      if ((fault = serving.rank_fault())) end_job(server, rank, *fault);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    serving.loop().stop(true);        // nothing left in flight: the workers are released
     if (!server.wait_idle(std::chrono::seconds(30)))  // their replies (and streams) are written
       std::cerr << "arbiter serve: requests still open after 30 s; closing\n";
     if (grpc) grpc->stop();           // streams write their last message
