@@ -104,7 +104,8 @@ PolicyRegistry::PolicyRegistry(const std::string& db_path, bool read_only) : db_
   const int rc = sqlite3_open_v2(db_path.c_str(), &raw, flags, nullptr);
   db_.reset(raw);  // closed by the holder even when opening failed
   if (rc != SQLITE_OK)
-    throw std::runtime_error("cannot open policy db " + db_path + ": " + (raw ? sqlite3_errmsg(raw) : "out of memory"));
+    throw std::runtime_error("cannot open policy db " + db_path + ": " + (raw ? sqlite3_errmsg(raw) : "out of memory") +
+                             (read_only ? "" : " (the file, or its folder for a new file, must be writable)"));
   sqlite3_busy_timeout(db_.get(), 5000);
   if (!read_only) {
     check_writable();
