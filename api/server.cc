@@ -467,6 +467,7 @@ class CancelUnlessFinished {
 }  // namespace
 
 HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard) {
+  const Clock::time_point received = Clock::now();  // parsing and rendering count in the deadline
   wire::ChatCompletionRequest body;
   parse_json(req.body, body);
   std::optional<Admission> admission(std::in_place, *this);
@@ -476,12 +477,24 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
   ChatLimits limits;
   limits.default_effort = options.default_effort;
   limits.max_context = h.max_context;
-  ChatPlan plan = plan_chat(body, renderer, limits);
+  // Tokenizing the messages stops for a client that hung up or a deadline that passed.
+  const auto render_deadline = deadline(body.has_timeout() && body.timeout() > 0 ? std::optional<double>(body.timeout()) : std::nullopt, received);
+  bool gone = false;
+  const std::function<bool()> stop = [&] {
+    gone = req.client_gone && req.client_gone();
+    return gone || (render_deadline && Clock::now() > *render_deadline);
+  };
+  ChatPlan plan;
+  try {
+    plan = plan_chat(body, renderer, limits, stop);
+  } catch (const RenderStopped&) {
+    throw ApiException(*finish_error(gone ? FinishReason::kCancelled : FinishReason::kDeadline, gone, ""));
+  }
 
   auto run = std::make_shared<ChatRun>();
   RequestSpec spec;
   spec.id = new_id("chatcmpl");
-  spec.deadline = deadline(plan.timeout);
+  spec.deadline = deadline(plan.timeout, received);
   spec.sequences.push_back(plan.sequence);
   spec.on_token = [run](int, const GeneratedToken& t) {
     {

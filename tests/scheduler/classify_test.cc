@@ -18,6 +18,7 @@
 #include "runtime/tokenizer.h"
 #include "scheduler/classify.h"
 #include "scheduler/scheduler.h"
+#include "scheduler/serving.h"
 
 namespace arbiter {
 namespace {
@@ -623,6 +624,11 @@ TEST(ClassifierOptionsCheck, EveryEffortMustLeaveRoomForAPrompt) {
   o.answer_tokens = 32;
   o.budgets.low = -1;
   EXPECT_THROW(check_classifier_options(tokenizer(), o), std::invalid_argument);
+  // The serving defaults agree with each other: every effort leaves room for a prompt.
+  ServingOptions serving;
+  serving.classifier.max_context = serving.max_context;
+  EXPECT_EQ(serving.max_context, 8192);
+  EXPECT_NO_THROW(check_classifier_options(tokenizer(), serving.classifier));
   // The Classifier itself refuses a contradicting configuration.
   Scheduler scheduler{SchedulerOptions{}};
   ClassifierOptions bad;

@@ -410,7 +410,8 @@ TEST(TokenizerBounded, LongPiecesEndEarly) {
   Ids out;
   auto t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(tok.encode_bounded(run, out, limit), EncodeEnd::kOverLimit);
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.2);
+  // (Merging it whole takes about 3 s; finding the piece itself is what remains.)
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
   // Without a limit, a stop predicate ends the merging of the piece itself.
   int polls = 0;
   EncodeBounds stop;
@@ -418,7 +419,7 @@ TEST(TokenizerBounded, LongPiecesEndEarly) {
   out.clear();
   t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(tok.encode_bounded(run, out, stop), EncodeEnd::kStopped);
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.2);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
   EXPECT_TRUE(out.empty());
   EXPECT_EQ(polls, 2);
 }
