@@ -1,5 +1,6 @@
 #include "api/chat_api.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -65,7 +66,8 @@ std::vector<std::string> stop_strings(const google::protobuf::Value& stop) {
 
 }  // namespace
 
-ChatPlan plan_chat(const wire::ChatCompletionRequest& body, const HarmonyRenderer& renderer, const ChatLimits& limits) {
+ChatPlan plan_chat(const wire::ChatCompletionRequest& body, const HarmonyRenderer& renderer, const ChatLimits& limits,
+                   const std::function<bool()>& stop) {
   ChatPlan plan;
   if (body.messages().empty()) throw bad_request("'messages' must hold at least one message.", "messages", "invalid_value");
   if (body.has_n() && body.n() != 1) throw bad_request("Only n = 1 is supported.", "n", "invalid_value");
@@ -99,7 +101,20 @@ ChatPlan plan_chat(const wire::ChatCompletionRequest& body, const HarmonyRendere
   }
   std::vector<int32_t>& prompt = plan.sequence.prompt;
   renderer.render_system(system, prompt);
-  const std::vector<int32_t> rest = renderer.render_conversation(conversation, true);
+  // The messages are tokenized only as far as they can fit next to the system message.
+  EncodeBounds bounds;
+  bounds.max_tokens = static_cast<size_t>(std::max<int64_t>(0, int64_t{limits.max_context} - 1 - static_cast<int64_t>(prompt.size())));
+  bounds.stop = stop;
+  std::vector<int32_t> rest;
+  try {
+    rest = HarmonyRenderer(renderer.tokenizer(), bounds).render_conversation(conversation, true);
+  } catch (const RenderStopped& e) {
+    if (e.end() != EncodeEnd::kOverLimit) throw;
+    throw bad_request("This model's maximum context length is " + std::to_string(limits.max_context) +
+                          " tokens; the messages take more than " + std::to_string(limits.max_context - 1 - static_cast<int>(prompt.size())) +
+                          " next to the system message.",
+                      "messages", "context_length_exceeded");
+  }
   prompt.insert(prompt.end(), rest.begin(), rest.end());
   if (static_cast<int>(prompt.size()) + 1 > limits.max_context)
     throw bad_request("This model's maximum context length is " + std::to_string(limits.max_context) +

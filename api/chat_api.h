@@ -6,6 +6,7 @@
 // commentary without a recipient), with `stop` strings applied to the content.
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -32,8 +33,12 @@ struct ChatPlan {
 };
 
 // Throws ApiException (400) for what cannot be served: no messages, an unknown role, non-text
-// content parts, n > 1, a bad sampling value, or a prompt that leaves no room in the context.
-ChatPlan plan_chat(const wire::ChatCompletionRequest& body, const HarmonyRenderer& renderer, const ChatLimits& limits);
+// content parts, n > 1, a bad sampling value, or a prompt that leaves no room in the context (the
+// messages are tokenized only as far as they can fit). `stop` (optional) is polled while the
+// messages are tokenized; true ends the work with RenderStopped (the client is gone, the deadline
+// passed).
+ChatPlan plan_chat(const wire::ChatCompletionRequest& body, const HarmonyRenderer& renderer, const ChatLimits& limits,
+                   const std::function<bool()>& stop = {});
 
 // Reads generated tokens into reasoning and content, token by token.
 class ChatOutput {

@@ -2,7 +2,12 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
@@ -51,13 +56,31 @@ class Statement {
 
 std::string to_json_array(const std::vector<std::string>& v) { return nlohmann::json(v).dump(); }
 
-std::vector<std::string> from_json_array(const std::string& text) {
+// A stored JSON array of strings; nullopt when the text is anything else.
+std::optional<std::vector<std::string>> from_json_array(const std::string& text) {
   const auto j = nlohmann::json::parse(text, nullptr, false);
-  if (!j.is_array()) return {};
+  if (!j.is_array()) return std::nullopt;
   std::vector<std::string> out;
-  for (const auto& e : j)
-    if (e.is_string()) out.push_back(e.get<std::string>());
+  for (const auto& e : j) {
+    if (!e.is_string()) return std::nullopt;
+    out.push_back(e.get<std::string>());
+  }
   return out;
+}
+
+// Text for a message: control bytes and quotes escaped, cut at 80 bytes.
+std::string shown(const std::string& text) {
+  std::string out;
+  for (const char c : text.substr(0, 80)) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == '\'' || c == '\\') {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\x%02x", static_cast<unsigned char>(c));
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return text.size() > 80 ? out + "..." : out;
 }
 
 int64_t now_seconds() {
@@ -68,20 +91,49 @@ int64_t now_seconds() {
 
 void PolicyRegistry::DbCloser::operator()(sqlite3* db) const { sqlite3_close(db); }
 
-PolicyRegistry::PolicyRegistry(const std::string& db_path) {
-  if (db_path.empty()) return;
+PolicyRegistry::PolicyRegistry(const std::string& db_path, bool read_only) : db_path_(db_path), read_only_(read_only) {
+  if (db_path.empty()) {
+    if (read_only) throw std::invalid_argument("a read-only policy db needs a policy db file");
+    return;
+  }
+  std::error_code ec;
+  if (read_only && !std::filesystem::exists(db_path, ec))
+    throw std::runtime_error("policy db " + db_path + " does not exist (read-only mode serves an existing file)");
   sqlite3* raw = nullptr;
-  const int rc = sqlite3_open_v2(db_path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
+  const int flags = (read_only ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE) | SQLITE_OPEN_FULLMUTEX;
+  const int rc = sqlite3_open_v2(db_path.c_str(), &raw, flags, nullptr);
   db_.reset(raw);  // closed by the holder even when opening failed
   if (rc != SQLITE_OK)
-    throw std::runtime_error("cannot open policy db " + db_path + ": " + (raw ? sqlite3_errmsg(raw) : "out of memory"));
+    throw std::runtime_error("cannot open policy db " + db_path + ": " + (raw ? sqlite3_errmsg(raw) : "out of memory") +
+                             (read_only ? "" : " (the file, or its folder for a new file, must be writable)"));
   sqlite3_busy_timeout(db_.get(), 5000);
-  exec(
-      "CREATE TABLE IF NOT EXISTS policies ("
-      " id TEXT NOT NULL, version INTEGER NOT NULL, text TEXT NOT NULL, labels TEXT NOT NULL,"
-      " violating_labels TEXT NOT NULL, description TEXT NOT NULL, created INTEGER NOT NULL,"
-      " deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (id, version))");
+  if (!read_only) {
+    check_writable();
+    exec(
+        "CREATE TABLE IF NOT EXISTS policies ("
+        " id TEXT NOT NULL, version INTEGER NOT NULL, text TEXT NOT NULL, labels TEXT NOT NULL,"
+        " violating_labels TEXT NOT NULL, description TEXT NOT NULL, created INTEGER NOT NULL,"
+        " deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (id, version))");
+  }
   load();
+}
+
+void PolicyRegistry::check_writable() {
+  const std::string fix = ": registered policies could not be saved. Make the file and its folder (where SQLite "
+                          "keeps its journal) writable, or serve it read-only (--policy-db-readonly)";
+  // SQLite opens a file it may not write read-only without a word.
+  if (sqlite3_db_readonly(db_.get(), "main") == 1)
+    throw std::runtime_error("policy db " + db_path_ + " is read-only" + fix);
+  // A write that is rolled back: creates the file when new and needs the journal next to it.
+  char* error = nullptr;
+  const int rc = sqlite3_exec(db_.get(), "BEGIN IMMEDIATE; CREATE TABLE arbiter_write_probe (x INTEGER); ROLLBACK;", nullptr,
+                              nullptr, &error);
+  if (rc != SQLITE_OK) {
+    const std::string why = error ? error : sqlite3_errmsg(db_.get());
+    sqlite3_free(error);
+    sqlite3_exec(db_.get(), "ROLLBACK", nullptr, nullptr, nullptr);
+    throw std::runtime_error("policy db " + db_path_ + " cannot be written (" + why + ")" + fix);
+  }
 }
 
 PolicyRegistry::~PolicyRegistry() = default;
@@ -96,19 +148,45 @@ void PolicyRegistry::exec(const std::string& sql) const {
 }
 
 void PolicyRegistry::load() {
-  Statement s(db_.get(),
-              "SELECT id, version, text, labels, violating_labels, description, created, deleted FROM policies "
-              "ORDER BY id, version");
-  while (s.step()) {
+  std::unique_ptr<Statement> s;
+  try {
+    s = std::make_unique<Statement>(db_.get(),
+                                    "SELECT id, version, text, labels, violating_labels, description, created, deleted "
+                                    "FROM policies ORDER BY id, version");
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error("policy db " + db_path_ + " has no readable policies table (" + e.what() + ")");
+  }
+  while (s->step()) {
     Entry e;
-    e.policy.draft.id = s.text(0);
-    e.policy.version = static_cast<int>(s.integer(1));
-    e.policy.draft.text = s.text(2);
-    e.policy.draft.labels = from_json_array(s.text(3));
-    e.policy.draft.violating_labels = from_json_array(s.text(4));
-    e.policy.draft.description = s.text(5);
-    e.policy.created = s.integer(6);
-    e.deleted = s.integer(7) != 0;
+    e.policy.draft.id = s->text(0);
+    const int64_t version = s->integer(1);
+    e.policy.draft.text = s->text(2);
+    const auto labels = from_json_array(s->text(3));
+    const auto violating = from_json_array(s->text(4));
+    e.policy.draft.description = s->text(5);
+    e.policy.created = s->integer(6);
+    e.deleted = s->integer(7) != 0;
+    // Only rows the API could have stored: anything else could not be addressed or served.
+    std::string problem;
+    if (!valid_id(e.policy.draft.id)) problem = "the id is not 1-128 letters, digits, '_', '-' or '.'";
+    else if (version < 1 || version > std::numeric_limits<int32_t>::max()) problem = "the version is not in 1..2147483647";
+    else if (!labels) problem = "'labels' is not a JSON array of strings";
+    else if (!violating) problem = "'violating_labels' is not a JSON array of strings";
+    else if (!e.deleted && e.policy.draft.text.empty()) problem = "the text is empty";
+    else {
+      for (const auto& l : *labels)
+        if (l.empty()) problem = "a label is empty";
+      for (const auto& v : *violating)
+        if (std::find(labels->begin(), labels->end(), v) == labels->end())
+          problem = "the violating label '" + shown(v) + "' is not one of its labels";
+    }
+    if (!problem.empty())
+      throw std::runtime_error("policy db " + db_path_ + ": the row with id '" + shown(e.policy.draft.id) + "' and version " +
+                               std::to_string(version) + " cannot be served: " + problem +
+                               ". Correct or delete the row (rows are never skipped: that would lose policies silently)");
+    e.policy.version = static_cast<int>(version);
+    e.policy.draft.labels = *labels;
+    e.policy.draft.violating_labels = *violating;
     policies_[e.policy.draft.id].push_back(std::move(e));
   }
 }
@@ -136,6 +214,7 @@ std::optional<PolicyRef> PolicyRegistry::parse_ref(const std::string& text) {
 }
 
 StoredPolicy PolicyRegistry::put(const PolicyDraft& draft, bool* created) {
+  if (read_only_) throw std::logic_error("the policy registry is read-only");
   if (!valid_id(draft.id))
     throw std::invalid_argument("policy id must be 1-128 letters, digits, '_', '-' or '.' (got '" + draft.id + "')");
   if (draft.text.empty()) throw std::invalid_argument("policy text must not be empty");
@@ -149,6 +228,8 @@ StoredPolicy PolicyRegistry::put(const PolicyDraft& draft, bool* created) {
     }
     break;
   }
+  if (!versions.empty() && versions.back().policy.version == std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("policy '" + draft.id + "' has no version numbers left");
   Entry e;
   e.policy.draft = draft;
   e.policy.version = versions.empty() ? 1 : versions.back().policy.version + 1;
@@ -200,6 +281,7 @@ std::vector<StoredPolicy> PolicyRegistry::list() const {
 }
 
 std::vector<int> PolicyRegistry::remove(const PolicyRef& ref) {
+  if (read_only_) throw std::logic_error("the policy registry is read-only");
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<int> removed;
   const auto it = policies_.find(ref.id);

@@ -2,7 +2,11 @@
 // (1, 2, ...); classify requests name a policy by `id` (its latest version) or `id@version`.
 // Deleting removes a version (or all of an id's) for good: version numbers are never reused.
 // Kept in memory, and, when given an SQLite file, written through to it and loaded from it at
-// start, so policies survive a restart. Thread-safe.
+// start, so policies survive a restart. Every row loaded must be one the API could have stored
+// (an addressable id, a version in 1..INT32_MAX, a non-empty text, consistent labels): a bad row
+// refuses start-up with the row named, rather than being dropped silently. A database that cannot
+// be written refuses start-up too, unless it is opened read-only (then put/remove throw).
+// Thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -44,8 +48,10 @@ struct PolicyRef {
 class PolicyRegistry {
  public:
   // db_path empty: in memory only. Otherwise opens (creating) the SQLite file and loads it; throws
-  // std::runtime_error when the file cannot be used.
-  explicit PolicyRegistry(const std::string& db_path = "");
+  // std::runtime_error when the file cannot be used: not writable (the file or its folder, where
+  // SQLite keeps its journal), or a row the API could not serve. read_only: the file must exist;
+  // it is only read, and put/remove throw std::logic_error.
+  explicit PolicyRegistry(const std::string& db_path = "", bool read_only = false);
   ~PolicyRegistry();
   PolicyRegistry(const PolicyRegistry&) = delete;
   PolicyRegistry& operator=(const PolicyRegistry&) = delete;
@@ -69,6 +75,7 @@ class PolicyRegistry {
   std::vector<int> remove(const PolicyRef& ref);
 
   bool persistent() const { return db_ != nullptr; }
+  bool read_only() const { return read_only_; }
 
  private:
   // Every version ever stored under an id (deleted ones kept as tombstones so numbers stay unique).
@@ -82,10 +89,13 @@ class PolicyRegistry {
   };
   void load();
   void exec(const std::string& sql) const;
+  void check_writable();
 
   mutable std::mutex mutex_;
   std::map<std::string, std::vector<Entry>> policies_;
   std::unique_ptr<sqlite3, DbCloser> db_;
+  std::string db_path_;
+  bool read_only_ = false;
 };
 
 }  // namespace arbiter::api

@@ -7,6 +7,7 @@
 #include <optional>
 #include <random>
 #include <chrono>
+#include <iostream>
 #include <thread>
 
 #include "api/api.pb.h"
@@ -73,7 +74,7 @@ struct ChatRun {
 
 // The server's state: options, registries, the serving handles once attached, the HTTP transport.
 struct ApiServer::Impl {
-  explicit Impl(ApiOptions o) : options(std::move(o)), registry(options.policy_db) {}
+  explicit Impl(ApiOptions o) : options(std::move(o)), registry(options.policy_db, options.policy_db_readonly) {}
 
   ApiOptions options;
   PolicyRegistry registry;
@@ -175,11 +176,46 @@ struct ApiServer::Impl {
                           "not_found_error", "model", "model_not_found", 0});
   }
 
-  std::optional<Clock::time_point> deadline(std::optional<double> requested) const {
+  // The request's deadline, counted from `from` (when the handler got it).
+  std::optional<Clock::time_point> deadline(std::optional<double> requested, Clock::time_point from = Clock::now()) const {
     double seconds = options.request_timeout;
     if (requested) seconds = seconds > 0 ? std::min(seconds, *requested) : *requested;
     if (!(seconds > 0)) return std::nullopt;
-    return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    return from + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  }
+
+  // Why a classify request's prompts could not be rendered, as an error (413 for a policy that
+  // leaves no room, 400 for content that does not fit, 504 deadline, 499 client gone), counted.
+  ApiError prompt_error(const ClassifyPrompts& p, const ClassifyRequest& request, const std::vector<std::optional<int>>& versions) {
+    const char* reason = p.status == PromptStatus::kDeadline    ? "deadline"
+                         : p.status == PromptStatus::kCancelled ? "client_gone"
+                                                                : "too_long";
+    metrics.counter("arbiter_classify_prompts_stopped_total",
+                    "Classify requests refused while their prompts were rendered, before any scheduling, by reason.",
+                    {{"reason", reason}})
+        .inc();
+    const std::string param = "policies[" + std::to_string(p.policy) + "]";
+    switch (p.status) {
+      case PromptStatus::kPolicyTooLong: {
+        const size_t i = static_cast<size_t>(p.policy);
+        const bool registered = i < versions.size() && versions[i].has_value();
+        return {413, "Policy '" + printable(request.policies[i].id) + "' does not fit the context. " + p.why, "invalid_request_error",
+                param + (registered ? ".id" : ".text"), "policy_too_long", 0};
+      }
+      case PromptStatus::kContentTooLong:
+        return {400, p.why, "invalid_request_error", "content", "context_length_exceeded", 0};
+      case PromptStatus::kDeadline: return *finish_error(FinishReason::kDeadline, false, "");
+      case PromptStatus::kCancelled: return *finish_error(FinishReason::kCancelled, true, "");
+      case PromptStatus::kOk: break;
+    }
+    return {500, "Internal error: " + p.why, "server_error", "", "internal_error", 0};
+  }
+
+  // POST/DELETE /v1/policies on a read-only policy db.
+  void require_writable_policies() const {
+    if (registry.read_only())
+      throw ApiException({403, "Policies are read-only on this server: it serves the policies of its database and cannot "
+                               "register or delete any.", "permission_error", "", "policies_read_only", 0});
   }
 
   // The scheduler's refusal as an error.
@@ -219,9 +255,12 @@ struct ApiServer::Impl {
     metrics.counter("arbiter_tokens_total", help, {{"kind", "completion"}}).inc(t.completion);
   }
 
+  // Computes the policy's prefix into the prefix cache for every warmed effort at which the policy
+  // leaves room for content and an answer (at no other can a request use it).
   void warm(const ServingHandles& h, const std::string& policy_text) {
     if (!h.classifier || !h.scheduler) return;
-    for (ReasoningEffort effort : options.warm_efforts) h.scheduler->warm(h.classifier->policy_prefix(policy_text, effort));
+    for (ReasoningEffort effort : options.warm_efforts)
+      if (h.classifier->policy_fit(policy_text, effort).fits) h.scheduler->warm(h.classifier->policy_prefix(policy_text, effort));
   }
 
   HttpReply dispatch(const HttpRequest& req, std::string& endpoint, const std::shared_ptr<InFlight>& guard);
@@ -304,6 +343,7 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
 // POST /v1/classify
 
 HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
+  const Clock::time_point received = Clock::now();  // parsing and rendering count in the deadline
   wire::ClassifyRequest body;
   parse_json(req.body, body);
   ClassifyLimits limits;
@@ -312,13 +352,18 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   const auto loaded = serving();
   if (loaded) limits.max_context = loaded->max_context;
   ResolvedClassify resolved = resolve_classify(body, registry, limits);
-  std::optional<Admission> admission(std::in_place, *this);
-  const ServingHandles h = admission->handles();
-  check_model(body.model(), h);
+  check_model(body.model(), require_serving());
 
   ClassifyRequest& request = resolved.request;
   request.id = new_id("clf");
-  request.deadline = deadline(resolved.timeout);
+  request.deadline = deadline(resolved.timeout, received);
+  request.cancelled = req.client_gone;
+  // Every policy's prompt, the content tokenized once and only as far as it can fit, before any
+  // scheduling (and before admission, so that draining does not wait for it).
+  ClassifyPrompts prompts = require_serving().classifier->prepare(request);
+  if (!prompts.ok()) throw ApiException(prompt_error(prompts, request, resolved.versions));
+  std::optional<Admission> admission(std::in_place, *this);
+  const ServingHandles h = admission->handles();
   auto pending = std::make_shared<Pending<ClassifyResult>>();
   std::string why;
   SubmitStatus status;
@@ -333,7 +378,8 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
     };
   }
   try {
-    status = h.classifier->submit(request, [pending](ClassifyResult r) { pending->set(std::move(r)); }, &why, std::move(on_policy));
+    status = h.classifier->submit(request, std::move(prompts), [pending](ClassifyResult r) { pending->set(std::move(r)); }, &why,
+                                  std::move(on_policy));
   } catch (const std::invalid_argument& e) {
     throw bad_request(std::string("The request was refused: ") + e.what(), "", "invalid_request");
   }
@@ -431,6 +477,7 @@ class CancelUnlessFinished {
 }  // namespace
 
 HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard) {
+  const Clock::time_point received = Clock::now();  // parsing and rendering count in the deadline
   wire::ChatCompletionRequest body;
   parse_json(req.body, body);
   std::optional<Admission> admission(std::in_place, *this);
@@ -440,12 +487,24 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
   ChatLimits limits;
   limits.default_effort = options.default_effort;
   limits.max_context = h.max_context;
-  ChatPlan plan = plan_chat(body, renderer, limits);
+  // Tokenizing the messages stops for a client that hung up or a deadline that passed.
+  const auto render_deadline = deadline(body.has_timeout() && body.timeout() > 0 ? std::optional<double>(body.timeout()) : std::nullopt, received);
+  bool gone = false;
+  const std::function<bool()> stop = [&] {
+    gone = req.client_gone && req.client_gone();
+    return gone || (render_deadline && Clock::now() > *render_deadline);
+  };
+  ChatPlan plan;
+  try {
+    plan = plan_chat(body, renderer, limits, stop);
+  } catch (const RenderStopped&) {
+    throw ApiException(*finish_error(gone ? FinishReason::kCancelled : FinishReason::kDeadline, gone, ""));
+  }
 
   auto run = std::make_shared<ChatRun>();
   RequestSpec spec;
   spec.id = new_id("chatcmpl");
-  spec.deadline = deadline(plan.timeout);
+  spec.deadline = deadline(plan.timeout, received);
   spec.sequences.push_back(plan.sequence);
   spec.on_token = [run](int, const GeneratedToken& t) {
     {
@@ -645,12 +704,14 @@ wire::Policy ApiServer::Impl::policy_wire(const StoredPolicy& p, bool with_versi
   w.set_created(static_cast<uint32_t>(p.created));
   if (with_versions)
     for (int v : registry.versions(p.draft.id)) w.add_versions(v);
-  if (auto h = serving(); h && h->classifier)
-    w.set_prompt_tokens(static_cast<int32_t>(h->classifier->policy_prefix(p.draft.text, options.default_effort).size()));
+  if (auto h = serving(); h && h->classifier)  // tokenized only as far as the context (a lower bound beyond)
+    w.set_prompt_tokens(h->classifier->policy_fit(p.draft.text, options.default_effort).prompt_tokens -
+                        h->classifier->suffix_tokens());
   return w;
 }
 
 HttpReply ApiServer::Impl::policies_post(const HttpRequest& req) {
+  require_writable_policies();
   wire::PolicyCreateRequest body;
   parse_json(req.body, body);
   if (body.id().empty()) throw bad_request("Missing required parameter: 'id'.", "id", "missing_required_parameter");
@@ -669,6 +730,12 @@ HttpReply ApiServer::Impl::policies_post(const HttpRequest& req) {
     if (std::find(draft.labels.begin(), draft.labels.end(), draft.violating_labels[i]) == draft.labels.end())
       throw bad_request("Violating label '" + printable(draft.violating_labels[i]) + "' is not one of the policy's labels.",
                         "violating_labels[" + std::to_string(i) + "]", "invalid_value");
+  // A policy whose prompt leaves no room for content and an answer at any effort is refused (with a
+  // model loaded; policies registered while it loads are checked when it is attached).
+  if (auto h = serving(); h && h->classifier)
+    if (const PolicyFit fit = h->classifier->policy_fit_any(draft.text); !fit.fits)
+      throw ApiException({413, fit.describe(), "invalid_request_error", "text",
+                          "policy_too_long", 0});
   bool created = false;
   const StoredPolicy stored = registry.put(draft, &created);
   if (created)
@@ -700,6 +767,7 @@ HttpReply ApiServer::Impl::policy_get(const std::string& ref_text) {
 }
 
 HttpReply ApiServer::Impl::policy_delete(const std::string& ref_text) {
+  require_writable_policies();
   const PolicyRef ref = parse_policy_path(ref_text);
   const std::vector<int> removed = registry.remove(ref);
   if (removed.empty())
@@ -852,7 +920,17 @@ void ApiServer::attach(const ServingHandles& handles) {
     std::lock_guard<std::mutex> lock(impl_->handles_mutex);
     impl_->handles = handles;
   }
-  for (const StoredPolicy& p : impl_->registry.list()) impl_->warm(handles, p.draft.text);
+  // Policies from the db (or registered while loading) that leave no room for content and an answer
+  // stay stored but are not warmed; requests naming them get 413.
+  for (const StoredPolicy& p : impl_->registry.list()) {
+    if (handles.classifier)
+      if (const PolicyFit fit = handles.classifier->policy_fit_any(p.draft.text); !fit.fits) {
+        std::cerr << "arbiter serve: warning: policy '" << p.draft.id << "' version " << p.version
+                  << " is not warmed: " << fit.describe() << std::endl;
+        continue;
+      }
+    impl_->warm(handles, p.draft.text);
+  }
 }
 
 void ApiServer::drain() {

@@ -65,6 +65,18 @@ HarmonyRenderer::HarmonyRenderer(const Tokenizer& tokenizer) : tokenizer_(&token
                                   std::to_string(id));
 }
 
+HarmonyRenderer::HarmonyRenderer(const Tokenizer& tokenizer, EncodeBounds bounds) : HarmonyRenderer(tokenizer) {
+  bounds_ = std::move(bounds);
+}
+
+void HarmonyRenderer::text(const std::string& s, std::vector<int32_t>& out) const {
+  if (!bounds_) return tokenizer_->encode_append(s, out);
+  EncodeBounds b = *bounds_;
+  b.max_tokens = out.size() >= bounds_->max_tokens ? 0 : bounds_->max_tokens - out.size();
+  const EncodeEnd end = tokenizer_->encode_bounded(s, out, b);
+  if (end != EncodeEnd::kComplete) throw RenderStopped(end);
+}
+
 void HarmonyRenderer::render_message(const Message& m, std::vector<int32_t>& out) const {
   out.push_back(kStart);
   text(m.author, out);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -40,9 +41,24 @@ struct Message {
   std::string content;
 };
 
+// Thrown by a bounded HarmonyRenderer when a text stops tokenizing (Tokenizer::encode_bounded):
+// kOverLimit (the output would take more than the limit) or kStopped (the stop predicate).
+class RenderStopped : public std::runtime_error {
+ public:
+  explicit RenderStopped(EncodeEnd end)
+      : std::runtime_error(end == EncodeEnd::kOverLimit ? "rendering over its token limit" : "rendering stopped"), end_(end) {}
+  EncodeEnd end() const { return end_; }
+
+ private:
+  EncodeEnd end_;
+};
+
 class HarmonyRenderer {
  public:
   explicit HarmonyRenderer(const Tokenizer& tokenizer);
+  // Texts are tokenized under `bounds`: bounds.max_tokens limits the vector rendered into (what it
+  // held before counts), bounds.stop may end the work; either throws RenderStopped.
+  HarmonyRenderer(const Tokenizer& tokenizer, EncodeBounds bounds);
 
   // One message: <|start|>author[ to=R][<|channel|>C][ TYPE]<|message|>content<|end|>|<|call|>
   void render_message(const Message& message, std::vector<int32_t>& out) const;
@@ -59,8 +75,9 @@ class HarmonyRenderer {
   const Tokenizer& tokenizer() const { return *tokenizer_; }
 
  private:
-  void text(const std::string& s, std::vector<int32_t>& out) const { tokenizer_->encode_append(s, out); }
+  void text(const std::string& s, std::vector<int32_t>& out) const;
   const Tokenizer* tokenizer_;
+  std::optional<EncodeBounds> bounds_;
 };
 
 // A message parsed from generated tokens.

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -400,6 +401,7 @@ struct Tokenizer::Impl {
   std::vector<uint32_t> offsets;
   std::vector<uint8_t> kind;
   uint32_t num_ranks = 0;
+  size_t max_token_bytes = 1;  // the longest ordinary token
   RankTable ranks;
   std::array<int32_t, 256> byte_rank{};
   std::vector<SpecialToken> specials;
@@ -425,6 +427,7 @@ struct Tokenizer::Impl {
     kind.assign(static_cast<size_t>(vocab), 0);
     for (uint32_t r = 0; r < num_ranks; ++r) {
       if (!tokens[r].empty()) kind[r] = 1;
+      max_token_bytes = std::max(max_token_bytes, tokens[r].size());
       all[r] = std::move(tokens[r]);
     }
     for (const auto& s : special_list) {
@@ -528,8 +531,11 @@ struct Tokenizer::Impl {
   }
 
   // The same merges in O(n log n) for long pieces: a linked list of parts and a min-heap of
-  // (rank, position) with lazy deletion. Ties go to the leftmost pair, as in tiktoken.
-  void merge_large(const char* p, size_t n, std::vector<int32_t>& out) const {
+  // (rank, position) with lazy deletion. Ties go to the leftmost pair, as in tiktoken. `stop`
+  // (optional) is polled every kStopPollMerges bytes and merges: a piece of megabytes takes a
+  // second; true abandons it and returns false with nothing appended.
+  static constexpr uint32_t kStopPollMerges = 1u << 15;
+  bool merge_large(const char* p, size_t n, std::vector<int32_t>& out, const std::function<bool()>* stop = nullptr) const {
     // Part i starts at byte i; next[i] is the start of the following part (n at the end).
     std::vector<uint32_t> next(n), prev(n), pair_rank(n, kNoRank);
     std::vector<uint8_t> alive(n, 1);
@@ -545,10 +551,16 @@ struct Tokenizer::Impl {
       prev[i] = i == 0 ? kNoRank : i - 1;
     }
     for (uint32_t i = 0; i + 1 < n; ++i) {
+      if (stop && i % kStopPollMerges == kStopPollMerges - 1 && (*stop)()) return false;
       pair_rank[i] = rank_after(i);
       if (pair_rank[i] != kNoRank) heap.push({pair_rank[i], i});
     }
+    uint32_t until_poll = kStopPollMerges;
     while (!heap.empty()) {
+      if (stop && --until_poll == 0) {
+        if ((*stop)()) return false;
+        until_poll = kStopPollMerges;
+      }
       const auto [r, i] = heap.top();
       heap.pop();
       if (!alive[i] || pair_rank[i] != r) continue;
@@ -565,27 +577,34 @@ struct Tokenizer::Impl {
       }
     }
     for (uint32_t i = 0; i < n; i = next[i]) out.push_back(static_cast<int32_t>(rank_of(p + i, next[i] - i)));
+    return true;
   }
 
-  void encode_piece(const char* p, size_t n, std::vector<int32_t>& out, PieceCache& cache) const {
+  // Appends the ids of one pre-tokenizer piece; false (nothing appended) when `stop` (optional)
+  // ended the merging of a long piece.
+  bool encode_piece(const char* p, size_t n, std::vector<int32_t>& out, PieceCache& cache,
+                    const std::function<bool()>* stop = nullptr) const {
     if (n == 1) {
       out.push_back(byte_rank[static_cast<unsigned char>(p[0])]);
-      return;
+      return true;
     }
     const uint64_t h = hash_bytes(p, n);
     const uint32_t whole = ranks.find(p, n, h);
     if (whole != kNoRank) {
       out.push_back(static_cast<int32_t>(whole));
-      return;
+      return true;
     }
     if (n > kCacheKeyMax) {
-      n <= kSmall ? merge_small(p, n, out) : merge_large(p, n, out);
-      return;
+      if (n <= kSmall) {
+        merge_small(p, n, out);
+        return true;
+      }
+      return merge_large(p, n, out, stop);
     }
     CacheEntry& e = cache.entries[(h >> 7) & (kCacheEntries - 1)];
     if (e.hash == h && e.len == n && std::memcmp(e.key, p, n) == 0) {
       out.insert(out.end(), e.ids, e.ids + e.count);
-      return;
+      return true;
     }
     const size_t before = out.size();
     merge_small(p, n, out);
@@ -594,6 +613,7 @@ struct Tokenizer::Impl {
     e.count = static_cast<uint8_t>(out.size() - before);
     std::memcpy(e.key, p, n);
     std::copy(out.begin() + static_cast<std::ptrdiff_t>(before), out.end(), e.ids);
+    return true;
   }
 
   // `text` is valid UTF-8.
@@ -608,6 +628,34 @@ struct Tokenizer::Impl {
       encode_piece(text.data() + start, end - start, out, cache);
       pos = end;
     }
+  }
+
+  // encode_ordinary under `bounds` (Tokenizer::encode_bounded). The pieces are the same matches
+  // in the same order, so the ids appended are always a prefix of encode_ordinary's.
+  EncodeEnd encode_ordinary_bounded(std::string_view text, std::vector<int32_t>& out, const EncodeBounds& bounds) const {
+    PieceCache& cache = piece_cache(instance);
+    const std::function<bool()>* stop = bounds.stop ? &bounds.stop : nullptr;
+    const size_t base = out.size();
+    const size_t poll_bytes = std::max<size_t>(bounds.poll_bytes, 1);
+    size_t pos = 0, start = 0, end = 0, next_poll = poll_bytes;  // encode_bounded polled at 0
+    while (pos < text.size() && next_piece(text, pos, &start, &end)) {
+      if (end == start) {
+        bool invalid, incomplete;
+        end = start + utf8::sequence(text.substr(start), &invalid, &incomplete);
+      }
+      if (stop && start >= next_poll) {
+        if ((*stop)()) return EncodeEnd::kStopped;
+        next_poll = start + poll_bytes;
+      }
+      // A piece of n bytes takes at least n / max_token_bytes tokens: a long one that cannot fit
+      // is not merged at all.
+      const size_t n = end - start, at_least = (n + max_token_bytes - 1) / max_token_bytes;
+      if (out.size() - base + at_least > bounds.max_tokens) return EncodeEnd::kOverLimit;
+      if (!encode_piece(text.data() + start, n, out, cache, stop)) return EncodeEnd::kStopped;
+      if (out.size() - base > bounds.max_tokens) return EncodeEnd::kOverLimit;
+      pos = end;
+    }
+    return EncodeEnd::kComplete;
   }
 
   void encode_trusted(std::string_view text, std::vector<int32_t>& out) const {
@@ -740,6 +788,14 @@ void Tokenizer::encode_append(std::string_view text, std::vector<int32_t>& out, 
   impl_->with_valid(text, invalid, [&](std::string_view t) { impl_->encode_ordinary(t, out); });
 }
 
+EncodeEnd Tokenizer::encode_bounded(std::string_view text, std::vector<int32_t>& out, const EncodeBounds& bounds,
+                                    InvalidUtf8 invalid) const {
+  if (bounds.stop && bounds.stop()) return EncodeEnd::kStopped;  // before repairing a long invalid text
+  EncodeEnd end = EncodeEnd::kComplete;
+  impl_->with_valid(text, invalid, [&](std::string_view t) { end = impl_->encode_ordinary_bounded(t, out, bounds); });
+  return end;
+}
+
 std::vector<int32_t> Tokenizer::encode_with_specials(std::string_view text, InvalidUtf8 invalid) const {
   std::vector<int32_t> out;
   out.reserve(text.size() / 4 + 1);
@@ -775,6 +831,7 @@ bool Tokenizer::contains(int32_t id) const {
 }
 int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->kind.size()); }
 int32_t Tokenizer::num_ranks() const { return static_cast<int32_t>(impl_->num_ranks); }
+size_t Tokenizer::max_token_bytes() const { return impl_->max_token_bytes; }
 const std::string& Tokenizer::pattern() const { return impl_->pattern; }
 const std::vector<SpecialToken>& Tokenizer::specials() const { return impl_->specials; }
 

@@ -13,6 +13,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
@@ -49,6 +51,25 @@ struct SpecialToken {
 // <|reserved_N|> for every other id up to 201087.
 std::vector<SpecialToken> harmony_special_tokens();
 
+// Bounds on a content-mode encode (Tokenizer::encode_bounded): a token limit, so that a text
+// known not to fit a context is not tokenized to its end, and a stop predicate, so that the work
+// of a request whose client left or whose deadline passed ends early.
+struct EncodeBounds {
+  // Stop once the text is known to take more than this many tokens.
+  size_t max_tokens = std::numeric_limits<size_t>::max();
+  // Polled before the first piece, then about every `poll_bytes` bytes of text (also inside a
+  // single long piece); true stops the encode. Optional.
+  std::function<bool()> stop;
+  size_t poll_bytes = 64 * 1024;
+};
+
+// How a bounded encode ended.
+enum class EncodeEnd {
+  kComplete,   // the whole text was encoded: exactly encode(text), at most max_tokens tokens
+  kOverLimit,  // encode(text) has more than max_tokens tokens
+  kStopped,    // the stop predicate said so
+};
+
 enum class InvalidUtf8 {
   kReplace,  // each maximal invalid subpart becomes U+FFFD (documented default)
   kError,    // throw std::invalid_argument("invalid UTF-8 at byte N")
@@ -77,6 +98,13 @@ class Tokenizer {
   std::vector<int32_t> encode(std::string_view text, InvalidUtf8 invalid = InvalidUtf8::kReplace) const;
   void encode_append(std::string_view text, std::vector<int32_t>& out,
                      InvalidUtf8 invalid = InvalidUtf8::kReplace) const;
+  // Content mode with bounds, appending to `out`. kComplete: `out` got exactly what
+  // encode_append() appends. kOverLimit / kStopped: `out` got a prefix (possibly empty, of no
+  // particular length) of those ids, which callers should discard. A piece of the pre-tokenizer
+  // that must take more than the remaining tokens (by its length over the longest token) ends the
+  // encode before it is merged.
+  EncodeEnd encode_bounded(std::string_view text, std::vector<int32_t>& out, const EncodeBounds& bounds,
+                           InvalidUtf8 invalid = InvalidUtf8::kReplace) const;
   // Trusted mode: occurrences of special-token names become their ids.
   std::vector<int32_t> encode_with_specials(std::string_view text,
                                             InvalidUtf8 invalid = InvalidUtf8::kReplace) const;
@@ -94,6 +122,8 @@ class Tokenizer {
   int32_t vocab_size() const;
   // Number of ordinary (BPE) tokens: ids 0..num_ranks()-1.
   int32_t num_ranks() const;
+  // Bytes of the longest ordinary token: a text of n bytes takes at least n / this many tokens.
+  size_t max_token_bytes() const;
   const std::string& pattern() const;
   const std::vector<SpecialToken>& specials() const;
 

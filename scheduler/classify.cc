@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 
@@ -202,53 +203,255 @@ int severity(FinishReason r) {
 }
 
 constexpr size_t kMaxCachedPrefixes = 256;
+constexpr ReasoningEffort kEfforts[] = {ReasoningEffort::kLow, ReasoningEffort::kMedium, ReasoningEffort::kHigh};
+
+// The tokens the scheduler forces when a reasoning budget runs out: <|end|> closes the analysis
+// message; the final message's header is rendered as harmony renders any assistant message (its
+// trailing <|end|> dropped), so the ids are exactly the model's own.
+std::vector<int32_t> close_reasoning_tokens(const Tokenizer& tokenizer) {
+  const HarmonyRenderer renderer(tokenizer);
+  std::vector<int32_t> close = {harmony_ids::kEnd};
+  std::vector<int32_t> header;
+  renderer.render_message({"assistant", "", "final", "", ""}, header);
+  if (header.empty() || header.back() != harmony_ids::kEnd) throw std::logic_error("unexpected harmony header rendering");
+  header.pop_back();
+  close.insert(close.end(), header.begin(), header.end());
+  return close;
+}
+
+// The developer message's text for a policy, as render_safeguard_prompt writes it.
+std::string developer_text(const std::string& policy_text, const SafeguardPromptOptions& options) {
+  if (policy_text.empty()) return "";
+  return "# Instructions\n\n" + policy_text + (options.hf_template_newlines ? "\n\n" : "");
+}
 
 }  // namespace
+
+const char* to_string(PromptStatus status) {
+  switch (status) {
+    case PromptStatus::kOk: return "ok";
+    case PromptStatus::kPolicyTooLong: return "policy_too_long";
+    case PromptStatus::kContentTooLong: return "content_too_long";
+    case PromptStatus::kDeadline: return "deadline";
+    case PromptStatus::kCancelled: return "cancelled";
+  }
+  return "ok";
+}
+
+void check_classifier_options(const Tokenizer& tokenizer, const ClassifierOptions& o) {
+  if (o.answer_tokens < 1) throw std::invalid_argument("answer tokens must be positive (got " + std::to_string(o.answer_tokens) + ")");
+  for (const ReasoningEffort effort : kEfforts)
+    if (o.budgets.for_effort(effort) < 0)
+      throw std::invalid_argument(std::string("the reasoning budget of effort '") + to_string(effort) + "' must not be negative");
+  if (o.max_context <= 0) return;
+  const int close = static_cast<int>(close_reasoning_tokens(tokenizer).size());
+  for (const ReasoningEffort effort : kEfforts) {
+    SafeguardPromptOptions p = o.prompt;
+    p.effort = effort;
+    const int64_t smallest = static_cast<int64_t>(render_safeguard_prompt(tokenizer, "x", "x", p).size());
+    const int budget = o.budgets.for_effort(effort);
+    const int64_t generation = int64_t{budget} + close + o.answer_tokens;
+    if (generation + smallest > o.max_context)
+      throw std::invalid_argument(
+          std::string("reasoning effort '") + to_string(effort) + "': its reasoning budget (" + std::to_string(budget) + ") + " +
+          std::to_string(close) + " tokens closing the reasoning + " + std::to_string(o.answer_tokens) + " answer tokens = " +
+          std::to_string(generation) + " generated tokens leave no room for a prompt (the smallest takes " +
+          std::to_string(smallest) + ") in the max context of " + std::to_string(o.max_context) +
+          " tokens: raise the max context, or lower the reasoning budget or the answer tokens");
+  }
+}
+
+std::string PolicyFit::describe() const {
+  std::string text = "The policy's prompt takes " + std::string(exact ? "" : "at least ") + std::to_string(prompt_tokens) +
+                     " tokens; with at least 1 content token and " + std::to_string(generation_tokens) +
+                     " tokens for the reasoning and the answer (" + to_string(effort) + " reasoning effort) a request needs " +
+                     std::string(exact ? "" : "at least ") + std::to_string(int64_t{prompt_tokens} + 1 + generation_tokens) +
+                     " tokens";
+  if (max_context > 0) text += ", and the context is " + std::to_string(max_context) + " tokens";
+  return text + ".";
+}
 
 Classifier::Classifier(const Tokenizer& tokenizer, Scheduler& scheduler, const ClassifierOptions& options)
     : tokenizer_(tokenizer), scheduler_(scheduler), options_(options) {
   if (options_.top_logprobs < 0 || options_.top_logprobs > 20)
     throw std::invalid_argument("top_logprobs must be in 0..20 (got " + std::to_string(options_.top_logprobs) + ")");
-  if (options_.answer_tokens < 1) throw std::invalid_argument("answer_tokens must be positive");
+  check_classifier_options(tokenizer_, options_);
   const HarmonyRenderer renderer(tokenizer_);
-  // <|end|> closes the analysis message; the final message's header is rendered as harmony renders
-  // any assistant message (its trailing <|end|> dropped), so the ids are exactly the model's own.
-  close_reasoning_.push_back(harmony_ids::kEnd);
-  std::vector<int32_t> header;
-  renderer.render_message({"assistant", "", "final", "", ""}, header);
-  if (header.empty() || header.back() != harmony_ids::kEnd) throw std::logic_error("unexpected harmony header rendering");
-  header.pop_back();
-  close_reasoning_.insert(close_reasoning_.end(), header.begin(), header.end());
+  close_reasoning_ = close_reasoning_tokens(tokenizer_);
   prompt_suffix_.push_back(harmony_ids::kEnd);
   renderer.render_generation_prefix(prompt_suffix_);
+  // The policy prefix is rendered in three parts so that the policy can be tokenized under bounds:
+  // the system message and the developer header, the policy text, then <|end|> and the user header.
+  for (const ReasoningEffort effort : kEfforts) {
+    SafeguardPromptOptions o = options_.prompt;
+    o.effort = effort;
+    std::vector<int32_t>& head = prefix_head_[static_cast<int>(effort)];
+    renderer.render_system(safeguard_system_options(o), head);
+    renderer.render_message({"developer", "", "", "", ""}, head);
+    if (head.back() != harmony_ids::kEnd) throw std::logic_error("unexpected harmony message rendering");
+    head.pop_back();
+  }
+  prefix_tail_.push_back(harmony_ids::kEnd);
+  renderer.render_message({"user", "", "", "", ""}, prefix_tail_);
+  if (prefix_tail_.back() != harmony_ids::kEnd) throw std::logic_error("unexpected harmony message rendering");
+  prefix_tail_.pop_back();
+  // The parts must give exactly the safeguard prompt's prefix: the prompt of an empty content ends
+  // <|message|><|end|><|start|>assistant, and the content goes right after that <|message|>.
+  for (const std::string probe : {"", "Policy.\n\nAnswer 0 or 1."}) {
+    SafeguardPromptOptions o = options_.prompt;
+    std::vector<int32_t> whole = render_safeguard_prompt(tokenizer_, probe, "", o);
+    whole.resize(whole.size() - std::min(whole.size(), prompt_suffix_.size()));
+    if (policy_prefix(probe, o.effort) != whole)
+      throw std::logic_error("the policy prefix does not match the safeguard prompt's rendering");
+  }
 }
 
-std::vector<int32_t> Classifier::policy_prefix(const std::string& policy_text, ReasoningEffort effort) const {
-  SafeguardPromptOptions o = options_.prompt;
-  o.effort = effort;
-  // The prompt of an empty content ends <|message|><|end|><|start|>assistant; the content goes right
-  // after that <|message|>, encoded on its own, so everything up to it is shared by every content.
-  std::vector<int32_t> ids = render_safeguard_prompt(tokenizer_, policy_text, "", o);
-  const size_t suffix = prompt_suffix_.size();
-  if (ids.size() < suffix + 1 || !std::equal(prompt_suffix_.begin(), prompt_suffix_.end(), ids.end() - suffix) ||
-      ids[ids.size() - suffix - 1] != harmony_ids::kMessage)
-    throw std::logic_error("safeguard prompt does not end with the user message header and the assistant prefix");
-  ids.resize(ids.size() - suffix);
-  return ids;
-}
-
-std::vector<int32_t> Classifier::cached_prefix(const std::string& policy_text, ReasoningEffort effort) const {
-  const auto key = std::make_pair(static_cast<int>(effort), policy_text);
+EncodeEnd Classifier::bounded_prefix(const std::string& policy_text, ReasoningEffort effort, const EncodeBounds& bounds,
+                                     std::vector<int32_t>& out) const {
+  auto key = std::make_pair(static_cast<int>(effort), policy_text);
   {
     const std::lock_guard<std::mutex> lock(prefix_mutex_);
     const auto it = prefixes_.find(key);
-    if (it != prefixes_.end()) return it->second;
+    if (it != prefixes_.end()) {
+      out = it->second;
+      return out.size() > bounds.max_tokens ? EncodeEnd::kOverLimit : EncodeEnd::kComplete;
+    }
   }
-  std::vector<int32_t> prefix = policy_prefix(policy_text, effort);
+  out = prefix_head_[static_cast<int>(effort)];
+  const size_t fixed = out.size() + prefix_tail_.size();
+  if (fixed > bounds.max_tokens) return EncodeEnd::kOverLimit;
+  EncodeBounds text_bounds = bounds;
+  if (bounds.max_tokens != std::numeric_limits<size_t>::max()) text_bounds.max_tokens = bounds.max_tokens - fixed;
+  SafeguardPromptOptions o = options_.prompt;
+  o.effort = effort;
+  const EncodeEnd end = tokenizer_.encode_bounded(developer_text(policy_text, o), out, text_bounds);
+  if (end != EncodeEnd::kComplete) return end;
+  out.insert(out.end(), prefix_tail_.begin(), prefix_tail_.end());
   const std::lock_guard<std::mutex> lock(prefix_mutex_);
   if (prefixes_.size() >= kMaxCachedPrefixes) prefixes_.clear();  // many distinct policies: start over
-  prefixes_.emplace(key, prefix);
+  prefixes_.emplace(std::move(key), out);
+  return EncodeEnd::kComplete;
+}
+
+std::vector<int32_t> Classifier::cached_prefix(const std::string& policy_text, ReasoningEffort effort) const {
+  std::vector<int32_t> prefix;
+  bounded_prefix(policy_text, effort, EncodeBounds{}, prefix);  // unbounded: always complete
   return prefix;
+}
+
+std::vector<int32_t> Classifier::policy_prefix(const std::string& policy_text, ReasoningEffort effort) const {
+  return cached_prefix(policy_text, effort);
+}
+
+int Classifier::generation_tokens(ReasoningEffort effort, int max_tokens) const {
+  if (max_tokens > 0) return max_tokens;
+  return options_.budgets.for_effort(effort) + static_cast<int>(close_reasoning_.size()) + options_.answer_tokens;
+}
+
+PolicyFit Classifier::policy_fit(const std::string& policy_text, ReasoningEffort effort, int max_tokens) const {
+  PolicyFit fit;
+  fit.effort = effort;
+  fit.generation_tokens = generation_tokens(effort, max_tokens);
+  fit.max_context = options_.max_context;
+  const int suffix = suffix_tokens();
+  EncodeBounds bounds;
+  if (fit.max_context > 0)
+    bounds.max_tokens = static_cast<size_t>(std::max<int64_t>(0, int64_t{fit.max_context} - suffix - 1 - fit.generation_tokens));
+  std::vector<int32_t> prefix;
+  if (bounded_prefix(policy_text, effort, bounds, prefix) == EncodeEnd::kComplete) {
+    fit.prompt_tokens = static_cast<int>(prefix.size()) + suffix;
+    fit.fits = fit.max_context <= 0 || int64_t{fit.prompt_tokens} + 1 + fit.generation_tokens <= fit.max_context;
+  } else {
+    const size_t fixed = prefix_head_[static_cast<int>(effort)].size() + prefix_tail_.size();
+    fit.fits = false;
+    fit.exact = false;
+    fit.prompt_tokens = static_cast<int>(std::max(bounds.max_tokens + 1, fixed)) + suffix;
+  }
+  return fit;
+}
+
+PolicyFit Classifier::policy_fit_any(const std::string& policy_text) const {
+  std::vector<ReasoningEffort> order(std::begin(kEfforts), std::end(kEfforts));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](ReasoningEffort a, ReasoningEffort b) { return generation_tokens(a) < generation_tokens(b); });
+  std::optional<PolicyFit> cheapest;
+  for (const ReasoningEffort effort : order) {
+    PolicyFit fit = policy_fit(policy_text, effort);
+    if (fit.fits) return fit;
+    if (!cheapest) cheapest = fit;
+  }
+  return *cheapest;
+}
+
+ClassifyPrompts Classifier::prepare(const ClassifyRequest& request) const {
+  ClassifyPrompts out;
+  PromptStatus stopped = PromptStatus::kOk;
+  EncodeBounds bounds;
+  if (request.cancelled || request.deadline)
+    bounds.stop = [&] {
+      if (request.cancelled && request.cancelled()) stopped = PromptStatus::kCancelled;
+      else if (request.deadline && std::chrono::steady_clock::now() > *request.deadline) stopped = PromptStatus::kDeadline;
+      return stopped != PromptStatus::kOk;
+    };
+  auto stop_here = [&] {
+    out.status = stopped;
+    out.why = stopped == PromptStatus::kDeadline ? "the deadline passed while the prompts were rendered"
+                                                 : "cancelled while the prompts were rendered";
+    out.sequences.clear();
+    return out;
+  };
+  const int max_context = options_.max_context;
+  const int generation = generation_tokens(request.effort, request.max_tokens);
+  const int suffix = suffix_tokens();
+  // Each policy's prefix, tokenized only as far as it can fit with one content token and the
+  // generation; the content may then take what the tightest policy leaves.
+  std::vector<std::vector<int32_t>> prefixes(request.policies.size());
+  size_t content_limit = std::numeric_limits<size_t>::max();
+  int tightest = -1;
+  for (size_t i = 0; i < request.policies.size(); ++i) {
+    EncodeBounds b = bounds;
+    if (max_context > 0) b.max_tokens = static_cast<size_t>(std::max<int64_t>(0, int64_t{max_context} - suffix - 1 - generation));
+    const EncodeEnd end = bounded_prefix(request.policies[i].text, request.effort, b, prefixes[i]);
+    if (end == EncodeEnd::kStopped) return stop_here();
+    if (end == EncodeEnd::kOverLimit) {
+      out.status = PromptStatus::kPolicyTooLong;
+      out.policy = static_cast<int>(i);
+      out.why = policy_fit(request.policies[i].text, request.effort, request.max_tokens).describe();
+      return out;
+    }
+    if (max_context > 0) {
+      const size_t room = static_cast<size_t>(int64_t{max_context} - static_cast<int64_t>(prefixes[i].size()) - suffix - generation);
+      if (room < content_limit) {
+        content_limit = room;
+        tightest = static_cast<int>(i);
+      }
+    }
+  }
+  std::vector<int32_t> content;
+  EncodeBounds b = bounds;
+  b.max_tokens = content_limit;
+  const EncodeEnd end = tokenizer_.encode_bounded(request.content, content, b);
+  if (end == EncodeEnd::kStopped) return stop_here();
+  if (end == EncodeEnd::kOverLimit) {
+    out.status = PromptStatus::kContentTooLong;
+    out.policy = tightest;
+    out.why = "The content takes more than " + std::to_string(content_limit) + " tokens, the most that fit next to policy '" +
+              request.policies[static_cast<size_t>(tightest)].id + "' (its prompt takes " +
+              std::to_string(prefixes[static_cast<size_t>(tightest)].size() + static_cast<size_t>(suffix)) + " tokens) with " +
+              std::to_string(generation) + " tokens for the reasoning and the answer in the context of " +
+              std::to_string(max_context) + " tokens.";
+    return out;
+  }
+  out.content_tokens = static_cast<int>(content.size());
+  out.sequences.reserve(request.policies.size());
+  for (auto& prefix : prefixes) {
+    std::vector<int32_t> prompt = std::move(prefix);
+    prompt.reserve(prompt.size() + content.size() + prompt_suffix_.size());
+    prompt.insert(prompt.end(), content.begin(), content.end());
+    prompt.insert(prompt.end(), prompt_suffix_.begin(), prompt_suffix_.end());
+    out.sequences.push_back(make_sequence(std::move(prompt), request));
+  }
+  return out;
 }
 
 std::vector<int32_t> Classifier::render(const ClassifyPolicy& policy, const std::string& content,
@@ -260,21 +463,36 @@ std::vector<int32_t> Classifier::render(const ClassifyPolicy& policy, const std:
   return ids;
 }
 
-SequenceSpec Classifier::sequence(const ClassifyRequest& request, const ClassifyPolicy& policy) const {
+SequenceSpec Classifier::make_sequence(std::vector<int32_t> prompt, const ClassifyRequest& request) const {
   SequenceSpec s;
-  s.prompt = render(policy, request.content, request.effort);
-  const int budget = options_.budgets.for_effort(request.effort);
-  s.max_reasoning_tokens = budget;
+  s.prompt = std::move(prompt);
+  s.max_reasoning_tokens = options_.budgets.for_effort(request.effort);
   s.close_reasoning = close_reasoning_;
   s.top_logprobs = options_.top_logprobs;
-  s.max_new_tokens = request.max_tokens > 0
-                         ? request.max_tokens
-                         : budget + static_cast<int>(close_reasoning_.size()) + options_.answer_tokens;
+  s.max_new_tokens = generation_tokens(request.effort, request.max_tokens);
   return s;
+}
+
+SequenceSpec Classifier::sequence(const ClassifyRequest& request, const ClassifyPolicy& policy) const {
+  return make_sequence(render(policy, request.content, request.effort), request);
 }
 
 SubmitStatus Classifier::submit(const ClassifyRequest& request, std::function<void(ClassifyResult)> done,
                                 std::string* why, std::function<void(size_t, const PolicyResult&)> on_policy) {
+  if (request.policies.empty() || request.max_tokens < 0 || !done)
+    return submit(request, ClassifyPrompts{}, std::move(done), why, std::move(on_policy));
+  ClassifyPrompts prompts = prepare(request);
+  if (!prompts.ok()) {
+    if (why) *why = prompts.why;
+    const bool too_long = prompts.status == PromptStatus::kPolicyTooLong || prompts.status == PromptStatus::kContentTooLong;
+    return too_long ? SubmitStatus::kTooLong : SubmitStatus::kInvalid;
+  }
+  return submit(request, std::move(prompts), std::move(done), why, std::move(on_policy));
+}
+
+SubmitStatus Classifier::submit(const ClassifyRequest& request, ClassifyPrompts prompts,
+                                std::function<void(ClassifyResult)> done, std::string* why,
+                                std::function<void(size_t, const PolicyResult&)> on_policy) {
   auto fail = [&](SubmitStatus status, std::string what) {
     if (why) *why = std::move(what);
     return status;
@@ -282,11 +500,12 @@ SubmitStatus Classifier::submit(const ClassifyRequest& request, std::function<vo
   if (request.policies.empty()) return fail(SubmitStatus::kInvalid, "no policies");
   if (request.max_tokens < 0) return fail(SubmitStatus::kInvalid, "max_tokens must not be negative");
   if (!done) return fail(SubmitStatus::kInvalid, "no completion callback");
+  if (!prompts.ok() || prompts.sequences.size() != request.policies.size())
+    return fail(SubmitStatus::kInvalid, "the prompts were not prepared for this request");
   RequestSpec spec;
   spec.id = request.id;
   spec.deadline = request.deadline;
-  spec.sequences.reserve(request.policies.size());
-  for (const auto& policy : request.policies) spec.sequences.push_back(sequence(request, policy));
+  spec.sequences = std::move(prompts.sequences);
   // The request is kept without its content (the callbacks need the policies and the id only).
   auto kept = std::make_shared<ClassifyRequest>();
   kept->id = request.id;

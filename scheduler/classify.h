@@ -22,7 +22,9 @@
 
 namespace arbiter {
 
-// Reasoning-token budget per effort (the analysis channel is closed when it runs out).
+// Reasoning-token budget per effort (the analysis channel is closed when it runs out). Each must
+// leave room for a prompt in the context together with the closing and answer tokens
+// (check_classifier_options): with the default answer tokens, high needs a context above 4358.
 struct ReasoningBudgets {
   int low = 256;
   int medium = 1024;
@@ -47,6 +49,9 @@ struct ClassifyRequest {
   int max_tokens = 0;             // 0: the budget for `effort` plus room for the answer
   bool return_reasoning = true;
   std::optional<std::chrono::steady_clock::time_point> deadline;
+  // Optional: polled while the prompts are rendered (Classifier::prepare); true stops the work
+  // (the client is gone).
+  std::function<bool()> cancelled;
 };
 
 // Token counts of one policy's sequence (or their sums over a request).
@@ -92,6 +97,55 @@ struct ClassifierOptions {
   int answer_tokens = 256;         // room for the final answer after the reasoning budget
   int top_logprobs = 20;           // alternatives kept per token, for confidence
   SafeguardPromptOptions prompt;   // effort is taken from each request
+  // Prompt + generated tokens of one sequence (the scheduler's context). A request's prompts must
+  // leave room for its whole generation (Classifier::prepare). 0: not checked here (the scheduler
+  // still refuses a prompt that leaves no room at all).
+  int max_context = 0;
+};
+
+// Checks that the options do not contradict themselves: every effort's generation (its reasoning
+// budget + the tokens that close the reasoning + answer_tokens) must leave room in max_context for
+// the smallest prompt (a one-character policy and content), else no request at that effort could
+// ever reach its answer. Throws std::invalid_argument naming the effort and the numbers. No-op
+// when max_context is 0.
+void check_classifier_options(const Tokenizer& tokenizer, const ClassifierOptions& options);
+
+// Whether a policy's prompt leaves room in the context for content and an answer: its prompt
+// without content (the policy prefix and the suffix after the content) + 1 content token + the
+// generation (reasoning budget + closing tokens + answer tokens, or a request's max_tokens) must
+// not exceed the context.
+struct PolicyFit {
+  bool fits = true;
+  // prompt_tokens is exact; false: tokenizing stopped once the prompt could not fit, and it takes
+  // at least prompt_tokens.
+  bool exact = true;
+  int prompt_tokens = 0;
+  int generation_tokens = 0;
+  int max_context = 0;             // 0: unchecked
+  ReasoningEffort effort = ReasoningEffort::kMedium;
+  // "The policy's prompt takes N tokens; ... the context is M tokens." (for errors and logs)
+  std::string describe() const;
+};
+
+// Why a request's prompts could not be built (Classifier::prepare).
+enum class PromptStatus {
+  kOk,
+  kPolicyTooLong,   // a policy's prompt leaves no room for content and the generation
+  kContentTooLong,  // the content does not fit next to one of the policies
+  kDeadline,        // the request's deadline passed while rendering
+  kCancelled,       // request.cancelled said so
+};
+const char* to_string(PromptStatus status);
+
+// A request's prompts, rendered once: each policy's cached prefix + the content's tokens (encoded
+// once for all policies) + the suffix, exactly render() of each policy.
+struct ClassifyPrompts {
+  PromptStatus status = PromptStatus::kOk;
+  std::string why;                      // not kOk: what happened, with the numbers
+  int policy = -1;                      // kPolicyTooLong / kContentTooLong: the policy's index
+  int content_tokens = 0;               // kOk: tokens of the content
+  std::vector<SequenceSpec> sequences;  // kOk: one per policy, in order
+  bool ok() const { return status == PromptStatus::kOk; }
 };
 
 // JSON form of results, in api/api.proto's ClassifyResponse / PolicyResult / ClassifyUsage field
@@ -112,8 +166,28 @@ class Classifier {
   // once per (policy, effort) and kept (a bounded cache).
   std::vector<int32_t> render(const ClassifyPolicy& policy, const std::string& content, ReasoningEffort effort) const;
   // The token prefix every request under `policy_text` shares (system + developer message + the start
-  // of the user message, up to its <|message|>), for Scheduler::warm.
+  // of the user message, up to its <|message|>), for Scheduler::warm. Cached like render()'s.
   std::vector<int32_t> policy_prefix(const std::string& policy_text, ReasoningEffort effort) const;
+  // policy_prefix under bounds: kOverLimit once the prefix is known to take more than
+  // bounds.max_tokens tokens, kStopped when bounds.stop said so; `out` (replaced) holds the whole
+  // prefix only on kComplete.
+  EncodeEnd bounded_prefix(const std::string& policy_text, ReasoningEffort effort, const EncodeBounds& bounds,
+                           std::vector<int32_t>& out) const;
+  // Tokens a sequence may generate: `max_tokens` when positive, else the effort's reasoning budget +
+  // the closing tokens + the answer tokens.
+  int generation_tokens(ReasoningEffort effort, int max_tokens = 0) const;
+  // Tokens of the prompt after the content: <|end|><|start|>assistant.
+  int suffix_tokens() const { return static_cast<int>(prompt_suffix_.size()); }
+  // Whether `policy_text` fits the context at `effort` (PolicyFit). Tokenizes the policy only as
+  // far as it can fit (and not at all when its prefix is cached). Always fits when max_context is 0.
+  PolicyFit policy_fit(const std::string& policy_text, ReasoningEffort effort, int max_tokens = 0) const;
+  // policy_fit at the effort that needs the least room for its generation (the smallest reasoning
+  // budget): whether any request could use the policy.
+  PolicyFit policy_fit_any(const std::string& policy_text) const;
+  // Renders every policy's prompt for `request`, the content tokenized once and only as far as it
+  // can fit next to every policy with room for the request's generation; checks request.deadline
+  // and request.cancelled as it goes. Nothing is scheduled.
+  ClassifyPrompts prepare(const ClassifyRequest& request) const;
   // The tokens the scheduler forces when the reasoning budget runs out:
   // <|end|><|start|>assistant<|channel|>final<|message|>.
   const std::vector<int32_t>& close_reasoning() const { return close_reasoning_; }
@@ -121,10 +195,15 @@ class Classifier {
   SequenceSpec sequence(const ClassifyRequest& request, const ClassifyPolicy& policy) const;
 
   // Submits the request; `done` is called once (from the step-loop thread) with the result. Returns
-  // the scheduler's verdict on admission (`done` is not called unless kAccepted). Optional
-  // `on_policy` is called (same thread, must not block) with each policy's result as soon as its
-  // sequence ends, whatever the reason (PolicyResult::finish), every call before `done`.
+  // the scheduler's verdict on admission (`done` is not called unless kAccepted); prompts that
+  // cannot be rendered (prepare) give kTooLong (too long) or kInvalid (deadline, cancelled).
+  // Optional `on_policy` is called (same thread, must not block) with each policy's result as soon
+  // as its sequence ends, whatever the reason (PolicyResult::finish), every call before `done`.
   SubmitStatus submit(const ClassifyRequest& request, std::function<void(ClassifyResult)> done,
+                      std::string* why = nullptr,
+                      std::function<void(size_t index, const PolicyResult& result)> on_policy = {});
+  // The same with the prompts already prepared (`prompts` must be prepare(request), ok()).
+  SubmitStatus submit(const ClassifyRequest& request, ClassifyPrompts prompts, std::function<void(ClassifyResult)> done,
                       std::string* why = nullptr,
                       std::function<void(size_t index, const PolicyResult& result)> on_policy = {});
   // Turns one policy's generation into its result (exposed for tests and the CLI).
@@ -133,16 +212,22 @@ class Classifier {
   ClassifyResult assemble(const ClassifyRequest& request, const std::vector<SequenceResult>& generated) const;
 
   const Tokenizer& tokenizer() const { return tokenizer_; }
+  const ClassifierOptions& options() const { return options_; }
   Scheduler& scheduler() { return scheduler_; }
 
  private:
   std::vector<int32_t> cached_prefix(const std::string& policy_text, ReasoningEffort effort) const;
+  SequenceSpec make_sequence(std::vector<int32_t> prompt, const ClassifyRequest& request) const;
 
   const Tokenizer& tokenizer_;
   Scheduler& scheduler_;
   ClassifierOptions options_;
   std::vector<int32_t> close_reasoning_;
   std::vector<int32_t> prompt_suffix_;  // <|end|><|start|>assistant after the content
+  // The policy prefix around the policy text, per effort: the system message and
+  // <|start|>developer<|message|> before it, <|end|><|start|>user<|message|> after it.
+  std::vector<int32_t> prefix_head_[3];
+  std::vector<int32_t> prefix_tail_;
   mutable std::mutex prefix_mutex_;
   mutable std::map<std::pair<int, std::string>, std::vector<int32_t>> prefixes_;  // (effort, policy)
 };

@@ -46,8 +46,14 @@ ServingRank::ServingRank(const ServingOptions& options, Communicator* comm,
   check_options(options_);
   if (options_.model_dir.empty()) throw std::invalid_argument("no model folder given");
   config_ = load_model_config((std::filesystem::path(options_.model_dir) / "config.json").string());
-  // Tokenizer first (rank 0): a missing tokenizer should fail before minutes of weight loading.
-  if (leads()) tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::load(find_tokenizer(options_)));
+  // The classifier's requests must fit the context the scheduler enforces.
+  options_.classifier.max_context = std::min(options_.max_context, config_.max_position_embeddings);
+  // Tokenizer first (rank 0): a missing tokenizer, or reasoning budgets that leave no room for a
+  // prompt in the context, should fail before minutes of weight loading.
+  if (leads()) {
+    tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::load(find_tokenizer(options_)));
+    check_classifier_options(*tokenizer_, options_.classifier);
+  }
   const int blocks_per_sequence = (options_.max_context + options_.block_size - 1) / options_.block_size;
   if (options_.kv_blocks == 0) options_.kv_blocks = std::max(2048, 2 * blocks_per_sequence + 1);
   if (options_.kv_blocks < blocks_per_sequence + 1)

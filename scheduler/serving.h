@@ -29,8 +29,10 @@ struct ServingOptions {
   std::string device = "auto";          // cpu | cuda[:N] | auto
   std::string tokenizer_dir;            // default: model_dir (tokenizer.json), else $ARBITER_TOKENIZER_DIR
   int block_size = 16;
-  int kv_blocks = 0;                    // KV blocks per rank; 0: enough for max_running x max_context / 4
-  int max_context = 4096;               // prompt + generated tokens per sequence
+  int kv_blocks = 0;                    // KV blocks per rank; 0: max(2048, two sequences of max_context)
+  // Prompt + generated tokens per sequence. 8192 leaves every effort's default reasoning budget
+  // (high: 4096) room for a prompt; ServingRank refuses budgets that leave none (check_classifier_options).
+  int max_context = 8192;
   int max_step_tokens = 256;            // input tokens per step per rank
   int max_step_samples = 64;            // sequences sampled per step per rank
   int max_queued_requests = 1024;

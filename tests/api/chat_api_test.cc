@@ -1,7 +1,9 @@
 // Chat completions without a model: harmony rendering of OpenAI messages (with the real tokenizer)
-// and reading generated tokens back into reasoning and content, with stop strings.
+// and reading generated tokens back into reasoning and content, with stop strings; messages
+// tokenized only as far as they fit, and stoppable.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <string>
 
 #include "api/chat_api.h"
@@ -116,6 +118,38 @@ TEST(ApiChatOutput, CutOffOutputKeepsWhatWasThere) {
   out.finish();
   EXPECT_EQ(out.reasoning(), "abc");
   EXPECT_EQ(out.content(), "");
+}
+
+TEST(ApiChatPlan, LongMessagesAreTokenizedOnlyAsFarAsTheyFitAndStoppable) {
+  const HarmonyRenderer renderer(tokenizer());
+  std::string text;
+  while (text.size() < (4u << 20)) text += "tell me a long story about a cruise. ";
+  wire::ChatCompletionRequest body;
+  body.add_messages()->set_role("user");
+  body.mutable_messages(0)->mutable_content()->set_string_value(text);
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    plan_chat(body, renderer, {ReasoningEffort::kMedium, 8192});
+    FAIL() << "4 MB of messages fit 8192 tokens";
+  } catch (const ApiException& e) {
+    EXPECT_EQ(e.error().status, 400);
+    EXPECT_EQ(e.error().code, "context_length_exceeded");
+    EXPECT_NE(e.error().message.find("maximum context length is 8192 tokens"), std::string::npos) << e.error().message;
+  }
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.5);
+  // A stop predicate (client gone, deadline) ends the rendering.
+  body.mutable_messages(0)->mutable_content()->set_string_value(text.substr(0, 20000));
+  int polls = 0;
+  EXPECT_THROW(plan_chat(body, renderer, {ReasoningEffort::kMedium, 1 << 20}, [&] { return ++polls > 1; }), RenderStopped);
+  EXPECT_EQ(polls, 2);
+  // What fits renders as before.
+  body.mutable_messages(0)->mutable_content()->set_string_value("hello");
+  const ChatPlan plan = plan_chat(body, renderer, {ReasoningEffort::kMedium, 8192}, [] { return false; });
+  std::vector<int32_t> expected;
+  renderer.render_system(SystemOptions{}, expected);
+  const auto rest = renderer.render_conversation({{"user", "", "", "", "hello"}}, true);
+  expected.insert(expected.end(), rest.begin(), rest.end());
+  EXPECT_EQ(plan.sequence.prompt, expected);
 }
 
 }  // namespace

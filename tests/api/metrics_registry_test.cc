@@ -1,11 +1,14 @@
-// The Prometheus registry's text format, and the policy registry's versions and SQLite persistence.
+// The Prometheus registry's text format, and the policy registry's versions and SQLite persistence:
+// rows the API could not serve and databases that cannot be written refuse start-up; read-only mode.
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include <string>
 
 #include "api/metrics.h"
 #include "api/policy_registry.h"
 #include "tests/test_util.h"
+#include "tests/unwritable.h"
 
 namespace arbiter::api {
 namespace {
@@ -118,6 +121,100 @@ TEST(ApiPolicyRegistry, PersistsInSqlite) {
   EXPECT_FALSE(again.get({"gone", std::nullopt}).has_value());
   EXPECT_EQ(again.put({"gone", "g2", {}, {}, ""}).version, 2);  // numbering continues after the restart
   EXPECT_THROW(PolicyRegistry(tmp.file("no/such/dir/x.db")), std::runtime_error);
+}
+
+// Runs SQL on a policy db directly (what an operator or another tool might write into it).
+void run_sql(const std::string& db, const std::string& sql) {
+  sqlite3* raw = nullptr;
+  ASSERT_EQ(sqlite3_open(db.c_str(), &raw), SQLITE_OK);
+  char* error = nullptr;
+  const int rc = sqlite3_exec(raw, sql.c_str(), nullptr, nullptr, &error);
+  const std::string why = error ? error : "";
+  sqlite3_free(error);
+  sqlite3_close(raw);
+  ASSERT_EQ(rc, SQLITE_OK) << why;
+}
+
+std::string start_error(const std::string& db, bool read_only = false) {
+  try {
+    PolicyRegistry r(db, read_only);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(ApiPolicyRegistry, RowsTheApiCouldNotServeRefuseStartWithTheRowNamed) {
+  testing::TempDir tmp;
+  struct Bad {
+    const char* values;  // id, version, text, labels, violating_labels
+    const char* named;   // how the row is named
+    const char* problem;
+  };
+  const Bad bad[] = {
+      {"'spam@2', 1, 'x', '[]', '[]'", "id 'spam@2' and version 1", "the id is not"},
+      {"'has space', 1, 'x', '[]', '[]'", "id 'has space'", "the id is not"},
+      {"'big', 2147483648, 'x', '[]', '[]'", "version 2147483648", "not in 1..2147483647"},
+      {"'zero', 0, 'x', '[]', '[]'", "version 0", "not in 1..2147483647"},
+      {"'empty', 1, '', '[]', '[]'", "id 'empty'", "the text is empty"},
+      {"'labels', 1, 'x', 'not json', '[]'", "id 'labels'", "'labels' is not a JSON array of strings"},
+      {"'numbers', 1, 'x', '[1, 2]', '[]'", "id 'numbers'", "'labels' is not a JSON array of strings"},
+      {"'blank', 1, 'x', '[\"\"]', '[]'", "id 'blank'", "a label is empty"},
+      {"'stray', 1, 'x', '[\"A\"]', '[\"B\"]'", "id 'stray'", "the violating label 'B' is not one of its labels"},
+  };
+  for (size_t i = 0; i < std::size(bad); ++i) {
+    const std::string db = tmp.file("bad" + std::to_string(i) + ".db");
+    { PolicyRegistry fresh(db); fresh.put({"good", "fine", {}, {}, ""}); }
+    run_sql(db, std::string("INSERT INTO policies (id, version, text, labels, violating_labels, description, created) VALUES (") +
+                    bad[i].values + ", '', 0)");
+    const std::string why = start_error(db);
+    EXPECT_NE(why.find(db), std::string::npos) << why;
+    EXPECT_NE(why.find(bad[i].named), std::string::npos) << why;
+    EXPECT_NE(why.find(bad[i].problem), std::string::npos) << why;
+    // Read-only mode checks rows the same way.
+    EXPECT_NE(start_error(db, true).find(bad[i].problem), std::string::npos);
+  }
+  // A deleted version may keep an empty text; the good rows load.
+  const std::string db = tmp.file("ok.db");
+  { PolicyRegistry fresh(db); fresh.put({"good", "fine", {"A"}, {"A"}, ""}); }
+  run_sql(db, "INSERT INTO policies VALUES ('old', 1, '', '[]', '[]', '', 0, 1)");
+  PolicyRegistry loaded(db);
+  EXPECT_EQ(loaded.list().size(), 1u);
+  EXPECT_EQ(loaded.put({"old", "new text", {}, {}, ""}).version, 2);
+}
+
+TEST(ApiPolicyRegistry, UnwritableDatabaseRefusesStartUnlessReadOnly) {
+  testing::TempDir tmp;
+  const std::string db = tmp.file("policies.db");
+  { PolicyRegistry r(db); r.put({"kept", "a policy", {}, {}, ""}); }
+  {
+    testing::Unwritable file(db, false);
+    if (!file.ok()) GTEST_SKIP() << "cannot make a file unwritable here";
+    const std::string why = start_error(db);
+    EXPECT_NE(why.find("policy db " + db + " is read-only"), std::string::npos) << why;
+    EXPECT_NE(why.find("--policy-db-readonly"), std::string::npos) << why;
+    PolicyRegistry r(db, true);
+    EXPECT_TRUE(r.read_only());
+    ASSERT_EQ(r.list().size(), 1u);
+    EXPECT_EQ(r.get({"kept", std::nullopt})->draft.text, "a policy");
+    EXPECT_THROW(r.put({"new", "x", {}, {}, ""}), std::logic_error);
+    EXPECT_THROW(r.remove({"kept", std::nullopt}), std::logic_error);
+  }
+  {
+    // The file is writable but its folder is not: SQLite could not create its journal.
+    testing::Unwritable folder(tmp.path(), true);
+    if (!folder.ok()) GTEST_SKIP() << "cannot make a folder unwritable here";
+    const std::string why = start_error(db);
+    EXPECT_NE(why.find("policy db " + db + " cannot be written"), std::string::npos) << why;
+    EXPECT_NE(why.find("its folder"), std::string::npos) << why;
+    // A new file in it cannot be made either.
+    EXPECT_NE(start_error(tmp.file("new.db")), "");
+    EXPECT_EQ(start_error(db, true), "");
+  }
+  PolicyRegistry writable(db);  // permissions back: starts, and the probe left nothing behind
+  EXPECT_EQ(writable.put({"kept", "second", {}, {}, ""}).version, 2);
+  EXPECT_NE(start_error(tmp.file("missing.db"), true).find("does not exist"), std::string::npos);
+  EXPECT_THROW(PolicyRegistry("", true), std::invalid_argument);
 }
 
 }  // namespace

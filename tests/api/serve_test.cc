@@ -1,9 +1,13 @@
 // `arbiter serve` end to end, as a subprocess on a tiny random model: concurrent classify requests
 // all answered; greedy output the same alone, in a full batch, without prefix caching and under
 // `mpirun -np 2`; prefix-cache hits in /metrics; every error status over real HTTP; a flood of
-// malformed requests; client disconnects cancel; SIGTERM drains; the npm `openai` client.
+// malformed requests; client disconnects cancel; SIGTERM drains; the npm `openai` client; cost
+// bounded before work starts (policies and contents that cannot fit are refused fast, with the
+// numbers; a client that leaves while its prompts are rendered stops that work); start-up refuses
+// contradicting budgets, unwritable or bad policy dbs; read-only policy dbs.
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <sqlite3.h>
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -31,6 +35,7 @@
 
 #include "tests/api/serve_process.h"
 #include "tests/test_util.h"
+#include "tests/unwritable.h"
 
 namespace arbiter {
 namespace {
@@ -212,7 +217,9 @@ TEST_F(ApiServe, CommandLine) {
 TEST_F(ApiServe, ErrorStatusesFloodsAndDisconnects) {
   std::ofstream(file("keys")) << "# keys\nkey-one\n\nkey-two\n";
   auto args = base_args();
-  args.insert(args.end(), {"--api-key-file", file("keys"), "--max-body-bytes", "65536", "--max-context", "512", "--max-queued", "1"});
+  // A small context needs small reasoning budgets (start-up refuses budgets that leave no room).
+  args.insert(args.end(), {"--api-key-file", file("keys"), "--max-body-bytes", "65536", "--max-context", "512", "--max-queued", "1",
+                           "--reasoning-budget", "16,32,64", "--answer-tokens", "32"});
   ServeProcess server(args, file("errors.log"));
   const int port = server.port();
   ASSERT_TRUE(wait_ready(port, 60)) << server.log();
@@ -378,6 +385,234 @@ TEST_F(ApiServe, SigtermDrainsRequestsInFlightAndPoliciesSurviveARestart) {
   EXPECT_EQ(r.body["results"][0]["policy_version"], 2);
   // Loaded policies are warmed at start like registered ones.
   EXPECT_GE(r.body["results"][0]["usage"]["cached_tokens"].get<int>(), kept.body["prompt_tokens"].get<int>() / 16 * 16) << r.raw;
+}
+
+std::string words(size_t count) {
+  std::string s;
+  for (size_t i = 0; i < count; ++i) s += (i ? " word" : "word") + std::to_string(i % 97);
+  return s;
+}
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+TEST_F(ApiServe, CostIsBoundedBeforeWorkStarts) {
+  ServeProcess server(base_args(), file("bounds.log"));  // the default context (8192) and budgets
+  const int port = server.port();
+  ASSERT_TRUE(wait_ready(port, 60)) << server.log();
+  auto code = [](const Reply& r) { return r.body["error"]["code"].is_string() ? r.body["error"]["code"].get<std::string>() : ""; };
+  auto message = [](const Reply& r) { return r.body["error"]["message"].is_string() ? r.body["error"]["message"].get<std::string>() : ""; };
+
+  // A policy of 200,000 words: refused at once with the numbers (it used to be stored and warmed
+  // for ~20 s although no prompt with it fits), and not stored.
+  auto t0 = Clock::now();
+  Reply r = call(port, "POST", "/v1/policies", json{{"id", "huge"}, {"text", words(200000)}}.dump());
+  EXPECT_LT(seconds_since(t0), 3.0);
+  EXPECT_EQ(r.status, 413) << r.raw;
+  EXPECT_EQ(code(r), "policy_too_long");
+  EXPECT_EQ(r.body["error"]["param"], "text");
+  EXPECT_NE(message(r).find("takes at least"), std::string::npos) << r.raw;
+  EXPECT_NE(message(r).find("518 tokens for the reasoning and the answer (low reasoning effort)"), std::string::npos) << r.raw;
+  EXPECT_NE(message(r).find("the context is 8192 tokens"), std::string::npos) << r.raw;
+  EXPECT_EQ(call(port, "GET", "/v1/policies/huge").status, 404);
+  ASSERT_EQ(call(port, "POST", "/v1/policies", json{{"id", "small"}, {"text", "Answer 0 or 1."}}.dump()).status, 201);
+
+  // The same policy inline: 413 before any scheduling, naming the policy.
+  t0 = Clock::now();
+  r = call(port, "POST", "/v1/classify",
+           json{{"content", "hi"}, {"policies", {{{"id", "small"}}, {{"id", "big"}, {"text", words(200000)}}}}}.dump());
+  EXPECT_LT(seconds_since(t0), 3.0);
+  EXPECT_EQ(r.status, 413) << r.raw;
+  EXPECT_EQ(code(r), "policy_too_long");
+  EXPECT_EQ(r.body["error"]["param"], "policies[1].text");
+  EXPECT_NE(message(r).find("Policy 'big'"), std::string::npos) << r.raw;
+  EXPECT_NE(message(r).find("1286 tokens for the reasoning and the answer (medium reasoning effort)"), std::string::npos) << r.raw;
+
+  // 1 MB of content under 32 policies: tokenized once and only as far as it can fit (this took 17 s
+  // of tokenizing, 32 times over, on this kind of machine).
+  json many = {{"content", std::string()}, {"policies", json::array()}};
+  for (int i = 0; i < 32; ++i) many["policies"].push_back({{"id", "p" + std::to_string(i)}, {"text", "Policy " + std::to_string(i) + ". Answer 0 or 1."}});
+  std::string content;
+  while (content.size() < (1u << 20)) content += "win a free cruise now, click here! ";
+  many["content"] = content;
+  const double lookups_before = metric(port, "arbiter_prefix_cache_lookups_total");
+  t0 = Clock::now();
+  r = call(port, "POST", "/v1/classify", many.dump());
+  const double took = seconds_since(t0);
+  EXPECT_LT(took, 3.0) << "1 MB x 32 policies took " << took << " s";
+  EXPECT_EQ(r.status, 400) << r.raw;
+  EXPECT_EQ(code(r), "context_length_exceeded");
+  EXPECT_EQ(r.body["error"]["param"], "content");
+  EXPECT_NE(message(r).find("The content takes more than"), std::string::npos) << r.raw;
+  EXPECT_NE(message(r).find("1286 tokens for the reasoning and the answer in the context of 8192 tokens"), std::string::npos) << r.raw;
+  EXPECT_EQ(metric(port, "arbiter_prefix_cache_lookups_total"), lookups_before) << "a sequence reached the scheduler";
+  EXPECT_EQ(metric(port, "arbiter_classify_prompts_stopped_total{reason=\"too_long\"}"), 2);
+
+  // The deadline counts from receipt: rendering that outlives it ends with 504 before scheduling.
+  many["timeout"] = 1e-6;
+  r = call(port, "POST", "/v1/classify", many.dump());
+  EXPECT_EQ(r.status, 504) << r.raw;
+  EXPECT_EQ(code(r), "timeout");
+  EXPECT_EQ(metric(port, "arbiter_classify_prompts_stopped_total{reason=\"deadline\"}"), 1);
+  many.erase("timeout");
+
+  // A client that hangs up as soon as it sent 4 MB: the rendering stops (499), nothing is scheduled.
+  content.clear();
+  while (content.size() < 4000000) content += "win a free cruise now, click here! ";
+  many["content"] = content;
+  {
+    const std::string body = many.dump();
+    const int fd = connect_to(port);
+    ASSERT_GE(fd, 0);
+    const std::string head = "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+                             std::to_string(body.size()) + "\r\n\r\n";
+    const std::string req = head + body;
+    size_t sent = 0;
+    while (sent < req.size()) {
+      const ssize_t n = write(fd, req.data() + sent, req.size() - sent);
+      ASSERT_GT(n, 0);
+      sent += static_cast<size_t>(n);
+    }
+    close(fd);
+  }
+  const auto until = Clock::now() + std::chrono::seconds(20);
+  while (metric(port, "arbiter_classify_prompts_stopped_total{reason=\"client_gone\"}") < 1 && Clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(metric(port, "arbiter_classify_prompts_stopped_total{reason=\"client_gone\"}"), 1) << server.log();
+  EXPECT_EQ(metric(port, "arbiter_http_requests_total{endpoint=\"/v1/classify\",status=\"499\"}"), 1);
+  EXPECT_EQ(metric(port, "arbiter_prefix_cache_lookups_total"), lookups_before);
+
+  // Requests that fit are still answered.
+  r = call(port, "POST", "/v1/classify", json{{"content", "hi"}, {"policies", {{{"id", "small"}}}}, {"max_tokens", 2}}.dump());
+  EXPECT_EQ(r.status, 200) << r.raw;
+}
+
+// Writes a row into a policy db directly (as another tool or a hand edit might).
+void insert_policy_row(const std::string& db, const std::string& values) {
+  sqlite3* raw = nullptr;
+  ASSERT_EQ(sqlite3_open(db.c_str(), &raw), SQLITE_OK);
+  const std::string sql =
+      "INSERT INTO policies (id, version, text, labels, violating_labels, description, created) VALUES (" + values + ", '', 0)";
+  char* error = nullptr;
+  const int rc = sqlite3_exec(raw, sql.c_str(), nullptr, nullptr, &error);
+  const std::string why = error ? error : "";
+  sqlite3_free(error);
+  sqlite3_close(raw);
+  ASSERT_EQ(rc, SQLITE_OK) << why;
+}
+
+TEST_F(ApiServe, StartUpRefusesContradictionsAndPolicyDbsItCannotServe) {
+  const std::string serve = std::string(ARBITER_BINARY) + " serve --port 0 --device cpu --model " + model_dir();
+  // High effort's default budget (4096) + the answer fill a context of 4096: no request at high
+  // effort could ever answer.
+  auto r = testing::run_command(serve + " --max-context 4096");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("reasoning effort 'high'"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("4358 generated tokens"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("max context of 4096"), std::string::npos) << r.output;
+  r = testing::run_command(serve + " --max-context 600 --reasoning-budget 64,128,600");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("reasoning effort 'high'"), std::string::npos) << r.output;
+  r = testing::run_command(serve + " --reasoning-budget 1,2");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--reasoning-budget takes N or LOW,MEDIUM,HIGH"), std::string::npos) << r.output;
+  r = testing::run_command(serve + " --policy-db-readonly");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--policy-db-readonly needs --policy-db"), std::string::npos) << r.output;
+
+  // Policy dbs: a row the API could not address, an unwritable file or folder, a missing file in
+  // read-only mode.
+  const std::string db = file("startup.db");
+  {
+    ServeProcess first({"--model", model_dir(), "--port", "0", "--device", "cpu", "--policy-db", db}, file("startup.log"));
+    ASSERT_TRUE(wait_ready(first.port(), 60)) << first.log();
+    ASSERT_EQ(call(first.port(), "POST", "/v1/policies", json{{"id", "ok"}, {"text", "Answer 0 or 1."}}.dump()).status, 201);
+  }
+  insert_policy_row(db, "'spam@2', 1, 'x', '[]', '[]'");
+  r = testing::run_command(serve + " --policy-db " + db);
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("the row with id 'spam@2' and version 1 cannot be served"), std::string::npos) << r.output;
+  const std::string db2 = file("startup2.db");
+  std::filesystem::copy_file(db, db2);
+  insert_policy_row(db2, "'big', 4294967296, 'x', '[]', '[]'");
+  r = testing::run_command(serve + " --policy-db " + db2 + " --policy-db-readonly");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("version 4294967296 cannot be served"), std::string::npos) << r.output;
+  r = testing::run_command(serve + " --policy-db " + file("missing.db") + " --policy-db-readonly");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("does not exist"), std::string::npos) << r.output;
+  const std::string folder = file("ro-folder");
+  std::filesystem::create_directories(folder);
+  {
+    testing::Unwritable locked(folder, true);
+    if (locked.ok()) {
+      r = testing::run_command(serve + " --policy-db " + folder + "/policies.db");
+      EXPECT_NE(r.status, 0) << r.output;
+      EXPECT_NE(r.output.find("must be writable"), std::string::npos) << r.output;
+    }
+  }
+}
+
+TEST_F(ApiServe, ReadOnlyPolicyDbUnfitPoliciesAndHighEffortAnswers) {
+  const std::string db = file("readonly.db");
+  {
+    // A larger context stores a policy that a later, smaller one cannot serve.
+    ServeProcess wide({"--model", model_dir(), "--port", "0", "--device", "cpu", "--policy-db", db, "--max-context", "16384"},
+                      file("wide.log"));
+    ASSERT_TRUE(wait_ready(wide.port(), 60)) << wide.log();
+    ASSERT_EQ(call(wide.port(), "POST", "/v1/policies", json{{"id", "kept"}, {"text", kPolicyTexts[0]}}.dump()).status, 201);
+    const Reply r = call(wide.port(), "POST", "/v1/policies", json{{"id", "long"}, {"text", words(1500)}}.dump());
+    ASSERT_EQ(r.status, 201) << r.raw;
+    ASSERT_GT(r.body["prompt_tokens"].get<int>(), 2048);
+  }
+  const std::vector<std::string> small = {"--model", model_dir(), "--port", "0", "--device", "cpu", "--request-timeout", "120",
+                                          "--policy-db", db, "--max-context", "2048", "--reasoning-budget", "64,128,512",
+                                          "--answer-tokens", "32"};
+  {
+    ServeProcess narrow(small, file("narrow.log"));
+    const int port = narrow.port();
+    ASSERT_TRUE(wait_ready(port, 60)) << narrow.log();
+    // Loaded from the db, not warmed, with a warning; kept, and refused by classify with 413.
+    EXPECT_NE(narrow.log().find("warning: policy 'long' version 1 is not warmed"), std::string::npos) << narrow.log();
+    EXPECT_EQ(call(port, "GET", "/v1/policies/long").status, 200);
+    Reply r = call(port, "POST", "/v1/classify", json{{"content", "x"}, {"policies", {{{"id", "long"}}}}}.dump());
+    EXPECT_EQ(r.status, 413) << r.raw;
+    EXPECT_EQ(r.body["error"]["param"], "policies[0].id");
+    EXPECT_NE(r.body["error"]["message"].get<std::string>().find("the context is 2048 tokens"), std::string::npos) << r.raw;
+    // High effort with its whole budget: the reasoning is closed and the model answers in the final
+    // channel (a budget that filled the context would end it with no final answer).
+    r = call(port, "POST", "/v1/classify",
+             json{{"content", "win a free cruise"}, {"policies", {{{"id", "kept"}}}}, {"reasoning_effort", "high"}, {"return_reasoning", false}}.dump());
+    ASSERT_EQ(r.status, 200) << r.raw;
+    const json& result = r.body["results"][0];
+    EXPECT_TRUE(result["reasoning_truncated"].get<bool>()) << r.raw;
+    EXPECT_EQ(result["usage"]["reasoning_tokens"], 512) << r.raw;
+    EXPECT_EQ(result.value("verdict_error", "").find("no final answer"), std::string::npos) << r.raw;
+  }
+  {
+    testing::Unwritable locked(db, false);
+    if (!locked.ok()) GTEST_SKIP() << "cannot make a file unwritable here";
+    std::string serve = std::string(ARBITER_BINARY) + " serve";
+    for (const auto& a : small) serve += " '" + a + "'";
+    const auto r = testing::run_command(serve);
+    EXPECT_NE(r.status, 0) << r.output;
+    EXPECT_NE(r.output.find("policy db " + db + " is read-only"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("--policy-db-readonly"), std::string::npos) << r.output;
+
+    auto args = small;
+    args.push_back("--policy-db-readonly");
+    ServeProcess readonly(args, file("readonly.log"));
+    const int port = readonly.port();
+    ASSERT_TRUE(wait_ready(port, 60)) << readonly.log();
+    EXPECT_EQ(call(port, "GET", "/v1/policies").body["data"].size(), 2u);
+    Reply p = call(port, "POST", "/v1/policies", json{{"id", "new"}, {"text", "Answer 0 or 1."}}.dump());
+    EXPECT_EQ(p.status, 403) << p.raw;
+    EXPECT_EQ(p.body["error"]["code"], "policies_read_only");
+    p = call(port, "DELETE", "/v1/policies/kept");
+    EXPECT_EQ(p.status, 403) << p.raw;
+    EXPECT_EQ(call(port, "GET", "/v1/policies/kept").status, 200);
+    p = call(port, "POST", "/v1/classify", json{{"content", "x"}, {"policies", {{{"id", "kept"}}}}, {"max_tokens", 2}}.dump());
+    EXPECT_EQ(p.status, 200) << p.raw;
+  }
 }
 
 }  // namespace

@@ -1,8 +1,11 @@
 // Classifier (scheduler/classify.h) without a model: prompts and sequences it builds, and how it
 // reads generations made by hand with the real gpt-oss tokenizer (verdicts, confidence from top
-// logprobs, reasoning, the forced close of a reasoning budget, usage).
+// logprobs, reasoning, the forced close of a reasoning budget, usage); prompts prepared once per
+// request (the content tokenized once, bounded by the context, stoppable) and the configuration
+// check of budgets against the context.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -17,6 +20,7 @@
 #include "runtime/tokenizer.h"
 #include "scheduler/classify.h"
 #include "scheduler/scheduler.h"
+#include "scheduler/serving.h"
 
 namespace arbiter {
 namespace {
@@ -452,6 +456,216 @@ TEST_F(ClassifierTest, SubmitReportsEachPolicyBeforeTheRequest) {
     EXPECT_EQ(r.finish, FinishReason::kCancelled);
   }
   EXPECT_EQ(indices, (std::set<size_t>{0, 1}));
+}
+
+// A classifier whose requests must fit a context of kContext tokens.
+class BoundedClassifierTest : public ::testing::Test {
+ protected:
+  static constexpr int kContext = 1024;
+  BoundedClassifierTest() : scheduler_(SchedulerOptions{}), classifier_(tokenizer(), scheduler_, options()) {}
+  static ClassifierOptions options() {
+    ClassifierOptions o;
+    o.budgets = {16, 64, 256};
+    o.answer_tokens = 32;
+    o.top_logprobs = 5;
+    o.max_context = kContext;
+    return o;
+  }
+  static std::string words(size_t count) {
+    std::string s;
+    for (size_t i = 0; i < count; ++i) s += " word" + std::to_string(i % 97);
+    return s;
+  }
+  Scheduler scheduler_;
+  Classifier classifier_;
+};
+
+TEST_F(BoundedClassifierTest, PreparedPromptsAreTheSafeguardPromptOfEveryPolicy) {
+  std::mt19937 rng(9);
+  const std::vector<std::string> pieces = {"hello", " ", "<|end|>", "\n", "é", "1", "{\"violation\": 1}", "  ", "🙂", "\t",
+                                           "Buy now!!!", "\xff", "\n\n# Policy"};
+  const std::vector<ClassifyPolicy> policies = {binary_policy(), {"b", "# Hate\n\nAnswer 1 for hate, else 0.\n", {}, {}},
+                                                {"c", "  Leading spaces and a trailing newline\n", {}, {}}, {"d", "x", {}, {}}};
+  for (const ReasoningEffort effort : {ReasoningEffort::kLow, ReasoningEffort::kMedium, ReasoningEffort::kHigh}) {
+    SafeguardPromptOptions o;
+    o.effort = effort;
+    for (int trial = 0; trial < 30; ++trial) {
+      ClassifyRequest request;
+      request.effort = effort;
+      request.max_tokens = trial % 3 == 0 ? 5 : 0;
+      for (int i = 0; i < 1 + static_cast<int>(rng() % 8); ++i) request.content += pieces[rng() % pieces.size()];
+      for (size_t k = 0; k < policies.size(); ++k)
+        if (rng() % 2 || k == 0) request.policies.push_back(policies[k]);
+      const ClassifyPrompts prompts = classifier_.prepare(request);
+      ASSERT_TRUE(prompts.ok()) << prompts.why;
+      ASSERT_EQ(prompts.sequences.size(), request.policies.size());
+      EXPECT_EQ(prompts.content_tokens, static_cast<int>(tokenizer().encode(request.content).size()));
+      for (size_t k = 0; k < request.policies.size(); ++k) {
+        const SequenceSpec& s = prompts.sequences[k];
+        EXPECT_EQ(s.prompt, render_safeguard_prompt(tokenizer(), request.policies[k].text, request.content, o)) << request.content;
+        const SequenceSpec one = classifier_.sequence(request, request.policies[k]);
+        EXPECT_EQ(s.prompt, one.prompt);
+        EXPECT_EQ(s.max_new_tokens, one.max_new_tokens);
+        EXPECT_EQ(s.max_reasoning_tokens, one.max_reasoning_tokens);
+        EXPECT_EQ(s.close_reasoning, one.close_reasoning);
+        EXPECT_EQ(s.top_logprobs, one.top_logprobs);
+      }
+    }
+  }
+}
+
+TEST_F(BoundedClassifierTest, BoundedPrefixIsThePolicyPrefixOrStopsOverItsLimit) {
+  std::mt19937 rng(4);
+  for (int trial = 0; trial < 60; ++trial) {
+    const std::string text = "Policy " + std::to_string(trial) + "." + words(rng() % 300);
+    const ReasoningEffort effort = static_cast<ReasoningEffort>(trial % 3);
+    // A fresh classifier each time: nothing cached, the bounded path tokenizes.
+    Classifier fresh(tokenizer(), scheduler_, options());
+    EncodeBounds bounds;
+    bounds.max_tokens = 40 + rng() % 400;
+    std::vector<int32_t> bounded;
+    const EncodeEnd end = fresh.bounded_prefix(text, effort, bounds, bounded);
+    const std::vector<int32_t> whole = classifier_.policy_prefix(text, effort);
+    if (whole.size() <= bounds.max_tokens) {
+      ASSERT_EQ(end, EncodeEnd::kComplete);
+      EXPECT_EQ(bounded, whole);
+    } else {
+      EXPECT_EQ(end, EncodeEnd::kOverLimit);
+    }
+  }
+}
+
+TEST_F(BoundedClassifierTest, PolicyFitHasTheNumbers) {
+  const int suffix = classifier_.suffix_tokens();
+  EXPECT_EQ(suffix, 3);
+  // Low effort: 16 reasoning + 6 closing + 32 answer tokens.
+  EXPECT_EQ(classifier_.generation_tokens(ReasoningEffort::kLow), 16 + 6 + 32);
+  EXPECT_EQ(classifier_.generation_tokens(ReasoningEffort::kHigh, 9), 9);
+  const std::string small = binary_policy().text;
+  PolicyFit fit = classifier_.policy_fit(small, ReasoningEffort::kHigh);
+  EXPECT_TRUE(fit.fits);
+  EXPECT_TRUE(fit.exact);
+  EXPECT_EQ(fit.prompt_tokens, static_cast<int>(classifier_.policy_prefix(small, ReasoningEffort::kHigh).size()) + suffix);
+  EXPECT_EQ(fit.generation_tokens, 256 + 6 + 32);
+
+  // A policy of 200,000 words: tokenized only as far as it could fit, and quickly.
+  const std::string huge = words(200000);
+  const auto t0 = std::chrono::steady_clock::now();
+  fit = classifier_.policy_fit_any(huge);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.5);
+  EXPECT_FALSE(fit.fits);
+  EXPECT_FALSE(fit.exact);
+  EXPECT_EQ(fit.effort, ReasoningEffort::kLow);
+  EXPECT_EQ(fit.generation_tokens, 54);
+  EXPECT_EQ(fit.prompt_tokens, kContext - 54 - 1 + 1);  // one more token than could fit
+  const std::string message = fit.describe();
+  EXPECT_NE(message.find("at least " + std::to_string(fit.prompt_tokens) + " tokens"), std::string::npos) << message;
+  EXPECT_NE(message.find("54 tokens for the reasoning and the answer"), std::string::npos) << message;
+  EXPECT_NE(message.find("the context is 1024 tokens"), std::string::npos) << message;
+
+  // Right at the edge: a policy whose prompt leaves exactly one content token fits at low effort,
+  // one token more does not.
+  std::string edge = "x";
+  while (classifier_.policy_fit(edge, ReasoningEffort::kLow).prompt_tokens + 1 + 54 < kContext) edge += " y";
+  fit = classifier_.policy_fit(edge, ReasoningEffort::kLow);
+  EXPECT_TRUE(fit.fits) << fit.describe();
+  EXPECT_EQ(fit.prompt_tokens + 1 + 54, kContext);
+  EXPECT_FALSE(classifier_.policy_fit(edge, ReasoningEffort::kMedium).fits);
+  EXPECT_FALSE(classifier_.policy_fit(edge + " y", ReasoningEffort::kLow).fits);
+  EXPECT_EQ(classifier_.policy_fit_any(edge).effort, ReasoningEffort::kLow);
+}
+
+TEST_F(BoundedClassifierTest, PrepareRefusesWhatCannotFitBeforeAnyScheduling) {
+  ClassifyRequest request;
+  request.effort = ReasoningEffort::kLow;
+  request.content = "hello";
+  request.policies = {binary_policy(), {"long", words(5000), {}, {}}};
+  ClassifyPrompts prompts = classifier_.prepare(request);
+  EXPECT_EQ(prompts.status, PromptStatus::kPolicyTooLong);
+  EXPECT_EQ(prompts.policy, 1);
+  EXPECT_NE(prompts.why.find("the context is 1024 tokens"), std::string::npos) << prompts.why;
+  std::string why;
+  EXPECT_EQ(classifier_.submit(request, [](ClassifyResult) {}, &why), SubmitStatus::kTooLong);
+  EXPECT_EQ(scheduler_.stats().queued_requests, 0);
+
+  // 4 MB of content under 32 policies: the content is tokenized once, only as far as it can fit.
+  request.policies.clear();
+  for (int i = 0; i < 32; ++i) request.policies.push_back({"p" + std::to_string(i), "Policy " + std::to_string(i) + ". Answer 0 or 1.", {}, {}});
+  request.content = words(600000);
+  int polls = 0;
+  request.cancelled = [&] { return ++polls < 0; };
+  const auto t0 = std::chrono::steady_clock::now();
+  prompts = classifier_.prepare(request);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.5);
+  EXPECT_EQ(prompts.status, PromptStatus::kContentTooLong);
+  EXPECT_NE(prompts.why.find("The content takes more than"), std::string::npos) << prompts.why;
+  EXPECT_NE(prompts.why.find("1024 tokens"), std::string::npos) << prompts.why;
+  EXPECT_LT(polls, 100);  // once per policy, then every 64 KB of the content read
+
+  // Unbounded by the context, the content is still read once, not once per policy.
+  ClassifierOptions unbounded = options();
+  unbounded.max_context = 0;
+  Classifier open(tokenizer(), scheduler_, unbounded);
+  request.content = words(100000);
+  polls = 0;
+  prompts = open.prepare(request);
+  ASSERT_TRUE(prompts.ok()) << prompts.why;
+  EXPECT_EQ(prompts.content_tokens, static_cast<int>(tokenizer().encode(request.content).size()));
+  EXPECT_LT(polls, 32 + static_cast<int>(request.content.size() / (64 * 1024)) + 8);
+
+  // A deadline that passed, a client that left: stopped, with nothing scheduled.
+  request.cancelled = nullptr;
+  request.deadline = std::chrono::steady_clock::now() - std::chrono::milliseconds(1);
+  prompts = open.prepare(request);
+  EXPECT_EQ(prompts.status, PromptStatus::kDeadline);
+  EXPECT_TRUE(prompts.sequences.empty());
+  request.deadline.reset();
+  polls = 0;
+  request.cancelled = [&] { return ++polls > 5; };  // the client leaves during the content (prefixes are cached)
+  prompts = open.prepare(request);
+  EXPECT_EQ(prompts.status, PromptStatus::kCancelled);
+  EXPECT_EQ(polls, 6);
+  EXPECT_EQ(classifier_.submit(request, [](ClassifyResult) {}, &why), SubmitStatus::kInvalid);
+  EXPECT_EQ(scheduler_.stats().queued_requests, 0);
+}
+
+TEST(ClassifierOptionsCheck, EveryEffortMustLeaveRoomForAPrompt) {
+  ClassifierOptions o;  // the defaults: budgets 256 / 1024 / 4096, 256 answer tokens
+  o.max_context = 4096;
+  try {
+    check_classifier_options(tokenizer(), o);
+    FAIL() << "high effort's budget fills a 4096 context";
+  } catch (const std::invalid_argument& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("'high'"), std::string::npos) << m;
+    EXPECT_NE(m.find("(4096)"), std::string::npos) << m;
+    EXPECT_NE(m.find("4358 generated tokens"), std::string::npos) << m;
+    EXPECT_NE(m.find("max context of 4096"), std::string::npos) << m;
+  }
+  o.max_context = 8192;  // the serving default
+  EXPECT_NO_THROW(check_classifier_options(tokenizer(), o));
+  o.max_context = 0;  // unchecked
+  EXPECT_NO_THROW(check_classifier_options(tokenizer(), o));
+  o.max_context = 512;
+  o.budgets = {16, 64, 128};
+  EXPECT_NO_THROW(check_classifier_options(tokenizer(), o));
+  o.answer_tokens = 400;
+  EXPECT_THROW(check_classifier_options(tokenizer(), o), std::invalid_argument);
+  o.answer_tokens = 0;
+  EXPECT_THROW(check_classifier_options(tokenizer(), o), std::invalid_argument);
+  o.answer_tokens = 32;
+  o.budgets.low = -1;
+  EXPECT_THROW(check_classifier_options(tokenizer(), o), std::invalid_argument);
+  // The serving defaults agree with each other: every effort leaves room for a prompt.
+  ServingOptions serving;
+  serving.classifier.max_context = serving.max_context;
+  EXPECT_EQ(serving.max_context, 8192);
+  EXPECT_NO_THROW(check_classifier_options(tokenizer(), serving.classifier));
+  // The Classifier itself refuses a contradicting configuration.
+  Scheduler scheduler{SchedulerOptions{}};
+  ClassifierOptions bad;
+  bad.max_context = 4096;
+  EXPECT_THROW(Classifier(tokenizer(), scheduler, bad), std::invalid_argument);
 }
 
 }  // namespace

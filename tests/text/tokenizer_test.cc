@@ -1,8 +1,10 @@
 // The o200k_harmony tokenizer: reference vectors, special-token injection, invalid UTF-8,
 // the streaming decoder on split multi-byte characters, long pieces, the tiktoken rank-file
-// loader, thread safety.
+// loader, thread safety, and the bounded encode (token limit, stop predicate) against the plain one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <random>
 #include <thread>
@@ -292,6 +294,134 @@ TEST(Tokenizer, ConcurrentEncodeIsConsistent) {
     });
   for (auto& th : threads) th.join();
   EXPECT_EQ(bad.load(), 0);
+}
+
+// A random text from pieces that exercise the pre-tokenizer (words, digits, whitespace runs,
+// punctuation, multi-byte characters, special-token names, invalid bytes, long single pieces).
+std::string random_text(std::mt19937& rng) {
+  static const std::vector<std::string> parts = {
+      "policy", " spam", " Free", "CRUISE", "don't", " 12345", "\n\n", "   ", "\t", "!!!", "é", "東京", "😀", "<|end|>",
+      "\r\n", " ", "a", "{\"violation\": 1}", "\xff", "\xe2\x82", "naïve", "ꦗꦗꦗ"};
+  std::string s;
+  const int n = static_cast<int>(rng() % 60);
+  for (int i = 0; i < n; ++i) {
+    if (rng() % 40 == 0) s += std::string(200 + rng() % 2000, "a z"[rng() % 3]);  // a long piece
+    else s += parts[rng() % parts.size()];
+  }
+  return s;
+}
+
+TEST(TokenizerBounded, UnboundedEqualsThePlainEncode) {
+  const Tokenizer& tok = tokenizer();
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 300; ++trial) {
+    const std::string text = random_text(rng);
+    Ids out = {7, 8};  // appends after what is there
+    ASSERT_EQ(tok.encode_bounded(text, out, {}), EncodeEnd::kComplete);
+    Ids expected = {7, 8};
+    tok.encode_append(text, expected);
+    EXPECT_EQ(out, expected) << text;
+  }
+}
+
+TEST(TokenizerBounded, RandomLimitsGiveThePlainIdsOrAPrefixOverTheLimit) {
+  const Tokenizer& tok = tokenizer();
+  std::mt19937 rng(12);
+  int over = 0, complete = 0;
+  for (int trial = 0; trial < 600; ++trial) {
+    const std::string text = random_text(rng);
+    const Ids plain = tok.encode(text);
+    // Limits around the true count, and anywhere below it.
+    const size_t limit = rng() % 2 ? plain.size() + (rng() % 5) - std::min<size_t>(plain.size(), 2) : rng() % (plain.size() + 1);
+    EncodeBounds bounds;
+    bounds.max_tokens = limit;
+    bounds.poll_bytes = 1 + rng() % 64;
+    Ids out;
+    const EncodeEnd end = tok.encode_bounded(text, out, bounds);
+    if (plain.size() <= limit) {
+      ASSERT_EQ(end, EncodeEnd::kComplete) << "limit " << limit << ", " << plain.size() << " tokens: " << text;
+      EXPECT_EQ(out, plain) << text;
+      ++complete;
+    } else {
+      ASSERT_EQ(end, EncodeEnd::kOverLimit) << "limit " << limit << ", " << plain.size() << " tokens: " << text;
+      ASSERT_LE(out.size(), plain.size());
+      EXPECT_TRUE(std::equal(out.begin(), out.end(), plain.begin())) << "not a prefix of the plain ids: " << text;
+      ++over;
+    }
+  }
+  EXPECT_GT(over, 100);
+  EXPECT_GT(complete, 100);
+}
+
+TEST(TokenizerBounded, StopPredicateEndsTheEncodeAndIsPolledByBytes) {
+  const Tokenizer& tok = tokenizer();
+  std::mt19937 rng(13);
+  for (int trial = 0; trial < 300; ++trial) {
+    const std::string text = random_text(rng);
+    const Ids plain = tok.encode(text);
+    int polls = 0;
+    const int stop_at = static_cast<int>(rng() % 6);
+    EncodeBounds bounds;
+    bounds.poll_bytes = 1 + rng() % 32;
+    bounds.stop = [&] { return polls++ == stop_at; };
+    Ids out;
+    const EncodeEnd end = tok.encode_bounded(text, out, bounds);
+    if (end == EncodeEnd::kComplete) {
+      EXPECT_EQ(out, plain) << text;
+      EXPECT_LE(polls, stop_at + 1);
+    } else {
+      ASSERT_EQ(end, EncodeEnd::kStopped);
+      EXPECT_EQ(polls, stop_at + 1);
+      ASSERT_LE(out.size(), plain.size());
+      EXPECT_TRUE(std::equal(out.begin(), out.end(), plain.begin())) << text;
+    }
+  }
+  // Polled before anything is encoded, and about every poll_bytes bytes after that.
+  const std::string words = [] {
+    std::string s;
+    for (int i = 0; i < 10000; ++i) s += " word" + std::to_string(i % 10);
+    return s;
+  }();
+  int polls = 0;
+  EncodeBounds every_kb;
+  every_kb.poll_bytes = 1024;
+  every_kb.stop = [&] { return ++polls < 0; };
+  Ids out;
+  ASSERT_EQ(tok.encode_bounded(words, out, every_kb), EncodeEnd::kComplete);
+  EXPECT_EQ(out, tok.encode(words));
+  EXPECT_GE(polls, static_cast<int>(words.size() / 1024));
+  EXPECT_LE(polls, static_cast<int>(words.size() / 1024) + 3);
+  polls = 0;
+  EncodeBounds at_once;
+  at_once.stop = [&] { return ++polls > 0; };
+  out.clear();
+  EXPECT_EQ(tok.encode_bounded(words, out, at_once), EncodeEnd::kStopped);
+  EXPECT_TRUE(out.empty());
+  EXPECT_EQ(polls, 1);
+}
+
+TEST(TokenizerBounded, LongPiecesEndEarly) {
+  const Tokenizer& tok = tokenizer();
+  EXPECT_GE(tok.max_token_bytes(), 16u);
+  // 4 MB of one letter is one piece: over a small limit it is not merged at all.
+  const std::string run(4 << 20, 'a');
+  EncodeBounds limit;
+  limit.max_tokens = 8192;
+  Ids out;
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(tok.encode_bounded(run, out, limit), EncodeEnd::kOverLimit);
+  // (Merging it whole takes about 3 s; finding the piece itself is what remains.)
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+  // Without a limit, a stop predicate ends the merging of the piece itself.
+  int polls = 0;
+  EncodeBounds stop;
+  stop.stop = [&] { return ++polls > 1; };  // false before the piece, true inside its merge (the next poll)
+  out.clear();
+  t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(tok.encode_bounded(run, out, stop), EncodeEnd::kStopped);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+  EXPECT_TRUE(out.empty());
+  EXPECT_EQ(polls, 2);
 }
 
 }  // namespace

@@ -231,6 +231,10 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
     while (std::getline(in, line)) lines.push_back(parse_input_line(line));
   }
   const auto run = std::make_shared<FileRun>(output_path, lines.size());
+  // A policy that leaves no room for content and the answer would fail every line: say so at once.
+  for (const auto& policy : job.policies)
+    if (const PolicyFit fit = serving.classifier().policy_fit(policy.text, job.effort, job.max_tokens); !fit.fits)
+      throw std::runtime_error("policy '" + policy.id + "': " + fit.describe());
   // The policies' prefixes are computed once, before the requests that share them arrive (requests
   // admitted together would each compute an uncached prefix). A no-op without prefix caching.
   for (const auto& policy : job.policies)
@@ -296,6 +300,9 @@ int cmd_classify(const CliArgs& args) {
   const std::string output = has_input ? args.get("output", "-") : "";
   if (has_content && args.has("output")) throw std::invalid_argument("--output goes with --input");
   const ServingOptions options = serving_options(args);
+  if (job.max_tokens >= options.max_context)
+    throw std::invalid_argument("--max-tokens (" + std::to_string(job.max_tokens) + ") must be below the max context (" +
+                                std::to_string(options.max_context) + ")");
   run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
     rank_args.check_all_used();
     ServingRank serving(options, rank.comm, rank.placement);

@@ -42,7 +42,9 @@ const char* kServeUsage =
     "  --port P                 port (8080; 0: any free port); the address and pid are printed once bound\n"
     "  --grpc-port P            also serve the gRPC API (api/grpc.proto) on this port (0: any free port)\n"
     "  --api-key-file F         bearer keys, one per line: /v1/* then needs 'Authorization: Bearer <key>'\n"
-    "  --policy-db F            SQLite file keeping registered policies across restarts\n"
+    "  --policy-db F            SQLite file keeping registered policies across restarts; it (and its folder)\n"
+    "                           must be writable, and every row one the API could have stored, or start-up fails\n"
+    "  --policy-db-readonly     serve the policies of --policy-db without changing them (POST/DELETE /v1/policies: 403)\n"
     "  --request-timeout S      seconds a request may take (600; 0: none); a request's 'timeout' may shorten it\n"
     "  --max-body-bytes N       larger bodies get 413 (4194304); gRPC: the largest request message\n"
     "  --http-threads N         requests handled at once, each waiting for the model (256); gRPC: calls at once\n"
@@ -57,9 +59,13 @@ const char* kServeUsage =
     "  --served-model-name NAME the model id of /v1/models (the model folder's name)\n"
     "  --max-policies N         policies per classify request (32)\n"
     "  --no-prefix-cache        disable prefix caching\n"
-    "  engine: --device cpu|cuda[:N]|auto --tokenizer DIR --max-context N --kv-blocks N --step-tokens N\n"
-    "          --step-samples N --top-logprobs N --answer-tokens N --reasoning-budget N\n"
-    "          --transport auto|threads|mpi|nccl --ranks N --placement FILE\n"
+    "  engine: --device cpu|cuda[:N]|auto --tokenizer DIR --kv-blocks N --step-tokens N --step-samples N\n"
+    "          --top-logprobs N --transport auto|threads|mpi|nccl --ranks N --placement FILE\n"
+    "  --max-context N          prompt + generated tokens per request and policy (8192)\n"
+    "  --reasoning-budget N|L,M,H  reasoning tokens per effort (256,1024,4096); --answer-tokens N after it (256).\n"
+    "                           Each effort's budget + answer tokens must leave room for a prompt in --max-context,\n"
+    "                           or start-up fails. A policy whose prompt leaves no room for content and an answer\n"
+    "                           at the cheapest effort is refused (413 policy_too_long) and not warmed.\n"
     "  --heartbeat-timeout S    mpirun: a worker rank not heard from for S seconds stalls (3; 0: no heartbeats)\n"
     "  --step-timeout S         mpirun: a worker rank that has not completed a step S seconds after rank 0\n"
     "                           started it stalls (30; 0: no limit); must exceed the longest step\n"
@@ -101,6 +107,8 @@ api::ApiOptions api_options(const CliArgs& args) {
   positive_seconds("idle-timeout", o.idle_timeout);
   o.default_effort = parse_reasoning_effort(args.get("effort", "medium"));
   o.policy_db = args.get("policy-db", "");
+  o.policy_db_readonly = args.flag("policy-db-readonly");
+  if (o.policy_db_readonly && o.policy_db.empty()) throw std::invalid_argument("--policy-db-readonly needs --policy-db");
   if (args.has("warm-efforts")) {  // e.g. "low,medium"; "none": registered policies are not precomputed
     o.warm_efforts.clear();
     std::string list = args.get("warm-efforts", "");

@@ -43,7 +43,7 @@ const char* kUsage =
     "             HTTP API: /v1/classify, /v1/policies, /v1/chat/completions, /metrics (`arbiter serve --help`)\n"
     "  classify   --model DIR --policy FILE[,FILE...] (--content T | --input IN.jsonl [--output OUT.jsonl])\n"
     "             [--effort low|medium|high] [--max-tokens N] [--labels A,B --violating B] [--no-reasoning]\n"
-    "             [--reasoning-budget N] [--no-prefix-cache] [--device ...] [--max-context N] [--kv-blocks N]\n"
+    "             [--reasoning-budget N|LOW,MEDIUM,HIGH] [--no-prefix-cache] [--device ...] [--max-context N] [--kv-blocks N]\n"
     "  bench      (--model DIR | --preset tiny|small) [--requests N] [--policies P] [--reasoning-tokens N]\n"
     "             [--json FILE]  load generator: prefix caching on vs off, decisions/s, latency, step overhead\n"
     "  (logits, generate, classify and serve also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
@@ -169,7 +169,7 @@ int main(int argc, char** argv) {
     if (cmd == "detokenize") return cmd_detokenize(CliArgs(argc - 2, argv + 2, {"jsonl"}));
     if (cmd == "render") return cmd_render(CliArgs(argc - 2, argv + 2, {"hf-newlines"}));
     if (cmd == "generate") return cmd_generate(CliArgs(argc - 2, argv + 2, {}));
-    if (cmd == "serve") return cmd_serve(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "help"}));
+    if (cmd == "serve") return cmd_serve(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "policy-db-readonly", "help"}));
     if (cmd == "classify") return cmd_classify(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "no-reasoning"}));
     if (cmd == "bench") return cmd_bench(CliArgs(argc - 2, argv + 2, {"quick"}));
     std::cerr << "arbiter: unknown command '" << cmd << "'\n" << kUsage;

@@ -1,6 +1,9 @@
 #include "tools/arbiter/serving_args.h"
 
+#include <algorithm>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 namespace arbiter {
 
@@ -17,9 +20,28 @@ ServingOptions serving_options(const CliArgs& args) {
   o.classifier.top_logprobs = static_cast<int>(args.get_int("top-logprobs", o.classifier.top_logprobs));
   o.classifier.answer_tokens = static_cast<int>(args.get_int("answer-tokens", o.classifier.answer_tokens));
   if (args.has("reasoning-budget")) {
-    const int budget = static_cast<int>(args.get_int("reasoning-budget", 0));
-    if (budget < 0) throw std::invalid_argument("--reasoning-budget must not be negative");
-    o.classifier.budgets = {budget, budget, budget};
+    // N (every effort) or LOW,MEDIUM,HIGH.
+    const std::string text = args.get("reasoning-budget", "");
+    std::vector<int> budgets;
+    for (size_t start = 0; start <= text.size();) {
+      const size_t comma = std::min(text.find(',', start), text.size());
+      const std::string item = text.substr(start, comma - start);
+      size_t used = 0;
+      int value = -1;
+      try {
+        value = std::stoi(item, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (item.empty() || used != item.size() || value < 0)
+        throw std::invalid_argument("--reasoning-budget takes N or LOW,MEDIUM,HIGH (tokens, not negative); got '" + text + "'");
+      budgets.push_back(value);
+      start = comma + 1;
+    }
+    if (budgets.size() == 1) budgets.assign(3, budgets[0]);
+    if (budgets.size() != 3)
+      throw std::invalid_argument("--reasoning-budget takes N or LOW,MEDIUM,HIGH; got '" + text + "'");
+    o.classifier.budgets = {budgets[0], budgets[1], budgets[2]};
   }
   return o;
 }

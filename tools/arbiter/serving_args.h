@@ -9,7 +9,8 @@
 namespace arbiter {
 
 // --model (required) --device --tokenizer --max-context --kv-blocks --step-tokens --step-samples
-// --no-prefix-cache --top-logprobs --answer-tokens --reasoning-budget (one budget for every effort).
+// --no-prefix-cache --top-logprobs --answer-tokens --reasoning-budget (N for every effort, or
+// LOW,MEDIUM,HIGH).
 ServingOptions serving_options(const CliArgs& args);
 
 }  // namespace arbiter
