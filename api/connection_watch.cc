@@ -2,6 +2,7 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -18,6 +19,7 @@ int tcp_state(int fd) {
 }
 
 constexpr char kInterim[] = "HTTP/1.1 102 Processing\r\n\r\n";
+constexpr int kResetWaitMs = 5;
 
 }  // namespace
 
@@ -39,13 +41,21 @@ bool ConnectionWatch::closed() {
     if (!body_probe_) return false;
     probed_ = true;
     if (!body_probe_()) return gone_ = true;
-    return false;
+    return answered_by_reset();
   }
   if (!interim_allowed_) return false;
   probed_ = true;
   const ssize_t sent = send(fd_, kInterim, sizeof(kInterim) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
   if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return gone_ = true;
-  return false;
+  return answered_by_reset();
+}
+
+bool ConnectionWatch::answered_by_reset() {
+  // A closed socket's reset takes one round trip; wait that long on a nearby client (the loopback,
+  // a data-centre network) so the caller learns now, not at its next look.
+  pollfd p{fd_, 0, 0};
+  if (poll(&p, 1, kResetWaitMs) > 0 && (p.revents & (POLLERR | POLLHUP))) return gone_ = true;
+  return gone_ = tcp_state(fd_) == TCP_CLOSE;
 }
 
 }  // namespace arbiter::api

@@ -36,6 +36,9 @@ class ConnectionWatch {
   void set_body_probe(std::function<bool()> probe) { body_probe_ = std::move(probe); }
 
  private:
+  // After a probe: true (and remembered) when the client's reset arrives within a few milliseconds.
+  bool answered_by_reset();
+
   int fd_ = -1;
   bool interim_allowed_ = false;
   bool probed_ = false;
