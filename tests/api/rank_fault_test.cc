@@ -8,7 +8,6 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -26,196 +25,15 @@
 #include <thread>
 #include <vector>
 
+#include "tests/api/serve_process.h"
 #include "tests/test_util.h"
 
 namespace arbiter {
 namespace {
 
-using nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
 constexpr double kHeartbeatTimeout = 2;  // --heartbeat-timeout of these tests
 
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-// `mpirun -np 2 arbiter serve ...`, reaped when destroyed (SIGTERM to rank 0, then SIGKILL to mpirun).
-class MpiServe {
- public:
-  // env: extra NAME=VALUE settings for the job.
-  MpiServe(const std::vector<std::string>& args, const std::string& log_file, const std::vector<std::string>& env = {})
-      : log_(log_file) {
-    std::vector<std::string> argv = {ARBITER_MPIEXEC, "--oversubscribe", "--allow-run-as-root", "-np", "2", ARBITER_BINARY, "serve"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    int out[2];
-    if (pipe(out) != 0) throw std::runtime_error("pipe");
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(out[1], STDOUT_FILENO);
-      const int err = open(log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (err >= 0) dup2(err, STDERR_FILENO);
-      close(out[0]);
-      setenv("OMPI_MCA_plm_rsh_agent", "", 1);
-      setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
-      for (std::string e : env) putenv(strdup(e.c_str()));
-      std::vector<char*> c;
-      for (auto& a : argv) c.push_back(a.data());
-      c.push_back(nullptr);
-      execv(c[0], c.data());
-      _exit(127);
-    }
-    close(out[1]);
-    stdout_ = out[0];
-    const std::regex address("listening on http://([0-9.]+):([0-9]+) \\(pid ([0-9]+)\\)");
-    std::string text;
-    std::smatch m;
-    const auto give_up = Clock::now() + std::chrono::seconds(60);
-    while (!std::regex_search(text, m, address)) {
-      std::string failure;
-      pollfd p{stdout_, POLLIN, 0};
-      if (Clock::now() > give_up) failure = "no address printed";
-      else if (poll(&p, 1, 200) > 0) {
-        char buf[256];
-        const ssize_t n = read(stdout_, buf, sizeof(buf));
-        if (n <= 0) failure = "mpirun exited";
-        else text.append(buf, static_cast<size_t>(n));
-      }
-      if (!failure.empty()) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-        reaped_ = true;
-        throw std::runtime_error(failure + "; output: " + text + log());
-      }
-    }
-    port_ = std::stoi(m[2]);
-    rank0_pid_ = std::stoi(m[3]);
-  }
-  ~MpiServe() {
-    if (!reaped_) {
-      kill(rank0_pid_, SIGCONT);
-      if (worker_pid_ > 0) kill(worker_pid_, SIGCONT);
-      kill(rank0_pid_, SIGTERM);
-      if (wait_exit(20) == -2) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-      }
-    }
-    close(stdout_);
-  }
-  MpiServe(const MpiServe&) = delete;
-  MpiServe& operator=(const MpiServe&) = delete;
-
-  int port() const { return port_; }
-  pid_t rank0_pid() const { return rank0_pid_; }
-  std::string log() const {
-    std::ifstream in(log_);
-    return "\n--- server log ---\n" + std::string(std::istreambuf_iterator<char>(in), {});
-  }
-
-  // The pid of rank 1: the descendant of mpirun whose environment says OMPI_COMM_WORLD_RANK=1.
-  pid_t worker_pid() {
-    if (worker_pid_ > 0) return worker_pid_;
-    DIR* proc = opendir("/proc");
-    if (!proc) return -1;
-    std::vector<std::pair<pid_t, pid_t>> parent_of;  // (pid, ppid)
-    while (dirent* e = readdir(proc)) {
-      const pid_t pid = static_cast<pid_t>(std::atoi(e->d_name));
-      if (pid <= 0) continue;
-      std::ifstream stat("/proc/" + std::string(e->d_name) + "/stat");
-      std::string line;
-      std::getline(stat, line);
-      const size_t close_paren = line.rfind(')');
-      if (close_paren == std::string::npos) continue;
-      std::istringstream rest(line.substr(close_paren + 2));
-      char state = 0;
-      pid_t ppid = 0;
-      rest >> state >> ppid;
-      parent_of.emplace_back(pid, ppid);
-    }
-    closedir(proc);
-    auto descends_from_mpirun = [&](pid_t pid) {
-      for (int depth = 0; depth < 8 && pid > 1; ++depth) {
-        pid_t parent = 0;
-        for (const auto& [p, pp] : parent_of)
-          if (p == pid) parent = pp;
-        if (parent == pid_) return true;
-        pid = parent;
-      }
-      return false;
-    };
-    for (const auto& [pid, ppid] : parent_of) {
-      if (!descends_from_mpirun(pid)) continue;
-      std::ifstream env("/proc/" + std::to_string(pid) + "/environ");
-      const std::string vars((std::istreambuf_iterator<char>(env)), {});
-      if (vars.find(std::string("OMPI_COMM_WORLD_RANK=1") + '\0') != std::string::npos) worker_pid_ = pid;
-    }
-    return worker_pid_;
-  }
-
-  // mpirun's exit status once it ends within `seconds`; -2 when it did not; -1 killed by a signal.
-  int wait_exit(double seconds) {
-    const auto until = Clock::now() + std::chrono::duration<double>(seconds);
-    while (Clock::now() < until) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        reaped_ = true;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return -2;
-  }
-
- private:
-  std::string log_;
-  pid_t pid_ = -1;
-  int stdout_ = -1;
-  int port_ = 0;
-  pid_t rank0_pid_ = -1;
-  pid_t worker_pid_ = -1;
-  bool reaped_ = false;
-};
-
-struct Reply {
-  int status = 0;  // 0: no HTTP response at all
-  json body;
-  std::string raw;
-  std::string retry_after;
-};
-
-// read_timeout bounds how long a test waits for an answer that, were the fault not seen, would come
-// only at the communicator's or the request's timeout (minutes).
-Reply call(int port, const std::string& method, const std::string& path, const std::string& body = "", int read_timeout = 30) {
-  httplib::Client client("127.0.0.1", port);
-  client.set_read_timeout(read_timeout, 0);
-  client.set_connection_timeout(10, 0);
-  httplib::Result r = method == "GET" ? client.Get(path.c_str()) : client.Post(path.c_str(), body, "application/json");
-  Reply out;
-  if (!r) {
-    out.raw = "no response: " + httplib::to_string(r.error());
-    return out;
-  }
-  out.status = r->status;
-  out.raw = r->body;
-  out.body = json::parse(r->body, nullptr, false);
-  out.retry_after = r->get_header_value("Retry-After");
-  return out;
-}
-
-bool wait_ready(int port, double seconds) {
-  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
-  while (Clock::now() < until) {
-    if (call(port, "GET", "/ready").status == 200) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return false;
-}
-
-double metric(int port, const std::string& series) {
-  std::istringstream in(call(port, "GET", "/metrics").raw);
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
-  return -1;
-}
 
 // A classify request that generates for a long time (tens of seconds on the tiny model).
 std::string long_classify() {
@@ -272,12 +90,12 @@ class RankFaults : public ::testing::Test {
 };
 
 TEST_F(RankFaults, StalledWorkerFailsRequestsAtOnceAndServingResumesWhenItContinues) {
-  MpiServe server(args(), file("stall.log"));
+  ServeProcess server(args(), file("stall.log"), true);
   const int port = server.port();
   ASSERT_TRUE(wait_ready(port, 90)) << server.log();
   const pid_t worker = server.worker_pid();
   ASSERT_GT(worker, 0) << "rank 1's pid not found under mpirun" << server.log();
-  ASSERT_NE(worker, server.rank0_pid());
+  ASSERT_NE(worker, server.server_pid());
 
   Background inflight(port, long_classify());
   ASSERT_TRUE(wait_running(port, 30)) << server.log();
@@ -319,12 +137,12 @@ TEST_F(RankFaults, StalledWorkerFailsRequestsAtOnceAndServingResumesWhenItContin
   EXPECT_EQ(after.status, 200) << after.raw << server.log();
   EXPECT_EQ(metric(port, "arbiter_rank_fault"), 0);
   // And a normal SIGTERM still drains the job to a clean exit.
-  kill(server.rank0_pid(), SIGTERM);
+  kill(server.server_pid(), SIGTERM);
   EXPECT_EQ(server.wait_exit(30), 0) << server.log();
 }
 
 TEST_F(RankFaults, KilledWorkerGets503InsteadOfAClosedConnectionAndTheJobEnds) {
-  MpiServe server(args(), file("kill.log"));
+  ServeProcess server(args(), file("kill.log"), true);
   const int port = server.port();
   ASSERT_TRUE(wait_ready(port, 90)) << server.log();
   const pid_t worker = server.worker_pid();
@@ -347,7 +165,7 @@ TEST_F(RankFaults, KilledWorkerGets503InsteadOfAClosedConnectionAndTheJobEnds) {
 }
 
 TEST_F(RankFaults, SigtermWhileAWorkerStallsEndsTheJobInsteadOfHangingInTheDrain) {
-  MpiServe server(args(), file("stall-term.log"));
+  ServeProcess server(args(), file("stall-term.log"), true);
   const int port = server.port();
   ASSERT_TRUE(wait_ready(port, 90)) << server.log();
   const pid_t worker = server.worker_pid();
@@ -360,7 +178,7 @@ TEST_F(RankFaults, SigtermWhileAWorkerStallsEndsTheJobInsteadOfHangingInTheDrain
   // The drain cannot finish the step the stopped rank is in: rank 0 ends the job instead (mpirun
   // kills the stopped rank too) rather than waiting for the communicator's timeout.
   const auto term = Clock::now();
-  kill(server.rank0_pid(), SIGTERM);
+  kill(server.server_pid(), SIGTERM);
   const int status = server.wait_exit(20);
   EXPECT_NE(status, -2) << "the job hung after SIGTERM with a stalled rank" << server.log();
   EXPECT_NE(status, 0) << server.log();
@@ -370,14 +188,14 @@ TEST_F(RankFaults, SigtermWhileAWorkerStallsEndsTheJobInsteadOfHangingInTheDrain
 TEST_F(RankFaults, IdleJobOutlivesTheCommunicatorTimeout) {
   // The workers wait for the next plan inside a collective: without the loop's keep-alive steps an
   // idle job would end once that wait timed out (here after 2 s).
-  MpiServe server(args(), file("idle.log"), {"ARBITER_COMM_TIMEOUT=2"});
+  ServeProcess server(args(), file("idle.log"), true, {"ARBITER_COMM_TIMEOUT=2"});
   const int port = server.port();
   ASSERT_TRUE(wait_ready(port, 90)) << server.log();
   std::this_thread::sleep_for(std::chrono::seconds(5));
   EXPECT_EQ(call(port, "GET", "/ready").status, 200) << server.log();
   const Reply r = call(port, "POST", "/v1/classify", short_classify());
   EXPECT_EQ(r.status, 200) << r.raw << server.log();
-  kill(server.rank0_pid(), SIGTERM);
+  kill(server.server_pid(), SIGTERM);
   EXPECT_EQ(server.wait_exit(30), 0) << server.log();
 }
 

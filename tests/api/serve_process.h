@@ -39,7 +39,10 @@ using Clock = std::chrono::steady_clock;
 // A running `arbiter serve` (or `mpirun ... arbiter serve`); SIGTERM and reaped when destroyed.
 class ServeProcess {
  public:
-  ServeProcess(const std::vector<std::string>& args, const std::string& log_file, bool mpi = false) : log_(log_file) {
+  // mpi: under `mpirun -np 2`; env: extra NAME=VALUE settings for the server.
+  ServeProcess(const std::vector<std::string>& args, const std::string& log_file, bool mpi = false,
+               const std::vector<std::string>& env = {})
+      : log_(log_file) {
     std::vector<std::string> argv;
     if (mpi) argv = {ARBITER_MPIEXEC, "--oversubscribe", "--allow-run-as-root", "-np", "2"};
     argv.push_back(ARBITER_BINARY);
@@ -55,6 +58,10 @@ class ServeProcess {
       close(out[0]);
       setenv("OMPI_MCA_plm_rsh_agent", "", 1);
       setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+      for (const std::string& e : env) {
+        const size_t eq = e.find('=');
+        if (eq != std::string::npos) setenv(e.substr(0, eq).c_str(), e.substr(eq + 1).c_str(), 1);
+      }
       std::vector<char*> c;
       for (auto& a : argv) c.push_back(a.data());
       c.push_back(nullptr);
@@ -90,6 +97,9 @@ class ServeProcess {
   }
   ~ServeProcess() {
     if (pid_ > 0 && !reaped_) {
+      // A test may have stopped a rank (SIGSTOP): let them run to shut down.
+      if (server_pid_ > 0) kill(server_pid_, SIGCONT);
+      if (worker_pid_ > 0) kill(worker_pid_, SIGCONT);
       kill(server_pid_ > 0 ? server_pid_ : pid_, SIGTERM);
       if (wait_exit(20) < -1) {
         kill(pid_, SIGKILL);
@@ -126,6 +136,14 @@ class ServeProcess {
   int port() const { return port_; }
   pid_t pid() const { return pid_; }            // what was started (mpirun, or arbiter)
   pid_t server_pid() const { return server_pid_; }  // the arbiter process serving HTTP (rank 0)
+  // Under mpirun: the pid of rank 1, from the line it prints once its model is loaded; -1 when it
+  // prints none within a minute.
+  pid_t worker_pid() {
+    if (worker_pid_ > 0) return worker_pid_;
+    const std::smatch m = wait_for_output(std::regex("rank 1 of 2 running steps \\(pid ([0-9]+)\\)"), 60);
+    if (!m.empty()) worker_pid_ = std::stoi(m[1]);
+    return worker_pid_;
+  }
   std::string log() const {
     std::ifstream in(log_);
     return "\n--- server log ---\n" + std::string(std::istreambuf_iterator<char>(in), {});
@@ -152,6 +170,7 @@ class ServeProcess {
   int stdout_ = -1;
   int port_ = 0;
   pid_t server_pid_ = -1;
+  pid_t worker_pid_ = -1;
   bool reaped_ = false;
 };
 
