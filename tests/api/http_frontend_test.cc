@@ -65,9 +65,7 @@ class HttpFrontEnd : public ::testing::Test {
   static void SetUpTestSuite() {
     raise_descriptor_limit();
     tmp_ = std::make_unique<testing::TempDir>();
-    const auto r = testing::run_command(std::string(ARBITER_BINARY) + " make-model --preset tiny --seed 7 --tokenizer-dir " +
-                                        ARBITER_TOKENIZER_DIR + " --out " + model_dir());
-    ASSERT_EQ(r.status, 0) << r.output;
+    ASSERT_EQ(make_tiny_model(model_dir(), 7), "");
   }
   static void TearDownTestSuite() { tmp_.reset(); }
   static std::string model_dir() { return tmp_->file("model"); }

@@ -62,9 +62,7 @@ class RankFaults : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     tmp_ = std::make_unique<testing::TempDir>();
-    const auto r = testing::run_command(std::string(ARBITER_BINARY) + " make-model --preset tiny --seed 5 --tokenizer-dir " +
-                                        ARBITER_TOKENIZER_DIR + " --out " + tmp_->file("model"));
-    ASSERT_EQ(r.status, 0) << r.output;
+    ASSERT_EQ(make_tiny_model(tmp_->file("model"), 5), "");
   }
   static void TearDownTestSuite() { tmp_.reset(); }
   void SetUp() override {

@@ -31,6 +31,8 @@
 #include <thread>
 #include <vector>
 
+#include "tests/test_util.h"
+
 namespace arbiter {
 
 using nlohmann::json;
@@ -219,6 +221,22 @@ inline double metric(int port, const std::string& series) {
   for (std::string line; std::getline(in, line);)
     if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
   return -1;
+}
+
+// Four small policies the API tests register (a label set among them).
+inline const char* kPolicyTexts[4] = {
+    "# Spam\nSpam is unsolicited bulk advertising. Return exactly one character: 0 or 1.",
+    "# Hate\nContent that attacks people for protected traits violates. Return exactly one character: 0 or 1.",
+    "# Fraud\nPhishing and scams violate. Answer with a label: SAFE or FRAUD.",
+    "# Self-harm\nInstructions for self-harm violate. Return exactly one character: 0 or 1.",
+};
+
+// Writes a tiny random model (with the real tokenizer) to `dir` with `arbiter make-model`; the
+// command's output when it fails, "" when it worked.
+inline std::string make_tiny_model(const std::string& dir, int seed) {
+  const auto r = testing::run_command(std::string(ARBITER_BINARY) + " make-model --preset tiny --seed " + std::to_string(seed) +
+                                      " --tokenizer-dir " + ARBITER_TOKENIZER_DIR + " --out " + dir);
+  return r.status == 0 ? "" : "make-model failed: " + r.output;
 }
 
 // A TCP connection to 127.0.0.1:port; -1 when it cannot connect.

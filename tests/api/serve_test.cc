@@ -40,20 +40,11 @@
 namespace arbiter {
 namespace {
 
-const char* kPolicyTexts[4] = {
-    "# Spam\nSpam is unsolicited bulk advertising. Return exactly one character: 0 or 1.",
-    "# Hate\nContent that attacks people for protected traits violates. Return exactly one character: 0 or 1.",
-    "# Fraud\nPhishing and scams violate. Answer with a label: SAFE or FRAUD.",
-    "# Self-harm\nInstructions for self-harm violate. Return exactly one character: 0 or 1.",
-};
-
 class ApiServe : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     tmp_ = std::make_unique<testing::TempDir>();
-    const auto r = testing::run_command(std::string(ARBITER_BINARY) + " make-model --preset tiny --seed 5 --tokenizer-dir " +
-                                        ARBITER_TOKENIZER_DIR + " --out " + model_dir());
-    ASSERT_EQ(r.status, 0) << r.output;
+    ASSERT_EQ(make_tiny_model(model_dir(), 5), "");
   }
   static void TearDownTestSuite() { tmp_.reset(); }
   static std::string model_dir() { return tmp_->file("model"); }
