@@ -3,7 +3,7 @@
 # already present are skipped, so a second run costs a dpkg query and nothing else.
 set -euo pipefail
 packages=(
-  build-essential cmake ninja-build pkg-config
+  build-essential cmake ninja-build pkg-config ccache
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
   libprotobuf-dev protobuf-compiler
