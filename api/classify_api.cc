@@ -52,6 +52,7 @@ ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const Polic
   r.content = body.content();
   r.effort = effort_field(body.reasoning_effort(), limits.default_effort, "reasoning_effort");
   r.return_reasoning = !body.has_return_reasoning() || body.return_reasoning();
+  r.constrain = !body.has_constrain() || body.constrain();
   if (body.has_max_tokens()) {
     if (body.max_tokens() < 1) throw bad_request("'max_tokens' must be at least 1.", "max_tokens", "invalid_value");
     if (limits.max_context > 0 && body.max_tokens() >= limits.max_context)

@@ -48,6 +48,30 @@ void Backend::top_logprobs(const Tensor& logits, int k, const Tensor& ids, const
   upload(top_lp.data(), logprobs);
 }
 
+void Backend::token_logprobs(const Tensor& logits, std::span<const int32_t> rows, std::span<const int32_t> tokens,
+                             std::span<float> out) {
+  const int64_t n_rows = logits.rows(), vocab = logits.row_elements();
+  if (logits.dtype != DType::kF32) throw std::invalid_argument("token_logprobs: logits must be F32");
+  if (rows.size() != tokens.size() || out.size() != tokens.size())
+    throw std::invalid_argument("token_logprobs: rows, tokens and out differ in length");
+  // One download and one normalizer per distinct row (entries of a row usually come together).
+  std::vector<float> row;
+  int64_t loaded = -1;
+  double log_z = 0;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (rows[i] < 0 || rows[i] >= n_rows || tokens[i] < 0 || tokens[i] >= vocab)
+      throw std::invalid_argument("token_logprobs: entry (" + std::to_string(rows[i]) + ", " + std::to_string(tokens[i]) +
+                                  ") outside the logits");
+    if (rows[i] != loaded) {
+      row.resize(static_cast<size_t>(vocab));
+      download(logits.slice_rows(rows[i], 1), row.data());
+      log_z = cpu::ref::log_normalizer(row.data(), vocab);
+      loaded = rows[i];
+    }
+    out[i] = static_cast<float>(row[static_cast<size_t>(tokens[i])] - log_z);
+  }
+}
+
 void Backend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {
   for (const LinearTerm& t : terms) linear(x, t.weight, t.bias, t.out);
 }

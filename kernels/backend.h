@@ -189,6 +189,13 @@ class Backend {
   // the whole row (F32 [rows, k]). 1 <= k <= min(vocab, 64). The default downloads the logits and
   // computes on the host; backends override it to keep the logits on the device.
   virtual void top_logprobs(const Tensor& logits, int k, const Tensor& ids, const Tensor& logprobs);
+  // Log-probabilities of chosen entries of logits [rows, vocab] (F32) under each row's softmax:
+  // out[i] = logits[rows[i], tokens[i]] - logsumexp(logits[rows[i]]), computed like top_logprobs'
+  // values. For constrained sampling, where the allowed tokens need not be among the top k.
+  // Synchronous: `out` is host memory, filled on return (few entries; the host samples from them).
+  // The default downloads only the rows it needs and computes on the host.
+  virtual void token_logprobs(const Tensor& logits, std::span<const int32_t> rows, std::span<const int32_t> tokens,
+                              std::span<float> out);
 
   // --- optional: recorded steps (device backends; the defaults just run the step) ---
   // Runs `body`, which enqueues one forward step's operations on `step` and nothing else (no host

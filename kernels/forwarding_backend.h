@@ -76,6 +76,10 @@ class ForwardingBackend : public Backend {
   void top_logprobs(const Tensor& l, int k, const Tensor& ids, const Tensor& lp) override {
     inner_.top_logprobs(l, k, ids, lp);
   }
+  void token_logprobs(const Tensor& l, std::span<const int32_t> rows, std::span<const int32_t> tokens,
+                      std::span<float> out) override {
+    inner_.token_logprobs(l, rows, tokens, out);
+  }
 
  protected:
   Backend& inner() const { return inner_; }

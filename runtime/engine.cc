@@ -88,6 +88,9 @@ PlannedStep plan_step(const Model& model, const proto::StepPlan& plan, int num_b
     if (!(temperature >= 0) || !std::isfinite(temperature))
       reject(work, "temperature " + std::to_string(temperature) + " is not a finite number >= 0");
     if (!(top_p >= 0 && top_p <= 1)) reject(work, "top_p " + std::to_string(top_p) + " outside [0, 1]");
+    for (int32_t t : work.allowed_tokens())
+      if (t < 0 || t >= vocab)
+        reject(work, "allowed token id " + std::to_string(t) + " outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
 
     SequenceStep seq;
     seq.first_row = static_cast<int32_t>(rows);
@@ -213,20 +216,59 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
   }
   result.set_forward_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 
+  // Constrained rows: the unmasked log-probabilities of every allowed token, fetched for the whole
+  // step at once (the allowed lists are short; nothing else leaves the device).
+  std::vector<int32_t> masked_rows, masked_tokens;
+  std::vector<size_t> masked_begin(step.sampled.size() + 1, 0);
+  for (size_t i = 0; i < step.sampled.size(); ++i) {
+    masked_begin[i] = masked_tokens.size();
+    std::vector<int32_t> allowed(step.sampled[i]->allowed_tokens().begin(), step.sampled[i]->allowed_tokens().end());
+    std::sort(allowed.begin(), allowed.end());
+    allowed.erase(std::unique(allowed.begin(), allowed.end()), allowed.end());
+    masked_tokens.insert(masked_tokens.end(), allowed.begin(), allowed.end());
+    masked_rows.insert(masked_rows.end(), allowed.size(), static_cast<int32_t>(i));
+  }
+  masked_begin[step.sampled.size()] = masked_tokens.size();
+  const std::vector<float> masked_logprobs = model_.step_logprobs(masked_rows, masked_tokens);
+
   for (size_t i = 0; i < step.sampled.size(); ++i) {
     const proto::SequenceWork& work = *step.sampled[i];
     const int32_t* ids = top.ids.data() + i * static_cast<size_t>(k);
     const float* logprobs = top.logprobs.data() + i * static_cast<size_t>(k);
     const int64_t position = static_cast<int64_t>(work.num_cached()) + work.tokens_size();
-    const int32_t token = sample_token(work.sampling(), position, ids, logprobs, k);
     proto::SampledToken* out = result.add_samples();
     out->set_sequence_id(work.sequence_id());
-    out->set_token(token);
-    for (int j = 0; j < k; ++j)
-      if (ids[j] == token) {
-        out->set_logprob(logprobs[j]);
-        break;
+    if (masked_begin[i] < masked_begin[i + 1]) {
+      // The mask: only the allowed tokens are candidates, ordered as top_logprobs orders (largest
+      // first, lowest id on ties), so greedy takes the most likely allowed token and temperature /
+      // top-p sampling renormalizes over them with the same (seed, position) draw.
+      const size_t begin = masked_begin[i], count = masked_begin[i + 1] - begin;
+      std::vector<size_t> order(count);
+      for (size_t j = 0; j < count; ++j) order[j] = begin + j;
+      std::stable_sort(order.begin(), order.end(),
+                       [&](size_t a, size_t b) { return masked_logprobs[a] > masked_logprobs[b]; });
+      std::vector<int32_t> cand_ids(count);
+      std::vector<float> cand_lp(count);
+      for (size_t j = 0; j < count; ++j) {
+        cand_ids[j] = masked_tokens[order[j]];
+        cand_lp[j] = masked_logprobs[order[j]];
       }
+      const int32_t token = sample_token(work.sampling(), position, cand_ids.data(), cand_lp.data(), static_cast<int>(count));
+      out->set_token(token);
+      for (size_t j = 0; j < count; ++j)
+        if (cand_ids[j] == token) {
+          out->set_logprob(cand_lp[j]);
+          break;
+        }
+    } else {
+      const int32_t token = sample_token(work.sampling(), position, ids, logprobs, k);
+      out->set_token(token);
+      for (int j = 0; j < k; ++j)
+        if (ids[j] == token) {
+          out->set_logprob(logprobs[j]);
+          break;
+        }
+    }
     for (int j = 0; j < std::min(work.top_logprobs(), k); ++j) {
       proto::TokenLogprob* alt = out->add_top();
       alt->set_token(ids[j]);

@@ -1,5 +1,6 @@
 #include "runtime/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <numbers>
@@ -249,6 +250,16 @@ std::vector<int32_t> Model::forward_argmax(const StepLayout& layout) {
   backend_.argmax(logits_.slice_rows(0, n), argmax_.slice_rows(0, n));
   backend_.download(argmax_.slice_rows(0, n), host.data());
   return host;
+}
+
+std::vector<float> Model::step_logprobs(std::span<const int32_t> rows, std::span<const int32_t> tokens) {
+  std::vector<float> out(tokens.size());
+  if (tokens.empty()) return out;
+  int32_t last = 0;
+  for (const int32_t r : rows) last = std::max(last, r);
+  if (last >= options_.max_logit_rows) throw std::invalid_argument("step_logprobs: row outside the step's logit rows");
+  backend_.token_logprobs(logits_.slice_rows(0, int64_t{last} + 1), rows, tokens, out);
+  return out;
 }
 
 TopLogprobs Model::forward_top(const StepLayout& layout, int k) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -56,6 +57,10 @@ class Model {
   // Same, but returns the top k (1..kMaxTopLogprobs) tokens of each requested row with their
   // log-probabilities (ids[r * k] is the argmax). Only these leave the device.
   TopLogprobs forward_top(const StepLayout& layout, int k);
+  // After a forward step: the log-probabilities of tokens[i] in requested logit row rows[i] (index
+  // into that step's logit_rows) under the row's whole softmax (Backend::token_logprobs). For
+  // constrained sampling, whose allowed tokens need not be among the top k. Local to this rank.
+  std::vector<float> step_logprobs(std::span<const int32_t> rows, std::span<const int32_t> tokens);
   // Expert parallelism: this rank has no (more) steps of its own; takes part in the other ranks'
   // steps with zero tokens until no rank has steps left. A no-op on a single rank.
   void serve_peers();

@@ -809,6 +809,13 @@ std::optional<std::string_view> Tokenizer::token_bytes(int32_t id) const {
   return std::string_view(impl_->arena).substr(off, impl_->offsets[id + 1] - off);
 }
 
+std::optional<int32_t> Tokenizer::token_of_bytes(std::string_view bytes) const {
+  if (bytes.empty()) return std::nullopt;
+  const uint32_t r = impl_->rank_of(bytes.data(), bytes.size());
+  if (r == kNoRank) return std::nullopt;
+  return static_cast<int32_t>(r);
+}
+
 std::string Tokenizer::decode(std::span<const int32_t> ids) const {
   std::string out;
   for (const int32_t id : ids) {

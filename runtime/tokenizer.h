@@ -114,6 +114,9 @@ class Tokenizer {
   std::string decode(std::span<const int32_t> ids) const;
   // Bytes of one token; nullopt when the id is not in the vocabulary.
   std::optional<std::string_view> token_bytes(int32_t id) const;
+  // The ordinary (BPE) token whose bytes are exactly `bytes`; nullopt when there is none (special
+  // tokens are never returned).
+  std::optional<int32_t> token_of_bytes(std::string_view bytes) const;
 
   std::optional<int32_t> special_id(std::string_view name) const;
   bool is_special(int32_t id) const;

@@ -444,12 +444,12 @@ ClassifyPrompts Classifier::prepare(const ClassifyRequest& request) const {
   }
   out.content_tokens = static_cast<int>(content.size());
   out.sequences.reserve(request.policies.size());
-  for (auto& prefix : prefixes) {
-    std::vector<int32_t> prompt = std::move(prefix);
+  for (size_t i = 0; i < prefixes.size(); ++i) {
+    std::vector<int32_t> prompt = std::move(prefixes[i]);
     prompt.reserve(prompt.size() + content.size() + prompt_suffix_.size());
     prompt.insert(prompt.end(), content.begin(), content.end());
     prompt.insert(prompt.end(), prompt_suffix_.begin(), prompt_suffix_.end());
-    out.sequences.push_back(make_sequence(std::move(prompt), request));
+    out.sequences.push_back(make_sequence(std::move(prompt), request, request.policies[i]));
   }
   return out;
 }
@@ -463,18 +463,35 @@ std::vector<int32_t> Classifier::render(const ClassifyPolicy& policy, const std:
   return ids;
 }
 
-SequenceSpec Classifier::make_sequence(std::vector<int32_t> prompt, const ClassifyRequest& request) const {
+SequenceSpec Classifier::make_sequence(std::vector<int32_t> prompt, const ClassifyRequest& request,
+                                       const ClassifyPolicy& policy) const {
   SequenceSpec s;
   s.prompt = std::move(prompt);
   s.max_reasoning_tokens = options_.budgets.for_effort(request.effort);
   s.close_reasoning = close_reasoning_;
   s.top_logprobs = options_.top_logprobs;
   s.max_new_tokens = generation_tokens(request.effort, request.max_tokens);
+  if (request.constrain) s.final_grammar = final_grammar(policy);
   return s;
 }
 
 SequenceSpec Classifier::sequence(const ClassifyRequest& request, const ClassifyPolicy& policy) const {
-  return make_sequence(render(policy, request.content, request.effort), request);
+  return make_sequence(render(policy, request.content, request.effort), request, policy);
+}
+
+std::shared_ptr<const VerdictGrammar> Classifier::final_grammar(const ClassifyPolicy& policy) const {
+  {
+    const std::lock_guard<std::mutex> lock(grammar_mutex_);
+    const auto it = grammars_.find(policy.labels);
+    if (it != grammars_.end()) return it->second;
+  }
+  std::vector<std::string> answers = verdict_answers(policy.labels);
+  std::shared_ptr<const VerdictGrammar> grammar;
+  if (!answers.empty()) grammar = std::make_shared<const VerdictGrammar>(tokenizer_, std::move(answers));
+  const std::lock_guard<std::mutex> lock(grammar_mutex_);
+  if (grammars_.size() >= kMaxCachedPrefixes) grammars_.clear();  // many distinct label sets: start over
+  grammars_.emplace(policy.labels, grammar);
+  return grammar;
 }
 
 SubmitStatus Classifier::submit(const ClassifyRequest& request, std::function<void(ClassifyResult)> done,

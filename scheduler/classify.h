@@ -18,6 +18,7 @@
 #include "runtime/harmony.h"
 #include "runtime/safeguard.h"
 #include "runtime/tokenizer.h"
+#include "runtime/verdict_grammar.h"
 #include "scheduler/scheduler.h"
 
 namespace arbiter {
@@ -52,6 +53,10 @@ struct ClassifyRequest {
   // Optional: polled while the prompts are rendered (Classifier::prepare); true stops the work
   // (the client is gone).
   std::function<bool()> cancelled;
+  // Constrained final answers (Classifier::final_grammar): each policy's final-channel content is
+  // decoded under a mask that admits only well-formed answers of its format, so a generation that
+  // finishes normally always has a verdict. false: the model answers freely.
+  bool constrain = true;
 };
 
 // Token counts of one policy's sequence (or their sums over a request).
@@ -193,6 +198,11 @@ class Classifier {
   const std::vector<int32_t>& close_reasoning() const { return close_reasoning_; }
   // The sequence one policy of `request` runs as.
   SequenceSpec sequence(const ClassifyRequest& request, const ClassifyPolicy& policy) const;
+  // The grammar a policy's final answer is decoded under: its labels (each, or after one space)
+  // when it declares any, else "0" / "1" / the minimal JSON verdict {"violation": 0|1} (the two
+  // readings Classifier::interpret gives an answer without labels); runtime/verdict_grammar.h.
+  // Null when no label could ever be matched. Built once per label set and kept (a bounded cache).
+  std::shared_ptr<const VerdictGrammar> final_grammar(const ClassifyPolicy& policy) const;
 
   // Submits the request; `done` is called once (from the step-loop thread) with the result. Returns
   // the scheduler's verdict on admission (`done` is not called unless kAccepted); prompts that
@@ -217,7 +227,7 @@ class Classifier {
 
  private:
   std::vector<int32_t> cached_prefix(const std::string& policy_text, ReasoningEffort effort) const;
-  SequenceSpec make_sequence(std::vector<int32_t> prompt, const ClassifyRequest& request) const;
+  SequenceSpec make_sequence(std::vector<int32_t> prompt, const ClassifyRequest& request, const ClassifyPolicy& policy) const;
 
   const Tokenizer& tokenizer_;
   Scheduler& scheduler_;
@@ -230,6 +240,8 @@ class Classifier {
   std::vector<int32_t> prefix_tail_;
   mutable std::mutex prefix_mutex_;
   mutable std::map<std::pair<int, std::string>, std::vector<int32_t>> prefixes_;  // (effort, policy)
+  mutable std::mutex grammar_mutex_;
+  mutable std::map<std::vector<std::string>, std::shared_ptr<const VerdictGrammar>> grammars_;  // by labels
 };
 
 }  // namespace arbiter

@@ -81,6 +81,9 @@ struct Sequence {
   SequenceResult result;
   bool seen_end = false;                  // an <|end|> was generated (the analysis message closed)
   bool reasoning_closed = false;          // the reasoning budget forced the closing tokens
+  // The constrained final answer (spec.final_grammar): follows every generated token and gives the
+  // allowed ids of the next one once the final content begins.
+  std::optional<FinalAnswerTracker> final_answer;
   bool ever_placed = false;
   bool finished = false;
 
@@ -265,6 +268,7 @@ struct Scheduler::State {
 
   void push_token(Sequence& s, GeneratedToken token, Events& events) {
     s.tokens.push_back(token.token);
+    if (s.final_answer) s.final_answer->push(token.token);
     s.result.tokens.push_back(token);
     if (s.request && s.request->on_token)
       events.push_back([r = s.request, index = s.index, token = std::move(token)] { r->on_token(index, token); });
@@ -581,6 +585,10 @@ struct Scheduler::State {
         if (s->planned_sample) {
           *work->mutable_sampling() = s->spec.sampling;
           work->set_top_logprobs(s->spec.top_logprobs);
+          if (s->final_answer && s->final_answer->active()) {
+            const auto allowed = s->final_answer->allowed();
+            work->mutable_allowed_tokens()->Add(allowed.begin(), allowed.end());
+          }
         }
         step_tokens += s->planned_tokens;
       }
@@ -678,6 +686,7 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
     seq->request = state;
     seq->index = static_cast<int>(i);
     seq->spec = std::move(request.sequences[i]);
+    if (seq->spec.final_grammar) seq->final_answer.emplace(seq->spec.final_grammar);
     seq->tokens = seq->spec.prompt;
     seq->prompt_len = static_cast<int>(seq->tokens.size());
     state->sequence_ids.push_back(seq->id);

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "runtime/step_plan.pb.h"
+#include "runtime/verdict_grammar.h"
 
 namespace arbiter {
 
@@ -54,6 +55,13 @@ struct SequenceSpec {
   proto::Sampling sampling;   // default: greedy
   int top_logprobs = 0;       // alternatives reported per generated token (0..20)
   std::vector<int32_t> stop_tokens = {kTokenReturn, kTokenCall, kTokenEndOfText};
+  // Optional: a constrained final answer. Once the generation enters the final channel's content
+  // (after `<|channel|>final ...<|message|>`, sampled or forced), every token the scheduler asks a
+  // rank to sample carries the grammar's allowed ids for that position (SequenceWork.allowed_tokens),
+  // so the answer is one of the grammar's and ends with its stop token. The analysis channel and
+  // everything before the final content stay free. The prompt must end with `<|start|>assistant`
+  // (the generation begins in the assistant message's header). Null: never constrained.
+  std::shared_ptr<const VerdictGrammar> final_grammar;
 };
 
 struct GeneratedToken {

@@ -91,22 +91,26 @@ void topk_softmax(const float* logits, int64_t n, int k, int32_t* ids, float* we
   for (int j = 0; j < k; ++j) weights[j] /= sum;
 }
 
+double log_normalizer(const float* logits, int64_t n) {
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logits[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+  return static_cast<double>(max_logit) + std::log(sum);
+}
+
 void top_logprobs(const float* logits, int64_t n, int k, int32_t* ids, float* logprobs) {
   // Selection by a small sorted list: k is at most 64, so one pass with insertion is cheap.
   std::vector<std::pair<float, int32_t>> best;
   best.reserve(static_cast<size_t>(k) + 1);
-  float max_logit = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) {
     const float v = logits[i];
-    max_logit = std::max(max_logit, v);
     if (static_cast<int>(best.size()) == k && !(v > best.back().first)) continue;
     auto at = std::find_if(best.begin(), best.end(), [v](const auto& e) { return v > e.first; });
     best.insert(at, {v, static_cast<int32_t>(i)});
     if (static_cast<int>(best.size()) > k) best.pop_back();
   }
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
-  const double log_z = static_cast<double>(max_logit) + std::log(sum);
+  const double log_z = log_normalizer(logits, n);
   for (int j = 0; j < k; ++j) {
     const bool have = j < static_cast<int>(best.size());
     ids[j] = have ? best[static_cast<size_t>(j)].second : -1;

@@ -26,5 +26,8 @@ void topk_softmax(const float* logits, int64_t n, int k, int32_t* ids, float* we
 // The k largest of logits[0..n) (largest first, lowest id first on ties) and their log-probabilities
 // under the softmax of all n (computed in double).
 void top_logprobs(const float* logits, int64_t n, int k, int32_t* ids, float* logprobs);
+// log(sum_i exp(logits[i])), as top_logprobs computes it (max in float, the sum in double), so that
+// logits[i] - log_normalizer gives top_logprobs' values bit for bit.
+double log_normalizer(const float* logits, int64_t n);
 
 }  // namespace arbiter::cpu::ref

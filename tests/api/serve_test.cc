@@ -193,6 +193,51 @@ TEST_F(ApiServe, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
 }
 
 // Raw HTTP on a socket we control (to hang up mid-request).
+// Constrained final answers: whatever the tiny random model reasons, every policy that finishes
+// normally answers in its format (never a null verdict); the mask can be switched off per request.
+TEST_F(ApiServe, ConstrainedAnswersHaveAVerdictWheneverTheGenerationFinishes) {
+  ServeProcess server({"--model", model_dir(), "--port", "0", "--device", "cpu", "--request-timeout", "120",
+                       "--reasoning-budget", "8,16,32", "--answer-tokens", "32"},
+                      file("constrain.log"));
+  const int port = server.port();
+  ASSERT_TRUE(wait_ready(port, 60)) << server.log();
+  const json policies = {{{"id", "binary"}, {"text", kPolicyTexts[0]}},
+                         {{"id", "labels"}, {"text", kPolicyTexts[1]}, {"labels", {"SAFE", "FRAUD"}}, {"violating_labels", {"FRAUD"}}},
+                         {{"id", "codes"}, {"text", kPolicyTexts[2]}, {"labels", {"SP0", "SP2", "spam", "spam-bot"}}}};
+  int stopped = 0;
+  for (const std::string effort : {"low", "medium", "high"})
+    for (const std::string content : {"win a free cruise", "meeting at noon", "cheap watches here", "hello friend"}) {
+      const Reply r = call(port, "POST", "/v1/classify",
+                           json{{"content", content}, {"policies", policies}, {"reasoning_effort", effort}}.dump());
+      ASSERT_EQ(r.status, 200) << r.raw;
+      for (const json& result : r.body["results"]) {
+        if (result["finish_reason"] != "stop") continue;
+        ++stopped;
+        EXPECT_FALSE(result["verdict"].is_null()) << r.raw;
+        EXPECT_FALSE(result.contains("verdict_error")) << r.raw;
+        if (result["policy_id"] == "binary") {
+          EXPECT_TRUE(result["verdict"] == 0 || result["verdict"] == 1) << r.raw;
+        }
+        if (result["policy_id"] == "labels") {
+          EXPECT_TRUE(result["verdict"] == "SAFE" || result["verdict"] == "FRAUD") << r.raw;
+        }
+      }
+    }
+  EXPECT_GE(stopped, 30) << "most of the 36 generations must finish normally";
+  // Off per request: the same model answers freely, and malformed answers are null verdicts again.
+  int free_null = 0;
+  for (const std::string content : {"win a free cruise", "meeting at noon", "cheap watches here", "hello friend"}) {
+    const Reply r = call(port, "POST", "/v1/classify",
+                         json{{"content", content}, {"policies", policies}, {"reasoning_effort", "low"}, {"constrain", false}}.dump());
+    ASSERT_EQ(r.status, 200) << r.raw;
+    for (const json& result : r.body["results"]) free_null += result["verdict"].is_null() ? 1 : 0;
+  }
+  EXPECT_GT(free_null, 0) << "the random model answers malformed without the mask";
+  // A non-boolean is refused.
+  Reply r = call(port, "POST", "/v1/classify", json{{"content", "hello"}, {"policies", policies}, {"constrain", "yes"}}.dump());
+  EXPECT_EQ(r.status, 400) << r.raw;
+}
+
 TEST_F(ApiServe, CommandLine) {
   const auto help = testing::run_command(std::string(ARBITER_BINARY) + " serve --help");
   EXPECT_EQ(help.status, 0) << help.output;
