@@ -1,5 +1,6 @@
 #include "kernels/backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -7,6 +8,7 @@
 
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/reference.h"
+#include "kernels/moe_pack.h"
 #if ARBITER_WITH_CUDA
 #include "kernels/cuda/cuda_backend.h"
 #endif
@@ -134,6 +136,99 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
   }
   if (device == "auto") return make_backend(cuda_available() ? "cuda" : "cpu");
   throw std::runtime_error("unknown device '" + device + "' (expected auto, cpu, cuda or cuda:N)");
+}
+
+}  // namespace arbiter
+
+namespace arbiter {
+
+namespace {
+
+void check_moe_pack_args(const Tensor& x, const Tensor& ids, const Tensor& w, const Tensor& owner, const Tensor& local,
+                         const Backend::MoeSendBuffers& send, std::span<int64_t> rows_per_rank, const Tensor& load) {
+  const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+  const int64_t k = rows > 0 ? ids.row_elements() : 0, ranks = static_cast<int64_t>(rows_per_rank.size());
+  auto fail = [](const std::string& what) { throw std::invalid_argument("moe_dispatch_pack: " + what); };
+  if (ids.dtype != DType::kI32 || w.dtype != DType::kF32 || owner.dtype != DType::kI32 || local.dtype != DType::kI32 ||
+      send.ids.dtype != DType::kI32 || send.weights.dtype != DType::kF32 || send.slots.dtype != DType::kI32 ||
+      send.x.dtype != x.dtype)
+    fail("dtypes (ids, owner, local, slots I32; weights F32; send.x as x)");
+  if (ranks <= 0) fail("no ranks");
+  if (rows > 0 && (ids.rows() != rows || w.rows() != rows || w.row_elements() != k)) fail("ids / weights do not match x");
+  if (owner.elements() != local.elements()) fail("owner and local maps differ in length");
+  if (rows == 0) return;
+  if (send.slots.rows() < rows || send.slots.row_elements() != ranks) fail("slots must be [rows, ranks]");
+  const int64_t most = rows * std::min<int64_t>(ranks, k);
+  if ((send.x.rows() < most || send.x.row_elements() != x.row_elements() || send.ids.rows() < most ||
+                   send.weights.rows() < most || send.ids.row_elements() != k || send.weights.row_elements() != k))
+    fail("send buffers need room for rows * min(ranks, k) = " + std::to_string(most) + " rows");
+  if (load.data && (load.dtype != DType::kI32 || load.elements() != owner.elements()))
+    fail("expert_load must be I32 [experts]");
+}
+
+}  // namespace
+
+void Backend::moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                                const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,
+                                std::span<int64_t> rows_per_rank, const Tensor& expert_load) {
+  check_moe_pack_args(x, expert_ids, expert_weights, expert_owner, expert_local, send, rows_per_rank, expert_load);
+  const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+  if (rows == 0) {
+    std::fill(rows_per_rank.begin(), rows_per_rank.end(), int64_t{0});
+    return;
+  }
+  const int k = static_cast<int>(expert_ids.row_elements()), ranks = static_cast<int>(rows_per_rank.size());
+  const int experts = static_cast<int>(expert_owner.elements());
+  std::vector<int32_t> ids(static_cast<size_t>(rows * k)), owner(static_cast<size_t>(experts)),
+      local(static_cast<size_t>(experts)), slots(static_cast<size_t>(rows * ranks)), load;
+  std::vector<float> w(ids.size());
+  download(expert_ids.slice_rows(0, rows), ids.data());
+  download(expert_weights.slice_rows(0, rows), w.data());
+  download(expert_owner, owner.data());
+  download(expert_local, local.data());
+  if (expert_load.data) {
+    load.resize(static_cast<size_t>(experts));
+    download(expert_load, load.data());
+  }
+  const int64_t most = rows * std::min(ranks, k);
+  std::vector<int32_t> send_ids(static_cast<size_t>(most * k));
+  std::vector<float> send_w(send_ids.size());
+  moe_pack::plan(ids.data(), w.data(), rows, k, owner.data(), local.data(), experts, ranks, slots.data(),
+                 send_ids.data(), send_w.data(), rows_per_rank.data(), load.empty() ? nullptr : load.data());
+  int64_t sent = 0;
+  for (int64_t c : rows_per_rank) sent += c;
+  const size_t row_bytes = static_cast<size_t>(x.row_elements()) * dtype_size(x.dtype);
+  std::vector<uint8_t> hx(static_cast<size_t>(rows) * row_bytes), sx(static_cast<size_t>(sent) * row_bytes);
+  download(x.slice_rows(0, rows), hx.data());
+  moe_pack::copy_rows(hx.data(), row_bytes, slots.data(), ranks, 0, rows, sx.data());
+  upload(slots.data(), send.slots.slice_rows(0, rows));
+  if (sent > 0) {
+    upload(sx.data(), send.x.slice_rows(0, sent));
+    upload(send_ids.data(), send.ids.slice_rows(0, sent));
+    upload(send_w.data(), send.weights.slice_rows(0, sent));
+  }
+  if (!load.empty()) upload(load.data(), expert_load);
+}
+
+void Backend::moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) {
+  const int64_t rows = out.shape.rank == 0 ? 0 : out.rows();
+  if (rows == 0) return;
+  const int ranks = static_cast<int>(slots.row_elements());
+  const int64_t hidden = out.row_elements();
+  if (slots.dtype != DType::kI32 || slots.rows() < rows || back.dtype != out.dtype ||
+      (back.rows() > 0 && back.row_elements() != hidden))
+    throw std::invalid_argument("moe_combine: slots must be I32 [rows, ranks], back and out of one dtype and width");
+  std::vector<int32_t> hs(static_cast<size_t>(rows * ranks));
+  download(slots.slice_rows(0, rows), hs.data());
+  int64_t sent = 0;
+  for (int32_t s : hs) sent = std::max<int64_t>(sent, s + 1);
+  if (sent > back.rows()) throw std::invalid_argument("moe_combine: a slot lies past the rows of back");
+  const size_t row_bytes = static_cast<size_t>(hidden) * dtype_size(out.dtype);
+  std::vector<uint8_t> hb(static_cast<size_t>(sent) * row_bytes), ho(static_cast<size_t>(rows) * row_bytes);
+  if (sent > 0) download(back.slice_rows(0, sent), hb.data());
+  std::vector<float> scratch(static_cast<size_t>(hidden));
+  moe_pack::sum_rows(hb.data(), out.dtype, hidden, hs.data(), ranks, 0, rows, ho.data(), scratch.data());
+  upload(ho.data(), out.slice_rows(0, rows));
 }
 
 }  // namespace arbiter

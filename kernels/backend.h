@@ -197,6 +197,39 @@ class Backend {
   virtual void token_logprobs(const Tensor& logits, std::span<const int32_t> rows, std::span<const int32_t> tokens,
                               std::span<float> out);
 
+  // --- expert-parallel dispatch and combine (parallel/moe_dispatch.h runs them around its exchanges) ---
+  // Whether tensors of this backend are host memory that a communicator may read and write directly
+  // (the CPU backend). Device backends return false; their buffers go to a transport that takes device
+  // buffers (NCCL) or are staged through the host. Default: false.
+  virtual bool host_memory() const { return false; }
+  // The backend's native stream (cudaStream_t for CUDA), on which a device transport enqueues its
+  // exchanges so they are ordered with the operations around them; nullptr when there is none.
+  virtual void* native_stream() { return nullptr; }
+  // Dispatch, sender side. x [rows, hidden] (activation dtype), expert_ids / expert_weights
+  // [rows, k] from router_topk (global ids; negative ids are skipped). expert_owner / expert_local
+  // (I32 [experts]): the rank holding each global expert and its index among that rank's experts.
+  // Every token's row goes once to each rank that owns at least one of its experts. Writes, grouped
+  // by destination rank (rank 0's rows first) and in token order within a destination:
+  //   send.x [>= sent rows, hidden]: the rows; send.ids [.., k]: the destination's local ids of the
+  //   token's experts (-1 for experts held elsewhere); send.weights [.., k]: the token's router weights;
+  //   send.slots (I32 [rows, ranks]): per token and rank, its row in send.x (-1: not sent there);
+  //   rows_per_rank[d] (host, one per rank): rows sent to rank d, the only thing the host sees.
+  // expert_load (I32 [experts], optional: data may be null): += the tokens routed to each expert.
+  // send.x needs room for rows * min(ranks, k) rows at most. The default downloads the inputs, packs on
+  // the host and uploads the result; backends override it to pack where the data lives.
+  struct MoeSendBuffers {
+    Tensor x, ids, weights, slots;
+  };
+  virtual void moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                                 const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,
+                                 std::span<int64_t> rows_per_rank, const Tensor& expert_load);
+  // Combine, sender side: out[t] = the sum over ranks d in rank order of back[slots[t, d]] for
+  // slots[t, d] >= 0 (zeros when the token went nowhere), accumulated in fp32 from zero. back
+  // [sent rows, hidden] holds, in the order of send.x, the owners' results (already weighted by the
+  // router weights in their moe_experts). The order of additions is the host path's (MoeExchange),
+  // so the results are its bits. The default runs on the host between a download and an upload.
+  virtual void moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out);
+
   // --- optional: recorded steps (device backends; the defaults just run the step) ---
   // Runs `body`, which enqueues one forward step's operations on `step` and nothing else (no host
   // synchronization, no communication). A device backend may record those operations for a step

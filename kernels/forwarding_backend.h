@@ -68,6 +68,15 @@ class ForwardingBackend : public Backend {
                    const Tensor& o) override {
     inner_.moe_experts(x, ids, w, ex, limit, o);
   }
+  bool host_memory() const override { return inner_.host_memory(); }
+  void* native_stream() override { return inner_.native_stream(); }
+  void moe_dispatch_pack(const Tensor& x, const Tensor& ids, const Tensor& w, const Tensor& owner, const Tensor& local,
+                         const MoeSendBuffers& send, std::span<int64_t> rows_per_rank, const Tensor& load) override {
+    inner_.moe_dispatch_pack(x, ids, w, owner, local, send, rows_per_rank, load);
+  }
+  void moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) override {
+    inner_.moe_combine(back, slots, out);
+  }
   void add(const Tensor& x, const Tensor& y) override { inner_.add(x, y); }
   void gather_logit_rows(const Tensor& x, const StepContext& s, const Tensor& o) override {
     inner_.gather_logit_rows(x, s, o);

@@ -15,6 +15,14 @@ double default_comm_timeout() {
   return 300.0;
 }
 
+void Communicator::all_to_all_v_parts(std::span<const Part> parts) {
+  for (const Part& p : parts) all_to_all_v(p.send, p.send_counts, p.recv, p.recv_counts);
+}
+
+void Communicator::all_to_all_v_parts_device(std::span<const Part>, void*) {
+  throw std::logic_error("Communicator: the " + name() + " transport takes host buffers only");
+}
+
 std::vector<size_t> exchange_counts(Communicator& comm, std::span<const size_t> send_counts) {
   const size_t n = static_cast<size_t>(comm.size());
   if (send_counts.size() != n) throw std::invalid_argument("exchange_counts: one count per rank expected");

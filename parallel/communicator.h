@@ -3,7 +3,7 @@
 // and NcclComm (one GPU per process) implement it, so model code never knows which it has.
 //
 // Every operation is collective: all ranks call the same operations in the same order. Buffers are
-// host memory. A collective that cannot finish within the timeout (a peer died, hangs, or called a
+// host memory (except all_to_all_v_parts_device's). A collective that cannot finish within the timeout (a peer died, hangs, or called a
 // different collective) throws CommError instead of hanging; after a CommError the communicator is
 // unusable and the job should end (abort()).
 #pragma once
@@ -38,6 +38,22 @@ class Communicator {
   // Zero counts are fine (null buffers too when all counts are zero).
   virtual void all_to_all_v(const void* send, std::span<const size_t> send_counts, void* recv,
                             std::span<const size_t> recv_counts) = 0;
+  // Several all-to-all-v exchanges as one collective: each part is an all_to_all_v of its own
+  // buffers and counts (every rank passes the same number of parts). Transports do all parts in one
+  // round (one synchronization); the default calls all_to_all_v once per part.
+  struct Part {
+    const void* send = nullptr;
+    std::span<const size_t> send_counts;
+    void* recv = nullptr;
+    std::span<const size_t> recv_counts;
+  };
+  virtual void all_to_all_v_parts(std::span<const Part> parts);
+  // Whether all_to_all_v_parts_device takes device buffers (NCCL): then a device backend's buffers
+  // are exchanged where they are, with no host copies. Default: false (host buffers only).
+  virtual bool takes_device_buffers() const { return false; }
+  // all_to_all_v_parts on device buffers, enqueued on `stream` (the backend's native stream, or
+  // nullptr for the transport's own) and waited for against the timeout. Default: throws.
+  virtual void all_to_all_v_parts_device(std::span<const Part> parts, void* stream);
   // Every rank contributes `bytes` bytes; `recv` (size() * bytes) gets rank p's at p * bytes.
   virtual void all_gather(const void* send, size_t bytes, void* recv) = 0;
   // Copies `bytes` bytes of `data` on `root` into `data` on every rank.

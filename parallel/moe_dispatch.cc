@@ -1,6 +1,6 @@
 #include "parallel/moe_dispatch.h"
 
-#include <array>
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
@@ -162,32 +162,67 @@ void MoeExchange::combine(const void* expert_out, void* out) {
 
 namespace {
 
-// The four staging buffers (x, ids, weights, y) for `rows` received rows: dtype and columns.
-struct StagingShape {
+// One buffer the dispatcher allocates up front: dtype, rows (in units of max_step_rows) and columns.
+struct BufferShape {
   DType dtype;
+  int64_t rows;
   int64_t cols;
+  bool always = false;  // allocated whatever max_step_rows is (the expert maps)
 };
-std::array<StagingShape, 4> staging_shapes(int hidden, int top_k, DType act) {
-  return {{{act, hidden}, {DType::kI32, top_k}, {DType::kF32, top_k}, {act, hidden}}};
+// kHostStaged: x, ids, weights and y for rows from every rank. kBackendOps: the owner and local
+// maps; the send side (x, ids, weights) for rows * min(ranks, k) rows and the slots [rows, ranks];
+// the receive side (x, ids, weights, y) for rows from every rank.
+std::vector<BufferShape> buffer_shapes(MoeDispatcher::Path path, int ranks, int64_t max_rows, int hidden, int top_k,
+                                       DType act, int experts) {
+  const int64_t recv = max_rows * ranks;
+  if (path == MoeDispatcher::Path::kHostStaged)
+    return {{act, recv, hidden}, {DType::kI32, recv, top_k}, {DType::kF32, recv, top_k}, {act, recv, hidden}};
+  const int64_t send = max_rows * std::min(ranks, top_k);
+  return {{DType::kI32, 1, experts, true}, {DType::kI32, 1, experts, true}, {act, send, hidden},
+          {DType::kI32, send, top_k},   {DType::kF32, send, top_k},  {DType::kI32, max_rows, ranks},
+          {act, recv, hidden},          {DType::kI32, recv, top_k},  {DType::kF32, recv, top_k},
+          {act, recv, hidden}};
 }
 
 }  // namespace
 
 MoeDispatcher::MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k,
-                             int64_t max_step_rows)
-    : exchange_(comm, std::move(placement), top_k, hidden, backend.activation_dtype()), backend_(backend) {
+                             int64_t max_step_rows, Path path)
+    : exchange_(comm, std::move(placement), top_k, hidden, backend.activation_dtype()), backend_(backend), path_(path) {
+  const int n = comm.size();
+  const ExpertPlacement& pl = exchange_.placement();
+  const int experts = pl.num_experts();
+  if (path == Path::kBackendOps) {
+    std::vector<int32_t> owner(static_cast<size_t>(experts)), local(static_cast<size_t>(experts));
+    for (int e = 0; e < experts; ++e) {
+      owner[static_cast<size_t>(e)] = pl.owner(e);
+      local[static_cast<size_t>(e)] = pl.local_index(e);
+    }
+    backend_.upload(owner.data(), staging(owner_, DType::kI32, 1, experts));
+    backend_.upload(local.data(), staging(local_, DType::kI32, 1, experts));
+    sent_rows_.resize(static_cast<size_t>(n));
+    send_rows_.resize(static_cast<size_t>(n));
+    recv_rows_.resize(static_cast<size_t>(n));
+  }
   if (max_step_rows <= 0) return;
-  const int64_t rows = max_step_rows * comm.size();
-  const auto shapes = staging_shapes(hidden, top_k, backend.activation_dtype());
-  DeviceBuffer* buffers[] = {&d_x_, &d_ids_, &d_w_, &d_y_};
-  for (size_t i = 0; i < shapes.size(); ++i) staging(*buffers[i], shapes[i].dtype, rows, shapes[i].cols);
+  const auto shapes = buffer_shapes(path, n, max_step_rows, hidden, top_k, backend.activation_dtype(), experts);
+  if (path == Path::kHostStaged) {
+    DeviceBuffer* buffers[] = {&d_x_, &d_ids_, &d_w_, &d_y_};
+    for (size_t i = 0; i < shapes.size(); ++i) staging(*buffers[i], shapes[i].dtype, shapes[i].rows, shapes[i].cols);
+  } else {
+    DeviceBuffer* buffers[] = {&s_x_, &s_ids_, &s_w_, &slots_, &r_x_, &r_ids_, &r_w_, &r_y_};
+    for (size_t i = 2; i < shapes.size(); ++i)
+      staging(*buffers[i - 2], shapes[i].dtype, shapes[i].rows, shapes[i].cols);
+  }
 }
 
-size_t MoeDispatcher::reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType act) {
-  if (max_step_rows <= 0) return 0;
+size_t MoeDispatcher::reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType act, int experts,
+                                    Path path) {
   size_t total = 0;
-  for (const StagingShape& s : staging_shapes(hidden, top_k, act))
-    total += device_arena_bytes(static_cast<size_t>(max_step_rows * ranks * s.cols) * dtype_size(s.dtype));
+  for (const BufferShape& s : buffer_shapes(path, ranks, std::max<int64_t>(max_step_rows, 0), hidden, top_k, act, experts)) {
+    if (max_step_rows <= 0 && !s.always) continue;  // grown on demand
+    total += device_arena_bytes(static_cast<size_t>(s.rows * s.cols) * dtype_size(s.dtype));
+  }
   return total;
 }
 
@@ -197,17 +232,27 @@ Tensor MoeDispatcher::staging(DeviceBuffer& buffer, DType dtype, int64_t rows, i
   return buffer.view(dtype, {rows, cols});
 }
 
+MoeExchange::Traffic MoeDispatcher::traffic() const {
+  return path_ == Path::kHostStaged ? exchange_.traffic() : traffic_;
+}
+
 void MoeDispatcher::moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
                         const ExpertWeights& local, float swiglu_limit, const Tensor& out) {
-  const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
-  const int K = exchange_.top_k(), H = exchange_.hidden();
-  const DType act = exchange_.dtype();
-  const size_t row_bytes = static_cast<size_t>(H) * dtype_size(act);
   const int rank = exchange_.comm().rank();
   if (local.num_experts() != static_cast<int>(exchange_.placement().experts_of(rank).size()))
     throw std::invalid_argument("MoeDispatcher: rank " + std::to_string(rank) + " holds " +
                                 std::to_string(local.num_experts()) + " experts but its placement lists " +
                                 std::to_string(exchange_.placement().experts_of(rank).size()));
+  if (path_ == Path::kHostStaged) moe_host_staged(x, expert_ids, expert_weights, local, swiglu_limit, out);
+  else moe_backend_ops(x, expert_ids, expert_weights, local, swiglu_limit, out);
+}
+
+void MoeDispatcher::moe_host_staged(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                                    const ExpertWeights& local, float swiglu_limit, const Tensor& out) {
+  const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+  const int K = exchange_.top_k(), H = exchange_.hidden();
+  const DType act = exchange_.dtype();
+  const size_t row_bytes = static_cast<size_t>(H) * dtype_size(act);
   h_x_.resize(static_cast<size_t>(rows) * row_bytes);
   h_ids_.resize(static_cast<size_t>(rows * K));
   h_w_.resize(static_cast<size_t>(rows * K));
@@ -230,6 +275,91 @@ void MoeDispatcher::moe(const Tensor& x, const Tensor& expert_ids, const Tensor&
   h_x_.resize(static_cast<size_t>(rows) * row_bytes);
   exchange_.combine(h_out_.data(), h_x_.data());
   if (rows > 0) backend_.upload(h_x_.data(), out);
+}
+
+void MoeDispatcher::exchange_tensors(std::span<const TensorPart> parts) {
+  Communicator& comm = exchange_.comm();
+  const size_t n = static_cast<size_t>(comm.size());
+  byte_send_.resize(parts.size() * n);
+  byte_recv_.resize(parts.size() * n);
+  std::vector<Communicator::Part> cp(parts.size());
+  const bool host = backend_.host_memory(), device = !host && comm.takes_device_buffers();
+  if (!host && !device) {
+    h_send_.resize(parts.size());
+    h_recv_.resize(parts.size());
+  }
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const TensorPart& tp = parts[i];
+    const size_t row = static_cast<size_t>(tp.send.shape[1]) * dtype_size(tp.send.dtype);  // [rows, cols]
+    for (size_t d = 0; d < n; ++d) {
+      byte_send_[i * n + d] = tp.send_rows[d] * row;
+      byte_recv_[i * n + d] = tp.recv_rows[d] * row;
+    }
+    cp[i] = {tp.send.data, std::span<const size_t>(byte_send_).subspan(i * n, n), tp.recv.data,
+             std::span<const size_t>(byte_recv_).subspan(i * n, n)};
+    if (!host && !device) {  // a device backend over a host transport: stage through host memory
+      h_send_[i].resize(tp.send.bytes());
+      h_recv_[i].resize(tp.recv.bytes());
+      if (tp.send.bytes()) backend_.download(tp.send, h_send_[i].data());
+      cp[i].send = h_send_[i].data();
+      cp[i].recv = h_recv_[i].data();
+    }
+  }
+  if (device) {
+    comm.all_to_all_v_parts_device(cp, backend_.native_stream());
+    return;
+  }
+  comm.all_to_all_v_parts(cp);
+  if (!host)
+    for (size_t i = 0; i < parts.size(); ++i)
+      if (parts[i].recv.bytes()) backend_.upload(h_recv_[i].data(), parts[i].recv);
+}
+
+void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                                    const ExpertWeights& local, float swiglu_limit, const Tensor& out) {
+  Communicator& comm = exchange_.comm();
+  const int n = comm.size(), me = comm.rank(), K = exchange_.top_k(), H = exchange_.hidden();
+  const DType act = exchange_.dtype();
+  const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+  const size_t row_bytes = static_cast<size_t>(H) * dtype_size(act);
+  // Pack on the backend; the host learns only how many rows go to each rank.
+  const int64_t most = rows * std::min(n, K);
+  const Tensor sx = staging(s_x_, act, most, H), sids = staging(s_ids_, DType::kI32, most, K),
+               sw = staging(s_w_, DType::kF32, most, K), slots = staging(slots_, DType::kI32, rows, n);
+  const Tensor owner = owner_.view(DType::kI32, {exchange_.placement().num_experts()}),
+               local_ids = local_.view(DType::kI32, {exchange_.placement().num_experts()});
+  backend_.moe_dispatch_pack(x, expert_ids, expert_weights, owner, local_ids, {sx, sids, sw, slots}, sent_rows_,
+                             Tensor{});
+  int64_t sent = 0;
+  for (int d = 0; d < n; ++d) {
+    send_rows_[static_cast<size_t>(d)] = static_cast<size_t>(sent_rows_[static_cast<size_t>(d)]);
+    sent += sent_rows_[static_cast<size_t>(d)];
+  }
+  recv_rows_ = exchange_counts(comm, send_rows_);
+  int64_t received = 0;
+  for (size_t c : recv_rows_) received += static_cast<int64_t>(c);
+  // Dispatch: rows, local ids and weights in one collective; they land contiguous in source-rank
+  // order, ready for moe_experts as they are.
+  const Tensor rx = staging(r_x_, act, received, H), rids = staging(r_ids_, DType::kI32, received, K),
+               rw = staging(r_w_, DType::kF32, received, K), ry = staging(r_y_, act, received, H);
+  // (Views of the first rows rather than slice_rows, which cannot slice a tensor of zero rows.)
+  const TensorPart dispatch[] = {{s_x_.view(act, {sent, H}), rx, send_rows_, recv_rows_},
+                                 {s_ids_.view(DType::kI32, {sent, K}), rids, send_rows_, recv_rows_},
+                                 {s_w_.view(DType::kF32, {sent, K}), rw, send_rows_, recv_rows_}};
+  exchange_tensors(dispatch);
+  const uint64_t record = row_bytes + static_cast<uint64_t>(K) * (sizeof(int32_t) + sizeof(float));
+  for (int d = 0; d < n; ++d) {
+    const uint64_t there = sent_rows_[static_cast<size_t>(d)] * record + recv_rows_[static_cast<size_t>(d)] * row_bytes;
+    (d == me ? traffic_.to_self : traffic_.to_peers) += there;
+  }
+  traffic_.all_gather_design += 2ull * static_cast<uint64_t>(rows) * row_bytes * static_cast<uint64_t>(n - 1);
+  if (received > 0) backend_.moe_experts(rx, rids, rw, local, swiglu_limit, ry);
+  // Combine: each result row goes back to where its token came from, into the send rows (free
+  // again), and the backend sums each token's rows into out.
+  const Tensor back = s_x_.view(act, {sent, H});
+  const TensorPart combine[] = {{ry, back, recv_rows_, send_rows_}};
+  exchange_tensors(combine);
+  if (rows > 0) backend_.moe_combine(back, slots, out);
 }
 
 bool MoeDispatcher::begin_step(bool has_step) {

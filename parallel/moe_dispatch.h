@@ -81,14 +81,24 @@ class MoeExchange {
 
 class MoeDispatcher {
  public:
+  // How a layer's rows travel.
+  //  kBackendOps: the backend packs (Backend::moe_dispatch_pack) and sums (Backend::moe_combine)
+  //    where its data lives; the communicator exchanges the backend's buffers directly when it can
+  //    (host memory with any transport, device memory with NCCL), else through host copies. The host
+  //    sees only the rows per destination rank.
+  //  kHostStaged: the earlier path, kept for comparison: download router ids, weights and rows,
+  //    MoeExchange on the host, upload the received rows and later the sums.
+  enum class Path { kBackendOps, kHostStaged };
+
   // `comm` must outlive the dispatcher. max_step_rows > 0: the most rows any rank's step has; the
-  // device staging buffers are then allocated here for the most rows this rank can receive
-  // (every rank's rows), so that steps allocate nothing. 0: they grow on demand.
+  // buffers are then allocated here for the most rows this rank can send and receive, so that steps
+  // allocate nothing. 0: they grow on demand.
   MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k,
-                int64_t max_step_rows = 0);
+                int64_t max_step_rows = 0, Path path = Path::kBackendOps);
   // The bytes the constructor allocates for these arguments (rounded as arena allocations), for
   // Backend::reserve.
-  static size_t reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType activation_dtype);
+  static size_t reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType activation_dtype,
+                              int experts, Path path = Path::kBackendOps);
 
   // Collective; the expert-parallel form of backend.moe_experts(x, ids, weights, experts, ...):
   // x [rows, hidden], expert_ids/weights [rows, top_k] from router_topk (global expert ids), `local`
@@ -101,17 +111,42 @@ class MoeDispatcher {
   // run a zero-token step while it returns true.
   bool begin_step(bool has_step);
 
+  Path path() const { return path_; }
+  // Bytes this rank sent so far (either path; the same numbers for the same routing).
+  MoeExchange::Traffic traffic() const;
   MoeExchange& exchange() { return exchange_; }
 
  private:
   Tensor staging(DeviceBuffer& buffer, DType dtype, int64_t rows, int64_t cols);
+  void moe_host_staged(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                       const ExpertWeights& local, float swiglu_limit, const Tensor& out);
+  void moe_backend_ops(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                       const ExpertWeights& local, float swiglu_limit, const Tensor& out);
+  // One collective exchange of backend tensors: part i sends send[i] (rows grouped by destination,
+  // send_rows[i][d] rows of send[i].row bytes to rank d) into recv[i] likewise.
+  struct TensorPart {
+    Tensor send, recv;
+    std::span<const size_t> send_rows, recv_rows;
+  };
+  void exchange_tensors(std::span<const TensorPart> parts);
 
   MoeExchange exchange_;
   Backend& backend_;
+  Path path_;
+  // kHostStaged
   std::vector<uint8_t> h_x_, h_out_;
   std::vector<int32_t> h_ids_;
   std::vector<float> h_w_;
   DeviceBuffer d_x_, d_ids_, d_w_, d_y_;
+  // kBackendOps: expert -> owner rank and local index (I32 [experts]); send side (x, ids, weights,
+  // slots; x also takes the results back in the combine); receive side (x, ids, weights, expert output).
+  DeviceBuffer owner_, local_;
+  DeviceBuffer s_x_, s_ids_, s_w_, slots_;
+  DeviceBuffer r_x_, r_ids_, r_w_, r_y_;
+  std::vector<int64_t> sent_rows_;
+  std::vector<size_t> send_rows_, recv_rows_, byte_send_, byte_recv_;
+  std::vector<std::vector<uint8_t>> h_send_, h_recv_;  // staging for device buffers over a host transport
+  MoeExchange::Traffic traffic_;
 };
 
 }  // namespace arbiter

@@ -121,43 +121,54 @@ MpiComm::~MpiComm() {
 
 void MpiComm::all_to_all_v(const void* send, std::span<const size_t> send_counts, void* recv,
                            std::span<const size_t> recv_counts) {
+  const Part part{send, send_counts, recv, recv_counts};
+  all_to_all_v_parts({&part, 1});
+}
+
+void MpiComm::all_to_all_v_parts(std::span<const Part> parts) {
   const size_t n = static_cast<size_t>(size_);
-  if (send_counts.size() != n || recv_counts.size() != n)
-    throw std::invalid_argument("all_to_all_v: one count per rank expected");
+  for (const Part& part : parts)
+    if (part.send_counts.size() != n || part.recv_counts.size() != n)
+      throw std::invalid_argument("all_to_all_v: one count per rank expected");
   auto& reqs = impl_->requests;
-  size_t send_at = 0, recv_at = 0;
   std::vector<size_t> send_off(n), recv_off(n);
-  for (size_t p = 0; p < n; ++p) {
-    send_off[p] = send_at;
-    recv_off[p] = recv_at;
-    send_at += send_counts[p];
-    recv_at += recv_counts[p];
-  }
-  auto* out = static_cast<char*>(recv);
-  const auto* in = static_cast<const char*>(send);
-  // Receives first (so sends find them posted), then sends; our own segment is a memcpy.
-  for (size_t p = 0; p < n; ++p) {
-    if (static_cast<int>(p) == rank_) continue;
-    for (size_t at = 0; at < recv_counts[p]; at += kChunk) {
-      const int count = static_cast<int>(std::min(kChunk, recv_counts[p] - at));
-      MPI_Request r;
-      check(MPI_Irecv(out + recv_off[p] + at, count, MPI_BYTE, static_cast<int>(p), kTag, impl_->comm, &r), "MPI_Irecv");
-      reqs.push_back(r);
+  // Every part's messages are posted before one wait (part i under its own tag); receives first
+  // (so sends find them posted), then sends; our own segment is a memcpy.
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const Part& part = parts[i];
+    const int tag = kTag + static_cast<int>(i);
+    size_t send_at = 0, recv_at = 0;
+    for (size_t p = 0; p < n; ++p) {
+      send_off[p] = send_at;
+      recv_off[p] = recv_at;
+      send_at += part.send_counts[p];
+      recv_at += part.recv_counts[p];
     }
-  }
-  for (size_t p = 0; p < n; ++p) {
-    if (static_cast<int>(p) == rank_) continue;
-    for (size_t at = 0; at < send_counts[p]; at += kChunk) {
-      const int count = static_cast<int>(std::min(kChunk, send_counts[p] - at));
-      MPI_Request r;
-      check(MPI_Isend(in + send_off[p] + at, count, MPI_BYTE, static_cast<int>(p), kTag, impl_->comm, &r), "MPI_Isend");
-      reqs.push_back(r);
+    auto* out = static_cast<char*>(part.recv);
+    const auto* in = static_cast<const char*>(part.send);
+    for (size_t p = 0; p < n; ++p) {
+      if (static_cast<int>(p) == rank_) continue;
+      for (size_t at = 0; at < part.recv_counts[p]; at += kChunk) {
+        const int count = static_cast<int>(std::min(kChunk, part.recv_counts[p] - at));
+        MPI_Request r;
+        check(MPI_Irecv(out + recv_off[p] + at, count, MPI_BYTE, static_cast<int>(p), tag, impl_->comm, &r), "MPI_Irecv");
+        reqs.push_back(r);
+      }
     }
+    for (size_t p = 0; p < n; ++p) {
+      if (static_cast<int>(p) == rank_) continue;
+      for (size_t at = 0; at < part.send_counts[p]; at += kChunk) {
+        const int count = static_cast<int>(std::min(kChunk, part.send_counts[p] - at));
+        MPI_Request r;
+        check(MPI_Isend(in + send_off[p] + at, count, MPI_BYTE, static_cast<int>(p), tag, impl_->comm, &r), "MPI_Isend");
+        reqs.push_back(r);
+      }
+    }
+    const size_t self = static_cast<size_t>(rank_);
+    if (part.send_counts[self] != part.recv_counts[self])
+      throw std::invalid_argument("all_to_all_v: this rank's send and receive counts for itself differ");
+    if (part.send_counts[self]) std::memcpy(out + recv_off[self], in + send_off[self], part.send_counts[self]);
   }
-  const size_t self = static_cast<size_t>(rank_);
-  if (send_counts[self] != recv_counts[self])
-    throw std::invalid_argument("all_to_all_v: this rank's send and receive counts for itself differ");
-  if (send_counts[self]) std::memcpy(out + recv_off[self], in + send_off[self], send_counts[self]);
   impl_->wait_all("all_to_all_v", rank_, timeout_s_);
 }
 

@@ -28,6 +28,7 @@ class MpiComm final : public Communicator {
   std::string name() const override { return "mpi"; }
   void all_to_all_v(const void* send, std::span<const size_t> send_counts, void* recv,
                     std::span<const size_t> recv_counts) override;
+  void all_to_all_v_parts(std::span<const Part> parts) override;
   void all_gather(const void* send, size_t bytes, void* recv) override;
   void broadcast(void* data, size_t bytes, int root) override;
   void barrier() override;

@@ -54,10 +54,11 @@ struct NcclComm::Impl {
   Impl(MpiComm& b, double t) : bootstrap(b), timeout_s(t) {}
 
   // Polls the stream until the queued NCCL work is done; aborts the communicator at the deadline.
-  void wait(const char* op) {
+  void wait(const char* op) { wait_on(stream, op); }
+  void wait_on(cudaStream_t on, const char* op) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
     for (;;) {
-      const cudaError_t q = cudaStreamQuery(stream);
+      const cudaError_t q = cudaStreamQuery(on);
       if (q == cudaSuccess) break;
       if (q != cudaErrorNotReady) cuda_check(q, op);
       ncclResult_t async = ncclSuccess;
@@ -113,27 +114,37 @@ double NcclComm::timeout() const { return impl_->timeout_s; }
 
 void NcclComm::all_to_all_v_device(const void* send, std::span<const size_t> send_counts, void* recv,
                                    std::span<const size_t> recv_counts) {
+  const Part part{send, send_counts, recv, recv_counts};
+  all_to_all_v_parts_device({&part, 1}, nullptr);
+}
+
+void NcclComm::all_to_all_v_parts_device(std::span<const Part> parts, void* stream) {
   Impl& m = *impl_;
   m.usable();
   const size_t n = static_cast<size_t>(m.size);
-  if (send_counts.size() != n || recv_counts.size() != n)
-    throw std::invalid_argument("all_to_all_v: one count per rank expected");
+  for (const Part& part : parts)
+    if (part.send_counts.size() != n || part.recv_counts.size() != n)
+      throw std::invalid_argument("all_to_all_v: one count per rank expected");
   cuda_check(cudaSetDevice(m.device), "cudaSetDevice");
-  size_t so = 0, ro = 0;
+  const cudaStream_t on = stream ? static_cast<cudaStream_t>(stream) : m.stream;
   nccl_check(ncclGroupStart(), "ncclGroupStart");
-  for (size_t p = 0; p < n; ++p) {
-    if (send_counts[p])
-      nccl_check(ncclSend(static_cast<const char*>(send) + so, send_counts[p], ncclChar, static_cast<int>(p), m.comm,
-                          m.stream),
-                 "ncclSend");
-    if (recv_counts[p])
-      nccl_check(ncclRecv(static_cast<char*>(recv) + ro, recv_counts[p], ncclChar, static_cast<int>(p), m.comm, m.stream),
-                 "ncclRecv");
-    so += send_counts[p];
-    ro += recv_counts[p];
+  for (const Part& part : parts) {
+    size_t so = 0, ro = 0;
+    for (size_t p = 0; p < n; ++p) {
+      if (part.send_counts[p])
+        nccl_check(ncclSend(static_cast<const char*>(part.send) + so, part.send_counts[p], ncclChar, static_cast<int>(p),
+                            m.comm, on),
+                   "ncclSend");
+      if (part.recv_counts[p])
+        nccl_check(ncclRecv(static_cast<char*>(part.recv) + ro, part.recv_counts[p], ncclChar, static_cast<int>(p), m.comm,
+                            on),
+                   "ncclRecv");
+      so += part.send_counts[p];
+      ro += part.recv_counts[p];
+    }
   }
   nccl_check(ncclGroupEnd(), "ncclGroupEnd");
-  m.wait("all_to_all_v");
+  m.wait_on(on, "all_to_all_v");
 }
 
 void NcclComm::all_to_all_v(const void* send, std::span<const size_t> send_counts, void* recv,

@@ -1,7 +1,7 @@
 // NcclComm: one GPU per process, collectives over NCCL (all-to-all-v as grouped ncclSend/ncclRecv).
 // The NCCL unique id is created on rank 0 and broadcast over an MpiComm, which must outlive this
-// object. The Communicator methods take host buffers (staged through device memory, like the
-// dispatcher's other transports); all_to_all_v_device takes device buffers directly. Waits poll the
+// object. The Communicator methods take host buffers (staged through device memory);
+// all_to_all_v_device and all_to_all_v_parts_device take device buffers directly. Waits poll the
 // stream against the timeout and abort the NCCL communicator on expiry, so a dead peer gives
 // CommError. Built only when CUDA and NCCL are found (ARBITER_WITH_NCCL).
 #pragma once
@@ -30,6 +30,12 @@ class NcclComm final : public Communicator {
   // Same on device buffers of this process's GPU.
   void all_to_all_v_device(const void* send, std::span<const size_t> send_counts, void* recv,
                            std::span<const size_t> recv_counts);
+  // Device buffers: every part's ncclSend/ncclRecv in one NCCL group on `stream` (cudaStream_t; the
+  // backend's, so the exchange is ordered after the kernels that filled the buffers and before the
+  // ones that read them; nullptr: this communicator's own stream), then a wait on that stream polled
+  // against the timeout. No host copies.
+  bool takes_device_buffers() const override { return true; }
+  void all_to_all_v_parts_device(std::span<const Part> parts, void* stream) override;
   void all_gather(const void* send, size_t bytes, void* recv) override;
   void broadcast(void* data, size_t bytes, int root) override;
   void barrier() override;

@@ -16,8 +16,9 @@ class ThreadGroup {
   struct Post {
     const char* op = nullptr;
     const void* send = nullptr;
-    const size_t* send_counts = nullptr;   // all_to_all_v
-    const size_t* send_offsets = nullptr;  // all_to_all_v: byte offset of each peer's segment
+    const Communicator::Part* parts = nullptr;  // all_to_all_v(_parts): the parts
+    size_t num_parts = 0;
+    const size_t* send_offsets = nullptr;  // [part * size + peer]: byte offset of the peer's segment
     size_t bytes = 0;                      // all_gather / broadcast
     int root = 0;
   };
@@ -133,27 +134,44 @@ void ThreadComm::abort(const std::string& reason, int) noexcept {
 
 void ThreadComm::all_to_all_v(const void* send, std::span<const size_t> send_counts, void* recv,
                               std::span<const size_t> recv_counts) {
+  const Part part{send, send_counts, recv, recv_counts};
+  all_to_all_v_parts({&part, 1});
+}
+
+void ThreadComm::all_to_all_v_parts(std::span<const Part> parts) {
   const size_t n = static_cast<size_t>(size());
-  if (send_counts.size() != n || recv_counts.size() != n)
-    throw std::invalid_argument("all_to_all_v: one count per rank expected");
-  std::vector<size_t> offsets(n);
-  for (size_t p = 1; p < n; ++p) offsets[p] = offsets[p - 1] + send_counts[p - 1];
+  for (const Part& p : parts)
+    if (p.send_counts.size() != n || p.recv_counts.size() != n)
+      throw std::invalid_argument("all_to_all_v: one count per rank expected");
+  std::vector<size_t> offsets(parts.size() * n);
+  for (size_t i = 0; i < parts.size(); ++i)
+    for (size_t p = 1; p < n; ++p) offsets[i * n + p] = offsets[i * n + p - 1] + parts[i].send_counts[p - 1];
   auto& me = group_->post(rank_);
-  me = {"all_to_all_v", send, send_counts.data(), offsets.data(), 0, 0};
+  me = {"all_to_all_v", nullptr, parts.data(), parts.size(), offsets.data(), 0, 0};
   group_->sync(rank_, "all_to_all_v");
   group_->check_same_op(rank_, "all_to_all_v");
   std::string mismatch;
-  size_t at = 0;
-  for (size_t p = 0; p < n; ++p) {
-    const auto& peer = group_->post(static_cast<int>(p));
-    const size_t count = peer.send_counts[rank_];
-    if (count != recv_counts[p]) {
-      mismatch = "all_to_all_v: rank " + std::to_string(p) + " sends " + std::to_string(count) + " bytes to rank " +
-                 std::to_string(rank_) + ", which expects " + std::to_string(recv_counts[p]);
-      break;
+  for (size_t p = 0; p < n && mismatch.empty(); ++p)
+    if (group_->post(static_cast<int>(p)).num_parts != parts.size())
+      mismatch = "all_to_all_v: rank " + std::to_string(p) + " exchanges " +
+                 std::to_string(group_->post(static_cast<int>(p)).num_parts) + " parts, rank " + std::to_string(rank_) +
+                 " " + std::to_string(parts.size());
+  for (size_t i = 0; i < parts.size() && mismatch.empty(); ++i) {
+    size_t at = 0;
+    for (size_t p = 0; p < n; ++p) {
+      const auto& peer = group_->post(static_cast<int>(p));
+      const Part& from = peer.parts[i];
+      const size_t count = from.send_counts[static_cast<size_t>(rank_)];
+      if (count != parts[i].recv_counts[p]) {
+        mismatch = "all_to_all_v: rank " + std::to_string(p) + " sends " + std::to_string(count) + " bytes to rank " +
+                   std::to_string(rank_) + ", which expects " + std::to_string(parts[i].recv_counts[p]);
+        break;
+      }
+      if (count)
+        std::memcpy(static_cast<char*>(parts[i].recv) + at,
+                    static_cast<const char*>(from.send) + peer.send_offsets[i * n + static_cast<size_t>(rank_)], count);
+      at += count;
     }
-    if (count) std::memcpy(static_cast<char*>(recv) + at, static_cast<const char*>(peer.send) + peer.send_offsets[rank_], count);
-    at += count;
   }
   if (!mismatch.empty()) group_->record_error(mismatch);
   group_->sync(rank_, "all_to_all_v (done)");
@@ -162,7 +180,7 @@ void ThreadComm::all_to_all_v(const void* send, std::span<const size_t> send_cou
 
 void ThreadComm::all_gather(const void* send, size_t bytes, void* recv) {
   auto& me = group_->post(rank_);
-  me = {"all_gather", send, nullptr, nullptr, bytes, 0};
+  me = {"all_gather", send, nullptr, 0, nullptr, bytes, 0};
   group_->sync(rank_, "all_gather");
   group_->check_same_op(rank_, "all_gather");
   for (int p = 0; p < size(); ++p) {
@@ -181,7 +199,7 @@ void ThreadComm::all_gather(const void* send, size_t bytes, void* recv) {
 void ThreadComm::broadcast(void* data, size_t bytes, int root) {
   if (root < 0 || root >= size()) throw std::invalid_argument("broadcast: root outside the group");
   auto& me = group_->post(rank_);
-  me = {"broadcast", data, nullptr, nullptr, bytes, root};
+  me = {"broadcast", data, nullptr, 0, nullptr, bytes, root};
   group_->sync(rank_, "broadcast");
   group_->check_same_op(rank_, "broadcast");
   const auto& src = group_->post(root);
@@ -192,7 +210,7 @@ void ThreadComm::broadcast(void* data, size_t bytes, int root) {
 }
 
 void ThreadComm::barrier() {
-  group_->post(rank_) = {"barrier", nullptr, nullptr, nullptr, 0, 0};
+  group_->post(rank_) = {"barrier", nullptr, nullptr, 0, nullptr, 0, 0};
   group_->sync(rank_, "barrier");
   group_->check_same_op(rank_, "barrier");
   // A second sync so a fast rank cannot overwrite its post before a slow one checked it.

@@ -16,6 +16,9 @@ namespace arbiter {
 namespace {
 
 bool expert_parallel(const ModelOptions& o) { return o.comm && o.comm->size() > 1; }
+MoeDispatcher::Path dispatch_path(const ModelOptions& o) {
+  return o.ep_host_staged ? MoeDispatcher::Path::kHostStaged : MoeDispatcher::Path::kBackendOps;
+}
 
 std::shared_ptr<const ExpertPlacement> placement_for(const ModelConfig& c, const ModelOptions& o) {
   auto p = o.placement ? o.placement
@@ -122,7 +125,8 @@ ModelWeights Model::reserve_and_load_weights(const ModelConfig& config, const Ch
   const int ranks = expert_parallel(options) ? options.comm->size() : 1;
   if (expert_parallel(options))
     bytes += MoeDispatcher::reserve_bytes(ranks, options.max_step_rows, config.hidden_size,
-                                          config.num_experts_per_tok, backend.activation_dtype());
+                                          config.num_experts_per_tok, backend.activation_dtype(),
+                                          config.num_local_experts, dispatch_path(options));
   MoeLimits moe;
   // Under expert parallelism this rank's experts may get a row from every rank.
   moe.max_rows = static_cast<int64_t>(options.max_step_rows) * ranks;
@@ -152,7 +156,7 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
   if (expert_parallel(options))
     dispatcher_ = std::make_unique<MoeDispatcher>(*options.comm, *placement_for(config, options), backend,
                                                   config.hidden_size, config.num_experts_per_tok,
-                                                  options.max_step_rows);
+                                                  options.max_step_rows, dispatch_path(options));
 }
 
 // Recorded steps (Backend::run_step) point at this model's buffers.

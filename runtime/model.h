@@ -30,6 +30,9 @@ struct ModelOptions {
   // ranks check at construction that they run the same config, weight files and placement.
   Communicator* comm = nullptr;                      // not owned; must outlive the Model
   std::shared_ptr<const ExpertPlacement> placement;  // default: contiguous blocks over comm->size()
+  // The dispatcher's earlier host-staged path (MoeDispatcher::Path::kHostStaged) instead of the
+  // backend's dispatch and combine operations; for comparisons and benchmarks.
+  bool ep_host_staged = false;
 };
 
 // YaRN (NTK-by-parts) inverse frequencies and concentration for a config (DESIGN.md §1, gpt-oss.md §4.3).

@@ -5,6 +5,11 @@
 // all-to-all-v exchanges, unpacking and summing. Routing is uniform random top-4 (no expert skew:
 // the worst case for deduplication).
 //
+// "dispatcher" runs the same layer through MoeDispatcher on a CPU backend (one thread per rank), the
+// way the model does, with path 0 (host-staged: download, MoeExchange on the host, upload) or path 1
+// (the backend's moe_dispatch_pack / moe_combine on its own buffers, which the transport reads and
+// writes directly); its experts are a no-op as well.
+//
 // Counters: moved_GBps is the payload through the transport (every rank's dispatch and combine
 // bytes, self-addressed part included) per second; vs_memcpy divides it by one thread's memcpy of
 // the same byte count measured in the same run; sent_vs_allgather is the bytes that crossed between
@@ -19,6 +24,8 @@
 #include <set>
 #include <thread>
 
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/forwarding_backend.h"
 #include "parallel/moe_dispatch.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/thread_comm.h"
@@ -121,6 +128,71 @@ void BM_ThreadRanks(benchmark::State& state) {
   set_counters(state, moved / layers, crossed / layers, all_gather / layers, per_iter);
 }
 
+// A CPU backend whose experts do nothing (their output buffer keeps what it holds).
+class NoExperts final : public ForwardingBackend {
+ public:
+  using ForwardingBackend::ForwardingBackend;
+  void moe_experts(const Tensor&, const Tensor&, const Tensor&, const ExpertWeights&, float, const Tensor&) override {}
+};
+
+void BM_Dispatcher(benchmark::State& state) {
+  const int ranks = static_cast<int>(state.range(0)), experts = static_cast<int>(state.range(1)),
+            tokens = static_cast<int>(state.range(2));
+  const auto path = state.range(3) ? MoeDispatcher::Path::kBackendOps : MoeDispatcher::Path::kHostStaged;
+  const int64_t iters = state.max_iterations;
+  auto comms = ThreadComm::create_group(ranks);
+  const auto placement = ExpertPlacement::contiguous(experts, ranks);
+  struct Rank {
+    std::unique_ptr<CpuBackend> cpu;
+    std::unique_ptr<NoExperts> backend;
+    std::unique_ptr<MoeDispatcher> dispatcher;
+    DeviceBuffer x, ids, w, out;
+    Tensor tx, tids, tw, tout;
+    ExpertWeights local;
+  };
+  std::vector<Rank> rs(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {
+    Rank& k = rs[static_cast<size_t>(r)];
+    k.cpu = std::make_unique<CpuBackend>(1);
+    k.backend = std::make_unique<NoExperts>(*k.cpu);
+    k.dispatcher = std::make_unique<MoeDispatcher>(*comms[static_cast<size_t>(r)], placement, *k.backend, kHidden, kTopK,
+                                                   tokens, path);
+    const RankInput in = make_input(r, tokens, experts);
+    k.x = k.cpu->allocate(in.hidden.size() * 4);
+    k.ids = k.cpu->allocate(in.ids.size() * 4);
+    k.w = k.cpu->allocate(in.weights.size() * 4);
+    k.out = k.cpu->allocate(in.hidden.size() * 4);
+    k.tx = k.x.view(DType::kF32, {tokens, kHidden});
+    k.tids = k.ids.view(DType::kI32, {tokens, kTopK});
+    k.tw = k.w.view(DType::kF32, {tokens, kTopK});
+    k.tout = k.out.view(DType::kF32, {tokens, kHidden});
+    k.cpu->upload(in.hidden.data(), k.tx);
+    k.cpu->upload(in.ids.data(), k.tids);
+    k.cpu->upload(in.weights.data(), k.tw);
+    k.local.gate_up_blocks.shape = {static_cast<int64_t>(placement.experts_of(r).size()), 1, 1, 16};
+  }
+  auto layer = [&](Rank& k) { k.dispatcher->moe(k.tx, k.tids, k.tw, k.local, 7.0f, k.tout); };
+  std::vector<std::thread> workers;
+  for (int r = 1; r < ranks; ++r)
+    workers.emplace_back([&, r] {
+      for (int64_t i = 0; i <= iters; ++i) layer(rs[static_cast<size_t>(r)]);
+    });
+  layer(rs[0]);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (auto _ : state) layer(rs[0]);
+  const double per_iter = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(iters);
+  for (auto& w : workers) w.join();
+  double moved = 0, crossed = 0, all_gather = 0;
+  for (auto& k : rs) {
+    const auto t = k.dispatcher->traffic();
+    moved += static_cast<double>(t.to_peers + t.to_self);
+    crossed += static_cast<double>(t.to_peers);
+    all_gather += static_cast<double>(t.all_gather_design);
+  }
+  const double layers = static_cast<double>(iters + 1);
+  set_counters(state, moved / layers, crossed / layers, all_gather / layers, per_iter);
+}
+
 MpiComm* g_mpi = nullptr;
 
 void BM_MpiRanks(benchmark::State& state) {
@@ -172,6 +244,15 @@ int main(int argc, char** argv) {
             ->Unit(benchmark::kMicrosecond)
             ->UseRealTime();
   } else {
+    for (int ranks : {2, 4})
+      for (int tokens : {1, 64, 1024})
+        for (int path : {0, 1})
+          benchmark::RegisterBenchmark("dispatcher", BM_Dispatcher)
+              ->ArgNames({"ranks", "experts", "tokens", "path"})
+              ->Args({ranks, 128, tokens, path})
+              ->Iterations(iterations_for(ranks, tokens))
+              ->Unit(benchmark::kMicrosecond)
+              ->UseRealTime();
     for (int ranks : {2, 4})
       for (int experts : {32, 128})
         for (int tokens : {1, 64, 1024})

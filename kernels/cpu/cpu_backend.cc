@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/reference.h"
+#include "kernels/moe_pack.h"
 
 namespace arbiter {
 namespace {
@@ -385,6 +386,49 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& expert_ids, const Te
           cpu::axpy(out.as<float>() + r * hidden, expert_weights.as<const float>()[r * k + j],
                     &y[static_cast<size_t>(p * hidden)], hidden);
       }
+  });
+}
+
+void CpuBackend::moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                                   const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,
+                                   std::span<int64_t> rows_per_rank, const Tensor& expert_load) {
+  const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+  if (rows == 0) {  // (row_elements() of an empty tensor is undefined)
+    std::fill(rows_per_rank.begin(), rows_per_rank.end(), int64_t{0});
+    return;
+  }
+  const int k = static_cast<int>(expert_ids.row_elements()), ranks = static_cast<int>(rows_per_rank.size());
+  require(expert_ids.dtype == DType::kI32 && expert_weights.dtype == DType::kF32 && send.slots.dtype == DType::kI32 &&
+              expert_owner.dtype == DType::kI32 && expert_local.dtype == DType::kI32 && send.x.dtype == x.dtype,
+          "moe_dispatch_pack: dtypes");
+  require(rows == 0 || (send.slots.rows() >= rows && send.slots.row_elements() == ranks &&
+                        send.x.rows() >= rows * std::min(ranks, k) && send.x.row_elements() == x.row_elements() &&
+                        send.ids.row_elements() == k && send.weights.row_elements() == k &&
+                        send.ids.rows() >= send.x.rows() && send.weights.rows() >= send.x.rows()),
+          "moe_dispatch_pack: send buffers too small or misshapen");
+  require(!expert_load.data || (expert_load.dtype == DType::kI32 && expert_load.elements() == expert_owner.elements()),
+          "moe_dispatch_pack: expert_load must be I32 [experts]");
+  // The plan is serial and small (k ids per token); the row copies, the bulk, go over the pool.
+  moe_pack::plan(expert_ids.as<const int32_t>(), expert_weights.as<const float>(), rows, k,
+                 expert_owner.as<const int32_t>(), expert_local.as<const int32_t>(),
+                 static_cast<int>(expert_owner.elements()), ranks, send.slots.as<int32_t>(), send.ids.as<int32_t>(),
+                 send.weights.as<float>(), rows_per_rank.data(), expert_load.as<int32_t>());
+  const size_t row_bytes = static_cast<size_t>(x.row_elements()) * dtype_size(x.dtype);
+  pool_->parallel_for(rows, 8, [&](int64_t b, int64_t e) {
+    moe_pack::copy_rows(x.data, row_bytes, send.slots.as<const int32_t>(), ranks, b, e, send.x.data);
+  });
+}
+
+void CpuBackend::moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) {
+  const int64_t rows = out.shape.rank == 0 ? 0 : out.rows();
+  if (rows == 0) return;
+  require(slots.dtype == DType::kI32 && back.dtype == out.dtype && slots.rows() >= rows,
+          "moe_combine: slots I32 [rows, ranks], back and out of one dtype");
+  const int ranks = static_cast<int>(slots.row_elements());
+  const int64_t hidden = out.row_elements();
+  pool_->parallel_for(rows, 8, [&](int64_t b, int64_t e) {
+    std::vector<float> scratch(out.dtype == DType::kF32 ? 0 : static_cast<size_t>(hidden));
+    moe_pack::sum_rows(back.data, out.dtype, hidden, slots.as<const int32_t>(), ranks, b, e, out.data, scratch.data());
   });
 }
 

@@ -41,6 +41,13 @@ class CpuBackend final : public Backend {
   void router_topk(const Tensor& logits, int k, const Tensor& expert_ids, const Tensor& expert_weights) override;
   void moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
                    const ExpertWeights& experts, float swiglu_limit, const Tensor& out) override;
+  // Host memory: communicators exchange these buffers directly; dispatch and combine work on them
+  // in place (no staging copies), rows spread over the pool.
+  bool host_memory() const override { return true; }
+  void moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                         const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,
+                         std::span<int64_t> rows_per_rank, const Tensor& expert_load) override;
+  void moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) override;
   void add(const Tensor& x, const Tensor& y) override;
   void gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) override;
   void argmax(const Tensor& logits, const Tensor& out) override;

@@ -515,6 +515,61 @@ class CudaBackend final : public Backend {
     cuda::moe(a, stream());
   }
 
+  // Expert-parallel dispatch and combine on the device; the host reads back only the rows per rank.
+  void* native_stream() override { return stream(); }
+  void moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
+                         const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,
+                         std::span<int64_t> rows_per_rank, const Tensor& expert_load) override {
+    const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+    const int ranks = static_cast<int>(rows_per_rank.size());
+    std::fill(rows_per_rank.begin(), rows_per_rank.end(), int64_t{0});
+    if (rows == 0) return;
+    const int k = static_cast<int>(row_len(expert_ids)), experts = static_cast<int>(expert_owner.elements());
+    require(ranks >= 1 && ranks <= cuda::kMaxDispatchRanks, "moe_dispatch_pack: 1..64 ranks");
+    require(x.dtype == DType::kBF16 && send.x.dtype == DType::kBF16 && row_len(send.x) == row_len(x),
+            "moe_dispatch_pack: bf16 rows of one width");
+    require(expert_ids.dtype == DType::kI32 && expert_weights.dtype == DType::kF32 && expert_ids.rows() == rows &&
+                expert_weights.elements() == expert_ids.elements(),
+            "moe_dispatch_pack: ids I32, weights F32 [rows, k]");
+    require(expert_owner.dtype == DType::kI32 && expert_local.dtype == DType::kI32 &&
+                expert_local.elements() == experts,
+            "moe_dispatch_pack: owner and local maps I32 [experts]");
+    const int64_t most = rows * std::min(ranks, k);
+    require(send.slots.dtype == DType::kI32 && send.slots.rows() >= rows && row_len(send.slots) == ranks &&
+                send.x.rows() >= most && send.ids.dtype == DType::kI32 && send.weights.dtype == DType::kF32 &&
+                send.ids.rows() >= most && send.weights.rows() >= most && row_len(send.ids) == k &&
+                row_len(send.weights) == k,
+            "moe_dispatch_pack: send buffers need rows * min(ranks, k) rows, slots [rows, ranks]");
+    require(!expert_load.data || (expert_load.dtype == DType::kI32 && expert_load.elements() == experts),
+            "moe_dispatch_pack: expert_load I32 [experts]");
+    select();
+    if (dispatch_counts_.bytes() < static_cast<size_t>(ranks + 1) * sizeof(int64_t))
+      dispatch_counts_ = device_memory(static_cast<size_t>(cuda::kMaxDispatchRanks + 1) * sizeof(int64_t));
+    auto* counts = static_cast<int64_t*>(dispatch_counts_.data());
+    cuda::moe_dispatch_plan(expert_ids.as<const int32_t>(), expert_weights.as<const float>(), static_cast<int>(rows), k,
+                            expert_owner.as<const int32_t>(), expert_local.as<const int32_t>(), experts, ranks,
+                            send.slots.as<int32_t>(), send.ids.as<int32_t>(), send.weights.as<float>(), counts,
+                            expert_load.as<int32_t>(), stream());
+    cuda::moe_dispatch_copy(x.data, static_cast<int64_t>(row_len(x)) * 2, send.slots.as<const int32_t>(),
+                            static_cast<int>(rows), ranks, send.x.data, stream());
+    std::vector<int64_t> host(static_cast<size_t>(ranks) + 1);
+    cuda_check(cudaMemcpyAsync(host.data(), counts, host.size() * sizeof(int64_t), cudaMemcpyDeviceToHost, stream()),
+               "dispatch counts");
+    cuda_check(cudaStreamSynchronize(stream()), "dispatch counts sync");
+    if (host[static_cast<size_t>(ranks)]) throw std::out_of_range("moe_dispatch_pack: an expert id outside the placement");
+    std::copy(host.begin(), host.begin() + ranks, rows_per_rank.begin());
+  }
+  void moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) override {
+    const int64_t rows = out.shape.rank == 0 ? 0 : out.rows();
+    if (rows == 0) return;
+    require(back.dtype == DType::kBF16 && out.dtype == DType::kBF16 && slots.dtype == DType::kI32 &&
+                slots.rows() >= rows && (back.rows() == 0 || row_len(back) == row_len(out)),
+            "moe_combine: bf16 back and out of one width, slots I32 [rows, ranks]");
+    select();
+    cuda::moe_combine(back.data, slots.as<const int32_t>(), static_cast<int>(rows), static_cast<int>(row_len(slots)),
+                      static_cast<int>(row_len(out)), out.data, stream());
+  }
+
   void add(const Tensor& x, const Tensor& y) override {
     require(x.dtype == DType::kBF16 && y.dtype == DType::kBF16 && x.elements() == y.elements(), "add: bf16, same size");
     select();
@@ -686,6 +741,7 @@ class CudaBackend final : public Backend {
   std::vector<DeviceBuffer> weights_;
   std::vector<std::unique_ptr<MetaSlot>> meta_slots_;
   Scratch moe_scratch_;
+  DeviceBuffer dispatch_counts_;  // moe_dispatch_pack: rows per rank and the error flag (int64 [65])
   DeviceBuffer select_ws_;  // argmax / top_logprobs partial results (fixed size, see launch.h)
   DeviceBuffer attn_ws_;    // split attention's partial results (fixed size)
   DeviceBuffer route_ws_;   // the fused router's block counter (zeroed)

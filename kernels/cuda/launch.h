@@ -183,6 +183,20 @@ bool top_logprobs_supported(int64_t vocab, int k);  // k <= 64, vocab <= 64 * 40
 void top_logprobs(const float* logits, int rows, int64_t vocab, int k, int32_t* ids, float* logprobs,
                   void* workspace, cudaStream_t stream);
 
+// Expert-parallel dispatch and combine (moe_dispatch.cu), the device form of kernels/moe_pack.h.
+// plan: slots [rows, ranks], send_ids / send_weights [sent rows, k], counts [ranks + 1] (rows per
+// destination, then 1 if an id was outside the placement), load [experts] += tokens (may be null).
+inline constexpr int kMaxDispatchRanks = 64;
+void moe_dispatch_plan(const int32_t* ids, const float* weights, int rows, int k, const int32_t* owner,
+                       const int32_t* local, int experts, int ranks, int32_t* slots, int32_t* send_ids,
+                       float* send_weights, int64_t* counts, int32_t* load, cudaStream_t stream);
+// Copies each token's row to its slots in send_x.
+void moe_dispatch_copy(const void* x, int64_t row_bytes, const int32_t* slots, int rows, int ranks, void* send_x,
+                       cudaStream_t stream);
+// out[t] (bf16) = the fp32 sum, in rank order, of back's (bf16) rows at token t's slots.
+void moe_combine(const void* back, const int32_t* slots, int rows, int ranks, int hidden, void* out,
+                 cudaStream_t stream);
+
 // Test/benchmark helpers: deterministic pseudo-random fills on the device.
 // bf16: normal-ish values with standard deviation `scale`; u8: uniform bytes in [lo, hi].
 void fill_random_bf16(void* data, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t stream);

@@ -3,10 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
+#include <mutex>
 #include <cmath>
 #include <random>
 #include <set>
 
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/forwarding_backend.h"
 #include "parallel/moe_dispatch.h"
 #include "parallel/thread_comm.h"
 
@@ -121,6 +125,188 @@ TEST(MoeExchange, AllExpertsOnOneRankSendTheRowOnce) {
     ex.combine(back.data(), out.data());  // the identity "expert"
     for (int c = 0; c < H; ++c) EXPECT_EQ(out[static_cast<size_t>(c)], hidden[static_cast<size_t>(c)]);
   });
+}
+
+
+// Stand-in experts on a CPU backend: out[r] = sum_j w[r, j] * (global id + 1) * x[r] + j-th id's
+// offset, so every row's result depends on which rank's experts it met and with what weights.
+class FakeExperts : public ForwardingBackend {
+ public:
+  FakeExperts(Backend& inner, std::vector<int> global_ids) : ForwardingBackend(inner), global_(std::move(global_ids)) {}
+  void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w, const ExpertWeights&, float,
+                   const Tensor& out) override {
+    const int64_t rows = x.rows(), H = x.row_elements(), K = ids.row_elements();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < H; ++c) {
+        float acc = 0;
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t e = ids.as<const int32_t>()[r * K + j];
+          if (e < 0) continue;
+          const float g = static_cast<float>(global_[static_cast<size_t>(e)] + 1);
+          acc += w.as<const float>()[r * K + j] * (g * x.as<const float>()[r * H + c] + 0.01f * g);
+        }
+        out.as<float>()[r * H + c] = acc;
+      }
+  }
+
+ private:
+  std::vector<int> global_;
+};
+
+// The Backend's default (host) dispatch and combine on top of the CPU backend, and a memory kind the
+// transports cannot read: the dispatcher then stages every exchange through host copies, as for a
+// device backend over threads or MPI.
+class DefaultOpsDevice final : public FakeExperts {
+ public:
+  using FakeExperts::FakeExperts;
+  bool host_memory() const override { return false; }
+  void moe_dispatch_pack(const Tensor& x, const Tensor& ids, const Tensor& w, const Tensor& owner, const Tensor& local,
+                         const MoeSendBuffers& send, std::span<int64_t> rows_per_rank, const Tensor& load) override {
+    Backend::moe_dispatch_pack(x, ids, w, owner, local, send, rows_per_rank, load);
+  }
+  void moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) override {
+    Backend::moe_combine(back, slots, out);
+  }
+};
+
+struct DispatchCase {
+  int ranks, experts, rows;
+  std::string placement;  // empty: contiguous
+  int max_expert;         // routing draws experts from [0, max_expert] (the owners of higher ones receive nothing)
+};
+
+// The backend-operation path (CPU backend in place; the Backend defaults staged through the host)
+// gives the host-staged path's bits: same rows, same order of additions. Rank 1 has no tokens.
+TEST(MoeDispatcher, BackendOpsEqualHostStagedBitForBit) {
+  const int K = 4, H = 24;
+  const std::vector<DispatchCase> cases = {
+      {2, 8, 1, "", 7},        {2, 8, 7, "", 3},     {2, 8, 300, "", 7},
+      {3, 8, 1, "experts 8\nrank 0: 0-5\nrank 1: 6\nrank 2: 7\n", 7},
+      {3, 8, 7, "experts 8\nrank 0: 0-5\nrank 1: 6\nrank 2: 7\n", 5},  // ranks 1, 2 receive nothing
+      {3, 12, 300, "", 11},
+      {4, 16, 1, "experts 16\nrank 0: 0\nrank 1: 1-2\nrank 2: 3-12\nrank 3: 13-15\n", 15},
+      {4, 16, 7, "", 9},       {4, 16, 300, "experts 16\nrank 0: 0\nrank 1: 1-2\nrank 2: 3-12\nrank 3: 13-15\n", 15},
+  };
+  for (const DispatchCase& c : cases) {
+    const auto placement = c.placement.empty() ? ExpertPlacement::contiguous(c.experts, c.ranks)
+                                               : ExpertPlacement::parse(c.placement, "test placement");
+    std::mutex mu;
+    std::vector<std::string> failures;
+    run_thread_ranks(c.ranks, [&](Communicator& comm) {
+      const int me = comm.rank();
+      const int64_t rows = me == 1 ? 0 : c.rows + me % 2;  // uneven, and rank 1 empty
+      std::mt19937 rng(static_cast<uint32_t>(c.ranks * 131 + c.rows * 7 + me));
+      std::vector<int32_t> ids;
+      std::vector<float> w, x(static_cast<size_t>(rows * H));
+      for (int64_t r = 0; r < rows; ++r) {
+        std::set<int32_t> chosen;
+        while (static_cast<int>(chosen.size()) < K)
+          chosen.insert(static_cast<int32_t>(rng() % static_cast<uint32_t>(c.max_expert + 1)));
+        int j = 0;
+        for (int32_t e : chosen) {
+          ids.push_back(r % 5 == 3 && j == 2 ? -1 : e);  // a skipped slot now and then
+          w.push_back(static_cast<float>(rng() % 1000) / 997.0f);
+          ++j;
+        }
+      }
+      for (float& v : x) v = static_cast<float>(static_cast<int>(rng() % 20001) - 10000) / 3001.0f;
+      CpuBackend cpu(1);
+      std::vector<int> mine = placement.experts_of(me);
+      FakeExperts direct(cpu, mine);
+      DefaultOpsDevice staged(cpu, mine);
+      ExpertWeights local;
+      local.gate_up_blocks.shape = {static_cast<int64_t>(mine.size()), 1, 1, 16};
+      auto run = [&](Backend& backend, MoeDispatcher::Path path, int64_t max_rows) {
+        MoeDispatcher d(comm, placement, backend, H, K, max_rows, path);
+        std::vector<float> out;
+        for (int rep = 0; rep < 2; ++rep) {  // twice: buffers reused
+          DeviceBuffer bx = cpu.allocate(x.size() * 4 + 4), bi = cpu.allocate(ids.size() * 4 + 4),
+                       bw = cpu.allocate(w.size() * 4 + 4), bo = cpu.allocate(x.size() * 4 + 4);
+          const Tensor tx = bx.view(DType::kF32, {rows, H}), ti = bi.view(DType::kI32, {rows, K}),
+                       tw = bw.view(DType::kF32, {rows, K}), to = bo.view(DType::kF32, {rows, H});
+          if (rows) {
+            cpu.upload(x.data(), tx);
+            cpu.upload(ids.data(), ti);
+            cpu.upload(w.data(), tw);
+            std::memset(to.data, 0xff, to.bytes());  // NaNs: every element must be written
+          }
+          d.moe(tx, ti, tw, local, 7.0f, to);
+          out.assign(static_cast<size_t>(rows * H), 0.0f);
+          if (rows) cpu.download(to, out.data());
+        }
+        return std::make_pair(out, d.traffic());
+      };
+      const auto [want, want_traffic] = run(direct, MoeDispatcher::Path::kHostStaged, c.rows + 1);
+      const auto [ops, ops_traffic] = run(direct, MoeDispatcher::Path::kBackendOps, c.rows + 1);
+      const auto [grown, grown_traffic] = run(direct, MoeDispatcher::Path::kBackendOps, 0);
+      const auto [dflt, dflt_traffic] = run(staged, MoeDispatcher::Path::kBackendOps, c.rows + 1);
+      std::string why;
+      auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+        return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
+      };
+      if (!same(ops, want)) why += " cpu ops differ;";
+      if (!same(grown, want)) why += " cpu ops (grown buffers) differ;";
+      if (!same(dflt, want)) why += " default ops staged differ;";
+      for (float v : want)
+        if (std::isnan(v)) {
+          why += " NaN in output;";
+          break;
+        }
+      if (ops_traffic.to_peers != want_traffic.to_peers || ops_traffic.to_self != want_traffic.to_self ||
+          ops_traffic.all_gather_design != want_traffic.all_gather_design)
+        why += " traffic differs;";
+      if (!why.empty()) {
+        std::lock_guard lk(mu);
+        failures.push_back("rank " + std::to_string(me) + ":" + why);
+      }
+    });
+    EXPECT_TRUE(failures.empty()) << c.ranks << " ranks, " << c.rows << " rows, placement '" << c.placement
+                                  << "': " << ::testing::PrintToString(failures);
+  }
+}
+
+// The pack on its own: slots, receive-side local ids, counts and the expert load, against a
+// direct reading of the routing (3 ranks, uneven placement, a token all of whose experts sit on one rank).
+TEST(MoeDispatchOps, PackPlanAndLoad) {
+  CpuBackend cpu(1);
+  const int K = 2, H = 3, N = 3;
+  const auto placement = ExpertPlacement::parse("experts 6\nrank 0: 0-3\nrank 1: 4\nrank 2: 5\n", "t");
+  const std::vector<int32_t> ids = {0, 1, 4, 5, 5, -1, 2, 4};
+  const std::vector<float> w = {0.5f, 0.25f, 1, 2, 3, 4, 5, 6}, x = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  std::vector<int32_t> owner, local, load(6, 10);
+  for (int e = 0; e < 6; ++e) {
+    owner.push_back(placement.owner(e));
+    local.push_back(placement.local_index(e));
+  }
+  std::vector<float> sx(8 * H, -1), sw(8 * K, -1);
+  std::vector<int32_t> sids(8 * K, -7), slots(4 * N, -7);
+  auto t = [](auto& v, DType d, int64_t r, int64_t c) { return Tensor{v.data(), d, {r, c}}; };
+  std::vector<int32_t> ids_m = ids, owner_m = owner, local_m = local;
+  std::vector<float> w_m = w, x_m = x;
+  std::vector<int64_t> counts(N, -1);
+  cpu.moe_dispatch_pack(t(x_m, DType::kF32, 4, H), t(ids_m, DType::kI32, 4, K), t(w_m, DType::kF32, 4, K),
+                        Tensor{owner_m.data(), DType::kI32, {6}}, Tensor{local_m.data(), DType::kI32, {6}},
+                        {t(sx, DType::kF32, 8, H), t(sids, DType::kI32, 8, K), t(sw, DType::kF32, 8, K), t(slots, DType::kI32, 4, N)},
+                        counts, Tensor{load.data(), DType::kI32, {6}});
+  // Tokens: 0 -> rank 0 only; 1 -> ranks 1, 2; 2 -> rank 2 (once); 3 -> ranks 0, 1.
+  EXPECT_EQ(counts, (std::vector<int64_t>{2, 2, 2}));
+  EXPECT_EQ(slots, (std::vector<int32_t>{0, -1, -1, -1, 2, 4, -1, -1, 5, 1, 3, -1}));
+  EXPECT_EQ(std::vector<int32_t>(sids.begin(), sids.begin() + 12),
+            (std::vector<int32_t>{0, 1, 2, -1, 0, -1, -1, 0, -1, 0, 0, -1}));
+  EXPECT_EQ(std::vector<float>(sw.begin(), sw.begin() + 4), (std::vector<float>{0.5f, 0.25f, 5, 6}));
+  EXPECT_EQ(std::vector<float>(sx.begin() + 3 * H, sx.begin() + 4 * H), (std::vector<float>{10, 11, 12}));
+  EXPECT_EQ(load, (std::vector<int32_t>{11, 11, 11, 10, 12, 12}));
+  // Combine: token 1 gets back rows 2 and 4 summed; a token sent nowhere would get zeros.
+  std::vector<float> back(6 * H), out(4 * H, -1);
+  for (size_t i = 0; i < back.size(); ++i) back[i] = static_cast<float>(i);
+  cpu.moe_combine(t(back, DType::kF32, 6, H), t(slots, DType::kI32, 4, N), t(out, DType::kF32, 4, H));
+  EXPECT_EQ(out, (std::vector<float>{0, 1, 2, 6 + 12, 7 + 13, 8 + 14, 15, 16, 17, 3 + 9, 4 + 10, 5 + 11}));
+  EXPECT_THROW(cpu.moe_dispatch_pack(t(x_m, DType::kF32, 4, H), t(ids_m, DType::kI32, 4, K), t(w_m, DType::kF32, 4, K),
+                                     Tensor{owner_m.data(), DType::kI32, {5}}, Tensor{local_m.data(), DType::kI32, {5}},
+                                     {t(sx, DType::kF32, 8, H), t(sids, DType::kI32, 8, K), t(sw, DType::kF32, 8, K),
+                                      t(slots, DType::kI32, 4, N)},
+                                     counts, Tensor{}),
+               std::out_of_range);  // expert 5 outside a map of 5
 }
 
 }  // namespace

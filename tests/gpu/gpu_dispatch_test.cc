@@ -1,0 +1,118 @@
+// The CUDA backend's expert-parallel dispatch and combine (moe_dispatch_pack, moe_combine) against
+// the CPU backend's: the same counts, slots, receive-side ids and weights, packed rows and sums, to
+// the bit (the rows are bf16 values on both; the sums run in fp32 in the same order). And NcclComm's
+// device-buffer exchange with one rank. Every test skips, visibly, without a GPU.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <set>
+
+#include "parallel/mpi_comm.h"
+#include "tests/gpu/gpu_test_util.h"
+#if ARBITER_WITH_NCCL
+#include <cuda_runtime.h>
+
+#include "parallel/nccl_comm.h"
+#endif
+
+namespace arbiter {
+namespace {
+
+using gpu_testing::paired;
+using gpu_testing::raw_paired;
+using gpu_testing::read_f32;
+using gpu_testing::read_raw;
+
+struct Case {
+  int ranks, experts, k, rows, hidden;
+};
+
+TEST(GpuDispatch, PackAndCombineEqualCpu) {
+  ARBITER_SKIP_WITHOUT_GPU();
+  CpuBackend cpu(2);
+  auto gpu = make_backend("cuda");
+  // Rows past 1024 cross the plan kernel's chunk; 64 ranks is its limit; hidden 2880 is the models'.
+  const Case cases[] = {{1, 4, 4, 7, 64},     {2, 32, 4, 1, 2880},  {3, 8, 4, 7, 96},    {4, 16, 4, 300, 2880},
+                        {8, 128, 4, 2100, 64}, {64, 128, 4, 33, 32}, {4, 6, 2, 300, 40}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::to_string(c.ranks) + " ranks, " + std::to_string(c.rows) + " rows, hidden " + std::to_string(c.hidden));
+    std::mt19937 rng(static_cast<uint32_t>(c.ranks * 1000 + c.rows));
+    // Uneven placement: rank r gets a run of experts; the last ones own the rest.
+    std::vector<int32_t> owner(static_cast<size_t>(c.experts)), local(static_cast<size_t>(c.experts));
+    std::vector<int> held(static_cast<size_t>(c.ranks), 0);
+    for (int e = 0; e < c.experts; ++e) {
+      const int r = std::min(c.ranks - 1, e * c.ranks / c.experts + (e % 5 == 1 ? 1 : 0));
+      owner[static_cast<size_t>(e)] = r;
+      local[static_cast<size_t>(e)] = held[static_cast<size_t>(r)]++;
+    }
+    std::vector<int32_t> ids;
+    std::vector<float> w;
+    for (int t = 0; t < c.rows; ++t) {
+      std::set<int32_t> chosen;
+      while (static_cast<int>(chosen.size()) < c.k) chosen.insert(static_cast<int32_t>(rng() % static_cast<uint32_t>(c.experts)));
+      for (int32_t e : chosen) {
+        ids.push_back(t % 7 == 3 && ids.size() % static_cast<size_t>(c.k) == 0 ? -1 : e);
+        w.push_back(static_cast<float>(rng() % 1000) / 1000.0f);
+      }
+    }
+    const int64_t rows = c.rows, most = rows * std::min(c.ranks, c.k);
+    const auto x = paired(cpu, *gpu, {rows, c.hidden}, gpu_testing::random_values(static_cast<size_t>(rows * c.hidden), rng));
+    const auto tid = raw_paired(cpu, *gpu, DType::kI32, {rows, c.k}, ids);
+    const auto tw = raw_paired(cpu, *gpu, DType::kF32, {rows, c.k}, w);
+    const auto tow = raw_paired(cpu, *gpu, DType::kI32, {c.experts}, owner);
+    const auto tloc = raw_paired(cpu, *gpu, DType::kI32, {c.experts}, local);
+    const auto load = raw_paired(cpu, *gpu, DType::kI32, {c.experts}, std::vector<int32_t>(static_cast<size_t>(c.experts), 3));
+    const auto sx = paired(cpu, *gpu, {most, c.hidden}, std::vector<float>(static_cast<size_t>(most * c.hidden), 0.0f));
+    const auto sids = raw_paired(cpu, *gpu, DType::kI32, {most, c.k}, std::vector<int32_t>(static_cast<size_t>(most * c.k)));
+    const auto sw = raw_paired(cpu, *gpu, DType::kF32, {most, c.k}, std::vector<float>(static_cast<size_t>(most * c.k)));
+    const auto slots = raw_paired(cpu, *gpu, DType::kI32, {rows, c.ranks}, std::vector<int32_t>(static_cast<size_t>(rows * c.ranks)));
+    std::vector<int64_t> want(static_cast<size_t>(c.ranks)), got(static_cast<size_t>(c.ranks));
+    cpu.moe_dispatch_pack(x.cpu, tid.cpu, tw.cpu, tow.cpu, tloc.cpu, {sx.cpu, sids.cpu, sw.cpu, slots.cpu}, want, load.cpu);
+    gpu->moe_dispatch_pack(x.gpu, tid.gpu, tw.gpu, tow.gpu, tloc.gpu, {sx.gpu, sids.gpu, sw.gpu, slots.gpu}, got, load.gpu);
+    ASSERT_EQ(got, want);
+    int64_t sent = 0;
+    for (int64_t v : want) sent += v;
+    EXPECT_EQ(read_raw<int32_t>(*gpu, slots.gpu), read_raw<int32_t>(cpu, slots.cpu));
+    EXPECT_EQ(read_raw<int32_t>(*gpu, load.gpu), read_raw<int32_t>(cpu, load.cpu));
+    if (sent > 0) {
+      EXPECT_EQ(read_raw<int32_t>(*gpu, sids.gpu.slice_rows(0, sent)), read_raw<int32_t>(cpu, sids.cpu.slice_rows(0, sent)));
+      EXPECT_EQ(read_raw<float>(*gpu, sw.gpu.slice_rows(0, sent)), read_raw<float>(cpu, sw.cpu.slice_rows(0, sent)));
+      EXPECT_EQ(read_f32(*gpu, sx.gpu.slice_rows(0, sent)), read_f32(cpu, sx.cpu.slice_rows(0, sent)));
+    }
+    // Combine: bf16 results back, summed per token in rank order.
+    const int64_t back_rows = std::max<int64_t>(sent, 1);
+    const auto back = paired(cpu, *gpu, {back_rows, c.hidden},
+                             gpu_testing::random_values(static_cast<size_t>(back_rows * c.hidden), rng));
+    const auto out = paired(cpu, *gpu, {rows, c.hidden}, std::vector<float>(static_cast<size_t>(rows * c.hidden), -1.0f));
+    cpu.moe_combine(back.cpu, slots.cpu, out.cpu);
+    gpu->moe_combine(back.gpu, slots.gpu, out.gpu);
+    std::vector<float> cpu_out = read_f32(cpu, out.cpu);
+    for (float& v : cpu_out) v = gpu_testing::bf16_round(v);
+    EXPECT_EQ(read_f32(*gpu, out.gpu), cpu_out);
+  }
+}
+
+#if ARBITER_WITH_NCCL
+// NcclComm over one rank (MPI world of one): a two-part exchange of device buffers on a stream of
+// the caller's lands where all_to_all_v would put it.
+TEST(GpuDispatch, NcclDeviceBuffersOneRank) {
+  ARBITER_SKIP_WITHOUT_GPU();
+  MpiComm mpi;
+  if (mpi.size() != 1) GTEST_SKIP() << "run without mpirun";
+  NcclComm nccl(mpi, 0);
+  auto gpu = make_backend("cuda:0");
+  const std::vector<int32_t> a = {1, 2, 3, 4, 5}, b = {9, 8};
+  const auto da = raw_paired(*gpu, *gpu, DType::kI32, {5}, a), db = raw_paired(*gpu, *gpu, DType::kI32, {2}, b);
+  DeviceBuffer ra = gpu->allocate(20), rb = gpu->allocate(8);
+  const std::vector<size_t> ca = {20}, cb = {8};
+  const Communicator::Part parts[] = {{da.gpu.data, ca, ra.data(), ca}, {db.gpu.data, cb, rb.data(), cb}};
+  ASSERT_TRUE(nccl.takes_device_buffers());
+  nccl.all_to_all_v_parts_device(parts, gpu->native_stream());
+  EXPECT_EQ(read_raw<int32_t>(*gpu, ra.view(DType::kI32, {5})), a);
+  EXPECT_EQ(read_raw<int32_t>(*gpu, rb.view(DType::kI32, {2})), b);
+}
+#endif
+
+}  // namespace
+}  // namespace arbiter
