@@ -1,4 +1,4 @@
-// `arbiter bench`: the serving load generator (issue 6). N classify requests over P synthetic
+// `arbiter bench`: the serving load generator (docs/performance.md). N classify requests over P synthetic
 // policies (~500 tokens each) with distinct contents (~100 tokens), reasoning capped at a small
 // fixed budget, all submitted at once to the Classifier of one ServingRank and run by the step loop;
 // the same workload runs with prefix caching on and off in this process, and the ratios are
