@@ -193,14 +193,17 @@ struct HttpTransport::Impl {
         handler(std::move(h)),
         connections_gauge(m.gauge("arbiter_http_connections", "Open HTTP connections.")),
         waiting_gauge(m.gauge("arbiter_http_waiting_requests", "Complete HTTP requests waiting for a handler thread.")),
-        metrics(m) {}
+        metrics(m) {
+    // Every reason's series exists from the start (at 0), so that rate() and alerts see it.
+    for (const char* reason : {"connections", "waiting", "too_large", "malformed", "timeout"}) count_rejected(reason, 0);
+  }
 
-  void count_rejected(const char* reason) {
+  void count_rejected(const char* reason, double amount = 1) {
     metrics.counter("arbiter_http_rejected_total",
                     "HTTP requests and connections the transport answered itself, by reason "
                     "(connections, waiting, too_large, malformed, timeout).",
                     {{"reason", reason}})
-        .inc();
+        .inc(amount);
   }
 
   void accept();

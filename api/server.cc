@@ -26,6 +26,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr auto kPoll = std::chrono::milliseconds(50);
+// Help texts of the counters whose series are created at start (at 0, so that rate() and alerts
+// see them before the first event) and again where they are counted.
+constexpr const char* kFlaggedHelp = "Classify requests with a violation.";
+constexpr const char* kPromptsStoppedHelp =
+    "Classify requests refused while their prompts were rendered, before any scheduling, by reason.";
+constexpr const char* kPromptsStoppedReasons[] = {"too_long", "deadline", "client_gone"};
 // How long past its deadline (or its cancellation) a handler waits for the scheduler's answer.
 constexpr auto kGrace = std::chrono::seconds(30);
 
@@ -190,10 +196,7 @@ struct ApiServer::Impl {
     const char* reason = p.status == PromptStatus::kDeadline    ? "deadline"
                          : p.status == PromptStatus::kCancelled ? "client_gone"
                                                                 : "too_long";
-    metrics.counter("arbiter_classify_prompts_stopped_total",
-                    "Classify requests refused while their prompts were rendered, before any scheduling, by reason.",
-                    {{"reason", reason}})
-        .inc();
+    metrics.counter("arbiter_classify_prompts_stopped_total", kPromptsStoppedHelp, {{"reason", reason}}).inc();
     const std::string param = "policies[" + std::to_string(p.policy) + "]";
     switch (p.status) {
       case PromptStatus::kPolicyTooLong: {
@@ -412,7 +415,7 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   if (auto e = finish_error(result.finish, gone, error)) throw ApiException(*e);
   count_tokens({result.usage.prompt_tokens, result.usage.cached_tokens, result.usage.reasoning_tokens,
                 result.usage.completion_tokens});
-  if (result.flagged) metrics.counter("arbiter_classify_flagged_total", "Classify requests with a violation.").inc();
+  if (result.flagged) metrics.counter("arbiter_classify_flagged_total", kFlaggedHelp).inc();
   return json_reply(200, print_json(classify_response(result, resolved, h.model_name, unix_now())));
 }
 
@@ -885,6 +888,9 @@ ApiServer::ApiServer(ApiOptions options) : impl_(std::make_unique<Impl>(std::mov
   impl_->id_salt = salt;
   impl_->metrics.gauge("arbiter_policies", "Registered policies (latest versions).")
       .set(static_cast<double>(impl_->registry.list().size()));
+  impl_->metrics.counter("arbiter_classify_flagged_total", kFlaggedHelp);
+  for (const char* reason : kPromptsStoppedReasons)
+    impl_->metrics.counter("arbiter_classify_prompts_stopped_total", kPromptsStoppedHelp, {{"reason", reason}});
 }
 
 ApiServer::~ApiServer() { stop(); }

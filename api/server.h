@@ -1,4 +1,4 @@
-// ApiServer: Arbiter's HTTP API on rank 0 (DESIGN.md §3, issue 6). Endpoints:
+// ApiServer: Arbiter's HTTP API on rank 0 (DESIGN.md §3; api/README.md). Endpoints:
 //   POST /v1/classify                       content x policies -> verdicts (api/classify_api.h)
 //   POST|GET /v1/policies, GET|DELETE /v1/policies/{id}[@version]   versioned named policies
 //   POST /v1/chat/completions               OpenAI-compatible, with SSE streaming (api/chat_api.h)

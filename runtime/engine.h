@@ -1,4 +1,4 @@
-// Engine: one rank's executor of step plans (DESIGN.md §3, issue 6). The central scheduler decides
+// Engine: one rank's executor of step plans (DESIGN.md §3; docs/architecture.md). The central scheduler decides
 // admission, batching, block allocation and prefix reuse; the engine turns a StepPlan into one
 // Model::forward step over its rank's KV cache, samples the tokens the plan asks for and returns
 // them with their log-probabilities. It keeps nothing between steps except the KV cache contents.

@@ -1,4 +1,4 @@
-// Classification on top of the scheduler (issue 6): one content judged against one or more policies,
+// Classification on top of the scheduler: one content judged against one or more policies,
 // one sequence per policy (harmony prompt: policy as the developer message, content as the user
 // message, runtime/safeguard.h), and each policy's generation turned into a verdict with its
 // confidence, the final text and the reasoning. Shared by the HTTP API and `arbiter classify`.

@@ -1,4 +1,4 @@
-// PrefixCache: one rank's KV block manager for the central scheduler (issue 6). It hands out the
+// PrefixCache: one rank's KV block manager for the central scheduler. It hands out the
 // rank's KV blocks 1..N-1 (block 0 is reserved: the placeholder for table entries nobody reads),
 // counts references to them, and keeps fully computed blocks for reuse by later sequences that
 // start with the same tokens (a policy's rendered prefix is computed once per rank).

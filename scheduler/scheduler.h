@@ -1,4 +1,4 @@
-// Scheduler: the central scheduler on rank 0 (DESIGN.md §3, issue 6). It owns every decision:
+// Scheduler: the central scheduler on rank 0 (DESIGN.md §3; scheduler/README.md). It owns every decision:
 // the request queue, continuous batching with chunked prefill under a per-step token budget, KV
 // block allocation for every rank, prefix caching (scheduler/prefix_cache.h), routing of new
 // sequences to the rank that caches their prefix (balanced against load), preemption when a rank

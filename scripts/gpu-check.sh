@@ -73,11 +73,11 @@ run bench 100 "$pack/bin/gpu_bench" --benchmark_format=console --benchmark_out="
 # The CLI end to end on a golden case.
 tokens=$(python3 -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['tokens'])))" "$pack/golden/tiny-a/case.json" 2>/dev/null)
 run cli 20 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli.npy" --device cuda
-# Expert parallelism on the GPU (issue 4): 2 thread ranks sharing the one GPU, each with its own CUDA
+# Expert parallelism on the GPU: 2 thread ranks sharing the one GPU, each with its own CUDA
 # backend and half the experts; and NcclComm with one rank (MPI singleton bootstrap).
 run cli_ep_threads 30 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli_ep_threads.npy" --device cuda --transport threads --ranks 2
 run cli_nccl 30 "$pack/bin/arbiter" logits --model "$pack/golden/tiny-a" --tokens "$tokens" --out "$work/cli_nccl.npy" --device cuda --transport nccl
-# Serving (issue 6) on the GPU: the load generator (prefix caching on vs off, step-loop overhead) on a
+# Serving on the GPU: the load generator (prefix caching on vs off, step-loop overhead) on a
 # small random model, and one classification on the CPU and on the GPU of the same tiny model.
 run serve_bench 60 "$pack/bin/arbiter" bench --device cuda --tokenizer "$tok" --requests 64 --policies 4 \
   --json "$work/serve_bench.json"

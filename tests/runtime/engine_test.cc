@@ -1,4 +1,4 @@
-// The per-rank Engine and the StepExchange (issue 6): step plans against the single-process drivers
+// The per-rank Engine and the StepExchange: step plans against the single-process drivers
 // (greedy_generate, compute_all_logits), serving-mode block tables against ring tables, prefix
 // reuse, batch invariance of sampling, the sampler itself, malformed plans, the exchange over
 // expert-parallel thread ranks, and Backend::top_logprobs.

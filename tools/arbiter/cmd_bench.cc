@@ -1,4 +1,4 @@
-// `arbiter bench`: the serving load generator (issue 6). N classify requests over P synthetic
+// `arbiter bench`: the serving load generator (docs/performance.md). N classify requests over P synthetic
 // policies (~500 tokens each) with distinct contents (~100 tokens), reasoning capped at a small
 // fixed budget, all submitted at once to the Classifier of one ServingRank and run by the step loop;
 // the same workload runs with prefix caching on and off in this process, and the ratios are
@@ -25,6 +25,7 @@
 #include "scheduler/classify.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
+#include "tools/arbiter/commands.h"
 
 namespace arbiter {
 namespace {
@@ -245,6 +246,26 @@ ModelConfig bench_config(const std::string& preset) {
 }
 
 }  // namespace
+
+const char* const kBenchUsage =
+    "usage: arbiter bench [--model DIR | --preset tiny|small] [options]\n"
+    "Load generator: N classify requests over P synthetic policies with distinct contents, all submitted at\n"
+    "once, run with prefix caching on and then off in the same process; prints decisions/s, latency, tokens\n"
+    "and the step-loop overhead of each.\n"
+    "  --model DIR              checkpoint folder (default: a random model of --preset, written to a temp folder)\n"
+    "  --preset tiny|small      the random model's shape (small)\n"
+    "  --requests N             requests (32)\n"
+    "  --policies P             distinct policies (4)\n"
+    "  --policy-tokens N        tokens per policy (500)\n"
+    "  --content-tokens N       tokens per content (100)\n"
+    "  --reasoning-tokens N     reasoning budget; the final channel is then forced open (16)\n"
+    "  --answer-tokens N        answer tokens after the reasoning (4)\n"
+    "  --seed N                 workload seed (7)\n"
+    "  --json FILE              also write the results as JSON\n"
+    "  --quick                  a smoke run for tests (8 requests, 2 short policies)\n"
+    "  engine: --device cpu|cuda[:N]|auto (cpu) --tokenizer DIR (.cache/tokenizer) --max-context N (2048)\n"
+    "          --step-tokens N (512) --step-samples N (64) --kv-blocks N (0: every request's blocks at once)\n"
+    "          --top-logprobs N (5)\n";
 
 int cmd_bench(const CliArgs& args) {
   Workload w;

@@ -22,6 +22,7 @@
 #include "scheduler/classify.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
+#include "tools/arbiter/commands.h"
 #include "tools/arbiter/ranks.h"
 #include "tools/arbiter/serving_args.h"
 
@@ -285,6 +286,28 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
 }
 
 }  // namespace
+
+const char* const kClassifyUsage =
+    "usage: arbiter classify --model DIR --policy FILE[,FILE...] (--content T | --input IN.jsonl) [options]\n"
+    "Classifies offline with the serving engine (no HTTP). --content: one JSON result on stdout. --input: a\n"
+    "JSONL file of {\"id\", \"content\"} lines, one JSON result per line in input order (a bad line gets an\n"
+    "\"error\" row). Under mpirun (or --ranks N) rank 0 schedules and the other ranks run steps.\n"
+    "  --model DIR              checkpoint folder (required)\n"
+    "  --policy FILE[,FILE...]  policy files; each policy's id is its file name without extension (required)\n"
+    "  --content T              one content to classify\n"
+    "  --input IN.jsonl         contents to classify, one {\"id\", \"content\"} per line\n"
+    "  --output OUT.jsonl       where the results of --input go (- : stdout, the default)\n"
+    "  --effort low|medium|high reasoning effort (medium)\n"
+    "  --max-tokens N           generated tokens per policy (0: the effort's reasoning budget + answer tokens)\n"
+    "  --labels A,B,...         the policy answers with one of these labels instead of 0/1\n"
+    "  --violating B,...        which of the --labels count as a violation\n"
+    "  --no-reasoning           leave the reasoning text out of the results\n"
+    "  engine: --device cpu|cuda[:N]|auto (auto) --tokenizer DIR (the model's) --kv-blocks N (0: enough for two\n"
+    "          sequences of --max-context, at least 2048) --step-tokens N (256) --step-samples N (64)\n"
+    "          --top-logprobs N (20) --no-prefix-cache\n"
+    "  --max-context N          prompt + generated tokens per policy (8192)\n"
+    "  --reasoning-budget N|L,M,H  reasoning tokens per effort (256,1024,4096); --answer-tokens N after it (256)\n"
+    "  --transport auto|threads|mpi|nccl, --ranks N, --placement FILE  expert parallelism (see `arbiter logits --help`)\n";
 
 int cmd_classify(const CliArgs& args) {
   const bool has_content = args.has("content"), has_input = args.has("input");

@@ -30,49 +30,12 @@
 #include "api/server.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
+#include "tools/arbiter/commands.h"
 #include "tools/arbiter/ranks.h"
 #include "tools/arbiter/serving_args.h"
 
 namespace arbiter {
 namespace {
-
-const char* kServeUsage =
-    "usage: arbiter serve --model DIR [options]        (mpirun -np N arbiter serve ... : experts over N ranks)\n"
-    "  --host H                 listen address (127.0.0.1)\n"
-    "  --port P                 port (8080; 0: any free port); the address and pid are printed once bound\n"
-    "  --grpc-port P            also serve the gRPC API (api/grpc.proto) on this port (0: any free port)\n"
-    "  --api-key-file F         bearer keys, one per line: /v1/* then needs 'Authorization: Bearer <key>'\n"
-    "  --policy-db F            SQLite file keeping registered policies across restarts; it (and its folder)\n"
-    "                           must be writable, and every row one the API could have stored, or start-up fails\n"
-    "  --policy-db-readonly     serve the policies of --policy-db without changing them (POST/DELETE /v1/policies: 403)\n"
-    "  --request-timeout S      seconds a request may take (600; 0: none); a request's 'timeout' may shorten it\n"
-    "  --max-body-bytes N       larger bodies get 413 (4194304); gRPC: the largest request message\n"
-    "  --http-threads N         requests handled at once, each waiting for the model (256); gRPC: calls at once\n"
-    "  --max-queued N           requests waiting for a rank before 429 (= --http-threads; at most that)\n"
-    "  --max-waiting N          complete requests waiting for a free handler thread before 429 (1024)\n"
-    "  --max-connections N      open connections before 503 (4096, capped by the descriptor limit)\n"
-    "  --header-timeout S       seconds for a request head from its first byte (10)\n"
-    "  --body-timeout S         seconds for a request body after its head (60)\n"
-    "  --idle-timeout S         seconds a keep-alive connection may stay idle (5)\n"
-    "  --effort low|medium|high default reasoning effort (medium)\n"
-    "  --warm-efforts LIST      efforts registered policies are precomputed for (low,medium,high; none)\n"
-    "  --served-model-name NAME the model id of /v1/models (the model folder's name)\n"
-    "  --max-policies N         policies per classify request (32)\n"
-    "  --no-prefix-cache        disable prefix caching\n"
-    "  engine: --device cpu|cuda[:N]|auto --tokenizer DIR --kv-blocks N --step-tokens N --step-samples N\n"
-    "          --top-logprobs N --transport auto|threads|mpi|nccl --ranks N --placement FILE\n"
-    "  --max-context N          prompt + generated tokens per request and policy (8192)\n"
-    "  --reasoning-budget N|L,M,H  reasoning tokens per effort (256,1024,4096); --answer-tokens N after it (256).\n"
-    "                           Each effort's budget + answer tokens must leave room for a prompt in --max-context,\n"
-    "                           or start-up fails. A policy whose prompt leaves no room for content and an answer\n"
-    "                           at the cheapest effort is refused (413 policy_too_long) and not warmed.\n"
-    "  --heartbeat-timeout S    mpirun: a worker rank not heard from for S seconds stalls (3; 0: no heartbeats)\n"
-    "  --step-timeout S         mpirun: a worker rank that has not completed a step S seconds after rank 0\n"
-    "                           started it stalls (30; 0: no limit); must exceed the longest step\n"
-    "SIGTERM/SIGINT (to rank 0) drains: in-flight requests are answered, then every rank exits 0.\n"
-    "A worker rank that stalls: /ready and model requests answer 503 (rank_fault, rank_unavailable) until it\n"
-    "is back. A worker rank that died: requests in flight get 503, then rank 0 ends the job (MPI_Abort, status\n"
-    "75; mpirun may report the dead rank's status instead). Restart the whole group (docs/operating.md).\n";
 
 // Exit status of a job that rank 0 ended because a rank died or the exchange with the ranks broke
 // (EX_TEMPFAIL: restarting the group is expected to help).
@@ -181,11 +144,47 @@ int wait_for_signal(const sigset_t& signals, std::chrono::milliseconds timeout) 
 
 }  // namespace
 
+const char* const kServeUsage =
+    "usage: arbiter serve --model DIR [options]        (mpirun -np N arbiter serve ... : experts over N ranks)\n"
+    "  --host H                 listen address (127.0.0.1)\n"
+    "  --port P                 port (8080; 0: any free port); the address and pid are printed once bound\n"
+    "  --grpc-port P            also serve the gRPC API (api/grpc.proto) on this port (0: any free port)\n"
+    "  --api-key-file F         bearer keys, one per line: /v1/* then needs 'Authorization: Bearer <key>'\n"
+    "  --policy-db F            SQLite file keeping registered policies across restarts; it (and its folder)\n"
+    "                           must be writable, and every row one the API could have stored, or start-up fails\n"
+    "  --policy-db-readonly     serve the policies of --policy-db without changing them (POST/DELETE /v1/policies: 403)\n"
+    "  --request-timeout S      seconds a request may take (600; 0: none); a request's 'timeout' may shorten it\n"
+    "  --max-body-bytes N       larger bodies get 413 (4194304); gRPC: the largest request message\n"
+    "  --http-threads N         requests handled at once, each waiting for the model (256); gRPC: calls at once\n"
+    "  --max-queued N           requests waiting for a rank before 429 (= --http-threads; at most that)\n"
+    "  --max-waiting N          complete requests waiting for a free handler thread before 429 (1024)\n"
+    "  --max-connections N      open connections before 503 (4096, capped by the descriptor limit)\n"
+    "  --header-timeout S       seconds for a request head from its first byte (10)\n"
+    "  --body-timeout S         seconds for a request body after its head (60)\n"
+    "  --idle-timeout S         seconds a keep-alive connection may stay idle (5)\n"
+    "  --effort low|medium|high default reasoning effort (medium)\n"
+    "  --warm-efforts LIST      efforts registered policies are precomputed for (low,medium,high; none)\n"
+    "  --served-model-name NAME the model id of /v1/models (the model folder's name)\n"
+    "  --max-policies N         policies per classify request (32)\n"
+    "  --no-prefix-cache        disable prefix caching\n"
+    "  engine: --device cpu|cuda[:N]|auto (auto) --tokenizer DIR (the model's) --kv-blocks N (0: enough for two\n"
+    "          sequences of --max-context, at least 2048) --step-tokens N (256) --step-samples N (64)\n"
+    "          --top-logprobs N (20)\n"
+    "  --transport auto|threads|mpi|nccl, --ranks N, --placement FILE  expert parallelism (see `arbiter logits --help`)\n"
+    "  --max-context N          prompt + generated tokens per request and policy (8192)\n"
+    "  --reasoning-budget N|L,M,H  reasoning tokens per effort (256,1024,4096); --answer-tokens N after it (256).\n"
+    "                           Each effort's budget + answer tokens must leave room for a prompt in --max-context,\n"
+    "                           or start-up fails. A policy whose prompt leaves no room for content and an answer\n"
+    "                           at the cheapest effort is refused (413 policy_too_long) and not warmed.\n"
+    "  --heartbeat-timeout S    mpirun: a worker rank not heard from for S seconds stalls (3; 0: no heartbeats)\n"
+    "  --step-timeout S         mpirun: a worker rank that has not completed a step S seconds after rank 0\n"
+    "                           started it stalls (30; 0: no limit); must exceed the longest step\n"
+    "SIGTERM/SIGINT (to rank 0) drains: in-flight requests are answered, then every rank exits 0.\n"
+    "A worker rank that stalls: /ready and model requests answer 503 (rank_fault, rank_unavailable) until it\n"
+    "is back. A worker rank that died: requests in flight get 503, then rank 0 ends the job (MPI_Abort, status\n"
+    "75; mpirun may report the dead rank's status instead). Restart the whole group (docs/operating.md).\n";
+
 int cmd_serve(const CliArgs& args) {
-  if (args.flag("help")) {
-    std::cout << kServeUsage;
-    return 0;
-  }
   // Termination signals are taken synchronously by rank 0's thread; every thread started from
   // here on inherits the mask (worker ranks ignore them and stop when rank 0 shuts the loop down).
   sigset_t signals;

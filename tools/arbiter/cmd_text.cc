@@ -12,6 +12,7 @@
 #include "runtime/safeguard.h"
 #include "runtime/tokenizer.h"
 #include "tools/arbiter/cli_args.h"
+#include "tools/arbiter/commands.h"
 
 namespace arbiter {
 namespace {
@@ -63,6 +64,34 @@ std::vector<int32_t> ids_from_json(const nlohmann::json& j, const std::string& w
 }
 
 }  // namespace
+
+const char* const kTokenizeUsage =
+    "usage: arbiter tokenize (--tokenizer FILE | --model DIR) [--text T | stdin] [options]\n"
+    "Prints the o200k_harmony token ids of the text as a JSON array.\n"
+    "  --tokenizer FILE         tokenizer.json (or a tiktoken rank file); or --model DIR: the checkpoint's\n"
+    "  --text T                 the text (default: all of stdin)\n"
+    "  --specials               encode special tokens written as text (<|start|> ...) as their ids\n"
+    "  --jsonl                  stdin holds one JSON string per line; one array per line out\n"
+    "  --invalid-utf8 replace|error  what to do with bytes that are not UTF-8 (replace)\n";
+
+const char* const kDetokenizeUsage =
+    "usage: arbiter detokenize (--tokenizer FILE | --model DIR) [--tokens 1,2,3 | stdin] [--jsonl]\n"
+    "Prints the text of token ids.\n"
+    "  --tokenizer FILE         tokenizer.json (or a tiktoken rank file); or --model DIR: the checkpoint's\n"
+    "  --tokens IDS             comma-separated ids (default: a JSON array on stdin)\n"
+    "  --jsonl                  stdin holds one JSON array per line; one JSON string per line out\n";
+
+const char* const kRenderUsage =
+    "usage: arbiter render (--tokenizer FILE | --model DIR) (--policy FILE | --joint ID=FILE,...) [options]\n"
+    "Prints the harmony prompt of a safeguard classification: {\"ids\", \"num_tokens\", \"text\"}.\n"
+    "  --tokenizer FILE         tokenizer.json (or a tiktoken rank file); or --model DIR: the checkpoint's\n"
+    "  --policy FILE            the policy text\n"
+    "  --joint ID=FILE,...      several policies judged in one prompt\n"
+    "  --content T              the content (or --content-file F; default: all of stdin)\n"
+    "  --content-file F         read the content from a file\n"
+    "  --reasoning low|medium|high  the reasoning effort in the system message (medium)\n"
+    "  --date YYYY-MM-DD        add a `Current date:` line to the system message\n"
+    "  --hf-newlines            the newlines of Hugging Face's chat template\n";
 
 int cmd_tokenize(const CliArgs& args) {
   const bool specials = args.flag("specials"), jsonl = args.flag("jsonl");

@@ -6,14 +6,24 @@
 
 namespace arbiter {
 
+// Each subcommand's usage text (`arbiter NAME --help`) is beside it: kNameUsage.
+
 // tools/arbiter/cmd_text.cc
+extern const char* const kTokenizeUsage;
+extern const char* const kDetokenizeUsage;
+extern const char* const kRenderUsage;
 int cmd_tokenize(const CliArgs& args);
 int cmd_detokenize(const CliArgs& args);
 int cmd_render(const CliArgs& args);
 
 // tools/arbiter/cmd_classify.cc
+extern const char* const kClassifyUsage;
 int cmd_classify(const CliArgs& args);
 // tools/arbiter/cmd_bench.cc
+extern const char* const kBenchUsage;
 int cmd_bench(const CliArgs& args);
+// tools/arbiter/cmd_serve.cc
+extern const char* const kServeUsage;
+int cmd_serve(const CliArgs& args);
 
 }  // namespace arbiter

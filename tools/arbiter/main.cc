@@ -8,6 +8,7 @@
 #include <iostream>
 #include <memory>
 #include <stdexcept>
+#include <set>
 #include <string>
 
 #include "kernels/backend.h"
@@ -22,32 +23,62 @@
 #include "tools/arbiter/ranks.h"
 
 namespace arbiter {
-int cmd_serve(const CliArgs& args);  // tools/arbiter/cmd_serve.cc
 namespace {
 
 const char* kUsage =
-    "usage: arbiter <command> [options]\n"
+    "usage: arbiter <command> [options]      (arbiter <command> --help: that command's options)\n"
     "\n"
     "commands:\n"
-    "  make-model --out DIR [--preset tiny|20b-shape|120b-shape] [--layers N] [--hidden N]\n"
-    "             [--intermediate N] [--experts N] [--experts-per-token N] [--heads N] [--kv-heads N]\n"
-    "             [--head-dim N] [--vocab N] [--window N] [--seed N] [--shard-mb N] [--f32-norms]\n"
-    "             [--tokenizer-dir DIR]  (default: $ARBITER_TOKENIZER_DIR or .cache/tokenizer)\n"
-    "  logits     --model DIR --tokens 1,2,3 --out FILE.npy [--device cpu|cuda[:N]|auto]\n"
-    "  tokenize   --tokenizer FILE|--model DIR [--text T | stdin] [--specials] [--jsonl] [--invalid-utf8 replace|error]\n"
-    "  detokenize --tokenizer FILE|--model DIR [--tokens 1,2,3 | stdin JSON array] [--jsonl]\n"
-    "  render     --tokenizer FILE|--model DIR --policy FILE|--joint ID=FILE,... [--content T|--content-file F|stdin]\n"
-    "             [--reasoning low|medium|high] [--date YYYY-MM-DD] [--hf-newlines]\n"
-    "  generate   --model DIR --tokens 1,2,3 --max-new-tokens N [--device ...]\n"
-    "  serve      --model DIR [--host H] [--port P] [--api-key-file F] [--policy-db FILE] [--no-prefix-cache]\n"
-    "             HTTP API: /v1/classify, /v1/policies, /v1/chat/completions, /metrics (`arbiter serve --help`)\n"
-    "  classify   --model DIR --policy FILE[,FILE...] (--content T | --input IN.jsonl [--output OUT.jsonl])\n"
-    "             [--effort low|medium|high] [--max-tokens N] [--labels A,B --violating B] [--no-reasoning]\n"
-    "             [--reasoning-budget N|LOW,MEDIUM,HIGH] [--no-prefix-cache] [--device ...] [--max-context N] [--kv-blocks N]\n"
-    "  bench      (--model DIR | --preset tiny|small) [--requests N] [--policies P] [--reasoning-tokens N]\n"
-    "             [--json FILE]  load generator: prefix caching on vs off, decisions/s, latency, step overhead\n"
-    "  (logits, generate, classify and serve also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
-    "   experts split over N thread ranks, or over the processes of `mpirun -np N arbiter ...`)\n";
+    "  serve       HTTP (and gRPC) API: /v1/classify, /v1/policies, /v1/chat/completions, /metrics\n"
+    "  classify    offline classification: one content or a JSONL file against one or more policies\n"
+    "  bench       load generator: prefix caching on vs off, decisions/s, latency, step-loop overhead\n"
+    "  make-model  write a random checkpoint in the Hugging Face layout (presets tiny, 20b-shape, 120b-shape)\n"
+    "  logits      logits of a token sequence as a float32 .npy\n"
+    "  generate    greedy continuation of a token sequence\n"
+    "  tokenize    text to o200k_harmony token ids\n"
+    "  detokenize  token ids to text\n"
+    "  render      the harmony prompt of a safeguard classification\n"
+    "\n"
+    "Every command takes --config FILE: more options from a deployment config (configs/deploy/*.yaml),\n"
+    "one `option: value` per line; options on the command line win. Usage errors exit 2, failures 1.\n";
+
+// Options that logits, generate, classify and serve take to split the experts over ranks.
+#define ARBITER_RANK_OPTIONS                                                                                      \
+  "  --transport auto|threads|mpi|nccl  how ranks talk (auto: mpi under mpirun, else threads)\n"                 \
+  "  --ranks N                expert-parallel thread ranks in this process (1); under mpirun use -np N\n"        \
+  "  --placement FILE         expert placement (configs/placement/; default: contiguous, even)\n"
+
+const char* const kMakeModelUsage =
+    "usage: arbiter make-model --out DIR [options]\n"
+    "Writes a random checkpoint in the Hugging Face layout (config.json, model.safetensors or shards with\n"
+    "an index, tokenizer.json).\n"
+    "  --out DIR                where to write (required)\n"
+    "  --preset NAME            tiny | 20b-shape | 120b-shape (tiny)\n"
+    "  --layers N, --hidden N, --intermediate N, --experts N, --experts-per-token N, --heads N,\n"
+    "  --kv-heads N, --head-dim N, --vocab N, --window N\n"
+    "                           override the preset's shape\n"
+    "  --seed N                 random seed (1)\n"
+    "  --shard-mb N             largest safetensors shard in MiB (4096)\n"
+    "  --f32-norms              store the norm weights as float32 instead of bf16\n"
+    "  --tokenizer-dir DIR      folder with tokenizer.json to copy in ($ARBITER_TOKENIZER_DIR or .cache/tokenizer)\n";
+
+const char* const kLogitsUsage =
+    "usage: arbiter logits --model DIR --tokens 1,2,3 --out FILE.npy [options]\n"
+    "Writes the logits of every position as float32 [tokens, vocab].\n"
+    "  --model DIR              checkpoint folder (required)\n"
+    "  --tokens IDS             comma-separated token ids (required)\n"
+    "  --out FILE.npy           output file (required)\n"
+    "  --device cpu|cuda[:N]|auto  (auto: CUDA when a GPU is present)\n"
+    "  --step-tokens N          rows per forward step (256)\n" ARBITER_RANK_OPTIONS;
+
+const char* const kGenerateUsage =
+    "usage: arbiter generate --model DIR --tokens 1,2,3 [options]\n"
+    "Greedy continuation through the KV cache; prints {\"tokens\": [...]}.\n"
+    "  --model DIR              checkpoint folder (required)\n"
+    "  --tokens IDS             comma-separated prompt token ids (required)\n"
+    "  --max-new-tokens N       tokens to generate (16)\n"
+    "  --device cpu|cuda[:N]|auto  (auto: CUDA when a GPU is present)\n"
+    "  --step-tokens N          rows per forward step (256)\n" ARBITER_RANK_OPTIONS;
 
 std::vector<int32_t> token_arg(const CliArgs& args) {
   const auto ids = parse_token_list(args.require("tokens"));
@@ -157,21 +188,47 @@ int cmd_generate(const CliArgs& args) {
 
 int main(int argc, char** argv) {
   using namespace arbiter;
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "help")) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
     std::fputs(kUsage, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
   }
-  const std::string cmd = argv[1];
+  std::string cmd = argv[1];
+  const bool help = cmd == "help";  // `arbiter help [NAME]`
+  if (help) {
+    if (argc < 3) return std::fputs(kUsage, stdout), 0;
+    cmd = argv[2];
+  }
+  // name, boolean flags, usage (printed by `arbiter NAME --help`), the command.
+  struct Command {
+    const char* name;
+    std::set<std::string> flags;
+    const char* usage;
+    int (*run)(const CliArgs&);
+  };
+  const Command commands[] = {
+      {"make-model", {"f32-norms"}, kMakeModelUsage, cmd_make_model},
+      {"logits", {}, kLogitsUsage, cmd_logits},
+      {"tokenize", {"specials", "jsonl"}, kTokenizeUsage, cmd_tokenize},
+      {"detokenize", {"jsonl"}, kDetokenizeUsage, cmd_detokenize},
+      {"render", {"hf-newlines"}, kRenderUsage, cmd_render},
+      {"generate", {}, kGenerateUsage, cmd_generate},
+      {"serve", {"no-prefix-cache", "policy-db-readonly"}, kServeUsage, cmd_serve},
+      {"classify", {"no-prefix-cache", "no-reasoning"}, kClassifyUsage, cmd_classify},
+      {"bench", {"quick"}, kBenchUsage, cmd_bench},
+  };
   try {
-    if (cmd == "make-model") return cmd_make_model(CliArgs(argc - 2, argv + 2, {"f32-norms"}));
-    if (cmd == "logits") return cmd_logits(CliArgs(argc - 2, argv + 2, {}));
-    if (cmd == "tokenize") return cmd_tokenize(CliArgs(argc - 2, argv + 2, {"specials", "jsonl"}));
-    if (cmd == "detokenize") return cmd_detokenize(CliArgs(argc - 2, argv + 2, {"jsonl"}));
-    if (cmd == "render") return cmd_render(CliArgs(argc - 2, argv + 2, {"hf-newlines"}));
-    if (cmd == "generate") return cmd_generate(CliArgs(argc - 2, argv + 2, {}));
-    if (cmd == "serve") return cmd_serve(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "policy-db-readonly", "help"}));
-    if (cmd == "classify") return cmd_classify(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "no-reasoning"}));
-    if (cmd == "bench") return cmd_bench(CliArgs(argc - 2, argv + 2, {"quick"}));
+    for (const Command& c : commands) {
+      if (cmd != c.name) continue;
+      if (help) return std::fputs(c.usage, stdout), 0;
+      std::set<std::string> flags = c.flags;
+      flags.insert("help");
+      const CliArgs args(argc - 2, argv + 2, flags);
+      if (args.flag("help")) {
+        std::fputs(c.usage, stdout);
+        return 0;
+      }
+      return c.run(args);
+    }
     std::cerr << "arbiter: unknown command '" << cmd << "'\n" << kUsage;
     return 2;
   } catch (const std::invalid_argument& e) {
