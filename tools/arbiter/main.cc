@@ -169,7 +169,7 @@ int main(int argc, char** argv) {
     if (cmd == "detokenize") return cmd_detokenize(CliArgs(argc - 2, argv + 2, {"jsonl"}));
     if (cmd == "render") return cmd_render(CliArgs(argc - 2, argv + 2, {"hf-newlines"}));
     if (cmd == "generate") return cmd_generate(CliArgs(argc - 2, argv + 2, {}));
-    if (cmd == "serve") return cmd_serve(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "policy-db-readonly", "help"}));
+    if (cmd == "serve") return cmd_serve(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "policy-db-readonly", "no-decision-log", "help"}));
     if (cmd == "classify") return cmd_classify(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "no-reasoning"}));
     if (cmd == "bench") return cmd_bench(CliArgs(argc - 2, argv + 2, {"quick"}));
     std::cerr << "arbiter: unknown command '" << cmd << "'\n" << kUsage;
