@@ -23,6 +23,7 @@
 
 namespace arbiter {
 int cmd_serve(const CliArgs& args);  // tools/arbiter/cmd_serve.cc
+int cmd_export(const CliArgs& args);  // tools/arbiter/cmd_export.cc
 namespace {
 
 const char* kUsage =
@@ -44,6 +45,8 @@ const char* kUsage =
     "  classify   --model DIR --policy FILE[,FILE...] (--content T | --input IN.jsonl [--output OUT.jsonl])\n"
     "             [--effort low|medium|high] [--max-tokens N] [--labels A,B --violating B] [--no-reasoning]\n"
     "             [--reasoning-budget N|LOW,MEDIUM,HIGH] [--no-prefix-cache] [--device ...] [--max-context N] [--kv-blocks N]\n"
+    "  export     --db FILE --policy ID[@V] --out FILE.jsonl [--since T] [--until T] [--model-labels]\n"
+    "             labelled dataset from the decision log: human feedback, else the model's verdict (docs/decisions.md)\n"
     "  bench      (--model DIR | --preset tiny|small) [--requests N] [--policies P] [--reasoning-tokens N]\n"
     "             [--json FILE]  load generator: prefix caching on vs off, decisions/s, latency, step overhead\n"
     "  (logits, generate, classify and serve also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
@@ -172,6 +175,7 @@ int main(int argc, char** argv) {
     if (cmd == "serve") return cmd_serve(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "policy-db-readonly", "no-decision-log", "help"}));
     if (cmd == "classify") return cmd_classify(CliArgs(argc - 2, argv + 2, {"no-prefix-cache", "no-reasoning"}));
     if (cmd == "bench") return cmd_bench(CliArgs(argc - 2, argv + 2, {"quick"}));
+    if (cmd == "export") return cmd_export(CliArgs(argc - 2, argv + 2, {"model-labels"}));
     std::cerr << "arbiter: unknown command '" << cmd << "'\n" << kUsage;
     return 2;
   } catch (const std::invalid_argument& e) {
