@@ -2,8 +2,8 @@
 // usually the same file as the registered policies. Tables `decisions` (one row per decision, the
 // latest feedback beside it), `decision_feedback` (every feedback, for the record) and
 // `arbiter_schema` (the version of each part's schema, checked at open: a newer one refuses).
-// Commits are durable (rollback journal, synchronous=FULL): the journal mode is left as SQLite's
-// default so that the same file can still be served with --policy-db-readonly.
+// Commits are durable: the file is switched to WAL mode (one fsync per commit; readers do not wait
+// for the writer) with synchronous=FULL.
 #pragma once
 
 #include <memory>
