@@ -385,6 +385,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     request.method = std::string(message.method_string());
     const std::string_view target(message.target().data(), message.target().size());
     request.path = decode_path(target.substr(0, target.find('?')));
+    if (const size_t q = target.find('?'); q != std::string_view::npos) request.query = std::string(target.substr(q + 1));
     for (const auto& field : message) {
       std::string name(field.name_string());
       std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });

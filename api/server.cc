@@ -13,10 +13,12 @@
 #include "api/api.pb.h"
 #include "api/chat_api.h"
 #include "api/classify_api.h"
+#include "api/decisions_api.h"
 #include "api/http_transport.h"
 #include "api/errors.h"
 #include "api/json_io.h"
 #include "api/pending.h"
+#include "api/sqlite_decision_store.h"
 #include "scheduler/classify.h"
 #include "scheduler/scheduler.h"
 #include "scheduler/step_loop.h"
@@ -80,10 +82,15 @@ struct ChatRun {
 
 // The server's state: options, registries, the serving handles once attached, the HTTP transport.
 struct ApiServer::Impl {
-  explicit Impl(ApiOptions o) : options(std::move(o)), registry(options.policy_db, options.policy_db_readonly) {}
+  explicit Impl(ApiOptions o) : options(std::move(o)), registry(options.policy_db, options.policy_db_readonly) {
+    if (!options.decision_log.db.empty())
+      decisions = std::make_unique<DecisionLog>(std::make_unique<SqliteDecisionStore>(options.decision_log.db),
+                                                options.decision_log.log);
+  }
 
   ApiOptions options;
   PolicyRegistry registry;
+  std::unique_ptr<DecisionLog> decisions;  // null: no decision log
   MetricsRegistry metrics;
   std::mutex handles_mutex;
   std::optional<ServingHandles> handles;
@@ -276,6 +283,9 @@ struct ApiServer::Impl {
   HttpReply models();
   HttpReply health(bool readiness);
   HttpReply metrics_text();
+  HttpReply decisions_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id);
+  void record_decisions(const HttpRequest& req, const ResolvedClassify& resolved, const ClassifyResult& result,
+                        Clock::time_point received, wire::ClassifyResponse& response);
   wire::Policy policy_wire(const StoredPolicy& p, bool with_versions);
 };
 
@@ -307,6 +317,11 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
 
   if (path == "/v1/classify" || path == "/v1/chat/completions" || path == "/v1/models" || path == "/v1/policies") endpoint = path;
   else if (path.rfind("/v1/policies/", 0) == 0) endpoint = "/v1/policies/{id}";
+  else if (path == "/v1/decisions") endpoint = path;
+  else if (path.rfind("/v1/decisions/", 0) == 0) {
+    const std::string rest = path.substr(std::string("/v1/decisions/").size());
+    endpoint = rest.size() >= 9 && rest.compare(rest.size() - 9, 9, "/feedback") == 0 ? "/v1/decisions/{id}/feedback" : "/v1/decisions/{id}";
+  }
   else throw ApiException({404, "Unknown path " + printable(path) + ".", "not_found_error", "", "unknown_path", 0});
 
   if (!options.keys.accepts(header(req, "authorization"))) {
@@ -332,6 +347,12 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
   if (endpoint == "/v1/models") {
     allow({"GET"});
     return models();
+  }
+  if (endpoint.rfind("/v1/decisions", 0) == 0) {
+    allow({endpoint == "/v1/decisions/{id}/feedback" ? "POST" : "GET"});
+    std::string id = path.substr(std::min(path.size(), std::string("/v1/decisions/").size()));
+    if (endpoint == "/v1/decisions/{id}/feedback") id.resize(id.size() - 9);
+    return decisions_endpoint(req, endpoint, id);
   }
   if (endpoint == "/v1/policies") {
     allow({"GET", "POST"});
@@ -380,12 +401,16 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
       if (r.finish == FinishReason::kStop || r.finish == FinishReason::kLength) sink(index, print_json(policy_result_wire(r, *shape, index)));
     };
   }
+  // The decision log keeps the reasoning even when the client does not want it back.
+  const bool return_reasoning = request.return_reasoning;
+  if (decisions && options.decision_log.store_reasoning) request.return_reasoning = true;
   try {
     status = h.classifier->submit(request, std::move(prompts), [pending](ClassifyResult r) { pending->set(std::move(r)); }, &why,
                                   std::move(on_policy));
   } catch (const std::invalid_argument& e) {
     throw bad_request(std::string("The request was refused: ") + e.what(), "", "invalid_request");
   }
+  request.return_reasoning = return_reasoning;
   admission.reset();
   if (status != SubmitStatus::kAccepted) throw ApiException(submit_error(status, why));
 
@@ -416,7 +441,38 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   count_tokens({result.usage.prompt_tokens, result.usage.cached_tokens, result.usage.reasoning_tokens,
                 result.usage.completion_tokens});
   if (result.flagged) metrics.counter("arbiter_classify_flagged_total", kFlaggedHelp).inc();
-  return json_reply(200, print_json(classify_response(result, resolved, h.model_name, unix_now())));
+  wire::ClassifyResponse response = classify_response(result, resolved, h.model_name, unix_now());
+  if (decisions) record_decisions(req, resolved, result, received, response);  // 503 unless stored
+  return json_reply(200, print_json(response));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decision log (api/decisions_api.h, docs/decisions.md).
+
+void ApiServer::Impl::record_decisions(const HttpRequest& req, const ResolvedClassify& resolved, const ClassifyResult& result,
+                                       Clock::time_point received, wire::ClassifyResponse& response) {
+  const ApiKeyIdentity who = options.keys.identify(header(req, "authorization")).value_or(ApiKeyIdentity{});
+  const double latency_ms = std::chrono::duration<double, std::milli>(Clock::now() - received).count();
+  std::vector<DecisionRecord> records =
+      decision_records(result, resolved, options.decision_log, who, latency_ms, decisions->now_ms(), response);
+  try {
+    decisions->record(std::move(records));
+  } catch (const DecisionLogUnavailable& e) {
+    throw ApiException({503, std::string("The classification could not be recorded (") + e.what() + "); retry later.", "server_error",
+                        "", "decision_log_unavailable", options.retry_after_seconds});
+  }
+}
+
+HttpReply ApiServer::Impl::decisions_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id) {
+  if (!decisions)
+    throw ApiException({404, "This server keeps no decision log (start it with --db FILE).", "not_found_error", "",
+                        "decision_log_disabled", 0});
+  const ApiKeyIdentity who = options.keys.identify(header(req, "authorization")).value_or(ApiKeyIdentity{});
+  if (endpoint == "/v1/decisions") return json_reply(200, decision_list_json(decisions->store(), req.query, who));
+  if (!req.query.empty() && endpoint == "/v1/decisions/{id}")
+    throw bad_request("GET /v1/decisions/{id} takes no query parameters.", "", "unknown_parameter");
+  if (endpoint == "/v1/decisions/{id}") return json_reply(200, decision_get_json(decisions->store(), id, who));
+  return json_reply(200, decision_feedback_json(*decisions, id, req.body, who));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -831,6 +887,17 @@ HttpReply ApiServer::Impl::metrics_text() {
     metrics.gauge("arbiter_http_in_flight", "HTTP requests being handled.").set(in_flight - 1);  // less this scrape
   }
   metrics.gauge("arbiter_policies", "Registered policies (latest versions).").set(static_cast<double>(registry.list().size()));
+  if (decisions) {
+    const DecisionLog::Stats d = decisions->stats();
+    metrics.counter("arbiter_decisions_stored_total", "Decisions written to the decision log.").set_total(static_cast<double>(d.stored));
+    metrics.counter("arbiter_decision_commits_total", "Decision log transactions (each holds the decisions of concurrent requests).")
+        .set_total(static_cast<double>(d.commits));
+    metrics.counter("arbiter_decisions_unstored_total", "Decisions not stored (their requests were answered 503), by reason.", {{"reason", "queue_full"}})
+        .set_total(static_cast<double>(d.refused));
+    metrics.counter("arbiter_decisions_unstored_total", "Decisions not stored (their requests were answered 503), by reason.", {{"reason", "store_failed"}})
+        .set_total(static_cast<double>(d.failed));
+    metrics.counter("arbiter_decisions_expired_total", "Decisions deleted by the retention period.").set_total(static_cast<double>(d.swept));
+  }
   if (h && h->scheduler) {
     const SchedulerStats s = h->scheduler->stats();
     metrics.gauge("arbiter_queue_depth", "Requests waiting in the scheduler's queue.").set(s.queued_requests);

@@ -3,6 +3,7 @@
 //   POST|GET /v1/policies, GET|DELETE /v1/policies/{id}[@version]   versioned named policies
 //   POST /v1/chat/completions               OpenAI-compatible, with SSE streaming (api/chat_api.h)
 //   GET /v1/models, GET /health, GET /ready, GET /metrics (Prometheus)
+//   GET /v1/decisions[/{id}], POST /v1/decisions/{id}/feedback   the decision log (docs/decisions.md)
 // Bodies follow api/api.proto. Every failure is an OpenAI-style error body with its status (400
 // bad input, 401 bad key, 404 unknown policy/path, 413 body too large, 429 queue full with
 // Retry-After, 503 loading/draining/a rank at fault, 504 deadline). A client that disconnects has
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "api/auth.h"
+#include "api/decision_log.h"
 #include "api/metrics.h"
 #include "api/policy_registry.h"
 #include "runtime/harmony.h"
@@ -57,6 +59,7 @@ struct ApiOptions {
   bool policy_db_readonly = false;      // serve the db's policies without changes (POST/DELETE: 403)
   int retry_after_seconds = 1;          // Retry-After of 429 / 503 replies
   int max_policies_per_request = 32;
+  DecisionLogSettings decision_log;     // db empty: no decision log
 };
 
 // What the model endpoints run on (ServingRank's pieces on rank 0), handed over once loaded.
@@ -79,6 +82,7 @@ struct ServingHandles {
 struct HttpRequest {
   std::string method;                   // GET | POST | DELETE | ...
   std::string path;                     // without the query string
+  std::string query;                    // the query string as sent (after '?'; not decoded)
   std::map<std::string, std::string> headers;  // lower-case names
   std::string body;
   std::function<bool()> client_gone;   // optional: the client closed the connection

@@ -72,6 +72,28 @@ api::ApiOptions api_options(const CliArgs& args) {
   o.policy_db = args.get("policy-db", "");
   o.policy_db_readonly = args.flag("policy-db-readonly");
   if (o.policy_db_readonly && o.policy_db.empty()) throw std::invalid_argument("--policy-db-readonly needs --policy-db");
+  // The decision log: --db, else a writable --policy-db; its settings only with one.
+  const std::string db = args.get("db", "");
+  if (o.policy_db.empty()) o.policy_db = db;
+  api::DecisionLogSettings& d = o.decision_log;
+  d.db = !db.empty() ? db : o.policy_db_readonly ? "" : o.policy_db;
+  if (args.flag("no-decision-log")) d.db.clear();
+  for (const char* name : {"store-content", "store-reasoning", "retention-days", "retention-interval"})
+    if (args.has(name) && d.db.empty())
+      throw std::invalid_argument(std::string("--") + name + " needs a decision log (--db FILE, or a writable --policy-db)");
+  const std::string content = args.get("store-content", "hash");
+  if (content == "full") d.content = api::ContentStorage::kFull;
+  else if (content == "hash") d.content = api::ContentStorage::kHash;
+  else if (content == "none") d.content = api::ContentStorage::kNone;
+  else throw std::invalid_argument("--store-content takes full, hash or none (got '" + content + "')");
+  const std::string reasoning = args.get("store-reasoning", "on");
+  if (reasoning != "on" && reasoning != "off") throw std::invalid_argument("--store-reasoning takes on or off (got '" + reasoning + "')");
+  d.store_reasoning = reasoning == "on";
+  d.log.retention_days = std::stod(args.get("retention-days", "0"));
+  if (!(d.log.retention_days >= 0)) throw std::invalid_argument("--retention-days must not be negative (0: keep every decision)");
+  const double interval = std::stod(args.get("retention-interval", "3600"));
+  if (!(interval > 0)) throw std::invalid_argument("--retention-interval must be a positive number of seconds");
+  d.log.retention_interval = std::chrono::milliseconds(static_cast<long long>(interval * 1000));
   if (args.has("warm-efforts")) {  // e.g. "low,medium"; "none": registered policies are not precomputed
     o.warm_efforts.clear();
     std::string list = args.get("warm-efforts", "");
@@ -153,6 +175,14 @@ const char* const kServeUsage =
     "  --policy-db F            SQLite file keeping registered policies across restarts; it (and its folder)\n"
     "                           must be writable, and every row one the API could have stored, or start-up fails\n"
     "  --policy-db-readonly     serve the policies of --policy-db without changing them (POST/DELETE /v1/policies: 403)\n"
+    "  --db F                   SQLite file of the decision log (docs/decisions.md), and of the policies when no\n"
+    "                           --policy-db is given. Without --db the decision log goes into a writable --policy-db;\n"
+    "                           with neither there is no decision log\n"
+    "  --no-decision-log        keep no decision log even with a database\n"
+    "  --store-content full|hash|none  what the decision log keeps of the content (hash: its SHA-256 only)\n"
+    "  --store-reasoning on|off whether the decision log keeps the reasoning (on)\n"
+    "  --retention-days N       delete decisions older than N days, at start and every --retention-interval (0: keep)\n"
+    "  --retention-interval S   seconds between retention sweeps (3600)\n"
     "  --request-timeout S      seconds a request may take (600; 0: none); a request's 'timeout' may shorten it\n"
     "  --max-body-bytes N       larger bodies get 413 (4194304); gRPC: the largest request message\n"
     "  --http-threads N         requests handled at once, each waiting for the model (256); gRPC: calls at once\n"

@@ -25,5 +25,8 @@ int cmd_bench(const CliArgs& args);
 // tools/arbiter/cmd_serve.cc
 extern const char* const kServeUsage;
 int cmd_serve(const CliArgs& args);
+// tools/arbiter/cmd_export.cc
+extern const char* const kExportUsage;
+int cmd_export(const CliArgs& args);
 
 }  // namespace arbiter

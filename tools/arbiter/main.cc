@@ -32,6 +32,7 @@ const char* kUsage =
     "  serve       HTTP (and gRPC) API: /v1/classify, /v1/policies, /v1/chat/completions, /metrics\n"
     "  classify    offline classification: one content or a JSONL file against one or more policies\n"
     "  bench       load generator: prefix caching on vs off, decisions/s, latency, step-loop overhead\n"
+    "  export      labelled dataset (JSONL) from the decision log: human feedback, else the model's verdict\n"
     "  make-model  write a random checkpoint in the Hugging Face layout (presets tiny, 20b-shape, 120b-shape)\n"
     "  logits      logits of a token sequence as a float32 .npy\n"
     "  generate    greedy continuation of a token sequence\n"
@@ -212,9 +213,10 @@ int main(int argc, char** argv) {
       {"detokenize", {"jsonl"}, kDetokenizeUsage, cmd_detokenize},
       {"render", {"hf-newlines"}, kRenderUsage, cmd_render},
       {"generate", {}, kGenerateUsage, cmd_generate},
-      {"serve", {"no-prefix-cache", "policy-db-readonly"}, kServeUsage, cmd_serve},
+      {"serve", {"no-prefix-cache", "policy-db-readonly", "no-decision-log"}, kServeUsage, cmd_serve},
       {"classify", {"no-prefix-cache", "no-reasoning"}, kClassifyUsage, cmd_classify},
       {"bench", {"quick"}, kBenchUsage, cmd_bench},
+      {"export", {"model-labels"}, kExportUsage, cmd_export},
   };
   try {
     for (const Command& c : commands) {

@@ -1,0 +1,30 @@
+#include "api/decision_store.h"
+
+#include <cstdio>
+#include <mutex>
+#include <random>
+
+namespace arbiter::api {
+
+std::string new_decision_id(int64_t unix_ms) {
+  static std::mutex mutex;
+  static std::mt19937_64 rng{std::random_device{}() ^ (static_cast<uint64_t>(std::random_device{}()) << 32)};
+  uint64_t random;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    random = rng();
+  }
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "dec_%012llx%016llx", static_cast<unsigned long long>(unix_ms) & 0xffffffffffffULL,
+                static_cast<unsigned long long>(random));
+  return buf;
+}
+
+bool valid_decision_id(const std::string& id) {
+  if (id.size() != 32 || id.rfind("dec_", 0) != 0) return false;
+  for (size_t i = 4; i < id.size(); ++i)
+    if (!((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f'))) return false;
+  return true;
+}
+
+}  // namespace arbiter::api

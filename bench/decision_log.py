@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Decision-log overhead: decisions/s of POST /v1/classify (max_tokens 1, one policy, keep-alive
+clients) with the decision log on over off, for one `arbiter serve` binary in the same run (same
+model, same machine, rounds interleaved). Both servers get a database (`--db`); the "off" one runs
+with `--no-decision-log`, so the only difference is the log.
+
+    python3 bench/decision_log.py --binary build/arbiter [--clients 16] [--requests 200] [--rounds 3]
+
+Prints a Markdown table and the ratio (target >= 0.95). Uses bench/http_frontend.py's client.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from http_frontend import run_clients  # noqa: E402
+
+
+class Server:
+    def __init__(self, binary, model, extra, log):
+        self.proc = subprocess.Popen([binary, "serve", "--model", model, "--port", "0", "--device", "cpu",
+                                      "--warm-efforts", "none"] + extra, stdout=subprocess.PIPE, stderr=log, text=True)
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on http://[0-9.]+:([0-9]+)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"printed no address: {line!r}")
+        self.port = int(match.group(1))
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=2).status == 200:
+                    return
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError("did not become ready")
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--binary", default="build/arbiter")
+    ap.add_argument("--model", help="model folder (default: a tiny random model made here)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=200, help="per client and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", help="where the databases go (default: a temporary folder)")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="arbiter-decision-bench-", dir=args.dir)
+    try:
+        model = args.model
+        if not model:
+            model = os.path.join(tmp, "model")
+            subprocess.run([args.binary, "make-model", "--preset", "tiny", "--seed", "3", "--tokenizer-dir",
+                            os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "tokenizer"),
+                            "--out", model], check=True, stdout=subprocess.DEVNULL)
+        configs = [("log off", ["--db", os.path.join(tmp, "off.db"), "--no-decision-log"]),
+                   ("log on", ["--db", os.path.join(tmp, "on.db")])]
+        results = {name: [] for name, _ in configs}
+        with open(os.path.join(tmp, "serve.log"), "w") as log:
+            for _ in range(args.rounds):
+                for name, extra in configs:
+                    server = Server(args.binary, model, extra, log)
+                    try:
+                        run_clients(server.port, 2, 10, True)  # warm-up
+                        results[name].append(run_clients(server.port, args.clients, args.requests, True))
+                    finally:
+                        server.close()
+        print(f"POST /v1/classify, max_tokens 1, one policy, tiny model, {args.clients} keep-alive clients x "
+              f"{args.requests} requests, {args.rounds} interleaved rounds, {os.cpu_count()} CPUs, databases in {tmp}")
+        print("| decision log | decisions/s per round | best | p50 ms | p99 ms | errors |")
+        print("|---|---|---|---|---|---|")
+        best = {}
+        for name, _ in configs:
+            rs = results[name]
+            b = max(rs, key=lambda r: r["rps"])
+            best[name] = b["rps"]
+            per_round = " / ".join("%.0f" % r["rps"] for r in rs)
+            print(f"| {name} | {per_round} | {b['rps']:.0f} | {b['p50']:.1f} | "
+                  f"{b['p99']:.1f} | {sum(r['errors'] for r in rs)} |")
+        print(f"decisions/s, log on / log off (best rounds): {best['log on'] / best['log off']:.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
