@@ -308,7 +308,7 @@ def run_help(binary, *args):
 
 # Which commands read the options a source file reads: "all" of them, or "any" one.
 OPTION_SOURCES = {"cmd_serve.cc": ("all", ["serve"]), "cmd_classify.cc": ("all", ["classify"]),
-                  "cmd_bench.cc": ("all", ["bench"]), "cmd_text.cc": ("any", ["tokenize", "detokenize", "render"]),
+                  "cmd_bench.cc": ("all", ["bench"]), "cmd_export.cc": ("all", ["export"]), "cmd_text.cc": ("any", ["tokenize", "detokenize", "render"]),
                   "main.cc": ("any", ["make-model", "logits", "generate"]),
                   "serving_args.cc": ("all", ["serve", "classify"]),
                   "ranks.cc": ("all", ["logits", "generate", "classify", "serve"])}
@@ -406,7 +406,8 @@ class Server:
         self.proc = subprocess.Popen([binary, "serve", "--model", model, "--device", "cpu", "--port", "0",
                                       "--grpc-port", "0", "--max-body-bytes", "65536", "--warm-efforts", "none",
                                       "--kv-blocks", "512", "--max-context", "4096",
-                                      "--reasoning-budget", "16", "--answer-tokens", "8"],
+                                      "--reasoning-budget", "16", "--answer-tokens", "8",
+                                      "--db", os.path.join(workdir, "decisions.db")],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.port = self.grpc_port = None
         deadline = time.time() + 120

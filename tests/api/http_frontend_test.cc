@@ -104,19 +104,27 @@ TEST_F(HttpFrontEnd, KeepAlivePipeliningHalfCloseAndProtocolDetails) {
       EXPECT_EQ(r->header("connection"), "close");
       fresh.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     }
-    // A keep-alive classify too (the old transport sent its head and body in two writes).
-    std::vector<double> classify;
+    // A keep-alive classify too (the old transport sent its head and body in two writes), against
+    // the same request on fresh connections, alternating.
+    std::vector<double> classify_kept, classify_fresh;
     for (int i = 0; i < 10; ++i) {
-      const auto t0 = Clock::now();
+      auto t0 = Clock::now();
       ASSERT_TRUE(c.send_all(post("/v1/classify", classify_body("keep-alive " + std::to_string(i), 1))));
-      const auto r = c.read_response(30);
+      auto r = c.read_response(30);
       ASSERT_TRUE(r && r->status == 200) << (r ? r->body : "no reply");
-      classify.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      classify_kept.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      t0 = Clock::now();
+      RawConnection f(port);
+      ASSERT_TRUE(f.send_all(post("/v1/classify", classify_body("fresh " + std::to_string(i), 1), "Connection: close\r\n")));
+      r = f.read_response(30);
+      ASSERT_TRUE(r && r->status == 200) << (r ? r->body : "no reply");
+      classify_fresh.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     }
-    EXPECT_LT(median_ms(classify), 35) << "keep-alive classify stalls";
+    // A delayed-ACK stall adds ~40 ms to every keep-alive request; compared with fresh connections
+    // measured in the same run, so the machine's load cancels out.
+    EXPECT_LT(median_ms(classify_kept), median_ms(classify_fresh) + 20) << "keep-alive classify stalls";
   }
-  EXPECT_LT(median_ms(kept), 20) << "keep-alive /health stalls (delayed ACK?)";
-  EXPECT_LT(median_ms(kept), median_ms(fresh) + 5);
+  EXPECT_LT(median_ms(kept), median_ms(fresh) + 20) << "keep-alive /health stalls (delayed ACK?)";
 
   // Pipelined: three requests in one write, three answers in order; then a POST and a GET.
   {
