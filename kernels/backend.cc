@@ -48,6 +48,24 @@ void Backend::top_logprobs(const Tensor& logits, int k, const Tensor& ids, const
   upload(top_lp.data(), logprobs);
 }
 
+void Backend::token_logprobs(const Tensor& logits, const Tensor& ids, const Tensor& logprobs) {
+  const int64_t rows = logits.rows(), vocab = logits.row_elements();
+  if (logits.dtype != DType::kF32 || ids.dtype != DType::kI32 || logprobs.dtype != DType::kF32)
+    throw std::invalid_argument("token_logprobs: logits and log-probabilities must be F32, ids I32");
+  if (ids.rows() != rows || logprobs.rows() != rows || ids.row_elements() != logprobs.row_elements())
+    throw std::invalid_argument("token_logprobs: the id and log-probability tensors do not match the logits");
+  const int64_t m = ids.row_elements();
+  if (rows == 0 || m == 0) return;
+  std::vector<float> host(static_cast<size_t>(rows * vocab));
+  download(logits, host.data());
+  std::vector<int32_t> wanted(static_cast<size_t>(rows * m));
+  download(ids, wanted.data());
+  std::vector<float> out(static_cast<size_t>(rows * m));
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::ref::token_logprobs(host.data() + r * vocab, vocab, wanted.data() + r * m, m, out.data() + r * m);
+  upload(out.data(), logprobs);
+}
+
 void Backend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {
   for (const LinearTerm& t : terms) linear(x, t.weight, t.bias, t.out);
 }

@@ -189,6 +189,13 @@ class Backend {
   // the whole row (F32 [rows, k]). 1 <= k <= min(vocab, 64). The default downloads the logits and
   // computes on the host; backends override it to keep the logits on the device.
   virtual void top_logprobs(const Tensor& logits, int k, const Tensor& ids, const Tensor& logprobs);
+  // Per row of logits [rows, vocab] (F32): the log-probabilities, under the softmax of the whole row,
+  // of the tokens ids[r, j] (I32 [rows, m]) into logprobs[r, j] (F32 [rows, m]); an id outside the
+  // vocabulary (-1 pads a row with fewer tokens) gets -inf. For answers that must be scored even when
+  // they are not among the top k (verdict-only scoring). The normalizer is computed as top_logprobs
+  // computes it, so a token in both lists has the same log-probability in both. The default
+  // downloads the logits and computes on the host.
+  virtual void token_logprobs(const Tensor& logits, const Tensor& ids, const Tensor& logprobs);
 
   // --- optional: recorded steps (device backends; the defaults just run the step) ---
   // Runs `body`, which enqueues one forward step's operations on `step` and nothing else (no host

@@ -84,6 +84,12 @@ PlannedStep plan_step(const Model& model, const proto::StepPlan& plan, int num_b
     if (work.top_logprobs() < 0 || work.top_logprobs() > Engine::kMaxReportedLogprobs)
       reject(work, "top_logprobs " + std::to_string(work.top_logprobs()) + " outside 0.." +
                        std::to_string(Engine::kMaxReportedLogprobs));
+    if (work.candidate_tokens_size() > Model::kMaxCandidateTokens)
+      reject(work, std::to_string(work.candidate_tokens_size()) + " candidate tokens (at most " +
+                       std::to_string(Model::kMaxCandidateTokens) + ")");
+    for (int32_t t : work.candidate_tokens())
+      if (t < 0 || t >= vocab)
+        reject(work, "candidate token id " + std::to_string(t) + " outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
     const float temperature = work.sampling().temperature(), top_p = work.sampling().top_p();
     if (!(temperature >= 0) || !std::isfinite(temperature))
       reject(work, "temperature " + std::to_string(temperature) + " is not a finite number >= 0");
@@ -201,9 +207,19 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
 
   const int k = candidates_for(step, model_.config().vocab_size);
   const auto start = std::chrono::steady_clock::now();
+  // Candidate tokens of the sampled rows (none when no sequence asked: the plain top-k path).
+  std::vector<std::vector<int32_t>> candidates;
+  for (const proto::SequenceWork* work : step.sampled)
+    if (work->candidate_tokens_size() > 0) {
+      candidates.resize(step.sampled.size());
+      break;
+    }
+  if (!candidates.empty())
+    for (size_t i = 0; i < step.sampled.size(); ++i)
+      candidates[i].assign(step.sampled[i]->candidate_tokens().begin(), step.sampled[i]->candidate_tokens().end());
   TopLogprobs top;
   try {
-    top = model_.forward_top(step.layout, k);
+    top = model_.forward_top(step.layout, k, candidates);
   } catch (const std::exception& e) {
     // Under expert parallelism the failure came in the middle of the step's collectives: the other
     // ranks cannot finish it, so make them fail fast instead of waiting for the timeout.
@@ -232,6 +248,12 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
       alt->set_token(ids[j]);
       alt->set_logprob(logprobs[j]);
     }
+    if (i < top.candidate_logprobs.size())
+      for (int j = 0; j < work.candidate_tokens_size(); ++j) {
+        proto::TokenLogprob* c = out->add_candidates();
+        c->set_token(work.candidate_tokens(j));
+        c->set_logprob(top.candidate_logprobs[i][static_cast<size_t>(j)]);
+      }
   }
   return result;
 }

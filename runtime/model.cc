@@ -1,5 +1,6 @@
 #include "runtime/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <numbers>
@@ -104,6 +105,8 @@ std::vector<Model::BufferSpec> Model::buffer_specs(const ModelConfig& config, co
       {&Model::argmax_, DType::kI32, {L}},
       {&Model::top_ids_, DType::kI32, {L, kMaxTopLogprobs}},
       {&Model::top_logprobs_, DType::kF32, {L, kMaxTopLogprobs}},
+      {&Model::candidate_ids_, DType::kI32, {L, kMaxCandidateTokens}},
+      {&Model::candidate_logprobs_, DType::kF32, {L, kMaxCandidateTokens}},
       {&Model::rope_table_, DType::kF32, {rope_table_positions(config, options), D}},
   };
 }
@@ -251,7 +254,16 @@ std::vector<int32_t> Model::forward_argmax(const StepLayout& layout) {
   return host;
 }
 
-TopLogprobs Model::forward_top(const StepLayout& layout, int k) {
+TopLogprobs Model::forward_top(const StepLayout& layout, int k) { return forward_top(layout, k, {}); }
+
+TopLogprobs Model::forward_top(const StepLayout& layout, int k, const std::vector<std::vector<int32_t>>& candidates) {
+  if (!candidates.empty() && candidates.size() != layout.logit_rows.size())
+    throw std::invalid_argument("forward_top: " + std::to_string(candidates.size()) + " candidate lists for " +
+                                std::to_string(layout.logit_rows.size()) + " logit rows");
+  size_t widest = 0;
+  for (const auto& c : candidates) widest = std::max(widest, c.size());
+  if (widest > static_cast<size_t>(kMaxCandidateTokens))
+    throw std::invalid_argument("forward_top: more than " + std::to_string(kMaxCandidateTokens) + " candidate tokens in a row");
   if (k < 1 || k > kMaxTopLogprobs || k > config_.vocab_size)
     throw std::invalid_argument("forward_top: k = " + std::to_string(k) + " outside 1.." + std::to_string(kMaxTopLogprobs));
   run(layout);
@@ -267,6 +279,23 @@ TopLogprobs Model::forward_top(const StepLayout& layout, int k) {
   top.logprobs.resize(static_cast<size_t>(n * k));
   backend_.download(ids, top.ids.data());
   backend_.download(lp, top.logprobs.data());
+  if (widest == 0) return top;
+  // The candidates as one [n, m] table (rows with fewer padded with -1), scored in one call.
+  const int64_t m = static_cast<int64_t>(widest);
+  std::vector<int32_t> table(static_cast<size_t>(n * m), -1);
+  for (int64_t r = 0; r < n; ++r)
+    std::copy(candidates[static_cast<size_t>(r)].begin(), candidates[static_cast<size_t>(r)].end(),
+              table.begin() + r * m);
+  const Tensor cids = candidate_ids_.reshaped({candidate_ids_.elements()}).slice_rows(0, n * m).reshaped({n, m}),
+               clp = candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, n * m).reshaped({n, m});
+  backend_.upload(table.data(), cids);
+  backend_.token_logprobs(logits_.slice_rows(0, n), cids, clp);
+  std::vector<float> scored(static_cast<size_t>(n * m));
+  backend_.download(clp, scored.data());
+  top.candidate_logprobs.resize(static_cast<size_t>(n));
+  for (int64_t r = 0; r < n; ++r)
+    top.candidate_logprobs[static_cast<size_t>(r)].assign(
+        scored.begin() + r * m, scored.begin() + r * m + static_cast<int64_t>(candidates[static_cast<size_t>(r)].size()));
   return top;
 }
 

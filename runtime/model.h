@@ -40,11 +40,16 @@ struct TopLogprobs {
   int k = 0;
   std::vector<int32_t> ids;
   std::vector<float> logprobs;
+  // forward_top with candidate tokens: per requested row, the log-probabilities of that row's
+  // candidates, in their order (empty for a row that asked for none).
+  std::vector<std::vector<float>> candidate_logprobs;
 };
 
 class Model {
  public:
   static constexpr int kMaxTopLogprobs = 64;
+  // The most candidate tokens one requested row may ask forward_top for.
+  static constexpr int kMaxCandidateTokens = 256;
 
   Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend, const ModelOptions& options = {});
   ~Model();
@@ -56,6 +61,10 @@ class Model {
   // Same, but returns the top k (1..kMaxTopLogprobs) tokens of each requested row with their
   // log-probabilities (ids[r * k] is the argmax). Only these leave the device.
   TopLogprobs forward_top(const StepLayout& layout, int k);
+  // Same, and for each requested row r the log-probabilities of the tokens candidates[r] (at most
+  // kMaxCandidateTokens; `candidates` is empty or has one entry per requested row), whether or not
+  // they are among the top k: the answers verdict-only scoring must weigh (Backend::token_logprobs).
+  TopLogprobs forward_top(const StepLayout& layout, int k, const std::vector<std::vector<int32_t>>& candidates);
   // Expert parallelism: this rank has no (more) steps of its own; takes part in the other ranks'
   // steps with zero tokens until no rank has steps left. A no-op on a single rank.
   void serve_peers();
@@ -88,7 +97,7 @@ class Model {
   RopeParams rope_;
   std::vector<DeviceBuffer> buffers_;
   Tensor x_, normed_, q_, k_, v_, attn_, delta_, router_logits_, expert_ids_, expert_weights_, final_rows_, logits_,
-      argmax_, top_ids_, top_logprobs_, rope_table_;
+      argmax_, top_ids_, top_logprobs_, candidate_ids_, candidate_logprobs_, rope_table_;
   std::unique_ptr<MoeDispatcher> dispatcher_;  // set when expert-parallel over more than one rank
 };
 

@@ -297,6 +297,7 @@ struct Scheduler::State {
     token.token = sampled.token();
     token.logprob = sampled.logprob();
     token.top.assign(sampled.top().begin(), sampled.top().end());
+    token.candidates.assign(sampled.candidates().begin(), sampled.candidates().end());
     push_token(s, std::move(token), events);
     ++stats.decode_tokens;
     const int32_t t = sampled.token();
@@ -581,6 +582,7 @@ struct Scheduler::State {
         if (s->planned_sample) {
           *work->mutable_sampling() = s->spec.sampling;
           work->set_top_logprobs(s->spec.top_logprobs);
+          work->mutable_candidate_tokens()->Add(s->spec.candidate_tokens.begin(), s->spec.candidate_tokens.end());
         }
         step_tokens += s->planned_tokens;
       }
@@ -657,6 +659,10 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
     if (spec.prompt.empty()) return fail(SubmitStatus::kInvalid, which + "empty prompt");
     if (spec.max_new_tokens < 1) return fail(SubmitStatus::kInvalid, which + "max_new_tokens must be at least 1");
     if (spec.top_logprobs < 0 || spec.top_logprobs > 20) return fail(SubmitStatus::kInvalid, which + "top_logprobs must be 0..20");
+    if (spec.candidate_tokens.size() > static_cast<size_t>(kMaxCandidateTokens))
+      return fail(SubmitStatus::kInvalid, which + "at most " + std::to_string(kMaxCandidateTokens) + " candidate tokens");
+    for (const int32_t t : spec.candidate_tokens)
+      if (t < 0) return fail(SubmitStatus::kInvalid, which + "negative candidate token id");
     if (static_cast<int>(spec.prompt.size()) + 1 > st.max_context)
       return fail(SubmitStatus::kTooLong, which + "prompt of " + std::to_string(spec.prompt.size()) +
                                               " tokens leaves no room in a context of " + std::to_string(st.max_context));

@@ -40,6 +40,8 @@ inline constexpr int32_t kTokenReturn = 200002;
 inline constexpr int32_t kTokenCall = 200012;
 inline constexpr int32_t kTokenEndOfText = 199999;
 inline constexpr int32_t kTokenEnd = 200007;  // <|end|>: closes a message (the analysis one)
+// The most candidate tokens a sequence may ask for (Model::kMaxCandidateTokens, what the engine scores).
+inline constexpr int kMaxCandidateTokens = 256;
 
 // One generation: a prompt and how to continue it.
 struct SequenceSpec {
@@ -53,6 +55,10 @@ struct SequenceSpec {
   std::vector<int32_t> close_reasoning;
   proto::Sampling sampling;   // default: greedy
   int top_logprobs = 0;       // alternatives reported per generated token (0..20)
+  // Tokens whose log-probabilities are reported with every sampled token, whether or not they are
+  // among the top ones (verdict-only scoring weighs the allowed answers with them); at most
+  // kMaxCandidateTokens.
+  std::vector<int32_t> candidate_tokens;
   std::vector<int32_t> stop_tokens = {kTokenReturn, kTokenCall, kTokenEndOfText};
 };
 
@@ -60,6 +66,7 @@ struct GeneratedToken {
   int32_t token = 0;
   float logprob = 0;                          // 0 for forced tokens
   std::vector<proto::TokenLogprob> top;       // empty for forced tokens
+  std::vector<proto::TokenLogprob> candidates;  // SequenceSpec::candidate_tokens' log-probabilities, in order
   bool forced = false;                        // fed by the scheduler (reasoning budget), not sampled
 };
 

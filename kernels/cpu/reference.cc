@@ -115,4 +115,15 @@ void top_logprobs(const float* logits, int64_t n, int k, int32_t* ids, float* lo
   }
 }
 
+void token_logprobs(const float* logits, int64_t n, const int32_t* ids, int64_t m, float* logprobs) {
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) max_logit = std::max(max_logit, logits[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+  const double log_z = static_cast<double>(max_logit) + std::log(sum);
+  for (int64_t j = 0; j < m; ++j)
+    logprobs[j] = ids[j] >= 0 && ids[j] < n ? static_cast<float>(logits[ids[j]] - log_z)
+                                            : -std::numeric_limits<float>::infinity();
+}
+
 }  // namespace arbiter::cpu::ref

@@ -26,5 +26,8 @@ void topk_softmax(const float* logits, int64_t n, int k, int32_t* ids, float* we
 // The k largest of logits[0..n) (largest first, lowest id first on ties) and their log-probabilities
 // under the softmax of all n (computed in double).
 void top_logprobs(const float* logits, int64_t n, int k, int32_t* ids, float* logprobs);
+// Log-probabilities of the m tokens `ids` under the softmax of logits[0..n) (the normalizer as
+// top_logprobs computes it); ids outside [0, n) get -inf.
+void token_logprobs(const float* logits, int64_t n, const int32_t* ids, int64_t m, float* logprobs);
 
 }  // namespace arbiter::cpu::ref

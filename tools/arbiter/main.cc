@@ -44,6 +44,8 @@ const char* kUsage =
     "  classify   --model DIR --policy FILE[,FILE...] (--content T | --input IN.jsonl [--output OUT.jsonl])\n"
     "             [--effort low|medium|high] [--max-tokens N] [--labels A,B --violating B] [--no-reasoning]\n"
     "             [--reasoning-budget N|LOW,MEDIUM,HIGH] [--no-prefix-cache] [--device ...] [--max-context N] [--kv-blocks N]\n"
+    "             [--mode reason|score] [--score-prefix empty_analysis|direct] [--answer-format auto|binary|labels|json]\n"
+    "             (score: no reasoning, each allowed answer's probability read after a forced final header)\n"
     "  bench      (--model DIR | --preset tiny|small) [--requests N] [--policies P] [--reasoning-tokens N]\n"
     "             [--json FILE]  load generator: prefix caching on vs off, decisions/s, latency, step overhead\n"
     "  (logits, generate, classify and serve also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
