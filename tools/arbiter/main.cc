@@ -46,7 +46,7 @@ const char* kUsage =
     "             [--reasoning-budget N|LOW,MEDIUM,HIGH] [--no-prefix-cache] [--device ...] [--max-context N] [--kv-blocks N]\n"
     "             [--mode reason|score] [--score-prefix empty_analysis|direct] [--answer-format auto|binary|labels|json]\n"
     "             (score: no reasoning, each allowed answer's probability read after a forced final header)\n"
-    "  bench      (--model DIR | --preset tiny|small) [--requests N] [--policies P] [--reasoning-tokens N]\n"
+    "  bench      (--model DIR | --preset tiny|small) [--requests N] [--policies P] [--reasoning-tokens N] [--mode score]\n"
     "             [--json FILE]  load generator: prefix caching on vs off, decisions/s, latency, step overhead\n"
     "  (logits, generate, classify and serve also take [--transport auto|threads|mpi|nccl] [--ranks N] [--placement FILE]:\n"
     "   experts split over N thread ranks, or over the processes of `mpirun -np N arbiter ...`)\n";
