@@ -1,6 +1,7 @@
 #include "kernels/backend.h"
 
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -64,6 +65,39 @@ void Backend::token_logprobs(const Tensor& logits, const Tensor& ids, const Tens
   for (int64_t r = 0; r < rows; ++r)
     cpu::ref::token_logprobs(host.data() + r * vocab, vocab, wanted.data() + r * m, m, out.data() + r * m);
   upload(out.data(), logprobs);
+}
+
+void Backend::linear_rows(const Tensor& x, const Tensor& weight, const Tensor& ids, const Tensor& out) {
+  const int64_t rows = x.rows(), in = x.row_elements(), m = ids.row_elements();
+  if (weight.dtype != DType::kBF16 || ids.dtype != DType::kI32 || out.dtype != DType::kF32 ||
+      (x.dtype != DType::kF32 && x.dtype != DType::kBF16))
+    throw std::invalid_argument("linear_rows: x must be F32 or BF16, the weight BF16, ids I32, out F32");
+  if (weight.row_elements() != in || ids.rows() != rows || out.rows() != rows || out.row_elements() != m)
+    throw std::invalid_argument("linear_rows: the tensors' shapes do not match");
+  if (rows == 0 || m == 0) return;
+  std::vector<float> xs(static_cast<size_t>(rows * in));
+  if (x.dtype == DType::kF32) {
+    download(x, xs.data());
+  } else {
+    std::vector<uint16_t> raw(xs.size());
+    download(x, raw.data());
+    for (size_t i = 0; i < raw.size(); ++i) xs[i] = bf16_to_f32(raw[i]);
+  }
+  std::vector<int32_t> wanted(static_cast<size_t>(rows * m));
+  download(ids, wanted.data());
+  std::vector<float> result(wanted.size(), -std::numeric_limits<float>::infinity());
+  std::vector<uint16_t> row(static_cast<size_t>(in));
+  std::vector<float> w(static_cast<size_t>(in));
+  for (size_t e = 0; e < wanted.size(); ++e) {
+    const int32_t id = wanted[e];
+    if (id < 0 || id >= weight.rows()) continue;
+    download(weight.slice_rows(id, 1), row.data());
+    const float* xr = xs.data() + (e / static_cast<size_t>(m)) * static_cast<size_t>(in);
+    double dot = 0;
+    for (int64_t i = 0; i < in; ++i) dot += static_cast<double>(xr[i]) * bf16_to_f32(row[static_cast<size_t>(i)]);
+    result[e] = static_cast<float>(dot);
+  }
+  upload(result.data(), out);
 }
 
 void Backend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {

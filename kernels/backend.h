@@ -196,6 +196,13 @@ class Backend {
   // computes it, so a token in both lists has the same log-probability in both. The default
   // downloads the logits and computes on the host.
   virtual void token_logprobs(const Tensor& logits, const Tensor& ids, const Tensor& logprobs);
+  // A product with only some rows of the weight: out[r, j] = x[r] . weight[ids[r, j]] (F32 [rows, m];
+  // weight bf16 [vocab, in], no bias; x [rows, in] in activation_dtype() or F32; an id outside the
+  // weight's rows, -1 padding, gives -inf). The lm_head restricted to a few candidate tokens: most of
+  // a decode step's bytes are the unembedding's rows, of which verdict-only scoring needs a handful.
+  // Equal to linear()'s entries within float rounding. The default downloads x and each needed row
+  // and computes on the host.
+  virtual void linear_rows(const Tensor& x, const Tensor& weight, const Tensor& ids, const Tensor& out);
 
   // --- optional: recorded steps (device backends; the defaults just run the step) ---
   // Runs `body`, which enqueues one forward step's operations on `step` and nothing else (no host

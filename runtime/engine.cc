@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -90,6 +91,7 @@ PlannedStep plan_step(const Model& model, const proto::StepPlan& plan, int num_b
     for (int32_t t : work.candidate_tokens())
       if (t < 0 || t >= vocab)
         reject(work, "candidate token id " + std::to_string(t) + " outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
+    if (work.candidates_only() && work.candidate_tokens_size() == 0) reject(work, "candidates_only without candidate tokens");
     const float temperature = work.sampling().temperature(), top_p = work.sampling().top_p();
     if (!(temperature >= 0) || !std::isfinite(temperature))
       reject(work, "temperature " + std::to_string(temperature) + " is not a finite number >= 0");
@@ -217,9 +219,14 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
   if (!candidates.empty())
     for (size_t i = 0; i < step.sampled.size(); ++i)
       candidates[i].assign(step.sampled[i]->candidate_tokens().begin(), step.sampled[i]->candidate_tokens().end());
+  // Every sampled sequence wants its candidates only: the lm_head runs on their rows alone.
+  bool restricted = !step.sampled.empty();
+  for (const proto::SequenceWork* work : step.sampled) restricted = restricted && work->candidates_only();
   TopLogprobs top;
+  std::vector<std::vector<float>> candidate_logits;  // restricted steps
   try {
-    top = model_.forward_top(step.layout, k, candidates);
+    if (restricted) candidate_logits = model_.forward_candidates(step.layout, candidates);
+    else top = model_.forward_top(step.layout, k, candidates);
   } catch (const std::exception& e) {
     // Under expert parallelism the failure came in the middle of the step's collectives: the other
     // ranks cannot finish it, so make them fail fast instead of waiting for the timeout.
@@ -231,6 +238,30 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
 
   for (size_t i = 0; i < step.sampled.size(); ++i) {
     const proto::SequenceWork& work = *step.sampled[i];
+    if (work.candidates_only()) {
+      // Renormalised over the candidates (from their logits, or their log-probabilities under the
+      // whole distribution: the same up to rounding); the token is the best candidate.
+      const std::vector<float>& scores = restricted ? candidate_logits[i] : top.candidate_logprobs[i];
+      double max = -std::numeric_limits<double>::infinity();
+      int best = 0;
+      for (size_t j = 0; j < scores.size(); ++j) {
+        if (scores[j] > scores[static_cast<size_t>(best)]) best = static_cast<int>(j);
+        max = std::max(max, static_cast<double>(scores[j]));
+      }
+      double sum = 0;
+      for (const float v : scores) sum += std::exp(static_cast<double>(v) - max);
+      const double log_z = max + std::log(sum);
+      proto::SampledToken* out = result.add_samples();
+      out->set_sequence_id(work.sequence_id());
+      out->set_token(work.candidate_tokens(best));
+      out->set_logprob(static_cast<float>(scores[static_cast<size_t>(best)] - log_z));
+      for (int j = 0; j < work.candidate_tokens_size(); ++j) {
+        proto::TokenLogprob* c = out->add_candidates();
+        c->set_token(work.candidate_tokens(j));
+        c->set_logprob(static_cast<float>(scores[static_cast<size_t>(j)] - log_z));
+      }
+      continue;
+    }
     const int32_t* ids = top.ids.data() + i * static_cast<size_t>(k);
     const float* logprobs = top.logprobs.data() + i * static_cast<size_t>(k);
     const int64_t position = static_cast<int64_t>(work.num_cached()) + work.tokens_size();

@@ -171,7 +171,7 @@ void Model::serve_peers() {
   while (dispatcher_->begin_step(false)) run_empty_step();
 }
 
-void Model::run(const StepLayout& layout) {
+void Model::run(const StepLayout& layout, const std::vector<std::vector<int32_t>>* restricted) {
   const int64_t rows = static_cast<int64_t>(layout.tokens.size());
   const int64_t logit_rows = static_cast<int64_t>(layout.logit_rows.size());
   if (rows < (dispatcher_ ? 0 : 1) || rows > options_.max_step_rows)
@@ -194,6 +194,20 @@ void Model::run(const StepLayout& layout) {
   }
   const auto step = backend_.prepare_step(layout);
   const ModelConfig& c = config_;
+  // Restricted lm_head: the candidates as one [logit_rows, m] table (short rows padded with -1).
+  Tensor restricted_ids, restricted_logits;
+  if (restricted && logit_rows > 0) {
+    size_t widest = 0;
+    for (const auto& r : *restricted) widest = std::max(widest, r.size());
+    const int64_t m = static_cast<int64_t>(widest);
+    std::vector<int32_t> table(static_cast<size_t>(logit_rows * m), -1);
+    for (int64_t r = 0; r < logit_rows; ++r)
+      std::copy((*restricted)[static_cast<size_t>(r)].begin(), (*restricted)[static_cast<size_t>(r)].end(), table.begin() + r * m);
+    restricted_ids = candidate_ids_.reshaped({candidate_ids_.elements()}).slice_rows(0, logit_rows * m).reshaped({logit_rows, m});
+    restricted_logits =
+        candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, logit_rows * m).reshaped({logit_rows, m});
+    backend_.upload(table.data(), restricted_ids);
+  }
   Tensor x = x_.slice_rows(0, rows), normed = normed_.slice_rows(0, rows), q = q_.slice_rows(0, rows),
          k = k_.slice_rows(0, rows), v = v_.slice_rows(0, rows), attn = attn_.slice_rows(0, rows),
          delta = delta_.slice_rows(0, rows), router = router_logits_.slice_rows(0, rows),
@@ -230,10 +244,39 @@ void Model::run(const StepLayout& layout) {
     const Tensor gathered = final_rows_.slice_rows(0, logit_rows);
     backend_.gather_logit_rows(x, *step, gathered);
     backend_.rms_norm(gathered, weights_.final_norm, c.rms_norm_eps, gathered);
-    backend_.linear(gathered, weights_.lm_head, Tensor{}, logits_.slice_rows(0, logit_rows));
+    if (restricted) backend_.linear_rows(gathered, weights_.lm_head, restricted_ids, restricted_logits);
+    else backend_.linear(gathered, weights_.lm_head, Tensor{}, logits_.slice_rows(0, logit_rows));
   };
-  if (dispatcher_) body();
+  // A restricted step runs directly: a recording is keyed by the step's shape, which does not say
+  // which lm_head ran.
+  if (dispatcher_ || restricted) body();
   else backend_.run_step(this, *step, body);
+}
+
+std::vector<std::vector<float>> Model::forward_candidates(const StepLayout& layout,
+                                                          const std::vector<std::vector<int32_t>>& candidates) {
+  if (candidates.size() != layout.logit_rows.size())
+    throw std::invalid_argument("forward_candidates: " + std::to_string(candidates.size()) + " candidate lists for " +
+                                std::to_string(layout.logit_rows.size()) + " logit rows");
+  size_t widest = 0;
+  for (const auto& c : candidates) {
+    if (c.empty() || c.size() > static_cast<size_t>(kMaxCandidateTokens))
+      throw std::invalid_argument("forward_candidates: every row needs 1.." + std::to_string(kMaxCandidateTokens) +
+                                  " candidate tokens");
+    for (const int32_t t : c)
+      if (t < 0 || t >= config_.vocab_size) throw std::out_of_range("forward_candidates: candidate outside the vocabulary");
+    widest = std::max(widest, c.size());
+  }
+  run(layout, &candidates);
+  const int64_t n = static_cast<int64_t>(candidates.size()), m = static_cast<int64_t>(widest);
+  std::vector<std::vector<float>> out(static_cast<size_t>(n));
+  if (n == 0) return out;
+  std::vector<float> host(static_cast<size_t>(n * m));
+  backend_.download(candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, n * m), host.data());
+  for (int64_t r = 0; r < n; ++r)
+    out[static_cast<size_t>(r)].assign(host.begin() + r * m,
+                                       host.begin() + r * m + static_cast<int64_t>(candidates[static_cast<size_t>(r)].size()));
+  return out;
 }
 
 std::vector<float> Model::forward(const StepLayout& layout) {

@@ -65,6 +65,12 @@ class Model {
   // kMaxCandidateTokens; `candidates` is empty or has one entry per requested row), whether or not
   // they are among the top k: the answers verdict-only scoring must weigh (Backend::token_logprobs).
   TopLogprobs forward_top(const StepLayout& layout, int k, const std::vector<std::vector<int32_t>>& candidates);
+  // Runs one step with the lm_head restricted to each requested row's candidate tokens
+  // (Backend::linear_rows): returns, per requested row, the logits of candidates[r] in their order
+  // (not normalised: the rest of the vocabulary is never computed). Each row needs 1 to
+  // kMaxCandidateTokens candidates. Such steps are never recorded (Backend::run_step): they run directly.
+  std::vector<std::vector<float>> forward_candidates(const StepLayout& layout,
+                                                     const std::vector<std::vector<int32_t>>& candidates);
   // Expert parallelism: this rank has no (more) steps of its own; takes part in the other ranks'
   // steps with zero tokens until no rank has steps left. A no-op on a single rank.
   void serve_peers();
@@ -86,7 +92,9 @@ class Model {
   static ModelWeights reserve_and_load_weights(const ModelConfig& config, const Checkpoint& checkpoint,
                                                Backend& backend, const ModelOptions& options);
   // Runs every layer and the final norm + lm_head into logits_ for the requested rows.
-  void run(const StepLayout& layout);
+  // restricted: the lm_head over these candidate tokens per logit row only, into candidate_logprobs_
+  // (Model::forward_candidates).
+  void run(const StepLayout& layout, const std::vector<std::vector<int32_t>>* restricted = nullptr);
   void run_empty_step();  // expert parallelism: every layer's exchange with zero tokens of our own
 
   ModelConfig config_;

@@ -470,6 +470,7 @@ ClassifyPrompts Classifier::prepare(const ClassifyRequest& request) const {
       spec.max_new_tokens = 1;
       spec.top_logprobs = 0;
       spec.candidate_tokens = node.candidates;
+      spec.candidates_only = options_.score_restricted_lm_head;  // the lm_head on the candidates' rows alone
       out.sequences.push_back(std::move(spec));
     }
   }

@@ -125,6 +125,9 @@ struct ClassifierOptions {
   ReasoningBudgets budgets;
   int answer_tokens = 256;         // room for the final answer after the reasoning budget
   int top_logprobs = 20;           // alternatives kept per token, for confidence
+  // Score mode: evaluate the lm_head on the allowed answers' rows only (SequenceSpec::candidates_only)
+  // where a step holds nothing else to sample; false: always the whole lm_head (for comparisons).
+  bool score_restricted_lm_head = true;
   SafeguardPromptOptions prompt;   // effort is taken from each request
   // Prompt + generated tokens of one sequence (the scheduler's context). A request's prompts must
   // leave room for its whole generation (Classifier::prepare). 0: not checked here (the scheduler

@@ -583,6 +583,7 @@ struct Scheduler::State {
           *work->mutable_sampling() = s->spec.sampling;
           work->set_top_logprobs(s->spec.top_logprobs);
           work->mutable_candidate_tokens()->Add(s->spec.candidate_tokens.begin(), s->spec.candidate_tokens.end());
+          work->set_candidates_only(s->spec.candidates_only);
         }
         step_tokens += s->planned_tokens;
       }
@@ -663,6 +664,8 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
       return fail(SubmitStatus::kInvalid, which + "at most " + std::to_string(kMaxCandidateTokens) + " candidate tokens");
     for (const int32_t t : spec.candidate_tokens)
       if (t < 0) return fail(SubmitStatus::kInvalid, which + "negative candidate token id");
+    if (spec.candidates_only && spec.candidate_tokens.empty())
+      return fail(SubmitStatus::kInvalid, which + "candidates_only needs candidate tokens");
     if (static_cast<int>(spec.prompt.size()) + 1 > st.max_context)
       return fail(SubmitStatus::kTooLong, which + "prompt of " + std::to_string(spec.prompt.size()) +
                                               " tokens leaves no room in a context of " + std::to_string(st.max_context));

@@ -59,6 +59,10 @@ struct SequenceSpec {
   // among the top ones (verdict-only scoring weighs the allowed answers with them); at most
   // kMaxCandidateTokens.
   std::vector<int32_t> candidate_tokens;
+  // Only the candidates matter (proto::SequenceWork::candidates_only): the generated token is the
+  // most likely candidate and the candidates' log-probabilities are renormalised over them; steps
+  // made only of such sequences evaluate the lm_head on the candidates' rows alone.
+  bool candidates_only = false;
   std::vector<int32_t> stop_tokens = {kTokenReturn, kTokenCall, kTokenEndOfText};
 };
 

@@ -830,6 +830,7 @@ TEST_F(ClassifierTest, ScoreModeSubmitsOneSequencePerPositionRead) {
   EXPECT_EQ(prompts.sequences[0].prompt, want);
   EXPECT_EQ(prompts.sequences[0].max_new_tokens, 1);
   EXPECT_EQ(prompts.sequences[0].candidate_tokens, (std::vector<int32_t>{15, 16}));
+  EXPECT_TRUE(prompts.sequences[0].candidates_only);
   EXPECT_TRUE(prompts.sequences[0].close_reasoning.empty() || prompts.sequences[0].max_reasoning_tokens < 0);
   std::optional<ClassifyResult> got;
   std::vector<size_t> early;

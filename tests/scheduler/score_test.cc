@@ -208,11 +208,14 @@ TEST_F(ScoreMode, BatchInvariant) {
   const std::string probe = "Win a free cruise, reply with your bank details";
   const ClassifyResult alone = run(request(probe, {kBinary, kLabels, kJson}));
   // The same request among many others, all submitted before any step runs.
+  // Some of the others reason (their steps need the whole distribution: the score sequences sharing
+  // a step with them take the full lm_head instead of the candidates' rows).
   std::vector<std::optional<ClassifyResult>> got(24);
   for (size_t i = 0; i < got.size(); ++i) {
     const std::string content = i == 13 ? probe : "message " + std::to_string(i) + " about cheap watches and lunch";
-    const ClassifyRequest r = request(content, i % 2 ? std::vector<ClassifyPolicy>{kBinary, kLabels, kJson}
-                                                     : std::vector<ClassifyPolicy>{kJson, kBinary});
+    ClassifyRequest r = request(content, i % 2 ? std::vector<ClassifyPolicy>{kBinary, kLabels, kJson}
+                                               : std::vector<ClassifyPolicy>{kJson, kBinary});
+    if (i % 3 == 0) r.mode = ClassifyMode::kReason;
     std::string why;
     ASSERT_EQ(classifier().submit(r, [&got, i](ClassifyResult res) { got[i] = std::move(res); }, &why), SubmitStatus::kAccepted)
         << why;
@@ -225,7 +228,7 @@ TEST_F(ScoreMode, BatchInvariant) {
     EXPECT_EQ(batched.results[p].verdict, alone.results[p].verdict);
     ASSERT_EQ(batched.results[p].scores.size(), alone.results[p].scores.size());
     for (const auto& [answer, prob] : alone.results[p].scores)
-      EXPECT_NEAR(batched.results[p].scores.at(answer), prob, 1e-6) << alone.results[p].policy_id << " " << answer;
+      EXPECT_NEAR(batched.results[p].scores.at(answer), prob, 1e-5) << alone.results[p].policy_id << " " << answer;
   }
 }
 
@@ -237,6 +240,7 @@ TEST_F(ScoreMode, CandidateLogprobsAgreeWithTheTopList) {
   ASSERT_TRUE(prompts.ok());
   SequenceSpec spec = prompts.sequences.at(0);
   spec.top_logprobs = 20;
+  spec.candidates_only = false;  // the whole distribution
   const auto reference = next_logprobs(spec.prompt);
   // The top token of the reference distribution, and 0 / 1.
   const int32_t top = static_cast<int32_t>(std::max_element(reference.begin(), reference.end()) - reference.begin());
@@ -257,6 +261,76 @@ TEST_F(ScoreMode, CandidateLogprobsAgreeWithTheTopList) {
   ASSERT_FALSE(g.top.empty());
   EXPECT_EQ(g.top[0].token(), g.candidates[2].token());
   EXPECT_EQ(g.top[0].logprob(), g.candidates[2].logprob());
+}
+
+// Runs raw sequences as one request on the serving rank; their results in order.
+std::vector<SequenceResult> run_raw(ServingRank& serving, std::vector<SequenceSpec> specs, const std::string& id) {
+  RequestSpec rs;
+  rs.id = id;
+  rs.sequences = std::move(specs);
+  std::optional<std::vector<SequenceResult>> out;
+  rs.on_done = [&](std::vector<SequenceResult> results) { out = std::move(results); };
+  std::string why;
+  EXPECT_EQ(serving.scheduler().submit(std::move(rs), &why), SubmitStatus::kAccepted) << why;
+  serving.loop().run_until_idle();
+  return out.value_or(std::vector<SequenceResult>{});
+}
+
+// The lm_head restricted to the candidates' rows (a step of candidates-only sequences) gives the
+// probabilities the full lm_head gives, renormalised over the candidates; so does a candidates-only
+// sequence in a step that also needs full logits (which then takes the full path).
+TEST_F(ScoreMode, RestrictedLmHeadEqualsTheFullOne) {
+  const ClassifyRequest r = request("Limited offer, click now", {kLabels});
+  ClassifyPrompts prompts = classifier().prepare(r);
+  ASSERT_TRUE(prompts.ok());
+  SequenceSpec spec = prompts.sequences.at(0);  // the root: SPAM... / OK / spam
+  // More candidates than the answers need, among them the full distribution's most likely token.
+  const auto reference = next_logprobs(spec.prompt);
+  const int32_t top = static_cast<int32_t>(std::max_element(reference.begin(), reference.end()) - reference.begin());
+  spec.candidate_tokens.push_back(top);
+  spec.candidate_tokens.push_back(1000);
+  ASSERT_TRUE(spec.candidates_only);
+  SequenceSpec full = spec;
+  full.candidates_only = false;
+  SequenceSpec other;  // a sequence that needs the full distribution
+  other.prompt = tokenizer().encode("an unrelated prompt");
+  other.max_new_tokens = 1;
+  other.top_logprobs = 5;
+
+  const auto restricted = run_raw(*serving_, {spec}, "restricted");
+  const auto whole = run_raw(*serving_, {full}, "whole");
+  const auto mixed = run_raw(*serving_, {spec, other}, "mixed");
+  ASSERT_EQ(restricted.size(), 1u);
+  ASSERT_EQ(whole.size(), 1u);
+  ASSERT_EQ(mixed.size(), 2u);
+  const auto& rc = restricted[0].tokens.at(0).candidates;
+  const auto& wc = whole[0].tokens.at(0).candidates;
+  const auto& mc = mixed[0].tokens.at(0).candidates;
+  ASSERT_EQ(rc.size(), spec.candidate_tokens.size());
+  ASSERT_EQ(wc.size(), rc.size());
+  ASSERT_EQ(mc.size(), rc.size());
+  // The full path's log-probabilities renormalised over the candidates by hand.
+  double z = 0;
+  for (const auto& c : wc) z += std::exp(static_cast<double>(c.logprob()));
+  double total = 0;
+  for (size_t j = 0; j < rc.size(); ++j) {
+    EXPECT_EQ(rc[j].token(), spec.candidate_tokens[j]);
+    const double want = std::exp(static_cast<double>(wc[j].logprob())) / z;
+    EXPECT_NEAR(std::exp(static_cast<double>(rc[j].logprob())), want, 1e-5 + 1e-4 * want) << j;
+    EXPECT_NEAR(std::exp(static_cast<double>(mc[j].logprob())), want, 1e-5 + 1e-4 * want) << j;
+    // And the independent reference model's.
+    double ref_z = 0;
+    for (const int32_t t : spec.candidate_tokens) ref_z += std::exp(reference[static_cast<size_t>(t)]);
+    EXPECT_NEAR(std::exp(static_cast<double>(rc[j].logprob())), std::exp(reference[static_cast<size_t>(rc[j].token())]) / ref_z,
+                1e-5 + 1e-4 * want);
+    total += std::exp(static_cast<double>(rc[j].logprob()));
+  }
+  EXPECT_NEAR(total, 1.0, 1e-5);
+  // The generated token is the best candidate, on either path; no top list.
+  EXPECT_EQ(restricted[0].tokens[0].token, top);
+  EXPECT_EQ(mixed[0].tokens[0].token, top);
+  EXPECT_TRUE(restricted[0].tokens[0].top.empty());
+  EXPECT_FALSE(mixed[1].tokens.at(0).top.empty());
 }
 
 }  // namespace

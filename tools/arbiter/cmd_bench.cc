@@ -48,6 +48,7 @@ struct Workload {
 struct RunReport {
   bool prefix_caching = false;
   ClassifyMode mode = ClassifyMode::kReason;
+  std::string label;  // the table's first column (default: the mode)
   double seconds = 0;
   double decisions_per_second = 0;
   double latency_p50 = 0, latency_p99 = 0;
@@ -188,13 +189,13 @@ std::string fixed(double v, int digits) {
   return buf;
 }
 
-std::string markdown(const RunReport& on, const RunReport& off) {
+std::string markdown(const std::vector<const RunReport*>& runs) {
   std::ostringstream t;
   t << "| mode | prefix cache | decisions/s | p50 latency (s) | p99 latency (s) | prefill tokens computed | prompt tokens cached "
        "| decode tokens | steps | step-loop overhead |\n"
     << "|---|---|---|---|---|---|---|---|---|---|\n";
-  for (const RunReport* r : {&on, &off})
-    t << "| " << to_string(r->mode) << " | " << (r->prefix_caching ? "on" : "off") << " | " << fixed(r->decisions_per_second, 2) << " | "
+  for (const RunReport* r : runs)
+    t << "| " << (r->label.empty() ? to_string(r->mode) : r->label) << " | " << (r->prefix_caching ? "on" : "off") << " | " << fixed(r->decisions_per_second, 2) << " | "
       << fixed(r->latency_p50, 2) << " | " << fixed(r->latency_p99, 2) << " | " << r->prefill_tokens << " | "
       << r->cached_tokens << " | " << r->decode_tokens << " | " << r->steps << " | " << fixed(100 * r->overhead(), 2)
       << "% |\n";
@@ -259,9 +260,16 @@ int report_score_comparison(const ServingOptions& options, Workload w, const Mod
             << w.reasoning_tokens << ")\n";
   const RunReport reason = run_workload(options, true, w);
   w.mode = ClassifyMode::kScore;
-  std::cerr << "bench: the same, verdict-only scoring\n";
-  const RunReport score = run_workload(options, true, w);
+  std::cerr << "bench: the same, verdict-only scoring with the whole lm_head\n";
+  ServingOptions full_head = options;
+  full_head.classifier.score_restricted_lm_head = false;
+  RunReport score_full = run_workload(full_head, true, w);
+  score_full.label = "score, whole lm_head";
+  std::cerr << "bench: the same, verdict-only scoring with the lm_head on the answers' rows\n";
+  RunReport score = run_workload(options, true, w);
+  score.label = "score, answers' lm_head rows";
   const double speedup = reason.decisions_per_second > 0 ? score.decisions_per_second / reason.decisions_per_second : 0;
+  const double speedup_full = reason.decisions_per_second > 0 ? score_full.decisions_per_second / reason.decisions_per_second : 0;
   nlohmann::json j;
   j["model"] = {{"name", name},
                 {"layers", config.num_hidden_layers},
@@ -273,8 +281,10 @@ int report_score_comparison(const ServingOptions& options, Workload w, const Mod
                    {"policy_tokens", w.policy_tokens}, {"content_tokens", w.content_tokens},
                    {"reasoning_tokens", w.reasoning_tokens}, {"answer_tokens", w.answer_tokens}};
   j["reason"] = to_json(reason);
+  j["score_whole_lm_head"] = to_json(score_full);
   j["score"] = to_json(score);
-  j["ratios"] = {{"decisions_per_second_score_over_reason", speedup}};
+  j["ratios"] = {{"decisions_per_second_score_over_reason", speedup},
+                 {"decisions_per_second_score_whole_lm_head_over_reason", speedup_full}};
   if (!json_path.empty()) {
     std::ofstream out(json_path);
     if (!out) throw std::runtime_error("cannot write " + json_path);
@@ -284,8 +294,9 @@ int report_score_comparison(const ServingOptions& options, Workload w, const Mod
             << config.vocab_size << ") on " << options.device << "; " << w.requests << " requests over " << w.policies
             << " policies of ~" << w.policy_tokens << " tokens, contents ~" << w.content_tokens << " tokens, reasoning at low "
             << "effort capped at " << w.reasoning_tokens << "\n\n"
-            << markdown(reason, score) << "\nscore vs reason: " << fixed(speedup, 2) << "x decisions/s\n";
-  if (reason.errors || score.errors) throw std::runtime_error("some bench requests failed");
+            << markdown({&reason, &score_full, &score}) << "\nscore vs reason: " << fixed(speedup, 2)
+            << "x decisions/s (with the whole lm_head: " << fixed(speedup_full, 2) << "x)\n";
+  if (reason.errors || score.errors || score_full.errors) throw std::runtime_error("some bench requests failed");
   return 0;
 }
 
@@ -394,7 +405,7 @@ int cmd_bench(const CliArgs& args) {
             << ", vocab " << config.vocab_size << ") on " << options.device << "; " << w.requests << " requests over "
             << w.policies << " policies of ~" << w.policy_tokens << " tokens, contents ~" << w.content_tokens
             << " tokens, reasoning capped at " << w.reasoning_tokens << "\n\n"
-            << markdown(on, off) << "\nprefix caching on vs off: " << fixed(prefill_ratio, 2)
+            << markdown({&on, &off}) << "\nprefix caching on vs off: " << fixed(prefill_ratio, 2)
             << "x fewer prefill tokens computed, " << fixed(speedup, 2) << "x decisions/s\n";
   if (on.errors || off.errors) throw std::runtime_error("some bench requests failed");
   return 0;
