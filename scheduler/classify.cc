@@ -421,7 +421,8 @@ ClassifyPrompts Classifier::prepare(const ClassifyRequest& request) const {
     if (end == EncodeEnd::kOverLimit) {
       out.status = PromptStatus::kPolicyTooLong;
       out.policy = static_cast<int>(i);
-      out.why = policy_fit(request.policies[i].text, request.effort, request.max_tokens).describe();
+      // Score mode: the generation is the forced tokens and the one read (given as max_tokens).
+      out.why = policy_fit(request.policies[i].text, request.effort, score ? generation : request.max_tokens).describe();
       return out;
     }
     if (max_context > 0) {

@@ -70,8 +70,8 @@ struct GeneratedToken {
   int32_t token = 0;
   float logprob = 0;                          // 0 for forced tokens
   std::vector<proto::TokenLogprob> top;       // empty for forced tokens
-  std::vector<proto::TokenLogprob> candidates;  // SequenceSpec::candidate_tokens' log-probabilities, in order
   bool forced = false;                        // fed by the scheduler (reasoning budget), not sampled
+  std::vector<proto::TokenLogprob> candidates = {};  // SequenceSpec::candidate_tokens' log-probabilities, in order
 };
 
 enum class FinishReason { kStop, kLength, kCancelled, kDeadline, kError };
