@@ -38,6 +38,20 @@ void check_labels(const std::vector<std::string>& labels, const std::vector<std:
                         param + ".violating_labels[" + std::to_string(i) + "]", "invalid_value");
 }
 
+// PolicyInput.answer_format; "labels" needs labels.
+AnswerFormat answer_format_field(const std::string& text, const std::vector<std::string>& labels, const std::string& param) {
+  AnswerFormat format;
+  if (text.empty() || text == "auto") format = AnswerFormat::kAuto;
+  else if (text == "binary") format = AnswerFormat::kBinary;
+  else if (text == "labels") format = AnswerFormat::kLabels;
+  else if (text == "json") format = AnswerFormat::kJson;
+  else throw bad_request("Invalid value for '" + param + "': '" + printable(text) +
+                             "'; supported values are 'auto', 'binary', 'labels' and 'json'.", param, "invalid_value");
+  if (format == AnswerFormat::kLabels && labels.empty())
+    throw bad_request("The 'labels' answer format needs the policy's labels.", param, "invalid_value");
+  return format;
+}
+
 }  // namespace
 
 ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const PolicyRegistry& registry,
@@ -53,6 +67,14 @@ ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const Polic
   r.effort = effort_field(body.reasoning_effort(), limits.default_effort, "reasoning_effort");
   r.return_reasoning = !body.has_return_reasoning() || body.return_reasoning();
   r.constrain = !body.has_constrain() || body.constrain();
+  if (body.mode().empty() || body.mode() == "reason") r.mode = ClassifyMode::kReason;
+  else if (body.mode() == "score") r.mode = ClassifyMode::kScore;
+  else throw bad_request("Invalid value for 'mode': '" + printable(body.mode()) + "'; supported values are 'reason' and 'score'.",
+                         "mode", "invalid_value");
+  if (body.score_prefix().empty() || body.score_prefix() == "empty_analysis") r.score_prefix = ScorePrefix::kEmptyAnalysis;
+  else if (body.score_prefix() == "direct") r.score_prefix = ScorePrefix::kDirect;
+  else throw bad_request("Invalid value for 'score_prefix': '" + printable(body.score_prefix()) +
+                             "'; supported values are 'empty_analysis' and 'direct'.", "score_prefix", "invalid_value");
   if (body.has_max_tokens()) {
     if (body.max_tokens() < 1) throw bad_request("'max_tokens' must be at least 1.", "max_tokens", "invalid_value");
     if (limits.max_context > 0 && body.max_tokens() >= limits.max_context)
@@ -95,9 +117,14 @@ ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const Polic
       version = stored->version;
     }
     check_labels(p.labels, p.violating_labels, param);
+    p.format = answer_format_field(in.answer_format(), p.labels, param + ".answer_format");
     if (std::find(seen_ids.begin(), seen_ids.end(), p.id) != seen_ids.end())
       throw bad_request("Policy id '" + printable(p.id) + "' appears twice in the request.", param + ".id", "duplicate_policy");
     seen_ids.push_back(p.id);
+    // Score mode weighs every label at one position at most: a bounded number of them.
+    if (r.mode == ClassifyMode::kScore && p.labels.size() > static_cast<size_t>(kMaxCandidateTokens))
+      throw bad_request("Score mode weighs at most " + std::to_string(kMaxCandidateTokens) + " labels per policy (got " +
+                            std::to_string(p.labels.size()) + ").", param + ".labels", "invalid_value");
     r.policies.push_back(std::move(p));
     out.versions.push_back(version);
   }
@@ -111,7 +138,8 @@ void fill_usage(const ClassifyUsage& u, wire::ClassifyUsage& out) {
   out.set_cached_tokens(u.cached_tokens);
   out.set_reasoning_tokens(u.reasoning_tokens);
   out.set_completion_tokens(u.completion_tokens);
-  out.set_total_tokens(u.prompt_tokens + u.completion_tokens);
+  out.set_forced_tokens(u.forced_tokens);
+  out.set_total_tokens(u.prompt_tokens + u.forced_tokens + u.completion_tokens);
 }
 
 }  // namespace
@@ -130,6 +158,7 @@ wire::PolicyResult policy_result_wire(const PolicyResult& pr, const ResolvedClas
   w.set_violation(pr.violation());
   w.set_finish_reason(finish_reason_name(pr.finish));
   w.set_reasoning_truncated(pr.reasoning_truncated);
+  for (const auto& [answer, p] : pr.scores) (*w.mutable_scores())[printable(answer)] = p;
   fill_usage(pr.usage, *w.mutable_usage());
   return w;
 }

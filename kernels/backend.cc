@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -50,28 +51,55 @@ void Backend::top_logprobs(const Tensor& logits, int k, const Tensor& ids, const
   upload(top_lp.data(), logprobs);
 }
 
-void Backend::token_logprobs(const Tensor& logits, std::span<const int32_t> rows, std::span<const int32_t> tokens,
-                             std::span<float> out) {
-  const int64_t n_rows = logits.rows(), vocab = logits.row_elements();
-  if (logits.dtype != DType::kF32) throw std::invalid_argument("token_logprobs: logits must be F32");
-  if (rows.size() != tokens.size() || out.size() != tokens.size())
-    throw std::invalid_argument("token_logprobs: rows, tokens and out differ in length");
-  // One download and one normalizer per distinct row (entries of a row usually come together).
-  std::vector<float> row;
-  int64_t loaded = -1;
-  double log_z = 0;
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (rows[i] < 0 || rows[i] >= n_rows || tokens[i] < 0 || tokens[i] >= vocab)
-      throw std::invalid_argument("token_logprobs: entry (" + std::to_string(rows[i]) + ", " + std::to_string(tokens[i]) +
-                                  ") outside the logits");
-    if (rows[i] != loaded) {
-      row.resize(static_cast<size_t>(vocab));
-      download(logits.slice_rows(rows[i], 1), row.data());
-      log_z = cpu::ref::log_normalizer(row.data(), vocab);
-      loaded = rows[i];
-    }
-    out[i] = static_cast<float>(row[static_cast<size_t>(tokens[i])] - log_z);
+void Backend::token_logprobs(const Tensor& logits, const Tensor& ids, const Tensor& logprobs) {
+  const int64_t rows = logits.rows(), vocab = logits.row_elements();
+  if (logits.dtype != DType::kF32 || ids.dtype != DType::kI32 || logprobs.dtype != DType::kF32)
+    throw std::invalid_argument("token_logprobs: logits and log-probabilities must be F32, ids I32");
+  if (ids.rows() != rows || logprobs.rows() != rows || ids.row_elements() != logprobs.row_elements())
+    throw std::invalid_argument("token_logprobs: the id and log-probability tensors do not match the logits");
+  const int64_t m = ids.row_elements();
+  if (rows == 0 || m == 0) return;
+  std::vector<float> host(static_cast<size_t>(rows * vocab));
+  download(logits, host.data());
+  std::vector<int32_t> wanted(static_cast<size_t>(rows * m));
+  download(ids, wanted.data());
+  std::vector<float> out(static_cast<size_t>(rows * m));
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::ref::token_logprobs(host.data() + r * vocab, vocab, wanted.data() + r * m, m, out.data() + r * m);
+  upload(out.data(), logprobs);
+}
+
+void Backend::linear_rows(const Tensor& x, const Tensor& weight, const Tensor& ids, const Tensor& out) {
+  const int64_t rows = x.rows(), in = x.row_elements(), m = ids.row_elements();
+  if (weight.dtype != DType::kBF16 || ids.dtype != DType::kI32 || out.dtype != DType::kF32 ||
+      (x.dtype != DType::kF32 && x.dtype != DType::kBF16))
+    throw std::invalid_argument("linear_rows: x must be F32 or BF16, the weight BF16, ids I32, out F32");
+  if (weight.row_elements() != in || ids.rows() != rows || out.rows() != rows || out.row_elements() != m)
+    throw std::invalid_argument("linear_rows: the tensors' shapes do not match");
+  if (rows == 0 || m == 0) return;
+  std::vector<float> xs(static_cast<size_t>(rows * in));
+  if (x.dtype == DType::kF32) {
+    download(x, xs.data());
+  } else {
+    std::vector<uint16_t> raw(xs.size());
+    download(x, raw.data());
+    for (size_t i = 0; i < raw.size(); ++i) xs[i] = bf16_to_f32(raw[i]);
   }
+  std::vector<int32_t> wanted(static_cast<size_t>(rows * m));
+  download(ids, wanted.data());
+  std::vector<float> result(wanted.size(), -std::numeric_limits<float>::infinity());
+  std::vector<uint16_t> row(static_cast<size_t>(in));
+  std::vector<float> w(static_cast<size_t>(in));
+  for (size_t e = 0; e < wanted.size(); ++e) {
+    const int32_t id = wanted[e];
+    if (id < 0 || id >= weight.rows()) continue;
+    download(weight.slice_rows(id, 1), row.data());
+    const float* xr = xs.data() + (e / static_cast<size_t>(m)) * static_cast<size_t>(in);
+    double dot = 0;
+    for (int64_t i = 0; i < in; ++i) dot += static_cast<double>(xr[i]) * bf16_to_f32(row[static_cast<size_t>(i)]);
+    result[e] = static_cast<float>(dot);
+  }
+  upload(result.data(), out);
 }
 
 void Backend::linear_group(const Tensor& x, std::span<const LinearTerm> terms) {

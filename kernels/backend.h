@@ -189,13 +189,20 @@ class Backend {
   // the whole row (F32 [rows, k]). 1 <= k <= min(vocab, 64). The default downloads the logits and
   // computes on the host; backends override it to keep the logits on the device.
   virtual void top_logprobs(const Tensor& logits, int k, const Tensor& ids, const Tensor& logprobs);
-  // Log-probabilities of chosen entries of logits [rows, vocab] (F32) under each row's softmax:
-  // out[i] = logits[rows[i], tokens[i]] - logsumexp(logits[rows[i]]), computed like top_logprobs'
-  // values. For constrained sampling, where the allowed tokens need not be among the top k.
-  // Synchronous: `out` is host memory, filled on return (few entries; the host samples from them).
-  // The default downloads only the rows it needs and computes on the host.
-  virtual void token_logprobs(const Tensor& logits, std::span<const int32_t> rows, std::span<const int32_t> tokens,
-                              std::span<float> out);
+  // Per row of logits [rows, vocab] (F32): the log-probabilities, under the softmax of the whole row,
+  // of the tokens ids[r, j] (I32 [rows, m]) into logprobs[r, j] (F32 [rows, m]); an id outside the
+  // vocabulary (-1 pads a row with fewer tokens) gets -inf. For answers that must be scored even when
+  // they are not among the top k (verdict-only scoring). The normalizer is computed as top_logprobs
+  // computes it, so a token in both lists has the same log-probability in both. The default
+  // downloads the logits and computes on the host.
+  virtual void token_logprobs(const Tensor& logits, const Tensor& ids, const Tensor& logprobs);
+  // A product with only some rows of the weight: out[r, j] = x[r] . weight[ids[r, j]] (F32 [rows, m];
+  // weight bf16 [vocab, in], no bias; x [rows, in] in activation_dtype() or F32; an id outside the
+  // weight's rows, -1 padding, gives -inf). The lm_head restricted to a few candidate tokens: most of
+  // a decode step's bytes are the unembedding's rows, of which verdict-only scoring needs a handful.
+  // Equal to linear()'s entries within float rounding. The default downloads x and each needed row
+  // and computes on the host.
+  virtual void linear_rows(const Tensor& x, const Tensor& weight, const Tensor& ids, const Tensor& out);
 
   // --- expert-parallel dispatch and combine (parallel/moe_dispatch.h runs them around its exchanges) ---
   // Whether tensors of this backend are host memory that a communicator may read and write directly

@@ -85,9 +85,9 @@ class ForwardingBackend : public Backend {
   void top_logprobs(const Tensor& l, int k, const Tensor& ids, const Tensor& lp) override {
     inner_.top_logprobs(l, k, ids, lp);
   }
-  void token_logprobs(const Tensor& l, std::span<const int32_t> rows, std::span<const int32_t> tokens,
-                      std::span<float> out) override {
-    inner_.token_logprobs(l, rows, tokens, out);
+  void token_logprobs(const Tensor& l, const Tensor& ids, const Tensor& lp) override { inner_.token_logprobs(l, ids, lp); }
+  void linear_rows(const Tensor& x, const Tensor& w, const Tensor& ids, const Tensor& out) override {
+    inner_.linear_rows(x, w, ids, out);
   }
 
  protected:

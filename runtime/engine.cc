@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -84,6 +85,13 @@ PlannedStep plan_step(const Model& model, const proto::StepPlan& plan, int num_b
     if (work.top_logprobs() < 0 || work.top_logprobs() > Engine::kMaxReportedLogprobs)
       reject(work, "top_logprobs " + std::to_string(work.top_logprobs()) + " outside 0.." +
                        std::to_string(Engine::kMaxReportedLogprobs));
+    if (work.candidate_tokens_size() > Model::kMaxCandidateTokens)
+      reject(work, std::to_string(work.candidate_tokens_size()) + " candidate tokens (at most " +
+                       std::to_string(Model::kMaxCandidateTokens) + ")");
+    for (int32_t t : work.candidate_tokens())
+      if (t < 0 || t >= vocab)
+        reject(work, "candidate token id " + std::to_string(t) + " outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
+    if (work.candidates_only() && work.candidate_tokens_size() == 0) reject(work, "candidates_only without candidate tokens");
     const float temperature = work.sampling().temperature(), top_p = work.sampling().top_p();
     if (!(temperature >= 0) || !std::isfinite(temperature))
       reject(work, "temperature " + std::to_string(temperature) + " is not a finite number >= 0");
@@ -204,9 +212,24 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
 
   const int k = candidates_for(step, model_.config().vocab_size);
   const auto start = std::chrono::steady_clock::now();
+  // Candidate tokens of the sampled rows (none when no sequence asked: the plain top-k path).
+  std::vector<std::vector<int32_t>> candidates;
+  for (const proto::SequenceWork* work : step.sampled)
+    if (work->candidate_tokens_size() > 0) {
+      candidates.resize(step.sampled.size());
+      break;
+    }
+  if (!candidates.empty())
+    for (size_t i = 0; i < step.sampled.size(); ++i)
+      candidates[i].assign(step.sampled[i]->candidate_tokens().begin(), step.sampled[i]->candidate_tokens().end());
+  // Every sampled sequence wants its candidates only: the lm_head runs on their rows alone.
+  bool restricted = !step.sampled.empty();
+  for (const proto::SequenceWork* work : step.sampled) restricted = restricted && work->candidates_only();
   TopLogprobs top;
+  std::vector<std::vector<float>> candidate_logits;  // restricted steps
   try {
-    top = model_.forward_top(step.layout, k);
+    if (restricted) candidate_logits = model_.forward_candidates(step.layout, candidates);
+    else top = model_.forward_top(step.layout, k, candidates);
   } catch (const std::exception& e) {
     // Under expert parallelism the failure came in the middle of the step's collectives: the other
     // ranks cannot finish it, so make them fail fast instead of waiting for the timeout.
@@ -233,6 +256,30 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
 
   for (size_t i = 0; i < step.sampled.size(); ++i) {
     const proto::SequenceWork& work = *step.sampled[i];
+    if (work.candidates_only()) {
+      // Renormalised over the candidates (from their logits, or their log-probabilities under the
+      // whole distribution: the same up to rounding); the token is the best candidate.
+      const std::vector<float>& scores = restricted ? candidate_logits[i] : top.candidate_logprobs[i];
+      double max = -std::numeric_limits<double>::infinity();
+      int best = 0;
+      for (size_t j = 0; j < scores.size(); ++j) {
+        if (scores[j] > scores[static_cast<size_t>(best)]) best = static_cast<int>(j);
+        max = std::max(max, static_cast<double>(scores[j]));
+      }
+      double sum = 0;
+      for (const float v : scores) sum += std::exp(static_cast<double>(v) - max);
+      const double log_z = max + std::log(sum);
+      proto::SampledToken* out = result.add_samples();
+      out->set_sequence_id(work.sequence_id());
+      out->set_token(work.candidate_tokens(best));
+      out->set_logprob(static_cast<float>(scores[static_cast<size_t>(best)] - log_z));
+      for (int j = 0; j < work.candidate_tokens_size(); ++j) {
+        proto::TokenLogprob* c = out->add_candidates();
+        c->set_token(work.candidate_tokens(j));
+        c->set_logprob(static_cast<float>(scores[static_cast<size_t>(j)] - log_z));
+      }
+      continue;
+    }
     const int32_t* ids = top.ids.data() + i * static_cast<size_t>(k);
     const float* logprobs = top.logprobs.data() + i * static_cast<size_t>(k);
     const int64_t position = static_cast<int64_t>(work.num_cached()) + work.tokens_size();
@@ -274,6 +321,12 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
       alt->set_token(ids[j]);
       alt->set_logprob(logprobs[j]);
     }
+    if (i < top.candidate_logprobs.size())
+      for (int j = 0; j < work.candidate_tokens_size(); ++j) {
+        proto::TokenLogprob* c = out->add_candidates();
+        c->set_token(work.candidate_tokens(j));
+        c->set_logprob(top.candidate_logprobs[i][static_cast<size_t>(j)]);
+      }
   }
   return result;
 }

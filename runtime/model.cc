@@ -108,6 +108,8 @@ std::vector<Model::BufferSpec> Model::buffer_specs(const ModelConfig& config, co
       {&Model::argmax_, DType::kI32, {L}},
       {&Model::top_ids_, DType::kI32, {L, kMaxTopLogprobs}},
       {&Model::top_logprobs_, DType::kF32, {L, kMaxTopLogprobs}},
+      {&Model::candidate_ids_, DType::kI32, {L, kMaxCandidateTokens}},
+      {&Model::candidate_logprobs_, DType::kF32, {L, kMaxCandidateTokens}},
       {&Model::rope_table_, DType::kF32, {rope_table_positions(config, options), D}},
   };
 }
@@ -173,7 +175,7 @@ void Model::serve_peers() {
   while (dispatcher_->begin_step(false)) run_empty_step();
 }
 
-void Model::run(const StepLayout& layout) {
+void Model::run(const StepLayout& layout, const std::vector<std::vector<int32_t>>* restricted) {
   const int64_t rows = static_cast<int64_t>(layout.tokens.size());
   const int64_t logit_rows = static_cast<int64_t>(layout.logit_rows.size());
   if (rows < (dispatcher_ ? 0 : 1) || rows > options_.max_step_rows)
@@ -196,6 +198,20 @@ void Model::run(const StepLayout& layout) {
   }
   const auto step = backend_.prepare_step(layout);
   const ModelConfig& c = config_;
+  // Restricted lm_head: the candidates as one [logit_rows, m] table (short rows padded with -1).
+  Tensor restricted_ids, restricted_logits;
+  if (restricted && logit_rows > 0) {
+    size_t widest = 0;
+    for (const auto& r : *restricted) widest = std::max(widest, r.size());
+    const int64_t m = static_cast<int64_t>(widest);
+    std::vector<int32_t> table(static_cast<size_t>(logit_rows * m), -1);
+    for (int64_t r = 0; r < logit_rows; ++r)
+      std::copy((*restricted)[static_cast<size_t>(r)].begin(), (*restricted)[static_cast<size_t>(r)].end(), table.begin() + r * m);
+    restricted_ids = candidate_ids_.reshaped({candidate_ids_.elements()}).slice_rows(0, logit_rows * m).reshaped({logit_rows, m});
+    restricted_logits =
+        candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, logit_rows * m).reshaped({logit_rows, m});
+    backend_.upload(table.data(), restricted_ids);
+  }
   Tensor x = x_.slice_rows(0, rows), normed = normed_.slice_rows(0, rows), q = q_.slice_rows(0, rows),
          k = k_.slice_rows(0, rows), v = v_.slice_rows(0, rows), attn = attn_.slice_rows(0, rows),
          delta = delta_.slice_rows(0, rows), router = router_logits_.slice_rows(0, rows),
@@ -232,10 +248,39 @@ void Model::run(const StepLayout& layout) {
     const Tensor gathered = final_rows_.slice_rows(0, logit_rows);
     backend_.gather_logit_rows(x, *step, gathered);
     backend_.rms_norm(gathered, weights_.final_norm, c.rms_norm_eps, gathered);
-    backend_.linear(gathered, weights_.lm_head, Tensor{}, logits_.slice_rows(0, logit_rows));
+    if (restricted) backend_.linear_rows(gathered, weights_.lm_head, restricted_ids, restricted_logits);
+    else backend_.linear(gathered, weights_.lm_head, Tensor{}, logits_.slice_rows(0, logit_rows));
   };
-  if (dispatcher_) body();
+  // A restricted step runs directly: a recording is keyed by the step's shape, which does not say
+  // which lm_head ran.
+  if (dispatcher_ || restricted) body();
   else backend_.run_step(this, *step, body);
+}
+
+std::vector<std::vector<float>> Model::forward_candidates(const StepLayout& layout,
+                                                          const std::vector<std::vector<int32_t>>& candidates) {
+  if (candidates.size() != layout.logit_rows.size())
+    throw std::invalid_argument("forward_candidates: " + std::to_string(candidates.size()) + " candidate lists for " +
+                                std::to_string(layout.logit_rows.size()) + " logit rows");
+  size_t widest = 0;
+  for (const auto& c : candidates) {
+    if (c.empty() || c.size() > static_cast<size_t>(kMaxCandidateTokens))
+      throw std::invalid_argument("forward_candidates: every row needs 1.." + std::to_string(kMaxCandidateTokens) +
+                                  " candidate tokens");
+    for (const int32_t t : c)
+      if (t < 0 || t >= config_.vocab_size) throw std::out_of_range("forward_candidates: candidate outside the vocabulary");
+    widest = std::max(widest, c.size());
+  }
+  run(layout, &candidates);
+  const int64_t n = static_cast<int64_t>(candidates.size()), m = static_cast<int64_t>(widest);
+  std::vector<std::vector<float>> out(static_cast<size_t>(n));
+  if (n == 0) return out;
+  std::vector<float> host(static_cast<size_t>(n * m));
+  backend_.download(candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, n * m), host.data());
+  for (int64_t r = 0; r < n; ++r)
+    out[static_cast<size_t>(r)].assign(host.begin() + r * m,
+                                       host.begin() + r * m + static_cast<int64_t>(candidates[static_cast<size_t>(r)].size()));
+  return out;
 }
 
 std::vector<float> Model::forward(const StepLayout& layout) {
@@ -259,14 +304,48 @@ std::vector<int32_t> Model::forward_argmax(const StepLayout& layout) {
 std::vector<float> Model::step_logprobs(std::span<const int32_t> rows, std::span<const int32_t> tokens) {
   std::vector<float> out(tokens.size());
   if (tokens.empty()) return out;
+  if (rows.size() != tokens.size()) throw std::invalid_argument("step_logprobs: rows and tokens differ in length");
   int32_t last = 0;
-  for (const int32_t r : rows) last = std::max(last, r);
-  if (last >= options_.max_logit_rows) throw std::invalid_argument("step_logprobs: row outside the step's logit rows");
-  backend_.token_logprobs(logits_.slice_rows(0, int64_t{last} + 1), rows, tokens, out);
+  for (const int32_t r : rows) {
+    if (r < 0 || r >= options_.max_logit_rows) throw std::invalid_argument("step_logprobs: row outside the step's logit rows");
+    last = std::max(last, r);
+  }
+  // The entries as a [rows, m] table of token ids (-1 padded), scored by Backend::token_logprobs in
+  // rounds of at most kMaxCandidateTokens columns (the candidate buffers' width).
+  const int64_t n = int64_t{last} + 1;
+  std::vector<std::vector<size_t>> of_row(static_cast<size_t>(n));
+  for (size_t i = 0; i < tokens.size(); ++i) of_row[static_cast<size_t>(rows[i])].push_back(i);
+  size_t widest = 0;
+  for (const auto& e : of_row) widest = std::max(widest, e.size());
+  for (size_t from = 0; from < widest; from += static_cast<size_t>(kMaxCandidateTokens)) {
+    const int64_t m = static_cast<int64_t>(std::min(widest - from, static_cast<size_t>(kMaxCandidateTokens)));
+    std::vector<int32_t> table(static_cast<size_t>(n * m), -1);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < m && from + static_cast<size_t>(j) < of_row[static_cast<size_t>(r)].size(); ++j)
+        table[static_cast<size_t>(r * m + j)] = tokens[of_row[static_cast<size_t>(r)][from + static_cast<size_t>(j)]];
+    const Tensor cids = candidate_ids_.reshaped({candidate_ids_.elements()}).slice_rows(0, n * m).reshaped({n, m}),
+                 clp = candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, n * m).reshaped({n, m});
+    backend_.upload(table.data(), cids);
+    backend_.token_logprobs(logits_.slice_rows(0, n), cids, clp);
+    std::vector<float> scored(static_cast<size_t>(n * m));
+    backend_.download(clp, scored.data());
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < m && from + static_cast<size_t>(j) < of_row[static_cast<size_t>(r)].size(); ++j)
+        out[of_row[static_cast<size_t>(r)][from + static_cast<size_t>(j)]] = scored[static_cast<size_t>(r * m + j)];
+  }
   return out;
 }
 
-TopLogprobs Model::forward_top(const StepLayout& layout, int k) {
+TopLogprobs Model::forward_top(const StepLayout& layout, int k) { return forward_top(layout, k, {}); }
+
+TopLogprobs Model::forward_top(const StepLayout& layout, int k, const std::vector<std::vector<int32_t>>& candidates) {
+  if (!candidates.empty() && candidates.size() != layout.logit_rows.size())
+    throw std::invalid_argument("forward_top: " + std::to_string(candidates.size()) + " candidate lists for " +
+                                std::to_string(layout.logit_rows.size()) + " logit rows");
+  size_t widest = 0;
+  for (const auto& c : candidates) widest = std::max(widest, c.size());
+  if (widest > static_cast<size_t>(kMaxCandidateTokens))
+    throw std::invalid_argument("forward_top: more than " + std::to_string(kMaxCandidateTokens) + " candidate tokens in a row");
   if (k < 1 || k > kMaxTopLogprobs || k > config_.vocab_size)
     throw std::invalid_argument("forward_top: k = " + std::to_string(k) + " outside 1.." + std::to_string(kMaxTopLogprobs));
   run(layout);
@@ -282,6 +361,23 @@ TopLogprobs Model::forward_top(const StepLayout& layout, int k) {
   top.logprobs.resize(static_cast<size_t>(n * k));
   backend_.download(ids, top.ids.data());
   backend_.download(lp, top.logprobs.data());
+  if (widest == 0) return top;
+  // The candidates as one [n, m] table (rows with fewer padded with -1), scored in one call.
+  const int64_t m = static_cast<int64_t>(widest);
+  std::vector<int32_t> table(static_cast<size_t>(n * m), -1);
+  for (int64_t r = 0; r < n; ++r)
+    std::copy(candidates[static_cast<size_t>(r)].begin(), candidates[static_cast<size_t>(r)].end(),
+              table.begin() + r * m);
+  const Tensor cids = candidate_ids_.reshaped({candidate_ids_.elements()}).slice_rows(0, n * m).reshaped({n, m}),
+               clp = candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, n * m).reshaped({n, m});
+  backend_.upload(table.data(), cids);
+  backend_.token_logprobs(logits_.slice_rows(0, n), cids, clp);
+  std::vector<float> scored(static_cast<size_t>(n * m));
+  backend_.download(clp, scored.data());
+  top.candidate_logprobs.resize(static_cast<size_t>(n));
+  for (int64_t r = 0; r < n; ++r)
+    top.candidate_logprobs[static_cast<size_t>(r)].assign(
+        scored.begin() + r * m, scored.begin() + r * m + static_cast<int64_t>(candidates[static_cast<size_t>(r)].size()));
   return top;
 }
 

@@ -44,11 +44,16 @@ struct TopLogprobs {
   int k = 0;
   std::vector<int32_t> ids;
   std::vector<float> logprobs;
+  // forward_top with candidate tokens: per requested row, the log-probabilities of that row's
+  // candidates, in their order (empty for a row that asked for none).
+  std::vector<std::vector<float>> candidate_logprobs;
 };
 
 class Model {
  public:
   static constexpr int kMaxTopLogprobs = 64;
+  // The most candidate tokens one requested row may ask forward_top for.
+  static constexpr int kMaxCandidateTokens = 256;
 
   Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend, const ModelOptions& options = {});
   ~Model();
@@ -60,6 +65,16 @@ class Model {
   // Same, but returns the top k (1..kMaxTopLogprobs) tokens of each requested row with their
   // log-probabilities (ids[r * k] is the argmax). Only these leave the device.
   TopLogprobs forward_top(const StepLayout& layout, int k);
+  // Same, and for each requested row r the log-probabilities of the tokens candidates[r] (at most
+  // kMaxCandidateTokens; `candidates` is empty or has one entry per requested row), whether or not
+  // they are among the top k: the answers verdict-only scoring must weigh (Backend::token_logprobs).
+  TopLogprobs forward_top(const StepLayout& layout, int k, const std::vector<std::vector<int32_t>>& candidates);
+  // Runs one step with the lm_head restricted to each requested row's candidate tokens
+  // (Backend::linear_rows): returns, per requested row, the logits of candidates[r] in their order
+  // (not normalised: the rest of the vocabulary is never computed). Each row needs 1 to
+  // kMaxCandidateTokens candidates. Such steps are never recorded (Backend::run_step): they run directly.
+  std::vector<std::vector<float>> forward_candidates(const StepLayout& layout,
+                                                     const std::vector<std::vector<int32_t>>& candidates);
   // After a forward step: the log-probabilities of tokens[i] in requested logit row rows[i] (index
   // into that step's logit_rows) under the row's whole softmax (Backend::token_logprobs). For
   // constrained sampling, whose allowed tokens need not be among the top k. Local to this rank.
@@ -85,7 +100,9 @@ class Model {
   static ModelWeights reserve_and_load_weights(const ModelConfig& config, const Checkpoint& checkpoint,
                                                Backend& backend, const ModelOptions& options);
   // Runs every layer and the final norm + lm_head into logits_ for the requested rows.
-  void run(const StepLayout& layout);
+  // restricted: the lm_head over these candidate tokens per logit row only, into candidate_logprobs_
+  // (Model::forward_candidates).
+  void run(const StepLayout& layout, const std::vector<std::vector<int32_t>>* restricted = nullptr);
   void run_empty_step();  // expert parallelism: every layer's exchange with zero tokens of our own
 
   ModelConfig config_;
@@ -96,7 +113,7 @@ class Model {
   RopeParams rope_;
   std::vector<DeviceBuffer> buffers_;
   Tensor x_, normed_, q_, k_, v_, attn_, delta_, router_logits_, expert_ids_, expert_weights_, final_rows_, logits_,
-      argmax_, top_ids_, top_logprobs_, rope_table_;
+      argmax_, top_ids_, top_logprobs_, candidate_ids_, candidate_logprobs_, rope_table_;
   std::unique_ptr<MoeDispatcher> dispatcher_;  // set when expert-parallel over more than one rank
 };
 

@@ -25,6 +25,7 @@ ClassifyUsage& ClassifyUsage::operator+=(const ClassifyUsage& other) {
   cached_tokens += other.cached_tokens;
   reasoning_tokens += other.reasoning_tokens;
   completion_tokens += other.completion_tokens;
+  forced_tokens += other.forced_tokens;
   return *this;
 }
 
@@ -39,7 +40,8 @@ nlohmann::json to_json(const ClassifyUsage& usage) {
           {"cached_tokens", usage.cached_tokens},
           {"reasoning_tokens", usage.reasoning_tokens},
           {"completion_tokens", usage.completion_tokens},
-          {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+          {"forced_tokens", usage.forced_tokens},
+          {"total_tokens", usage.prompt_tokens + usage.forced_tokens + usage.completion_tokens}};
 }
 
 nlohmann::json to_json(const PolicyResult& r) {
@@ -47,6 +49,7 @@ nlohmann::json to_json(const PolicyResult& r) {
   j["policy_id"] = r.policy_id;
   j["verdict"] = r.verdict;
   j["confidence"] = r.confidence ? nlohmann::json(*r.confidence) : nlohmann::json(nullptr);
+  if (!r.scores.empty()) j["scores"] = r.scores;
   j["final"] = r.final_text;
   if (!r.reasoning.empty()) j["reasoning"] = r.reasoning;
   j["details"] = r.verdict_details;
@@ -401,7 +404,9 @@ ClassifyPrompts Classifier::prepare(const ClassifyRequest& request) const {
     return out;
   };
   const int max_context = options_.max_context;
-  const int generation = generation_tokens(request.effort, request.max_tokens);
+  std::vector<ScorePlan> plans;  // score mode: one per policy
+  const bool score = request.mode == ClassifyMode::kScore;
+  const int generation = score ? score_generation(request, &plans) : generation_tokens(request.effort, request.max_tokens);
   const int suffix = suffix_tokens();
   // Each policy's prefix, tokenized only as far as it can fit with one content token and the
   // generation; the content may then take what the tightest policy leaves.
@@ -416,7 +421,8 @@ ClassifyPrompts Classifier::prepare(const ClassifyRequest& request) const {
     if (end == EncodeEnd::kOverLimit) {
       out.status = PromptStatus::kPolicyTooLong;
       out.policy = static_cast<int>(i);
-      out.why = policy_fit(request.policies[i].text, request.effort, request.max_tokens).describe();
+      // Score mode: the generation is the forced tokens and the one read (given as max_tokens).
+      out.why = policy_fit(request.policies[i].text, request.effort, score ? generation : request.max_tokens).describe();
       return out;
     }
     if (max_context > 0) {
@@ -449,8 +455,27 @@ ClassifyPrompts Classifier::prepare(const ClassifyRequest& request) const {
     prompt.reserve(prompt.size() + content.size() + prompt_suffix_.size());
     prompt.insert(prompt.end(), content.begin(), content.end());
     prompt.insert(prompt.end(), prompt_suffix_.begin(), prompt_suffix_.end());
-    out.sequences.push_back(make_sequence(std::move(prompt), request, request.policies[i]));
+    if (!score) {
+      out.sequences.push_back(make_sequence(std::move(prompt), request, request.policies[i]));
+      continue;
+    }
+    // Score mode: one sequence per node of the policy's answer trie, each the prompt + the forced
+    // header + the node's path, generating one token whose candidates' log-probabilities decide.
+    out.first_sequence.push_back(out.sequences.size());
+    for (const ScorePlan::Node& node : plans[i].nodes) {
+      SequenceSpec spec;
+      spec.prompt.reserve(prompt.size() + plans[i].forced.size() + node.path.size());
+      spec.prompt = prompt;
+      spec.prompt.insert(spec.prompt.end(), plans[i].forced.begin(), plans[i].forced.end());
+      spec.prompt.insert(spec.prompt.end(), node.path.begin(), node.path.end());
+      spec.max_new_tokens = 1;
+      spec.top_logprobs = 0;
+      spec.candidate_tokens = node.candidates;
+      spec.candidates_only = options_.score_restricted_lm_head;  // the lm_head on the candidates' rows alone
+      out.sequences.push_back(std::move(spec));
+    }
   }
+  if (score) out.first_sequence.push_back(out.sequences.size());
   return out;
 }
 
@@ -517,6 +542,12 @@ SubmitStatus Classifier::submit(const ClassifyRequest& request, ClassifyPrompts 
   if (request.policies.empty()) return fail(SubmitStatus::kInvalid, "no policies");
   if (request.max_tokens < 0) return fail(SubmitStatus::kInvalid, "max_tokens must not be negative");
   if (!done) return fail(SubmitStatus::kInvalid, "no completion callback");
+  if (request.mode == ClassifyMode::kScore) {
+    if (!prompts.ok() || prompts.first_sequence.size() != request.policies.size() + 1 ||
+        prompts.first_sequence.back() != prompts.sequences.size())
+      return fail(SubmitStatus::kInvalid, "the prompts were not prepared for this request");
+    return submit_score(request, std::move(prompts), std::move(done), why, std::move(on_policy));
+  }
   if (!prompts.ok() || prompts.sequences.size() != request.policies.size())
     return fail(SubmitStatus::kInvalid, "the prompts were not prepared for this request");
   RequestSpec spec;
@@ -642,6 +673,292 @@ PolicyResult Classifier::interpret(const ClassifyPolicy& policy, const SequenceR
     }
   }
   return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verdict-only scoring (ClassifyMode::kScore).
+
+const char* to_string(AnswerFormat format) {
+  switch (format) {
+    case AnswerFormat::kAuto: return "auto";
+    case AnswerFormat::kBinary: return "binary";
+    case AnswerFormat::kLabels: return "labels";
+    case AnswerFormat::kJson: return "json";
+  }
+  return "auto";
+}
+
+const char* to_string(ClassifyMode mode) { return mode == ClassifyMode::kScore ? "score" : "reason"; }
+
+const char* to_string(ScorePrefix prefix) { return prefix == ScorePrefix::kDirect ? "direct" : "empty_analysis"; }
+
+int ScorePlan::generation_tokens() const {
+  size_t longest = 0;
+  for (const Node& n : nodes) longest = std::max(longest, n.path.size());
+  return static_cast<int>(forced.size() + longest + 1);
+}
+
+namespace {
+
+// The JSON verdict's text up to its value: score mode forces it and weighs "0" against "1" (the
+// verdict parser also accepts true/false, which this does not score).
+constexpr const char* kJsonVerdictStart = "{\"violation\": ";
+
+// Builds the trie of `plan.spelled` for the answers in `group` (all equal on tokens [0, depth)):
+// tokens they all share are walked over; where they part ways a node is added and each branch built
+// the same way. A branch with one answer ends (nothing more needs reading).
+void build_score_trie(ScorePlan& plan, const std::vector<size_t>& group, size_t depth, std::vector<int32_t> path) {
+  for (;;) {
+    if (group.size() < 2) return;
+    std::vector<int32_t> next;  // distinct tokens at `depth`, in the order of the answers
+    for (const size_t a : group) {
+      if (depth >= plan.spelled[a].size())  // an answer that is the start of another, unterminated
+        throw std::invalid_argument("answer '" + plan.answers[a] + "' cannot be told apart from a longer one");
+      const int32_t t = plan.spelled[a][depth];
+      if (std::find(next.begin(), next.end(), t) == next.end()) next.push_back(t);
+    }
+    if (next.size() == 1) {
+      path.push_back(next[0]);
+      ++depth;
+      continue;
+    }
+    if (next.size() > static_cast<size_t>(kMaxCandidateTokens))
+      throw std::invalid_argument("more than " + std::to_string(kMaxCandidateTokens) + " answers part ways at one token");
+    const size_t node = plan.nodes.size();
+    plan.nodes.push_back({path, next});
+    for (size_t c = 0; c < next.size(); ++c) {
+      std::vector<size_t> branch;
+      for (const size_t a : group)
+        if (plan.spelled[a][depth] == next[c]) {
+          branch.push_back(a);
+          plan.steps[a].emplace_back(node, c);
+        }
+      std::vector<int32_t> longer = path;
+      longer.push_back(next[c]);
+      build_score_trie(plan, branch, depth + 1, std::move(longer));
+    }
+    return;
+  }
+}
+
+}  // namespace
+
+std::vector<int32_t> Classifier::score_prefix_tokens(ScorePrefix prefix) const {
+  // The prompt ends <|start|>assistant: open an (empty) analysis message and close it, then the final
+  // header exactly as the scheduler forces it when a reasoning budget runs out (close_reasoning).
+  std::vector<int32_t> out;
+  if (prefix == ScorePrefix::kEmptyAnalysis) {
+    out = tokenizer_.encode_with_specials("<|channel|>analysis<|message|>");
+    out.insert(out.end(), close_reasoning_.begin(), close_reasoning_.end());
+  } else {
+    // close_reasoning without its <|end|><|start|>assistant: the header's <|channel|>final<|message|>.
+    out = tokenizer_.encode_with_specials("<|channel|>final<|message|>");
+  }
+  return out;
+}
+
+ScorePlan Classifier::score_plan(const ClassifyPolicy& policy, ScorePrefix prefix) const {
+  ScorePlan plan;
+  plan.forced = score_prefix_tokens(prefix);
+  plan.format = policy.format;
+  if (plan.format == AnswerFormat::kAuto)
+    plan.format = !policy.labels.empty()                              ? AnswerFormat::kLabels
+                  : policy.text.find("\"violation\"") != std::string::npos ? AnswerFormat::kJson
+                                                                     : AnswerFormat::kBinary;
+  switch (plan.format) {
+    case AnswerFormat::kLabels:
+      if (policy.labels.empty()) throw std::invalid_argument("policy '" + policy.id + "': the labels format needs labels");
+      if (policy.labels.size() > static_cast<size_t>(kMaxCandidateTokens))
+        throw std::invalid_argument("policy '" + policy.id + "': at most " + std::to_string(kMaxCandidateTokens) +
+                                    " labels can be scored");
+      for (const auto& label : policy.labels) {
+        if (label.empty()) throw std::invalid_argument("policy '" + policy.id + "': empty label");
+        if (std::find(plan.answers.begin(), plan.answers.end(), label) != plan.answers.end()) continue;  // given twice
+        plan.answers.push_back(label);
+        plan.spelled.push_back(tokenizer_.encode(label));
+        plan.spelled.back().push_back(kTokenReturn);
+      }
+      break;
+    case AnswerFormat::kBinary:
+    case AnswerFormat::kAuto:
+      for (const char* value : {"0", "1"}) {
+        plan.answers.push_back(value);
+        plan.spelled.push_back(tokenizer_.encode(value));
+        plan.spelled.back().push_back(kTokenReturn);
+      }
+      plan.format = AnswerFormat::kBinary;
+      break;
+    case AnswerFormat::kJson:
+      // Spelled as the whole text up to the value, so that the shared start is tokenized exactly as
+      // in a written answer (the trie forces it: `{"`, `violation`, `":`, ` `) and "0"/"1" part ways.
+      for (const char* value : {"0", "1"}) {
+        plan.answers.push_back(value);
+        plan.spelled.push_back(tokenizer_.encode(std::string(kJsonVerdictStart) + value));
+      }
+      break;
+  }
+  plan.steps.resize(plan.answers.size());
+  std::vector<size_t> all(plan.answers.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  build_score_trie(plan, all, 0, {});
+  if (plan.nodes.empty()) {  // one answer: read its first token anyway (its probability is 1)
+    plan.nodes.push_back({{}, {plan.spelled[0][0]}});
+    plan.steps[0].emplace_back(0, 0);
+  }
+  return plan;
+}
+
+int Classifier::score_generation(const ClassifyRequest& request, std::vector<ScorePlan>* plans) const {
+  int most = 1;
+  plans->clear();
+  for (const ClassifyPolicy& policy : request.policies) {
+    plans->push_back(score_plan(policy, request.score_prefix));
+    most = std::max(most, plans->back().generation_tokens());
+  }
+  return most;
+}
+
+PolicyResult Classifier::score_result(const ClassifyPolicy& policy, const ScorePlan& plan,
+                                      const std::vector<const SequenceResult*>& generated) const {
+  PolicyResult r;
+  r.policy_id = policy.id;
+  r.verdict = nullptr;
+  r.finish = FinishReason::kStop;
+  // Usage: the prompt once; per node, the forced header and path it adds and the one token read.
+  for (size_t n = 0; n < generated.size(); ++n) {
+    const SequenceResult& g = *generated[n];
+    const int added = static_cast<int>(plan.forced.size() + (n < plan.nodes.size() ? plan.nodes[n].path.size() : 0));
+    if (n == 0) r.usage.prompt_tokens = std::max(0, g.prompt_tokens - added);
+    r.usage.cached_tokens += g.cached_tokens;
+    r.usage.forced_tokens += added;
+    r.usage.completion_tokens += static_cast<int>(g.tokens.size());
+    // One generated token ends a score sequence by length (or by stop, when it is a stop token):
+    // both are the normal end; anything worse is the policy's finish.
+    if (g.finish != FinishReason::kStop && g.finish != FinishReason::kLength && severity(g.finish) > severity(r.finish)) {
+      r.finish = g.finish;
+      r.error = g.error;
+    }
+  }
+  auto fail = [&](std::string why) {
+    Verdict none;
+    none.status = VerdictStatus::kEmpty;
+    none.error = std::move(why);
+    r.verdict_error = none.error;
+    r.verdict_details = none.to_json();
+    return r;
+  };
+  if (r.finish != FinishReason::kStop)
+    return fail(std::string("not scored (finished: ") + to_string(r.finish) + ")" + (r.error.empty() ? "" : ": " + r.error));
+  if (generated.size() != plan.nodes.size()) return fail("not scored: the generations do not match the plan");
+  // Each node's candidates renormalised among themselves (log-sum-exp in double).
+  std::vector<std::vector<double>> share(plan.nodes.size());
+  for (size_t n = 0; n < plan.nodes.size(); ++n) {
+    const auto& candidates = plan.nodes[n].candidates;
+    const SequenceResult& g = *generated[n];
+    if (g.tokens.empty() || g.tokens[0].candidates.size() != candidates.size())
+      return fail("not scored: the engine returned no candidate log-probabilities");
+    std::vector<double> lp(candidates.size());
+    double max = -std::numeric_limits<double>::infinity();
+    for (size_t c = 0; c < candidates.size(); ++c) {
+      const auto& got = g.tokens[0].candidates[c];
+      if (got.token() != candidates[c]) return fail("not scored: the candidate log-probabilities are out of order");
+      lp[c] = got.logprob();
+      max = std::max(max, lp[c]);
+    }
+    if (!std::isfinite(max)) return fail("not scored: no allowed answer has any probability");
+    double sum = 0;
+    for (const double v : lp) sum += std::exp(v - max);
+    share[n].resize(candidates.size());
+    for (size_t c = 0; c < candidates.size(); ++c) share[n][c] = std::exp(lp[c] - max) / sum;
+  }
+  size_t best = 0;
+  std::vector<double> probability(plan.answers.size(), 1.0);
+  for (size_t a = 0; a < plan.answers.size(); ++a) {
+    for (const auto& [node, c] : plan.steps[a]) probability[a] *= share[node][c];
+    r.scores[plan.answers[a]] = probability[a];
+    if (probability[a] > probability[best]) best = a;  // ties: the first declared
+  }
+  const std::string& answer = plan.answers[best];
+  Verdict v;
+  switch (plan.format) {
+    case AnswerFormat::kLabels:
+      v = parse_label_verdict(answer, policy.labels, policy.violating_labels);
+      r.verdict = answer;
+      break;
+    case AnswerFormat::kJson:
+      v = parse_json_verdict(std::string(kJsonVerdictStart) + answer + "}");
+      r.verdict = answer == "1" ? 1 : 0;
+      break;
+    case AnswerFormat::kBinary:
+    case AnswerFormat::kAuto:
+      v = parse_binary_verdict(answer);
+      r.verdict = answer == "1" ? 1 : 0;
+      break;
+  }
+  r.verdict_details = v.to_json();
+  r.confidence = probability[best];
+  return r;
+}
+
+SubmitStatus Classifier::submit_score(const ClassifyRequest& request, ClassifyPrompts prompts,
+                                      std::function<void(ClassifyResult)> done, std::string* why,
+                                      std::function<void(size_t, const PolicyResult&)> on_policy) {
+  // What the callbacks need, without the content: the policies, their plans and where each policy's
+  // sequences are in the request.
+  struct Kept {
+    std::string id;
+    std::vector<ClassifyPolicy> policies;
+    std::vector<ScorePlan> plans;
+    std::vector<size_t> first;
+    std::vector<SequenceResult> finished;  // on_sequence_done's results so far (step-loop thread only)
+    std::vector<size_t> left;              // per policy: sequences not finished yet
+  };
+  auto kept = std::make_shared<Kept>();
+  kept->id = request.id;
+  kept->policies = request.policies;
+  score_generation(request, &kept->plans);
+  kept->first = prompts.first_sequence;
+  for (size_t i = 0; i < request.policies.size(); ++i) {
+    if (kept->first[i + 1] - kept->first[i] != kept->plans[i].nodes.size()) {
+      if (why) *why = "the prompts were not prepared for this request";
+      return SubmitStatus::kInvalid;
+    }
+    kept->left.push_back(kept->plans[i].nodes.size());
+  }
+  RequestSpec spec;
+  spec.id = request.id;
+  spec.deadline = request.deadline;
+  spec.sequences = std::move(prompts.sequences);
+  auto results_of = [kept](size_t policy, const std::vector<SequenceResult>& all) {
+    std::vector<const SequenceResult*> mine;
+    for (size_t s = kept->first[policy]; s < kept->first[policy + 1] && s < all.size(); ++s) mine.push_back(&all[s]);
+    return mine;
+  };
+  if (on_policy) {
+    kept->finished.resize(spec.sequences.size());
+    spec.on_sequence_done = [this, kept, results_of, on_policy = std::move(on_policy)](int index, const SequenceResult& g) {
+      const size_t s = static_cast<size_t>(index);
+      if (s >= kept->finished.size()) return;
+      kept->finished[s] = g;
+      const size_t policy = static_cast<size_t>(
+          std::upper_bound(kept->first.begin(), kept->first.end(), s) - kept->first.begin() - 1);
+      if (policy >= kept->left.size() || --kept->left[policy] > 0) return;
+      on_policy(policy, score_result(kept->policies[policy], kept->plans[policy], results_of(policy, kept->finished)));
+    };
+  }
+  spec.on_done = [this, kept, results_of, done = std::move(done)](std::vector<SequenceResult> results) {
+    ClassifyResult out;
+    out.id = kept->id;
+    for (size_t i = 0; i < kept->policies.size(); ++i) {
+      PolicyResult r = score_result(kept->policies[i], kept->plans[i], results_of(i, results));
+      out.flagged = out.flagged || r.violation();
+      out.usage += r.usage;
+      if (severity(r.finish) > severity(out.finish)) out.finish = r.finish;
+      out.results.push_back(std::move(r));
+    }
+    done(std::move(out));
+  };
+  return scheduler_.submit(std::move(spec), why);
 }
 
 }  // namespace arbiter

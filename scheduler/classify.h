@@ -33,13 +33,33 @@ struct ReasoningBudgets {
   int for_effort(ReasoningEffort effort) const;
 };
 
+// Verdict-only scoring (ClassifyRequest::mode kScore): which answers a policy's verdict is chosen
+// from. kAuto: kLabels when the policy declares labels, else kJson when its text names the JSON
+// verdict's "violation" key, else kBinary.
+enum class AnswerFormat { kAuto, kBinary, kLabels, kJson };
+const char* to_string(AnswerFormat format);
+
 // One policy of a request: the text the model judges against and how its answer is read.
 struct ClassifyPolicy {
   std::string id;                   // reported back as policy_id
   std::string text;                 // the policy (developer message)
   std::vector<std::string> labels;  // optional: the labels the policy asks for (label verdicts)
   std::vector<std::string> violating_labels;
+  AnswerFormat format = AnswerFormat::kAuto;  // score mode only
 };
+
+// How a request is answered. kReason: the model reasons in the analysis channel, then answers
+// (one generation per policy). kScore: no reasoning; the final channel is opened by forced tokens
+// and the verdict is read off the next-token distribution at that point (one forward position per
+// policy; more only where allowed answers share their first tokens).
+enum class ClassifyMode { kReason, kScore };
+// Score mode: the forced tokens after the prompt's <|start|>assistant. kEmptyAnalysis: an empty
+// analysis message, then the final header (<|channel|>analysis<|message|><|end|><|start|>assistant
+// <|channel|>final<|message|>), the shape of a reasoned answer; kDirect: the final header only
+// (<|channel|>final<|message|>).
+enum class ScorePrefix { kEmptyAnalysis, kDirect };
+const char* to_string(ClassifyMode mode);
+const char* to_string(ScorePrefix prefix);
 
 // One content judged against one or more policies (one sequence per policy).
 struct ClassifyRequest {
@@ -49,6 +69,8 @@ struct ClassifyRequest {
   ReasoningEffort effort = ReasoningEffort::kMedium;
   int max_tokens = 0;             // 0: the budget for `effort` plus room for the answer
   bool return_reasoning = true;
+  ClassifyMode mode = ClassifyMode::kReason;  // kScore ignores max_tokens and return_reasoning
+  ScorePrefix score_prefix = ScorePrefix::kEmptyAnalysis;
   std::optional<std::chrono::steady_clock::time_point> deadline;
   // Optional: polled while the prompts are rendered (Classifier::prepare); true stops the work
   // (the client is gone).
@@ -65,6 +87,10 @@ struct ClassifyUsage {
   int cached_tokens = 0;
   int reasoning_tokens = 0;
   int completion_tokens = 0;
+  // Score mode: tokens appended after the prompt without being generated (the forced final-channel
+  // header, and the shared start of answers that must be told apart further on); counted in the
+  // total. completion_tokens is then the number of positions whose distribution was read.
+  int forced_tokens = 0;
   ClassifyUsage& operator+=(const ClassifyUsage& other);
 };
 
@@ -77,6 +103,9 @@ struct PolicyResult {
   nlohmann::json verdict_details = nlohmann::json::object();  // Verdict::to_json()
   std::string verdict_error;
   std::optional<double> confidence;  // probability of the verdict's deciding token
+  // Score mode: every allowed answer's probability ("0"/"1", or each label), renormalised over the
+  // allowed answers; the verdict is the most probable one and confidence its probability.
+  std::map<std::string, double> scores;
   std::string final_text;
   std::string reasoning;             // empty unless return_reasoning
   bool reasoning_truncated = false;  // the reasoning budget ran out: the scheduler closed the analysis
@@ -101,6 +130,9 @@ struct ClassifierOptions {
   ReasoningBudgets budgets;
   int answer_tokens = 256;         // room for the final answer after the reasoning budget
   int top_logprobs = 20;           // alternatives kept per token, for confidence
+  // Score mode: evaluate the lm_head on the allowed answers' rows only (SequenceSpec::candidates_only)
+  // where a step holds nothing else to sample; false: always the whole lm_head (for comparisons).
+  bool score_restricted_lm_head = true;
   SafeguardPromptOptions prompt;   // effort is taken from each request
   // Prompt + generated tokens of one sequence (the scheduler's context). A request's prompts must
   // leave room for its whole generation (Classifier::prepare). 0: not checked here (the scheduler
@@ -149,9 +181,38 @@ struct ClassifyPrompts {
   std::string why;                      // not kOk: what happened, with the numbers
   int policy = -1;                      // kPolicyTooLong / kContentTooLong: the policy's index
   int content_tokens = 0;               // kOk: tokens of the content
-  std::vector<SequenceSpec> sequences;  // kOk: one per policy, in order
+  std::vector<SequenceSpec> sequences;  // kOk: one per policy, in order (score mode: see below)
+  // Score mode: policy i runs sequences [first_sequence[i], first_sequence[i + 1]) (one per point
+  // where its answers part ways, ScorePlan::nodes); empty in reason mode.
+  std::vector<size_t> first_sequence;
   bool ok() const { return status == PromptStatus::kOk; }
 };
+
+// Score mode: how one policy's allowed answers are weighed. Every answer is spelled in tokens as
+// the model would write it right after the final header (labels and 0/1 followed by <|return|>, so
+// that a label that is the start of another is told apart by the stop token); the answers form a
+// token trie. A node is a point where answers that agreed so far part ways: one sequence (prompt +
+// forced header + the node's path) reads the log-probabilities of the node's distinct next tokens.
+// Tokens all remaining answers share are forced, not read. An answer's probability is the product,
+// over the nodes on its way, of its token's probability renormalised over the node's candidates:
+// for answers with distinct first tokens (0/1, most label sets), the softmax over the allowed first
+// tokens at one position.
+struct ScorePlan {
+  AnswerFormat format = AnswerFormat::kBinary;  // resolved (never kAuto)
+  std::vector<int32_t> forced;                  // the final-channel header (ScorePrefix)
+  std::vector<std::string> answers;             // keys of PolicyResult::scores: "0"/"1" or the labels
+  std::vector<std::vector<int32_t>> spelled;    // per answer, its tokens after the header
+  struct Node {
+    std::vector<int32_t> path;        // tokens after the header up to this point
+    std::vector<int32_t> candidates;  // the distinct next tokens of the answers that reach it
+  };
+  std::vector<Node> nodes;            // nodes[0] is where all answers first part ways
+  // Per answer, its way through the trie: (node, index into that node's candidates).
+  std::vector<std::vector<std::pair<size_t, size_t>>> steps;
+  // Tokens one sequence of this plan adds to the prompt at most (forced + longest path + 1 sampled).
+  int generation_tokens() const;
+};
+
 
 // JSON form of results, in api/api.proto's ClassifyResponse / PolicyResult / ClassifyUsage field
 // names (what `arbiter classify` prints).
@@ -221,6 +282,16 @@ class Classifier {
   // Puts the per-policy results of `request` together (flagged, usage sums, worst finish).
   ClassifyResult assemble(const ClassifyRequest& request, const std::vector<SequenceResult>& generated) const;
 
+  // --- score mode ---
+  // The forced tokens of `prefix` (ScorePrefix).
+  std::vector<int32_t> score_prefix_tokens(ScorePrefix prefix) const;
+  // The answers of `policy` and the positions that weigh them. Throws std::invalid_argument for a
+  // policy whose format cannot be scored (kLabels without labels, more than kMaxCandidateTokens labels).
+  ScorePlan score_plan(const ClassifyPolicy& policy, ScorePrefix prefix) const;
+  // Turns the generations of a plan's sequences (one per node, in order) into the policy's result.
+  PolicyResult score_result(const ClassifyPolicy& policy, const ScorePlan& plan,
+                            const std::vector<const SequenceResult*>& generated) const;
+
   const Tokenizer& tokenizer() const { return tokenizer_; }
   const ClassifierOptions& options() const { return options_; }
   Scheduler& scheduler() { return scheduler_; }
@@ -228,6 +299,11 @@ class Classifier {
  private:
   std::vector<int32_t> cached_prefix(const std::string& policy_text, ReasoningEffort effort) const;
   SequenceSpec make_sequence(std::vector<int32_t> prompt, const ClassifyRequest& request, const ClassifyPolicy& policy) const;
+  // Score mode: the largest ScorePlan::generation_tokens over the request's policies (for prepare's
+  // fit checks); plans are filled per policy. Throws std::invalid_argument like score_plan.
+  int score_generation(const ClassifyRequest& request, std::vector<ScorePlan>* plans) const;
+  SubmitStatus submit_score(const ClassifyRequest& request, ClassifyPrompts prompts, std::function<void(ClassifyResult)> done,
+                            std::string* why, std::function<void(size_t, const PolicyResult&)> on_policy);
 
   const Tokenizer& tokenizer_;
   Scheduler& scheduler_;

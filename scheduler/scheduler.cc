@@ -301,6 +301,7 @@ struct Scheduler::State {
     token.token = sampled.token();
     token.logprob = sampled.logprob();
     token.top.assign(sampled.top().begin(), sampled.top().end());
+    token.candidates.assign(sampled.candidates().begin(), sampled.candidates().end());
     push_token(s, std::move(token), events);
     ++stats.decode_tokens;
     const int32_t t = sampled.token();
@@ -589,6 +590,8 @@ struct Scheduler::State {
             const auto allowed = s->final_answer->allowed();
             work->mutable_allowed_tokens()->Add(allowed.begin(), allowed.end());
           }
+          work->mutable_candidate_tokens()->Add(s->spec.candidate_tokens.begin(), s->spec.candidate_tokens.end());
+          work->set_candidates_only(s->spec.candidates_only);
         }
         step_tokens += s->planned_tokens;
       }
@@ -665,6 +668,12 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
     if (spec.prompt.empty()) return fail(SubmitStatus::kInvalid, which + "empty prompt");
     if (spec.max_new_tokens < 1) return fail(SubmitStatus::kInvalid, which + "max_new_tokens must be at least 1");
     if (spec.top_logprobs < 0 || spec.top_logprobs > 20) return fail(SubmitStatus::kInvalid, which + "top_logprobs must be 0..20");
+    if (spec.candidate_tokens.size() > static_cast<size_t>(kMaxCandidateTokens))
+      return fail(SubmitStatus::kInvalid, which + "at most " + std::to_string(kMaxCandidateTokens) + " candidate tokens");
+    for (const int32_t t : spec.candidate_tokens)
+      if (t < 0) return fail(SubmitStatus::kInvalid, which + "negative candidate token id");
+    if (spec.candidates_only && spec.candidate_tokens.empty())
+      return fail(SubmitStatus::kInvalid, which + "candidates_only needs candidate tokens");
     if (static_cast<int>(spec.prompt.size()) + 1 > st.max_context)
       return fail(SubmitStatus::kTooLong, which + "prompt of " + std::to_string(spec.prompt.size()) +
                                               " tokens leaves no room in a context of " + std::to_string(st.max_context));

@@ -41,6 +41,8 @@ inline constexpr int32_t kTokenReturn = 200002;
 inline constexpr int32_t kTokenCall = 200012;
 inline constexpr int32_t kTokenEndOfText = 199999;
 inline constexpr int32_t kTokenEnd = 200007;  // <|end|>: closes a message (the analysis one)
+// The most candidate tokens a sequence may ask for (Model::kMaxCandidateTokens, what the engine scores).
+inline constexpr int kMaxCandidateTokens = 256;
 
 // One generation: a prompt and how to continue it.
 struct SequenceSpec {
@@ -54,6 +56,14 @@ struct SequenceSpec {
   std::vector<int32_t> close_reasoning;
   proto::Sampling sampling;   // default: greedy
   int top_logprobs = 0;       // alternatives reported per generated token (0..20)
+  // Tokens whose log-probabilities are reported with every sampled token, whether or not they are
+  // among the top ones (verdict-only scoring weighs the allowed answers with them); at most
+  // kMaxCandidateTokens.
+  std::vector<int32_t> candidate_tokens;
+  // Only the candidates matter (proto::SequenceWork::candidates_only): the generated token is the
+  // most likely candidate and the candidates' log-probabilities are renormalised over them; steps
+  // made only of such sequences evaluate the lm_head on the candidates' rows alone.
+  bool candidates_only = false;
   std::vector<int32_t> stop_tokens = {kTokenReturn, kTokenCall, kTokenEndOfText};
   // Optional: a constrained final answer. Once the generation enters the final channel's content
   // (after `<|channel|>final ...<|message|>`, sampled or forced), every token the scheduler asks a
@@ -69,6 +79,7 @@ struct GeneratedToken {
   float logprob = 0;                          // 0 for forced tokens
   std::vector<proto::TokenLogprob> top;       // empty for forced tokens
   bool forced = false;                        // fed by the scheduler (reasoning budget), not sampled
+  std::vector<proto::TokenLogprob> candidates = {};  // SequenceSpec::candidate_tokens' log-probabilities, in order
 };
 
 enum class FinishReason { kStop, kLength, kCancelled, kDeadline, kError };

@@ -153,6 +153,52 @@ TEST_F(CliClassify, InputFileKeepsOrderAndReportsBadLines) {
   EXPECT_GT(cached, 0);
 }
 
+// --mode score: JSONL rows in input order with verdict, confidence and the scores of 0 and 1, one
+// position read per policy; --score-prefix and --answer-format are checked.
+TEST_F(CliClassify, ScoreModeJsonl) {
+  TempDir io;
+  const std::string in = write_input(io), out = io.file("score.jsonl");
+  const RunResult r = classify("--mode score --policy " + quote(policy("spam.txt") + "," + policy("hate.txt")) + " --input " +
+                                   quote(in) + " --output " + quote(out),
+                               true);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("9 lines, 5 classified"), std::string::npos) << r.output;
+  const auto rows = read_jsonl(out);
+  ASSERT_EQ(rows.size(), 9u);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_EQ(rows[i].at("line"), i + 1);
+    if (!rows[i].contains("results")) continue;
+    ASSERT_EQ(rows[i]["results"].size(), 2u);
+    for (const auto& p : rows[i]["results"]) {
+      ASSERT_EQ(p.at("scores").size(), 2u) << p;
+      const double p0 = p["scores"]["0"], p1 = p["scores"]["1"];
+      EXPECT_NEAR(p0 + p1, 1.0, 1e-9);
+      EXPECT_EQ(p.at("verdict"), p1 > p0 ? 1 : 0);
+      EXPECT_DOUBLE_EQ(p.at("confidence").get<double>(), std::max(p0, p1));
+      EXPECT_EQ(p.at("usage").at("completion_tokens"), 1);
+      EXPECT_EQ(p.at("usage").at("forced_tokens"), 9);
+      EXPECT_EQ(p.at("finish_reason"), "stop");
+    }
+  }
+  // The same content on lines 1 and 9 (the later one from the prefix cache, in another batch): the
+  // same scores up to float rounding.
+  for (const char* answer : {"0", "1"})
+    EXPECT_NEAR(rows[0]["results"][0]["scores"][answer].get<double>(), rows[8]["results"][0]["scores"][answer].get<double>(), 1e-5);
+  EXPECT_EQ(rows[0]["results"][0]["verdict"], rows[8]["results"][0]["verdict"]);
+  RunResult bad = classify("--mode fast --policy " + quote(policy("spam.txt")) + " --content x", true);
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.output.find("--mode"), std::string::npos) << bad.output;
+  bad = classify("--mode score --score-prefix none --policy " + quote(policy("spam.txt")) + " --content x", true);
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.output.find("--score-prefix"), std::string::npos) << bad.output;
+  const RunResult direct = classify("--mode score --score-prefix direct --answer-format json --policy " + quote(policy("spam.txt")) +
+                                    " --content 'Buy now'");
+  ASSERT_EQ(direct.status, 0) << direct.output;
+  const auto j = nlohmann::json::parse(direct.output);
+  EXPECT_GT(j["results"][0]["usage"]["forced_tokens"].get<int>(), 3);  // the header + {"violation":
+  EXPECT_EQ(j["results"][0]["details"]["violation"], j["results"][0]["verdict"]);
+}
+
 TEST_F(CliClassify, SameGenerationsWithoutThePrefixCache) {
   TempDir io;
   const std::string in = write_input(io), on = io.file("on.jsonl"), off = io.file("off.jsonl");

@@ -119,4 +119,11 @@ void top_logprobs(const float* logits, int64_t n, int k, int32_t* ids, float* lo
   }
 }
 
+void token_logprobs(const float* logits, int64_t n, const int32_t* ids, int64_t m, float* logprobs) {
+  const double log_z = log_normalizer(logits, n);
+  for (int64_t j = 0; j < m; ++j)
+    logprobs[j] = ids[j] >= 0 && ids[j] < n ? static_cast<float>(logits[ids[j]] - log_z)
+                                            : -std::numeric_limits<float>::infinity();
+}
+
 }  // namespace arbiter::cpu::ref

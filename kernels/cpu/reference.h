@@ -29,5 +29,8 @@ void top_logprobs(const float* logits, int64_t n, int k, int32_t* ids, float* lo
 // log(sum_i exp(logits[i])), as top_logprobs computes it (max in float, the sum in double), so that
 // logits[i] - log_normalizer gives top_logprobs' values bit for bit.
 double log_normalizer(const float* logits, int64_t n);
+// Log-probabilities of the m tokens `ids` under the softmax of logits[0..n) (the normalizer as
+// top_logprobs computes it); ids outside [0, n) get -inf.
+void token_logprobs(const float* logits, int64_t n, const int32_t* ids, int64_t m, float* logprobs);
 
 }  // namespace arbiter::cpu::ref

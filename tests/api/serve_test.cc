@@ -31,6 +31,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "tests/api/serve_process.h"
@@ -83,6 +84,82 @@ class ApiServe : public ::testing::Test {
 
   static inline std::unique_ptr<testing::TempDir> tmp_;
 };
+
+// mode "score": verdict, confidence and every allowed answer's probability from one position per
+// policy (two where labels share their start), usage with the forced tokens; the same answer as
+// the scores; bad values of mode / score_prefix / answer_format are 400 naming the field.
+TEST_F(ApiServe, ScoreModeEndToEnd) {
+  ServeProcess server(base_args(), file("score.log"));
+  const int port = server.port();
+  ASSERT_TRUE(wait_ready(port, 60)) << server.log();
+  const json body = {{"content", "Win a free cruise, click here"},
+                     {"mode", "score"},
+                     {"policies",
+                      {{{"id", "bin"}, {"text", kPolicyTexts[0]}},
+                       {{"id", "lab"}, {"text", "Label it."}, {"labels", {"SPAM_LOW", "SPAM_HIGH", "OK"}},
+                        {"violating_labels", {"SPAM_HIGH"}}},
+                       {{"id", "js"}, {"text", "Answer {\"violation\": 0 or 1}."}}}}};
+  const Reply r = call(port, "POST", "/v1/classify", body.dump());
+  ASSERT_EQ(r.status, 200) << r.raw << server.log();
+  ASSERT_EQ(r.body["results"].size(), 3u);
+  int forced_sum = 0, completion_sum = 0;
+  for (const auto& p : r.body["results"]) {
+    ASSERT_TRUE(p.contains("scores")) << p;
+    double total = 0, best = -1;
+    std::string argmax;
+    for (const auto& [answer, prob] : p["scores"].items()) {
+      total += prob.get<double>();
+      if (prob.get<double>() > best) best = prob.get<double>(), argmax = answer;
+    }
+    EXPECT_NEAR(total, 1.0, 1e-6) << p;
+    EXPECT_NEAR(p["confidence"].get<double>(), best, 1e-9) << p;
+    if (p["verdict"].is_string()) EXPECT_EQ(p["verdict"], argmax);
+    else EXPECT_EQ(std::to_string(p["verdict"].get<int>()), argmax);
+    EXPECT_EQ(p.value("reasoning", ""), "");
+    EXPECT_EQ(p["finish_reason"], "stop");
+    EXPECT_GT(p["usage"]["prompt_tokens"].get<int>(), 30);
+    forced_sum += p["usage"]["forced_tokens"].get<int>();
+    completion_sum += p["usage"]["completion_tokens"].get<int>();
+  }
+  EXPECT_EQ(r.body["results"][0]["scores"].size(), 2u);
+  EXPECT_EQ(r.body["results"][1]["scores"].size(), 3u);
+  // 0/1: one position after the 9 forced tokens of the empty analysis and the final header.
+  EXPECT_EQ(r.body["results"][0]["usage"]["completion_tokens"], 1);
+  EXPECT_EQ(r.body["results"][0]["usage"]["forced_tokens"], 9);
+  EXPECT_EQ(r.body["results"][1]["usage"]["completion_tokens"], 2);  // SPAM_LOW / SPAM_HIGH part ways later
+  EXPECT_EQ(r.body["results"][2]["usage"]["completion_tokens"], 1);
+  EXPECT_GT(r.body["results"][2]["usage"]["forced_tokens"].get<int>(), 9);  // + {"violation":
+  EXPECT_EQ(r.body["usage"]["forced_tokens"], forced_sum);
+  EXPECT_EQ(r.body["usage"]["completion_tokens"], completion_sum);
+  EXPECT_EQ(r.body["usage"]["total_tokens"].get<int>(),
+            r.body["usage"]["prompt_tokens"].get<int>() + forced_sum + completion_sum);
+  EXPECT_EQ(r.body["results"][1]["violation"], r.body["results"][1]["verdict"] == "SPAM_HIGH");
+
+  // The direct prefix forces the final header alone.
+  json direct = body;
+  direct["score_prefix"] = "direct";
+  const Reply d = call(port, "POST", "/v1/classify", direct.dump());
+  ASSERT_EQ(d.status, 200) << d.raw;
+  EXPECT_EQ(d.body["results"][0]["usage"]["forced_tokens"], 3);
+
+  for (const auto& [field, value, param] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"mode", "fast", "mode"}, {"mode", "SCORE", "mode"}, {"score_prefix", "none", "score_prefix"}}) {
+    json bad = body;
+    bad[field] = value;
+    const Reply b = call(port, "POST", "/v1/classify", bad.dump());
+    EXPECT_EQ(b.status, 400) << b.raw;
+    EXPECT_EQ(b.body["error"]["param"], param) << b.raw;
+  }
+  json bad = body;
+  bad["policies"][0]["answer_format"] = "labels";  // no labels
+  Reply b = call(port, "POST", "/v1/classify", bad.dump());
+  EXPECT_EQ(b.status, 400) << b.raw;
+  EXPECT_EQ(b.body["error"]["param"], "policies[0].answer_format") << b.raw;
+  bad["policies"][0]["answer_format"] = "yaml";
+  b = call(port, "POST", "/v1/classify", bad.dump());
+  EXPECT_EQ(b.status, 400) << b.raw;
+  EXPECT_EQ(b.body["error"]["param"], "policies[0].answer_format") << b.raw;
+}
 
 TEST_F(ApiServe, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
   ServeProcess server(base_args(), file("main.log"));

@@ -490,6 +490,15 @@ TEST_F(EngineRandomTest, MalformedPlansAreRefusedAndTheCacheStaysIntact) {
        "top_logprobs -1 outside"},
       {"duplicate id", [](proto::StepPlan& p) { p.mutable_sequences(1)->set_sequence_id(1); },
        "sequence 1: appears twice"},
+      {"candidate outside the vocabulary", [](proto::StepPlan& p) { p.mutable_sequences(1)->add_candidate_tokens(-3); },
+       "candidate token id -3 outside the vocabulary"},
+      {"candidates only without candidates", [](proto::StepPlan& p) { p.mutable_sequences(1)->set_candidates_only(true); },
+       "candidates_only without candidate tokens"},
+      {"too many candidates",
+       [](proto::StepPlan& p) {
+         for (int i = 0; i <= Model::kMaxCandidateTokens; ++i) p.mutable_sequences(1)->add_candidate_tokens(i);
+       },
+       "257 candidate tokens (at most 256)"},
       {"negative temperature",
        [](proto::StepPlan& p) { p.mutable_sequences(1)->mutable_sampling()->set_temperature(-0.5f); }, "temperature"},
       {"NaN temperature",

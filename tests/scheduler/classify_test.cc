@@ -668,5 +668,186 @@ TEST(ClassifierOptionsCheck, EveryEffortMustLeaveRoomForAPrompt) {
   EXPECT_THROW(Classifier(tokenizer(), scheduler, bad), std::invalid_argument);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Score mode (verdict-only): the plans of answers and the results read off candidate log-probabilities.
+
+// One score sequence's generation: one sampled token carrying the candidates' log-probabilities.
+SequenceResult scored(const std::vector<std::pair<int32_t, float>>& candidates, int prompt_tokens = 0, int cached = 0) {
+  SequenceResult r;
+  r.finish = FinishReason::kLength;
+  r.prompt_tokens = prompt_tokens;
+  r.cached_tokens = cached;
+  GeneratedToken g;
+  g.token = candidates.at(0).first;
+  for (const auto& [t, lp] : candidates) {
+    proto::TokenLogprob c;
+    c.set_token(t);
+    c.set_logprob(lp);
+    g.candidates.push_back(c);
+  }
+  r.tokens.push_back(g);
+  return r;
+}
+
+std::vector<const SequenceResult*> pointers(const std::vector<SequenceResult>& v) {
+  std::vector<const SequenceResult*> out;
+  for (const auto& r : v) out.push_back(&r);
+  return out;
+}
+
+TEST_F(ClassifierTest, ScorePrefixesOpenTheFinalChannel) {
+  EXPECT_EQ(classifier_.score_prefix_tokens(ScorePrefix::kEmptyAnalysis),
+            tokenizer().encode_with_specials("<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>"));
+  EXPECT_EQ(classifier_.score_prefix_tokens(ScorePrefix::kDirect), tokenizer().encode_with_specials("<|channel|>final<|message|>"));
+}
+
+TEST_F(ClassifierTest, ScorePlanOfABinaryPolicyIsOnePositionWeighingZeroAndOne) {
+  const ScorePlan plan = classifier_.score_plan(binary_policy(), ScorePrefix::kDirect);
+  EXPECT_EQ(plan.format, AnswerFormat::kBinary);
+  EXPECT_EQ(plan.answers, (std::vector<std::string>{"0", "1"}));
+  ASSERT_EQ(plan.nodes.size(), 1u);
+  EXPECT_TRUE(plan.nodes[0].path.empty());
+  EXPECT_EQ(plan.nodes[0].candidates, (std::vector<int32_t>{15, 16}));
+  EXPECT_EQ(plan.generation_tokens(), 4);  // <|channel|> final <|message|> + the one read
+}
+
+TEST_F(ClassifierTest, ScorePlanOfAJsonPolicyForcesTheKeyAndWeighsTheValue) {
+  const ClassifyPolicy policy{"j", "Answer {\"violation\": 0 or 1, \"rationale\": \"...\"}", {}, {}};
+  const ScorePlan plan = classifier_.score_plan(policy, ScorePrefix::kEmptyAnalysis);
+  EXPECT_EQ(plan.format, AnswerFormat::kJson);
+  ASSERT_EQ(plan.nodes.size(), 1u);
+  // The shared start is exactly how a written answer tokenizes up to the value.
+  const auto whole = tokenizer().encode("{\"violation\": 1, \"rationale\": \"x\"}");
+  ASSERT_GT(whole.size(), plan.nodes[0].path.size());
+  EXPECT_TRUE(std::equal(plan.nodes[0].path.begin(), plan.nodes[0].path.end(), whole.begin()));
+  EXPECT_EQ(whole[plan.nodes[0].path.size()], 16);
+  EXPECT_EQ(tokenizer().decode(plan.nodes[0].path), "{\"violation\": ");
+  EXPECT_EQ(plan.nodes[0].candidates, (std::vector<int32_t>{15, 16}));
+  // An explicit format wins over the guess.
+  ClassifyPolicy binary = policy;
+  binary.format = AnswerFormat::kBinary;
+  EXPECT_EQ(classifier_.score_plan(binary, ScorePrefix::kDirect).format, AnswerFormat::kBinary);
+}
+
+TEST_F(ClassifierTest, ScorePlanTellsLabelsWithASharedStartApartWhereTheyPartWays) {
+  const ClassifyPolicy policy{"l", "Label it.", {"SPAM_LOW", "SPAM_HIGH", "OK", "spam", "spam-bot"}, {"SPAM_HIGH"}};
+  const ScorePlan plan = classifier_.score_plan(policy, ScorePrefix::kDirect);
+  EXPECT_EQ(plan.format, AnswerFormat::kLabels);
+  ASSERT_EQ(tokenizer().encode("SPAM_LOW")[0], tokenizer().encode("SPAM_HIGH")[0]);
+  ASSERT_EQ(tokenizer().encode("spam-bot")[0], tokenizer().encode("spam")[0]);
+  // The root weighs the distinct first tokens (SPAM, OK, spam); then SPAM... parts at its second
+  // token and spam / spam-bot at <|return|> against "-bot"'s first token.
+  ASSERT_EQ(plan.nodes.size(), 3u);
+  EXPECT_TRUE(plan.nodes[0].path.empty());
+  EXPECT_EQ(plan.nodes[0].candidates.size(), 3u);
+  for (size_t n = 1; n < 3; ++n) {
+    EXPECT_EQ(plan.nodes[n].candidates.size(), 2u);
+    EXPECT_FALSE(plan.nodes[n].path.empty());
+  }
+  const auto spam = tokenizer().encode("spam");
+  bool stop_weighed = false;
+  for (const auto& node : plan.nodes)
+    if (node.path == spam) stop_weighed = std::find(node.candidates.begin(), node.candidates.end(), kTokenReturn) != node.candidates.end();
+  EXPECT_TRUE(stop_weighed);
+  // "OK" is decided at the root alone; SPAM_LOW needs the root and its own node.
+  EXPECT_EQ(plan.steps[2].size(), 1u);
+  EXPECT_EQ(plan.steps[0].size(), 2u);
+}
+
+TEST_F(ClassifierTest, ScoreResultRenormalisesOverTheAllowedAnswers) {
+  // Binary: log-probabilities of "0" and "1" of -2 and -0.5 (most of the mass elsewhere is ignored).
+  const ScorePlan plan = classifier_.score_plan(binary_policy(), ScorePrefix::kEmptyAnalysis);
+  ASSERT_EQ(plan.forced.size(), 9u);  // <|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>
+  const std::vector<SequenceResult> gen = {scored({{15, -2.0f}, {16, -0.5f}}, 100 + 9, 64)};
+  const PolicyResult r = classifier_.score_result(binary_policy(), plan, pointers(gen));
+  const double p1 = std::exp(-0.5) / (std::exp(-0.5) + std::exp(-2.0));
+  EXPECT_EQ(r.verdict, 1);
+  ASSERT_TRUE(r.confidence.has_value());
+  EXPECT_NEAR(*r.confidence, p1, 1e-6);
+  EXPECT_NEAR(r.scores.at("1"), p1, 1e-6);
+  EXPECT_NEAR(r.scores.at("0"), 1 - p1, 1e-6);
+  EXPECT_TRUE(r.violation());
+  EXPECT_EQ(r.finish, FinishReason::kStop);
+  EXPECT_TRUE(r.reasoning.empty());
+  EXPECT_EQ(r.usage.prompt_tokens, 100);
+  EXPECT_EQ(r.usage.forced_tokens, 9);
+  EXPECT_EQ(r.usage.completion_tokens, 1);
+  EXPECT_EQ(r.usage.cached_tokens, 64);
+  EXPECT_EQ(to_json(r).at("scores").size(), 2u);
+  EXPECT_EQ(to_json(r.usage).at("total_tokens"), 110);
+}
+
+TEST_F(ClassifierTest, ScoreResultMultipliesAlongLabelsThatShareAStart) {
+  const ClassifyPolicy policy{"l", "Label it.", {"SPAM_LOW", "SPAM_HIGH", "OK"}, {"SPAM_HIGH"}};
+  const ScorePlan plan = classifier_.score_plan(policy, ScorePrefix::kDirect);
+  ASSERT_EQ(plan.nodes.size(), 2u);
+  // Root: SPAM vs OK at log-probabilities log .6 / log .2 (renormalised: .75 / .25); then LOW vs
+  // HIGH at log .1 / log .3 (.25 / .75).
+  const auto& root = plan.nodes[0].candidates;
+  const auto& second = plan.nodes[1].candidates;
+  auto lp_root = [&](int32_t t) { return t == tokenizer().encode("OK")[0] ? std::log(0.2f) : std::log(0.6f); };
+  // SPAM_LOW and SPAM_HIGH part ways right after the second node's path.
+  const int32_t low = tokenizer().encode("SPAM_LOW").at(plan.nodes[1].path.size());
+  auto lp_second = [&](int32_t t) { return t == low ? std::log(0.1f) : std::log(0.3f); };
+  const std::vector<SequenceResult> gen = {scored({{root[0], lp_root(root[0])}, {root[1], lp_root(root[1])}}),
+                                           scored({{second[0], lp_second(second[0])}, {second[1], lp_second(second[1])}})};
+  const PolicyResult r = classifier_.score_result(policy, plan, pointers(gen));
+  EXPECT_NEAR(r.scores.at("OK"), 0.25, 1e-6);
+  EXPECT_NEAR(r.scores.at("SPAM_LOW"), 0.75 * 0.25, 1e-6);
+  EXPECT_NEAR(r.scores.at("SPAM_HIGH"), 0.75 * 0.75, 1e-6);
+  EXPECT_EQ(r.verdict, "SPAM_HIGH");
+  EXPECT_NEAR(*r.confidence, 0.5625, 1e-6);
+  EXPECT_TRUE(r.violation());
+  EXPECT_EQ(r.usage.completion_tokens, 2);
+  EXPECT_EQ(r.usage.forced_tokens, static_cast<int>(2 * plan.forced.size() + plan.nodes[1].path.size()));
+}
+
+TEST_F(ClassifierTest, ScoreResultOfAnUnfinishedSequenceIsANullVerdict) {
+  const ScorePlan plan = classifier_.score_plan(binary_policy(), ScorePrefix::kDirect);
+  SequenceResult cut;
+  cut.finish = FinishReason::kDeadline;
+  const PolicyResult r = classifier_.score_result(binary_policy(), plan, {&cut});
+  EXPECT_TRUE(r.verdict.is_null());
+  EXPECT_EQ(r.finish, FinishReason::kDeadline);
+  EXPECT_TRUE(r.scores.empty());
+  EXPECT_FALSE(r.verdict_error.empty());
+}
+
+TEST_F(ClassifierTest, ScoreModeSubmitsOneSequencePerPositionRead) {
+  ClassifyRequest request;
+  request.id = "score";
+  request.content = "Buy cheap watches at example.com";
+  request.mode = ClassifyMode::kScore;
+  request.policies = {binary_policy(), {"l", "Label it.", {"SPAM_LOW", "SPAM_HIGH", "OK"}, {}}};
+  const ClassifyPrompts prompts = classifier_.prepare(request);
+  ASSERT_TRUE(prompts.ok()) << prompts.why;
+  ASSERT_EQ(prompts.sequences.size(), 3u);
+  EXPECT_EQ(prompts.first_sequence, (std::vector<size_t>{0, 1, 3}));
+  const auto base = classifier_.render(request.policies[0], request.content, request.effort);
+  const auto forced = classifier_.score_prefix_tokens(ScorePrefix::kEmptyAnalysis);
+  std::vector<int32_t> want = base;
+  want.insert(want.end(), forced.begin(), forced.end());
+  EXPECT_EQ(prompts.sequences[0].prompt, want);
+  EXPECT_EQ(prompts.sequences[0].max_new_tokens, 1);
+  EXPECT_EQ(prompts.sequences[0].candidate_tokens, (std::vector<int32_t>{15, 16}));
+  EXPECT_TRUE(prompts.sequences[0].candidates_only);
+  EXPECT_TRUE(prompts.sequences[0].close_reasoning.empty() || prompts.sequences[0].max_reasoning_tokens < 0);
+  std::optional<ClassifyResult> got;
+  std::vector<size_t> early;
+  std::string why;
+  ASSERT_EQ(classifier_.submit(request, [&](ClassifyResult r) { got = std::move(r); }, &why,
+                               [&](size_t index, const PolicyResult&) { early.push_back(index); }),
+            SubmitStatus::kAccepted)
+      << why;
+  scheduler_.cancel("score");
+  scheduler_.plan_step();
+  ASSERT_TRUE(got.has_value());
+  ASSERT_EQ(got->results.size(), 2u);
+  EXPECT_EQ(got->results[1].policy_id, "l");
+  EXPECT_EQ(got->finish, FinishReason::kCancelled);
+  std::sort(early.begin(), early.end());
+  EXPECT_EQ(early, (std::vector<size_t>{0, 1}));  // each policy once, when its last sequence ended
+}
+
 }  // namespace
 }  // namespace arbiter

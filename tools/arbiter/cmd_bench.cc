@@ -4,7 +4,8 @@
 // the same workload runs with prefix caching on and off in this process, and the ratios are
 // reported (prefill tokens computed, decisions/s), with p50/p99 latency and the step loop's own
 // overhead ((scheduler + exchange seconds) / step seconds). A small JSON (--json FILE) and a
-// markdown table (stdout).
+// markdown table (stdout). With --mode score the two runs compared are instead reasoning (at low
+// effort, within the reasoning budget) and verdict-only scoring, both with prefix caching on.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -41,11 +42,14 @@ struct Workload {
   int reasoning_tokens = 16;  // budget per sequence (every effort)
   int answer_tokens = 4;      // generated after the forced close
   uint64_t seed = 7;
+  ClassifyMode mode = ClassifyMode::kReason;
 };
 
 // Measurements of one run of the workload.
 struct RunReport {
   bool prefix_caching = false;
+  ClassifyMode mode = ClassifyMode::kReason;
+  std::string label;  // the table's first column (default: the mode)
   double seconds = 0;
   double decisions_per_second = 0;
   double latency_p50 = 0, latency_p99 = 0;
@@ -101,6 +105,7 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
     r.policies = {policies[static_cast<size_t>(i % w.policies)]};
     r.effort = ReasoningEffort::kLow;
     r.return_reasoning = false;
+    r.mode = w.mode;
     requests.push_back(std::move(r));
   }
 
@@ -114,6 +119,7 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
   const auto completions = std::make_shared<Completions>();
   RunReport report;
   report.prefix_caching = prefix_caching;
+  report.mode = w.mode;
   const auto start = Clock::now();
   // Policies are registered ahead of traffic: their prefixes are computed once (a no-op when
   // prefix caching is off). The warm-up counts in the time and the prefill tokens.
@@ -160,6 +166,7 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
 
 nlohmann::json to_json(const RunReport& r) {
   return {{"prefix_caching", r.prefix_caching},
+          {"mode", to_string(r.mode)},
           {"seconds", r.seconds},
           {"decisions_per_second", r.decisions_per_second},
           {"latency_p50_s", r.latency_p50},
@@ -183,13 +190,13 @@ std::string fixed(double v, int digits) {
   return buf;
 }
 
-std::string markdown(const RunReport& on, const RunReport& off) {
+std::string markdown(const std::vector<const RunReport*>& runs) {
   std::ostringstream t;
-  t << "| prefix cache | decisions/s | p50 latency (s) | p99 latency (s) | prefill tokens computed | prompt tokens cached "
+  t << "| mode | prefix cache | decisions/s | p50 latency (s) | p99 latency (s) | prefill tokens computed | prompt tokens cached "
        "| decode tokens | steps | step-loop overhead |\n"
-    << "|---|---|---|---|---|---|---|---|---|\n";
-  for (const RunReport* r : {&on, &off})
-    t << "| " << (r->prefix_caching ? "on" : "off") << " | " << fixed(r->decisions_per_second, 2) << " | "
+    << "|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const RunReport* r : runs)
+    t << "| " << (r->label.empty() ? to_string(r->mode) : r->label) << " | " << (r->prefix_caching ? "on" : "off") << " | " << fixed(r->decisions_per_second, 2) << " | "
       << fixed(r->latency_p50, 2) << " | " << fixed(r->latency_p99, 2) << " | " << r->prefill_tokens << " | "
       << r->cached_tokens << " | " << r->decode_tokens << " | " << r->steps << " | " << fixed(100 * r->overhead(), 2)
       << "% |\n";
@@ -245,6 +252,55 @@ ModelConfig bench_config(const std::string& preset) {
   return c;
 }
 
+// --mode score: the workload answered with reasoning (low effort, the reasoning budget), then by
+// verdict-only scoring, in this process, both with prefix caching on; the ratio of decisions/s.
+int report_score_comparison(const ServingOptions& options, Workload w, const ModelConfig& config, const std::string& name,
+                            const std::string& json_path) {
+  w.mode = ClassifyMode::kReason;
+  std::cerr << "bench: " << w.requests << " requests over " << w.policies << " policies, reasoning (budget "
+            << w.reasoning_tokens << ")\n";
+  const RunReport reason = run_workload(options, true, w);
+  w.mode = ClassifyMode::kScore;
+  std::cerr << "bench: the same, verdict-only scoring with the whole lm_head\n";
+  ServingOptions full_head = options;
+  full_head.classifier.score_restricted_lm_head = false;
+  RunReport score_full = run_workload(full_head, true, w);
+  score_full.label = "score, whole lm_head";
+  std::cerr << "bench: the same, verdict-only scoring with the lm_head on the answers' rows\n";
+  RunReport score = run_workload(options, true, w);
+  score.label = "score, answers' lm_head rows";
+  const double speedup = reason.decisions_per_second > 0 ? score.decisions_per_second / reason.decisions_per_second : 0;
+  const double speedup_full = reason.decisions_per_second > 0 ? score_full.decisions_per_second / reason.decisions_per_second : 0;
+  nlohmann::json j;
+  j["model"] = {{"name", name},
+                {"layers", config.num_hidden_layers},
+                {"hidden", config.hidden_size},
+                {"experts", config.num_local_experts},
+                {"vocab", config.vocab_size},
+                {"device", options.device}};
+  j["workload"] = {{"requests", w.requests},         {"policies", w.policies},
+                   {"policy_tokens", w.policy_tokens}, {"content_tokens", w.content_tokens},
+                   {"reasoning_tokens", w.reasoning_tokens}, {"answer_tokens", w.answer_tokens}};
+  j["reason"] = to_json(reason);
+  j["score_whole_lm_head"] = to_json(score_full);
+  j["score"] = to_json(score);
+  j["ratios"] = {{"decisions_per_second_score_over_reason", speedup},
+                 {"decisions_per_second_score_whole_lm_head_over_reason", speedup_full}};
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    if (!out) throw std::runtime_error("cannot write " + json_path);
+    out << j.dump(2) << "\n";
+  }
+  std::cout << "model: " << name << " (" << config.num_hidden_layers << " layers, hidden " << config.hidden_size << ", vocab "
+            << config.vocab_size << ") on " << options.device << "; " << w.requests << " requests over " << w.policies
+            << " policies of ~" << w.policy_tokens << " tokens, contents ~" << w.content_tokens << " tokens, reasoning at low "
+            << "effort capped at " << w.reasoning_tokens << "\n\n"
+            << markdown({&reason, &score_full, &score}) << "\nscore vs reason: " << fixed(speedup, 2)
+            << "x decisions/s (with the whole lm_head: " << fixed(speedup_full, 2) << "x)\n";
+  if (reason.errors || score.errors || score_full.errors) throw std::runtime_error("some bench requests failed");
+  return 0;
+}
+
 }  // namespace
 
 const char* const kBenchUsage =
@@ -288,6 +344,10 @@ int cmd_bench(const CliArgs& args) {
   read_int("reasoning-tokens", w.reasoning_tokens, 0);
   read_int("answer-tokens", w.answer_tokens, 1);
   w.seed = static_cast<uint64_t>(args.get_int("seed", static_cast<long long>(w.seed)));
+  // --mode score: compare verdict-only scoring with reasoning (both with prefix caching on).
+  const std::string mode = args.get("mode", "");
+  if (!mode.empty() && mode != "score") throw std::invalid_argument("--mode takes only 'score' (got '" + mode + "')");
+  const bool compare_score = mode == "score";
   const std::string json_path = args.get("json", "");
   const bool has_model = args.has("model");
   const std::string preset = args.get("preset", "small");
@@ -327,6 +387,7 @@ int cmd_bench(const CliArgs& args) {
   warmup.requests = std::min(w.requests, 2 * w.policies);
   std::cerr << "bench: warm-up pass (" << warmup.requests << " requests, not reported)\n";
   run_workload(options, true, warmup);
+  if (compare_score) return report_score_comparison(options, w, config, has_model ? model_arg : "random-" + preset, json_path);
   std::cerr << "bench: " << w.requests << " requests over " << w.policies << " policies, prefix caching on\n";
   const RunReport on = run_workload(options, true, w);
   std::cerr << "bench: the same with prefix caching off\n";
@@ -365,7 +426,7 @@ int cmd_bench(const CliArgs& args) {
             << ", vocab " << config.vocab_size << ") on " << options.device << "; " << w.requests << " requests over "
             << w.policies << " policies of ~" << w.policy_tokens << " tokens, contents ~" << w.content_tokens
             << " tokens, reasoning capped at " << w.reasoning_tokens << "\n\n"
-            << markdown(on, off) << "\nprefix caching on vs off: " << fixed(prefill_ratio, 2)
+            << markdown({&on, &off}) << "\nprefix caching on vs off: " << fixed(prefill_ratio, 2)
             << "x fewer prefill tokens computed, " << fixed(speedup, 2) << "x decisions/s\n";
   if (on.errors || off.errors) throw std::runtime_error("some bench requests failed");
   return 0;

@@ -51,6 +51,15 @@ std::string read_text_file(const std::string& path) {
 // --policy FILE[,FILE...]: each file one policy, its id the file name without extension.
 std::vector<ClassifyPolicy> load_policies(const CliArgs& args) {
   const auto labels = split_list(args.get("labels", ""));
+  // Score mode: which answers are weighed (auto | binary | labels | json).
+  const std::string format_name = args.get("answer-format", "auto");
+  AnswerFormat format = AnswerFormat::kAuto;
+  if (format_name == "binary") format = AnswerFormat::kBinary;
+  else if (format_name == "labels") format = AnswerFormat::kLabels;
+  else if (format_name == "json") format = AnswerFormat::kJson;
+  else if (format_name != "auto")
+    throw std::invalid_argument("--answer-format must be auto, binary, labels or json (got '" + format_name + "')");
+  if (format == AnswerFormat::kLabels && labels.empty()) throw std::invalid_argument("--answer-format labels needs --labels");
   const auto violating = split_list(args.get("violating", ""));
   for (const auto& v : violating)
     if (std::find(labels.begin(), labels.end(), v) == labels.end())
@@ -64,6 +73,7 @@ std::vector<ClassifyPolicy> load_policies(const CliArgs& args) {
     p.text = read_text_file(file);
     p.labels = labels;
     p.violating_labels = violating;
+    p.format = format;
     policies.push_back(std::move(p));
   }
   if (policies.empty()) throw std::invalid_argument("--policy names no file");
@@ -190,6 +200,8 @@ struct ClassifyJob {
   ReasoningEffort effort = ReasoningEffort::kMedium;
   int max_tokens = 0;
   bool return_reasoning = true;
+  ClassifyMode mode = ClassifyMode::kReason;
+  ScorePrefix score_prefix = ScorePrefix::kEmptyAnalysis;
 };
 
 ClassifyRequest make_request(const ClassifyJob& job, std::string id, std::string content) {
@@ -200,6 +212,8 @@ ClassifyRequest make_request(const ClassifyJob& job, std::string id, std::string
   r.effort = job.effort;
   r.max_tokens = job.max_tokens;
   r.return_reasoning = job.return_reasoning;
+  r.mode = job.mode;
+  r.score_prefix = job.score_prefix;
   return r;
 }
 
@@ -233,7 +247,8 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
   }
   const auto run = std::make_shared<FileRun>(output_path, lines.size());
   // A policy that leaves no room for content and the answer would fail every line: say so at once.
-  for (const auto& policy : job.policies)
+  // (Score mode generates a handful of tokens: each request's prompts are checked as they come.)
+  for (const auto& policy : job.mode == ClassifyMode::kScore ? std::vector<ClassifyPolicy>{} : job.policies)
     if (const PolicyFit fit = serving.classifier().policy_fit(policy.text, job.effort, job.max_tokens); !fit.fits)
       throw std::runtime_error("policy '" + policy.id + "': " + fit.describe());
   // The policies' prefixes are computed once, before the requests that share them arrive (requests
@@ -318,6 +333,14 @@ int cmd_classify(const CliArgs& args) {
   job.max_tokens = static_cast<int>(args.get_int("max-tokens", 0));
   if (job.max_tokens < 0) throw std::invalid_argument("--max-tokens must not be negative");
   job.return_reasoning = !args.flag("no-reasoning");
+  // --mode reason (default) | score; --score-prefix empty_analysis (default) | direct.
+  const std::string mode = args.get("mode", "reason");
+  if (mode == "score") job.mode = ClassifyMode::kScore;
+  else if (mode != "reason") throw std::invalid_argument("--mode must be reason or score (got '" + mode + "')");
+  const std::string prefix = args.get("score-prefix", "empty_analysis");
+  if (prefix == "direct") job.score_prefix = ScorePrefix::kDirect;
+  else if (prefix != "empty_analysis")
+    throw std::invalid_argument("--score-prefix must be empty_analysis or direct (got '" + prefix + "')");
   const std::string content = has_content ? args.require("content") : "";
   const std::string input = has_input ? args.require("input") : "";
   const std::string output = has_input ? args.get("output", "-") : "";
