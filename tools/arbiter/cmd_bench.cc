@@ -317,6 +317,8 @@ const char* const kBenchUsage =
     "  --reasoning-tokens N     reasoning budget; the final channel is then forced open (16)\n"
     "  --answer-tokens N        answer tokens after the reasoning (4)\n"
     "  --seed N                 workload seed (7)\n"
+    "  --mode score             compare verdict-only scoring with reasoning (both with prefix caching on), and\n"
+    "                           scoring with the lm_head restricted to the answers' rows with the whole lm_head\n"
     "  --json FILE              also write the results as JSON\n"
     "  --quick                  a smoke run for tests (8 requests, 2 short policies)\n"
     "  engine: --device cpu|cuda[:N]|auto (cpu) --tokenizer DIR (.cache/tokenizer) --max-context N (2048)\n"
