@@ -6,41 +6,11 @@
 #include <map>
 
 #include "api/json_io.h"
+#include "api/percent_decode.h"
 #include "api/sha256.h"
 
 namespace arbiter::api {
 namespace {
-
-const char* effort_name(ReasoningEffort e) {
-  switch (e) {
-    case ReasoningEffort::kLow: return "low";
-    case ReasoningEffort::kMedium: return "medium";
-    case ReasoningEffort::kHigh: return "high";
-  }
-  return "medium";
-}
-
-// %XX and '+' decoded; nullopt for a malformed escape.
-std::optional<std::string> url_decode(const std::string& s) {
-  auto hex = [](char c) -> int {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-  };
-  std::string out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '+') out.push_back(' ');
-    else if (s[i] == '%') {
-      if (i + 2 >= s.size() || hex(s[i + 1]) < 0 || hex(s[i + 2]) < 0) return std::nullopt;
-      out.push_back(static_cast<char>(hex(s[i + 1]) * 16 + hex(s[i + 2])));
-      i += 2;
-    } else {
-      out.push_back(s[i]);
-    }
-  }
-  return out;
-}
 
 std::optional<bool> parse_bool(const std::string& v) {
   if (v == "true") return true;
@@ -132,7 +102,7 @@ std::vector<DecisionRecord> decision_records(const ClassifyResult& result, const
       if (const size_t at = policy.id.find('@'); at != std::string::npos) d.policy_id = policy.id.substr(0, at);
     }
     d.policy_sha256 = sha256_hex(policy.text);
-    d.effort = effort_name(r.effort);
+    d.effort = to_string(r.effort);
     d.mode = "reasoning";
     d.verdict_json = pr.verdict.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     d.verdict_key = verdict_key(pr.verdict);
@@ -166,8 +136,8 @@ DecisionQuery parse_decision_query(const std::string& query_string) {
       continue;
     }
     const size_t eq = item.find('=');
-    const auto name = url_decode(item.substr(0, eq));
-    const auto value = url_decode(eq == std::string::npos ? "" : item.substr(eq + 1));
+    const auto name = percent_decode(item.substr(0, eq), true);
+    const auto value = percent_decode(eq == std::string::npos ? "" : item.substr(eq + 1), true);
     if (!name || !value) throw bad_request("Malformed percent-escape in the query string.", name ? *name : "", "invalid_value");
     if (params.count(*name))
       throw bad_request("Query parameter '" + printable(*name) + "' is given twice.", printable(*name), "invalid_value");

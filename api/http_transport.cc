@@ -22,6 +22,7 @@
 #include "api/connection_watch.h"
 #include "api/errors.h"
 #include "api/json_io.h"
+#include "api/percent_decode.h"
 
 namespace arbiter::api {
 namespace {
@@ -141,27 +142,6 @@ HttpReply error_reply(int status, const std::string& message, const std::string&
   r.body = error_json({status, message, status >= 500 ? "server_error" : "invalid_request_error", "", code, retry_after});
   if (retry_after > 0) r.headers.emplace_back("Retry-After", std::to_string(retry_after));
   return r;
-}
-
-// %XX escapes of a request path decoded (malformed escapes are kept as they are).
-std::string decode_path(std::string_view p) {
-  auto hex = [](char c) -> int {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-  };
-  std::string out;
-  out.reserve(p.size());
-  for (size_t i = 0; i < p.size(); ++i) {
-    if (p[i] == '%' && i + 2 < p.size() && hex(p[i + 1]) >= 0 && hex(p[i + 2]) >= 0) {
-      out.push_back(static_cast<char>(hex(p[i + 1]) * 16 + hex(p[i + 2])));
-      i += 2;
-    } else {
-      out.push_back(p[i]);
-    }
-  }
-  return out;
 }
 
 bool answered_on_event_loop(const HttpRequest& r) {
@@ -384,7 +364,8 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     HttpRequest request;
     request.method = std::string(message.method_string());
     const std::string_view target(message.target().data(), message.target().size());
-    request.path = decode_path(target.substr(0, target.find('?')));
+    const std::string_view path = target.substr(0, target.find('?'));
+    request.path = percent_decode(path, false).value_or(std::string(path));  // malformed escapes kept as sent
     if (const size_t q = target.find('?'); q != std::string_view::npos) request.query = std::string(target.substr(q + 1));
     for (const auto& field : message) {
       std::string name(field.name_string());

@@ -10,39 +10,13 @@ Prints a Markdown table and the ratio (target >= 0.95). Uses bench/http_frontend
 """
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from http_frontend import run_clients  # noqa: E402
-
-
-class Server:
-    def __init__(self, binary, model, extra, log):
-        self.proc = subprocess.Popen([binary, "serve", "--model", model, "--port", "0", "--device", "cpu",
-                                      "--warm-efforts", "none"] + extra, stdout=subprocess.PIPE, stderr=log, text=True)
-        line = self.proc.stdout.readline()
-        match = re.search(r"listening on http://[0-9.]+:([0-9]+)", line)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"printed no address: {line!r}")
-        self.port = int(match.group(1))
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=2).status == 200:
-                    return
-            except Exception:
-                time.sleep(0.1)
-        raise RuntimeError("did not become ready")
-
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+from http_frontend import Server, run_clients  # noqa: E402
 
 
 def main():
@@ -68,7 +42,7 @@ def main():
         with open(os.path.join(tmp, "serve.log"), "w") as log:
             for _ in range(args.rounds):
                 for name, extra in configs:
-                    server = Server(args.binary, model, extra, log)
+                    server = Server(args.binary, model, log, extra)
                     try:
                         run_clients(server.port, 2, 10, True)  # warm-up
                         results[name].append(run_clients(server.port, args.clients, args.requests, True))

@@ -92,9 +92,11 @@ def run_clients(port, clients, requests, keep_alive):
 
 
 class Server:
-    def __init__(self, binary, model, log):
+    """`arbiter serve` on a free port (extra: more options), ready when constructed."""
+
+    def __init__(self, binary, model, log, extra=()):
         self.proc = subprocess.Popen([binary, "serve", "--model", model, "--port", "0", "--device", "cpu",
-                                      "--warm-efforts", "none"], stdout=subprocess.PIPE, stderr=log, text=True)
+                                      "--warm-efforts", "none", *extra], stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.proc.stdout.readline()
         match = re.search(r"listening on http://[0-9.]+:([0-9]+)", line)
         if not match:

@@ -301,6 +301,16 @@ std::vector<int32_t> Model::forward_argmax(const StepLayout& layout) {
   return host;
 }
 
+std::vector<float> Model::score_table(const std::vector<int32_t>& table, int64_t n, int64_t m) {
+  const Tensor cids = candidate_ids_.reshaped({candidate_ids_.elements()}).slice_rows(0, n * m).reshaped({n, m}),
+               clp = candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, n * m).reshaped({n, m});
+  backend_.upload(table.data(), cids);
+  backend_.token_logprobs(logits_.slice_rows(0, n), cids, clp);
+  std::vector<float> scored(static_cast<size_t>(n * m));
+  backend_.download(clp, scored.data());
+  return scored;
+}
+
 std::vector<float> Model::step_logprobs(std::span<const int32_t> rows, std::span<const int32_t> tokens) {
   std::vector<float> out(tokens.size());
   if (tokens.empty()) return out;
@@ -323,12 +333,7 @@ std::vector<float> Model::step_logprobs(std::span<const int32_t> rows, std::span
     for (int64_t r = 0; r < n; ++r)
       for (int64_t j = 0; j < m && from + static_cast<size_t>(j) < of_row[static_cast<size_t>(r)].size(); ++j)
         table[static_cast<size_t>(r * m + j)] = tokens[of_row[static_cast<size_t>(r)][from + static_cast<size_t>(j)]];
-    const Tensor cids = candidate_ids_.reshaped({candidate_ids_.elements()}).slice_rows(0, n * m).reshaped({n, m}),
-                 clp = candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, n * m).reshaped({n, m});
-    backend_.upload(table.data(), cids);
-    backend_.token_logprobs(logits_.slice_rows(0, n), cids, clp);
-    std::vector<float> scored(static_cast<size_t>(n * m));
-    backend_.download(clp, scored.data());
+    const std::vector<float> scored = score_table(table, n, m);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t j = 0; j < m && from + static_cast<size_t>(j) < of_row[static_cast<size_t>(r)].size(); ++j)
         out[of_row[static_cast<size_t>(r)][from + static_cast<size_t>(j)]] = scored[static_cast<size_t>(r * m + j)];
@@ -368,12 +373,7 @@ TopLogprobs Model::forward_top(const StepLayout& layout, int k, const std::vecto
   for (int64_t r = 0; r < n; ++r)
     std::copy(candidates[static_cast<size_t>(r)].begin(), candidates[static_cast<size_t>(r)].end(),
               table.begin() + r * m);
-  const Tensor cids = candidate_ids_.reshaped({candidate_ids_.elements()}).slice_rows(0, n * m).reshaped({n, m}),
-               clp = candidate_logprobs_.reshaped({candidate_logprobs_.elements()}).slice_rows(0, n * m).reshaped({n, m});
-  backend_.upload(table.data(), cids);
-  backend_.token_logprobs(logits_.slice_rows(0, n), cids, clp);
-  std::vector<float> scored(static_cast<size_t>(n * m));
-  backend_.download(clp, scored.data());
+  const std::vector<float> scored = score_table(table, n, m);
   top.candidate_logprobs.resize(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r)
     top.candidate_logprobs[static_cast<size_t>(r)].assign(

@@ -89,6 +89,10 @@ class Model {
   Backend& backend() { return backend_; }
 
  private:
+  // Log-probabilities of a [n, m] table of token ids (-1 padded) under the softmax of the last
+  // step's first n logit rows, through the candidate buffers (n <= max_logit_rows, m <=
+  // kMaxCandidateTokens).
+  std::vector<float> score_table(const std::vector<int32_t>& table, int64_t n, int64_t m);
   // One activation / output buffer: the member that views it, its dtype and shape.
   struct BufferSpec {
     Tensor Model::*member;
