@@ -11,47 +11,15 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "api/sqlite_util.h"
+
 namespace arbiter::api {
 namespace {
 
-// A prepared statement, finalized with the object.
-class Statement {
+// The shared SQLite statement (api/sqlite_util.h), naming this database in its errors.
+class Statement : public sqlite::Statement {
  public:
-  Statement(sqlite3* db, const char* sql) : db_(db) {
-    if (sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr) != SQLITE_OK)
-      throw std::runtime_error(std::string("policy db: ") + sqlite3_errmsg(db));
-  }
-  ~Statement() { sqlite3_finalize(stmt_); }
-  Statement(const Statement&) = delete;
-  Statement& operator=(const Statement&) = delete;
-
-  Statement& bind(int index, const std::string& text) {
-    check(sqlite3_bind_text(stmt_, index, text.data(), static_cast<int>(text.size()), SQLITE_TRANSIENT));
-    return *this;
-  }
-  Statement& bind(int index, int64_t value) {
-    check(sqlite3_bind_int64(stmt_, index, value));
-    return *this;
-  }
-  // true: a row is ready; false: done.
-  bool step() {
-    const int rc = sqlite3_step(stmt_);
-    if (rc == SQLITE_ROW) return true;
-    if (rc == SQLITE_DONE) return false;
-    throw std::runtime_error(std::string("policy db: ") + sqlite3_errmsg(db_));
-  }
-  std::string text(int column) const {
-    const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, column));
-    return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(stmt_, column))) : std::string();
-  }
-  int64_t integer(int column) const { return sqlite3_column_int64(stmt_, column); }
-
- private:
-  void check(int rc) const {
-    if (rc != SQLITE_OK) throw std::runtime_error(std::string("policy db: ") + sqlite3_errmsg(db_));
-  }
-  sqlite3* db_;
-  sqlite3_stmt* stmt_ = nullptr;
+  Statement(sqlite3* db, const std::string& sql) : sqlite::Statement(db, sql, "policy db") {}
 };
 
 std::string to_json_array(const std::vector<std::string>& v) { return nlohmann::json(v).dump(); }
@@ -138,14 +106,7 @@ void PolicyRegistry::check_writable() {
 
 PolicyRegistry::~PolicyRegistry() = default;
 
-void PolicyRegistry::exec(const std::string& sql) const {
-  char* error = nullptr;
-  if (sqlite3_exec(db_.get(), sql.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
-    const std::string why = error ? error : "unknown error";
-    sqlite3_free(error);
-    throw std::runtime_error("policy db: " + why);
-  }
-}
+void PolicyRegistry::exec(const std::string& sql) const { sqlite::exec(db_.get(), sql, "policy db"); }
 
 void PolicyRegistry::load() {
   std::unique_ptr<Statement> s;

@@ -376,7 +376,8 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   const auto loaded = serving();
   if (loaded) limits.max_context = loaded->max_context;
   ResolvedClassify resolved = resolve_classify(body, registry, limits);
-  check_model(body.model(), require_serving());
+  const ServingHandles ready = require_serving();
+  check_model(body.model(), ready);
 
   ClassifyRequest& request = resolved.request;
   request.id = new_id("clf");
@@ -384,7 +385,7 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   request.cancelled = req.client_gone;
   // Every policy's prompt, the content tokenized once and only as far as it can fit, before any
   // scheduling (and before admission, so that draining does not wait for it).
-  ClassifyPrompts prompts = require_serving().classifier->prepare(request);
+  ClassifyPrompts prompts = ready.classifier->prepare(request);
   if (!prompts.ok()) throw ApiException(prompt_error(prompts, request, resolved.versions));
   std::optional<Admission> admission(std::in_place, *this);
   const ServingHandles h = admission->handles();

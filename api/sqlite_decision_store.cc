@@ -6,83 +6,23 @@
 #include <stdexcept>
 #include <variant>
 
+#include "api/sqlite_util.h"
+
 namespace arbiter::api {
 namespace {
 
-// A prepared statement, finalized with the object.
-class Statement {
+constexpr const char* kWhat = "decision db";
+
+// The shared SQLite helpers (api/sqlite_util.h), naming this database in their errors.
+class Statement : public sqlite::Statement {
  public:
-  Statement(sqlite3* db, const std::string& sql) : db_(db) {
-    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt_, nullptr) != SQLITE_OK)
-      throw std::runtime_error(std::string("decision db: ") + sqlite3_errmsg(db));
-  }
-  ~Statement() { sqlite3_finalize(stmt_); }
-  Statement(const Statement&) = delete;
-  Statement& operator=(const Statement&) = delete;
-
-  void bind(int i, const std::string& v) { check(sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT)); }
-  void bind(int i, int64_t v) { check(sqlite3_bind_int64(stmt_, i, v)); }
-  void bind(int i, double v) { check(sqlite3_bind_double(stmt_, i, v)); }
-  void bind_null(int i) { check(sqlite3_bind_null(stmt_, i)); }
-  template <typename T>
-  void bind(int i, const std::optional<T>& v) {
-    if (v) bind(i, *v);
-    else bind_null(i);
-  }
-  bool step() {
-    const int rc = sqlite3_step(stmt_);
-    if (rc == SQLITE_ROW) return true;
-    if (rc == SQLITE_DONE) return false;
-    throw std::runtime_error(std::string("decision db: ") + sqlite3_errmsg(db_));
-  }
-  void reset() {
-    sqlite3_reset(stmt_);
-    sqlite3_clear_bindings(stmt_);
-  }
-  bool null(int c) const { return sqlite3_column_type(stmt_, c) == SQLITE_NULL; }
-  std::string text(int c) const {
-    const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, c));
-    return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(stmt_, c))) : std::string();
-  }
-  std::optional<std::string> opt_text(int c) const { return null(c) ? std::nullopt : std::optional<std::string>(text(c)); }
-  int64_t integer(int c) const { return sqlite3_column_int64(stmt_, c); }
-  double real(int c) const { return sqlite3_column_double(stmt_, c); }
-
- private:
-  void check(int rc) const {
-    if (rc != SQLITE_OK) throw std::runtime_error(std::string("decision db: ") + sqlite3_errmsg(db_));
-  }
-  sqlite3* db_;
-  sqlite3_stmt* stmt_ = nullptr;
+  Statement(sqlite3* db, const std::string& sql) : sqlite::Statement(db, sql, kWhat) {}
 };
-
-void exec(sqlite3* db, const std::string& sql) {
-  char* error = nullptr;
-  if (sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
-    const std::string why = error ? error : sqlite3_errmsg(db);
-    sqlite3_free(error);
-    throw std::runtime_error("decision db: " + why);
-  }
-}
-
-// A transaction: BEGIN IMMEDIATE now, ROLLBACK unless commit() was called.
-class Transaction {
+class Transaction : public sqlite::Transaction {
  public:
-  explicit Transaction(sqlite3* db) : db_(db) { exec(db_, "BEGIN IMMEDIATE"); }
-  ~Transaction() {
-    if (!done_) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-  }
-  Transaction(const Transaction&) = delete;
-  Transaction& operator=(const Transaction&) = delete;
-  void commit() {
-    exec(db_, "COMMIT");
-    done_ = true;
-  }
-
- private:
-  sqlite3* db_;
-  bool done_ = false;
+  explicit Transaction(sqlite3* db) : sqlite::Transaction(db, kWhat) {}
 };
+void exec(sqlite3* db, const std::string& sql) { sqlite::exec(db, sql, kWhat); }
 
 constexpr const char* kColumns =
     "id, created_ms, api_key_id, request_id, model, policy_id, policy_version, policy_sha256, effort, mode, verdict, "

@@ -225,9 +225,10 @@ int cmd_serve(const CliArgs& args) {
   signal(SIGPIPE, SIG_IGN);
 
   run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
-    const ServingOptions serving_opts = serve_options(rank_args, api_options(rank_args).http_threads);
+    // The HTTP options are read (and checked) on every rank; only rank 0 serves them.
+    const api::ApiOptions opts = api_options(rank_args);
+    const ServingOptions serving_opts = serve_options(rank_args, opts.http_threads);
     if (!rank.leads()) {
-      (void)api_options(rank_args);  // consumes (and checks) the HTTP and gRPC options on every rank
       (void)grpc_port(rank_args);
       (void)rank_args.get("served-model-name", "");
       rank_args.check_all_used();
@@ -237,7 +238,6 @@ int cmd_serve(const CliArgs& args) {
       serving.serve_workers();
       return;
     }
-    api::ApiOptions opts = api_options(rank_args);
     const std::optional<int> grpc_at = grpc_port(rank_args);
     const std::string served_name = rank_args.get("served-model-name", "");
     rank_args.check_all_used();
