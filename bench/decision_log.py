@@ -11,12 +11,11 @@ Prints a Markdown table and the ratio (target >= 0.95). Uses bench/http_frontend
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from http_frontend import Server, run_clients  # noqa: E402
+from http_frontend import Server, make_tiny_model, run_clients  # noqa: E402
 
 
 def main():
@@ -32,10 +31,7 @@ def main():
     try:
         model = args.model
         if not model:
-            model = os.path.join(tmp, "model")
-            subprocess.run([args.binary, "make-model", "--preset", "tiny", "--seed", "3", "--tokenizer-dir",
-                            os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "tokenizer"),
-                            "--out", model], check=True, stdout=subprocess.DEVNULL)
+            model = make_tiny_model(args.binary, os.path.join(tmp, "model"))
         configs = [("log off", ["--db", os.path.join(tmp, "off.db"), "--no-decision-log"]),
                    ("log on", ["--db", os.path.join(tmp, "on.db")])]
         results = {name: [] for name, _ in configs}

@@ -91,6 +91,14 @@ def run_clients(port, clients, requests, keep_alive):
             "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, "errors": errors[0]}
 
 
+def make_tiny_model(binary, folder):
+    """A tiny random model (real tokenizer from .cache/tokenizer) written to `folder`; returns it."""
+    subprocess.run([binary, "make-model", "--preset", "tiny", "--seed", "3", "--tokenizer-dir",
+                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "tokenizer"),
+                    "--out", folder], check=True, stdout=subprocess.DEVNULL)
+    return folder
+
+
 class Server:
     """`arbiter serve` on a free port (extra: more options), ready when constructed."""
 
@@ -130,10 +138,7 @@ def main():
     try:
         model = args.model
         if not model:
-            model = os.path.join(tmp, "model")
-            subprocess.run([args.binary, "make-model", "--preset", "tiny", "--seed", "3", "--tokenizer-dir",
-                            os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".cache", "tokenizer"),
-                            "--out", model], check=True, stdout=subprocess.DEVNULL)
+            model = make_tiny_model(args.binary, os.path.join(tmp, "model"))
         binaries = [("candidate", args.binary)] + ([("baseline", args.baseline)] if args.baseline else [])
         best = {}
         with open(os.path.join(tmp, "serve.log"), "w") as log:
