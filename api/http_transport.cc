@@ -136,12 +136,9 @@ std::string reply_head(const HttpReply& reply, int version, bool keep_alive, lon
   return h;
 }
 
-HttpReply error_reply(int status, const std::string& message, const std::string& code, int retry_after) {
-  HttpReply r;
-  r.status = status;
-  r.body = error_json({status, message, status >= 500 ? "server_error" : "invalid_request_error", "", code, retry_after});
-  if (retry_after > 0) r.headers.emplace_back("Retry-After", std::to_string(retry_after));
-  return r;
+// An answer of the transport itself (no handler ran).
+HttpReply transport_error(int status, const std::string& message, const std::string& code, int retry_after) {
+  return error_reply({status, message, status >= 500 ? "server_error" : "invalid_request_error", "", code, retry_after});
 }
 
 bool answered_on_event_loop(const HttpRequest& r) {
@@ -245,7 +242,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     asio::dispatch(socket_.get_executor(), [self = shared_from_this()] {
       self->keep_alive_ = false;
       self->impl_->count_rejected("connections");
-      self->write_reply(error_reply(503, "The server has too many open connections; retry later.", "too_many_connections",
+      self->write_reply(transport_error(503, "The server has too many open connections; retry later.", "too_many_connections",
                                     self->impl_->options.retry_after_seconds));
     });
   }
@@ -333,19 +330,19 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     keep_alive_ = false;
     if (timed_out_) {  // a head or body that did not arrive in time: answered, then closed
       impl_->count_rejected("timeout");
-      return write_reply(error_reply(408, "The request did not arrive in time.", "request_timeout", 0));
+      return write_reply(transport_error(408, "The request did not arrive in time.", "request_timeout", 0));
     }
     if (ec == http::error::body_limit) return too_large(0);
     if (ec == http::error::header_limit) {
       impl_->count_rejected("too_large");
-      return write_reply(error_reply(431, "The request head is larger than " + std::to_string(kHeaderLimit) + " bytes.",
+      return write_reply(transport_error(431, "The request head is larger than " + std::to_string(kHeaderLimit) + " bytes.",
                                      "header_too_large", 0));
     }
     if (ec == http::error::end_of_stream || ec == asio::error::eof || ec == asio::error::connection_reset ||
         ec == http::error::partial_message)
       return close();  // the client went away mid-request: no one to answer
     impl_->count_rejected("malformed");
-    write_reply(error_reply(400, "Malformed HTTP request: " + ec.message() + ".", "malformed_request", 0));
+    write_reply(transport_error(400, "Malformed HTTP request: " + ec.message() + ".", "malformed_request", 0));
   }
 
   void too_large(uint64_t length) {
@@ -354,7 +351,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     std::string message = "The request body is ";
     message += length ? std::to_string(length) + " bytes" : "larger than the limit";
     message += "; the limit is " + std::to_string(impl_->options.max_body_bytes) + ".";
-    write_reply(error_reply(413, message, "request_too_large", 0));
+    write_reply(transport_error(413, message, "request_too_large", 0));
   }
 
   void on_request() {
@@ -380,7 +377,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     auto task = [self = shared_from_this(), request = std::move(request)]() mutable { self->handle(std::move(request)); };
     if (!impl_->pool->try_post(std::move(task), static_cast<size_t>(impl_->options.max_waiting))) {
       impl_->count_rejected("waiting");
-      return write_reply(error_reply(429, "Too many requests are waiting for the server; retry later.", "queue_full",
+      return write_reply(transport_error(429, "Too many requests are waiting for the server; retry later.", "queue_full",
                                      impl_->options.retry_after_seconds));
     }
     impl_->waiting_gauge.set(static_cast<double>(impl_->pool->waiting()));
@@ -395,7 +392,7 @@ class HttpTransport::Impl::Connection : public std::enable_shared_from_this<Conn
     try {
       reply = impl_->handler(request);
     } catch (const std::exception& e) {
-      reply = error_reply(500, std::string("Internal error: ") + e.what(), "internal_error", 0);
+      reply = transport_error(500, std::string("Internal error: ") + e.what(), "internal_error", 0);
     }
     watch->mark_replying();
     if (reply.stream) return write_stream(std::move(reply), *watch);

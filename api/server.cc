@@ -49,13 +49,6 @@ HttpReply json_reply(int status, std::string body) {
   return r;
 }
 
-HttpReply error_reply(const ApiError& e) {
-  HttpReply r = json_reply(e.status, error_json(e));
-  if (e.retry_after > 0) r.headers.emplace_back("Retry-After", std::to_string(e.retry_after));
-  if (e.status == 401) r.headers.emplace_back("WWW-Authenticate", "Bearer");
-  return r;
-}
-
 std::string header(const HttpRequest& r, const std::string& name) {
   const auto it = r.headers.find(name);
   return it == r.headers.end() ? "" : it->second;
@@ -79,6 +72,13 @@ struct ChatRun {
 };
 
 }  // namespace
+
+HttpReply error_reply(const ApiError& e) {
+  HttpReply r = json_reply(e.status, error_json(e));
+  if (e.retry_after > 0) r.headers.emplace_back("Retry-After", std::to_string(e.retry_after));
+  if (e.status == 401) r.headers.emplace_back("WWW-Authenticate", "Bearer");
+  return r;
+}
 
 // The server's state: options, registries, the serving handles once attached, the HTTP transport.
 struct ApiServer::Impl {

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "api/auth.h"
+#include "api/errors.h"
 #include "api/decision_log.h"
 #include "api/metrics.h"
 #include "api/policy_registry.h"
@@ -105,6 +106,10 @@ struct HttpReply {
   // writes them to find out whether a client that stopped sending is still reading.
   std::string stream_probe;
 };
+
+// The reply for an error: its OpenAI-style JSON body, Retry-After when a retry can help, and
+// WWW-Authenticate on 401. Used by the handlers and by the transport's own answers.
+HttpReply error_reply(const ApiError& error);
 
 // The API: request handling (handle) and its HTTP transport (bind/start/stop).
 class ApiServer {

@@ -203,8 +203,8 @@ def error_rows():
             args, _ = split_args(src, m.end(), ")")
             if len(args) == 3 and literal(args[2]) is not None:
                 rows.add((400, literal(args[2]), "invalid_request_error", template(args[0]), name))
-        for m in re.finditer(r"\berror_reply\(\s*([45]\d\d),", src):  # the HTTP transport's own replies
-            args, _ = split_args(src, m.end() - len(m.group(0)) + len("error_reply("), ")")
+        for m in re.finditer(r"\btransport_error\(\s*([45]\d\d),", src):  # the HTTP transport's own replies
+            args, _ = split_args(src, m.end() - len(m.group(0)) + len("transport_error("), ")")
             status = int(args[0])
             rows.add((status, literal(args[2]), "server_error" if status >= 500 else "invalid_request_error",
                       template(args[1]), name))
