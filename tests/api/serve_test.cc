@@ -463,6 +463,11 @@ TEST_F(ApiServe, SigtermDrainsRequestsInFlightAndPoliciesSurviveARestart) {
   ASSERT_TRUE(wait_ready(port, 60)) << server->log();
   ASSERT_EQ(call(port, "POST", "/v1/policies", json{{"id", "kept"}, {"text", "A policy that must survive."}}.dump()).status, 201);
   ASSERT_EQ(call(port, "POST", "/v1/policies", json{{"id", "kept"}, {"text", "Its second version."}}.dump()).status, 201);
+  auto submitted = [&] { return metric(port, "arbiter_running_sequences") + metric(port, "arbiter_waiting_sequences"); };
+  // The registrations' warm-up sequences (one per version and effort) end first, so that they are not
+  // counted as requests below.
+  const auto warmed_by = Clock::now() + std::chrono::seconds(20);
+  while (submitted() > 0 && Clock::now() < warmed_by) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   std::vector<Reply> inflight(6);
   std::vector<std::thread> threads;
   for (int i = 0; i < 6; ++i)
@@ -473,7 +478,6 @@ TEST_F(ApiServe, SigtermDrainsRequestsInFlightAndPoliciesSurviveARestart) {
     });
   // Every request is with the scheduler before the signal.
   const auto until = Clock::now() + std::chrono::seconds(20);
-  auto submitted = [&] { return metric(port, "arbiter_running_sequences") + metric(port, "arbiter_waiting_sequences"); };
   // (Checked on the reading that ended the wait: a second reading may already miss finished ones.)
   double seen = 0;
   while ((seen = submitted()) < 6 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(2));
