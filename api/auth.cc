@@ -4,7 +4,7 @@
 #include <fstream>
 #include <stdexcept>
 
-#include "api/sha256.h"
+#include "pipeline/sha256.h"
 
 namespace arbiter::api {
 namespace {

@@ -7,7 +7,7 @@
 
 #include "api/json_io.h"
 #include "api/percent_decode.h"
-#include "api/sha256.h"
+#include "pipeline/sha256.h"
 
 namespace arbiter::api {
 namespace {

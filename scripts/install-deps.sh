@@ -9,7 +9,7 @@ packages=(
   libprotobuf-dev protobuf-compiler
   libgrpc++-dev protobuf-compiler-grpc
   libboost-dev libcpp-httplib-dev nlohmann-json3-dev
-  libpcre2-dev libsqlite3-dev
+  libpcre2-dev libsqlite3-dev libfasttext-dev
   curl python3
 )
 missing=()

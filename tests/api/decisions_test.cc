@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include "api/sha256.h"
+#include "pipeline/sha256.h"
 #include "tests/api/serve_process.h"
 #include "tests/test_util.h"
 
@@ -111,12 +111,12 @@ TEST_F(Decisions, StoredScopedPagedWithFeedbackExportAndRestart) {
     EXPECT_EQ(d["object"], "decision");
     EXPECT_EQ(d["id"], decision);
     EXPECT_EQ(d["request_id"], first_response["id"]);
-    EXPECT_EQ(d["api_key_id"], "key_" + api::sha256_hex("key-one").substr(0, 16));
+    EXPECT_EQ(d["api_key_id"], "key_" + arbiter::sha256_hex("key-one").substr(0, 16));
     EXPECT_EQ(r.raw.find("key-one"), std::string::npos) << "the key itself was stored";
     EXPECT_EQ(d["model"], first_response["model"]);
     EXPECT_EQ(d["policy_id"], "spam");
     EXPECT_EQ(d["policy_version"], 1);
-    EXPECT_EQ(d["policy_sha256"], api::sha256_hex(kPolicyTexts[0]));
+    EXPECT_EQ(d["policy_sha256"], arbiter::sha256_hex(kPolicyTexts[0]));
     EXPECT_EQ(d["reasoning_effort"], "low");
     EXPECT_EQ(d["mode"], "reasoning");
     EXPECT_EQ(d["verdict"], result["verdict"]);
@@ -127,7 +127,7 @@ TEST_F(Decisions, StoredScopedPagedWithFeedbackExportAndRestart) {
     EXPECT_EQ(d["usage"], result["usage"]);
     EXPECT_TRUE(d.contains("reasoning")) << r.raw;
     EXPECT_EQ(d["content"], "win a free cruise");
-    EXPECT_EQ(d["content_sha256"], api::sha256_hex("win a free cruise"));
+    EXPECT_EQ(d["content_sha256"], arbiter::sha256_hex("win a free cruise"));
     EXPECT_GT(d["latency_ms"].get<double>(), 0);
     const auto created = std::chrono::system_clock::time_point(std::chrono::seconds(d["created"].get<int64_t>()));
     EXPECT_LE(std::chrono::abs(created - before), std::chrono::seconds(5));
@@ -296,7 +296,7 @@ TEST_F(Decisions, ContentModesRetentionLockedDbAndNoLog) {
       EXPECT_FALSE(d.body.contains("content")) << d.raw;
       EXPECT_EQ(d.raw.find("secret text"), std::string::npos) << d.raw;
       if (s == &hashed) {
-        EXPECT_EQ(d.body["content_sha256"], api::sha256_hex("secret text"));
+        EXPECT_EQ(d.body["content_sha256"], arbiter::sha256_hex("secret text"));
         EXPECT_EQ(d.body["reasoning"], r.body["results"][0]["reasoning"]);
       } else {
         EXPECT_FALSE(d.body.contains("content_sha256")) << d.raw;

@@ -1,8 +1,8 @@
-#include "api/sha256.h"
+#include "pipeline/sha256.h"
 
 #include <openssl/sha.h>
 
-namespace arbiter::api {
+namespace arbiter {
 
 std::string sha256_hex(std::string_view data) {
   unsigned char digest[SHA256_DIGEST_LENGTH];
@@ -17,4 +17,4 @@ std::string sha256_hex(std::string_view data) {
   return out;
 }
 
-}  // namespace arbiter::api
+}  // namespace arbiter
