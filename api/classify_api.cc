@@ -6,6 +6,73 @@
 
 namespace arbiter::api {
 
+namespace {
+
+nlohmann::json integral_json(const google::protobuf::Value& v) {
+  switch (v.kind_case()) {
+    case google::protobuf::Value::kNumberValue: {
+      const double d = v.number_value();
+      if (d == static_cast<double>(static_cast<int64_t>(d)) && d > -9.0e15 && d < 9.0e15) return static_cast<int64_t>(d);
+      return d;
+    }
+    case google::protobuf::Value::kStructValue: return struct_json(v.struct_value());
+    case google::protobuf::Value::kListValue: {
+      nlohmann::json a = nlohmann::json::array();
+      for (const auto& e : v.list_value().values()) a.push_back(integral_json(e));
+      return a;
+    }
+    default: return from_value(v);
+  }
+}
+
+}  // namespace
+
+nlohmann::json struct_json(const google::protobuf::Struct& s) {
+  nlohmann::json o = nlohmann::json::object();
+  for (const auto& [key, value] : s.fields()) o[key] = integral_json(value);
+  return o;
+}
+
+std::shared_ptr<const PolicyRules> RulesCache::get(const nlohmann::json& rules, const std::vector<std::string>& labels,
+                                                   const std::vector<std::string>& violating_labels) {
+  const std::string key = nlohmann::json::array({rules, labels, violating_labels}).dump();
+  {
+    std::lock_guard lock(mutex_);
+    if (const auto it = compiled_.find(key); it != compiled_.end()) return it->second;
+  }
+  auto compiled = PolicyRules::compile(rules, labels, violating_labels);
+  std::lock_guard lock(mutex_);
+  if (compiled_.size() >= 256) compiled_.clear();  // many distinct rule sets: start over
+  compiled_.emplace(key, compiled);
+  return compiled;
+}
+
+CascadeConfig policy_cascade(const nlohmann::json& cascade, bool has_rules, bool allow_model, const std::string& param) {
+  CascadeConfig base;
+  if (has_rules) base.stages.insert(base.stages.begin(), Stage::kRules);
+  if (cascade.is_null()) return base;
+  CascadeConfig c;
+  try {
+    c = parse_cascade(cascade, base, allow_model);
+  } catch (const std::invalid_argument& e) {
+    throw bad_request(std::string("Invalid cascade: ") + e.what() + ".", param, "invalid_cascade");
+  }
+  if (c.has(Stage::kRules) && !has_rules)
+    throw bad_request("The cascade has a \"rules\" stage but the policy has no rules.", param, "invalid_cascade");
+  return c;
+}
+
+std::shared_ptr<const PolicyRules> policy_rules(const nlohmann::json& rules, const std::vector<std::string>& labels,
+                                                const std::vector<std::string>& violating_labels, RulesCache* cache,
+                                                const std::string& param) {
+  if (rules.is_null()) return nullptr;
+  try {
+    return cache ? cache->get(rules, labels, violating_labels) : PolicyRules::compile(rules, labels, violating_labels);
+  } catch (const std::invalid_argument& e) {
+    throw bad_request(std::string("Invalid rules: ") + e.what() + ".", param, "invalid_rules");
+  }
+}
+
 ReasoningEffort effort_field(const std::string& text, ReasoningEffort fallback, const std::string& param) {
   if (text.empty()) return fallback;
   if (text == "low") return ReasoningEffort::kLow;
@@ -55,7 +122,7 @@ AnswerFormat answer_format_field(const std::string& text, const std::vector<std:
 }  // namespace
 
 ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const PolicyRegistry& registry,
-                                  const ClassifyLimits& limits) {
+                                  const ClassifyLimits& limits, RulesCache* rules_cache) {
   ResolvedClassify out;
   ClassifyRequest& r = out.request;
   if (body.content().empty()) throw bad_request("'content' must be a non-empty string.", "content", "empty_content");
@@ -64,7 +131,12 @@ ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const Polic
     throw bad_request("At most " + std::to_string(limits.max_policies) + " policies per request (got " +
                           std::to_string(body.policies_size()) + ").", "policies", "too_many_policies");
   r.content = body.content();
-  r.effort = effort_field(body.reasoning_effort(), limits.default_effort, "reasoning_effort");
+  out.cascade = body.reasoning_effort() == "auto";
+  if (const std::string& e = body.reasoning_effort(); !e.empty() && e != "low" && e != "medium" && e != "high" && !out.cascade)
+    throw bad_request("Invalid value for 'reasoning_effort': '" + printable(e) +
+                          "'; supported values are 'low', 'medium', 'high' and 'auto' (the cascade).",
+                      "reasoning_effort", "invalid_value");
+  r.effort = out.cascade ? ReasoningEffort::kLow : effort_field(body.reasoning_effort(), limits.default_effort, "reasoning_effort");
   r.return_reasoning = !body.has_return_reasoning() || body.return_reasoning();
   r.constrain = !body.has_constrain() || body.constrain();
   if (body.mode().empty() || body.mode() == "reason") r.mode = ClassifyMode::kReason;
@@ -75,6 +147,14 @@ ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const Polic
   else if (body.score_prefix() == "direct") r.score_prefix = ScorePrefix::kDirect;
   else throw bad_request("Invalid value for 'score_prefix': '" + printable(body.score_prefix()) +
                              "'; supported values are 'empty_analysis' and 'direct'.", "score_prefix", "invalid_value");
+  if (out.cascade && r.mode == ClassifyMode::kScore)
+    throw bad_request("'mode' \"score\" is one stage of the cascade: with 'reasoning_effort' \"auto\" the cascade picks the "
+                      "stages (name them in 'cascade.stages').", "mode", "invalid_value");
+  if (out.cascade && body.has_max_tokens())
+    throw bad_request("'max_tokens' does not apply with 'reasoning_effort' \"auto\": set the reasoning stages' budgets in "
+                      "'cascade.budgets'.", "max_tokens", "invalid_value");
+  if (!out.cascade && body.has_cascade())
+    throw bad_request("'cascade' applies with 'reasoning_effort' \"auto\" only.", "cascade", "invalid_value");
   if (body.has_max_tokens()) {
     if (body.max_tokens() < 1) throw bad_request("'max_tokens' must be at least 1.", "max_tokens", "invalid_value");
     if (limits.max_context > 0 && body.max_tokens() >= limits.max_context)
@@ -92,13 +172,22 @@ ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const Polic
     const std::string param = "policies[" + std::to_string(i) + "]";
     ClassifyPolicy p;
     std::optional<int> version;
+    nlohmann::json rules, cascade;  // the policy's own (inline or registered)
+    if (!out.cascade && (in.has_rules() || in.has_cascade()))
+      throw bad_request("A policy's 'rules' and 'cascade' apply with 'reasoning_effort' \"auto\" only.", param,
+                        "invalid_value");
     if (in.has_text()) {
       if (in.text().empty()) throw bad_request("A policy's 'text' must not be empty.", param + ".text", "empty_policy");
       p.id = in.id().empty() ? std::to_string(i) : in.id();
       p.text = in.text();
       p.labels.assign(in.labels().begin(), in.labels().end());
       p.violating_labels.assign(in.violating_labels().begin(), in.violating_labels().end());
+      if (in.has_rules()) rules = struct_json(in.rules());
+      if (in.has_cascade()) cascade = struct_json(in.cascade());
     } else {
+      if (in.has_rules())
+        throw bad_request("A registered policy's rules are registered with it; 'rules' is for inline policies.",
+                          param + ".rules", "invalid_value");
       if (in.id().empty())
         throw bad_request("A policy needs either 'text' or the 'id' of a registered policy.", param, "missing_policy");
       const auto ref = PolicyRegistry::parse_ref(in.id());
@@ -115,8 +204,26 @@ ResolvedClassify resolve_classify(const wire::ClassifyRequest& body, const Polic
       if (!in.labels().empty()) p.labels.assign(in.labels().begin(), in.labels().end());
       if (!in.violating_labels().empty()) p.violating_labels.assign(in.violating_labels().begin(), in.violating_labels().end());
       version = stored->version;
+      rules = stored->draft.rules;
+      cascade = stored->draft.cascade;
     }
     check_labels(p.labels, p.violating_labels, param);
+    if (out.cascade) {
+      out.rules.push_back(policy_rules(rules, p.labels, p.violating_labels, rules_cache, param + ".rules"));
+      // The policy's cascade (registered models allowed: it was checked when registered), then the
+      // overrides: the policy input's (inline: its own cascade), then the request's.
+      CascadeConfig config = policy_cascade(in.has_text() ? nlohmann::json() : cascade, !rules.is_null(), true, param);
+      try {
+        if (in.has_text() && in.has_cascade()) config = parse_cascade(cascade, config, false);
+        if (!in.has_text() && in.has_cascade()) config = parse_cascade(struct_json(in.cascade()), config, false);
+        if (body.has_cascade()) config = parse_cascade(struct_json(body.cascade()), config, false);
+      } catch (const std::invalid_argument& e) {
+        throw bad_request(std::string("Invalid cascade: ") + e.what() + ".", param + ".cascade", "invalid_cascade");
+      }
+      if (config.has(Stage::kRules) && rules.is_null())
+        throw bad_request("The cascade has a \"rules\" stage but the policy has no rules.", param + ".cascade", "invalid_cascade");
+      out.cascades.push_back(config);
+    }
     p.format = answer_format_field(in.answer_format(), p.labels, param + ".answer_format");
     if (std::find(seen_ids.begin(), seen_ids.end(), p.id) != seen_ids.end())
       throw bad_request("Policy id '" + printable(p.id) + "' appears twice in the request.", param + ".id", "duplicate_policy");
@@ -161,6 +268,27 @@ wire::PolicyResult policy_result_wire(const PolicyResult& pr, const ResolvedClas
   for (const auto& [answer, p] : pr.scores) (*w.mutable_scores())[printable(answer)] = p;
   fill_usage(pr.usage, *w.mutable_usage());
   return w;
+}
+
+void add_cascade_results(const CascadeResult& result, wire::ClassifyResponse& response) {
+  for (size_t i = 0; i < result.policies.size() && i < static_cast<size_t>(response.results_size()); ++i) {
+    const CascadePolicyResult& p = result.policies[i];
+    wire::PolicyResult& w = *response.mutable_results(static_cast<int>(i));
+    if (p.decided_by) w.set_decided_by(to_string(*p.decided_by));
+    for (const StageOutcome& o : p.stages) {
+      wire::StageResult& s = *w.add_stages();
+      s.set_stage(to_string(o.stage));
+      *s.mutable_verdict() = to_value(o.verdict);
+      if (o.confidence) s.mutable_confidence()->set_number_value(*o.confidence);
+      else s.mutable_confidence()->set_null_value(google::protobuf::NULL_VALUE);
+      s.set_violation(o.violation);
+      s.set_reason(printable(o.reason));
+      if (is_model_stage(o.stage)) fill_usage(o.usage, *s.mutable_usage());
+      s.set_seconds(o.seconds);
+      s.set_finish_reason(finish_reason_name(o.finish));
+      if (!o.error.empty()) s.set_error(printable(o.error));
+    }
+  }
 }
 
 wire::ClassifyResponse classify_response(const ClassifyResult& result, const ResolvedClassify& request,

@@ -35,8 +35,8 @@ struct DecisionRecord {
   std::string policy_id;
   std::optional<int> policy_version;  // registered policies
   std::string policy_sha256;   // of the policy text that judged
-  std::string effort;          // low | medium | high
-  std::string mode;            // how the verdict was reached: "reasoning"
+  std::string effort;          // low | medium | high | auto (the cascade)
+  std::string mode;            // how the verdict was reached: "reasoning", "score", or the cascade stage that decided (rules, triage, score, low, medium, high; "none")
   std::string verdict_json;    // the verdict as JSON: 0, 1, "LABEL" or null
   // The verdict as the filters and feedback compare it: a number's JSON text ("0", "1"), a label's
   // text; nullopt when the answer could not be parsed.

@@ -102,8 +102,10 @@ std::vector<DecisionRecord> decision_records(const ClassifyResult& result, const
       if (const size_t at = policy.id.find('@'); at != std::string::npos) d.policy_id = policy.id.substr(0, at);
     }
     d.policy_sha256 = sha256_hex(policy.text);
-    d.effort = to_string(r.effort);
-    d.mode = "reasoning";
+    // How the verdict was reached: the cascade's deciding stage, verdict-only scoring, or reasoning.
+    d.effort = request.cascade ? "auto" : to_string(r.effort);
+    if (request.cascade) d.mode = i < request.decided_by.size() ? request.decided_by[i] : "none";
+    else d.mode = r.mode == ClassifyMode::kScore ? "score" : "reasoning";
     d.verdict_json = pr.verdict.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     d.verdict_key = verdict_key(pr.verdict);
     d.violation = pr.violation();

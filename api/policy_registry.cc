@@ -83,6 +83,15 @@ PolicyRegistry::PolicyRegistry(const std::string& db_path, bool read_only) : db_
         " violating_labels TEXT NOT NULL, description TEXT NOT NULL, created INTEGER NOT NULL,"
         " deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (id, version))");
   }
+  {
+    Statement columns(db_.get(), "SELECT name FROM pragma_table_info('policies')");
+    while (columns.step())
+      if (columns.text(0) == "pipeline") pipeline_column_ = true;
+  }
+  if (!pipeline_column_ && !read_only) {
+    exec("ALTER TABLE policies ADD COLUMN pipeline TEXT NOT NULL DEFAULT '{}'");
+    pipeline_column_ = true;
+  }
   load();
 }
 
@@ -112,8 +121,8 @@ void PolicyRegistry::load() {
   std::unique_ptr<Statement> s;
   try {
     s = std::make_unique<Statement>(db_.get(),
-                                    "SELECT id, version, text, labels, violating_labels, description, created, deleted "
-                                    "FROM policies ORDER BY id, version");
+                                    std::string("SELECT id, version, text, labels, violating_labels, description, created, deleted, ") +
+                                        (pipeline_column_ ? "pipeline" : "'{}'") + " FROM policies ORDER BY id, version");
   } catch (const std::runtime_error& e) {
     throw std::runtime_error("policy db " + db_path_ + " has no readable policies table (" + e.what() + ")");
   }
@@ -127,6 +136,7 @@ void PolicyRegistry::load() {
     e.policy.draft.description = s->text(5);
     e.policy.created = s->integer(6);
     e.deleted = s->integer(7) != 0;
+    const nlohmann::json pipeline = nlohmann::json::parse(s->text(8), nullptr, false);
     // Only rows the API could have stored: anything else could not be addressed or served.
     std::string problem;
     if (!valid_id(e.policy.draft.id)) problem = "the id is not 1-128 letters, digits, '_', '-' or '.'";
@@ -134,6 +144,9 @@ void PolicyRegistry::load() {
     else if (!labels) problem = "'labels' is not a JSON array of strings";
     else if (!violating) problem = "'violating_labels' is not a JSON array of strings";
     else if (!e.deleted && e.policy.draft.text.empty()) problem = "the text is empty";
+    else if (!pipeline.is_object() || (pipeline.contains("rules") && !pipeline["rules"].is_object()) ||
+             (pipeline.contains("cascade") && !pipeline["cascade"].is_object()))
+      problem = "'pipeline' is not a JSON object with optional \"rules\" and \"cascade\" objects";
     else {
       for (const auto& l : *labels)
         if (l.empty()) problem = "a label is empty";
@@ -148,6 +161,8 @@ void PolicyRegistry::load() {
     e.policy.version = static_cast<int>(version);
     e.policy.draft.labels = *labels;
     e.policy.draft.violating_labels = *violating;
+    if (pipeline.contains("rules")) e.policy.draft.rules = pipeline["rules"];
+    if (pipeline.contains("cascade")) e.policy.draft.cascade = pipeline["cascade"];
     policies_[e.policy.draft.id].push_back(std::move(e));
   }
 }
@@ -197,11 +212,15 @@ StoredPolicy PolicyRegistry::put(const PolicyDraft& draft, bool* created) {
   e.policy.created = now_seconds();
   if (db_) {
     Statement s(db_.get(),
-                "INSERT INTO policies (id, version, text, labels, violating_labels, description, created, deleted) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 0)");
+                "INSERT INTO policies (id, version, text, labels, violating_labels, description, created, deleted, pipeline) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)");
     s.bind(1, draft.id).bind(2, static_cast<int64_t>(e.policy.version)).bind(3, draft.text);
     s.bind(4, to_json_array(draft.labels)).bind(5, to_json_array(draft.violating_labels)).bind(6, draft.description);
     s.bind(7, e.policy.created);
+    nlohmann::json pipeline = nlohmann::json::object();
+    if (!draft.rules.is_null()) pipeline["rules"] = draft.rules;
+    if (!draft.cascade.is_null()) pipeline["cascade"] = draft.cascade;
+    s.bind(8, pipeline.dump());
     s.step();
   }
   versions.push_back(e);

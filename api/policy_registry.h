@@ -3,7 +3,8 @@
 // Deleting removes a version (or all of an id's) for good: version numbers are never reused.
 // Kept in memory, and, when given an SQLite file, written through to it and loaded from it at
 // start, so policies survive a restart. Every row loaded must be one the API could have stored
-// (an addressable id, a version in 1..INT32_MAX, a non-empty text, consistent labels): a bad row
+// (an addressable id, a version in 1..INT32_MAX, a non-empty text, consistent labels, rules and
+// cascade that are JSON objects): a bad row
 // refuses start-up with the row named, rather than being dropped silently. A database that cannot
 // be written refuses start-up too, unless it is opened read-only (then put/remove throw).
 // Thread-safe.
@@ -13,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,6 +30,10 @@ struct PolicyDraft {
   std::vector<std::string> labels;
   std::vector<std::string> violating_labels;
   std::string description;
+  // The moderation pipeline (pipeline/): the rules object and the cascade object, as given (checked
+  // by the API before they are stored); null when the policy has none.
+  nlohmann::json rules = nullptr;
+  nlohmann::json cascade = nullptr;
   bool operator==(const PolicyDraft&) const = default;
 };
 
@@ -96,6 +102,7 @@ class PolicyRegistry {
   std::unique_ptr<sqlite3, DbCloser> db_;
   std::string db_path_;
   bool read_only_ = false;
+  bool pipeline_column_ = false;  // files written before policies had rules and cascades lack it
 };
 
 }  // namespace arbiter::api

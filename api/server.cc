@@ -19,6 +19,8 @@
 #include "api/json_io.h"
 #include "api/pending.h"
 #include "api/sqlite_decision_store.h"
+#include "pipeline/cascade.h"
+#include "pipeline/triage.h"
 #include "scheduler/classify.h"
 #include "scheduler/scheduler.h"
 #include "scheduler/step_loop.h"
@@ -31,6 +33,7 @@ constexpr auto kPoll = std::chrono::milliseconds(50);
 // Help texts of the counters whose series are created at start (at 0, so that rate() and alerts
 // see them before the first event) and again where they are counted.
 constexpr const char* kFlaggedHelp = "Classify requests with a violation.";
+constexpr const char* kCascadeHelp = "Policy decisions of reasoning_effort auto, by the cascade stage that decided.";
 constexpr const char* kPromptsStoppedHelp =
     "Classify requests refused while their prompts were rendered, before any scheduling, by reason.";
 constexpr const char* kPromptsStoppedReasons[] = {"too_long", "deadline", "client_gone"};
@@ -90,10 +93,15 @@ struct ApiServer::Impl {
 
   ApiOptions options;
   PolicyRegistry registry;
+  RulesCache rules_cache;
+  TriageModels triage_models{options.triage_dir};
   std::unique_ptr<DecisionLog> decisions;  // null: no decision log
   MetricsRegistry metrics;
   std::mutex handles_mutex;
   std::optional<ServingHandles> handles;
+  // The cascade (reasoning_effort "auto") over the attached Classifier; set with `handles`.
+  std::shared_ptr<ClassifierStages> cascade_stages;
+  std::shared_ptr<Cascade> cascade;
   std::atomic<bool> draining{false};
   // Requests between their admission check and their submission to the scheduler; drain() waits
   // for them, so a request that was admitted is never refused by a scheduler that stopped accepting.
@@ -189,6 +197,17 @@ struct ApiServer::Impl {
                           "not_found_error", "model", "model_not_found", 0});
   }
 
+  // A cascade's triage model; `status` 400 where a client named it (registration), 500 where a
+  // registered policy names a model the server cannot load any more.
+  std::shared_ptr<const TriageModel> triage_model(const std::string& name, const std::string& param, int status) const {
+    try {
+      return triage_models.get(name);
+    } catch (const std::invalid_argument& e) {
+      throw ApiException({status, std::string("The triage model cannot be used: ") + e.what() + ".",
+                          status == 400 ? "invalid_request_error" : "server_error", param, "triage_model_unavailable", 0});
+    }
+  }
+
   // The request's deadline, counted from `from` (when the handler got it).
   std::optional<Clock::time_point> deadline(std::optional<double> requested, Clock::time_point from = Clock::now()) const {
     double seconds = options.request_timeout;
@@ -271,6 +290,46 @@ struct ApiServer::Impl {
     if (!h.classifier || !h.scheduler) return;
     for (ReasoningEffort effort : options.warm_efforts)
       if (h.classifier->policy_fit(policy_text, effort).fits) h.scheduler->warm(h.classifier->policy_prefix(policy_text, effort));
+  }
+
+  // A cascade's request at its most demanding stage (the longest reasoning it may reach), for the
+  // fit check before it is admitted.
+  ClassifyRequest cascade_fit_request(const ResolvedClassify& resolved) const {
+    ClassifyRequest check = resolved.request;
+    int most = -1;
+    for (const CascadeConfig& c : resolved.cascades)
+      for (const Stage s : c.stages) {
+        if (!is_model_stage(s) || s == Stage::kScore) continue;
+        const int budget = c.budget(s);
+        const int need = loaded_generation(stage_effort(s), budget);
+        if (need > most) {
+          most = need;
+          check.effort = stage_effort(s);
+          check.reasoning_budget = budget;
+        }
+      }
+    return check;
+  }
+  int loaded_generation(ReasoningEffort effort, int budget) const {
+    const auto h = const_cast<Impl*>(this)->serving();
+    return h && h->classifier ? h->classifier->generation_tokens(effort, 0, budget) : 0;
+  }
+  // The cascade's request: each policy with its cascade, rules and triage model.
+  CascadeRequest make_cascade_request(const ResolvedClassify& resolved) const {
+    CascadeRequest out;
+    out.base = resolved.request;
+    for (size_t i = 0; i < resolved.request.policies.size(); ++i) {
+      CascadePolicy p;
+      p.policy = resolved.request.policies[i];
+      p.config = resolved.cascades[i];
+      if (const auto rules = resolved.rules[i]) p.rules = [rules](std::string_view content) { return rules->match(content); };
+      if (p.config.has(Stage::kTriage)) {
+        const auto model = triage_model(p.config.triage_model, "policies[" + std::to_string(i) + "]", 500);
+        p.triage = [model](std::string_view content) { return model->predict(content); };
+      }
+      out.policies.push_back(std::move(p));
+    }
+    return out;
   }
 
   HttpReply dispatch(const HttpRequest& req, std::string& endpoint, const std::shared_ptr<InFlight>& guard);
@@ -375,7 +434,7 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   limits.max_policies = options.max_policies_per_request;
   const auto loaded = serving();
   if (loaded) limits.max_context = loaded->max_context;
-  ResolvedClassify resolved = resolve_classify(body, registry, limits);
+  ResolvedClassify resolved = resolve_classify(body, registry, limits, &rules_cache);
   const ServingHandles ready = require_serving();
   check_model(body.model(), ready);
 
@@ -384,17 +443,26 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   request.deadline = deadline(resolved.timeout, received);
   request.cancelled = req.client_gone;
   // Every policy's prompt, the content tokenized once and only as far as it can fit, before any
-  // scheduling (and before admission, so that draining does not wait for it).
-  ClassifyPrompts prompts = ready.classifier->prepare(request);
+  // scheduling (and before admission, so that draining does not wait for it). A cascade is checked
+  // at its most demanding stage: an escalation must never find the content too long.
+  ClassifyPrompts prompts = ready.classifier->prepare(resolved.cascade ? cascade_fit_request(resolved) : request);
   if (!prompts.ok()) throw ApiException(prompt_error(prompts, request, resolved.versions));
+  std::optional<CascadeRequest> cascade_request;
+  if (resolved.cascade) cascade_request = make_cascade_request(resolved);
   std::optional<Admission> admission(std::in_place, *this);
   const ServingHandles h = admission->handles();
+  std::shared_ptr<Cascade> cascade_runner;
+  if (resolved.cascade) {
+    std::lock_guard<std::mutex> lock(handles_mutex);
+    cascade_runner = cascade;
+  }
   auto pending = std::make_shared<Pending<ClassifyResult>>();
+  auto cascade_result = std::make_shared<std::optional<CascadeResult>>();
   std::string why;
   SubmitStatus status;
   // Early per-policy results, for callers that asked (only generations that ended normally).
   std::function<void(size_t, const PolicyResult&)> on_policy;
-  if (req.on_policy_result) {
+  if (req.on_policy_result && !resolved.cascade) {
     auto shape = std::make_shared<ResolvedClassify>();  // what policy_result_wire reads, without the content
     shape->versions = resolved.versions;
     shape->request.return_reasoning = request.return_reasoning;
@@ -406,26 +474,42 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   const bool return_reasoning = request.return_reasoning;
   if (decisions && options.decision_log.store_reasoning) request.return_reasoning = true;
   try {
-    status = h.classifier->submit(request, std::move(prompts), [pending](ClassifyResult r) { pending->set(std::move(r)); }, &why,
-                                  std::move(on_policy));
+    if (cascade_request) {
+      cascade_request->base.return_reasoning = request.return_reasoning;
+      status = cascade_runner->submit(
+          std::move(*cascade_request),
+          [pending, cascade_result](CascadeResult r) {
+            ClassifyResult plain = r.result;
+            *cascade_result = std::move(r);
+            pending->set(std::move(plain));
+          },
+          &why);
+    } else {
+      status = h.classifier->submit(request, std::move(prompts), [pending](ClassifyResult r) { pending->set(std::move(r)); }, &why,
+                                    std::move(on_policy));
+    }
   } catch (const std::invalid_argument& e) {
     throw bad_request(std::string("The request was refused: ") + e.what(), "", "invalid_request");
   }
   request.return_reasoning = return_reasoning;
   admission.reset();
   if (status != SubmitStatus::kAccepted) throw ApiException(submit_error(status, why));
+  const auto cancel = [&] {
+    if (cascade_runner) cascade_runner->cancel(request.id);
+    else h.scheduler->cancel(request.id);
+  };
 
   bool gone = false, cancelled = false;
   Clock::time_point cancelled_at{};
   while (!pending->wait_for(kPoll)) {
     const auto now = Clock::now();
     if (auto why = rank_fault(h)) {  // the answer would come late or never: say so now
-      h.scheduler->cancel(request.id);
+      cancel();
       throw ApiException(rank_unavailable(*why));
     }
     if (!cancelled && req.client_gone && req.client_gone()) gone = true;
     if (!cancelled && (gone || (request.deadline && now > *request.deadline + kGrace))) {
-      h.scheduler->cancel(request.id);
+      cancel();
       cancelled = true;
       cancelled_at = now;
     }
@@ -443,6 +527,14 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
                 result.usage.completion_tokens});
   if (result.flagged) metrics.counter("arbiter_classify_flagged_total", kFlaggedHelp).inc();
   wire::ClassifyResponse response = classify_response(result, resolved, h.model_name, unix_now());
+  if (*cascade_result) {
+    add_cascade_results(**cascade_result, response);
+    for (const auto& p : (*cascade_result)->policies) {
+      const std::string stage = p.decided_by ? to_string(*p.decided_by) : "none";
+      resolved.decided_by.push_back(stage);
+      metrics.counter("arbiter_cascade_decisions_total", kCascadeHelp, {{"stage", stage}}).inc();
+    }
+  }
   if (decisions) record_decisions(req, resolved, result, received, response);  // 503 unless stored
   return json_reply(200, print_json(response));
 }
@@ -761,6 +853,8 @@ wire::Policy ApiServer::Impl::policy_wire(const StoredPolicy& p, bool with_versi
   for (const auto& l : p.draft.labels) w.add_labels(l);
   for (const auto& l : p.draft.violating_labels) w.add_violating_labels(l);
   w.set_description(p.draft.description);
+  if (p.draft.rules.is_object()) *w.mutable_rules() = to_struct(p.draft.rules);
+  if (p.draft.cascade.is_object()) *w.mutable_cascade() = to_struct(p.draft.cascade);
   w.set_created(static_cast<uint32_t>(p.created));
   if (with_versions)
     for (int v : registry.versions(p.draft.id)) w.add_versions(v);
@@ -790,6 +884,12 @@ HttpReply ApiServer::Impl::policies_post(const HttpRequest& req) {
     if (std::find(draft.labels.begin(), draft.labels.end(), draft.violating_labels[i]) == draft.labels.end())
       throw bad_request("Violating label '" + printable(draft.violating_labels[i]) + "' is not one of the policy's labels.",
                         "violating_labels[" + std::to_string(i) + "]", "invalid_value");
+  // The moderation pipeline: rules must compile, the cascade must be valid and its triage model load.
+  if (body.has_rules()) draft.rules = struct_json(body.rules());
+  if (body.has_cascade()) draft.cascade = struct_json(body.cascade());
+  policy_rules(draft.rules, draft.labels, draft.violating_labels, &rules_cache, "rules");
+  const CascadeConfig config = policy_cascade(draft.cascade, !draft.rules.is_null(), true, "cascade");
+  if (config.has(Stage::kTriage)) triage_model(config.triage_model, "cascade.triage_model", 400);
   // A policy whose prompt leaves no room for content and an answer at any effort is refused (with a
   // model loaded; policies registered while it loads are checked when it is attached).
   if (auto h = serving(); h && h->classifier)
@@ -957,6 +1057,8 @@ ApiServer::ApiServer(ApiOptions options) : impl_(std::make_unique<Impl>(std::mov
   impl_->metrics.gauge("arbiter_policies", "Registered policies (latest versions).")
       .set(static_cast<double>(impl_->registry.list().size()));
   impl_->metrics.counter("arbiter_classify_flagged_total", kFlaggedHelp);
+  for (const char* stage : {"rules", "triage", "score", "low", "medium", "high", "none"})
+    impl_->metrics.counter("arbiter_cascade_decisions_total", kCascadeHelp, {{"stage", stage}});
   for (const char* reason : kPromptsStoppedReasons)
     impl_->metrics.counter("arbiter_classify_prompts_stopped_total", kPromptsStoppedHelp, {{"reason", reason}});
 }
@@ -993,6 +1095,10 @@ void ApiServer::attach(const ServingHandles& handles) {
   {
     std::lock_guard<std::mutex> lock(impl_->handles_mutex);
     impl_->handles = handles;
+    if (handles.classifier) {
+      impl_->cascade_stages = std::make_shared<ClassifierStages>(*handles.classifier);
+      impl_->cascade = std::make_shared<Cascade>(*impl_->cascade_stages);
+    }
   }
   // Policies from the db (or registered while loading) that leave no room for content and an answer
   // stay stored but are not warmed; requests naming them get 413.

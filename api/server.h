@@ -57,6 +57,8 @@ struct ApiOptions {
   // is in the system message, ahead of the policy, so each effort has its own prefix).
   std::vector<ReasoningEffort> warm_efforts = {ReasoningEffort::kLow, ReasoningEffort::kMedium, ReasoningEffort::kHigh};
   std::string policy_db;                // SQLite file for policies ("" : memory only)
+  // Folder of the fastText triage models policies' cascades may name (pipeline/triage.h); "" : none.
+  std::string triage_dir;
   bool policy_db_readonly = false;      // serve the db's policies without changes (POST/DELETE: 403)
   int retry_after_seconds = 1;          // Retry-After of 429 / 503 replies
   int max_policies_per_request = 32;
