@@ -193,6 +193,18 @@ nlohmann::json to_json(const StageOutcome& o) {
   return j;
 }
 
+nlohmann::json to_json(const CascadeResult& result) {
+  nlohmann::json j = to_json(result.result);
+  for (size_t i = 0; i < result.policies.size() && i < j["results"].size(); ++i) {
+    const CascadePolicyResult& p = result.policies[i];
+    j["results"][i]["decided_by"] = p.decided_by ? nlohmann::json(to_string(*p.decided_by)) : nlohmann::json(nullptr);
+    nlohmann::json stages = nlohmann::json::array();
+    for (const auto& s : p.stages) stages.push_back(to_json(s));
+    j["results"][i]["stages"] = stages;
+  }
+  return j;
+}
+
 Route route(const CascadeConfig& config, const StageOutcome& outcome, bool last) {
   if (!outcome.has_verdict()) return Route::kNext;
   if (outcome.stage == Stage::kRules) return Route::kDecide;

@@ -132,6 +132,8 @@ struct CascadeResult {
   std::vector<CascadePolicyResult> policies;
   ClassifyResult result;  // the per-policy results put together (flagged, usage sums, worst finish)
 };
+// to_json(result.result) with each policy's "decided_by" (null: none) and "stages" (the API's field names).
+nlohmann::json to_json(const CascadeResult& result);
 
 // Where model stages run: the Classifier in service, a scripted source in tests.
 class ModelStages {

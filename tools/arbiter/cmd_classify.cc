@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "pipeline/cascade.h"
 #include "scheduler/classify.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
@@ -202,6 +203,41 @@ struct ClassifyJob {
   bool return_reasoning = true;
   ClassifyMode mode = ClassifyMode::kReason;
   ScorePrefix score_prefix = ScorePrefix::kEmptyAnalysis;
+  // --effort auto: every policy's cascade, and where its triage model comes from.
+  bool cascade = false;
+  CascadeConfig cascade_config;
+  std::shared_ptr<TriageModels> triage;
+};
+
+// Submits one request the way the job asks: to the Classifier, or through the cascade; `done` gets
+// the result as JSON (to_json of ClassifyResult or CascadeResult) and whether it was flagged.
+class Submitter {
+ public:
+  Submitter(ServingRank& serving, const ClassifyJob& job) : serving_(serving), job_(job), stages_(serving.classifier()), cascade_(stages_) {
+    if (job.cascade && job.cascade_config.has(Stage::kTriage)) triage_ = job.triage->get(job.cascade_config.triage_model);
+  }
+  SubmitStatus submit(const ClassifyRequest& request, std::function<void(nlohmann::json row, bool flagged)> done, std::string* why) {
+    if (!job_.cascade)
+      return serving_.classifier().submit(
+          request, [done](ClassifyResult r) { done(to_json(r), r.flagged); }, why);
+    CascadeRequest c;
+    c.base = request;
+    for (const auto& p : request.policies) {
+      CascadePolicy cp;
+      cp.policy = p;
+      cp.config = job_.cascade_config;
+      if (triage_) cp.triage = [model = triage_](std::string_view content) { return model->predict(content); };
+      c.policies.push_back(std::move(cp));
+    }
+    return cascade_.submit(std::move(c), [done](CascadeResult r) { done(to_json(r), r.result.flagged); }, why);
+  }
+
+ private:
+  ServingRank& serving_;
+  const ClassifyJob& job_;
+  ClassifierStages stages_;
+  Cascade cascade_;
+  std::shared_ptr<const TriageModel> triage_;
 };
 
 ClassifyRequest make_request(const ClassifyJob& job, std::string id, std::string content) {
@@ -219,15 +255,16 @@ ClassifyRequest make_request(const ClassifyJob& job, std::string id, std::string
 
 // --content: one request, one JSON result on stdout.
 void classify_one(ServingRank& serving, const ClassifyJob& job, const std::string& content) {
-  auto result = std::make_shared<std::optional<ClassifyResult>>();
+  auto result = std::make_shared<std::optional<nlohmann::json>>();
   std::string why;
-  const SubmitStatus status = serving.classifier().submit(
-      make_request(job, "content", content), [result](ClassifyResult r) { *result = std::move(r); }, &why);
+  Submitter submitter(serving, job);
+  const SubmitStatus status =
+      submitter.submit(make_request(job, "content", content), [result](nlohmann::json r, bool) { *result = std::move(r); }, &why);
   if (status != SubmitStatus::kAccepted)
     throw std::runtime_error(std::string("request not accepted (") + to_string(status) + "): " + why);
   serving.loop().run_until_idle();
   if (!*result) throw std::runtime_error("the scheduler went idle without finishing the request");
-  std::cout << dump(to_json(**result)) << "\n";
+  std::cout << dump(**result) << "\n";
 }
 
 // --input/--output: every line classified, results written in input order. Requests are submitted
@@ -248,15 +285,28 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
   const auto run = std::make_shared<FileRun>(output_path, lines.size());
   // A policy that leaves no room for content and the answer would fail every line: say so at once.
   // (Score mode generates a handful of tokens: each request's prompts are checked as they come.)
+  // (A cascade is checked at its most demanding stage.)
+  const ReasoningEffort fit_effort = job.cascade ? stage_effort(job.cascade_config.stages.back()) : job.effort;
+  const int fit_tokens = job.cascade ? serving.classifier().generation_tokens(fit_effort, 0, job.cascade_config.budget(job.cascade_config.stages.back()))
+                                     : job.max_tokens;
   for (const auto& policy : job.mode == ClassifyMode::kScore ? std::vector<ClassifyPolicy>{} : job.policies)
-    if (const PolicyFit fit = serving.classifier().policy_fit(policy.text, job.effort, job.max_tokens); !fit.fits)
+    if (const PolicyFit fit = serving.classifier().policy_fit(policy.text, fit_effort, fit_tokens); !fit.fits)
       throw std::runtime_error("policy '" + policy.id + "': " + fit.describe());
   // The policies' prefixes are computed once, before the requests that share them arrive (requests
-  // admitted together would each compute an uncached prefix). A no-op without prefix caching.
+  // admitted together would each compute an uncached prefix). A no-op without prefix caching. A
+  // cascade's model stages use their own efforts' prefixes.
+  std::vector<ReasoningEffort> efforts = {job.effort};
+  if (job.cascade) {
+    efforts.clear();
+    for (const Stage s : job.cascade_config.stages)
+      if (is_model_stage(s) && std::find(efforts.begin(), efforts.end(), stage_effort(s)) == efforts.end())
+        efforts.push_back(stage_effort(s));
+  }
   for (const auto& policy : job.policies)
-    serving.scheduler().warm(serving.classifier().policy_prefix(policy.text, job.effort));
+    for (const ReasoningEffort effort : efforts) serving.scheduler().warm(serving.classifier().policy_prefix(policy.text, effort));
   serving.loop().run_until_idle();
   const size_t wave = static_cast<size_t>(std::max(1, serving.options().max_queued_requests));
+  Submitter submitter(serving, job);
   size_t next = 0;
   while (next < lines.size()) {
     size_t submitted = 0;
@@ -271,13 +321,12 @@ void classify_file(ServingRank& serving, const ClassifyJob& job, const std::stri
       ClassifyRequest request = make_request(job, "line-" + std::to_string(index + 1), std::move(line.content));
       const nlohmann::json id = line.id;
       std::string why;
-      const SubmitStatus status = serving.classifier().submit(
+      const SubmitStatus status = submitter.submit(
           request,
-          [run, id, index](ClassifyResult r) {
-            nlohmann::json row = to_json(r);
+          [run, id, index](nlohmann::json row, bool flagged) {
             row["id"] = id;
             row["line"] = index + 1;
-            run->flagged += r.flagged ? 1 : 0;
+            run->flagged += flagged ? 1 : 0;
             ++run->classified;
             run->writer.put(index, std::move(row));
             run->progress.advance();
@@ -312,7 +361,11 @@ const char* const kClassifyUsage =
     "  --content T              one content to classify\n"
     "  --input IN.jsonl         contents to classify, one {\"id\", \"content\"} per line\n"
     "  --output OUT.jsonl       where the results of --input go (- : stdout, the default)\n"
-    "  --effort low|medium|high reasoning effort (medium)\n"
+    "  --effort low|medium|high|auto  reasoning effort (medium); auto: the cascade (pipeline/README.md), each\n"
+    "                           result with the stage that decided and every stage's verdict and cost\n"
+    "  --cascade JSON           --effort auto: the cascade (default: score, low, high), e.g.\n"
+    "                           '{\"stages\": [\"score\", \"high\"], \"thresholds\": {\"score\": 0.95}}'\n"
+    "  --triage-dir DIR         where the cascade's \"triage_model\" file is\n"
     "  --max-tokens N           generated tokens per policy (0: the effort's reasoning budget + answer tokens)\n"
     "  --labels A,B,...         the policy answers with one of these labels instead of 0/1\n"
     "  --violating B,...        which of the --labels count as a violation\n"
@@ -334,13 +387,28 @@ int cmd_classify(const CliArgs& args) {
   if (has_content == has_input) throw std::invalid_argument("give exactly one of --content TEXT and --input FILE.jsonl");
   ClassifyJob job;
   job.policies = load_policies(args);
-  job.effort = parse_reasoning_effort(args.get("effort", "medium"));
+  const std::string effort = args.get("effort", "medium");
+  job.cascade = effort == "auto";
+  job.effort = job.cascade ? ReasoningEffort::kLow : parse_reasoning_effort(effort);
+  if (args.has("cascade") && !job.cascade) throw std::invalid_argument("--cascade goes with --effort auto");
+  if (job.cascade) {
+    const std::string text = args.get("cascade", "{}");
+    const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+    if (j.is_discarded()) throw std::invalid_argument("--cascade is not JSON: " + text);
+    job.cascade_config = parse_cascade(j);
+    if (job.cascade_config.has(Stage::kRules))
+      throw std::invalid_argument("--cascade: policy files carry no rules here; leave the \"rules\" stage out");
+    job.triage = std::make_shared<TriageModels>(args.get("triage-dir", ""));
+  }
+  if (args.has("triage-dir") && !job.cascade) throw std::invalid_argument("--triage-dir goes with --effort auto");
   job.max_tokens = static_cast<int>(args.get_int("max-tokens", 0));
   if (job.max_tokens < 0) throw std::invalid_argument("--max-tokens must not be negative");
+  if (job.max_tokens > 0 && job.cascade) throw std::invalid_argument("--max-tokens does not apply with --effort auto: set the budgets in --cascade");
   job.return_reasoning = !args.flag("no-reasoning");
   // --mode reason (default) | score; --score-prefix empty_analysis (default) | direct.
   const std::string mode = args.get("mode", "reason");
   if (mode == "score") job.mode = ClassifyMode::kScore;
+  if (mode == "score" && job.cascade) throw std::invalid_argument("--mode score is a stage of --effort auto's cascade: name it in --cascade");
   else if (mode != "reason") throw std::invalid_argument("--mode must be reason or score (got '" + mode + "')");
   const std::string prefix = args.get("score-prefix", "empty_analysis");
   if (prefix == "direct") job.score_prefix = ScorePrefix::kDirect;
