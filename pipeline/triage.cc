@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 
 namespace arbiter {
 
@@ -141,7 +142,55 @@ struct TriageModel::Impl {
   CheckedFastText fasttext;
   std::shared_ptr<const fasttext::Dictionary> dictionary;
   std::vector<nlohmann::json> verdicts;  // by the model's label index
+  // The dense softmax case (what train_triage writes) is predicted here rather than through
+  // FastText::predict: the same arithmetic, with the rows a content needs prefetched together (a
+  // model's input matrix is tens of MB, so a prediction waits mostly on memory) and no per-call
+  // model state. Other models (quantized, other losses) go through FastText::predict.
+  std::shared_ptr<const fasttext::DenseMatrix> input, output;  // null: not the dense softmax case
+  int64_t dim = 0;
 };
+
+namespace {
+
+// Softmax over the labels of the averaged input rows of `ids`: the best label and its probability,
+// or label -1 when there is nothing to average.
+std::pair<int32_t, double> dense_softmax(const fasttext::DenseMatrix& input, const fasttext::DenseMatrix& output,
+                                         int64_t dim, const std::vector<int32_t>& ids) {
+  const float* in = input.data();
+  const int64_t rows = input.rows();
+  constexpr int64_t kLineFloats = 64 / sizeof(float);
+  for (const int32_t id : ids)
+    if (id >= 0 && id < rows)
+      for (int64_t j = 0; j < dim; j += kLineFloats) __builtin_prefetch(in + id * dim + j);
+  // Per-thread scratch: predictions are frequent and small, so no allocation per call.
+  thread_local std::vector<float> hidden, logits;
+  hidden.assign(static_cast<size_t>(dim), 0.0f);
+  size_t used = 0;
+  for (const int32_t id : ids) {
+    if (id < 0 || id >= rows) continue;
+    const float* row = in + id * dim;
+    for (int64_t j = 0; j < dim; ++j) hidden[static_cast<size_t>(j)] += row[j];
+    ++used;
+  }
+  if (used == 0) return {-1, 0.0};
+  const float scale = static_cast<float>(1.0 / static_cast<double>(used));
+  for (float& h : hidden) h *= scale;
+  const float* out = output.data();
+  const int64_t labels = output.rows();
+  logits.resize(static_cast<size_t>(labels));
+  for (int64_t k = 0; k < labels; ++k) {
+    float d = 0;
+    const float* row = out + k * dim;
+    for (int64_t j = 0; j < dim; ++j) d += row[j] * hidden[static_cast<size_t>(j)];
+    logits[static_cast<size_t>(k)] = d;
+  }
+  const auto best = std::max_element(logits.begin(), logits.end());
+  double z = 0;
+  for (const float l : logits) z += std::exp(static_cast<double>(l) - *best);
+  return {static_cast<int32_t>(best - logits.begin()), 1.0 / z};
+}
+
+}  // namespace
 
 TriageModel::TriageModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 TriageModel::~TriageModel() = default;
@@ -168,7 +217,14 @@ std::shared_ptr<const TriageModel> TriageModel::load(const std::string& path) {
   impl->dictionary = impl->fasttext.getDictionary();
   if (impl->fasttext.getArgs().model != fasttext::model_name::sup || impl->dictionary->nlabels() < 1)
     throw std::runtime_error("cannot load triage model " + path + ": not a fastText classifier (supervised model)");
-  const std::string& prefix = impl->fasttext.getArgs().label;
+  const fasttext::Args model_args = impl->fasttext.getArgs();
+  if (!impl->fasttext.isQuant() && model_args.loss == fasttext::loss_name::softmax) {
+    impl->input = impl->fasttext.getInputMatrix();
+    impl->output = impl->fasttext.getOutputMatrix();
+    impl->dim = impl->input->cols();
+    if (impl->output->rows() != impl->dictionary->nlabels() || impl->output->cols() != impl->dim) impl->input.reset();
+  }
+  const std::string& prefix = model_args.label;
   for (int32_t i = 0; i < impl->dictionary->nlabels(); ++i) {
     std::string label = impl->dictionary->getLabel(i);
     if (label.rfind(prefix, 0) == 0) label.erase(0, prefix.size());
@@ -181,17 +237,24 @@ TriagePrediction TriageModel::predict(std::string_view content) const {
   std::string text = triage_text(content);
   text.push_back('\n');  // the end of the line, as in training
   std::istringstream in(std::move(text));
-  std::vector<int32_t> words, labels;
+  thread_local std::vector<int32_t> words, labels;  // getLine clears them
   impl_->dictionary->getLine(in, words, labels);
-  fasttext::Predictions predictions;
-  impl_->fasttext.predict(1, words, predictions, 0.0);
-  if (predictions.empty() || predictions[0].second < 0 ||
-      static_cast<size_t>(predictions[0].second) >= impl_->verdicts.size())
-    return {};
+  int32_t label = -1;
+  double probability = 0;
+  if (impl_->input) {
+    std::tie(label, probability) = dense_softmax(*impl_->input, *impl_->output, impl_->dim, words);
+  } else {
+    fasttext::Predictions predictions;
+    impl_->fasttext.predict(1, words, predictions, 0.0);
+    if (!predictions.empty()) {
+      label = predictions[0].second;
+      probability = std::exp(static_cast<double>(predictions[0].first));  // fastText gives log(p + 1e-5)
+    }
+  }
+  if (label < 0 || static_cast<size_t>(label) >= impl_->verdicts.size()) return {};
   TriagePrediction out;
-  out.verdict = impl_->verdicts[static_cast<size_t>(predictions[0].second)];
-  // fastText gives log(p + 1e-5): back to p, kept within (0, 1].
-  out.probability = std::clamp(std::exp(static_cast<double>(predictions[0].first)), 1e-12, 1.0);
+  out.verdict = impl_->verdicts[static_cast<size_t>(label)];
+  out.probability = std::clamp(probability, 1e-12, 1.0);
   return out;
 }
 

@@ -3,11 +3,14 @@
 // triage_text, and concurrent predictions.
 #include "pipeline/triage.h"
 
+#include <fasttext/fasttext.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -179,6 +182,69 @@ TEST_F(TriageModelTest, LoadErrorsNameTheFile) {
     const std::string cut = tmp_.file("cut.bin");
     std::ofstream(cut, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(keep));
     EXPECT_NE(message_of(cut).find(cut), std::string::npos) << keep << ": " << message_of(cut);
+  }
+}
+
+// What fastText itself predicts for `content` from the model file: the label text and probability.
+std::pair<std::string, double> fasttext_predict(const fasttext::FastText& model, const std::string& content) {
+  std::istringstream in(triage_text(content) + "\n");
+  std::vector<std::pair<fasttext::real, std::string>> predictions;
+  model.predictLine(in, predictions, 1, 0.0);
+  if (predictions.empty()) return {"", 0.0};
+  return {predictions[0].second, static_cast<double>(predictions[0].first)};
+}
+
+TEST_F(TriageModelTest, AgreesWithFastTextsOwnPrediction) {
+  std::mt19937 rng(19);
+  Examples train = make_examples(rng, 300, 1, 0);
+  // Ambiguous contents too, so probabilities away from 0 and 1 are compared.
+  for (int i = 0; i < 100; ++i) train.emplace_back(make_content(rng, kCommonWords, 6), static_cast<int>(rng() % 2));
+  const std::string path = tmp_.file("m.bin");
+  train_triage(train, small_options(), path);
+  const auto model = TriageModel::load(path);
+  fasttext::FastText reference;
+  reference.loadModel(path);
+  Examples contents = make_examples(rng, 100, 1, 0);
+  for (int i = 0; i < 100; ++i) contents.emplace_back(make_content(rng, rng() % 2 ? kCommonWords : kSpamWords, 1 + i % 9), 0);
+  contents.emplace_back("words the model never saw: zebra quokka", 0);
+  for (const auto& [content, answer] : contents) {
+    const TriagePrediction mine = model->predict(content);
+    const auto [label, probability] = fasttext_predict(reference, content);
+    ASSERT_FALSE(label.empty()) << content;
+    EXPECT_NEAR(mine.probability, probability, 1e-4) << content;  // fastText reports p + 1e-5
+    if (std::fabs(probability - 0.5) > 1e-3) {
+      EXPECT_EQ("__label__" + mine.verdict.dump(), label) << content;
+    }
+  }
+
+  // A model of another loss (one-vs-all, written by fastText itself) goes through fastText's own
+  // prediction path, with the same answers.
+  const std::string text_path = tmp_.file("ova.txt");
+  {
+    std::ofstream out(text_path);
+    for (const auto& [content, answer] : train) out << "__label__" << answer.dump() << " " << triage_text(content) << "\n";
+  }
+  fasttext::Args args;
+  args.input = text_path;
+  args.model = fasttext::model_name::sup;
+  args.loss = fasttext::loss_name::ova;
+  args.minCount = 1;
+  args.minn = args.maxn = 0;
+  args.bucket = 0;
+  args.wordNgrams = 1;
+  args.dim = 8;
+  args.epoch = 5;
+  args.thread = 1;
+  args.verbose = 0;
+  fasttext::FastText ova;
+  ova.train(args);
+  ova.saveModel(tmp_.file("ova.bin"));
+  const auto ova_model = TriageModel::load(tmp_.file("ova.bin"));
+  for (const auto& [content, answer] : contents) {
+    const TriagePrediction mine = ova_model->predict(content);
+    const auto [label, probability] = fasttext_predict(ova, content);
+    EXPECT_EQ("__label__" + mine.verdict.dump(), label) << content;
+    EXPECT_NEAR(mine.probability, std::min(probability, 1.0), 1e-6) << content;
   }
 }
 
