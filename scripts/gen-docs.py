@@ -308,7 +308,7 @@ def run_help(binary, *args):
 
 # Which commands read the options a source file reads: "all" of them, or "any" one.
 OPTION_SOURCES = {"cmd_serve.cc": ("all", ["serve"]), "cmd_classify.cc": ("all", ["classify"]),
-                  "cmd_bench.cc": ("all", ["bench"]), "cmd_export.cc": ("all", ["export"]), "cmd_text.cc": ("any", ["tokenize", "detokenize", "render"]),
+                  "cmd_bench.cc": ("all", ["bench"]), "cmd_export.cc": ("all", ["export"]), "cmd_triage.cc": ("all", ["triage"]), "cmd_text.cc": ("any", ["tokenize", "detokenize", "render"]),
                   "main.cc": ("any", ["make-model", "logits", "generate"]),
                   "serving_args.cc": ("all", ["serve", "classify"]),
                   "ranks.cc": ("all", ["logits", "generate", "classify", "serve"])}

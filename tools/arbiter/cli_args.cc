@@ -6,8 +6,11 @@
 
 namespace arbiter {
 
-CliArgs::CliArgs(int argc, char** argv, const std::set<std::string>& boolean_flags) {
-  for (int i = 0; i < argc; ++i) {
+CliArgs::CliArgs(int argc, char** argv, const std::set<std::string>& boolean_flags, size_t max_words) {
+  int first = 0;
+  for (; first < argc && words_.size() < max_words && std::string(argv[first]).rfind("--", 0) != 0; ++first)
+    words_.push_back(argv[first]);
+  for (int i = first; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--", 0) != 0 || a.size() < 3) throw std::invalid_argument("unexpected argument '" + a + "'");
     a = a.substr(2);

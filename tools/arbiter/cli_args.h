@@ -13,8 +13,11 @@ namespace arbiter {
 
 class CliArgs {
  public:
-  // argv after the subcommand name.
-  CliArgs(int argc, char** argv, const std::set<std::string>& boolean_flags);
+  // argv after the subcommand name. Up to `max_words` leading arguments that are not options are
+  // the command's words (`arbiter triage train ...`: "train"), read with word(); none by default.
+  CliArgs(int argc, char** argv, const std::set<std::string>& boolean_flags, size_t max_words = 0);
+  // Leading word `i`, or "" when fewer were given.
+  std::string word(size_t i) const { return i < words_.size() ? words_[i] : std::string(); }
   bool has(const std::string& name) const { return values_.count(name) != 0; }
   std::string get(const std::string& name, const std::string& fallback) const;
   std::string require(const std::string& name) const;
@@ -28,6 +31,7 @@ class CliArgs {
   void check_all_used() const;
 
  private:
+  std::vector<std::string> words_;
   std::map<std::string, std::string> values_;
   std::map<std::string, std::string> origin_;  // options that came from a config file: "FILE:LINE"
   mutable std::set<std::string> used_;

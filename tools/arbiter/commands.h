@@ -28,5 +28,8 @@ int cmd_serve(const CliArgs& args);
 // tools/arbiter/cmd_export.cc
 extern const char* const kExportUsage;
 int cmd_export(const CliArgs& args);
+// tools/arbiter/cmd_triage.cc (`arbiter triage train|bench`: the action is the first word)
+extern const char* const kTriageUsage;
+int cmd_triage(const CliArgs& args);
 
 }  // namespace arbiter

@@ -33,6 +33,7 @@ const char* kUsage =
     "  classify    offline classification: one content or a JSONL file against one or more policies\n"
     "  bench       load generator: prefix caching on vs off, decisions/s, latency, step-loop overhead\n"
     "  export      labelled dataset (JSONL) from the decision log: human feedback, else the model's verdict\n"
+    "  triage      train the fastText triage classifier of a policy from a labelled dataset; its benchmark\n"
     "  make-model  write a random checkpoint in the Hugging Face layout (presets tiny, 20b-shape, 120b-shape)\n"
     "  logits      logits of a token sequence as a float32 .npy\n"
     "  generate    greedy continuation of a token sequence\n"
@@ -217,14 +218,17 @@ int main(int argc, char** argv) {
       {"classify", {"no-prefix-cache", "no-reasoning"}, kClassifyUsage, cmd_classify},
       {"bench", {"quick"}, kBenchUsage, cmd_bench},
       {"export", {"model-labels"}, kExportUsage, cmd_export},
+      {"triage", {}, kTriageUsage, cmd_triage},
   };
+  // Commands whose first argument is an action word (`arbiter triage train ...`).
+  const std::set<std::string> with_action = {"triage"};
   try {
     for (const Command& c : commands) {
       if (cmd != c.name) continue;
       if (help) return std::fputs(c.usage, stdout), 0;
       std::set<std::string> flags = c.flags;
       flags.insert("help");
-      const CliArgs args(argc - 2, argv + 2, flags);
+      const CliArgs args(argc - 2, argv + 2, flags, with_action.count(cmd));
       if (args.flag("help")) {
         std::fputs(c.usage, stdout);
         return 0;
