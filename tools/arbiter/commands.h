@@ -28,5 +28,8 @@ int cmd_serve(const CliArgs& args);
 // tools/arbiter/cmd_export.cc
 extern const char* const kExportUsage;
 int cmd_export(const CliArgs& args);
+// tools/arbiter/cmd_eval.cc
+extern const char* const kEvalUsage;
+int cmd_eval(const CliArgs& args);
 
 }  // namespace arbiter
