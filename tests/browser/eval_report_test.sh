@@ -13,5 +13,5 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$bin" make-model --preset tiny --seed 7 --out "$work/model" --tokenizer-dir "$tokenizer" 2>/dev/null
 "$bin" eval --model "$work/model" --device cpu --dataset "$spam/golden.jsonl" --policy "$spam/policy.txt" \
-  --mode score --effort low --max-context 2048 --bootstrap 200 --out "$work/report" >/dev/null
+  --mode score --effort low --max-context 2048 --reasoning-budget 4,4,8 --answer-tokens 8 --bootstrap 200 --out "$work/report" >/dev/null
 NODE_PATH="$modules" "$node" "$here/eval_report.cjs" "$work/report"
