@@ -15,14 +15,14 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
+#include "pipeline/rules.h"
+#include "pipeline/triage.h"
 #include "scheduler/classify.h"
 
 namespace arbiter {
-
-class PolicyRules;
-class TriageModel;
 
 // The stages, in the only order they run in.
 enum class Stage { kRules, kTriage, kScore, kLow, kMedium, kHigh };
@@ -102,13 +102,14 @@ struct TraceDecision {
 };
 TraceDecision decide_on_trace(const CascadeConfig& config, const std::vector<StageOutcome>& trace);
 
-// One policy of a cascade request: the policy, its cascade, and the compiled rules and triage
-// model its stages need (null when the config has no such stage).
+// One policy of a cascade request: the policy, its cascade, and what its rules and triage stages
+// ask (PolicyRules::match and TriageModel::predict of the policy's compiled rules and model; empty
+// when the config has no such stage; must be thread-safe).
 struct CascadePolicy {
   ClassifyPolicy policy;
   CascadeConfig config;
-  std::shared_ptr<const PolicyRules> rules;
-  std::shared_ptr<const TriageModel> triage;
+  std::function<std::optional<RuleMatch>(std::string_view content)> rules;
+  std::function<TriagePrediction(std::string_view content)> triage;
 };
 
 struct CascadeRequest {
@@ -175,7 +176,11 @@ class Cascade {
 
  private:
   struct Run;
-  void advance(const std::shared_ptr<Run>& run);
+  static std::vector<std::pair<Stage, std::vector<size_t>>> next_groups(const Run& run);
+  // Submits the request's next stages (see the .cc); `first`: its first, whose refusal is the answer.
+  SubmitStatus launch(const std::shared_ptr<Run>& run, bool first, std::string* why);
+  SubmitStatus submit_stage(const std::shared_ptr<Run>& run, Stage stage, const std::vector<size_t>& members,
+                            bool continuation, std::string* why);
   void stage_done(const std::shared_ptr<Run>& run, Stage stage, const std::vector<size_t>& policies, ClassifyResult result,
                   std::chrono::steady_clock::time_point started);
   void finish(const std::shared_ptr<Run>& run);

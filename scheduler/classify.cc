@@ -29,6 +29,22 @@ ClassifyUsage& ClassifyUsage::operator+=(const ClassifyUsage& other) {
   return *this;
 }
 
+int finish_severity(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop:
+      return 0;
+    case FinishReason::kLength:
+      return 1;
+    case FinishReason::kCancelled:
+      return 2;
+    case FinishReason::kDeadline:
+      return 3;
+    case FinishReason::kError:
+      return 4;
+  }
+  return 4;
+}
+
 bool PolicyResult::violation() const {
   if (verdict.is_null()) return false;
   const auto it = verdict_details.find("violation");
@@ -188,22 +204,6 @@ std::optional<size_t> first_content_token(const Tokenizer& tokenizer, const std:
   return std::nullopt;
 }
 
-// FinishReason severity for a request's overall finish: error > deadline > cancelled > length > stop.
-int severity(FinishReason r) {
-  switch (r) {
-    case FinishReason::kStop:
-      return 0;
-    case FinishReason::kLength:
-      return 1;
-    case FinishReason::kCancelled:
-      return 2;
-    case FinishReason::kDeadline:
-      return 3;
-    case FinishReason::kError:
-      return 4;
-  }
-  return 4;
-}
 
 constexpr size_t kMaxCachedPrefixes = 256;
 constexpr ReasoningEffort kEfforts[] = {ReasoningEffort::kLow, ReasoningEffort::kMedium, ReasoningEffort::kHigh};
@@ -346,9 +346,10 @@ std::vector<int32_t> Classifier::policy_prefix(const std::string& policy_text, R
   return cached_prefix(policy_text, effort);
 }
 
-int Classifier::generation_tokens(ReasoningEffort effort, int max_tokens) const {
+int Classifier::generation_tokens(ReasoningEffort effort, int max_tokens, int reasoning_budget) const {
   if (max_tokens > 0) return max_tokens;
-  return options_.budgets.for_effort(effort) + static_cast<int>(close_reasoning_.size()) + options_.answer_tokens;
+  const int budget = reasoning_budget > 0 ? reasoning_budget : options_.budgets.for_effort(effort);
+  return budget + static_cast<int>(close_reasoning_.size()) + options_.answer_tokens;
 }
 
 PolicyFit Classifier::policy_fit(const std::string& policy_text, ReasoningEffort effort, int max_tokens) const {
@@ -406,7 +407,8 @@ ClassifyPrompts Classifier::prepare(const ClassifyRequest& request) const {
   const int max_context = options_.max_context;
   std::vector<ScorePlan> plans;  // score mode: one per policy
   const bool score = request.mode == ClassifyMode::kScore;
-  const int generation = score ? score_generation(request, &plans) : generation_tokens(request.effort, request.max_tokens);
+  const int generation = score ? score_generation(request, &plans)
+                           : generation_tokens(request.effort, request.max_tokens, request.reasoning_budget);
   const int suffix = suffix_tokens();
   // Each policy's prefix, tokenized only as far as it can fit with one content token and the
   // generation; the content may then take what the tightest policy leaves.
@@ -492,10 +494,10 @@ SequenceSpec Classifier::make_sequence(std::vector<int32_t> prompt, const Classi
                                        const ClassifyPolicy& policy) const {
   SequenceSpec s;
   s.prompt = std::move(prompt);
-  s.max_reasoning_tokens = options_.budgets.for_effort(request.effort);
+  s.max_reasoning_tokens = request.reasoning_budget > 0 ? request.reasoning_budget : options_.budgets.for_effort(request.effort);
   s.close_reasoning = close_reasoning_;
   s.top_logprobs = options_.top_logprobs;
-  s.max_new_tokens = generation_tokens(request.effort, request.max_tokens);
+  s.max_new_tokens = generation_tokens(request.effort, request.max_tokens, request.reasoning_budget);
   if (request.constrain) s.final_grammar = final_grammar(policy);
   return s;
 }
@@ -553,6 +555,7 @@ SubmitStatus Classifier::submit(const ClassifyRequest& request, ClassifyPrompts 
   RequestSpec spec;
   spec.id = request.id;
   spec.deadline = request.deadline;
+  spec.continuation = request.continuation;
   spec.sequences = std::move(prompts.sequences);
   // The request is kept without its content (the callbacks need the policies and the id only).
   auto kept = std::make_shared<ClassifyRequest>();
@@ -585,7 +588,7 @@ ClassifyResult Classifier::assemble(const ClassifyRequest& request, const std::v
     }
     out.flagged = out.flagged || r.violation();
     out.usage += r.usage;
-    if (severity(r.finish) > severity(out.finish)) out.finish = r.finish;
+    if (finish_severity(r.finish) > finish_severity(out.finish)) out.finish = r.finish;
     out.results.push_back(std::move(r));
   }
   return out;
@@ -834,7 +837,7 @@ PolicyResult Classifier::score_result(const ClassifyPolicy& policy, const ScoreP
     r.usage.completion_tokens += static_cast<int>(g.tokens.size());
     // One generated token ends a score sequence by length (or by stop, when it is a stop token):
     // both are the normal end; anything worse is the policy's finish.
-    if (g.finish != FinishReason::kStop && g.finish != FinishReason::kLength && severity(g.finish) > severity(r.finish)) {
+    if (g.finish != FinishReason::kStop && g.finish != FinishReason::kLength && finish_severity(g.finish) > finish_severity(r.finish)) {
       r.finish = g.finish;
       r.error = g.error;
     }
@@ -928,6 +931,7 @@ SubmitStatus Classifier::submit_score(const ClassifyRequest& request, ClassifyPr
   RequestSpec spec;
   spec.id = request.id;
   spec.deadline = request.deadline;
+  spec.continuation = request.continuation;
   spec.sequences = std::move(prompts.sequences);
   auto results_of = [kept](size_t policy, const std::vector<SequenceResult>& all) {
     std::vector<const SequenceResult*> mine;
@@ -953,7 +957,7 @@ SubmitStatus Classifier::submit_score(const ClassifyRequest& request, ClassifyPr
       PolicyResult r = score_result(kept->policies[i], kept->plans[i], results_of(i, results));
       out.flagged = out.flagged || r.violation();
       out.usage += r.usage;
-      if (severity(r.finish) > severity(out.finish)) out.finish = r.finish;
+      if (finish_severity(r.finish) > finish_severity(out.finish)) out.finish = r.finish;
       out.results.push_back(std::move(r));
     }
     done(std::move(out));

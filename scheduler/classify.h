@@ -68,6 +68,7 @@ struct ClassifyRequest {
   std::vector<ClassifyPolicy> policies;
   ReasoningEffort effort = ReasoningEffort::kMedium;
   int max_tokens = 0;             // 0: the budget for `effort` plus room for the answer
+  int reasoning_budget = 0;       // reasoning tokens before the analysis is closed; 0: the effort's budget
   bool return_reasoning = true;
   ClassifyMode mode = ClassifyMode::kReason;  // kScore ignores max_tokens and return_reasoning
   ScorePrefix score_prefix = ScorePrefix::kEmptyAnalysis;
@@ -79,6 +80,9 @@ struct ClassifyRequest {
   // decoded under a mask that admits only well-formed answers of its format, so a generation that
   // finishes normally always has a verdict. false: the model answers freely.
   bool constrain = true;
+  // Work that was admitted before (a cascade's next stage): not refused for a full queue
+  // (RequestSpec::continuation).
+  bool continuation = false;
 };
 
 // Token counts of one policy's sequence (or their sums over a request).
@@ -114,6 +118,10 @@ struct PolicyResult {
   ClassifyUsage usage;
   bool violation() const;            // verdict says violation (1, or a violating label)
 };
+
+// How bad a finish is, for a request's overall finish (the worst of its policies'):
+// error > deadline > cancelled > length > stop.
+int finish_severity(FinishReason reason);
 
 // The answer to one ClassifyRequest.
 struct ClassifyResult {
@@ -239,9 +247,9 @@ class Classifier {
   // prefix only on kComplete.
   EncodeEnd bounded_prefix(const std::string& policy_text, ReasoningEffort effort, const EncodeBounds& bounds,
                            std::vector<int32_t>& out) const;
-  // Tokens a sequence may generate: `max_tokens` when positive, else the effort's reasoning budget +
-  // the closing tokens + the answer tokens.
-  int generation_tokens(ReasoningEffort effort, int max_tokens = 0) const;
+  // Tokens a sequence may generate: `max_tokens` when positive, else the reasoning budget (the
+  // effort's unless `reasoning_budget` is positive) + the closing tokens + the answer tokens.
+  int generation_tokens(ReasoningEffort effort, int max_tokens = 0, int reasoning_budget = 0) const;
   // Tokens of the prompt after the content: <|end|><|start|>assistant.
   int suffix_tokens() const { return static_cast<int>(prompt_suffix_.size()); }
   // Whether `policy_text` fits the context at `effort` (PolicyFit). Tokenizes the policy only as

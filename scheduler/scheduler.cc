@@ -678,7 +678,7 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
       return fail(SubmitStatus::kTooLong, which + "prompt of " + std::to_string(spec.prompt.size()) +
                                               " tokens leaves no room in a context of " + std::to_string(st.max_context));
   }
-  if (st.queued >= st.options.max_queued_requests)
+  if (!request.continuation && st.queued >= st.options.max_queued_requests)
     return fail(SubmitStatus::kQueueFull, "the queue holds " + std::to_string(st.options.max_queued_requests) + " requests");
 
   auto state = std::make_shared<RequestState>();

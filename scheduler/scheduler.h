@@ -102,6 +102,9 @@ struct RequestSpec {
   std::string id;                      // unique among live requests
   std::vector<SequenceSpec> sequences;
   std::optional<std::chrono::steady_clock::time_point> deadline;
+  // The continuation of work admitted before (a cascade's next stage): never refused with kQueueFull,
+  // so an admitted request cannot fail half-way for a queue that filled up after it.
+  bool continuation = false;
   // Optional streaming: called after each step with each new token of sequence `index`.
   std::function<void(int index, const GeneratedToken& token)> on_token;
   // Optional: called once per sequence as soon as sequence `index` finishes (for any reason), with
