@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ctest browser_eval_report: writes an `arbiter eval` report (a tiny random model, the spam golden
-# set, score mode) and checks report.html in headless Chromium against report.json
+# set, --effort auto: every cascade stage, the sweep) and checks report.html in headless Chromium against report.json
 # (tests/browser/eval_report.cjs). Exits 77 (skipped) when node, Chromium or puppeteer-core is missing.
 #   usage: eval_report_test.sh ARBITER_BINARY NODE NODE_MODULES_DIR SPAM_DIR TOKENIZER_DIR
 set -euo pipefail
@@ -13,5 +13,5 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$bin" make-model --preset tiny --seed 7 --out "$work/model" --tokenizer-dir "$tokenizer" 2>/dev/null
 "$bin" eval --model "$work/model" --device cpu --dataset "$spam/golden.jsonl" --policy "$spam/policy.txt" \
-  --mode score --effort low --max-context 2048 --reasoning-budget 4,4,8 --answer-tokens 8 --bootstrap 200 --out "$work/report" >/dev/null
+  --effort auto --max-context 2048 --reasoning-budget 4,4,8 --answer-tokens 8 --bootstrap 200 --out "$work/report" >/dev/null
 NODE_PATH="$modules" "$node" "$here/eval_report.cjs" "$work/report"
