@@ -57,7 +57,8 @@ const char* const kEvalUsage =
     "                           -> high)\n"
     "  --concurrency N          items in flight at once (16)\n"
     "  --resume                 keep the items already in DIR/items.jsonl and run only the rest\n"
-    "  --compare DIR2           diff this run's verdicts with another run's (DIR2/items.jsonl): DIR/compare.json\n"
+    "  --compare DIR2           diff this run's verdicts with another run's (DIR2/items.jsonl), per policy id (one\n"
+    "                           policy on each side: those two): DIR/compare.json\n"
     "  --target-agreement X     the sweep's target agreement with high effort (0.95)\n"
     "  --seed N                 bootstrap seed (1); --bootstrap N resamples per interval (1000; 0: none)\n"
     "  engine: --device cpu|cuda[:N]|auto (auto) --tokenizer DIR (the model's) --kv-blocks N (0: enough for two\n"
@@ -471,7 +472,15 @@ int cmd_eval(const CliArgs& args) {
   print_summary(report, out_dir);
 
   if (!compare_dir.empty()) {
-    const auto there = read_items((std::filesystem::path(compare_dir) / "items.jsonl").string(), true);
+    auto there = read_items((std::filesystem::path(compare_dir) / "items.jsonl").string(), true);
+    // One policy on each side under different ids (two files, e.g. spam.txt and spam-v2.txt): the
+    // same policy in two versions, compared as one.
+    std::set<std::string> there_ids;
+    for (const auto& item : there)
+      for (const auto& p : item.policies) there_ids.insert(p.policy);
+    if (job.infos.size() == 1 && there_ids.size() == 1 && *there_ids.begin() != job.infos[0].id)
+      for (auto& item : there)
+        for (auto& p : item.policies) p.policy = job.infos[0].id;
     const json diff = compare_runs(run.records, there, job.infos);
     write_file((dir / "compare.json").string(), diff.dump(2, ' ', false, json::error_handler_t::replace) + "\n");
     for (const auto& [id, p] : diff.at("policies").items()) {
