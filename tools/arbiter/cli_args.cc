@@ -16,11 +16,13 @@ CliArgs::CliArgs(int argc, char** argv, const std::set<std::string>& boolean_fla
     a = a.substr(2);
     if (const auto eq = a.find('='); eq != std::string::npos) {
       values_[a.substr(0, eq)] = a.substr(eq + 1);
+      repeated_[a.substr(0, eq)].push_back(a.substr(eq + 1));
     } else if (boolean_flags.count(a)) {
       values_[a] = "1";
     } else {
       if (i + 1 >= argc) throw std::invalid_argument("option --" + a + " needs a value");
       values_[a] = argv[++i];
+      repeated_[a].push_back(values_[a]);
     }
   }
   const auto config = values_.find("config");
@@ -49,6 +51,13 @@ std::string CliArgs::get(const std::string& name, const std::string& fallback) c
   used_.insert(name);
   auto it = values_.find(name);
   return it == values_.end() ? fallback : it->second;
+}
+
+std::vector<std::string> CliArgs::get_all(const std::string& name) const {
+  used_.insert(name);
+  if (const auto it = repeated_.find(name); it != repeated_.end()) return it->second;
+  const auto it = values_.find(name);
+  return it == values_.end() ? std::vector<std::string>{} : std::vector<std::string>{it->second};
 }
 
 std::string CliArgs::require(const std::string& name) const {

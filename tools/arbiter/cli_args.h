@@ -23,6 +23,9 @@ class CliArgs {
   std::string require(const std::string& name) const;
   long long get_int(const std::string& name, long long fallback) const;
   bool flag(const std::string& name) const;
+  // Every value of an option that may be given more than once (`--policy A --policy B`), in order:
+  // each command-line occurrence, else the config file's value; empty when absent. get() sees the last.
+  std::vector<std::string> get_all(const std::string& name) const;
   // The value given for `name`, or nullptr; does not count as using the option.
   const std::string* peek(const std::string& name) const;
   // Sets (or replaces) an option, as if it had been given on the command line.
@@ -33,6 +36,7 @@ class CliArgs {
  private:
   std::vector<std::string> words_;
   std::map<std::string, std::string> values_;
+  std::map<std::string, std::vector<std::string>> repeated_;  // command-line values in order
   std::map<std::string, std::string> origin_;  // options that came from a config file: "FILE:LINE"
   mutable std::set<std::string> used_;
 };

@@ -33,6 +33,7 @@ const char* kUsage =
     "  classify    offline classification: one content or a JSONL file against one or more policies\n"
     "  bench       load generator: prefix caching on vs off, decisions/s, latency, step-loop overhead\n"
     "  export      labelled dataset (JSONL) from the decision log: human feedback, else the model's verdict\n"
+    "  eval        evaluate policies on a labelled dataset: precision/recall/F1, cost per stage, cascade sweep\n"
     "  triage      train the fastText triage classifier of a policy from a labelled dataset; its benchmark\n"
     "  make-model  write a random checkpoint in the Hugging Face layout (presets tiny, 20b-shape, 120b-shape)\n"
     "  logits      logits of a token sequence as a float32 .npy\n"
@@ -219,6 +220,7 @@ int main(int argc, char** argv) {
       {"bench", {"quick"}, kBenchUsage, cmd_bench},
       {"export", {"model-labels"}, kExportUsage, cmd_export},
       {"triage", {}, kTriageUsage, cmd_triage},
+      {"eval", {"no-prefix-cache", "resume"}, kEvalUsage, cmd_eval},
   };
   // Commands whose first argument is an action word (`arbiter triage train ...`).
   const std::set<std::string> with_action = {"triage"};
