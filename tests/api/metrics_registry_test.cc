@@ -177,10 +177,61 @@ TEST(ApiPolicyRegistry, RowsTheApiCouldNotServeRefuseStartWithTheRowNamed) {
   // A deleted version may keep an empty text; the good rows load.
   const std::string db = tmp.file("ok.db");
   { PolicyRegistry fresh(db); fresh.put({"good", "fine", {"A"}, {"A"}, ""}); }
-  run_sql(db, "INSERT INTO policies VALUES ('old', 1, '', '[]', '[]', '', 0, 1)");
+  run_sql(db, "INSERT INTO policies (id, version, text, labels, violating_labels, description, created, deleted) "
+              "VALUES ('old', 1, '', '[]', '[]', '', 0, 1)");
   PolicyRegistry loaded(db);
   EXPECT_EQ(loaded.list().size(), 1u);
   EXPECT_EQ(loaded.put({"old", "new text", {}, {}, ""}).version, 2);
+}
+
+// Rules and cascades are stored with their version and survive a restart; a file written before
+// policies had them gains the column and loads as it was; a row whose pipeline is not the JSON the
+// API writes refuses start-up with the row named.
+TEST(ApiPolicyRegistry, RulesAndCascadesArePersistedAndOldFilesUpgraded) {
+  testing::TempDir tmp;
+  const std::string db = tmp.file("p.db");
+  PolicyDraft draft{"spam", "text", {}, {}, ""};
+  draft.rules = {{"deny", {{{"id", "R1"}, {"pattern", "crypto"}}}}};
+  draft.cascade = {{"stages", {"rules", "score", "high"}}};
+  { PolicyRegistry r(db); EXPECT_EQ(r.put(draft).version, 1); }
+  {
+    PolicyRegistry again(db);
+    const auto got = again.get({"spam", std::nullopt});
+    ASSERT_TRUE(got.has_value());
+    EXPECT_EQ(got->draft.rules, draft.rules);
+    EXPECT_EQ(got->draft.cascade, draft.cascade);
+    bool created = true;
+    again.put(draft, &created);
+    EXPECT_FALSE(created);  // the same draft, rules and cascade included: no new version
+    PolicyDraft changed = draft;
+    changed.cascade = {{"stages", {"score", "high"}}};
+    EXPECT_EQ(again.put(changed).version, 2);
+  }
+  const std::string old = tmp.file("old.db");
+  run_sql(old,
+          "CREATE TABLE policies (id TEXT NOT NULL, version INTEGER NOT NULL, text TEXT NOT NULL, labels TEXT NOT NULL,"
+          " violating_labels TEXT NOT NULL, description TEXT NOT NULL, created INTEGER NOT NULL,"
+          " deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (id, version));"
+          "INSERT INTO policies VALUES ('legacy', 3, 'old text', '[]', '[]', '', 0, 0)");
+  EXPECT_EQ(start_error(old, true), "");  // read-only: served as it is, without the column
+  {
+    PolicyRegistry upgraded(old);
+    const auto got = upgraded.get({"legacy", std::nullopt});
+    ASSERT_TRUE(got.has_value());
+    EXPECT_EQ(got->version, 3);
+    EXPECT_TRUE(got->draft.rules.is_null());
+    EXPECT_EQ(upgraded.put(draft).version, 1);
+  }
+  EXPECT_TRUE(PolicyRegistry(old).get({"spam", std::nullopt})->draft.rules.is_object());
+  for (const char* pipeline : {"not json", "[]", "{\"rules\": 3}", "{\"cascade\": \"x\"}"}) {
+    const std::string bad = tmp.file(std::string("bad-") + std::to_string(std::hash<std::string>{}(pipeline)) + ".db");
+    { PolicyRegistry fresh(bad); }
+    run_sql(bad, std::string("INSERT INTO policies (id, version, text, labels, violating_labels, description, created, pipeline) "
+                             "VALUES ('odd', 1, 'x', '[]', '[]', '', 0, '") + pipeline + "')");
+    const std::string why = start_error(bad);
+    EXPECT_NE(why.find("id 'odd'"), std::string::npos) << why;
+    EXPECT_NE(why.find("'pipeline'"), std::string::npos) << why;
+  }
 }
 
 TEST(ApiPolicyRegistry, UnwritableDatabaseRefusesStartUnlessReadOnly) {

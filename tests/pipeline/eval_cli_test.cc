@@ -242,6 +242,47 @@ TEST_F(CliEval, CascadeRunsEveryStageAndSweeps) {
   EXPECT_EQ(item.at("policies").at("policy").at("stages").size(), 3u);
 }
 
+// A policy file with rules and a triage model: the rules decide the items they match, triage (trained
+// here on the golden set) runs on every item the rules leave, and both show in the per-stage cost.
+TEST_F(CliEval, RulesAndTriageStagesRunFromThePolicyFile) {
+  TempDir out;
+  const std::string data = subset(out, "twelve.jsonl", 12);
+  std::ifstream text_in(spam_policy());
+  const std::string text((std::istreambuf_iterator<char>(text_in)), std::istreambuf_iterator<char>());
+  std::filesystem::create_directories(out.file("triage"));
+  RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " triage train --dataset " + quote(spam_dir() + "/golden.jsonl") +
+                                     " --policy spam --out " + quote(out.file("triage/spam.bin")) + " --epochs 5 --dim 8 --buckets 1000");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const json policy = {{"text", text},
+                       {"rules", {{"allow", {{{"id", "A-attached"}, {"pattern", "(?i)\\battached\\b"}}}}}},
+                       {"cascade", {{"stages", {"rules", "triage", "score", "high"}}, {"triage_model", "spam.bin"}}}};
+  std::ofstream(out.file("spam.json")) << policy.dump();
+  r = eval("--dataset " + quote(data) + " --policy " + quote(out.file("spam.json")) + " --effort auto --triage-dir " +
+           quote(out.file("triage")) + " --out " + quote(out.file("auto")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  int attached = 0;
+  for (size_t i = 0; i < 12; ++i)
+    if (json::parse(golden_[i]).at("content").get<std::string>().find("attached") != std::string::npos) ++attached;
+  ASSERT_GT(attached, 0);
+  const json report = read_json(out.file("auto/report.json"));
+  const json& stages = report.at("cost").at("stages");
+  EXPECT_EQ(stages.at("rules").at("runs"), 12);
+  EXPECT_EQ(stages.at("rules").at("decided"), attached);
+  EXPECT_EQ(stages.at("triage").at("runs"), 12);  // every stage runs for the sweep; routing picks the verdict
+  for (const auto& line : read_lines(out.file("auto/items.jsonl"))) {
+    const json item = json::parse(line);
+    const json& p = item.at("policies").at("spam");
+    if (p.at("decided_by") == "rules") {
+      EXPECT_EQ(p.at("verdict"), 0) << line;
+    }
+  }
+  // A rules stage without rules is refused before any model loads.
+  std::ofstream(out.file("bare.json")) << json{{"text", text}, {"cascade", {{"stages", {"rules", "high"}}}}}.dump();
+  r = eval("--dataset " + quote(data) + " --policy " + quote(out.file("bare.json")) + " --effort auto --out " + quote(out.file("x")));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("no \"rules\""), std::string::npos) << r.output;
+}
+
 TEST_F(CliEval, UsageErrors) {
   TempDir out;
   const std::string data = subset(out, "one.jsonl", 1);

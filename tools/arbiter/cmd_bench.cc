@@ -23,6 +23,7 @@
 
 #include "runtime/config.h"
 #include "runtime/make_model.h"
+#include "pipeline/cascade.h"
 #include "scheduler/classify.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
@@ -43,6 +44,11 @@ struct Workload {
   int answer_tokens = 4;      // generated after the forced close
   uint64_t seed = 7;
   ClassifyMode mode = ClassifyMode::kReason;
+  // The policies' prefixes are computed inside the timed window (and counted in its prefill tokens).
+  // false: before it, as in service, where policies are registered ahead of their traffic.
+  bool time_warmup = true;
+  // Set: every request goes through the cascade score -> low, score deciding at this confidence.
+  std::optional<double> cascade_threshold;
 };
 
 // Measurements of one run of the workload.
@@ -50,6 +56,8 @@ struct RunReport {
   bool prefix_caching = false;
   ClassifyMode mode = ClassifyMode::kReason;
   std::string label;  // the table's first column (default: the mode)
+  std::vector<double> confidences;  // per request, its (first) policy's confidence (score mode)
+  int escalated = 0;                // cascade: requests the score stage passed on to reasoning
   double seconds = 0;
   double decisions_per_second = 0;
   double latency_p50 = 0, latency_p99 = 0;
@@ -120,24 +128,52 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
   RunReport report;
   report.prefix_caching = prefix_caching;
   report.mode = w.mode;
-  const auto start = Clock::now();
   // Policies are registered ahead of traffic: their prefixes are computed once (a no-op when
-  // prefix caching is off). The warm-up counts in the time and the prefill tokens.
+  // prefix caching is off); inside the timed window unless w.time_warmup is false.
   // (The scheduler does not hold back sequences whose prefix another one is computing, so requests
   // submitted before their policy is cached would each compute it.)
-  for (const auto& p : policies) serving.scheduler().warm(serving.classifier().policy_prefix(p.text, ReasoningEffort::kLow));
-  serving.loop().run_until_idle();
-  for (const auto& r : requests) {
+  auto warm = [&] {
+    for (const auto& p : policies) serving.scheduler().warm(serving.classifier().policy_prefix(p.text, ReasoningEffort::kLow));
+    serving.loop().run_until_idle();
+  };
+  SchedulerStats before;
+  StepLoopStats loop_before;
+  if (!w.time_warmup) {
+    warm();
+    before = serving.scheduler().stats();
+    loop_before = serving.loop().stats();
+  }
+  const auto start = Clock::now();
+  if (w.time_warmup) warm();
+  ClassifierStages stages(serving.classifier());
+  Cascade cascade(stages);
+  CascadeConfig cascade_config;
+  cascade_config.stages = {Stage::kScore, Stage::kLow};
+  cascade_config.score_threshold = w.cascade_threshold.value_or(0);
+  auto confidences = std::make_shared<std::vector<double>>(requests.size(), -1.0);
+  auto escalated = std::make_shared<int>(0);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const auto& r = requests[i];
     const auto submitted = Clock::now();
     std::string why;
-    const SubmitStatus status = serving.classifier().submit(
-        r,
-        [completions, submitted](ClassifyResult result) {
-          completions->latencies.push_back(std::chrono::duration<double>(Clock::now() - submitted).count());
-          completions->prompt_tokens += static_cast<uint64_t>(result.usage.prompt_tokens);
-          if (result.finish == FinishReason::kError) ++completions->errors;
-        },
-        &why);
+    auto record = [completions, submitted, confidences, i](const ClassifyResult& result) {
+      completions->latencies.push_back(std::chrono::duration<double>(Clock::now() - submitted).count());
+      completions->prompt_tokens += static_cast<uint64_t>(result.usage.prompt_tokens);
+      if (result.finish == FinishReason::kError) ++completions->errors;
+      if (!result.results.empty() && result.results[0].confidence) (*confidences)[i] = *result.results[0].confidence;
+    };
+    SubmitStatus status;
+    if (w.cascade_threshold) {
+      CascadeRequest c;
+      c.base = r;
+      for (const auto& p : r.policies) c.policies.push_back({p, cascade_config, {}, {}});
+      status = cascade.submit(std::move(c), [record, escalated](CascadeResult result) {
+        record(result.result);
+        if (result.policies.size() > 0 && result.policies[0].stages.size() > 1) ++*escalated;
+      }, &why);
+    } else {
+      status = serving.classifier().submit(r, [record](ClassifyResult result) { record(result); }, &why);
+    }
     if (status != SubmitStatus::kAccepted)
       throw std::runtime_error("bench request not accepted (" + std::string(to_string(status)) + "): " + why);
   }
@@ -147,19 +183,21 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
   if (static_cast<int>(latencies.size()) != w.requests) throw std::runtime_error("not every bench request finished");
   report.prompt_tokens = completions->prompt_tokens;
   report.errors = completions->errors;
+  report.confidences = *confidences;
+  report.escalated = *escalated;
   report.decisions_per_second = w.requests / report.seconds;
   report.latency_p50 = percentile(latencies, 0.50);
   report.latency_p99 = percentile(latencies, 0.99);
   const SchedulerStats s = serving.scheduler().stats();
-  report.prefill_tokens = s.prefill_tokens;
-  report.cached_tokens = s.cached_tokens;
-  report.decode_tokens = s.decode_tokens;
+  report.prefill_tokens = s.prefill_tokens - before.prefill_tokens;
+  report.cached_tokens = s.cached_tokens - before.cached_tokens;
+  report.decode_tokens = s.decode_tokens - before.decode_tokens;
   const StepLoopStats l = serving.loop().stats();
-  report.steps = l.steps;
-  report.step_seconds = l.step_seconds;
-  report.scheduler_seconds = l.scheduler_seconds;
-  report.exchange_seconds = l.exchange_seconds;
-  report.forward_seconds = l.forward_seconds;
+  report.steps = l.steps - loop_before.steps;
+  report.step_seconds = l.step_seconds - loop_before.step_seconds;
+  report.scheduler_seconds = l.scheduler_seconds - loop_before.scheduler_seconds;
+  report.exchange_seconds = l.exchange_seconds - loop_before.exchange_seconds;
+  report.forward_seconds = l.forward_seconds - loop_before.forward_seconds;
   serving.loop().stop(true);
   return report;
 }
@@ -257,6 +295,7 @@ ModelConfig bench_config(const std::string& preset) {
 int report_score_comparison(const ServingOptions& options, Workload w, const ModelConfig& config, const std::string& name,
                             const std::string& json_path) {
   w.mode = ClassifyMode::kReason;
+  w.time_warmup = false;  // per-decision cost in service: the policies are cached before their traffic
   std::cerr << "bench: " << w.requests << " requests over " << w.policies << " policies, reasoning (budget "
             << w.reasoning_tokens << ")\n";
   const RunReport reason = run_workload(options, true, w);
@@ -301,6 +340,71 @@ int report_score_comparison(const ServingOptions& options, Workload w, const Mod
   return 0;
 }
 
+// --mode cascade: the workload answered by reasoning at low effort, then by verdict-only scoring
+// (whose confidences set the thresholds), then through the cascade score -> low at the thresholds
+// that pass 50%, 20% and 5% of the requests on to reasoning; decisions/s of each over reasoning.
+int report_cascade_comparison(const ServingOptions& options, Workload w, const ModelConfig& config, const std::string& name,
+                              const std::string& json_path) {
+  w.time_warmup = false;
+  w.mode = ClassifyMode::kReason;
+  std::cerr << "bench: " << w.requests << " requests over " << w.policies << " policies, reasoning (budget " << w.reasoning_tokens
+            << ")\n";
+  RunReport reason = run_workload(options, true, w);
+  reason.label = "reason (low)";
+  w.mode = ClassifyMode::kScore;
+  std::cerr << "bench: the same, verdict-only scoring\n";
+  RunReport score = run_workload(options, true, w);
+  score.label = "score";
+  std::vector<double> sorted = score.confidences;
+  std::sort(sorted.begin(), sorted.end());
+  std::vector<RunReport> cascades;
+  nlohmann::json levels = nlohmann::json::array();
+  w.mode = ClassifyMode::kReason;
+  for (const double target : {0.5, 0.2, 0.05}) {
+    // Score decides at confidence >= t: t is the confidence below which `target` of the requests lie.
+    const size_t k = std::min(sorted.size() - 1, static_cast<size_t>(target * static_cast<double>(sorted.size())));
+    w.cascade_threshold = sorted.empty() ? 1.0 : sorted[k];
+    std::cerr << "bench: the cascade score -> low, threshold " << fixed(*w.cascade_threshold, 4) << " (target escalation "
+              << fixed(100 * target, 0) << "%)\n";
+    RunReport c = run_workload(options, true, w);
+    c.label = "cascade, " + fixed(100.0 * c.escalated / w.requests, 0) + "% escalated";
+    levels.push_back({{"target_escalation", target},
+                      {"threshold", *w.cascade_threshold},
+                      {"escalated", c.escalated},
+                      {"run", to_json(c)},
+                      {"decisions_per_second_over_reason", reason.decisions_per_second > 0 ? c.decisions_per_second / reason.decisions_per_second : 0}});
+    cascades.push_back(std::move(c));
+  }
+  nlohmann::json j;
+  j["model"] = {{"name", name}, {"layers", config.num_hidden_layers}, {"hidden", config.hidden_size},
+                {"experts", config.num_local_experts}, {"vocab", config.vocab_size}, {"device", options.device}};
+  j["workload"] = {{"requests", w.requests},         {"policies", w.policies},
+                   {"policy_tokens", w.policy_tokens}, {"content_tokens", w.content_tokens},
+                   {"reasoning_tokens", w.reasoning_tokens}, {"answer_tokens", w.answer_tokens}};
+  j["reason"] = to_json(reason);
+  j["score"] = to_json(score);
+  j["cascade"] = levels;
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    if (!out) throw std::runtime_error("cannot write " + json_path);
+    out << j.dump(2) << "\n";
+  }
+  std::vector<const RunReport*> rows = {&reason, &score};
+  for (const auto& c : cascades) rows.push_back(&c);
+  std::cout << "model: " << name << " (" << config.num_hidden_layers << " layers, hidden " << config.hidden_size << ") on "
+            << options.device << "; " << w.requests << " requests over " << w.policies << " policies of ~" << w.policy_tokens
+            << " tokens, contents ~" << w.content_tokens << " tokens, reasoning at low effort capped at " << w.reasoning_tokens
+            << "\n\n"
+            << markdown(rows) << "\n";
+  for (const auto& l : levels)
+    std::cout << "cascade at " << l["escalated"].get<int>() << "/" << w.requests << " escalated: "
+              << fixed(l["decisions_per_second_over_reason"].get<double>(), 2) << "x the decisions/s of reasoning\n";
+  if (reason.errors || score.errors) throw std::runtime_error("some bench requests failed");
+  for (const auto& c : cascades)
+    if (c.errors) throw std::runtime_error("some bench requests failed");
+  return 0;
+}
+
 }  // namespace
 
 const char* const kBenchUsage =
@@ -319,6 +423,8 @@ const char* const kBenchUsage =
     "  --seed N                 workload seed (7)\n"
     "  --mode score             compare verdict-only scoring with reasoning (both with prefix caching on), and\n"
     "                           scoring with the lm_head restricted to the answers' rows with the whole lm_head\n"
+    "  --mode cascade           compare the cascade score -> low at 50%, 20% and 5% escalation with reasoning\n"
+    "                           (score and cascade runs time decisions only: the policies are cached before)\n"
     "  --json FILE              also write the results as JSON\n"
     "  --quick                  a smoke run for tests (8 requests, 2 short policies)\n"
     "  engine: --device cpu|cuda[:N]|auto (cpu) --tokenizer DIR (.cache/tokenizer) --max-context N (2048)\n"
@@ -348,7 +454,8 @@ int cmd_bench(const CliArgs& args) {
   w.seed = static_cast<uint64_t>(args.get_int("seed", static_cast<long long>(w.seed)));
   // --mode score: compare verdict-only scoring with reasoning (both with prefix caching on).
   const std::string mode = args.get("mode", "");
-  if (!mode.empty() && mode != "score") throw std::invalid_argument("--mode takes only 'score' (got '" + mode + "')");
+  if (!mode.empty() && mode != "score" && mode != "cascade")
+    throw std::invalid_argument("--mode takes 'score' or 'cascade' (got '" + mode + "')");
   const bool compare_score = mode == "score";
   const std::string json_path = args.get("json", "");
   const bool has_model = args.has("model");
@@ -390,6 +497,7 @@ int cmd_bench(const CliArgs& args) {
   std::cerr << "bench: warm-up pass (" << warmup.requests << " requests, not reported)\n";
   run_workload(options, true, warmup);
   if (compare_score) return report_score_comparison(options, w, config, has_model ? model_arg : "random-" + preset, json_path);
+  if (mode == "cascade") return report_cascade_comparison(options, w, config, has_model ? model_arg : "random-" + preset, json_path);
   std::cerr << "bench: " << w.requests << " requests over " << w.policies << " policies, prefix caching on\n";
   const RunReport on = run_workload(options, true, w);
   std::cerr << "bench: the same with prefix caching off\n";

@@ -407,8 +407,8 @@ int cmd_classify(const CliArgs& args) {
   job.return_reasoning = !args.flag("no-reasoning");
   // --mode reason (default) | score; --score-prefix empty_analysis (default) | direct.
   const std::string mode = args.get("mode", "reason");
-  if (mode == "score") job.mode = ClassifyMode::kScore;
   if (mode == "score" && job.cascade) throw std::invalid_argument("--mode score is a stage of --effort auto's cascade: name it in --cascade");
+  if (mode == "score") job.mode = ClassifyMode::kScore;
   else if (mode != "reason") throw std::invalid_argument("--mode must be reason or score (got '" + mode + "')");
   const std::string prefix = args.get("score-prefix", "empty_analysis");
   if (prefix == "direct") job.score_prefix = ScorePrefix::kDirect;

@@ -54,7 +54,8 @@ const char* const kEvalUsage =
     "  --mode score|reason      fixed-effort runs: score (verdict only) or reason (default)\n"
     "  --effort low|medium|high|auto  reasoning effort (medium); auto: every cascade stage runs, the verdict is\n"
     "                           the one the cascade's routing picks (each policy's \"cascade\", else score -> low\n"
-    "                           -> high)\n"
+    "                           -> high; a policy with \"rules\" and no cascade starts with its rules)\n"
+    "  --triage-dir DIR         where the cascades' \"triage_model\" files are\n"
     "  --concurrency N          items in flight at once (16)\n"
     "  --resume                 keep the items already in DIR/items.jsonl and run only the rest\n"
     "  --compare DIR2           diff this run's verdicts with another run's (DIR2/items.jsonl), per policy id (one\n"
@@ -337,6 +338,7 @@ int cmd_eval(const CliArgs& args) {
   const long long concurrency = args.get_int("concurrency", 16);
   if (concurrency < 1) throw std::invalid_argument("--concurrency must be at least 1");
   const bool resume = args.flag("resume");
+  const std::string triage_dir = args.get("triage-dir", "");
   const std::string compare_dir = args.get("compare", "");
   EvalOptions options;
   options.seed = static_cast<uint64_t>(args.get_int("seed", 1));
@@ -349,18 +351,25 @@ int cmd_eval(const CliArgs& args) {
   args.check_all_used();
 
   // The policies' cascades (auto), before any model loads.
+  const TriageModels triage_models(triage_dir);
   for (const auto& f : job.files) {
     EvalPolicyInfo info{f.id, f.labels, f.violating_labels, f.cascade.value_or(CascadeConfig{})};
     if (job.automatic) {
       CascadePolicy c;
       c.policy = classify_policy(f);
       c.config = info.cascade;
-      // The rules and triage stages need the compiled rules and fastText models (pipeline/rules.h,
-      // pipeline/triage.h), not built into this command yet: say so rather than run without them.
-      for (Stage s : {Stage::kRules, Stage::kTriage})
-        if (c.config.has(s))
-          throw std::invalid_argument("policy " + f.id + ": `arbiter eval` does not run the cascade's " + to_string(s) +
-                                      " stage yet; give a cascade without it");
+      // A policy with rules and no cascade of its own starts with its rules (as in `arbiter serve`).
+      if (!f.cascade && !f.rules.is_null()) c.config.stages.insert(c.config.stages.begin(), Stage::kRules);
+      info.cascade = c.config;
+      if (c.config.has(Stage::kRules)) {
+        if (f.rules.is_null()) throw std::invalid_argument("policy " + f.id + ": the cascade has a rules stage but the policy has no \"rules\"");
+        const auto rules = PolicyRules::compile(f.rules, f.labels, f.violating_labels);
+        c.rules = [rules](std::string_view content) { return rules->match(content); };
+      }
+      if (c.config.has(Stage::kTriage)) {
+        const auto model = triage_models.get(c.config.triage_model);
+        c.triage = [model](std::string_view content) { return model->predict(content); };
+      }
       job.cascade.push_back(std::move(c));
     }
     job.infos.push_back(std::move(info));
