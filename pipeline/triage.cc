@@ -138,6 +138,20 @@ std::string triage_text(std::string_view content) {
   return out;
 }
 
+namespace {
+
+// fastText's word hash: 32-bit FNV-1a over the bytes, each byte sign-extended first.
+uint32_t word_hash(std::string_view word) {
+  uint32_t h = 2166136261u;
+  for (const char c : word) {
+    h ^= static_cast<uint32_t>(static_cast<int8_t>(c));
+    h *= 16777619u;
+  }
+  return h;
+}
+
+}  // namespace
+
 struct TriageModel::Impl {
   CheckedFastText fasttext;
   std::shared_ptr<const fasttext::Dictionary> dictionary;
@@ -148,6 +162,88 @@ struct TriageModel::Impl {
   // model state. Other models (quantized, other losses) go through FastText::predict.
   std::shared_ptr<const fasttext::DenseMatrix> input, output;  // null: not the dense softmax case
   int64_t dim = 0;
+  // The dense softmax case also reads a content's word and word-n-gram ids here rather than through
+  // Dictionary::getLine: fastText's word table has 30M slots (a cache and TLB miss per word), this
+  // one a few per word of the vocabulary, so it stays in cache. Same ids: fastText's documented
+  // FNV-1a word hash (checked against Dictionary::hash for every word at load), its n-gram mixing
+  // and bucket modulus. Empty: getLine is used.
+  struct Slot {
+    uint32_t hash = 0;
+    int32_t id = -1;
+  };
+  std::vector<Slot> slots;           // open addressing, a power of two in size
+  std::vector<std::string> words;    // by id
+  int32_t eos = -1;                  // the id of fastText's end-of-line token
+  int32_t word_ngrams = 1;
+  int64_t buckets = 0;
+
+  // Builds the word table from the dictionary; leaves it empty where the model is not one whose ids
+  // it reads exactly (subwords, a pruned dictionary, a hash that disagrees with the library's).
+  void build_word_table(const fasttext::Args& args) {
+    const fasttext::Dictionary& d = *dictionary;
+    // isPruned only reads, but is not declared const.
+    if (args.maxn > 0 || const_cast<fasttext::Dictionary&>(d).isPruned() || args.wordNgrams < 1) return;
+    const int32_t n = d.nwords();
+    size_t size = 16;
+    while (size < 2 * static_cast<size_t>(n) + 1) size *= 2;
+    std::vector<Slot> table(size);
+    std::vector<std::string> by_id(static_cast<size_t>(n));
+    for (int32_t id = 0; id < n; ++id) {
+      std::string w = d.getWord(id);
+      const uint32_t h = word_hash(w);
+      if (h != d.hash(w)) return;
+      size_t i = h & (size - 1);
+      while (table[i].id >= 0) i = (i + 1) & (size - 1);
+      table[i] = {h, id};
+      by_id[static_cast<size_t>(id)] = std::move(w);
+    }
+    eos = d.getId(fasttext::Dictionary::EOS);
+    if (eos < 0) return;
+    slots = std::move(table);
+    words = std::move(by_id);
+    word_ngrams = args.wordNgrams;
+    buckets = args.bucket;
+  }
+
+  // The ids Dictionary::getLine gives for one line of `text` (triage_text's output): each known
+  // word's id, then the end-of-line token's, then the word n-grams' bucket rows (nwords + hash %
+  // buckets) over the hashes of every word, known or not, and of the end of line.
+  void line_ids(std::string_view text, std::vector<int32_t>& ids) const {
+    thread_local std::vector<int32_t> hashes;
+    ids.clear();
+    hashes.clear();
+    const size_t mask = slots.size() - 1;
+    auto add = [&](std::string_view w) {
+      const uint32_t h = word_hash(w);
+      for (size_t i = h & mask; slots[i].id >= 0; i = (i + 1) & mask)
+        if (slots[i].hash == h && words[static_cast<size_t>(slots[i].id)] == w) {
+          ids.push_back(slots[i].id);
+          break;
+        }
+      hashes.push_back(static_cast<int32_t>(h));
+    };
+    size_t start = std::string_view::npos;
+    for (size_t i = 0; i <= text.size(); ++i) {
+      const bool space = i == text.size() || text[i] == ' ' || text[i] == '\t' || text[i] == '\v' || text[i] == '\f' ||
+                         text[i] == '\r' || text[i] == '\n' || text[i] == '\0';
+      if (!space && start == std::string_view::npos) start = i;
+      if (space && start != std::string_view::npos) {
+        add(text.substr(start, i - start));
+        start = std::string_view::npos;
+      }
+    }
+    ids.push_back(eos);
+    hashes.push_back(static_cast<int32_t>(word_hash(fasttext::Dictionary::EOS)));
+    if (buckets <= 0) return;
+    const int32_t nwords = static_cast<int32_t>(words.size());
+    for (size_t i = 0; i < hashes.size(); ++i) {
+      uint64_t h = static_cast<uint64_t>(static_cast<int64_t>(hashes[i]));  // sign-extended, as fastText does
+      for (size_t j = i + 1; j < hashes.size() && j < i + static_cast<size_t>(word_ngrams); ++j) {
+        h = h * 116049371u + static_cast<uint64_t>(static_cast<int64_t>(hashes[j]));
+        ids.push_back(nwords + static_cast<int32_t>(h % static_cast<uint64_t>(buckets)));
+      }
+    }
+  }
 };
 
 namespace {
@@ -223,6 +319,7 @@ std::shared_ptr<const TriageModel> TriageModel::load(const std::string& path) {
     impl->output = impl->fasttext.getOutputMatrix();
     impl->dim = impl->input->cols();
     if (impl->output->rows() != impl->dictionary->nlabels() || impl->output->cols() != impl->dim) impl->input.reset();
+    if (impl->input) impl->build_word_table(model_args);
   }
   const std::string& prefix = model_args.label;
   for (int32_t i = 0; i < impl->dictionary->nlabels(); ++i) {
@@ -235,10 +332,14 @@ std::shared_ptr<const TriageModel> TriageModel::load(const std::string& path) {
 
 TriagePrediction TriageModel::predict(std::string_view content) const {
   std::string text = triage_text(content);
-  text.push_back('\n');  // the end of the line, as in training
-  std::istringstream in(std::move(text));
   thread_local std::vector<int32_t> words, labels;  // getLine clears them
-  impl_->dictionary->getLine(in, words, labels);
+  if (!impl_->slots.empty()) {
+    impl_->line_ids(text, words);
+  } else {
+    text.push_back('\n');  // the end of the line, as in training
+    std::istringstream in(std::move(text));
+    impl_->dictionary->getLine(in, words, labels);
+  }
   int32_t label = -1;
   double probability = 0;
   if (impl_->input) {
