@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "api/policy_registry.h"
 #include "tests/test_util.h"
 
 namespace arbiter {
@@ -281,6 +282,34 @@ TEST_F(CliEval, RulesAndTriageStagesRunFromThePolicyFile) {
   r = eval("--dataset " + quote(data) + " --policy " + quote(out.file("bare.json")) + " --effort auto --out " + quote(out.file("x")));
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("no \"rules\""), std::string::npos) << r.output;
+}
+
+// Policies from the registry database, by id and by id@version, with their registered cascade.
+TEST_F(CliEval, PoliciesFromTheRegistryByIdAndVersion) {
+  TempDir out;
+  const std::string db = out.file("policies.db");
+  {
+    api::PolicyRegistry registry(db);
+    api::PolicyDraft first{"spam", "Spam policy. Answer 1 if the content is spam, else 0.", {}, {}, ""};
+    registry.put(first);
+    api::PolicyDraft second = first;
+    second.text += " Promotions count as spam.";
+    second.cascade = {{"stages", {"score", "high"}}};
+    registry.put(second);
+  }
+  const std::string data = subset(out, "four.jsonl", 4);
+  RunResult r = eval("--dataset " + quote(data) + " --policy-db " + quote(db) + " --policy spam@1 --mode score --out " +
+                     quote(out.file("v1")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(read_json(out.file("v1/report.json")).at("policies").contains("spam"));
+  r = eval("--dataset " + quote(data) + " --policy-db " + quote(db) + " --policy spam --effort auto --out " + quote(out.file("auto")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const json report = read_json(out.file("auto/report.json"));
+  EXPECT_FALSE(report.at("cost").at("stages").contains("low")) << report.at("cost").dump();  // the registered cascade: score, high
+  EXPECT_EQ(report.at("cost").at("stages").at("high").at("runs"), 4);
+  r = eval("--dataset " + quote(data) + " --policy-db " + quote(db) + " --policy spam@9 --out " + quote(out.file("x")));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("spam@9"), std::string::npos) << r.output;
 }
 
 TEST_F(CliEval, UsageErrors) {

@@ -106,6 +106,8 @@ std::vector<PolicyFile> load_policies(const CliArgs& args) {
       p.text = stored->draft.text;
       p.labels = stored->draft.labels;
       p.violating_labels = stored->draft.violating_labels;
+      p.rules = stored->draft.rules;
+      if (!stored->draft.cascade.is_null()) p.cascade = parse_cascade(stored->draft.cascade);
     } else {
       throw std::invalid_argument("--policy " + ref + ": no such file (give --policy-db to look up a policy id)");
     }
