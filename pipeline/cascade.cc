@@ -205,6 +205,19 @@ nlohmann::json to_json(const CascadeResult& result) {
   return j;
 }
 
+StageOutcome stage_outcome(Stage stage, const PolicyResult& result, double seconds) {
+  StageOutcome o;
+  o.stage = stage;
+  o.verdict = result.verdict;
+  o.violation = result.violation();
+  o.confidence = result.confidence;
+  o.usage = result.usage;
+  o.seconds = seconds;
+  o.finish = result.finish;
+  o.error = result.error;
+  return o;
+}
+
 Route route(const CascadeConfig& config, const StageOutcome& outcome, bool last) {
   if (!outcome.has_verdict()) return Route::kNext;
   if (outcome.stage == Stage::kRules) return Route::kDecide;
@@ -480,15 +493,7 @@ void Cascade::stage_done(const std::shared_ptr<Run>& run, Stage stage, const std
         pr.finish = FinishReason::kError;
         pr.error = "no result for this policy";
       }
-      StageOutcome o;
-      o.stage = stage;
-      o.verdict = pr.verdict;
-      o.violation = pr.violation();
-      o.confidence = pr.confidence;
-      o.usage = pr.usage;
-      o.seconds = seconds;
-      o.finish = pr.finish;
-      o.error = pr.error;
+      const StageOutcome o = stage_outcome(stage, pr, seconds);
       auto& pos = run->position[i];
       const bool last = pos + 1 >= cp.config.stages.size();
       const Route r = route(cp.config, o, last);

@@ -83,6 +83,8 @@ struct StageOutcome {
   bool has_verdict() const { return !verdict.is_null(); }
 };
 nlohmann::json to_json(const StageOutcome& outcome);
+// A model stage's outcome from the Classifier's result for the policy, `seconds` after it started.
+StageOutcome stage_outcome(Stage stage, const PolicyResult& result, double seconds);
 
 // What the cascade does after a stage.
 enum class Route {

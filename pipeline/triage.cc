@@ -2,6 +2,7 @@
 // fastText's format, loading with the file's reads checked, prediction through the model's
 // dictionary and FastText::predict (both const, so predictions need no lock).
 #include "pipeline/triage.h"
+#include "runtime/temp_folder.h"
 
 #include <fasttext/fasttext.h>
 #include <stdlib.h>
@@ -34,25 +35,6 @@ class CheckedFastText : public fasttext::FastText {
   bool check_header(std::istream& in) { return checkModel(in); }
 };
 
-// A fresh folder under the system's temporary folder, removed with everything in it.
-class TempFolder {
- public:
-  TempFolder() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "arbiter-triage-XXXXXX").string();
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("cannot create a temporary folder: " + std::string(std::strerror(errno)));
-    path_ = tmpl;
-  }
-  ~TempFolder() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  TempFolder(const TempFolder&) = delete;
-  TempFolder& operator=(const TempFolder&) = delete;
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
 
 // The answer as the model's label text: "0"/"1", or the label with whitespace, control characters
 // and '%' percent-encoded (fastText's words end at whitespace; "INVALID + ESCALATE" becomes
@@ -383,7 +365,7 @@ TriageTrainReport train_triage(const std::vector<std::pair<std::string, nlohmann
     throw std::invalid_argument("triage training needs examples of at least two different answers, got only \"" +
                                 report.per_answer.begin()->first + "\"");
 
-  const TempFolder tmp;
+  const TempFolder tmp("arbiter-triage");
   const std::string train_path = tmp.file("train.txt");
   {
     std::ofstream out(train_path, std::ios::binary);

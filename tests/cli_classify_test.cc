@@ -20,12 +20,6 @@ namespace {
 using testing::RunResult;
 using testing::TempDir;
 
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (const char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
 std::string tokenizer_dir() {
   const char* env = std::getenv("ARBITER_TOKENIZER_DIR");
   return env && *env ? env : ARBITER_TOKENIZER_DIR;
@@ -37,7 +31,7 @@ class CliClassify : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = std::make_unique<TempDir>();
     const RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " make-model --preset tiny --seed 3 --out " +
-                                             quote(model()) + " --tokenizer-dir " + quote(tokenizer_dir()));
+                                             testing::shell_quote(model()) + " --tokenizer-dir " + testing::shell_quote(tokenizer_dir()));
     ASSERT_EQ(r.status, 0) << r.output;
     std::ofstream(dir_->file("spam.txt")) << "# Spam\nAnswer 1 if the content is unsolicited promotion, else 0.\n";
     std::ofstream(dir_->file("hate.txt")) << "# Hate\nAnswer 1 if the content attacks a protected group, else 0.\n";
@@ -49,7 +43,7 @@ class CliClassify : public ::testing::Test {
 
   // Runs `arbiter classify` with the common options; stdout only unless merge_stderr.
   static RunResult classify(const std::string& args, bool merge_stderr = false) {
-    return testing::run_command(std::string(ARBITER_BINARY) + " classify --model " + quote(model()) +
+    return testing::run_command(std::string(ARBITER_BINARY) + " classify --model " + testing::shell_quote(model()) +
                                     " --device cpu --effort low --reasoning-budget 4 --max-tokens 12 --max-context 512 " +
                                     args,
                                 merge_stderr);
@@ -69,7 +63,7 @@ class CliClassify : public ::testing::Test {
 std::unique_ptr<TempDir> CliClassify::dir_;
 
 TEST_F(CliClassify, OneContent) {
-  const RunResult r = classify("--policy " + quote(policy("spam.txt")) + " --content 'Buy cheap watches now!'");
+  const RunResult r = classify("--policy " + testing::shell_quote(policy("spam.txt")) + " --content 'Buy cheap watches now!'");
   ASSERT_EQ(r.status, 0) << r.output;
   const auto j = nlohmann::json::parse(r.output);
   EXPECT_EQ(j.at("object"), "classification");
@@ -90,7 +84,7 @@ TEST_F(CliClassify, OneContent) {
 }
 
 TEST_F(CliClassify, SeveralPoliciesInOrder) {
-  const RunResult r = classify("--policy " + quote(policy("spam.txt") + "," + policy("hate.txt")) + " --content 'hello'");
+  const RunResult r = classify("--policy " + testing::shell_quote(policy("spam.txt") + "," + policy("hate.txt")) + " --content 'hello'");
   ASSERT_EQ(r.status, 0) << r.output;
   const auto j = nlohmann::json::parse(r.output);
   ASSERT_EQ(j.at("results").size(), 2u);
@@ -120,7 +114,7 @@ std::string write_input(const TempDir& dir) {
 TEST_F(CliClassify, InputFileKeepsOrderAndReportsBadLines) {
   TempDir io;
   const std::string in = write_input(io), out = io.file("out.jsonl");
-  const RunResult r = classify("--policy " + quote(policy("spam.txt")) + " --input " + quote(in) + " --output " + quote(out), true);
+  const RunResult r = classify("--policy " + testing::shell_quote(policy("spam.txt")) + " --input " + testing::shell_quote(in) + " --output " + testing::shell_quote(out), true);
   ASSERT_EQ(r.status, 0) << r.output;
   // stderr is not a terminal here: a summary, no progress bar.
   EXPECT_EQ(r.output.find('\r'), std::string::npos);
@@ -158,8 +152,8 @@ TEST_F(CliClassify, InputFileKeepsOrderAndReportsBadLines) {
 TEST_F(CliClassify, ScoreModeJsonl) {
   TempDir io;
   const std::string in = write_input(io), out = io.file("score.jsonl");
-  const RunResult r = classify("--mode score --policy " + quote(policy("spam.txt") + "," + policy("hate.txt")) + " --input " +
-                                   quote(in) + " --output " + quote(out),
+  const RunResult r = classify("--mode score --policy " + testing::shell_quote(policy("spam.txt") + "," + policy("hate.txt")) + " --input " +
+                                   testing::shell_quote(in) + " --output " + testing::shell_quote(out),
                                true);
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("9 lines, 5 classified"), std::string::npos) << r.output;
@@ -185,13 +179,13 @@ TEST_F(CliClassify, ScoreModeJsonl) {
   for (const char* answer : {"0", "1"})
     EXPECT_NEAR(rows[0]["results"][0]["scores"][answer].get<double>(), rows[8]["results"][0]["scores"][answer].get<double>(), 1e-5);
   EXPECT_EQ(rows[0]["results"][0]["verdict"], rows[8]["results"][0]["verdict"]);
-  RunResult bad = classify("--mode fast --policy " + quote(policy("spam.txt")) + " --content x", true);
+  RunResult bad = classify("--mode fast --policy " + testing::shell_quote(policy("spam.txt")) + " --content x", true);
   EXPECT_NE(bad.status, 0);
   EXPECT_NE(bad.output.find("--mode"), std::string::npos) << bad.output;
-  bad = classify("--mode score --score-prefix none --policy " + quote(policy("spam.txt")) + " --content x", true);
+  bad = classify("--mode score --score-prefix none --policy " + testing::shell_quote(policy("spam.txt")) + " --content x", true);
   EXPECT_NE(bad.status, 0);
   EXPECT_NE(bad.output.find("--score-prefix"), std::string::npos) << bad.output;
-  const RunResult direct = classify("--mode score --score-prefix direct --answer-format json --policy " + quote(policy("spam.txt")) +
+  const RunResult direct = classify("--mode score --score-prefix direct --answer-format json --policy " + testing::shell_quote(policy("spam.txt")) +
                                     " --content 'Buy now'");
   ASSERT_EQ(direct.status, 0) << direct.output;
   const auto j = nlohmann::json::parse(direct.output);
@@ -202,10 +196,10 @@ TEST_F(CliClassify, ScoreModeJsonl) {
 TEST_F(CliClassify, SameGenerationsWithoutThePrefixCache) {
   TempDir io;
   const std::string in = write_input(io), on = io.file("on.jsonl"), off = io.file("off.jsonl");
-  const std::string common = "--policy " + quote(policy("spam.txt") + "," + policy("hate.txt")) + " --input " + quote(in);
-  RunResult r = classify(common + " --output " + quote(on));
+  const std::string common = "--policy " + testing::shell_quote(policy("spam.txt") + "," + policy("hate.txt")) + " --input " + testing::shell_quote(in);
+  RunResult r = classify(common + " --output " + testing::shell_quote(on));
   ASSERT_EQ(r.status, 0) << r.output;
-  r = classify(common + " --no-prefix-cache --output " + quote(off));
+  r = classify(common + " --no-prefix-cache --output " + testing::shell_quote(off));
   ASSERT_EQ(r.status, 0) << r.output;
   const auto a = read_jsonl(on), b = read_jsonl(off);
   ASSERT_EQ(a.size(), b.size());
@@ -224,8 +218,8 @@ TEST_F(CliClassify, SameGenerationsWithoutThePrefixCache) {
 TEST_F(CliClassify, ThreadRanksServeTheSameFile) {
   TempDir io;
   const std::string in = write_input(io), out = io.file("out.jsonl");
-  const RunResult r = classify("--transport threads --ranks 2 --policy " + quote(policy("spam.txt")) + " --input " + quote(in) +
-                               " --output " + quote(out));
+  const RunResult r = classify("--transport threads --ranks 2 --policy " + testing::shell_quote(policy("spam.txt")) + " --input " + testing::shell_quote(in) +
+                               " --output " + testing::shell_quote(out));
   ASSERT_EQ(r.status, 0) << r.output;
   const auto rows = read_jsonl(out);
   ASSERT_EQ(rows.size(), 9u);
@@ -238,13 +232,13 @@ TEST_F(CliClassify, UnderMpirunTheWorkersServeRankZero) {
   if (mpiexec.empty()) GTEST_SKIP() << "no mpiexec found at configure time";
   TempDir io;
   const std::string in = write_input(io), one = io.file("one.jsonl"), two = io.file("two.jsonl");
-  const std::string common = "--policy " + quote(policy("spam.txt")) + " --input " + quote(in);
-  RunResult r = classify(common + " --output " + quote(one));
+  const std::string common = "--policy " + testing::shell_quote(policy("spam.txt")) + " --input " + testing::shell_quote(in);
+  RunResult r = classify(common + " --output " + testing::shell_quote(one));
   ASSERT_EQ(r.status, 0) << r.output;
   r = testing::run_command("OMPI_MCA_plm_rsh_agent= OMPI_MCA_btl_vader_single_copy_mechanism=none " + mpiexec +
                            " --oversubscribe --allow-run-as-root -np 2 " + ARBITER_BINARY + " classify --model " +
-                           quote(model()) + " --device cpu --effort low --reasoning-budget 4 --max-tokens 12 --max-context 512 " +
-                           common + " --output " + quote(two));
+                           testing::shell_quote(model()) + " --device cpu --effort low --reasoning-budget 4 --max-tokens 12 --max-context 512 " +
+                           common + " --output " + testing::shell_quote(two));
   ASSERT_EQ(r.status, 0) << r.output;
   const auto a = read_jsonl(one), b = read_jsonl(two);
   ASSERT_EQ(a.size(), 9u);
@@ -258,14 +252,14 @@ TEST_F(CliClassify, UnderMpirunTheWorkersServeRankZero) {
 }
 
 TEST_F(CliClassify, UsageErrors) {
-  RunResult r = classify("--policy " + quote(policy("spam.txt")), true);
+  RunResult r = classify("--policy " + testing::shell_quote(policy("spam.txt")), true);
   EXPECT_EQ(r.status, 2) << r.output;
   EXPECT_NE(r.output.find("--content"), std::string::npos) << r.output;
-  r = classify("--policy " + quote(policy("spam.txt")) + " --content x --labels A,B --violating C", true);
+  r = classify("--policy " + testing::shell_quote(policy("spam.txt")) + " --content x --labels A,B --violating C", true);
   EXPECT_EQ(r.status, 2) << r.output;
-  r = classify("--policy " + quote(policy("spam.txt")) + " --content x --effort extreme", true);
+  r = classify("--policy " + testing::shell_quote(policy("spam.txt")) + " --content x --effort extreme", true);
   EXPECT_EQ(r.status, 2) << r.output;
-  r = classify("--policy " + quote(policy("spam.txt")) + " --content x --bogus 1", true);
+  r = classify("--policy " + testing::shell_quote(policy("spam.txt")) + " --content x --bogus 1", true);
   EXPECT_EQ(r.status, 2) << r.output;
   r = classify("--policy /nonexistent/policy.txt --content x", true);
   EXPECT_EQ(r.status, 1) << r.output;
@@ -275,7 +269,7 @@ TEST(CliBench, QuickRunReportsBothModes) {
   TempDir io;
   const std::string json = io.file("bench.json");
   const RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " bench --quick --preset tiny --tokenizer " +
-                                           quote(tokenizer_dir()) + " --json " + quote(json));
+                                           testing::shell_quote(tokenizer_dir()) + " --json " + testing::shell_quote(json));
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("| prefix cache |"), std::string::npos) << r.output;
   std::ifstream in(json);
@@ -294,9 +288,9 @@ TEST(MainJob, DemoScriptClassifiesOfflineAndOverHttp) {
   TempDir dir;
   const int port = 20000 + static_cast<int>(::getpid() % 20000);
   const RunResult r = testing::run_command(
-      "ARBITER_DEMO_BIN=" + quote(ARBITER_BINARY) + " ARBITER_DEMO_MODEL=" + quote(dir.file("tiny")) +
-          " ARBITER_DEMO_PORT=" + std::to_string(port) + " ARBITER_TOKENIZER_DIR=" + quote(tokenizer_dir()) +
-          " bash " + quote(std::string(ARBITER_SOURCE_DIR) + "/scripts/demo.sh"),
+      "ARBITER_DEMO_BIN=" + testing::shell_quote(ARBITER_BINARY) + " ARBITER_DEMO_MODEL=" + testing::shell_quote(dir.file("tiny")) +
+          " ARBITER_DEMO_PORT=" + std::to_string(port) + " ARBITER_TOKENIZER_DIR=" + testing::shell_quote(tokenizer_dir()) +
+          " bash " + testing::shell_quote(std::string(ARBITER_SOURCE_DIR) + "/scripts/demo.sh"),
       true);
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("classify: 3 lines, 3 classified"), std::string::npos) << r.output;

@@ -72,6 +72,13 @@ struct RunResult {
 };
 
 // Runs a shell command, capturing stdout (and stderr when merge_stderr).
+// `s` as one word for the shell (single-quoted).
+inline std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (const char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
 inline RunResult run_command(const std::string& cmd, bool merge_stderr = true) {
   const std::string full = cmd + (merge_stderr ? " 2>&1" : "");
   std::FILE* pipe = ::popen(full.c_str(), "r");

@@ -22,12 +22,6 @@ using json = nlohmann::json;
 using testing::RunResult;
 using testing::TempDir;
 
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (const char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
 std::string tokenizer_dir() {
   const char* env = std::getenv("ARBITER_TOKENIZER_DIR");
   return env && *env ? env : ARBITER_TOKENIZER_DIR;
@@ -59,7 +53,7 @@ class CliEval : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = std::make_unique<TempDir>();
     const RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " make-model --preset tiny --seed 5 --out " +
-                                             quote(dir_->file("model")) + " --tokenizer-dir " + quote(tokenizer_dir()));
+                                             testing::shell_quote(dir_->file("model")) + " --tokenizer-dir " + testing::shell_quote(tokenizer_dir()));
     ASSERT_EQ(r.status, 0) << r.output;
     golden_ = read_lines(spam_dir() + "/golden.jsonl");
     ASSERT_EQ(golden_.size(), 40u);
@@ -68,7 +62,7 @@ class CliEval : public ::testing::Test {
 
   // Runs `arbiter eval` with small budgets; stdout and stderr merged.
   static RunResult eval(const std::string& args) {
-    return testing::run_command(std::string(ARBITER_BINARY) + " eval --model " + quote(dir_->file("model")) +
+    return testing::run_command(std::string(ARBITER_BINARY) + " eval --model " + testing::shell_quote(dir_->file("model")) +
                                 " --device cpu --reasoning-budget 4,4,8 --answer-tokens 8 --max-context 2048 --bootstrap 200 " +
                                 args);
   }
@@ -92,9 +86,9 @@ std::vector<std::string> CliEval::golden_;
 
 TEST_F(CliEval, GoldenSetInScoreModeIsCountedAndDeterministic) {
   TempDir out;
-  const std::string args = "--dataset " + quote(spam_dir() + "/golden.jsonl") + " --policy " + quote(spam_policy()) +
+  const std::string args = "--dataset " + testing::shell_quote(spam_dir() + "/golden.jsonl") + " --policy " + testing::shell_quote(spam_policy()) +
                            " --mode score --effort low --concurrency 20 --out ";
-  const RunResult a = eval(args + quote(out.file("a")));
+  const RunResult a = eval(args + testing::shell_quote(out.file("a")));
   ASSERT_EQ(a.status, 0) << a.output;
   EXPECT_NE(a.output.find("policy: tp "), std::string::npos) << a.output;
   EXPECT_EQ(a.output.find('\r'), std::string::npos);  // not a terminal: no progress line
@@ -130,7 +124,7 @@ TEST_F(CliEval, GoldenSetInScoreModeIsCountedAndDeterministic) {
   EXPECT_TRUE(std::filesystem::file_size(out.file("a/report.html")) > 1000);
 
   // The same run again: the same verdicts; --compare says nothing flipped.
-  const RunResult b = eval(args + quote(out.file("b")) + " --compare " + quote(out.file("a")));
+  const RunResult b = eval(args + testing::shell_quote(out.file("b")) + " --compare " + testing::shell_quote(out.file("a")));
   ASSERT_EQ(b.status, 0) << b.output;
   const auto items_b = read_lines(out.file("b/items.jsonl"));
   ASSERT_EQ(items_b.size(), 40u);
@@ -156,8 +150,8 @@ TEST_F(CliEval, BadLinesAreReportedAndLabelsPerPolicy) {
       << R"({"id": "d", "content": "Hello there", "labels": {"hate": 0}})" << "\n"
       << R"({"id": "a", "content": "duplicate id", "labels": {"policy": 1}})" << "\n";
   }
-  const RunResult r = eval("--dataset " + quote(data) + " --policy " + quote(spam_policy()) + " --policy " +
-                           quote(out.file("hate.txt")) + " --effort low --out " + quote(out.file("run")));
+  const RunResult r = eval("--dataset " + testing::shell_quote(data) + " --policy " + testing::shell_quote(spam_policy()) + " --policy " +
+                           testing::shell_quote(out.file("hate.txt")) + " --effort low --out " + testing::shell_quote(out.file("run")));
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("line 2: not JSON"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("line 4: no \"content\""), std::string::npos) << r.output;
@@ -185,14 +179,14 @@ TEST_F(CliEval, BadLinesAreReportedAndLabelsPerPolicy) {
 
 TEST_F(CliEval, ResumeRunsOnlyWhatIsLeftAndCompareFindsFlips) {
   TempDir out;
-  const std::string policy = "--policy " + quote(spam_policy()) + " --effort low --concurrency 2 ";
-  const RunResult first = eval("--dataset " + quote(subset(out, "six.jsonl", 6)) + " " + policy + "--out " + quote(out.file("r")));
+  const std::string policy = "--policy " + testing::shell_quote(spam_policy()) + " --effort low --concurrency 2 ";
+  const RunResult first = eval("--dataset " + testing::shell_quote(subset(out, "six.jsonl", 6)) + " " + policy + "--out " + testing::shell_quote(out.file("r")));
   ASSERT_EQ(first.status, 0) << first.output;
   const auto before = read_lines(out.file("r/items.jsonl"));
   ASSERT_EQ(before.size(), 6u);
   // Three more items; the six done are kept as they are (latencies included: they did not run again).
   const RunResult resumed =
-      eval("--dataset " + quote(subset(out, "nine.jsonl", 9)) + " " + policy + "--resume --out " + quote(out.file("r")));
+      eval("--dataset " + testing::shell_quote(subset(out, "nine.jsonl", 9)) + " " + policy + "--resume --out " + testing::shell_quote(out.file("r")));
   ASSERT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resuming: 6 items done, 3 to run"), std::string::npos) << resumed.output;
   const auto after = read_lines(out.file("r/items.jsonl"));
@@ -201,15 +195,15 @@ TEST_F(CliEval, ResumeRunsOnlyWhatIsLeftAndCompareFindsFlips) {
   EXPECT_EQ(read_json(out.file("r/report.json")).at("items"), 9);
   // Nothing left: nothing runs (and no model is needed).
   const RunResult again =
-      eval("--dataset " + quote(out.file("nine.jsonl")) + " " + policy + "--resume --out " + quote(out.file("r")));
+      eval("--dataset " + testing::shell_quote(out.file("nine.jsonl")) + " " + policy + "--resume --out " + testing::shell_quote(out.file("r")));
   ASSERT_EQ(again.status, 0) << again.output;
   EXPECT_NE(again.output.find("resuming: 9 items done, 0 to run"), std::string::npos) << again.output;
 
   // Another version of the policy (same id, other text), compared with the first run.
   std::filesystem::create_directories(out.file("v2"));
   std::ofstream(out.file("v2/policy.txt")) << "Answer 1 for every message that mentions a price, else 0.\n";
-  const RunResult v2 = eval("--dataset " + quote(out.file("nine.jsonl")) + " --policy " + quote(out.file("v2/policy.txt")) +
-                            " --effort low --out " + quote(out.file("v2run")) + " --compare " + quote(out.file("r")));
+  const RunResult v2 = eval("--dataset " + testing::shell_quote(out.file("nine.jsonl")) + " --policy " + testing::shell_quote(out.file("v2/policy.txt")) +
+                            " --effort low --out " + testing::shell_quote(out.file("v2run")) + " --compare " + testing::shell_quote(out.file("r")));
   ASSERT_EQ(v2.status, 0) << v2.output;
   const json diff = read_json(out.file("v2run/compare.json"));
   const json& p = diff.at("policies").at("policy");
@@ -225,8 +219,8 @@ TEST_F(CliEval, ResumeRunsOnlyWhatIsLeftAndCompareFindsFlips) {
 
 TEST_F(CliEval, CascadeRunsEveryStageAndSweeps) {
   TempDir out;
-  const RunResult r = eval("--dataset " + quote(subset(out, "eight.jsonl", 8)) + " --policy " + quote(spam_policy()) +
-                           " --effort auto --out " + quote(out.file("auto")));
+  const RunResult r = eval("--dataset " + testing::shell_quote(subset(out, "eight.jsonl", 8)) + " --policy " + testing::shell_quote(spam_policy()) +
+                           " --effort auto --out " + testing::shell_quote(out.file("auto")));
   ASSERT_EQ(r.status, 0) << r.output;
   const json report = read_json(out.file("auto/report.json"));
   const json& stages = report.at("cost").at("stages");
@@ -251,15 +245,15 @@ TEST_F(CliEval, RulesAndTriageStagesRunFromThePolicyFile) {
   std::ifstream text_in(spam_policy());
   const std::string text((std::istreambuf_iterator<char>(text_in)), std::istreambuf_iterator<char>());
   std::filesystem::create_directories(out.file("triage"));
-  RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " triage train --dataset " + quote(spam_dir() + "/golden.jsonl") +
-                                     " --policy spam --out " + quote(out.file("triage/spam.bin")) + " --epochs 5 --dim 8 --buckets 1000");
+  RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " triage train --dataset " + testing::shell_quote(spam_dir() + "/golden.jsonl") +
+                                     " --policy spam --out " + testing::shell_quote(out.file("triage/spam.bin")) + " --epochs 5 --dim 8 --buckets 1000");
   ASSERT_EQ(r.status, 0) << r.output;
   const json policy = {{"text", text},
                        {"rules", {{"allow", {{{"id", "A-attached"}, {"pattern", "(?i)\\battached\\b"}}}}}},
                        {"cascade", {{"stages", {"rules", "triage", "score", "high"}}, {"triage_model", "spam.bin"}}}};
   std::ofstream(out.file("spam.json")) << policy.dump();
-  r = eval("--dataset " + quote(data) + " --policy " + quote(out.file("spam.json")) + " --effort auto --triage-dir " +
-           quote(out.file("triage")) + " --out " + quote(out.file("auto")));
+  r = eval("--dataset " + testing::shell_quote(data) + " --policy " + testing::shell_quote(out.file("spam.json")) + " --effort auto --triage-dir " +
+           testing::shell_quote(out.file("triage")) + " --out " + testing::shell_quote(out.file("auto")));
   ASSERT_EQ(r.status, 0) << r.output;
   int attached = 0;
   for (size_t i = 0; i < 12; ++i)
@@ -279,7 +273,7 @@ TEST_F(CliEval, RulesAndTriageStagesRunFromThePolicyFile) {
   }
   // A rules stage without rules is refused before any model loads.
   std::ofstream(out.file("bare.json")) << json{{"text", text}, {"cascade", {{"stages", {"rules", "high"}}}}}.dump();
-  r = eval("--dataset " + quote(data) + " --policy " + quote(out.file("bare.json")) + " --effort auto --out " + quote(out.file("x")));
+  r = eval("--dataset " + testing::shell_quote(data) + " --policy " + testing::shell_quote(out.file("bare.json")) + " --effort auto --out " + testing::shell_quote(out.file("x")));
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("no \"rules\""), std::string::npos) << r.output;
 }
@@ -298,16 +292,16 @@ TEST_F(CliEval, PoliciesFromTheRegistryByIdAndVersion) {
     registry.put(second);
   }
   const std::string data = subset(out, "four.jsonl", 4);
-  RunResult r = eval("--dataset " + quote(data) + " --policy-db " + quote(db) + " --policy spam@1 --mode score --out " +
-                     quote(out.file("v1")));
+  RunResult r = eval("--dataset " + testing::shell_quote(data) + " --policy-db " + testing::shell_quote(db) + " --policy spam@1 --mode score --out " +
+                     testing::shell_quote(out.file("v1")));
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_TRUE(read_json(out.file("v1/report.json")).at("policies").contains("spam"));
-  r = eval("--dataset " + quote(data) + " --policy-db " + quote(db) + " --policy spam --effort auto --out " + quote(out.file("auto")));
+  r = eval("--dataset " + testing::shell_quote(data) + " --policy-db " + testing::shell_quote(db) + " --policy spam --effort auto --out " + testing::shell_quote(out.file("auto")));
   ASSERT_EQ(r.status, 0) << r.output;
   const json report = read_json(out.file("auto/report.json"));
   EXPECT_FALSE(report.at("cost").at("stages").contains("low")) << report.at("cost").dump();  // the registered cascade: score, high
   EXPECT_EQ(report.at("cost").at("stages").at("high").at("runs"), 4);
-  r = eval("--dataset " + quote(data) + " --policy-db " + quote(db) + " --policy spam@9 --out " + quote(out.file("x")));
+  r = eval("--dataset " + testing::shell_quote(data) + " --policy-db " + testing::shell_quote(db) + " --policy spam@9 --out " + testing::shell_quote(out.file("x")));
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("spam@9"), std::string::npos) << r.output;
 }
@@ -315,16 +309,16 @@ TEST_F(CliEval, PoliciesFromTheRegistryByIdAndVersion) {
 TEST_F(CliEval, UsageErrors) {
   TempDir out;
   const std::string data = subset(out, "one.jsonl", 1);
-  auto status = [&](const std::string& args) { return eval("--dataset " + quote(data) + " --out " + quote(out.file("o")) + " " + args); };
+  auto status = [&](const std::string& args) { return eval("--dataset " + testing::shell_quote(data) + " --out " + testing::shell_quote(out.file("o")) + " " + args); };
   RunResult r = status("--policy /nonexistent/policy.txt");
   EXPECT_EQ(r.status, 2) << r.output;
   EXPECT_NE(r.output.find("no such file"), std::string::npos) << r.output;
-  r = status("--policy " + quote(spam_policy()) + " --mode fast");
+  r = status("--policy " + testing::shell_quote(spam_policy()) + " --mode fast");
   EXPECT_EQ(r.status, 2) << r.output;
-  r = status("--policy " + quote(spam_policy()) + " --effort auto --mode score");
+  r = status("--policy " + testing::shell_quote(spam_policy()) + " --effort auto --mode score");
   EXPECT_EQ(r.status, 2) << r.output;
   std::ofstream(out.file("bad.json")) << R"({"text": "x", "cascade": {"stages": ["warp"]}})";
-  r = status("--policy " + quote(out.file("bad.json")));
+  r = status("--policy " + testing::shell_quote(out.file("bad.json")));
   EXPECT_EQ(r.status, 2) << r.output;
   EXPECT_NE(r.output.find("\"cascade\""), std::string::npos) << r.output;
 }

@@ -194,4 +194,15 @@ std::vector<ConfigOption> parse_deploy_config(const std::string& text, const std
   return out;
 }
 
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::string piece;
+  std::istringstream in(text);
+  while (std::getline(in, piece, ','))
+    if (!piece.empty()) out.push_back(piece);
+  return out;
+}
+
+std::string json_line(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+
 }  // namespace arbiter

@@ -6,6 +6,7 @@
 
 #include <map>
 #include <set>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -57,5 +58,11 @@ std::vector<ConfigOption> parse_deploy_config(const std::string& text, const std
 
 // "1,2,3" -> ids; throws std::invalid_argument with the offending piece.
 std::vector<int> parse_token_list(const std::string& text);
+
+// "a,b,,c" -> {"a", "b", "c"}: the non-empty pieces of a comma-separated option value.
+std::vector<std::string> split_list(const std::string& text);
+
+// One JSON value on one line, invalid UTF-8 replaced (what the commands print and write as JSONL).
+std::string json_line(const nlohmann::json& j);
 
 }  // namespace arbiter

@@ -30,17 +30,6 @@
 namespace arbiter {
 namespace {
 
-std::string dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
-
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> out;
-  std::string piece;
-  std::istringstream in(text);
-  while (std::getline(in, piece, ','))
-    if (!piece.empty()) out.push_back(piece);
-  return out;
-}
-
 std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot read " + path);
@@ -164,7 +153,7 @@ class OrderedWriter {
   void put(size_t index, nlohmann::json row) {
     rows_.at(index) = std::move(row);
     while (next_ < rows_.size() && rows_[next_]) {
-      *out_ << dump(*rows_[next_]) << "\n";
+      *out_ << json_line(*rows_[next_]) << "\n";
       rows_[next_].reset();
       ++next_;
     }
@@ -264,7 +253,7 @@ void classify_one(ServingRank& serving, const ClassifyJob& job, const std::strin
     throw std::runtime_error(std::string("request not accepted (") + to_string(status) + "): " + why);
   serving.loop().run_until_idle();
   if (!*result) throw std::runtime_error("the scheduler went idle without finishing the request");
-  std::cout << dump(**result) << "\n";
+  std::cout << json_line(**result) << "\n";
 }
 
 // --input/--output: every line classified, results written in input order. Requests are submitted

@@ -72,17 +72,6 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
-
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> out;
-  std::string piece;
-  std::istringstream in(text);
-  while (std::getline(in, piece, ','))
-    if (!piece.empty()) out.push_back(piece);
-  return out;
-}
-
 // --policy values: files, else (with --policy-db) registry ids. Ids are made unique by a suffix.
 std::vector<PolicyFile> load_policies(const CliArgs& args) {
   std::vector<std::string> refs;
@@ -264,15 +253,7 @@ std::vector<EvalItemRecord> run_window(ServingRank& serving, Cascade* cascade, c
         const double latency = seconds_since(results->started[i]);
         for (size_t k = 0; k < r.results.size(); ++k) {
           const PolicyResult& p = r.results[k];
-          StageOutcome o;
-          o.stage = stage;
-          o.verdict = p.verdict;
-          o.violation = p.violation();
-          o.confidence = p.confidence;
-          o.usage = p.usage;
-          o.seconds = latency;
-          o.finish = p.finish;
-          o.error = p.error;
+          const StageOutcome o = stage_outcome(stage, p, latency);
           EvalPolicyRecord pr;
           pr.policy = p.policy_id;
           pr.expected = k < expected.size() ? expected[k] : std::nullopt;
@@ -398,7 +379,7 @@ int cmd_eval(const CliArgs& args) {
     size_t kept = 0;
     for (const auto& item : dataset.items) {
       if (const auto it = done.find(item.id); it != done.end()) {
-        items_out << dump(to_json(it->second)) << "\n";
+        items_out << json_line(to_json(it->second)) << "\n";
         ++kept;
       } else {
         todo.push_back(&item);
@@ -431,7 +412,7 @@ int cmd_eval(const CliArgs& args) {
       const std::vector<const DatasetItem*> window(todo.begin() + static_cast<std::ptrdiff_t>(start),
                                                    todo.begin() + static_cast<std::ptrdiff_t>(std::min(todo.size(), start + job.window)));
       for (auto& r : run_window(serving, cascade.get(), job, window)) {
-        items_out << dump(to_json(r)) << "\n";
+        items_out << json_line(to_json(r)) << "\n";
         fresh.push_back(std::move(r));
       }
       items_out.flush();
@@ -477,7 +458,7 @@ int cmd_eval(const CliArgs& args) {
   write_file((dir / "report.html").string(), report_html(report));
   {
     std::string text;
-    for (const auto& v : verdict_items) text += dump(to_json(v)) + "\n";
+    for (const auto& v : verdict_items) text += json_line(to_json(v)) + "\n";
     write_file((dir / "verdicts.jsonl").string(), text);
   }
   print_summary(report, out_dir);
@@ -498,8 +479,8 @@ int cmd_eval(const CliArgs& args) {
       std::cout << "compare " << id << ": " << p.at("flips") << " of " << p.at("compared") << " items flipped (" << p.at("fixed")
                 << " fixed, " << p.at("broken") << " broken)\n";
       for (const auto& f : p.at("flipped"))
-        std::cout << "  " << f.at("id").get<std::string>() << ": " << dump(f.at("here")) << " here, " << dump(f.at("there"))
-                  << " there, expected " << dump(f.at("expected")) << "\n";
+        std::cout << "  " << f.at("id").get<std::string>() << ": " << json_line(f.at("here")) << " here, " << json_line(f.at("there"))
+                  << " there, expected " << json_line(f.at("expected")) << "\n";
     }
     if (!diff.at("only_here").empty() || !diff.at("only_there").empty())
       std::cout << "compare: " << diff.at("only_here").size() << " items only here, " << diff.at("only_there").size()

@@ -83,7 +83,7 @@ int cmd_export(const CliArgs& args) {
                            {"policy_sha256", d.policy_sha256},
                            {"decision_id", d.id},
                            {"created", d.created_ms / 1000}};
-    out << line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+    out << json_line(line) << '\n';
     ++written;
   });
   out.close();

@@ -17,8 +17,6 @@
 namespace arbiter {
 namespace {
 
-std::string dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
-
 Tokenizer load_tokenizer(const CliArgs& args) {
   const bool file = args.has("tokenizer"), model = args.has("model");
   if (file == model) throw std::invalid_argument("give exactly one of --tokenizer FILE and --model DIR");
@@ -159,7 +157,7 @@ int cmd_detokenize(const CliArgs& args) {
     } catch (const nlohmann::json::exception& e) {
       throw std::invalid_argument(where + ": not JSON: " + e.what());
     }
-    std::cout << dump(tok.decode(ids_from_json(j, where))) << "\n";
+    std::cout << json_line(tok.decode(ids_from_json(j, where))) << "\n";
   }
   return 0;
 }
@@ -198,7 +196,7 @@ int cmd_render(const CliArgs& args) {
   out["ids"] = ids;
   out["num_tokens"] = ids.size();
   out["text"] = tok.decode(ids);
-  std::cout << dump(out) << "\n";
+  std::cout << json_line(out) << "\n";
   return 0;
 }
 

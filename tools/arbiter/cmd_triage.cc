@@ -18,6 +18,7 @@
 
 #include "pipeline/dataset.h"
 #include "pipeline/triage.h"
+#include "runtime/temp_folder.h"
 #include "tools/arbiter/cli_args.h"
 #include "tools/arbiter/commands.h"
 
@@ -104,29 +105,10 @@ int train(const CliArgs& args) {
                                   {"unlabelled", unlabelled},
                                   {"dataset_errors", dataset.errors.size()},
                                   {"out", out_path}};
-  std::cout << summary.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  std::cout << json_line(summary) << "\n";
   return 0;
 }
 
-// A fresh temporary folder, removed with its contents.
-class BenchFolder {
- public:
-  BenchFolder() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "arbiter-triage-bench-XXXXXX").string();
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("cannot create a temporary folder: " + std::string(std::strerror(errno)));
-    path_ = tmpl;
-  }
-  ~BenchFolder() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  BenchFolder(const BenchFolder&) = delete;
-  BenchFolder& operator=(const BenchFolder&) = delete;
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
 
 // Synthetic text: words drawn from a shared vocabulary, with a class's own words mixed in, and some
 // punctuation (which triage_text makes words of their own).
@@ -157,7 +139,7 @@ int bench(const CliArgs& args) {
   std::mt19937 rng(1);
   std::vector<std::pair<std::string, nlohmann::json>> examples;
   for (int i = 0; i < 2000; ++i) examples.emplace_back(text.make(rng, i % 2, tokens), i % 2);
-  const BenchFolder tmp;
+  const TempFolder tmp("arbiter-triage-bench");
   const std::string model_path = tmp.file("bench.bin");
   TriageTrainOptions options;  // the default shape; fewer epochs, as they do not change the cost of a prediction
   options.epochs = 5;
