@@ -17,6 +17,7 @@
 #include "api/http_transport.h"
 #include "api/errors.h"
 #include "api/json_io.h"
+#include "api/moderation_api.h"
 #include "api/pending.h"
 #include "api/sqlite_decision_store.h"
 #include "pipeline/cascade.h"
@@ -86,6 +87,7 @@ HttpReply error_reply(const ApiError& e) {
 // The server's state: options, registries, the serving handles once attached, the HTTP transport.
 struct ApiServer::Impl {
   explicit Impl(ApiOptions o) : options(std::move(o)), registry(options.policy_db, options.policy_db_readonly) {
+    if (!options.moderation_config.empty()) moderation = load_moderation_config(options.moderation_config);
     if (!options.decision_log.db.empty())
       decisions = std::make_unique<DecisionLog>(std::make_unique<SqliteDecisionStore>(options.decision_log.db),
                                                 options.decision_log.log);
@@ -95,6 +97,7 @@ struct ApiServer::Impl {
   PolicyRegistry registry;
   RulesCache rules_cache;
   TriageModels triage_models{options.triage_dir};
+  std::optional<ModerationConfig> moderation;  // POST /v1/moderations' categories (none: 404)
   std::unique_ptr<DecisionLog> decisions;  // null: no decision log
   MetricsRegistry metrics;
   std::mutex handles_mutex;
@@ -334,6 +337,7 @@ struct ApiServer::Impl {
 
   HttpReply dispatch(const HttpRequest& req, std::string& endpoint, const std::shared_ptr<InFlight>& guard);
   HttpReply classify(const HttpRequest& req);
+  HttpReply moderations(const HttpRequest& req);
   HttpReply chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard);
   HttpReply policies_post(const HttpRequest& req);
   HttpReply policies_list();
@@ -376,7 +380,7 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
 
   if (path == "/v1/classify" || path == "/v1/chat/completions" || path == "/v1/models" || path == "/v1/policies") endpoint = path;
   else if (path.rfind("/v1/policies/", 0) == 0) endpoint = "/v1/policies/{id}";
-  else if (path == "/v1/decisions") endpoint = path;
+  else if (path == "/v1/decisions" || path == "/v1/moderations") endpoint = path;
   else if (path.rfind("/v1/decisions/", 0) == 0) {
     const std::string rest = path.substr(std::string("/v1/decisions/").size());
     endpoint = rest.size() >= 9 && rest.compare(rest.size() - 9, 9, "/feedback") == 0 ? "/v1/decisions/{id}/feedback" : "/v1/decisions/{id}";
@@ -398,6 +402,10 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
   if (endpoint == "/v1/classify") {
     allow({"POST"});
     return classify(req);
+  }
+  if (endpoint == "/v1/moderations") {
+    allow({"POST"});
+    return moderations(req);
   }
   if (endpoint == "/v1/chat/completions") {
     allow({"POST"});
@@ -536,6 +544,95 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
     }
   }
   if (decisions) record_decisions(req, resolved, result, received, response);  // 503 unless stored
+  return json_reply(200, print_json(response));
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /v1/moderations
+
+HttpReply ApiServer::Impl::moderations(const HttpRequest& req) {
+  const Clock::time_point received = Clock::now();
+  if (!moderation)
+    throw ApiException({404, "This server answers no moderations (start it with --moderation-config FILE).", "not_found_error", "",
+                        "moderations_disabled", 0});
+  wire::ModerationRequest body;
+  parse_json(req.body, body);
+  const std::vector<std::string> inputs = moderation_inputs(body, *moderation);
+  const ServingHandles ready = require_serving();
+  check_model(body.model(), ready);
+  const std::vector<ClassifyPolicy> policies = moderation_policies(*moderation, registry);
+  const std::string id = new_id("modr");
+  const std::vector<std::optional<int>> no_versions(policies.size());
+  // Every input's prompts before anything is scheduled: one that cannot fit refuses the request.
+  std::vector<ClassifyRequest> requests;
+  std::vector<ClassifyPrompts> prompts;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    ClassifyRequest r;
+    r.id = id + "/" + std::to_string(i);
+    r.content = inputs[i];
+    r.policies = policies;
+    r.mode = moderation->mode;
+    r.effort = moderation->effort;
+    r.return_reasoning = false;
+    r.deadline = deadline(std::nullopt, received);
+    r.cancelled = req.client_gone;
+    prompts.push_back(ready.classifier->prepare(r));
+    if (!prompts.back().ok()) throw ApiException(prompt_error(prompts.back(), r, no_versions));
+    requests.push_back(std::move(r));
+  }
+  std::optional<Admission> admission(std::in_place, *this);
+  const ServingHandles h = admission->handles();
+  std::vector<std::shared_ptr<Pending<ClassifyResult>>> pending;
+  auto cancel_all = [&] {
+    for (size_t i = 0; i < pending.size(); ++i) h.scheduler->cancel(requests[i].id);
+  };
+  for (size_t i = 0; i < requests.size(); ++i) {
+    auto p = std::make_shared<Pending<ClassifyResult>>();
+    std::string why;
+    const SubmitStatus status =
+        h.classifier->submit(requests[i], std::move(prompts[i]), [p](ClassifyResult r) { p->set(std::move(r)); }, &why);
+    if (status != SubmitStatus::kAccepted) {
+      cancel_all();  // the inputs submitted so far
+      throw ApiException(submit_error(status, why));
+    }
+    pending.push_back(std::move(p));
+  }
+  admission.reset();
+
+  wire::ModerationResponse response;
+  response.set_id(id);
+  response.set_model(h.model_name);
+  bool gone = false, cancelled = false;
+  Clock::time_point cancelled_at{};
+  const auto request_deadline = requests.front().deadline;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    while (!pending[i]->wait_for(kPoll)) {
+      const auto now = Clock::now();
+      if (auto why = rank_fault(h)) {
+        cancel_all();
+        throw ApiException(rank_unavailable(*why));
+      }
+      if (!cancelled && req.client_gone && req.client_gone()) gone = true;
+      if (!cancelled && (gone || (request_deadline && now > *request_deadline + kGrace))) {
+        cancel_all();
+        cancelled = true;
+        cancelled_at = now;
+      }
+      if (cancelled && now > cancelled_at + kGrace)
+        throw ApiException(gone ? *finish_error(FinishReason::kCancelled, true, "") : *finish_error(FinishReason::kDeadline, false, ""));
+    }
+    const ClassifyResult result = pending[i]->take();
+    std::string error;
+    for (const auto& r : result.results)
+      if (!r.error.empty()) error = r.error;
+    if (auto e = finish_error(result.finish, gone, error)) {
+      cancel_all();
+      throw ApiException(*e);
+    }
+    count_tokens({result.usage.prompt_tokens, result.usage.cached_tokens, result.usage.reasoning_tokens,
+                  result.usage.completion_tokens});
+    *response.add_results() = moderation_result(*moderation, policies, result);
+  }
   return json_reply(200, print_json(response));
 }
 

@@ -59,6 +59,8 @@ struct ApiOptions {
   std::string policy_db;                // SQLite file for policies ("" : memory only)
   // Folder of the fastText triage models policies' cascades may name (pipeline/triage.h); "" : none.
   std::string triage_dir;
+  // The categories POST /v1/moderations answers (api/moderation_api.h); "" : no moderations endpoint.
+  std::string moderation_config;
   bool policy_db_readonly = false;      // serve the db's policies without changes (POST/DELETE: 403)
   int retry_after_seconds = 1;          // Retry-After of 429 / 503 replies
   int max_policies_per_request = 32;

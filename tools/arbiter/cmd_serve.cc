@@ -72,6 +72,7 @@ api::ApiOptions api_options(const CliArgs& args) {
   o.policy_db = args.get("policy-db", "");
   o.policy_db_readonly = args.flag("policy-db-readonly");
   o.triage_dir = args.get("triage-dir", "");
+  o.moderation_config = args.get("moderation-config", "");
   if (o.policy_db_readonly && o.policy_db.empty()) throw std::invalid_argument("--policy-db-readonly needs --policy-db");
   // The decision log: --db, else a writable --policy-db; its settings only with one.
   const std::string db = args.get("db", "");
@@ -178,6 +179,8 @@ const char* const kServeUsage =
     "  --policy-db-readonly     serve the policies of --policy-db without changing them (POST/DELETE /v1/policies: 403)\n"
     "  --triage-dir DIR         folder of fastText triage models (`arbiter triage train`) that policies' cascades\n"
     "                           name by file name (\"triage_model\"; pipeline/README.md)\n"
+    "  --moderation-config F    POST /v1/moderations (OpenAI-compatible): which policies answer for which\n"
+    "                           categories (configs/moderation/example.json)\n"
     "  --db F                   SQLite file of the decision log (docs/decisions.md), and of the policies when no\n"
     "                           --policy-db is given. Without --db the decision log goes into a writable --policy-db;\n"
     "                           with neither there is no decision log\n"
