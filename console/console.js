@@ -140,7 +140,7 @@
     try {
       const r = await fetch("/ready", { cache: "no-store", credentials: "omit" });
       const body = await r.json();
-      $("server-status").textContent = `${body.model || "model"}: ${body.status}${body.message ? " (" + body.message + ")" : ""}`;
+      $("server-status").textContent = `${body.model || "server"}: ${body.status}${body.message ? " (" + body.message + ")" : ""}`;
     } catch (e) {
       $("server-status").textContent = "server unreachable";
     }
@@ -336,7 +336,6 @@
   // ---- Policies tab -----------------------------------------------------------------------------
 
   let selectedPolicy = null; // {id, versions}
-  let editBase = null; // rules and cascade of the version a new one starts from
 
   async function refreshPolicies() {
     const status = $("pol-status");
@@ -429,8 +428,10 @@
     $("pol-new-description").value = p.description || "";
     $("pol-new-labels").value = (p.labels || []).join(", ");
     $("pol-new-violating").value = (p.violating_labels || []).join(", ");
-    editBase = { id: p.id, rules: p.rules, cascade: p.cascade };
-    setStatus($("pol-status"), `Editing a copy of ${p.id} v${p.version}; its rules and cascade are kept.`);
+    $("pol-new-rules").value = p.rules ? JSON.stringify(p.rules, null, 2) : "";
+    $("pol-new-cascade").value = p.cascade ? JSON.stringify(p.cascade, null, 2) : "";
+    $("pol-advanced").open = !!(p.rules || p.cascade);
+    setStatus($("pol-status"), `Editing a copy of ${p.id} v${p.version} (its rules and cascade included).`);
     $("pol-new-text").focus();
   }
 
@@ -443,9 +444,14 @@
     if (labels.length) body.labels = labels;
     if (violating.length) body.violating_labels = violating;
     if ($("pol-new-description").value.trim()) body.description = $("pol-new-description").value.trim();
-    if (editBase && editBase.id === body.id) {
-      if (editBase.rules) body.rules = editBase.rules;
-      if (editBase.cascade) body.cascade = editBase.cascade;
+    for (const field of ["rules", "cascade"]) {
+      const text = $("pol-new-" + field).value.trim();
+      if (!text) continue;
+      try {
+        body[field] = JSON.parse(text);
+      } catch (e) {
+        return setStatus(status, `The ${field} are not valid JSON: ${e.message}`, true);
+      }
     }
     $("pol-register").disabled = true;
     setStatus(status, "Registering\u2026");
