@@ -48,10 +48,11 @@
   // ---- The API ----------------------------------------------------------------------------------
 
   class ApiError extends Error {
-    constructor(status, code, message) {
+    constructor(status, code, message, errors) {
       super(message);
       this.status = status;
       this.code = code;
+      this.errors = errors || []; // per-item errors (a refused job)
     }
   }
   const apiKey = () => sessionStorage.getItem(KEY_STORAGE) || "";
@@ -98,10 +99,12 @@
     }
     let message = `${resp.status} ${resp.statusText}`;
     let code = "";
+    let errors;
     try {
       const err = JSON.parse(await resp.text()).error;
       if (err && err.message) message = err.message;
       if (err && err.code) code = err.code;
+      if (err && Array.isArray(err.errors)) errors = err.errors;
     } catch (e) {
       // Not an error body: keep the status line.
     }
@@ -113,7 +116,7 @@
       $("banner").dataset.kind = "key";
       $("key-box").classList.add("missing");
     }
-    throw new ApiError(resp.status, code, message);
+    throw new ApiError(resp.status, code, message, errors);
   }
 
   // ---- The API key ------------------------------------------------------------------------------
@@ -595,10 +598,40 @@
   let jobTimer = null;
   const TERMINAL = new Set(["completed", "failed", "cancelled", "canceled", "expired"]);
 
+  // What to say when a jobs call fails: a server without the endpoint says so plainly; a refused
+  // job lists its first bad items.
   function noJobs(e) {
-    return e.status === 404 && e.code !== "job_not_found"
-      ? "This server has no jobs endpoint (/v1/jobs answered 404): batch jobs are not available here."
-      : e.message;
+    if (e.status === 404 && (e.code === "unknown_path" || !e.code))
+      return "This server has no jobs endpoint (/v1/jobs answered 404): batch jobs are not available here.";
+    const items = e.errors.slice(0, 5).map((x) =>
+      `line ${x.line !== undefined ? x.line : x.index}${x.custom_id ? " (" + x.custom_id + ")" : ""}: ${x.message}`);
+    return e.message + (items.length ? " " + items.join("; ") + (e.errors.length > 5 ? "; \u2026" : "") : "");
+  }
+
+  async function refreshJobs() {
+    const status = $("job-status");
+    try {
+      const list = await api("GET", "/v1/jobs?limit=20");
+      $("job-list-panel").classList.remove("hidden");
+      const tbody = $("job-list").querySelector("tbody");
+      tbody.replaceChildren(...(list.data || []).map((j) => el("tr", { dataset: { id: j.id }, onclick: () => followJob(j.id) },
+        el("td", { text: j.id }), el("td", { text: j.state }),
+        el("td", { text: `${Math.round(jobFraction(j) * 100)}%` }), el("td", { text: when(j.created_at) }))));
+      if (!tbody.children.length) tbody.append(el("tr", {}, el("td", { colspan: 4, class: "muted", text: "No jobs yet." })));
+    } catch (e) {
+      $("job-list-panel").classList.add("hidden");
+      setStatus(status, noJobs(e), true);
+    }
+  }
+
+  async function cancelJob() {
+    const id = $("job-cancel").dataset.id;
+    try {
+      await api("POST", `/v1/jobs/${encodeURIComponent(id)}/cancel`, {});
+      followJob(id);
+    } catch (e) {
+      setStatus($("job-status"), noJobs(e), true);
+    }
   }
 
   // The share done, from `progress` (a fraction or a percentage) or from the counts.
@@ -622,8 +655,11 @@
     }
     $("job-fields").replaceWith(Object.assign(fields(pairs), { id: "job-fields" }));
     $("job-progress").value = jobFraction(job);
-    $("job-download").disabled = !(TERMINAL.has(job.state) || TERMINAL.has(job.status));
+    const finished = TERMINAL.has(job.state) || TERMINAL.has(job.status);
+    $("job-download").disabled = !finished;
     $("job-download").dataset.id = job.id;
+    $("job-cancel").disabled = finished;
+    $("job-cancel").dataset.id = job.id;
   }
 
   async function followJob(id) {
@@ -634,6 +670,7 @@
       renderJob(job);
       setStatus(status, "");
       if (!(TERMINAL.has(job.state) || TERMINAL.has(job.status))) jobTimer = setTimeout(() => followJob(id), 1000);
+      else refreshJobs();
     } catch (e) {
       setStatus(status, noJobs(e), true);
     }
@@ -677,6 +714,9 @@
     $("job-form").addEventListener("submit", submitJob);
     $("job-follow").addEventListener("click", () => $("job-id").value.trim() && followJob($("job-id").value.trim()));
     $("job-download").addEventListener("click", downloadResults);
+    $("job-cancel").addEventListener("click", cancelJob);
+    $("job-refresh").addEventListener("click", refreshJobs);
+    tabLoaders.jobs = refreshJobs;
   }
 
   // ---- Start ------------------------------------------------------------------------------------

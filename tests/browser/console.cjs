@@ -4,8 +4,9 @@
 // version picker, and the diff shows the changed line; the playground classifies with effort auto
 // and shows a verdict and the stage that decided (the same one the cascade's stage table marks),
 // and two versions side by side; feedback given in the Decisions tab is stored (read back with
-// GET /v1/decisions/{id}). Throughout, the page may request nothing but the server, and nothing
-// may break its Content-Security-Policy (a violation is a console error).
+// GET /v1/decisions/{id}); the Jobs tab lists jobs or says that the server has no jobs endpoint.
+// Throughout, the page may request nothing but the server, and nothing may break its
+// Content-Security-Policy (a violation is a console error).
 //
 // usage: node tests/browser/console.cjs BASE_URL API_KEY [SCREENSHOT.png]
 // Exits 77 (ctest SKIP_RETURN_CODE) when puppeteer-core or Chromium is missing.
@@ -224,9 +225,11 @@ const POLICY_V2 = [
     const disagreeing = await page.$$eval("#dec-list details.decision", (ds) => ds.map((d) => d.dataset.id));
     check("disagreement view", JSON.stringify(disagreeing) === JSON.stringify([target]), JSON.stringify(disagreeing));
 
-    // ---- Jobs: only that the tab renders (the endpoint may not exist on this server) ----
+    // ---- Jobs: the tab renders and either lists jobs or says plainly that the server has none ----
     await page.click('#tabs button[data-tab="jobs"]');
     check("jobs tab shown", await visible("#job-form"));
+    await page.waitForFunction(() => !document.getElementById("job-list-panel").classList.contains("hidden") ||
+      /no jobs endpoint/.test(document.getElementById("job-status").textContent));
 
     check("requests outside the server", elsewhere.length === 0, JSON.stringify(elsewhere));
     check("console errors (CSP violations included)", consoleErrors.length === 0, JSON.stringify(consoleErrors));
