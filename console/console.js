@@ -648,7 +648,7 @@
     $("job-title").textContent = "Job " + job.id;
     const pairs = [];
     for (const [k, v] of Object.entries(job)) {
-      if (k === "id" || k === "object") continue;
+      if (k === "id" || k === "object" || v === null || v === undefined) continue;
       const shown = v && typeof v === "object" ? Object.entries(v).map(([a, b]) => `${a}: ${fmt(b)}`).join(", ")
         : /(_at|created)$/.test(k) && typeof v === "number" ? when(v) : fmt(v);
       pairs.push([k, shown, k]);
