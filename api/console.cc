@@ -13,7 +13,7 @@ namespace arbiter::api {
 namespace {
 
 // What the page may load: its own script, style sheet and API (same origin), nothing inline, no
-// frames around it, no forms posting anywhere. Images only for the favicon-less page itself.
+// frames around it, no forms posting anywhere; images from itself or data: (its empty favicon).
 constexpr const char* kContentSecurityPolicy =
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";

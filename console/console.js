@@ -460,10 +460,11 @@
     setStatus(status, "Registering\u2026");
     try {
       const p = await api("POST", "/v1/policies", body);
-      setStatus(status, `Registered ${p.id} version ${p.version}.`);
+      // The list, the version pickers and then the message: once it shows, everything shows the new version.
       await refreshPolicies();
       await selectPolicy(p.id);
       await playgroundPolicies($("pg-policy").value || p.id);
+      setStatus(status, `Registered ${p.id} version ${p.version}.`);
     } catch (e) {
       setStatus(status, e.message, true);
     } finally {

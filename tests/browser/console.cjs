@@ -134,8 +134,11 @@ const POLICY_V2 = [
       const row = document.querySelector('#pol-list tbody tr[data-id="spam"]');
       return row && row.children[1].textContent === "v2";
     });
+    // The status appears once the list and the version pickers are up to date.
     const detailVersions = await page.$$eval("#pol-version option", (os) => os.map((o) => o.value));
     check("Policies tab versions", JSON.stringify(detailVersions) === '["2","1"]', JSON.stringify(detailVersions));
+    const pickerVersions = await page.$$eval("#pg-version option", (os) => os.map((o) => o.value));
+    check("playground versions", JSON.stringify(pickerVersions) === '["2","1"]', JSON.stringify(pickerVersions));
     const stored = await apiGet("/v1/policies/spam");
     check("GET /v1/policies/spam has both versions", JSON.stringify(stored.body.versions) === "[1,2]", JSON.stringify(stored.body));
     check("GET /v1/policies/spam latest text", stored.body.text === POLICY_V2);
