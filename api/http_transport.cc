@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "api/connection_watch.h"
+#include "api/console.h"
 #include "api/errors.h"
 #include "api/json_io.h"
 #include "api/percent_decode.h"
@@ -142,7 +143,8 @@ HttpReply transport_error(int status, const std::string& message, const std::str
 }
 
 bool answered_on_event_loop(const HttpRequest& r) {
-  return (r.method == "GET" || r.method == "HEAD") && (r.path == "/health" || r.path == "/ready" || r.path == "/metrics");
+  return (r.method == "GET" || r.method == "HEAD") &&
+         (r.path == "/health" || r.path == "/ready" || r.path == "/metrics" || is_console_path(r.path));
 }
 
 // Raises the soft descriptor limit to the hard one (thousands of connections need thousands of

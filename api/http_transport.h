@@ -14,7 +14,8 @@
 //   `max_body_bytes` 413 (as soon as its Content-Length says so), each with Retry-After where a retry
 //   can help; a malformed request gets 400 and the connection is closed;
 // - `Expect: 100-continue` is honoured; HEAD gets the headers of GET without the body;
-// - GET /health, /ready and /metrics are answered on the event loop, never queued behind model work.
+// - GET /health, /ready, /metrics and the web console (/, /console/...) are answered on the event loop, never
+//   queued behind model work.
 #pragma once
 
 #include <functional>

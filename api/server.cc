@@ -13,6 +13,7 @@
 #include "api/api.pb.h"
 #include "api/chat_api.h"
 #include "api/classify_api.h"
+#include "api/console.h"
 #include "api/decisions_api.h"
 #include "api/http_transport.h"
 #include "api/errors.h"
@@ -374,6 +375,11 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
     endpoint = path;
     allow({"GET"});
     return metrics_text();
+  }
+  // The web console (api/console.h): static files, no key needed to load them.
+  if (is_console_path(path)) {
+    endpoint = "console";
+    return console_reply(req);
   }
   if (path.rfind("/v1/", 0) != 0)
     throw ApiException({404, "Unknown path " + printable(path) + ".", "not_found_error", "", "unknown_path", 0});

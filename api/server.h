@@ -4,6 +4,7 @@
 //   POST /v1/chat/completions               OpenAI-compatible, with SSE streaming (api/chat_api.h)
 //   GET /v1/models, GET /health, GET /ready, GET /metrics (Prometheus)
 //   GET /v1/decisions[/{id}], POST /v1/decisions/{id}/feedback   the decision log (docs/decisions.md)
+//   GET /, GET /console/{file}              the web console (api/console.h; docs/console.md)
 // Bodies follow api/api.proto. Every failure is an OpenAI-style error body with its status (400
 // bad input, 401 bad key, 404 unknown policy/path, 413 body too large, 429 queue full with
 // Retry-After, 503 loading/draining/a rank at fault, 504 deadline). A client that disconnects has

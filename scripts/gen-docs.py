@@ -544,7 +544,7 @@ def gen_metrics(binary):
         if f["buckets"]:
             labels.append("`le` (" + ", ".join(f["buckets"]) + ")")
         out.append(f"| `{name}` | {f['type']} | {'; '.join(labels)} | {cell(f['help'])} |")
-    out.append("\nLabel values: `endpoint` is the API path (`/v1/classify`, `/v1/policies/{id}`, ..., `other`); "
+    out.append("\nLabel values: `endpoint` is the API path (`/v1/classify`, `/v1/policies/{id}`, ..., `console` for the web console's files, `other`); "
                "`status` the HTTP status; `rank` the rank (0 to N-1 under `mpirun -np N`); `method` and `code` "
                "a gRPC method and status code name (`OK`, `NOT_FOUND`, ...).")
     return "\n".join(out) + "\n"
