@@ -344,10 +344,12 @@ TEST_F(Jobs, KeysSeeOnlyTheirOwnJobsUnlessAdmin) {
   EXPECT_EQ(call(port(), "GET", "/v1/jobs/" + id + "/results", "", "key-two").status, 404);
   EXPECT_EQ(call(port(), "POST", "/v1/jobs/" + id + "/cancel", "", "key-two").status, 404);
   EXPECT_EQ(call(port(), "GET", "/v1/jobs?after=" + id, "", "key-two").status, 400);
-  for (const json& j : call(port(), "GET", "/v1/jobs?limit=100", "", "key-two").body["data"]) EXPECT_NE(j["id"], id);
+  const Reply theirs = call(port(), "GET", "/v1/jobs?limit=100", "", "key-two");
+  for (const json& j : theirs.body["data"]) EXPECT_NE(j["id"], id);
   EXPECT_EQ(call(port(), "GET", "/v1/jobs/" + id, "", "key-admin").status, 200);
   bool listed = false;
-  for (const json& j : call(port(), "GET", "/v1/jobs?limit=100", "", "key-admin").body["data"]) listed |= j["id"] == id;
+  const Reply all = call(port(), "GET", "/v1/jobs?limit=100", "", "key-admin");
+  for (const json& j : all.body["data"]) listed |= j["id"] == id;
   EXPECT_TRUE(listed);
   EXPECT_EQ(wait_job(port(), id, "key-admin")["state"], "completed");
   EXPECT_EQ(results(port(), id, "key-admin").size(), 2u);
