@@ -515,7 +515,7 @@ std::string hmac_sha256_hex(const std::string& key, const std::string& body) {
 }
 
 bool webhook_allowed(const std::string& url, const std::vector<std::string>& allow) {
-  if (url.rfind("http://", 0) != 0) return false;
+  if (url.rfind(kHttpScheme, 0) != 0) return false;
   for (const std::string& prefix : allow)
     if (!prefix.empty() && url.rfind(prefix, 0) == 0) return true;
   return false;
@@ -526,8 +526,8 @@ int http_post(const std::string& url, const std::string& body, const std::vector
   namespace net = boost::asio;
   namespace beast = boost::beast;
   namespace http = beast::http;
-  if (url.rfind("http://", 0) != 0) return -1;
-  const std::string rest = url.substr(7);
+  if (url.rfind(kHttpScheme, 0) != 0) return -1;
+  const std::string rest = url.substr(kHttpScheme.size());
   const size_t slash = rest.find('/');
   const std::string authority = rest.substr(0, slash);
   const std::string target = slash == std::string::npos ? "/" : rest.substr(slash);

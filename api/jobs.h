@@ -22,6 +22,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -198,6 +199,9 @@ std::string hmac_sha256_hex(const std::string& key, const std::string& body);
 // -1 when no answer came within `timeout` (or the URL is not http://host[:port][/path]).
 int http_post(const std::string& url, const std::string& body, const std::vector<std::pair<std::string, std::string>>& headers,
               std::chrono::milliseconds timeout);
+
+// The one scheme webhooks are sent over (https is not supported yet).
+inline constexpr std::string_view kHttpScheme = "http://";
 
 // Whether `url` may be a webhook: http://, and starting with one of the allowed prefixes.
 bool webhook_allowed(const std::string& url, const std::vector<std::string>& allow);

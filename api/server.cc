@@ -741,7 +741,7 @@ HttpReply ApiServer::Impl::jobs_post(const HttpRequest& req, const ApiKeyIdentit
     if (options.jobs.webhook_allow.empty())
       throw bad_request("This server sends no webhooks (no --webhook-allow); leave webhook_url out.", "webhook_url", "webhook_not_allowed");
     if (!webhook_allowed(*sub.webhook_url, options.jobs.webhook_allow))
-      throw bad_request("webhook_url '" + printable(*sub.webhook_url) + "' is not allowed: it must be an http:// URL starting with one "
+      throw bad_request("webhook_url '" + printable(*sub.webhook_url) + "' is not allowed: it must be a plain-HTTP URL starting with one "
                         "of the server's allowed prefixes (https is not supported yet).",
                         "webhook_url", "webhook_not_allowed");
   }
