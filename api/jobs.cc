@@ -24,6 +24,8 @@ constexpr const char* kWhat = "job db";
 constexpr size_t kMaxCustomId = 512;
 constexpr size_t kMaxIdempotencyKey = 256;
 constexpr size_t kMaxWebhookUrl = 2048;
+// How long the runner's writer gathers finished items before it commits them.
+constexpr auto kWriteInterval = std::chrono::milliseconds(50);
 
 int64_t unix_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -343,7 +345,8 @@ std::optional<JobInfo> JobStore::cancel(const std::string& id, bool& changed) {
 
 std::vector<ClaimedItem> JobStore::claim(size_t n, const std::set<std::pair<int64_t, int64_t>>& busy) {
   std::lock_guard<std::mutex> lock(mutex_);
-  sqlite::Transaction t(db_, kWhat);
+  // A read (no write lock: it does not wait for the decision log's commits); the write below only
+  // when a job starts. Only this object writes job rows, under mutex_, so what is read stays true.
   // Pending items of cancelled jobs are dropped at cancellation, so every pending item belongs to a
   // queued or running job.
   sqlite::Statement s(db_,
@@ -358,41 +361,51 @@ std::vector<ClaimedItem> JobStore::claim(size_t n, const std::set<std::pair<int6
     out.push_back({s.integer(0), s.integer(1), s.text(4), s.text(5), s.text(2), s.text(3)});
     if (s.text(6) == "queued") queued.insert(s.integer(0));
   }
-  for (int64_t seq : queued) {
-    sqlite::Statement mark(db_, "UPDATE jobs SET state = 'running', started_at = ?2 WHERE seq = ?1 AND state = 'queued'", kWhat);
-    mark.bind(1, seq).bind(2, unix_ms() / 1000).step();
+  s.reset();
+  if (!queued.empty()) {
+    sqlite::Transaction t(db_, kWhat);
+    for (int64_t seq : queued) {
+      sqlite::Statement mark(db_, "UPDATE jobs SET state = 'running', started_at = ?2 WHERE seq = ?1 AND state = 'queued'", kWhat);
+      mark.bind(1, seq).bind(2, unix_ms() / 1000).step();
+    }
+    t.commit();
   }
-  t.commit();
   return out;
 }
 
-std::optional<JobInfo> JobStore::finish_item(int64_t job_seq, int64_t index, int status, const std::string& response) {
+std::vector<JobInfo> JobStore::finish_items(const std::vector<ItemResult>& results) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Transaction t(db_, kWhat);
   sqlite::Statement done(db_,
                          "UPDATE job_items SET state = 1, status = ?3, response = ?4, finished_ms = ?5"
                          " WHERE job_seq = ?1 AND idx = ?2 AND state = 0",
                          kWhat);
-  done.bind(1, job_seq).bind(2, index).bind(3, static_cast<int64_t>(status)).bind(4, response).bind(5, unix_ms());
-  done.step();
-  if (sqlite3_changes(db_) == 0) return std::nullopt;  // done already, or dropped by a cancellation
-  sqlite::Statement count(db_,
-                          std::string("UPDATE jobs SET ") + (status == 200 ? "completed = completed + 1" : "failed = failed + 1") +
-                              " WHERE seq = ?1",
-                          kWhat);
-  count.bind(1, job_seq).step();
+  sqlite::Statement completed(db_, "UPDATE jobs SET completed = completed + 1 WHERE seq = ?1", kWhat);
+  sqlite::Statement failed(db_, "UPDATE jobs SET failed = failed + 1 WHERE seq = ?1", kWhat);
   // The last item finishes its job: failed when every item failed, else completed.
   sqlite::Statement finish(db_,
                            "UPDATE jobs SET state = CASE WHEN failed = total THEN 'failed' ELSE 'completed' END, finished_at = ?2,"
                            " webhook_state = CASE WHEN webhook_url IS NULL THEN 'none' ELSE 'pending' END, webhook_next_ms = 0"
                            " WHERE seq = ?1 AND completed + failed = total AND state IN ('queued', 'running')",
                            kWhat);
-  finish.bind(1, job_seq).bind(2, unix_ms() / 1000).step();
-  const bool finished = sqlite3_changes(db_) > 0;
-  std::optional<JobInfo> job;
-  if (finished) job = job_where(db_, "seq = ?1", [&](sqlite::Statement& s) { s.bind(1, job_seq); });
+  std::vector<int64_t> finished;
+  for (const ItemResult& r : results) {
+    done.reset();
+    done.bind(1, r.job_seq).bind(2, r.index).bind(3, static_cast<int64_t>(r.status)).bind(4, r.response).bind(5, unix_ms());
+    done.step();
+    if (sqlite3_changes(db_) == 0) continue;  // done already, or dropped by a cancellation
+    sqlite::Statement& count = r.status == 200 ? completed : failed;
+    count.reset();
+    count.bind(1, r.job_seq).step();
+    finish.reset();
+    finish.bind(1, r.job_seq).bind(2, unix_ms() / 1000).step();
+    if (sqlite3_changes(db_) > 0) finished.push_back(r.job_seq);
+  }
+  std::vector<JobInfo> jobs;
+  for (int64_t seq : finished)
+    if (auto job = job_where(db_, "seq = ?1", [&](sqlite::Statement& s) { s.bind(1, seq); })) jobs.push_back(std::move(*job));
   t.commit();
-  return job;
+  return jobs;
 }
 
 void JobStore::results(int64_t job_seq, const std::function<void(const std::string&, int, const std::string&)>& row) {
@@ -437,6 +450,7 @@ void JobRunner::start() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!workers_.empty() || stopping_) return;
   for (int i = 0; i < concurrency_; ++i) workers_.emplace_back([this] { work(); });
+  writer_ = std::thread([this] { write(); });
 }
 
 void JobRunner::wake() { wake_.notify_all(); }
@@ -450,29 +464,42 @@ void JobRunner::stop() {
   for (auto& w : workers_)
     if (w.joinable()) w.join();
   workers_.clear();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    workers_done_ = true;  // the writer stores what the workers left, then ends
+  }
+  written_.notify_all();
+  if (writer_.joinable()) writer_.join();
 }
 
 size_t JobRunner::in_flight() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return busy_.size();
+  return running_;
 }
 
 void JobRunner::work() {
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
-    std::vector<ClaimedItem> claimed;
-    try {
-      claimed = store_.claim(1, busy_);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "arbiter serve: jobs: %s\n", e.what());
+    if (claimed_.empty()) {
+      // A few items per read of the database (they stay pending there until their results are stored).
+      std::vector<ClaimedItem> more;
+      try {
+        more = store_.claim(static_cast<size_t>(concurrency_) * 2, busy_);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "arbiter serve: jobs: %s\n", e.what());
+      }
+      for (ClaimedItem& item : more) {
+        busy_.insert({item.job_seq, item.index});
+        claimed_.push_back(std::move(item));
+      }
+      if (claimed_.empty()) {
+        wake_.wait_for(lock, std::chrono::seconds(1));
+        continue;
+      }
     }
-    if (claimed.empty()) {
-      wake_.wait_for(lock, std::chrono::seconds(1));
-      continue;
-    }
-    const ClaimedItem item = std::move(claimed[0]);
-    const std::pair<int64_t, int64_t> key{item.job_seq, item.index};
-    busy_.insert(key);
+    const ClaimedItem item = std::move(claimed_.front());
+    claimed_.pop_front();
+    ++running_;
     lock.unlock();
     ItemOutcome outcome;
     try {
@@ -480,20 +507,45 @@ void JobRunner::work() {
     } catch (const std::exception& e) {
       outcome = {500, error_json({500, std::string("Internal error: ") + e.what(), "server_error", "", "internal_error", 0}), false};
     }
-    bool stored = outcome.retry;
-    if (!outcome.retry) {
-      try {
-        if (auto job = store_.finish_item(item.job_seq, item.index, outcome.status, outcome.body)) finished_(*job);
-        stored = true;
-      } catch (const std::exception& e) {  // stays pending: tried again after a pause
-        std::fprintf(stderr, "arbiter serve: jobs: storing a result failed: %s\n", e.what());
-      }
-    }
     lock.lock();
-    busy_.erase(key);
-    // An item that could not run now (a full queue, a draining server) or whose result could not be
-    // stored waits a little before the next try.
-    if (outcome.retry || !stored) wake_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping_; });
+    --running_;
+    if (outcome.retry) {
+      // It could not run now (a full queue, a draining server): it stays pending, is released for a
+      // later claim, and this worker pauses before its next item.
+      busy_.erase({item.job_seq, item.index});
+      wake_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping_; });
+      continue;
+    }
+    finished_items_.push_back({item.job_seq, item.index, outcome.status, std::move(outcome.body)});
+    written_.notify_all();
+  }
+  // Claimed items not started stay pending in the database.
+  for (const ClaimedItem& item : claimed_) busy_.erase({item.job_seq, item.index});
+  claimed_.clear();
+}
+
+void JobRunner::write() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    written_.wait(lock, [&] { return !finished_items_.empty() || workers_done_; });
+    if (finished_items_.empty()) return;  // workers done and nothing left
+    // Results gather for a moment: one commit per interval, not per item, so that the job writer
+    // seldom takes the database's write lock while the decision log (another connection to the same
+    // file, whose commits synchronous requests wait for) wants it.
+    written_.wait_for(lock, kWriteInterval, [&] { return workers_done_; });
+    std::vector<JobStore::ItemResult> batch;
+    batch.swap(finished_items_);
+    lock.unlock();
+    std::vector<JobInfo> jobs;
+    try {
+      jobs = store_.finish_items(batch);
+    } catch (const std::exception& e) {  // they stay pending and run again
+      std::fprintf(stderr, "arbiter serve: jobs: storing %zu results failed: %s\n", batch.size(), e.what());
+    }
+    for (const JobInfo& job : jobs) finished_(job);
+    lock.lock();
+    for (const auto& r : batch) busy_.erase({r.job_seq, r.index});
+    wake_.notify_all();
   }
 }
 

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -137,10 +138,18 @@ class JobStore {
   // Up to `n` pending items of queued or running jobs (oldest job first) that are not in `busy`
   // ({job_seq, index}); their jobs are marked running.
   std::vector<ClaimedItem> claim(size_t n, const std::set<std::pair<int64_t, int64_t>>& busy);
-  // Stores an item's result (its HTTP status and response body) and marks it done, in one
-  // transaction; nothing when it is not pending (done already, or its job was cancelled). Returns
-  // the job when this item finished it.
-  std::optional<JobInfo> finish_item(int64_t job_seq, int64_t index, int status, const std::string& response);
+  // One item's result: its HTTP status and response body.
+  struct ItemResult {
+    int64_t job_seq = 0;
+    int64_t index = 0;
+    int status = 200;
+    std::string response;
+  };
+  // Stores each item's result and marks it done, all in one transaction (the result and the done
+  // mark together, so an item never has a result without being done, nor the reverse); an item that
+  // is not pending (done already, or its job was cancelled) is left as it is. Returns the jobs these
+  // items finished.
+  std::vector<JobInfo> finish_items(const std::vector<ItemResult>& results);
   // Calls `row` with each done item in order: custom_id, status, response body.
   void results(int64_t job_seq, const std::function<void(const std::string&, int, const std::string&)>& row);
   // Finished jobs whose webhook is pending and due at `now_ms`; and the soonest due time of any
@@ -162,10 +171,12 @@ struct ItemOutcome {
   bool retry = false;
 };
 
-// The runner: `concurrency` worker threads, each claiming one pending item at a time, running it
-// (the classify path, which waits on its own thread and never on the step loop) and storing its
-// result. At most `concurrency` job items are thus in the scheduler at once, so synchronous requests
-// go first while jobs always progress.
+// The runner: `concurrency` worker threads run items (the classify path, which waits on the
+// worker's thread and never on the step loop), so at most `concurrency` job items are in the
+// scheduler at once: synchronous requests go first while jobs always progress. Pending items are
+// claimed a few at a time into memory; finished items are handed to one writer thread, which stores
+// whatever has finished meanwhile in one transaction (group commit). An item stays pending in the
+// database until its result is committed, and is kept out of further claims (`busy_`) until then.
 class JobRunner {
  public:
   using Run = std::function<ItemOutcome(const ClaimedItem&)>;
@@ -176,20 +187,27 @@ class JobRunner {
   JobRunner& operator=(const JobRunner&) = delete;
   void start();
   void wake();  // new items were stored
-  void stop();  // after the items being run; items not finished stay pending
-  size_t in_flight() const;
+  // Returns once the items being run are finished and their results stored; items not started
+  // stay pending (in the database) for the next start.
+  void stop();
+  size_t in_flight() const;  // items being run now
 
  private:
   void work();
+  void write();
   JobStore& store_;
   int concurrency_;
   Run run_;
   Finished finished_;
   mutable std::mutex mutex_;
-  std::condition_variable wake_;
-  std::set<std::pair<int64_t, int64_t>> busy_;
-  bool stopping_ = false;
+  std::condition_variable wake_, written_;
+  std::set<std::pair<int64_t, int64_t>> busy_;  // claimed and not yet stored (or released)
+  std::deque<ClaimedItem> claimed_;              // claimed, not started
+  std::vector<JobStore::ItemResult> finished_items_;  // run, waiting for the writer
+  size_t running_ = 0;
+  bool stopping_ = false, workers_done_ = false;
   std::vector<std::thread> workers_;
+  std::thread writer_;
 };
 
 // HMAC-SHA256 of `body` under `key`, lower-case hex.

@@ -111,6 +111,9 @@ def main():
             best[name] = max(r[0] for r in rs)
             print(f"| {name} | {' / '.join('%.0f' % r[0] for r in rs)} | {best[name]:.0f} | {sum(r[1] for r in rs)} |")
         print(f"items/s, job / synchronous (best rounds): {best['job'] / best['synchronous']:.2f}")
+        ratios = sorted(j[0] / s[0] for j, s in zip(rows["job"], rows["synchronous"]))
+        print(f"per-round ratios (each job against the synchronous run just before it): "
+              f"{' / '.join('%.2f' % r for r in ratios)}; median {ratios[len(ratios) // 2]:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
