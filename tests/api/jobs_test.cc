@@ -1,6 +1,6 @@
 // Durable jobs end to end, against `arbiter serve` on a tiny random model (docs/jobs.md): JSON and
 // JSONL (OpenAI batch lines) jobs run to completion with every custom_id exactly once in the
-// results; a job with bad items is refused whole, every bad line listed by number, nothing stored;
+// results; an item that fails when run keeps its error as its result; a job with bad items is refused whole, every bad line listed by number, nothing stored;
 // the item limit; idempotency keys (same job, 200; other items, 409; per API key); key scoping (404
 // for another key's job, an admin sees all); cancellation (no result is stored after it); kill -9 at
 // three points of a job and restarts on the same database: every item ends with exactly one result;
@@ -244,6 +244,33 @@ TEST_F(Jobs, JsonAndJsonlJobsRunToCompletion) {
   ASSERT_EQ(page.body["data"].size(), 1u);
   EXPECT_EQ(page.body["data"][0]["id"], b.body["id"]);
   EXPECT_TRUE(page.body["has_more"].get<bool>());
+}
+
+TEST_F(Jobs, AnItemThatFailsWhenRunHasItsErrorAsItsResult) {
+  // Content that passes the up-front checks but does not fit the context when its prompt is built.
+  std::string long_content;
+  for (int i = 0; i < 12000; ++i) long_content += "w" + std::to_string(i) + " ";
+  json mixed = {{"items", {{{"custom_id", "fits"}, {"body", classify_body("short")}},
+                           {{"custom_id", "too-long"}, {"body", classify_body(long_content)}}}}};
+  const Reply a = call(port(), "POST", "/v1/jobs", mixed.dump(), "key-one");
+  ASSERT_EQ(a.status, 201) << a.raw;
+  const json job = wait_job(port(), a.body["id"], "key-one");
+  EXPECT_EQ(job["state"], "completed") << job.dump();
+  EXPECT_EQ(job["counts"]["completed"], 1);
+  EXPECT_EQ(job["counts"]["failed"], 1);
+  const std::vector<json> lines = results(port(), a.body["id"], "key-one");
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_EQ(lines[0]["custom_id"], "fits");
+  EXPECT_EQ(lines[0]["response"]["status_code"], 200);
+  EXPECT_EQ(lines[1]["custom_id"], "too-long");
+  EXPECT_EQ(lines[1]["response"]["status_code"], 400);
+  EXPECT_EQ(lines[1]["error"]["code"], "context_length_exceeded") << lines[1].dump();
+  EXPECT_EQ(lines[1]["response"]["body"]["error"]["code"], "context_length_exceeded");
+  // Every item failed: the job failed.
+  json only_bad = {{"items", {{{"custom_id", "too-long"}, {"body", classify_body(long_content)}}}}};
+  const Reply b = call(port(), "POST", "/v1/jobs", only_bad.dump(), "key-one");
+  ASSERT_EQ(b.status, 201) << b.raw;
+  EXPECT_EQ(wait_job(port(), b.body["id"], "key-one")["state"], "failed");
 }
 
 TEST_F(Jobs, BadItemsRefuseTheWholeJobWithEveryLineNumbered) {
