@@ -788,6 +788,7 @@ HttpReply ApiServer::Impl::jobs_list(const HttpRequest& req, const ApiKeyIdentit
 }
 
 ItemOutcome ApiServer::Impl::run_job_item(const ClaimedItem& item) {
+  if (draining.load()) return {503, "", true};  // stays pending for the next start
   HttpRequest req;
   req.method = "POST";
   req.path = "/v1/classify";
