@@ -1,8 +1,9 @@
 // Durable jobs end to end, against `arbiter serve` on a tiny random model (docs/jobs.md): JSON and
 // JSONL (OpenAI batch lines) jobs run to completion with every custom_id exactly once in the
-// results; an item that fails when run keeps its error as its result; a job with bad items is refused whole, every bad line listed by number, nothing stored;
-// the item limit; idempotency keys (same job, 200; other items, 409; per API key); key scoping (404
-// for another key's job, an admin sees all); cancellation (no result is stored after it); kill -9 at
+// results; an item that fails when run keeps its error as its result; a job with bad items is
+// refused whole, every bad line listed by number, nothing stored; the item limit; idempotency keys
+// (same job, 200; other items, 409; per API key); key scoping (404 for another key's job, an admin
+// sees all); cancellation (no result is stored after it); SIGTERM mid-job and a restart; kill -9 at
 // three points of a job and restarts on the same database: every item ends with exactly one result;
 // a webhook delivered to a loopback receiver, signed (HMAC-SHA256, checked here) and retried after a
 // 500; webhook URLs outside the allow-list refused.
@@ -449,6 +450,7 @@ TEST_F(Jobs, WebhookIsSignedAndRetried) {
   }
 }
 
+
 std::string sql_value(const std::string& db, const std::string& query) {
   sqlite3* raw = nullptr;
   sqlite3_open(db.c_str(), &raw);
@@ -459,6 +461,26 @@ std::string sql_value(const std::string& db, const std::string& query) {
   sqlite3_finalize(s);
   sqlite3_close(raw);
   return out;
+}
+
+TEST_F(Jobs, SigtermLeavesUnfinishedItemsForTheNextStart) {
+  const std::string db = tmp_->file("term.db");
+  std::string id;
+  {
+    ServeProcess server(args(db), tmp_->file("term0.log"));
+    ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
+    const Reply r = call(server.port(), "POST", "/v1/jobs", json_job("term", 40).dump(), "key-one");
+    ASSERT_EQ(r.status, 201) << r.raw;
+    id = r.body["id"];
+    kill(server.server_pid(), SIGTERM);
+    EXPECT_EQ(server.wait_exit(60), 0) << server.log();
+  }
+  EXPECT_EQ(sql_value(db, "SELECT count(*) FROM job_items WHERE state = 1"),
+            sql_value(db, "SELECT completed + failed FROM jobs WHERE id = '" + id + "'"));
+  ServeProcess server(args(db), tmp_->file("term1.log"));
+  ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
+  EXPECT_EQ(wait_job(server.port(), id, "key-one")["state"], "completed");
+  expect_each_once(results(server.port(), id, "key-one"), "term", 40);
 }
 
 TEST_F(Jobs, KillNineAtThreePointsLosesAndRepeatsNothing) {

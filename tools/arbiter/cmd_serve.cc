@@ -103,8 +103,11 @@ api::ApiOptions api_options(const CliArgs& args) {
   jobs.webhook_attempts = static_cast<int>(args.get_int("webhook-attempts", jobs.webhook_attempts));
   if (jobs.webhook_attempts < 1 || jobs.webhook_attempts > 20) throw std::invalid_argument("--webhook-attempts must be 1..20");
   for (const std::string& prefix : split_list(args.get("webhook-allow", "")))
-    if (prefix.rfind("http://", 0) != 0)
-      throw std::invalid_argument("--webhook-allow takes http:// URL prefixes (https is not supported yet; got '" + prefix + "')");
+    // The host must be whole: a prefix ends its host with a '/', so "http://hooks.internal" cannot
+    // also allow "http://hooks.internal.example.com".
+    if (prefix.rfind("http://", 0) != 0 || prefix.find('/', 7) == std::string::npos || prefix.find('/', 7) == 7)
+      throw std::invalid_argument("--webhook-allow takes http://HOST[:PORT]/[PATH] URL prefixes, the host ended by a '/' "
+                                  "(https is not supported yet; got '" + prefix + "')");
     else jobs.webhook_allow.push_back(prefix);
   if (args.has("webhook-secret-file")) {
     std::ifstream in(args.get("webhook-secret-file", ""), std::ios::binary);
@@ -222,7 +225,7 @@ const char* const kServeUsage =
     "  --no-decision-log        keep no decision log even with a database\n"
   "  --max-job-items N        items per job of POST /v1/jobs (10000; jobs live in the --db database, docs/jobs.md)\n"
   "  --job-concurrency N      job items classified at once, behind synchronous requests (4)\n"
-  "  --webhook-allow P[,P...] http:// URL prefixes a job's webhook_url may start with (none: webhooks refused)\n"
+  "  --webhook-allow P[,P...] URL prefixes http://HOST[:PORT]/[PATH] a job's webhook_url may start with (none: refused)\n"
   "  --webhook-secret-file F  key of the webhooks' X-Arbiter-Signature (HMAC-SHA256); needed with --webhook-allow\n"
   "  --webhook-attempts N     deliveries tried per webhook, with exponential backoff from 0.5 s (5)\n"
     "  --store-content full|hash|none  what the decision log keeps of the content (hash: its SHA-256 only)\n"
