@@ -408,11 +408,17 @@ std::vector<JobInfo> JobStore::finish_items(const std::vector<ItemResult>& resul
   return jobs;
 }
 
-void JobStore::results(int64_t job_seq, const std::function<void(const std::string&, int, const std::string&)>& row) {
+size_t JobStore::results(int64_t job_seq, int64_t after_index, size_t limit,
+                         const std::function<void(int64_t, const std::string&, int, const std::string&)>& row) {
   std::lock_guard<std::mutex> lock(mutex_);
-  sqlite::Statement s(db_, "SELECT custom_id, status, response FROM job_items WHERE job_seq = ?1 AND state = 1 ORDER BY idx", kWhat);
-  s.bind(1, job_seq);
-  while (s.step()) row(s.text(0), static_cast<int>(s.integer(1)), s.text(2));
+  sqlite::Statement s(db_,
+                      "SELECT idx, custom_id, status, response FROM job_items WHERE job_seq = ?1 AND state = 1 AND idx > ?2"
+                      " ORDER BY idx LIMIT ?3",
+                      kWhat);
+  s.bind(1, job_seq).bind(2, after_index).bind(3, static_cast<int64_t>(limit));
+  size_t n = 0;
+  for (; s.step(); ++n) row(s.integer(0), s.text(1), static_cast<int>(s.integer(2)), s.text(3));
+  return n;
 }
 
 std::vector<JobInfo> JobStore::webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) {

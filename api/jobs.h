@@ -150,8 +150,10 @@ class JobStore {
   // is not pending (done already, or its job was cancelled) is left as it is. Returns the jobs these
   // items finished.
   std::vector<JobInfo> finish_items(const std::vector<ItemResult>& results);
-  // Calls `row` with each done item in order: custom_id, status, response body.
-  void results(int64_t job_seq, const std::function<void(const std::string&, int, const std::string&)>& row);
+  // Calls `row` with up to `limit` done items after item `after_index` (-1: from the start), in
+  // order: index, custom_id, status, response body. Returns how many it read.
+  size_t results(int64_t job_seq, int64_t after_index, size_t limit,
+                 const std::function<void(int64_t, const std::string&, int, const std::string&)>& row);
   // Finished jobs whose webhook is pending and due at `now_ms`; and the soonest due time of any
   // pending webhook (nullopt: none).
   std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms);

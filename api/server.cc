@@ -361,7 +361,9 @@ struct ApiServer::Impl {
   HttpReply dispatch(const HttpRequest& req, std::string& endpoint, const std::shared_ptr<InFlight>& guard);
   // job_owner: a job item run for that key (not refused for a full queue; its decisions recorded under that key).
   HttpReply classify(const HttpRequest& req, const ApiKeyIdentity* job_owner = nullptr);
-  HttpReply jobs_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id);
+  // guard: keeps the server busy (wait_idle) while the results stream.
+  HttpReply jobs_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id,
+                          const std::shared_ptr<InFlight>& guard);
   HttpReply jobs_post(const HttpRequest& req, const ApiKeyIdentity& who);
   HttpReply jobs_list(const HttpRequest& req, const ApiKeyIdentity& who);
   JobInfo visible_job(const std::string& id, const ApiKeyIdentity& who);
@@ -461,7 +463,7 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
     std::string id = path.substr(std::min(path.size(), std::string("/v1/jobs/").size()));
     if (endpoint == "/v1/jobs/{id}/results") id.resize(id.size() - 8);
     if (endpoint == "/v1/jobs/{id}/cancel") id.resize(id.size() - 7);
-    return jobs_endpoint(req, endpoint, id);
+    return jobs_endpoint(req, endpoint, id, guard);
   }
   if (endpoint == "/v1/policies") {
     allow({"GET", "POST"});
@@ -659,7 +661,8 @@ std::map<std::string, std::string> query_params(const std::string& query, std::i
 }
 }  // namespace
 
-HttpReply ApiServer::Impl::jobs_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id) {
+HttpReply ApiServer::Impl::jobs_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id,
+                                         const std::shared_ptr<InFlight>& guard) {
   if (!job_store)
     throw ApiException({404, "This server runs no jobs (start it with --db FILE).", "not_found_error", "", "jobs_disabled", 0});
   const ApiKeyIdentity who = options.keys.identify(header(req, "authorization")).value_or(ApiKeyIdentity{});
@@ -677,20 +680,30 @@ HttpReply ApiServer::Impl::jobs_endpoint(const HttpRequest& req, const std::stri
     job_finished(*job);
     return json_reply(200, dump_json(job_json(*job)));
   }
-  // Results: one JSONL line per finished item, in submission order (OpenAI batch output lines).
+  // Results: one JSONL line per finished item, in submission order (OpenAI batch output lines),
+  // streamed a page of items at a time so that a large job's results are never all in memory.
   const JobInfo job = visible_job(id, who);
-  std::string out;
-  job_store->results(job.seq, [&](const std::string& custom_id, int status, const std::string& body) {
-    nlohmann::json response = nlohmann::json::parse(body, nullptr, false);
-    if (response.is_discarded()) response = body;
-    nlohmann::json line = {{"custom_id", custom_id}, {"response", {{"status_code", status}, {"body", response}}}, {"error", nullptr}};
-    if (status != 200 && response.is_object() && response.contains("error"))
-      line["error"] = {{"code", response["error"].value("code", nlohmann::json())}, {"message", response["error"].value("message", "")}};
-    out += line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-    out += '\n';
-  });
-  HttpReply r = json_reply(200, std::move(out));
+  HttpReply r;
   r.content_type = "application/jsonl";
+  r.stream = [guard, store = job_store.get(), seq = job.seq](const std::function<bool(std::string_view)>& write) {
+    constexpr size_t kPage = 256;
+    int64_t after = -1;
+    for (;;) {
+      std::string page;
+      const size_t n = store->results(seq, after, kPage, [&](int64_t index, const std::string& custom_id, int status, const std::string& body) {
+        after = index;
+        nlohmann::json response = nlohmann::json::parse(body, nullptr, false);
+        if (response.is_discarded()) response = body;
+        nlohmann::json line = {{"custom_id", custom_id}, {"response", {{"status_code", status}, {"body", response}}}, {"error", nullptr}};
+        if (status != 200 && response.is_object() && response.contains("error"))
+          line["error"] = {{"code", response["error"].value("code", nlohmann::json())}, {"message", response["error"].value("message", "")}};
+        page += dump_json(line);
+        page += '\n';
+      });
+      if (!page.empty() && !write(page)) return;  // the client is gone
+      if (n < kPage) return;
+    }
+  };
   return r;
 }
 

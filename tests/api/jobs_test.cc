@@ -181,7 +181,7 @@ class Jobs : public ::testing::Test {
     std::ofstream(tmp_->file("secret")) << kSecret << "\n";
     receiver_ = std::make_unique<Receiver>();
     server_ = std::make_unique<ServeProcess>(
-        args(tmp_->file("shared.db"), {"--max-job-items", "100", "--webhook-allow",
+        args(tmp_->file("shared.db"), {"--max-job-items", "300", "--webhook-allow",
                                        "http://127.0.0.1:" + std::to_string(receiver_->port()) + "/hook/",
                                        "--webhook-secret-file", tmp_->file("secret")}),
         tmp_->file("shared.log"));
@@ -245,6 +245,17 @@ TEST_F(Jobs, JsonAndJsonlJobsRunToCompletion) {
   ASSERT_EQ(page.body["data"].size(), 1u);
   EXPECT_EQ(page.body["data"][0]["id"], b.body["id"]);
   EXPECT_TRUE(page.body["has_more"].get<bool>());
+}
+
+TEST_F(Jobs, ResultsOfMoreItemsThanOnePageStreamEachOnce) {
+  // The results are streamed 256 items a page: 300 items cross a page boundary.
+  const Reply r = post(port(), "/v1/jobs?idempotency_key=pages", jsonl_job("page", 300), "application/x-ndjson", "key-one");
+  ASSERT_EQ(r.status, 201) << r.raw;
+  EXPECT_EQ(r.body["idempotency_key"], "pages");
+  EXPECT_EQ(wait_job(port(), r.body["id"], "key-one")["state"], "completed");
+  const std::vector<json> lines = results(port(), r.body["id"], "key-one");
+  expect_each_once(lines, "page", 300);
+  for (size_t i = 0; i < lines.size(); ++i) EXPECT_EQ(lines[i]["custom_id"], item_id("page", static_cast<int>(i)));  // in order
 }
 
 TEST_F(Jobs, AnItemThatFailsWhenRunHasItsErrorAsItsResult) {
@@ -314,13 +325,13 @@ TEST_F(Jobs, BadItemsRefuseTheWholeJobWithEveryLineNumbered) {
   ASSERT_EQ(j.body["error"]["errors"].size(), 1u);
   EXPECT_EQ(j.body["error"]["errors"][0]["line"], 2);
   EXPECT_EQ(j.body["error"]["errors"][0]["custom_id"], "j-1");
-  // Envelope problems, and the item limit (--max-job-items 100).
+  // Envelope problems, and the item limit (--max-job-items 300).
   EXPECT_EQ(call(port(), "POST", "/v1/jobs", "[]", "key-two").status, 400);
   EXPECT_EQ(call(port(), "POST", "/v1/jobs", R"({"items": []})", "key-two").body["error"]["code"], "no_items");
-  const Reply many = post(port(), "/v1/jobs", jsonl_job("many", 101), "application/jsonl", "key-two");
+  const Reply many = post(port(), "/v1/jobs", jsonl_job("many", 301), "application/jsonl", "key-two");
   EXPECT_EQ(many.status, 400);
   EXPECT_EQ(many.body["error"]["code"], "too_many_items") << many.raw;
-  EXPECT_EQ(call(port(), "POST", "/v1/jobs", json_job("many", 101).dump(), "key-two").body["error"]["code"], "too_many_items");
+  EXPECT_EQ(call(port(), "POST", "/v1/jobs", json_job("many", 301).dump(), "key-two").body["error"]["code"], "too_many_items");
   // Nothing was stored for key-two.
   const Reply list = call(port(), "GET", "/v1/jobs", "", "key-two");
   ASSERT_EQ(list.status, 200) << list.raw;
