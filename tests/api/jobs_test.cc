@@ -6,7 +6,8 @@
 // sees all); cancellation (no result is stored after it); SIGTERM mid-job and a restart; kill -9 at
 // three points of a job and restarts on the same database: every item ends with exactly one result;
 // a webhook delivered to a loopback receiver, signed (HMAC-SHA256, checked here) and retried after a
-// 500; webhook URLs outside the allow-list refused.
+// 500, and one not delivered before a crash sent after the restart; webhook URLs outside the
+// allow-list refused.
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <openssl/evp.h>
@@ -134,7 +135,8 @@ std::string hmac_hex(const std::string& key, const std::string& body) {
 // A loopback webhook receiver: answers 500 to the first delivery, 200 after; keeps what came.
 class Receiver {
  public:
-  Receiver() {
+  // port 0: any free port.
+  explicit Receiver(int port = 0) {
     server_.Post("/hook/.*", [this](const httplib::Request& req, httplib::Response& res) {
       std::lock_guard<std::mutex> lock(mutex_);
       bodies_.push_back(req.body);
@@ -142,8 +144,10 @@ class Receiver {
       paths_.push_back(req.path);
       res.status = bodies_.size() == 1 ? 500 : 200;
     });
-    port_ = server_.bind_to_any_port("127.0.0.1");
+    port_ = port > 0 ? (server_.bind_to_port("127.0.0.1", port) ? port : -1) : server_.bind_to_any_port("127.0.0.1");
     thread_ = std::thread([this] { server_.listen_after_bind(); });
+    // Listening before anything can stop it (a stop() before the loop starts is lost).
+    while (port_ > 0 && !server_.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   ~Receiver() {
     server_.stop();
@@ -492,6 +496,53 @@ TEST_F(Jobs, SigtermLeavesUnfinishedItemsForTheNextStart) {
   ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
   EXPECT_EQ(wait_job(server.port(), id, "key-one")["state"], "completed");
   expect_each_once(results(server.port(), id, "key-one"), "term", 40);
+}
+
+TEST_F(Jobs, AWebhookNotDeliveredBeforeACrashIsSentAfterTheRestart) {
+  int port_for_hook = 0;
+  {
+    Receiver probe;  // a free port, closed again: deliveries to it fail until a receiver listens there
+    port_for_hook = probe.port();
+  }
+  const std::string db = tmp_->file("hook.db");
+  const std::string url = "http://127.0.0.1:" + std::to_string(port_for_hook) + "/hook/later";
+  const std::vector<std::string> hook_args = {"--webhook-allow", "http://127.0.0.1:" + std::to_string(port_for_hook) + "/hook/",
+                                              "--webhook-secret-file", tmp_->file("secret"), "--webhook-attempts", "20"};
+  std::string id;
+  {
+    ServeProcess server(args(db, hook_args), tmp_->file("hook0.log"));
+    ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
+    json job = json_job("later", 2);
+    job["webhook_url"] = url;
+    const Reply r = call(server.port(), "POST", "/v1/jobs", job.dump(), "key-one");
+    ASSERT_EQ(r.status, 201) << r.raw;
+    id = r.body["id"];
+    EXPECT_EQ(wait_job(server.port(), id, "key-one")["state"], "completed");
+    json seen;
+    for (int i = 0; i < 600; ++i) {  // the first delivery has failed
+      seen = call(server.port(), "GET", "/v1/jobs/" + id, "", "key-one").body;
+      if (seen["webhook"]["attempts"].get<int>() >= 1) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_EQ(seen["webhook"]["state"], "pending") << seen.dump();
+    kill(server.server_pid(), SIGKILL);
+    EXPECT_EQ(server.wait_exit(30), -1);
+  }
+  Receiver receiver(port_for_hook);
+  ASSERT_EQ(receiver.port(), port_for_hook);
+  ServeProcess server(args(db, hook_args), tmp_->file("hook1.log"));
+  ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
+  json seen;
+  for (int i = 0; i < 1500; ++i) {
+    seen = call(server.port(), "GET", "/v1/jobs/" + id, "", "key-one").body;
+    if (seen["webhook"]["state"] != "pending") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(seen["webhook"]["state"], "delivered") << seen.dump();
+  receiver.snapshot();
+  ASSERT_EQ(receiver.bodies.size(), 2u);  // 500, then 200
+  EXPECT_EQ(json::parse(receiver.bodies[1])["id"], id);
+  EXPECT_EQ(receiver.signatures[1], "sha256=" + hmac_hex(kSecret, receiver.bodies[1]));
 }
 
 TEST_F(Jobs, KillNineAtThreePointsLosesAndRepeatsNothing) {
