@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <map>
 #include <condition_variable>
 #include <mutex>
 #include <optional>
@@ -17,11 +20,14 @@
 #include "api/decisions_api.h"
 #include "api/http_transport.h"
 #include "api/errors.h"
+#include "api/jobs.h"
 #include "api/json_io.h"
 #include "api/moderation_api.h"
 #include "api/pending.h"
+#include "api/percent_decode.h"
 #include "api/sqlite_decision_store.h"
 #include "pipeline/cascade.h"
+#include "pipeline/sha256.h"
 #include "pipeline/triage.h"
 #include "scheduler/classify.h"
 #include "scheduler/scheduler.h"
@@ -39,6 +45,11 @@ constexpr const char* kCascadeHelp = "Policy decisions of reasoning_effort auto,
 constexpr const char* kPromptsStoppedHelp =
     "Classify requests refused while their prompts were rendered, before any scheduling, by reason.";
 constexpr const char* kPromptsStoppedReasons[] = {"too_long", "deadline", "client_gone"};
+constexpr const char* kJobsCreatedHelp = "Jobs created (POST /v1/jobs answered 201).";
+constexpr const char* kJobItemsHelp = "Job items finished, by outcome (completed: a 200 classify response; failed: an error stored).";
+constexpr const char* kJobsFinishedHelp = "Jobs finished, by state.";
+constexpr const char* kWebhooksHelp = "Webhook delivery tries, by outcome (retried: failed and tried again later; failed: given up).";
+constexpr const char* kJobItemsInFlightHelp = "Job items being classified now (at most --job-concurrency).";
 // How long past its deadline (or its cancellation) a handler waits for the scheduler's answer.
 constexpr auto kGrace = std::chrono::seconds(30);
 
@@ -92,6 +103,16 @@ struct ApiServer::Impl {
     if (!options.decision_log.db.empty())
       decisions = std::make_unique<DecisionLog>(std::make_unique<SqliteDecisionStore>(options.decision_log.db),
                                                 options.decision_log.log);
+    if (!options.jobs.db.empty()) {
+      job_store = std::make_unique<JobStore>(options.jobs.db);
+      // Webhooks of jobs that finished before a restart are (re)sent from the start.
+      webhooks = std::make_unique<WebhookSender>(*job_store, options.jobs, [this](const char* outcome) {
+        metrics.counter("arbiter_job_webhooks_total", kWebhooksHelp, {{"outcome", outcome}}).inc();
+      });
+      job_runner = std::make_unique<JobRunner>(
+          *job_store, options.jobs.concurrency, [this](const ClaimedItem& item) { return run_job_item(item); },
+          [this](const JobInfo& job) { job_finished(job); });
+    }
   }
 
   ApiOptions options;
@@ -121,6 +142,11 @@ struct ApiServer::Impl {
   int in_flight = 0;
 
   std::unique_ptr<HttpTransport> http;
+  // Jobs (null without a job db). Declared last: the runner's threads use everything above, and are
+  // joined first.
+  std::unique_ptr<JobStore> job_store;
+  std::unique_ptr<WebhookSender> webhooks;
+  std::unique_ptr<JobRunner> job_runner;
 
   // Counts a request in flight for as long as it lives (streams keep it alive until they end).
   struct InFlight {
@@ -337,8 +363,17 @@ struct ApiServer::Impl {
   }
 
   HttpReply dispatch(const HttpRequest& req, std::string& endpoint, const std::shared_ptr<InFlight>& guard);
-  HttpReply classify(const HttpRequest& req);
+  // job_owner: a job item run for that key (not refused for a full queue; its decisions recorded under that key).
+  HttpReply classify(const HttpRequest& req, const ApiKeyIdentity* job_owner = nullptr);
+  // guard: keeps the server busy (wait_idle) while the results stream.
   HttpReply moderations(const HttpRequest& req);
+  HttpReply jobs_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id,
+                          const std::shared_ptr<InFlight>& guard);
+  HttpReply jobs_post(const HttpRequest& req, const ApiKeyIdentity& who);
+  HttpReply jobs_list(const HttpRequest& req, const ApiKeyIdentity& who);
+  JobInfo visible_job(const std::string& id, const ApiKeyIdentity& who);
+  ItemOutcome run_job_item(const ClaimedItem& item);
+  void job_finished(const JobInfo& job);
   HttpReply chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard);
   HttpReply policies_post(const HttpRequest& req);
   HttpReply policies_list();
@@ -348,7 +383,7 @@ struct ApiServer::Impl {
   HttpReply health(bool readiness);
   HttpReply metrics_text();
   HttpReply decisions_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id);
-  void record_decisions(const HttpRequest& req, const ResolvedClassify& resolved, const ClassifyResult& result,
+  void record_decisions(const ApiKeyIdentity& who, const ResolvedClassify& resolved, const ClassifyResult& result,
                         Clock::time_point received, wire::ClassifyResponse& response);
   wire::Policy policy_wire(const StoredPolicy& p, bool with_versions);
 };
@@ -387,6 +422,14 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
   if (path == "/v1/classify" || path == "/v1/chat/completions" || path == "/v1/models" || path == "/v1/policies") endpoint = path;
   else if (path.rfind("/v1/policies/", 0) == 0) endpoint = "/v1/policies/{id}";
   else if (path == "/v1/decisions" || path == "/v1/moderations") endpoint = path;
+  else if (path == "/v1/jobs") endpoint = path;
+  else if (path.rfind("/v1/jobs/", 0) == 0) {
+    const std::string rest = path.substr(std::string("/v1/jobs/").size());
+    auto ends = [&](const std::string& tail) {
+      return rest.size() > tail.size() && rest.compare(rest.size() - tail.size(), tail.size(), tail) == 0;
+    };
+    endpoint = ends("/results") ? "/v1/jobs/{id}/results" : ends("/cancel") ? "/v1/jobs/{id}/cancel" : "/v1/jobs/{id}";
+  }
   else if (path.rfind("/v1/decisions/", 0) == 0) {
     const std::string rest = path.substr(std::string("/v1/decisions/").size());
     endpoint = rest.size() >= 9 && rest.compare(rest.size() - 9, 9, "/feedback") == 0 ? "/v1/decisions/{id}/feedback" : "/v1/decisions/{id}";
@@ -427,6 +470,15 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
     if (endpoint == "/v1/decisions/{id}/feedback") id.resize(id.size() - 9);
     return decisions_endpoint(req, endpoint, id);
   }
+  if (endpoint.rfind("/v1/jobs", 0) == 0) {
+    if (endpoint == "/v1/jobs") allow({"GET", "POST"});
+    else if (endpoint == "/v1/jobs/{id}/cancel") allow({"POST"});
+    else allow({"GET"});
+    std::string id = path.substr(std::min(path.size(), std::string("/v1/jobs/").size()));
+    if (endpoint == "/v1/jobs/{id}/results") id.resize(id.size() - 8);
+    if (endpoint == "/v1/jobs/{id}/cancel") id.resize(id.size() - 7);
+    return jobs_endpoint(req, endpoint, id, guard);
+  }
   if (endpoint == "/v1/policies") {
     allow({"GET", "POST"});
     return method == "POST" ? policies_post(req) : policies_list();
@@ -439,7 +491,7 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
 // ---------------------------------------------------------------------------------------------
 // POST /v1/classify
 
-HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
+HttpReply ApiServer::Impl::classify(const HttpRequest& req, const ApiKeyIdentity* job_owner) {
   const Clock::time_point received = Clock::now();  // parsing and rendering count in the deadline
   wire::ClassifyRequest body;
   parse_json(req.body, body);
@@ -456,6 +508,9 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
   request.id = new_id("clf");
   request.deadline = deadline(resolved.timeout, received);
   request.cancelled = req.client_gone;
+  // A job item is one of at most --job-concurrency the runner keeps in the scheduler: bounded
+  // already, it is not refused for a queue that synchronous requests filled.
+  request.continuation = job_owner != nullptr;
   // Every policy's prompt, the content tokenized once and only as far as it can fit, before any
   // scheduling (and before admission, so that draining does not wait for it). A cascade is checked
   // at its most demanding stage: an escalation must never find the content too long.
@@ -549,7 +604,9 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req) {
       metrics.counter("arbiter_cascade_decisions_total", kCascadeHelp, {{"stage", stage}}).inc();
     }
   }
-  if (decisions) record_decisions(req, resolved, result, received, response);  // 503 unless stored
+  if (decisions)  // 503 unless stored
+    record_decisions(job_owner ? *job_owner : options.keys.identify(header(req, "authorization")).value_or(ApiKeyIdentity{}),
+                     resolved, result, received, response);
   return json_reply(200, print_json(response));
 }
 
@@ -645,9 +702,8 @@ HttpReply ApiServer::Impl::moderations(const HttpRequest& req) {
 // ---------------------------------------------------------------------------------------------
 // The decision log (api/decisions_api.h, docs/decisions.md).
 
-void ApiServer::Impl::record_decisions(const HttpRequest& req, const ResolvedClassify& resolved, const ClassifyResult& result,
+void ApiServer::Impl::record_decisions(const ApiKeyIdentity& who, const ResolvedClassify& resolved, const ClassifyResult& result,
                                        Clock::time_point received, wire::ClassifyResponse& response) {
-  const ApiKeyIdentity who = options.keys.identify(header(req, "authorization")).value_or(ApiKeyIdentity{});
   const double latency_ms = std::chrono::duration<double, std::milli>(Clock::now() - received).count();
   std::vector<DecisionRecord> records =
       decision_records(result, resolved, options.decision_log, who, latency_ms, decisions->now_ms(), response);
@@ -669,6 +725,206 @@ HttpReply ApiServer::Impl::decisions_endpoint(const HttpRequest& req, const std:
     throw bad_request("GET /v1/decisions/{id} takes no query parameters.", "", "unknown_parameter");
   if (endpoint == "/v1/decisions/{id}") return json_reply(200, decision_get_json(decisions->store(), id, who));
   return json_reply(200, decision_feedback_json(*decisions, id, req.body, who));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs (api/jobs.h, docs/jobs.md).
+
+namespace {
+// JSON text of a reply (invalid UTF-8 a client sent, e.g. in an idempotency key, replaced).
+std::string dump_json(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+
+// The media type of a Content-Type header, lower-case, without parameters.
+std::string media_type(const std::string& content_type) {
+  std::string t = content_type.substr(0, content_type.find(';'));
+  t.erase(std::remove_if(t.begin(), t.end(), [](unsigned char c) { return std::isspace(c); }), t.end());
+  std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return t;
+}
+
+// name -> value of a query string; 400 for a malformed escape or a name not in `known`.
+std::map<std::string, std::string> query_params(const std::string& query, std::initializer_list<const char*> known) {
+  std::map<std::string, std::string> out;
+  size_t start = 0;
+  while (start < query.size()) {
+    size_t end = query.find('&', start);
+    if (end == std::string::npos) end = query.size();
+    const std::string item = query.substr(start, end - start);
+    start = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    const auto name = percent_decode(item.substr(0, eq), true);
+    const auto value = percent_decode(eq == std::string::npos ? "" : item.substr(eq + 1), true);
+    if (!name || !value) throw bad_request("Malformed percent-escape in the query string.", name ? *name : "", "invalid_value");
+    if (std::none_of(known.begin(), known.end(), [&](const char* k) { return *name == k; }))
+      throw bad_request("Unknown query parameter '" + printable(*name) + "'.", *name, "unknown_parameter");
+    out[*name] = *value;
+  }
+  return out;
+}
+}  // namespace
+
+HttpReply ApiServer::Impl::jobs_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id,
+                                         const std::shared_ptr<InFlight>& guard) {
+  if (!job_store)
+    throw ApiException({404, "This server runs no jobs (start it with --db FILE).", "not_found_error", "", "jobs_disabled", 0});
+  const ApiKeyIdentity who = options.keys.identify(header(req, "authorization")).value_or(ApiKeyIdentity{});
+  if (endpoint == "/v1/jobs") return req.method == "POST" ? jobs_post(req, who) : jobs_list(req, who);
+  if (!req.query.empty()) throw bad_request(req.method + " " + endpoint + " takes no query parameters.", "", "unknown_parameter");
+  if (endpoint == "/v1/jobs/{id}") return json_reply(200, dump_json(job_json(visible_job(id, who))));
+  if (endpoint == "/v1/jobs/{id}/cancel") {
+    visible_job(id, who);
+    bool changed = false;
+    const auto job = job_store->cancel(id, changed);
+    if (!job) throw ApiException({404, "No job '" + printable(id) + "'.", "not_found_error", "id", "job_not_found", 0});
+    if (!changed)
+      throw ApiException({409, "Job '" + job->id + "' is " + job->state + " already and cannot be cancelled.", "invalid_request_error",
+                          "id", "job_finished", 0});
+    job_finished(*job);
+    return json_reply(200, dump_json(job_json(*job)));
+  }
+  // Results: one JSONL line per finished item, in submission order (OpenAI batch output lines),
+  // streamed a page of items at a time so that a large job's results are never all in memory.
+  const JobInfo job = visible_job(id, who);
+  HttpReply r;
+  r.content_type = "application/jsonl";
+  r.stream = [guard, store = job_store.get(), seq = job.seq](const std::function<bool(std::string_view)>& write) {
+    constexpr size_t kPage = 256;
+    int64_t after = -1;
+    for (;;) {
+      std::string page;
+      const size_t n = store->results(seq, after, kPage, [&](int64_t index, const std::string& custom_id, int status, const std::string& body) {
+        after = index;
+        nlohmann::json response = nlohmann::json::parse(body, nullptr, false);
+        if (response.is_discarded()) response = body;
+        nlohmann::json line = {{"custom_id", custom_id}, {"response", {{"status_code", status}, {"body", response}}}, {"error", nullptr}};
+        if (status != 200 && response.is_object() && response.contains("error"))
+          line["error"] = {{"code", response["error"].value("code", nlohmann::json())}, {"message", response["error"].value("message", "")}};
+        page += dump_json(line);
+        page += '\n';
+      });
+      if (!page.empty() && !write(page)) return;  // the client is gone
+      if (n < kPage) return;
+    }
+  };
+  return r;
+}
+
+JobInfo ApiServer::Impl::visible_job(const std::string& id, const ApiKeyIdentity& who) {
+  auto job = id.empty() ? std::nullopt : job_store->get(id);
+  // Another key's job is reported as absent: keys do not learn of each other's jobs.
+  if (!job || (!who.admin && job->owner != who.id))
+    throw ApiException({404, "No job '" + printable(id) + "'.", "not_found_error", "id", "job_not_found", 0});
+  return *job;
+}
+
+HttpReply ApiServer::Impl::jobs_post(const HttpRequest& req, const ApiKeyIdentity& who) {
+  const std::string type = media_type(header(req, "content-type"));
+  const bool jsonl = type == "application/jsonl" || type == "application/x-ndjson" || type == "application/x-jsonlines" ||
+                     type == "application/jsonlines";
+  // JSONL bodies hold only items: the idempotency key and the webhook come as query parameters
+  // (or the Idempotency-Key header, for either form).
+  const auto params = query_params(req.query, {"idempotency_key", "webhook_url"});
+  if (!jsonl && !params.empty())
+    throw bad_request("Query parameters are for JSONL bodies; a JSON body carries idempotency_key and webhook_url itself.",
+                      params.begin()->first, "unknown_parameter");
+  ClassifyLimits limits;
+  limits.default_effort = options.default_effort;
+  limits.max_policies = options.max_policies_per_request;
+  const auto loaded = serving();
+  if (loaded) limits.max_context = loaded->max_context;
+  // Every item is checked as POST /v1/classify would check it, before anything is stored.
+  const auto check = [&](const std::string& text) {
+    wire::ClassifyRequest body;
+    parse_json(text, body);
+    resolve_classify(body, registry, limits, &rules_cache);
+    if (loaded) check_model(body.model(), *loaded);
+  };
+  JobSubmission sub;
+  try {
+    sub = parse_job_submission(req.body, jsonl, static_cast<size_t>(options.jobs.max_items), check);
+  } catch (const JobItemsInvalid& e) {
+    return json_reply(400, e.body());
+  }
+  if (jsonl) {
+    if (auto it = params.find("idempotency_key"); it != params.end() && !it->second.empty()) sub.idempotency_key = it->second;
+    if (auto it = params.find("webhook_url"); it != params.end() && !it->second.empty()) sub.webhook_url = it->second;
+  }
+  if (!sub.idempotency_key && !header(req, "idempotency-key").empty()) sub.idempotency_key = header(req, "idempotency-key");
+  if (sub.idempotency_key && sub.idempotency_key->size() > 256)
+    throw bad_request("The idempotency key is longer than 256 bytes.", "idempotency_key", "invalid_value");
+  if (sub.webhook_url) {
+    if (options.jobs.webhook_allow.empty())
+      throw bad_request("This server sends no webhooks (no --webhook-allow); leave webhook_url out.", "webhook_url", "webhook_not_allowed");
+    if (!webhook_allowed(*sub.webhook_url, options.jobs.webhook_allow))
+      throw bad_request("webhook_url '" + printable(*sub.webhook_url) + "' is not allowed: it must be a plain-HTTP URL starting with one "
+                        "of the server's allowed prefixes (https is not supported yet).",
+                        "webhook_url", "webhook_not_allowed");
+  }
+  // What the items were, to tell a repeated submission from a reused key.
+  std::string fingerprint;
+  for (const JobItemInput& item : sub.items) fingerprint += sha256_hex(item.custom_id + '\0' + item.body);
+  bool created = false;
+  const JobInfo job = job_store->create(who.id, sub, sha256_hex(fingerprint), created);
+  if (!created && job.request_sha256 != sha256_hex(fingerprint))
+    throw ApiException({409, "The idempotency key was used before for a job with other items ('" + job.id + "').",
+                        "invalid_request_error", "idempotency_key", "idempotency_key_reused", 0});
+  if (created) {
+    metrics.counter("arbiter_jobs_created_total", kJobsCreatedHelp).inc();
+    job_runner->wake();
+  }
+  return json_reply(created ? 201 : 200, dump_json(job_json(job)));
+}
+
+HttpReply ApiServer::Impl::jobs_list(const HttpRequest& req, const ApiKeyIdentity& who) {
+  const auto params = query_params(req.query, {"limit", "after"});
+  size_t limit = 20;
+  if (auto it = params.find("limit"); it != params.end()) {
+    char* end = nullptr;
+    const long n = std::strtol(it->second.c_str(), &end, 10);
+    if (it->second.empty() || *end != '\0' || n < 1 || n > 100) throw bad_request("limit must be 1..100.", "limit", "invalid_value");
+    limit = static_cast<size_t>(n);
+  }
+  int64_t before = 0;
+  if (auto it = params.find("after"); it != params.end()) {
+    const auto job = job_store->get(it->second);
+    if (!job || (!who.admin && job->owner != who.id))
+      throw bad_request("after names no job of this key.", "after", "invalid_value");
+    before = job->seq;
+  }
+  std::vector<JobInfo> jobs = job_store->list(who.admin ? std::nullopt : std::optional<std::string>(who.id), before, limit + 1);
+  const bool more = jobs.size() > limit;
+  if (more) jobs.resize(limit);
+  nlohmann::json data = nlohmann::json::array();
+  for (const JobInfo& j : jobs) data.push_back(job_json(j));
+  nlohmann::json out = {{"object", "list"}, {"data", std::move(data)}, {"has_more", more}};
+  out["first_id"] = jobs.empty() ? nlohmann::json() : nlohmann::json(jobs.front().id);
+  out["last_id"] = jobs.empty() ? nlohmann::json() : nlohmann::json(jobs.back().id);
+  return json_reply(200, dump_json(out));
+}
+
+ItemOutcome ApiServer::Impl::run_job_item(const ClaimedItem& item) {
+  if (draining.load()) return {503, "", true};  // stays pending for the next start
+  HttpRequest req;
+  req.method = "POST";
+  req.path = "/v1/classify";
+  req.body = item.body;
+  const ApiKeyIdentity owner{item.owner, false};
+  HttpReply r;
+  try {
+    r = classify(req, &owner);
+  } catch (const ApiException& e) {
+    r = error_reply(e.error());
+  }
+  // A full queue, a draining server, a rank at fault, a busy decision log: the item runs later.
+  if (r.status == 429 || r.status == 503) return {r.status, r.body, true};
+  metrics.counter("arbiter_job_items_finished_total", kJobItemsHelp, {{"outcome", r.status == 200 ? "completed" : "failed"}}).inc();
+  return {r.status, r.body, false};
+}
+
+void ApiServer::Impl::job_finished(const JobInfo& job) {
+  metrics.counter("arbiter_jobs_finished_total", kJobsFinishedHelp, {{"state", job.state}}).inc();
+  if (job.webhook_url && webhooks) webhooks->wake();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1091,6 +1347,7 @@ HttpReply ApiServer::Impl::metrics_text() {
     metrics.gauge("arbiter_http_in_flight", "HTTP requests being handled.").set(in_flight - 1);  // less this scrape
   }
   metrics.gauge("arbiter_policies", "Registered policies (latest versions).").set(static_cast<double>(registry.list().size()));
+  metrics.gauge("arbiter_job_items_in_flight", kJobItemsInFlightHelp).set(job_runner ? static_cast<double>(job_runner->in_flight()) : 0);
   if (decisions) {
     const DecisionLog::Stats d = decisions->stats();
     metrics.counter("arbiter_decisions_stored_total", "Decisions written to the decision log.").set_total(static_cast<double>(d.stored));
@@ -1164,6 +1421,14 @@ ApiServer::ApiServer(ApiOptions options) : impl_(std::make_unique<Impl>(std::mov
     impl_->metrics.counter("arbiter_cascade_decisions_total", kCascadeHelp, {{"stage", stage}});
   for (const char* reason : kPromptsStoppedReasons)
     impl_->metrics.counter("arbiter_classify_prompts_stopped_total", kPromptsStoppedHelp, {{"reason", reason}});
+  impl_->metrics.counter("arbiter_jobs_created_total", kJobsCreatedHelp);
+  for (const char* outcome : {"completed", "failed"})
+    impl_->metrics.counter("arbiter_job_items_finished_total", kJobItemsHelp, {{"outcome", outcome}});
+  for (const char* state : {"completed", "failed", "cancelled"})
+    impl_->metrics.counter("arbiter_jobs_finished_total", kJobsFinishedHelp, {{"state", state}});
+  for (const char* outcome : {"delivered", "retried", "failed"})
+    impl_->metrics.counter("arbiter_job_webhooks_total", kWebhooksHelp, {{"outcome", outcome}});
+  impl_->metrics.gauge("arbiter_job_items_in_flight", kJobItemsInFlightHelp).set(0);
 }
 
 ApiServer::~ApiServer() { stop(); }
@@ -1214,6 +1479,8 @@ void ApiServer::attach(const ServingHandles& handles) {
       }
     impl_->warm(handles, p.draft.text);
   }
+  // Jobs run once the model is attached (items left pending by a crash or a stop included).
+  if (impl_->job_runner) impl_->job_runner->start();
 }
 
 void ApiServer::drain() {
@@ -1250,6 +1517,9 @@ void ApiServer::start() {
 }
 
 void ApiServer::stop() {
+  // The job runner first: its items wait on the model, which the caller stops after this returns;
+  // an item not finished by then stays pending and runs after a restart.
+  if (impl_->job_runner) impl_->job_runner->stop();
   if (impl_->http) impl_->http->stop();
 }
 

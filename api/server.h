@@ -5,6 +5,7 @@
 //   GET /v1/models, GET /health, GET /ready, GET /metrics (Prometheus)
 //   GET /v1/decisions[/{id}], POST /v1/decisions/{id}/feedback   the decision log (docs/decisions.md)
 //   GET /, GET /console/{file}              the web console (api/console.h; docs/console.md)
+//   POST|GET /v1/jobs, GET /v1/jobs/{id}[/results], POST /v1/jobs/{id}/cancel   durable batch jobs (docs/jobs.md)
 // Bodies follow api/api.proto. Every failure is an OpenAI-style error body with its status (400
 // bad input, 401 bad key, 404 unknown policy/path, 413 body too large, 429 queue full with
 // Retry-After, 503 loading/draining/a rank at fault, 504 deadline). A client that disconnects has
@@ -27,6 +28,7 @@
 #include "api/auth.h"
 #include "api/errors.h"
 #include "api/decision_log.h"
+#include "api/jobs.h"
 #include "api/metrics.h"
 #include "api/policy_registry.h"
 #include "runtime/harmony.h"
@@ -66,6 +68,7 @@ struct ApiOptions {
   int retry_after_seconds = 1;          // Retry-After of 429 / 503 replies
   int max_policies_per_request = 32;
   DecisionLogSettings decision_log;     // db empty: no decision log
+  JobOptions jobs;                      // db empty: no jobs (api/jobs.h)
 };
 
 // What the model endpoints run on (ServingRank's pieces on rank 0), handed over once loaded.

@@ -13,17 +13,21 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <fstream>
 #include <future>
 #include <iostream>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "api/auth.h"
 #include "api/grpc_server.h"
@@ -42,6 +46,17 @@ namespace {
 constexpr int kRankFaultExit = 75;
 // How long rank 0 lets requests in flight take to receive their 503 before it ends the job.
 constexpr auto kFaultAnswerWait = std::chrono::seconds(2);
+
+// The non-empty items of a comma-separated list.
+std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> out;
+  for (size_t start = 0; start <= list.size();) {
+    const size_t comma = std::min(list.find(',', start), list.size());
+    if (comma > start) out.push_back(list.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return out;
+}
 
 // Options of `arbiter serve` that are not the engine's.
 api::ApiOptions api_options(const CliArgs& args) {
@@ -79,6 +94,32 @@ api::ApiOptions api_options(const CliArgs& args) {
   if (o.policy_db.empty()) o.policy_db = db;
   api::DecisionLogSettings& d = o.decision_log;
   d.db = !db.empty() ? db : o.policy_db_readonly ? "" : o.policy_db;
+  // Jobs live in the same database (with or without a decision log).
+  api::JobOptions& jobs = o.jobs;
+  jobs.db = d.db;
+  jobs.max_items = static_cast<int>(args.get_int("max-job-items", jobs.max_items));
+  if (jobs.max_items < 1) throw std::invalid_argument("--max-job-items must be positive");
+  jobs.concurrency = static_cast<int>(args.get_int("job-concurrency", jobs.concurrency));
+  if (jobs.concurrency < 1 || jobs.concurrency > 256) throw std::invalid_argument("--job-concurrency must be 1..256");
+  jobs.webhook_attempts = static_cast<int>(args.get_int("webhook-attempts", jobs.webhook_attempts));
+  if (jobs.webhook_attempts < 1 || jobs.webhook_attempts > 20) throw std::invalid_argument("--webhook-attempts must be 1..20");
+  for (const std::string& prefix : split_list(args.get("webhook-allow", "")))
+    // The host must be whole: a prefix ends its host with a '/', so "http://hooks.internal" cannot
+    // also allow "http://hooks.internal.example.com".
+    if (prefix.rfind("http://", 0) != 0 || prefix.find('/', 7) == std::string::npos || prefix.find('/', 7) == 7)
+      throw std::invalid_argument("--webhook-allow takes http://HOST[:PORT]/[PATH] URL prefixes, the host ended by a '/' "
+                                  "(https is not supported yet; got '" + prefix + "')");
+    else jobs.webhook_allow.push_back(prefix);
+  if (args.has("webhook-secret-file")) {
+    std::ifstream in(args.get("webhook-secret-file", ""), std::ios::binary);
+    if (!in) throw std::invalid_argument("--webhook-secret-file cannot be read");
+    jobs.webhook_secret.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    while (!jobs.webhook_secret.empty() && std::isspace(static_cast<unsigned char>(jobs.webhook_secret.back()))) jobs.webhook_secret.pop_back();
+    if (jobs.webhook_secret.empty()) throw std::invalid_argument("--webhook-secret-file is empty");
+  }
+  if (!jobs.webhook_allow.empty() && jobs.webhook_secret.empty())
+    throw std::invalid_argument("--webhook-allow needs --webhook-secret-file (webhooks are signed)");
+  if (!jobs.webhook_allow.empty() && jobs.db.empty()) throw std::invalid_argument("--webhook-allow needs a database for jobs (--db FILE)");
   if (args.flag("no-decision-log")) d.db.clear();
   for (const char* name : {"store-content", "store-reasoning", "retention-days", "retention-interval"})
     if (args.has(name) && d.db.empty())
@@ -185,6 +226,11 @@ const char* const kServeUsage =
     "                           --policy-db is given. Without --db the decision log goes into a writable --policy-db;\n"
     "                           with neither there is no decision log\n"
     "  --no-decision-log        keep no decision log even with a database\n"
+  "  --max-job-items N        items per job of POST /v1/jobs (10000; jobs live in the --db database, docs/jobs.md)\n"
+  "  --job-concurrency N      job items classified at once, behind synchronous requests (4)\n"
+  "  --webhook-allow P[,P...] URL prefixes http://HOST[:PORT]/[PATH] a job's webhook_url may start with (none: refused)\n"
+  "  --webhook-secret-file F  key of the webhooks' X-Arbiter-Signature (HMAC-SHA256); needed with --webhook-allow\n"
+  "  --webhook-attempts N     deliveries tried per webhook, with exponential backoff from 0.5 s (5)\n"
     "  --store-content full|hash|none  what the decision log keeps of the content (hash: its SHA-256 only)\n"
     "  --store-reasoning on|off whether the decision log keeps the reasoning (on)\n"
     "  --retention-days N       delete decisions older than N days, at start and every --retention-interval (0: keep)\n"

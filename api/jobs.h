@@ -1,0 +1,255 @@
+// Durable asynchronous classification jobs (docs/jobs.md): POST /v1/jobs takes many classify
+// bodies at once, a runner feeds them through the model behind synchronous traffic, and the results
+// are read back later (GET /v1/jobs/{id}/results). This file holds what does not depend on the
+// server: the submission parser (JSON or OpenAI batch JSONL), the SQLite store (jobs and items in
+// the decision log's database), the runner's worker threads, and the webhook sender with its HTTP
+// client and HMAC signature.
+//
+// Exactly one result per item: an item is pending until the transaction that stores its result
+// also marks it done, so after a crash (kill -9) an item that was in flight is simply pending again
+// and runs once more; none is lost, none is stored twice.
+#pragma once
+
+#include <sqlite3.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "api/errors.h"
+
+namespace arbiter::api {
+
+// How jobs are stored, run and reported (from `arbiter serve` options).
+struct JobOptions {
+  std::string db;                        // SQLite file; "" : no jobs (the endpoints answer 404)
+  int max_items = 10000;                 // items per job
+  int concurrency = 4;                   // job items in the scheduler at once
+  std::vector<std::string> webhook_allow;  // URL prefixes a webhook_url must start with (none: no webhooks)
+  std::string webhook_secret;            // HMAC-SHA256 key of X-Arbiter-Signature
+  int webhook_attempts = 5;              // deliveries tried before the webhook is given up
+  std::chrono::milliseconds webhook_backoff{500};  // before the 2nd try; doubled for each further one
+  std::chrono::milliseconds webhook_timeout{5000};  // per delivery (connect, send, answer)
+};
+
+// One item as submitted: its caller's id and its /v1/classify body (JSON text).
+struct JobItemInput {
+  std::string custom_id;
+  std::string body;
+};
+
+// A parsed POST /v1/jobs body.
+struct JobSubmission {
+  std::vector<JobItemInput> items;
+  std::optional<std::string> idempotency_key;
+  std::optional<std::string> webhook_url;
+};
+
+// Thrown by parse_job_submission when items are invalid: every bad item with its number (1-based:
+// the JSONL line, or the place in "items"), and the error of each.
+struct JobItemError {
+  size_t line = 0;
+  std::string custom_id;  // "" when the item has none
+  ApiError error;
+};
+class JobItemsInvalid : public std::exception {
+ public:
+  JobItemsInvalid(std::vector<JobItemError> errors, size_t items) : errors_(std::move(errors)), items_(items) {}
+  const std::vector<JobItemError>& errors() const { return errors_; }
+  size_t items() const { return items_; }
+  const char* what() const noexcept override { return "invalid job items"; }
+  // The 400 body: an OpenAI-style error whose "errors" lists each bad item.
+  std::string body() const;
+
+ private:
+  std::vector<JobItemError> errors_;
+  size_t items_;
+};
+
+// Parses a submission. jsonl: the body is OpenAI batch-file lines {"custom_id", "method": "POST",
+// "url": "/v1/classify", "body"} (blank lines skipped; the idempotency key and webhook URL then come
+// from the caller); else a JSON object {"items": [{"custom_id", "body"}], "idempotency_key"?,
+// "webhook_url"?}. `check` validates one classify body (throws ApiException). Throws ApiException for
+// a malformed envelope, more than `max_items` items, or none; JobItemsInvalid (all bad items) when any
+// item is bad. custom_ids must be unique in a job.
+JobSubmission parse_job_submission(const std::string& body, bool jsonl, size_t max_items,
+                                   const std::function<void(const std::string& classify_body)>& check);
+
+// A job as stored.
+struct JobInfo {
+  int64_t seq = 0;              // store order
+  std::string id;               // "job_" + 24 hex digits
+  std::string owner;            // the API key id that created it
+  std::optional<std::string> idempotency_key;
+  std::optional<std::string> webhook_url;
+  std::string request_sha256;   // of the items, to tell a reused idempotency key with other items
+  std::string state;            // queued | running | completed | failed | cancelled
+  int64_t total = 0, completed = 0, failed = 0;
+  int64_t created_at = 0;       // unix seconds
+  std::optional<int64_t> started_at, finished_at;
+  std::string webhook_state;    // none | pending | delivered | failed
+  int64_t webhook_attempts = 0;
+  int64_t webhook_next_ms = 0;  // unix ms of the next try (pending)
+  bool finished() const { return state == "completed" || state == "failed" || state == "cancelled"; }
+};
+
+// The job object of the API (GET /v1/jobs/{id}).
+nlohmann::json job_json(const JobInfo& job);
+
+// An item handed to the runner.
+struct ClaimedItem {
+  int64_t job_seq = 0;
+  int64_t index = 0;
+  std::string job_id;
+  std::string owner;
+  std::string custom_id;
+  std::string body;
+};
+
+// Jobs and their items in SQLite (tables jobs and job_items, created if missing). Thread-safe.
+class JobStore {
+ public:
+  explicit JobStore(const std::string& path);
+  ~JobStore();
+  JobStore(const JobStore&) = delete;
+  JobStore& operator=(const JobStore&) = delete;
+
+  // Stores a new job and its items in one transaction; when `owner` already has a job under the
+  // submission's idempotency key, stores nothing and returns that job (created = false).
+  JobInfo create(const std::string& owner, const JobSubmission& submission, const std::string& request_sha256, bool& created);
+  std::optional<JobInfo> get(const std::string& id);
+  // Newest first; owner nullopt: every owner's. `before_seq` > 0: only jobs stored before that one.
+  std::vector<JobInfo> list(const std::optional<std::string>& owner, int64_t before_seq, size_t limit);
+  // Cancels a queued or running job: its pending items are dropped (they will not run). nullopt: no
+  // such job; `changed` false: it had finished already.
+  std::optional<JobInfo> cancel(const std::string& id, bool& changed);
+  // Up to `n` pending items of queued or running jobs (oldest job first) that are not in `busy`
+  // ({job_seq, index}); their jobs are marked running.
+  std::vector<ClaimedItem> claim(size_t n, const std::set<std::pair<int64_t, int64_t>>& busy);
+  // One item's result: its HTTP status and response body.
+  struct ItemResult {
+    int64_t job_seq = 0;
+    int64_t index = 0;
+    int status = 200;
+    std::string response;
+  };
+  // Stores each item's result and marks it done, all in one transaction (the result and the done
+  // mark together, so an item never has a result without being done, nor the reverse); an item that
+  // is not pending (done already, or its job was cancelled) is left as it is. Returns the jobs these
+  // items finished.
+  std::vector<JobInfo> finish_items(const std::vector<ItemResult>& results);
+  // Calls `row` with up to `limit` done items after item `after_index` (-1: from the start), in
+  // order: index, custom_id, status, response body. Returns how many it read.
+  size_t results(int64_t job_seq, int64_t after_index, size_t limit,
+                 const std::function<void(int64_t, const std::string&, int, const std::string&)>& row);
+  // Finished jobs whose webhook is pending and due at `now_ms`; and the soonest due time of any
+  // pending webhook (nullopt: none).
+  std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms);
+  // Records a delivery try: delivered, or failed and retried at `retry_ms` (nullopt: given up).
+  void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms);
+
+ private:
+  std::mutex mutex_;
+  sqlite3* db_ = nullptr;
+};
+
+// What running one item gave: its response (status and body), or `retry` when it could not run now
+// (429 / 503: a full queue, a draining server) and stays pending.
+struct ItemOutcome {
+  int status = 200;
+  std::string body;
+  bool retry = false;
+};
+
+// The runner: `concurrency` worker threads run items (the classify path, which waits on the
+// worker's thread and never on the step loop), so at most `concurrency` job items are in the
+// scheduler at once: synchronous requests go first while jobs always progress. Pending items are
+// claimed a few at a time into memory; finished items are handed to one writer thread, which stores
+// whatever has finished meanwhile in one transaction (group commit). An item stays pending in the
+// database until its result is committed, and is kept out of further claims (`busy_`) until then.
+class JobRunner {
+ public:
+  using Run = std::function<ItemOutcome(const ClaimedItem&)>;
+  using Finished = std::function<void(const JobInfo&)>;
+  JobRunner(JobStore& store, int concurrency, Run run, Finished finished);
+  ~JobRunner();  // stop()
+  JobRunner(const JobRunner&) = delete;
+  JobRunner& operator=(const JobRunner&) = delete;
+  void start();
+  void wake();  // new items were stored
+  // Returns once the items being run are finished and their results stored; items not started
+  // stay pending (in the database) for the next start.
+  void stop();
+  size_t in_flight() const;  // items being run now
+
+ private:
+  void work();
+  void write();
+  JobStore& store_;
+  int concurrency_;
+  Run run_;
+  Finished finished_;
+  mutable std::mutex mutex_;
+  std::condition_variable wake_, written_;
+  std::set<std::pair<int64_t, int64_t>> busy_;  // claimed and not yet stored (or released)
+  std::deque<ClaimedItem> claimed_;              // claimed, not started
+  std::vector<JobStore::ItemResult> finished_items_;  // run, waiting for the writer
+  size_t running_ = 0;
+  bool stopping_ = false, workers_done_ = false;
+  std::vector<std::thread> workers_;
+  std::thread writer_;
+};
+
+// HMAC-SHA256 of `body` under `key`, lower-case hex.
+std::string hmac_sha256_hex(const std::string& key, const std::string& body);
+
+// POSTs `body` (application/json, with `headers`) to an http:// URL over HTTP/1.1; the status, or
+// -1 when no answer came within `timeout` (or the URL is not http://host[:port][/path]).
+int http_post(const std::string& url, const std::string& body, const std::vector<std::pair<std::string, std::string>>& headers,
+              std::chrono::milliseconds timeout);
+
+// The one scheme webhooks are sent over (https is not supported yet).
+inline constexpr std::string_view kHttpScheme = "http://";
+
+// Whether `url` may be a webhook: http://, and starting with one of the allowed prefixes.
+bool webhook_allowed(const std::string& url, const std::vector<std::string>& allow);
+
+// The webhook sender: one thread POSTing each finished job's webhook (body {"id", "object":
+// "job.finished", "state", "counts"}, signed with X-Arbiter-Signature: sha256=<hex>), retrying with
+// exponential backoff; what it has to send is in the store, so a restart resumes it.
+class WebhookSender {
+ public:
+  using Delivered = std::function<void(const char* outcome)>;  // "delivered" | "retried" | "failed"
+  WebhookSender(JobStore& store, const JobOptions& options, Delivered counted);
+  ~WebhookSender();
+  WebhookSender(const WebhookSender&) = delete;
+  WebhookSender& operator=(const WebhookSender&) = delete;
+  void wake();  // a job finished
+
+ private:
+  void run();
+  JobStore& store_;
+  JobOptions options_;
+  Delivered counted_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stopping_ = false, woken_ = false;
+  std::thread thread_;
+};
+
+// The webhook body of a finished job.
+std::string webhook_body(const JobInfo& job);
+
+}  // namespace arbiter::api
