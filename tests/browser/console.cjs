@@ -4,7 +4,8 @@
 // version picker, and the diff shows the changed line; the playground classifies with effort auto
 // and shows a verdict and the stage that decided (the same one the cascade's stage table marks),
 // and two versions side by side; feedback given in the Decisions tab is stored (read back with
-// GET /v1/decisions/{id}); the Jobs tab lists jobs or says that the server has no jobs endpoint.
+// GET /v1/decisions/{id}); a JSONL job submitted in the Jobs tab reaches 100% and its results
+// download with every custom_id once.
 // Throughout, the page may request nothing but the server, and nothing may break its
 // Content-Security-Policy (a violation is a console error).
 //
@@ -12,6 +13,8 @@
 // Exits 77 (ctest SKIP_RETURN_CODE) when puppeteer-core or Chromium is missing.
 "use strict";
 const fs = require("fs");
+const os = require("os");
+const path = require("path");
 
 const SKIP = 77;
 const [base, key, screenshot] = process.argv.slice(2);
@@ -73,7 +76,7 @@ const POLICY_V2 = [
     const elsewhere = [];
     page.on("request", (r) => {
       const url = r.url();
-      if (!url.startsWith(base + "/")) elsewhere.push(url);
+      if (!url.startsWith(base + "/") && !url.startsWith("blob:" + base + "/")) elsewhere.push(url);
       if (url.includes(key) || url.includes("wrong-key")) failures.push(`a request carried the API key in its URL: ${url}`);
     });
     const consoleErrors = [];
@@ -228,11 +231,41 @@ const POLICY_V2 = [
     const disagreeing = await page.$$eval("#dec-list details.decision", (ds) => ds.map((d) => d.dataset.id));
     check("disagreement view", JSON.stringify(disagreeing) === JSON.stringify([target]), JSON.stringify(disagreeing));
 
-    // ---- Jobs: the tab renders and either lists jobs or says plainly that the server has none ----
+    // ---- Jobs: a JSONL file of OpenAI batch lines submitted, followed to 100%, its results downloaded ----
     await page.click('#tabs button[data-tab="jobs"]');
     check("jobs tab shown", await visible("#job-form"));
-    await page.waitForFunction(() => !document.getElementById("job-list-panel").classList.contains("hidden") ||
-      /no jobs endpoint/.test(document.getElementById("job-status").textContent));
+    const work = fs.mkdtempSync(path.join(os.tmpdir(), "arbiter-console-"));
+    const ids = ["job-a", "job-b", "job-c"];
+    const jobFile = path.join(work, "job.jsonl");
+    fs.writeFileSync(jobFile, ids.map((id, i) => JSON.stringify({
+      custom_id: id, method: "POST", url: "/v1/classify",
+      body: { content: `item ${i}: win a prize`, policies: [{ id: "inline", text: POLICY_V1 }], reasoning_effort: "low", max_tokens: 8 },
+    })).join("\n") + "\n");
+    const downloads = path.join(work, "downloads");
+    fs.mkdirSync(downloads);
+    const cdp = await page.createCDPSession();
+    await cdp.send("Browser.setDownloadBehavior", { behavior: "allow", downloadPath: downloads });
+    const fileInput = await page.$("#job-file");
+    await fileInput.uploadFile(jobFile);
+    await page.click("#job-submit");
+    await page.waitForFunction(() => document.getElementById("job-progress").value === 1 &&
+      !document.getElementById("job-download").disabled, { timeout: 120000 });
+    const jobId = await page.$eval("#job-download", (b) => b.dataset.id);
+    const job = await apiGet("/v1/jobs/" + encodeURIComponent(jobId));
+    check("job completed", job.status === 200 && job.body.state === "completed", JSON.stringify(job.body));
+    await page.click("#job-download");
+    let downloaded = null;
+    for (let i = 0; i < 200 && !downloaded; i++) {
+      const done = fs.readdirSync(downloads).filter((f) => f.endsWith(".jsonl"));
+      if (done.length) downloaded = path.join(downloads, done[0]);
+      else await new Promise((res) => setTimeout(res, 50));
+    }
+    check("results downloaded", downloaded !== null);
+    if (downloaded) {
+      const got = fs.readFileSync(downloaded, "utf8").split("\n").filter((l) => l.trim()).map((l) => JSON.parse(l).custom_id).sort();
+      check("every custom_id once in the download", JSON.stringify(got) === JSON.stringify(ids), JSON.stringify(got));
+    }
+    fs.rmSync(work, { recursive: true, force: true });
 
     check("requests outside the server", elsewhere.length === 0, JSON.stringify(elsewhere));
     check("console errors (CSP violations included)", consoleErrors.length === 0, JSON.stringify(consoleErrors));
@@ -243,7 +276,7 @@ const POLICY_V2 = [
     console.error("console.cjs: the console disagrees with the API:\n  " + failures.join("\n  "));
     process.exit(1);
   }
-  console.log("console.cjs: key, policies, playground (auto), feedback checked against " + base);
+  console.log("console.cjs: key, policies, playground (auto), feedback, jobs checked against " + base);
 })().catch((e) => {
   console.error(e);
   process.exit(1);
