@@ -16,24 +16,12 @@ const fs = require("fs");
 const os = require("os");
 const path = require("path");
 
-const SKIP = 77;
 const [base, key, screenshot] = process.argv.slice(2);
 if (!base || !key) {
   console.error("usage: node console.cjs BASE_URL API_KEY [SCREENSHOT.png]");
   process.exit(2);
 }
-let puppeteer;
-try {
-  puppeteer = require("puppeteer-core");
-} catch (e) {
-  console.log("SKIP: puppeteer-core is not installed (scripts/fetch-tokenizer.sh installs it into .cache/browser)");
-  process.exit(SKIP);
-}
-const chromium = process.env.ARBITER_CHROMIUM || "/usr/bin/chromium";
-if (!fs.existsSync(chromium)) {
-  console.log(`SKIP: no Chromium at ${chromium} (Debian package chromium, scripts/install-deps.sh)`);
-  process.exit(SKIP);
-}
+const { puppeteer, chromium } = require("./chromium.cjs").browserTools();
 
 const failures = [];
 function check(what, ok, detail) {

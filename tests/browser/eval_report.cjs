@@ -10,24 +10,12 @@
 const fs = require("fs");
 const path = require("path");
 
-const SKIP = 77;
 const dir = process.argv[2];
 if (!dir) {
   console.error("usage: node eval_report.cjs REPORT_DIR");
   process.exit(2);
 }
-let puppeteer;
-try {
-  puppeteer = require("puppeteer-core");
-} catch (e) {
-  console.log("SKIP: puppeteer-core is not installed (scripts/fetch-tokenizer.sh installs it into .cache/browser)");
-  process.exit(SKIP);
-}
-const chromium = process.env.ARBITER_CHROMIUM || "/usr/bin/chromium";
-if (!fs.existsSync(chromium)) {
-  console.log(`SKIP: no Chromium at ${chromium} (Debian package chromium, scripts/install-deps.sh)`);
-  process.exit(SKIP);
-}
+const { puppeteer, chromium } = require("./chromium.cjs").browserTools();
 
 const report = JSON.parse(fs.readFileSync(path.join(dir, "report.json"), "utf8"));
 const failures = [];
