@@ -324,25 +324,20 @@ struct ApiServer::Impl {
 
   // A cascade's request at its most demanding stage (the longest reasoning it may reach), for the
   // fit check before it is admitted.
-  ClassifyRequest cascade_fit_request(const ResolvedClassify& resolved) const {
+  static ClassifyRequest cascade_fit_request(const ResolvedClassify& resolved, const Classifier& classifier) {
     ClassifyRequest check = resolved.request;
     int most = -1;
     for (const CascadeConfig& c : resolved.cascades)
       for (const Stage s : c.stages) {
         if (!is_model_stage(s) || s == Stage::kScore) continue;
-        const int budget = c.budget(s);
-        const int need = loaded_generation(stage_effort(s), budget);
+        const int need = classifier.generation_tokens(stage_effort(s), 0, c.budget(s));
         if (need > most) {
           most = need;
           check.effort = stage_effort(s);
-          check.reasoning_budget = budget;
+          check.reasoning_budget = c.budget(s);
         }
       }
     return check;
-  }
-  int loaded_generation(ReasoningEffort effort, int budget) const {
-    const auto h = const_cast<Impl*>(this)->serving();
-    return h && h->classifier ? h->classifier->generation_tokens(effort, 0, budget) : 0;
   }
   // The cascade's request: each policy with its cascade, rules and triage model.
   CascadeRequest make_cascade_request(const ResolvedClassify& resolved) const {
@@ -514,7 +509,7 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req, const ApiKeyIdentity
   // Every policy's prompt, the content tokenized once and only as far as it can fit, before any
   // scheduling (and before admission, so that draining does not wait for it). A cascade is checked
   // at its most demanding stage: an escalation must never find the content too long.
-  ClassifyPrompts prompts = ready.classifier->prepare(resolved.cascade ? cascade_fit_request(resolved) : request);
+  ClassifyPrompts prompts = ready.classifier->prepare(resolved.cascade ? cascade_fit_request(resolved, *ready.classifier) : request);
   if (!prompts.ok()) throw ApiException(prompt_error(prompts, request, resolved.versions));
   std::optional<CascadeRequest> cascade_request;
   if (resolved.cascade) cascade_request = make_cascade_request(resolved);

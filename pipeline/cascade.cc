@@ -51,6 +51,14 @@ bool is_answer(const ClassifyPolicy& policy, const nlohmann::json& verdict) {
   return verdict.is_string() && std::find(policy.labels.begin(), policy.labels.end(), verdict.get<std::string>()) != policy.labels.end();
 }
 
+// Where the cascade goes after the stage at `pos` of config.stages routed `r`: high's place for
+// kToHigh (unless every stage runs), else the next stage.
+size_t next_position(const CascadeConfig& config, size_t pos, Route r, bool run_all_stages) {
+  if (r == Route::kToHigh && !run_all_stages)
+    return static_cast<size_t>(std::find(config.stages.begin(), config.stages.end(), Stage::kHigh) - config.stages.begin());
+  return pos + 1;
+}
+
 }  // namespace
 
 const char* to_string(Stage stage) {
@@ -248,11 +256,7 @@ TraceDecision decide_on_trace(const CascadeConfig& config, const std::vector<Sta
       d.decided = *i;
       break;
     }
-    if (r == Route::kToHigh) {
-      k = static_cast<size_t>(std::find(config.stages.begin(), config.stages.end(), Stage::kHigh) - config.stages.begin());
-      continue;
-    }
-    ++k;
+    k = next_position(config, k, r, false);
   }
   return d;
 }
@@ -353,10 +357,7 @@ SubmitStatus Cascade::submit(CascadeRequest request, std::function<void(CascadeR
           run->decided[i] = non_model_result(cp.policy, o);
           if (!run->request.run_all_stages) run->finished[i] = true;
         }
-        if (r == Route::kToHigh && !run->request.run_all_stages)
-          pos = static_cast<size_t>(std::find(cp.config.stages.begin(), cp.config.stages.end(), Stage::kHigh) - cp.config.stages.begin());
-        else
-          ++pos;
+        pos = next_position(cp.config, pos, r, run->request.run_all_stages);
       }
       if (pos >= cp.config.stages.size()) run->finished[i] = true;
     }
@@ -508,10 +509,7 @@ void Cascade::stage_done(const std::shared_ptr<Run>& run, Stage stage, const std
         run->decided[i] = std::move(pr);  // nobody decided: the last stage's result (null verdict) stands
       }
       if (ended) run->finished[i] = true;
-      if (r == Route::kToHigh && !run->request.run_all_stages)
-        pos = static_cast<size_t>(std::find(cp.config.stages.begin(), cp.config.stages.end(), Stage::kHigh) - cp.config.stages.begin());
-      else
-        ++pos;
+      pos = next_position(cp.config, pos, r, run->request.run_all_stages);
       if (pos >= cp.config.stages.size()) run->finished[i] = true;
     }
   }
