@@ -444,8 +444,16 @@ TEST_F(ApiServe, ErrorStatusesFloodsAndDisconnects) {
     const std::string body = json{{"content", "x"}, {"policies", {{{"text", "p"}}}}, {"max_tokens", 400}}.dump();
     const std::string req = "POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-one\r\nContent-Length: " +
                             std::to_string(body.size()) + "\r\n\r\n" + body;
+    // The stream's work is cancelled first; then the classify hangs up once its sequence is in the
+    // scheduler (on a loaded machine a fixed wait could end before it was even read, and a request
+    // dropped before admission has no work to cancel).
+    const auto stream_gone = Clock::now() + std::chrono::seconds(20);
+    while (metric(port, "arbiter_sequences_finished_total{reason=\"cancelled\"}") < cancelled_before + 1 && Clock::now() < stream_gone)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
     ASSERT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const auto admitted = Clock::now() + std::chrono::seconds(20);
+    while (metric(port, "arbiter_running_sequences") + metric(port, "arbiter_waiting_sequences") < 1 && Clock::now() < admitted)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
     close(fd);
   }
   const auto until = Clock::now() + std::chrono::seconds(20);
