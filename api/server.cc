@@ -506,6 +506,7 @@ HttpReply ApiServer::Impl::classify(const HttpRequest& req, const ApiKeyIdentity
   // A job item is one of at most --job-concurrency the runner keeps in the scheduler: bounded
   // already, it is not refused for a queue that synchronous requests filled.
   request.continuation = job_owner != nullptr;
+  request.background = job_owner != nullptr;  // behind synchronous requests, never starved
   // Every policy's prompt, the content tokenized once and only as far as it can fit, before any
   // scheduling (and before admission, so that draining does not wait for it). A cascade is checked
   // at its most demanding stage: an escalation must never find the content too long.

@@ -142,6 +142,24 @@ int gpu_count() {
 
 bool cuda_available() { return gpu_count() > 0; }
 
+void device_copy_on_stream(void* dst, const void* src, size_t bytes, void* stream) {
+#if ARBITER_WITH_CUDA
+  cuda_copy_on_stream(dst, src, bytes, stream);
+#else
+  (void)dst, (void)src, (void)bytes, (void)stream;
+  throw std::runtime_error("device_copy_on_stream: this build has no CUDA");
+#endif
+}
+
+void device_wait_stream(void* stream) {
+#if ARBITER_WITH_CUDA
+  cuda_wait_stream(stream);
+#else
+  (void)stream;
+  throw std::runtime_error("device_wait_stream: this build has no CUDA");
+#endif
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& device) {
   if (device == "cpu") return std::make_unique<CpuBackend>();
   if (device == "cuda" || device.rfind("cuda:", 0) == 0) {

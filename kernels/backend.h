@@ -259,5 +259,9 @@ std::unique_ptr<Backend> make_backend(const std::string& device);
 bool cuda_available();
 // GPUs a compiled-in CUDA backend can see (0 without CUDA).
 int gpu_count();
+// A copy between two buffers of one GPU enqueued on `stream` (a CUDA backend's native_stream()),
+// and a wait for everything enqueued on a stream. Throw std::runtime_error without CUDA.
+void device_copy_on_stream(void* dst, const void* src, size_t bytes, void* stream);
+void device_wait_stream(void* stream);
 
 }  // namespace arbiter

@@ -110,15 +110,19 @@ class ThreadGroup {
   std::string error_;  // record_error
 };
 
-std::vector<std::unique_ptr<ThreadComm>> ThreadComm::create_group(int size, double timeout_s) {
+std::vector<std::unique_ptr<ThreadComm>> ThreadComm::create_group(int size, double timeout_s, std::optional<DeviceCopy> device) {
   if (size <= 0) throw std::invalid_argument("ThreadComm: group size must be positive");
+  if (device && (!device->copy || !device->wait)) throw std::invalid_argument("ThreadComm: a DeviceCopy needs copy and wait");
   auto group = std::make_shared<ThreadGroup>(size, timeout_s);
+  std::shared_ptr<const DeviceCopy> shared;
+  if (device) shared = std::make_shared<const DeviceCopy>(std::move(*device));
   std::vector<std::unique_ptr<ThreadComm>> comms;
-  for (int r = 0; r < size; ++r) comms.push_back(std::make_unique<ThreadComm>(group, r));
+  for (int r = 0; r < size; ++r) comms.push_back(std::make_unique<ThreadComm>(group, r, shared));
   return comms;
 }
 
-ThreadComm::ThreadComm(std::shared_ptr<ThreadGroup> group, int rank) : group_(std::move(group)), rank_(rank) {
+ThreadComm::ThreadComm(std::shared_ptr<ThreadGroup> group, int rank, std::shared_ptr<const DeviceCopy> device)
+    : group_(std::move(group)), rank_(rank), device_(std::move(device)) {
   if (rank < 0 || rank >= group_->size()) throw std::invalid_argument("ThreadComm: rank outside the group");
 }
 
@@ -139,6 +143,19 @@ void ThreadComm::all_to_all_v(const void* send, std::span<const size_t> send_cou
 }
 
 void ThreadComm::all_to_all_v_parts(std::span<const Part> parts) {
+  exchange(parts, [](void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }, [] {});
+}
+
+void ThreadComm::all_to_all_v_parts_device(std::span<const Part> parts, void* stream) {
+  if (!device_) return Communicator::all_to_all_v_parts_device(parts, stream);  // throws: host buffers only
+  device_->wait(stream);  // this rank's send buffers are written before its peers read them
+  exchange(
+      parts, [&](void* dst, const void* src, size_t bytes) { device_->copy(dst, src, bytes, stream); },
+      [&] { device_->wait(stream); });
+}
+
+void ThreadComm::exchange(std::span<const Part> parts, const std::function<void(void*, const void*, size_t)>& copy,
+                          const std::function<void()>& before_leaving) {
   const size_t n = static_cast<size_t>(size());
   for (const Part& p : parts)
     if (p.send_counts.size() != n || p.recv_counts.size() != n)
@@ -168,12 +185,17 @@ void ThreadComm::all_to_all_v_parts(std::span<const Part> parts) {
         break;
       }
       if (count)
-        std::memcpy(static_cast<char*>(parts[i].recv) + at,
-                    static_cast<const char*>(from.send) + peer.send_offsets[i * n + static_cast<size_t>(rank_)], count);
+        copy(static_cast<char*>(parts[i].recv) + at,
+             static_cast<const char*>(from.send) + peer.send_offsets[i * n + static_cast<size_t>(rank_)], count);
       at += count;
     }
   }
   if (!mismatch.empty()) group_->record_error(mismatch);
+  try {
+    before_leaving();  // the copies have read the peers' buffers
+  } catch (const std::exception& e) {
+    group_->record_error(std::string("all_to_all_v: ") + e.what());
+  }
   group_->sync(rank_, "all_to_all_v (done)");
   group_->raise_recorded();
 }
@@ -217,8 +239,9 @@ void ThreadComm::barrier() {
   group_->sync(rank_, "barrier (done)");
 }
 
-void run_thread_ranks(int size, const std::function<void(Communicator&)>& body, double timeout_s) {
-  auto comms = ThreadComm::create_group(size, timeout_s);
+void run_thread_ranks(int size, const std::function<void(Communicator&)>& body, double timeout_s,
+                      std::optional<DeviceCopy> device) {
+  auto comms = ThreadComm::create_group(size, timeout_s, std::move(device));
   std::mutex mu;
   std::exception_ptr first;
   std::vector<std::thread> threads;

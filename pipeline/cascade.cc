@@ -453,6 +453,7 @@ SubmitStatus Cascade::submit_stage(const std::shared_ptr<Run>& run, Stage stage,
     r.constrain = base.constrain;
     r.score_prefix = base.score_prefix;
     r.continuation = continuation || base.continuation;  // a job item is admitted work from its first stage
+    r.background = base.background;
     r.effort = stage_effort(stage);
     r.mode = stage == Stage::kScore ? ClassifyMode::kScore : ClassifyMode::kReason;
     // Policies of one group share the stage; the budget is the first member's (configs that differ

@@ -99,6 +99,11 @@ PlannedStep plan_step(const Model& model, const proto::StepPlan& plan, int num_b
     for (int32_t t : work.allowed_tokens())
       if (t < 0 || t >= vocab)
         reject(work, "allowed token id " + std::to_string(t) + " outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
+    for (int32_t t : work.refused_tokens())
+      if (t < 0 || t >= vocab)
+        reject(work, "refused token id " + std::to_string(t) + " outside the vocabulary (0.." + std::to_string(vocab - 1) + ")");
+    if (work.refused_tokens_size() > 0 && work.allowed_tokens_size() == 0)
+      reject(work, "refused tokens without allowed tokens to fall back on");
 
     SequenceStep seq;
     seq.first_row = static_cast<int32_t>(rows);
@@ -130,7 +135,8 @@ int candidates_for(const PlannedStep& step, int vocab) {
   int k = 1;
   for (const proto::SequenceWork* work : step.sampled) {
     k = std::max(k, work->top_logprobs());
-    if (work->sampling().temperature() > 0) k = std::max(k, Engine::kSampleCandidates);
+    // Sampling, and a mask given by its refused tokens, look at the most likely candidates.
+    if (work->sampling().temperature() > 0 || work->refused_tokens_size() > 0) k = std::max(k, Engine::kSampleCandidates);
   }
   return std::min(k, vocab);
 }
@@ -239,12 +245,26 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
   }
   result.set_forward_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 
+  // Masks given by their refused tokens: the permitted ones among the top candidates, when there are
+  // any (else the sequence falls back on its allowed list below).
+  std::vector<std::vector<size_t>> permitted_top(step.sampled.size());
+  for (size_t i = 0; i < step.sampled.size(); ++i) {
+    const proto::SequenceWork& work = *step.sampled[i];
+    if (work.refused_tokens_size() == 0 || work.candidates_only()) continue;
+    std::vector<int32_t> refused(work.refused_tokens().begin(), work.refused_tokens().end());
+    std::sort(refused.begin(), refused.end());
+    const int32_t* ids = top.ids.data() + i * static_cast<size_t>(k);
+    for (int j = 0; j < k; ++j)
+      if (ids[j] >= 0 && !std::binary_search(refused.begin(), refused.end(), ids[j])) permitted_top[i].push_back(static_cast<size_t>(j));
+  }
+
   // Constrained rows: the unmasked log-probabilities of every allowed token, fetched for the whole
   // step at once (the allowed lists are short; nothing else leaves the device).
   std::vector<int32_t> masked_rows, masked_tokens;
   std::vector<size_t> masked_begin(step.sampled.size() + 1, 0);
   for (size_t i = 0; i < step.sampled.size(); ++i) {
     masked_begin[i] = masked_tokens.size();
+    if (!permitted_top[i].empty()) continue;
     std::vector<int32_t> allowed(step.sampled[i]->allowed_tokens().begin(), step.sampled[i]->allowed_tokens().end());
     std::sort(allowed.begin(), allowed.end());
     allowed.erase(std::unique(allowed.begin(), allowed.end()), allowed.end());
@@ -285,7 +305,22 @@ proto::StepResult Engine::run(const proto::StepPlan& plan) {
     const int64_t position = static_cast<int64_t>(work.num_cached()) + work.tokens_size();
     proto::SampledToken* out = result.add_samples();
     out->set_sequence_id(work.sequence_id());
-    if (masked_begin[i] < masked_begin[i + 1]) {
+    if (!permitted_top[i].empty()) {
+      // The permitted tokens among the top candidates, in their order (most likely first).
+      std::vector<int32_t> cand_ids;
+      std::vector<float> cand_lp;
+      for (const size_t j : permitted_top[i]) {
+        cand_ids.push_back(ids[j]);
+        cand_lp.push_back(logprobs[j]);
+      }
+      const int32_t token = sample_token(work.sampling(), position, cand_ids.data(), cand_lp.data(), static_cast<int>(cand_ids.size()));
+      out->set_token(token);
+      for (size_t j = 0; j < cand_ids.size(); ++j)
+        if (cand_ids[j] == token) {
+          out->set_logprob(cand_lp[j]);
+          break;
+        }
+    } else if (masked_begin[i] < masked_begin[i + 1]) {
       // The mask: only the allowed tokens are candidates, ordered as top_logprobs orders (largest
       // first, lowest id on ties), so greedy takes the most likely allowed token and temperature /
       // top-p sampling renormalizes over them with the same (seed, position) draw.

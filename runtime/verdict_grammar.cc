@@ -1,125 +1,184 @@
 #include "runtime/verdict_grammar.h"
 
 #include <algorithm>
+#include <array>
+#include <deque>
 #include <stdexcept>
-#include <unordered_set>
 
 namespace arbiter {
 namespace {
 
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
-
-void add_unique(std::vector<std::string>& out, std::string answer) {
-  if (std::find(out.begin(), out.end(), answer) == out.end()) out.push_back(std::move(answer));
-}
+constexpr int kFar = std::numeric_limits<int>::max();
 
 }  // namespace
 
-std::vector<std::string> verdict_answers(const std::vector<std::string>& labels) {
-  std::vector<std::string> base;
-  if (!labels.empty()) {
-    // The label parser compares the trimmed answer with each label: a label that is empty or starts
-    // or ends with whitespace can never be the answer, so it has no well-formed spelling.
-    for (const std::string& label : labels)
-      if (!label.empty() && !is_space(label.front()) && !is_space(label.back())) add_unique(base, label);
-  } else {
-    // A policy without labels is read as 0/1 or as a JSON verdict, whichever the answer looks like
-    // (Classifier::interpret); the grammar admits both and the model picks by its first token.
-    base = {"0", "1", "{\"violation\": 0}", "{\"violation\": 1}", "{\"violation\":0}", "{\"violation\":1}"};
-  }
-  std::vector<std::string> answers;
-  for (const std::string& a : base) add_unique(answers, a);
-  for (const std::string& a : base) add_unique(answers, " " + a);  // every parser trims the answer
-  return answers;
-}
+std::vector<std::string> verdict_answers(const std::vector<std::string>& labels) { return label_answers(labels); }
 
-VerdictGrammar::VerdictGrammar(const Tokenizer& tokenizer, std::vector<std::string> answers, int32_t stop)
+VerdictGrammar::VerdictGrammar(const Tokenizer& tokenizer, const std::vector<std::string>& answers, int32_t stop)
+    : VerdictGrammar(tokenizer, answers.empty() ? throw std::invalid_argument("VerdictGrammar: no answers")
+                                                : answers_automaton(answers),
+                     stop) {}
+
+VerdictGrammar::VerdictGrammar(const Tokenizer& tokenizer, const AnswerAutomaton& a, int32_t stop)
     : tokenizer_(&tokenizer), stop_(stop) {
-  for (std::string& a : answers) {
-    if (a.empty()) throw std::invalid_argument("VerdictGrammar: an empty answer");
-    if (std::find(answers_.begin(), answers_.end(), a) == answers_.end()) answers_.push_back(std::move(a));
-  }
-  if (answers_.empty()) throw std::invalid_argument("VerdictGrammar: no answers");
-
-  // The byte trie: node 0 is the empty text; each answer's path ends at a complete node.
-  nodes_.push_back(Node{});
-  bytes_.emplace_back();
-  std::vector<std::vector<int>> paths;  // per answer: the node at each depth 0..size
-  for (const std::string& a : answers_) {
-    std::vector<int> path = {0};
-    int node = 0;
-    for (const char c : a) {
-      const unsigned char b = static_cast<unsigned char>(c);
-      int next = child(node, b);
-      if (next < 0) {
-        next = static_cast<int>(nodes_.size());
-        Node n;
-        n.text = nodes_[static_cast<size_t>(node)].text + c;
-        nodes_.push_back(std::move(n));
-        bytes_.emplace_back();
-        bytes_[static_cast<size_t>(node)].emplace_back(b, next);
-      }
-      node = next;
-      path.push_back(node);
+  const size_t n = a.num_states();
+  // Distance to a whole answer, by a breadth-first search backwards from the complete states; a
+  // state with none (kFar) is dead: no token may lead into it.
+  std::vector<std::vector<int>> into(n);
+  for (size_t s = 0; s < n; ++s)
+    for (int b = 0; b < 256; ++b)
+      if (const int t = a.next(static_cast<int>(s), static_cast<unsigned char>(b)); t >= 0)
+        into[static_cast<size_t>(t)].push_back(static_cast<int>(s));
+  std::vector<int> distance(n, kFar);
+  std::deque<int> queue;
+  for (size_t s = 0; s < n; ++s)
+    if (a.complete(static_cast<int>(s))) {
+      distance[s] = 0;
+      queue.push_back(static_cast<int>(s));
     }
-    nodes_[static_cast<size_t>(node)].complete = true;
-    paths.push_back(std::move(path));
-  }
-
-  // Token edges: a token whose bytes are the answer's bytes [d, d + L) leads from the node at depth
-  // d to the node at depth d + L. Every answer through a node is tried, so every way to spell every
-  // answer with the vocabulary's tokens is covered.
-  const size_t longest = std::max<size_t>(1, tokenizer.max_token_bytes());
-  std::vector<std::unordered_set<int32_t>> seen(nodes_.size());
-  for (size_t i = 0; i < answers_.size(); ++i) {
-    const std::string& a = answers_[i];
-    for (size_t d = 0; d < a.size(); ++d) {
-      const int from = paths[i][d];
-      for (size_t len = 1; len <= std::min(longest, a.size() - d); ++len) {
-        const auto token = tokenizer.token_of_bytes(std::string_view(a).substr(d, len));
-        if (!token || *token == stop_ || !seen[static_cast<size_t>(from)].insert(*token).second) continue;
-        nodes_[static_cast<size_t>(from)].next.emplace_back(*token, paths[i][d + len]);
+  while (!queue.empty()) {
+    const int t = queue.front();
+    queue.pop_front();
+    for (const int s : into[static_cast<size_t>(t)])
+      if (distance[static_cast<size_t>(s)] == kFar) {
+        distance[static_cast<size_t>(s)] = distance[static_cast<size_t>(t)] + 1;
+        queue.push_back(s);
       }
+  }
+  if (distance[static_cast<size_t>(a.start())] == kFar) throw std::invalid_argument("VerdictGrammar: no whole answer");
+  auto live = [&](int s) { return s >= 0 && distance[static_cast<size_t>(s)] != kFar; };
+
+  // The live states reachable from the start, numbered in breadth-first order (the start is 0), each
+  // with the shortest text that reaches it.
+  std::vector<int> index(n, -1);
+  std::vector<int> order = {a.start()};
+  index[static_cast<size_t>(a.start())] = 0;
+  states_.emplace_back();
+  for (size_t i = 0; i < order.size(); ++i) {
+    const int s = order[i];
+    for (int b = 0; b < 256; ++b) {
+      const int t = a.next(s, static_cast<unsigned char>(b));
+      if (!live(t) || index[static_cast<size_t>(t)] >= 0) continue;
+      index[static_cast<size_t>(t)] = static_cast<int>(order.size());
+      order.push_back(t);
+      State next;
+      next.text = states_[i].text + static_cast<char>(b);
+      states_.push_back(std::move(next));
     }
   }
-  for (Node& n : nodes_) {
-    std::sort(n.next.begin(), n.next.end());
-    for (const auto& [token, to] : n.next) n.allowed.push_back(token);
-    if (n.complete) n.allowed.push_back(stop_);
-    std::sort(n.allowed.begin(), n.allowed.end());
-    // A node every answer passes through without any token spelling its next bytes cannot happen
-    // for a byte-level vocabulary (every single byte is a token); say so if a tokenizer lacks one.
-    if (n.allowed.empty()) throw std::invalid_argument("VerdictGrammar: no token continues '" + n.text + "'");
+
+  // The vocabulary's ordinary tokens by first byte: a state only looks at the tokens whose first
+  // byte it takes.
+  std::array<std::vector<int32_t>, 256> by_first;
+  for (int32_t id = 0; id < tokenizer.num_ranks(); ++id) {
+    const auto bytes = tokenizer.token_bytes(id);
+    if (bytes && !bytes->empty() && id != stop_) by_first[static_cast<unsigned char>(bytes->front())].push_back(id);
+  }
+  const size_t vocab = static_cast<size_t>(tokenizer.vocab_size());
+  for (size_t i = 0; i < order.size(); ++i) {
+    const int s = order[i];
+    State& state = states_[i];
+    state.complete = a.complete(s);
+    state.distance = distance[static_cast<size_t>(s)];
+    for (int b = 0; b < 256; ++b) {
+      const int first = a.next(s, static_cast<unsigned char>(b));
+      if (!live(first)) continue;
+      for (const int32_t id : by_first[static_cast<size_t>(b)]) {
+        const std::string_view bytes = *tokenizer.token_bytes(id);
+        int t = first;
+        for (size_t k = 1; k < bytes.size() && live(t); ++k) t = a.next(t, static_cast<unsigned char>(bytes[k]));
+        if (live(t)) state.next.emplace_back(id, index[static_cast<size_t>(t)]);
+      }
+    }
+    std::sort(state.next.begin(), state.next.end());
+    // The allowed tokens, the distance they lead to descending (then by id), the stop last.
+    std::vector<std::pair<int, int32_t>> by_distance;
+    by_distance.reserve(state.next.size() + 1);
+    for (const auto& [token, to] : state.next)
+      by_distance.emplace_back(distance[static_cast<size_t>(order[static_cast<size_t>(to)])], token);
+    if (state.complete) by_distance.emplace_back(-1, stop_);
+    std::sort(by_distance.begin(), by_distance.end(),
+              [](const auto& x, const auto& y) { return x.first != y.first ? x.first > y.first : x.second < y.second; });
+    // A state without a token that shortens its distance cannot happen for a byte-level vocabulary
+    // (every single byte is a token); say so if a tokenizer lacks one.
+    if (by_distance.empty() || by_distance.back().first >= state.distance)
+      throw std::invalid_argument("VerdictGrammar: no token continues '" + state.text + "'");
+    state.refusing = by_distance.size() > vocab / 2;
+    if (state.refusing) {
+      std::vector<int32_t> allowed;
+      for (const auto& [d, token] : by_distance) allowed.push_back(token);
+      std::sort(allowed.begin(), allowed.end());
+      for (int32_t id = 0; id < static_cast<int32_t>(vocab); ++id)
+        if (!std::binary_search(allowed.begin(), allowed.end(), id)) state.tokens.push_back(id);
+      state.never = state.tokens.size();
+    }
+    for (const auto& [d, token] : by_distance) {
+      state.tokens.push_back(token);
+      state.leads_to.push_back(d);
+    }
   }
 }
 
-int VerdictGrammar::child(int node, unsigned char byte) const {
-  for (const auto& [b, to] : bytes_[static_cast<size_t>(node)])
-    if (b == byte) return to;
-  return -1;
+std::shared_ptr<const VerdictGrammar> VerdictGrammar::for_labels(const Tokenizer& tokenizer,
+                                                                 const std::vector<std::string>& labels) {
+  if (!labels.empty() && label_answers(labels).empty()) return nullptr;
+  return std::make_shared<const VerdictGrammar>(tokenizer, verdict_automaton(labels));
 }
 
-std::span<const int32_t> VerdictGrammar::allowed(int state) const {
-  if (state < 0 || static_cast<size_t>(state) >= nodes_.size()) return {};
-  return nodes_[static_cast<size_t>(state)].allowed;
+const VerdictGrammar::State* VerdictGrammar::find(int state) const {
+  if (state < 0 || static_cast<size_t>(state) >= states_.size()) return nullptr;
+  return &states_[static_cast<size_t>(state)];
+}
+
+AnswerMask VerdictGrammar::mask(int state, int tokens_left) const {
+  const State* s = find(state);
+  if (!s) return {};
+  // Offer the tokens after which the answer can still be finished: those leading to a distance of
+  // at most tokens_left - 2 (the stop takes the last token). When the answer cannot be finished in
+  // time any more, offer the closing set, so that it comes as close as it can.
+  const int64_t limit = std::max<int64_t>(int64_t{tokens_left} - 2, int64_t{s->distance} - 1);
+  // leads_to is descending: the offered tokens are its tail.
+  const auto first = std::partition_point(s->leads_to.begin(), s->leads_to.end(), [&](int d) { return d > limit; });
+  const size_t offered_from = s->never + static_cast<size_t>(first - s->leads_to.begin());
+  const std::span<const int32_t> all(s->tokens);
+  const std::span<const int32_t> offered = all.subspan(offered_from);
+  if (!s->refusing || offered.size() <= all.size() / 2) return {offered, {}};
+  // Most of the vocabulary: send what is refused (everything before the offered tokens), with the
+  // closing set (the tokens leading closer than this state) to fall back on.
+  const auto closing = std::partition_point(s->leads_to.begin(), s->leads_to.end(), [&](int d) { return d >= s->distance; });
+  return {all.subspan(s->never + static_cast<size_t>(closing - s->leads_to.begin())), all.first(offered_from)};
+}
+
+std::vector<int32_t> VerdictGrammar::allowed(int state) const {
+  const State* s = find(state);
+  if (!s) return {};
+  std::vector<int32_t> out(s->tokens.begin() + static_cast<std::ptrdiff_t>(s->never), s->tokens.end());
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 int VerdictGrammar::advance(int state, int32_t token) const {
-  if (state < 0 || static_cast<size_t>(state) >= nodes_.size()) return kInvalid;
-  const Node& n = nodes_[static_cast<size_t>(state)];
-  if (token == stop_) return n.complete ? kDone : kInvalid;
-  const auto it = std::lower_bound(n.next.begin(), n.next.end(), std::make_pair(token, -1));
-  return it != n.next.end() && it->first == token ? it->second : kInvalid;
+  const State* s = find(state);
+  if (!s) return kInvalid;
+  if (token == stop_) return s->complete ? kDone : kInvalid;
+  const auto it = std::lower_bound(s->next.begin(), s->next.end(), std::make_pair(token, -1));
+  return it != s->next.end() && it->first == token ? it->second : kInvalid;
 }
 
 bool VerdictGrammar::complete(int state) const {
-  return state >= 0 && static_cast<size_t>(state) < nodes_.size() && nodes_[static_cast<size_t>(state)].complete;
+  const State* s = find(state);
+  return s && s->complete;
+}
+
+int VerdictGrammar::distance(int state) const {
+  const State* s = find(state);
+  return s ? s->distance : kFar;
 }
 
 const std::string& VerdictGrammar::text(int state) const {
   static const std::string none;
-  if (state < 0 || static_cast<size_t>(state) >= nodes_.size()) return none;
-  return nodes_[static_cast<size_t>(state)].text;
+  const State* s = find(state);
+  return s ? s->text : none;
 }
 
 FinalAnswerTracker::FinalAnswerTracker(std::shared_ptr<const VerdictGrammar> grammar)
@@ -142,9 +201,9 @@ void FinalAnswerTracker::push(int32_t token) {
   }
 }
 
-std::span<const int32_t> FinalAnswerTracker::allowed() const {
+AnswerMask FinalAnswerTracker::mask(int tokens_left) const {
   if (!active()) return {};
-  return grammar_->allowed(state_);
+  return grammar_->mask(state_, tokens_left);
 }
 
 }  // namespace arbiter

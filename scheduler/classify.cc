@@ -512,9 +512,7 @@ std::shared_ptr<const VerdictGrammar> Classifier::final_grammar(const ClassifyPo
     const auto it = grammars_.find(policy.labels);
     if (it != grammars_.end()) return it->second;
   }
-  std::vector<std::string> answers = verdict_answers(policy.labels);
-  std::shared_ptr<const VerdictGrammar> grammar;
-  if (!answers.empty()) grammar = std::make_shared<const VerdictGrammar>(tokenizer_, std::move(answers));
+  std::shared_ptr<const VerdictGrammar> grammar = VerdictGrammar::for_labels(tokenizer_, policy.labels);
   const std::lock_guard<std::mutex> lock(grammar_mutex_);
   if (grammars_.size() >= kMaxCachedPrefixes) grammars_.clear();  // many distinct label sets: start over
   grammars_.emplace(policy.labels, grammar);
@@ -556,6 +554,7 @@ SubmitStatus Classifier::submit(const ClassifyRequest& request, ClassifyPrompts 
   spec.id = request.id;
   spec.deadline = request.deadline;
   spec.continuation = request.continuation;
+  spec.background = request.background;
   spec.sequences = std::move(prompts.sequences);
   // The request is kept without its content (the callbacks need the policies and the id only).
   auto kept = std::make_shared<ClassifyRequest>();
@@ -932,6 +931,7 @@ SubmitStatus Classifier::submit_score(const ClassifyRequest& request, ClassifyPr
   spec.id = request.id;
   spec.deadline = request.deadline;
   spec.continuation = request.continuation;
+  spec.background = request.background;
   spec.sequences = std::move(prompts.sequences);
   auto results_of = [kept](size_t policy, const std::vector<SequenceResult>& all) {
     std::vector<const SequenceResult*> mine;

@@ -83,6 +83,8 @@ struct ClassifyRequest {
   // Work that was admitted before (a cascade's next stage): not refused for a full queue
   // (RequestSpec::continuation).
   bool continuation = false;
+  // Background work (a job item): placed after waiting foreground work (RequestSpec::background).
+  bool background = false;
 };
 
 // Token counts of one policy's sequence (or their sums over a request).

@@ -59,6 +59,7 @@ void run_events(Events& events) {
 struct RequestState {
   std::string id;
   std::optional<Clock::time_point> deadline;
+  bool background = false;
   std::function<void(int, const GeneratedToken&)> on_token;
   std::function<void(int, const SequenceResult&)> on_sequence_done;
   std::function<void(std::vector<SequenceResult>)> on_done;
@@ -108,6 +109,7 @@ struct Sequence {
 
   int pending() const { return static_cast<int>(tokens.size()) - num_computed; }
   int generated() const { return static_cast<int>(result.tokens.size()); }
+  bool background() const { return request && request->background; }
 };
 
 }  // namespace
@@ -135,13 +137,14 @@ struct Scheduler::State {
   std::vector<std::unordered_map<uint64_t, int>> computing;
   std::vector<std::vector<Sequence*>> planned;         // per rank: the step in flight
   int queued = 0;                                      // queued_requests(), kept between steps
+  int placements_without_background = 0;               // foreground placements while background work waited
   uint64_t next_sequence_id = 1;
   uint64_t next_placement = 1;
   SchedulerStats stats;
 
   explicit State(const SchedulerOptions& o) : options(o) {
     if (o.num_ranks < 1 || o.blocks_per_rank < 2 || o.block_size < 1 || o.max_step_tokens < 1 ||
-        o.max_step_samples < 1 || o.max_prefill_chunk < 1 || o.max_context < 2 || o.max_queued_requests < 1)
+        o.max_step_samples < 1 || o.max_prefill_chunk < 1 || o.max_context < 2 || o.max_queued_requests < 1 || o.background_every < 1)
       throw std::invalid_argument("SchedulerOptions: sizes and limits must be positive (blocks_per_rank >= 2)");
     max_context = std::min(o.max_context, (o.blocks_per_rank - 1) * o.block_size);
     for (int r = 0; r < o.num_ranks; ++r) caches.emplace_back(o.blocks_per_rank, o.block_size);
@@ -358,11 +361,13 @@ struct Scheduler::State {
     return true;
   }
 
-  // The sequence to preempt on `rank`: the most recently placed one not in this step's plan.
+  // The sequence to preempt on `rank`: the most recently placed one not in this step's plan,
+  // background work first.
   Sequence* pick_victim(int rank) const {
     const auto& seqs = placed[static_cast<size_t>(rank)];
-    for (auto it = seqs.rbegin(); it != seqs.rend(); ++it)
-      if ((*it)->planned_tokens == 0) return *it;
+    for (const bool background : {true, false})
+      for (auto it = seqs.rbegin(); it != seqs.rend(); ++it)
+        if ((*it)->planned_tokens == 0 && (!background || (*it)->background())) return *it;
     return nullptr;
   }
 
@@ -527,8 +532,25 @@ struct Scheduler::State {
     }
   }
 
-  // Places waiting sequences (first come first served) and plans their first chunk where the rank
-  // has budget left.
+  // The waiting sequences in the order they are offered a rank: foreground first, then background,
+  // each first come first served; but when background work has waited through background_every - 1
+  // placements, its oldest sequence goes first.
+  std::vector<Sequence*> admission_order() const {
+    std::vector<Sequence*> queue;
+    queue.reserve(waiting.size());
+    for (Sequence* s : waiting)
+      if (!s->background()) queue.push_back(s);
+    const size_t foreground = queue.size();
+    for (Sequence* s : waiting)
+      if (s->background()) queue.push_back(s);
+    if (foreground < queue.size() && placements_without_background + 1 >= options.background_every)
+      std::rotate(queue.begin(), queue.begin() + static_cast<std::ptrdiff_t>(foreground),
+                  queue.begin() + static_cast<std::ptrdiff_t>(foreground) + 1);
+    return queue;
+  }
+
+  // Places waiting sequences (in admission_order()) and plans their first chunk where the rank has
+  // budget left.
   void admit_waiting(std::vector<Budget>& budgets, Events& events) {
     std::vector<int64_t> backlog(static_cast<size_t>(options.num_ranks), 0);
     std::vector<int> running(static_cast<size_t>(options.num_ranks), 0);
@@ -536,7 +558,7 @@ struct Scheduler::State {
       for (const Sequence* s : placed[static_cast<size_t>(r)]) backlog[static_cast<size_t>(r)] += s->pending() - s->planned_tokens;
       running[static_cast<size_t>(r)] = static_cast<int>(placed[static_cast<size_t>(r)].size());
     }
-    const std::vector<Sequence*> queue(waiting.begin(), waiting.end());
+    const std::vector<Sequence*> queue = admission_order();
     bool blocked = false;  // a request sequence could not be placed: later ones wait their turn
     for (Sequence* s : queue) {
       if (s->finished || s->preempted_at_step == stats.steps) continue;
@@ -558,6 +580,9 @@ struct Scheduler::State {
       const int rank = placement.rank;
       place(*s, std::move(placement));
       std::erase(waiting, s);
+      if (s->background()) placements_without_background = 0;
+      else if (std::any_of(waiting.begin(), waiting.end(), [](const Sequence* w) { return w->background(); }))
+        ++placements_without_background;
       backlog[static_cast<size_t>(rank)] += s->pending();
       ++running[static_cast<size_t>(rank)];
       Budget& budget = budgets[static_cast<size_t>(rank)];
@@ -587,8 +612,11 @@ struct Scheduler::State {
           *work->mutable_sampling() = s->spec.sampling;
           work->set_top_logprobs(s->spec.top_logprobs);
           if (s->final_answer && s->final_answer->active()) {
-            const auto allowed = s->final_answer->allowed();
-            work->mutable_allowed_tokens()->Add(allowed.begin(), allowed.end());
+            // The answer must end within the tokens this sequence may still generate.
+            const int left = std::min(s->spec.max_new_tokens - s->generated(), max_context - static_cast<int>(s->tokens.size()));
+            const AnswerMask mask = s->final_answer->mask(left);
+            work->mutable_allowed_tokens()->Add(mask.allowed.begin(), mask.allowed.end());
+            work->mutable_refused_tokens()->Add(mask.refused.begin(), mask.refused.end());
           }
           work->mutable_candidate_tokens()->Add(s->spec.candidate_tokens.begin(), s->spec.candidate_tokens.end());
           work->set_candidates_only(s->spec.candidates_only);
@@ -684,6 +712,7 @@ SubmitStatus Scheduler::submit(RequestSpec request, std::string* why) {
   auto state = std::make_shared<RequestState>();
   state->id = request.id;
   state->deadline = request.deadline;
+  state->background = request.background;
   state->on_token = std::move(request.on_token);
   state->on_sequence_done = std::move(request.on_sequence_done);
   state->on_done = std::move(request.on_done);

@@ -105,6 +105,10 @@ struct RequestSpec {
   // The continuation of work admitted before (a cascade's next stage): never refused with kQueueFull,
   // so an admitted request cannot fail half-way for a queue that filled up after it.
   bool continuation = false;
+  // Background work (a job item): its sequences are placed after the foreground ones waiting with
+  // them, except that one in every SchedulerOptions::background_every placements is background
+  // work while some waits (so jobs never starve), and they are preempted first.
+  bool background = false;
   // Optional streaming: called after each step with each new token of sequence `index`.
   std::function<void(int index, const GeneratedToken& token)> on_token;
   // Optional: called once per sequence as soon as sequence `index` finishes (for any reason), with
@@ -129,6 +133,8 @@ struct SchedulerOptions {
   int max_context = 8192;       // prompt + generated tokens of one sequence (capped at what one
                                 // rank's blocks hold: (blocks_per_rank - 1) * block_size)
   int max_queued_requests = 1024;  // requests with a sequence still waiting for a rank
+  // While background sequences wait, at least one in this many placements is one of them.
+  int background_every = 8;
   bool prefix_caching = true;
   // Routing: a new sequence goes to the rank with the least estimated work, counting the tokens it
   // must compute there (its prompt minus what that rank caches), the prompt tokens still to compute

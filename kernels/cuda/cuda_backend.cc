@@ -1114,6 +1114,13 @@ void CudaBackend::linear(const Tensor& x, const Tensor& weight, const Tensor& bi
 
 }  // namespace
 
+void cuda_copy_on_stream(void* dst, const void* src, size_t bytes, void* stream) {
+  cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)),
+             "cudaMemcpyAsync (device to device)");
+}
+
+void cuda_wait_stream(void* stream) { cuda_check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize"); }
+
 int cuda_device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {

@@ -1,7 +1,8 @@
 // The CUDA backend's expert-parallel dispatch and combine (moe_dispatch_pack, moe_combine) against
 // the CPU backend's: the same counts, slots, receive-side ids and weights, packed rows and sums, to
 // the bit (the rows are bf16 values on both; the sums run in fp32 in the same order). And NcclComm's
-// device-buffer exchange with one rank. Every test skips, visibly, without a GPU.
+// device-buffer exchange with one rank, and thread ranks that share one GPU (device-to-device
+// exchange, and the model split over them against one rank). Every test skips, visibly, without a GPU.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -9,7 +10,11 @@
 #include <set>
 
 #include "parallel/mpi_comm.h"
+#include "parallel/thread_comm.h"
+#include "runtime/generate.h"
+#include "runtime/model.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/test_util.h"
 #if ARBITER_WITH_NCCL
 #include <cuda_runtime.h>
 
@@ -22,6 +27,9 @@ namespace {
 using gpu_testing::paired;
 using gpu_testing::raw_paired;
 using gpu_testing::read_f32;
+using gpu_testing::cosine;
+using gpu_testing::golden_cases;
+using gpu_testing::golden_dir;
 using gpu_testing::read_raw;
 
 struct Case {
@@ -90,6 +98,82 @@ TEST(GpuDispatch, PackAndCombineEqualCpu) {
     std::vector<float> cpu_out = read_f32(cpu, out.cpu);
     for (float& v : cpu_out) v = gpu_testing::bf16_round(v);
     EXPECT_EQ(read_f32(*gpu, out.gpu), cpu_out);
+  }
+}
+
+// Thread ranks that share one GPU exchange device buffers by device-to-device copies on their own
+// streams (ThreadComm with a DeviceCopy): a two-part exchange lands where all_to_all_v puts it.
+TEST(GpuDispatch, ThreadRanksOnOneGpuExchangeDeviceBuffers) {
+  ARBITER_SKIP_WITHOUT_GPU();
+  for (const int n : {2, 3}) {
+    run_thread_ranks(
+        n,
+        [&](Communicator& comm) {
+          ASSERT_TRUE(comm.takes_device_buffers());
+          auto gpu = make_backend("cuda:0");
+          const int me = comm.rank();
+          // Rank r sends r + p + 1 ints to rank p, each r * 100 + p; and one int r to every rank.
+          std::vector<int32_t> a, b;
+          std::vector<size_t> sa, ra, sb(static_cast<size_t>(n), 4), rb(static_cast<size_t>(n), 4);
+          for (int p = 0; p < n; ++p) {
+            sa.push_back(static_cast<size_t>(me + p + 1) * 4);
+            ra.push_back(static_cast<size_t>(p + me + 1) * 4);
+            for (int i = 0; i < me + p + 1; ++i) a.push_back(me * 100 + p);
+            b.push_back(me);
+          }
+          const auto da = raw_paired(*gpu, *gpu, DType::kI32, {static_cast<int64_t>(a.size())}, a);
+          const auto db = raw_paired(*gpu, *gpu, DType::kI32, {n}, b);
+          size_t recv_a = 0;
+          for (const size_t c : ra) recv_a += c;
+          DeviceBuffer xa = gpu->allocate(recv_a), xb = gpu->allocate(static_cast<size_t>(n) * 4);
+          const Communicator::Part parts[] = {{da.gpu.data, sa, xa.data(), ra}, {db.gpu.data, sb, xb.data(), rb}};
+          comm.all_to_all_v_parts_device(parts, gpu->native_stream());
+          std::vector<int32_t> want_a, want_b;
+          for (int p = 0; p < n; ++p) {
+            for (int i = 0; i < p + me + 1; ++i) want_a.push_back(p * 100 + me);
+            want_b.push_back(p);
+          }
+          EXPECT_EQ(read_raw<int32_t>(*gpu, xa.view(DType::kI32, {static_cast<int64_t>(recv_a / 4)})), want_a);
+          EXPECT_EQ(read_raw<int32_t>(*gpu, xb.view(DType::kI32, {n})), want_b);
+        },
+        default_comm_timeout(), DeviceCopy{device_copy_on_stream, device_wait_stream});
+  }
+}
+
+// The model with its experts split over 2 and 3 thread ranks on one GPU (device-resident exchange)
+// gives the one-rank logits on every golden case (every row's cosine >= 0.999).
+TEST(GpuDispatch, ThreadRanksOnOneGpuEqualOneRank) {
+  ARBITER_SKIP_WITHOUT_GPU();
+  const auto cases = golden_cases();
+  ASSERT_FALSE(cases.empty()) << "no golden cases under " << golden_dir();
+  for (const auto& g : cases) {
+    SCOPED_TRACE(g.name);
+    const ModelConfig config = load_model_config(g.dir + "/config.json");
+    const size_t V = static_cast<size_t>(config.vocab_size);
+    Checkpoint ck(g.dir);
+    std::vector<float> one;
+    {
+      auto gpu = make_backend("cuda:0");
+      Model model(config, ck, *gpu, testing::small_model_options());
+      one = compute_all_logits(model, g.tokens);
+    }
+    for (const int ranks : {2, 3}) {
+      std::vector<float> split;
+      run_thread_ranks(
+          ranks,
+          [&](Communicator& comm) {
+            auto gpu = make_backend("cuda:0");
+            ModelOptions o = testing::small_model_options();
+            o.comm = &comm;
+            Model model(config, ck, *gpu, o);
+            if (comm.rank() == 0) split = compute_all_logits(model, g.tokens);
+            model.serve_peers();
+          },
+          default_comm_timeout(), DeviceCopy{device_copy_on_stream, device_wait_stream});
+      ASSERT_EQ(split.size(), one.size());
+      for (size_t row = 0; row < one.size() / V; ++row)
+        EXPECT_GE(cosine(split.data() + row * V, one.data() + row * V, V), 0.999) << ranks << " ranks, row " << row;
+    }
   }
 }
 

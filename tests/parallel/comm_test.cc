@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
+#include <stdexcept>
 #include <numeric>
 
 #include "parallel/thread_comm.h"
@@ -15,7 +17,7 @@ namespace {
 size_t count_for(int from, int to, size_t scale) { return ((from * 7 + to * 3) % 5) * scale; }
 uint8_t byte_for(int from, int to, size_t i) { return static_cast<uint8_t>(from * 31 + to * 17 + i * 13); }
 
-void check_all_to_all(Communicator& c, size_t scale) {
+void check_all_to_all(Communicator& c, size_t scale, void* device_stream = nullptr) {
   const int n = c.size(), me = c.rank();
   std::vector<size_t> send_counts(static_cast<size_t>(n)), recv_counts(static_cast<size_t>(n));
   std::vector<uint8_t> send;
@@ -26,7 +28,12 @@ void check_all_to_all(Communicator& c, size_t scale) {
   }
   EXPECT_EQ(exchange_counts(c, send_counts), recv_counts);
   std::vector<uint8_t> recv(std::accumulate(recv_counts.begin(), recv_counts.end(), size_t{0}), 0xee);
-  c.all_to_all_v(send.data(), send_counts, recv.data(), recv_counts);
+  if (device_stream) {
+    const Communicator::Part part{send.data(), send_counts, recv.data(), recv_counts};
+    c.all_to_all_v_parts_device({&part, 1}, device_stream);
+  } else {
+    c.all_to_all_v(send.data(), send_counts, recv.data(), recv_counts);
+  }
   size_t at = 0;
   for (int p = 0; p < n; ++p)
     for (size_t i = 0; i < recv_counts[static_cast<size_t>(p)]; ++i, ++at)
@@ -46,6 +53,43 @@ TEST(ThreadComm, AllToAllVUnevenCounts) {
 
 TEST(ThreadComm, AllToAllVLargeMessages) {
   run_thread_ranks(2, [](Communicator& c) { check_all_to_all(c, size_t{6} << 20); });  // up to 24 MiB per peer
+}
+
+// Ranks that share a device exchange its buffers through the group's DeviceCopy (memcpy here, as
+// cudaMemcpyAsync on one GPU): every copy and wait on the caller's stream, the same bytes as the
+// host exchange; a copy that fails fails every rank instead of hanging; without a DeviceCopy the
+// device exchange is refused.
+TEST(ThreadComm, DeviceBuffersOfASharedDevice) {
+  std::atomic<int> copies{0}, waits{0}, wrong_stream{0};
+  int streams[5];
+  DeviceCopy copy{[&](void* dst, const void* src, size_t bytes, void* stream) {
+                    if (stream < static_cast<void*>(&streams[0]) || stream > static_cast<void*>(&streams[4])) ++wrong_stream;
+                    ++copies;
+                    std::memcpy(dst, src, bytes);
+                  },
+                  [&](void*) { ++waits; }};
+  for (int n : {1, 2, 3, 5}) {
+    run_thread_ranks(
+        n,
+        [&](Communicator& c) {
+          EXPECT_TRUE(c.takes_device_buffers());
+          check_all_to_all(c, 11, &streams[c.rank()]);
+        },
+        default_comm_timeout(), copy);
+  }
+  EXPECT_GT(copies.load(), 0);
+  EXPECT_GT(waits.load(), 0);
+  EXPECT_EQ(wrong_stream.load(), 0);
+
+  DeviceCopy failing{[](void*, const void*, size_t, void*) {}, [](void*) { throw std::runtime_error("device lost"); }};
+  EXPECT_THROW(run_thread_ranks(3, [&](Communicator& c) { check_all_to_all(c, 5, &streams[c.rank()]); }, 5.0, failing),
+               std::exception);
+  run_thread_ranks(2, [&](Communicator& c) {
+    EXPECT_FALSE(c.takes_device_buffers());
+    const std::vector<size_t> zeros(2, 0);
+    const Communicator::Part part{nullptr, zeros, nullptr, zeros};
+    EXPECT_THROW(c.all_to_all_v_parts_device({&part, 1}, nullptr), std::exception);
+  });
 }
 
 TEST(ThreadComm, ManyPeers) {

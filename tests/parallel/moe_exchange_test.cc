@@ -169,14 +169,25 @@ class DefaultOpsDevice final : public FakeExperts {
   }
 };
 
+// Buffers a transport can only take as device buffers (the CPU backend's operations in place, with
+// a stream of its own): the dispatcher hands them to all_to_all_v_parts_device.
+char kFakeStream = 0;
+class DeviceLike final : public FakeExperts {
+ public:
+  using FakeExperts::FakeExperts;
+  bool host_memory() const override { return false; }
+  void* native_stream() override { return &kFakeStream; }
+};
+
 struct DispatchCase {
   int ranks, experts, rows;
   std::string placement;  // empty: contiguous
   int max_expert;         // routing draws experts from [0, max_expert] (the owners of higher ones receive nothing)
 };
 
-// The backend-operation path (CPU backend in place; the Backend defaults staged through the host)
-// gives the host-staged path's bits: same rows, same order of additions. Rank 1 has no tokens.
+// The backend-operation path (CPU backend in place; the Backend defaults staged through the host;
+// device buffers exchanged by thread ranks that share a device) gives the host-staged path's bits:
+// same rows, same order of additions. Rank 1 has no tokens.
 TEST(MoeDispatcher, BackendOpsEqualHostStagedBitForBit) {
   const int K = 4, H = 24;
   const std::vector<DispatchCase> cases = {
@@ -192,6 +203,18 @@ TEST(MoeDispatcher, BackendOpsEqualHostStagedBitForBit) {
                                                : ExpertPlacement::parse(c.placement, "test placement");
     std::mutex mu;
     std::vector<std::string> failures;
+    // Device buffers shared by thread ranks (as on one GPU), here host memory moved by memcpy: the
+    // dispatcher's device path (buffers exchanged where they are, on the backend's stream).
+    std::atomic<int> device_copies{0}, wrong_streams{0};
+    DeviceCopy memcpy_copy{[&](void* dst, const void* src, size_t bytes, void* stream) {
+                             if (stream != &kFakeStream) ++wrong_streams;
+                             ++device_copies;
+                             std::memcpy(dst, src, bytes);
+                           },
+                           [&](void* stream) {
+                             if (stream != &kFakeStream) ++wrong_streams;
+                           }};
+    for (const bool device_group : {false, true})
     run_thread_ranks(c.ranks, [&](Communicator& comm) {
       const int me = comm.rank();
       const int64_t rows = me == 1 ? 0 : c.rows + me % 2;  // uneven, and rank 1 empty
@@ -237,13 +260,23 @@ TEST(MoeDispatcher, BackendOpsEqualHostStagedBitForBit) {
         return std::make_pair(out, d.traffic());
       };
       const auto [want, want_traffic] = run(direct, MoeDispatcher::Path::kHostStaged, c.rows + 1);
-      const auto [ops, ops_traffic] = run(direct, MoeDispatcher::Path::kBackendOps, c.rows + 1);
-      const auto [grown, grown_traffic] = run(direct, MoeDispatcher::Path::kBackendOps, 0);
-      const auto [dflt, dflt_traffic] = run(staged, MoeDispatcher::Path::kBackendOps, c.rows + 1);
-      std::string why;
       auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
         return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
       };
+      std::string why;
+      if (device_group) {
+        DeviceLike device_like(cpu, mine);
+        if (!same(run(device_like, MoeDispatcher::Path::kBackendOps, c.rows + 1).first, want))
+          why += " device-buffer exchange differs;";
+        if (!why.empty()) {
+          std::lock_guard lk(mu);
+          failures.push_back("rank " + std::to_string(me) + ":" + why);
+        }
+        return;
+      }
+      const auto [ops, ops_traffic] = run(direct, MoeDispatcher::Path::kBackendOps, c.rows + 1);
+      const auto [grown, grown_traffic] = run(direct, MoeDispatcher::Path::kBackendOps, 0);
+      const auto [dflt, dflt_traffic] = run(staged, MoeDispatcher::Path::kBackendOps, c.rows + 1);
       if (!same(ops, want)) why += " cpu ops differ;";
       if (!same(grown, want)) why += " cpu ops (grown buffers) differ;";
       if (!same(dflt, want)) why += " default ops staged differ;";
@@ -259,9 +292,11 @@ TEST(MoeDispatcher, BackendOpsEqualHostStagedBitForBit) {
         std::lock_guard lk(mu);
         failures.push_back("rank " + std::to_string(me) + ":" + why);
       }
-    });
+    }, default_comm_timeout(), device_group ? std::optional<DeviceCopy>(memcpy_copy) : std::nullopt);
     EXPECT_TRUE(failures.empty()) << c.ranks << " ranks, " << c.rows << " rows, placement '" << c.placement
                                   << "': " << ::testing::PrintToString(failures);
+    EXPECT_GT(device_copies.load(), 0) << "the device-buffer run must exchange through the DeviceCopy";
+    EXPECT_EQ(wrong_streams.load(), 0) << "copies and waits go on the backend's stream";
   }
 }
 

@@ -5,6 +5,8 @@
 // they were.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -61,6 +63,14 @@ const std::vector<std::vector<std::string>>& label_sets() {
   return sets;
 }
 
+// The label sets alone: formats with a finite list of answers.
+std::vector<std::vector<std::string>> finite_sets() {
+  std::vector<std::vector<std::string>> sets;
+  for (const auto& labels : label_sets())
+    if (!labels.empty()) sets.push_back(labels);
+  return sets;
+}
+
 // The bytes of a token ("" for specials, which never spell an answer).
 std::string bytes_of(int32_t id) {
   if (tokenizer().is_special(id)) return "";
@@ -78,20 +88,19 @@ bool is_answer_prefix(const std::vector<std::string>& answers, const std::string
 // Grammars.
 
 TEST(VerdictGrammar, AnswersPerFormat) {
-  const auto binary = verdict_answers({});
+  const AnswerAutomaton binary = verdict_automaton({});
   for (const std::string a : {"0", "1", " 0", " 1", "{\"violation\": 0}", "{\"violation\":1}", " {\"violation\": 1}"})
-    EXPECT_NE(std::find(binary.begin(), binary.end(), a), binary.end()) << a;
+    EXPECT_TRUE(binary.accepts(a)) << a;
+  EXPECT_TRUE(verdict_answers({}).empty());  // free text: no finite list
   EXPECT_EQ(verdict_answers({"A", "B"}), (std::vector<std::string>{"A", "B", " A", " B"}));
   // Labels the parser could never match have no spelling; none left: nothing to constrain.
   EXPECT_EQ(verdict_answers({"", " X", "Y\n", "Z"}), (std::vector<std::string>{"Z", " Z"}));
   EXPECT_TRUE(verdict_answers({" X"}).empty());
+  EXPECT_EQ(VerdictGrammar::for_labels(tokenizer(), {" X"}), nullptr);
   // Every answer is one the classifier's parsers accept.
-  for (const auto& labels : label_sets())
+  for (const auto& labels : finite_sets())
     for (const auto& a : verdict_answers(labels)) {
-      const std::string_view t = a;
-      const bool json = t.find('{') != std::string_view::npos;
-      const Verdict v = !labels.empty() ? parse_label_verdict(a, labels)
-                                        : (json ? parse_json_verdict(a) : parse_binary_verdict(a));
+      const Verdict v = parse_label_verdict(a, labels);
       EXPECT_TRUE(v.ok()) << a << ": " << v.error;
     }
 }
@@ -99,7 +108,7 @@ TEST(VerdictGrammar, AnswersPerFormat) {
 // Every state's allowed ids equal a scan of the whole vocabulary: the tokens whose bytes keep the
 // text a prefix of some answer, plus the stop token exactly where the text is a whole answer.
 TEST(VerdictGrammar, EveryStateAdmitsExactlyTheTokensThatStayInsideAnAnswer) {
-  for (const auto& labels : label_sets()) {
+  for (const auto& labels : finite_sets()) {
     const auto answers = verdict_answers(labels);
     const VerdictGrammar g(tokenizer(), answers);
     std::vector<std::string> vocab(static_cast<size_t>(tokenizer().vocab_size()));
@@ -141,7 +150,7 @@ TEST(VerdictGrammar, EveryStateAdmitsExactlyTheTokensThatStayInsideAnAnswer) {
 // Each answer's canonical tokenization is accepted token by token, the stop token only at the end
 // (or where a shorter answer ends), and then nothing.
 TEST(VerdictGrammar, EveryAnswerIsAcceptedTokenByTokenWithTheStopOnlyAtItsEnd) {
-  for (const auto& labels : label_sets()) {
+  for (const auto& labels : finite_sets()) {
     const auto answers = verdict_answers(labels);
     const VerdictGrammar g(tokenizer(), answers);
     for (const std::string& a : answers) {
@@ -163,34 +172,150 @@ TEST(VerdictGrammar, EveryAnswerIsAcceptedTokenByTokenWithTheStopOnlyAtItsEnd) {
   }
 }
 
-// Random walks through the allowed sets always end in a parseable verdict.
-TEST(VerdictGrammar, RandomWalksEndInParseableVerdicts) {
+// Random walks through the masks always end in a parseable verdict, within the tokens they were
+// given: with a few tokens left only the closing set is offered, so free text ends in time.
+TEST(VerdictGrammar, RandomWalksEndInParseableVerdictsWithinTheirTokens) {
   std::mt19937 rng(7);
   for (const auto& labels : label_sets()) {
-    const VerdictGrammar g(tokenizer(), verdict_answers(labels));
+    const auto g = VerdictGrammar::for_labels(tokenizer(), labels);
+    ASSERT_TRUE(g);
+    int long_walks = 0;
     for (int walk = 0; walk < 300; ++walk) {
-      int state = g.start();
+      const int budget = g->distance(g->start()) + 1 + static_cast<int>(rng() % 60);
+      int state = g->start();
       std::string text;
-      for (int steps = 0; state >= 0; ++steps) {
-        ASSERT_LT(steps, 64);
-        const auto allowed = g.allowed(state);
-        ASSERT_FALSE(allowed.empty());
-        const int32_t t = allowed[std::uniform_int_distribution<size_t>(0, allowed.size() - 1)(rng)];
+      int steps = 0;
+      for (; state >= 0; ++steps) {
+        ASSERT_LT(steps, budget) << text;
+        const AnswerMask mask = g->mask(state, budget - steps);
+        ASSERT_FALSE(mask.allowed.empty());
+        int32_t t;
+        if (!mask.refused.empty() && rng() % 4 != 0) {
+          // Most of the vocabulary: draw until a permitted token comes up.
+          std::vector<char> refused(static_cast<size_t>(tokenizer().vocab_size()), 0);
+          for (const int32_t r : mask.refused) refused[static_cast<size_t>(r)] = 1;
+          do t = static_cast<int32_t>(rng() % static_cast<uint32_t>(tokenizer().num_ranks()));
+          while (refused[static_cast<size_t>(t)]);
+        } else {
+          t = mask.allowed[std::uniform_int_distribution<size_t>(0, mask.allowed.size() - 1)(rng)];
+        }
+        ASSERT_TRUE(g->allows(state, t)) << text;
         if (t != harmony_ids::kReturn) text += bytes_of(t);
-        state = g.advance(state, t);
+        state = g->advance(state, t);
       }
       ASSERT_EQ(state, VerdictGrammar::kDone);
+      if (steps > 8) ++long_walks;
       const bool json = text.find('{') != std::string::npos;
       const Verdict v = !labels.empty() ? parse_label_verdict(text, labels)
                                         : (json ? parse_json_verdict(text) : parse_binary_verdict(text));
-      EXPECT_TRUE(v.ok()) << text;
+      EXPECT_TRUE(v.ok()) << text << ": " << v.error;
+    }
+    if (labels.empty()) {
+      EXPECT_GT(long_walks, 0) << "the JSON verdict's free text should make some walks long";
     }
   }
 }
 
+// The JSON verdict's automaton against the parser: every verdict the guide's shape allows (random
+// members, strings with escapes and any Unicode, numbers, compact or indented) is accepted, and
+// every text it accepts (valid verdicts mutated at random, byte by byte) is one the parser reads.
+TEST(AnswerAutomaton, JsonVerdictAcceptsTheGuideShapeAndOnlyParseableText) {
+  const AnswerAutomaton a = verdict_automaton({});
+  std::mt19937 rng(3);
+  auto random_text = [&] {
+    static const std::vector<std::string> pieces = {"H2.f", " ", "quote \"", "back\\slash", "\n", "\t", "é",
+                                                    "违规", "🙂", "ctl\x01", "/", "a", "Z9"};
+    std::string out;
+    for (int i = 0, n = static_cast<int>(rng() % 6); i < n; ++i) out += pieces[rng() % pieces.size()];
+    return out;
+  };
+  std::vector<std::string> valid;
+  for (int i = 0; i < 400; ++i) {
+    nlohmann::ordered_json v;
+    v["violation"] = static_cast<int>(rng() % 2);
+    if (rng() % 2) v["policy_category"] = rng() % 3 ? nlohmann::ordered_json(random_text()) : nlohmann::ordered_json(nullptr);
+    if (rng() % 2) {
+      nlohmann::ordered_json ids = nlohmann::ordered_json::array();
+      for (int k = 0, n = static_cast<int>(rng() % 3); k < n; ++k) ids.push_back(random_text());
+      v["rule_ids"] = ids;
+    }
+    if (rng() % 2) {
+      const int kind = static_cast<int>(rng() % 3);
+      v["confidence"] = kind == 0 ? nlohmann::ordered_json("high") : kind == 1 ? nlohmann::ordered_json(0.75) : nlohmann::ordered_json(-3);
+    }
+    if (rng() % 2) v["rationale"] = random_text();
+    const std::string text = (rng() % 2 ? " " : "") + v.dump(rng() % 2 ? -1 : 2, ' ', rng() % 2 == 0);
+    EXPECT_TRUE(a.accepts(text)) << text;
+    valid.push_back(text);
+  }
+  for (const std::string bad : {"{\"violation\": 2}", "{\"rationale\": \"x\"}", "{\"violation\": 1, \"x\": 1}",
+                                "{\"violation\": 1, \"rationale\": \"\xff\"}", "{\"violation\": 1, \"rationale\": \"\\ud800\"}",
+                                "{\"violation\": 1, \"rationale\": \"a\nb\"}", "{\"violation\": 1,}", "{\"violation\": 01}",
+                                "{\"violation\": 1}}", "{\"violation\": 1, \"confidence\": 1.}", "{\"violation\":         1}"})
+    EXPECT_FALSE(a.accepts(bad)) << bad;
+  int accepted_mutants = 0;
+  for (int i = 0; i < 20000; ++i) {
+    std::string text = valid[rng() % valid.size()];
+    for (int m = 0, n = 1 + static_cast<int>(rng() % 3); m < n && !text.empty(); ++m) {
+      const size_t at = rng() % text.size();
+      static const std::string alphabet = "{}[]\",:\\ \n01-.eEnulvx\xc3\xa9\xff\x80";
+      switch (rng() % 3) {
+        case 0: text[at] = alphabet[rng() % alphabet.size()]; break;
+        case 1: text.erase(at, 1); break;
+        default: text.insert(at, 1, alphabet[rng() % alphabet.size()]); break;
+      }
+    }
+    if (!a.accepts(text)) continue;
+    ++accepted_mutants;
+    const Verdict v = text.find('{') != std::string::npos ? parse_json_verdict(text) : parse_binary_verdict(text);
+    EXPECT_TRUE(v.ok()) << text << ": " << v.error;
+  }
+  EXPECT_GT(accepted_mutants, 100);  // the mutations do reach accepted texts other than the originals
+}
+
+// The JSON grammar's states all lead to a whole answer, and its masks are the tokens whose bytes
+// stay inside the automaton (checked against a scan of the vocabulary on a sample of states).
+TEST(VerdictGrammar, JsonMasksEqualAScanOfTheVocabulary) {
+  const AnswerAutomaton a = verdict_automaton({});
+  const VerdictGrammar g(tokenizer(), a);
+  std::vector<std::string> vocab(static_cast<size_t>(tokenizer().vocab_size()));
+  for (int32_t id = 0; id < tokenizer().vocab_size(); ++id) vocab[static_cast<size_t>(id)] = bytes_of(id);
+  int refusing = 0;
+  for (int state = 0; state < static_cast<int>(g.num_states()); state += 7) {
+    const int from = a.run(g.text(state));
+    ASSERT_GE(from, 0) << g.text(state);
+    EXPECT_LT(g.distance(state), 1000);
+    std::vector<int32_t> expected;
+    for (int32_t id = 0; id < tokenizer().vocab_size(); ++id) {
+      const std::string& b = vocab[static_cast<size_t>(id)];
+      if (!b.empty() && a.run(b, from) >= 0) expected.push_back(id);
+    }
+    if (a.complete(from)) expected.push_back(harmony_ids::kReturn);
+    std::sort(expected.begin(), expected.end());
+    EXPECT_EQ(g.allowed(state), expected) << "state '" << g.text(state) << "'";
+    const AnswerMask mask = g.mask(state);
+    if (!mask.refused.empty()) {
+      ++refusing;
+      for (const int32_t t : mask.refused) EXPECT_FALSE(std::binary_search(expected.begin(), expected.end(), t));
+      EXPECT_EQ(mask.refused.size() + expected.size(), static_cast<size_t>(tokenizer().vocab_size()));
+    }
+    // The closing set shortens the distance, and is what is left when the tokens run out.
+    const AnswerMask closing = g.mask(state, g.distance(state) + 1);
+    EXPECT_TRUE(closing.refused.empty());
+    ASSERT_FALSE(closing.allowed.empty());
+    for (const int32_t t : closing.allowed) {
+      if (t == harmony_ids::kReturn) continue;
+      const int next = g.advance(state, t);
+      ASSERT_GE(next, 0);
+      EXPECT_LT(g.distance(next), g.distance(state));
+    }
+  }
+  EXPECT_GT(refusing, 0) << "string contents allow most of the vocabulary and are sent as refused tokens";
+}
+
 // The tracker constrains the final channel's content only, however its header came.
 TEST(FinalAnswerTracker, ConstrainsOnlyTheFinalContent) {
-  auto g = std::make_shared<const VerdictGrammar>(tokenizer(), verdict_answers({}));
+  auto g = VerdictGrammar::for_labels(tokenizer(), {});
   auto push_text = [&](FinalAnswerTracker& t, const std::string& text) {
     for (const int32_t id : tokenizer().encode_with_specials(text)) t.push(id);
   };
@@ -205,10 +330,11 @@ TEST(FinalAnswerTracker, ConstrainsOnlyTheFinalContent) {
     EXPECT_FALSE(t.active());  // still in the header
     push_text(t, "<|message|>");
     ASSERT_TRUE(t.active());
-    EXPECT_EQ(std::vector<int32_t>(t.allowed().begin(), t.allowed().end()),
-              std::vector<int32_t>(g->allowed(0).begin(), g->allowed(0).end()));
+    std::vector<int32_t> first(t.mask().allowed.begin(), t.mask().allowed.end());
+    std::sort(first.begin(), first.end());
+    EXPECT_EQ(first, g->allowed(0));
     push_text(t, "1");
-    EXPECT_EQ(std::vector<int32_t>(t.allowed().begin(), t.allowed().end()), std::vector<int32_t>{harmony_ids::kReturn});
+    EXPECT_EQ(std::vector<int32_t>(t.mask().allowed.begin(), t.mask().allowed.end()), std::vector<int32_t>{harmony_ids::kReturn});
     t.push(harmony_ids::kReturn);
     EXPECT_FALSE(t.active());
     EXPECT_EQ(t.state(), VerdictGrammar::kDone);
@@ -220,7 +346,19 @@ TEST(FinalAnswerTracker, ConstrainsOnlyTheFinalContent) {
     EXPECT_TRUE(t.active());
     push_text(t, "{\"violation\": 0");
     EXPECT_TRUE(t.active());
-    EXPECT_EQ(std::vector<int32_t>(t.allowed().begin(), t.allowed().end()), tokenizer().encode("}"));
+    // The object may close or go on with an optional member; with two tokens left it must close.
+    const auto allowed = g->allowed(t.state());
+    for (const std::string ok : {"}", ",", ", \"", " "})
+      EXPECT_TRUE(std::binary_search(allowed.begin(), allowed.end(), tokenizer().encode(ok).at(0))) << ok;
+    EXPECT_FALSE(std::binary_search(allowed.begin(), allowed.end(), tokenizer().encode("x").at(0)));
+    // With two tokens left: only tokens that close the object ("}", " }"), then the stop.
+    const AnswerMask last = t.mask(2);
+    ASSERT_FALSE(last.allowed.empty());
+    EXPECT_NE(std::find(last.allowed.begin(), last.allowed.end(), tokenizer().encode("}").at(0)), last.allowed.end());
+    for (const int32_t id : last.allowed) EXPECT_TRUE(g->complete(g->advance(t.state(), id))) << bytes_of(id);
+    push_text(t, ", \"rationale\": \"Buy now");
+    EXPECT_FALSE(t.mask().refused.empty());  // free text: most tokens allowed
+    EXPECT_TRUE(t.mask(3).refused.empty());  // three tokens left: close the string and the object
   }
   {
     // A token outside the grammar (an engine that did not mask) leaves the rest free.
@@ -228,7 +366,7 @@ TEST(FinalAnswerTracker, ConstrainsOnlyTheFinalContent) {
     push_text(t, "<|channel|>final<|message|>maybe");
     EXPECT_FALSE(t.active());
     EXPECT_EQ(t.state(), VerdictGrammar::kInvalid);
-    EXPECT_TRUE(t.allowed().empty());
+    EXPECT_TRUE(t.mask().empty());
   }
 }
 
@@ -333,7 +471,8 @@ TEST(ConstrainedSampling, TheMaskPicksAmongTheAllowedAndReportsTheUnmaskedDistri
   for (int64_t i = 0; i < vocab; ++i) z += std::exp(last[i] - max);
   auto logprob = [&](int32_t t) { return last[t] - max - std::log(z); };
 
-  auto step = [&](const std::vector<int32_t>& allowed, const proto::Sampling& sampling) {
+  auto step = [&](const std::vector<int32_t>& allowed, const proto::Sampling& sampling,
+                  const std::vector<int32_t>& refused = {}) {
     proto::StepPlan plan;
     proto::SequenceWork* w = plan.add_sequences();
     w->set_sequence_id(1);
@@ -344,6 +483,7 @@ TEST(ConstrainedSampling, TheMaskPicksAmongTheAllowedAndReportsTheUnmaskedDistri
     *w->mutable_sampling() = sampling;
     w->set_top_logprobs(5);
     w->mutable_allowed_tokens()->Add(allowed.begin(), allowed.end());
+    w->mutable_refused_tokens()->Add(refused.begin(), refused.end());
     return s.engine().run(plan).samples(0);
   };
   const proto::SampledToken free = step({}, proto::Sampling());
@@ -372,6 +512,29 @@ TEST(ConstrainedSampling, TheMaskPicksAmongTheAllowedAndReportsTheUnmaskedDistri
     drawn.insert(x.token());
   }
   EXPECT_GT(drawn.size(), 1u);  // a high temperature spreads over them
+  // A mask given by its refused tokens: greedy takes the most likely token not refused.
+  std::vector<int32_t> by_logit(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < vocab; ++i) by_logit[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  std::stable_sort(by_logit.begin(), by_logit.end(), [&](int32_t a, int32_t b) { return last[a] > last[b]; });
+  const std::vector<int32_t> fallback = {by_logit[500], by_logit[900]};
+  const proto::SampledToken third = step(fallback, proto::Sampling(), {by_logit[0], by_logit[1]});
+  EXPECT_EQ(third.token(), by_logit[2]);
+  EXPECT_NEAR(third.logprob(), logprob(by_logit[2]), 1e-3);
+  // Temperature sampling never draws a refused token.
+  for (uint64_t seed = 0; seed < 32; ++seed) {
+    proto::Sampling t;
+    t.set_temperature(5.0f);
+    t.set_seed(seed);
+    const int32_t x = step(fallback, t, {by_logit[0], by_logit[1], by_logit[2]}).token();
+    EXPECT_TRUE(x != by_logit[0] && x != by_logit[1] && x != by_logit[2]) << x;
+  }
+  // Every one of the candidates the sampler looks at refused: the fallback list decides.
+  const std::vector<int32_t> top_refused(by_logit.begin(), by_logit.begin() + 200);
+  const proto::SampledToken fell_back = step(fallback, proto::Sampling(), top_refused);
+  EXPECT_EQ(fell_back.token(), by_logit[500]);
+  EXPECT_NEAR(fell_back.logprob(), logprob(by_logit[500]), 1e-3);
+  EXPECT_THROW(step({}, proto::Sampling(), {by_logit[0]}), std::invalid_argument);  // nothing to fall back on
+  EXPECT_THROW(step(fallback, proto::Sampling(), {static_cast<int32_t>(vocab)}), std::invalid_argument);
   // An id outside the vocabulary is a malformed plan.
   EXPECT_THROW(step({-1}, proto::Sampling()), std::invalid_argument);
   EXPECT_THROW(step({static_cast<int32_t>(vocab)}, proto::Sampling()), std::invalid_argument);

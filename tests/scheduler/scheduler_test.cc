@@ -576,6 +576,49 @@ TEST(Scheduler, CancellationFinishesTheWholeRequest) {
   h.expect_all_blocks_released();
 }
 
+// Background work (job items) waits behind foreground work, yet one placement in every
+// background_every goes to it while it waits; its outputs are unchanged.
+TEST(Scheduler, BackgroundWorkGoesAfterForegroundWorkButIsNeverStarved) {
+  SchedulerOptions o = small_options();
+  o.max_step_samples = 1;  // one sequence placed at a time: the placement order is the finishing order
+  o.background_every = 4;
+  Harness h(o);
+  auto submit = [&](const std::string& id, uint32_t seed, bool background) {
+    RequestSpec r;
+    r.id = id;
+    r.background = background;
+    r.sequences = {make_spec(tokens_from(seed, 6), 3)};
+    r.on_done = [&h, id](std::vector<SequenceResult> results) {
+      EXPECT_EQ(results.at(0).finish, FinishReason::kLength);
+      h.done_order.push_back(id);
+    };
+    std::string why;
+    ASSERT_EQ(h.scheduler.submit(std::move(r), &why), SubmitStatus::kAccepted) << why;
+  };
+  for (int i = 0; i < 3; ++i) submit("b" + std::to_string(i), 100 + static_cast<uint32_t>(i), true);
+  for (int i = 0; i < 10; ++i) submit("f" + std::to_string(i), 200 + static_cast<uint32_t>(i), false);
+  h.run();
+  EXPECT_EQ(h.done_order, (std::vector<std::string>{"f0", "f1", "f2", "b0", "f3", "f4", "f5", "b1", "f6", "f7", "f8", "b2", "f9"}));
+  h.expect_all_blocks_released();
+
+  // Alone, background work runs as any other.
+  Harness alone(o);
+  h.done_order.clear();
+  for (int i = 0; i < 3; ++i) {
+    RequestSpec r;
+    r.id = "b" + std::to_string(i);
+    r.background = true;
+    r.sequences = {make_spec(tokens_from(100 + static_cast<uint32_t>(i), 6), 3)};
+    r.on_done = [&alone, i](std::vector<SequenceResult> results) {
+      expect_matches_reference(results.at(0), make_spec(tokens_from(100 + static_cast<uint32_t>(i), 6), 3), alone.rules, 200);
+      alone.done_order.push_back("b" + std::to_string(i));
+    };
+    ASSERT_EQ(alone.scheduler.submit(std::move(r)), SubmitStatus::kAccepted);
+  }
+  alone.run();
+  EXPECT_EQ(alone.done_order, (std::vector<std::string>{"b0", "b1", "b2"}));
+}
+
 TEST(Scheduler, DeadlinesEndRequests) {
   Harness h(small_options());
   ASSERT_EQ(h.submit("past", {make_spec(tokens_from(1, 8), 50)}, Clock::now() - std::chrono::milliseconds(1)), SubmitStatus::kAccepted);

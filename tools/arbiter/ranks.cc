@@ -1,5 +1,6 @@
 #include "tools/arbiter/ranks.h"
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -30,12 +31,21 @@ void run_ranks(const CliArgs& args, const std::function<void(const CliArgs&, con
   if (!mpi) {
     check_world(ranks);
     if (ranks == 1) return body(args, base);
-    return run_thread_ranks(ranks, [&](Communicator& comm) {
-      const CliArgs own = args;
-      RankContext rc = base;
-      rc.comm = &comm;
-      body(own, rc);
-    });
+    // Thread ranks on a GPU share it: they exchange device buffers by device-to-device copies.
+    const std::string* device = args.peek("device");
+    const bool on_gpu = device ? (*device == "cuda" || device->rfind("cuda:", 0) == 0 || (*device == "auto" && gpu_count() > 0))
+                               : gpu_count() > 0;
+    std::optional<DeviceCopy> copy;
+    if (on_gpu) copy = DeviceCopy{device_copy_on_stream, device_wait_stream};
+    return run_thread_ranks(
+        ranks,
+        [&](Communicator& comm) {
+          const CliArgs own = args;
+          RankContext rc = base;
+          rc.comm = &comm;
+          body(own, rc);
+        },
+        default_comm_timeout(), std::move(copy));
   }
   if (args.has("ranks")) throw std::invalid_argument("--ranks is for --transport threads; under mpirun use -np");
   MpiComm mpi_comm;
