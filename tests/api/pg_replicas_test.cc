@@ -172,7 +172,7 @@ TEST_F(PgReplicas, PoliciesAndDecisionsAreSharedAndSurviveARestart) {
     EXPECT_EQ(put2.body["version"], 2);
     EXPECT_EQ(call(a->port(), "GET", "/v1/policies/spam", "", "key-one").body["version"], 2);
     // The decision b made is read from a.
-    const Reply list = call(a->port(), "GET", "/v1/decisions?policy_id=spam", "", "key-admin");
+    const Reply list = call(a->port(), "GET", "/v1/decisions?policy=spam", "", "key-admin");
     ASSERT_EQ(list.status, 200) << list.raw;
     ASSERT_EQ(list.body["data"].size(), 1u) << list.raw;
     decision_id = list.body["data"][0]["id"];

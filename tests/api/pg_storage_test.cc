@@ -322,7 +322,13 @@ TEST(PgPolicies, TwoRegistriesShareVersionsWithUniqueNumbers) {
 TEST(PgUtil, AnUnreachableDatabaseIsStorageUnavailable) {
   ARBITER_REQUIRE_PG();
   // A loopback port nothing listens on (bound and closed).
-  EXPECT_THROW(pg::Connection("postgresql://postgres@127.0.0.1:1/none", "test db"), StorageUnavailable);
+  try {
+    pg::Connection("postgresql://postgres:hunter2@127.0.0.1:1/none", "test db");
+    ADD_FAILURE() << "connected to nothing";
+  } catch (const StorageUnavailable& e) {
+    EXPECT_EQ(std::string(e.what()).find("hunter2"), std::string::npos) << e.what();  // the password is never shown
+    EXPECT_NE(std::string(e.what()).find("postgresql://postgres:***@127.0.0.1:1/none"), std::string::npos) << e.what();
+  }
   PgTestDatabase db;
   pg::Connection c(db.url(), "test db");
   c.exec("SELECT 1");
