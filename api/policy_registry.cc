@@ -299,7 +299,9 @@ void PolicyRegistry::pg_put(const PolicyDraft& draft, Entry& e, bool& created) {
                to_json_array(draft.violating_labels), draft.description, pg::param(now_seconds()), pipeline.dump()});
     t.commit();
     pg_sync();
-    e = policies_[draft.id].back();
+    // Ours by its number: another replica may have stored a later version since the commit.
+    for (const Entry& stored : policies_[draft.id])
+      if (stored.policy.version == version) e = stored;
     created = true;
   });
 }
