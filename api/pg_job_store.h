@@ -20,6 +20,7 @@
 
 namespace arbiter::api {
 
+// The PostgreSQL JobStore of one replica (see the top of this file). Thread-safe.
 class PgJobStore : public JobStore {
  public:
   // Connects to `url` (and migrates the schema, api/pg_util.h); `lease`: how long a claim holds
