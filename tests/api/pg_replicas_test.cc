@@ -1,7 +1,7 @@
 // Replicas of `arbiter serve` on one PostgreSQL database, end to end (label postgres; skipped,
 // saying so, without ARBITER_TEST_PG): two replicas share a 500-item job, both run items and every
 // item has exactly one result; the same with one replica killed (kill -9) mid-job, its leased items
-// taken over once the lease ends; policies registered on one are served by the other, and the
+// taken over once the lease ends, and with one stopped (SIGTERM), its items handed back at once; policies registered on one are served by the other, and the
 // decisions both made are read from either and survive a restart; the database unavailable: 503
 // with Retry-After, and every decision acknowledged with a 200 is in the database.
 #include <gtest/gtest.h>
@@ -149,6 +149,27 @@ TEST_F(PgReplicas, AReplicaKilledMidJobLeavesItsItemsToTheOther) {
   EXPECT_EQ(done_by(db, a->server_pid()), 500 - by_b);
   EXPECT_EQ(db.value("SELECT count(*) FROM job_items WHERE state = 1"), "500");
   std::cout << "b stored " << by_b << " results and held " << leased << " leases when killed\n";
+}
+
+TEST_F(PgReplicas, AReplicaStoppedMidJobHandsItsItemsBackAtOnce) {
+  ARBITER_REQUIRE_PG();
+  PgTestDatabase db;
+  // Leases far longer than the test may wait: the job only finishes if b gives its items back.
+  auto a = start(db.url(), "stop-a.log", {"--job-lease-seconds", "3600"});
+  auto b = start(db.url(), "stop-b.log", {"--job-lease-seconds", "3600"});
+  const Reply r = call(a->port(), "POST", "/v1/jobs", job_of(300).dump(), "key-one");
+  ASSERT_EQ(r.status, 201) << r.raw;
+  const std::string id = r.body["id"];
+  const auto give_up = Clock::now() + std::chrono::seconds(240);
+  while (done_by(db, b->server_pid()) < 10 && Clock::now() < give_up) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  kill(b->server_pid(), SIGTERM);
+  EXPECT_EQ(b->wait_exit(60), 0) << b->log();
+  EXPECT_EQ(db.value("SELECT count(*) FROM job_items WHERE state = 0 AND split_part(leased_by, ':', 2) = '" +
+                     std::to_string(b->server_pid()) + "'"),
+            "0");
+  const json job = wait_job(a->port(), id, 240);
+  EXPECT_EQ(job["state"], "completed") << job.dump() << a->log();
+  expect_each_once(a->port(), id, 300);
 }
 
 TEST_F(PgReplicas, PoliciesAndDecisionsAreSharedAndSurviveARestart) {
