@@ -45,8 +45,7 @@ class PgTestDatabase {
   std::string value(const std::string& sql) const { return run(url_, sql); }
   // Runs `sql` on the server's maintenance database (e.g. to refuse or end connections).
   void admin(const std::string& sql) const { run(server_, sql); }
-
- private:
+  // The first value of `sql` run in the database at `url`.
   static std::string run(const std::string& url, const std::string& sql) {
     PGconn* c = PQconnectdb(url.c_str());
     if (PQstatus(c) != CONNECTION_OK) {
@@ -64,6 +63,8 @@ class PgTestDatabase {
     if (status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK) throw std::runtime_error("test database: " + sql + ": " + why);
     return out;
   }
+
+ private:
   std::string server_, name_, url_;
 };
 
