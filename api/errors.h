@@ -4,6 +4,7 @@
 #pragma once
 
 #include <exception>
+#include <stdexcept>
 #include <string>
 
 namespace arbiter::api {
@@ -26,6 +27,13 @@ class ApiException : public std::exception {
 
  private:
   ApiError error_;
+};
+
+// The database behind the server (PostgreSQL) cannot be reached now: the request is answered 503
+// with Retry-After, and nothing it would have stored is acknowledged.
+class StorageUnavailable : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
 };
 
 // 400 invalid_request_error.

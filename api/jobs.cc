@@ -169,6 +169,8 @@ JobSubmission parse_job_submission(const std::string& body, bool jsonl, size_t m
   return out;
 }
 
+std::string new_job_id() { return "job_" + random_hex(24); }
+
 nlohmann::json job_json(const JobInfo& j) {
   auto opt = [](const auto& v) { return v ? nlohmann::json(*v) : nlohmann::json(); };
   const int64_t done = j.completed + j.failed;
@@ -196,7 +198,7 @@ std::string webhook_body(const JobInfo& j) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// JobStore
+// SqliteJobStore
 
 namespace {
 constexpr const char* kJobColumns =
@@ -232,7 +234,7 @@ std::optional<JobInfo> job_where(sqlite3* db, const std::string& where, const st
 }
 }  // namespace
 
-JobStore::JobStore(const std::string& path) {
+SqliteJobStore::SqliteJobStore(const std::string& path) {
   const int rc = sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
   if (rc != SQLITE_OK) {
     const std::string why = db_ ? sqlite3_errmsg(db_) : "out of memory";
@@ -270,9 +272,9 @@ JobStore::JobStore(const std::string& path) {
   }
 }
 
-JobStore::~JobStore() { sqlite3_close(db_); }
+SqliteJobStore::~SqliteJobStore() { sqlite3_close(db_); }
 
-JobInfo JobStore::create(const std::string& owner, const JobSubmission& sub, const std::string& request_sha256, bool& created) {
+JobInfo SqliteJobStore::create(const std::string& owner, const JobSubmission& sub, const std::string& request_sha256, bool& created) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Transaction t(db_, kWhat);
   if (sub.idempotency_key) {
@@ -284,7 +286,7 @@ JobInfo JobStore::create(const std::string& owner, const JobSubmission& sub, con
       return *existing;
     }
   }
-  const std::string id = "job_" + random_hex(24);
+  const std::string id = new_job_id();
   sqlite::Statement insert(db_,
                            "INSERT INTO jobs (id, owner, idempotency_key, webhook_url, request_sha256, state, total, created_at)"
                            " VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7)",
@@ -305,12 +307,12 @@ JobInfo JobStore::create(const std::string& owner, const JobSubmission& sub, con
   return *job;
 }
 
-std::optional<JobInfo> JobStore::get(const std::string& id) {
+std::optional<JobInfo> SqliteJobStore::get(const std::string& id) {
   std::lock_guard<std::mutex> lock(mutex_);
   return job_where(db_, "id = ?1", [&](sqlite::Statement& s) { s.bind(1, id); });
 }
 
-std::vector<JobInfo> JobStore::list(const std::optional<std::string>& owner, int64_t before_seq, size_t limit) {
+std::vector<JobInfo> SqliteJobStore::list(const std::optional<std::string>& owner, int64_t before_seq, size_t limit) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Statement s(db_,
                       std::string("SELECT ") + kJobColumns +
@@ -322,7 +324,7 @@ std::vector<JobInfo> JobStore::list(const std::optional<std::string>& owner, int
   return out;
 }
 
-std::optional<JobInfo> JobStore::cancel(const std::string& id, bool& changed) {
+std::optional<JobInfo> SqliteJobStore::cancel(const std::string& id, bool& changed) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Transaction t(db_, kWhat);
   auto job = job_where(db_, "id = ?1", [&](sqlite::Statement& s) { s.bind(1, id); });
@@ -343,7 +345,7 @@ std::optional<JobInfo> JobStore::cancel(const std::string& id, bool& changed) {
   return job;
 }
 
-std::vector<ClaimedItem> JobStore::claim(size_t n, const std::set<std::pair<int64_t, int64_t>>& busy) {
+std::vector<ClaimedItem> SqliteJobStore::claim(size_t n, const std::set<std::pair<int64_t, int64_t>>& busy) {
   std::lock_guard<std::mutex> lock(mutex_);
   // A read (no write lock: it does not wait for the decision log's commits); the write below only
   // when a job starts. Only this object writes job rows, under mutex_, so what is read stays true.
@@ -373,7 +375,7 @@ std::vector<ClaimedItem> JobStore::claim(size_t n, const std::set<std::pair<int6
   return out;
 }
 
-std::vector<JobInfo> JobStore::finish_items(const std::vector<ItemResult>& results) {
+std::vector<JobInfo> SqliteJobStore::finish_items(const std::vector<ItemResult>& results) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Transaction t(db_, kWhat);
   sqlite::Statement done(db_,
@@ -408,7 +410,7 @@ std::vector<JobInfo> JobStore::finish_items(const std::vector<ItemResult>& resul
   return jobs;
 }
 
-size_t JobStore::results(int64_t job_seq, int64_t after_index, size_t limit,
+size_t SqliteJobStore::results(int64_t job_seq, int64_t after_index, size_t limit,
                          const std::function<void(int64_t, const std::string&, int, const std::string&)>& row) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Statement s(db_,
@@ -421,7 +423,7 @@ size_t JobStore::results(int64_t job_seq, int64_t after_index, size_t limit,
   return n;
 }
 
-std::vector<JobInfo> JobStore::webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) {
+std::vector<JobInfo> SqliteJobStore::webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Statement s(db_, std::string("SELECT ") + kJobColumns + " FROM jobs WHERE webhook_state = 'pending' ORDER BY webhook_next_ms",
                       kWhat);
@@ -435,7 +437,7 @@ std::vector<JobInfo> JobStore::webhooks_due(int64_t now_ms, std::optional<int64_
   return out;
 }
 
-void JobStore::webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) {
+void SqliteJobStore::webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Statement s(db_,
                       "UPDATE jobs SET webhook_attempts = webhook_attempts + 1, webhook_state = ?2, webhook_next_ms = ?3 WHERE id = ?1",

@@ -1,8 +1,9 @@
 // Durable asynchronous classification jobs (docs/jobs.md): POST /v1/jobs takes many classify
 // bodies at once, a runner feeds them through the model behind synchronous traffic, and the results
 // are read back later (GET /v1/jobs/{id}/results). This file holds what does not depend on the
-// server: the submission parser (JSON or OpenAI batch JSONL), the SQLite store (jobs and items in
-// the decision log's database), the runner's worker threads, and the webhook sender with its HTTP
+// server: the submission parser (JSON or OpenAI batch JSONL), the store interface and its SQLite
+// implementation (jobs and items in the decision log's database; PostgreSQL in
+// api/pg_job_store.h), the runner's worker threads, and the webhook sender with its HTTP
 // client and HMAC signature.
 //
 // Exactly one result per item: an item is pending until the transaction that stores its result
@@ -34,7 +35,7 @@ namespace arbiter::api {
 
 // How jobs are stored, run and reported (from `arbiter serve` options).
 struct JobOptions {
-  std::string db;                        // SQLite file; "" : no jobs (the endpoints answer 404)
+  std::string db;                        // SQLite file or postgres:// URL; "" : no jobs (the endpoints answer 404)
   int max_items = 10000;                 // items per job
   int concurrency = 4;                   // job items in the scheduler at once
   std::vector<std::string> webhook_allow;  // URL prefixes a webhook_url must start with (none: no webhooks)
@@ -42,6 +43,9 @@ struct JobOptions {
   int webhook_attempts = 5;              // deliveries tried before the webhook is given up
   std::chrono::milliseconds webhook_backoff{500};  // before the 2nd try; doubled for each further one
   std::chrono::milliseconds webhook_timeout{5000};  // per delivery (connect, send, answer)
+  // PostgreSQL: how long an item (or a webhook) stays leased to the replica working on it after the
+  // replica last renewed the lease; a replica that dies leaves its items to others after this.
+  std::chrono::milliseconds lease{30000};
 };
 
 // One item as submitted: its caller's id and its /v1/classify body (JSON text).
@@ -105,6 +109,9 @@ struct JobInfo {
   bool finished() const { return state == "completed" || state == "failed" || state == "cancelled"; }
 };
 
+// A new job id: "job_" + 24 random hex digits.
+std::string new_job_id();
+
 // The job object of the API (GET /v1/jobs/{id}).
 nlohmann::json job_json(const JobInfo& job);
 
@@ -118,47 +125,70 @@ struct ClaimedItem {
   std::string body;
 };
 
-// Jobs and their items in SQLite (tables jobs and job_items, created if missing). Thread-safe.
+// One item's result: its HTTP status and response body.
+struct JobItemResult {
+  int64_t job_seq = 0;
+  int64_t index = 0;
+  int status = 200;
+  std::string response;
+};
+
+// Where jobs and their items are kept: SQLite (SqliteJobStore, below) or PostgreSQL shared by
+// several replicas (PgJobStore, api/pg_job_store.h). The runner, the webhook sender and the API see
+// only this. Implementations are thread-safe; every call is atomic.
 class JobStore {
  public:
-  explicit JobStore(const std::string& path);
-  ~JobStore();
-  JobStore(const JobStore&) = delete;
-  JobStore& operator=(const JobStore&) = delete;
+  using ItemResult = JobItemResult;
+  virtual ~JobStore() = default;
 
   // Stores a new job and its items in one transaction; when `owner` already has a job under the
   // submission's idempotency key, stores nothing and returns that job (created = false).
-  JobInfo create(const std::string& owner, const JobSubmission& submission, const std::string& request_sha256, bool& created);
-  std::optional<JobInfo> get(const std::string& id);
+  virtual JobInfo create(const std::string& owner, const JobSubmission& submission, const std::string& request_sha256, bool& created) = 0;
+  virtual std::optional<JobInfo> get(const std::string& id) = 0;
   // Newest first; owner nullopt: every owner's. `before_seq` > 0: only jobs stored before that one.
-  std::vector<JobInfo> list(const std::optional<std::string>& owner, int64_t before_seq, size_t limit);
+  virtual std::vector<JobInfo> list(const std::optional<std::string>& owner, int64_t before_seq, size_t limit) = 0;
   // Cancels a queued or running job: its pending items are dropped (they will not run). nullopt: no
   // such job; `changed` false: it had finished already.
-  std::optional<JobInfo> cancel(const std::string& id, bool& changed);
+  virtual std::optional<JobInfo> cancel(const std::string& id, bool& changed) = 0;
   // Up to `n` pending items of queued or running jobs (oldest job first) that are not in `busy`
-  // ({job_seq, index}); their jobs are marked running.
-  std::vector<ClaimedItem> claim(size_t n, const std::set<std::pair<int64_t, int64_t>>& busy);
-  // One item's result: its HTTP status and response body.
-  struct ItemResult {
-    int64_t job_seq = 0;
-    int64_t index = 0;
-    int status = 200;
-    std::string response;
-  };
+  // ({job_seq, index}: this process's items being run); their jobs are marked running. A store shared
+  // by several processes hands an item to one of them at a time (a lease).
+  virtual std::vector<ClaimedItem> claim(size_t n, const std::set<std::pair<int64_t, int64_t>>& busy) = 0;
   // Stores each item's result and marks it done, all in one transaction (the result and the done
   // mark together, so an item never has a result without being done, nor the reverse); an item that
-  // is not pending (done already, or its job was cancelled) is left as it is. Returns the jobs these
-  // items finished.
-  std::vector<JobInfo> finish_items(const std::vector<ItemResult>& results);
+  // is not pending (done already, or its job was cancelled) or, in a shared store, no longer leased
+  // to this process is left as it is. Returns the jobs these items finished.
+  virtual std::vector<JobInfo> finish_items(const std::vector<ItemResult>& results) = 0;
   // Calls `row` with up to `limit` done items after item `after_index` (-1: from the start), in
   // order: index, custom_id, status, response body. Returns how many it read.
-  size_t results(int64_t job_seq, int64_t after_index, size_t limit,
-                 const std::function<void(int64_t, const std::string&, int, const std::string&)>& row);
-  // Finished jobs whose webhook is pending and due at `now_ms`; and the soonest due time of any
-  // pending webhook (nullopt: none).
-  std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms);
+  virtual size_t results(int64_t job_seq, int64_t after_index, size_t limit,
+                         const std::function<void(int64_t, const std::string&, int, const std::string&)>& row) = 0;
+  // Finished jobs whose webhook is pending and due at `now_ms` (in a shared store: leased to this
+  // process until webhook_tried); and the soonest due time of any other pending webhook (nullopt:
+  // none).
+  virtual std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) = 0;
   // Records a delivery try: delivered, or failed and retried at `retry_ms` (nullopt: given up).
-  void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms);
+  virtual void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) = 0;
+};
+
+// Jobs and their items in SQLite (tables jobs and job_items, created if missing): one process.
+class SqliteJobStore : public JobStore {
+ public:
+  explicit SqliteJobStore(const std::string& path);
+  ~SqliteJobStore() override;
+  SqliteJobStore(const SqliteJobStore&) = delete;
+  SqliteJobStore& operator=(const SqliteJobStore&) = delete;
+
+  JobInfo create(const std::string& owner, const JobSubmission& submission, const std::string& request_sha256, bool& created) override;
+  std::optional<JobInfo> get(const std::string& id) override;
+  std::vector<JobInfo> list(const std::optional<std::string>& owner, int64_t before_seq, size_t limit) override;
+  std::optional<JobInfo> cancel(const std::string& id, bool& changed) override;
+  std::vector<ClaimedItem> claim(size_t n, const std::set<std::pair<int64_t, int64_t>>& busy) override;
+  std::vector<JobInfo> finish_items(const std::vector<ItemResult>& results) override;
+  size_t results(int64_t job_seq, int64_t after_index, size_t limit,
+                 const std::function<void(int64_t, const std::string&, int, const std::string&)>& row) override;
+  std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) override;
+  void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) override;
 
  private:
   std::mutex mutex_;

@@ -7,6 +7,10 @@
 // cascade that are JSON objects): a bad row
 // refuses start-up with the row named, rather than being dropped silently. A database that cannot
 // be written refuses start-up too, unless it is opened read-only (then put/remove throw).
+// Given a postgres:// URL instead, the policies live in PostgreSQL, shared by every replica on the
+// database: each read first fetches the rows changed since this process last looked (one indexed
+// query; usually none), so a version stored by another replica is served at once, and version
+// numbers are taken under a database lock, so they are unique across replicas.
 // Thread-safe.
 #pragma once
 
@@ -22,6 +26,9 @@
 struct sqlite3;
 
 namespace arbiter::api {
+namespace pg {
+class Connection;
+}
 
 // What a client submits for a policy (a new version of `id`).
 struct PolicyDraft {
@@ -53,7 +60,8 @@ struct PolicyRef {
 // The store of named, versioned policies (see the top of this file).
 class PolicyRegistry {
  public:
-  // db_path empty: in memory only. Otherwise opens (creating) the SQLite file and loads it; throws
+  // db_path empty: in memory only. A postgres:// or postgresql:// URL: PostgreSQL (see the top of
+  // this file; throws StorageUnavailable when it cannot be reached). Otherwise opens (creating) the SQLite file and loads it; throws
   // std::runtime_error when the file cannot be used: not writable (the file or its folder, where
   // SQLite keeps its journal), or a row the API could not serve. read_only: the file must exist;
   // it is only read, and put/remove throw std::logic_error.
@@ -80,7 +88,7 @@ class PolicyRegistry {
   // Deletes one version or, without a version, all of them; returns the versions deleted.
   std::vector<int> remove(const PolicyRef& ref);
 
-  bool persistent() const { return db_ != nullptr; }
+  bool persistent() const { return db_ != nullptr || pg_ != nullptr; }
   bool read_only() const { return read_only_; }
 
  private:
@@ -94,11 +102,20 @@ class PolicyRegistry {
     void operator()(sqlite3* db) const;
   };
   void load();
+  // A stored row checked (see the top of this file); throws naming the row when it is bad.
+  Entry checked_row(const std::string& id, int64_t version, const std::string& text, const std::string& labels,
+                    const std::string& violating_labels, const std::string& description, int64_t created, bool deleted,
+                    const std::string& pipeline) const;
+  // PostgreSQL: applies the rows changed since the last look to policies_ (mutex_ held).
+  void pg_sync() const;
+  void pg_put(const PolicyDraft& draft, Entry& e, bool& created);
   void exec(const std::string& sql) const;
   void check_writable();
 
   mutable std::mutex mutex_;
-  std::map<std::string, std::vector<Entry>> policies_;
+  mutable std::map<std::string, std::vector<Entry>> policies_;
+  std::unique_ptr<pg::Connection> pg_;  // PostgreSQL (null: SQLite or memory)
+  mutable int64_t pg_change_ = 0;       // the newest change applied from PostgreSQL
   std::unique_ptr<sqlite3, DbCloser> db_;
   std::string db_path_;
   bool read_only_ = false;

@@ -25,6 +25,9 @@
 #include "api/moderation_api.h"
 #include "api/pending.h"
 #include "api/percent_decode.h"
+#include "api/pg_decision_store.h"
+#include "api/pg_job_store.h"
+#include "api/pg_util.h"
 #include "api/sqlite_decision_store.h"
 #include "pipeline/cascade.h"
 #include "pipeline/sha256.h"
@@ -101,10 +104,13 @@ struct ApiServer::Impl {
   explicit Impl(ApiOptions o) : options(std::move(o)), registry(options.policy_db, options.policy_db_readonly) {
     if (!options.moderation_config.empty()) moderation = load_moderation_config(options.moderation_config);
     if (!options.decision_log.db.empty())
-      decisions = std::make_unique<DecisionLog>(std::make_unique<SqliteDecisionStore>(options.decision_log.db),
-                                                options.decision_log.log);
+      decisions = std::make_unique<DecisionLog>(
+          pg::is_url(options.decision_log.db) ? std::unique_ptr<DecisionStore>(std::make_unique<PgDecisionStore>(options.decision_log.db))
+                                              : std::make_unique<SqliteDecisionStore>(options.decision_log.db),
+          options.decision_log.log);
     if (!options.jobs.db.empty()) {
-      job_store = std::make_unique<JobStore>(options.jobs.db);
+      if (pg::is_url(options.jobs.db)) job_store = std::make_unique<PgJobStore>(options.jobs.db, options.jobs.lease);
+      else job_store = std::make_unique<SqliteJobStore>(options.jobs.db);
       // Webhooks of jobs that finished before a restart are (re)sent from the start.
       webhooks = std::make_unique<WebhookSender>(*job_store, options.jobs, [this](const char* outcome) {
         metrics.counter("arbiter_job_webhooks_total", kWebhooksHelp, {{"outcome", outcome}}).inc();
@@ -911,6 +917,8 @@ ItemOutcome ApiServer::Impl::run_job_item(const ClaimedItem& item) {
     r = classify(req, &owner);
   } catch (const ApiException& e) {
     r = error_reply(e.error());
+  } catch (const StorageUnavailable&) {
+    return {503, "", true};  // the database is away: the item stays pending
   }
   // A full queue, a draining server, a rank at fault, a busy decision log: the item runs later.
   if (r.status == 429 || r.status == 503) return {r.status, r.body, true};
@@ -1441,6 +1449,9 @@ HttpReply ApiServer::handle(const HttpRequest& request) {
     reply = impl_->dispatch(request, endpoint, guard);
   } catch (const ApiException& e) {
     reply = error_reply(e.error());
+  } catch (const StorageUnavailable& e) {
+    reply = error_reply({503, std::string("The database is unavailable (") + e.what() + "); nothing was stored, retry later.",
+                         "server_error", "", "database_unavailable", impl_->options.retry_after_seconds});
   } catch (const std::exception& e) {
     reply = error_reply({500, std::string("Internal error: ") + e.what(), "server_error", "", "internal_error", 0});
   }

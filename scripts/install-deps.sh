@@ -10,6 +10,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc
   libboost-dev libcpp-httplib-dev nlohmann-json3-dev
   libpcre2-dev libsqlite3-dev libfasttext-dev
+  libpq-dev postgresql  # PostgreSQL storage (--db postgres://...); the server only for the tests
   curl python3
   chromium  # tests only: the HTML report read back in a headless browser (tests/browser/)
 )

@@ -7,7 +7,8 @@
 // three points of a job and restarts on the same database: every item ends with exactly one result;
 // a webhook delivered to a loopback receiver, signed (HMAC-SHA256, checked here) and retried after a
 // 500, and one not delivered before a crash sent after the restart; webhook URLs outside the
-// allow-list refused.
+// allow-list refused. Built twice: against SQLite files, and (api_jobs_pg_test, label postgres,
+// ARBITER_JOBS_ON_POSTGRES) against PostgreSQL databases, one per server, as replicas would use.
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <openssl/evp.h>
@@ -30,6 +31,9 @@
 
 #include "tests/api/serve_process.h"
 #include "tests/test_util.h"
+#ifdef ARBITER_JOBS_ON_POSTGRES
+#include "tests/api/pg_test_db.h"
+#endif
 
 namespace arbiter {
 namespace {
@@ -176,16 +180,56 @@ class Receiver {
 
 constexpr const char* kSecret = "webhook-secret-for-tests";
 
+#ifdef ARBITER_JOBS_ON_POSTGRES
+// The databases made for the suite, dropped at its end.
+std::vector<std::unique_ptr<testing::PgTestDatabase>>& databases() {
+  static std::vector<std::unique_ptr<testing::PgTestDatabase>> all;
+  return all;
+}
+#endif
+
+// A new, empty database for a server: an SQLite file named `name`, or a PostgreSQL database.
+std::string new_db(testing::TempDir& tmp, const std::string& name) {
+#ifdef ARBITER_JOBS_ON_POSTGRES
+  (void)tmp;
+  (void)name;
+  databases().push_back(std::make_unique<testing::PgTestDatabase>());
+  return databases().back()->url();
+#else
+  return tmp.file(name);
+#endif
+}
+
+// The first value of `query` in the database `db` ("" for no rows).
+std::string sql_value(const std::string& db, const std::string& query) {
+#ifdef ARBITER_JOBS_ON_POSTGRES
+  return testing::PgTestDatabase::run(db, query);
+#else
+  sqlite3* raw = nullptr;
+  sqlite3_open(db.c_str(), &raw);
+  sqlite3_stmt* s = nullptr;
+  std::string out;
+  if (sqlite3_prepare_v2(raw, query.c_str(), -1, &s, nullptr) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW)
+    out = reinterpret_cast<const char*>(sqlite3_column_text(s, 0));
+  sqlite3_finalize(s);
+  sqlite3_close(raw);
+  return out;
+#endif
+}
+
 class Jobs : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
+#ifdef ARBITER_JOBS_ON_POSTGRES
+    if (!std::getenv("ARBITER_TEST_PG") || !*std::getenv("ARBITER_TEST_PG")) return;
+#endif
     tmp_ = std::make_unique<testing::TempDir>();
     ASSERT_EQ(make_tiny_model(tmp_->file("model"), 7), "");
     std::ofstream(tmp_->file("keys")) << "key-one\nkey-two\nadmin:key-admin\n";
     std::ofstream(tmp_->file("secret")) << kSecret << "\n";
     receiver_ = std::make_unique<Receiver>();
     server_ = std::make_unique<ServeProcess>(
-        args(tmp_->file("shared.db"), {"--max-job-items", "300", "--webhook-allow",
+        args(new_db(*tmp_, "shared.db"), {"--max-job-items", "300", "--webhook-allow",
                                        "http://127.0.0.1:" + std::to_string(receiver_->port()) + "/hook/",
                                        "--webhook-secret-file", tmp_->file("secret")}),
         tmp_->file("shared.log"));
@@ -194,12 +238,22 @@ class Jobs : public ::testing::Test {
   static void TearDownTestSuite() {
     server_.reset();
     receiver_.reset();
+#ifdef ARBITER_JOBS_ON_POSTGRES
+    databases().clear();
+#endif
     tmp_.reset();
   }
+#ifdef ARBITER_JOBS_ON_POSTGRES
+  void SetUp() override { ARBITER_REQUIRE_PG(); }
+#endif
   static std::vector<std::string> args(const std::string& db, std::vector<std::string> more = {}) {
     std::vector<std::string> a = {"--model", tmp_->file("model"), "--port", "0", "--device", "cpu", "--api-key-file", tmp_->file("keys"),
                                   "--warm-efforts", "none", "--reasoning-budget", "4,4,8", "--answer-tokens", "16", "--db", db,
                                   "--job-concurrency", "4"};
+#ifdef ARBITER_JOBS_ON_POSTGRES
+    // A restarted server is another replica: what the killed one leased is free after 2 s.
+    a.insert(a.end(), {"--job-lease-seconds", "2"});
+#endif
     a.insert(a.end(), more.begin(), more.end());
     return a;
   }
@@ -466,20 +520,8 @@ TEST_F(Jobs, WebhookIsSignedAndRetried) {
 }
 
 
-std::string sql_value(const std::string& db, const std::string& query) {
-  sqlite3* raw = nullptr;
-  sqlite3_open(db.c_str(), &raw);
-  sqlite3_stmt* s = nullptr;
-  std::string out;
-  if (sqlite3_prepare_v2(raw, query.c_str(), -1, &s, nullptr) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW)
-    out = reinterpret_cast<const char*>(sqlite3_column_text(s, 0));
-  sqlite3_finalize(s);
-  sqlite3_close(raw);
-  return out;
-}
-
 TEST_F(Jobs, SigtermLeavesUnfinishedItemsForTheNextStart) {
-  const std::string db = tmp_->file("term.db");
+  const std::string db = new_db(*tmp_, "term.db");
   std::string id;
   {
     ServeProcess server(args(db), tmp_->file("term0.log"));
@@ -504,7 +546,7 @@ TEST_F(Jobs, AWebhookNotDeliveredBeforeACrashIsSentAfterTheRestart) {
     Receiver probe;  // a free port, closed again: deliveries to it fail until a receiver listens there
     port_for_hook = probe.port();
   }
-  const std::string db = tmp_->file("hook.db");
+  const std::string db = new_db(*tmp_, "hook.db");
   const std::string url = "http://127.0.0.1:" + std::to_string(port_for_hook) + "/hook/later";
   const std::vector<std::string> hook_args = {"--webhook-allow", "http://127.0.0.1:" + std::to_string(port_for_hook) + "/hook/",
                                               "--webhook-secret-file", tmp_->file("secret"), "--webhook-attempts", "20"};
@@ -546,7 +588,7 @@ TEST_F(Jobs, AWebhookNotDeliveredBeforeACrashIsSentAfterTheRestart) {
 }
 
 TEST_F(Jobs, KillNineAtThreePointsLosesAndRepeatsNothing) {
-  const std::string db = tmp_->file("crash.db");
+  const std::string db = new_db(*tmp_, "crash.db");
   constexpr int kItems = 60;
   std::mt19937 rng(std::random_device{}());
   // Three increasing points (items finished) at which the server is killed.

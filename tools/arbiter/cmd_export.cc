@@ -6,11 +6,13 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 
 #include "api/decisions_api.h"
+#include "api/pg_decision_store.h"
 #include "api/policy_registry.h"
 #include "api/sqlite_decision_store.h"
 #include "tools/arbiter/cli_args.h"
@@ -22,7 +24,8 @@ const char* const kExportUsage =
     "usage: arbiter export --db FILE --policy ID[@V] --out FILE.jsonl [options]\n"
     "Writes a labelled dataset from the decision log (docs/decisions.md): one JSON object per line for each\n"
     "decision of the policy whose content is stored in full, labelled by its latest human feedback.\n"
-    "  --db FILE                the database `arbiter serve --db` (or --policy-db) logged decisions to (required)\n"
+    "  --db FILE|URL            the database `arbiter serve --db` (or --policy-db) logged decisions to (required;\n"
+    "                           an SQLite file or a postgres:// URL)\n"
     "  --policy ID[@V]          the policy, or one version of it (required)\n"
     "  --out FILE.jsonl         output file (required)\n"
     "  --since T, --until T     only decisions in this window (unix seconds or RFC 3339)\n"
@@ -50,7 +53,10 @@ int cmd_export(const CliArgs& args) {
   if (!until.empty() && !(q.until_ms = api::parse_time_ms(until)))
     throw std::invalid_argument("--until takes unix seconds or an RFC 3339 time (got '" + until + "')");
 
-  const api::SqliteDecisionStore store(db, true);
+  std::unique_ptr<api::DecisionStore> opened;
+  if (api::pg::is_url(db)) opened = std::make_unique<api::PgDecisionStore>(db);
+  else opened = std::make_unique<api::SqliteDecisionStore>(db, true);
+  const api::DecisionStore& store = *opened;
   // Written next to the destination and renamed over it once complete.
   const std::string partial = out_path + ".partial";
   std::ofstream out(partial, std::ios::binary | std::ios::trunc);

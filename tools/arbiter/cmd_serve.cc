@@ -31,6 +31,7 @@
 
 #include "api/auth.h"
 #include "api/grpc_server.h"
+#include "api/pg_util.h"
 #include "api/server.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
@@ -99,6 +100,11 @@ api::ApiOptions api_options(const CliArgs& args) {
   jobs.db = d.db;
   jobs.max_items = static_cast<int>(args.get_int("max-job-items", jobs.max_items));
   if (jobs.max_items < 1) throw std::invalid_argument("--max-job-items must be positive");
+  const double lease = std::stod(args.get("job-lease-seconds", "30"));
+  if (!(lease >= 1 && lease <= 3600)) throw std::invalid_argument("--job-lease-seconds must be 1..3600");
+  if (args.has("job-lease-seconds") && !api::pg::is_url(jobs.db))
+    throw std::invalid_argument("--job-lease-seconds is for jobs in PostgreSQL (--db postgres://...)");
+  jobs.lease = std::chrono::milliseconds(static_cast<long long>(lease * 1000));
   jobs.concurrency = static_cast<int>(args.get_int("job-concurrency", jobs.concurrency));
   if (jobs.concurrency < 1 || jobs.concurrency > 256) throw std::invalid_argument("--job-concurrency must be 1..256");
   jobs.webhook_attempts = static_cast<int>(args.get_int("webhook-attempts", jobs.webhook_attempts));
@@ -215,19 +221,24 @@ const char* const kServeUsage =
     "  --port P                 port (8080; 0: any free port); the address and pid are printed once bound\n"
     "  --grpc-port P            also serve the gRPC API (api/grpc.proto) on this port (0: any free port)\n"
     "  --api-key-file F         bearer keys, one per line: /v1/* then needs 'Authorization: Bearer <key>'\n"
-    "  --policy-db F            SQLite file keeping registered policies across restarts; it (and its folder)\n"
-    "                           must be writable, and every row one the API could have stored, or start-up fails\n"
+    "  --policy-db F|URL        SQLite file (or postgres:// URL) keeping registered policies across restarts; it\n"
+    "                           (and its folder) must be writable, and every row one the API could have stored, or\n"
+    "                           start-up fails\n"
     "  --policy-db-readonly     serve the policies of --policy-db without changing them (POST/DELETE /v1/policies: 403)\n"
     "  --triage-dir DIR         folder of fastText triage models (`arbiter triage train`) that policies' cascades\n"
     "                           name by file name (\"triage_model\"; pipeline/README.md)\n"
     "  --moderation-config F    POST /v1/moderations (OpenAI-compatible): which policies answer for which\n"
     "                           categories (configs/moderation/example.json)\n"
-    "  --db F                   SQLite file of the decision log (docs/decisions.md), and of the policies when no\n"
-    "                           --policy-db is given. Without --db the decision log goes into a writable --policy-db;\n"
-    "                           with neither there is no decision log\n"
+    "  --db F|URL               SQLite file of the decision log (docs/decisions.md) and jobs, and of the policies when\n"
+    "                           no --policy-db is given. Without --db the decision log goes into a writable --policy-db;\n"
+    "                           with neither there is no decision log. A postgres://USER:PASSWORD@HOST[:PORT]/DB URL\n"
+    "                           keeps them in PostgreSQL instead, shared by every replica started on it (schema\n"
+    "                           created and migrated at start; docs/operating.md, \"Many replicas on PostgreSQL\")\n"
     "  --no-decision-log        keep no decision log even with a database\n"
   "  --max-job-items N        items per job of POST /v1/jobs (10000; jobs live in the --db database, docs/jobs.md)\n"
   "  --job-concurrency N      job items classified at once, behind synchronous requests (4)\n"
+  "  --job-lease-seconds S    PostgreSQL: how long a replica holds a job item without renewing its lease; the items\n"
+  "                           of a replica that died are taken over by the others after this (30)\n"
   "  --webhook-allow P[,P...] URL prefixes http://HOST[:PORT]/[PATH] a job's webhook_url may start with (none: refused)\n"
   "  --webhook-secret-file F  key of the webhooks' X-Arbiter-Signature (HMAC-SHA256); needed with --webhook-allow\n"
   "  --webhook-attempts N     deliveries tried per webhook, with exponential backoff from 0.5 s (5)\n"
@@ -299,6 +310,9 @@ int cmd_serve(const CliArgs& args) {
     // The pid: under mpirun, SIGTERM to rank 0 drains the job and every process exits 0 (mpirun
     // itself, signalled, forwards the signal, rank 0 still drains, but mpirun reports failure).
     std::cout << "arbiter serve: listening on http://" << opts.host << ":" << port << " (pid " << getpid() << ")" << std::endl;
+    if (api::pg::is_url(opts.policy_db) || api::pg::is_url(opts.jobs.db))
+      std::cout << "arbiter serve: storage in PostgreSQL " << api::pg::masked(api::pg::is_url(opts.jobs.db) ? opts.jobs.db : opts.policy_db)
+                << " (schema version " << api::pg::schema_version() << ")" << std::endl;
     std::optional<api::GrpcServer> grpc;  // stops before `server`, whose handle() it calls
     if (grpc_at) {
       grpc.emplace(server, opts, *grpc_at);
