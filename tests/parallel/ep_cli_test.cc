@@ -98,6 +98,23 @@ TEST(EpCli, LaunchErrors) {
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.output.find("is for 2 ranks but 3 are running"), std::string::npos) << r.output;
 
+  // A rank that does not exist, and placements made for another model: errors naming the file,
+  // before any weight is loaded.
+  std::ofstream(tmp.file("three.placement")) << "experts 8\nrank 0: 0-2\nrank 1: 3-5\nrank 2: 6-7\n";
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 2 --placement " + tmp.file("three.placement"));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.output.find(tmp.file("three.placement") + " names rank 2, which does not exist"), std::string::npos) << r.output;
+  std::ofstream(tmp.file("other.placement")) << "experts 12\nrank 0: 0-5\nrank 1: 6-11\n";
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 2 --placement " + tmp.file("other.placement"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("expert placement " + tmp.file("other.placement") + " is for 12 experts but the model has 8"),
+            std::string::npos) << r.output;
+  std::ofstream(tmp.file("deep.placement")) << "experts 8\nrank 0: 0-3\nrank 1: 4-7\nlayers 36\nlayer 35\nrank 0: 0 2\nrank 1: 1 3-7\n";
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 2 --placement " + tmp.file("deep.placement"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("expert placement " + tmp.file("deep.placement") + " is for 36 layers but the model has"),
+            std::string::npos) << r.output;
+
   r = run_command(kArbiter + " logits --model " + a.dir + tail + " --transport carrier-pigeon");
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.output.find("--transport must be"), std::string::npos) << r.output;
