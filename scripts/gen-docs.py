@@ -252,7 +252,7 @@ def gen_api():
             out.append(f"| `{m.group(1)}` | — | {type_cell(req, known) if req else '—'} | "
                        f"{type_cell(resp, known) if resp else '—'} |")
     out.append("| `GET /v1/stats/experts` | — | — | expert-load statistics JSON "
-               "([parallel/README.md](../parallel/README.md#expert-load-statistics)) |")
+               "([parallel/README.md](../parallel/README.md#expert-load-statistics-and-balanced-placements)) |")
     out.append("| `GET /metrics` | — | — | Prometheus text ([metrics.md](metrics.md)) |\n")
     out.append("gRPC methods, from `api/grpc.proto`:\n")
     for r in grpc["service"]["rpcs"]:
@@ -314,7 +314,8 @@ OPTION_SOURCES = {"cmd_serve.cc": ("all", ["serve"]), "cmd_classify.cc": ("all",
                   "cmd_triage.cc": ("all", ["triage"]), "cmd_text.cc": ("any", ["tokenize", "detokenize", "render"]),
                   "main.cc": ("any", ["make-model", "logits", "generate"]),
                   "serving_args.cc": ("all", ["serve", "classify", "eval"]),
-                  "ranks.cc": ("all", ["logits", "generate", "classify", "serve"])}
+                  "ranks.cc": ("all", ["logits", "generate", "classify", "serve"]),
+                  "cmd_placement.cc": ("all", ["placement"])}
 
 
 def check_options_documented(helps):

@@ -546,6 +546,10 @@ int report_ranks_sweep(const ServingOptions& options, const Workload& w, const M
       throw std::invalid_argument("under mpirun, --ranks-sweep must be the job's size (" + std::to_string(comm.size()) + ")");
     SweepPoint p;
     try {
+      // An untimed pass first (this process's one-time costs), as the thread sweep does.
+      Workload warmup = w;
+      warmup.requests = std::min(w.requests, 2 * w.policies);
+      run_sweep_rank(options, warmup, comm.size() > 1 ? &comm : nullptr, placement);
       p = run_sweep_rank(options, w, comm.size() > 1 ? &comm : nullptr, placement);
     } catch (const std::exception& e) {
       if (comm.size() > 1) comm.abort(e.what());
