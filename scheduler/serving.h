@@ -43,8 +43,8 @@ struct ServingOptions {
   double heartbeat_timeout = 0;
   double step_timeout = 0;
   // Expert-load statistics (ModelOptions::count_expert_load): read by StepLoop::expert_load, /metrics
-  // and GET /v1/stats/experts.
-  bool count_expert_load = true;
+  // and GET /v1/stats/experts (`arbiter serve` and `arbiter bench` turn them on).
+  bool count_expert_load = false;
   // The dispatcher's earlier host-staged path (ModelOptions::ep_host_staged).
   bool ep_host_staged = false;
 };

@@ -734,6 +734,7 @@ int cmd_bench(const CliArgs& args) {
   options.kv_blocks = static_cast<int>(args.get_int("kv-blocks", 0));
   options.max_queued_requests = std::max(options.max_queued_requests, w.requests);
   options.classifier.top_logprobs = static_cast<int>(args.get_int("top-logprobs", 5));
+  options.count_expert_load = true;  // the JSON's "expert_load"; the sweep's imbalance
   const std::string model_arg = has_model ? args.require("model") : "";
   const std::string sweep = args.get("ranks-sweep", "");
   const std::string transport = args.get("transport", "threads");

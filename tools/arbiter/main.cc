@@ -216,7 +216,7 @@ int main(int argc, char** argv) {
       {"detokenize", {"jsonl"}, kDetokenizeUsage, cmd_detokenize},
       {"render", {"hf-newlines"}, kRenderUsage, cmd_render},
       {"generate", {}, kGenerateUsage, cmd_generate},
-      {"serve", {"no-prefix-cache", "policy-db-readonly", "no-decision-log"}, kServeUsage, cmd_serve},
+      {"serve", {"no-prefix-cache", "policy-db-readonly", "no-decision-log", "no-expert-stats"}, kServeUsage, cmd_serve},
       {"classify", {"no-prefix-cache", "no-reasoning"}, kClassifyUsage, cmd_classify},
       {"bench", {"quick"}, kBenchUsage, cmd_bench},
       {"export", {"model-labels"}, kExportUsage, cmd_export},
