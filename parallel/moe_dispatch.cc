@@ -33,7 +33,6 @@ MoeExchange::Received MoeExchange::dispatch(const int32_t* ids, const float* wei
   const int n = comm_.size(), me = comm_.rank(), K = top_k_;
   const int E = placement_.num_experts();
   rows_ = rows;
-  layer_ = layer;
   // Plan: the ranks each token goes to, each at most once.
   for (auto& d : dest_rows_) d.clear();
   std::fill(mark_.begin(), mark_.end(), -1);
@@ -239,15 +238,6 @@ Tensor MoeDispatcher::staging(DeviceBuffer& buffer, DType dtype, int64_t rows, i
 
 MoeExchange::Traffic MoeDispatcher::traffic() const {
   return path_ == Path::kHostStaged ? exchange_.traffic() : traffic_;
-}
-
-MoePhaseTimes& MoePhaseTimes::operator+=(const MoePhaseTimes& o) {
-  dispatch += o.dispatch;
-  experts += o.experts;
-  combine += o.combine;
-  wait += o.wait;
-  layers += o.layers;
-  return *this;
 }
 
 double MoeDispatcher::lap() {

@@ -70,7 +70,6 @@ class MoeExchange {
   DType dtype_;
   size_t row_bytes_, record_bytes_;
   int64_t rows_ = 0;
-  int layer_ = 0;
   std::vector<std::vector<int32_t>> dest_rows_;  // per destination rank: tokens sent there, in order
   std::vector<int32_t> mark_;
   std::vector<size_t> send_counts_, recv_counts_, back_send_, back_recv_;
@@ -89,7 +88,6 @@ struct MoePhaseTimes {
   double combine = 0;   // the results' exchange back and the per-token sums
   double wait = 0;      // the row-count exchange and the step handshake: mostly waiting for the slowest peer
   uint64_t layers = 0;  // moe() calls timed
-  MoePhaseTimes& operator+=(const MoePhaseTimes& o);
 };
 
 class MoeDispatcher {
