@@ -34,6 +34,7 @@
 #include "pipeline/triage.h"
 #include "scheduler/classify.h"
 #include "scheduler/scheduler.h"
+#include "runtime/expert_stats.h"
 #include "scheduler/step_loop.h"
 
 namespace arbiter::api {
@@ -381,6 +382,7 @@ struct ApiServer::Impl {
   HttpReply policy_get(const std::string& ref_text);
   HttpReply policy_delete(const std::string& ref_text);
   HttpReply models();
+  HttpReply expert_stats();
   HttpReply health(bool readiness);
   HttpReply metrics_text();
   HttpReply decisions_endpoint(const HttpRequest& req, const std::string& endpoint, const std::string& id);
@@ -423,7 +425,7 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
   if (path == "/v1/classify" || path == "/v1/chat/completions" || path == "/v1/models" || path == "/v1/policies") endpoint = path;
   else if (path.rfind("/v1/policies/", 0) == 0) endpoint = "/v1/policies/{id}";
   else if (path == "/v1/decisions" || path == "/v1/moderations") endpoint = path;
-  else if (path == "/v1/jobs") endpoint = path;
+  else if (path == "/v1/jobs" || path == "/v1/stats/experts") endpoint = path;
   else if (path.rfind("/v1/jobs/", 0) == 0) {
     const std::string rest = path.substr(std::string("/v1/jobs/").size());
     auto ends = [&](const std::string& tail) {
@@ -464,6 +466,10 @@ HttpReply ApiServer::Impl::dispatch(const HttpRequest& req, std::string& endpoin
   if (endpoint == "/v1/models") {
     allow({"GET"});
     return models();
+  }
+  if (endpoint == "/v1/stats/experts") {
+    allow({"GET"});
+    return expert_stats();
   }
   if (endpoint.rfind("/v1/decisions", 0) == 0) {
     allow({endpoint == "/v1/decisions/{id}/feedback" ? "POST" : "GET"});
@@ -1320,6 +1326,23 @@ HttpReply ApiServer::Impl::models() {
   return json_reply(200, print_json(list));
 }
 
+// The expert-load statistics file (runtime/expert_stats.h) from the step loop's last snapshot of
+// every rank's counters, with the aggregates /metrics shows.
+HttpReply ApiServer::Impl::expert_stats() {
+  const ServingHandles h = require_serving();
+  if (!h.loop) throw ApiException({503, "No step loop to read expert statistics from.", "server_error", "", "unavailable", 0});
+  const ExpertLoadSnapshot snap = h.loop->expert_load();
+  nlohmann::json out;
+  out["model"] = h.model_name;
+  out["ranks"] = h.world_size;
+  out["ready"] = !snap.load.empty();  // false until a step ran after the first request
+  out["expert_load"] = expert_load_json(snap.load);
+  out["rank_tokens"] = snap.rank_tokens;
+  out["rank_imbalance"] = snap.rank_imbalance;
+  out["expert_imbalance"] = snap.expert_imbalance;
+  return json_reply(200, dump_json(out));
+}
+
 HttpReply ApiServer::Impl::health(bool readiness) {
   wire::HealthResponse out;
   const auto h = serving();
@@ -1404,6 +1427,31 @@ HttpReply ApiServer::Impl::metrics_text() {
     metrics.counter("arbiter_step_seconds_total", help, {{"part", "scheduler"}}).set_total(ls.scheduler_seconds);
     metrics.counter("arbiter_step_seconds_total", help, {{"part", "exchange"}}).set_total(ls.exchange_seconds);
     metrics.counter("arbiter_step_seconds_total", help, {{"part", "forward"}}).set_total(ls.forward_seconds);
+    // Expert load: the step loop's last snapshot (refreshed at most once a second, on a step after a scrape).
+    const ExpertLoadSnapshot el = h->loop->expert_load();
+    if (!el.load.empty()) {
+      int64_t total = 0;
+      for (int64_t t : el.rank_tokens) total += t;
+      metrics.counter("arbiter_expert_tokens_routed_total", "Token-to-expert assignments (k per token per MoE layer), all ranks.")
+          .set_total(static_cast<double>(total));
+      for (size_t r = 0; r < el.rank_tokens.size(); ++r)
+        metrics.gauge("arbiter_expert_load_share", "Share of routed tokens processed by each rank's experts (all layers).",
+                      {{"rank", std::to_string(r)}})
+            .set(total ? static_cast<double>(el.rank_tokens[r]) / static_cast<double>(total) : 0);
+      auto stats = [&](const std::vector<double>& v, const char* over) {
+        double mean = 0, most = 0;
+        for (double x : v) {
+          mean += x / static_cast<double>(v.size());
+          most = std::max(most, x);
+        }
+        const char* help = "Expert load imbalance: per layer the most loaded rank's (or expert's) tokens over the mean; "
+                           "the mean and the worst over layers.";
+        metrics.gauge("arbiter_expert_load_imbalance", help, {{"over", over}, {"stat", "mean"}}).set(mean);
+        metrics.gauge("arbiter_expert_load_imbalance", help, {{"over", over}, {"stat", "max"}}).set(most);
+      };
+      stats(el.rank_imbalance, "ranks");
+      stats(el.expert_imbalance, "experts");
+    }
   }
   HttpReply r = json_reply(200, metrics.render());
   r.content_type = "text/plain; version=0.0.4; charset=utf-8";

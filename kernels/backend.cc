@@ -256,6 +256,18 @@ void Backend::moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const
   if (!load.empty()) upload(load.data(), expert_load);
 }
 
+void Backend::count_expert_load(const Tensor& expert_ids, const Tensor& load) {
+  if (expert_ids.dtype != DType::kI32 || load.dtype != DType::kI32)
+    throw std::invalid_argument("count_expert_load: ids and load must be I32");
+  if (expert_ids.shape.rank == 0 || expert_ids.elements() == 0) return;
+  std::vector<int32_t> ids(static_cast<size_t>(expert_ids.elements())), counts(static_cast<size_t>(load.elements()));
+  download(expert_ids, ids.data());
+  download(load, counts.data());
+  for (const int32_t e : ids)
+    if (e >= 0 && e < static_cast<int32_t>(counts.size())) ++counts[static_cast<size_t>(e)];
+  upload(counts.data(), load);
+}
+
 void Backend::moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) {
   const int64_t rows = out.shape.rank == 0 ? 0 : out.rows();
   if (rows == 0) return;

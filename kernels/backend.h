@@ -178,6 +178,11 @@ class Backend {
   // ExpertWeights' experts). Clamped SwiGLU with `swiglu_limit`.
   virtual void moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
                            const ExpertWeights& experts, float swiglu_limit, const Tensor& out) = 0;
+  // Expert-load statistics: load[e] += the number of (row, j) with expert_ids[row, j] == e (expert_ids
+  // I32 [rows, k] from router_topk, global ids; ids outside 0..experts-1 are skipped; load I32
+  // [experts]). Enqueued like any other operation (a recorded step may contain it); read rarely, by a
+  // download. The default downloads both, counts on the host and uploads load.
+  virtual void count_expert_load(const Tensor& expert_ids, const Tensor& load);
   // x += y.
   virtual void add(const Tensor& x, const Tensor& y) = 0;
   // out[i] = x[step.logit_rows[i]].

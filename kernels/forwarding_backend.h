@@ -74,6 +74,7 @@ class ForwardingBackend : public Backend {
                          const MoeSendBuffers& send, std::span<int64_t> rows_per_rank, const Tensor& load) override {
     inner_.moe_dispatch_pack(x, ids, w, owner, local, send, rows_per_rank, load);
   }
+  void count_expert_load(const Tensor& ids, const Tensor& load) override { inner_.count_expert_load(ids, load); }
   void moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) override {
     inner_.moe_combine(back, slots, out);
   }

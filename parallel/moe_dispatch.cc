@@ -29,7 +29,7 @@ MoeExchange::MoeExchange(Communicator& comm, ExpertPlacement placement, int top_
 }
 
 MoeExchange::Received MoeExchange::dispatch(const int32_t* ids, const float* weights, const void* hidden,
-                                            int64_t rows) {
+                                            int64_t rows, int layer) {
   const int n = comm_.size(), me = comm_.rank(), K = top_k_;
   const int E = placement_.num_experts();
   rows_ = rows;
@@ -41,7 +41,7 @@ MoeExchange::Received MoeExchange::dispatch(const int32_t* ids, const float* wei
       const int32_t e = ids[t * K + j];
       if (e < 0) continue;
       if (e >= E) throw std::out_of_range("MoeExchange: expert id " + std::to_string(e) + " outside the placement");
-      const size_t d = static_cast<size_t>(placement_.owner(e));
+      const size_t d = static_cast<size_t>(placement_.owner(layer, e));
       if (mark_[d] != t) {
         mark_[d] = static_cast<int32_t>(t);
         dest_rows_[d].push_back(static_cast<int32_t>(t));
@@ -67,7 +67,7 @@ MoeExchange::Received MoeExchange::dispatch(const int32_t* ids, const float* wei
       p += row_bytes_;
       for (int j = 0; j < K; ++j) {
         const int32_t e = ids[t * K + j];
-        const int32_t local = (e >= 0 && placement_.owner(e) == d) ? placement_.local_index(e) : -1;
+        const int32_t local = (e >= 0 && placement_.owner(layer, e) == d) ? placement_.local_index(layer, e) : -1;
         std::memcpy(ids_out, &local, sizeof local);
         ids_out += sizeof local;
       }
@@ -173,12 +173,12 @@ struct BufferShape {
 // maps; the send side (x, ids, weights) for rows * min(ranks, k) rows and the slots [rows, ranks];
 // the receive side (x, ids, weights, y) for rows from every rank.
 std::vector<BufferShape> buffer_shapes(MoeDispatcher::Path path, int ranks, int64_t max_rows, int hidden, int top_k,
-                                       DType act, int experts) {
+                                       DType act, int experts, int map_layers) {
   const int64_t recv = max_rows * ranks;
   if (path == MoeDispatcher::Path::kHostStaged)
     return {{act, recv, hidden}, {DType::kI32, recv, top_k}, {DType::kF32, recv, top_k}, {act, recv, hidden}};
   const int64_t send = max_rows * std::min(ranks, top_k);
-  return {{DType::kI32, 1, experts, true}, {DType::kI32, 1, experts, true}, {act, send, hidden},
+  return {{DType::kI32, map_layers, experts, true}, {DType::kI32, map_layers, experts, true}, {act, send, hidden},
           {DType::kI32, send, top_k},   {DType::kF32, send, top_k},  {DType::kI32, max_rows, ranks},
           {act, recv, hidden},          {DType::kI32, recv, top_k},  {DType::kF32, recv, top_k},
           {act, recv, hidden}};
@@ -193,19 +193,22 @@ MoeDispatcher::MoeDispatcher(Communicator& comm, ExpertPlacement placement, Back
   const ExpertPlacement& pl = exchange_.placement();
   const int experts = pl.num_experts();
   if (path == Path::kBackendOps) {
-    std::vector<int32_t> owner(static_cast<size_t>(experts)), local(static_cast<size_t>(experts));
-    for (int e = 0; e < experts; ++e) {
-      owner[static_cast<size_t>(e)] = pl.owner(e);
-      local[static_cast<size_t>(e)] = pl.local_index(e);
-    }
-    backend_.upload(owner.data(), staging(owner_, DType::kI32, 1, experts));
-    backend_.upload(local.data(), staging(local_, DType::kI32, 1, experts));
+    const int map_layers = std::max(pl.num_layers(), 1);
+    std::vector<int32_t> owner, local;
+    for (int l = 0; l < map_layers; ++l)
+      for (int e = 0; e < experts; ++e) {
+        owner.push_back(pl.owner(l, e));
+        local.push_back(pl.local_index(l, e));
+      }
+    backend_.upload(owner.data(), staging(owner_, DType::kI32, map_layers, experts));
+    backend_.upload(local.data(), staging(local_, DType::kI32, map_layers, experts));
     sent_rows_.resize(static_cast<size_t>(n));
     send_rows_.resize(static_cast<size_t>(n));
     recv_rows_.resize(static_cast<size_t>(n));
   }
   if (max_step_rows <= 0) return;
-  const auto shapes = buffer_shapes(path, n, max_step_rows, hidden, top_k, backend.activation_dtype(), experts);
+  const auto shapes = buffer_shapes(path, n, max_step_rows, hidden, top_k, backend.activation_dtype(), experts,
+                                    std::max(pl.num_layers(), 1));
   if (path == Path::kHostStaged) {
     DeviceBuffer* buffers[] = {&d_x_, &d_ids_, &d_w_, &d_y_};
     for (size_t i = 0; i < shapes.size(); ++i) staging(*buffers[i], shapes[i].dtype, shapes[i].rows, shapes[i].cols);
@@ -217,9 +220,10 @@ MoeDispatcher::MoeDispatcher(Communicator& comm, ExpertPlacement placement, Back
 }
 
 size_t MoeDispatcher::reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType act, int experts,
-                                    Path path) {
+                                    Path path, int map_layers) {
   size_t total = 0;
-  for (const BufferShape& s : buffer_shapes(path, ranks, std::max<int64_t>(max_step_rows, 0), hidden, top_k, act, experts)) {
+  for (const BufferShape& s :
+       buffer_shapes(path, ranks, std::max<int64_t>(max_step_rows, 0), hidden, top_k, act, experts, std::max(map_layers, 1))) {
     if (max_step_rows <= 0 && !s.always) continue;  // grown on demand
     total += device_arena_bytes(static_cast<size_t>(s.rows * s.cols) * dtype_size(s.dtype));
   }
@@ -236,19 +240,40 @@ MoeExchange::Traffic MoeDispatcher::traffic() const {
   return path_ == Path::kHostStaged ? exchange_.traffic() : traffic_;
 }
 
+double MoeDispatcher::lap() {
+  if (!profiling_) return 0;
+  if (!backend_.host_memory()) backend_.synchronize();
+  const auto now = std::chrono::steady_clock::now();
+  const double s = std::chrono::duration<double>(now - mark_).count();
+  mark_ = now;
+  return s;
+}
+
 void MoeDispatcher::moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
-                        const ExpertWeights& local, float swiglu_limit, const Tensor& out) {
+                        const ExpertWeights& local, float swiglu_limit, const Tensor& out, int layer,
+                        const Tensor& expert_load) {
   const int rank = exchange_.comm().rank();
-  if (local.num_experts() != static_cast<int>(exchange_.placement().experts_of(rank).size()))
+  const ExpertPlacement& pl = exchange_.placement();
+  if (layer < 0 || (pl.per_layer() && layer >= pl.num_layers()))
+    throw std::out_of_range("MoeDispatcher: layer " + std::to_string(layer) + " outside the placement's layers");
+  if (local.num_experts() != static_cast<int>(pl.experts_of(layer, rank).size()))
     throw std::invalid_argument("MoeDispatcher: rank " + std::to_string(rank) + " holds " +
-                                std::to_string(local.num_experts()) + " experts but its placement lists " +
-                                std::to_string(exchange_.placement().experts_of(rank).size()));
-  if (path_ == Path::kHostStaged) moe_host_staged(x, expert_ids, expert_weights, local, swiglu_limit, out);
-  else moe_backend_ops(x, expert_ids, expert_weights, local, swiglu_limit, out);
+                                std::to_string(local.num_experts()) + " experts of layer " + std::to_string(layer) +
+                                " but its placement lists " + std::to_string(pl.experts_of(layer, rank).size()));
+  if (profiling_) {
+    lap();
+    ++times_.layers;
+  }
+  if (path_ == Path::kHostStaged) {
+    if (expert_load.data && x.shape.rank != 0 && x.rows() > 0) backend_.count_expert_load(expert_ids, expert_load);
+    moe_host_staged(x, expert_ids, expert_weights, local, swiglu_limit, out, layer);
+  } else {
+    moe_backend_ops(x, expert_ids, expert_weights, local, swiglu_limit, out, layer, expert_load);
+  }
 }
 
 void MoeDispatcher::moe_host_staged(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
-                                    const ExpertWeights& local, float swiglu_limit, const Tensor& out) {
+                                    const ExpertWeights& local, float swiglu_limit, const Tensor& out, int layer) {
   const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
   const int K = exchange_.top_k(), H = exchange_.hidden();
   const DType act = exchange_.dtype();
@@ -261,7 +286,7 @@ void MoeDispatcher::moe_host_staged(const Tensor& x, const Tensor& expert_ids, c
     backend_.download(expert_ids, h_ids_.data());
     backend_.download(expert_weights, h_w_.data());
   }
-  const auto got = exchange_.dispatch(h_ids_.data(), h_w_.data(), h_x_.data(), rows);
+  const auto got = exchange_.dispatch(h_ids_.data(), h_w_.data(), h_x_.data(), rows, layer);
   h_out_.resize(static_cast<size_t>(got.rows) * row_bytes);
   if (got.rows > 0) {
     const Tensor dx = staging(d_x_, act, got.rows, H), dids = staging(d_ids_, DType::kI32, got.rows, K),
@@ -269,12 +294,17 @@ void MoeDispatcher::moe_host_staged(const Tensor& x, const Tensor& expert_ids, c
     for (const auto& seg : got.segments) backend_.upload(seg.hidden, dx.slice_rows(seg.first_row, seg.rows));
     backend_.upload(got.expert_ids, dids);
     backend_.upload(got.weights, dw);
+    times_.dispatch += lap();
     backend_.moe_experts(dx, dids, dw, local, swiglu_limit, dy);
+    times_.experts += lap();
     backend_.download(dy, h_out_.data());
+  } else {
+    times_.dispatch += lap();
   }
   h_x_.resize(static_cast<size_t>(rows) * row_bytes);
   exchange_.combine(h_out_.data(), h_x_.data());
   if (rows > 0) backend_.upload(h_x_.data(), out);
+  times_.combine += lap();
 }
 
 void MoeDispatcher::exchange_tensors(std::span<const TensorPart> parts) {
@@ -316,7 +346,8 @@ void MoeDispatcher::exchange_tensors(std::span<const TensorPart> parts) {
 }
 
 void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
-                                    const ExpertWeights& local, float swiglu_limit, const Tensor& out) {
+                                    const ExpertWeights& local, float swiglu_limit, const Tensor& out, int layer,
+                                    const Tensor& expert_load) {
   Communicator& comm = exchange_.comm();
   const int n = comm.size(), me = comm.rank(), K = exchange_.top_k(), H = exchange_.hidden();
   const DType act = exchange_.dtype();
@@ -326,16 +357,20 @@ void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, c
   const int64_t most = rows * std::min(n, K);
   const Tensor sx = staging(s_x_, act, most, H), sids = staging(s_ids_, DType::kI32, most, K),
                sw = staging(s_w_, DType::kF32, most, K), slots = staging(slots_, DType::kI32, rows, n);
-  const Tensor owner = owner_.view(DType::kI32, {exchange_.placement().num_experts()}),
-               local_ids = local_.view(DType::kI32, {exchange_.placement().num_experts()});
+  const ExpertPlacement& pl = exchange_.placement();
+  const int64_t E = pl.num_experts(), map_row = pl.per_layer() ? layer : 0;
+  const Tensor owner = owner_.view(DType::kI32, {std::max(pl.num_layers(), 1), E}).slice_rows(map_row, 1).reshaped({E}),
+               local_ids = local_.view(DType::kI32, {std::max(pl.num_layers(), 1), E}).slice_rows(map_row, 1).reshaped({E});
   backend_.moe_dispatch_pack(x, expert_ids, expert_weights, owner, local_ids, {sx, sids, sw, slots}, sent_rows_,
-                             Tensor{});
+                             expert_load);
+  times_.dispatch += lap();
   int64_t sent = 0;
   for (int d = 0; d < n; ++d) {
     send_rows_[static_cast<size_t>(d)] = static_cast<size_t>(sent_rows_[static_cast<size_t>(d)]);
     sent += sent_rows_[static_cast<size_t>(d)];
   }
   recv_rows_ = exchange_counts(comm, send_rows_);
+  times_.wait += lap();
   int64_t received = 0;
   for (size_t c : recv_rows_) received += static_cast<int64_t>(c);
   // Dispatch: rows, local ids and weights in one collective; they land contiguous in source-rank
@@ -353,13 +388,16 @@ void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, c
     (d == me ? traffic_.to_self : traffic_.to_peers) += there;
   }
   traffic_.all_gather_design += 2ull * static_cast<uint64_t>(rows) * row_bytes * static_cast<uint64_t>(n - 1);
+  times_.dispatch += lap();
   if (received > 0) backend_.moe_experts(rx, rids, rw, local, swiglu_limit, ry);
+  times_.experts += lap();
   // Combine: each result row goes back to where its token came from, into the send rows (free
   // again), and the backend sums each token's rows into out.
   const Tensor back = s_x_.view(act, {sent, H});
   const TensorPart combine[] = {{ry, back, recv_rows_, send_rows_}};
   exchange_tensors(combine);
   if (rows > 0) backend_.moe_combine(back, slots, out);
+  times_.combine += lap();
 }
 
 bool MoeDispatcher::begin_step(bool has_step) {

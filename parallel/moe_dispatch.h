@@ -7,6 +7,7 @@
 // benchmark drives it directly. MoeDispatcher wraps it around a Backend for the model.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -38,8 +39,9 @@ class MoeExchange {
     void gather_hidden(void* dst, size_t row_bytes) const;
   };
   // Collective. expert_ids/weights [rows, top_k] (global ids from router_topk; negative ids are
-  // skipped), hidden [rows, hidden]. The result stays valid until the next dispatch.
-  Received dispatch(const int32_t* expert_ids, const float* weights, const void* hidden, int64_t rows);
+  // skipped), hidden [rows, hidden], routed by the placement of MoE layer `layer`. The result stays
+  // valid until the next dispatch.
+  Received dispatch(const int32_t* expert_ids, const float* weights, const void* hidden, int64_t rows, int layer = 0);
   // Collective. expert_out [received rows, hidden]: for each received row, in Received order, the
   // weighted sum of this rank's experts. Writes out [rows, hidden] of the last dispatch: per token,
   // the sum over the ranks it went to (a token no rank took gets zeros).
@@ -79,6 +81,15 @@ class MoeExchange {
   Traffic traffic_;
 };
 
+// Where a rank's MoE time went (MoeDispatcher::set_profiling), seconds summed over layers and steps.
+struct MoePhaseTimes {
+  double dispatch = 0;  // packing, the dispatch exchange (rows out) and, on staged paths, its copies
+  double experts = 0;   // this rank's experts on the rows it received
+  double combine = 0;   // the results' exchange back and the per-token sums
+  double wait = 0;      // the row-count exchange and the step handshake: mostly waiting for the slowest peer
+  uint64_t layers = 0;  // moe() calls timed
+};
+
 class MoeDispatcher {
  public:
   // How a layer's rows travel.
@@ -97,19 +108,31 @@ class MoeDispatcher {
                 int64_t max_step_rows = 0, Path path = Path::kBackendOps);
   // The bytes the constructor allocates for these arguments (rounded as arena allocations), for
   // Backend::reserve.
+  // map_layers: the rows of the expert maps (the placement's layers, or 1 when it is the same for every layer).
   static size_t reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType activation_dtype,
-                              int experts, Path path = Path::kBackendOps);
+                              int experts, Path path = Path::kBackendOps, int map_layers = 1);
 
-  // Collective; the expert-parallel form of backend.moe_experts(x, ids, weights, experts, ...):
-  // x [rows, hidden], expert_ids/weights [rows, top_k] from router_topk (global expert ids), `local`
-  // this rank's experts (placement.experts_of(rank)), out [rows, hidden]. rows may be 0.
+  // Collective; the expert-parallel form of backend.moe_experts(x, ids, weights, experts, ...) for
+  // MoE layer `layer`: x [rows, hidden], expert_ids/weights [rows, top_k] from router_topk (global
+  // expert ids), `local` this rank's experts of that layer (placement.experts_of(layer, rank)), out
+  // [rows, hidden]. rows may be 0. expert_load (I32 [experts], optional): += the tokens this rank
+  // routed to each expert.
   void moe(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights, const ExpertWeights& local,
-           float swiglu_limit, const Tensor& out);
+           float swiglu_limit, const Tensor& out, int layer = 0, const Tensor& expert_load = Tensor{});
 
   // Collective handshake at the start of every step: returns whether any rank runs a step
   // (has_step on at least one rank). Ranks whose steps are done keep calling begin_step(false) and
   // run a zero-token step while it returns true.
   bool begin_step(bool has_step);
+
+  // Phase timers (steady_clock around each phase; on a device backend each phase is synchronized
+  // first, so profiling slows it). Off by default: no clock is read.
+  void set_profiling(bool on) { profiling_ = on; }
+  bool profiling() const { return profiling_; }
+  const MoePhaseTimes& phase_times() const { return times_; }
+  void reset_phase_times() { times_ = {}; }
+  // Adds to the wait phase (the model's step handshake, timed by the caller).
+  void add_wait(double seconds) { times_.wait += seconds; }
 
   Path path() const { return path_; }
   // Bytes this rank sent so far (either path; the same numbers for the same routing).
@@ -119,9 +142,12 @@ class MoeDispatcher {
  private:
   Tensor staging(DeviceBuffer& buffer, DType dtype, int64_t rows, int64_t cols);
   void moe_host_staged(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
-                       const ExpertWeights& local, float swiglu_limit, const Tensor& out);
+                       const ExpertWeights& local, float swiglu_limit, const Tensor& out, int layer);
   void moe_backend_ops(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
-                       const ExpertWeights& local, float swiglu_limit, const Tensor& out);
+                       const ExpertWeights& local, float swiglu_limit, const Tensor& out, int layer,
+                       const Tensor& expert_load);
+  // Profiling: the seconds since the last mark (the backend synchronized first), or 0 when off.
+  double lap();
   // One collective exchange of backend tensors: part i sends send[i] (rows grouped by destination,
   // send_rows[i][d] rows of send[i].row bytes to rank d) into recv[i] likewise.
   struct TensorPart {
@@ -138,7 +164,11 @@ class MoeDispatcher {
   std::vector<int32_t> h_ids_;
   std::vector<float> h_w_;
   DeviceBuffer d_x_, d_ids_, d_w_, d_y_;
-  // kBackendOps: expert -> owner rank and local index (I32 [experts]); send side (x, ids, weights,
+  bool profiling_ = false;
+  MoePhaseTimes times_;
+  std::chrono::steady_clock::time_point mark_;
+  // kBackendOps: expert -> owner rank and local index (I32 [map layers, experts]: one row per layer
+  // of a per-layer placement, else one); send side (x, ids, weights,
   // slots; x also takes the results back in the combine); receive side (x, ids, weights, expert output).
   DeviceBuffer owner_, local_;
   DeviceBuffer s_x_, s_ids_, s_w_, slots_;

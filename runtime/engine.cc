@@ -198,6 +198,14 @@ int Engine::max_step_tokens() const { return model_.options().max_step_rows; }
 int Engine::max_step_samples() const { return model_.options().max_logit_rows; }
 
 proto::StepResult Engine::run(const proto::StepPlan& plan) {
+  proto::StepResult result = run_plan(plan);
+  if (plan.report_expert_load())
+    for (const auto& row : model_.expert_load())
+      for (const int64_t v : row) result.add_expert_load(v);
+  return result;
+}
+
+proto::StepResult Engine::run_plan(const proto::StepPlan& plan) {
   const bool ep = expert_parallel(model_);
   proto::StepResult result;
   result.set_step(plan.step());

@@ -59,6 +59,8 @@ class Engine {
   int max_step_samples() const; // sampled sequences per step
 
  private:
+  proto::StepResult run_plan(const proto::StepPlan& plan);
+
   Model& model_;
 };
 

@@ -1,6 +1,7 @@
 #include "runtime/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <numbers>
@@ -24,15 +25,31 @@ std::shared_ptr<const ExpertPlacement> placement_for(const ModelConfig& c, const
   auto p = o.placement ? o.placement
                        : std::make_shared<const ExpertPlacement>(
                              ExpertPlacement::contiguous(c.num_local_experts, o.comm->size()));
-  p->check_fits(c.num_local_experts, o.comm->size());
+  p->check_fits(c.num_local_experts, c.num_hidden_layers, o.comm->size());
   return p;
 }
+
+// What this rank loads: a contiguous range of every layer's experts, or per layer a set.
+struct LocalExperts {
+  ExpertRange range;
+  LayerExperts sets;  // empty: range
+  int most() const {  // the most experts of one layer
+    if (sets.empty()) return range.count;
+    size_t m = 0;
+    for (const auto& s : sets) m = std::max(m, s.size());
+    return static_cast<int>(m);
+  }
+};
 
 // The experts this rank loads. Under expert parallelism this is collective: the ranks first check
 // they agree on config, weight files (names, dtypes, shapes, file sizes) and placement, so ranks
 // started with different models fail here with a clear error instead of computing garbage.
-ExpertRange local_experts(const ModelConfig& c, const Checkpoint& ck, const ModelOptions& o) {
-  if (!expert_parallel(o)) return o.experts;
+LocalExperts local_experts(const ModelConfig& c, const Checkpoint& ck, const ModelOptions& o) {
+  if (!expert_parallel(o)) {
+    LocalExperts one{o.experts, {}};
+    if (one.range.count < 0) one.range.count = c.num_local_experts - one.range.first;
+    return one;
+  }
   const auto placement = placement_for(c, o);
   uint64_t h = fnv1a64(c.to_json());
   std::set<std::string> files;
@@ -45,8 +62,19 @@ ExpertRange local_experts(const ModelConfig& c, const Checkpoint& ck, const Mode
     h = fnv1a64(std::filesystem::path(f).filename().string() + " " + std::to_string(std::filesystem::file_size(f)), h);
   h = fnv1a64(placement->to_text(), h);
   check_same_fingerprint(*o.comm, h, "the model (config.json, weight files, expert placement)");
-  const ExpertBlock b = placement->block_of(o.comm->rank());
-  return {b.first, b.count};
+  const int me = o.comm->rank();
+  LocalExperts mine;
+  for (int l = 0; l < c.num_hidden_layers; ++l) mine.sets.push_back(placement->experts_of(l, me));
+  // One run in every layer: the range form (slices of the checkpoint, as before).
+  const auto& first = mine.sets[0];
+  const bool same_run = std::all_of(mine.sets.begin(), mine.sets.end(), [&](const std::vector<int>& s) {
+    return s == first && s.back() - s.front() + 1 == static_cast<int>(s.size());
+  });
+  if (same_run) {
+    mine.range = {first.front(), static_cast<int>(first.size())};
+    mine.sets.clear();
+  }
+  return mine;
 }
 
 }  // namespace
@@ -111,6 +139,7 @@ std::vector<Model::BufferSpec> Model::buffer_specs(const ModelConfig& config, co
       {&Model::candidate_ids_, DType::kI32, {L, kMaxCandidateTokens}},
       {&Model::candidate_logprobs_, DType::kF32, {L, kMaxCandidateTokens}},
       {&Model::rope_table_, DType::kF32, {rope_table_positions(config, options), D}},
+      {&Model::expert_load_, DType::kI32, {static_cast<int64_t>(config.num_hidden_layers), E}},
   };
 }
 
@@ -119,8 +148,9 @@ std::vector<Model::BufferSpec> Model::buffer_specs(const ModelConfig& config, co
 // announced with one Backend::reserve before the first of them; then the weights are loaded.
 ModelWeights Model::reserve_and_load_weights(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend,
                                              const ModelOptions& options) {
-  const ExpertRange experts = local_experts(config, checkpoint, options);
-  size_t bytes = weights_reserve_bytes(config, checkpoint, experts);
+  const LocalExperts experts = local_experts(config, checkpoint, options);
+  size_t bytes = experts.sets.empty() ? weights_reserve_bytes(config, checkpoint, experts.range)
+                                      : weights_reserve_bytes(config, checkpoint, experts.sets);
   bytes += KvCache::reserve_bytes(backend.kv_dtype(), config, options.kv);
   for (const BufferSpec& b : buffer_specs(config, options, backend.activation_dtype()))
     bytes += device_arena_bytes(static_cast<size_t>(b.shape.elements()) * dtype_size(b.dtype));
@@ -128,16 +158,18 @@ ModelWeights Model::reserve_and_load_weights(const ModelConfig& config, const Ch
   if (expert_parallel(options))
     bytes += MoeDispatcher::reserve_bytes(ranks, options.max_step_rows, config.hidden_size,
                                           config.num_experts_per_tok, backend.activation_dtype(),
-                                          config.num_local_experts, dispatch_path(options));
+                                          config.num_local_experts, dispatch_path(options),
+                                          placement_for(config, options)->num_layers());
   MoeLimits moe;
   // Under expert parallelism this rank's experts may get a row from every rank.
   moe.max_rows = static_cast<int64_t>(options.max_step_rows) * ranks;
   moe.k = config.num_experts_per_tok;
-  moe.experts = experts.count < 0 ? config.num_local_experts - experts.first : experts.count;
+  moe.experts = experts.most();
   moe.hidden = config.hidden_size;
   moe.intermediate = config.intermediate_size;
   backend.reserve(bytes, moe);
-  return load_weights(config, checkpoint, backend, experts);
+  return experts.sets.empty() ? load_weights(config, checkpoint, backend, experts.range)
+                              : load_weights(config, checkpoint, backend, experts.sets);
 }
 
 Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend, const ModelOptions& options)
@@ -155,6 +187,7 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
   const std::vector<float> table = rope_table(rope_, rope_table_.rows());
   backend.upload(table.data(), rope_table_);
   rope_.table = rope_table_;
+  backend.fill_zero(expert_load_);
   if (expert_parallel(options))
     dispatcher_ = std::make_unique<MoeDispatcher>(*options.comm, *placement_for(config, options), backend,
                                                   config.hidden_size, config.num_experts_per_tok,
@@ -165,14 +198,70 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
 Model::~Model() { backend_.forget_steps(this); }
 
 void Model::run_empty_step() {
-  for (const LayerWeights& l : weights_.layers)
-    dispatcher_->moe(normed_.slice_rows(0, 0), expert_ids_.slice_rows(0, 0), expert_weights_.slice_rows(0, 0), l.experts,
-                     config_.swiglu_limit, delta_.slice_rows(0, 0));
+  for (size_t i = 0; i < weights_.layers.size(); ++i)
+    dispatcher_->moe(normed_.slice_rows(0, 0), expert_ids_.slice_rows(0, 0), expert_weights_.slice_rows(0, 0),
+                     weights_.layers[i].experts, config_.swiglu_limit, delta_.slice_rows(0, 0), static_cast<int>(i));
 }
 
 void Model::serve_peers() {
   if (!dispatcher_) return;
-  while (dispatcher_->begin_step(false)) run_empty_step();
+  for (;;) {
+    const auto start = std::chrono::steady_clock::now();
+    const bool more = dispatcher_->begin_step(false);
+    if (profiling_) dispatcher_->add_wait(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    if (!more) return;
+    run_empty_step();
+  }
+}
+
+Tensor Model::load_row(size_t layer) const {
+  if (!options_.count_expert_load) return Tensor{};
+  return expert_load_.slice_rows(static_cast<int64_t>(layer), 1).reshaped({config_.num_local_experts});
+}
+
+std::vector<std::vector<int64_t>> Model::expert_load() {
+  if (!options_.count_expert_load) return {};
+  std::vector<int32_t> host(static_cast<size_t>(expert_load_.elements()));
+  backend_.download(expert_load_, host.data());
+  const size_t E = static_cast<size_t>(config_.num_local_experts);
+  std::vector<std::vector<int64_t>> out(weights_.layers.size());
+  for (size_t l = 0; l < out.size(); ++l) out[l].assign(host.begin() + static_cast<int64_t>(l * E), host.begin() + static_cast<int64_t>((l + 1) * E));
+  return out;
+}
+
+void Model::reset_expert_load() { backend_.fill_zero(expert_load_); }
+
+void Model::set_profiling(bool on) {
+  profiling_ = on;
+  if (dispatcher_) dispatcher_->set_profiling(on);
+}
+
+uint64_t Model::bytes_sent_to_peers() const { return dispatcher_ ? dispatcher_->traffic().to_peers : 0; }
+
+ForwardPhaseTimes Model::phase_times() const {
+  ForwardPhaseTimes t = times_;
+  if (dispatcher_) {
+    const MoePhaseTimes& m = dispatcher_->phase_times();
+    t.dispatch = m.dispatch;
+    t.experts = m.experts;
+    t.combine = m.combine;
+    t.wait = m.wait;
+  }
+  return t;
+}
+
+void Model::reset_phase_times() {
+  times_ = {};
+  if (dispatcher_) dispatcher_->reset_phase_times();
+}
+
+void Model::run_timed(const StepLayout& layout, const std::vector<std::vector<int32_t>>* restricted) {
+  if (!profiling_) return run(layout, restricted);
+  const auto start = std::chrono::steady_clock::now();
+  run(layout, restricted);
+  backend_.synchronize();
+  times_.forward += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++times_.steps;
 }
 
 void Model::run(const StepLayout& layout, const std::vector<std::vector<int32_t>>* restricted) {
@@ -193,7 +282,9 @@ void Model::run(const StepLayout& layout, const std::vector<std::vector<int32_t>
   for (int32_t r : layout.logit_rows)
     if (r < 0 || r >= rows) throw std::out_of_range("forward: logit row outside the step");
   if (dispatcher_) {
+    const auto start = std::chrono::steady_clock::now();
     dispatcher_->begin_step(true);
+    if (profiling_) dispatcher_->add_wait(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     if (rows == 0) return run_empty_step();
   }
   const auto step = backend_.prepare_step(layout);
@@ -240,8 +331,17 @@ void Model::run(const StepLayout& layout, const std::vector<std::vector<int32_t>
       // The output projection and the MoE block's norm.
       backend_.linear_add_rms_norm(attn, l.o_weight, l.o_bias, delta, x, l.post_attention_norm, c.rms_norm_eps, normed);
       backend_.route(normed, l.router_weight, l.router_bias, c.num_experts_per_tok, router, ids, weights);
-      if (dispatcher_) dispatcher_->moe(normed, ids, weights, l.experts, c.swiglu_limit, delta);
-      else backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);
+      if (dispatcher_) {
+        dispatcher_->moe(normed, ids, weights, l.experts, c.swiglu_limit, delta, static_cast<int>(i), load_row(i));
+      } else {
+        if (options_.count_expert_load) backend_.count_expert_load(ids, load_row(i));
+        // Profiling on one rank times the experts too, where the backend runs them synchronously
+        // (host memory); a device backend's step may be a recording, which must not synchronize.
+        const bool timed = profiling_ && backend_.host_memory();
+        const auto start = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+        backend_.moe_experts(normed, ids, weights, l.experts, c.swiglu_limit, delta);
+        if (timed) times_.experts += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      }
     }
     backend_.add(x, delta);
     if (logit_rows == 0) return;
@@ -271,7 +371,7 @@ std::vector<std::vector<float>> Model::forward_candidates(const StepLayout& layo
       if (t < 0 || t >= config_.vocab_size) throw std::out_of_range("forward_candidates: candidate outside the vocabulary");
     widest = std::max(widest, c.size());
   }
-  run(layout, &candidates);
+  run_timed(layout, &candidates);
   const int64_t n = static_cast<int64_t>(candidates.size()), m = static_cast<int64_t>(widest);
   std::vector<std::vector<float>> out(static_cast<size_t>(n));
   if (n == 0) return out;
@@ -284,7 +384,7 @@ std::vector<std::vector<float>> Model::forward_candidates(const StepLayout& layo
 }
 
 std::vector<float> Model::forward(const StepLayout& layout) {
-  run(layout);
+  run_timed(layout, nullptr);
   const Tensor out = logits_.slice_rows(0, static_cast<int64_t>(layout.logit_rows.size()));
   std::vector<float> host(static_cast<size_t>(out.elements()));
   if (!host.empty()) backend_.download(out, host.data());
@@ -292,7 +392,7 @@ std::vector<float> Model::forward(const StepLayout& layout) {
 }
 
 std::vector<int32_t> Model::forward_argmax(const StepLayout& layout) {
-  run(layout);
+  run_timed(layout, nullptr);
   const int64_t n = static_cast<int64_t>(layout.logit_rows.size());
   std::vector<int32_t> host(static_cast<size_t>(n));
   if (n == 0) return host;
@@ -353,7 +453,7 @@ TopLogprobs Model::forward_top(const StepLayout& layout, int k, const std::vecto
     throw std::invalid_argument("forward_top: more than " + std::to_string(kMaxCandidateTokens) + " candidate tokens in a row");
   if (k < 1 || k > kMaxTopLogprobs || k > config_.vocab_size)
     throw std::invalid_argument("forward_top: k = " + std::to_string(k) + " outside 1.." + std::to_string(kMaxTopLogprobs));
-  run(layout);
+  run_timed(layout, nullptr);
   TopLogprobs top;
   top.k = k;
   const int64_t n = static_cast<int64_t>(layout.logit_rows.size());

@@ -33,6 +33,19 @@ struct ModelOptions {
   // The dispatcher's earlier host-staged path (MoeDispatcher::Path::kHostStaged) instead of the
   // backend's dispatch and combine operations; for comparisons and benchmarks.
   bool ep_host_staged = false;
+  // Expert-load statistics: per layer and expert, the tokens this rank routed there, counted on the
+  // backend (one small operation per layer; under expert parallelism inside the dispatch's packing)
+  // and read only by expert_load(). Off: nothing is counted.
+  bool count_expert_load = false;
+};
+
+// Where a rank's forward time went (Model::set_profiling), seconds summed over steps.
+struct ForwardPhaseTimes {
+  double forward = 0;   // whole forward steps (run(), synchronized at the end)
+  double dispatch = 0, experts = 0, combine = 0, wait = 0;  // the MoE phases (MoePhaseTimes), all layers
+  uint64_t steps = 0;
+  // forward minus the MoE phases: attention, dense projections, norms, router, lm_head.
+  double dense() const { return forward - dispatch - experts - combine - wait; }
 };
 
 // YaRN (NTK-by-parts) inverse frequencies and concentration for a config (DESIGN.md §1, gpt-oss.md §4.3).
@@ -83,6 +96,20 @@ class Model {
   // steps with zero tokens until no rank has steps left. A no-op on a single rank.
   void serve_peers();
 
+  // Expert-load statistics (options().count_expert_load; empty otherwise): [layer][expert] tokens
+  // this rank routed to that expert since construction or the last reset (a download of the
+  // counters: call it rarely, between steps, on the thread that runs the steps).
+  std::vector<std::vector<int64_t>> expert_load();
+  void reset_expert_load();
+  // Phase timers (off by default); on one rank only forward, steps and (on a host-memory backend)
+  // experts are filled.
+  void set_profiling(bool on);
+  // Expert parallelism: payload bytes this rank sent to other ranks so far (dispatch and combine);
+  // 0 on a single rank.
+  uint64_t bytes_sent_to_peers() const;
+  ForwardPhaseTimes phase_times() const;
+  void reset_phase_times();
+
   const ModelConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
   KvCache& kv_cache() { return kv_; }
@@ -108,6 +135,9 @@ class Model {
   // (Model::forward_candidates).
   void run(const StepLayout& layout, const std::vector<std::vector<int32_t>>* restricted = nullptr);
   void run_empty_step();  // expert parallelism: every layer's exchange with zero tokens of our own
+  void run_timed(const StepLayout& layout, const std::vector<std::vector<int32_t>>* restricted);
+  // The load counters of layer i (I32 [experts]), or an empty tensor when not counting.
+  Tensor load_row(size_t layer) const;
 
   ModelConfig config_;
   ModelOptions options_;
@@ -117,7 +147,9 @@ class Model {
   RopeParams rope_;
   std::vector<DeviceBuffer> buffers_;
   Tensor x_, normed_, q_, k_, v_, attn_, delta_, router_logits_, expert_ids_, expert_weights_, final_rows_, logits_,
-      argmax_, top_ids_, top_logprobs_, candidate_ids_, candidate_logprobs_, rope_table_;
+      argmax_, top_ids_, top_logprobs_, candidate_ids_, candidate_logprobs_, rope_table_, expert_load_;
+  bool profiling_ = false;
+  ForwardPhaseTimes times_;
   std::unique_ptr<MoeDispatcher> dispatcher_;  // set when expert-parallel over more than one rank
 };
 

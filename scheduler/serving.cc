@@ -70,6 +70,8 @@ ServingRank::ServingRank(const ServingOptions& options, Communicator* comm,
   mo.kv.sliding_blocks = options_.kv_blocks;  // serving: one block table for every layer
   mo.comm = comm_;
   mo.placement = std::move(placement);
+  mo.count_expert_load = options_.count_expert_load;
+  mo.ep_host_staged = options_.ep_host_staged;
   model_ = std::make_unique<Model>(config_, *checkpoint_, *backend_, mo);
   engine_ = std::make_unique<Engine>(*model_);
   exchange_ = std::make_unique<StepExchange>(comm_);

@@ -42,6 +42,11 @@ struct ServingOptions {
   // rank 0 sees a rank that died or stalls. heartbeat_timeout 0: none; step_timeout 0: no step limit.
   double heartbeat_timeout = 0;
   double step_timeout = 0;
+  // Expert-load statistics (ModelOptions::count_expert_load): read by StepLoop::expert_load, /metrics
+  // and GET /v1/stats/experts (`arbiter serve` and `arbiter bench` turn them on).
+  bool count_expert_load = false;
+  // The dispatcher's earlier host-staged path (ModelOptions::ep_host_staged).
+  bool ep_host_staged = false;
 };
 
 class ServingRank {
@@ -65,6 +70,10 @@ class ServingRank {
 
   // Workers: runs steps until rank 0's loop stops. Rank 0: returns at once.
   void serve_workers();
+
+  // This rank's model (profiling, expert-load counters): touch it only while no step runs (before
+  // the loop starts, after it stopped, or on the loop's thread).
+  Model& model() { return *model_; }
 
   // Rank 0: why the ranks cannot serve right now, nullopt while they can: the step exchange broke
   // (fatal), a worker died (fatal) or a worker stalls (heartbeats; may end). Thread-safe; always

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "parallel/communicator.h"
+#include "parallel/expert_placement.h"
 
 namespace arbiter {
 
@@ -96,14 +97,55 @@ void StepLoop::thread_main() {
   }
 }
 
+ExpertLoadSnapshot StepLoop::expert_load() const {
+  want_expert_load_ = true;
+  std::lock_guard lock(stats_mutex_);
+  return expert_load_;
+}
+
+void StepLoop::update_expert_load(const std::vector<proto::StepResult>& results) {
+  const Model& model = local_.model();
+  const ModelConfig& c = model.config();
+  const size_t L = static_cast<size_t>(c.num_hidden_layers), E = static_cast<size_t>(c.num_local_experts);
+  ExpertLoadSnapshot snap;
+  snap.load.assign(L, std::vector<int64_t>(E, 0));
+  for (const auto& r : results) {
+    if (static_cast<size_t>(r.expert_load_size()) != L * E) return;  // a rank that does not count
+    for (size_t i = 0; i < L * E; ++i) snap.load[i / E][i % E] += r.expert_load(static_cast<int>(i));
+  }
+  const int ranks = static_cast<int>(results.size());
+  const ExpertPlacement placement = model.options().placement && ranks > 1
+                                        ? *model.options().placement
+                                        : ExpertPlacement::contiguous(static_cast<int>(E), std::max(ranks, 1));
+  snap.rank_tokens.assign(static_cast<size_t>(ranks), 0);
+  for (size_t l = 0; l < L; ++l) {
+    std::vector<int64_t> per_rank(static_cast<size_t>(ranks), 0);
+    int64_t total = 0, most = 0;
+    for (size_t e = 0; e < E; ++e) {
+      per_rank[static_cast<size_t>(placement.owner(static_cast<int>(l), static_cast<int>(e)))] += snap.load[l][e];
+      total += snap.load[l][e];
+      most = std::max(most, snap.load[l][e]);
+    }
+    for (int r = 0; r < ranks; ++r) snap.rank_tokens[static_cast<size_t>(r)] += per_rank[static_cast<size_t>(r)];
+    const int64_t rank_most = *std::max_element(per_rank.begin(), per_rank.end());
+    snap.rank_imbalance.push_back(total ? static_cast<double>(rank_most) * ranks / static_cast<double>(total) : 1.0);
+    snap.expert_imbalance.push_back(total ? static_cast<double>(most) * static_cast<double>(E) / static_cast<double>(total) : 1.0);
+  }
+  std::lock_guard lock(stats_mutex_);
+  expert_load_ = std::move(snap);
+}
+
 bool StepLoop::step_once() {
   const auto t0 = Clock::now();
   bool ran = false;
   try {
-    const std::vector<proto::StepPlan> plans = scheduler_.plan_step();
+    std::vector<proto::StepPlan> plans = scheduler_.plan_step();
     const auto t1 = Clock::now();
     std::vector<proto::StepResult> results;
     ran = has_sequences(plans);
+    const bool collect_load = ran && want_expert_load_.load() && t0 - last_expert_load_ >= std::chrono::seconds(1);
+    if (collect_load)
+      for (auto& plan : plans) plan.set_report_expert_load(true);
     if (ran) {
       results = exchange_.run_step(local_, plans);
     } else {
@@ -115,6 +157,11 @@ bool StepLoop::step_once() {
       }
     }
     const auto t2 = Clock::now();
+    if (collect_load) {
+      want_expert_load_ = false;
+      last_expert_load_ = t0;
+      update_expert_load(results);
+    }
     scheduler_.complete_step(results);
     const auto t3 = Clock::now();
 

@@ -32,6 +32,14 @@ struct StepLoopStats {
   std::vector<uint64_t> step_histogram = std::vector<uint64_t>(std::size(kStepBuckets) + 1, 0);
 };
 
+// Expert-load statistics summed over the ranks (StepLoop::expert_load).
+struct ExpertLoadSnapshot {
+  std::vector<std::vector<int64_t>> load;  // [layer][expert] tokens routed since start; empty: none yet
+  std::vector<int64_t> rank_tokens;        // per rank, the tokens its experts processed (all layers)
+  std::vector<double> rank_imbalance;      // per layer: the most loaded rank's tokens over the mean
+  std::vector<double> expert_imbalance;    // per layer: the most loaded expert's tokens over the mean
+};
+
 class StepLoop {
  public:
   StepLoop(Scheduler& scheduler, Engine& local, StepExchange& exchange);
@@ -48,6 +56,10 @@ class StepLoop {
   void run_until_idle();
 
   StepLoopStats stats() const;  // thread-safe
+  // Thread-safe: the last snapshot of the expert-load counters of every rank (empty before the
+  // first), and a request for a fresh one: the next step that runs at least a second after the last
+  // snapshot collects every rank's counters with its results (they are read rarely, not per step).
+  ExpertLoadSnapshot expert_load() const;
   // Why the loop stopped stepping for good: the exchange with the other ranks broke (CommError, e.g.
   // a rank died or stalled past the communicator's timeout); nullopt while it runs. Thread-safe.
   std::optional<std::string> failure() const;
@@ -57,6 +69,8 @@ class StepLoop {
   // fails what was in flight (Scheduler::fail_all) and the loop goes on, unless the communicator broke:
   // then the loop records failure() and stops stepping (the workers cannot take part any more).
   bool step_once();
+  // Sums the ranks' expert-load counters of a step's results into expert_load_.
+  void update_expert_load(const std::vector<proto::StepResult>& results);
   void thread_main();
   void set_failure(const std::string& why);
 
@@ -69,6 +83,9 @@ class StepLoop {
   StepLoopStats stats_;
   std::optional<std::string> failure_;  // under stats_mutex_
   bool workers_shut_down_ = false;
+  mutable std::atomic<bool> want_expert_load_{false};
+  std::chrono::steady_clock::time_point last_expert_load_{};
+  ExpertLoadSnapshot expert_load_;  // under stats_mutex_
 };
 
 }  // namespace arbiter

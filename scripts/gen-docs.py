@@ -251,6 +251,8 @@ def gen_api():
             resp = next((x["name"] for x in msgs if x["name"].endswith("Response")), None)
             out.append(f"| `{m.group(1)}` | — | {type_cell(req, known) if req else '—'} | "
                        f"{type_cell(resp, known) if resp else '—'} |")
+    out.append("| `GET /v1/stats/experts` | — | — | expert-load statistics JSON "
+               "([parallel/README.md](../parallel/README.md#expert-load-statistics-and-balanced-placements)) |")
     out.append("| `GET /metrics` | — | — | Prometheus text ([metrics.md](metrics.md)) |\n")
     out.append("gRPC methods, from `api/grpc.proto`:\n")
     for r in grpc["service"]["rpcs"]:
@@ -312,7 +314,8 @@ OPTION_SOURCES = {"cmd_serve.cc": ("all", ["serve"]), "cmd_classify.cc": ("all",
                   "cmd_triage.cc": ("all", ["triage"]), "cmd_text.cc": ("any", ["tokenize", "detokenize", "render"]),
                   "main.cc": ("any", ["make-model", "logits", "generate"]),
                   "serving_args.cc": ("all", ["serve", "classify", "eval"]),
-                  "ranks.cc": ("all", ["logits", "generate", "classify", "serve"])}
+                  "ranks.cc": ("all", ["logits", "generate", "classify", "serve"]),
+                  "cmd_placement.cc": ("all", ["placement"])}
 
 
 def check_options_documented(helps):
@@ -461,6 +464,8 @@ def scrape_metrics(binary):
             policy = {"id": "spam", "text": "Spam policy. Answer 1 for spam, else 0."}
             status, body = server.request("POST", "/v1/policies", policy)
             assert status in (200, 201), (status, body)
+            # Asks for an expert-load snapshot, which the next steps collect (for the expert metrics).
+            assert server.request("GET", "/v1/stats/experts")[0] == 200
             status, _ = server.request("POST", "/v1/classify", {"content": "buy now", "policies": [{"id": "spam"}],
                                                                 "reasoning_effort": "low", "max_tokens": 4})
             assert status == 200, status

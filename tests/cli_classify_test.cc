@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -280,6 +281,68 @@ TEST(CliBench, QuickRunReportsBothModes) {
   EXPECT_LT(j.at("prefix_cache_on").at("prefill_tokens_computed").get<double>(),
             j.at("prefix_cache_off").at("prefill_tokens_computed").get<double>());
   EXPECT_GT(j.at("ratios").at("prefill_tokens_off_over_on").get<double>(), 1.0);
+  // Expert-load statistics: every layer's counts sum to k per computed token (prefill + decode).
+  const auto& load = j.at("expert_load");
+  ASSERT_GT(load.at("layers").size(), 0u);
+  int64_t first = -1;
+  for (const auto& row : load.at("layers")) {
+    EXPECT_EQ(row.size(), load.at("experts").get<size_t>());
+    int64_t sum = 0;
+    for (const auto& v : row) sum += v.get<int64_t>();
+    EXPECT_GT(sum, 0);
+    if (first < 0) first = sum;
+    EXPECT_EQ(sum, first) << "every layer routes every token";
+  }
+  // ... which `arbiter placement` turns into a per-layer placement, reporting the imbalance.
+  const std::string placement = io.file("balanced.placement");
+  const RunResult p = testing::run_command(std::string(ARBITER_BINARY) + " placement --stats " + testing::shell_quote(json) +
+                                           " --ranks 2 --out " + testing::shell_quote(placement));
+  ASSERT_EQ(p.status, 0) << p.output;
+  EXPECT_NE(p.output.find("imbalance, balanced placement: mean "), std::string::npos) << p.output;
+  std::ifstream written(placement);
+  const std::string text((std::istreambuf_iterator<char>(written)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("layers " + std::to_string(load.at("layers").size())), std::string::npos) << text;
+  // Bad statistics: a clear error naming the file.
+  std::ofstream(io.file("bad.json")) << "{\"expert_load\": {\"layers\": [[1, 2], [3]]}}";
+  const RunResult bad = testing::run_command(std::string(ARBITER_BINARY) + " placement --stats " +
+                                             testing::shell_quote(io.file("bad.json")) + " --ranks 2 --out " +
+                                             testing::shell_quote(io.file("x.placement")));
+  EXPECT_EQ(bad.status, 2) << bad.output;
+  EXPECT_NE(bad.output.find("bad.json: layer 1 has 1 experts, layer 0 has 2"), std::string::npos) << bad.output;
+}
+
+// The rank-scaling sweep over thread ranks: a row per rank count, the JSON with the time split and
+// traffic, and the SVG figure next to it.
+TEST(CliBench, RanksSweepWritesTableJsonAndFigure) {
+  TempDir io;
+  const std::string json = io.file("sweep.json");
+  const RunResult r = testing::run_command(std::string(ARBITER_BINARY) + " bench --quick --preset tiny --tokenizer " +
+                                           testing::shell_quote(tokenizer_dir()) + " --ranks-sweep 1,2 --json " +
+                                           testing::shell_quote(json));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("| ranks | decisions/s |"), std::string::npos) << r.output;
+  std::ifstream in(json);
+  const auto j = nlohmann::json::parse(in);
+  ASSERT_EQ(j.at("points").size(), 2u);
+  const auto& one = j.at("points")[0];
+  const auto& two = j.at("points")[1];
+  EXPECT_EQ(one.at("ranks"), 1);
+  EXPECT_EQ(two.at("ranks"), 2);
+  EXPECT_GT(two.at("decisions_per_second").get<double>(), 0);
+  EXPECT_GT(two.at("step_ms").at("experts").get<double>(), 0);
+  EXPECT_GT(two.at("step_ms").at("dispatch").get<double>(), 0);
+  EXPECT_EQ(one.at("step_ms").at("dispatch").get<double>(), 0) << "one rank dispatches nothing";
+  EXPECT_EQ(two.at("bytes_sent_per_rank").size(), 2u);
+  EXPECT_GT(two.at("bytes_sent_per_rank")[0].get<double>(), 0);
+  EXPECT_GE(two.at("load_imbalance_mean").get<double>(), 1.0);
+  std::ifstream svg(io.file("sweep.svg"));
+  const std::string figure((std::istreambuf_iterator<char>(svg)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(figure.rfind("<svg", 0), 0u);
+  EXPECT_NE(figure.find("decisions/s"), std::string::npos);
+  EXPECT_NE(figure.find("</svg>"), std::string::npos);
+  const RunResult bad = testing::run_command(std::string(ARBITER_BINARY) + " bench --quick --preset tiny --ranks-sweep 1,x");
+  EXPECT_EQ(bad.status, 2) << bad.output;
+  EXPECT_NE(bad.output.find("--ranks-sweep takes rank counts"), std::string::npos) << bad.output;
 }
 
 // The README's main job (scripts/demo.sh) with this build's binary: offline classification of three

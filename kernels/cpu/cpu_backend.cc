@@ -432,6 +432,17 @@ void CpuBackend::moe_combine(const Tensor& back, const Tensor& slots, const Tens
   });
 }
 
+// A serial loop over rows * k ids: a few hundred increments per layer, far below the layer's cost.
+void CpuBackend::count_expert_load(const Tensor& expert_ids, const Tensor& load) {
+  require(expert_ids.dtype == DType::kI32 && load.dtype == DType::kI32, "count_expert_load: ids and load must be I32");
+  if (expert_ids.shape.rank == 0) return;
+  const int32_t* ids = expert_ids.as<const int32_t>();
+  int32_t* counts = load.as<int32_t>();
+  const int64_t n = expert_ids.elements(), experts = load.elements();
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] >= 0 && ids[i] < experts) ++counts[ids[i]];
+}
+
 void CpuBackend::add(const Tensor& x, const Tensor& y) {
   require(x.elements() == y.elements(), "add: sizes differ");
   cpu::add(*pool_, x.as<float>(), y.as<const float>(), x.elements());

@@ -48,6 +48,7 @@ class CpuBackend final : public Backend {
                          const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,
                          std::span<int64_t> rows_per_rank, const Tensor& expert_load) override;
   void moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) override;
+  void count_expert_load(const Tensor& expert_ids, const Tensor& load) override;
   void add(const Tensor& x, const Tensor& y) override;
   void gather_logit_rows(const Tensor& x, const StepContext& step, const Tensor& out) override;
   void argmax(const Tensor& logits, const Tensor& out) override;

@@ -559,6 +559,13 @@ class CudaBackend final : public Backend {
     if (host[static_cast<size_t>(ranks)]) throw std::out_of_range("moe_dispatch_pack: an expert id outside the placement");
     std::copy(host.begin(), host.begin() + ranks, rows_per_rank.begin());
   }
+  void count_expert_load(const Tensor& expert_ids, const Tensor& load) override {
+    require(expert_ids.dtype == DType::kI32 && load.dtype == DType::kI32, "count_expert_load: ids and load must be I32");
+    if (expert_ids.shape.rank == 0 || expert_ids.elements() == 0) return;
+    select();
+    cuda::count_expert_load(expert_ids.as<const int32_t>(), expert_ids.elements(), static_cast<int>(load.elements()),
+                            load.as<int32_t>(), stream());
+  }
   void moe_combine(const Tensor& back, const Tensor& slots, const Tensor& out) override {
     const int64_t rows = out.shape.rank == 0 ? 0 : out.rows();
     if (rows == 0) return;

@@ -193,6 +193,8 @@ void moe_dispatch_plan(const int32_t* ids, const float* weights, int rows, int k
 // Copies each token's row to its slots in send_x.
 void moe_dispatch_copy(const void* x, int64_t row_bytes, const int32_t* slots, int rows, int ranks, void* send_x,
                        cudaStream_t stream);
+// Expert-load statistics: load[ids[i]] += 1 for each of the n ids inside 0..experts-1.
+void count_expert_load(const int32_t* ids, int64_t n, int experts, int32_t* load, cudaStream_t stream);
 // out[t] (bf16) = the fp32 sum, in rank order, of back's (bf16) rows at token t's slots.
 void moe_combine(const void* back, const int32_t* slots, int rows, int ranks, int hidden, void* out,
                  cudaStream_t stream);

@@ -1,7 +1,9 @@
 // Expert-parallel dispatch and combine on the device (Backend::moe_dispatch_pack / moe_combine):
 // the plan (one block: counts per destination rank, then per-destination exclusive scans in token
 // order, so the slots are the host implementation's, kernels/moe_pack.cc), the row copies (one block
-// per token) and the per-token sums in rank order (one block per token, fp32 from zero, then bf16).
+// per token) and the per-token sums in rank order (one block per token, fp32 from zero, then bf16);
+// and the expert-load counter of the single-rank path (one atomicAdd per routed id).
+#include <algorithm>
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/cuda/common.cuh"
@@ -121,7 +123,23 @@ __global__ void combine_kernel(const bf16* back, const int32_t* slots, int ranks
   }
 }
 
+__global__ void count_load_kernel(const int32_t* ids, int64_t n, int experts, int32_t* load) {
+  pdl_begin();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t e = ids[i];
+    if (e >= 0 && e < experts) atomicAdd(&load[e], 1);
+  }
+}
+
 }  // namespace
+
+void count_expert_load(const int32_t* ids, int64_t n, int experts, int32_t* load, cudaStream_t stream) {
+  if (n <= 0) return;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 64));
+  launch_kernel(count_load_kernel, dim3(blocks), dim3(256), 0, stream, ids, n, experts, load);
+  check_launch("count_expert_load");
+}
 
 void moe_dispatch_plan(const int32_t* ids, const float* weights, int rows, int k, const int32_t* owner,
                        const int32_t* local, int experts, int ranks, int32_t* slots, int32_t* send_ids,

@@ -255,6 +255,9 @@ TEST_F(ApiServe, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
   ASSERT_TRUE(wait_ready(ep.port(), 90)) << ep.log();
   EXPECT_EQ(call(ep.port(), "GET", "/ready").body["ranks"], 2);
   register_policies(ep.port());
+  // Expert-load statistics: asked for before the traffic, collected from both ranks by its steps.
+  const Reply no_stats = call(ep.port(), "GET", "/v1/stats/experts");
+  ASSERT_EQ(no_stats.status, 200) << no_stats.raw;
   std::vector<Reply> ep_replies(8);
   std::vector<std::thread> ep_threads;
   for (int i = 0; i < 8; ++i)
@@ -265,6 +268,21 @@ TEST_F(ApiServe, ConcurrentClassifyBatchInvariantPrefixCachedAndOpenAIClient) {
   for (auto& t : ep_threads) t.join();
   for (const Reply& r : ep_replies) ASSERT_EQ(r.status, 200) << r.raw << ep.log();
   EXPECT_EQ(essence(ep_replies[3].body), essence(alone.body)) << "expert parallelism changed a greedy result";
+  const Reply stats = call(ep.port(), "GET", "/v1/stats/experts");
+  ASSERT_EQ(stats.status, 200) << stats.raw;
+  EXPECT_TRUE(stats.body["ready"].get<bool>()) << stats.raw;
+  EXPECT_EQ(stats.body["ranks"], 2);
+  ASSERT_EQ(stats.body["rank_tokens"].size(), 2u) << stats.raw;
+  for (const auto& t : stats.body["rank_tokens"]) EXPECT_GT(t.get<int64_t>(), 0) << stats.raw;
+  int64_t per_layer = -1;
+  for (const auto& row : stats.body["expert_load"]["layers"]) {
+    int64_t sum = 0;
+    for (const auto& v : row) sum += v.get<int64_t>();
+    if (per_layer < 0) per_layer = sum;
+    EXPECT_EQ(sum, per_layer) << "every routed token passes every layer: " << stats.raw;
+  }
+  EXPECT_GT(per_layer, 0);
+  EXPECT_GT(metric(ep.port(), "arbiter_expert_tokens_routed_total"), 0);
   kill(ep.server_pid(), SIGTERM);  // rank 0 drains and releases the worker: mpirun exits 0
   EXPECT_EQ(ep.wait_exit(30), 0) << ep.log();
 }

@@ -1,10 +1,14 @@
 // `arbiter logits|generate` as one logical model over thread ranks (--transport threads --ranks N)
-// and over MPI processes (mpirun -np N arbiter ...), and the launch errors, run as users run them.
+// and over MPI processes (mpirun -np N arbiter ...), with placements from `arbiter placement`, and
+// the launch errors, run as users run them.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <fstream>
+#include <iterator>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "runtime/npy.h"
 #include "tests/test_util.h"
@@ -57,6 +61,40 @@ TEST(EpCli, LogitsOverThreadsAndMpiMatchSingleRank) {
   EXPECT_LE(max_rel_err(read_npy_f32(tmp.file("mpi.npy")), single), 1e-5f);
 }
 
+// A placement written by `arbiter placement` from statistics (per layer, scattered sets) loads over
+// thread ranks and MPI processes and gives the single-rank logits.
+TEST(EpCli, PlacementFromStatisticsGivesTheSameLogits) {
+  const auto g = testing::load_golden_case("tiny-b");
+  testing::TempDir tmp;
+  const std::string config = g.dir + "/config.json";
+  std::ifstream cfg(config);
+  const auto c = nlohmann::json::parse(cfg);
+  const int layers = c.at("num_hidden_layers").get<int>(), experts = c.at("num_local_experts").get<int>();
+  // Skewed statistics: a different hot set in every layer.
+  nlohmann::json rows = nlohmann::json::array();
+  for (int l = 0; l < layers; ++l) {
+    std::vector<int64_t> row;
+    for (int e = 0; e < experts; ++e) row.push_back((e * 5 + l * 3) % experts == 0 ? 900 : 10 + (e * 7 + l) % 13);
+    rows.push_back(row);
+  }
+  std::ofstream(tmp.file("stats.json")) << nlohmann::json{{"expert_load", {{"experts", experts}, {"layers", rows}}}}.dump();
+  Result r = run_command(kArbiter + " placement --stats " + tmp.file("stats.json") + " --ranks 3 --out " + tmp.file("b.placement"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::ifstream written(tmp.file("b.placement"));
+  const std::string text((std::istreambuf_iterator<char>(written)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("layer " + std::to_string(layers - 1)), std::string::npos) << text;
+  const std::string args = " logits --device cpu --model " + g.dir + " --tokens " + join(g.tokens) + " --out ";
+  r = run_command(kArbiter + args + tmp.file("single.npy"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const NpyArray single = read_npy_f32(tmp.file("single.npy"));
+  r = run_command(kArbiter + args + tmp.file("threads.npy") + " --transport threads --ranks 3 --placement " + tmp.file("b.placement"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_LE(max_rel_err(read_npy_f32(tmp.file("threads.npy")), single), 1e-5f);
+  r = run_command(mpirun(3) + kArbiter + args + tmp.file("mpi.npy") + " --transport mpi --placement " + tmp.file("b.placement"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_LE(max_rel_err(read_npy_f32(tmp.file("mpi.npy")), single), 1e-5f);
+}
+
 TEST(EpCli, GenerateOverThreadsAndMpi) {
   const auto g = testing::load_golden_case("tiny-a");
   const std::string want = "{\"tokens\":[" + join(g.greedy) + "]}\n";
@@ -97,6 +135,23 @@ TEST(EpCli, LaunchErrors) {
   r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 3 --placement " + tmp.file("two.placement"));
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.output.find("is for 2 ranks but 3 are running"), std::string::npos) << r.output;
+
+  // A rank that does not exist, and placements made for another model: errors naming the file,
+  // before any weight is loaded.
+  std::ofstream(tmp.file("three.placement")) << "experts 8\nrank 0: 0-2\nrank 1: 3-5\nrank 2: 6-7\n";
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 2 --placement " + tmp.file("three.placement"));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.output.find(tmp.file("three.placement") + " names rank 2, which does not exist"), std::string::npos) << r.output;
+  std::ofstream(tmp.file("other.placement")) << "experts 12\nrank 0: 0-5\nrank 1: 6-11\n";
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 2 --placement " + tmp.file("other.placement"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("expert placement " + tmp.file("other.placement") + " is for 12 experts but the model has 8"),
+            std::string::npos) << r.output;
+  std::ofstream(tmp.file("deep.placement")) << "experts 8\nrank 0: 0-3\nrank 1: 4-7\nlayers 36\nlayer 35\nrank 0: 0 2\nrank 1: 1 3-7\n";
+  r = run_command(kArbiter + " logits --model " + a.dir + tail + " --ranks 2 --placement " + tmp.file("deep.placement"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("expert placement " + tmp.file("deep.placement") + " is for 36 layers but the model has"),
+            std::string::npos) << r.output;
 
   r = run_command(kArbiter + " logits --model " + a.dir + tail + " --transport carrier-pigeon");
   EXPECT_EQ(r.status, 2);

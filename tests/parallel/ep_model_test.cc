@@ -1,6 +1,7 @@
 // The whole model under expert parallelism over thread ranks against the single-rank model: every
 // golden case over 2, 3 and 4 ranks (logits within 1e-5 relative, greedy continuations equal),
-// uneven placements, ranks without tokens, ranks that receive nothing, and the start-up errors.
+// uneven placements, per-layer placements balanced from measured expert load, ranks without tokens,
+// ranks that receive nothing, the expert-load counters, and the start-up errors.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -10,8 +11,10 @@
 #include <mutex>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "parallel/expert_balance.h"
 #include "parallel/expert_placement.h"
 #include "parallel/thread_comm.h"
+#include "runtime/expert_stats.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
 #include "tests/memory_ledger.h"
@@ -48,6 +51,50 @@ struct RankModel {
   CpuBackend backend;
   Model model;
 };
+
+// The expert-load counters: single rank (Backend::count_expert_load) and expert-parallel (counted in
+// the dispatch's packing) count the same tokens, every token k times per layer.
+TEST(EpModel, ExpertLoadCountersAgreeAcrossPaths) {
+  const GoldenCase g = load_golden_case("tiny-b");
+  const ModelConfig config = load_model_config(g.dir + "/config.json");
+  Checkpoint ck(g.dir);
+  CpuBackend backend(1);
+  ModelOptions o = small_options();
+  o.count_expert_load = true;
+  Model single(config, ck, backend, o);
+  compute_all_logits(single, g.tokens);
+  const auto want = single.expert_load();
+  ASSERT_EQ(want.size(), static_cast<size_t>(config.num_hidden_layers));
+  for (const auto& row : want) {
+    ASSERT_EQ(row.size(), static_cast<size_t>(config.num_local_experts));
+    int64_t sum = 0;
+    for (int64_t v : row) sum += v;
+    EXPECT_EQ(sum, static_cast<int64_t>(g.tokens.size()) * config.num_experts_per_tok);
+  }
+  single.reset_expert_load();
+  for (const auto& row : single.expert_load())
+    for (int64_t v : row) EXPECT_EQ(v, 0);
+  for (bool staged : {false, true}) {
+    std::vector<std::vector<int64_t>> total;
+    std::mutex mutex;
+    run_thread_ranks(3, [&](Communicator& comm) {
+      const GoldenCase& c = g;
+      ModelConfig cfg = load_model_config(c.dir + "/config.json");
+      Checkpoint own(c.dir);
+      CpuBackend b(1);
+      ModelOptions ro = small_options(&comm, nullptr, staged);
+      ro.count_expert_load = true;
+      Model m(cfg, own, b, ro);
+      // The tokens split over the ranks: rank r runs its third of the prefixes' last tokens.
+      if (comm.rank() == 0) compute_all_logits(m, c.tokens);
+      m.serve_peers();
+      const auto mine = m.expert_load();
+      std::lock_guard<std::mutex> lock(mutex);
+      add_expert_load(total, mine);
+    });
+    EXPECT_EQ(total, want) << (staged ? "host-staged" : "backend ops");
+  }
+}
 
 std::vector<float> single_rank_logits(const std::string& dir, const std::vector<int32_t>& tokens) {
   RankModel m(dir, nullptr);
@@ -206,6 +253,56 @@ TEST(EpModel, UnevenPlacements) {
   }
 }
 
+// A placement balanced from measured load (per layer; sets that are not one run, different in every
+// layer) loads the listed experts only and gives the single-rank logits and greedy tokens.
+TEST(EpModel, PlacementFromStatisticsGivesTheSameLogits) {
+  for (const std::string name : {"tiny-a", "tiny-b"}) {
+    const GoldenCase g = load_golden_case(name);
+    const ModelConfig config = load_model_config(g.dir + "/config.json");
+    Checkpoint ck(g.dir);
+    CpuBackend backend(1);
+    ModelOptions o = small_options();
+    o.count_expert_load = true;
+    Model single(config, ck, backend, o);
+    const auto want = compute_all_logits(single, g.tokens);
+    auto load = single.expert_load();
+    // Skew it further so that the balanced sets are scattered and differ between layers.
+    for (size_t l = 0; l < load.size(); ++l)
+      for (size_t e = 0; e < load[l].size(); ++e) load[l][e] = load[l][e] * 10 + static_cast<int64_t>((e * 7 + l * 3) % 5);
+    const auto stats = parse_expert_stats(nlohmann::json{{"expert_load", expert_load_json(load)}}.dump(), "stats");
+    ASSERT_EQ(stats, load);
+    for (int ranks : {2, 3}) {
+      const auto placement = std::make_shared<const ExpertPlacement>(balanced_placement(stats, ranks));
+      ASSERT_TRUE(placement->per_layer());
+      bool scattered = false, layers_differ = false;
+      for (int l = 0; l < config.num_hidden_layers; ++l)
+        for (int r = 0; r < ranks; ++r) {
+          const auto& ids = placement->experts_of(l, r);
+          scattered |= ids.back() - ids.front() + 1 != static_cast<int>(ids.size());
+          layers_differ |= ids != placement->experts_of(0, r);
+        }
+      EXPECT_TRUE(scattered) << placement->to_text();
+      EXPECT_TRUE(layers_differ) << placement->to_text();
+      const auto before = layer_imbalance(ExpertPlacement::contiguous(config.num_local_experts, ranks), stats);
+      const auto after = layer_imbalance(*placement, stats);
+      for (size_t l = 0; l < after.size(); ++l) EXPECT_LE(after[l], before[l] + 1e-9) << "layer " << l;
+      std::vector<float> logits;
+      std::vector<int32_t> greedy;
+      run_thread_ranks(ranks, [&](Communicator& comm) {
+        // (Each layer's dispatch checks that the rank holds as many experts as its set lists.)
+        RankModel m(g.dir, &comm, placement);
+        if (comm.rank() == ranks - 1) {
+          logits = compute_all_logits(m.model, g.tokens);
+          greedy = greedy_generate(m.model, g.tokens, static_cast<int>(g.greedy.size()));
+        }
+        m.model.serve_peers();
+      });
+      expect_close(logits, want, name + " balanced over " + std::to_string(ranks) + " ranks\n" + placement->to_text());
+      EXPECT_EQ(greedy, g.greedy) << placement->to_text();
+    }
+  }
+}
+
 // Forwards to a real communicator and records, per rank, how many dispatches received no rows.
 class CountingComm final : public Communicator {
  public:
@@ -311,9 +408,14 @@ TEST(EpModel, StartupErrors) {
                "ranks disagree on the model");
   expect_error(9, [&](Communicator& comm) { RankModel m(a, &comm); }, "9 ranks but only 8 experts");
   expect_error(2, [&](Communicator& comm) { RankModel m(a, &comm, placement_text("experts 12\nrank 0: 0-5\nrank 1: 6-11")); },
-               "placement is for 12 experts but the model has 8");
+               "expert placement test placement is for 12 experts but the model has 8");
   expect_error(3, [&](Communicator& comm) { RankModel m(a, &comm, placement_text("experts 8\nrank 0: 0-3\nrank 1: 4-7")); },
-               "placement is for 2 ranks but 3 are running");
+               "expert placement test placement is for 2 ranks but 3 are running");
+  expect_error(2,
+               [&](Communicator& comm) {
+                 RankModel m(a, &comm, placement_text("experts 8\nrank 0: 0-3\nrank 1: 4-7\nlayers 40\nlayer 39\nrank 0: 0\nrank 1: 1-7"));
+               },
+               "expert placement test placement is for 40 layers but the model has");
 }
 
 TEST(EpModel, DeadRankFailsThePeersFast) {

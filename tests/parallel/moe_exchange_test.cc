@@ -179,6 +179,13 @@ class DeviceLike final : public FakeExperts {
   void* native_stream() override { return &kFakeStream; }
 };
 
+// The Backend's default expert-load count on top of the CPU backend.
+class DefaultCounting final : public ForwardingBackend {
+ public:
+  using ForwardingBackend::ForwardingBackend;
+  void count_expert_load(const Tensor& ids, const Tensor& load) override { Backend::count_expert_load(ids, load); }
+};
+
 struct DispatchCase {
   int ranks, experts, rows;
   std::string placement;  // empty: contiguous
@@ -297,6 +304,29 @@ TEST(MoeDispatcher, BackendOpsEqualHostStagedBitForBit) {
                                   << "': " << ::testing::PrintToString(failures);
     EXPECT_GT(device_copies.load(), 0) << "the device-buffer run must exchange through the DeviceCopy";
     EXPECT_EQ(wrong_streams.load(), 0) << "copies and waits go on the backend's stream";
+  }
+}
+
+// Backend::count_expert_load: the CPU backend's and the default (download, count, upload) agree
+// with a direct count on random ids, skipping negative and out-of-range ids and adding to what is there.
+TEST(MoeDispatchOps, CountExpertLoad) {
+  CpuBackend cpu(1);
+  DefaultCounting staged(cpu);
+  std::mt19937 rng(9);
+  for (int round = 0; round < 50; ++round) {
+    const int E = 1 + static_cast<int>(rng() % 16), rows = static_cast<int>(rng() % 40), K = 1 + static_cast<int>(rng() % 4);
+    std::vector<int32_t> ids(static_cast<size_t>(rows * K));
+    for (auto& id : ids) id = static_cast<int32_t>(rng() % static_cast<unsigned>(E + 3)) - 1;  // -1 .. E+1
+    std::vector<int32_t> want(static_cast<size_t>(E));
+    for (auto& v : want) v = static_cast<int32_t>(rng() % 5);
+    std::vector<int32_t> a = want, b = want;
+    for (int32_t id : ids)
+      if (id >= 0 && id < E) ++want[static_cast<size_t>(id)];
+    const Tensor t_ids{ids.data(), DType::kI32, {rows, K}};
+    cpu.count_expert_load(t_ids, Tensor{a.data(), DType::kI32, {E}});
+    staged.count_expert_load(t_ids, Tensor{b.data(), DType::kI32, {E}});
+    EXPECT_EQ(a, want) << round;
+    EXPECT_EQ(b, want) << round;
   }
 }
 

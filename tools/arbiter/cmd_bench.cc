@@ -7,6 +7,7 @@
 // markdown table (stdout). With --mode score the two runs compared are instead reasoning (at low
 // effort, within the reasoning budget) and verdict-only scoring, both with prefix caching on.
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -21,13 +22,18 @@
 #include <string>
 #include <vector>
 
+#include "parallel/expert_balance.h"
+#include "parallel/mpi_comm.h"
+#include "parallel/thread_comm.h"
 #include "runtime/config.h"
+#include "runtime/expert_stats.h"
 #include "runtime/make_model.h"
 #include "pipeline/cascade.h"
 #include "scheduler/classify.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
 #include "tools/arbiter/commands.h"
+#include "tools/arbiter/sweep_svg.h"
 
 namespace arbiter {
 namespace {
@@ -69,6 +75,7 @@ struct RunReport {
   double step_seconds = 0, scheduler_seconds = 0, exchange_seconds = 0, forward_seconds = 0;
   double overhead() const { return step_seconds > 0 ? (scheduler_seconds + exchange_seconds) / step_seconds : 0; }
   int errors = 0;
+  ExpertLoad expert_load;  // rank 0's routed tokens per layer and expert
 };
 
 // Deterministic filler text: words drawn from a small vocabulary until the text is `tokens` long.
@@ -92,11 +99,23 @@ double percentile(std::vector<double> v, double q) {
   return v[i];
 }
 
-RunReport run_workload(ServingOptions options, bool prefix_caching, const Workload& w) {
+ServingOptions workload_options(ServingOptions options, bool prefix_caching, const Workload& w) {
   options.prefix_caching = prefix_caching;
   options.classifier.budgets = {w.reasoning_tokens, w.reasoning_tokens, w.reasoning_tokens};
   options.classifier.answer_tokens = w.answer_tokens;
-  ServingRank serving(options);
+  return options;
+}
+
+RunReport drive_workload(ServingRank& serving, bool prefix_caching, const Workload& w);
+
+RunReport run_workload(const ServingOptions& options, bool prefix_caching, const Workload& w) {
+  ServingRank serving(workload_options(options, prefix_caching, w));
+  return drive_workload(serving, prefix_caching, w);
+}
+
+// Rank 0's part: submits the workload to `serving` (already built with workload_options), runs the
+// step loop until every request finished, measures, and stops the loop (which releases the workers).
+RunReport drive_workload(ServingRank& serving, bool prefix_caching, const Workload& w) {
   const Tokenizer& tokenizer = serving.tokenizer();
   std::mt19937_64 rng(w.seed);
   std::vector<ClassifyPolicy> policies;
@@ -199,6 +218,7 @@ RunReport run_workload(ServingOptions options, bool prefix_caching, const Worklo
   report.exchange_seconds = l.exchange_seconds - loop_before.exchange_seconds;
   report.forward_seconds = l.forward_seconds - loop_before.forward_seconds;
   serving.loop().stop(true);
+  report.expert_load = serving.model().expert_load();
   return report;
 }
 
@@ -405,6 +425,243 @@ int report_cascade_comparison(const ServingOptions& options, Workload w, const M
   return 0;
 }
 
+
+// --ranks-sweep: the same workload at each rank count (expert parallelism, prefix caching on).
+struct SweepPoint {
+  int ranks = 1;
+  RunReport run;
+  // Per step, mean over ranks, milliseconds: the whole forward and its MoE phases (all layers).
+  double forward_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0, wait_ms = 0;
+  double dense_ms() const { return forward_ms - dispatch_ms - experts_ms - combine_ms - wait_ms; }
+  double steps_per_rank = 0;
+  std::vector<double> bytes_sent;  // per rank, payload to other ranks
+  ExpertLoad load;                 // summed over ranks
+  std::vector<double> imbalance;   // per layer, under the placement used
+};
+
+// One rank's share of a sweep point: builds its ServingRank, runs (rank 0) or serves (workers) the
+// workload with phase timers on, and gathers every rank's timers, traffic and expert load to all.
+SweepPoint run_sweep_rank(const ServingOptions& options, const Workload& w, Communicator* comm,
+                          const std::shared_ptr<const ExpertPlacement>& placement) {
+  ServingRank serving(workload_options(options, true, w), comm, placement);
+  serving.model().set_profiling(true);
+  SweepPoint point;
+  point.ranks = comm ? comm->size() : 1;
+  if (serving.leads()) point.run = drive_workload(serving, true, w);
+  else serving.serve_workers();
+  Model& model = serving.model();
+  const ForwardPhaseTimes t = model.phase_times();
+  const ExpertLoad load = model.expert_load();
+  // Fixed-size record per rank: 7 numbers, then the load.
+  std::vector<double> mine = {t.forward, t.dispatch, t.experts, t.combine, t.wait, static_cast<double>(t.steps),
+                              static_cast<double>(model.bytes_sent_to_peers())};
+  for (const auto& row : load)
+    for (int64_t v : row) mine.push_back(static_cast<double>(v));
+  std::vector<double> all(mine.size() * static_cast<size_t>(point.ranks));
+  if (comm) comm->all_gather(mine.data(), mine.size() * sizeof(double), all.data());
+  else all = mine;
+  const size_t L = load.size(), E = L ? load[0].size() : 0;
+  point.load.assign(L, std::vector<int64_t>(E, 0));
+  for (int r = 0; r < point.ranks; ++r) {
+    const double* rec = all.data() + static_cast<size_t>(r) * mine.size();
+    const double steps = std::max(rec[5], 1.0);
+    point.forward_ms += 1e3 * rec[0] / steps / point.ranks;
+    point.dispatch_ms += 1e3 * rec[1] / steps / point.ranks;
+    point.experts_ms += 1e3 * rec[2] / steps / point.ranks;
+    point.combine_ms += 1e3 * rec[3] / steps / point.ranks;
+    point.wait_ms += 1e3 * rec[4] / steps / point.ranks;
+    point.steps_per_rank += rec[5] / point.ranks;
+    point.bytes_sent.push_back(rec[6]);
+    for (size_t l = 0; l < L; ++l)
+      for (size_t e = 0; e < E; ++e) point.load[l][e] += static_cast<int64_t>(rec[7 + l * E + e]);
+  }
+  if (L) {
+    const ExpertPlacement used = placement ? *placement : ExpertPlacement::contiguous(static_cast<int>(E), point.ranks);
+    point.imbalance = layer_imbalance(used, point.load);
+  }
+  return point;
+}
+
+nlohmann::json to_json(const SweepPoint& p) {
+  double mean_imbalance = 0, worst = 0;
+  for (double v : p.imbalance) {
+    mean_imbalance += v / static_cast<double>(p.imbalance.size());
+    worst = std::max(worst, v);
+  }
+  return {{"ranks", p.ranks},
+          {"decisions_per_second", p.run.decisions_per_second},
+          {"seconds", p.run.seconds},
+          {"steps_per_rank", p.steps_per_rank},
+          {"step_ms", {{"forward", p.forward_ms},
+                       {"attention_dense", p.dense_ms()},
+                       {"experts", p.experts_ms},
+                       {"dispatch", p.dispatch_ms},
+                       {"combine", p.combine_ms},
+                       {"wait", p.wait_ms}}},
+          {"bytes_sent_per_rank", p.bytes_sent},
+          {"load_imbalance_mean", mean_imbalance},
+          {"load_imbalance_worst", worst},
+          {"run", to_json(p.run)},
+          {"expert_load", expert_load_json(p.load)}};
+}
+
+std::vector<int> parse_rank_list(const std::string& text) {
+  std::vector<int> out;
+  std::stringstream in(text);
+  std::string piece;
+  while (std::getline(in, piece, ',')) {
+    if (piece.empty() || piece.size() > 4 || !std::all_of(piece.begin(), piece.end(), [](unsigned char c) { return std::isdigit(c); }))
+      throw std::invalid_argument("--ranks-sweep takes rank counts like 1,2,4 (got '" + text + "')");
+    const int n = std::stoi(piece);
+    if (n < 1 || n > 64) throw std::invalid_argument("--ranks-sweep: rank counts must be 1..64 (got " + piece + ")");
+    out.push_back(n);
+  }
+  if (out.empty()) throw std::invalid_argument("--ranks-sweep takes rank counts like 1,2,4");
+  return out;
+}
+
+// This process's command line (for relaunching it under mpirun).
+std::vector<std::string> own_command_line() {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  std::vector<std::string> out;
+  std::string arg;
+  while (std::getline(in, arg, '\0')) out.push_back(arg);
+  return out;
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+int report_ranks_sweep(const ServingOptions& options, const Workload& w, const ModelConfig& config, const std::string& name,
+                       const std::string& json_path, const std::vector<int>& counts, const std::string& transport,
+                       const std::shared_ptr<const ExpertPlacement>& placement) {
+  std::vector<SweepPoint> points;
+  if (transport == "mpi" && MpiComm::launched_by_mpirun()) {
+    // One point, this job's size (the relaunch below, or a user's own mpirun).
+    MpiComm comm;
+    if (counts.size() != 1 || counts[0] != comm.size())
+      throw std::invalid_argument("under mpirun, --ranks-sweep must be the job's size (" + std::to_string(comm.size()) + ")");
+    SweepPoint p;
+    try {
+      // An untimed pass first (this process's one-time costs), as the thread sweep does.
+      Workload warmup = w;
+      warmup.requests = std::min(w.requests, 2 * w.policies);
+      run_sweep_rank(options, warmup, comm.size() > 1 ? &comm : nullptr, placement);
+      p = run_sweep_rank(options, w, comm.size() > 1 ? &comm : nullptr, placement);
+    } catch (const std::exception& e) {
+      if (comm.size() > 1) comm.abort(e.what());
+      throw;
+    }
+    if (comm.rank() != 0) return 0;
+    points.push_back(std::move(p));
+  } else if (transport == "mpi") {
+    // Each rank count as its own mpirun job of this command; their JSON merged here.
+    const std::vector<std::string> self = own_command_line();
+    const std::string tmp = json_path.empty() ? "arbiter-sweep" : json_path;
+    for (int n : counts) {
+      std::string cmd = "OMPI_MCA_plm_rsh_agent= mpirun --oversubscribe --allow-run-as-root -np " + std::to_string(n);
+      cmd += " " + shell_quote(std::filesystem::read_symlink("/proc/self/exe").string());
+      for (size_t i = 1; i < self.size(); ++i) {
+        if (self[i] == "--ranks-sweep" || self[i] == "--json") {
+          ++i;
+          continue;
+        }
+        cmd += " " + shell_quote(self[i]);
+      }
+      const std::string part = tmp + ".ranks" + std::to_string(n) + ".json";
+      if (!options.model_dir.empty() && cmd.find("--model") == std::string::npos) cmd += " --model " + shell_quote(options.model_dir);
+      cmd += " --ranks-sweep " + std::to_string(n) + " --json " + shell_quote(part);
+      std::cerr << "bench: " << cmd << "\n";
+      if (std::system(cmd.c_str()) != 0) throw std::runtime_error("the " + std::to_string(n) + "-rank mpirun job failed");
+      std::ifstream in(part);
+      const nlohmann::json j = nlohmann::json::parse(in);
+      std::filesystem::remove(part);
+      std::filesystem::remove(std::filesystem::path(part).replace_extension(".svg"));
+      SweepPoint p;
+      const auto& pt = j.at("points").at(0);
+      p.ranks = n;
+      p.run.decisions_per_second = pt.at("decisions_per_second").get<double>();
+      p.run.seconds = pt.at("seconds").get<double>();
+      p.steps_per_rank = pt.at("steps_per_rank").get<double>();
+      const auto& ms = pt.at("step_ms");
+      p.forward_ms = ms.at("forward").get<double>();
+      p.dispatch_ms = ms.at("dispatch").get<double>();
+      p.experts_ms = ms.at("experts").get<double>();
+      p.combine_ms = ms.at("combine").get<double>();
+      p.wait_ms = ms.at("wait").get<double>();
+      p.bytes_sent = pt.at("bytes_sent_per_rank").get<std::vector<double>>();
+      p.load = parse_expert_stats(pt.dump(), part);
+      const ExpertPlacement used = placement ? *placement : ExpertPlacement::contiguous(config.num_local_experts, n);
+      p.imbalance = layer_imbalance(used, p.load);
+      points.push_back(std::move(p));
+    }
+  } else {
+    for (int n : counts) {
+      std::cerr << "bench: " << w.requests << " requests over " << n << " thread rank" << (n > 1 ? "s" : "") << "\n";
+      if (placement && placement->num_ranks() != n)
+        throw std::invalid_argument("--placement " + placement->source() + " is for " +
+                                    std::to_string(placement->num_ranks()) + " ranks; a sweep over " +
+                                    std::to_string(n) + " ranks cannot use it");
+      if (n == 1) {
+        points.push_back(run_sweep_rank(options, w, nullptr, nullptr));
+        continue;
+      }
+      SweepPoint lead;
+      run_thread_ranks(n, [&](Communicator& comm) {
+        SweepPoint p = run_sweep_rank(options, w, &comm, placement);
+        if (comm.rank() == 0) lead = std::move(p);
+      });
+      points.push_back(std::move(lead));
+    }
+  }
+  nlohmann::json j;
+  j["model"] = {{"name", name}, {"layers", config.num_hidden_layers}, {"hidden", config.hidden_size},
+                {"experts", config.num_local_experts}, {"experts_per_token", config.num_experts_per_tok},
+                {"vocab", config.vocab_size}, {"device", options.device}};
+  j["workload"] = {{"requests", w.requests},         {"policies", w.policies},
+                   {"policy_tokens", w.policy_tokens}, {"content_tokens", w.content_tokens},
+                   {"reasoning_tokens", w.reasoning_tokens}, {"answer_tokens", w.answer_tokens}};
+  j["transport"] = transport;
+  j["placement"] = placement ? placement->source() : "contiguous";
+  j["points"] = nlohmann::json::array();
+  for (const auto& p : points) j["points"].push_back(to_json(p));
+  j["expert_load"] = expert_load_json(points.front().load);
+  std::vector<SweepRow> rows;
+  std::ostringstream t;
+  t << "| ranks | decisions/s | ms/step: attention+dense | experts | dispatch | combine | waiting | MB sent per rank | load "
+       "imbalance (mean / worst layer) |\n|---|---|---|---|---|---|---|---|---|\n";
+  for (const auto& p : points) {
+    double mb = 0;
+    for (double b : p.bytes_sent) mb += b / 1e6 / static_cast<double>(p.bytes_sent.size());
+    const nlohmann::json pj = to_json(p);
+    t << "| " << p.ranks << " | " << fixed(p.run.decisions_per_second, 2) << " | " << fixed(p.dense_ms(), 2) << " | "
+      << fixed(p.experts_ms, 2) << " | " << fixed(p.dispatch_ms, 2) << " | " << fixed(p.combine_ms, 2) << " | "
+      << fixed(p.wait_ms, 2) << " | " << fixed(mb, 1) << " | " << fixed(pj["load_imbalance_mean"].get<double>(), 2)
+      << " / " << fixed(pj["load_imbalance_worst"].get<double>(), 2) << " |\n";
+    rows.push_back({p.ranks, p.run.decisions_per_second, p.dense_ms(), p.experts_ms, p.dispatch_ms, p.combine_ms, p.wait_ms});
+  }
+  std::cout << "model: " << name << " (" << config.num_hidden_layers << " layers, hidden " << config.hidden_size << ", "
+            << config.num_local_experts << " experts top-" << config.num_experts_per_tok << ") on " << options.device
+            << ", " << transport << " transport; " << w.requests << " requests over " << w.policies << " policies\n\n"
+            << t.str();
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    if (!out) throw std::runtime_error("cannot write " + json_path);
+    out << j.dump(2) << "\n";
+    const std::string svg = std::filesystem::path(json_path).replace_extension(".svg").string();
+    std::ofstream fig(svg);
+    if (!fig) throw std::runtime_error("cannot write " + svg);
+    fig << ranks_sweep_svg(rows, name + ", " + transport + " transport, " + std::to_string(w.requests) + " requests");
+    std::cout << "\nwrote " << json_path << " and " << svg << "\n";
+  }
+  for (const auto& p : points)
+    if (p.run.errors) throw std::runtime_error("some bench requests failed");
+  return 0;
+}
+
 }  // namespace
 
 const char* const kBenchUsage =
@@ -425,7 +682,15 @@ const char* const kBenchUsage =
     "                           scoring with the lm_head restricted to the answers' rows with the whole lm_head\n"
     "  --mode cascade           compare the cascade score -> low at 50%, 20% and 5% escalation with reasoning\n"
     "                           (score and cascade runs time decisions only: the policies are cached before)\n"
-    "  --json FILE              also write the results as JSON\n"
+    "  --ranks-sweep 1,2,4      run the workload (prefix caching on) at each rank count, expert-parallel, and\n"
+    "                           report decisions/s, the step time split (attention/dense, experts, dispatch,\n"
+    "                           combine, waiting for peers), bytes each rank sent and the expert-load\n"
+    "                           imbalance; with --json also an SVG figure next to the JSON (FILE.svg)\n"
+    "  --transport threads|mpi  how the sweep's ranks talk (threads); mpi relaunches this command under\n"
+    "                           mpirun -np N for each N\n"
+    "  --placement FILE         expert placement for the sweep (one rank count only)\n"
+    "  --json FILE              also write the results as JSON (with the routed tokens per layer and\n"
+    "                           expert, \"expert_load\": `arbiter placement --stats` reads it)\n"
     "  --quick                  a smoke run for tests (8 requests, 2 short policies)\n"
     "  engine: --device cpu|cuda[:N]|auto (cpu) --tokenizer DIR (.cache/tokenizer) --max-context N (2048)\n"
     "          --step-tokens N (512) --step-samples N (64) --kv-blocks N (0: every request's blocks at once)\n"
@@ -469,8 +734,20 @@ int cmd_bench(const CliArgs& args) {
   options.kv_blocks = static_cast<int>(args.get_int("kv-blocks", 0));
   options.max_queued_requests = std::max(options.max_queued_requests, w.requests);
   options.classifier.top_logprobs = static_cast<int>(args.get_int("top-logprobs", 5));
+  options.count_expert_load = true;  // the JSON's "expert_load"; the sweep's imbalance
   const std::string model_arg = has_model ? args.require("model") : "";
+  const std::string sweep = args.get("ranks-sweep", "");
+  const std::string transport = args.get("transport", "threads");
+  const std::string placement_file = args.get("placement", "");
   args.check_all_used();
+  if (transport != "threads" && transport != "mpi")
+    throw std::invalid_argument("--transport takes threads or mpi (got '" + transport + "')");
+  const std::vector<int> sweep_counts = sweep.empty() ? std::vector<int>{} : parse_rank_list(sweep);
+  if (sweep.empty() && (args.has("transport") || !placement_file.empty()))
+    throw std::invalid_argument("--transport and --placement go with --ranks-sweep");
+  const auto placement = placement_file.empty()
+                             ? nullptr
+                             : std::make_shared<const ExpertPlacement>(ExpertPlacement::load(placement_file));
 
   std::unique_ptr<TempModel> temp;
   ModelConfig config;
@@ -490,6 +767,16 @@ int cmd_bench(const CliArgs& args) {
     options.kv_blocks = std::max(256, per_sequence * (w.requests + w.policies) + 1);
   }
 
+  if (!sweep_counts.empty()) {
+    const std::string name = has_model ? std::filesystem::path(model_arg).filename().string() : "random-" + preset;
+    if (transport == "threads") {
+      Workload warmup = w;
+      warmup.requests = std::min(w.requests, 2 * w.policies);
+      std::cerr << "bench: warm-up pass (" << warmup.requests << " requests, not reported)\n";
+      run_workload(options, true, warmup);
+    }
+    return report_ranks_sweep(options, w, config, name, json_path, sweep_counts, transport, placement);
+  }
   // An untimed pass first: the process's first model and steps pay one-time costs (device context,
   // library handles, allocator growth) that would otherwise land on whichever run goes first.
   Workload warmup = w;
@@ -521,6 +808,7 @@ int cmd_bench(const CliArgs& args) {
                    {"reasoning_tokens", w.reasoning_tokens}, {"answer_tokens", w.answer_tokens},
                    {"step_tokens", options.max_step_tokens}, {"step_samples", options.max_step_samples}};
   j["prefix_cache_on"] = to_json(on);
+  j["expert_load"] = expert_load_json(on.expert_load);
   j["prefix_cache_off"] = to_json(off);
   j["ratios"] = {{"prefill_tokens_off_over_on", prefill_ratio}, {"decisions_per_second_on_over_off", speedup}};
   j["targets"] = {{"prefill_ratio_at_least_3", prefill_ratio >= 3},

@@ -176,6 +176,7 @@ ServingOptions serve_options(const CliArgs& args, int http_threads) {
                                 std::to_string(http_threads) +
                                 "): each queued request holds a handler thread, so the queue could never fill and "
                                 "clients would wait unseen instead of getting 429; lower --max-queued or raise --http-threads");
+  o.count_expert_load = !args.flag("no-expert-stats");
   o.heartbeat_timeout = std::stod(args.get("heartbeat-timeout", "3"));
   if (!(o.heartbeat_timeout >= 0)) throw std::invalid_argument("--heartbeat-timeout must not be negative (0: no heartbeats)");
   o.step_timeout = std::stod(args.get("step-timeout", "30"));
@@ -260,6 +261,8 @@ const char* const kServeUsage =
     "  --served-model-name NAME the model id of /v1/models (the model folder's name)\n"
     "  --max-policies N         policies per classify request (32)\n"
     "  --no-prefix-cache        disable prefix caching\n"
+    "  --no-expert-stats        do not count tokens per layer and expert (GET /v1/stats/experts, the\n"
+    "                           arbiter_expert_* metrics; on one GPU the count is one small kernel per layer)\n"
     "  engine: --device cpu|cuda[:N]|auto (auto) --tokenizer DIR (the model's) --kv-blocks N (0: enough for two\n"
     "          sequences of --max-context, at least 2048) --step-tokens N (256) --step-samples N (64)\n"
     "          --top-logprobs N (20)\n"

@@ -31,6 +31,9 @@ int cmd_export(const CliArgs& args);
 // tools/arbiter/cmd_triage.cc (`arbiter triage train|bench`: the action is the first word)
 extern const char* const kTriageUsage;
 int cmd_triage(const CliArgs& args);
+// tools/arbiter/cmd_placement.cc
+extern const char* const kPlacementUsage;
+int cmd_placement(const CliArgs& args);
 // tools/arbiter/cmd_eval.cc
 extern const char* const kEvalUsage;
 int cmd_eval(const CliArgs& args);

@@ -35,6 +35,7 @@ const char* kUsage =
     "  export      labelled dataset (JSONL) from the decision log: human feedback, else the model's verdict\n"
     "  eval        evaluate policies on a labelled dataset: precision/recall/F1, cost per stage, cascade sweep\n"
     "  triage      train the fastText triage classifier of a policy from a labelled dataset; its benchmark\n"
+    "  placement   expert placement balanced from measured expert load (for --placement)\n"
     "  make-model  write a random checkpoint in the Hugging Face layout (presets tiny, 20b-shape, 120b-shape)\n"
     "  logits      logits of a token sequence as a float32 .npy\n"
     "  generate    greedy continuation of a token sequence\n"
@@ -215,12 +216,13 @@ int main(int argc, char** argv) {
       {"detokenize", {"jsonl"}, kDetokenizeUsage, cmd_detokenize},
       {"render", {"hf-newlines"}, kRenderUsage, cmd_render},
       {"generate", {}, kGenerateUsage, cmd_generate},
-      {"serve", {"no-prefix-cache", "policy-db-readonly", "no-decision-log"}, kServeUsage, cmd_serve},
+      {"serve", {"no-prefix-cache", "policy-db-readonly", "no-decision-log", "no-expert-stats"}, kServeUsage, cmd_serve},
       {"classify", {"no-prefix-cache", "no-reasoning"}, kClassifyUsage, cmd_classify},
       {"bench", {"quick"}, kBenchUsage, cmd_bench},
       {"export", {"model-labels"}, kExportUsage, cmd_export},
       {"triage", {}, kTriageUsage, cmd_triage},
       {"eval", {"no-prefix-cache", "resume"}, kEvalUsage, cmd_eval},
+      {"placement", {}, kPlacementUsage, cmd_placement},
   };
   // Commands whose first argument is an action word (`arbiter triage train ...`).
   const std::set<std::string> with_action = {"triage"};

@@ -23,9 +23,14 @@ void run_ranks(const CliArgs& args, const std::function<void(const CliArgs&, con
   RankContext base;
   if (!placement_file.empty()) base.placement = std::make_shared<const ExpertPlacement>(ExpertPlacement::load(placement_file));
   auto check_world = [&](int world) {
-    if (base.placement && base.placement->num_ranks() != world)
-      throw std::invalid_argument("placement " + placement_file + " is for " + std::to_string(base.placement->num_ranks()) +
-                                  " ranks but " + std::to_string(world) + " are running");
+    if (!base.placement || base.placement->num_ranks() == world) return;
+    if (base.placement->num_ranks() > world)
+      throw std::invalid_argument("placement " + placement_file + " names rank " +
+                                  std::to_string(base.placement->num_ranks() - 1) + ", which does not exist: it is for " +
+                                  std::to_string(base.placement->num_ranks()) + " ranks but " + std::to_string(world) +
+                                  " are running (ranks 0.." + std::to_string(world - 1) + ")");
+    throw std::invalid_argument("placement " + placement_file + " is for " + std::to_string(base.placement->num_ranks()) +
+                                " ranks but " + std::to_string(world) + " are running");
   };
   const bool mpi = transport == "mpi" || transport == "nccl" || (transport == "auto" && MpiComm::launched_by_mpirun());
   if (!mpi) {
