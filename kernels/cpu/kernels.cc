@@ -31,6 +31,14 @@ void deinterleave(const float* x, int64_t n, int block, float* out) {
 
 void deinterleave32(const float* x, int64_t n, float* out) { deinterleave(x, n, 32, out); }
 
+void layout_nibbles(const float* x, int64_t n, int lanes, float* out) {
+  const int64_t group = 8 * static_cast<int64_t>(lanes), whole = n / group * group;
+  for (int64_t g = 0; g < whole; g += group)
+    for (int v = 0; v < 8; ++v)
+      for (int i = 0; i < lanes; ++i) out[g + v * lanes + i] = x[g + (i / 4) * 32 + 8 * (i % 4) + v];
+  deinterleave32(x + whole, n - whole, out + whole);
+}
+
 void pack_xt_blocks(const float* x, int64_t rows, int64_t in, int chunk, int64_t k_begin, int64_t k_end, float* xt) {
   const int64_t chunks = (rows + chunk - 1) / chunk;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -101,6 +109,22 @@ struct S {
   static V load_codes(const uint8_t* b) { return map([b](int i) { return static_cast<float>(b[i]); }); }
   static V fp4_lo(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) & 0xF]; }); }
   static V fp4_hi(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) >> 4]; }); }
+  // W 32-bit code words carried bit for bit in the lanes (only ever copied, shifted and masked).
+  static V load_words(const uint8_t* b) {
+    V r;
+    std::memcpy(r.v, b, sizeof r.v);
+    return r;
+  }
+  template <int Shift>
+  static V fp4_nibble(V w) {
+    return map([&](int i) {
+      uint32_t u;
+      std::memcpy(&u, &w.v[i], 4);
+      return kFp4Values[(u >> Shift) & 0xF];
+    });
+  }
+  // Lane i: the scale of block i / 4 of a nibble group.
+  static V group_scales(const uint8_t* sc) { return map([sc](int i) { return kE8m0.v[sc[i / 4]]; }); }
   static void bf16_pair(const uint16_t* p, V& even, V& odd) {
     even = map([p](int i) { return arbiter::bf16_to_f32(p[2 * i]); });
     odd = map([p](int i) { return arbiter::bf16_to_f32(p[2 * i + 1]); });
@@ -329,7 +353,9 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
     return;
   }
   float* xd = scratch(static_cast<size_t>(rows * in));
-  for (int64_t r = 0; r < rows; ++r) isa::deinterleave32(x + r * in, in, xd + r * in);
+  if (rows == 1) isa::layout_nibbles(x, in, t.lanes, xd);
+  else
+    for (int64_t r = 0; r < rows; ++r) isa::deinterleave32(x + r * in, in, xd + r * in);
   a.x = xd;
   run_outputs(pool, a, matvec_rows_per_item(in, out_features, 17.0 / 32), t.mxfp4_matvec);
 }
@@ -381,14 +407,19 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
   if (jobs.empty()) return;
   float* packed = scratch(static_cast<size_t>(floats));
   const int64_t blocks = in / 32;
-  const int64_t pieces = (blocks + 7) / 8;  // 8 blocks (256 inputs) per packing item
+  // 8 blocks (256 inputs) per packing item: a whole number of nibble groups (lanes / 4 <= 4 blocks)
+  // for the one-row layout.
+  constexpr int64_t kPieceBlocks = 8;
+  const int64_t pieces = (blocks + kPieceBlocks - 1) / kPieceBlocks;
   auto pack = [&](int64_t item) {
     const Job& j = jobs[static_cast<size_t>(item / pieces)];
-    const int64_t b0 = (item % pieces) * 8, b1 = std::min(blocks, b0 + 8);
+    const int64_t b0 = (item % pieces) * kPieceBlocks, b1 = std::min(blocks, b0 + kPieceBlocks);
     const float* x = j.src;
     float* dst = packed + j.offset;
     if (j.gemm) {
       isa::pack_xt_blocks(x, j.a.rows, in, static_cast<int>(j.a.xt_chunk), b0 * 32, b1 * 32, dst);
+    } else if (j.a.rows == 1) {
+      isa::layout_nibbles(x + b0 * 32, (b1 - b0) * 32, t.lanes, dst + b0 * 32);
     } else {
       for (int64_t r = 0; r < j.a.rows; ++r)
         isa::deinterleave32(x + r * in + b0 * 32, (b1 - b0) * 32, dst + r * in + b0 * 32);

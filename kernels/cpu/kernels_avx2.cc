@@ -75,6 +75,16 @@ struct S {
   }
   static V fp4_lo(V c) { return decode(_mm256_castps_si256(c)); }
   static V fp4_hi(V c) { return decode(_mm256_srli_epi32(_mm256_castps_si256(c), 4)); }
+  // 8 code words (2 blocks); nibble `Shift / 4` of each, decoded in its lane.
+  static V load_words(const uint8_t* b) { return _mm256_loadu_ps(reinterpret_cast<const float*>(b)); }
+  template <int Shift>
+  static V fp4_nibble(V w) {
+    return decode(_mm256_srli_epi32(_mm256_castps_si256(w), Shift));
+  }
+  // Lanes 0-3: the scale of the first block, lanes 4-7: of the second.
+  static V group_scales(const uint8_t* sc) {
+    return _mm256_setr_m128(_mm_set1_ps(kE8m0.v[sc[0]]), _mm_set1_ps(kE8m0.v[sc[1]]));
+  }
   static void bf16_pair(const uint16_t* p, V& even, V& odd) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));

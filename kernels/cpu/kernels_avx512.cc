@@ -69,6 +69,28 @@ struct S {
   static V fp4_hi(V c) {
     return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_castps_si512(c), 4), _mm512_loadu_ps(kFp4Values));
   }
+  // 16 code words (4 blocks); nibble `Shift / 4` of each, decoded in its lane (vpermps reads only
+  // the low 4 bits of each index, so no mask).
+  static V load_words(const uint8_t* b) { return _mm512_loadu_ps(b); }
+  template <int Shift>
+  static V fp4_nibble(V w) {
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_castps_si512(w), Shift), _mm512_loadu_ps(kFp4Values));
+  }
+  // Lane i: 2^(s - 127) for the scale byte s of block i / 4, built in registers (s << 23 is the
+  // float; s = 0, the denormal 2^-127, is patched; s = 255 gives infinity, as the table does).
+  static V group_scales(const uint8_t* sc) {
+    uint32_t four;
+    __builtin_memcpy(&four, sc, 4);
+    // vpshufb control: byte 0 of every lane of 128-bit lane L takes byte L (the scale of block L),
+    // bytes 1-3 are zeroed (0x80).
+    constexpr int b0 = static_cast<int>(0x80808000u), b1 = static_cast<int>(0x80808001u);
+    constexpr int b2 = static_cast<int>(0x80808002u), b3 = static_cast<int>(0x80808003u);
+    const __m512i spread = _mm512_set_epi32(b3, b3, b3, b3, b2, b2, b2, b2, b1, b1, b1, b1, b0, b0, b0, b0);
+    const __m512i s = _mm512_shuffle_epi8(_mm512_set1_epi32(static_cast<int>(four)), spread);
+    const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(s, 23), _mm512_cmpeq_epi32_mask(s, _mm512_setzero_si512()),
+                                               _mm512_set1_epi32(0x00400000));
+    return _mm512_castsi512_ps(bits);
+  }
 
   static void transpose(V* r) {
     V t[16];

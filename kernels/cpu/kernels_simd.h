@@ -7,7 +7,8 @@
 //  - bf16/MXFP4 matvec (decode): each weight row streamed once for all activation rows; one row:
 //    the thread's rows as one sequential stream with software prefetch; several rows: tiles of 4
 //    weight rows x up to 4 activation rows; dot products reduced at the end. Activations arrive
-//    de-interleaved (even/odd elements) so weights need no widening shuffles.
+//    re-ordered so weights need no widening shuffles: de-interleaved (even/odd elements), or for
+//    the one-row MXFP4 kernel in the order of the nibbles of 32-bit code words (layout_nibbles).
 //  - bf16 GEMM (prefill): a panel of kGemmNV*W output features x kGemmKC inputs is converted to
 //    fp32 and transposed once into a k-major buffer, then a kGemmMR x NR register-tiled FMA
 //    microkernel runs it against every activation row.
@@ -193,14 +194,40 @@ void mxfp4_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
   }
 }
 
-// One activation row: weight rows one after another (one sequential stream), two blocks per step
-// into two accumulators, the scale applied once per block.
+// One activation row: weight rows one after another (one sequential stream). The codes are read
+// W 32-bit words (W/4 blocks, 8W values) at a time and never widened byte by byte: nibble n of
+// every word is one shift away from the table lookup, so the 8 lookups of a group cost 7 shifts
+// and 8 permutes instead of W/4 widening loads, shifts and 2W/8 permutes of block-at-a-time
+// decoding; the activations arrive in the matching order (layout_nibbles) and each lane keeps its
+// own block's scale, applied once per group. Blocks past the last whole group are decoded one at
+// a time as in the multi-row tiles.
+inline constexpr int kNibbleGroupBlocks = W / 4;
+
 void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
-  const int64_t groups = a.in / 32;
+  const int64_t groups = a.in / 32, whole = groups / kNibbleGroupBlocks;
+  constexpr int kGroupBytes = 4 * W;  // 16 bytes per block
   for (int64_t o = o_begin; o < o_end; ++o) {
     const uint8_t* b = a.blocks + o * groups * 16;
     const uint8_t* sc = a.scales + o * groups;
-    auto block = [&](int64_t g, V acc) {
+    V acc0 = S::zero(), acc1 = S::zero();
+    for (int64_t g = 0; g < whole; ++g) {
+      const uint8_t* bg = b + g * kGroupBytes;
+      if ((g * kGroupBytes & 63) == 0) S::prefetch(bg + 4096);
+      const V c = S::load_words(bg);
+      const float* x = a.x + g * 8 * W;
+      V t0 = S::mul(S::fp4_nibble<0>(c), S::load(x));
+      V t1 = S::mul(S::fp4_nibble<4>(c), S::load(x + W));
+      t0 = S::fma(S::fp4_nibble<8>(c), S::load(x + 2 * W), t0);
+      t1 = S::fma(S::fp4_nibble<12>(c), S::load(x + 3 * W), t1);
+      t0 = S::fma(S::fp4_nibble<16>(c), S::load(x + 4 * W), t0);
+      t1 = S::fma(S::fp4_nibble<20>(c), S::load(x + 5 * W), t1);
+      t0 = S::fma(S::fp4_nibble<24>(c), S::load(x + 6 * W), t0);
+      t1 = S::fma(S::fp4_nibble<28>(c), S::load(x + 7 * W), t1);
+      const V s = S::group_scales(sc + g * kNibbleGroupBlocks);
+      acc0 = S::fma(t0, s, acc0);
+      acc1 = S::fma(t1, s, acc1);
+    }
+    for (int64_t g = whole * kNibbleGroupBlocks; g < groups; ++g) {
       const float* x = a.x + g * 32;
       V c = S::load_codes(b + g * 16);
       V t = S::mul(S::fp4_lo(c), S::load(x));
@@ -210,16 +237,8 @@ void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
         t = S::fma(S::fp4_lo(c), S::load(x + h * W), t);
         t = S::fma(S::fp4_hi(c), S::load(x + 16 + h * W), t);
       }
-      return S::fma(t, S::set1(kE8m0.v[sc[g]]), acc);
-    };
-    V acc0 = S::zero(), acc1 = S::zero();
-    int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {
-      if ((g & 3) == 0) S::prefetch(b + g * 16 + 2048);
-      acc0 = block(g, acc0);
-      acc1 = block(g + 1, acc1);
+      acc0 = S::fma(t, S::set1(kE8m0.v[sc[g]]), acc0);
     }
-    if (g < groups) acc0 = block(g, acc0);
     a.y[o] = S::hsum(S::add(acc0, acc1)) + (a.bias ? bf16f(a.bias[o]) : 0.0f);
   }
 }
