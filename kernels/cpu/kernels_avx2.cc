@@ -76,7 +76,12 @@ struct S {
   static V fp4_lo(V c) { return decode(_mm256_castps_si256(c)); }
   static V fp4_hi(V c) { return decode(_mm256_srli_epi32(_mm256_castps_si256(c), 4)); }
   // 8 code words (2 blocks); nibble `Shift / 4` of each, decoded in its lane.
-  static V load_words(const uint8_t* b) { return _mm256_loadu_ps(reinterpret_cast<const float*>(b)); }
+  // Pinned in a register, so the load is not folded into each shift (see kernels_avx512.cc).
+  static V load_words(const uint8_t* b) {
+    V w = _mm256_loadu_ps(reinterpret_cast<const float*>(b));
+    __asm__("" : "+x"(w));
+    return w;
+  }
   template <int Shift>
   static V fp4_nibble(V w) {
     return decode(_mm256_srli_epi32(_mm256_castps_si256(w), Shift));
