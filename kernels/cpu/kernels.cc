@@ -109,6 +109,7 @@ struct S {
   static V load_codes(const uint8_t* b) { return map([b](int i) { return static_cast<float>(b[i]); }); }
   static V fp4_lo(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) & 0xF]; }); }
   static V fp4_hi(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) >> 4]; }); }
+  static V load_pinned(const float* p) { return load(p); }
   // W 32-bit code words carried bit for bit in the lanes (only ever copied, shifted and masked).
   static V load_words(const uint8_t* b) {
     V r;

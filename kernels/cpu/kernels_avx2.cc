@@ -76,6 +76,12 @@ struct S {
   static V fp4_lo(V c) { return decode(_mm256_castps_si256(c)); }
   static V fp4_hi(V c) { return decode(_mm256_srli_epi32(_mm256_castps_si256(c), 4)); }
   // 8 code words (2 blocks); nibble `Shift / 4` of each, decoded in its lane.
+  // A vector load kept in a register when several instructions use it (else GCC folds it into each).
+  static V load_pinned(const float* p) {
+    V v = _mm256_loadu_ps(p);
+    __asm__("" : "+x"(v));
+    return v;
+  }
   // Pinned in a register, so the load is not folded into each shift (see kernels_avx512.cc).
   static V load_words(const uint8_t* b) {
     V w = _mm256_loadu_ps(reinterpret_cast<const float*>(b));

@@ -72,6 +72,12 @@ struct S {
   // 16 code words (4 blocks); nibble `Shift / 4` of each, decoded in its lane (vpermps reads only
   // the low 4 bits of each index, so no mask).
   // The words are pinned in a register: left as a memory operand, GCC folds the load into each of
+  // A vector load kept in a register when several instructions use it (else GCC folds it into each).
+  static V load_pinned(const float* p) {
+    V v = _mm512_loadu_ps(p);
+    __asm__("" : "+v"(v));
+    return v;
+  }
   // the 7 shifts (8 loads of the same line per group, measured 1.6x slower).
   static V load_words(const uint8_t* b) {
     V w = _mm512_loadu_ps(b);

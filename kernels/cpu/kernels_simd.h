@@ -200,47 +200,77 @@ void mxfp4_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
 // and 8 permutes instead of W/4 widening loads, shifts and 2W/8 permutes of block-at-a-time
 // decoding; the activations arrive in the matching order (layout_nibbles) and each lane keeps its
 // own block's scale, applied once per group. Blocks past the last whole group are decoded one at
-// a time as in the multi-row tiles.
+// a time as in the multi-row tiles. Results equal the block-at-a-time kernel's up to fp32
+// summation order.
 inline constexpr int kNibbleGroupBlocks = W / 4;
 
-void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+// R consecutive weight rows against the one activation row, sharing its loads.
+template <int R>
+void mxfp4_row_tile(const LinearArgs& a, int64_t o) {
   const int64_t groups = a.in / 32, whole = groups / kNibbleGroupBlocks;
   constexpr int kGroupBytes = 4 * W;  // 16 bytes per block
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const uint8_t* b = a.blocks + o * groups * 16;
-    const uint8_t* sc = a.scales + o * groups;
-    V acc0 = S::zero(), acc1 = S::zero();
-    for (int64_t g = 0; g < whole; ++g) {
-      const uint8_t* bg = b + g * kGroupBytes;
-      if ((g * kGroupBytes & 63) == 0) S::prefetch(bg + 4096);
-      const V c = S::load_words(bg);
-      const float* x = a.x + g * 8 * W;
-      V t0 = S::mul(S::fp4_nibble<0>(c), S::load(x));
-      V t1 = S::mul(S::fp4_nibble<4>(c), S::load(x + W));
-      t0 = S::fma(S::fp4_nibble<8>(c), S::load(x + 2 * W), t0);
-      t1 = S::fma(S::fp4_nibble<12>(c), S::load(x + 3 * W), t1);
-      t0 = S::fma(S::fp4_nibble<16>(c), S::load(x + 4 * W), t0);
-      t1 = S::fma(S::fp4_nibble<20>(c), S::load(x + 5 * W), t1);
-      t0 = S::fma(S::fp4_nibble<24>(c), S::load(x + 6 * W), t0);
-      t1 = S::fma(S::fp4_nibble<28>(c), S::load(x + 7 * W), t1);
-      const V s = S::group_scales(sc + g * kNibbleGroupBlocks);
-      acc0 = S::fma(t0, s, acc0);
-      acc1 = S::fma(t1, s, acc1);
+  const uint8_t* b[R];
+  const uint8_t* sc[R];
+  V acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    b[r] = a.blocks + (o + r) * groups * 16;
+    sc[r] = a.scales + (o + r) * groups;
+    acc0[r] = S::zero();
+    acc1[r] = S::zero();
+  }
+  for (int64_t g = 0; g < whole; ++g) {
+    const float* x = a.x + g * 8 * W;
+    V c[R], t0[R], t1[R];
+    for (int r = 0; r < R; ++r) {
+      if ((g * kGroupBytes & 63) == 0) S::prefetch(b[r] + g * kGroupBytes + 4096);
+      c[r] = S::load_words(b[r] + g * kGroupBytes);
     }
-    for (int64_t g = whole * kNibbleGroupBlocks; g < groups; ++g) {
-      const float* x = a.x + g * 32;
-      V c = S::load_codes(b + g * 16);
+    V xv = S::load_pinned(x);
+    for (int r = 0; r < R; ++r) t0[r] = S::mul(S::fp4_nibble<0>(c[r]), xv);
+    xv = S::load_pinned(x + W);
+    for (int r = 0; r < R; ++r) t1[r] = S::mul(S::fp4_nibble<4>(c[r]), xv);
+    xv = S::load_pinned(x + 2 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(S::fp4_nibble<8>(c[r]), xv, t0[r]);
+    xv = S::load_pinned(x + 3 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(S::fp4_nibble<12>(c[r]), xv, t1[r]);
+    xv = S::load_pinned(x + 4 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(S::fp4_nibble<16>(c[r]), xv, t0[r]);
+    xv = S::load_pinned(x + 5 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(S::fp4_nibble<20>(c[r]), xv, t1[r]);
+    xv = S::load_pinned(x + 6 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(S::fp4_nibble<24>(c[r]), xv, t0[r]);
+    xv = S::load_pinned(x + 7 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(S::fp4_nibble<28>(c[r]), xv, t1[r]);
+    for (int r = 0; r < R; ++r) {
+      const V s = S::group_scales(sc[r] + g * kNibbleGroupBlocks);
+      acc0[r] = S::fma(t0[r], s, acc0[r]);
+      acc1[r] = S::fma(t1[r], s, acc1[r]);
+    }
+  }
+  for (int64_t g = whole * kNibbleGroupBlocks; g < groups; ++g) {
+    const float* x = a.x + g * 32;
+    for (int r = 0; r < R; ++r) {
+      V c = S::load_codes(b[r] + g * 16);
       V t = S::mul(S::fp4_lo(c), S::load(x));
       t = S::fma(S::fp4_hi(c), S::load(x + 16), t);
       for (int h = 1; h < kHalves; ++h) {
-        c = S::load_codes(b + g * 16 + h * W);
+        c = S::load_codes(b[r] + g * 16 + h * W);
         t = S::fma(S::fp4_lo(c), S::load(x + h * W), t);
         t = S::fma(S::fp4_hi(c), S::load(x + 16 + h * W), t);
       }
-      acc0 = S::fma(t, S::set1(kE8m0.v[sc[g]]), acc0);
+      acc0[r] = S::fma(t, S::set1(kE8m0.v[sc[r][g]]), acc0[r]);
     }
-    a.y[o] = S::hsum(S::add(acc0, acc1)) + (a.bias ? bf16f(a.bias[o]) : 0.0f);
   }
+  for (int r = 0; r < R; ++r) a.y[o + r] = S::hsum(S::add(acc0[r], acc1[r])) + (a.bias ? bf16f(a.bias[o + r]) : 0.0f);
+}
+
+// Pairs of weight rows, then the odd one out. On AVX-512 (Zen 5, L2-resident weights, one core)
+// pairs stream 1.2x single rows (the activation loads are shared); 4 rows gain 3% more: not worth
+// the extra streams.
+void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  int64_t o = o_begin;
+  for (; o + 2 <= o_end; o += 2) mxfp4_row_tile<2>(a, o);
+  if (o < o_end) mxfp4_row_tile<1>(a, o);
 }
 
 void mxfp4_matvec(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
