@@ -111,13 +111,14 @@ struct S {
   static V fp4_hi(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) >> 4]; }); }
   static V load_pinned(const float* p) { return load(p); }
   // W 32-bit code words carried bit for bit in the lanes (only ever copied, shifted and masked).
-  static V load_words(const uint8_t* b) {
+  using NibbleWords = V;
+  static V nibble_words(const uint8_t* b) {
     V r;
     std::memcpy(r.v, b, sizeof r.v);
     return r;
   }
   template <int Shift>
-  static V fp4_nibble(V w) {
+  static V fp4_nibble(const V& w) {
     return map([&](int i) {
       uint32_t u;
       std::memcpy(&u, &w.v[i], 4);

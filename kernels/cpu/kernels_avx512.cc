@@ -79,13 +79,14 @@ struct S {
     return v;
   }
   // the 7 shifts (8 loads of the same line per group, measured 1.6x slower).
-  static V load_words(const uint8_t* b) {
+  using NibbleWords = V;
+  static V nibble_words(const uint8_t* b) {
     V w = _mm512_loadu_ps(b);
     __asm__("" : "+v"(w));
     return w;
   }
   template <int Shift>
-  static V fp4_nibble(V w) {
+  static V fp4_nibble(const V& w) {
     return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_castps_si512(w), Shift), _mm512_loadu_ps(kFp4Values));
   }
   // Lane i: 2^(s - 127) for the scale byte s of block i / 4, built in registers (s << 23 is the

@@ -194,14 +194,14 @@ void mxfp4_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
   }
 }
 
-// One activation row: weight rows one after another (one sequential stream). The codes are read
-// W 32-bit words (W/4 blocks, 8W values) at a time and never widened byte by byte: nibble n of
-// every word is one shift away from the table lookup, so the 8 lookups of a group cost 7 shifts
-// and 8 permutes instead of W/4 widening loads, shifts and 2W/8 permutes of block-at-a-time
-// decoding; the activations arrive in the matching order (layout_nibbles) and each lane keeps its
-// own block's scale, applied once per group. Blocks past the last whole group are decoded one at
-// a time as in the multi-row tiles. Results equal the block-at-a-time kernel's up to fp32
-// summation order.
+// One activation row: each thread's weight rows in pairs (two sequential streams). The codes are
+// read W 32-bit words (W/4 blocks, 8W values) at a time and never widened byte by byte: S decodes
+// nibble n of every word in its own lane (AVX-512: one shift and one vpermps; AVX2: a vpshufb per
+// byte shared by all nibbles, then shifts and a conversion), against activations that arrive in
+// the matching order (layout_nibbles); each lane keeps its own block's scale (group_scales, which
+// matches fp4_nibble's values), applied once per group. Blocks past the last whole group are
+// decoded one at a time as in the multi-row tiles. Results equal the block-at-a-time kernel's up
+// to fp32 summation order.
 inline constexpr int kNibbleGroupBlocks = W / 4;
 
 // R consecutive weight rows against the one activation row, sharing its loads.
@@ -220,10 +220,11 @@ void mxfp4_row_tile(const LinearArgs& a, int64_t o) {
   }
   for (int64_t g = 0; g < whole; ++g) {
     const float* x = a.x + g * 8 * W;
-    V c[R], t0[R], t1[R];
+    S::NibbleWords c[R];
+    V t0[R], t1[R];
     for (int r = 0; r < R; ++r) {
       if ((g * kGroupBytes & 63) == 0) S::prefetch(b[r] + g * kGroupBytes + 4096);
-      c[r] = S::load_words(b[r] + g * kGroupBytes);
+      c[r] = S::nibble_words(b[r] + g * kGroupBytes);
     }
     V xv = S::load_pinned(x);
     for (int r = 0; r < R; ++r) t0[r] = S::mul(S::fp4_nibble<0>(c[r]), xv);
