@@ -71,6 +71,7 @@ struct S {
   static constexpr int kScoreQ = 4;
   static constexpr int kScoreC = 2;
   static constexpr int kPvQ = 2;
+  static constexpr bool kNibbleRows = false;  // one-row MXFP4: block at a time
   struct V {
     float v[8];
   };
@@ -109,24 +110,6 @@ struct S {
   static V load_codes(const uint8_t* b) { return map([b](int i) { return static_cast<float>(b[i]); }); }
   static V fp4_lo(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) & 0xF]; }); }
   static V fp4_hi(V c) { return map([&](int i) { return kFp4Values[static_cast<int>(c.v[i]) >> 4]; }); }
-  static V load_pinned(const float* p) { return load(p); }
-  // W 32-bit code words carried bit for bit in the lanes (only ever copied, shifted and masked).
-  using NibbleWords = V;
-  static V nibble_words(const uint8_t* b) {
-    V r;
-    std::memcpy(r.v, b, sizeof r.v);
-    return r;
-  }
-  template <int Shift>
-  static V fp4_nibble(const V& w) {
-    return map([&](int i) {
-      uint32_t u;
-      std::memcpy(&u, &w.v[i], 4);
-      return kFp4Values[(u >> Shift) & 0xF];
-    });
-  }
-  // Lane i: the scale of block i / 4 of a nibble group.
-  static V group_scales(const uint8_t* sc) { return map([sc](int i) { return kE8m0.v[sc[i / 4]]; }); }
   static void bf16_pair(const uint16_t* p, V& even, V& odd) {
     even = map([p](int i) { return arbiter::bf16_to_f32(p[2 * i]); });
     odd = map([p](int i) { return arbiter::bf16_to_f32(p[2 * i + 1]); });
@@ -355,7 +338,7 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
     return;
   }
   float* xd = scratch(static_cast<size_t>(rows * in));
-  if (rows == 1) isa::layout_nibbles(x, in, t.lanes, xd);
+  if (rows == 1 && t.mxfp4_nibble_rows) isa::layout_nibbles(x, in, t.lanes, xd);
   else
     for (int64_t r = 0; r < rows; ++r) isa::deinterleave32(x + r * in, in, xd + r * in);
   a.x = xd;
@@ -420,7 +403,7 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
     float* dst = packed + j.offset;
     if (j.gemm) {
       isa::pack_xt_blocks(x, j.a.rows, in, static_cast<int>(j.a.xt_chunk), b0 * 32, b1 * 32, dst);
-    } else if (j.a.rows == 1) {
+    } else if (j.a.rows == 1 && t.mxfp4_nibble_rows) {
       isa::layout_nibbles(x + b0 * 32, (b1 - b0) * 32, t.lanes, dst + b0 * 32);
     } else {
       for (int64_t r = 0; r < j.a.rows; ++r)

@@ -22,6 +22,7 @@ struct S {
   static constexpr int kScoreQ = 4;
   static constexpr int kScoreC = 2;
   static constexpr int kPvQ = 2;
+  static constexpr bool kNibbleRows = true;  // one-row MXFP4 in nibble groups (kernels_simd.h)
   using V = __m256;
 
   static __m256i lane_mask(int n) {

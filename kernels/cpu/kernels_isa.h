@@ -12,7 +12,8 @@ namespace arbiter::cpu::isa {
 
 // One y = x W^T + b problem. The kernels compute output features [o_begin, o_end) of every row.
 struct LinearArgs {
-  // [rows, in]; MXFP4 matvec: de-interleaved per 32-block, or for one row in nibble order (see below)
+  // [rows, in]; MXFP4 matvec: de-interleaved per 32-block, or for one row possibly in nibble order
+  // (see below)
   const float* x = nullptr;
   int64_t rows = 0;
   int64_t in = 0;
@@ -30,7 +31,7 @@ void deinterleave32(const float* x, int64_t n, float* out);
 // The same with blocks of `block` floats (even); a partial last block is copied unchanged.
 void deinterleave(const float* x, int64_t n, int block, float* out);
 
-// The one-row MXFP4 matvec reads the codes as 32-bit words, `lanes` words (lanes / 4 blocks, 8 x
+// The one-row MXFP4 matvec of a build with mxfp4_nibble_rows reads the codes as 32-bit words, `lanes` words (lanes / 4 blocks, 8 x
 // lanes values) per group, and nibble n of word i of a group meets out[n * lanes + i]: element
 // 8 * (i % 4) + n of the group's block i / 4. Blocks past the last whole group are de-interleaved
 // as above. n must be a multiple of 32.
@@ -72,13 +73,16 @@ inline int64_t attention_scratch_floats(int head_dim, int num_queries) {
 struct KernelTable {
   const char* name;
   int gemm_nr;  // output features per GEMM panel; gemm ranges start at multiples of it
-  int lanes;    // floats per vector; the one-row MXFP4 matvec reads x laid out by layout_nibbles(x, in, lanes)
+  int lanes;    // floats per vector
   int mxfp4_gemm_rows;  // weight rows per MXFP4 GEMM tile
   int xt_chunk;         // most tokens per MXFP4 GEMM tile; x^T chunks are a multiple of lanes up to it
+  // The one-row MXFP4 matvec reads x laid out by layout_nibbles(x, in, lanes) (true) or by
+  // deinterleave32 (false), whichever kernel the build measured faster.
+  bool mxfp4_nibble_rows;
   // x de-interleaved by deinterleave(x, in, 2 * lanes) (its first in / (2 lanes) blocks).
   void (*bf16_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   void (*bf16_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
-  // One row (a.rows == 1): x laid out by layout_nibbles; more rows: by deinterleave32.
+  // One row (a.rows == 1): x laid out as mxfp4_nibble_rows says; more rows: by deinterleave32.
   void (*mxfp4_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   // x: the activations packed by pack_xt_blocks with chunk a.xt_chunk; o_begin a multiple of
   // mxfp4_gemm_rows.

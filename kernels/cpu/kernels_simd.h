@@ -8,7 +8,8 @@
 //    the thread's rows as one sequential stream with software prefetch; several rows: tiles of 4
 //    weight rows x up to 4 activation rows; dot products reduced at the end. Activations arrive
 //    re-ordered so weights need no widening shuffles: de-interleaved (even/odd elements), or for
-//    the one-row MXFP4 kernel in the order of the nibbles of 32-bit code words (layout_nibbles).
+//    the one-row MXFP4 kernel of the AVX2 build in the order of the nibbles of 32-bit code words
+//    (layout_nibbles).
 //  - bf16 GEMM (prefill): a panel of kGemmNV*W output features x kGemmKC inputs is converted to
 //    fp32 and transposed once into a k-major buffer, then a kGemmMR x NR register-tiled FMA
 //    microkernel runs it against every activation row.
@@ -194,19 +195,51 @@ void mxfp4_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
   }
 }
 
-// One activation row: each thread's weight rows in pairs (two sequential streams). The codes are
-// read W 32-bit words (W/4 blocks, 8W values) at a time and never widened byte by byte: S decodes
-// nibble n of every word in its own lane (AVX-512: one shift and one vpermps; AVX2: a vpshufb per
-// byte shared by all nibbles, then shifts and a conversion), against activations that arrive in
-// the matching order (layout_nibbles); each lane keeps its own block's scale (group_scales, which
-// matches fp4_nibble's values), applied once per group. Blocks past the last whole group are
-// decoded one at a time as in the multi-row tiles. Results equal the block-at-a-time kernel's up
-// to fp32 summation order.
+// One activation row, block at a time: weight rows one after another (one sequential stream), two
+// blocks per step into two accumulators, the scale applied once per block. x de-interleaved.
+void mxfp4_block_rows(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  const int64_t groups = a.in / 32;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* b = a.blocks + o * groups * 16;
+    const uint8_t* sc = a.scales + o * groups;
+    auto block = [&](int64_t g, V acc) {
+      const float* x = a.x + g * 32;
+      V c = S::load_codes(b + g * 16);
+      V t = S::mul(S::fp4_lo(c), S::load(x));
+      t = S::fma(S::fp4_hi(c), S::load(x + 16), t);
+      for (int h = 1; h < kHalves; ++h) {
+        c = S::load_codes(b + g * 16 + h * W);
+        t = S::fma(S::fp4_lo(c), S::load(x + h * W), t);
+        t = S::fma(S::fp4_hi(c), S::load(x + 16 + h * W), t);
+      }
+      return S::fma(t, S::set1(kE8m0.v[sc[g]]), acc);
+    };
+    V acc0 = S::zero(), acc1 = S::zero();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      if ((g & 3) == 0) S::prefetch(b + g * 16 + 2048);
+      acc0 = block(g, acc0);
+      acc1 = block(g + 1, acc1);
+    }
+    if (g < groups) acc0 = block(g, acc0);
+    a.y[o] = S::hsum(S::add(acc0, acc1)) + (a.bias ? bf16f(a.bias[o]) : 0.0f);
+  }
+}
+
+// One activation row, nibble groups (where S::kNibbleRows: the AVX2 build): each thread's weight
+// rows in pairs (two sequential streams, sharing the activation loads). The codes are read W 32-bit
+// words (W/4 blocks, 8W values) at a time and never widened byte by byte: T decodes nibble n of
+// every word in its own lane (one vpshufb per byte shared by all nibbles, then shifts and a
+// conversion), against activations that arrive in the matching order (layout_nibbles); each lane
+// keeps its own block's scale (group_scales, which matches fp4_nibble's values), applied once per
+// group. Blocks past the last whole group are decoded one at a time. Results equal the block
+// kernel's up to fp32 summation order. Written over T (= S) so that builds without the nibble
+// operations never instantiate it.
 inline constexpr int kNibbleGroupBlocks = W / 4;
 
 // R consecutive weight rows against the one activation row, sharing its loads.
-template <int R>
-void mxfp4_row_tile(const LinearArgs& a, int64_t o) {
+template <typename T, int R>
+void mxfp4_nibble_tile(const LinearArgs& a, int64_t o) {
   const int64_t groups = a.in / 32, whole = groups / kNibbleGroupBlocks;
   constexpr int kGroupBytes = 4 * W;  // 16 bytes per block
   const uint8_t* b[R];
@@ -220,30 +253,30 @@ void mxfp4_row_tile(const LinearArgs& a, int64_t o) {
   }
   for (int64_t g = 0; g < whole; ++g) {
     const float* x = a.x + g * 8 * W;
-    S::NibbleWords c[R];
+    typename T::NibbleWords c[R];
     V t0[R], t1[R];
     for (int r = 0; r < R; ++r) {
       if ((g * kGroupBytes & 63) == 0) S::prefetch(b[r] + g * kGroupBytes + 4096);
-      c[r] = S::nibble_words(b[r] + g * kGroupBytes);
+      c[r] = T::nibble_words(b[r] + g * kGroupBytes);
     }
-    V xv = S::load_pinned(x);
-    for (int r = 0; r < R; ++r) t0[r] = S::mul(S::fp4_nibble<0>(c[r]), xv);
-    xv = S::load_pinned(x + W);
-    for (int r = 0; r < R; ++r) t1[r] = S::mul(S::fp4_nibble<4>(c[r]), xv);
-    xv = S::load_pinned(x + 2 * W);
-    for (int r = 0; r < R; ++r) t0[r] = S::fma(S::fp4_nibble<8>(c[r]), xv, t0[r]);
-    xv = S::load_pinned(x + 3 * W);
-    for (int r = 0; r < R; ++r) t1[r] = S::fma(S::fp4_nibble<12>(c[r]), xv, t1[r]);
-    xv = S::load_pinned(x + 4 * W);
-    for (int r = 0; r < R; ++r) t0[r] = S::fma(S::fp4_nibble<16>(c[r]), xv, t0[r]);
-    xv = S::load_pinned(x + 5 * W);
-    for (int r = 0; r < R; ++r) t1[r] = S::fma(S::fp4_nibble<20>(c[r]), xv, t1[r]);
-    xv = S::load_pinned(x + 6 * W);
-    for (int r = 0; r < R; ++r) t0[r] = S::fma(S::fp4_nibble<24>(c[r]), xv, t0[r]);
-    xv = S::load_pinned(x + 7 * W);
-    for (int r = 0; r < R; ++r) t1[r] = S::fma(S::fp4_nibble<28>(c[r]), xv, t1[r]);
+    V xv = T::load_pinned(x);
+    for (int r = 0; r < R; ++r) t0[r] = S::mul(T::template fp4_nibble<0>(c[r]), xv);
+    xv = T::load_pinned(x + W);
+    for (int r = 0; r < R; ++r) t1[r] = S::mul(T::template fp4_nibble<4>(c[r]), xv);
+    xv = T::load_pinned(x + 2 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(T::template fp4_nibble<8>(c[r]), xv, t0[r]);
+    xv = T::load_pinned(x + 3 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(T::template fp4_nibble<12>(c[r]), xv, t1[r]);
+    xv = T::load_pinned(x + 4 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(T::template fp4_nibble<16>(c[r]), xv, t0[r]);
+    xv = T::load_pinned(x + 5 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(T::template fp4_nibble<20>(c[r]), xv, t1[r]);
+    xv = T::load_pinned(x + 6 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(T::template fp4_nibble<24>(c[r]), xv, t0[r]);
+    xv = T::load_pinned(x + 7 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(T::template fp4_nibble<28>(c[r]), xv, t1[r]);
     for (int r = 0; r < R; ++r) {
-      const V s = S::group_scales(sc[r] + g * kNibbleGroupBlocks);
+      const V s = T::group_scales(sc[r] + g * kNibbleGroupBlocks);
       acc0[r] = S::fma(t0[r], s, acc0[r]);
       acc1[r] = S::fma(t1[r], s, acc1[r]);
     }
@@ -265,18 +298,24 @@ void mxfp4_row_tile(const LinearArgs& a, int64_t o) {
   for (int r = 0; r < R; ++r) a.y[o + r] = S::hsum(S::add(acc0[r], acc1[r])) + (a.bias ? bf16f(a.bias[o + r]) : 0.0f);
 }
 
-// Pairs of weight rows, then the odd one out. On AVX-512 (Zen 5, L2-resident weights, one core)
-// pairs stream 1.2x single rows (the activation loads are shared); 4 rows gain 3% more: not worth
-// the extra streams.
+// The one-row kernel each build uses, chosen by measurement (one core streaming cold expert
+// matrices of the real shape from memory, Zen 5 VM, 2026-12-06): AVX2 nibble groups 8.5 GB/s
+// against 7.4 for blocks; AVX-512 blocks 20.1 GB/s against 15.2 for nibble groups (though nibble
+// groups run 1.6x faster from L2: see docs/performance.md).
+template <typename T = S>
 void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
-  int64_t o = o_begin;
-  for (; o + 2 <= o_end; o += 2) mxfp4_row_tile<2>(a, o);
-  if (o < o_end) mxfp4_row_tile<1>(a, o);
+  if constexpr (T::kNibbleRows) {
+    int64_t o = o_begin;
+    for (; o + 2 <= o_end; o += 2) mxfp4_nibble_tile<T, 2>(a, o);
+    if (o < o_end) mxfp4_nibble_tile<T, 1>(a, o);
+  } else {
+    mxfp4_block_rows(a, o_begin, o_end);
+  }
 }
 
 void mxfp4_matvec(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   if (a.rows == 1) {
-    mxfp4_matvec_row(a, o_begin, o_end);
+    mxfp4_matvec_row<>(a, o_begin, o_end);
     return;
   }
   for (int64_t o0 = o_begin; o0 < o_end; o0 += 4) {
@@ -709,6 +748,6 @@ int64_t argmax(const float* x, int64_t n) {
 }
 
 constexpr KernelTable make_table(const char* name) {
-  return KernelTable{name,      NR,      W,         TN,        XC,        bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
+  return KernelTable{name,      NR,      W,         TN,        XC,        S::kNibbleRows, bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
                      swiglu,    rms_norm, rope,       add,       axpy,         bf16_to_f32, argmax};
 }
