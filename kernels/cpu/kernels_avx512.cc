@@ -26,7 +26,7 @@ struct S {
   static constexpr int kScoreQ = 8;
   static constexpr int kScoreC = 2;
   static constexpr int kPvQ = 4;
-  // One-row MXFP4 block at a time: nibble groups run 1.6x faster from L2 here but 0.76x streaming
+  // One-row MXFP4 block at a time: nibble groups run 1.6x faster from L2 here but 0.73x streaming
   // from memory (kernels_simd.h, mxfp4_matvec_row).
   static constexpr bool kNibbleRows = false;
   using V = __m512;

@@ -161,8 +161,8 @@ TEST_P(KernelTest, LinearMxfp4MatchesReference) {
   struct Size {
     int64_t in, out;
   };
-  // in: one block; 3 and 10 blocks (whole nibble groups of the one-row kernel plus a partial one
-  // on AVX-512); 4 blocks (exactly one group); the real hidden size.
+  // in: one block; 3 blocks (a nibble group of the AVX2 one-row kernel and a block past it); 10 and
+  // 4 blocks (whole groups); the real hidden size.
   for (const Size sz : {Size{32, 5}, Size{96, 67}, Size{320, 130}, Size{128, 9}, Size{2880, 21}})
     for (int64_t rows : {1, 3, 17, 64, 130}) {
       if (sz.in == 2880 && rows > 3) continue;  // the large case is for the one-row kernel
