@@ -1,11 +1,13 @@
 // arbiter_bench_cpu: the CPU backend on a model of the real gpt-oss-20b layer shape (hidden 2880,
-// 64/8 heads x 64, 32 MXFP4 experts of 2880, window 128, vocabulary 201088) cut to 4 layers.
+// 64/8 heads x 64, 32 MXFP4 experts of 2880, window 128, vocabulary 201088) cut to 4 layers
+// (ARBITER_BENCH_LAYERS=N for another depth; 24 is the 20b's).
 // Measures, in one run: the machine's STREAM-like copy and read bandwidth and its fp32 FMA peak,
 // then one decode step at batch 1 and 16 and a 512-token prefill, reported as tokens/s and as
 // ratios to those measurements (weight bytes read per second / copy bandwidth; FLOP/s / peak).
 //
 // ARBITER_BENCH_MODEL=DIR keeps the random checkpoint in DIR (made on first use) instead of a
-// temporary folder, so later runs skip the ~4 GB write.
+// temporary folder, so later runs skip the ~4 GB write; a checkpoint with more layers than asked
+// for serves (its first layers are used), so one 24-layer checkpoint covers every depth.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -20,6 +22,7 @@
 #include <memory>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -345,6 +348,7 @@ class CountingBackend final : public ForwardingBackend {
     for (int i = 0; i < kOps; ++i) std::fprintf(stderr, " %s=%.2f", names[i], 1e3 * seconds_[i] / static_cast<double>(steps));
     std::fprintf(stderr, "\n");
   }
+  double seconds(int op) const { return seconds_[op]; }  // since reset(); op as in print_profile
   int64_t distinct_experts() const { return distinct_experts_; }  // summed over MoE layers
   int64_t pairs() const { return pairs_; }                        // (token, expert) pairs run
 
@@ -379,9 +383,16 @@ struct Bench {
   }
 };
 
+int bench_layers() {
+  const char* env = std::getenv("ARBITER_BENCH_LAYERS");
+  const int n = env && *env ? std::atoi(env) : 4;
+  if (n <= 0) throw std::invalid_argument("ARBITER_BENCH_LAYERS must be a positive layer count");
+  return n;
+}
+
 ModelConfig bench_config() {
   ModelConfig c = preset_config("20b-shape");
-  c.num_hidden_layers = 4;
+  c.num_hidden_layers = bench_layers();
   c.layer_is_sliding.clear();
   for (int i = 0; i < c.num_hidden_layers; ++i) c.layer_is_sliding.push_back(i % 2 == 0);
   return c;
@@ -400,13 +411,21 @@ Bench& bench() {
       r.remove_dir = true;
     }
     if (!std::filesystem::exists(std::filesystem::path(r.dir) / "config.json")) {
-      std::fprintf(stderr, "arbiter_bench_cpu: writing a random 4-layer 20b-shape model to %s ...\n", r.dir.c_str());
+      std::fprintf(stderr, "arbiter_bench_cpu: writing a random %d-layer 20b-shape model to %s ...\n",
+                   r.config.num_hidden_layers, r.dir.c_str());
       const auto t = Clock::now();
       make_random_model(r.config, r.dir);
       std::fprintf(stderr, "arbiter_bench_cpu: model written in %.1f s\n", seconds_since(t));
     } else {
       r.config = load_model_config((std::filesystem::path(r.dir) / "config.json").string());
+      const int layers = bench_layers();
+      if (layers > r.config.num_hidden_layers)
+        throw std::invalid_argument("ARBITER_BENCH_LAYERS=" + std::to_string(layers) + " but the checkpoint in " + r.dir +
+                                    " has " + std::to_string(r.config.num_hidden_layers) + " layers");
+      r.config.num_hidden_layers = layers;
+      r.config.layer_is_sliding.resize(static_cast<size_t>(layers));
     }
+    std::fprintf(stderr, "arbiter_bench_cpu: %d layers\n", r.config.num_hidden_layers);
     r.checkpoint = std::make_unique<Checkpoint>(r.dir);
     r.cpu = std::make_unique<CpuBackend>();
     r.backend = std::make_unique<CountingBackend>(*r.cpu);
@@ -485,22 +504,32 @@ std::vector<std::vector<ByteRange>> decode_read_passes(const ModelWeights& w) {
 
 int64_t bf16_matrix_bytes(int64_t out, int64_t in, bool bias) { return 2 * out * in + (bias ? 2 * out : 0); }
 
-// Weight bytes one step reads: embeddings of its rows, per layer the norms, attention projections
-// (with biases), sinks and router, the distinct experts it ran (MXFP4 blocks, scales, biases),
-// and the final norm + lm_head when logits are produced.
-double step_weight_bytes(const ModelConfig& c, int64_t rows, int64_t distinct_experts, bool logits) {
+// Weight bytes one step reads, by operation: the dense products of every layer (q/k/v/o with
+// biases, router), the distinct experts it ran (MXFP4 blocks, scales, biases), lm_head (with the
+// final norm) when logits are produced, and the rest (embedding rows, norms, sinks).
+struct StepBytes {
+  double dense = 0, experts = 0, lm_head = 0, other = 0;
+  double total() const { return dense + experts + lm_head + other; }
+};
+StepBytes step_bytes(const ModelConfig& c, int64_t rows, int64_t distinct_experts, bool logits) {
   const int64_t H = c.hidden_size, Q = c.num_attention_heads * c.head_dim, KV = c.num_key_value_heads * c.head_dim;
   const int64_t E = c.num_local_experts, I = c.intermediate_size;
-  const int64_t attn = bf16_matrix_bytes(Q, H, true) + 2 * bf16_matrix_bytes(KV, H, true) + bf16_matrix_bytes(H, Q, true) +
-                       2 * c.num_attention_heads;
-  const int64_t norms = 2 * 2 * H;
+  const int64_t attn = bf16_matrix_bytes(Q, H, true) + 2 * bf16_matrix_bytes(KV, H, true) + bf16_matrix_bytes(H, Q, true);
+  const int64_t norms_sinks = 2 * 2 * H + 2 * c.num_attention_heads;
   const int64_t router = bf16_matrix_bytes(E, H, true);
   const int64_t expert = (2 * I * (H / 32) * 17 + 2 * 2 * I) + (H * (I / 32) * 17 + 2 * H);
-  double bytes = static_cast<double>(rows * H * 2);
-  bytes += static_cast<double>(c.num_hidden_layers) * static_cast<double>(attn + norms + router);
-  bytes += static_cast<double>(distinct_experts) * static_cast<double>(expert);
-  if (logits) bytes += static_cast<double>(2 * H + bf16_matrix_bytes(c.vocab_size, H, false));
-  return bytes;
+  const double layers = static_cast<double>(c.num_hidden_layers);
+  StepBytes b;
+  b.dense = layers * static_cast<double>(attn + router);
+  b.experts = static_cast<double>(distinct_experts) * static_cast<double>(expert);
+  if (logits) b.lm_head = static_cast<double>(2 * H + bf16_matrix_bytes(c.vocab_size, H, false));
+  b.other = static_cast<double>(rows * H * 2) + layers * static_cast<double>(norms_sinks);
+  return b;
+}
+
+// Weight bytes one step reads in all.
+double step_weight_bytes(const ModelConfig& c, int64_t rows, int64_t distinct_experts, bool logits) {
+  return step_bytes(c, rows, distinct_experts, logits).total();
 }
 
 // FLOP of a step (multiply-adds count 2): projections, router and the expert pairs it ran,
@@ -610,6 +639,16 @@ void BM_Decode(benchmark::State& state) {
   // What batch-1's target (0.85 of copy) asks of a plain read in this run.
   state.counters["target_vs_read"] = 0.85 * copy_bw / read_bw;
   if (batch == 1) {
+    // Per operation: its weight bytes per second over the read bandwidth of this run (the dense
+    // products q/k/v/o/router, the experts, lm_head), and their share of the step's time.
+    const StepBytes sb = step_bytes(b.config, batch, static_cast<int64_t>(distinct_per_step + 0.5), true);
+    const double n = static_cast<double>(steps);
+    const double dense_s = b.backend->seconds(3), experts_s = b.backend->seconds(8), head_s = b.backend->seconds(12);
+    state.counters["dense_vs_read"] = sb.dense * n / dense_s / read_bw;
+    state.counters["experts_vs_read"] = sb.experts * n / experts_s / read_bw;
+    state.counters["lm_head_vs_read"] = sb.lm_head * n / head_s / read_bw;
+    state.counters["rest_ms"] = 1e3 * (total - dense_s - experts_s - head_s) / n;
+    state.counters["read_GB/s"] = read_bw / 1e9;
     // The read floor (above), timed as often as the step was, right after it.
     const ModelWeights w = load_weights(b.config, *b.checkpoint, *b.cpu);
     const auto passes = decode_read_passes(w);

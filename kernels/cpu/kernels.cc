@@ -31,6 +31,14 @@ void deinterleave(const float* x, int64_t n, int block, float* out) {
 
 void deinterleave32(const float* x, int64_t n, float* out) { deinterleave(x, n, 32, out); }
 
+void layout_nibbles(const float* x, int64_t n, int lanes, float* out) {
+  const int64_t group = 8 * static_cast<int64_t>(lanes), whole = n / group * group;
+  for (int64_t g = 0; g < whole; g += group)
+    for (int v = 0; v < 8; ++v)
+      for (int i = 0; i < lanes; ++i) out[g + v * lanes + i] = x[g + (i / 4) * 32 + 8 * (i % 4) + v];
+  deinterleave32(x + whole, n - whole, out + whole);
+}
+
 void pack_xt_blocks(const float* x, int64_t rows, int64_t in, int chunk, int64_t k_begin, int64_t k_end, float* xt) {
   const int64_t chunks = (rows + chunk - 1) / chunk;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -63,6 +71,7 @@ struct S {
   static constexpr int kScoreQ = 4;
   static constexpr int kScoreC = 2;
   static constexpr int kPvQ = 2;
+  static constexpr bool kNibbleRows = false;  // one-row MXFP4: block at a time
   struct V {
     float v[8];
   };
@@ -329,7 +338,9 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
     return;
   }
   float* xd = scratch(static_cast<size_t>(rows * in));
-  for (int64_t r = 0; r < rows; ++r) isa::deinterleave32(x + r * in, in, xd + r * in);
+  if (rows == 1 && t.mxfp4_nibble_rows) isa::layout_nibbles(x, in, t.lanes, xd);
+  else
+    for (int64_t r = 0; r < rows; ++r) isa::deinterleave32(x + r * in, in, xd + r * in);
   a.x = xd;
   run_outputs(pool, a, matvec_rows_per_item(in, out_features, 17.0 / 32), t.mxfp4_matvec);
 }
@@ -381,14 +392,19 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
   if (jobs.empty()) return;
   float* packed = scratch(static_cast<size_t>(floats));
   const int64_t blocks = in / 32;
-  const int64_t pieces = (blocks + 7) / 8;  // 8 blocks (256 inputs) per packing item
+  // 8 blocks (256 inputs) per packing item: a whole number of nibble groups (lanes / 4 <= 4 blocks)
+  // for the one-row layout.
+  constexpr int64_t kPieceBlocks = 8;
+  const int64_t pieces = (blocks + kPieceBlocks - 1) / kPieceBlocks;
   auto pack = [&](int64_t item) {
     const Job& j = jobs[static_cast<size_t>(item / pieces)];
-    const int64_t b0 = (item % pieces) * 8, b1 = std::min(blocks, b0 + 8);
+    const int64_t b0 = (item % pieces) * kPieceBlocks, b1 = std::min(blocks, b0 + kPieceBlocks);
     const float* x = j.src;
     float* dst = packed + j.offset;
     if (j.gemm) {
       isa::pack_xt_blocks(x, j.a.rows, in, static_cast<int>(j.a.xt_chunk), b0 * 32, b1 * 32, dst);
+    } else if (j.a.rows == 1 && t.mxfp4_nibble_rows) {
+      isa::layout_nibbles(x + b0 * 32, (b1 - b0) * 32, t.lanes, dst + b0 * 32);
     } else {
       for (int64_t r = 0; r < j.a.rows; ++r)
         isa::deinterleave32(x + r * in + b0 * 32, (b1 - b0) * 32, dst + r * in + b0 * 32);

@@ -22,6 +22,7 @@ struct S {
   static constexpr int kScoreQ = 4;
   static constexpr int kScoreC = 2;
   static constexpr int kPvQ = 2;
+  static constexpr bool kNibbleRows = true;  // one-row MXFP4 in nibble groups (kernels_simd.h)
   using V = __m256;
 
   static __m256i lane_mask(int n) {
@@ -75,6 +76,38 @@ struct S {
   }
   static V fp4_lo(V c) { return decode(_mm256_castps_si256(c)); }
   static V fp4_hi(V c) { return decode(_mm256_srli_epi32(_mm256_castps_si256(c), 4)); }
+  // A vector load kept in a register when several instructions use it (else GCC folds it into each).
+  static V load_pinned(const float* p) {
+    V v = _mm256_loadu_ps(p);
+    __asm__("" : "+x"(v));
+    return v;
+  }
+  // The one-row MXFP4 kernel's codes: 8 words (2 blocks), every byte looked up once with vpshufb
+  // into twice its low and twice its high nibble's value as int8 (0, 1, 2, 3, 4, 6, 8, 12 and their
+  // negatives: exact); nibble n of each word is then at most two shifts and a conversion from fp32
+  // (the vpermps decode above takes five operations per 8 values). group_scales halves the scale.
+  struct NibbleWords {
+    __m256i lo, hi;
+  };
+  static NibbleWords nibble_words(const uint8_t* b) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i twice = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,  //
+                                           0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    return {_mm256_shuffle_epi8(twice, _mm256_and_si256(c, low4)),
+            _mm256_shuffle_epi8(twice, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4))};
+  }
+  template <int Shift>
+  static V fp4_nibble(const NibbleWords& w) {
+    constexpr int n = Shift / 4, byte = n / 2;  // nibble n of a word is in byte n / 2
+    __m256i v = n % 2 ? w.hi : w.lo;
+    if constexpr (byte < 3) v = _mm256_slli_epi32(v, 24 - 8 * byte);
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
+  }
+  // Lanes 0-3: half the scale of the first block, lanes 4-7: of the second (exact: powers of two).
+  static V group_scales(const uint8_t* sc) {
+    return _mm256_setr_m128(_mm_set1_ps(0.5f * kE8m0.v[sc[0]]), _mm_set1_ps(0.5f * kE8m0.v[sc[1]]));
+  }
   static void bf16_pair(const uint16_t* p, V& even, V& odd) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));

@@ -12,7 +12,9 @@ namespace arbiter::cpu::isa {
 
 // One y = x W^T + b problem. The kernels compute output features [o_begin, o_end) of every row.
 struct LinearArgs {
-  const float* x = nullptr;  // [rows, in]; MXFP4 matvec: de-interleaved per 32-block (see below)
+  // [rows, in]; MXFP4 matvec: de-interleaved per 32-block, or for one row possibly in nibble order
+  // (see below)
+  const float* x = nullptr;
   int64_t rows = 0;
   int64_t in = 0;
   int64_t out = 0;
@@ -28,6 +30,12 @@ struct LinearArgs {
 void deinterleave32(const float* x, int64_t n, float* out);
 // The same with blocks of `block` floats (even); a partial last block is copied unchanged.
 void deinterleave(const float* x, int64_t n, int block, float* out);
+
+// The one-row MXFP4 matvec of a build with mxfp4_nibble_rows reads the codes as 32-bit words, `lanes` words (lanes / 4 blocks, 8 x
+// lanes values) per group, and nibble n of word i of a group meets out[n * lanes + i]: element
+// 8 * (i % 4) + n of the group's block i / 4. Blocks past the last whole group are de-interleaved
+// as above. n must be a multiple of 32.
+void layout_nibbles(const float* x, int64_t n, int lanes, float* out);
 
 // The MXFP4 GEMM reads x transposed in chunks of `chunk` tokens: chunk c is [in][chunk] with
 // xt[c][k'][t] = x[c * chunk + t][k], k' the de-interleaved position of k (as above) and tokens
@@ -68,9 +76,13 @@ struct KernelTable {
   int lanes;    // floats per vector
   int mxfp4_gemm_rows;  // weight rows per MXFP4 GEMM tile
   int xt_chunk;         // most tokens per MXFP4 GEMM tile; x^T chunks are a multiple of lanes up to it
+  // The one-row MXFP4 matvec reads x laid out by layout_nibbles(x, in, lanes) (true) or by
+  // deinterleave32 (false), whichever kernel the build measured faster.
+  bool mxfp4_nibble_rows;
   // x de-interleaved by deinterleave(x, in, 2 * lanes) (its first in / (2 lanes) blocks).
   void (*bf16_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   void (*bf16_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
+  // One row (a.rows == 1): x laid out as mxfp4_nibble_rows says; more rows: by deinterleave32.
   void (*mxfp4_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   // x: the activations packed by pack_xt_blocks with chunk a.xt_chunk; o_begin a multiple of
   // mxfp4_gemm_rows.

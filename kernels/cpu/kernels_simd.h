@@ -7,7 +7,9 @@
 //  - bf16/MXFP4 matvec (decode): each weight row streamed once for all activation rows; one row:
 //    the thread's rows as one sequential stream with software prefetch; several rows: tiles of 4
 //    weight rows x up to 4 activation rows; dot products reduced at the end. Activations arrive
-//    de-interleaved (even/odd elements) so weights need no widening shuffles.
+//    re-ordered so weights need no widening shuffles: de-interleaved (even/odd elements), or for
+//    the one-row MXFP4 kernel of the AVX2 build in the order of the nibbles of 32-bit code words
+//    (layout_nibbles).
 //  - bf16 GEMM (prefill): a panel of kGemmNV*W output features x kGemmKC inputs is converted to
 //    fp32 and transposed once into a k-major buffer, then a kGemmMR x NR register-tiled FMA
 //    microkernel runs it against every activation row.
@@ -193,9 +195,9 @@ void mxfp4_mv_tile(const LinearArgs& a, int64_t o0, int no, int64_t r0) {
   }
 }
 
-// One activation row: weight rows one after another (one sequential stream), two blocks per step
-// into two accumulators, the scale applied once per block.
-void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+// One activation row, block at a time: weight rows one after another (one sequential stream), two
+// blocks per step into two accumulators, the scale applied once per block. x de-interleaved.
+void mxfp4_block_rows(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   const int64_t groups = a.in / 32;
   for (int64_t o = o_begin; o < o_end; ++o) {
     const uint8_t* b = a.blocks + o * groups * 16;
@@ -224,9 +226,95 @@ void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   }
 }
 
+// One activation row, nibble groups (where S::kNibbleRows: the AVX2 build): each thread's weight
+// rows in pairs (two sequential streams, sharing the activation loads). The codes are read W 32-bit
+// words (W/4 blocks, 8W values) at a time and never widened byte by byte: T decodes nibble n of
+// every word in its own lane (one vpshufb per byte shared by all nibbles, then shifts and a
+// conversion), against activations that arrive in the matching order (layout_nibbles); each lane
+// keeps its own block's scale (group_scales, which matches fp4_nibble's values), applied once per
+// group. Blocks past the last whole group are decoded one at a time. Results equal the block
+// kernel's up to fp32 summation order. Written over T (= S) so that builds without the nibble
+// operations never instantiate it.
+inline constexpr int kNibbleGroupBlocks = W / 4;
+
+// R consecutive weight rows against the one activation row, sharing its loads.
+template <typename T, int R>
+void mxfp4_nibble_tile(const LinearArgs& a, int64_t o) {
+  const int64_t groups = a.in / 32, whole = groups / kNibbleGroupBlocks;
+  constexpr int kGroupBytes = 4 * W;  // 16 bytes per block
+  const uint8_t* b[R];
+  const uint8_t* sc[R];
+  V acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    b[r] = a.blocks + (o + r) * groups * 16;
+    sc[r] = a.scales + (o + r) * groups;
+    acc0[r] = S::zero();
+    acc1[r] = S::zero();
+  }
+  for (int64_t g = 0; g < whole; ++g) {
+    const float* x = a.x + g * 8 * W;
+    typename T::NibbleWords c[R];
+    V t0[R], t1[R];
+    for (int r = 0; r < R; ++r) {
+      if ((g * kGroupBytes & 63) == 0) S::prefetch(b[r] + g * kGroupBytes + 4096);
+      c[r] = T::nibble_words(b[r] + g * kGroupBytes);
+    }
+    V xv = T::load_pinned(x);
+    for (int r = 0; r < R; ++r) t0[r] = S::mul(T::template fp4_nibble<0>(c[r]), xv);
+    xv = T::load_pinned(x + W);
+    for (int r = 0; r < R; ++r) t1[r] = S::mul(T::template fp4_nibble<4>(c[r]), xv);
+    xv = T::load_pinned(x + 2 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(T::template fp4_nibble<8>(c[r]), xv, t0[r]);
+    xv = T::load_pinned(x + 3 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(T::template fp4_nibble<12>(c[r]), xv, t1[r]);
+    xv = T::load_pinned(x + 4 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(T::template fp4_nibble<16>(c[r]), xv, t0[r]);
+    xv = T::load_pinned(x + 5 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(T::template fp4_nibble<20>(c[r]), xv, t1[r]);
+    xv = T::load_pinned(x + 6 * W);
+    for (int r = 0; r < R; ++r) t0[r] = S::fma(T::template fp4_nibble<24>(c[r]), xv, t0[r]);
+    xv = T::load_pinned(x + 7 * W);
+    for (int r = 0; r < R; ++r) t1[r] = S::fma(T::template fp4_nibble<28>(c[r]), xv, t1[r]);
+    for (int r = 0; r < R; ++r) {
+      const V s = T::group_scales(sc[r] + g * kNibbleGroupBlocks);
+      acc0[r] = S::fma(t0[r], s, acc0[r]);
+      acc1[r] = S::fma(t1[r], s, acc1[r]);
+    }
+  }
+  for (int64_t g = whole * kNibbleGroupBlocks; g < groups; ++g) {
+    const float* x = a.x + g * 32;
+    for (int r = 0; r < R; ++r) {
+      V c = S::load_codes(b[r] + g * 16);
+      V t = S::mul(S::fp4_lo(c), S::load(x));
+      t = S::fma(S::fp4_hi(c), S::load(x + 16), t);
+      for (int h = 1; h < kHalves; ++h) {
+        c = S::load_codes(b[r] + g * 16 + h * W);
+        t = S::fma(S::fp4_lo(c), S::load(x + h * W), t);
+        t = S::fma(S::fp4_hi(c), S::load(x + 16 + h * W), t);
+      }
+      acc0[r] = S::fma(t, S::set1(kE8m0.v[sc[r][g]]), acc0[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) a.y[o + r] = S::hsum(S::add(acc0[r], acc1[r])) + (a.bias ? bf16f(a.bias[o + r]) : 0.0f);
+}
+
+// The one-row kernel each build uses, chosen by measurement (one core streaming cold expert
+// matrices of the real shape from memory, Zen 5 VM, 2026-12-06): AVX2 nibble groups 1.13-1.15x
+// blocks; AVX-512 nibble groups 0.73x blocks, though 1.6x from L2 (see docs/performance.md).
+template <typename T = S>
+void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  if constexpr (T::kNibbleRows) {
+    int64_t o = o_begin;
+    for (; o + 2 <= o_end; o += 2) mxfp4_nibble_tile<T, 2>(a, o);
+    if (o < o_end) mxfp4_nibble_tile<T, 1>(a, o);
+  } else {
+    mxfp4_block_rows(a, o_begin, o_end);
+  }
+}
+
 void mxfp4_matvec(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   if (a.rows == 1) {
-    mxfp4_matvec_row(a, o_begin, o_end);
+    mxfp4_matvec_row<>(a, o_begin, o_end);
     return;
   }
   for (int64_t o0 = o_begin; o0 < o_end; o0 += 4) {
@@ -659,6 +747,6 @@ int64_t argmax(const float* x, int64_t n) {
 }
 
 constexpr KernelTable make_table(const char* name) {
-  return KernelTable{name,      NR,      W,         TN,        XC,        bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
+  return KernelTable{name,      NR,      W,         TN,        XC,        S::kNibbleRows, bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
                      swiglu,    rms_norm, rope,       add,       axpy,         bf16_to_f32, argmax};
 }

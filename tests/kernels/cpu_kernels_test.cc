@@ -161,8 +161,11 @@ TEST_P(KernelTest, LinearMxfp4MatchesReference) {
   struct Size {
     int64_t in, out;
   };
-  for (const Size sz : {Size{32, 5}, Size{96, 67}, Size{320, 130}})
+  // in: one block; 3 blocks (a nibble group of the AVX2 one-row kernel and a block past it); 10 and
+  // 4 blocks (whole groups); the real hidden size.
+  for (const Size sz : {Size{32, 5}, Size{96, 67}, Size{320, 130}, Size{128, 9}, Size{2880, 21}})
     for (int64_t rows : {1, 3, 17, 64, 130}) {
+      if (sz.in == 2880 && rows > 3) continue;  // the large case is for the one-row kernel
       const int64_t groups = sz.in / 32;
       std::vector<uint8_t> blocks(static_cast<size_t>(sz.out * groups * 16)), scales(static_cast<size_t>(sz.out * groups));
       for (auto& v : blocks) v = static_cast<uint8_t>(byte(rng));
@@ -192,6 +195,57 @@ TEST_P(KernelTest, LinearMxfp4MatchesReference) {
             << "rows " << rows << " in " << sz.in << " out " << sz.out << " path " << static_cast<int>(path);
       }
     }
+}
+
+// Several MXFP4 products in one pass (the experts of a MoE layer), one-row, few-row and GEMM
+// problems mixed: each must equal the scalar reference, and each one-row product must be bit for
+// bit its own linear_mxfp4 call (the same kernel over the same activation layout).
+TEST_P(KernelTest, LinearMxfp4MultiMatchesReferenceAndSingleCalls) {
+  std::mt19937 rng(12);
+  std::uniform_int_distribution<int> byte(0, 255), scale(118, 130);
+  for (const int64_t in : {64, 96, 320, 2880}) {
+    const int64_t out = 37, groups = in / 32;
+    const std::vector<int64_t> rows_of = {1, 2, 1, 30, 1};
+    std::vector<std::vector<uint8_t>> blocks, scales;
+    std::vector<std::vector<uint16_t>> biases;
+    std::vector<std::vector<float>> xs, got;
+    std::vector<cpu::Mxfp4Problem> problems;
+    for (const int64_t rows : rows_of) {
+      blocks.emplace_back(static_cast<size_t>(out * groups * 16));
+      scales.emplace_back(static_cast<size_t>(out * groups));
+      for (auto& v : blocks.back()) v = static_cast<uint8_t>(byte(rng));
+      for (auto& v : scales.back()) v = static_cast<uint8_t>(scale(rng));
+      scales.back()[1] = 0;
+      biases.push_back(random_bf16(rng, static_cast<size_t>(out)));
+      xs.push_back(random_floats(rng, static_cast<size_t>(rows * in)));
+      got.emplace_back(static_cast<size_t>(rows * out), 7.0f);
+    }
+    for (size_t p = 0; p < rows_of.size(); ++p)
+      problems.push_back({xs[p].data(), rows_of[p], blocks[p].data(), scales[p].data(), biases[p].data(), got[p].data()});
+    cpu::linear_mxfp4_multi(pool_, in, out, problems.data(), static_cast<int64_t>(problems.size()));
+    for (size_t p = 0; p < rows_of.size(); ++p) {
+      const int64_t rows = rows_of[p];
+      std::vector<float> want(static_cast<size_t>(rows * out)), bound(want.size());
+      for (int64_t r = 0; r < rows; ++r) {
+        cpu::ref::mxfp4_matvec(xs[p].data() + r * in, in, blocks[p].data(), scales[p].data(), out, want.data() + r * out);
+        for (int64_t o = 0; o < out; ++o) {
+          const size_t i = static_cast<size_t>(r * out + o);
+          want[i] += bf16_to_f32(biases[p][static_cast<size_t>(o)]);
+          double s = std::fabs(bf16_to_f32(biases[p][static_cast<size_t>(o)]));
+          for (int64_t k = 0; k < in; ++k) s += 6.0 * std::fabs(xs[p][static_cast<size_t>(r * in + k)]) *
+                                                 cpu::ref::e8m0_value(scales[p][static_cast<size_t>(o * groups + k / 32)]);
+          bound[i] = static_cast<float>(s);
+        }
+      }
+      EXPECT_TRUE(close(got[p], want, bound, 2e-5)) << "in " << in << " problem " << p << " rows " << rows;
+      if (rows == 1) {
+        std::vector<float> single(static_cast<size_t>(out));
+        cpu::linear_mxfp4(pool_, xs[p].data(), 1, in, blocks[p].data(), scales[p].data(), out, biases[p].data(),
+                          single.data(), LinearPath::kMatvec);
+        EXPECT_EQ(0, std::memcmp(single.data(), got[p].data(), single.size() * sizeof(float))) << "in " << in << " problem " << p;
+      }
+    }
+  }
 }
 
 TEST_P(KernelTest, Mxfp4RejectsPartialBlocks) {
