@@ -27,4 +27,26 @@ bool valid_decision_id(const std::string& id) {
   return true;
 }
 
+DecisionPage DecisionStore::list(const DecisionQuery& q) const {
+  DecisionPage page;
+  query(q, true, [&](const DecisionRecord& r) {
+    if (static_cast<int>(page.decisions.size()) == q.limit) {
+      page.has_more = true;
+      return false;
+    }
+    page.decisions.push_back(r);
+    return true;
+  });
+  return page;
+}
+
+void DecisionStore::for_each(const DecisionQuery& query_in, const std::function<void(const DecisionRecord&)>& each) const {
+  DecisionQuery q = query_in;
+  q.oldest_first = true;
+  query(q, false, [&](const DecisionRecord& r) {
+    each(r);
+    return true;
+  });
+}
+
 }  // namespace arbiter::api

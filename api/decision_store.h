@@ -1,9 +1,9 @@
 // DecisionStore: where the decision log lives (docs/decisions.md). One stored classification per
 // policy result (DecisionRecord), the human feedback given on it, the queries of GET
 // /v1/decisions and `arbiter export`, and the retention sweep. An interface so that the storage can
-// change without the API noticing: SQLite is the implementation today (sqlite_decision_store.h);
-// a PostgreSQL one would implement the same calls (every call is one transaction, ids are made by
-// the caller, the cursor is a decision id).
+// change without the API noticing: SQLite (sqlite_decision_store.h, one file) and PostgreSQL
+// (pg_decision_store.h, shared by replicas) implement the same calls (every call is one
+// transaction, ids are made by the caller, the cursor is a decision id).
 #pragma once
 
 #include <cstdint>
@@ -86,7 +86,8 @@ class DecisionStore {
   virtual void append(const std::vector<DecisionRecord>& records) = 0;
   // The decision (with its latest feedback) or nullopt; with a scope, only that key's.
   virtual std::optional<DecisionRecord> get(const std::string& id, const std::optional<std::string>& api_key_id) const = 0;
-  virtual DecisionPage list(const DecisionQuery& query) const = 0;
+  // A page of decisions matching `query` (query.limit of them, has_more when there are more).
+  DecisionPage list(const DecisionQuery& query) const;
   // Adds feedback (kept as history; the latest is shown with the decision); false when there is no
   // such decision in the scope.
   virtual bool add_feedback(const std::string& decision_id, const std::optional<std::string>& scope,
@@ -94,8 +95,13 @@ class DecisionStore {
   // Deletes decisions (and their feedback) created before `cutoff_ms`; returns how many decisions.
   virtual int64_t delete_before(int64_t cutoff_ms) = 0;
   // Calls `each` for every decision matching `query` (limit ignored), oldest first.
-  virtual void for_each(const DecisionQuery& query, const std::function<void(const DecisionRecord&)>& each) const = 0;
+  void for_each(const DecisionQuery& query, const std::function<void(const DecisionRecord&)>& each) const;
   virtual int64_t count() const = 0;
+
+ protected:
+  // Calls `each` with the decisions matching `query` in its order until `each` returns false;
+  // paged: from its cursor (query.after) on, reading at least limit + 1 of them when there are.
+  virtual void query(const DecisionQuery& query, bool paged, const std::function<bool(const DecisionRecord&)>& each) const = 0;
 };
 
 // A new decision id for a decision made at `unix_ms`: ids sort by time (then at random).

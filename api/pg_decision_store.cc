@@ -181,28 +181,6 @@ void PgDecisionStore::query(const DecisionQuery& q, bool paged, const std::funct
   }
 }
 
-DecisionPage PgDecisionStore::list(const DecisionQuery& q) const {
-  DecisionPage page;
-  query(q, true, [&](const DecisionRecord& r) {
-    if (static_cast<int>(page.decisions.size()) == q.limit) {
-      page.has_more = true;
-      return false;
-    }
-    page.decisions.push_back(r);
-    return true;
-  });
-  return page;
-}
-
-void PgDecisionStore::for_each(const DecisionQuery& query_in, const std::function<void(const DecisionRecord&)>& each) const {
-  DecisionQuery q = query_in;
-  q.oldest_first = true;
-  query(q, false, [&](const DecisionRecord& r) {
-    each(r);
-    return true;
-  });
-}
-
 bool PgDecisionStore::add_feedback(const std::string& decision_id, const std::optional<std::string>& scope, const DecisionFeedback& f) {
   std::lock_guard<std::mutex> lock(write_mutex_);
   pg::Transaction t(writer_);

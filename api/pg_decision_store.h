@@ -26,15 +26,13 @@ class PgDecisionStore : public DecisionStore {
 
   void append(const std::vector<DecisionRecord>& records) override;
   std::optional<DecisionRecord> get(const std::string& id, const std::optional<std::string>& api_key_id) const override;
-  DecisionPage list(const DecisionQuery& query) const override;
   bool add_feedback(const std::string& decision_id, const std::optional<std::string>& scope,
                     const DecisionFeedback& feedback) override;
   int64_t delete_before(int64_t cutoff_ms) override;
-  void for_each(const DecisionQuery& query, const std::function<void(const DecisionRecord&)>& each) const override;
   int64_t count() const override;
 
  private:
-  void query(const DecisionQuery& q, bool paged, const std::function<bool(const DecisionRecord&)>& each) const;
+  void query(const DecisionQuery& q, bool paged, const std::function<bool(const DecisionRecord&)>& each) const override;
   mutable std::mutex write_mutex_, read_mutex_;
   mutable pg::Connection writer_, reader_;
 };

@@ -235,28 +235,6 @@ void SqliteDecisionStore::query(const DecisionQuery& q, bool paged, const std::f
     if (!each(read_record(s))) break;
 }
 
-DecisionPage SqliteDecisionStore::list(const DecisionQuery& q) const {
-  DecisionPage page;
-  query(q, true, [&](const DecisionRecord& r) {
-    if (static_cast<int>(page.decisions.size()) == q.limit) {
-      page.has_more = true;
-      return false;
-    }
-    page.decisions.push_back(r);
-    return true;
-  });
-  return page;
-}
-
-void SqliteDecisionStore::for_each(const DecisionQuery& query_in, const std::function<void(const DecisionRecord&)>& each) const {
-  DecisionQuery q = query_in;
-  q.oldest_first = true;
-  query(q, false, [&](const DecisionRecord& r) {
-    each(r);
-    return true;
-  });
-}
-
 bool SqliteDecisionStore::add_feedback(const std::string& decision_id, const std::optional<std::string>& scope,
                                        const DecisionFeedback& f) {
   if (read_only_) throw std::logic_error("the decision db is open read-only");

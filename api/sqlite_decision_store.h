@@ -30,11 +30,9 @@ class SqliteDecisionStore : public DecisionStore {
 
   void append(const std::vector<DecisionRecord>& records) override;
   std::optional<DecisionRecord> get(const std::string& id, const std::optional<std::string>& api_key_id) const override;
-  DecisionPage list(const DecisionQuery& query) const override;
   bool add_feedback(const std::string& decision_id, const std::optional<std::string>& scope,
                     const DecisionFeedback& feedback) override;
   int64_t delete_before(int64_t cutoff_ms) override;
-  void for_each(const DecisionQuery& query, const std::function<void(const DecisionRecord&)>& each) const override;
   int64_t count() const override;
 
   static constexpr int kSchemaVersion = 1;
@@ -45,7 +43,7 @@ class SqliteDecisionStore : public DecisionStore {
     void operator()(sqlite3* db) const;
   };
   std::unique_ptr<sqlite3, Closer> open(bool read_only) const;
-  void query(const DecisionQuery& q, bool paged, const std::function<bool(const DecisionRecord&)>& each) const;
+  void query(const DecisionQuery& q, bool paged, const std::function<bool(const DecisionRecord&)>& each) const override;
 
   std::string path_;
   bool read_only_;

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/build.sh
 bash scripts/fetch-tokenizer.sh
 eval "$(bash scripts/start-postgres.sh)"
-trap 'bash scripts/start-postgres.sh --stop "$ARBITER_PG_DIR"' EXIT
+# An absolute path: the trap runs after the cd below.
+trap "bash '$PWD/scripts/start-postgres.sh' --stop \"\$ARBITER_PG_DIR\"" EXIT
 cd build
 ctest --output-on-failure -j"${ARBITER_JOBS:-$(nproc)}" --timeout 900

@@ -95,14 +95,13 @@ class ScriptedStore : public DecisionStore {
     records += static_cast<int>(r.size());
   }
   std::optional<DecisionRecord> get(const std::string&, const std::optional<std::string>&) const override { return std::nullopt; }
-  DecisionPage list(const DecisionQuery&) const override { return {}; }
   bool add_feedback(const std::string&, const std::optional<std::string>&, const DecisionFeedback&) override { return false; }
   int64_t delete_before(int64_t ms) override {
     cutoff = ms;
     return 3;
   }
-  void for_each(const DecisionQuery&, const std::function<void(const DecisionRecord&)>&) const override {}
   int64_t count() const override { return records; }
+  void query(const DecisionQuery&, bool, const std::function<bool(const DecisionRecord&)>&) const override {}
 };
 
 TEST(DecisionLog, GroupCommitsConcurrentRequestsAndRefusesWhatItCannotStore) {
