@@ -44,7 +44,8 @@ std::string random_hex(size_t digits) {
 }
 
 // One item's envelope checked, its body validated by `check`; the error (if any) recorded.
-void take_item(const nlohmann::json& item, size_t line, bool jsonl, const std::function<void(const std::string&)>& check,
+void take_item(const nlohmann::json& item, size_t line, bool jsonl,
+               const std::function<void(const std::string&, const std::string&)>& check,
                std::set<std::string>& seen, JobSubmission& out, std::vector<JobItemError>& errors) {
   JobItemError bad;
   bad.line = line;
@@ -60,31 +61,34 @@ void take_item(const nlohmann::json& item, size_t line, bool jsonl, const std::f
       const auto method = item.find("method");
       if (method != item.end() && !(method->is_string() && method->get<std::string>() == "POST"))
         throw bad_request("method must be \"POST\".", "method", "invalid_value");
-      const auto url = item.find("url");
-      if (url == item.end() || !url->is_string())
-        throw bad_request("An item needs a url (\"/v1/classify\").", "url", "missing_url");
-      if (url->get<std::string>() == "/v1/chat/completions")
-        throw bad_request("Jobs run /v1/classify only; /v1/chat/completions is not supported in jobs yet.", "url",
-                                      "unsupported_url");
-      if (url->get<std::string>() != "/v1/classify")
-        throw bad_request("url must be \"/v1/classify\" (got '" + printable(url->get<std::string>()) + "').", "url",
-                                      "unsupported_url");
+    }
+    // The endpoint: required in batch-file lines, "/v1/classify" by default in a JSON body.
+    std::string url_text = kClassifyUrl;
+    const auto url = item.find("url");
+    if (url == item.end() && jsonl)
+      throw bad_request("An item needs a url (\"/v1/classify\" or \"/v1/chat/completions\").", "url", "missing_url");
+    if (url != item.end()) {
+      if (!url->is_string()) throw bad_request("url must be a string.", "url", "invalid_type");
+      url_text = url->get<std::string>();
+      if (url_text != kClassifyUrl && url_text != kChatUrl)
+        throw bad_request("url must be \"/v1/classify\" or \"/v1/chat/completions\" (got '" + printable(url_text) + "').",
+                          "url", "unsupported_url");
     }
     const auto body = item.find("body");
     if (body == item.end() || !body->is_object())
-      throw bad_request("An item needs a body: a /v1/classify request object.", "body", "missing_body");
+      throw bad_request("An item needs a body: a " + url_text + " request object.", "body", "missing_body");
     if (!seen.insert(cid->get<std::string>()).second)
       throw bad_request("custom_id '" + bad.custom_id + "' is used by an earlier item; custom_ids must be unique in a job.",
                                     "custom_id", "duplicate_custom_id");
     std::string text = body->dump();
     try {
-      check(text);
+      check(url_text, text);
     } catch (ApiException& e) {
       ApiError error = e.error();
       error.param = error.param.empty() ? "body" : "body." + error.param;
       throw ApiException(error);
     }
-    out.items.push_back({cid->get<std::string>(), std::move(text)});
+    out.items.push_back({cid->get<std::string>(), std::move(text), url_text});
   } catch (const ApiException& e) {
     bad.error = e.error();
     errors.push_back(std::move(bad));
@@ -125,7 +129,7 @@ std::string JobItemsInvalid::body() const {
 }
 
 JobSubmission parse_job_submission(const std::string& body, bool jsonl, size_t max_items,
-                                   const std::function<void(const std::string&)>& check) {
+                                   const std::function<void(const std::string&, const std::string&)>& check) {
   JobSubmission out;
   std::vector<JobItemError> errors;
   std::set<std::string> seen;
@@ -265,6 +269,13 @@ SqliteJobStore::SqliteJobStore(const std::string& path) {
                  " PRIMARY KEY (job_seq, idx)) WITHOUT ROWID;"
                  "CREATE INDEX IF NOT EXISTS job_items_pending ON job_items (state, job_seq, idx);",
                  kWhat);
+    // The endpoint an item runs (files from before chat items hold classify items only).
+    bool has_url = false;
+    {
+      sqlite::Statement columns(db_, "SELECT name FROM pragma_table_info('job_items')", kWhat);
+      while (columns.step()) has_url = has_url || columns.text(0) == "url";
+    }
+    if (!has_url) sqlite::exec(db_, "ALTER TABLE job_items ADD COLUMN url TEXT NOT NULL DEFAULT '/v1/classify'", kWhat);
     t.commit();
   } catch (...) {
     sqlite3_close(db_);
@@ -295,10 +306,11 @@ JobInfo SqliteJobStore::create(const std::string& owner, const JobSubmission& su
   insert.bind(6, static_cast<int64_t>(sub.items.size())).bind(7, unix_ms() / 1000);
   insert.step();
   const int64_t seq = sqlite3_last_insert_rowid(db_);
-  sqlite::Statement item(db_, "INSERT INTO job_items (job_seq, idx, custom_id, body) VALUES (?1, ?2, ?3, ?4)", kWhat);
+  sqlite::Statement item(db_, "INSERT INTO job_items (job_seq, idx, custom_id, body, url) VALUES (?1, ?2, ?3, ?4, ?5)", kWhat);
   for (size_t i = 0; i < sub.items.size(); ++i) {
     item.reset();
     item.bind(1, seq).bind(2, static_cast<int64_t>(i)).bind(3, sub.items[i].custom_id).bind(4, sub.items[i].body);
+    item.bind(5, sub.items[i].url);
     item.step();
   }
   auto job = job_where(db_, "seq = ?1", [&](sqlite::Statement& s) { s.bind(1, seq); });
@@ -352,7 +364,7 @@ std::vector<ClaimedItem> SqliteJobStore::claim(size_t n, const std::set<std::pai
   // Pending items of cancelled jobs are dropped at cancellation, so every pending item belongs to a
   // queued or running job.
   sqlite::Statement s(db_,
-                      "SELECT i.job_seq, i.idx, i.custom_id, i.body, j.id, j.owner, j.state FROM job_items i"
+                      "SELECT i.job_seq, i.idx, i.custom_id, i.body, j.id, j.owner, j.state, i.url FROM job_items i"
                       " JOIN jobs j ON j.seq = i.job_seq WHERE i.state = 0 ORDER BY i.job_seq, i.idx LIMIT ?1",
                       kWhat);
   s.bind(1, static_cast<int64_t>(n + busy.size()));
@@ -360,7 +372,7 @@ std::vector<ClaimedItem> SqliteJobStore::claim(size_t n, const std::set<std::pai
   std::set<int64_t> queued;
   while (out.size() < n && s.step()) {
     if (busy.count({s.integer(0), s.integer(1)})) continue;
-    out.push_back({s.integer(0), s.integer(1), s.text(4), s.text(5), s.text(2), s.text(3)});
+    out.push_back({s.integer(0), s.integer(1), s.text(4), s.text(5), s.text(2), s.text(3), s.text(7)});
     if (s.text(6) == "queued") queued.insert(s.integer(0));
   }
   s.reset();

@@ -48,10 +48,15 @@ struct JobOptions {
   std::chrono::milliseconds lease{30000};
 };
 
-// One item as submitted: its caller's id and its /v1/classify body (JSON text).
+// The endpoints a job item may run.
+inline constexpr const char* kClassifyUrl = "/v1/classify";
+inline constexpr const char* kChatUrl = "/v1/chat/completions";
+
+// One item as submitted: its caller's id, the endpoint it runs and its request body (JSON text).
 struct JobItemInput {
   std::string custom_id;
   std::string body;
+  std::string url = kClassifyUrl;
 };
 
 // A parsed POST /v1/jobs body.
@@ -83,13 +88,14 @@ class JobItemsInvalid : public std::exception {
 };
 
 // Parses a submission. jsonl: the body is OpenAI batch-file lines {"custom_id", "method": "POST",
-// "url": "/v1/classify", "body"} (blank lines skipped; the idempotency key and webhook URL then come
-// from the caller); else a JSON object {"items": [{"custom_id", "body"}], "idempotency_key"?,
-// "webhook_url"?}. `check` validates one classify body (throws ApiException). Throws ApiException for
-// a malformed envelope, more than `max_items` items, or none; JobItemsInvalid (all bad items) when any
-// item is bad. custom_ids must be unique in a job.
+// "url": "/v1/classify" | "/v1/chat/completions", "body"} (blank lines skipped; the idempotency key
+// and webhook URL then come from the caller); else a JSON object {"items": [{"custom_id", "url"?,
+// "body"}], "idempotency_key"?, "webhook_url"?} (url default "/v1/classify"). `check` validates one
+// item's body for its url (throws ApiException). Throws ApiException for a malformed envelope, more
+// than `max_items` items, or none; JobItemsInvalid (all bad items) when any item is bad. custom_ids
+// must be unique in a job.
 JobSubmission parse_job_submission(const std::string& body, bool jsonl, size_t max_items,
-                                   const std::function<void(const std::string& classify_body)>& check);
+                                   const std::function<void(const std::string& url, const std::string& body)>& check);
 
 // A job as stored.
 struct JobInfo {
@@ -123,6 +129,7 @@ struct ClaimedItem {
   std::string owner;
   std::string custom_id;
   std::string body;
+  std::string url = kClassifyUrl;  // the endpoint it runs
 };
 
 // One item's result: its HTTP status and response body.

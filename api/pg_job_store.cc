@@ -120,17 +120,19 @@ JobInfo PgJobStore::create(const std::string& owner, const JobSubmission& sub, c
           {new_job_id(), owner, sub.idempotency_key, sub.webhook_url, request_sha256, pg::param(static_cast<int64_t>(sub.items.size())),
            pg::param(unix_ms() / 1000)});
       const int64_t seq = inserted.integer(0, 0);
-      std::vector<std::string> ids, bodies;
+      std::vector<std::string> ids, bodies, urls;
       ids.reserve(sub.items.size());
       bodies.reserve(sub.items.size());
+      urls.reserve(sub.items.size());
       for (const JobItemInput& item : sub.items) {
         ids.push_back(item.custom_id);
         bodies.push_back(item.body);
+        urls.push_back(item.url);
       }
       // All items in one statement (idx from 0, in submission order).
-      conn_.exec("INSERT INTO job_items (job_seq, idx, custom_id, body)"
-                 " SELECT $1, n - 1, c, b FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(c, b, n)",
-                 {pg::param(seq), pg::array(ids), pg::array(bodies)});
+      conn_.exec("INSERT INTO job_items (job_seq, idx, custom_id, body, url)"
+                 " SELECT $1, n - 1, c, b, u FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS x(c, b, u, n)",
+                 {pg::param(seq), pg::array(ids), pg::array(bodies), pg::array(urls)});
       auto job = job_where(conn_, "seq = $1", {pg::param(seq)});
       t.commit();
       created = true;
@@ -201,11 +203,12 @@ std::vector<ClaimedItem> PgJobStore::claim(size_t n, const std::set<std::pair<in
         "  ORDER BY job_seq, idx LIMIT $1 FOR UPDATE SKIP LOCKED)"
         " UPDATE job_items i SET leased_by = $2, lease_until = now() + $3::bigint * interval '1 millisecond'"
         " FROM c WHERE i.job_seq = c.job_seq AND i.idx = c.idx"
-        " RETURNING i.job_seq, i.idx, i.custom_id, i.body",
+        " RETURNING i.job_seq, i.idx, i.custom_id, i.body, i.url",
         {pg::param(static_cast<int64_t>(n)), replica_, pg::param(static_cast<int64_t>(lease_.count())), pg::array(busy_seqs),
          pg::array(busy_indexes)});
     t.commit();
-    for (int i = 0; i < r.rows(); ++i) out.push_back({r.integer(i, 0), r.integer(i, 1), "", "", r.text(i, 2), r.text(i, 3)});
+    for (int i = 0; i < r.rows(); ++i)
+      out.push_back({r.integer(i, 0), r.integer(i, 1), "", "", r.text(i, 2), r.text(i, 3), r.text(i, 4)});
   });
   if (out.empty()) return out;
   std::sort(out.begin(), out.end(), [](const ClaimedItem& a, const ClaimedItem& b) {

@@ -66,6 +66,8 @@ const std::vector<std::string>& migrations() {
       " leased_by TEXT, lease_until TIMESTAMPTZ, PRIMARY KEY (job_seq, idx));"
       "CREATE INDEX job_items_pending ON job_items (job_seq, idx) WHERE state = 0;"
       "CREATE INDEX job_items_leased ON job_items (leased_by) WHERE state = 0;",
+      // 2: the endpoint a job item runs (/v1/classify or /v1/chat/completions).
+      "ALTER TABLE job_items ADD COLUMN url TEXT NOT NULL DEFAULT '/v1/classify';",
   };
   return all;
 }

@@ -376,7 +376,8 @@ struct ApiServer::Impl {
   JobInfo visible_job(const std::string& id, const ApiKeyIdentity& who);
   ItemOutcome run_job_item(const ClaimedItem& item);
   void job_finished(const JobInfo& job);
-  HttpReply chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard);
+  // job_item: a job's item (never streamed; background work in the scheduler, bounded already).
+  HttpReply chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard, bool job_item = false);
   HttpReply policies_post(const HttpRequest& req);
   HttpReply policies_list();
   HttpReply policy_get(const std::string& ref_text);
@@ -841,8 +842,21 @@ HttpReply ApiServer::Impl::jobs_post(const HttpRequest& req, const ApiKeyIdentit
   limits.max_policies = options.max_policies_per_request;
   const auto loaded = serving();
   if (loaded) limits.max_context = loaded->max_context;
-  // Every item is checked as POST /v1/classify would check it, before anything is stored.
-  const auto check = [&](const std::string& text) {
+  // Every item is checked as its endpoint would check it, before anything is stored.
+  const auto check = [&](const std::string& url, const std::string& text) {
+    if (url == kChatUrl) {
+      wire::ChatCompletionRequest body;
+      parse_json(text, body);
+      if (body.stream()) throw bad_request("A job item cannot stream: drop \"stream\".", "stream", "invalid_value");
+      if (loaded) {
+        check_model(body.model(), *loaded);
+        ChatLimits chat_limits;
+        chat_limits.default_effort = options.default_effort;
+        chat_limits.max_context = loaded->max_context;
+        plan_chat(body, HarmonyRenderer(*loaded->tokenizer), chat_limits, [] { return false; });
+      }
+      return;
+    }
     wire::ClassifyRequest body;
     parse_json(text, body);
     resolve_classify(body, registry, limits, &rules_cache);
@@ -871,7 +885,8 @@ HttpReply ApiServer::Impl::jobs_post(const HttpRequest& req, const ApiKeyIdentit
   }
   // What the items were, to tell a repeated submission from a reused key.
   std::string fingerprint;
-  for (const JobItemInput& item : sub.items) fingerprint += sha256_hex(item.custom_id + '\0' + item.body);
+  for (const JobItemInput& item : sub.items)
+    fingerprint += sha256_hex(item.custom_id + '\0' + item.body + (item.url == kClassifyUrl ? "" : '\0' + item.url));
   bool created = false;
   const JobInfo job = job_store->create(who.id, sub, sha256_hex(fingerprint), created);
   if (!created && job.request_sha256 != sha256_hex(fingerprint))
@@ -915,12 +930,12 @@ ItemOutcome ApiServer::Impl::run_job_item(const ClaimedItem& item) {
   if (draining.load()) return {503, "", true};  // stays pending for the next start
   HttpRequest req;
   req.method = "POST";
-  req.path = "/v1/classify";
+  req.path = item.url;
   req.body = item.body;
   const ApiKeyIdentity owner{item.owner, false};
   HttpReply r;
   try {
-    r = classify(req, &owner);
+    r = item.url == kChatUrl ? chat(req, nullptr, true) : classify(req, &owner);
   } catch (const ApiException& e) {
     r = error_reply(e.error());
   } catch (const StorageUnavailable&) {
@@ -997,7 +1012,7 @@ class CancelUnlessFinished {
 
 }  // namespace
 
-HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard) {
+HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<InFlight>& guard, bool job_item) {
   const Clock::time_point received = Clock::now();  // parsing and rendering count in the deadline
   wire::ChatCompletionRequest body;
   parse_json(req.body, body);
@@ -1021,12 +1036,15 @@ HttpReply ApiServer::Impl::chat(const HttpRequest& req, const std::shared_ptr<In
   } catch (const RenderStopped&) {
     throw ApiException(*finish_error(gone ? FinishReason::kCancelled : FinishReason::kDeadline, gone, ""));
   }
+  if (job_item && plan.stream) throw bad_request("A job item cannot stream: drop \"stream\".", "stream", "invalid_value");
 
   auto run = std::make_shared<ChatRun>();
   RequestSpec spec;
   spec.id = new_id("chatcmpl");
   spec.deadline = deadline(plan.timeout, received);
   spec.sequences.push_back(plan.sequence);
+  spec.continuation = job_item;
+  spec.background = job_item;
   spec.on_token = [run](int, const GeneratedToken& t) {
     {
       std::lock_guard<std::mutex> lock(run->mutex);

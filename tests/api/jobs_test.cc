@@ -305,6 +305,42 @@ TEST_F(Jobs, JsonAndJsonlJobsRunToCompletion) {
   EXPECT_TRUE(page.body["has_more"].get<bool>());
 }
 
+// Chat completions as job items, beside classify items, in both forms: each result is the chat
+// completion POST /v1/chat/completions would answer.
+TEST_F(Jobs, ChatCompletionItemsRunBesideClassifyItems) {
+  const json chat_body = {{"messages", {{{"role", "system"}, {"content", kPolicyTexts[0]}}, {{"role", "user"}, {"content", "buy now"}}}},
+                          {"reasoning_effort", "low"},
+                          {"max_completion_tokens", 4}};
+  json items = json_job("mixed", 2)["items"];
+  items.push_back({{"custom_id", "chat-json"}, {"url", "/v1/chat/completions"}, {"body", chat_body}});
+  const Reply a = call(port(), "POST", "/v1/jobs", json({{"items", items}}).dump(), "key-one");
+  ASSERT_EQ(a.status, 201) << a.raw;
+  const std::string lines = jsonl_job("mixedl", 1) +
+                            json({{"custom_id", "chat-line"}, {"method", "POST"}, {"url", "/v1/chat/completions"}, {"body", chat_body}}).dump() +
+                            "\n";
+  const Reply b = post(port(), "/v1/jobs", lines, "application/jsonl", "key-one");
+  ASSERT_EQ(b.status, 201) << b.raw;
+  for (const auto& [reply, chat_id, total] : {std::tuple{a, "chat-json", 3}, std::tuple{b, "chat-line", 2}}) {
+    const json job = wait_job(port(), reply.body["id"], "key-one");
+    EXPECT_EQ(job["state"], "completed") << job.dump();
+    EXPECT_EQ(job["counts"]["completed"], total) << job.dump();
+    int chats = 0;
+    for (const json& line : results(port(), reply.body["id"], "key-one")) {
+      const json& response = line["response"];
+      if (line["custom_id"] == chat_id) {
+        ++chats;
+        EXPECT_EQ(response["status_code"], 200) << line.dump();
+        EXPECT_EQ(response["body"]["object"], "chat.completion") << line.dump();
+        EXPECT_EQ(response["body"]["choices"].size(), 1u) << line.dump();
+        EXPECT_LE(response["body"]["usage"]["completion_tokens"].get<int>(), 4) << line.dump();
+      } else {
+        EXPECT_EQ(response["body"]["results"].size(), 1u) << line.dump();  // a classify response
+      }
+    }
+    EXPECT_EQ(chats, 1);
+  }
+}
+
 TEST_F(Jobs, ResultsOfMoreItemsThanOnePageStreamEachOnce) {
   // The results are streamed 256 items a page: 300 items cross a page boundary.
   const Reply r = post(port(), "/v1/jobs?idempotency_key=pages", jsonl_job("page", 300), "application/x-ndjson", "key-one");
@@ -357,6 +393,8 @@ TEST_F(Jobs, BadItemsRefuseTheWholeJobWithEveryLineNumbered) {
   lines += json({{"custom_id", "c"}, {"method", "POST"}, {"url", "/v1/chat/completions"}, {"body", {{"messages", json::array()}}}}).dump() +
            "\n";  // 8
   lines += json({{"custom_id", "ok-2"}, {"method", "POST"}, {"url", "/v1/classify"}, {"body", classify_body("fine")}}).dump() + "\n";  // 9
+  lines += json({{"custom_id", "s"}, {"method", "POST"}, {"url", "/v1/chat/completions"},
+                 {"body", {{"stream", true}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}}}}).dump() + "\n";  // 10
   const Reply r = post(port(), "/v1/jobs", lines, "application/jsonl", "key-two");
   ASSERT_EQ(r.status, 400) << r.raw;
   EXPECT_EQ(r.body["error"]["code"], "invalid_items");
@@ -366,14 +404,15 @@ TEST_F(Jobs, BadItemsRefuseTheWholeJobWithEveryLineNumbered) {
     numbers.push_back(e["line"]);
     by_line[e["line"]] = e;
   }
-  EXPECT_EQ(numbers, (std::vector<int>{2, 3, 5, 6, 7, 8})) << r.raw;
+  EXPECT_EQ(numbers, (std::vector<int>{2, 3, 5, 6, 7, 8, 10})) << r.raw;
   EXPECT_EQ(by_line[2]["code"], "invalid_json");
   EXPECT_EQ(by_line[3]["param"], "custom_id");
   EXPECT_EQ(by_line[5]["param"], "url");
   EXPECT_EQ(by_line[6]["param"].get<std::string>().rfind("body", 0), 0u) << by_line[6].dump();
   EXPECT_EQ(by_line[6]["custom_id"], "p");
   EXPECT_EQ(by_line[7]["code"], "duplicate_custom_id");
-  EXPECT_EQ(by_line[8]["code"], "unsupported_url");
+  EXPECT_EQ(by_line[8]["param"].get<std::string>().rfind("body", 0), 0u) << by_line[8].dump();  // a chat with no messages
+  EXPECT_EQ(by_line[10]["param"], "body.stream");
 
   // JSON items are numbered from 1 likewise.
   json job = json_job("j", 3);
