@@ -27,6 +27,28 @@ bool valid_decision_id(const std::string& id) {
   return true;
 }
 
+std::vector<DecisionCondition> decision_conditions(const DecisionQuery& q) {
+  std::vector<DecisionCondition> out;
+  auto text = [&](std::string sql, const std::string& v) { out.push_back({std::move(sql), v, std::nullopt}); };
+  auto number = [&](std::string sql, int64_t v) { out.push_back({std::move(sql), std::nullopt, v}); };
+  auto plain = [&](std::string sql) { out.push_back({std::move(sql), std::nullopt, std::nullopt}); };
+  if (q.api_key_id) text("api_key_id = ?", *q.api_key_id);
+  if (q.policy_id) text("policy_id = ?", *q.policy_id);
+  if (q.policy_version) number("policy_version = ?", *q.policy_version);
+  if (q.since_ms) number("created_ms >= ?", *q.since_ms);
+  if (q.until_ms) number("created_ms < ?", *q.until_ms);
+  if (q.verdict_key) {
+    if (*q.verdict_key == "null") plain("verdict_key IS NULL");
+    else text("verdict_key = ?", *q.verdict_key);
+  }
+  if (q.violation) plain(*q.violation ? "violation = 1" : "violation = 0");
+  if (q.has_feedback) plain(*q.has_feedback ? "feedback_label IS NOT NULL" : "feedback_label IS NULL");
+  if (q.disagreement)
+    plain(*q.disagreement ? "feedback_label IS NOT NULL AND (verdict_key IS NULL OR feedback_label <> verdict_key)"
+                          : "feedback_label IS NOT NULL AND feedback_label = verdict_key");
+  return out;
+}
+
 DecisionPage DecisionStore::list(const DecisionQuery& q) const {
   DecisionPage page;
   query(q, true, [&](const DecisionRecord& r) {

@@ -104,6 +104,16 @@ class DecisionStore {
   virtual void query(const DecisionQuery& query, bool paged, const std::function<bool(const DecisionRecord&)>& each) const = 0;
 };
 
+// One condition of a decision query, for a store's WHERE clause: SQL over the decisions table with
+// at most one '?' standing for its value (text, or a number).
+struct DecisionCondition {
+  std::string sql;
+  std::optional<std::string> text;
+  std::optional<int64_t> number;
+};
+// The conditions of `query`'s filters (its scope and filters; not its cursor), in a fixed order.
+std::vector<DecisionCondition> decision_conditions(const DecisionQuery& query);
+
 // A new decision id for a decision made at `unix_ms`: ids sort by time (then at random).
 std::string new_decision_id(int64_t unix_ms);
 // Whether `id` has that shape ("dec_" + 28 lower-case hex digits).

@@ -135,20 +135,11 @@ void PgDecisionStore::query(const DecisionQuery& q, bool paged, const std::funct
     filled.replace(filled.find('?'), 1, "$" + std::to_string(params.size()));
     clause(filled);
   };
-  if (q.api_key_id) with("api_key_id = ?", *q.api_key_id);
-  if (q.policy_id) with("policy_id = ?", *q.policy_id);
-  if (q.policy_version) with("policy_version = ?::integer", std::to_string(*q.policy_version));
-  if (q.since_ms) with("created_ms >= ?::bigint", std::to_string(*q.since_ms));
-  if (q.until_ms) with("created_ms < ?::bigint", std::to_string(*q.until_ms));
-  if (q.verdict_key) {
-    if (*q.verdict_key == "null") clause("verdict_key IS NULL");
-    else with("verdict_key = ?", *q.verdict_key);
+  for (const DecisionCondition& c : decision_conditions(q)) {
+    if (c.text) with(c.sql, *c.text);
+    else if (c.number) with(c.sql, pg::param(*c.number));  // the parameter's type is the column's
+    else clause(c.sql);
   }
-  if (q.violation) clause(*q.violation ? "violation = 1" : "violation = 0");
-  if (q.has_feedback) clause(*q.has_feedback ? "feedback_label IS NOT NULL" : "feedback_label IS NULL");
-  if (q.disagreement)
-    clause(*q.disagreement ? "feedback_label IS NOT NULL AND (verdict_key IS NULL OR feedback_label <> verdict_key)"
-                           : "feedback_label IS NOT NULL AND feedback_label = verdict_key");
   // Ids compare byte by byte (as in SQLite), whatever the database's collation.
   const std::string order = std::string(" ORDER BY id COLLATE \"C\"") + (q.oldest_first ? "" : " DESC");
   const std::string base = std::string("SELECT ") + kColumns + " FROM decisions";

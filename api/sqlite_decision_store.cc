@@ -207,20 +207,11 @@ void SqliteDecisionStore::query(const DecisionQuery& q, bool paged, const std::f
     clause(c);
     binds.push_back(std::move(v));
   };
-  if (q.api_key_id) with("api_key_id = ?", *q.api_key_id);
-  if (q.policy_id) with("policy_id = ?", *q.policy_id);
-  if (q.policy_version) with("policy_version = ?", static_cast<int64_t>(*q.policy_version));
-  if (q.since_ms) with("created_ms >= ?", *q.since_ms);
-  if (q.until_ms) with("created_ms < ?", *q.until_ms);
-  if (q.verdict_key) {
-    if (*q.verdict_key == "null") clause("verdict_key IS NULL");
-    else with("verdict_key = ?", *q.verdict_key);
+  for (const DecisionCondition& c : decision_conditions(q)) {
+    if (c.text) with(c.sql, *c.text);
+    else if (c.number) with(c.sql, *c.number);
+    else clause(c.sql);
   }
-  if (q.violation) clause(*q.violation ? "violation = 1" : "violation = 0");
-  if (q.has_feedback) clause(*q.has_feedback ? "feedback_label IS NOT NULL" : "feedback_label IS NULL");
-  if (q.disagreement)
-    clause(*q.disagreement ? "feedback_label IS NOT NULL AND (verdict_key IS NULL OR feedback_label <> verdict_key)"
-                           : "feedback_label IS NOT NULL AND feedback_label = verdict_key");
   if (q.after) with(q.oldest_first ? "id > ?" : "id < ?", *q.after);
   std::string sql = std::string("SELECT ") + kColumns + " FROM decisions" + where + " ORDER BY id" + (q.oldest_first ? "" : " DESC");
   if (paged) sql += " LIMIT " + std::to_string(q.limit + 1);
