@@ -4,10 +4,6 @@
 #include <openssl/hmac.h>
 
 #include <algorithm>
-#include <boost/asio/connect.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <cstdio>
 #include <map>
 #include <random>
@@ -586,62 +582,8 @@ std::string hmac_sha256_hex(const std::string& key, const std::string& body) {
   return out;
 }
 
-bool webhook_allowed(const std::string& url, const std::vector<std::string>& allow) {
-  if (url.rfind(kHttpScheme, 0) != 0) return false;
-  for (const std::string& prefix : allow)
-    if (!prefix.empty() && url.rfind(prefix, 0) == 0) return true;
-  return false;
-}
-
-int http_post(const std::string& url, const std::string& body, const std::vector<std::pair<std::string, std::string>>& headers,
-              std::chrono::milliseconds timeout) {
-  namespace net = boost::asio;
-  namespace beast = boost::beast;
-  namespace http = beast::http;
-  if (url.rfind(kHttpScheme, 0) != 0) return -1;
-  const std::string rest = url.substr(kHttpScheme.size());
-  const size_t slash = rest.find('/');
-  const std::string authority = rest.substr(0, slash);
-  const std::string target = slash == std::string::npos ? "/" : rest.substr(slash);
-  std::string host = authority, port = "80";
-  if (const size_t colon = authority.rfind(':'); colon != std::string::npos && authority.find(']') == std::string::npos) {
-    host = authority.substr(0, colon);
-    port = authority.substr(colon + 1);
-  }
-  if (host.empty() || port.empty()) return -1;
-
-  net::io_context ioc;
-  net::ip::tcp::resolver resolver(ioc);
-  beast::tcp_stream stream(ioc);
-  http::request<http::string_body> request{http::verb::post, target, 11};
-  request.set(http::field::host, authority);
-  request.set(http::field::content_type, "application/json");
-  request.set(http::field::user_agent, "arbiter-webhook");
-  for (const auto& [name, value] : headers) request.set(name, value);
-  request.body() = body;
-  request.prepare_payload();
-  beast::flat_buffer buffer;
-  http::response<http::string_body> response;
-  int status = -1;
-  stream.expires_after(timeout);
-  resolver.async_resolve(host, port, [&](beast::error_code ec, net::ip::tcp::resolver::results_type results) {
-    if (ec) return;
-    stream.async_connect(results, [&](beast::error_code ec2, const net::ip::tcp::endpoint&) {
-      if (ec2) return;
-      http::async_write(stream, request, [&](beast::error_code ec3, size_t) {
-        if (ec3) return;
-        http::async_read(stream, buffer, response, [&](beast::error_code ec4, size_t) {
-          if (!ec4) status = response.result_int();
-        });
-      });
-    });
-  });
-  ioc.run_for(timeout + std::chrono::milliseconds(100));
-  return status;
-}
-
 WebhookSender::WebhookSender(JobStore& store, const JobOptions& options, Delivered counted)
-    : store_(store), options_(options), counted_(std::move(counted)), thread_([this] { run(); }) {}
+    : store_(store), options_(options), client_(options.webhook_ca), counted_(std::move(counted)), thread_([this] { run(); }) {}
 
 WebhookSender::~WebhookSender() {
   {
@@ -676,9 +618,13 @@ void WebhookSender::run() {
     for (const JobInfo& job : due) {
       if (!job.webhook_url) continue;
       const std::string body = webhook_body(job);
-      const int status = http_post(*job.webhook_url, body, {{"X-Arbiter-Signature", "sha256=" + hmac_sha256_hex(options_.webhook_secret, body)}},
-                                   options_.webhook_timeout);
-      const bool delivered = status >= 200 && status < 300;
+      const WebhookDelivery delivery = client_.post(
+          *job.webhook_url, body, {{"X-Arbiter-Signature", "sha256=" + hmac_sha256_hex(options_.webhook_secret, body)}}, options_.webhook_timeout);
+      const bool delivered = delivery.status >= 200 && delivery.status < 300;
+      if (!delivered)
+        std::fprintf(stderr, "arbiter serve: webhook of %s to %s not delivered (attempt %lld): %s\n", job.id.c_str(), job.webhook_url->c_str(),
+                     static_cast<long long>(job.webhook_attempts + 1),
+                     delivery.status < 0 ? delivery.error.c_str() : ("HTTP " + std::to_string(delivery.status)).c_str());
       std::optional<int64_t> retry;
       if (!delivered && job.webhook_attempts + 1 < options_.webhook_attempts) {
         const int64_t delay = options_.webhook_backoff.count() << std::min<int64_t>(job.webhook_attempts, 20);

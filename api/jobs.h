@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "api/errors.h"
+#include "api/webhook_client.h"
 
 namespace arbiter::api {
 
@@ -42,7 +43,8 @@ struct JobOptions {
   std::string webhook_secret;            // HMAC-SHA256 key of X-Arbiter-Signature
   int webhook_attempts = 5;              // deliveries tried before the webhook is given up
   std::chrono::milliseconds webhook_backoff{500};  // before the 2nd try; doubled for each further one
-  std::chrono::milliseconds webhook_timeout{5000};  // per delivery (connect, send, answer)
+  std::chrono::milliseconds webhook_timeout{5000};  // per delivery (connect, TLS, send, answer)
+  std::string webhook_ca;                // PEM file of CAs trusted for https receivers besides the system's
   // PostgreSQL: how long an item (or a webhook) stays leased to the replica working on it after the
   // replica last renewed the lease; a replica that dies leaves its items to others after this.
   std::chrono::milliseconds lease{30000};
@@ -252,20 +254,10 @@ class JobRunner {
 // HMAC-SHA256 of `body` under `key`, lower-case hex.
 std::string hmac_sha256_hex(const std::string& key, const std::string& body);
 
-// POSTs `body` (application/json, with `headers`) to an http:// URL over HTTP/1.1; the status, or
-// -1 when no answer came within `timeout` (or the URL is not http://host[:port][/path]).
-int http_post(const std::string& url, const std::string& body, const std::vector<std::pair<std::string, std::string>>& headers,
-              std::chrono::milliseconds timeout);
-
-// The one scheme webhooks are sent over (https is not supported yet).
-inline constexpr std::string_view kHttpScheme = "http://";
-
-// Whether `url` may be a webhook: http://, and starting with one of the allowed prefixes.
-bool webhook_allowed(const std::string& url, const std::vector<std::string>& allow);
-
 // The webhook sender: one thread POSTing each finished job's webhook (body {"id", "object":
 // "job.finished", "state", "counts"}, signed with X-Arbiter-Signature: sha256=<hex>), retrying with
-// exponential backoff; what it has to send is in the store, so a restart resumes it.
+// exponential backoff; what it has to send is in the store, so a restart resumes it. Throws
+// std::invalid_argument when options.webhook_ca cannot be read.
 class WebhookSender {
  public:
   using Delivered = std::function<void(const char* outcome)>;  // "delivered" | "retried" | "failed"
@@ -279,6 +271,7 @@ class WebhookSender {
   void run();
   JobStore& store_;
   JobOptions options_;
+  WebhookClient client_;
   Delivered counted_;
   std::mutex mutex_;
   std::condition_variable wake_;

@@ -879,8 +879,8 @@ HttpReply ApiServer::Impl::jobs_post(const HttpRequest& req, const ApiKeyIdentit
     if (options.jobs.webhook_allow.empty())
       throw bad_request("This server sends no webhooks (no --webhook-allow); leave webhook_url out.", "webhook_url", "webhook_not_allowed");
     if (!webhook_allowed(*sub.webhook_url, options.jobs.webhook_allow))
-      throw bad_request("webhook_url '" + printable(*sub.webhook_url) + "' is not allowed: it must be a plain-HTTP URL starting with one "
-                        "of the server's allowed prefixes (https is not supported yet).",
+      throw bad_request("webhook_url '" + printable(*sub.webhook_url) + "' is not allowed: it must be an http:// or https:// URL "
+                        "starting with one of the server's allowed prefixes.",
                         "webhook_url", "webhook_not_allowed");
   }
   // What the items were, to tell a repeated submission from a reused key.

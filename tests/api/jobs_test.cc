@@ -6,8 +6,8 @@
 // sees all); cancellation (no result is stored after it); SIGTERM mid-job and a restart; kill -9 at
 // three points of a job and restarts on the same database: every item ends with exactly one result;
 // a webhook delivered to a loopback receiver, signed (HMAC-SHA256, checked here) and retried after a
-// 500, and one not delivered before a crash sent after the restart; webhook URLs outside the
-// allow-list refused. Built twice: against SQLite files, and (api_jobs_pg_test, label postgres,
+// 500, and one not delivered before a crash sent after the restart; https webhooks delivered only to
+// a receiver whose certificate the server trusts; webhook URLs outside the allow-list refused. Built twice: against SQLite files, and (api_jobs_pg_test, label postgres,
 // ARBITER_JOBS_ON_POSTGRES) against PostgreSQL databases, one per server, as replicas would use.
 #include <gtest/gtest.h>
 #include <httplib.h>
@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "tests/api/serve_process.h"
+#include "tests/api/tls_test_cert.h"
 #include "tests/test_util.h"
 #ifdef ARBITER_JOBS_ON_POSTGRES
 #include "tests/api/pg_test_db.h"
@@ -139,22 +140,22 @@ std::string hmac_hex(const std::string& key, const std::string& body) {
 // A loopback webhook receiver: answers 500 to the first delivery, 200 after; keeps what came.
 class Receiver {
  public:
-  // port 0: any free port.
-  explicit Receiver(int port = 0) {
-    server_.Post("/hook/.*", [this](const httplib::Request& req, httplib::Response& res) {
+  // port 0: any free port; `server`: plain HTTP by default, or an httplib::SSLServer.
+  explicit Receiver(int port = 0, std::unique_ptr<httplib::Server> server = std::make_unique<httplib::Server>()) : server_(std::move(server)) {
+    server_->Post("/hook/.*", [this](const httplib::Request& req, httplib::Response& res) {
       std::lock_guard<std::mutex> lock(mutex_);
       bodies_.push_back(req.body);
       signatures_.push_back(req.get_header_value("X-Arbiter-Signature"));
       paths_.push_back(req.path);
       res.status = bodies_.size() == 1 ? 500 : 200;
     });
-    port_ = port > 0 ? (server_.bind_to_port("127.0.0.1", port) ? port : -1) : server_.bind_to_any_port("127.0.0.1");
-    thread_ = std::thread([this] { server_.listen_after_bind(); });
+    port_ = port > 0 ? (server_->bind_to_port("127.0.0.1", port) ? port : -1) : server_->bind_to_any_port("127.0.0.1");
+    thread_ = std::thread([this] { server_->listen_after_bind(); });
     // Listening before anything can stop it (a stop() before the loop starts is lost).
-    while (port_ > 0 && !server_.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    while (port_ > 0 && !server_->is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   ~Receiver() {
-    server_.stop();
+    server_->stop();
     thread_.join();
   }
   int port() const { return port_; }
@@ -171,7 +172,7 @@ class Receiver {
   }
 
  private:
-  httplib::Server server_;
+  std::unique_ptr<httplib::Server> server_;
   int port_ = 0;
   std::thread thread_;
   std::mutex mutex_;
@@ -548,7 +549,7 @@ TEST_F(Jobs, WebhookIsSignedAndRetried) {
   EXPECT_EQ(metric(port(), "arbiter_job_webhooks_total{outcome=\"retried\"}"), 1);
   EXPECT_EQ(metric(port(), "arbiter_job_webhooks_total{outcome=\"delivered\"}"), 1);
 
-  // Outside the allow-list, or not http://: refused, nothing stored.
+  // Outside the allow-list (another port, scheme or host): refused, nothing stored.
   for (const std::string& bad : std::vector<std::string>{"http://127.0.0.1:1/hook/x", "https://127.0.0.1:" + std::to_string(receiver_->port()) + "/hook/x",
                                 "http://example.com/hook/"}) {
     job["webhook_url"] = bad;
@@ -577,6 +578,47 @@ TEST_F(Jobs, SigtermLeavesUnfinishedItemsForTheNextStart) {
   ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
   EXPECT_EQ(wait_job(server.port(), id, "key-one")["state"], "completed");
   expect_each_once(results(server.port(), id, "key-one"), "term", 40);
+}
+
+TEST_F(Jobs, HttpsWebhooksGoOnlyToReceiversWithTrustedCertificates) {
+  ASSERT_TRUE(testing::make_self_signed_cert(tmp_->file("trusted.pem"), tmp_->file("trusted.key"), "IP:127.0.0.1"));
+  ASSERT_TRUE(testing::make_self_signed_cert(tmp_->file("unknown.pem"), tmp_->file("unknown.key"), "IP:127.0.0.1"));
+  Receiver trusted(0, std::make_unique<httplib::SSLServer>(tmp_->file("trusted.pem").c_str(), tmp_->file("trusted.key").c_str()));
+  Receiver unknown(0, std::make_unique<httplib::SSLServer>(tmp_->file("unknown.pem").c_str(), tmp_->file("unknown.key").c_str()));
+  const std::string good = "https://127.0.0.1:" + std::to_string(trusted.port()) + "/hook/";
+  const std::string bad = "https://127.0.0.1:" + std::to_string(unknown.port()) + "/hook/";
+  ServeProcess server(args(new_db(*tmp_, "https.db"), {"--webhook-allow", good + "," + bad, "--webhook-ca", tmp_->file("trusted.pem"),
+                                                      "--webhook-secret-file", tmp_->file("secret"), "--webhook-attempts", "2"}),
+                      tmp_->file("https.log"));
+  ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
+  std::vector<std::string> ids;
+  for (const std::string& url : {good + "done", bad + "done"}) {
+    json job = json_job("tls", 2);
+    job["webhook_url"] = url;
+    const Reply r = call(server.port(), "POST", "/v1/jobs", job.dump(), "key-one");
+    ASSERT_EQ(r.status, 201) << r.raw;
+    ids.push_back(r.body["id"]);
+  }
+  std::vector<json> seen(2);
+  for (size_t j = 0; j < 2; ++j)
+    for (int i = 0; i < 1500; ++i) {
+      seen[j] = call(server.port(), "GET", "/v1/jobs/" + ids[j], "", "key-one").body;
+      if (seen[j]["state"] == "completed" && seen[j]["webhook"]["state"] != "pending") break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  // The trusted receiver answered 500, then 200: delivered on the second try, signed.
+  EXPECT_EQ(seen[0]["webhook"]["state"], "delivered") << seen[0].dump() << server.log();
+  EXPECT_EQ(seen[0]["webhook"]["attempts"], 2);
+  trusted.snapshot();
+  ASSERT_EQ(trusted.bodies.size(), 2u);
+  EXPECT_EQ(json::parse(trusted.bodies[1])["id"], ids[0]);
+  EXPECT_EQ(trusted.signatures[1], "sha256=" + hmac_hex(kSecret, trusted.bodies[1]));
+  // The other's certificate is not one the server trusts: both tries fail in the handshake, and it
+  // never sees the body.
+  EXPECT_EQ(seen[1]["webhook"]["state"], "failed") << seen[1].dump();
+  EXPECT_EQ(seen[1]["webhook"]["attempts"], 2);
+  EXPECT_EQ(unknown.count(), 0u);
+  EXPECT_NE(server.log().find("certificate verify failed"), std::string::npos) << server.log();
 }
 
 TEST_F(Jobs, AWebhookNotDeliveredBeforeACrashIsSentAfterTheRestart) {

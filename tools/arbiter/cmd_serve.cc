@@ -33,6 +33,7 @@
 #include "api/grpc_server.h"
 #include "api/pg_util.h"
 #include "api/server.h"
+#include "api/webhook_client.h"
 #include "scheduler/serving.h"
 #include "tools/arbiter/cli_args.h"
 #include "tools/arbiter/commands.h"
@@ -112,10 +113,12 @@ api::ApiOptions api_options(const CliArgs& args) {
   for (const std::string& prefix : split_list(args.get("webhook-allow", "")))
     // The host must be whole: a prefix ends its host with a '/', so "http://hooks.internal" cannot
     // also allow "http://hooks.internal.example.com".
-    if (prefix.rfind("http://", 0) != 0 || prefix.find('/', 7) == std::string::npos || prefix.find('/', 7) == 7)
-      throw std::invalid_argument("--webhook-allow takes http://HOST[:PORT]/[PATH] URL prefixes, the host ended by a '/' "
-                                  "(https is not supported yet; got '" + prefix + "')");
+    if (!api::valid_webhook_prefix(prefix))
+      throw std::invalid_argument("--webhook-allow takes http(s)://HOST[:PORT]/[PATH] URL prefixes, the host ended by a '/' (got '" +
+                                  prefix + "')");
     else jobs.webhook_allow.push_back(prefix);
+  jobs.webhook_ca = args.get("webhook-ca", "");
+  if (!jobs.webhook_ca.empty() && jobs.webhook_allow.empty()) throw std::invalid_argument("--webhook-ca is for webhooks (--webhook-allow)");
   if (args.has("webhook-secret-file")) {
     std::ifstream in(args.get("webhook-secret-file", ""), std::ios::binary);
     if (!in) throw std::invalid_argument("--webhook-secret-file cannot be read");
@@ -240,7 +243,8 @@ const char* const kServeUsage =
   "  --job-concurrency N      job items classified at once, behind synchronous requests (4)\n"
   "  --job-lease-seconds S    PostgreSQL: how long a replica holds a job item without renewing its lease; the items\n"
   "                           of a replica that died are taken over by the others after this (30)\n"
-  "  --webhook-allow P[,P...] URL prefixes http://HOST[:PORT]/[PATH] a job's webhook_url may start with (none: refused)\n"
+  "  --webhook-allow P[,P...] URL prefixes http(s)://HOST[:PORT]/[PATH] a job's webhook_url may start with (none: refused)\n"
+  "  --webhook-ca FILE        PEM CAs trusted for https webhook receivers, besides the system's\n"
   "  --webhook-secret-file F  key of the webhooks' X-Arbiter-Signature (HMAC-SHA256); needed with --webhook-allow\n"
   "  --webhook-attempts N     deliveries tried per webhook, with exponential backoff from 0.5 s (5)\n"
     "  --store-content full|hash|none  what the decision log keeps of the content (hash: its SHA-256 only)\n"
