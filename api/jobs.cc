@@ -467,11 +467,20 @@ void JobRunner::start() {
   if (!workers_.empty() || stopping_) return;
   for (int i = 0; i < concurrency_; ++i) workers_.emplace_back([this] { work(); });
   writer_ = std::thread([this] { write(); });
+  // Jobs stored by other replicas are claimed when they arrive, not at the next poll.
+  store_.on_work_elsewhere([this] { wake(); });
 }
 
-void JobRunner::wake() { wake_.notify_all(); }
+void JobRunner::wake() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    woken_ = true;
+  }
+  wake_.notify_all();
+}
 
 void JobRunner::stop() {
+  store_.on_work_elsewhere({});
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
@@ -498,6 +507,7 @@ void JobRunner::work() {
   while (!stopping_) {
     if (claimed_.empty()) {
       // A few items per read of the database (they stay pending there until their results are stored).
+      woken_ = false;
       std::vector<ClaimedItem> more;
       try {
         more = store_.claim(static_cast<size_t>(concurrency_) * 2, busy_);
@@ -508,8 +518,11 @@ void JobRunner::work() {
         busy_.insert({item.job_seq, item.index});
         claimed_.push_back(std::move(item));
       }
+      if (claimed_.size() > 1) wake_.notify_all();  // idle workers take the others
       if (claimed_.empty()) {
-        wake_.wait_for(lock, std::chrono::seconds(1));
+        // Woken by new work (here or, through the store, on another replica); the poll finds
+        // what nobody announces (an item whose lease expired).
+        wake_.wait_for(lock, std::chrono::seconds(1), [&] { return stopping_ || woken_ || !claimed_.empty(); });
         continue;
       }
     }
@@ -561,6 +574,7 @@ void JobRunner::write() {
     for (const JobInfo& job : jobs) finished_(job);
     lock.lock();
     for (const auto& r : batch) busy_.erase({r.job_seq, r.index});
+    woken_ = true;  // claim again: what was busy is stored
     wake_.notify_all();
   }
 }

@@ -178,6 +178,10 @@ class JobStore {
   virtual std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) = 0;
   // Records a delivery try: delivered, or failed and retried at `retry_ms` (nullopt: given up).
   virtual void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) = 0;
+  // Calls `woken` (from another thread) whenever another process may have stored work to claim,
+  // until it is replaced or cleared ({}); once it returns, the previous callback is not running and
+  // will not be called. A store one process owns has nothing to hear: the default does nothing.
+  virtual void on_work_elsewhere(std::function<void()> woken) { (void)woken; }
 };
 
 // Jobs and their items in SQLite (tables jobs and job_items, created if missing): one process.
@@ -247,6 +251,7 @@ class JobRunner {
   std::vector<JobStore::ItemResult> finished_items_;  // run, waiting for the writer
   size_t running_ = 0;
   bool stopping_ = false, workers_done_ = false;
+  bool woken_ = false;  // wake() since the last claim: claim again before waiting
   std::vector<std::thread> workers_;
   std::thread writer_;
 };

@@ -55,12 +55,16 @@ std::string replica_name() {
   return std::string(host) + ":" + std::to_string(getpid()) + ":" + tail;
 }
 
+// The LISTEN/NOTIFY channel on which stores announce work to claim.
+constexpr const char* kWorkChannel = "arbiter_job_work";
+
 }  // namespace
 
 PgJobStore::PgJobStore(const std::string& url, std::chrono::milliseconds lease)
     : url_(url), conn_(url, "job db"), lease_(std::max(lease, std::chrono::milliseconds(300))), replica_(replica_name()) {
   pg::migrate(conn_);
   renewer_ = std::thread([this] { renew_loop(); });
+  listener_ = std::thread([this] { listen_loop(); });
 }
 
 PgJobStore::~PgJobStore() {
@@ -70,11 +74,14 @@ PgJobStore::~PgJobStore() {
   }
   renew_wake_.notify_all();
   renewer_.join();
-  // What this replica leased and did not finish is free for the others at once.
+  listener_.join();
+  // What this replica leased and did not finish is free for the others at once (and they hear so).
   try {
     std::lock_guard<std::mutex> lock(mutex_);
-    conn_.exec("UPDATE job_items SET leased_by = NULL, lease_until = NULL WHERE leased_by = $1 AND state = 0", {replica_});
+    const int64_t items =
+        conn_.exec("UPDATE job_items SET leased_by = NULL, lease_until = NULL WHERE leased_by = $1 AND state = 0", {replica_}).affected();
     conn_.exec("UPDATE jobs SET webhook_leased_by = NULL, webhook_lease_until = NULL WHERE webhook_leased_by = $1", {replica_});
+    if (items > 0) conn_.exec(std::string("NOTIFY ") + kWorkChannel);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "arbiter serve: jobs: releasing leases: %s (they expire by themselves)\n", e.what());
   }
@@ -98,6 +105,40 @@ void PgJobStore::renew_loop() {
       std::fprintf(stderr, "arbiter serve: jobs: renewing leases: %s\n", e.what());
     }
     lock.lock();
+  }
+}
+
+void PgJobStore::on_work_elsewhere(std::function<void()> woken) {
+  std::lock_guard<std::mutex> lock(woken_mutex_);
+  woken_ = std::move(woken);
+}
+
+void PgJobStore::listen_loop() {
+  std::unique_ptr<pg::Listener> listener;
+  bool reported = false;
+  std::unique_lock<std::mutex> lock(renew_mutex_);
+  while (!stopping_) {
+    lock.unlock();
+    bool heard = false;
+    try {
+      if (!listener) {
+        listener = std::make_unique<pg::Listener>(url_, kWorkChannel);
+        heard = true;  // anything stored before it listened is claimed now
+      }
+      // Short waits: a stop is seen within one.
+      heard = listener->wait(250) || heard;
+      reported = false;
+    } catch (const std::exception& e) {
+      if (!reported) std::fprintf(stderr, "arbiter serve: jobs: listening for other replicas' jobs: %s (polling meanwhile)\n", e.what());
+      reported = true;
+      listener.reset();
+    }
+    if (heard) {
+      std::lock_guard<std::mutex> woken_lock(woken_mutex_);
+      if (woken_) woken_();
+    }
+    lock.lock();
+    if (!listener) renew_wake_.wait_for(lock, std::chrono::seconds(1), [&] { return stopping_; });
   }
 }
 
@@ -134,6 +175,7 @@ JobInfo PgJobStore::create(const std::string& owner, const JobSubmission& sub, c
                  " SELECT $1, n - 1, c, b, u FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS x(c, b, u, n)",
                  {pg::param(seq), pg::array(ids), pg::array(bodies), pg::array(urls)});
       auto job = job_where(conn_, "seq = $1", {pg::param(seq)});
+      conn_.exec(std::string("NOTIFY ") + kWorkChannel);  // sent to every listening replica at the commit
       t.commit();
       created = true;
       return *job;

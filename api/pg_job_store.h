@@ -11,6 +11,8 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -41,12 +43,16 @@ class PgJobStore : public JobStore {
                  const std::function<void(int64_t, const std::string&, int, const std::string&)>& row) override;
   std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) override;
   void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) override;
+  // Heard through LISTEN/NOTIFY: every replica's store announces new jobs, and leases handed back
+  // at shutdown, on one channel.
+  void on_work_elsewhere(std::function<void()> woken) override;
 
   // This replica's name in the lease columns: host, pid and a random part.
   const std::string& replica() const { return replica_; }
 
  private:
   void renew_loop();
+  void listen_loop();
   std::string url_;
   std::mutex mutex_;  // guards conn_
   pg::Connection conn_;
@@ -54,8 +60,11 @@ class PgJobStore : public JobStore {
   std::string replica_;
   std::mutex renew_mutex_;
   std::condition_variable renew_wake_;
-  bool stopping_ = false;
+  bool stopping_ = false;  // guarded by renew_mutex_; ends both threads
   std::thread renewer_;
+  std::mutex woken_mutex_;  // guards woken_, and is held while it runs
+  std::function<void()> woken_;
+  std::thread listener_;
 };
 
 }  // namespace arbiter::api

@@ -1,6 +1,7 @@
 #include "api/pg_util.h"
 
 #include <libpq-fe.h>
+#include <poll.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -114,6 +115,56 @@ void Connection::ensure() {
   if (PQstatus(conn_) != CONNECTION_OK)
     throw StorageUnavailable(what_ + ": the database " + masked(url_) + " is unavailable: " + PQerrorMessage(conn_));
   PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);
+}
+
+Listener::Listener(std::string url, std::string channel) : url_(std::move(url)), channel_(std::move(channel)) {
+  conn_ = connect(url_);
+  if (PQstatus(conn_) != CONNECTION_OK) {
+    const std::string why = conn_ ? PQerrorMessage(conn_) : "out of memory";
+    PQfinish(conn_);
+    conn_ = nullptr;
+    throw StorageUnavailable("cannot connect the job listener to " + masked(url_) + ": " + why);
+  }
+  PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);
+  listen();
+}
+
+Listener::~Listener() { PQfinish(conn_); }
+
+void Listener::listen() {
+  char* quoted = PQescapeIdentifier(conn_, channel_.data(), channel_.size());
+  if (!quoted) throw StorageUnavailable("job listener: " + std::string(PQerrorMessage(conn_)));
+  pg_result* r = PQexec(conn_, ("LISTEN " + std::string(quoted)).c_str());
+  PQfreemem(quoted);
+  const bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+  PQclear(r);
+  if (!ok) throw StorageUnavailable("job listener: LISTEN failed: " + std::string(PQerrorMessage(conn_)));
+}
+
+bool Listener::drain() {
+  bool any = false;
+  while (PGnotify* n = PQnotifies(conn_)) {
+    any = true;
+    PQfreemem(n);
+  }
+  return any;
+}
+
+bool Listener::wait(int timeout_ms) {
+  if (PQstatus(conn_) != CONNECTION_OK) {
+    PQreset(conn_);
+    if (PQstatus(conn_) != CONNECTION_OK)
+      throw StorageUnavailable("job listener: the database " + masked(url_) + " is unavailable: " + PQerrorMessage(conn_));
+    PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);
+    listen();
+    return true;
+  }
+  if (drain()) return true;  // already read with an earlier message
+  pollfd fd{PQsocket(conn_), POLLIN, 0};
+  if (fd.fd < 0) throw StorageUnavailable("job listener: no connection to the database");
+  if (::poll(&fd, 1, timeout_ms) <= 0) return false;
+  if (PQconsumeInput(conn_) == 0) throw StorageUnavailable("job listener: " + std::string(PQerrorMessage(conn_)));
+  return drain();
 }
 
 void Connection::fail(pg_result* r) {

@@ -111,6 +111,28 @@ class Transaction {
   bool done_ = false;
 };
 
+// A connection that LISTENs on one channel and waits for its notifications (NOTIFY): how a replica
+// hears at once that another one stored work, instead of finding it at its next poll. Not
+// thread-safe (one thread waits on it).
+class Listener {
+ public:
+  // Connects and listens; throws StorageUnavailable when the server cannot be reached.
+  Listener(std::string url, std::string channel);
+  ~Listener();
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+  // Waits up to `timeout_ms` for a notification on the channel; true when one or more came, or
+  // when the connection had to be made again (a notification may have been missed meanwhile).
+  // Throws StorageUnavailable when the connection is lost and cannot be made again.
+  bool wait(int timeout_ms);
+
+ private:
+  void listen();
+  bool drain();  // reads what arrived; true when it held a notification
+  std::string url_, channel_;
+  pg_conn* conn_ = nullptr;
+};
+
 // Runs `body` (which opens its own Transaction) again when it failed with a deadlock or a
 // serialization failure, up to 5 times.
 void retrying(const std::function<void()>& body);

@@ -3,12 +3,14 @@
 // starting together and a newer schema refused, the DecisionStore cases SQLite passes
 // (decision_store_cases.h) and decisions surviving a reopen, two job stores on one database
 // splitting a 500-item job with every item stored once, an expired lease taken over and the old
-// holder's late result refused, policies shared between two registries with unique version
+// holder's late result refused, new work heard at once through LISTEN/NOTIFY, policies shared between two registries with unique version
 // numbers, and an unreachable database reported as StorageUnavailable.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <map>
 #include <random>
 #include <set>
@@ -267,6 +269,45 @@ TEST(PgJobStore, AWebhookIsLeasedToOneReplicaAtATime) {
   const auto again = b.webhooks_due(now + 1, next_b);
   ASSERT_EQ(again.size(), 1u);
   EXPECT_EQ(again[0].webhook_attempts, 1);
+}
+
+TEST(PgJobStore, ReplicasHearOfNewWorkAtOnce) {
+  ARBITER_REQUIRE_PG();
+  PgTestDatabase db;
+  PgJobStore listening(db.url(), std::chrono::seconds(30)), other(db.url(), std::chrono::seconds(30));
+  std::mutex mutex;
+  std::condition_variable heard;
+  int calls = 0;
+  listening.on_work_elsewhere([&] {
+    std::lock_guard<std::mutex> lock(mutex);
+    ++calls;
+    heard.notify_all();
+  });
+  const auto calls_after = [&](std::chrono::milliseconds wait, int more_than) {
+    std::unique_lock<std::mutex> lock(mutex);
+    heard.wait_for(lock, wait, [&] { return calls > more_than; });
+    return calls;
+  };
+  // The listener's first connection counts as news (what was stored before it is claimable).
+  calls_after(std::chrono::seconds(5), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const int before = calls_after(std::chrono::milliseconds(0), 1000);
+  bool created = false;
+  other.create("key", items(2), "sha", created);
+  // The store itself never polls: a call within the wait can only be the other replica's NOTIFY.
+  EXPECT_GT(calls_after(std::chrono::seconds(5), before), before);
+  // A replica that stops hands its leases back and says so.
+  auto stopping = std::make_unique<PgJobStore>(db.url(), std::chrono::seconds(30));
+  ASSERT_EQ(stopping->claim(2, {}).size(), 2u);
+  const int before_stop = calls_after(std::chrono::milliseconds(300), 1000);
+  stopping.reset();
+  EXPECT_GT(calls_after(std::chrono::seconds(5), before_stop), before_stop);
+  // Cleared: no more calls.
+  listening.on_work_elsewhere({});
+  const int cleared = calls_after(std::chrono::milliseconds(0), 1000);
+  other.create("key", items(1), "sha", created);
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  EXPECT_EQ(calls_after(std::chrono::milliseconds(0), 1000), cleared);
 }
 
 TEST(PgPolicies, TwoRegistriesShareVersionsWithUniqueNumbers) {
