@@ -3,8 +3,10 @@
 // for trickled heads and bodies, idle and slow connections that do not starve work, connection and
 // waiting limits answered with 503/429, early 413, Expect: 100-continue, HTTP/1.0, malformed
 // requests, start-up checks of contradicting limits, and a bounded soak of mixed clients in which
-// every request gets exactly one answer and memory stays flat.
+// every request gets exactly one answer, memory stays flat, and the decision log holds one decision
+// per classification answered 200.
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -23,6 +25,20 @@
 
 namespace arbiter {
 namespace {
+
+// Rows in `table` of the SQLite file `db` (-1 when it cannot be read).
+long sqlite_count(const std::string& db, const std::string& table) {
+  sqlite3* raw = nullptr;
+  long n = -1;
+  if (sqlite3_open_v2(db.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK) {
+    sqlite3_stmt* s = nullptr;
+    if (sqlite3_prepare_v2(raw, ("SELECT count(*) FROM " + table).c_str(), -1, &s, nullptr) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW)
+      n = static_cast<long>(sqlite3_column_int64(s, 0));
+    sqlite3_finalize(s);
+  }
+  sqlite3_close(raw);
+  return n;
+}
 
 std::string get(const std::string& path, const std::string& extra_headers = "") {
   return "GET " + path + " HTTP/1.1\r\nHost: t\r\n" + extra_headers + "\r\n";
@@ -342,14 +358,15 @@ TEST_F(HttpFrontEnd, LimitsAnswerWithRetryAfterInsteadOfWaiting) {
 }
 
 // 64 clients for two rounds of a minute: keep-alive and pipelined classify and probes, malformed
-// requests, slow (but in time) heads. Every request gets exactly one answer; memory stays flat.
+// requests, slow (but in time) heads. Every request gets exactly one answer; memory stays flat; the
+// decision log holds exactly one decision per classify answered 200.
 TEST_F(HttpFrontEnd, SoakMixedClientsEveryRequestAnsweredOnceMemoryFlat) {
-  ServeProcess server(args({"--header-timeout", "5"}), file("soak.log"));
+  ServeProcess server(args({"--header-timeout", "5", "--db", file("soak.db")}), file("soak.log"));
   const int port = server.port();
   ASSERT_TRUE(wait_ready(port, 60)) << server.log();
   const double round_seconds = 60;
   struct Tally {
-    std::atomic<long> sent{0}, answered{0}, wrong{0};
+    std::atomic<long> sent{0}, answered{0}, wrong{0}, classified{0};
   };
   auto round = [&](Tally& tally) {
     std::vector<std::thread> clients;
@@ -366,8 +383,9 @@ TEST_F(HttpFrontEnd, SoakMixedClientsEveryRequestAnsweredOnceMemoryFlat) {
           if (id < 40) {  // keep-alive: a few requests, sometimes two pipelined
             for (int k = 0; k < 5 && Clock::now() < until; ++k) {
               const bool pipelined = rng() % 4 == 0;
-              std::string req = rng() % 2 ? post("/v1/classify", classify_body("soak " + std::to_string(rng()), 1))
-                                          : get(rng() % 2 ? "/health" : "/v1/models");
+              const bool classify = rng() % 2;
+              std::string req = classify ? post("/v1/classify", classify_body("soak " + std::to_string(rng()), 1))
+                                         : get(rng() % 2 ? "/health" : "/v1/models");
               const int n = pipelined ? 2 : 1;
               if (pipelined) req += get("/health");
               if (!c.send_all(req)) break;
@@ -377,6 +395,7 @@ TEST_F(HttpFrontEnd, SoakMixedClientsEveryRequestAnsweredOnceMemoryFlat) {
                 if (!r) break;
                 ++tally.answered;
                 if (r->status != 200) ++tally.wrong;
+                else if (classify && j == 0) ++tally.classified;
               }
             }
           } else if (id < 52) {  // malformed: one 4xx answer, then the connection closes
@@ -422,6 +441,10 @@ TEST_F(HttpFrontEnd, SoakMixedClientsEveryRequestAnsweredOnceMemoryFlat) {
   ASSERT_GT(rss_first, 0);
   EXPECT_LT(rss_second, rss_first + rss_first / 10 + 8 * 1024) << "memory grew from " << rss_first << " to " << rss_second << " KiB";
   EXPECT_EQ(call(port, "GET", "/health").status, 200) << server.log();
+  // A 200 is sent only after its decision is committed: the log and the answers agree exactly.
+  const long classified = first.classified.load() + second.classified.load();
+  EXPECT_GT(classified, 100);
+  EXPECT_EQ(sqlite_count(file("soak.db"), "decisions"), classified);
 }
 
 }  // namespace
