@@ -161,6 +161,10 @@ JobSubmission parse_job_submission(const std::string& body, bool jsonl, size_t m
     if (items->size() > max_items) throw too_many();
     out.idempotency_key = optional_string(root, "idempotency_key", kMaxIdempotencyKey);
     out.webhook_url = optional_string(root, "webhook_url", kMaxWebhookUrl);
+    if (const auto w = root.find("webhook_items"); w != root.end() && !w->is_null()) {
+      if (!w->is_boolean()) throw bad_request("webhook_items must be true or false.", "webhook_items", "invalid_type");
+      out.webhook_items = w->get<bool>();
+    }
     count = items->size();
     for (size_t i = 0; i < items->size(); ++i) take_item((*items)[i], i + 1, false, check, seen, out, errors);
   }
@@ -184,8 +188,23 @@ nlohmann::json job_json(const JobInfo& j) {
                         {"finished_at", opt(j.finished_at)},
                         {"idempotency_key", opt(j.idempotency_key)},
                         {"webhook_url", opt(j.webhook_url)}};
-  if (j.webhook_url) out["webhook"] = {{"state", j.webhook_state}, {"attempts", j.webhook_attempts}};
+  if (j.webhook_url) out["webhook"] = {{"state", j.webhook_state}, {"attempts", j.webhook_attempts}, {"items", j.webhook_items}};
   return out;
+}
+
+nlohmann::json job_result_line(const std::string& custom_id, int status, const std::string& body) {
+  nlohmann::json response = nlohmann::json::parse(body, nullptr, false);
+  if (response.is_discarded()) response = body;
+  nlohmann::json line = {{"custom_id", custom_id}, {"response", {{"status_code", status}, {"body", response}}}, {"error", nullptr}};
+  if (status != 200 && response.is_object() && response.contains("error"))
+    line["error"] = {{"code", response["error"].value("code", nlohmann::json())}, {"message", response["error"].value("message", "")}};
+  return line;
+}
+
+std::string item_webhook_body(const ItemWebhook& item) {
+  nlohmann::json body = {{"object", "job.item"}, {"job_id", item.job_id}};
+  body.update(job_result_line(item.custom_id, item.status, item.response));
+  return body.dump();
 }
 
 std::string webhook_body(const JobInfo& j) {
@@ -203,7 +222,7 @@ std::string webhook_body(const JobInfo& j) {
 namespace {
 constexpr const char* kJobColumns =
     "seq, id, owner, idempotency_key, webhook_url, request_sha256, state, total, completed, failed, created_at, started_at, "
-    "finished_at, webhook_state, webhook_attempts, webhook_next_ms";
+    "finished_at, webhook_state, webhook_attempts, webhook_next_ms, webhook_items";
 
 JobInfo read_job(sqlite::Statement& s) {
   JobInfo j;
@@ -223,7 +242,18 @@ JobInfo read_job(sqlite::Statement& s) {
   j.webhook_state = s.text(13);
   j.webhook_attempts = s.integer(14);
   j.webhook_next_ms = s.integer(15);
+  j.webhook_items = s.integer(16) != 0;
   return j;
+}
+
+// Adds `column` (with its declaration) to `table` of a file made before the column existed.
+void add_column_if_missing(sqlite3* db, const std::string& table, const std::string& column, const std::string& declaration) {
+  bool has = false;
+  {
+    sqlite::Statement columns(db, "SELECT name FROM pragma_table_info('" + table + "')", kWhat);
+    while (columns.step()) has = has || columns.text(0) == column;
+  }
+  if (!has) sqlite::exec(db, "ALTER TABLE " + table + " ADD COLUMN " + column + " " + declaration, kWhat);
 }
 
 std::optional<JobInfo> job_where(sqlite3* db, const std::string& where, const std::function<void(sqlite::Statement&)>& bind) {
@@ -265,13 +295,14 @@ SqliteJobStore::SqliteJobStore(const std::string& path) {
                  " PRIMARY KEY (job_seq, idx)) WITHOUT ROWID;"
                  "CREATE INDEX IF NOT EXISTS job_items_pending ON job_items (state, job_seq, idx);",
                  kWhat);
-    // The endpoint an item runs (files from before chat items hold classify items only).
-    bool has_url = false;
-    {
-      sqlite::Statement columns(db_, "SELECT name FROM pragma_table_info('job_items')", kWhat);
-      while (columns.step()) has_url = has_url || columns.text(0) == "url";
-    }
-    if (!has_url) sqlite::exec(db_, "ALTER TABLE job_items ADD COLUMN url TEXT NOT NULL DEFAULT '/v1/classify'", kWhat);
+    // Columns newer than the tables of older files: the endpoint an item runs (files from before
+    // chat items hold classify items only), and per-item webhooks.
+    add_column_if_missing(db_, "job_items", "url", "TEXT NOT NULL DEFAULT '/v1/classify'");
+    add_column_if_missing(db_, "jobs", "webhook_items", "INTEGER NOT NULL DEFAULT 0");
+    add_column_if_missing(db_, "job_items", "webhook_state", "TEXT NOT NULL DEFAULT 'none'");
+    add_column_if_missing(db_, "job_items", "webhook_attempts", "INTEGER NOT NULL DEFAULT 0");
+    add_column_if_missing(db_, "job_items", "webhook_next_ms", "INTEGER NOT NULL DEFAULT 0");
+    sqlite::exec(db_, "CREATE INDEX IF NOT EXISTS job_items_webhooks ON job_items (webhook_state, webhook_next_ms)", kWhat);
     t.commit();
   } catch (...) {
     sqlite3_close(db_);
@@ -295,11 +326,11 @@ JobInfo SqliteJobStore::create(const std::string& owner, const JobSubmission& su
   }
   const std::string id = new_job_id();
   sqlite::Statement insert(db_,
-                           "INSERT INTO jobs (id, owner, idempotency_key, webhook_url, request_sha256, state, total, created_at)"
-                           " VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7)",
+                           "INSERT INTO jobs (id, owner, idempotency_key, webhook_url, request_sha256, state, total, created_at, webhook_items)"
+                           " VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8)",
                            kWhat);
   insert.bind(1, id).bind(2, owner).bind(3, sub.idempotency_key).bind(4, sub.webhook_url).bind(5, request_sha256);
-  insert.bind(6, static_cast<int64_t>(sub.items.size())).bind(7, unix_ms() / 1000);
+  insert.bind(6, static_cast<int64_t>(sub.items.size())).bind(7, unix_ms() / 1000).bind(8, static_cast<int64_t>(sub.webhook_items && sub.webhook_url));
   insert.step();
   const int64_t seq = sqlite3_last_insert_rowid(db_);
   sqlite::Statement item(db_, "INSERT INTO job_items (job_seq, idx, custom_id, body, url) VALUES (?1, ?2, ?3, ?4, ?5)", kWhat);
@@ -387,7 +418,8 @@ std::vector<JobInfo> SqliteJobStore::finish_items(const std::vector<ItemResult>&
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Transaction t(db_, kWhat);
   sqlite::Statement done(db_,
-                         "UPDATE job_items SET state = 1, status = ?3, response = ?4, finished_ms = ?5"
+                         "UPDATE job_items SET state = 1, status = ?3, response = ?4, finished_ms = ?5,"
+                         " webhook_state = CASE WHEN (SELECT webhook_items FROM jobs WHERE seq = ?1) THEN 'pending' ELSE 'none' END"
                          " WHERE job_seq = ?1 AND idx = ?2 AND state = 0",
                          kWhat);
   sqlite::Statement completed(db_, "UPDATE jobs SET completed = completed + 1 WHERE seq = ?1", kWhat);
@@ -445,6 +477,40 @@ std::vector<JobInfo> SqliteJobStore::webhooks_due(int64_t now_ms, std::optional<
   return out;
 }
 
+std::vector<ItemWebhook> SqliteJobStore::item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  sqlite::Statement s(db_,
+                      "SELECT i.job_seq, i.idx, j.id, j.webhook_url, i.custom_id, i.status, i.response, i.webhook_attempts, i.webhook_next_ms"
+                      " FROM job_items i JOIN jobs j ON j.seq = i.job_seq WHERE i.webhook_state = 'pending'"
+                      " ORDER BY i.webhook_next_ms LIMIT ?1",
+                      kWhat);
+  s.bind(1, static_cast<int64_t>(limit + 1));
+  std::vector<ItemWebhook> out;
+  next_ms.reset();
+  while (s.step()) {
+    if (s.integer(8) > now_ms) {  // sorted: the rest are later
+      next_ms = s.integer(8);
+      break;
+    }
+    if (out.size() == limit) {  // more are due now
+      next_ms = now_ms;
+      break;
+    }
+    out.push_back({s.integer(0), s.integer(1), s.text(2), s.text(3), s.text(4), static_cast<int>(s.integer(5)), s.text(6), s.integer(7)});
+  }
+  return out;
+}
+
+void SqliteJobStore::item_webhook_tried(int64_t job_seq, int64_t index, bool delivered, std::optional<int64_t> retry_ms) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  sqlite::Statement s(db_,
+                      "UPDATE job_items SET webhook_attempts = webhook_attempts + 1, webhook_state = ?3, webhook_next_ms = ?4"
+                      " WHERE job_seq = ?1 AND idx = ?2",
+                      kWhat);
+  s.bind(1, job_seq).bind(2, index).bind(3, std::string(delivered ? "delivered" : retry_ms ? "pending" : "failed")).bind(4, retry_ms.value_or(0));
+  s.step();
+}
+
 void SqliteJobStore::webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Statement s(db_,
@@ -457,8 +523,8 @@ void SqliteJobStore::webhook_tried(const std::string& id, bool delivered, std::o
 // ---------------------------------------------------------------------------------------------
 // JobRunner
 
-JobRunner::JobRunner(JobStore& store, int concurrency, Run run, Finished finished)
-    : store_(store), concurrency_(std::max(1, concurrency)), run_(std::move(run)), finished_(std::move(finished)) {}
+JobRunner::JobRunner(JobStore& store, int concurrency, Run run, Finished finished, std::function<void()> stored)
+    : store_(store), concurrency_(std::max(1, concurrency)), run_(std::move(run)), finished_(std::move(finished)), stored_(std::move(stored)) {}
 
 JobRunner::~JobRunner() { stop(); }
 
@@ -572,6 +638,7 @@ void JobRunner::write() {
       std::fprintf(stderr, "arbiter serve: jobs: storing %zu results failed: %s\n", batch.size(), e.what());
     }
     for (const JobInfo& job : jobs) finished_(job);
+    if (stored_) stored_();
     lock.lock();
     for (const auto& r : batch) busy_.erase({r.job_seq, r.index});
     woken_ = true;  // claim again: what was busy is stored
@@ -616,41 +683,66 @@ void WebhookSender::wake() {
   wake_.notify_all();
 }
 
+std::optional<int64_t> WebhookSender::deliver(const std::string& what, const std::string& url, const std::string& body, int64_t attempts,
+                                              bool item, bool& delivered) {
+  const WebhookDelivery delivery =
+      client_.post(url, body, {{"X-Arbiter-Signature", "sha256=" + hmac_sha256_hex(options_.webhook_secret, body)}}, options_.webhook_timeout);
+  delivered = delivery.status >= 200 && delivery.status < 300;
+  if (!delivered)
+    std::fprintf(stderr, "arbiter serve: webhook of %s to %s not delivered (attempt %lld): %s\n", what.c_str(), url.c_str(),
+                 static_cast<long long>(attempts + 1),
+                 delivery.status < 0 ? delivery.error.c_str() : ("HTTP " + std::to_string(delivery.status)).c_str());
+  std::optional<int64_t> retry;
+  if (!delivered && attempts + 1 < options_.webhook_attempts)
+    retry = unix_ms() + (options_.webhook_backoff.count() << std::min<int64_t>(attempts, 20));
+  if (counted_) counted_(item, delivered ? "delivered" : retry ? "retried" : "failed");
+  return retry;
+}
+
 void WebhookSender::run() {
+  // Item webhooks are read a batch at a time, so that a large job's never sit in memory at once.
+  constexpr size_t kItemsPerRead = 64;
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
     woken_ = false;
     lock.unlock();
     std::optional<int64_t> next;
+    const auto sooner = [&next](std::optional<int64_t> t) {
+      if (t && (!next || *t < *next)) next = t;
+    };
     std::vector<JobInfo> due;
+    std::vector<ItemWebhook> items_due;
     try {
-      due = store_.webhooks_due(unix_ms(), next);
+      std::optional<int64_t> next_job, next_item;
+      due = store_.webhooks_due(unix_ms(), next_job);
+      items_due = store_.item_webhooks_due(unix_ms(), kItemsPerRead, next_item);
+      sooner(next_job);
+      sooner(next_item);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "arbiter serve: webhooks: %s\n", e.what());
-      next = unix_ms() + 1000;
+      sooner(unix_ms() + 1000);
+    }
+    for (const ItemWebhook& item : items_due) {
+      bool delivered = false;
+      const std::optional<int64_t> retry =
+          deliver(item.job_id + " item " + item.custom_id, item.url, item_webhook_body(item), item.attempts, true, delivered);
+      sooner(retry);
+      try {
+        store_.item_webhook_tried(item.job_seq, item.index, delivered, retry);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "arbiter serve: webhooks: %s\n", e.what());
+      }
     }
     for (const JobInfo& job : due) {
       if (!job.webhook_url) continue;
-      const std::string body = webhook_body(job);
-      const WebhookDelivery delivery = client_.post(
-          *job.webhook_url, body, {{"X-Arbiter-Signature", "sha256=" + hmac_sha256_hex(options_.webhook_secret, body)}}, options_.webhook_timeout);
-      const bool delivered = delivery.status >= 200 && delivery.status < 300;
-      if (!delivered)
-        std::fprintf(stderr, "arbiter serve: webhook of %s to %s not delivered (attempt %lld): %s\n", job.id.c_str(), job.webhook_url->c_str(),
-                     static_cast<long long>(job.webhook_attempts + 1),
-                     delivery.status < 0 ? delivery.error.c_str() : ("HTTP " + std::to_string(delivery.status)).c_str());
-      std::optional<int64_t> retry;
-      if (!delivered && job.webhook_attempts + 1 < options_.webhook_attempts) {
-        const int64_t delay = options_.webhook_backoff.count() << std::min<int64_t>(job.webhook_attempts, 20);
-        retry = unix_ms() + delay;
-        if (!next || *retry < *next) next = retry;
-      }
+      bool delivered = false;
+      const std::optional<int64_t> retry = deliver(job.id, *job.webhook_url, webhook_body(job), job.webhook_attempts, false, delivered);
+      sooner(retry);
       try {
         store_.webhook_tried(job.id, delivered, retry);
       } catch (const std::exception& e) {
         std::fprintf(stderr, "arbiter serve: webhooks: %s\n", e.what());
       }
-      if (counted_) counted_(delivered ? "delivered" : retry ? "retried" : "failed");
     }
     lock.lock();
     if (stopping_ || woken_) continue;

@@ -66,6 +66,7 @@ struct JobSubmission {
   std::vector<JobItemInput> items;
   std::optional<std::string> idempotency_key;
   std::optional<std::string> webhook_url;
+  bool webhook_items = false;  // also one webhook per finished item
 };
 
 // Thrown by parse_job_submission when items are invalid: every bad item with its number (1-based:
@@ -92,7 +93,7 @@ class JobItemsInvalid : public std::exception {
 // Parses a submission. jsonl: the body is OpenAI batch-file lines {"custom_id", "method": "POST",
 // "url": "/v1/classify" | "/v1/chat/completions", "body"} (blank lines skipped; the idempotency key
 // and webhook URL then come from the caller); else a JSON object {"items": [{"custom_id", "url"?,
-// "body"}], "idempotency_key"?, "webhook_url"?} (url default "/v1/classify"). `check` validates one
+// "body"}], "idempotency_key"?, "webhook_url"?, "webhook_items"?} (url default "/v1/classify"). `check` validates one
 // item's body for its url (throws ApiException). Throws ApiException for a malformed envelope, more
 // than `max_items` items, or none; JobItemsInvalid (all bad items) when any item is bad. custom_ids
 // must be unique in a job.
@@ -114,6 +115,7 @@ struct JobInfo {
   std::string webhook_state;    // none | pending | delivered | failed
   int64_t webhook_attempts = 0;
   int64_t webhook_next_ms = 0;  // unix ms of the next try (pending)
+  bool webhook_items = false;   // each finished item is posted to webhook_url too
   bool finished() const { return state == "completed" || state == "failed" || state == "cancelled"; }
 };
 
@@ -132,6 +134,18 @@ struct ClaimedItem {
   std::string custom_id;
   std::string body;
   std::string url = kClassifyUrl;  // the endpoint it runs
+};
+
+// A finished item whose own webhook is due (jobs submitted with webhook_items).
+struct ItemWebhook {
+  int64_t job_seq = 0;
+  int64_t index = 0;
+  std::string job_id;
+  std::string url;  // the job's webhook_url
+  std::string custom_id;
+  int status = 0;
+  std::string response;
+  int64_t attempts = 0;  // deliveries tried so far
 };
 
 // One item's result: its HTTP status and response body.
@@ -178,6 +192,11 @@ class JobStore {
   virtual std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) = 0;
   // Records a delivery try: delivered, or failed and retried at `retry_ms` (nullopt: given up).
   virtual void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) = 0;
+  // The same for the items of jobs with webhook_items: at most `limit` items whose webhook is due
+  // (leased as above in a shared store), and the soonest due time of the others (now_ms when more
+  // may be due at once).
+  virtual std::vector<ItemWebhook> item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) = 0;
+  virtual void item_webhook_tried(int64_t job_seq, int64_t index, bool delivered, std::optional<int64_t> retry_ms) = 0;
   // Calls `woken` (from another thread) whenever another process may have stored work to claim,
   // until it is replaced or cleared ({}); once it returns, the previous callback is not running and
   // will not be called. A store one process owns has nothing to hear: the default does nothing.
@@ -202,6 +221,8 @@ class SqliteJobStore : public JobStore {
                  const std::function<void(int64_t, const std::string&, int, const std::string&)>& row) override;
   std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) override;
   void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) override;
+  std::vector<ItemWebhook> item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) override;
+  void item_webhook_tried(int64_t job_seq, int64_t index, bool delivered, std::optional<int64_t> retry_ms) override;
 
  private:
   std::mutex mutex_;
@@ -226,7 +247,8 @@ class JobRunner {
  public:
   using Run = std::function<ItemOutcome(const ClaimedItem&)>;
   using Finished = std::function<void(const JobInfo&)>;
-  JobRunner(JobStore& store, int concurrency, Run run, Finished finished);
+  // `finished`: a job's last item was stored; `stored` (optional): a batch of results was stored.
+  JobRunner(JobStore& store, int concurrency, Run run, Finished finished, std::function<void()> stored = {});
   ~JobRunner();  // stop()
   JobRunner(const JobRunner&) = delete;
   JobRunner& operator=(const JobRunner&) = delete;
@@ -244,6 +266,7 @@ class JobRunner {
   int concurrency_;
   Run run_;
   Finished finished_;
+  std::function<void()> stored_;
   mutable std::mutex mutex_;
   std::condition_variable wake_, written_;
   std::set<std::pair<int64_t, int64_t>> busy_;  // claimed and not yet stored (or released)
@@ -265,15 +288,20 @@ std::string hmac_sha256_hex(const std::string& key, const std::string& body);
 // std::invalid_argument when options.webhook_ca cannot be read.
 class WebhookSender {
  public:
-  using Delivered = std::function<void(const char* outcome)>;  // "delivered" | "retried" | "failed"
+  // Counts a delivery try: of a job's webhook or an item's; "delivered" | "retried" | "failed".
+  using Delivered = std::function<void(bool item, const char* outcome)>;
   WebhookSender(JobStore& store, const JobOptions& options, Delivered counted);
   ~WebhookSender();
   WebhookSender(const WebhookSender&) = delete;
   WebhookSender& operator=(const WebhookSender&) = delete;
-  void wake();  // a job finished
+  void wake();  // a job (or an item of a job with item webhooks) finished
 
  private:
   void run();
+  // POSTs one signed webhook body and counts the try; returns when to retry (nullopt: delivered or
+  // given up, as `delivered` says).
+  std::optional<int64_t> deliver(const std::string& what, const std::string& url, const std::string& body, int64_t attempts, bool item,
+                                 bool& delivered);
   JobStore& store_;
   JobOptions options_;
   WebhookClient client_;
@@ -286,5 +314,10 @@ class WebhookSender {
 
 // The webhook body of a finished job.
 std::string webhook_body(const JobInfo& job);
+// An item's line of GET /v1/jobs/{id}/results (an OpenAI batch output line): {"custom_id",
+// "response": {"status_code", "body"}, "error"}.
+nlohmann::json job_result_line(const std::string& custom_id, int status, const std::string& response);
+// The webhook body of a finished item: its result line with "object": "job.item" and "job_id".
+std::string item_webhook_body(const ItemWebhook& item);
 
 }  // namespace arbiter::api

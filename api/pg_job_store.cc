@@ -11,7 +11,7 @@ namespace {
 
 constexpr const char* kJobColumns =
     "seq, id, owner, idempotency_key, webhook_url, request_sha256, state, total, completed, failed, created_at, started_at, "
-    "finished_at, webhook_state, webhook_attempts, webhook_next_ms";
+    "finished_at, webhook_state, webhook_attempts, webhook_next_ms, webhook_items";
 // Webhook deliveries claimed per look.
 constexpr int kWebhooksPerClaim = 16;
 
@@ -37,6 +37,7 @@ JobInfo read_job(const pg::Result& r, int row) {
   j.webhook_state = r.text(row, 13);
   j.webhook_attempts = r.integer(row, 14);
   j.webhook_next_ms = r.integer(row, 15);
+  j.webhook_items = r.boolean(row, 16);
   return j;
 }
 
@@ -81,6 +82,7 @@ PgJobStore::~PgJobStore() {
     const int64_t items =
         conn_.exec("UPDATE job_items SET leased_by = NULL, lease_until = NULL WHERE leased_by = $1 AND state = 0", {replica_}).affected();
     conn_.exec("UPDATE jobs SET webhook_leased_by = NULL, webhook_lease_until = NULL WHERE webhook_leased_by = $1", {replica_});
+    conn_.exec("UPDATE job_items SET webhook_leased_by = NULL, webhook_lease_until = NULL WHERE webhook_leased_by = $1", {replica_});
     if (items > 0) conn_.exec(std::string("NOTIFY ") + kWorkChannel);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "arbiter serve: jobs: releasing leases: %s (they expire by themselves)\n", e.what());
@@ -99,6 +101,9 @@ void PgJobStore::renew_loop() {
       conn->exec("UPDATE job_items SET lease_until = now() + $2::bigint * interval '1 millisecond' WHERE leased_by = $1 AND state = 0",
                  {replica_, lease_ms});
       conn->exec("UPDATE jobs SET webhook_lease_until = now() + $2::bigint * interval '1 millisecond'"
+                 " WHERE webhook_leased_by = $1 AND webhook_state = 'pending'",
+                 {replica_, lease_ms});
+      conn->exec("UPDATE job_items SET webhook_lease_until = now() + $2::bigint * interval '1 millisecond'"
                  " WHERE webhook_leased_by = $1 AND webhook_state = 'pending'",
                  {replica_, lease_ms});
     } catch (const std::exception& e) {
@@ -156,10 +161,10 @@ JobInfo PgJobStore::create(const std::string& owner, const JobSubmission& sub, c
         }
       }
       const pg::Result inserted = conn_.exec(
-          "INSERT INTO jobs (id, owner, idempotency_key, webhook_url, request_sha256, state, total, created_at)"
-          " VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7) RETURNING seq",
+          "INSERT INTO jobs (id, owner, idempotency_key, webhook_url, request_sha256, state, total, created_at, webhook_items)"
+          " VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8) RETURNING seq",
           {new_job_id(), owner, sub.idempotency_key, sub.webhook_url, request_sha256, pg::param(static_cast<int64_t>(sub.items.size())),
-           pg::param(unix_ms() / 1000)});
+           pg::param(unix_ms() / 1000), std::string(sub.webhook_items && sub.webhook_url ? "true" : "false")});
       const int64_t seq = inserted.integer(0, 0);
       std::vector<std::string> ids, bodies, urls;
       ids.reserve(sub.items.size());
@@ -292,7 +297,8 @@ std::vector<JobInfo> PgJobStore::finish_items(const std::vector<ItemResult>& res
       // Only while the lease is this replica's: another that took the item over stores its own.
       // leased_by stays on a done item: which replica ran it.
       const pg::Result done = conn_.exec(
-          "UPDATE job_items SET state = 1, status = $3, response = $4, finished_ms = $5, lease_until = NULL"
+          "UPDATE job_items SET state = 1, status = $3, response = $4, finished_ms = $5, lease_until = NULL,"
+          " webhook_state = CASE WHEN (SELECT webhook_items FROM jobs WHERE seq = $1) THEN 'pending' ELSE 'none' END"
           " WHERE job_seq = $1 AND idx = $2 AND state = 0 AND leased_by = $6",
           {pg::param(r.job_seq), pg::param(r.index), pg::param(static_cast<int64_t>(r.status)), r.response, pg::param(unix_ms()), replica_});
       if (done.affected() == 0) continue;
@@ -351,6 +357,46 @@ std::vector<JobInfo> PgJobStore::webhooks_due(int64_t now_ms, std::optional<int6
   if (!next.null(0, 0)) next_ms = std::max(next.integer(0, 0), now_ms + 1);
   if (out.size() == static_cast<size_t>(kWebhooksPerClaim)) next_ms = now_ms;  // more may be due
   return out;
+}
+
+std::vector<ItemWebhook> PgJobStore::item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const std::string lease_ms = std::to_string(lease_.count());
+  std::vector<ItemWebhook> out;
+  pg::retrying([&] {
+    out.clear();
+    pg::Transaction t(conn_);
+    // As webhooks_due: due, unleased (or the lease expired), leased to this replica in one statement.
+    const pg::Result r = conn_.exec(
+        "UPDATE job_items i SET webhook_leased_by = $1, webhook_lease_until = now() + $3::bigint * interval '1 millisecond'"
+        " FROM jobs j WHERE j.seq = i.job_seq AND (i.job_seq, i.idx) IN (SELECT job_seq, idx FROM job_items"
+        "  WHERE webhook_state = 'pending' AND webhook_next_ms <= $2 AND (webhook_lease_until IS NULL OR webhook_lease_until < now())"
+        "  ORDER BY webhook_next_ms LIMIT $4 FOR UPDATE SKIP LOCKED)"
+        " RETURNING i.job_seq, i.idx, j.id, j.webhook_url, i.custom_id, i.status, i.response, i.webhook_attempts",
+        {replica_, pg::param(now_ms), lease_ms, pg::param(static_cast<int64_t>(limit))});
+    t.commit();
+    for (int i = 0; i < r.rows(); ++i)
+      out.push_back({r.integer(i, 0), r.integer(i, 1), r.text(i, 2), r.text(i, 3), r.text(i, 4), static_cast<int>(r.integer(i, 5)),
+                     r.text(i, 6), r.integer(i, 7)});
+  });
+  const pg::Result next = conn_.exec(
+      "SELECT min(GREATEST(webhook_next_ms, CASE WHEN webhook_lease_until > now()"
+      "  THEN (extract(epoch FROM webhook_lease_until) * 1000)::bigint ELSE 0 END))"
+      " FROM job_items WHERE webhook_state = 'pending' AND webhook_leased_by IS DISTINCT FROM $1",
+      {replica_});
+  next_ms.reset();
+  if (!next.null(0, 0)) next_ms = std::max(next.integer(0, 0), now_ms + 1);
+  if (out.size() == limit) next_ms = now_ms;  // more may be due
+  return out;
+}
+
+void PgJobStore::item_webhook_tried(int64_t job_seq, int64_t index, bool delivered, std::optional<int64_t> retry_ms) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  conn_.exec(
+      "UPDATE job_items SET webhook_attempts = webhook_attempts + 1, webhook_state = $3, webhook_next_ms = $4,"
+      " webhook_leased_by = NULL, webhook_lease_until = NULL WHERE job_seq = $1 AND idx = $2",
+      {pg::param(job_seq), pg::param(index), std::string(delivered ? "delivered" : retry_ms ? "pending" : "failed"),
+       pg::param(retry_ms.value_or(0))});
 }
 
 void PgJobStore::webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) {

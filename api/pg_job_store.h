@@ -43,6 +43,8 @@ class PgJobStore : public JobStore {
                  const std::function<void(int64_t, const std::string&, int, const std::string&)>& row) override;
   std::vector<JobInfo> webhooks_due(int64_t now_ms, std::optional<int64_t>& next_ms) override;
   void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) override;
+  std::vector<ItemWebhook> item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) override;
+  void item_webhook_tried(int64_t job_seq, int64_t index, bool delivered, std::optional<int64_t> retry_ms) override;
   // Heard through LISTEN/NOTIFY: every replica's store announces new jobs, and leases handed back
   // at shutdown, on one channel.
   void on_work_elsewhere(std::function<void()> woken) override;

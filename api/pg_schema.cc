@@ -68,6 +68,12 @@ const std::vector<std::string>& migrations() {
       "CREATE INDEX job_items_leased ON job_items (leased_by) WHERE state = 0;",
       // 2: the endpoint a job item runs (/v1/classify or /v1/chat/completions).
       "ALTER TABLE job_items ADD COLUMN url TEXT NOT NULL DEFAULT '/v1/classify';",
+      // 3: per-item webhooks (a job's webhook_items), each item's delivery leased like a job's.
+      "ALTER TABLE jobs ADD COLUMN webhook_items BOOLEAN NOT NULL DEFAULT false;"
+      "ALTER TABLE job_items ADD COLUMN webhook_state TEXT NOT NULL DEFAULT 'none',"
+      " ADD COLUMN webhook_attempts BIGINT NOT NULL DEFAULT 0, ADD COLUMN webhook_next_ms BIGINT NOT NULL DEFAULT 0,"
+      " ADD COLUMN webhook_leased_by TEXT, ADD COLUMN webhook_lease_until TIMESTAMPTZ;"
+      "CREATE INDEX job_items_webhooks ON job_items (webhook_next_ms) WHERE webhook_state = 'pending';",
   };
   return all;
 }

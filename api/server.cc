@@ -53,6 +53,7 @@ constexpr const char* kJobsCreatedHelp = "Jobs created (POST /v1/jobs answered 2
 constexpr const char* kJobItemsHelp = "Job items finished, by outcome (completed: a 200 classify response; failed: an error stored).";
 constexpr const char* kJobsFinishedHelp = "Jobs finished, by state.";
 constexpr const char* kWebhooksHelp = "Webhook delivery tries, by outcome (retried: failed and tried again later; failed: given up).";
+constexpr const char* kItemWebhooksHelp = "Delivery tries of item webhooks (jobs with webhook_items), by outcome as for job webhooks.";
 constexpr const char* kJobItemsInFlightHelp = "Job items being classified now (at most --job-concurrency).";
 // How long past its deadline (or its cancellation) a handler waits for the scheduler's answer.
 constexpr auto kGrace = std::chrono::seconds(30);
@@ -113,12 +114,17 @@ struct ApiServer::Impl {
       if (pg::is_url(options.jobs.db)) job_store = std::make_unique<PgJobStore>(options.jobs.db, options.jobs.lease);
       else job_store = std::make_unique<SqliteJobStore>(options.jobs.db);
       // Webhooks of jobs that finished before a restart are (re)sent from the start.
-      webhooks = std::make_unique<WebhookSender>(*job_store, options.jobs, [this](const char* outcome) {
-        metrics.counter("arbiter_job_webhooks_total", kWebhooksHelp, {{"outcome", outcome}}).inc();
+      webhooks = std::make_unique<WebhookSender>(*job_store, options.jobs, [this](bool item, const char* outcome) {
+        if (item) metrics.counter("arbiter_job_item_webhooks_total", kItemWebhooksHelp, {{"outcome", outcome}}).inc();
+        else metrics.counter("arbiter_job_webhooks_total", kWebhooksHelp, {{"outcome", outcome}}).inc();
       });
       job_runner = std::make_unique<JobRunner>(
           *job_store, options.jobs.concurrency, [this](const ClaimedItem& item) { return run_job_item(item); },
-          [this](const JobInfo& job) { job_finished(job); });
+          [this](const JobInfo& job) { job_finished(job); },
+          // Items of jobs with item webhooks are sent as they are stored.
+          [this] {
+            if (!options.jobs.webhook_allow.empty()) webhooks->wake();
+          });
     }
   }
 
@@ -804,12 +810,7 @@ HttpReply ApiServer::Impl::jobs_endpoint(const HttpRequest& req, const std::stri
       std::string page;
       const size_t n = store->results(seq, after, kPage, [&](int64_t index, const std::string& custom_id, int status, const std::string& body) {
         after = index;
-        nlohmann::json response = nlohmann::json::parse(body, nullptr, false);
-        if (response.is_discarded()) response = body;
-        nlohmann::json line = {{"custom_id", custom_id}, {"response", {{"status_code", status}, {"body", response}}}, {"error", nullptr}};
-        if (status != 200 && response.is_object() && response.contains("error"))
-          line["error"] = {{"code", response["error"].value("code", nlohmann::json())}, {"message", response["error"].value("message", "")}};
-        page += dump_json(line);
+        page += dump_json(job_result_line(custom_id, status, body));
         page += '\n';
       });
       if (!page.empty() && !write(page)) return;  // the client is gone
@@ -833,7 +834,7 @@ HttpReply ApiServer::Impl::jobs_post(const HttpRequest& req, const ApiKeyIdentit
                      type == "application/jsonlines";
   // JSONL bodies hold only items: the idempotency key and the webhook come as query parameters
   // (or the Idempotency-Key header, for either form).
-  const auto params = query_params(req.query, {"idempotency_key", "webhook_url"});
+  const auto params = query_params(req.query, {"idempotency_key", "webhook_url", "webhook_items"});
   if (!jsonl && !params.empty())
     throw bad_request("Query parameters are for JSONL bodies; a JSON body carries idempotency_key and webhook_url itself.",
                       params.begin()->first, "unknown_parameter");
@@ -871,7 +872,14 @@ HttpReply ApiServer::Impl::jobs_post(const HttpRequest& req, const ApiKeyIdentit
   if (jsonl) {
     if (auto it = params.find("idempotency_key"); it != params.end() && !it->second.empty()) sub.idempotency_key = it->second;
     if (auto it = params.find("webhook_url"); it != params.end() && !it->second.empty()) sub.webhook_url = it->second;
+    if (auto it = params.find("webhook_items"); it != params.end()) {
+      if (it->second != "true" && it->second != "false")
+        throw bad_request("webhook_items must be true or false.", "webhook_items", "invalid_value");
+      sub.webhook_items = it->second == "true";
+    }
   }
+  if (sub.webhook_items && !sub.webhook_url)
+    throw bad_request("webhook_items needs a webhook_url to post the items to.", "webhook_items", "missing_webhook_url");
   if (!sub.idempotency_key && !header(req, "idempotency-key").empty()) sub.idempotency_key = header(req, "idempotency-key");
   if (sub.idempotency_key && sub.idempotency_key->size() > 256)
     throw bad_request("The idempotency key is longer than 256 bytes.", "idempotency_key", "invalid_value");
@@ -1496,8 +1504,10 @@ ApiServer::ApiServer(ApiOptions options) : impl_(std::make_unique<Impl>(std::mov
     impl_->metrics.counter("arbiter_job_items_finished_total", kJobItemsHelp, {{"outcome", outcome}});
   for (const char* state : {"completed", "failed", "cancelled"})
     impl_->metrics.counter("arbiter_jobs_finished_total", kJobsFinishedHelp, {{"state", state}});
-  for (const char* outcome : {"delivered", "retried", "failed"})
+  for (const char* outcome : {"delivered", "retried", "failed"}) {
     impl_->metrics.counter("arbiter_job_webhooks_total", kWebhooksHelp, {{"outcome", outcome}});
+    impl_->metrics.counter("arbiter_job_item_webhooks_total", kItemWebhooksHelp, {{"outcome", outcome}});
+  }
   impl_->metrics.gauge("arbiter_job_items_in_flight", kJobItemsInFlightHelp).set(0);
 }
 

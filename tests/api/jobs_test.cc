@@ -7,7 +7,8 @@
 // three points of a job and restarts on the same database: every item ends with exactly one result;
 // a webhook delivered to a loopback receiver, signed (HMAC-SHA256, checked here) and retried after a
 // 500, and one not delivered before a crash sent after the restart; https webhooks delivered only to
-// a receiver whose certificate the server trusts; webhook URLs outside the allow-list refused. Built twice: against SQLite files, and (api_jobs_pg_test, label postgres,
+// a receiver whose certificate the server trusts; item webhooks (one signed POST per result);
+// webhook URLs outside the allow-list refused. Built twice: against SQLite files, and (api_jobs_pg_test, label postgres,
 // ARBITER_JOBS_ON_POSTGRES) against PostgreSQL databases, one per server, as replicas would use.
 #include <gtest/gtest.h>
 #include <httplib.h>
@@ -578,6 +579,71 @@ TEST_F(Jobs, SigtermLeavesUnfinishedItemsForTheNextStart) {
   ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
   EXPECT_EQ(wait_job(server.port(), id, "key-one")["state"], "completed");
   expect_each_once(results(server.port(), id, "key-one"), "term", 40);
+}
+
+TEST_F(Jobs, ItemWebhooksPostEveryResultOnceSigned) {
+  Receiver receiver;  // answers the first delivery 500: that one is tried again
+  const std::string prefix = "http://127.0.0.1:" + std::to_string(receiver.port()) + "/hook/";
+  ServeProcess server(args(new_db(*tmp_, "items.db"), {"--webhook-allow", prefix, "--webhook-secret-file", tmp_->file("secret")}),
+                      tmp_->file("items.log"));
+  ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
+  json job = json_job("each", 6);
+  job["webhook_items"] = true;  // without a webhook_url
+  Reply r = call(server.port(), "POST", "/v1/jobs", job.dump(), "key-one");
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(r.body["error"]["param"], "webhook_items") << r.raw;
+  job["webhook_url"] = prefix + "json";
+  job["webhook_items"] = "yes";
+  r = call(server.port(), "POST", "/v1/jobs", job.dump(), "key-one");
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(r.body["error"]["code"], "invalid_type") << r.raw;
+  r = post(server.port(), "/v1/jobs?webhook_url=" + prefix + "jsonl&webhook_items=1", jsonl_job("eachl", 4), "application/jsonl", "key-one");
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(r.body["error"]["param"], "webhook_items") << r.raw;
+
+  job["webhook_items"] = true;
+  r = call(server.port(), "POST", "/v1/jobs", job.dump(), "key-one");
+  ASSERT_EQ(r.status, 201) << r.raw;
+  EXPECT_EQ(r.body["webhook"]["items"], true);
+  const std::string json_id = r.body["id"];
+  r = post(server.port(), "/v1/jobs?webhook_url=" + prefix + "jsonl&webhook_items=true", jsonl_job("eachl", 4), "application/jsonl", "key-one");
+  ASSERT_EQ(r.status, 201) << r.raw;
+  const std::string jsonl_id = r.body["id"];
+  EXPECT_EQ(wait_job(server.port(), json_id, "key-one")["state"], "completed");
+  EXPECT_EQ(wait_job(server.port(), jsonl_id, "key-one")["state"], "completed");
+  const auto until = Clock::now() + std::chrono::seconds(60);
+  while ((metric(server.port(), "arbiter_job_item_webhooks_total{outcome=\"delivered\"}") < 10 ||
+          metric(server.port(), "arbiter_job_webhooks_total{outcome=\"delivered\"}") < 2) &&
+         Clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(metric(server.port(), "arbiter_job_item_webhooks_total{outcome=\"delivered\"}"), 10);
+  EXPECT_EQ(metric(server.port(), "arbiter_job_webhooks_total{outcome=\"delivered\"}"), 2);
+  receiver.snapshot();
+  // Every item once as delivered (plus the one answered 500, sent twice), each signed, with its
+  // result line; and each job's own webhook.
+  std::map<std::string, int> items;
+  int finished = 0;
+  for (size_t i = 0; i < receiver.bodies.size(); ++i) {
+    EXPECT_EQ(receiver.signatures[i], "sha256=" + hmac_hex(kSecret, receiver.bodies[i]));
+    const json body = json::parse(receiver.bodies[i]);
+    if (body["object"] == "job.finished") {
+      ++finished;
+      continue;
+    }
+    ASSERT_EQ(body["object"], "job.item") << body.dump();
+    const std::string custom_id = body["custom_id"];
+    EXPECT_EQ(body["job_id"], custom_id.rfind("eachl-", 0) == 0 ? jsonl_id : json_id);
+    EXPECT_EQ(receiver.paths[i], custom_id.rfind("eachl-", 0) == 0 ? "/hook/jsonl" : "/hook/json");
+    EXPECT_EQ(body["response"]["status_code"], 200);
+    EXPECT_TRUE(body["response"]["body"]["results"].is_array()) << body.dump();
+    ++items[custom_id];
+  }
+  EXPECT_EQ(finished, 2);
+  EXPECT_EQ(items.size(), 10u);
+  int twice = 0;
+  for (const auto& [id, n] : items) twice += n - 1;
+  EXPECT_EQ(twice, receiver.bodies.size() == 13u ? 1 : 0) << receiver.bodies.size();
+  EXPECT_LE(receiver.bodies.size(), 13u);
 }
 
 TEST_F(Jobs, HttpsWebhooksGoOnlyToReceiversWithTrustedCertificates) {

@@ -271,6 +271,47 @@ TEST(PgJobStore, AWebhookIsLeasedToOneReplicaAtATime) {
   EXPECT_EQ(again[0].webhook_attempts, 1);
 }
 
+TEST(PgJobStore, ItemWebhooksAreLeasedToOneReplicaAtATime) {
+  ARBITER_REQUIRE_PG();
+  PgTestDatabase db;
+  PgJobStore a(db.url(), std::chrono::seconds(30)), b(db.url(), std::chrono::seconds(30));
+  JobSubmission sub = items(5);
+  sub.webhook_url = "http://127.0.0.1:9/hook";
+  sub.webhook_items = true;
+  bool created = false;
+  const JobInfo job = a.create("key", sub, "sha", created);
+  EXPECT_TRUE(job.webhook_items);
+  const auto claimed = a.claim(5, {});
+  ASSERT_EQ(claimed.size(), 5u);
+  std::vector<JobStore::ItemResult> done;
+  for (const ClaimedItem& c : claimed) done.push_back({c.job_seq, c.index, 200, "{\"n\":" + std::to_string(c.index) + "}"});
+  a.finish_items(done);
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  std::optional<int64_t> next_a, next_b;
+  const auto first = a.item_webhooks_due(now, 3, next_a);  // a batch of 3: more are due
+  ASSERT_EQ(first.size(), 3u);
+  EXPECT_EQ(next_a, now);
+  EXPECT_EQ(first[0].job_id, job.id);
+  EXPECT_EQ(first[0].url, "http://127.0.0.1:9/hook");
+  const auto rest = b.item_webhooks_due(now, 10, next_b);  // the two a did not take
+  ASSERT_EQ(rest.size(), 2u);
+  std::set<int64_t> seen;
+  for (const auto* batch : {&first, &rest})
+    for (const ItemWebhook& w : *batch) {
+      EXPECT_TRUE(seen.insert(w.index).second) << "item " << w.index << " leased twice";
+      EXPECT_EQ(w.response, "{\"n\":" + std::to_string(w.index) + "}");
+    }
+  EXPECT_TRUE(b.item_webhooks_due(now, 10, next_b).empty());
+  // Failed and due again: free for either replica; delivered: gone.
+  a.item_webhook_tried(first[0].job_seq, first[0].index, false, now);
+  for (size_t i = 1; i < first.size(); ++i) a.item_webhook_tried(first[i].job_seq, first[i].index, true, std::nullopt);
+  const auto again = b.item_webhooks_due(now + 1, 10, next_b);
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(again[0].index, first[0].index);
+  EXPECT_EQ(again[0].attempts, 1);
+  EXPECT_EQ(db.value("SELECT count(*) FROM job_items WHERE webhook_state = 'delivered'"), "2");
+}
+
 TEST(PgJobStore, ReplicasHearOfNewWorkAtOnce) {
   ARBITER_REQUIRE_PG();
   PgTestDatabase db;
