@@ -93,17 +93,22 @@ pg_conn* connect(const std::string& url) {
   const char* values[] = {url.c_str(), "5", "arbiter", nullptr};
   return PQconnectdbParams(keys, values, 1);
 }
+
+// A connection to `url`, or StorageUnavailable naming `what`.
+pg_conn* connect_or_throw(const std::string& url, const std::string& what) {
+  pg_conn* conn = connect(url);
+  if (PQstatus(conn) != CONNECTION_OK) {
+    const std::string why = conn ? PQerrorMessage(conn) : "out of memory";
+    PQfinish(conn);
+    throw StorageUnavailable("cannot connect the " + what + " to " + masked(url) + ": " + why);
+  }
+  PQsetNoticeProcessor(conn, [](void*, const char*) {}, nullptr);  // NOTICEs (e.g. "already exists") are not errors
+  return conn;
+}
 }  // namespace
 
 Connection::Connection(std::string url, std::string what) : url_(std::move(url)), what_(std::move(what)) {
-  conn_ = connect(url_);
-  if (PQstatus(conn_) != CONNECTION_OK) {
-    const std::string why = conn_ ? PQerrorMessage(conn_) : "out of memory";
-    PQfinish(conn_);
-    conn_ = nullptr;
-    throw StorageUnavailable("cannot connect the " + what_ + " to " + masked(url_) + ": " + why);
-  }
-  PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);  // NOTICEs (e.g. "already exists") are not errors
+  conn_ = connect_or_throw(url_, what_);
 }
 
 Connection::~Connection() { PQfinish(conn_); }
@@ -118,15 +123,13 @@ void Connection::ensure() {
 }
 
 Listener::Listener(std::string url, std::string channel) : url_(std::move(url)), channel_(std::move(channel)) {
-  conn_ = connect(url_);
-  if (PQstatus(conn_) != CONNECTION_OK) {
-    const std::string why = conn_ ? PQerrorMessage(conn_) : "out of memory";
+  conn_ = connect_or_throw(url_, "job listener");
+  try {
+    listen();
+  } catch (...) {
     PQfinish(conn_);
-    conn_ = nullptr;
-    throw StorageUnavailable("cannot connect the job listener to " + masked(url_) + ": " + why);
+    throw;
   }
-  PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);
-  listen();
 }
 
 Listener::~Listener() { PQfinish(conn_); }
