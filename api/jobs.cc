@@ -4,6 +4,7 @@
 #include <openssl/hmac.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <map>
 #include <random>
@@ -649,6 +650,11 @@ void JobRunner::write() {
 // ---------------------------------------------------------------------------------------------
 // Webhooks
 
+namespace {
+// Item webhooks posted at once (each on its own connection).
+constexpr int kParallelDeliveries = 8;
+}  // namespace
+
 std::string hmac_sha256_hex(const std::string& key, const std::string& body) {
   unsigned char mac[EVP_MAX_MD_SIZE];
   unsigned int length = 0;
@@ -664,7 +670,10 @@ std::string hmac_sha256_hex(const std::string& key, const std::string& body) {
 }
 
 WebhookSender::WebhookSender(JobStore& store, const JobOptions& options, Delivered counted)
-    : store_(store), options_(options), client_(options.webhook_ca), counted_(std::move(counted)), thread_([this] { run(); }) {}
+    : store_(store), options_(options), counted_(std::move(counted)) {
+  for (int i = 0; i < kParallelDeliveries; ++i) clients_.push_back(std::make_unique<WebhookClient>(options.webhook_ca));
+  thread_ = std::thread([this] { run(); });
+}
 
 WebhookSender::~WebhookSender() {
   {
@@ -683,10 +692,10 @@ void WebhookSender::wake() {
   wake_.notify_all();
 }
 
-std::optional<int64_t> WebhookSender::deliver(const std::string& what, const std::string& url, const std::string& body, int64_t attempts,
-                                              bool item, bool& delivered) {
+std::optional<int64_t> WebhookSender::deliver(WebhookClient& client, const std::string& what, const std::string& url, const std::string& body,
+                                              int64_t attempts, bool item, bool& delivered) {
   const WebhookDelivery delivery =
-      client_.post(url, body, {{"X-Arbiter-Signature", "sha256=" + hmac_sha256_hex(options_.webhook_secret, body)}}, options_.webhook_timeout);
+      client.post(url, body, {{"X-Arbiter-Signature", "sha256=" + hmac_sha256_hex(options_.webhook_secret, body)}}, options_.webhook_timeout);
   delivered = delivery.status >= 200 && delivery.status < 300;
   if (!delivered)
     std::fprintf(stderr, "arbiter serve: webhook of %s to %s not delivered (attempt %lld): %s\n", what.c_str(), url.c_str(),
@@ -697,6 +706,33 @@ std::optional<int64_t> WebhookSender::deliver(const std::string& what, const std
     retry = unix_ms() + (options_.webhook_backoff.count() << std::min<int64_t>(attempts, 20));
   if (counted_) counted_(item, delivered ? "delivered" : retry ? "retried" : "failed");
   return retry;
+}
+
+std::optional<int64_t> WebhookSender::deliver_items(const std::vector<ItemWebhook>& items) {
+  std::mutex mutex;
+  std::optional<int64_t> soonest;
+  std::atomic<size_t> next{0};
+  const auto work = [&](WebhookClient& client) {
+    for (size_t i = next++; i < items.size(); i = next++) {
+      const ItemWebhook& item = items[i];
+      bool delivered = false;
+      const std::optional<int64_t> retry =
+          deliver(client, item.job_id + " item " + item.custom_id, item.url, item_webhook_body(item), item.attempts, true, delivered);
+      try {
+        store_.item_webhook_tried(item.job_seq, item.index, delivered, retry);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "arbiter serve: webhooks: %s\n", e.what());
+      }
+      std::lock_guard<std::mutex> lock(mutex);
+      if (retry && (!soonest || *retry < *soonest)) soonest = retry;
+    }
+  };
+  const size_t helpers = std::min(items.size(), clients_.size()) - 1;  // this thread delivers too
+  std::vector<std::thread> threads;
+  for (size_t t = 0; t < helpers; ++t) threads.emplace_back(work, std::ref(*clients_[t + 1]));
+  work(*clients_[0]);
+  for (std::thread& t : threads) t.join();
+  return soonest;
 }
 
 void WebhookSender::run() {
@@ -722,21 +758,12 @@ void WebhookSender::run() {
       std::fprintf(stderr, "arbiter serve: webhooks: %s\n", e.what());
       sooner(unix_ms() + 1000);
     }
-    for (const ItemWebhook& item : items_due) {
-      bool delivered = false;
-      const std::optional<int64_t> retry =
-          deliver(item.job_id + " item " + item.custom_id, item.url, item_webhook_body(item), item.attempts, true, delivered);
-      sooner(retry);
-      try {
-        store_.item_webhook_tried(item.job_seq, item.index, delivered, retry);
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "arbiter serve: webhooks: %s\n", e.what());
-      }
-    }
+    if (!items_due.empty()) sooner(deliver_items(items_due));
     for (const JobInfo& job : due) {
       if (!job.webhook_url) continue;
       bool delivered = false;
-      const std::optional<int64_t> retry = deliver(job.id, *job.webhook_url, webhook_body(job), job.webhook_attempts, false, delivered);
+      const std::optional<int64_t> retry =
+          deliver(*clients_[0], job.id, *job.webhook_url, webhook_body(job), job.webhook_attempts, false, delivered);
       sooner(retry);
       try {
         store_.webhook_tried(job.id, delivered, retry);

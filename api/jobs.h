@@ -300,11 +300,14 @@ class WebhookSender {
   void run();
   // POSTs one signed webhook body and counts the try; returns when to retry (nullopt: delivered or
   // given up, as `delivered` says).
-  std::optional<int64_t> deliver(const std::string& what, const std::string& url, const std::string& body, int64_t attempts, bool item,
-                                 bool& delivered);
+  std::optional<int64_t> deliver(WebhookClient& client, const std::string& what, const std::string& url, const std::string& body,
+                                 int64_t attempts, bool item, bool& delivered);
+  // Posts a batch of item webhooks, several at once (a slow receiver costs its latency once per
+  // batch slice, not once per item), and records each try; returns the soonest retry.
+  std::optional<int64_t> deliver_items(const std::vector<ItemWebhook>& items);
   JobStore& store_;
   JobOptions options_;
-  WebhookClient client_;
+  std::vector<std::unique_ptr<WebhookClient>> clients_;  // one per delivery in flight at once
   Delivered counted_;
   std::mutex mutex_;
   std::condition_variable wake_;
