@@ -62,7 +62,7 @@ constexpr const char* kWorkChannel = "arbiter_job_work";
 }  // namespace
 
 PgJobStore::PgJobStore(const std::string& url, std::chrono::milliseconds lease)
-    : url_(url), conn_(url, "job db"), lease_(std::max(lease, std::chrono::milliseconds(300))), replica_(replica_name()) {
+    : url_(url), conn_(url, "job db"), reader_(url, "job db"), lease_(std::max(lease, std::chrono::milliseconds(300))), replica_(replica_name()) {
   pg::migrate(conn_);
   renewer_ = std::thread([this] { renew_loop(); });
   listener_ = std::thread([this] { listen_loop(); });
@@ -192,13 +192,13 @@ JobInfo PgJobStore::create(const std::string& owner, const JobSubmission& sub, c
 }
 
 std::optional<JobInfo> PgJobStore::get(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return job_where(conn_, "id = $1", {id});
+  std::lock_guard<std::mutex> lock(read_mutex_);
+  return job_where(reader_, "id = $1", {id});
 }
 
 std::vector<JobInfo> PgJobStore::list(const std::optional<std::string>& owner, int64_t before_seq, size_t limit) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  const pg::Result r = conn_.exec(std::string("SELECT ") + kJobColumns +
+  std::lock_guard<std::mutex> lock(read_mutex_);
+  const pg::Result r = reader_.exec(std::string("SELECT ") + kJobColumns +
                                       " FROM jobs WHERE ($1::text IS NULL OR owner = $1) AND ($2::bigint <= 0 OR seq < $2)"
                                       " ORDER BY seq DESC LIMIT $3",
                                   {owner, pg::param(before_seq), pg::param(static_cast<int64_t>(limit))});
@@ -321,8 +321,8 @@ std::vector<JobInfo> PgJobStore::finish_items(const std::vector<ItemResult>& res
 
 size_t PgJobStore::results(int64_t job_seq, int64_t after_index, size_t limit,
                            const std::function<void(int64_t, const std::string&, int, const std::string&)>& row) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  const pg::Result r = conn_.exec(
+  std::unique_lock<std::mutex> lock(read_mutex_);
+  const pg::Result r = reader_.exec(
       "SELECT idx, custom_id, status, response FROM job_items WHERE job_seq = $1 AND state = 1 AND idx > $2 ORDER BY idx LIMIT $3",
       {pg::param(job_seq), pg::param(after_index), pg::param(static_cast<int64_t>(limit))});
   lock.unlock();  // the rows are ours: `row` may write to a slow client

@@ -56,8 +56,12 @@ class PgJobStore : public JobStore {
   void renew_loop();
   void listen_loop();
   std::string url_;
-  std::mutex mutex_;  // guards conn_
+  std::mutex mutex_;  // guards conn_: every write, and the claims
   pg::Connection conn_;
+  // The API's reads (a job, the list, results pages) on a connection of their own: they never
+  // wait behind a large submission or the runner's claims and commits.
+  std::mutex read_mutex_;
+  pg::Connection reader_;
   std::chrono::milliseconds lease_;
   std::string replica_;
   std::mutex renew_mutex_;
