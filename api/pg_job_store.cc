@@ -56,6 +56,18 @@ std::string replica_name() {
   return std::string(host) + ":" + std::to_string(getpid()) + ":" + tail;
 }
 
+// When the webhooks pending in `table` (jobs or job_items) not leased to `replica` are next worth a
+// look: the soonest retry, or when another replica's lease on a delivery ends (nullopt: none).
+std::optional<int64_t> next_webhook_look(pg::Connection& c, const std::string& table, const std::string& replica, int64_t now_ms) {
+  const pg::Result next = c.exec(
+      "SELECT min(GREATEST(webhook_next_ms, CASE WHEN webhook_lease_until > now()"
+      "  THEN (extract(epoch FROM webhook_lease_until) * 1000)::bigint ELSE 0 END))"
+      " FROM " + table + " WHERE webhook_state = 'pending' AND webhook_leased_by IS DISTINCT FROM $1",
+      {replica});
+  if (next.null(0, 0)) return std::nullopt;
+  return std::max(next.integer(0, 0), now_ms + 1);
+}
+
 // The LISTEN/NOTIFY channel on which stores announce work to claim.
 constexpr const char* kWorkChannel = "arbiter_job_work";
 
@@ -347,14 +359,7 @@ std::vector<JobInfo> PgJobStore::webhooks_due(int64_t now_ms, std::optional<int6
     t.commit();
     for (int i = 0; i < r.rows(); ++i) out.push_back(read_job(r, i));
   });
-  // The next look: the soonest retry, or when another replica's lease on a delivery ends.
-  const pg::Result next = conn_.exec(
-      "SELECT min(GREATEST(webhook_next_ms, CASE WHEN webhook_lease_until > now()"
-      "  THEN (extract(epoch FROM webhook_lease_until) * 1000)::bigint ELSE 0 END))"
-      " FROM jobs WHERE webhook_state = 'pending' AND webhook_leased_by IS DISTINCT FROM $1",
-      {replica_});
-  next_ms.reset();
-  if (!next.null(0, 0)) next_ms = std::max(next.integer(0, 0), now_ms + 1);
+  next_ms = next_webhook_look(conn_, "jobs", replica_, now_ms);
   if (out.size() == static_cast<size_t>(kWebhooksPerClaim)) next_ms = now_ms;  // more may be due
   return out;
 }
@@ -379,13 +384,7 @@ std::vector<ItemWebhook> PgJobStore::item_webhooks_due(int64_t now_ms, size_t li
       out.push_back({r.integer(i, 0), r.integer(i, 1), r.text(i, 2), r.text(i, 3), r.text(i, 4), static_cast<int>(r.integer(i, 5)),
                      r.text(i, 6), r.integer(i, 7)});
   });
-  const pg::Result next = conn_.exec(
-      "SELECT min(GREATEST(webhook_next_ms, CASE WHEN webhook_lease_until > now()"
-      "  THEN (extract(epoch FROM webhook_lease_until) * 1000)::bigint ELSE 0 END))"
-      " FROM job_items WHERE webhook_state = 'pending' AND webhook_leased_by IS DISTINCT FROM $1",
-      {replica_});
-  next_ms.reset();
-  if (!next.null(0, 0)) next_ms = std::max(next.integer(0, 0), now_ms + 1);
+  next_ms = next_webhook_look(conn_, "job_items", replica_, now_ms);
   if (out.size() == limit) next_ms = now_ms;  // more may be due
   return out;
 }
