@@ -80,6 +80,29 @@ std::optional<int64_t> parse_time_ms(const std::string& text) {
   return (static_cast<int64_t>(t) - offset_s) * 1000 + millis;
 }
 
+DecisionRecord decision_record(const PolicyResult& pr, const ClassifyPolicy& policy, const std::string& content,
+                               const std::optional<std::string>& content_sha256, const DecisionLogSettings& settings, int64_t now_ms) {
+  DecisionRecord d;
+  d.id = new_decision_id(now_ms);
+  d.created_ms = now_ms;
+  d.policy_id = policy.id;
+  d.policy_sha256 = sha256_hex(policy.text);
+  d.verdict_json = pr.verdict.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  d.verdict_key = verdict_key(pr.verdict);
+  d.violation = pr.violation();
+  d.confidence = pr.confidence;
+  d.final_text = printable(pr.final_text);
+  if (settings.store_reasoning) d.reasoning = printable(pr.reasoning);
+  if (settings.content == ContentStorage::kFull) d.content = content;
+  if (settings.content != ContentStorage::kNone) d.content_sha256 = content_sha256 ? *content_sha256 : sha256_hex(content);
+  d.finish_reason = finish_reason_name(pr.finish);
+  d.prompt_tokens = pr.usage.prompt_tokens;
+  d.cached_tokens = pr.usage.cached_tokens;
+  d.reasoning_tokens = pr.usage.reasoning_tokens;
+  d.completion_tokens = pr.usage.completion_tokens;
+  return d;
+}
+
 std::vector<DecisionRecord> decision_records(const ClassifyResult& result, const ResolvedClassify& request,
                                              const DecisionLogSettings& settings, const ApiKeyIdentity& who,
                                              double latency_ms, int64_t now_ms, wire::ClassifyResponse& response) {
@@ -88,37 +111,19 @@ std::vector<DecisionRecord> decision_records(const ClassifyResult& result, const
   std::optional<std::string> content_hash;
   if (settings.content != ContentStorage::kNone) content_hash = sha256_hex(r.content);
   for (size_t i = 0; i < result.results.size() && i < r.policies.size(); ++i) {
-    const PolicyResult& pr = result.results[i];
     const ClassifyPolicy& policy = r.policies[i];
-    DecisionRecord d;
-    d.id = new_decision_id(now_ms);
-    d.created_ms = now_ms;
+    DecisionRecord d = decision_record(result.results[i], policy, r.content, content_hash, settings, now_ms);
     d.api_key_id = who.id;
     d.request_id = result.id;
     d.model = response.model();
-    d.policy_id = policy.id;
     if (i < request.versions.size() && request.versions[i]) {
       d.policy_version = request.versions[i];
       if (const size_t at = policy.id.find('@'); at != std::string::npos) d.policy_id = policy.id.substr(0, at);
     }
-    d.policy_sha256 = sha256_hex(policy.text);
     // How the verdict was reached: the cascade's deciding stage, verdict-only scoring, or reasoning.
     d.effort = request.cascade ? "auto" : to_string(r.effort);
     if (request.cascade) d.mode = i < request.decided_by.size() ? request.decided_by[i] : "none";
     else d.mode = r.mode == ClassifyMode::kScore ? "score" : "reasoning";
-    d.verdict_json = pr.verdict.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-    d.verdict_key = verdict_key(pr.verdict);
-    d.violation = pr.violation();
-    d.confidence = pr.confidence;
-    d.final_text = printable(pr.final_text);
-    if (settings.store_reasoning) d.reasoning = printable(pr.reasoning);
-    if (settings.content == ContentStorage::kFull) d.content = r.content;
-    d.content_sha256 = content_hash;
-    d.finish_reason = finish_reason_name(pr.finish);
-    d.prompt_tokens = pr.usage.prompt_tokens;
-    d.cached_tokens = pr.usage.cached_tokens;
-    d.reasoning_tokens = pr.usage.reasoning_tokens;
-    d.completion_tokens = pr.usage.completion_tokens;
     d.latency_ms = latency_ms;
     if (static_cast<int>(i) < response.results_size()) response.mutable_results(static_cast<int>(i))->set_decision_id(d.id);
     out.push_back(std::move(d));

@@ -26,6 +26,13 @@ std::vector<DecisionRecord> decision_records(const ClassifyResult& result, const
                                              const DecisionLogSettings& settings, const ApiKeyIdentity& who,
                                              double latency_ms, int64_t now_ms, wire::ClassifyResponse& response);
 
+// One policy's result as a decision record: a new id, the time, the policy (id, text hash), the
+// verdict, final text, tokens and finish; the content and reasoning as `settings` keeps them
+// (`content_sha256`: the content's hash, computed once per request). The caller sets who asked, the
+// request id, model, policy version, effort, mode and latency.
+DecisionRecord decision_record(const PolicyResult& result, const ClassifyPolicy& policy, const std::string& content,
+                               const std::optional<std::string>& content_sha256, const DecisionLogSettings& settings, int64_t now_ms);
+
 // The query string of GET /v1/decisions (without '?') -> a query (scope not set); ApiException 400
 // with `param` for an unknown, repeated or malformed parameter.
 DecisionQuery parse_decision_query(const std::string& query_string);

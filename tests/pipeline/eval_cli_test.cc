@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -13,6 +14,8 @@
 #include <vector>
 
 #include "api/policy_registry.h"
+#include "api/sqlite_decision_store.h"
+#include "pipeline/sha256.h"
 #include "tests/test_util.h"
 
 namespace arbiter {
@@ -235,6 +238,55 @@ TEST_F(CliEval, CascadeRunsEveryStageAndSweeps) {
   EXPECT_TRUE(sweep.at("configured").is_object());
   const json item = json::parse(read_lines(out.file("auto/items.jsonl"))[0]);
   EXPECT_EQ(item.at("policies").at("policy").at("stages").size(), 3u);
+}
+
+// --decision-log: every verdict of a fixed-effort run and of a cascade run is kept as `arbiter serve`
+// keeps a request's, under the API key id "eval", the content as its hash, no reasoning.
+TEST_F(CliEval, VerdictsGoToTheDecisionLogWhenAsked) {
+  TempDir out;
+  const std::string data = subset(out, "six.jsonl", 6);
+  const std::string db = out.file("decisions.db");
+  RunResult r = eval("--dataset " + testing::shell_quote(data) + " --policy " + testing::shell_quote(spam_policy()) +
+                     " --mode score --effort low --decision-log " + testing::shell_quote(db) + " --out " + testing::shell_quote(out.file("s")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = eval("--dataset " + testing::shell_quote(data) + " --policy " + testing::shell_quote(spam_policy()) + " --effort auto --decision-log " +
+           testing::shell_quote(db) + " --out " + testing::shell_quote(out.file("a")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::map<std::string, json> verdicts;  // "s/ID" or "a/ID" -> the verdict items.jsonl holds
+  std::map<std::string, std::string> contents;
+  for (const char* run : {"s", "a"})
+    for (const std::string& line : read_lines(out.file(std::string(run) + "/items.jsonl"))) {
+      const json item = json::parse(line);
+      verdicts[std::string(run) + "/" + item.at("id").get<std::string>()] = item.at("policies").at("policy").at("verdict");
+    }
+  for (const std::string& line : read_lines(data)) {
+    const json item = json::parse(line);
+    contents[item.at("id")] = item.at("content");
+  }
+  api::SqliteDecisionStore store(db, true);
+  api::DecisionQuery q;
+  q.limit = 100;
+  const api::DecisionPage page = store.list(q);
+  ASSERT_EQ(page.decisions.size(), 12u);
+  int score = 0, automatic = 0;
+  for (const api::DecisionRecord& d : page.decisions) {
+    EXPECT_EQ(d.api_key_id, "eval");
+    EXPECT_EQ(d.policy_id, "policy");
+    EXPECT_EQ(d.model, "model");
+    ASSERT_EQ(d.request_id.rfind("eval-", 0), 0u) << d.request_id;
+    const std::string item_id = d.request_id.substr(d.request_id.find('-', 5) + 1);
+    ASSERT_TRUE(contents.count(item_id)) << d.request_id;
+    EXPECT_EQ(d.content_sha256, sha256_hex(contents[item_id]));
+    EXPECT_FALSE(d.content);
+    EXPECT_FALSE(d.reasoning);
+    const bool is_auto = d.effort == "auto";
+    (is_auto ? automatic : score)++;
+    if (!is_auto) EXPECT_EQ(d.mode, "score");
+    else EXPECT_TRUE(d.mode == "score" || d.mode == "low" || d.mode == "high" || d.mode == "none") << d.mode;
+    EXPECT_EQ(json::parse(d.verdict_json), verdicts[std::string(is_auto ? "a/" : "s/") + item_id]) << d.request_id;
+  }
+  EXPECT_EQ(score, 6);
+  EXPECT_EQ(automatic, 6);
 }
 
 // A policy file with rules and a triage model: the rules decide the items they match, triage (trained

@@ -23,7 +23,11 @@
 #include <string>
 #include <vector>
 
+#include "api/decisions_api.h"
+#include "api/pg_decision_store.h"
+#include "api/pg_util.h"
 #include "api/policy_registry.h"
+#include "api/sqlite_decision_store.h"
 #include "pipeline/cascade.h"
 #include "pipeline/dataset.h"
 #include "pipeline/eval_report.h"
@@ -58,6 +62,8 @@ const char* const kEvalUsage =
     "  --triage-dir DIR         where the cascades' \"triage_model\" files are\n"
     "  --concurrency N          items in flight at once (16)\n"
     "  --resume                 keep the items already in DIR/items.jsonl and run only the rest\n"
+    "  --decision-log DB        also keep every verdict in the decision log DB (an `arbiter serve --db` SQLite file or\n"
+    "                           postgres:// URL): API key id \"eval\", request id eval-RUN-ITEM, the content as its hash\n"
     "  --compare DIR2           diff this run's verdicts with another run's (DIR2/items.jsonl), per policy id (one\n"
     "                           policy on each side: those two): DIR/compare.json\n"
     "  --target-agreement X     the sweep's target agreement with high effort (0.95)\n"
@@ -71,6 +77,10 @@ const char* const kEvalUsage =
 namespace {
 
 using json = nlohmann::json;
+using api::ContentStorage;
+using api::DecisionLogSettings;
+using api::DecisionRecord;
+using api::DecisionStore;
 
 // --policy values: files, else (with --policy-db) registry ids. Ids are made unique by a suffix.
 std::vector<PolicyFile> load_policies(const CliArgs& args) {
@@ -165,7 +175,32 @@ struct EvalJob {
   ClassifyMode mode = ClassifyMode::kReason;
   std::vector<CascadePolicy> cascade;  // automatic: per policy
   size_t window = 16;
+  // --decision-log: each verdict is also kept there, as `arbiter serve` keeps a request's.
+  DecisionStore* decisions = nullptr;
+  std::string run_id;      // request ids are eval-<run_id>-<item id>
+  std::string model_name;
 };
+
+// The eval's verdicts as the decision log keeps a request's: content as its hash, no reasoning.
+DecisionRecord eval_decision(const EvalJob& job, const PolicyResult& result, const ClassifyPolicy& policy, const DatasetItem& item,
+                             const std::string& effort, const std::string& mode, double latency_s) {
+  static const DecisionLogSettings kSettings = [] {
+    DecisionLogSettings s;
+    s.content = ContentStorage::kHash;
+    s.store_reasoning = false;
+    return s;
+  }();
+  const int64_t now_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  DecisionRecord d = api::decision_record(result, policy, item.content, std::nullopt, kSettings, now_ms);
+  d.api_key_id = "eval";
+  d.request_id = "eval-" + job.run_id + "-" + item.id;
+  d.model = job.model_name;
+  d.effort = effort;
+  d.mode = mode;
+  d.latency_ms = latency_s * 1000;
+  return d;
+}
 
 ClassifyPolicy classify_policy(const PolicyFile& p) {
   ClassifyPolicy c;
@@ -179,6 +214,7 @@ ClassifyPolicy classify_policy(const PolicyFile& p) {
 // Where the records of one window land, by item index within the window.
 struct WindowResults {
   std::vector<std::optional<EvalItemRecord>> records;
+  std::vector<DecisionRecord> decisions;  // --decision-log
   std::vector<std::chrono::steady_clock::time_point> started;
 };
 
@@ -221,7 +257,7 @@ std::vector<EvalItemRecord> run_window(ServingRank& serving, Cascade* cascade, c
       request.base = std::move(base);
       request.policies = job.cascade;
       request.run_all_stages = true;
-      status = cascade->submit(std::move(request), [results, i, expected, id = item.id](CascadeResult r) {
+      status = cascade->submit(std::move(request), [results, i, expected, id = item.id, &job, &item](CascadeResult r) {
         EvalItemRecord record{id, {}};
         const double latency = seconds_since(results->started[i]);
         for (size_t k = 0; k < r.policies.size(); ++k) {
@@ -237,6 +273,9 @@ std::vector<EvalItemRecord> run_window(ServingRank& serving, Cascade* cascade, c
           pr.latency = latency;
           pr.error = c.result.error;
           record.policies.push_back(std::move(pr));
+          if (job.decisions && k < job.cascade.size())
+            results->decisions.push_back(eval_decision(job, c.result, job.cascade[k].policy, item, "auto",
+                                                       c.decided_by ? to_string(*c.decided_by) : "none", latency));
         }
         results->records[i] = std::move(record);
       }, &why);
@@ -248,7 +287,7 @@ std::vector<EvalItemRecord> run_window(ServingRank& serving, Cascade* cascade, c
                           : job.effort == ReasoningEffort::kLow  ? Stage::kLow
                           : job.effort == ReasoningEffort::kHigh ? Stage::kHigh
                                                                  : Stage::kMedium;
-      status = serving.classifier().submit(base, [results, i, expected, stage, id = item.id](ClassifyResult r) {
+      status = serving.classifier().submit(base, [results, i, expected, stage, id = item.id, &job, &item](ClassifyResult r) {
         EvalItemRecord record{id, {}};
         const double latency = seconds_since(results->started[i]);
         for (size_t k = 0; k < r.results.size(); ++k) {
@@ -265,6 +304,9 @@ std::vector<EvalItemRecord> run_window(ServingRank& serving, Cascade* cascade, c
           pr.error = p.error;
           pr.stages = {std::move(o)};
           record.policies.push_back(std::move(pr));
+          if (job.decisions && k < job.files.size())
+            results->decisions.push_back(eval_decision(job, p, classify_policy(job.files[k]), item, to_string(job.effort),
+                                                       job.mode == ClassifyMode::kScore ? "score" : "reasoning", latency));
         }
         results->records[i] = std::move(record);
       }, &why);
@@ -273,6 +315,8 @@ std::vector<EvalItemRecord> run_window(ServingRank& serving, Cascade* cascade, c
       results->records[i] = failed_record(job, item, std::string(to_string(status)) + (why.empty() ? "" : ": " + why));
   }
   serving.loop().run_until_idle();
+  // The window's verdicts in the decision log, in one transaction.
+  if (job.decisions && !results->decisions.empty()) job.decisions->append(results->decisions);
   std::vector<EvalItemRecord> out;
   for (size_t i = 0; i < items.size(); ++i) {
     if (!results->records[i]) throw std::runtime_error("item " + items[i]->id + " never finished");
@@ -323,6 +367,7 @@ int cmd_eval(const CliArgs& args) {
   const bool resume = args.flag("resume");
   const std::string triage_dir = args.get("triage-dir", "");
   const std::string compare_dir = args.get("compare", "");
+  const std::string decision_log = args.get("decision-log", "");
   EvalOptions options;
   options.seed = static_cast<uint64_t>(args.get_int("seed", 1));
   options.bootstrap = static_cast<int>(args.get_int("bootstrap", 1000));
@@ -391,6 +436,15 @@ int cmd_eval(const CliArgs& args) {
   std::vector<EvalItemRecord> fresh;
   if (!todo.empty()) {
     ServingRank serving(serving_opts);
+    std::unique_ptr<DecisionStore> decisions;
+    if (!decision_log.empty()) {
+      decisions = api::pg::is_url(decision_log) ? std::unique_ptr<DecisionStore>(std::make_unique<api::PgDecisionStore>(decision_log))
+                                                : std::make_unique<api::SqliteDecisionStore>(decision_log);
+      job.decisions = decisions.get();
+      job.run_id = std::to_string(
+          std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+      job.model_name = serving.model_name();
+    }
     job.window = static_cast<size_t>(std::min<long long>(concurrency, std::max(1, serving.options().max_queued_requests)));
     // The policies' prefixes, computed once before the requests that share them.
     for (size_t i = 0; i < job.files.size(); ++i) {
