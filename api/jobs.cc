@@ -478,6 +478,26 @@ std::vector<JobInfo> SqliteJobStore::webhooks_due(int64_t now_ms, std::optional<
   return out;
 }
 
+int64_t SqliteJobStore::delete_finished_before(int64_t cutoff_s) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  sqlite::Transaction t(db_, kWhat);
+  sqlite::exec(db_,
+               "CREATE TEMP TABLE IF NOT EXISTS expired_jobs (seq INTEGER PRIMARY KEY); DELETE FROM expired_jobs;", kWhat);
+  sqlite::Statement pick(db_,
+                         "INSERT INTO expired_jobs SELECT seq FROM jobs j WHERE state IN ('completed', 'failed', 'cancelled')"
+                         " AND finished_at < ?1 AND webhook_state <> 'pending'"
+                         " AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_seq = j.seq AND i.webhook_state = 'pending')",
+                         kWhat);
+  pick.bind(1, cutoff_s).step();
+  const int64_t n = sqlite3_changes(db_);
+  sqlite::exec(db_,
+               "DELETE FROM job_items WHERE job_seq IN (SELECT seq FROM expired_jobs);"
+               "DELETE FROM jobs WHERE seq IN (SELECT seq FROM expired_jobs); DELETE FROM expired_jobs;",
+               kWhat);
+  t.commit();
+  return n;
+}
+
 std::vector<ItemWebhook> SqliteJobStore::item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) {
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Statement s(db_,
@@ -620,10 +640,35 @@ void JobRunner::work() {
   claimed_.clear();
 }
 
+void JobRunner::set_retention(double days, std::chrono::milliseconds interval) {
+  retention_days_ = days;
+  retention_interval_ = interval;
+}
+
+void JobRunner::sweep() {
+  if (!(retention_days_ > 0)) return;
+  const int64_t cutoff_s = unix_ms() / 1000 - static_cast<int64_t>(retention_days_ * 86400.0);
+  try {
+    const int64_t n = store_.delete_finished_before(cutoff_s);
+    if (n > 0) std::fprintf(stderr, "arbiter serve: jobs: deleted %lld finished jobs past the retention period\n", static_cast<long long>(n));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "arbiter serve: jobs: retention sweep failed: %s\n", e.what());
+  }
+}
+
 void JobRunner::write() {
+  sweep();
+  auto next_sweep = std::chrono::steady_clock::now() + retention_interval_;
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
-    written_.wait(lock, [&] { return !finished_items_.empty() || workers_done_; });
+    written_.wait_until(lock, next_sweep, [&] { return !finished_items_.empty() || workers_done_; });
+    if (std::chrono::steady_clock::now() >= next_sweep) {
+      lock.unlock();
+      sweep();
+      lock.lock();
+      next_sweep = std::chrono::steady_clock::now() + retention_interval_;
+      continue;
+    }
     if (finished_items_.empty()) return;  // workers done and nothing left
     // Results gather for a moment: one commit per interval, not per item, so that the job writer
     // seldom takes the database's write lock while the decision log (another connection to the same

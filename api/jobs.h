@@ -48,6 +48,10 @@ struct JobOptions {
   // PostgreSQL: how long an item (or a webhook) stays leased to the replica working on it after the
   // replica last renewed the lease; a replica that dies leaves its items to others after this.
   std::chrono::milliseconds lease{30000};
+  // Finished jobs (with their items and results) are deleted this many days after they finished,
+  // once no webhook of theirs is pending; checked at start and every interval. 0: kept forever.
+  double retention_days = 0;
+  std::chrono::milliseconds retention_interval{std::chrono::hours(1)};
 };
 
 // The endpoints a job item may run.
@@ -197,6 +201,9 @@ class JobStore {
   // may be due at once).
   virtual std::vector<ItemWebhook> item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) = 0;
   virtual void item_webhook_tried(int64_t job_seq, int64_t index, bool delivered, std::optional<int64_t> retry_ms) = 0;
+  // Deletes the jobs that finished before `cutoff_s` (unix seconds) and have no webhook (of the job
+  // or an item) pending, with their items; returns how many jobs.
+  virtual int64_t delete_finished_before(int64_t cutoff_s) = 0;
   // Calls `woken` (from another thread) whenever another process may have stored work to claim,
   // until it is replaced or cleared ({}); once it returns, the previous callback is not running and
   // will not be called. A store one process owns has nothing to hear: the default does nothing.
@@ -223,6 +230,7 @@ class SqliteJobStore : public JobStore {
   void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) override;
   std::vector<ItemWebhook> item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) override;
   void item_webhook_tried(int64_t job_seq, int64_t index, bool delivered, std::optional<int64_t> retry_ms) override;
+  int64_t delete_finished_before(int64_t cutoff_s) override;
 
  private:
   std::mutex mutex_;
@@ -249,6 +257,9 @@ class JobRunner {
   using Finished = std::function<void(const JobInfo&)>;
   // `finished`: a job's last item was stored; `stored` (optional): a batch of results was stored.
   JobRunner(JobStore& store, int concurrency, Run run, Finished finished, std::function<void()> stored = {});
+  // Deletes finished jobs `days` after they finished (JobOptions::retention_days), at start() and
+  // every `interval`, from the writer thread; call before start(). 0 days: never.
+  void set_retention(double days, std::chrono::milliseconds interval);
   ~JobRunner();  // stop()
   JobRunner(const JobRunner&) = delete;
   JobRunner& operator=(const JobRunner&) = delete;
@@ -267,6 +278,9 @@ class JobRunner {
   Run run_;
   Finished finished_;
   std::function<void()> stored_;
+  double retention_days_ = 0;
+  std::chrono::milliseconds retention_interval_{std::chrono::hours(1)};
+  void sweep();  // the retention sweep (no lock held)
   mutable std::mutex mutex_;
   std::condition_variable wake_, written_;
   std::set<std::pair<int64_t, int64_t>> busy_;  // claimed and not yet stored (or released)

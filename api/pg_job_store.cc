@@ -364,6 +364,27 @@ std::vector<JobInfo> PgJobStore::webhooks_due(int64_t now_ms, std::optional<int6
   return out;
 }
 
+int64_t PgJobStore::delete_finished_before(int64_t cutoff_s) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int64_t n = 0;
+  pg::retrying([&] {
+    pg::Transaction t(conn_);
+    const pg::Result expired = conn_.exec(
+        "SELECT seq FROM jobs j WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < $1 AND webhook_state <> 'pending'"
+        " AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_seq = j.seq AND i.webhook_state = 'pending') FOR UPDATE",
+        {pg::param(cutoff_s)});
+    std::vector<int64_t> seqs;
+    for (int i = 0; i < expired.rows(); ++i) seqs.push_back(expired.integer(i, 0));
+    if (!seqs.empty()) {
+      conn_.exec("DELETE FROM job_items WHERE job_seq = ANY($1::bigint[])", {pg::array(seqs)});
+      conn_.exec("DELETE FROM jobs WHERE seq = ANY($1::bigint[])", {pg::array(seqs)});
+    }
+    t.commit();
+    n = static_cast<int64_t>(seqs.size());
+  });
+  return n;
+}
+
 std::vector<ItemWebhook> PgJobStore::item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::string lease_ms = std::to_string(lease_.count());

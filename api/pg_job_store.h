@@ -45,6 +45,7 @@ class PgJobStore : public JobStore {
   void webhook_tried(const std::string& id, bool delivered, std::optional<int64_t> retry_ms) override;
   std::vector<ItemWebhook> item_webhooks_due(int64_t now_ms, size_t limit, std::optional<int64_t>& next_ms) override;
   void item_webhook_tried(int64_t job_seq, int64_t index, bool delivered, std::optional<int64_t> retry_ms) override;
+  int64_t delete_finished_before(int64_t cutoff_s) override;
   // Heard through LISTEN/NOTIFY: every replica's store announces new jobs, and leases handed back
   // at shutdown, on one channel.
   void on_work_elsewhere(std::function<void()> woken) override;

@@ -125,6 +125,7 @@ struct ApiServer::Impl {
           [this] {
             if (!options.jobs.webhook_allow.empty()) webhooks->wake();
           });
+      job_runner->set_retention(options.jobs.retention_days, options.jobs.retention_interval);
     }
   }
 

@@ -8,6 +8,7 @@
 // a webhook delivered to a loopback receiver, signed (HMAC-SHA256, checked here) and retried after a
 // 500, and one not delivered before a crash sent after the restart; https webhooks delivered only to
 // a receiver whose certificate the server trusts; item webhooks (one signed POST per result);
+// retention (finished jobs deleted, unless a webhook of theirs is pending);
 // webhook URLs outside the allow-list refused. Built twice: against SQLite files, and (api_jobs_pg_test, label postgres,
 // ARBITER_JOBS_ON_POSTGRES) against PostgreSQL databases, one per server, as replicas would use.
 #include <gtest/gtest.h>
@@ -644,6 +645,46 @@ TEST_F(Jobs, ItemWebhooksPostEveryResultOnceSigned) {
   for (const auto& [id, n] : items) twice += n - 1;
   EXPECT_EQ(twice, receiver.bodies.size() == 13u ? 1 : 0) << receiver.bodies.size();
   EXPECT_LE(receiver.bodies.size(), 13u);
+}
+
+TEST_F(Jobs, RetentionDeletesFinishedJobsWhoseWebhooksAreDone) {
+  int closed_port = 0;
+  {
+    Receiver probe;  // a free port, closed again: deliveries to it fail and stay pending
+    closed_port = probe.port();
+  }
+  const std::string db = new_db(*tmp_, "retention.db");
+  const std::string hook = "http://127.0.0.1:" + std::to_string(closed_port) + "/hook/";
+  // Finished jobs go 0.00002 days (1.7 s) after they finished; sweeps every 0.3 s.
+  ServeProcess server(args(db, {"--job-retention-days", "0.00002", "--retention-interval", "0.3", "--webhook-allow", hook,
+                                "--webhook-secret-file", tmp_->file("secret"), "--webhook-attempts", "20"}),
+                      tmp_->file("retention.log"));
+  ASSERT_TRUE(wait_ready(server.port(), 60)) << server.log();
+  Reply r = call(server.port(), "POST", "/v1/jobs", json_job("gone", 3).dump(), "key-one");
+  ASSERT_EQ(r.status, 201) << r.raw;
+  const std::string gone = r.body["id"];
+  json pending_job = json_job("kept", 3);
+  pending_job["webhook_url"] = hook + "x";
+  r = call(server.port(), "POST", "/v1/jobs", pending_job.dump(), "key-one");
+  ASSERT_EQ(r.status, 201) << r.raw;
+  const std::string kept = r.body["id"];
+  const json finished = wait_job(server.port(), gone, "key-one");
+  EXPECT_EQ(finished["state"], "completed");
+  const int64_t seq = std::stoll(sql_value(db, "SELECT seq FROM jobs WHERE id = '" + gone + "'"));
+  EXPECT_EQ(wait_job(server.port(), kept, "key-one")["state"], "completed");
+  int status = 200;
+  for (int i = 0; i < 300 && status == 200; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    status = call(server.port(), "GET", "/v1/jobs/" + gone, "", "key-one").status;
+  }
+  EXPECT_EQ(status, 404) << server.log();
+  EXPECT_EQ(call(server.port(), "GET", "/v1/jobs/" + gone + "/results", "", "key-one").status, 404);
+  EXPECT_EQ(sql_value(db, "SELECT count(*) FROM job_items WHERE job_seq = " + std::to_string(seq)), "0");
+  // Finished as long ago, but its webhook is still pending: kept, with its results.
+  const Reply still = call(server.port(), "GET", "/v1/jobs/" + kept, "", "key-one");
+  ASSERT_EQ(still.status, 200) << still.raw;
+  EXPECT_EQ(still.body["webhook"]["state"], "pending");
+  EXPECT_EQ(results(server.port(), kept, "key-one").size(), 3u);
 }
 
 TEST_F(Jobs, HttpsWebhooksGoOnlyToReceiversWithTrustedCertificates) {

@@ -129,8 +129,11 @@ api::ApiOptions api_options(const CliArgs& args) {
   if (!jobs.webhook_allow.empty() && jobs.webhook_secret.empty())
     throw std::invalid_argument("--webhook-allow needs --webhook-secret-file (webhooks are signed)");
   if (!jobs.webhook_allow.empty() && jobs.db.empty()) throw std::invalid_argument("--webhook-allow needs a database for jobs (--db FILE)");
+  jobs.retention_days = std::stod(args.get("job-retention-days", "0"));
+  if (!(jobs.retention_days >= 0)) throw std::invalid_argument("--job-retention-days must not be negative (0: keep every job)");
+  if (jobs.retention_days > 0 && jobs.db.empty()) throw std::invalid_argument("--job-retention-days needs a database for jobs (--db FILE)");
   if (args.flag("no-decision-log")) d.db.clear();
-  for (const char* name : {"store-content", "store-reasoning", "retention-days", "retention-interval"})
+  for (const char* name : {"store-content", "store-reasoning", "retention-days"})
     if (args.has(name) && d.db.empty())
       throw std::invalid_argument(std::string("--") + name + " needs a decision log (--db FILE, or a writable --policy-db)");
   const std::string content = args.get("store-content", "hash");
@@ -146,6 +149,9 @@ api::ApiOptions api_options(const CliArgs& args) {
   const double interval = std::stod(args.get("retention-interval", "3600"));
   if (!(interval > 0)) throw std::invalid_argument("--retention-interval must be a positive number of seconds");
   d.log.retention_interval = std::chrono::milliseconds(static_cast<long long>(interval * 1000));
+  jobs.retention_interval = d.log.retention_interval;
+  if (args.has("retention-interval") && d.db.empty() && !(jobs.retention_days > 0))
+    throw std::invalid_argument("--retention-interval needs a decision log (--db FILE) or --job-retention-days");
   if (args.has("warm-efforts")) {  // e.g. "low,medium"; "none": registered policies are not precomputed
     o.warm_efforts.clear();
     std::string list = args.get("warm-efforts", "");
@@ -250,7 +256,9 @@ const char* const kServeUsage =
     "  --store-content full|hash|none  what the decision log keeps of the content (hash: its SHA-256 only)\n"
     "  --store-reasoning on|off whether the decision log keeps the reasoning (on)\n"
     "  --retention-days N       delete decisions older than N days, at start and every --retention-interval (0: keep)\n"
-    "  --retention-interval S   seconds between retention sweeps (3600)\n"
+    "  --retention-interval S   seconds between retention sweeps, of decisions and of jobs (3600)\n"
+    "  --job-retention-days N   delete finished jobs, their items and results, N days after they finished once no\n"
+    "                           webhook of theirs is pending; at start and every --retention-interval (0: keep)\n"
     "  --request-timeout S      seconds a request may take (600; 0: none); a request's 'timeout' may shorten it\n"
     "  --max-body-bytes N       larger bodies get 413 (4194304); gRPC: the largest request message\n"
     "  --http-threads N         requests handled at once, each waiting for the model (256); gRPC: calls at once\n"
