@@ -371,7 +371,7 @@ int64_t PgJobStore::delete_finished_before(int64_t cutoff_s) {
     pg::Transaction t(conn_);
     const pg::Result expired = conn_.exec(
         "SELECT seq FROM jobs j WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < $1 AND webhook_state <> 'pending'"
-        " AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_seq = j.seq AND i.webhook_state = 'pending') FOR UPDATE",
+        " AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_seq = j.seq AND i.webhook_state = 'pending') ORDER BY seq FOR UPDATE",
         {pg::param(cutoff_s)});
     std::vector<int64_t> seqs;
     for (int i = 0; i < expired.rows(); ++i) seqs.push_back(expired.integer(i, 0));
