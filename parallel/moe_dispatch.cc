@@ -345,7 +345,6 @@ void MoeDispatcher::exchange_tensors(std::span<const TensorPart> parts) {
   }
   if (device && step_capacity_ > 0 && comm.enqueues_device_exchanges()) {
     comm.enqueue_all_to_all_v_parts_device(cp, backend_.native_stream());  // finish_step waits
-    device_pending_ = true;
     return;
   }
   if (device) {
@@ -362,10 +361,9 @@ void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, c
                                     const ExpertWeights& local, float swiglu_limit, const Tensor& out, int layer,
                                     const Tensor& expert_load) {
   Communicator& comm = exchange_.comm();
-  const int n = comm.size(), me = comm.rank(), K = exchange_.top_k(), H = exchange_.hidden();
+  const int n = comm.size(), K = exchange_.top_k(), H = exchange_.hidden();
   const DType act = exchange_.dtype();
   const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
-  const size_t row_bytes = static_cast<size_t>(H) * dtype_size(act);
   // Pack on the backend; the host learns only how many rows go to each rank (kExact), or nothing
   // (kCapacity: rank d's rows fill the first part of a slot of C rows at d * C, padding after them).
   const int64_t C = step_capacity_;
@@ -402,12 +400,8 @@ void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, c
                                  {s_ids_.view(DType::kI32, {sent, K}), rids, send_rows_, recv_rows_},
                                  {s_w_.view(DType::kF32, {sent, K}), rw, send_rows_, recv_rows_}};
   exchange_tensors(dispatch);
-  const uint64_t record = row_bytes + static_cast<uint64_t>(K) * (sizeof(int32_t) + sizeof(float));
-  for (int d = 0; d < n; ++d) {
-    const uint64_t there = send_rows_[static_cast<size_t>(d)] * record + recv_rows_[static_cast<size_t>(d)] * row_bytes;
-    (d == me ? traffic_.to_self : traffic_.to_peers) += there;
-  }
-  traffic_.all_gather_design += 2ull * static_cast<uint64_t>(rows) * row_bytes * static_cast<uint64_t>(n - 1);
+  if (C > 0) ++step_layers_;  // (finish_step counts the traffic: a replayed step runs no host code)
+  else add_traffic(send_rows_, recv_rows_, rows, 1);
   times_.dispatch += lap();
   if (received > 0) backend_.moe_experts(rx, rids, rw, local, swiglu_limit, ry);
   times_.experts += lap();
@@ -420,6 +414,18 @@ void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, c
   times_.combine += lap();
 }
 
+void MoeDispatcher::add_traffic(std::span<const size_t> sent_rows, std::span<const size_t> received_rows, int64_t rows,
+                                uint64_t layers) {
+  const int n = exchange_.comm().size(), me = exchange_.comm().rank(), K = exchange_.top_k();
+  const uint64_t row_bytes = static_cast<uint64_t>(exchange_.hidden()) * dtype_size(exchange_.dtype());
+  const uint64_t record = row_bytes + static_cast<uint64_t>(K) * (sizeof(int32_t) + sizeof(float));
+  for (int d = 0; d < n; ++d) {
+    const uint64_t there = sent_rows[static_cast<size_t>(d)] * record + received_rows[static_cast<size_t>(d)] * row_bytes;
+    (d == me ? traffic_.to_self : traffic_.to_peers) += there * layers;
+  }
+  traffic_.all_gather_design += 2ull * static_cast<uint64_t>(rows) * row_bytes * static_cast<uint64_t>(n - 1) * layers;
+}
+
 bool MoeDispatcher::begin_step(bool has_step, int64_t rows) {
   if (rows < 0 || (!has_step && rows > 0)) throw std::invalid_argument("MoeDispatcher::begin_step: bad row count");
   Communicator& comm = exchange_.comm();
@@ -429,6 +435,8 @@ bool MoeDispatcher::begin_step(bool has_step, int64_t rows) {
   const int64_t most = std::max<int64_t>(*std::max_element(all.begin(), all.end()), 0);
   const bool fits = most * comm.size() * exchange_.hidden() <= capacity_limit_;
   step_capacity_ = path_ == Path::kBackendOps && most > 0 && fits ? most : 0;
+  step_rows_ = rows;
+  step_layers_ = 0;
   return *std::max_element(all.begin(), all.end()) >= 0;
 }
 
@@ -438,9 +446,16 @@ bool MoeDispatcher::step_recordable() const {
 }
 
 void MoeDispatcher::finish_step() {
-  if (!device_pending_) return;
-  device_pending_ = false;
-  exchange_.comm().wait_device_exchanges(backend_.native_stream());
+  if (step_capacity_ == 0) return;
+  // Every layer's exchanges had ranks * capacity rows. A replayed recording ran none of moe()'s host
+  // code: it did what the step it was recorded on did.
+  const uint64_t layers = step_layers_ > 0 ? step_layers_ : recorded_layers_;
+  recorded_layers_ = layers;
+  step_layers_ = 0;
+  const std::vector<size_t> slots(static_cast<size_t>(exchange_.comm().size()), static_cast<size_t>(step_capacity_));
+  add_traffic(slots, slots, step_rows_, layers);
+  if (!backend_.host_memory() && exchange_.comm().enqueues_device_exchanges())
+    exchange_.comm().wait_device_exchanges(backend_.native_stream());
 }
 
 }  // namespace arbiter

@@ -152,8 +152,9 @@ class MoeDispatcher {
   // kCapacity, profiling off, and the exchanges either on host memory or enqueued on the device
   // stream with no host wait (Communicator::enqueues_device_exchanges).
   bool step_recordable() const;
-  // Collective, after a step's last moe(): waits (against the timeout) for the device exchanges
-  // that were enqueued without a wait. Nothing to do on other transports.
+  // Collective, after a step's last moe(): under kCapacity, counts the step's traffic (also for a
+  // replayed recording, which runs no host code) and waits (against the timeout) for the device
+  // exchanges enqueued without a wait; a peer that died inside the step gives CommError here.
   void finish_step();
 
   // Phase timers (steady_clock around each phase; on a device backend each phase is synchronized
@@ -186,13 +187,19 @@ class MoeDispatcher {
     std::span<const size_t> send_rows, recv_rows;
   };
   void exchange_tensors(std::span<const TensorPart> parts);
+  // Adds `layers` layers' bytes: sent_rows / received_rows per rank (records out, result rows back)
+  // and the all-gather design's bytes for `rows` tokens.
+  void add_traffic(std::span<const size_t> sent_rows, std::span<const size_t> received_rows, int64_t rows,
+                   uint64_t layers);
 
   MoeExchange exchange_;
   Backend& backend_;
   Path path_;
   int64_t capacity_limit_;
   int64_t step_capacity_ = 0;   // begin_step's choice: > 0 for kCapacity
-  bool device_pending_ = false;  // exchanges enqueued without a wait (finish_step waits)
+  int64_t step_rows_ = 0;        // this rank's rows announced in begin_step
+  uint64_t step_layers_ = 0;     // kCapacity: moe() calls since begin_step (their traffic: finish_step)
+  uint64_t recorded_layers_ = 0;  // the last step's: what a replayed step (no host code) did
   // kHostStaged
   std::vector<uint8_t> h_x_, h_out_;
   std::vector<int32_t> h_ids_;

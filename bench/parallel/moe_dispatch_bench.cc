@@ -184,12 +184,14 @@ void BM_Dispatcher(benchmark::State& state) {
     workers.emplace_back([&, r] {
       begin(rs[static_cast<size_t>(r)]);
       for (int64_t i = 0; i <= iters; ++i) layer(rs[static_cast<size_t>(r)]);
+      rs[static_cast<size_t>(r)].dispatcher->finish_step();
     });
   begin(rs[0]);
   layer(rs[0]);
   const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) layer(rs[0]);
   const double per_iter = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(iters);
+  rs[0].dispatcher->finish_step();
   for (auto& w : workers) w.join();
   double moved = 0, crossed = 0, all_gather = 0;
   for (auto& k : rs) {
