@@ -108,7 +108,8 @@ class MoeDispatcher {
   //  kCapacity: no count exchange. Every rank sends every peer a fixed slot of `capacity` rows, the
   //    most rows any rank has in the step (a token reaches a rank at most once, so a slot never
   //    overflows); the rows a rank does not fill are padding with expert ids -1, which the receiver's
-  //    experts skip and no sum reads, so the results are exact mode's bits. Every exchange size is
+  //    experts skip and no sum reads, so on the CPU the results are exact mode's bits (a GPU kernel
+  //    that picks its product path by row count may round differently). Every exchange size is
   //    known before the step and nothing in a layer waits on the host, so a device step can be
   //    recorded (a CUDA graph) when the transport enqueues on the stream (NCCL).
   // The rule: kCapacity when capacity * ranks * hidden <= capacity_limit (decode-sized steps) on the
