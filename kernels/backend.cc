@@ -202,12 +202,16 @@ void check_moe_pack_args(const Tensor& x, const Tensor& ids, const Tensor& w, co
   if (ranks <= 0) fail("no ranks");
   if (rows > 0 && (ids.rows() != rows || w.rows() != rows || w.row_elements() != k)) fail("ids / weights do not match x");
   if (owner.elements() != local.elements()) fail("owner and local maps differ in length");
+  if (send.capacity > 0 && rows > send.capacity)
+    fail(std::to_string(rows) + " rows exceed the capacity of " + std::to_string(send.capacity));
+  if (send.capacity > 0 && (send.ids.rows() < ranks * send.capacity || send.weights.rows() < ranks * send.capacity))
+    fail("send ids and weights need ranks * capacity rows");
   if (rows == 0) return;
   if (send.slots.rows() < rows || send.slots.row_elements() != ranks) fail("slots must be [rows, ranks]");
-  const int64_t most = rows * std::min<int64_t>(ranks, k);
+  const int64_t most = send.capacity > 0 ? ranks * send.capacity : rows * std::min<int64_t>(ranks, k);
   if ((send.x.rows() < most || send.x.row_elements() != x.row_elements() || send.ids.rows() < most ||
                    send.weights.rows() < most || send.ids.row_elements() != k || send.weights.row_elements() != k))
-    fail("send buffers need room for rows * min(ranks, k) = " + std::to_string(most) + " rows");
+    fail("send buffers need room for " + std::to_string(most) + " rows");
   if (load.data && (load.dtype != DType::kI32 || load.elements() != owner.elements()))
     fail("expert_load must be I32 [experts]");
 }
@@ -219,8 +223,14 @@ void Backend::moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const
                                 std::span<int64_t> rows_per_rank, const Tensor& expert_load) {
   check_moe_pack_args(x, expert_ids, expert_weights, expert_owner, expert_local, send, rows_per_rank, expert_load);
   const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+  std::fill(rows_per_rank.begin(), rows_per_rank.end(), int64_t{0});
   if (rows == 0) {
-    std::fill(rows_per_rank.begin(), rows_per_rank.end(), int64_t{0});
+    if (send.capacity > 0) {  // every row is padding
+      const std::vector<int32_t> none(static_cast<size_t>(send.ids.elements()), -1);
+      const std::vector<float> zero(none.size(), 0.0f);
+      upload(none.data(), send.ids);
+      upload(zero.data(), send.weights);
+    }
     return;
   }
   const int k = static_cast<int>(expert_ids.row_elements()), ranks = static_cast<int>(rows_per_rank.size());
@@ -236,13 +246,15 @@ void Backend::moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const
     load.resize(static_cast<size_t>(experts));
     download(expert_load, load.data());
   }
-  const int64_t most = rows * std::min(ranks, k);
+  const int64_t most = send.capacity > 0 ? ranks * send.capacity : rows * std::min(ranks, k);
   std::vector<int32_t> send_ids(static_cast<size_t>(most * k));
   std::vector<float> send_w(send_ids.size());
   moe_pack::plan(ids.data(), w.data(), rows, k, owner.data(), local.data(), experts, ranks, slots.data(),
-                 send_ids.data(), send_w.data(), rows_per_rank.data(), load.empty() ? nullptr : load.data());
+                 send_ids.data(), send_w.data(), rows_per_rank.data(), load.empty() ? nullptr : load.data(),
+                 send.capacity);
   int64_t sent = 0;
   for (int64_t c : rows_per_rank) sent += c;
+  if (send.capacity > 0) sent = most;  // the padding rows' ids and weights too (their x rows are never read)
   const size_t row_bytes = static_cast<size_t>(x.row_elements()) * dtype_size(x.dtype);
   std::vector<uint8_t> hx(static_cast<size_t>(rows) * row_bytes), sx(static_cast<size_t>(sent) * row_bytes);
   download(x.slice_rows(0, rows), hx.data());

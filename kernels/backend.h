@@ -37,6 +37,9 @@ struct StepLayout {
   std::vector<SequenceStep> sequences;
   std::vector<int32_t> logit_rows;  // rows whose logits the step must produce, in output order
   int32_t block_size = 16;
+  // Expert parallelism: the rows per peer of the step's fixed-capacity exchanges (0: none). A
+  // recorded step's exchanges have these sizes, so it is part of the step's shape (run_step).
+  int32_t exchange_capacity = 0;
 };
 
 // The backend's own copy of a StepLayout (uploaded once per step, shared by every layer).
@@ -229,8 +232,14 @@ class Backend {
   // expert_load (I32 [experts], optional: data may be null): += the tokens routed to each expert.
   // send.x needs room for rows * min(ranks, k) rows at most. The default downloads the inputs, packs on
   // the host and uploads the result; backends override it to pack where the data lives.
+  // send.capacity > 0 (the fixed-capacity exchange, rows <= capacity): destination d's rows start at
+  // row d * capacity instead, every other row of the ranks * capacity gets ids -1 and weights 0 (a
+  // padding row, which moe_experts skips), send.x/ids/weights need ranks * capacity rows, and the
+  // host is neither synchronized nor told the counts: rows_per_rank (its size still gives the ranks)
+  // may be left unwritten, and a device backend may skip expert ids outside the maps rather than report them.
   struct MoeSendBuffers {
     Tensor x, ids, weights, slots;
+    int64_t capacity = 0;
   };
   virtual void moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
                                  const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,

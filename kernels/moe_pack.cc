@@ -10,8 +10,11 @@ namespace arbiter::moe_pack {
 
 void plan(const int32_t* ids, const float* weights, int64_t rows, int k, const int32_t* owner, const int32_t* local,
           int experts, int ranks, int32_t* slots, int32_t* send_ids, float* send_weights, int64_t* rows_per_rank,
-          int32_t* load) {
+          int32_t* load, int64_t capacity) {
   const size_t n = static_cast<size_t>(ranks);
+  if (capacity > 0 && rows > capacity)
+    throw std::invalid_argument("moe_dispatch_pack: " + std::to_string(rows) + " rows exceed the capacity of " +
+                                std::to_string(capacity));
   std::fill(rows_per_rank, rows_per_rank + n, int64_t{0});
   std::fill(slots, slots + static_cast<size_t>(rows) * n, -1);
   // Pass 1: mark each token's destinations (a token reaches a rank once) and count them.
@@ -36,8 +39,13 @@ void plan(const int32_t* ids, const float* weights, int64_t rows, int k, const i
   std::vector<int64_t> cursor(n);
   int64_t at = 0;
   for (size_t d = 0; d < n; ++d) {
-    cursor[d] = at;
+    cursor[d] = capacity > 0 ? static_cast<int64_t>(d) * capacity : at;
     at += rows_per_rank[d];
+  }
+  if (capacity > 0) {  // padding rows: no expert, so the receivers' experts skip them
+    const size_t entries = n * static_cast<size_t>(capacity) * static_cast<size_t>(k);
+    std::fill(send_ids, send_ids + entries, -1);
+    std::fill(send_weights, send_weights + entries, 0.0f);
   }
   for (int64_t t = 0; t < rows; ++t) {
     int32_t* s = slots + static_cast<size_t>(t) * n;

@@ -16,9 +16,11 @@ namespace arbiter::moe_pack {
 // -1: not sent there), send_ids / send_weights [sent rows, k] and rows_per_rank [ranks], and adds the
 // tokens per expert to `load` (may be null). Rows are grouped by destination in rank order, token
 // order within one. Throws std::out_of_range for an expert id >= experts or an owner outside the ranks.
+// capacity > 0 (fixed-capacity exchange, rows <= capacity): destination d's rows start at row
+// d * capacity, and every row of the ranks * capacity that no token takes gets ids -1 and weights 0.
 void plan(const int32_t* ids, const float* weights, int64_t rows, int k, const int32_t* owner, const int32_t* local,
           int experts, int ranks, int32_t* slots, int32_t* send_ids, float* send_weights, int64_t* rows_per_rank,
-          int32_t* load);
+          int32_t* load, int64_t capacity = 0);
 
 // Copies the rows of tokens [first, last) to their slots in send_x (`row_bytes` per row).
 void copy_rows(const void* x, size_t row_bytes, const int32_t* slots, int ranks, int64_t first, int64_t last,

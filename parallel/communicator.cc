@@ -23,6 +23,10 @@ void Communicator::all_to_all_v_parts_device(std::span<const Part>, void*) {
   throw std::logic_error("Communicator: the " + name() + " transport takes host buffers only");
 }
 
+void Communicator::enqueue_all_to_all_v_parts_device(std::span<const Part>, void*) {
+  throw std::logic_error("Communicator: the " + name() + " transport cannot enqueue device exchanges");
+}
+
 std::vector<size_t> exchange_counts(Communicator& comm, std::span<const size_t> send_counts) {
   const size_t n = static_cast<size_t>(comm.size());
   if (send_counts.size() != n) throw std::invalid_argument("exchange_counts: one count per rank expected");

@@ -54,6 +54,16 @@ class Communicator {
   // all_to_all_v_parts on device buffers, enqueued on `stream` (the backend's native stream, or
   // nullptr for the transport's own) and waited for against the timeout. Default: throws.
   virtual void all_to_all_v_parts_device(std::span<const Part> parts, void* stream);
+  // Whether enqueue_all_to_all_v_parts_device is available: a device exchange enqueued on the stream
+  // with no host wait, so that a recorded step (a CUDA graph) may contain it. NCCL: true.
+  virtual bool enqueues_device_exchanges() const { return false; }
+  // all_to_all_v_parts_device without its wait: returns once the exchange is enqueued on `stream`.
+  // Every rank must wait_device_exchanges(stream) before the host reads anything the exchange or the
+  // operations after it wrote. Default: throws.
+  virtual void enqueue_all_to_all_v_parts_device(std::span<const Part> parts, void* stream);
+  // Waits, against the timeout, until everything enqueued on `stream` has finished; a peer that died
+  // mid-exchange gives CommError here. Default: nothing was enqueued, returns at once.
+  virtual void wait_device_exchanges(void* stream) { (void)stream; }
   // Every rank contributes `bytes` bytes; `recv` (size() * bytes) gets rank p's at p * bytes.
   virtual void all_gather(const void* send, size_t bytes, void* recv) = 0;
   // Copies `bytes` bytes of `data` on `root` into `data` on every rank.

@@ -171,13 +171,15 @@ struct BufferShape {
 };
 // kHostStaged: x, ids, weights and y for rows from every rank. kBackendOps: the owner and local
 // maps; the send side (x, ids, weights) for rows * min(ranks, k) rows and the slots [rows, ranks];
-// the receive side (x, ids, weights, y) for rows from every rank.
+// the receive side (x, ids, weights, y) for rows from every rank. The send side also holds a
+// kCapacity step's ranks * capacity rows (capacity <= max_rows and within the limit).
 std::vector<BufferShape> buffer_shapes(MoeDispatcher::Path path, int ranks, int64_t max_rows, int hidden, int top_k,
-                                       DType act, int experts, int map_layers) {
+                                       DType act, int experts, int map_layers, int64_t capacity_limit) {
   const int64_t recv = max_rows * ranks;
   if (path == MoeDispatcher::Path::kHostStaged)
     return {{act, recv, hidden}, {DType::kI32, recv, top_k}, {DType::kF32, recv, top_k}, {act, recv, hidden}};
-  const int64_t send = max_rows * std::min(ranks, top_k);
+  const int64_t most_capacity = std::min<int64_t>(max_rows, capacity_limit / (int64_t{ranks} * hidden));
+  const int64_t send = std::max(max_rows * std::min(ranks, top_k), ranks * most_capacity);
   return {{DType::kI32, map_layers, experts, true}, {DType::kI32, map_layers, experts, true}, {act, send, hidden},
           {DType::kI32, send, top_k},   {DType::kF32, send, top_k},  {DType::kI32, max_rows, ranks},
           {act, recv, hidden},          {DType::kI32, recv, top_k},  {DType::kF32, recv, top_k},
@@ -187,8 +189,11 @@ std::vector<BufferShape> buffer_shapes(MoeDispatcher::Path path, int ranks, int6
 }  // namespace
 
 MoeDispatcher::MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k,
-                             int64_t max_step_rows, Path path)
-    : exchange_(comm, std::move(placement), top_k, hidden, backend.activation_dtype()), backend_(backend), path_(path) {
+                             int64_t max_step_rows, Path path, int64_t capacity_limit)
+    : exchange_(comm, std::move(placement), top_k, hidden, backend.activation_dtype()),
+      backend_(backend),
+      path_(path),
+      capacity_limit_(std::max<int64_t>(capacity_limit, 0)) {
   const int n = comm.size();
   const ExpertPlacement& pl = exchange_.placement();
   const int experts = pl.num_experts();
@@ -208,7 +213,7 @@ MoeDispatcher::MoeDispatcher(Communicator& comm, ExpertPlacement placement, Back
   }
   if (max_step_rows <= 0) return;
   const auto shapes = buffer_shapes(path, n, max_step_rows, hidden, top_k, backend.activation_dtype(), experts,
-                                    std::max(pl.num_layers(), 1));
+                                    std::max(pl.num_layers(), 1), capacity_limit_);
   if (path == Path::kHostStaged) {
     DeviceBuffer* buffers[] = {&d_x_, &d_ids_, &d_w_, &d_y_};
     for (size_t i = 0; i < shapes.size(); ++i) staging(*buffers[i], shapes[i].dtype, shapes[i].rows, shapes[i].cols);
@@ -220,10 +225,10 @@ MoeDispatcher::MoeDispatcher(Communicator& comm, ExpertPlacement placement, Back
 }
 
 size_t MoeDispatcher::reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType act, int experts,
-                                    Path path, int map_layers) {
+                                    Path path, int map_layers, int64_t capacity_limit) {
   size_t total = 0;
-  for (const BufferShape& s :
-       buffer_shapes(path, ranks, std::max<int64_t>(max_step_rows, 0), hidden, top_k, act, experts, std::max(map_layers, 1))) {
+  for (const BufferShape& s : buffer_shapes(path, ranks, std::max<int64_t>(max_step_rows, 0), hidden, top_k, act,
+                                            experts, std::max(map_layers, 1), std::max<int64_t>(capacity_limit, 0))) {
     if (max_step_rows <= 0 && !s.always) continue;  // grown on demand
     total += device_arena_bytes(static_cast<size_t>(s.rows * s.cols) * dtype_size(s.dtype));
   }
@@ -260,6 +265,9 @@ void MoeDispatcher::moe(const Tensor& x, const Tensor& expert_ids, const Tensor&
     throw std::invalid_argument("MoeDispatcher: rank " + std::to_string(rank) + " holds " +
                                 std::to_string(local.num_experts()) + " experts of layer " + std::to_string(layer) +
                                 " but its placement lists " + std::to_string(pl.experts_of(layer, rank).size()));
+  if (step_capacity_ > 0 && x.shape.rank != 0 && x.rows() > step_capacity_)
+    throw std::logic_error("MoeDispatcher: a step of " + std::to_string(x.rows()) + " rows after begin_step announced " +
+                           "at most " + std::to_string(step_capacity_));
   if (profiling_) {
     lap();
     ++times_.layers;
@@ -335,6 +343,10 @@ void MoeDispatcher::exchange_tensors(std::span<const TensorPart> parts) {
       cp[i].recv = h_recv_[i].data();
     }
   }
+  if (device && step_capacity_ > 0 && comm.enqueues_device_exchanges()) {
+    comm.enqueue_all_to_all_v_parts_device(cp, backend_.native_stream());  // finish_step waits
+    return;
+  }
   if (device) {
     comm.all_to_all_v_parts_device(cp, backend_.native_stream());
     return;
@@ -349,30 +361,36 @@ void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, c
                                     const ExpertWeights& local, float swiglu_limit, const Tensor& out, int layer,
                                     const Tensor& expert_load) {
   Communicator& comm = exchange_.comm();
-  const int n = comm.size(), me = comm.rank(), K = exchange_.top_k(), H = exchange_.hidden();
+  const int n = comm.size(), K = exchange_.top_k(), H = exchange_.hidden();
   const DType act = exchange_.dtype();
   const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
-  const size_t row_bytes = static_cast<size_t>(H) * dtype_size(act);
-  // Pack on the backend; the host learns only how many rows go to each rank.
-  const int64_t most = rows * std::min(n, K);
+  // Pack on the backend; the host learns only how many rows go to each rank (kExact), or nothing
+  // (kCapacity: rank d's rows fill the first part of a slot of C rows at d * C, padding after them).
+  const int64_t C = step_capacity_;
+  const int64_t most = C > 0 ? n * C : rows * std::min(n, K);
   const Tensor sx = staging(s_x_, act, most, H), sids = staging(s_ids_, DType::kI32, most, K),
                sw = staging(s_w_, DType::kF32, most, K), slots = staging(slots_, DType::kI32, rows, n);
   const ExpertPlacement& pl = exchange_.placement();
   const int64_t E = pl.num_experts(), map_row = pl.per_layer() ? layer : 0;
   const Tensor owner = owner_.view(DType::kI32, {std::max(pl.num_layers(), 1), E}).slice_rows(map_row, 1).reshaped({E}),
                local_ids = local_.view(DType::kI32, {std::max(pl.num_layers(), 1), E}).slice_rows(map_row, 1).reshaped({E});
-  backend_.moe_dispatch_pack(x, expert_ids, expert_weights, owner, local_ids, {sx, sids, sw, slots}, sent_rows_,
+  backend_.moe_dispatch_pack(x, expert_ids, expert_weights, owner, local_ids, {sx, sids, sw, slots, C}, sent_rows_,
                              expert_load);
   times_.dispatch += lap();
-  int64_t sent = 0;
-  for (int d = 0; d < n; ++d) {
-    send_rows_[static_cast<size_t>(d)] = static_cast<size_t>(sent_rows_[static_cast<size_t>(d)]);
-    sent += sent_rows_[static_cast<size_t>(d)];
+  int64_t sent = 0, received = 0;
+  if (C > 0) {
+    std::fill(send_rows_.begin(), send_rows_.end(), static_cast<size_t>(C));
+    recv_rows_ = send_rows_;
+    sent = received = n * C;
+  } else {
+    for (int d = 0; d < n; ++d) {
+      send_rows_[static_cast<size_t>(d)] = static_cast<size_t>(sent_rows_[static_cast<size_t>(d)]);
+      sent += sent_rows_[static_cast<size_t>(d)];
+    }
+    recv_rows_ = exchange_counts(comm, send_rows_);
+    times_.wait += lap();
+    for (size_t c : recv_rows_) received += static_cast<int64_t>(c);
   }
-  recv_rows_ = exchange_counts(comm, send_rows_);
-  times_.wait += lap();
-  int64_t received = 0;
-  for (size_t c : recv_rows_) received += static_cast<int64_t>(c);
   // Dispatch: rows, local ids and weights in one collective; they land contiguous in source-rank
   // order, ready for moe_experts as they are.
   const Tensor rx = staging(r_x_, act, received, H), rids = staging(r_ids_, DType::kI32, received, K),
@@ -382,12 +400,8 @@ void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, c
                                  {s_ids_.view(DType::kI32, {sent, K}), rids, send_rows_, recv_rows_},
                                  {s_w_.view(DType::kF32, {sent, K}), rw, send_rows_, recv_rows_}};
   exchange_tensors(dispatch);
-  const uint64_t record = row_bytes + static_cast<uint64_t>(K) * (sizeof(int32_t) + sizeof(float));
-  for (int d = 0; d < n; ++d) {
-    const uint64_t there = sent_rows_[static_cast<size_t>(d)] * record + recv_rows_[static_cast<size_t>(d)] * row_bytes;
-    (d == me ? traffic_.to_self : traffic_.to_peers) += there;
-  }
-  traffic_.all_gather_design += 2ull * static_cast<uint64_t>(rows) * row_bytes * static_cast<uint64_t>(n - 1);
+  if (C > 0) ++step_layers_;  // (finish_step counts the traffic: a replayed step runs no host code)
+  else add_traffic(send_rows_, recv_rows_, rows, 1);
   times_.dispatch += lap();
   if (received > 0) backend_.moe_experts(rx, rids, rw, local, swiglu_limit, ry);
   times_.experts += lap();
@@ -400,14 +414,48 @@ void MoeDispatcher::moe_backend_ops(const Tensor& x, const Tensor& expert_ids, c
   times_.combine += lap();
 }
 
-bool MoeDispatcher::begin_step(bool has_step) {
+void MoeDispatcher::add_traffic(std::span<const size_t> sent_rows, std::span<const size_t> received_rows, int64_t rows,
+                                uint64_t layers) {
+  const int n = exchange_.comm().size(), me = exchange_.comm().rank(), K = exchange_.top_k();
+  const uint64_t row_bytes = static_cast<uint64_t>(exchange_.hidden()) * dtype_size(exchange_.dtype());
+  const uint64_t record = row_bytes + static_cast<uint64_t>(K) * (sizeof(int32_t) + sizeof(float));
+  for (int d = 0; d < n; ++d) {
+    const uint64_t there = sent_rows[static_cast<size_t>(d)] * record + received_rows[static_cast<size_t>(d)] * row_bytes;
+    (d == me ? traffic_.to_self : traffic_.to_peers) += there * layers;
+  }
+  traffic_.all_gather_design += 2ull * static_cast<uint64_t>(rows) * row_bytes * static_cast<uint64_t>(n - 1) * layers;
+}
+
+bool MoeDispatcher::begin_step(bool has_step, int64_t rows) {
+  if (rows < 0 || (!has_step && rows > 0)) throw std::invalid_argument("MoeDispatcher::begin_step: bad row count");
   Communicator& comm = exchange_.comm();
-  const int32_t mine = has_step ? 1 : 0;
-  std::vector<int32_t> all(static_cast<size_t>(comm.size()));
+  const int64_t mine = has_step ? rows : -1;  // -1: no step
+  std::vector<int64_t> all(static_cast<size_t>(comm.size()));
   comm.all_gather(&mine, sizeof mine, all.data());
-  for (int32_t v : all)
-    if (v) return true;
-  return false;
+  const int64_t most = std::max<int64_t>(*std::max_element(all.begin(), all.end()), 0);
+  const bool fits = most * comm.size() * exchange_.hidden() <= capacity_limit_;
+  step_capacity_ = path_ == Path::kBackendOps && most > 0 && fits ? most : 0;
+  step_rows_ = rows;
+  step_layers_ = 0;
+  return *std::max_element(all.begin(), all.end()) >= 0;
+}
+
+bool MoeDispatcher::step_recordable() const {
+  return step_capacity_ > 0 && !profiling_ &&
+         (backend_.host_memory() || exchange_.comm().enqueues_device_exchanges());
+}
+
+void MoeDispatcher::finish_step() {
+  if (step_capacity_ == 0) return;
+  // Every layer's exchanges had ranks * capacity rows. A replayed recording ran none of moe()'s host
+  // code: it did what the step it was recorded on did.
+  const uint64_t layers = step_layers_ > 0 ? step_layers_ : recorded_layers_;
+  recorded_layers_ = layers;
+  step_layers_ = 0;
+  const std::vector<size_t> slots(static_cast<size_t>(exchange_.comm().size()), static_cast<size_t>(step_capacity_));
+  add_traffic(slots, slots, step_rows_, layers);
+  if (!backend_.host_memory() && exchange_.comm().enqueues_device_exchanges())
+    exchange_.comm().wait_device_exchanges(backend_.native_stream());
 }
 
 }  // namespace arbiter

@@ -58,6 +58,7 @@ class MoeExchange {
   void reset_traffic() { traffic_ = {}; }
 
   Communicator& comm() { return comm_; }
+  const Communicator& comm() const { return comm_; }
   const ExpertPlacement& placement() const { return placement_; }
   int top_k() const { return top_k_; }
   int hidden() const { return hidden_; }
@@ -101,16 +102,35 @@ class MoeDispatcher {
   //    MoeExchange on the host, upload the received rows and later the sums.
   enum class Path { kBackendOps, kHostStaged };
 
+  // How a step's exchanges are sized; begin_step picks one per step, the same on every rank.
+  //  kExact: each layer exchanges the row counts first (a host synchronization), then exactly the
+  //    rows each rank sends. Any step size.
+  //  kCapacity: no count exchange. Every rank sends every peer a fixed slot of `capacity` rows, the
+  //    most rows any rank has in the step (a token reaches a rank at most once, so a slot never
+  //    overflows); the rows a rank does not fill are padding with expert ids -1, which the receiver's
+  //    experts skip and no sum reads, so on the CPU the results are exact mode's bits (a GPU kernel
+  //    that picks its product path by row count may round differently). Every exchange size is
+  //    known before the step and nothing in a layer waits on the host, so a device step can be
+  //    recorded (a CUDA graph) when the transport enqueues on the stream (NCCL).
+  // The rule: kCapacity when capacity * ranks * hidden <= capacity_limit (decode-sized steps) on the
+  // kBackendOps path; kExact otherwise (prefill, large steps, kHostStaged).
+  enum class Exchange { kExact, kCapacity };
+  // capacity * ranks * hidden elements: 2M (4 MiB of bf16 rows per rank and exchange).
+  static constexpr int64_t kDefaultCapacityLimit = int64_t{1} << 21;
+
   // `comm` must outlive the dispatcher. max_step_rows > 0: the most rows any rank's step has; the
   // buffers are then allocated here for the most rows this rank can send and receive, so that steps
-  // allocate nothing. 0: they grow on demand.
+  // allocate nothing. 0: they grow on demand. capacity_limit: the bound of the kCapacity rule (0:
+  // always kExact).
   MoeDispatcher(Communicator& comm, ExpertPlacement placement, Backend& backend, int hidden, int top_k,
-                int64_t max_step_rows = 0, Path path = Path::kBackendOps);
+                int64_t max_step_rows = 0, Path path = Path::kBackendOps,
+                int64_t capacity_limit = kDefaultCapacityLimit);
   // The bytes the constructor allocates for these arguments (rounded as arena allocations), for
   // Backend::reserve.
   // map_layers: the rows of the expert maps (the placement's layers, or 1 when it is the same for every layer).
   static size_t reserve_bytes(int ranks, int64_t max_step_rows, int hidden, int top_k, DType activation_dtype,
-                              int experts, Path path = Path::kBackendOps, int map_layers = 1);
+                              int experts, Path path = Path::kBackendOps, int map_layers = 1,
+                              int64_t capacity_limit = kDefaultCapacityLimit);
 
   // Collective; the expert-parallel form of backend.moe_experts(x, ids, weights, experts, ...) for
   // MoE layer `layer`: x [rows, hidden], expert_ids/weights [rows, top_k] from router_topk (global
@@ -121,9 +141,22 @@ class MoeDispatcher {
            float swiglu_limit, const Tensor& out, int layer = 0, const Tensor& expert_load = Tensor{});
 
   // Collective handshake at the start of every step: returns whether any rank runs a step
-  // (has_step on at least one rank). Ranks whose steps are done keep calling begin_step(false) and
-  // run a zero-token step while it returns true.
-  bool begin_step(bool has_step);
+  // (has_step on at least one rank). Ranks whose steps are done keep calling begin_step(false, 0) and
+  // run a zero-token step while it returns true. `rows`: the rows of this rank's step (at most that
+  // many in each moe() until the next begin_step); every rank's rows choose the step's Exchange.
+  // moe() calls outside a begin_step use kExact.
+  bool begin_step(bool has_step, int64_t rows);
+  Exchange step_exchange() const { return step_capacity_ > 0 ? Exchange::kCapacity : Exchange::kExact; }
+  // kCapacity: the rows per peer of this step's exchanges; 0 under kExact.
+  int64_t step_capacity() const { return step_capacity_; }
+  // Whether this step's moe() calls may be recorded with the rest of the step (Backend::run_step):
+  // kCapacity, profiling off, and the exchanges either on host memory or enqueued on the device
+  // stream with no host wait (Communicator::enqueues_device_exchanges).
+  bool step_recordable() const;
+  // Collective, after a step's last moe(): under kCapacity, counts the step's traffic (also for a
+  // replayed recording, which runs no host code) and waits (against the timeout) for the device
+  // exchanges enqueued without a wait; a peer that died inside the step gives CommError here.
+  void finish_step();
 
   // Phase timers (steady_clock around each phase; on a device backend each phase is synchronized
   // first, so profiling slows it). Off by default: no clock is read.
@@ -155,10 +188,19 @@ class MoeDispatcher {
     std::span<const size_t> send_rows, recv_rows;
   };
   void exchange_tensors(std::span<const TensorPart> parts);
+  // Adds `layers` layers' bytes: sent_rows / received_rows per rank (records out, result rows back)
+  // and the all-gather design's bytes for `rows` tokens.
+  void add_traffic(std::span<const size_t> sent_rows, std::span<const size_t> received_rows, int64_t rows,
+                   uint64_t layers);
 
   MoeExchange exchange_;
   Backend& backend_;
   Path path_;
+  int64_t capacity_limit_;
+  int64_t step_capacity_ = 0;   // begin_step's choice: > 0 for kCapacity
+  int64_t step_rows_ = 0;        // this rank's rows announced in begin_step
+  uint64_t step_layers_ = 0;     // kCapacity: moe() calls since begin_step (their traffic: finish_step)
+  uint64_t recorded_layers_ = 0;  // the last step's: what a replayed step (no host code) did
   // kHostStaged
   std::vector<uint8_t> h_x_, h_out_;
   std::vector<int32_t> h_ids_;

@@ -119,6 +119,20 @@ void NcclComm::all_to_all_v_device(const void* send, std::span<const size_t> sen
 }
 
 void NcclComm::all_to_all_v_parts_device(std::span<const Part> parts, void* stream) {
+  enqueue_all_to_all_v_parts_device(parts, stream);
+  wait_device_exchanges(stream);
+}
+
+void NcclComm::wait_device_exchanges(void* stream) {
+  Impl& m = *impl_;
+  m.usable();
+  cuda_check(cudaSetDevice(m.device), "cudaSetDevice");
+  m.wait_on(stream ? static_cast<cudaStream_t>(stream) : m.stream, "all_to_all_v");
+}
+
+// No host wait and no host-side state that depends on the data, so a stream capture (a recorded
+// step) may contain it; NCCL records its grouped sends and receives into the graph.
+void NcclComm::enqueue_all_to_all_v_parts_device(std::span<const Part> parts, void* stream) {
   Impl& m = *impl_;
   m.usable();
   const size_t n = static_cast<size_t>(m.size);
@@ -144,7 +158,6 @@ void NcclComm::all_to_all_v_parts_device(std::span<const Part> parts, void* stre
     }
   }
   nccl_check(ncclGroupEnd(), "ncclGroupEnd");
-  m.wait_on(on, "all_to_all_v");
 }
 
 void NcclComm::all_to_all_v(const void* send, std::span<const size_t> send_counts, void* recv,

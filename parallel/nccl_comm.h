@@ -36,6 +36,12 @@ class NcclComm final : public Communicator {
   // against the timeout. No host copies.
   bool takes_device_buffers() const override { return true; }
   void all_to_all_v_parts_device(std::span<const Part> parts, void* stream) override;
+  // The same NCCL group without the wait (the fixed-capacity exchange; a recorded step may contain
+  // it), and the wait: the stream polled against the timeout, the NCCL communicator aborted at the
+  // deadline or on an asynchronous NCCL error, so a peer that died mid-exchange gives CommError here.
+  bool enqueues_device_exchanges() const override { return true; }
+  void enqueue_all_to_all_v_parts_device(std::span<const Part> parts, void* stream) override;
+  void wait_device_exchanges(void* stream) override;
   void all_gather(const void* send, size_t bytes, void* recv) override;
   void broadcast(void* data, size_t bytes, int root) override;
   void barrier() override;

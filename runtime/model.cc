@@ -159,7 +159,7 @@ ModelWeights Model::reserve_and_load_weights(const ModelConfig& config, const Ch
     bytes += MoeDispatcher::reserve_bytes(ranks, options.max_step_rows, config.hidden_size,
                                           config.num_experts_per_tok, backend.activation_dtype(),
                                           config.num_local_experts, dispatch_path(options),
-                                          placement_for(config, options)->num_layers());
+                                          placement_for(config, options)->num_layers(), options.ep_capacity_limit);
   MoeLimits moe;
   // Under expert parallelism this rank's experts may get a row from every rank.
   moe.max_rows = static_cast<int64_t>(options.max_step_rows) * ranks;
@@ -191,7 +191,7 @@ Model::Model(const ModelConfig& config, const Checkpoint& checkpoint, Backend& b
   if (expert_parallel(options))
     dispatcher_ = std::make_unique<MoeDispatcher>(*options.comm, *placement_for(config, options), backend,
                                                   config.hidden_size, config.num_experts_per_tok,
-                                                  options.max_step_rows, dispatch_path(options));
+                                                  options.max_step_rows, dispatch_path(options), options.ep_capacity_limit);
 }
 
 // Recorded steps (Backend::run_step) point at this model's buffers.
@@ -201,13 +201,14 @@ void Model::run_empty_step() {
   for (size_t i = 0; i < weights_.layers.size(); ++i)
     dispatcher_->moe(normed_.slice_rows(0, 0), expert_ids_.slice_rows(0, 0), expert_weights_.slice_rows(0, 0),
                      weights_.layers[i].experts, config_.swiglu_limit, delta_.slice_rows(0, 0), static_cast<int>(i));
+  dispatcher_->finish_step();
 }
 
 void Model::serve_peers() {
   if (!dispatcher_) return;
   for (;;) {
     const auto start = std::chrono::steady_clock::now();
-    const bool more = dispatcher_->begin_step(false);
+    const bool more = dispatcher_->begin_step(false, 0);
     if (profiling_) dispatcher_->add_wait(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     if (!more) return;
     run_empty_step();
@@ -283,11 +284,18 @@ void Model::run(const StepLayout& layout, const std::vector<std::vector<int32_t>
     if (r < 0 || r >= rows) throw std::out_of_range("forward: logit row outside the step");
   if (dispatcher_) {
     const auto start = std::chrono::steady_clock::now();
-    dispatcher_->begin_step(true);
+    dispatcher_->begin_step(true, rows);
     if (profiling_) dispatcher_->add_wait(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     if (rows == 0) return run_empty_step();
   }
-  const auto step = backend_.prepare_step(layout);
+  // Under expert parallelism a recorded step's exchanges have the step's capacity in their sizes,
+  // so the capacity is part of the step's shape.
+  StepLayout with_capacity;
+  if (dispatcher_) {
+    with_capacity = layout;
+    with_capacity.exchange_capacity = static_cast<int32_t>(dispatcher_->step_capacity());
+  }
+  const auto step = backend_.prepare_step(dispatcher_ ? with_capacity : layout);
   const ModelConfig& c = config_;
   // Restricted lm_head: the candidates as one [logit_rows, m] table (short rows padded with -1).
   Tensor restricted_ids, restricted_logits;
@@ -309,8 +317,8 @@ void Model::run(const StepLayout& layout, const std::vector<std::vector<int32_t>
          ids = expert_ids_.slice_rows(0, rows), weights = expert_weights_.slice_rows(0, rows);
 
   // The step's operations. A device backend may record them once per step shape and replay the
-  // recording (Backend::run_step); under expert parallelism they exchange data with other ranks, so
-  // they run directly.
+  // recording (Backend::run_step); under expert parallelism only when every layer's exchange is a
+  // fixed-capacity one that waits on nothing (MoeDispatcher::step_recordable).
   auto body = [&] {
     backend_.embedding(weights_.embed_tokens, *step, x);
     AttentionParams ap;
@@ -353,8 +361,9 @@ void Model::run(const StepLayout& layout, const std::vector<std::vector<int32_t>
   };
   // A restricted step runs directly: a recording is keyed by the step's shape, which does not say
   // which lm_head ran.
-  if (dispatcher_ || restricted) body();
+  if (restricted || (dispatcher_ && !dispatcher_->step_recordable())) body();
   else backend_.run_step(this, *step, body);
+  if (dispatcher_) dispatcher_->finish_step();
 }
 
 std::vector<std::vector<float>> Model::forward_candidates(const StepLayout& layout,

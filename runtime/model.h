@@ -33,6 +33,9 @@ struct ModelOptions {
   // The dispatcher's earlier host-staged path (MoeDispatcher::Path::kHostStaged) instead of the
   // backend's dispatch and combine operations; for comparisons and benchmarks.
   bool ep_host_staged = false;
+  // The dispatcher's fixed-capacity exchange (MoeDispatcher::Exchange::kCapacity) is used for a step
+  // when its most rows on any rank * ranks * hidden <= this; 0: never (every step counts rows first).
+  int64_t ep_capacity_limit = int64_t{1} << 21;  // MoeDispatcher::kDefaultCapacityLimit
   // Expert-load statistics: per layer and expert, the tokens this rank routed there, counted on the
   // backend (one small operation per layer; under expert parallelism inside the dispatch's packing)
   // and read only by expert_load(). Off: nothing is counted.

@@ -8,7 +8,10 @@
 // "dispatcher" runs the same layer through MoeDispatcher on a CPU backend (one thread per rank), the
 // way the model does, with path 0 (host-staged: download, MoeExchange on the host, upload) or path 1
 // (the backend's moe_dispatch_pack / moe_combine on its own buffers, which the transport reads and
-// writes directly); its experts are a no-op as well.
+// writes directly); its experts are a no-op as well. On path 1, capacity 0 sizes every exchange
+// exactly (row counts exchanged first, MoeDispatcher::Exchange::kExact) and capacity 1 uses the
+// fixed-capacity exchange (every peer a slot of `tokens` rows, padding included; no count exchange),
+// whatever the step size.
 //
 // Counters: moved_GBps is the payload through the transport (every rank's dispatch and combine
 // bytes, self-addressed part included) per second; vs_memcpy divides it by one thread's memcpy of
@@ -20,6 +23,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <set>
 #include <thread>
@@ -139,6 +143,7 @@ void BM_Dispatcher(benchmark::State& state) {
   const int ranks = static_cast<int>(state.range(0)), experts = static_cast<int>(state.range(1)),
             tokens = static_cast<int>(state.range(2));
   const auto path = state.range(3) ? MoeDispatcher::Path::kBackendOps : MoeDispatcher::Path::kHostStaged;
+  const int64_t capacity_limit = state.range(4) ? std::numeric_limits<int64_t>::max() : 0;
   const int64_t iters = state.max_iterations;
   auto comms = ThreadComm::create_group(ranks);
   const auto placement = ExpertPlacement::contiguous(experts, ranks);
@@ -156,7 +161,7 @@ void BM_Dispatcher(benchmark::State& state) {
     k.cpu = std::make_unique<CpuBackend>(1);
     k.backend = std::make_unique<NoExperts>(*k.cpu);
     k.dispatcher = std::make_unique<MoeDispatcher>(*comms[static_cast<size_t>(r)], placement, *k.backend, kHidden, kTopK,
-                                                   tokens, path);
+                                                   tokens, path, capacity_limit);
     const RankInput in = make_input(r, tokens, experts);
     k.x = k.cpu->allocate(in.hidden.size() * 4);
     k.ids = k.cpu->allocate(in.ids.size() * 4);
@@ -172,15 +177,21 @@ void BM_Dispatcher(benchmark::State& state) {
     k.local.gate_up_blocks.shape = {static_cast<int64_t>(placement.experts_of(r).size()), 1, 1, 16};
   }
   auto layer = [&](Rank& k) { k.dispatcher->moe(k.tx, k.tids, k.tw, k.local, 7.0f, k.tout); };
+  // One step handshake (it picks the exchange mode), then every layer of the run in that step.
+  auto begin = [&](Rank& k) { k.dispatcher->begin_step(true, tokens); };
   std::vector<std::thread> workers;
   for (int r = 1; r < ranks; ++r)
     workers.emplace_back([&, r] {
+      begin(rs[static_cast<size_t>(r)]);
       for (int64_t i = 0; i <= iters; ++i) layer(rs[static_cast<size_t>(r)]);
+      rs[static_cast<size_t>(r)].dispatcher->finish_step();
     });
+  begin(rs[0]);
   layer(rs[0]);
   const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) layer(rs[0]);
   const double per_iter = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(iters);
+  rs[0].dispatcher->finish_step();
   for (auto& w : workers) w.join();
   double moved = 0, crossed = 0, all_gather = 0;
   for (auto& k : rs) {
@@ -247,12 +258,13 @@ int main(int argc, char** argv) {
     for (int ranks : {2, 4})
       for (int tokens : {1, 64, 1024})
         for (int path : {0, 1})
-          benchmark::RegisterBenchmark("dispatcher", BM_Dispatcher)
-              ->ArgNames({"ranks", "experts", "tokens", "path"})
-              ->Args({ranks, 128, tokens, path})
-              ->Iterations(iterations_for(ranks, tokens))
-              ->Unit(benchmark::kMicrosecond)
-              ->UseRealTime();
+          for (int capacity = 0; capacity <= path; ++capacity)  // (the host-staged path has no capacity mode)
+            benchmark::RegisterBenchmark("dispatcher", BM_Dispatcher)
+                ->ArgNames({"ranks", "experts", "tokens", "path", "capacity"})
+                ->Args({ranks, 128, tokens, path, capacity})
+                ->Iterations(iterations_for(ranks, tokens))
+                ->Unit(benchmark::kMicrosecond)
+                ->UseRealTime();
     for (int ranks : {2, 4})
       for (int experts : {32, 128})
         for (int tokens : {1, 64, 1024})

@@ -393,16 +393,27 @@ void CpuBackend::moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, co
                                    const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,
                                    std::span<int64_t> rows_per_rank, const Tensor& expert_load) {
   const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+  const int ranks = static_cast<int>(rows_per_rank.size());
+  const int64_t capacity = send.capacity;
+  require(capacity == 0 || (rows <= capacity && send.ids.rows() >= ranks * capacity &&
+                            send.weights.rows() >= ranks * capacity && send.ids.dtype == DType::kI32 &&
+                            send.weights.dtype == DType::kF32),
+          "moe_dispatch_pack: rows over the capacity, or send ids / weights under ranks * capacity rows");
   if (rows == 0) {  // (row_elements() of an empty tensor is undefined)
     std::fill(rows_per_rank.begin(), rows_per_rank.end(), int64_t{0});
+    if (capacity > 0) {  // every row is padding
+      std::fill(send.ids.as<int32_t>(), send.ids.as<int32_t>() + ranks * capacity * send.ids.row_elements(), -1);
+      std::fill(send.weights.as<float>(), send.weights.as<float>() + ranks * capacity * send.weights.row_elements(), 0.0f);
+    }
     return;
   }
-  const int k = static_cast<int>(expert_ids.row_elements()), ranks = static_cast<int>(rows_per_rank.size());
+  const int k = static_cast<int>(expert_ids.row_elements());
   require(expert_ids.dtype == DType::kI32 && expert_weights.dtype == DType::kF32 && send.slots.dtype == DType::kI32 &&
               expert_owner.dtype == DType::kI32 && expert_local.dtype == DType::kI32 && send.x.dtype == x.dtype,
           "moe_dispatch_pack: dtypes");
+  const int64_t most = capacity > 0 ? ranks * capacity : rows * std::min(ranks, k);
   require(rows == 0 || (send.slots.rows() >= rows && send.slots.row_elements() == ranks &&
-                        send.x.rows() >= rows * std::min(ranks, k) && send.x.row_elements() == x.row_elements() &&
+                        send.x.rows() >= most && send.x.row_elements() == x.row_elements() &&
                         send.ids.row_elements() == k && send.weights.row_elements() == k &&
                         send.ids.rows() >= send.x.rows() && send.weights.rows() >= send.x.rows()),
           "moe_dispatch_pack: send buffers too small or misshapen");
@@ -412,7 +423,7 @@ void CpuBackend::moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, co
   moe_pack::plan(expert_ids.as<const int32_t>(), expert_weights.as<const float>(), rows, k,
                  expert_owner.as<const int32_t>(), expert_local.as<const int32_t>(),
                  static_cast<int>(expert_owner.elements()), ranks, send.slots.as<int32_t>(), send.ids.as<int32_t>(),
-                 send.weights.as<float>(), rows_per_rank.data(), expert_load.as<int32_t>());
+                 send.weights.as<float>(), rows_per_rank.data(), expert_load.as<int32_t>(), capacity);
   const size_t row_bytes = static_cast<size_t>(x.row_elements()) * dtype_size(x.dtype);
   pool_->parallel_for(rows, 8, [&](int64_t b, int64_t e) {
     moe_pack::copy_rows(x.data, row_bytes, send.slots.as<const int32_t>(), ranks, b, e, send.x.data);

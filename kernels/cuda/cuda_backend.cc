@@ -170,14 +170,15 @@ struct StepChecks {
   int64_t ring_pool = INT64_MAX;          // smallest sliding-window block pool
 };
 
-// A recorded decode step: one CUDA graph per (owner, rows, sequences, logit rows, block size).
+// A recorded decode step: one CUDA graph per (owner, rows, sequences, logit rows, block size, and
+// under expert parallelism the step's exchange capacity, StepLayout::exchange_capacity).
 struct StepGraph {
   GraphExecPtr exec;
   uint64_t generation = 0;  // the backend's memory generation it was recorded against
   StepChecks checks;
   int eager_runs = 0, failures = 0;
 };
-using StepGraphKey = std::tuple<const void*, int, int, int, int>;
+using StepGraphKey = std::tuple<const void*, int, int, int, int, int>;
 
 const CudaStepContext& cuda_step(const StepContext& step) {
   const auto* s = dynamic_cast<const CudaStepContext*>(&step);
@@ -243,6 +244,10 @@ class CudaBackend final : public Backend {
     if (const char* env = std::getenv("ARBITER_CUDA_ARENA")) arena_enabled_ = std::strcmp(env, "0") != 0;
     // ARBITER_CUDA_GRAPHS=0: never record steps.
     if (const char* env = std::getenv("ARBITER_CUDA_GRAPHS")) graphs_enabled_ = std::strcmp(env, "0") != 0;
+    // ARBITER_CUDA_CAPTURE=global: record under cudaStreamCaptureModeGlobal, where a host
+    // synchronization by any thread during the recording fails it (tests assert there is none).
+    if (const char* env = std::getenv("ARBITER_CUDA_CAPTURE"))
+      if (std::strcmp(env, "global") == 0) capture_mode_ = cudaStreamCaptureModeGlobal;
     graph_meta_ = std::make_unique<MetaSlot>();
     graph_meta_->uploaded = make_event();
     // Row-selection workspace (argmax, top_logprobs): allocated once, zeroed; the kernels leave it zeroed.
@@ -293,6 +298,7 @@ class CudaBackend final : public Backend {
     }
   }
 
+  CudaGraphStats graph_stats() const { return graph_stats_; }
   CudaArenaStats arena_stats() const {
     CudaArenaStats st;
     st.regions = arena_regions_.size();
@@ -515,31 +521,35 @@ class CudaBackend final : public Backend {
     cuda::moe(a, stream());
   }
 
-  // Expert-parallel dispatch and combine on the device; the host reads back only the rows per rank.
+  // Expert-parallel dispatch and combine on the device; the host reads back only the rows per rank,
+  // and nothing under a capacity (the fixed-capacity exchange: no synchronization, so a recorded
+  // step may contain it).
   void* native_stream() override { return stream(); }
   void moe_dispatch_pack(const Tensor& x, const Tensor& expert_ids, const Tensor& expert_weights,
                          const Tensor& expert_owner, const Tensor& expert_local, const MoeSendBuffers& send,
                          std::span<int64_t> rows_per_rank, const Tensor& expert_load) override {
-    const int64_t rows = x.shape.rank == 0 ? 0 : x.rows();
+    const int64_t rows = x.shape.rank == 0 ? 0 : x.rows(), capacity = send.capacity;
     const int ranks = static_cast<int>(rows_per_rank.size());
     std::fill(rows_per_rank.begin(), rows_per_rank.end(), int64_t{0});
-    if (rows == 0) return;
-    const int k = static_cast<int>(row_len(expert_ids)), experts = static_cast<int>(expert_owner.elements());
+    if (rows == 0 && capacity == 0) return;
+    const int k = static_cast<int>(row_len(send.ids)), experts = static_cast<int>(expert_owner.elements());
     require(ranks >= 1 && ranks <= cuda::kMaxDispatchRanks, "moe_dispatch_pack: 1..64 ranks");
-    require(x.dtype == DType::kBF16 && send.x.dtype == DType::kBF16 && row_len(send.x) == row_len(x),
+    require(rows <= capacity || capacity == 0, "moe_dispatch_pack: more rows than the capacity");
+    require(rows == 0 || (x.dtype == DType::kBF16 && send.x.dtype == DType::kBF16 && row_len(send.x) == row_len(x)),
             "moe_dispatch_pack: bf16 rows of one width");
-    require(expert_ids.dtype == DType::kI32 && expert_weights.dtype == DType::kF32 && expert_ids.rows() == rows &&
-                expert_weights.elements() == expert_ids.elements(),
+    require(rows == 0 || (expert_ids.dtype == DType::kI32 && expert_weights.dtype == DType::kF32 &&
+                          expert_ids.rows() == rows && row_len(expert_ids) == k &&
+                          expert_weights.elements() == expert_ids.elements()),
             "moe_dispatch_pack: ids I32, weights F32 [rows, k]");
     require(expert_owner.dtype == DType::kI32 && expert_local.dtype == DType::kI32 &&
                 expert_local.elements() == experts,
             "moe_dispatch_pack: owner and local maps I32 [experts]");
-    const int64_t most = rows * std::min(ranks, k);
+    const int64_t most = capacity > 0 ? ranks * capacity : rows * std::min(ranks, k);
     require(send.slots.dtype == DType::kI32 && send.slots.rows() >= rows && row_len(send.slots) == ranks &&
                 send.x.rows() >= most && send.ids.dtype == DType::kI32 && send.weights.dtype == DType::kF32 &&
-                send.ids.rows() >= most && send.weights.rows() >= most && row_len(send.ids) == k &&
-                row_len(send.weights) == k,
-            "moe_dispatch_pack: send buffers need rows * min(ranks, k) rows, slots [rows, ranks]");
+                send.ids.rows() >= most && send.weights.rows() >= most && row_len(send.weights) == k,
+            "moe_dispatch_pack: send buffers need rows * min(ranks, k) rows (ranks * capacity under a capacity), "
+            "slots [rows, ranks]");
     require(!expert_load.data || (expert_load.dtype == DType::kI32 && expert_load.elements() == experts),
             "moe_dispatch_pack: expert_load I32 [experts]");
     select();
@@ -548,10 +558,12 @@ class CudaBackend final : public Backend {
     auto* counts = static_cast<int64_t*>(dispatch_counts_.data());
     cuda::moe_dispatch_plan(expert_ids.as<const int32_t>(), expert_weights.as<const float>(), static_cast<int>(rows), k,
                             expert_owner.as<const int32_t>(), expert_local.as<const int32_t>(), experts, ranks,
-                            send.slots.as<int32_t>(), send.ids.as<int32_t>(), send.weights.as<float>(), counts,
-                            expert_load.as<int32_t>(), stream());
-    cuda::moe_dispatch_copy(x.data, static_cast<int64_t>(row_len(x)) * 2, send.slots.as<const int32_t>(),
-                            static_cast<int>(rows), ranks, send.x.data, stream());
+                            static_cast<int>(capacity), send.slots.as<int32_t>(), send.ids.as<int32_t>(),
+                            send.weights.as<float>(), counts, expert_load.as<int32_t>(), stream());
+    if (rows > 0)
+      cuda::moe_dispatch_copy(x.data, static_cast<int64_t>(row_len(x)) * 2, send.slots.as<const int32_t>(),
+                              static_cast<int>(rows), ranks, send.x.data, stream());
+    if (capacity > 0) return;  // (an id outside the placement is skipped: the plan leaves it out)
     std::vector<int64_t> host(static_cast<size_t>(ranks) + 1);
     cuda_check(cudaMemcpyAsync(host.data(), counts, host.size() * sizeof(int64_t), cudaMemcpyDeviceToHost, stream()),
                "dispatch counts");
@@ -772,6 +784,8 @@ class CudaBackend final : public Backend {
   uint64_t generation_ = 1;
   std::map<StepGraphKey, StepGraph> graphs_;
   StepChecks* recording_ = nullptr;  // set while a step is being recorded
+  cudaStreamCaptureMode capture_mode_ = cudaStreamCaptureModeThreadLocal;
+  CudaGraphStats graph_stats_;
 };
 
 std::unique_ptr<StepContext> CudaBackend::prepare_step(const StepLayout& layout) {
@@ -882,10 +896,12 @@ void CudaBackend::run_step(const void* owner, const StepContext& step, const std
   const auto& s = cuda_step(step);
   if (!graphs_enabled_ || !s.graph_slot || recording_) return body();
   select();
-  StepGraph& g = graphs_[StepGraphKey{owner, s.args.rows, s.args.seqs, s.args.logit_count, s.args.block_size}];
+  StepGraph& g = graphs_[StepGraphKey{owner, s.args.rows, s.args.seqs, s.args.logit_count, s.args.block_size,
+                                      s.layout().exchange_capacity}];
   if (g.exec && g.generation == generation_) {
     check_replay(g.checks, s);
     cuda_check(cudaGraphLaunch(g.exec.get(), stream()), "cudaGraphLaunch");
+    ++graph_stats_.replayed;
     return;
   }
   g.exec.reset();
@@ -895,7 +911,7 @@ void CudaBackend::run_step(const void* owner, const StepContext& step, const std
   }
   g.checks = StepChecks{};
   const uint64_t generation = generation_;
-  cuda_check(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  cuda_check(cudaStreamBeginCapture(stream(), capture_mode_), "cudaStreamBeginCapture");
   recording_ = &g.checks;
   bool ok = true;
   try {
@@ -913,8 +929,10 @@ void CudaBackend::run_step(const void* owner, const StepContext& step, const std
     g.exec.reset(exec);
     g.generation = generation_;
     cuda_check(cudaGraphLaunch(exec, stream()), "cudaGraphLaunch");
+    ++graph_stats_.recorded;
     return;
   }
+  ++graph_stats_.failed;
   cudaGetLastError();  // clear the capture's error
   if (g.failures++ == 0) std::fprintf(stderr, "arbiter: CUDA graph recording of a decode step failed; running it directly\n");
   body();
@@ -1143,6 +1161,12 @@ std::unique_ptr<Backend> make_cuda_backend(int device) {
     throw std::runtime_error("CUDA device " + std::to_string(device) + " not available (" + std::to_string(count) +
                              " visible)");
   return std::make_unique<CudaBackend>(device);
+}
+
+CudaGraphStats cuda_graph_stats(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  if (!cuda) throw std::invalid_argument("cuda_graph_stats: " + backend.name() + " is not a CUDA backend");
+  return cuda->graph_stats();
 }
 
 CudaArenaStats cuda_arena_stats(const Backend& backend) {

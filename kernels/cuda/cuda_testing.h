@@ -25,6 +25,16 @@ struct CudaArenaStats {
 // Throws std::invalid_argument when `backend` is not a CUDA backend (e.g. a wrapper around one).
 CudaArenaStats cuda_arena_stats(const Backend& backend);
 
+// What a CUDA backend's recorded steps (Backend::run_step) did so far: steps recorded as CUDA graphs,
+// replays of a recording, and recordings that failed (the step then ran directly).
+struct CudaGraphStats {
+  size_t recorded = 0;
+  size_t replayed = 0;
+  size_t failed = 0;
+};
+// Throws std::invalid_argument when `backend` is not a CUDA backend.
+CudaGraphStats cuda_graph_stats(const Backend& backend);
+
 // bf16 tensor: roughly normal values, mean `offset`, standard deviation `scale`. Synchronizes.
 void cuda_fill_random_bf16(const Tensor& t, uint64_t seed, float scale, float offset = 0.0f);
 // u8 tensor: uniform bytes in [lo, hi]. Synchronizes.

@@ -186,9 +186,11 @@ void top_logprobs(const float* logits, int rows, int64_t vocab, int k, int32_t* 
 // Expert-parallel dispatch and combine (moe_dispatch.cu), the device form of kernels/moe_pack.h.
 // plan: slots [rows, ranks], send_ids / send_weights [sent rows, k], counts [ranks + 1] (rows per
 // destination, then 1 if an id was outside the placement), load [experts] += tokens (may be null).
+// capacity > 0 (rows <= capacity): destination d's rows start at d * capacity, and the rows of the
+// ranks * capacity that no token takes get ids -1 and weights 0.
 inline constexpr int kMaxDispatchRanks = 64;
 void moe_dispatch_plan(const int32_t* ids, const float* weights, int rows, int k, const int32_t* owner,
-                       const int32_t* local, int experts, int ranks, int32_t* slots, int32_t* send_ids,
+                       const int32_t* local, int experts, int ranks, int capacity, int32_t* slots, int32_t* send_ids,
                        float* send_weights, int64_t* counts, int32_t* load, cudaStream_t stream);
 // Copies each token's row to its slots in send_x.
 void moe_dispatch_copy(const void* x, int64_t row_bytes, const int32_t* slots, int rows, int ranks, void* send_x,

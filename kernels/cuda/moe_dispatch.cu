@@ -2,7 +2,9 @@
 // the plan (one block: counts per destination rank, then per-destination exclusive scans in token
 // order, so the slots are the host implementation's, kernels/moe_pack.cc), the row copies (one block
 // per token) and the per-token sums in rank order (one block per token, fp32 from zero, then bf16);
-// and the expert-load counter of the single-rank path (one atomicAdd per routed id).
+// and the expert-load counter of the single-rank path (one atomicAdd per routed id). With a capacity
+// (the fixed-capacity exchange) destination d's rows start at d * capacity and the plan first marks
+// every row of the ranks * capacity as padding (ids -1, weights 0).
 #include <algorithm>
 #include <cub/block/block_scan.cuh>
 
@@ -32,8 +34,8 @@ __device__ uint64_t destinations(const int32_t* ids, int t, int k, const int32_t
 
 __global__ void __launch_bounds__(kPlanThreads)
     plan_kernel(const int32_t* ids, const float* weights, int rows, int k, const int32_t* owner, const int32_t* local,
-                int experts, int ranks, int32_t* slots, int32_t* send_ids, float* send_weights, int64_t* counts,
-                int32_t* load) {
+                int experts, int ranks, int capacity, int32_t* slots, int32_t* send_ids, float* send_weights,
+                int64_t* counts, int32_t* load) {
   pdl_begin();
   using Scan = cub::BlockScan<int, kPlanThreads>;
   __shared__ typename Scan::TempStorage scan;
@@ -41,6 +43,11 @@ __global__ void __launch_bounds__(kPlanThreads)
   const int tid = threadIdx.x;
   if (tid < ranks) count[tid] = 0;
   if (tid == 0) counts[ranks] = 0;  // the error flag
+  if (capacity > 0)  // padding until a token takes the row (pass 2, after the barriers below)
+    for (int64_t i = tid; i < static_cast<int64_t>(ranks) * capacity * k; i += kPlanThreads) {
+      send_ids[i] = -1;
+      send_weights[i] = 0.0f;
+    }
   __syncthreads();
   // Pass 1: rows per destination, and the expert load.
   for (int t = tid; t < rows; t += kPlanThreads) {
@@ -57,7 +64,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   if (tid == 0) {
     int at = 0;
     for (int d = 0; d < ranks; ++d) {
-      running[d] = at;
+      running[d] = capacity > 0 ? d * capacity : at;
       counts[d] = count[d];
       at += count[d];
     }
@@ -142,11 +149,11 @@ void count_expert_load(const int32_t* ids, int64_t n, int experts, int32_t* load
 }
 
 void moe_dispatch_plan(const int32_t* ids, const float* weights, int rows, int k, const int32_t* owner,
-                       const int32_t* local, int experts, int ranks, int32_t* slots, int32_t* send_ids,
+                       const int32_t* local, int experts, int ranks, int capacity, int32_t* slots, int32_t* send_ids,
                        float* send_weights, int64_t* counts, int32_t* load, cudaStream_t stream) {
   if (ranks < 1 || ranks > kMaxDispatchRanks) throw std::invalid_argument("moe_dispatch_plan: 1..64 ranks");
   launch_kernel(plan_kernel, dim3(1), dim3(kPlanThreads), 0, stream, ids, weights, rows, k, owner, local, experts,
-                ranks, slots, send_ids, send_weights, counts, load);
+                ranks, capacity, slots, send_ids, send_weights, counts, load);
   check_launch("moe_dispatch_plan");
 }
 

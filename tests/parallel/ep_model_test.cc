@@ -8,11 +8,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
+#include <thread>
 
 #include "kernels/cpu/cpu_backend.h"
 #include "parallel/expert_balance.h"
 #include "parallel/expert_placement.h"
+#include "parallel/moe_dispatch.h"
 #include "parallel/thread_comm.h"
 #include "runtime/expert_stats.h"
 #include "runtime/generate.h"
@@ -27,9 +30,10 @@ using testing::GoldenCase;
 using testing::load_golden_case;
 
 ModelOptions small_options(Communicator* comm = nullptr, std::shared_ptr<const ExpertPlacement> placement = nullptr,
-                           bool host_staged = false) {
+                           bool host_staged = false, int64_t capacity_limit = MoeDispatcher::kDefaultCapacityLimit) {
   ModelOptions o;
   o.ep_host_staged = host_staged;
+  o.ep_capacity_limit = capacity_limit;
   o.max_step_rows = 64;
   o.max_logit_rows = 64;
   o.kv.block_size = 4;
@@ -43,9 +47,10 @@ ModelOptions small_options(Communicator* comm = nullptr, std::shared_ptr<const E
 // One rank's model: its own checkpoint mapping and a one-thread backend (the ranks share 2 cores).
 struct RankModel {
   explicit RankModel(const std::string& dir, Communicator* comm, std::shared_ptr<const ExpertPlacement> placement = nullptr,
-                     bool host_staged = false)
-      : config(load_model_config(dir + "/config.json")), ck(dir), backend(1),
-        model(config, ck, backend, small_options(comm, std::move(placement), host_staged)) {}
+                     bool host_staged = false, int64_t capacity_limit = MoeDispatcher::kDefaultCapacityLimit)
+      : RankModel(dir, small_options(comm, std::move(placement), host_staged, capacity_limit)) {}
+  RankModel(const std::string& dir, const ModelOptions& options)
+      : config(load_model_config(dir + "/config.json")), ck(dir), backend(1), model(config, ck, backend, options) {}
   ModelConfig config;
   Checkpoint ck;
   CpuBackend backend;
@@ -315,6 +320,7 @@ class CountingComm final : public Communicator {
     size_t total = 0;
     for (size_t c : rc) total += c;
     if (calls_++ % 3 == 1 && total == 0) ++empty_dispatches;
+    ++count_exchanges;
     inner_.all_to_all_v(s, sc, r, rc);
   }
   // The dispatch of the backend-operation path: rows, ids and weights in one collective.
@@ -332,6 +338,7 @@ class CountingComm final : public Communicator {
   void set_timeout(double s) override { inner_.set_timeout(s); }
   double timeout() const override { return inner_.timeout(); }
   int empty_dispatches = 0;
+  int count_exchanges = 0;  // all_to_all_v calls: the row-count exchanges of exact mode
 
  private:
   Communicator& inner_;
@@ -339,20 +346,176 @@ class CountingComm final : public Communicator {
 };
 
 // Decode steps of one token over 4 ranks: most layers send it to fewer than 4 ranks, so some ranks
-// receive nothing at all, and ranks 1-3 never have tokens of their own.
+// receive nothing at all, and ranks 1-3 never have tokens of their own. Exact mode, where an
+// exchange that carries nothing is empty (capacity mode pads it).
 TEST(EpModel, RanksWithoutTokensAndRanksThatReceiveNothing) {
   const GoldenCase g = load_golden_case("tiny-b");
   std::vector<int32_t> greedy;
   std::atomic<int> empty = 0;
   run_thread_ranks(4, [&](Communicator& comm) {
     CountingComm counting(comm);
-    RankModel m(g.dir, &counting);
+    RankModel m(g.dir, &counting, nullptr, false, 0);
     if (comm.rank() == 0) greedy = greedy_generate(m.model, g.tokens, static_cast<int>(g.greedy.size()));
     m.model.serve_peers();
     empty += counting.empty_dispatches;
   });
   EXPECT_EQ(greedy, g.greedy);
   EXPECT_GT(empty.load(), 0);
+}
+
+// A placement of `experts` over `ranks` with its own sets in layer 1 (expert e on rank e mod ranks).
+std::shared_ptr<const ExpertPlacement> per_layer_placement(int experts, int ranks, int layers) {
+  std::string text = "experts " + std::to_string(experts) + "\n";
+  for (int r = 0; r < ranks; ++r) {
+    const auto ids = ExpertPlacement::contiguous(experts, ranks).experts_of(r);
+    text += "rank " + std::to_string(r) + ": " + std::to_string(ids.front()) + "-" + std::to_string(ids.back()) + "\n";
+  }
+  text += "layers " + std::to_string(layers) + "\nlayer 1\n";
+  for (int r = 0; r < ranks; ++r) {
+    text += "rank " + std::to_string(r) + ":";
+    for (int e = r; e < experts; e += ranks) text += " " + std::to_string(e);
+    text += "\n";
+  }
+  return placement_text(text);
+}
+
+// The fixed-capacity exchange gives exact mode's bits in the whole model: every rank its own
+// sequence (rank 1 none: it only serves), prefill steps of every rank's length, of 7 rows and of
+// 300 rows, and decode steps of one row; over 2, 3 (per-layer placement) and 4 ranks. Exact mode
+// exchanges row counts (all_to_all_v), capacity mode never does; under a limit of 100 rows per peer
+// the 300-row step alone runs in exact mode.
+TEST(EpModel, CapacityEqualsExactBitForBit) {
+  for (const std::string name : {"tiny-a", "tiny-b"}) {
+    const GoldenCase g = load_golden_case(name);
+    const ModelConfig config = load_model_config(g.dir + "/config.json");
+    std::vector<int32_t> long_prompt;
+    while (long_prompt.size() < 300) long_prompt.push_back(g.tokens[long_prompt.size() % g.tokens.size()]);
+    for (int ranks : {2, 3, 4}) {
+      const auto placement =
+          ranks == 3 ? per_layer_placement(config.num_local_experts, ranks, config.num_hidden_layers) : nullptr;
+      const int64_t hundred_rows = int64_t{100} * ranks * config.hidden_size;
+      struct Run {
+        int64_t limit;
+        const char* what;
+      };
+      const Run runs[] = {{0, "exact"}, {std::numeric_limits<int64_t>::max(), "capacity"}, {hundred_rows, "chosen"}};
+      // [run][rank]: logits and greedy tokens of every step, concatenated; count exchanges.
+      std::vector<std::vector<float>> logits(3 * static_cast<size_t>(ranks));
+      std::vector<std::vector<int32_t>> greedy(logits.size());
+      std::vector<int> counts(logits.size());
+      run_thread_ranks(ranks, [&](Communicator& comm) {
+        const int r = comm.rank();
+        const std::vector<int32_t> mine(g.tokens.begin() + r * 2, g.tokens.end() - r * 3);
+        for (size_t i = 0; i < 3; ++i) {
+          CountingComm counting(comm);
+          ModelOptions o = small_options(&counting, placement, false, runs[i].limit);
+          o.max_step_rows = 320;
+          o.max_logit_rows = 320;  // (compute_all_logits steps at most this many rows)
+          o.kv.full_blocks = 96;
+          RankModel m(g.dir, o);
+          const size_t at = i * static_cast<size_t>(ranks) + static_cast<size_t>(r);
+          if (r != 1) {
+            const std::vector<int32_t>* const prompts[] = {&mine, &long_prompt};
+            for (const std::vector<int32_t>* tokens : prompts) {
+              const auto l = compute_all_logits(m.model, *tokens);
+              logits[at].insert(logits[at].end(), l.begin(), l.end());
+            }
+            const std::vector<int32_t> seven(mine.begin(), mine.begin() + 7);
+            const auto l = compute_all_logits(m.model, seven);
+            logits[at].insert(logits[at].end(), l.begin(), l.end());
+            greedy[at] = greedy_generate(m.model, mine, 4);
+          }
+          m.model.serve_peers();
+          counts[at] = counting.count_exchanges;
+        }
+      });
+      for (int r = 0; r < ranks; ++r) {
+        const auto& exact = logits[static_cast<size_t>(r)];
+        if (r != 1) {
+          EXPECT_FALSE(exact.empty());
+        }
+        for (size_t i = 1; i < 3; ++i) {
+          const size_t at = i * static_cast<size_t>(ranks) + static_cast<size_t>(r);
+          ASSERT_EQ(logits[at].size(), exact.size());
+          EXPECT_TRUE(exact.empty() || std::memcmp(logits[at].data(), exact.data(), exact.size() * sizeof(float)) == 0)
+              << name << ", " << ranks << " ranks, rank " << r << ": " << runs[i].what;
+          EXPECT_EQ(greedy[at], greedy[static_cast<size_t>(r)]) << runs[i].what;
+        }
+        EXPECT_GT(counts[static_cast<size_t>(r)], 0) << "exact mode exchanges row counts";
+        EXPECT_EQ(counts[static_cast<size_t>(ranks + r)], 0) << "capacity mode never exchanges row counts";
+        EXPECT_EQ(counts[static_cast<size_t>(2 * ranks + r)], config.num_hidden_layers)
+            << "under the limit only the 300-row step exchanges row counts (once per layer)";
+      }
+    }
+  }
+}
+
+// A rank that stops in the middle of a capacity-mode step (it never arrives at layer 1's dispatch):
+// its peers fail with a CommError naming the timeout within the communication timeout (1 s), never
+// hang; and a rank that dies there with an error ends its peers' waits at once (well inside a 60 s
+// timeout).
+TEST(EpModel, RankDyingMidExchangeFailsThePeers) {
+  const std::string a = load_golden_case("tiny-a").dir;
+  // Forwards to the inner communicator until its `at`-th all_to_all_v_parts, where the rank stops:
+  // silent for `silent_s` seconds, then it throws.
+  class DiesAtExchange final : public Communicator {
+   public:
+    DiesAtExchange(Communicator& inner, int at, double silent_s) : inner_(inner), at_(at), silent_s_(silent_s) {}
+    int rank() const override { return inner_.rank(); }
+    int size() const override { return inner_.size(); }
+    std::string name() const override { return "dies"; }
+    void all_to_all_v(const void* s, std::span<const size_t> sc, void* r, std::span<const size_t> rc) override {
+      inner_.all_to_all_v(s, sc, r, rc);
+    }
+    void all_to_all_v_parts(std::span<const Part> parts) override {
+      if (++calls_ == at_) {
+        std::this_thread::sleep_for(std::chrono::duration<double>(silent_s_));
+        throw std::runtime_error("rank " + std::to_string(rank()) + " died mid-exchange");
+      }
+      inner_.all_to_all_v_parts(parts);
+    }
+    void all_gather(const void* s, size_t b, void* r) override { inner_.all_gather(s, b, r); }
+    void broadcast(void* d, size_t b, int root) override { inner_.broadcast(d, b, root); }
+    void barrier() override { inner_.barrier(); }
+    void abort(const std::string& reason, int code) noexcept override { inner_.abort(reason, code); }
+    void set_timeout(double s) override { inner_.set_timeout(s); }
+    double timeout() const override { return inner_.timeout(); }
+
+   private:
+    Communicator& inner_;
+    int at_, calls_ = 0;
+    double silent_s_;
+  };
+  for (const double silent_s : {0.0, 3.0}) {
+    // Silent: a short timeout that the peers must hit; an error: a long one they must not wait for.
+    const double timeout_s = silent_s > 0 ? 1.0 : 60.0;
+    std::mutex mu;
+    std::vector<std::string> peer_errors;
+    std::vector<double> peer_seconds;
+    try {
+      run_thread_ranks(3, [&](Communicator& comm) {
+        // Layer 0's dispatch and combine, then layer 1's dispatch: the third exchange.
+        DiesAtExchange dying(comm, comm.rank() == 2 ? 3 : -1, silent_s);
+        RankModel m(a, &dying, nullptr, false, std::numeric_limits<int64_t>::max());  // capacity mode
+        const auto start = std::chrono::steady_clock::now();
+        try {
+          if (comm.rank() == 0) compute_all_logits(m.model, {1, 2, 3});
+          m.model.serve_peers();
+        } catch (const CommError& e) {
+          std::lock_guard lk(mu);
+          peer_errors.push_back(e.what());
+          peer_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+          throw;
+        }
+      }, timeout_s);
+      ADD_FAILURE() << "expected an error";
+    } catch (const std::exception& e) {
+      if (silent_s == 0) EXPECT_STREQ(e.what(), "rank 2 died mid-exchange");
+      else EXPECT_NE(std::string(e.what()).find("timed out"), std::string::npos) << e.what();
+    }
+    ASSERT_EQ(peer_errors.size(), 2u) << "both peers fail: " << ::testing::PrintToString(peer_errors);
+    for (double s : peer_seconds) EXPECT_LT(s, silent_s > 0 ? timeout_s + 2.0 : 10.0) << "seconds to fail";
+  }
 }
 
 // A step where rank 1 has a batch of two sequences and ranks 0 and 2 have none, then the reverse.

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <cmath>
 #include <random>
@@ -133,6 +134,8 @@ TEST(MoeExchange, AllExpertsOnOneRankSendTheRowOnce) {
 class FakeExperts : public ForwardingBackend {
  public:
   FakeExperts(Backend& inner, std::vector<int> global_ids) : ForwardingBackend(inner), global_(std::move(global_ids)) {}
+  // The global ids of this rank's experts in the next moe() (a per-layer placement's layer).
+  void use_experts(std::vector<int> global_ids) { global_ = std::move(global_ids); }
   void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& w, const ExpertWeights&, float,
                    const Tensor& out) override {
     const int64_t rows = x.rows(), H = x.row_elements(), K = ids.row_elements();
@@ -192,6 +195,30 @@ struct DispatchCase {
   int max_expert;         // routing draws experts from [0, max_expert] (the owners of higher ones receive nothing)
 };
 
+// One rank's router output and rows for a test step: ids [rows, K] drawn from [0, max_expert] (a
+// skipped slot now and then), weights, and hidden rows x [rows, H].
+struct Routing {
+  std::vector<int32_t> ids;
+  std::vector<float> w, x;
+};
+Routing random_routing(uint32_t seed, int64_t rows, int K, int H, int max_expert) {
+  std::mt19937 rng(seed);
+  Routing g;
+  g.x.resize(static_cast<size_t>(rows * H));
+  for (int64_t r = 0; r < rows; ++r) {
+    std::set<int32_t> chosen;
+    while (static_cast<int>(chosen.size()) < K) chosen.insert(static_cast<int32_t>(rng() % static_cast<uint32_t>(max_expert + 1)));
+    int j = 0;
+    for (int32_t e : chosen) {
+      g.ids.push_back(r % 5 == 3 && j == 2 ? -1 : e);
+      g.w.push_back(static_cast<float>(rng() % 1000) / 997.0f);
+      ++j;
+    }
+  }
+  for (float& v : g.x) v = static_cast<float>(static_cast<int>(rng() % 20001) - 10000) / 3001.0f;
+  return g;
+}
+
 // The backend-operation path (CPU backend in place; the Backend defaults staged through the host;
 // device buffers exchanged by thread ranks that share a device) gives the host-staged path's bits:
 // same rows, same order of additions. Rank 1 has no tokens.
@@ -225,21 +252,9 @@ TEST(MoeDispatcher, BackendOpsEqualHostStagedBitForBit) {
     run_thread_ranks(c.ranks, [&](Communicator& comm) {
       const int me = comm.rank();
       const int64_t rows = me == 1 ? 0 : c.rows + me % 2;  // uneven, and rank 1 empty
-      std::mt19937 rng(static_cast<uint32_t>(c.ranks * 131 + c.rows * 7 + me));
-      std::vector<int32_t> ids;
-      std::vector<float> w, x(static_cast<size_t>(rows * H));
-      for (int64_t r = 0; r < rows; ++r) {
-        std::set<int32_t> chosen;
-        while (static_cast<int>(chosen.size()) < K)
-          chosen.insert(static_cast<int32_t>(rng() % static_cast<uint32_t>(c.max_expert + 1)));
-        int j = 0;
-        for (int32_t e : chosen) {
-          ids.push_back(r % 5 == 3 && j == 2 ? -1 : e);  // a skipped slot now and then
-          w.push_back(static_cast<float>(rng() % 1000) / 997.0f);
-          ++j;
-        }
-      }
-      for (float& v : x) v = static_cast<float>(static_cast<int>(rng() % 20001) - 10000) / 3001.0f;
+      const Routing routing = random_routing(static_cast<uint32_t>(c.ranks * 131 + c.rows * 7 + me), rows, K, H, c.max_expert);
+      const std::vector<int32_t>& ids = routing.ids;
+      const std::vector<float>&w = routing.w, &x = routing.x;
       CpuBackend cpu(1);
       std::vector<int> mine = placement.experts_of(me);
       FakeExperts direct(cpu, mine);
@@ -304,6 +319,121 @@ TEST(MoeDispatcher, BackendOpsEqualHostStagedBitForBit) {
                                   << "': " << ::testing::PrintToString(failures);
     EXPECT_GT(device_copies.load(), 0) << "the device-buffer run must exchange through the DeviceCopy";
     EXPECT_EQ(wrong_streams.load(), 0) << "copies and waits go on the backend's stream";
+  }
+}
+
+// The fixed-capacity exchange (MoeDispatcher::Exchange::kCapacity) gives exact mode's bits: the same
+// rows reach the same experts in the same order, and padding rows are never summed. Uneven and
+// per-layer placements, a rank without tokens (it only serves: begin_step(false, 0)), ranks that
+// receive nothing, steps of 1, 7 and 300 rows; the CPU backend in place, the Backend defaults and a
+// device-like backend staged through the host, and device buffers moved by thread ranks. Under a
+// limit of 100 rows per peer the 300-row steps run in exact mode and the others in capacity mode.
+TEST(MoeDispatcher, CapacityEqualsExactBitForBit) {
+  const int K = 4, H = 24;
+  const std::string uneven4 = "experts 16\nrank 0: 0\nrank 1: 1-2\nrank 2: 3-12\nrank 3: 13-15\n";
+  const std::string per_layer3 =
+      "experts 8\nrank 0: 0-5\nrank 1: 6\nrank 2: 7\nlayers 2\nlayer 1\nrank 0: 7\nrank 1: 0 2 4 6\nrank 2: 1 3 5\n";
+  const std::string per_layer4 = "experts 16\nrank 0: 0-3\nrank 1: 4-7\nrank 2: 8-11\nrank 3: 12-15\nlayers 2\n"
+                                 "layer 1\nrank 0: 15\nrank 1: 0-2 9\nrank 2: 3-8 10-13\nrank 3: 14\n";
+  const std::vector<DispatchCase> cases = {
+      {2, 8, 1, "", 7},           {2, 8, 7, "", 3},           {2, 8, 300, "", 7},
+      {3, 8, 1, per_layer3, 7},   {3, 8, 7, per_layer3, 5},   {3, 12, 300, "", 11},  // 3 ranks, 7 rows: layer 0's ranks 1, 2 receive nothing
+      {4, 16, 1, uneven4, 15},    {4, 16, 7, per_layer4, 9},  {4, 16, 300, per_layer4, 15},
+  };
+  using Exchange = MoeDispatcher::Exchange;
+  for (const DispatchCase& c : cases) {
+    const auto placement = c.placement.empty() ? ExpertPlacement::contiguous(c.experts, c.ranks)
+                                               : ExpertPlacement::parse(c.placement, "test placement");
+    const int layers = std::max(placement.num_layers(), 1);
+    auto rows_of = [&](int rank) -> int64_t { return rank == 1 ? 0 : c.rows + rank % 2; };  // uneven, rank 1 empty
+    int64_t most = 0;
+    for (int r = 0; r < c.ranks; ++r) most = std::max(most, rows_of(r));
+    std::mutex mu;
+    std::vector<std::string> failures;
+    std::atomic<int> device_copies{0};
+    DeviceCopy memcpy_copy{[&](void* dst, const void* src, size_t bytes, void*) {
+                             ++device_copies;
+                             std::memcpy(dst, src, bytes);
+                           },
+                           [](void*) {}};
+    for (const bool device_group : {false, true})
+    run_thread_ranks(c.ranks, [&](Communicator& comm) {
+      const int me = comm.rank();
+      const int64_t rows = rows_of(me);
+      std::vector<Routing> routing;
+      for (int l = 0; l < layers; ++l)
+        routing.push_back(random_routing(static_cast<uint32_t>(c.ranks * 131 + c.rows * 7 + me + 1000 * l), rows, K, H, c.max_expert));
+      CpuBackend cpu(1);
+      FakeExperts direct(cpu, {});
+      DefaultOpsDevice staged(cpu, {});
+      DeviceLike device_like(cpu, {});
+      std::string why;
+      // Two steps of every layer (buffers reused); the outputs of all of them, concatenated.
+      auto run = [&](FakeExperts& backend, int64_t limit, const char* what) {
+        MoeDispatcher d(comm, placement, backend, H, K, c.rows + 1, MoeDispatcher::Path::kBackendOps, limit);
+        const Exchange want = limit >= most * c.ranks * H ? Exchange::kCapacity : Exchange::kExact;
+        std::vector<float> all;
+        for (int rep = 0; rep < 2; ++rep)
+          for (int l = 0; l < layers; ++l) {
+            const Routing& g = routing[static_cast<size_t>(l)];
+            const std::vector<int> mine = placement.experts_of(l, me);
+            backend.use_experts(mine);
+            ExpertWeights local;
+            local.gate_up_blocks.shape = {static_cast<int64_t>(mine.size()), 1, 1, 16};
+            if (!d.begin_step(me != 1, rows)) why += std::string(" ") + what + ": begin_step saw no step;";
+            if (d.step_exchange() != want || d.step_capacity() != (want == Exchange::kCapacity ? most : 0))
+              why += std::string(" ") + what + ": wrong exchange mode or capacity " + std::to_string(d.step_capacity()) + ";";
+            DeviceBuffer bx = cpu.allocate(g.x.size() * 4 + 4), bi = cpu.allocate(g.ids.size() * 4 + 4),
+                         bw = cpu.allocate(g.w.size() * 4 + 4), bo = cpu.allocate(g.x.size() * 4 + 4);
+            const Tensor tx = bx.view(DType::kF32, {rows, H}), ti = bi.view(DType::kI32, {rows, K}),
+                         tw = bw.view(DType::kF32, {rows, K}), to = bo.view(DType::kF32, {rows, H});
+            if (rows) {
+              cpu.upload(g.x.data(), tx);
+              cpu.upload(g.ids.data(), ti);
+              cpu.upload(g.w.data(), tw);
+              std::memset(to.data, 0xff, to.bytes());  // NaNs: every element must be written
+            }
+            d.moe(tx, ti, tw, local, 7.0f, to, l);
+            d.finish_step();
+            std::vector<float> out(static_cast<size_t>(rows * H));
+            if (rows) cpu.download(to, out.data());
+            all.insert(all.end(), out.begin(), out.end());
+          }
+        return std::make_pair(all, d.traffic());
+      };
+      auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+        return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
+      };
+      const int64_t always = std::numeric_limits<int64_t>::max(), hundred_rows = 100 * c.ranks * H;
+      const auto [exact, exact_traffic] = run(direct, 0, "exact");
+      for (float v : exact)
+        if (std::isnan(v)) {
+          why += " NaN in output;";
+          break;
+        }
+      if (device_group) {
+        if (!same(run(device_like, always, "device capacity").first, exact)) why += " device-buffer capacity differs;";
+        if (!same(run(device_like, hundred_rows, "device chosen").first, exact)) why += " device-buffer chosen differs;";
+      } else {
+        const auto [capacity, capacity_traffic] = run(direct, always, "capacity");
+        if (!same(capacity, exact)) why += " cpu capacity differs;";
+        if (!same(run(direct, hundred_rows, "chosen").first, exact)) why += " cpu chosen differs;";
+        if (!same(run(staged, always, "default ops capacity").first, exact)) why += " default ops capacity differs;";
+        if (!same(run(device_like, always, "staged capacity").first, exact)) why += " staged capacity differs;";
+        // Every peer gets a full slot of `most` rows (row + ids + weights) and returns as many rows.
+        const uint64_t row = H * 4, per_peer = static_cast<uint64_t>(most) * (row + K * 8 + row);
+        if (capacity_traffic.to_peers != 2ull * static_cast<uint64_t>(layers * (c.ranks - 1)) * per_peer)
+          why += " capacity traffic " + std::to_string(capacity_traffic.to_peers) + " is not the padded size;";
+        if (capacity_traffic.all_gather_design != exact_traffic.all_gather_design) why += " all-gather design differs;";
+      }
+      if (!why.empty()) {
+        std::lock_guard lk(mu);
+        failures.push_back("rank " + std::to_string(me) + (device_group ? " (device group):" : ":") + why);
+      }
+    }, default_comm_timeout(), device_group ? std::optional<DeviceCopy>(memcpy_copy) : std::nullopt);
+    EXPECT_TRUE(failures.empty()) << c.ranks << " ranks, " << c.rows << " rows, placement '" << c.placement
+                                  << "': " << ::testing::PrintToString(failures);
+    EXPECT_GT(device_copies.load(), 0) << "the device-buffer runs must exchange through the DeviceCopy";
   }
 }
 

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <thread>
 
@@ -135,6 +136,50 @@ TEST_P(MpiGolden, BackendOpsEqualHostStagedBitForBit) {
   ASSERT_EQ(got[0].size(), got[1].size());
   EXPECT_TRUE(got[0].empty() || std::memcmp(got[0].data(), got[1].data(), got[0].size() * sizeof(float)) == 0)
       << "rank " << r;
+}
+
+// The fixed-capacity exchange and exact mode (row counts first) give the same bits over MPI: every
+// rank its own sequence (rank 1 none), prefill steps of 300, 7 and each rank's own rows and decode
+// steps of one row; exact mode for all steps, capacity mode for all, and the default rule under a
+// limit of 100 rows per peer (the 300-row step exact, the others capacity).
+TEST_P(MpiGolden, CapacityEqualsExactBitForBit) {
+  const auto g = testing::load_golden_case(GetParam());
+  const ModelConfig config = load_model_config(g.dir + "/config.json");
+  Checkpoint ck(g.dir);
+  CpuBackend backend(1);
+  const int r = g_comm->rank();
+  const std::vector<int32_t> mine(g.tokens.begin() + r * 2, g.tokens.end() - r * 3);
+  std::vector<int32_t> long_prompt;
+  while (long_prompt.size() < 300) long_prompt.push_back(g.tokens[long_prompt.size() % g.tokens.size()]);
+  const int64_t limits[] = {0, std::numeric_limits<int64_t>::max(), int64_t{100} * g_comm->size() * config.hidden_size};
+  std::vector<float> got[3];
+  std::vector<int32_t> greedy[3];
+  for (int i = 0; i < 3; ++i) {
+    ModelOptions o = options(g_comm.get());
+    o.ep_capacity_limit = limits[i];
+    o.max_step_rows = o.max_logit_rows = 320;
+    o.kv.full_blocks = 96;
+    Model model(config, ck, backend, o);
+    if (r != 1) {
+      const std::vector<int32_t> seven(mine.begin(), mine.begin() + 7);
+      const std::vector<int32_t>* const prompts[] = {&long_prompt, &seven};
+      for (const std::vector<int32_t>* tokens : prompts) {
+        const auto l = compute_all_logits(model, *tokens);
+        got[i].insert(got[i].end(), l.begin(), l.end());
+      }
+      greedy[i] = greedy_generate(model, mine, 4);
+    }
+    model.serve_peers();
+  }
+  for (int i = 1; i < 3; ++i) {
+    ASSERT_EQ(got[i].size(), got[0].size());
+    EXPECT_TRUE(got[0].empty() || std::memcmp(got[i].data(), got[0].data(), got[0].size() * sizeof(float)) == 0)
+        << "rank " << r << ", limit " << limits[i];
+    EXPECT_EQ(greedy[i], greedy[0]) << "rank " << r << ", limit " << limits[i];
+  }
+  if (r != 1) {
+    EXPECT_FALSE(got[0].empty());
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, MpiGolden, ::testing::ValuesIn(testing::golden_case_names()));
