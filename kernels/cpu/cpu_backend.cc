@@ -48,10 +48,20 @@ std::vector<float> to_f32(const Tensor& t) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {}
+CpuBackend::CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {
+  if (const char* env = std::getenv("ARBITER_CPU_MXFP4"); env && *env) {
+    const std::string mode = env;
+    if (mode == "int8") expert_activations_ = cpu::Mxfp4Activations::kInt8;
+    else if (mode != "exact") throw std::invalid_argument("ARBITER_CPU_MXFP4 must be exact or int8 (not '" + mode + "')");
+  }
+}
 
 std::string CpuBackend::name() const {
-  return std::string("cpu (") + cpu::isa_name(cpu::active_isa()) + ", " + std::to_string(pool_->size()) + " threads)";
+  std::string n = std::string("cpu (") + cpu::isa_name(cpu::active_isa()) + ", " + std::to_string(pool_->size()) + " threads";
+  if (expert_activations_ == cpu::Mxfp4Activations::kInt8)
+    n += cpu::vnni_active() && cpu::active_isa() == cpu::Isa::kAvx512 ? ", int8 expert activations (vnni)"
+                                                                       : ", int8 expert activations";
+  return n + ")";
 }
 
 DeviceBuffer CpuBackend::allocate(size_t bytes) {
@@ -374,9 +384,10 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& expert_ids, const Te
     d.y = &y[static_cast<size_t>(r0 * hidden)];
     down.push_back(d);
   }
-  cpu::linear_mxfp4_multi(*pool_, hidden, 2 * inter, gate_up.data(), static_cast<int64_t>(gate_up.size()));
+  cpu::linear_mxfp4_multi(*pool_, hidden, 2 * inter, gate_up.data(), static_cast<int64_t>(gate_up.size()),
+                          expert_activations_);
   cpu::swiglu(*pool_, u.data(), total, inter, swiglu_limit, act.data());
-  cpu::linear_mxfp4_multi(*pool_, inter, hidden, down.data(), static_cast<int64_t>(down.size()));
+  cpu::linear_mxfp4_multi(*pool_, inter, hidden, down.data(), static_cast<int64_t>(down.size()), expert_activations_);
   // Each output row sums its own slots in slot order (independent of what else is in the batch).
   pool_->parallel_for(rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)

@@ -7,12 +7,16 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/kernels.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace arbiter {
 
 class CpuBackend final : public Backend {
  public:
+  // The experts' one-row products use exact fp32 activations unless ARBITER_CPU_MXFP4=int8 (the
+  // quantized mode, cpu::Mxfp4Activations); ARBITER_CPU_MXFP4=exact or unset: exact; anything else
+  // throws std::invalid_argument.
   explicit CpuBackend(int threads = 0);
   std::string name() const override;
   DType activation_dtype() const override { return DType::kF32; }
@@ -54,9 +58,12 @@ class CpuBackend final : public Backend {
   void argmax(const Tensor& logits, const Tensor& out) override;
 
   cpu::ThreadPool& pool() { return *pool_; }
+  cpu::Mxfp4Activations expert_activations() const { return expert_activations_; }
+  void set_expert_activations(cpu::Mxfp4Activations a) { expert_activations_ = a; }
 
  private:
   std::unique_ptr<cpu::ThreadPool> pool_;
+  cpu::Mxfp4Activations expert_activations_ = cpu::Mxfp4Activations::kExact;
   // moe_experts' work buffers, kept between calls (they only grow) so a step neither allocates
   // nor zero-fills tens of MB per layer.
   std::vector<float> moe_xs_, moe_u_, moe_act_, moe_y_;

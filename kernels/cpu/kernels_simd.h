@@ -746,7 +746,10 @@ int64_t argmax(const float* x, int64_t n) {
   return 0;  // all NaN
 }
 
+// The int8-activation entries (q8_group_blocks, quantize_q8, mxfp4_q8_row, mxfp4_q8_row_vnni) are written per
+// instruction set outside this file; each build fills them in after make_table.
 constexpr KernelTable make_table(const char* name) {
-  return KernelTable{name,      NR,      W,         TN,        XC,        S::kNibbleRows, bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
-                     swiglu,    rms_norm, rope,       add,       axpy,         bf16_to_f32, argmax};
+  return KernelTable{name,   NR,       W,       TN,      XC,         S::kNibbleRows, bf16_matvec, bf16_gemm, mxfp4_matvec,
+                     1,      nullptr,  nullptr, nullptr, mxfp4_gemm, attention, W,            swiglu,      rms_norm,  rope,
+                     add,    axpy,     bf16_to_f32, argmax};
 }
