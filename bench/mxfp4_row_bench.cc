@@ -69,8 +69,9 @@ float read_bytes(const uint8_t* p, size_t n) {
 // One expert matrix: codes and scales in one allocation (as in a checkpoint's tensors).
 struct Matrix {
   std::vector<uint8_t> bytes;
-  const uint8_t* blocks() const { return bytes.data(); }
-  const uint8_t* scales(int64_t out, int64_t in) const { return bytes.data() + out * in / 2; }
+  size_t offset = 0;
+  const uint8_t* blocks() const { return bytes.data() + offset; }
+  const uint8_t* scales(int64_t out, int64_t in) const { return bytes.data() + offset + out * in / 2; }
 };
 
 struct Variant {
@@ -80,6 +81,7 @@ struct Variant {
   bool vnni = false;
   bool read = false;  // the plain read
   bool bf16 = false;  // the bf16 one-row matvec (the dense products), on bf16 matrices
+  bool shifted = false;  // on the matrices 16 bytes off a cache line
   std::vector<double> memory_gbs, l2_gbs;
 };
 
@@ -96,20 +98,36 @@ int run() {
   std::mt19937 rng(5);
   std::vector<Matrix> matrices(static_cast<size_t>(pool_matrices));
   for (auto& m : matrices) {
-    m.bytes.resize(matrix_bytes);
-    for (size_t i = 0; i < m.bytes.size(); i += 4) {
+    m.bytes.resize(matrix_bytes + 64);
+    m.offset = (64 - reinterpret_cast<uintptr_t>(m.bytes.data()) % 64) % 64;  // on a cache line
+    uint8_t* base = m.bytes.data() + m.offset;
+    for (size_t i = 0; i + 4 <= matrix_bytes; i += 4) {
       const uint32_t r = static_cast<uint32_t>(rng());
-      __builtin_memcpy(&m.bytes[i], &r, 4);
+      __builtin_memcpy(base + i, &r, 4);
     }
-    for (int64_t i = 0; i < out * in / 32; ++i) m.bytes[static_cast<size_t>(out * in / 2 + i)] = static_cast<uint8_t>(118 + rng() % 12);
+    for (int64_t i = 0; i < out * in / 32; ++i) base[out * in / 2 + i] = static_cast<uint8_t>(118 + rng() % 12);
   }
   // bf16 matrices of the same shape (the dense products' kernel, for comparison): 2 bytes a weight.
+  // Each with 32 spare weights in front, so that it can start on a cache line (offset 0) or 16 bytes
+  // past one (offset 8 weights).
   std::vector<std::vector<uint16_t>> dense(static_cast<size_t>(pool_matrices / 2));
   for (auto& m : dense) {
-    m.resize(static_cast<size_t>(out * in));
+    m.resize(static_cast<size_t>(out * in) + 64);
     for (auto& v : m) v = static_cast<uint16_t>(0x3c00 + (rng() & 0x1ff));
   }
+  auto dense_at = [](const std::vector<uint16_t>& m, bool shifted) {
+    const size_t skip = (64 - reinterpret_cast<uintptr_t>(m.data()) % 64) % 64 / 2;
+    return m.data() + skip + (shifted ? 8 : 0);
+  };
   size_t next_dense = 0;
+  // The same matrices 16 bytes off a cache line (as a checkpoint's tensors may be: their offsets in
+  // the file are only 8-byte aligned), for the variants marked "+16 B".
+  std::vector<Matrix> shifted(matrices.size());
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    shifted[i].bytes.resize(matrix_bytes + 128);
+    shifted[i].offset = (64 - reinterpret_cast<uintptr_t>(shifted[i].bytes.data()) % 64) % 64 + 16;
+    __builtin_memcpy(shifted[i].bytes.data() + shifted[i].offset, matrices[i].blocks(), matrix_bytes);
+  }
   std::vector<float> x(static_cast<size_t>(in)), y(static_cast<size_t>(out));
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (auto& v : x) v = nd(rng);
@@ -134,6 +152,14 @@ int run() {
     add(n + " int8", isa, int8, false, false, false);
     if (isa == cpu::Isa::kAvx512 && cpu::vnni_available()) add(n + " int8 vnni", isa, int8, true, false, false);
     if (isa != cpu::Isa::kPortable) add(n + " bf16 (dense)", isa, exact, false, false, true);
+    if (isa == cpu::Isa::kAvx512) {
+      add(n + " exact fp32 +16 B", isa, exact, false, false, false);
+      variants.back().shifted = true;
+      add(n + " int8 vnni +16 B", isa, int8, cpu::vnni_available(), false, false);
+      variants.back().shifted = true;
+      add(n + " bf16 (dense) +16 B", isa, exact, false, false, true);
+      variants.back().shifted = true;
+    }
   }
   cpu::ThreadPool pool(1);
   volatile float sink = 0;
@@ -143,14 +169,14 @@ int run() {
     const auto t = Clock::now();
     if (v.bf16) {
       const bool cold = rows == out;
-      const std::vector<uint16_t>& w = dense[cold ? next_dense : 0];
+      const uint16_t* w = dense_at(dense[cold ? next_dense : 0], v.shifted);
       if (cold) next_dense = (next_dense + 1) % dense.size();
-      cpu::linear_bf16(pool, x.data(), 1, in, w.data(), rows / 2, nullptr, y.data(), cpu::LinearPath::kMatvec);
+      cpu::linear_bf16(pool, x.data(), 1, in, w, rows / 2, nullptr, y.data(), cpu::LinearPath::kMatvec);
       const double s = std::chrono::duration<double>(Clock::now() - t).count();
       return static_cast<double>(rows / 2 * in * 2) / s / 1e9;
     }
     if (v.read) {
-      sink = sink + read_bytes(m.bytes.data(), (static_cast<size_t>(rows * in / 2)) / 256 * 256) +
+      sink = sink + read_bytes(m.blocks(), (static_cast<size_t>(rows * in / 2)) / 256 * 256) +
              read_bytes(m.scales(out, in), static_cast<size_t>(rows * in / 32) / 256 * 256);
     } else {
       cpu::linear_mxfp4(pool, x.data(), 1, in, m.blocks(), m.scales(out, in), rows, nullptr, y.data(),
@@ -165,13 +191,13 @@ int run() {
   for (int r = 0; r < rounds; ++r) {
     std::shuffle(order.begin(), order.end(), rng);
     for (size_t i : order) {
-      variants[i].memory_gbs.push_back(run_variant(variants[i], matrices[next], out));
+      variants[i].memory_gbs.push_back(run_variant(variants[i], (variants[i].shifted ? shifted : matrices)[next], out));
       next = (next + 1) % matrices.size();
     }
     // L2: 256 rows of one matrix (~390 KB; bf16: 128 rows, 740 KB), warmed, then the best of 50 timings.
     std::shuffle(order.begin(), order.end(), rng);
     for (size_t i : order) {
-      const Matrix& hot = matrices[0];
+      const Matrix& hot = (variants[i].shifted ? shifted : matrices)[0];
       run_variant(variants[i], hot, hot_rows);
       double best = 0;
       for (int k = 0; k < 50; ++k) best = std::max(best, run_variant(variants[i], hot, hot_rows));

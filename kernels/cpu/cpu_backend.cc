@@ -49,6 +49,7 @@ std::vector<float> to_f32(const Tensor& t) {
 }  // namespace
 
 CpuBackend::CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {
+  if (const char* env = std::getenv("ARBITER_CPU_ALIGN_EXPERTS"); env && *env) align_experts_ = std::strcmp(env, "0") != 0;
   if (const char* env = std::getenv("ARBITER_CPU_MXFP4"); env && *env) {
     const std::string mode = env;
     if (mode == "int8") expert_activations_ = cpu::Mxfp4Activations::kInt8;
@@ -69,6 +70,23 @@ DeviceBuffer CpuBackend::allocate(size_t bytes) {
   void* p = std::aligned_alloc(64, rounded);
   if (!p) throw std::bad_alloc();
   return DeviceBuffer(p, bytes, [](void* q) { std::free(q); });
+}
+
+Tensor CpuBackend::import_weight(const Tensor& host) {
+  const bool mxfp4_codes = host.dtype == DType::kU8 && host.shape.rank >= 2 && host.shape[host.shape.rank - 1] == 16;
+  if (!align_experts_ || !mxfp4_codes || !host.data || reinterpret_cast<uintptr_t>(host.data) % 64 == 0) return host;
+  // A view imported again (the same mapped bytes) reuses its copy; the content is compared, since a
+  // host buffer freed and reallocated at the same address may hold other weights.
+  auto it = aligned_copies_.find(host.data);
+  if (it == aligned_copies_.end() || it->second.bytes() != host.bytes() ||
+      std::memcmp(it->second.data(), host.data, host.bytes()) != 0) {
+    DeviceBuffer copy = allocate(host.bytes());
+    std::memcpy(copy.data(), host.data, host.bytes());
+    it = aligned_copies_.insert_or_assign(host.data, std::move(copy)).first;
+  }
+  Tensor t = host;
+  t.data = it->second.data();
+  return t;
 }
 
 void CpuBackend::upload(const void* host, const Tensor& dst) { std::memcpy(dst.data, host, dst.bytes()); }

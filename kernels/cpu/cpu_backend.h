@@ -3,6 +3,7 @@
 // fly, every kernel spread over a ThreadPool.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -23,7 +24,12 @@ class CpuBackend final : public Backend {
   DType kv_dtype() const override { return DType::kF32; }
 
   DeviceBuffer allocate(size_t bytes) override;
-  Tensor import_weight(const Tensor& host) override { return host; }
+  // The view itself, except MXFP4 expert codes (U8 [..., 16]) that do not start on a 64-byte line
+  // (a checkpoint's tensor offsets are only 8-byte aligned): those are copied once into aligned
+  // memory owned by the backend (a second import of the same bytes returns the same copy), since
+  // the one-row MXFP4 kernels stream them 12-20% slower off a line (docs/performance.md).
+  // ARBITER_CPU_ALIGN_EXPERTS=0 keeps the views (for A/B measurements).
+  Tensor import_weight(const Tensor& host) override;
   void upload(const void* host, const Tensor& dst) override;
   void download(const Tensor& src, void* host) override;
   void fill_zero(const Tensor& dst) override;
@@ -64,6 +70,9 @@ class CpuBackend final : public Backend {
  private:
   std::unique_ptr<cpu::ThreadPool> pool_;
   cpu::Mxfp4Activations expert_activations_ = cpu::Mxfp4Activations::kExact;
+  bool align_experts_ = true;
+  // Aligned copies made by import_weight, by the address of the view they copy.
+  std::map<const void*, DeviceBuffer> aligned_copies_;
   // moe_experts' work buffers, kept between calls (they only grow) so a step neither allocates
   // nor zero-fills tens of MB per layer.
   std::vector<float> moe_xs_, moe_u_, moe_act_, moe_y_;

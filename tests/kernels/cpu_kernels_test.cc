@@ -888,6 +888,38 @@ TEST(CpuBackendOptions, ExpertActivationsFromEnvironment) {
   if (saved) ::setenv("ARBITER_CPU_MXFP4", saved_value.c_str(), 1);
 }
 
+// import_weight: MXFP4 codes off a 64-byte line come back as an aligned copy with the same bytes
+// (once: the same view again gives the same copy, other bytes at that address a new one); aligned
+// codes, scales and bf16 weights come back as the views themselves.
+TEST(CpuBackendOptions, ImportWeightAlignsMxfp4Codes) {
+  ::unsetenv("ARBITER_CPU_ALIGN_EXPERTS");
+  CpuBackend backend(1);
+  std::vector<uint8_t> storage(64 * 3 * 16 + 128);
+  for (size_t i = 0; i < storage.size(); ++i) storage[i] = static_cast<uint8_t>(i * 7 + 3);
+  const size_t to_line = (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
+  const Tensor off_line{storage.data() + to_line + 8, DType::kU8, {2, 3, 2, 16}};
+  const Tensor got = backend.import_weight(off_line);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(got.data) % 64, 0u);
+  EXPECT_NE(got.data, off_line.data);
+  EXPECT_EQ(got.shape, off_line.shape);
+  EXPECT_EQ(got.dtype, DType::kU8);
+  EXPECT_EQ(0, std::memcmp(got.data, off_line.data, off_line.bytes()));
+  EXPECT_EQ(backend.import_weight(off_line).data, got.data) << "the same view copied twice";
+  storage[to_line + 8] ^= 0xFF;  // other bytes at the same address: a new copy of them
+  const Tensor again = backend.import_weight(off_line);
+  EXPECT_EQ(0, std::memcmp(again.data, off_line.data, off_line.bytes()));
+  const Tensor on_line{storage.data() + to_line, DType::kU8, {2, 3, 2, 16}};
+  EXPECT_EQ(backend.import_weight(on_line).data, on_line.data);
+  const Tensor scales{storage.data() + to_line + 8, DType::kU8, {2, 3, 2}};
+  EXPECT_EQ(backend.import_weight(scales).data, scales.data);
+  const Tensor bf16{storage.data() + to_line + 8, DType::kBF16, {4, 16}};
+  EXPECT_EQ(backend.import_weight(bf16).data, bf16.data);
+  ::setenv("ARBITER_CPU_ALIGN_EXPERTS", "0", 1);
+  CpuBackend views(1);
+  EXPECT_EQ(views.import_weight(off_line).data, off_line.data);
+  ::unsetenv("ARBITER_CPU_ALIGN_EXPERTS");
+}
+
 INSTANTIATE_TEST_SUITE_P(Isa, KernelTest, ::testing::Values(Isa::kPortable, Isa::kAvx2, Isa::kAvx512),
                          [](const ::testing::TestParamInfo<Isa>& info) { return std::string(cpu::isa_name(info.param)); });
 
