@@ -66,6 +66,8 @@ class CpuBackend final : public Backend {
   cpu::ThreadPool& pool() { return *pool_; }
   cpu::Mxfp4Activations expert_activations() const { return expert_activations_; }
   void set_expert_activations(cpu::Mxfp4Activations a) { expert_activations_ = a; }
+  // Whether import_weight aligns MXFP4 codes (affects weights imported afterwards).
+  void set_align_experts(bool on) { align_experts_ = on; }
 
  private:
   std::unique_ptr<cpu::ThreadPool> pool_;

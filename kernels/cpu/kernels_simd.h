@@ -300,7 +300,8 @@ void mxfp4_nibble_tile(const LinearArgs& a, int64_t o) {
 
 // The one-row kernel each build uses, chosen by measurement (one core streaming cold expert
 // matrices of the real shape from memory, Zen 5 VM, 2026-12-06): AVX2 nibble groups 1.13-1.15x
-// blocks; AVX-512 nibble groups 0.73x blocks, though 1.6x from L2 (see docs/performance.md).
+// blocks; AVX-512 nibble groups 0.73x blocks, though 1.6x from L2, measured on matrices 16 bytes off
+// a cache line, which later the same day proved to cost MXFP4 kernels 12-20% (docs/performance.md).
 template <typename T = S>
 void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   if constexpr (T::kNibbleRows) {
