@@ -76,13 +76,15 @@ Tensor CpuBackend::import_weight(const Tensor& host) {
   const bool mxfp4_codes = host.dtype == DType::kU8 && host.shape.rank >= 2 && host.shape[host.shape.rank - 1] == 16;
   if (!align_experts_ || !mxfp4_codes || !host.data || reinterpret_cast<uintptr_t>(host.data) % 64 == 0) return host;
   // A view imported again (the same mapped bytes) reuses its copy; the content is compared, since a
-  // host buffer freed and reallocated at the same address may hold other weights.
-  auto it = aligned_copies_.find(host.data);
-  if (it == aligned_copies_.end() || it->second.bytes() != host.bytes() ||
-      std::memcmp(it->second.data(), host.data, host.bytes()) != 0) {
+  // host buffer freed and reallocated at the same address may hold other weights. Copies are never
+  // replaced: an earlier model may still use them.
+  const auto key = std::make_pair(static_cast<const void*>(host.data), host.bytes());
+  auto [first, last] = aligned_copies_.equal_range(key);
+  auto it = std::find_if(first, last, [&](const auto& c) { return std::memcmp(c.second.data(), host.data, host.bytes()) == 0; });
+  if (it == last) {
     DeviceBuffer copy = allocate(host.bytes());
     std::memcpy(copy.data(), host.data, host.bytes());
-    it = aligned_copies_.insert_or_assign(host.data, std::move(copy)).first;
+    it = aligned_copies_.emplace(key, std::move(copy));
   }
   Tensor t = host;
   t.data = it->second.data();

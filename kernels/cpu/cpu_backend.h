@@ -73,8 +73,10 @@ class CpuBackend final : public Backend {
   std::unique_ptr<cpu::ThreadPool> pool_;
   cpu::Mxfp4Activations expert_activations_ = cpu::Mxfp4Activations::kExact;
   bool align_experts_ = true;
-  // Aligned copies made by import_weight, by the address of the view they copy.
-  std::map<const void*, DeviceBuffer> aligned_copies_;
+  // Aligned copies made by import_weight, by the address and size of the view they copy; kept
+  // until the backend goes (models hold pointers into them), several per key when the bytes there
+  // changed between imports.
+  std::multimap<std::pair<const void*, size_t>, DeviceBuffer> aligned_copies_;
   // moe_experts' work buffers, kept between calls (they only grow) so a step neither allocates
   // nor zero-fills tens of MB per layer.
   std::vector<float> moe_xs_, moe_u_, moe_act_, moe_y_;

@@ -889,7 +889,8 @@ TEST(CpuBackendOptions, ExpertActivationsFromEnvironment) {
 }
 
 // import_weight: MXFP4 codes off a 64-byte line come back as an aligned copy with the same bytes
-// (once: the same view again gives the same copy, other bytes at that address a new one); aligned
+// (once: the same view again gives the same copy; another size or other bytes at that address a
+// new one, the earlier copies left intact); aligned
 // codes, scales and bf16 weights come back as the views themselves.
 TEST(CpuBackendOptions, ImportWeightAlignsMxfp4Codes) {
   ::unsetenv("ARBITER_CPU_ALIGN_EXPERTS");
@@ -905,9 +906,18 @@ TEST(CpuBackendOptions, ImportWeightAlignsMxfp4Codes) {
   EXPECT_EQ(got.dtype, DType::kU8);
   EXPECT_EQ(0, std::memcmp(got.data, off_line.data, off_line.bytes()));
   EXPECT_EQ(backend.import_weight(off_line).data, got.data) << "the same view copied twice";
+  // A shorter view at the same address (another model's expert range): its own copy, and the first
+  // copy stays as it was (a model may still be reading it).
+  const std::vector<uint8_t> first_bytes(static_cast<const uint8_t*>(got.data), static_cast<const uint8_t*>(got.data) + got.bytes());
+  const Tensor prefix{off_line.data, DType::kU8, {1, 3, 2, 16}};
+  const Tensor got_prefix = backend.import_weight(prefix);
+  EXPECT_EQ(0, std::memcmp(got_prefix.data, prefix.data, prefix.bytes()));
+  EXPECT_EQ(0, std::memcmp(got.data, first_bytes.data(), first_bytes.size()));
   storage[to_line + 8] ^= 0xFF;  // other bytes at the same address: a new copy of them
   const Tensor again = backend.import_weight(off_line);
+  EXPECT_NE(again.data, got.data);
   EXPECT_EQ(0, std::memcmp(again.data, off_line.data, off_line.bytes()));
+  EXPECT_EQ(0, std::memcmp(got.data, first_bytes.data(), first_bytes.size()));
   const Tensor on_line{storage.data() + to_line, DType::kU8, {2, 3, 2, 16}};
   EXPECT_EQ(backend.import_weight(on_line).data, on_line.data);
   const Tensor scales{storage.data() + to_line + 8, DType::kU8, {2, 3, 2}};
