@@ -707,11 +707,12 @@ void BM_DecodeAB(benchmark::State& state) {
     cpu::Mxfp4Activations activations;
     std::vector<double> step_ms, dense, experts, head, whole;
     std::vector<double> step_speedup, experts_speedup;  // per round, over the first variant
+    std::vector<double> dense_ms, experts_ms, head_ms, rest_ms;  // per step
   };
   std::vector<Variant> variants;
-  variants.push_back({"exact, aligned codes", 0, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}});
-  variants.push_back({"exact, mapped codes", 1, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}});
-  variants.push_back({"int8, aligned codes", 0, cpu::Mxfp4Activations::kInt8, {}, {}, {}, {}, {}, {}, {}});
+  variants.push_back({"exact, aligned codes", 0, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  variants.push_back({"exact, mapped codes", 1, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  variants.push_back({"int8, aligned codes", 0, cpu::Mxfp4Activations::kInt8, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
   // One prefilled sequence per model, then the same decode step re-run (as BM_Decode).
   std::vector<std::unique_ptr<KvBlockPools>> pools;
   std::vector<std::unique_ptr<LocalSequence>> seqs;
@@ -748,6 +749,7 @@ void BM_DecodeAB(benchmark::State& state) {
       std::shuffle(order.begin(), order.end(), rng);
       double round_floor = 0;
       std::vector<std::array<double, 5>> got(variants.size());
+      std::vector<std::array<double, 3>> op_seconds(variants.size());  // dense, experts, lm_head per step
       for (size_t i : order) {
         if (i == variants.size()) {  // the read floor
           const auto t = Clock::now();
@@ -766,6 +768,7 @@ void BM_DecodeAB(benchmark::State& state) {
         const double dt = seconds_since(t) / kSteps;
         const double distinct = static_cast<double>(tg.counting->distinct_experts()) / kSteps;
         const StepBytes sb = step_bytes(b.config, 1, static_cast<int64_t>(distinct + 0.5), true);
+        op_seconds[i] = {tg.counting->seconds(3) / kSteps, tg.counting->seconds(8) / kSteps, tg.counting->seconds(12) / kSteps};
         got[i] = {dt, sb.dense * kSteps / tg.counting->seconds(3), sb.experts * kSteps / tg.counting->seconds(8),
                   sb.lm_head * kSteps / tg.counting->seconds(12), sb.total() / dt};
       }
@@ -776,6 +779,10 @@ void BM_DecodeAB(benchmark::State& state) {
         variants[i].experts.push_back(got[i][2] / round_floor);
         variants[i].head.push_back(got[i][3] / round_floor);
         variants[i].whole.push_back(got[i][4] / round_floor);
+        variants[i].dense_ms.push_back(1e3 * op_seconds[i][0]);
+        variants[i].experts_ms.push_back(1e3 * op_seconds[i][1]);
+        variants[i].head_ms.push_back(1e3 * op_seconds[i][2]);
+        variants[i].rest_ms.push_back(1e3 * (got[i][0] - op_seconds[i][0] - op_seconds[i][1] - op_seconds[i][2]));
         variants[i].step_speedup.push_back(got[0][0] / got[i][0]);
         variants[i].experts_speedup.push_back(got[i][2] / got[0][2]);
       }
@@ -795,6 +802,10 @@ void BM_DecodeAB(benchmark::State& state) {
     std::fprintf(stderr, "%-22s %8.2f %6.2f %10.3f %11.3f %13.3f %13.3f %12.3f %14.3f\n", v.name, median(v.step_ms),
                  1e3 / median(v.step_ms), median(v.whole), median(v.dense), median(v.experts), median(v.head),
                  median(v.step_speedup), median(v.experts_speedup));
+  std::fprintf(stderr, "per-op profile, ms per step (medians): %-22s %8s %8s %8s %8s\n", "", "dense", "experts", "lm_head", "rest");
+  for (const Variant& v : variants)
+    std::fprintf(stderr, "per-op profile, ms per step (medians): %-22s %8.2f %8.2f %8.2f %8.2f\n", v.name, median(v.dense_ms),
+                 median(v.experts_ms), median(v.head_ms), median(v.rest_ms));
   state.counters["floor_GB/s"] = median(floor_rate) / 1e9;
 }
 
