@@ -11,6 +11,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -676,6 +677,138 @@ void BM_Decode(benchmark::State& state) {
   }
 }
 
+// Batch-1 decode A/B in one process: the same checkpoint in two models (MXFP4 codes aligned at load,
+// the default, and on the checkpoint's own mapping, as before), run as three variants (exact fp32
+// expert activations on either, int8 expert activations on the aligned one), and the read floor
+// of the step (the same bytes in the same passes, plain reads). Rounds run every variant for a few
+// steps in shuffled order, so the machine's drifting load hits all alike; reported are the medians
+// over rounds of ms per step and, per operation, weight bytes/s over the floor's read rate of the
+// same round (dense q/k/v/o/router, experts, lm_head, whole step), and the median over rounds of
+// each variant's speed-up over the first in the same round (whole step, experts).
+// ARBITER_BENCH_AB_ROUNDS sets the rounds (15).
+void BM_DecodeAB(benchmark::State& state) {
+  Bench& b = bench();
+  // Two models: the bench's own (codes aligned at load) and one on the checkpoint's mapping; the
+  // activation mode is a backend setting, switched per run.
+  const ModelOptions o = b.model->options();
+  CpuBackend mapped_cpu;
+  mapped_cpu.set_align_experts(false);
+  CountingBackend mapped_counting(mapped_cpu);
+  Model mapped_model(b.config, *b.checkpoint, mapped_counting, o);
+  struct Target {
+    CpuBackend* cpu;
+    CountingBackend* counting;
+    Model* model;
+  };
+  const Target targets[2] = {{b.cpu.get(), b.backend.get(), b.model.get()}, {&mapped_cpu, &mapped_counting, &mapped_model}};
+  struct Variant {
+    const char* name;
+    int target;
+    cpu::Mxfp4Activations activations;
+    std::vector<double> step_ms, dense, experts, head, whole;
+    std::vector<double> step_speedup, experts_speedup;  // per round, over the first variant
+    std::vector<double> dense_ms, experts_ms, head_ms, rest_ms;  // per step
+  };
+  std::vector<Variant> variants;
+  variants.push_back({"exact, aligned codes", 0, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  variants.push_back({"exact, mapped codes", 1, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  variants.push_back({"int8, aligned codes", 0, cpu::Mxfp4Activations::kInt8, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  // One prefilled sequence per model, then the same decode step re-run (as BM_Decode).
+  std::vector<std::unique_ptr<KvBlockPools>> pools;
+  std::vector<std::unique_ptr<LocalSequence>> seqs;
+  std::vector<StepLayout> layouts;
+  for (const Target& t : targets) {
+    pools.push_back(std::make_unique<KvBlockPools>(o.kv));
+    seqs.push_back(std::make_unique<LocalSequence>(*pools.back(), t.model->kv_cache().ring_blocks_per_sequence()));
+    StepLayout prefill;
+    prefill.block_size = o.kv.block_size;
+    const auto toks = random_tokens(kContext, 100, b.config.vocab_size);
+    seqs.back()->append_to_step(prefill, toks.data(), kContext, true);
+    t.model->forward_argmax(prefill);
+    seqs.back()->commit(kContext);
+    StepLayout step;
+    step.block_size = o.kv.block_size;
+    const int32_t tok = random_tokens(1, 900, b.config.vocab_size)[0];
+    seqs.back()->append_to_step(step, &tok, 1, true);
+    t.model->forward_argmax(step);
+    layouts.push_back(step);
+  }
+  const ModelWeights floor_weights = load_weights(b.config, *b.checkpoint, *b.cpu);
+  const auto passes = decode_read_passes(floor_weights);
+  double floor_bytes = 0;
+  for (const auto& pass : passes)
+    for (const auto& r : pass) floor_bytes += static_cast<double>(r.second);
+  const int rounds = std::getenv("ARBITER_BENCH_AB_ROUNDS") ? std::atoi(std::getenv("ARBITER_BENCH_AB_ROUNDS")) : 15;
+  constexpr int kSteps = 3;
+  std::mt19937 rng(3);
+  std::vector<size_t> order(variants.size() + 1);
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::vector<double> floor_rate;
+  for (auto _ : state) {
+    for (int r = 0; r < rounds; ++r) {
+      std::shuffle(order.begin(), order.end(), rng);
+      double round_floor = 0;
+      std::vector<std::array<double, 5>> got(variants.size());
+      std::vector<std::array<double, 3>> op_seconds(variants.size());  // dense, experts, lm_head per step
+      for (size_t i : order) {
+        if (i == variants.size()) {  // the read floor
+          const auto t = Clock::now();
+          for (int k = 0; k < kSteps; ++k)
+            for (const auto& pass : passes) read_pass(b.cpu->pool(), pass);
+          round_floor = floor_bytes * kSteps / seconds_since(t);
+          continue;
+        }
+        Variant& v = variants[i];
+        const Target& tg = targets[v.target];
+        tg.cpu->set_expert_activations(v.activations);
+        tg.counting->reset();
+        const auto t = Clock::now();
+        for (int k = 0; k < kSteps; ++k)
+          benchmark::DoNotOptimize(tg.model->forward_argmax(layouts[static_cast<size_t>(v.target)]));
+        const double dt = seconds_since(t) / kSteps;
+        const double distinct = static_cast<double>(tg.counting->distinct_experts()) / kSteps;
+        const StepBytes sb = step_bytes(b.config, 1, static_cast<int64_t>(distinct + 0.5), true);
+        op_seconds[i] = {tg.counting->seconds(3) / kSteps, tg.counting->seconds(8) / kSteps, tg.counting->seconds(12) / kSteps};
+        got[i] = {dt, sb.dense * kSteps / tg.counting->seconds(3), sb.experts * kSteps / tg.counting->seconds(8),
+                  sb.lm_head * kSteps / tg.counting->seconds(12), sb.total() / dt};
+      }
+      floor_rate.push_back(round_floor);
+      for (size_t i = 0; i < variants.size(); ++i) {
+        variants[i].step_ms.push_back(1e3 * got[i][0]);
+        variants[i].dense.push_back(got[i][1] / round_floor);
+        variants[i].experts.push_back(got[i][2] / round_floor);
+        variants[i].head.push_back(got[i][3] / round_floor);
+        variants[i].whole.push_back(got[i][4] / round_floor);
+        variants[i].dense_ms.push_back(1e3 * op_seconds[i][0]);
+        variants[i].experts_ms.push_back(1e3 * op_seconds[i][1]);
+        variants[i].head_ms.push_back(1e3 * op_seconds[i][2]);
+        variants[i].rest_ms.push_back(1e3 * (got[i][0] - op_seconds[i][0] - op_seconds[i][1] - op_seconds[i][2]));
+        variants[i].step_speedup.push_back(got[0][0] / got[i][0]);
+        variants[i].experts_speedup.push_back(got[i][2] / got[0][2]);
+      }
+    }
+    state.SetIterationTime(1.0);
+  }
+  b.cpu->set_expert_activations(cpu::Mxfp4Activations::kExact);
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  std::fprintf(stderr, "decode A/B, %d layers, %d rounds x %d steps; floor (plain reads of the step's bytes in its passes) %.1f GB/s median\n",
+               b.config.num_hidden_layers, rounds, kSteps, median(floor_rate) / 1e9);
+  std::fprintf(stderr, "%-22s %8s %6s %10s %11s %13s %13s %12s %14s\n", "variant", "ms/step", "tok/s", "step/floor",
+               "dense/floor", "experts/floor", "lm_head/floor", "step speedup", "experts speedup");
+  for (const Variant& v : variants)
+    std::fprintf(stderr, "%-22s %8.2f %6.2f %10.3f %11.3f %13.3f %13.3f %12.3f %14.3f\n", v.name, median(v.step_ms),
+                 1e3 / median(v.step_ms), median(v.whole), median(v.dense), median(v.experts), median(v.head),
+                 median(v.step_speedup), median(v.experts_speedup));
+  std::fprintf(stderr, "per-op profile, ms per step (medians): %-22s %8s %8s %8s %8s\n", "", "dense", "experts", "lm_head", "rest");
+  for (const Variant& v : variants)
+    std::fprintf(stderr, "per-op profile, ms per step (medians): %-22s %8.2f %8.2f %8.2f %8.2f\n", v.name, median(v.dense_ms),
+                 median(v.experts_ms), median(v.head_ms), median(v.rest_ms));
+  state.counters["floor_GB/s"] = median(floor_rate) / 1e9;
+}
+
 void BM_Prefill(benchmark::State& state) {
   const int n = static_cast<int>(state.range(0));
   const Machine& m = machine();
@@ -777,6 +910,7 @@ BENCHMARK(BM_CopyBandwidth)->Iterations(1)->UseManualTime()->Unit(benchmark::kMi
 BENCHMARK(BM_ReadBandwidth)->Iterations(1)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FmaPeak)->Iterations(1)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Decode)->Arg(1)->Arg(16)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_DecodeAB)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
 BENCHMARK(BM_Prefill)->Arg(512)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
 
 }  // namespace

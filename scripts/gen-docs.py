@@ -396,7 +396,13 @@ def gen_cli(binary):
         out.append(f"| `{k}` | " + " | ".join(f"`{values[(n, k)]}`" if (n, k) in values else "" for n in names) + " |")
     out.append("\nEnvironment variables: `ARBITER_TOKENIZER_DIR` (where `make-model` and `bench` find "
                "`tokenizer.json`), `ARBITER_COMM_TIMEOUT` (seconds a collective between ranks may take before "
-               "the job fails, 300). The `ARBITER_CUDA_*` switches select kernel variants for benchmarking "
+               "the job fails, 300), `ARBITER_CPU_MXFP4` (`exact`, the default, or `int8`: the CPU backend "
+               "quantizes the experts' activations to int8 per 32 values for integer dot products in batch-1 "
+               "decode; faster, but its logits are off by ~2% of their range, [performance.md](performance.md"
+               "#aligned-expert-codes-and-an-opt-in-int8-expert-mode-2026-12-06-afternoon)), "
+               "`ARBITER_CPU_ALIGN_EXPERTS` (`0`: the CPU backend reads MXFP4 expert weights from the "
+               "checkpoint's mapping instead of aligned copies; for measurements). "
+               "The `ARBITER_CUDA_*` switches select kernel variants for benchmarking "
                "([kernels/cuda/NOTES.md](../kernels/cuda/NOTES.md)).")
     return "\n".join(out) + "\n"
 

@@ -48,10 +48,21 @@ std::vector<float> to_f32(const Tensor& t) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {}
+CpuBackend::CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {
+  if (const char* env = std::getenv("ARBITER_CPU_ALIGN_EXPERTS"); env && *env) align_experts_ = std::strcmp(env, "0") != 0;
+  if (const char* env = std::getenv("ARBITER_CPU_MXFP4"); env && *env) {
+    const std::string mode = env;
+    if (mode == "int8") expert_activations_ = cpu::Mxfp4Activations::kInt8;
+    else if (mode != "exact") throw std::invalid_argument("ARBITER_CPU_MXFP4 must be exact or int8 (not '" + mode + "')");
+  }
+}
 
 std::string CpuBackend::name() const {
-  return std::string("cpu (") + cpu::isa_name(cpu::active_isa()) + ", " + std::to_string(pool_->size()) + " threads)";
+  std::string n = std::string("cpu (") + cpu::isa_name(cpu::active_isa()) + ", " + std::to_string(pool_->size()) + " threads";
+  if (expert_activations_ == cpu::Mxfp4Activations::kInt8)
+    n += cpu::vnni_active() && cpu::active_isa() == cpu::Isa::kAvx512 ? ", int8 expert activations (vnni)"
+                                                                       : ", int8 expert activations";
+  return n + ")";
 }
 
 DeviceBuffer CpuBackend::allocate(size_t bytes) {
@@ -59,6 +70,25 @@ DeviceBuffer CpuBackend::allocate(size_t bytes) {
   void* p = std::aligned_alloc(64, rounded);
   if (!p) throw std::bad_alloc();
   return DeviceBuffer(p, bytes, [](void* q) { std::free(q); });
+}
+
+Tensor CpuBackend::import_weight(const Tensor& host) {
+  const bool mxfp4_codes = host.dtype == DType::kU8 && host.shape.rank >= 2 && host.shape[host.shape.rank - 1] == 16;
+  if (!align_experts_ || !mxfp4_codes || !host.data || reinterpret_cast<uintptr_t>(host.data) % 64 == 0) return host;
+  // A view imported again (the same mapped bytes) reuses its copy; the content is compared, since a
+  // host buffer freed and reallocated at the same address may hold other weights. Copies are never
+  // replaced: an earlier model may still use them.
+  const auto key = std::make_pair(static_cast<const void*>(host.data), host.bytes());
+  auto [first, last] = aligned_copies_.equal_range(key);
+  auto it = std::find_if(first, last, [&](const auto& c) { return std::memcmp(c.second.data(), host.data, host.bytes()) == 0; });
+  if (it == last) {
+    DeviceBuffer copy = allocate(host.bytes());
+    std::memcpy(copy.data(), host.data, host.bytes());
+    it = aligned_copies_.emplace(key, std::move(copy));
+  }
+  Tensor t = host;
+  t.data = it->second.data();
+  return t;
 }
 
 void CpuBackend::upload(const void* host, const Tensor& dst) { std::memcpy(dst.data, host, dst.bytes()); }
@@ -374,9 +404,10 @@ void CpuBackend::moe_experts(const Tensor& x, const Tensor& expert_ids, const Te
     d.y = &y[static_cast<size_t>(r0 * hidden)];
     down.push_back(d);
   }
-  cpu::linear_mxfp4_multi(*pool_, hidden, 2 * inter, gate_up.data(), static_cast<int64_t>(gate_up.size()));
+  cpu::linear_mxfp4_multi(*pool_, hidden, 2 * inter, gate_up.data(), static_cast<int64_t>(gate_up.size()),
+                          expert_activations_);
   cpu::swiglu(*pool_, u.data(), total, inter, swiglu_limit, act.data());
-  cpu::linear_mxfp4_multi(*pool_, inter, hidden, down.data(), static_cast<int64_t>(down.size()));
+  cpu::linear_mxfp4_multi(*pool_, inter, hidden, down.data(), static_cast<int64_t>(down.size()), expert_activations_);
   // Each output row sums its own slots in slot order (independent of what else is in the batch).
   pool_->parallel_for(rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)

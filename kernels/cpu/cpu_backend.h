@@ -3,23 +3,33 @@
 // fly, every kernel spread over a ThreadPool.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/kernels.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace arbiter {
 
 class CpuBackend final : public Backend {
  public:
+  // The experts' one-row products use exact fp32 activations unless ARBITER_CPU_MXFP4=int8 (the
+  // quantized mode, cpu::Mxfp4Activations); ARBITER_CPU_MXFP4=exact or unset: exact; anything else
+  // throws std::invalid_argument.
   explicit CpuBackend(int threads = 0);
   std::string name() const override;
   DType activation_dtype() const override { return DType::kF32; }
   DType kv_dtype() const override { return DType::kF32; }
 
   DeviceBuffer allocate(size_t bytes) override;
-  Tensor import_weight(const Tensor& host) override { return host; }
+  // The view itself, except MXFP4 expert codes (U8 [..., 16]) that do not start on a 64-byte line
+  // (a checkpoint's tensor offsets are only 8-byte aligned): those are copied once into aligned
+  // memory owned by the backend (a second import of the same bytes returns the same copy), since
+  // the one-row MXFP4 kernels stream them 12-20% slower off a line (docs/performance.md).
+  // ARBITER_CPU_ALIGN_EXPERTS=0 keeps the views (for A/B measurements).
+  Tensor import_weight(const Tensor& host) override;
   void upload(const void* host, const Tensor& dst) override;
   void download(const Tensor& src, void* host) override;
   void fill_zero(const Tensor& dst) override;
@@ -54,9 +64,19 @@ class CpuBackend final : public Backend {
   void argmax(const Tensor& logits, const Tensor& out) override;
 
   cpu::ThreadPool& pool() { return *pool_; }
+  cpu::Mxfp4Activations expert_activations() const { return expert_activations_; }
+  void set_expert_activations(cpu::Mxfp4Activations a) { expert_activations_ = a; }
+  // Whether import_weight aligns MXFP4 codes (affects weights imported afterwards).
+  void set_align_experts(bool on) { align_experts_ = on; }
 
  private:
   std::unique_ptr<cpu::ThreadPool> pool_;
+  cpu::Mxfp4Activations expert_activations_ = cpu::Mxfp4Activations::kExact;
+  bool align_experts_ = true;
+  // Aligned copies made by import_weight, by the address and size of the view they copy; kept
+  // until the backend goes (models hold pointers into them), several per key when the bytes there
+  // changed between imports.
+  std::multimap<std::pair<const void*, size_t>, DeviceBuffer> aligned_copies_;
   // moe_experts' work buffers, kept between calls (they only grow) so a step neither allocates
   // nor zero-fills tens of MB per layer.
   std::vector<float> moe_xs_, moe_u_, moe_act_, moe_y_;

@@ -39,6 +39,26 @@ void layout_nibbles(const float* x, int64_t n, int lanes, float* out) {
   deinterleave32(x + whole, n - whole, out + whole);
 }
 
+void quantize_q8(const float* x, int64_t n, int group_blocks, int8_t* q, float* half_scales) {
+  const int64_t blocks = n / 32;
+  for (int64_t g0 = 0; g0 < blocks; g0 += group_blocks) {
+    const int64_t nb = std::min<int64_t>(group_blocks, blocks - g0);
+    int8_t* even = q + g0 * 32;
+    int8_t* odd = even + nb * 16;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* xb = x + (g0 + j) * 32;
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      half_scales[g0 + j] = 0.5f * d;
+      for (int i = 0; i < 16; ++i) {
+        even[j * 16 + i] = static_cast<int8_t>(std::clamp(std::nearbyint(xb[2 * i] * inv), -127.0f, 127.0f));
+        odd[j * 16 + i] = static_cast<int8_t>(std::clamp(std::nearbyint(xb[2 * i + 1] * inv), -127.0f, 127.0f));
+      }
+    }
+  }
+}
+
 void pack_xt_blocks(const float* x, int64_t rows, int64_t in, int chunk, int64_t k_begin, int64_t k_end, float* xt) {
   const int64_t chunks = (rows + chunk - 1) / chunk;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -135,10 +155,38 @@ struct S {
 
 #include "kernels/cpu/kernels_simd.h"
 
+// One-row MXFP4 matvec with int8 activations, one block at a time in plain integers (the code's
+// value doubled, exact, times the quantized activation), converted to fp32 once per block.
+void mxfp4_q8_rows(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  static constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  const int64_t groups = a.in / 32;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* b = a.blocks + o * groups * 16;
+    const uint8_t* sc = a.scales + o * groups;
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* xq = a.xq + g * 32;
+      int32_t dot = 0;
+      for (int i = 0; i < 16; ++i)
+        dot += kTwiceFp4[b[g * 16 + i] & 0xF] * xq[i] + kTwiceFp4[b[g * 16 + i] >> 4] * xq[16 + i];
+      acc += static_cast<float>(dot) * (kE8m0.v[sc[g]] * a.xq_half_scales[g]);
+    }
+    a.y[o] = acc + (a.bias ? bf16f(a.bias[o]) : 0.0f);
+  }
+}
+
+constexpr KernelTable make_portable_table() {
+  KernelTable t = make_table("portable");
+  t.q8_group_blocks = 1;
+  t.quantize_q8 = [](const float* x, int64_t n, int8_t* q, float* half_scales) { quantize_q8(x, n, 1, q, half_scales); };
+  t.mxfp4_q8_row = mxfp4_q8_rows;
+  return t;
+}
+
 }  // namespace portable_impl
 
 const KernelTable& portable_kernels() {
-  static constexpr KernelTable table = portable_impl::make_table("portable");
+  static constexpr KernelTable table = portable_impl::make_portable_table();
   return table;
 }
 
@@ -147,6 +195,7 @@ const KernelTable& portable_kernels() {
 namespace {
 
 std::atomic<Isa> g_active{detected_isa()};
+std::atomic<bool> g_vnni{vnni_available()};
 
 // MXFP4 GEMM items: whole tiles of weight rows, about 4 MFLOP each.
 int64_t mxfp4_gemm_rows_per_item(const isa::KernelTable& t, int64_t rows, int64_t in) {
@@ -161,6 +210,23 @@ const isa::KernelTable& table() {
     case Isa::kPortable: break;
   }
   return isa::portable_kernels();
+}
+
+// The int8-activation one-row kernel of a table: with VNNI where the build has it and it is active.
+void (*q8_row_kernel(const isa::KernelTable& t))(const isa::LinearArgs&, int64_t, int64_t) {
+  return g_vnni.load() && t.mxfp4_q8_row_vnni ? t.mxfp4_q8_row_vnni : t.mxfp4_q8_row;
+}
+
+// Floats that hold one row of `in` int8 activations and their block scales (quantize_q8), rounded
+// up to whole 64-byte lines.
+int64_t q8_row_floats(int64_t in) { return (in / 4 + in / 32 + 15) / 16 * 16; }
+
+// Quantizes one row into `buf` (q8_row_floats(in) floats) for table t and points a at it.
+void quantize_row(const isa::KernelTable& t, const float* x, int64_t in, float* buf, isa::LinearArgs& a) {
+  auto* q = reinterpret_cast<int8_t*>(buf);
+  t.quantize_q8(x, in, q, buf + in / 4);
+  a.xq = q;
+  a.xq_half_scales = buf + in / 4;
 }
 
 // Per-thread scratch that only grows (attention blocks, re-laid-out activations), 64-byte aligned:
@@ -228,6 +294,19 @@ Isa detected_isa() {
 }
 
 Isa active_isa() { return g_active.load(); }
+
+bool vnni_available() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+bool vnni_active() { return g_vnni.load(); }
+
+void set_vnni_active(bool on) { g_vnni.store(on && vnni_available()); }
 
 void set_active_isa(Isa isa) {
   g_active.store(static_cast<int>(isa) <= static_cast<int>(detected_isa()) ? isa : detected_isa());
@@ -309,7 +388,8 @@ void linear_bf16_multi(ThreadPool& pool, const float* x, int64_t rows, int64_t i
 }
 
 void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint8_t* blocks,
-                  const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y, LinearPath path) {
+                  const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y, LinearPath path,
+                  Mxfp4Activations activations) {
   if (in % 32 != 0) throw std::invalid_argument("linear_mxfp4: in (" + std::to_string(in) + ") is not a multiple of 32");
   if (rows <= 0 || out_features <= 0) return;
   const isa::KernelTable& t = table();
@@ -337,6 +417,11 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
     run_outputs(pool, a, mxfp4_gemm_rows_per_item(t, rows, in), t.mxfp4_gemm);
     return;
   }
+  if (rows == 1 && activations == Mxfp4Activations::kInt8) {
+    quantize_row(t, x, in, scratch(static_cast<size_t>(q8_row_floats(in))), a);
+    run_outputs(pool, a, matvec_rows_per_item(in, out_features, 17.0 / 32), q8_row_kernel(t));
+    return;
+  }
   float* xd = scratch(static_cast<size_t>(rows * in));
   if (rows == 1 && t.mxfp4_nibble_rows) isa::layout_nibbles(x, in, t.lanes, xd);
   else
@@ -345,7 +430,8 @@ void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, co
   run_outputs(pool, a, matvec_rows_per_item(in, out_features, 17.0 / 32), t.mxfp4_matvec);
 }
 
-void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, const Mxfp4Problem* problems, int64_t count) {
+void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, const Mxfp4Problem* problems, int64_t count,
+                        Mxfp4Activations activations) {
   if (in % 32 != 0) throw std::invalid_argument("linear_mxfp4: in (" + std::to_string(in) + ") is not a multiple of 32");
   const isa::KernelTable& t = table();
   // Every problem's activations in the layout its path reads (x^T chunks for the GEMM, even/odd
@@ -354,7 +440,8 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
     const float* src = nullptr;  // the problem's activations
     isa::LinearArgs a;
     bool gemm = false;
-    int64_t offset = 0;  // into the packed activations
+    bool q8 = false;     // one row with int8 activations
+    int64_t offset = 0;  // into the packed activations (floats)
     int64_t per = 0;     // outputs per item
     int64_t first_item = 0;
   };
@@ -373,8 +460,12 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
     j.a.bias = p.bias;
     j.a.y = p.y;
     j.gemm = p.rows >= kMxfp4GemmMinRows;
+    j.q8 = p.rows == 1 && activations == Mxfp4Activations::kInt8;
     j.offset = floats;
-    if (j.gemm) {
+    if (j.q8) {
+      floats += q8_row_floats(in);
+      j.per = matvec_rows_per_item(in, out_features, 17.0 / 32);
+    } else if (j.gemm) {
       const int64_t vecs = (p.rows + t.lanes - 1) / t.lanes, per_chunk = t.xt_chunk / t.lanes;
       const int64_t chunks = (vecs + per_chunk - 1) / per_chunk;
       j.a.xt_chunk = (vecs + chunks - 1) / chunks * t.lanes;
@@ -401,7 +492,10 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
     const int64_t b0 = (item % pieces) * kPieceBlocks, b1 = std::min(blocks, b0 + kPieceBlocks);
     const float* x = j.src;
     float* dst = packed + j.offset;
-    if (j.gemm) {
+    if (j.q8) {
+      // Whole quantization groups (8 blocks hold a whole number of groups of 1, 2 or 4).
+      t.quantize_q8(x + b0 * 32, (b1 - b0) * 32, reinterpret_cast<int8_t*>(dst) + b0 * 32, dst + in / 4 + b0);
+    } else if (j.gemm) {
       isa::pack_xt_blocks(x, j.a.rows, in, static_cast<int>(j.a.xt_chunk), b0 * 32, b1 * 32, dst);
     } else if (j.a.rows == 1 && t.mxfp4_nibble_rows) {
       isa::layout_nibbles(x + b0 * 32, (b1 - b0) * 32, t.lanes, dst + b0 * 32);
@@ -416,11 +510,19 @@ void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, cons
   } else {
     dynamic_for(pool, pack_items, pack);
   }
-  for (Job& j : jobs) j.a.x = packed + j.offset;
+  for (Job& j : jobs) {
+    j.a.x = packed + j.offset;
+    if (j.q8) {
+      j.a.xq = reinterpret_cast<const int8_t*>(packed + j.offset);
+      j.a.xq_half_scales = packed + j.offset + in / 4;
+    }
+  }
+  const auto q8_row = q8_row_kernel(t);
   dynamic_for(pool, items, [&](int64_t item) {
     const Job& j = job_of(jobs, item);
     const int64_t o0 = (item - j.first_item) * j.per, o1 = std::min(out_features, o0 + j.per);
     if (j.gemm) t.mxfp4_gemm(j.a, o0, o1);
+    else if (j.q8) q8_row(j.a, o0, o1);
     else t.mxfp4_matvec(j.a, o0, o1);
   });
 }

@@ -17,6 +17,13 @@ Isa active_isa();     // what the kernels use now (detected unless overridden)
 void set_active_isa(Isa isa);  // tests and benchmarks; clamps to what the CPU supports
 const char* isa_name(Isa isa);
 
+// AVX512-VNNI (vpdpbusd) for the int8 dot products of Mxfp4Activations::kInt8: whether the CPU has
+// it, and whether the kernels use it (on where available; tests and benchmarks switch it off to
+// run the vpmaddubsw path; clamps to what the CPU supports).
+bool vnni_available();
+bool vnni_active();
+void set_vnni_active(bool on);
+
 // Runs body(i) for every i in [0, items) on all pool threads (the caller included), handing the
 // items out one at a time from a shared counter: fine-grained dynamic balancing whatever the
 // pool's own chunking, and no harm when a worker wakes late (the others take its items).
@@ -41,6 +48,15 @@ enum class LinearPath { kAuto, kMatvec, kGemm };
 inline constexpr int64_t kBf16GemmMinRows = 32;
 inline constexpr int64_t kMxfp4GemmMinRows = 24;
 
+// What the one-row MXFP4 products (the experts of a batch-1 decode step) do with their fp32
+// activations. kExact (the default): multiply them in fp32 against the decoded weights, within the
+// golden tolerance. kInt8 (opt-in, ARBITER_CPU_MXFP4=int8 for CpuBackend): quantize them per
+// 32-value block to int8 (isa::quantize_q8, as llama.cpp's q8_0) and take integer dot products
+// against the E2M1 codes (exact as int8), one fp32 scale multiply per block; the activations'
+// rounding is the only error (measured against the golden logits in docs/performance.md). Products
+// of several rows and the GEMM path stay exact in both modes.
+enum class Mxfp4Activations { kExact, kInt8 };
+
 // y[r, o] = sum_i x[r, i] * w[o, i] + bias[o] with w bf16 [out, in]; bias may be null.
 void linear_bf16(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint16_t* w,
                  int64_t out_features, const uint16_t* bias, float* y, LinearPath path = LinearPath::kAuto);
@@ -59,7 +75,7 @@ void linear_bf16_multi(ThreadPool& pool, const float* x, int64_t rows, int64_t i
 // `in` must be a multiple of 32. Weights are dequantized per 32-value block as they are used.
 void linear_mxfp4(ThreadPool& pool, const float* x, int64_t rows, int64_t in, const uint8_t* blocks,
                   const uint8_t* scales, int64_t out_features, const uint16_t* bias, float* y,
-                  LinearPath path = LinearPath::kAuto);
+                  LinearPath path = LinearPath::kAuto, Mxfp4Activations activations = Mxfp4Activations::kExact);
 
 // Several MXFP4 products of the same shape (the experts of one MoE layer): problems that take the
 // matrix-vector path run together in one parallel pass (one hand-off to the pool instead of one
@@ -72,7 +88,8 @@ struct Mxfp4Problem {
   const uint16_t* bias = nullptr;  // may be null
   float* y = nullptr;              // [rows, out]
 };
-void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, const Mxfp4Problem* problems, int64_t count);
+void linear_mxfp4_multi(ThreadPool& pool, int64_t in, int64_t out_features, const Mxfp4Problem* problems, int64_t count,
+                        Mxfp4Activations activations = Mxfp4Activations::kExact);
 
 // Attention with sinks over explicit key/value row pointers (see isa::AttentionTask); runs every
 // task, spread over the pool. Tasks must write disjoint outputs.

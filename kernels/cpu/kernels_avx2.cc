@@ -171,10 +171,115 @@ struct S {
 
 #include "kernels/cpu/kernels_simd.h"
 
+// ---------------------------------------------------------------------------------------------
+// One-row MXFP4 matvec with int8 activations (the opt-in quantized mode), 2 blocks (64 values)
+// per step, as llama.cpp's AVX2 path: codes split into nibbles, each looked up with vpshufb into
+// twice its E2M1 magnitude (0..12), the activations' signs flipped by the code's sign bit with
+// vpsignb, then vpmaddubsw (unsigned x signed byte pairs) and vpmaddwd into int32, converted to
+// fp32 once per block and multiplied by the weight scale times half the activation scale.
+inline constexpr int kQ8GroupBlocks = 2;
+
+// Adds the dot products of `n` (1 or 2) blocks of one weight row to acc (lanes 0-3: the first
+// block, 4-7: the second).
+inline __m256 q8_group(const uint8_t* codes, const uint8_t* scales, const int8_t* xq, const float* xs, int n, __m256 acc) {
+  __m256i c, xe, xo;
+  if (n == kQ8GroupBlocks) {
+    c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+    xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+  } else {
+    c = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+    xe = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
+    xo = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
+  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F), one8 = _mm256_set1_epi8(1);
+  const __m256i twice_magnitude = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12,  //
+                                                   0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12);
+  const __m256i mlo = _mm256_shuffle_epi8(twice_magnitude, _mm256_and_si256(c, low4));
+  const __m256i mhi = _mm256_shuffle_epi8(twice_magnitude, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4));
+  // vpsignb by (byte | 1): negate where the byte's top bit is set, keep otherwise (never zero).
+  // The low nibble's sign (bit 3) is moved to the top bit by a 4-bit shift.
+  xe = _mm256_sign_epi8(xe, _mm256_or_si256(_mm256_slli_epi16(c, 4), one8));
+  xo = _mm256_sign_epi8(xo, _mm256_or_si256(c, one8));
+  // |products| <= 12 * 127: the int16 pair sums cannot saturate.
+  const __m256i dot = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(mlo, xe), _mm256_maddubs_epi16(mhi, xo)),
+                                        _mm256_set1_epi16(1));
+  const __m256 factor = _mm256_setr_m128(_mm_set1_ps(kE8m0.v[scales[0]] * xs[0]),
+                                         _mm_set1_ps(n == kQ8GroupBlocks ? kE8m0.v[scales[1]] * xs[1] : 0.0f));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), factor, acc);
+}
+
+// Weight rows one after another (one sequential stream), two groups per step into two accumulators.
+void mxfp4_q8_rows(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  const int64_t groups = a.in / 32, whole = groups / kQ8GroupBlocks;
+  const int rest = static_cast<int>(groups - whole * kQ8GroupBlocks);
+  constexpr int64_t kGroupBytes = 16 * kQ8GroupBlocks;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* b = a.blocks + o * groups * 16;
+    const uint8_t* sc = a.scales + o * groups;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    auto group = [&](int64_t k, int n, __m256 acc) {
+      return q8_group(b + k * kGroupBytes, sc + k * kQ8GroupBlocks, a.xq + k * 2 * kGroupBytes,
+                      a.xq_half_scales + k * kQ8GroupBlocks, n, acc);
+    };
+    int64_t g = 0;
+    for (; g + 2 <= whole; g += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + g * kGroupBytes) + 2048, _MM_HINT_T0);
+      acc0 = group(g, kQ8GroupBlocks, acc0);
+      acc1 = group(g + 1, kQ8GroupBlocks, acc1);
+    }
+    if (g < whole) acc0 = group(g++, kQ8GroupBlocks, acc0);
+    if (rest > 0) acc1 = group(g, rest, acc1);
+    a.y[o] = S::hsum(_mm256_add_ps(acc0, acc1)) + (a.bias ? bf16f(a.bias[o]) : 0.0f);
+  }
+}
+
+// 16 fp32 (two vectors) times inv, rounded to the nearest integer, as 16 saturated int8 in order.
+inline __m128i q8_bytes(__m256 lo, __m256 hi, __m256 inv) {
+  const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inv)), b = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inv));
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // a0..7 b0..7 as int16
+  return _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+}
+
+// quantize_q8 with groups of 2 blocks, one block (four vectors) at a time.
+void quantize_q8_groups(const float* x, int64_t n, int8_t* q, float* half_scales) {
+  const int64_t blocks = n / 32;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t g0 = 0; g0 < blocks; g0 += kQ8GroupBlocks) {
+    const int64_t nb = blocks - g0 < kQ8GroupBlocks ? blocks - g0 : kQ8GroupBlocks;
+    int8_t* even = q + g0 * 32;
+    int8_t* odd = even + nb * 16;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* xb = x + (g0 + j) * 32;
+      const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+                   v3 = _mm256_loadu_ps(xb + 24);
+      const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
+                                     _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
+      const float amax = S::hmax(m);
+      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      half_scales[g0 + j] = 0.5f * d;
+      __m256 e0, o0, e1, o1;
+      S::deinterleave(v0, v1, e0, o0);
+      S::deinterleave(v2, v3, e1, o1);
+      const __m256 vinv = _mm256_set1_ps(inv);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(even + j * 16), q8_bytes(e0, e1, vinv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(odd + j * 16), q8_bytes(o0, o1, vinv));
+    }
+  }
+}
+
+constexpr KernelTable make_avx2_table() {
+  KernelTable t = make_table("avx2");
+  t.q8_group_blocks = kQ8GroupBlocks;
+  t.quantize_q8 = quantize_q8_groups;
+  t.mxfp4_q8_row = mxfp4_q8_rows;
+  return t;
+}
+
 }  // namespace avx2_impl
 
 const KernelTable& avx2_kernels() {
-  static constexpr KernelTable table = avx2_impl::make_table("avx2");
+  static constexpr KernelTable table = avx2_impl::make_avx2_table();
   return table;
 }
 

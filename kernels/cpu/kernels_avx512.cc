@@ -137,10 +137,133 @@ struct S {
 
 #include "kernels/cpu/kernels_simd.h"
 
+// ---------------------------------------------------------------------------------------------
+// One-row MXFP4 matvec with int8 activations (the opt-in quantized mode), 4 blocks (128 values)
+// per step: the 64 code bytes are split into low and high nibbles, each looked up with vpshufb
+// into twice its E2M1 magnitude (0..12, exact as unsigned bytes), the activations negated where
+// the code's sign bit is set (bit 3 of the byte for the low nibble, bit 7 for the high one), and
+// the unsigned x signed byte products summed into one int32 per 4 values: vpdpbusd where the CPU
+// has AVX512-VNNI, else vpmaddubsw + vpmaddwd. Each 128-bit lane then holds one block's partial
+// sums; it is converted to fp32 once and multiplied by the weight scale times half the
+// activation scale of its block. The integer part is exact, so the only error against the fp32
+// kernels is the activations' rounding to int8.
+inline constexpr int kQ8GroupBlocks = 4;
+
+// vpdpbusd through the assembler, so this file needs no VNNI compiler flag (a flag would let the
+// compiler emit VNNI anywhere in it); only reached on CPUs that have the instruction.
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+// Adds the dot products of `n` (1..4) blocks of one weight row to acc (16 lanes: block j's four
+// partial sums in lanes 4j..4j+3).
+template <bool Vnni>
+inline __m512 q8_group(const uint8_t* codes, const uint8_t* scales, const int8_t* xq, const float* xs, int n, __m512 acc) {
+  __m512i c, xe, xo;
+  __m128 xsv;
+  uint32_t ws = 0;
+  if (n == kQ8GroupBlocks) {
+    c = _mm512_loadu_si512(codes);
+    xe = _mm512_loadu_si512(xq);
+    xo = _mm512_loadu_si512(xq + 64);
+    __builtin_memcpy(&ws, scales, 4);
+    xsv = _mm_loadu_ps(xs);
+  } else {
+    const __mmask64 m = (uint64_t{1} << (16 * n)) - 1;
+    c = _mm512_maskz_loadu_epi8(m, codes);
+    xe = _mm512_maskz_loadu_epi8(m, xq);
+    xo = _mm512_maskz_loadu_epi8(m, xq + 16 * n);
+    __builtin_memcpy(&ws, scales, static_cast<size_t>(n));
+    xsv = _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1), xs);  // absent blocks: scale 0
+  }
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i twice_magnitude =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12));
+  const __m512i mlo = _mm512_shuffle_epi8(twice_magnitude, _mm512_and_si512(c, low4));
+  const __m512i mhi = _mm512_shuffle_epi8(twice_magnitude, _mm512_and_si512(_mm512_srli_epi16(c, 4), low4));
+  const __m512i zero = _mm512_setzero_si512();
+  xe = _mm512_mask_sub_epi8(xe, _mm512_test_epi8_mask(c, _mm512_set1_epi8(0x08)), zero, xe);
+  xo = _mm512_mask_sub_epi8(xo, _mm512_movepi8_mask(c), zero, xo);
+  __m512i dot;
+  if constexpr (Vnni) {
+    dot = dpbusd(dpbusd(zero, mlo, xe), mhi, xo);
+  } else {  // |products| <= 12 * 127: the int16 pair sums cannot saturate
+    dot = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(mlo, xe), _mm512_maddubs_epi16(mhi, xo)),
+                            _mm512_set1_epi16(1));
+  }
+  // Per block: 2^(s - 127) from the E8M0 byte (s = 255 gives infinity, as the reference; s = 0
+  // gives 0 instead of 2^-127) times half the activation scale, spread over its four lanes.
+  const __m128i s32 = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(ws)));
+  const __m128 factor = _mm_mul_ps(_mm_castsi128_ps(_mm_slli_epi32(s32, 23)), xsv);
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(factor)), acc);
+}
+
+// Weight rows one after another (one sequential stream), two groups per step into two
+// accumulators, software prefetch 2 KiB ahead as the fp32 block kernel.
+template <bool Vnni>
+void mxfp4_q8_rows(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
+  const int64_t groups = a.in / 32, whole = groups / kQ8GroupBlocks;
+  const int rest = static_cast<int>(groups - whole * kQ8GroupBlocks);
+  constexpr int64_t kGroupBytes = 16 * kQ8GroupBlocks;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* b = a.blocks + o * groups * 16;
+    const uint8_t* sc = a.scales + o * groups;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t g = 0;
+    auto group = [&](int64_t k, int n, __m512 acc) {
+      return q8_group<Vnni>(b + k * kGroupBytes, sc + k * kQ8GroupBlocks, a.xq + k * 2 * kGroupBytes,
+                            a.xq_half_scales + k * kQ8GroupBlocks, n, acc);
+    };
+    for (; g + 2 <= whole; g += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + g * kGroupBytes) + 2048, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + g * kGroupBytes) + 2048 + 64, _MM_HINT_T0);
+      acc0 = group(g, kQ8GroupBlocks, acc0);
+      acc1 = group(g + 1, kQ8GroupBlocks, acc1);
+    }
+    if (g < whole) acc0 = group(g++, kQ8GroupBlocks, acc0);
+    if (rest > 0) acc1 = group(g, rest, acc1);
+    a.y[o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (a.bias ? bf16f(a.bias[o]) : 0.0f);
+  }
+}
+
+// quantize_q8 with groups of 4 blocks, one block (two vectors) at a time.
+void quantize_q8_groups(const float* x, int64_t n, int8_t* q, float* half_scales) {
+  const int64_t blocks = n / 32;
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t g0 = 0; g0 < blocks; g0 += kQ8GroupBlocks) {
+    const int64_t nb = blocks - g0 < kQ8GroupBlocks ? blocks - g0 : kQ8GroupBlocks;
+    int8_t* even = q + g0 * 32;
+    int8_t* odd = even + nb * 16;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* xb = x + (g0 + j) * 32;
+      const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
+      const float amax = S::hmax(_mm512_max_ps(_mm512_and_ps(a, abs_mask), _mm512_and_ps(b, abs_mask)));
+      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      half_scales[g0 + j] = 0.5f * d;
+      __m512 e, o;
+      S::deinterleave(a, b, e, o);
+      const __m512 vinv = _mm512_set1_ps(inv);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(even + j * 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(e, vinv))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(odd + j * 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(o, vinv))));
+    }
+  }
+}
+
+constexpr KernelTable make_avx512_table() {
+  KernelTable t = make_table("avx512");
+  t.q8_group_blocks = kQ8GroupBlocks;
+  t.quantize_q8 = quantize_q8_groups;
+  t.mxfp4_q8_row = mxfp4_q8_rows<false>;
+  t.mxfp4_q8_row_vnni = mxfp4_q8_rows<true>;
+  return t;
+}
+
 }  // namespace avx512_impl
 
 const KernelTable& avx512_kernels() {
-  static constexpr KernelTable table = avx512_impl::make_table("avx512");
+  static constexpr KernelTable table = avx512_impl::make_avx512_table();
   return table;
 }
 

@@ -24,6 +24,10 @@ struct LinearArgs {
   const uint16_t* bias = nullptr;    // bf16 [out] or null
   float* y = nullptr;                // [rows, out]
   int64_t xt_chunk = 0;              // MXFP4 GEMM: tokens per x^T chunk (see pack_xt)
+  // The int8-activation one-row MXFP4 matvec (the opt-in quantized mode): x quantized by
+  // quantize_q8 in the table's q8_group_blocks layout, and half of each 32-block's scale.
+  const int8_t* xq = nullptr;
+  const float* xq_half_scales = nullptr;
 };
 // The MXFP4 matvec reads x de-interleaved: within each block of 32, the 16 even elements first,
 // then the 16 odd ones (so the low and high nibbles of a byte meet their inputs without shuffles).
@@ -36,6 +40,15 @@ void deinterleave(const float* x, int64_t n, int block, float* out);
 // 8 * (i % 4) + n of the group's block i / 4. Blocks past the last whole group are de-interleaved
 // as above. n must be a multiple of 32.
 void layout_nibbles(const float* x, int64_t n, int lanes, float* out);
+
+// Int8 activations for the quantized one-row MXFP4 matvec (as llama.cpp's q8_0): per 32-block,
+// d = max|x| / 127 and q = round(x / d) in [-127, 127]; half_scales[block] = d / 2 (the kernels
+// multiply by the E2M1 codes doubled, which are exact int8: 0, 1, 2, 3, 4, 6, 8, 12 and negatives).
+// Blocks go in groups of `group_blocks` (the last group may be shorter): a group of n blocks holds
+// the n blocks' 16 even elements (16 n bytes), then their 16 odd ones, so that one load of the
+// n blocks' codes meets its activations without shuffles. n must be a multiple of 32. Scalar and
+// shared by every instruction set, so all of them see the same quantized values.
+void quantize_q8(const float* x, int64_t n, int group_blocks, int8_t* q, float* half_scales);
 
 // The MXFP4 GEMM reads x transposed in chunks of `chunk` tokens: chunk c is [in][chunk] with
 // xt[c][k'][t] = x[c * chunk + t][k], k' the de-interleaved position of k (as above) and tokens
@@ -84,6 +97,15 @@ struct KernelTable {
   void (*bf16_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   // One row (a.rows == 1): x laid out as mxfp4_nibble_rows says; more rows: by deinterleave32.
   void (*mxfp4_matvec)(const LinearArgs&, int64_t o_begin, int64_t o_end);
+  // One row, int8 activations (a.xq, a.xq_half_scales laid out by quantize_q8 with
+  // q8_group_blocks); the integer dot product without VNNI, and with it (null where the build has
+  // no VNNI variant; the dispatcher uses it only on CPUs that have the instructions).
+  int q8_group_blocks;
+  // quantize_q8(x, n, q8_group_blocks, q, half_scales), vectorized: the same bytes and scales
+  // (the same IEEE operations: a product rounded to fp32, then rounded to the nearest integer).
+  void (*quantize_q8)(const float* x, int64_t n, int8_t* q, float* half_scales);
+  void (*mxfp4_q8_row)(const LinearArgs&, int64_t o_begin, int64_t o_end);
+  void (*mxfp4_q8_row_vnni)(const LinearArgs&, int64_t o_begin, int64_t o_end);
   // x: the activations packed by pack_xt_blocks with chunk a.xt_chunk; o_begin a multiple of
   // mxfp4_gemm_rows.
   void (*mxfp4_gemm)(const LinearArgs&, int64_t o_begin, int64_t o_end);

@@ -300,7 +300,8 @@ void mxfp4_nibble_tile(const LinearArgs& a, int64_t o) {
 
 // The one-row kernel each build uses, chosen by measurement (one core streaming cold expert
 // matrices of the real shape from memory, Zen 5 VM, 2026-12-06): AVX2 nibble groups 1.13-1.15x
-// blocks; AVX-512 nibble groups 0.73x blocks, though 1.6x from L2 (see docs/performance.md).
+// blocks; AVX-512 nibble groups 0.73x blocks, though 1.6x from L2, measured on matrices 16 bytes off
+// a cache line, which later the same day proved to cost MXFP4 kernels 12-20% (docs/performance.md).
 template <typename T = S>
 void mxfp4_matvec_row(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
   if constexpr (T::kNibbleRows) {
@@ -746,7 +747,10 @@ int64_t argmax(const float* x, int64_t n) {
   return 0;  // all NaN
 }
 
+// The int8-activation entries (q8_group_blocks, quantize_q8, mxfp4_q8_row, mxfp4_q8_row_vnni) are written per
+// instruction set outside this file; each build fills them in after make_table.
 constexpr KernelTable make_table(const char* name) {
-  return KernelTable{name,      NR,      W,         TN,        XC,        S::kNibbleRows, bf16_matvec, bf16_gemm, mxfp4_matvec, mxfp4_gemm, attention, W,
-                     swiglu,    rms_norm, rope,       add,       axpy,         bf16_to_f32, argmax};
+  return KernelTable{name,   NR,       W,       TN,      XC,         S::kNibbleRows, bf16_matvec, bf16_gemm, mxfp4_matvec,
+                     1,      nullptr,  nullptr, nullptr, mxfp4_gemm, attention, W,            swiglu,      rms_norm,  rope,
+                     add,    axpy,     bf16_to_f32, argmax};
 }

@@ -55,6 +55,34 @@ void mxfp4_matvec(const float* x, int64_t in, const uint8_t* blocks, const uint8
   }
 }
 
+void mxfp4_matvec_q8(const float* x, int64_t in, const uint8_t* blocks, const uint8_t* scales, int64_t out_features,
+                     float* y) {
+  const int64_t groups = in / 32;
+  std::vector<int> q(static_cast<size_t>(in));
+  std::vector<float> half_scale(static_cast<size_t>(groups));
+  for (int64_t g = 0; g < groups; ++g) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[g * 32 + i]));
+    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    half_scale[static_cast<size_t>(g)] = 0.5f * d;
+    for (int i = 0; i < 32; ++i)
+      q[static_cast<size_t>(g * 32 + i)] = static_cast<int>(std::clamp(std::nearbyint(x[g * 32 + i] * inv), -127.0f, 127.0f));
+  }
+  for (int64_t o = 0; o < out_features; ++o) {
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* b = blocks + (o * groups + g) * 16;
+      int dot = 0;
+      for (int j = 0; j < 16; ++j) {
+        dot += static_cast<int>(2.0f * fp4_value(b[j] & 0xF)) * q[static_cast<size_t>(g * 32 + 2 * j)];
+        dot += static_cast<int>(2.0f * fp4_value(b[j] >> 4)) * q[static_cast<size_t>(g * 32 + 2 * j + 1)];
+      }
+      acc += static_cast<float>(dot) * (e8m0_value(scales[o * groups + g]) * half_scale[static_cast<size_t>(g)]);
+    }
+    y[o] = acc;
+  }
+}
+
 void rope_row(float* row, int heads, int head_dim, int64_t position, const float* inv_freq, float concentration) {
   const int half = head_dim / 2;
   for (int h = 0; h < heads; ++h) {

@@ -17,6 +17,11 @@ void linear_bf16(const float* x, int64_t rows, int64_t in, const uint16_t* w, in
 // y[o] = sum_i x[i] * W[o, i] for an MXFP4 matrix [out, in] (blocks [out, in/32, 16], scales [out, in/32]).
 void mxfp4_matvec(const float* x, int64_t in, const uint8_t* blocks, const uint8_t* scales, int64_t out_features,
                   float* y);
+// The same with the activations quantized per 32-block to int8 (the opt-in quantized mode of the
+// one-row kernels): d = max|x| / 127, q = round(x / d) clamped to [-127, 127]; each block's integer
+// sum of q times the doubled code values, times 2^(s-127) * d / 2, added up in fp32 block by block.
+void mxfp4_matvec_q8(const float* x, int64_t in, const uint8_t* blocks, const uint8_t* scales, int64_t out_features,
+                     float* y);
 // Rotate-half YaRN RoPE of `heads` heads of one row at `position`.
 void rope_row(float* row, int heads, int head_dim, int64_t position, const float* inv_freq, float concentration);
 // Clamped SwiGLU over interleaved gate/up pairs: act[j] from u[2j], u[2j+1].

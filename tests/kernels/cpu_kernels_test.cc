@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -13,6 +15,7 @@
 
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/kernels_isa.h"
 #include "kernels/cpu/reference.h"
 #include "kernels/tensor.h"
 #include "runtime/generate.h"
@@ -243,6 +246,136 @@ TEST_P(KernelTest, LinearMxfp4MultiMatchesReferenceAndSingleCalls) {
         cpu::linear_mxfp4(pool_, xs[p].data(), 1, in, blocks[p].data(), scales[p].data(), out, biases[p].data(),
                           single.data(), LinearPath::kMatvec);
         EXPECT_EQ(0, std::memcmp(single.data(), got[p].data(), single.size() * sizeof(float))) << "in " << in << " problem " << p;
+      }
+    }
+  }
+}
+
+// The int8-activation one-row kernel (Mxfp4Activations::kInt8) against its scalar twin
+// (ref::mxfp4_matvec_q8: the same quantization, the same integer sums), with and without VNNI where
+// the CPU has it: equal up to fp32 summation order. Against the exact fp32 product it must differ
+// (it is a real quantization) by no more than the int8 rounding allows: half a step, max|x| / 254
+// of its block, times the weight's magnitude, summed.
+TEST_P(KernelTest, LinearMxfp4Int8MatchesScalarTwin) {
+  std::mt19937 rng(21);
+  std::uniform_int_distribution<int> byte(0, 255), scale(118, 130);
+  struct Size {
+    int64_t in, out;
+  };
+  // 1 block; 3 (a group of 2 and one left); 5 and 7 (a group of 4 and 1 or 3 left); 4 and 10
+  // (whole groups of 2 and 4 and 2 left); the real hidden size (90 blocks).
+  for (const Size sz : {Size{32, 5}, Size{96, 67}, Size{160, 9}, Size{224, 33}, Size{128, 9}, Size{320, 130}, Size{2880, 21}})
+    for (const bool vnni : {false, true}) {
+      if (vnni && !cpu::vnni_available()) continue;
+      cpu::set_vnni_active(vnni);
+      const int64_t groups = sz.in / 32;
+      std::vector<uint8_t> blocks(static_cast<size_t>(sz.out * groups * 16)), scales(static_cast<size_t>(sz.out * groups));
+      for (auto& v : blocks) v = static_cast<uint8_t>(byte(rng));
+      for (auto& v : scales) v = static_cast<uint8_t>(scale(rng));
+      auto x = random_floats(rng, static_cast<size_t>(sz.in), -3.0f, 3.0f);
+      for (int i = 0; i < 32; ++i) x[static_cast<size_t>(i)] *= 40.0f;  // blocks of different ranges
+      if (groups > 2)
+        for (int i = 64; i < 96; ++i) x[static_cast<size_t>(i)] = 0.0f;  // an all-zero block (scale 0)
+      const auto b = random_bf16(rng, static_cast<size_t>(sz.out));
+      std::vector<float> twin(static_cast<size_t>(sz.out)), exact(twin.size()), bound(twin.size()), q8_bound(twin.size());
+      cpu::ref::mxfp4_matvec_q8(x.data(), sz.in, blocks.data(), scales.data(), sz.out, twin.data());
+      cpu::ref::mxfp4_matvec(x.data(), sz.in, blocks.data(), scales.data(), sz.out, exact.data());
+      for (int64_t o = 0; o < sz.out; ++o) {
+        const float bias = bf16_to_f32(b[static_cast<size_t>(o)]);
+        twin[static_cast<size_t>(o)] += bias;
+        exact[static_cast<size_t>(o)] += bias;
+        double s = std::fabs(bias), q = 0;
+        for (int64_t g = 0; g < groups; ++g) {
+          float amax = 0;
+          for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[static_cast<size_t>(g * 32 + i)]));
+          for (int i = 0; i < 32; ++i) {
+            const uint8_t byte_v = blocks[static_cast<size_t>((o * groups + g) * 16 + i / 2)];
+            const double w = std::fabs(cpu::ref::fp4_value(i % 2 ? byte_v >> 4 : byte_v & 0xF) *
+                                       cpu::ref::e8m0_value(scales[static_cast<size_t>(o * groups + g)]));
+            s += w * (std::fabs(x[static_cast<size_t>(g * 32 + i)]) + amax / 254.0);
+            q += w * amax / 254.0;
+          }
+        }
+        bound[static_cast<size_t>(o)] = static_cast<float>(s);
+        q8_bound[static_cast<size_t>(o)] = static_cast<float>(q * 1.0001 + 2e-5 * s);
+      }
+      std::vector<float> got(twin.size(), 123.0f);
+      cpu::linear_mxfp4(pool_, x.data(), 1, sz.in, blocks.data(), scales.data(), sz.out, b.data(), got.data(),
+                        LinearPath::kMatvec, cpu::Mxfp4Activations::kInt8);
+      EXPECT_TRUE(close(got, twin, bound, 2e-5)) << "in " << sz.in << " out " << sz.out << " vnni " << vnni;
+      bool differs = false;
+      for (size_t o = 0; o < got.size(); ++o) {
+        EXPECT_LE(std::fabs(got[o] - exact[o]), q8_bound[o]) << "in " << sz.in << " output " << o << " vnni " << vnni;
+        differs = differs || got[o] != exact[o];
+      }
+      EXPECT_TRUE(differs) << "int8 activations gave the exact result everywhere: not quantized?";
+    }
+  cpu::set_vnni_active(true);
+}
+
+// Each instruction set's vectorized int8 quantizer writes the same bytes and scales as the scalar
+// isa::quantize_q8 with its group size (so every path sees the same quantized activations),
+// including ties at .5 steps, an all-zero block and a block with one huge value.
+TEST_P(KernelTest, QuantizeQ8MatchesScalar) {
+  const cpu::isa::KernelTable& t = GetParam() == Isa::kAvx512 ? cpu::isa::avx512_kernels()
+                                   : GetParam() == Isa::kAvx2 ? cpu::isa::avx2_kernels()
+                                                              : cpu::isa::portable_kernels();
+  std::mt19937 rng(23);
+  for (const int64_t n : {32, 64, 96, 160, 224, 2880}) {
+    auto x = random_floats(rng, static_cast<size_t>(n), -2.0f, 2.0f);
+    for (int i = 0; i < 32; ++i) x[static_cast<size_t>(i)] = static_cast<float>(i - 16) * 0.5f;  // ties after scaling
+    x[5] = 8.0f;  // amax 8: step 8/127
+    if (n >= 64) {
+      for (int i = 32; i < 64; ++i) x[static_cast<size_t>(i)] = 0.0f;
+    }
+    if (n >= 96) x[70] = 1e30f;
+    std::vector<int8_t> want(static_cast<size_t>(n), 99), got(want.size(), 98);
+    std::vector<float> want_s(static_cast<size_t>(n / 32), -1.0f), got_s(want_s.size(), -2.0f);
+    cpu::isa::quantize_q8(x.data(), n, t.q8_group_blocks, want.data(), want_s.data());
+    t.quantize_q8(x.data(), n, got.data(), got_s.data());
+    EXPECT_EQ(got, want) << "n " << n;
+    EXPECT_EQ(0, std::memcmp(got_s.data(), want_s.data(), want_s.size() * sizeof(float))) << "n " << n;
+    // The layout: block 0's element 2 (even) is byte 1 of the even part, element 3 (odd) byte 1 of the odd part.
+    const int64_t first_group = std::min<int64_t>(t.q8_group_blocks, n / 32);
+    EXPECT_EQ(want[1], static_cast<int8_t>(std::nearbyint(x[2] / (want_s[0] * 2.0f))));
+    EXPECT_EQ(want[static_cast<size_t>(16 * first_group + 1)], static_cast<int8_t>(std::nearbyint(x[3] / (want_s[0] * 2.0f))));
+  }
+}
+
+// In one pass of several problems, each one-row product in int8 mode is bit for bit its own
+// linear_mxfp4 call in int8 mode, and products of several rows stay exact (the fp32 kernels).
+TEST_P(KernelTest, LinearMxfp4MultiInt8OneRowOnly) {
+  std::mt19937 rng(22);
+  std::uniform_int_distribution<int> byte(0, 255), scale(118, 130);
+  for (const int64_t in : {96, 2880}) {
+    const int64_t out = 41, groups = in / 32;
+    const std::vector<int64_t> rows_of = {1, 3, 1, 30};
+    std::vector<std::vector<uint8_t>> blocks, scales;
+    std::vector<std::vector<float>> xs, got;
+    std::vector<cpu::Mxfp4Problem> problems;
+    for (const int64_t rows : rows_of) {
+      blocks.emplace_back(static_cast<size_t>(out * groups * 16));
+      scales.emplace_back(static_cast<size_t>(out * groups));
+      for (auto& v : blocks.back()) v = static_cast<uint8_t>(byte(rng));
+      for (auto& v : scales.back()) v = static_cast<uint8_t>(scale(rng));
+      xs.push_back(random_floats(rng, static_cast<size_t>(rows * in)));
+      got.emplace_back(static_cast<size_t>(rows * out), 7.0f);
+    }
+    for (size_t p = 0; p < rows_of.size(); ++p)
+      problems.push_back({xs[p].data(), rows_of[p], blocks[p].data(), scales[p].data(), nullptr, got[p].data()});
+    cpu::linear_mxfp4_multi(pool_, in, out, problems.data(), static_cast<int64_t>(problems.size()), cpu::Mxfp4Activations::kInt8);
+    for (size_t p = 0; p < rows_of.size(); ++p) {
+      std::vector<float> single(got[p].size());
+      cpu::linear_mxfp4(pool_, xs[p].data(), rows_of[p], in, blocks[p].data(), scales[p].data(), out, nullptr, single.data(),
+                        LinearPath::kAuto, rows_of[p] == 1 ? cpu::Mxfp4Activations::kInt8 : cpu::Mxfp4Activations::kExact);
+      if (rows_of[p] == 1) {
+        EXPECT_EQ(0, std::memcmp(single.data(), got[p].data(), single.size() * sizeof(float))) << "in " << in << " problem " << p;
+      } else {
+        std::vector<float> want(got[p].size()), bound(want.size(), 1.0f);
+        for (int64_t r = 0; r < rows_of[p]; ++r)
+          cpu::ref::mxfp4_matvec(xs[p].data() + r * in, in, blocks[p].data(), scales[p].data(), out, want.data() + r * out);
+        for (size_t i = 0; i < want.size(); ++i) bound[i] = 6.0f * static_cast<float>(in) * 8.0f;  // |x| <= 1, scales <= 2^3
+        EXPECT_TRUE(close(got[p], want, bound, 2e-6)) << "in " << in << " problem " << p;
       }
     }
   }
@@ -677,6 +810,124 @@ TEST_P(KernelTest, GoldenLogitsOnThisIsa) {
       EXPECT_LE(max_err, 2e-4f * max_logit) << name << " with " << step_rows << " rows per step";
     }
   }
+}
+
+// The int8 expert mode through the whole model on every instruction set, one token per step: its
+// error against the golden logits is measured and printed (docs/performance.md reports it) and
+// bounded (it is far outside the exact tolerance of 2e-4 of max |logit|, which is why the mode is
+// opt-in), and the argmax must agree at nearly every position.
+TEST_P(KernelTest, GoldenLogitsInt8ExpertsOnThisIsa) {
+  for (const bool vnni : {false, true}) {
+    if (vnni && (!cpu::vnni_available() || GetParam() != Isa::kAvx512)) continue;
+    cpu::set_vnni_active(vnni);
+    for (const std::string& name : testing::golden_case_names()) {
+      const auto g = testing::load_golden_case(name);
+      const ModelConfig config = load_model_config(g.dir + "/config.json");
+      Checkpoint ck(g.dir);
+      CpuBackend backend(2);
+      backend.set_expert_activations(cpu::Mxfp4Activations::kInt8);
+      const NpyArray ref = read_npy_f32(g.dir + "/logits.npy");
+      float max_logit = 0;
+      for (float v : ref.data) max_logit = std::max(max_logit, std::fabs(v));
+      // One token per step: the experts' products are one-row, the path the mode changes.
+      Model model(config, ck, backend, testing::small_model_options(1, 1));
+      const auto logits = compute_all_logits(model, g.tokens);
+      ASSERT_EQ(logits.size(), ref.data.size());
+      const int64_t vocab = config.vocab_size, positions = static_cast<int64_t>(g.tokens.size());
+      float max_err = 0;
+      int64_t argmax_same = 0;
+      double min_cos = 1, sum_cos = 0;
+      std::vector<double> position_err;
+      for (size_t i = 0; i < logits.size(); ++i) max_err = std::max(max_err, std::fabs(logits[i] - ref.data[i]));
+      for (int64_t p = 0; p < positions; ++p) {
+        const float* a = logits.data() + p * vocab;
+        const float* b = ref.data.data() + p * vocab;
+        argmax_same += std::max_element(a, a + vocab) - a == std::max_element(b, b + vocab) - b;
+        double ab = 0, aa = 0, bb = 0, e = 0;
+        for (int64_t v = 0; v < vocab; ++v) {
+          ab += static_cast<double>(a[v]) * b[v];
+          aa += static_cast<double>(a[v]) * a[v];
+          bb += static_cast<double>(b[v]) * b[v];
+          e = std::max(e, static_cast<double>(std::fabs(a[v] - b[v])));
+        }
+        const double cos = ab / std::sqrt(aa * bb);
+        min_cos = std::min(min_cos, cos);
+        sum_cos += cos;
+        position_err.push_back(e / max_logit);
+      }
+      std::sort(position_err.begin(), position_err.end());
+      std::printf("[ int8 experts ] %s %s%s: max |error| %.3g of max |logit| (median position %.3g; exact tolerance "
+                  "2e-4), cosine min %.5f mean %.5f, argmax %lld/%lld\n",
+                  cpu::isa_name(GetParam()), name.c_str(), vnni ? " vnni" : "", max_err / max_logit,
+                  position_err[position_err.size() / 2], min_cos, sum_cos / static_cast<double>(positions),
+                  static_cast<long long>(argmax_same), static_cast<long long>(positions));
+      // Measured 2026-12-06 (all instruction sets alike): median position 0.017-0.019 of max |logit|,
+      // mean cosine 0.9984-0.9996, argmax 22/24 and 39/40; the worst positions are those where a
+      // router's top-k choice flips. A wrong kernel scatters the logits (cosine far below 0.99).
+      EXPECT_LE(position_err[position_err.size() / 2], 0.05) << name;
+      EXPECT_GE(sum_cos / static_cast<double>(positions), 0.995) << name;
+      EXPECT_GE(argmax_same * 10, positions * 9) << name;
+    }
+  }
+  cpu::set_vnni_active(true);
+}
+
+// ARBITER_CPU_MXFP4 selects the experts' activation mode of a new CpuBackend; a wrong value is an error.
+TEST(CpuBackendOptions, ExpertActivationsFromEnvironment) {
+  const char* saved = std::getenv("ARBITER_CPU_MXFP4");
+  const std::string saved_value = saved ? saved : "";
+  ::setenv("ARBITER_CPU_MXFP4", "int8", 1);
+  EXPECT_EQ(CpuBackend(1).expert_activations(), cpu::Mxfp4Activations::kInt8);
+  EXPECT_NE(CpuBackend(1).name().find("int8"), std::string::npos);
+  ::setenv("ARBITER_CPU_MXFP4", "exact", 1);
+  EXPECT_EQ(CpuBackend(1).expert_activations(), cpu::Mxfp4Activations::kExact);
+  ::setenv("ARBITER_CPU_MXFP4", "fp8", 1);
+  EXPECT_THROW(CpuBackend(1), std::invalid_argument);
+  ::unsetenv("ARBITER_CPU_MXFP4");
+  EXPECT_EQ(CpuBackend(1).expert_activations(), cpu::Mxfp4Activations::kExact);
+  if (saved) ::setenv("ARBITER_CPU_MXFP4", saved_value.c_str(), 1);
+}
+
+// import_weight: MXFP4 codes off a 64-byte line come back as an aligned copy with the same bytes
+// (once: the same view again gives the same copy; another size or other bytes at that address a
+// new one, the earlier copies left intact); aligned
+// codes, scales and bf16 weights come back as the views themselves.
+TEST(CpuBackendOptions, ImportWeightAlignsMxfp4Codes) {
+  ::unsetenv("ARBITER_CPU_ALIGN_EXPERTS");
+  CpuBackend backend(1);
+  std::vector<uint8_t> storage(64 * 3 * 16 + 128);
+  for (size_t i = 0; i < storage.size(); ++i) storage[i] = static_cast<uint8_t>(i * 7 + 3);
+  const size_t to_line = (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
+  const Tensor off_line{storage.data() + to_line + 8, DType::kU8, {2, 3, 2, 16}};
+  const Tensor got = backend.import_weight(off_line);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(got.data) % 64, 0u);
+  EXPECT_NE(got.data, off_line.data);
+  EXPECT_EQ(got.shape, off_line.shape);
+  EXPECT_EQ(got.dtype, DType::kU8);
+  EXPECT_EQ(0, std::memcmp(got.data, off_line.data, off_line.bytes()));
+  EXPECT_EQ(backend.import_weight(off_line).data, got.data) << "the same view copied twice";
+  // A shorter view at the same address (another model's expert range): its own copy, and the first
+  // copy stays as it was (a model may still be reading it).
+  const std::vector<uint8_t> first_bytes(static_cast<const uint8_t*>(got.data), static_cast<const uint8_t*>(got.data) + got.bytes());
+  const Tensor prefix{off_line.data, DType::kU8, {1, 3, 2, 16}};
+  const Tensor got_prefix = backend.import_weight(prefix);
+  EXPECT_EQ(0, std::memcmp(got_prefix.data, prefix.data, prefix.bytes()));
+  EXPECT_EQ(0, std::memcmp(got.data, first_bytes.data(), first_bytes.size()));
+  storage[to_line + 8] ^= 0xFF;  // other bytes at the same address: a new copy of them
+  const Tensor again = backend.import_weight(off_line);
+  EXPECT_NE(again.data, got.data);
+  EXPECT_EQ(0, std::memcmp(again.data, off_line.data, off_line.bytes()));
+  EXPECT_EQ(0, std::memcmp(got.data, first_bytes.data(), first_bytes.size()));
+  const Tensor on_line{storage.data() + to_line, DType::kU8, {2, 3, 2, 16}};
+  EXPECT_EQ(backend.import_weight(on_line).data, on_line.data);
+  const Tensor scales{storage.data() + to_line + 8, DType::kU8, {2, 3, 2}};
+  EXPECT_EQ(backend.import_weight(scales).data, scales.data);
+  const Tensor bf16{storage.data() + to_line + 8, DType::kBF16, {4, 16}};
+  EXPECT_EQ(backend.import_weight(bf16).data, bf16.data);
+  ::setenv("ARBITER_CPU_ALIGN_EXPERTS", "0", 1);
+  CpuBackend views(1);
+  EXPECT_EQ(views.import_weight(off_line).data, off_line.data);
+  ::unsetenv("ARBITER_CPU_ALIGN_EXPERTS");
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, KernelTest, ::testing::Values(Isa::kPortable, Isa::kAvx2, Isa::kAvx512),

@@ -355,14 +355,24 @@ TEST_F(CheckpointTest, IndexNamingAMissingShardOrTensorIsAnError) {
 TEST_F(CheckpointTest, ExpertsStayPackedAndCanBeSliced) {
   Checkpoint ck(dir_.path());
   CpuBackend backend(1);
+  backend.set_align_experts(false);  // the checkpoint's own mapping
   const ModelWeights w = load_weights(config_, ck, backend, ExpertRange{2, 3});
   const ExpertWeights& e = w.layers[0].experts;
   EXPECT_EQ(e.gate_up_blocks.dtype, DType::kU8);
   EXPECT_EQ(e.num_experts(), 3);
   EXPECT_EQ(e.gate_up_blocks.shape, Shape({3, 128, 2, 16}));
   const Tensor all = ck.get("model.layers.0.mlp.experts.gate_up_proj_blocks", DType::kU8, {6, 128, 2, 16});
-  EXPECT_EQ(e.gate_up_blocks.data, static_cast<const uint8_t*>(all.data) + 2 * 128 * 2 * 16);  // a view, no copy
+  const auto* slice = static_cast<const uint8_t*>(all.data) + 2 * 128 * 2 * 16;
+  EXPECT_EQ(e.gate_up_blocks.data, slice);  // a view, no copy
   EXPECT_THROW(load_weights(config_, ck, backend, ExpertRange{5, 2}), std::runtime_error);
+  // By default the codes are the view where it starts on a 64-byte line, else an aligned copy of it.
+  CpuBackend aligning(1);
+  const ModelWeights a = load_weights(config_, ck, aligning, ExpertRange{2, 3});
+  const Tensor& codes = a.layers[0].experts.gate_up_blocks;
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(codes.data) % 64, 0u);
+  EXPECT_TRUE(codes.data == slice || reinterpret_cast<uintptr_t>(slice) % 64 != 0);
+  EXPECT_EQ(0, std::memcmp(codes.data, slice, codes.bytes()));
+  EXPECT_EQ(a.layers[0].experts.gate_up_scales.data, static_cast<const uint8_t*>(ck.get("model.layers.0.mlp.experts.gate_up_proj_scales", DType::kU8, {6, 128, 2}).data) + 2 * 128 * 2);
 }
 
 }  // namespace
