@@ -479,21 +479,18 @@ std::vector<JobInfo> SqliteJobStore::webhooks_due(int64_t now_ms, std::optional<
 }
 
 int64_t SqliteJobStore::delete_finished_before(int64_t cutoff_s) {
+  // Finished before the cutoff, and no webhook of the job or an item pending (an item deleted first
+  // has none, so the jobs' statement sees the same set).
+  const std::string expired =
+      "SELECT seq FROM jobs j WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < ?1 AND webhook_state <> 'pending'"
+      " AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_seq = j.seq AND i.webhook_state = 'pending')";
   std::lock_guard<std::mutex> lock(mutex_);
   sqlite::Transaction t(db_, kWhat);
-  sqlite::exec(db_,
-               "CREATE TEMP TABLE IF NOT EXISTS expired_jobs (seq INTEGER PRIMARY KEY); DELETE FROM expired_jobs;", kWhat);
-  sqlite::Statement pick(db_,
-                         "INSERT INTO expired_jobs SELECT seq FROM jobs j WHERE state IN ('completed', 'failed', 'cancelled')"
-                         " AND finished_at < ?1 AND webhook_state <> 'pending'"
-                         " AND NOT EXISTS (SELECT 1 FROM job_items i WHERE i.job_seq = j.seq AND i.webhook_state = 'pending')",
-                         kWhat);
-  pick.bind(1, cutoff_s).step();
+  sqlite::Statement items(db_, "DELETE FROM job_items WHERE job_seq IN (" + expired + ")", kWhat);
+  items.bind(1, cutoff_s).step();
+  sqlite::Statement jobs(db_, "DELETE FROM jobs WHERE seq IN (" + expired + ")", kWhat);
+  jobs.bind(1, cutoff_s).step();
   const int64_t n = sqlite3_changes(db_);
-  sqlite::exec(db_,
-               "DELETE FROM job_items WHERE job_seq IN (SELECT seq FROM expired_jobs);"
-               "DELETE FROM jobs WHERE seq IN (SELECT seq FROM expired_jobs); DELETE FROM expired_jobs;",
-               kWhat);
   t.commit();
   return n;
 }
