@@ -651,8 +651,7 @@ void BM_Decode(benchmark::State& state) {
     state.counters["rest_ms"] = 1e3 * (total - dense_s - experts_s - head_s) / n;
     state.counters["read_GB/s"] = read_bw / 1e9;
     // The read floor (above), timed as often as the step was, right after it.
-    const ModelWeights w = load_weights(b.config, *b.checkpoint, *b.cpu);
-    const auto passes = decode_read_passes(w);
+    const auto passes = decode_read_passes(b.model->weights());
     double floor_bytes = 0;
     for (const auto& pass : passes)
       for (const auto& r : pass) floor_bytes += static_cast<double>(r.second);
@@ -677,9 +676,9 @@ void BM_Decode(benchmark::State& state) {
   }
 }
 
-// Batch-1 decode A/B in one process: the same checkpoint in two models (MXFP4 codes aligned at load,
-// the default, and on the checkpoint's own mapping, as before), run as three variants (exact fp32
-// expert activations on either, int8 expert activations on the aligned one), and the read floor
+// Batch-1 decode A/B in one process: the same checkpoint in two models (weights copied into huge
+// pages at load, the default, and the checkpoint's own mapping), run as three variants (exact fp32
+// expert activations on either, int8 expert activations on the copies), and the read floor
 // of the step (the same bytes in the same passes, plain reads). Rounds run every variant for a few
 // steps in shuffled order, so the machine's drifting load hits all alike; reported are the medians
 // over rounds of ms per step and, per operation, weight bytes/s over the floor's read rate of the
@@ -688,11 +687,11 @@ void BM_Decode(benchmark::State& state) {
 // ARBITER_BENCH_AB_ROUNDS sets the rounds (15).
 void BM_DecodeAB(benchmark::State& state) {
   Bench& b = bench();
-  // Two models: the bench's own (codes aligned at load) and one on the checkpoint's mapping; the
+  // Two models: the bench's own (weights copied at load) and one on the checkpoint's mapping; the
   // activation mode is a backend setting, switched per run.
   const ModelOptions o = b.model->options();
   CpuBackend mapped_cpu;
-  mapped_cpu.set_align_experts(false);
+  mapped_cpu.set_copy_weights(false);
   CountingBackend mapped_counting(mapped_cpu);
   Model mapped_model(b.config, *b.checkpoint, mapped_counting, o);
   struct Target {
@@ -710,9 +709,9 @@ void BM_DecodeAB(benchmark::State& state) {
     std::vector<double> dense_ms, experts_ms, head_ms, rest_ms;  // per step
   };
   std::vector<Variant> variants;
-  variants.push_back({"exact, aligned codes", 0, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
-  variants.push_back({"exact, mapped codes", 1, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
-  variants.push_back({"int8, aligned codes", 0, cpu::Mxfp4Activations::kInt8, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  variants.push_back({"exact, copied weights", 0, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  variants.push_back({"exact, mapped weights", 1, cpu::Mxfp4Activations::kExact, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
+  variants.push_back({"int8, copied weights", 0, cpu::Mxfp4Activations::kInt8, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}});
   // One prefilled sequence per model, then the same decode step re-run (as BM_Decode).
   std::vector<std::unique_ptr<KvBlockPools>> pools;
   std::vector<std::unique_ptr<LocalSequence>> seqs;
@@ -733,8 +732,7 @@ void BM_DecodeAB(benchmark::State& state) {
     t.model->forward_argmax(step);
     layouts.push_back(step);
   }
-  const ModelWeights floor_weights = load_weights(b.config, *b.checkpoint, *b.cpu);
-  const auto passes = decode_read_passes(floor_weights);
+  const auto passes = decode_read_passes(b.model->weights());
   double floor_bytes = 0;
   for (const auto& pass : passes)
     for (const auto& r : pass) floor_bytes += static_cast<double>(r.second);

@@ -117,6 +117,8 @@ class Model {
   const ModelOptions& options() const { return options_; }
   KvCache& kv_cache() { return kv_; }
   Backend& backend() { return backend_; }
+  // The weights as the backend holds them (benchmarks read the very bytes the steps read).
+  const ModelWeights& weights() const { return weights_; }
 
  private:
   // Log-probabilities of a [n, m] table of token ids (-1 padded) under the softmax of the last

@@ -49,7 +49,7 @@ std::vector<float> to_f32(const Tensor& t) {
 }  // namespace
 
 CpuBackend::CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {
-  if (const char* env = std::getenv("ARBITER_CPU_ALIGN_EXPERTS"); env && *env) align_experts_ = std::strcmp(env, "0") != 0;
+  if (const char* env = std::getenv("ARBITER_CPU_COPY_WEIGHTS"); env && *env) copy_weights_ = std::strcmp(env, "0") != 0;
   if (const char* env = std::getenv("ARBITER_CPU_MXFP4"); env && *env) {
     const std::string mode = env;
     if (mode == "int8") expert_activations_ = cpu::Mxfp4Activations::kInt8;
@@ -73,21 +73,20 @@ DeviceBuffer CpuBackend::allocate(size_t bytes) {
 }
 
 Tensor CpuBackend::import_weight(const Tensor& host) {
-  const bool mxfp4_codes = host.dtype == DType::kU8 && host.shape.rank >= 2 && host.shape[host.shape.rank - 1] == 16;
-  if (!align_experts_ || !mxfp4_codes || !host.data || reinterpret_cast<uintptr_t>(host.data) % 64 == 0) return host;
+  if (!copy_weights_ || !host.data || host.bytes() == 0) return host;
   // A view imported again (the same mapped bytes) reuses its copy; the content is compared, since a
   // host buffer freed and reallocated at the same address may hold other weights. Copies are never
   // replaced: an earlier model may still use them.
   const auto key = std::make_pair(static_cast<const void*>(host.data), host.bytes());
-  auto [first, last] = aligned_copies_.equal_range(key);
-  auto it = std::find_if(first, last, [&](const auto& c) { return std::memcmp(c.second.data(), host.data, host.bytes()) == 0; });
+  auto [first, last] = weight_copies_.equal_range(key);
+  auto it = std::find_if(first, last, [&](const auto& c) { return std::memcmp(c.second, host.data, host.bytes()) == 0; });
   if (it == last) {
-    DeviceBuffer copy = allocate(host.bytes());
-    std::memcpy(copy.data(), host.data, host.bytes());
-    it = aligned_copies_.emplace(key, std::move(copy));
+    void* copy = weight_arena_.allocate(host.bytes());
+    std::memcpy(copy, host.data, host.bytes());
+    it = weight_copies_.emplace(key, copy);
   }
   Tensor t = host;
-  t.data = it->second.data();
+  t.data = it->second;
   return t;
 }
 

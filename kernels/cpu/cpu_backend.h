@@ -1,6 +1,6 @@
-// CpuBackend: the Backend on host memory. fp32 activations and KV cache, bf16 dense weights read
-// straight from the memory-mapped checkpoint, MXFP4 experts dequantized per 32-value block on the
-// fly, every kernel spread over a ThreadPool.
+// CpuBackend: the Backend on host memory. fp32 activations and KV cache, the weights copied from the
+// memory-mapped checkpoint into huge pages at load, MXFP4 experts dequantized per 32-value block on
+// the fly, every kernel spread over a ThreadPool.
 #pragma once
 
 #include <map>
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/huge_page_arena.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/thread_pool.h"
 
@@ -24,11 +25,13 @@ class CpuBackend final : public Backend {
   DType kv_dtype() const override { return DType::kF32; }
 
   DeviceBuffer allocate(size_t bytes) override;
-  // The view itself, except MXFP4 expert codes (U8 [..., 16]) that do not start on a 64-byte line
-  // (a checkpoint's tensor offsets are only 8-byte aligned): those are copied once into aligned
-  // memory owned by the backend (a second import of the same bytes returns the same copy), since
-  // the one-row MXFP4 kernels stream them 12-20% slower off a line (docs/performance.md).
-  // ARBITER_CPU_ALIGN_EXPERTS=0 keeps the views (for A/B measurements).
+  // A copy of the view in memory the backend owns (HugePageArena: 2 MiB pages, 64-byte-aligned
+  // tensors), made once: a second import of the same bytes returns the same copy. A decode step
+  // streams every weight, and from the checkpoint's mapping it pays for 4 KiB pages and for tensors
+  // that start off a cache line (a checkpoint aligns its tensors to 8 bytes; the one-row MXFP4
+  // kernels stream such codes 12-20% slower): docs/performance.md. The copies take the model's size
+  // in anonymous memory (the checkpoint's pages become reclaimable cache); ARBITER_CPU_COPY_WEIGHTS=0
+  // returns the views instead, for machines that cannot hold a second copy during load.
   Tensor import_weight(const Tensor& host) override;
   void upload(const void* host, const Tensor& dst) override;
   void download(const Tensor& src, void* host) override;
@@ -66,17 +69,18 @@ class CpuBackend final : public Backend {
   cpu::ThreadPool& pool() { return *pool_; }
   cpu::Mxfp4Activations expert_activations() const { return expert_activations_; }
   void set_expert_activations(cpu::Mxfp4Activations a) { expert_activations_ = a; }
-  // Whether import_weight aligns MXFP4 codes (affects weights imported afterwards).
-  void set_align_experts(bool on) { align_experts_ = on; }
+  // Whether import_weight copies weights (affects weights imported afterwards).
+  void set_copy_weights(bool on) { copy_weights_ = on; }
 
  private:
   std::unique_ptr<cpu::ThreadPool> pool_;
   cpu::Mxfp4Activations expert_activations_ = cpu::Mxfp4Activations::kExact;
-  bool align_experts_ = true;
-  // Aligned copies made by import_weight, by the address and size of the view they copy; kept
-  // until the backend goes (models hold pointers into them), several per key when the bytes there
-  // changed between imports.
-  std::multimap<std::pair<const void*, size_t>, DeviceBuffer> aligned_copies_;
+  bool copy_weights_ = true;
+  // The copies made by import_weight, by the address and size of the view they copy; kept until
+  // the backend goes (models hold pointers into them), several per key when the bytes there changed
+  // between imports.
+  cpu::HugePageArena weight_arena_;
+  std::multimap<std::pair<const void*, size_t>, void*> weight_copies_;
   // moe_experts' work buffers, kept between calls (they only grow) so a step neither allocates
   // nor zero-fills tens of MB per layer.
   std::vector<float> moe_xs_, moe_u_, moe_act_, moe_y_;

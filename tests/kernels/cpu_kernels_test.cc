@@ -9,11 +9,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/huge_page_arena.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/kernels_isa.h"
 #include "kernels/cpu/reference.h"
@@ -888,12 +890,11 @@ TEST(CpuBackendOptions, ExpertActivationsFromEnvironment) {
   if (saved) ::setenv("ARBITER_CPU_MXFP4", saved_value.c_str(), 1);
 }
 
-// import_weight: MXFP4 codes off a 64-byte line come back as an aligned copy with the same bytes
-// (once: the same view again gives the same copy; another size or other bytes at that address a
-// new one, the earlier copies left intact); aligned
-// codes, scales and bf16 weights come back as the views themselves.
-TEST(CpuBackendOptions, ImportWeightAlignsMxfp4Codes) {
-  ::unsetenv("ARBITER_CPU_ALIGN_EXPERTS");
+// import_weight: every weight comes back as a 64-byte-aligned copy with the same bytes, once (the
+// same view again gives the same copy; another size or other bytes at that address a new one, the
+// earlier copies left intact); ARBITER_CPU_COPY_WEIGHTS=0 gives the views themselves.
+TEST(CpuBackendOptions, ImportWeightCopiesEveryWeight) {
+  ::unsetenv("ARBITER_CPU_COPY_WEIGHTS");
   CpuBackend backend(1);
   std::vector<uint8_t> storage(64 * 3 * 16 + 128);
   for (size_t i = 0; i < storage.size(); ++i) storage[i] = static_cast<uint8_t>(i * 7 + 3);
@@ -918,16 +919,67 @@ TEST(CpuBackendOptions, ImportWeightAlignsMxfp4Codes) {
   EXPECT_NE(again.data, got.data);
   EXPECT_EQ(0, std::memcmp(again.data, off_line.data, off_line.bytes()));
   EXPECT_EQ(0, std::memcmp(got.data, first_bytes.data(), first_bytes.size()));
-  const Tensor on_line{storage.data() + to_line, DType::kU8, {2, 3, 2, 16}};
-  EXPECT_EQ(backend.import_weight(on_line).data, on_line.data);
-  const Tensor scales{storage.data() + to_line + 8, DType::kU8, {2, 3, 2}};
-  EXPECT_EQ(backend.import_weight(scales).data, scales.data);
+  // Aligned views, scales and bf16 weights are copied too, each to its own line.
   const Tensor bf16{storage.data() + to_line + 8, DType::kBF16, {4, 16}};
-  EXPECT_EQ(backend.import_weight(bf16).data, bf16.data);
-  ::setenv("ARBITER_CPU_ALIGN_EXPERTS", "0", 1);
+  const Tensor scales{storage.data() + to_line + 3, DType::kU8, {2, 3, 2}};
+  for (const Tensor& t : {Tensor{storage.data() + to_line, DType::kU8, {2, 3, 2, 16}}, scales, bf16}) {
+    const Tensor c = backend.import_weight(t);
+    EXPECT_NE(c.data, t.data);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(c.data) % 64, 0u);
+    EXPECT_EQ(0, std::memcmp(c.data, t.data, t.bytes()));
+  }
+  ::setenv("ARBITER_CPU_COPY_WEIGHTS", "0", 1);
   CpuBackend views(1);
   EXPECT_EQ(views.import_weight(off_line).data, off_line.data);
-  ::unsetenv("ARBITER_CPU_ALIGN_EXPERTS");
+  EXPECT_EQ(views.import_weight(bf16).data, bf16.data);
+  ::unsetenv("ARBITER_CPU_COPY_WEIGHTS");
+}
+
+// The weight arena: 64-byte-aligned pieces that never overlap, tensors larger than a chunk in
+// chunks of their own, and memory advised for huge pages (where the kernel offers them, the
+// mapping is eligible for transparent huge pages).
+TEST(HugePageArena, AlignedDisjointAndAdvised) {
+  cpu::HugePageArena arena;
+  std::vector<std::pair<char*, size_t>> pieces;
+  std::mt19937 rng(5);
+  for (int i = 0; i < 200; ++i) {
+    const size_t n = 1 + rng() % 100000;
+    auto* p = static_cast<char*>(arena.allocate(n));
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u);
+    std::memset(p, i & 0xFF, n);
+    pieces.emplace_back(p, n);
+  }
+  const size_t big = cpu::HugePageArena::kChunk + 12345;
+  auto* large = static_cast<char*>(arena.allocate(big));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(large) % cpu::HugePageArena::kHugePage, 0u);
+  large[0] = 1;
+  large[big - 1] = 2;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    for (size_t j = 0; j < pieces[i].second; j += 997) ASSERT_EQ(static_cast<uint8_t>(pieces[i].first[j]), i & 0xFF);
+    for (size_t j = i + 1; j < pieces.size(); ++j) {
+      const bool apart = pieces[i].first + pieces[i].second <= pieces[j].first || pieces[j].first + pieces[j].second <= pieces[i].first;
+      EXPECT_TRUE(apart) << i << " and " << j << " overlap";
+    }
+  }
+  EXPECT_GE(arena.reserved_bytes(), cpu::HugePageArena::kChunk + big);
+  // /proc/self/smaps says whether a mapping may get huge pages ("THPeligible: 1"); with
+  // transparent huge pages "never", none may.
+  std::ifstream thp("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string mode((std::istreambuf_iterator<char>(thp)), std::istreambuf_iterator<char>());
+  if (mode.empty() || mode.find("[never]") != std::string::npos) GTEST_SKIP() << "no transparent huge pages here";
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  const auto at = reinterpret_cast<uintptr_t>(large);
+  bool in_mapping = false, eligible = false;
+  while (std::getline(smaps, line)) {
+    uintptr_t lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find('-')) {
+      in_mapping = lo <= at && at < hi;
+      continue;
+    }
+    if (in_mapping && line.rfind("THPeligible:", 0) == 0) eligible = line.find('1') != std::string::npos;
+  }
+  EXPECT_TRUE(eligible) << "the arena's memory is not eligible for huge pages (THP mode: " << mode << ")";
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, KernelTest, ::testing::Values(Isa::kPortable, Isa::kAvx2, Isa::kAvx512),

@@ -355,7 +355,7 @@ TEST_F(CheckpointTest, IndexNamingAMissingShardOrTensorIsAnError) {
 TEST_F(CheckpointTest, ExpertsStayPackedAndCanBeSliced) {
   Checkpoint ck(dir_.path());
   CpuBackend backend(1);
-  backend.set_align_experts(false);  // the checkpoint's own mapping
+  backend.set_copy_weights(false);  // the checkpoint's own mapping
   const ModelWeights w = load_weights(config_, ck, backend, ExpertRange{2, 3});
   const ExpertWeights& e = w.layers[0].experts;
   EXPECT_EQ(e.gate_up_blocks.dtype, DType::kU8);
@@ -365,14 +365,22 @@ TEST_F(CheckpointTest, ExpertsStayPackedAndCanBeSliced) {
   const auto* slice = static_cast<const uint8_t*>(all.data) + 2 * 128 * 2 * 16;
   EXPECT_EQ(e.gate_up_blocks.data, slice);  // a view, no copy
   EXPECT_THROW(load_weights(config_, ck, backend, ExpertRange{5, 2}), std::runtime_error);
-  // By default the codes are the view where it starts on a 64-byte line, else an aligned copy of it.
-  CpuBackend aligning(1);
-  const ModelWeights a = load_weights(config_, ck, aligning, ExpertRange{2, 3});
+  // By default every weight is a 64-byte-aligned copy of its view: the slice alone, not the
+  // checkpoint's whole tensor.
+  CpuBackend copying(1);
+  const ModelWeights a = load_weights(config_, ck, copying, ExpertRange{2, 3});
   const Tensor& codes = a.layers[0].experts.gate_up_blocks;
   EXPECT_EQ(reinterpret_cast<uintptr_t>(codes.data) % 64, 0u);
-  EXPECT_TRUE(codes.data == slice || reinterpret_cast<uintptr_t>(slice) % 64 != 0);
+  EXPECT_NE(codes.data, slice);
+  EXPECT_EQ(codes.bytes(), e.gate_up_blocks.bytes());
   EXPECT_EQ(0, std::memcmp(codes.data, slice, codes.bytes()));
-  EXPECT_EQ(a.layers[0].experts.gate_up_scales.data, static_cast<const uint8_t*>(ck.get("model.layers.0.mlp.experts.gate_up_proj_scales", DType::kU8, {6, 128, 2}).data) + 2 * 128 * 2);
+  const Tensor& scales = a.layers[0].experts.gate_up_scales;
+  const auto* scale_slice =
+      static_cast<const uint8_t*>(ck.get("model.layers.0.mlp.experts.gate_up_proj_scales", DType::kU8, {6, 128, 2}).data) + 2 * 128 * 2;
+  EXPECT_NE(scales.data, scale_slice);
+  EXPECT_EQ(0, std::memcmp(scales.data, scale_slice, scales.bytes()));
+  EXPECT_EQ(0, std::memcmp(a.layers[0].q_weight.data, w.layers[0].q_weight.data, w.layers[0].q_weight.bytes()));
+  EXPECT_NE(a.layers[0].q_weight.data, w.layers[0].q_weight.data);
 }
 
 }  // namespace
