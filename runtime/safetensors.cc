@@ -57,6 +57,22 @@ MappedFile::~MappedFile() {
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
+bool MappedFile::contains(const void* p, size_t n) const {
+  const auto* b = static_cast<const uint8_t*>(p);
+  return data_ && b >= data_ && n <= size_ && static_cast<size_t>(b - data_) <= size_ - n;
+}
+
+void MappedFile::release_pages(const void* p, size_t n) const {
+  if (!contains(p, n)) return;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const auto end = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+  if (end <= begin) return;
+  void* first = reinterpret_cast<void*>(begin);
+  (void)::madvise(first, end - begin, MADV_COLD);
+  (void)::madvise(first, end - begin, MADV_DONTNEED);
+}
+
 std::vector<TensorInfo> parse_safetensors_header(const std::string& header_json, uint64_t data_size,
                                                  const std::string& source) {
   json j;
@@ -202,6 +218,10 @@ Tensor Checkpoint::get_any(const std::string& name, std::initializer_list<DType>
   if (!(i.shape == shape))
     fail(file, "tensor '" + name + "' has shape " + i.shape.str() + ", expected " + shape.str());
   return files_[location_.at(name)]->view(name);
+}
+
+void Checkpoint::release_pages(const Tensor& view) const {
+  for (const auto& f : files_) f->release_pages(view.data, view.bytes());
 }
 
 Tensor Checkpoint::get(const std::string& name, DType dtype, const Shape& shape) const {

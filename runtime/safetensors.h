@@ -22,6 +22,13 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // Whether [p, p + n) lies inside the mapping.
+  bool contains(const void* p, size_t n) const;
+  // Unmaps the pages wholly inside [p, p + n) (which must lie inside the mapping) and marks them
+  // the first to reclaim (MADV_COLD, then MADV_DONTNEED): they stay in the page cache while memory
+  // allows, and under pressure they go before any other page. Clean file pages, so nothing is lost;
+  // a later read faults them back in. Errors (a kernel without the advice) are ignored.
+  void release_pages(const void* p, size_t n) const;
 
  private:
   std::string path_;
@@ -50,6 +57,7 @@ class SafetensorsFile {
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
   // A host view of the tensor's bytes inside the mapping.
   Tensor view(const std::string& name) const;
+  void release_pages(const void* p, size_t n) const { file_->release_pages(p, n); }
 
  private:
   std::unique_ptr<MappedFile> file_;
@@ -69,6 +77,11 @@ class Checkpoint {
   Tensor get_any(const std::string& name, std::initializer_list<DType> dtypes, const Shape& shape) const;
   const std::string& file_of(const std::string& name) const;
   std::vector<std::string> names() const;
+  // After a backend has copied a view's bytes into host memory of its own: releases the pages under
+  // the view (MappedFile::release_pages), so that loading a model into copies does not need room for
+  // it twice (a 13 GB checkpoint copied on a 24 GB machine otherwise evicts pages still to be
+  // copied, and the load reads them from disk again). A no-op for views outside the checkpoint.
+  void release_pages(const Tensor& view) const;
 
  private:
   std::string dir_;

@@ -96,15 +96,25 @@ ModelWeights collect_weights(const ModelConfig& c, const Checkpoint& ck, ExpertR
   return w;
 }
 
+// Backend::import_weight, and where a host-memory backend made a copy, the checkpoint's pages under
+// the view released right away (Checkpoint::release_pages): the load then needs room for the model
+// once, not twice. Device backends leave the page cache alone (ranks on one node share it).
+Tensor import_and_release(const Checkpoint& ck, Backend& backend, const Tensor& host) {
+  Tensor t = backend.import_weight(host);
+  if (backend.host_memory() && t.data != host.data) ck.release_pages(host);
+  return t;
+}
+
 }  // namespace
 
 ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, Backend& backend, ExpertRange range) {
-  return collect_weights(c, ck, range, {}, [&](const Tensor& host) { return backend.import_weight(host); }, true);
+  return collect_weights(c, ck, range, {}, [&](const Tensor& host) { return import_and_release(ck, backend, host); }, true);
 }
 
 ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, Backend& backend, const LayerExperts& sets) {
   if (sets.empty()) return load_weights(c, ck, backend, ExpertRange{});
-  ModelWeights w = collect_weights(c, ck, {}, sets, [&](const Tensor& host) { return backend.import_weight(host); }, true);
+  ModelWeights w =
+      collect_weights(c, ck, {}, sets, [&](const Tensor& host) { return import_and_release(ck, backend, host); }, true);
   // A backend that copied the weights no longer needs the host blocks.
   if (!backend.host_memory()) w.gathered.clear();
   return w;

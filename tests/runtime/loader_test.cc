@@ -2,6 +2,8 @@
 // error a bad checkpoint can raise (each message must name the file and the tensor or field).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -381,6 +383,69 @@ TEST_F(CheckpointTest, ExpertsStayPackedAndCanBeSliced) {
   EXPECT_EQ(0, std::memcmp(scales.data, scale_slice, scales.bytes()));
   EXPECT_EQ(0, std::memcmp(a.layers[0].q_weight.data, w.layers[0].q_weight.data, w.layers[0].q_weight.bytes()));
   EXPECT_NE(a.layers[0].q_weight.data, w.layers[0].q_weight.data);
+}
+
+// Resident kB of the mapping that holds `p` (/proc/self/smaps), or -1 where there is none.
+long mapping_rss_kb(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  bool in = false;
+  while (std::getline(smaps, line)) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find('-')) {
+      in = lo <= at && at < hi;
+      continue;
+    }
+    long kb = 0;
+    if (in && std::sscanf(line.c_str(), "Rss: %ld kB", &kb) == 1) return kb;
+  }
+  return -1;
+}
+
+// Checkpoint::release_pages (what a loader does once a host backend has copied a view): the pages
+// wholly inside the view leave the process's resident set, reading the view again gives the same
+// bytes, and views outside the checkpoint (or reaching past a mapping) are left alone.
+TEST_F(CheckpointTest, ReleasedPagesLeaveTheResidentSetAndReadBackTheSame) {
+  Checkpoint ck(dir_.path());
+  const Tensor t = ck.get("model.layers.0.mlp.experts.gate_up_proj_blocks", DType::kU8, {6, 128, 2, 16});
+  ASSERT_GE(t.bytes(), size_t{5} * 4096);
+  const std::vector<uint8_t> before(static_cast<const uint8_t*>(t.data), static_cast<const uint8_t*>(t.data) + t.bytes());
+  const long touched = mapping_rss_kb(t.data);
+  ASSERT_GT(touched, 0);
+  ck.release_pages(t);
+  const long released = mapping_rss_kb(t.data);
+  EXPECT_LE(released, touched - 16) << "at least the 4 whole pages inside the tensor leave the resident set";
+  EXPECT_EQ(0, std::memcmp(t.data, before.data(), before.size()));
+  EXPECT_GT(mapping_rss_kb(t.data), released);
+  std::vector<uint8_t> heap(3 * 4096, 7);
+  ck.release_pages(Tensor{heap.data(), DType::kU8, {static_cast<int64_t>(heap.size())}});
+  EXPECT_EQ(std::count(heap.begin(), heap.end(), 7), static_cast<long>(heap.size()));
+  const auto* end = static_cast<const uint8_t*>(t.data) + t.bytes();
+  const long again = mapping_rss_kb(t.data);
+  ck.release_pages(Tensor{const_cast<uint8_t*>(end) - 4096, DType::kU8, {int64_t{1} << 40}});  // past the mapping
+  EXPECT_EQ(mapping_rss_kb(t.data), again);
+}
+
+// Loading into a copying host backend releases the checkpoint's pages as it goes; the mapping
+// backend keeps them.
+TEST_F(CheckpointTest, CopyingLoadReleasesTheMapping) {
+  Checkpoint ck(dir_.path());
+  const Tensor q = ck.get("model.layers.0.self_attn.q_proj.weight", DType::kBF16,
+                          {config_.num_attention_heads * config_.head_dim, config_.hidden_size});
+  CpuBackend mapping(1);
+  mapping.set_copy_weights(false);
+  const ModelWeights views = load_weights(config_, ck, mapping, ExpertRange{});
+  volatile unsigned sum = 0;  // every page of every tensor touched
+  for (const std::string& name : ck.names()) {
+    const Tensor t = ck.get_any(name, {ck.info(name).dtype}, ck.info(name).shape);
+    for (size_t i = 0; i < t.bytes(); i += 512) sum = sum + static_cast<const uint8_t*>(t.data)[i];
+  }
+  const long mapped = mapping_rss_kb(q.data);
+  CpuBackend copying(1);
+  const ModelWeights copies = load_weights(config_, ck, copying, ExpertRange{});
+  EXPECT_LT(mapping_rss_kb(q.data), mapped);
+  EXPECT_EQ(0, std::memcmp(copies.layers[0].q_weight.data, views.layers[0].q_weight.data, q.bytes()));
 }
 
 }  // namespace
