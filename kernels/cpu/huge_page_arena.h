@@ -1,9 +1,10 @@
 // HugePageArena: memory for the CPU backend's copies of the model's weights. Chunks of anonymous
 // memory aligned to 2 MiB and advised for transparent huge pages (madvise MADV_HUGEPAGE), handed
 // out in 64-byte-aligned pieces that live as long as the arena. A batch-1 decode step streams every
-// weight once, and over 4 KiB pages each step walks millions of page-table entries; 2 MiB pages
-// took a 24-layer decode step from 8.4-9.2 to 10.5-10.8 tokens/s on the 2-core Zen 5 VM
-// (docs/performance.md). Where the kernel gives no huge pages the memory is ordinary.
+// weight once, and over 4 KiB pages a 13 GB model has 24 MB of page tables to walk; in 2 MiB pages
+// a 24-layer batch-1 decode step ran at 10.1-11.2 tokens/s against 8.4-9.1 from the checkpoint's
+// mapping on the 2-core Zen 5 VM (docs/performance.md). Where the kernel gives no huge pages the
+// memory is ordinary.
 #pragma once
 
 #include <cstddef>
