@@ -113,10 +113,14 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, Backend& b
 
 ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, Backend& backend, const LayerExperts& sets) {
   if (sets.empty()) return load_weights(c, ck, backend, ExpertRange{});
-  ModelWeights w =
-      collect_weights(c, ck, {}, sets, [&](const Tensor& host) { return import_and_release(ck, backend, host); }, true);
+  bool every_one_copied = true;
+  ModelWeights w = collect_weights(c, ck, {}, sets, [&](const Tensor& host) {
+    Tensor t = import_and_release(ck, backend, host);
+    every_one_copied = every_one_copied && t.data != host.data;
+    return t;
+  }, true);
   // A backend that copied the weights no longer needs the host blocks.
-  if (!backend.host_memory()) w.gathered.clear();
+  if (every_one_copied) w.gathered.clear();
   return w;
 }
 

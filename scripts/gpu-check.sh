@@ -14,9 +14,19 @@ pack=$root/.gpu-pack
 work=$(mktemp -d /tmp/arbiter-gpu-check.XXXXXX)
 t0=$(date +%s)
 
-if [ ! -x "$pack/bin/gpu_ops_test" ]; then
+if [ ! -x "$pack/bin/gpu_ops_test" ] && [ ! -f "$pack/binlib.tar.gz" ]; then
   echo "gpu-check: no $pack; trying to build one here"
   (cd "$root" && bash scripts/gpu-pack.sh) >"$work/build.log" 2>&1 || echo "gpu-check: build failed (see logs.txt)"
+fi
+
+# gpu-pack.sh carries the binaries and libraries as one gzip archive: unpacked in place, or where the
+# carried tree is read-only, into the work directory with a copy of the rest of the pack.
+if [ -f "$pack/binlib.tar.gz" ] && [ ! -x "$pack/bin/gpu_ops_test" ]; then
+  if ! tar -C "$pack" -xzf "$pack/binlib.tar.gz" 2>"$work/unpack.log"; then
+    mkdir -p "$work/pack"
+    cp -r "$pack/golden" "$pack/tokenizer" "$work/pack/" 2>>"$work/unpack.log"
+    tar -C "$work/pack" -xzf "$pack/binlib.tar.gz" 2>>"$work/unpack.log" && pack=$work/pack
+  fi
 fi
 
 # Libraries: the pack's own, then the GPU machine's CUDA libraries wherever they are.
@@ -69,6 +79,9 @@ run ops 75 "$pack/bin/gpu_ops_test" --gtest_output=json:"$work/ops.json"
 run model 75 "$pack/bin/gpu_model_test" --gtest_output=json:"$work/model.json"
 # The device arena (Backend::reserve): a model allocates only from its reservation.
 run arena 30 "$pack/bin/gpu_arena_test" --gtest_output=json:"$work/arena.json"
+# Expert parallelism on the device: dispatch and combine as backend operations against the CPU, the
+# capacity exchange recorded under global capture, thread ranks sharing this GPU.
+run dispatch 45 "$pack/bin/gpu_dispatch_test" --gtest_output=json:"$work/dispatch.json"
 run bench 100 "$pack/bin/gpu_bench" --benchmark_format=console --benchmark_out="$work/bench.json" --benchmark_out_format=json
 # The CLI end to end on a golden case.
 tokens=$(python3 -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['tokens'])))" "$pack/golden/tiny-a/case.json" 2>/dev/null)
@@ -227,6 +240,7 @@ report = {"gpu": read("gpu.txt").strip(), "env": read("env.txt").strip().splitli
 report["ops_test"] = gtest("ops")
 report["model_test"] = gtest("model")
 report["arena_test"] = gtest("arena")
+report["dispatch_test"] = gtest("dispatch")
 report["model_test_head"] = gtest("model_head")
 report["model_test_nopdl"] = gtest("model_nopdl")
 report["ops_test_nopdl"] = gtest("ops_nopdl")
@@ -315,7 +329,7 @@ os.system(f"cp {work}/ncu_*.log {out}/ 2>/dev/null")
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=1)
 
 L = ["# Arbiter GPU check", "", f"GPU: {report['gpu']}", ""]
-for key in ("ops_test", "model_test", "model_test_head", "ops_test_nopdl", "model_test_nopdl", "model_test_groups2",
+for key in ("ops_test", "model_test", "dispatch_test", "model_test_head", "ops_test_nopdl", "model_test_nopdl", "model_test_groups2",
             "model_test_pipe", "ops_test_attn_knobs"):
     r = report[key]
     L.append(f"- {key}: {'CRASHED/NO OUTPUT ' if r.get('crashed') else ''}{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped")
@@ -383,7 +397,7 @@ L += ["", "steps: " + "; ".join(report["steps"]), "env: " + "; ".join(report["en
 open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
 
 with open(os.path.join(out, "logs.txt"), "w") as f:
-    for name in ("build", "ops", "model", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
+    for name in ("build", "ops", "model", "dispatch", "model_head", "bench", "bench_gemv", "bench_mma", "cli", "cli_ep_threads", "cli_nccl",
                  "model_nopdl", "ops_nopdl", "bench_nopdl", "bench_nofuse", "model_groups2", "bench_groups2", "model_pipe", "ops_attn", "bench_pipe", "bench_warps4", "bench_pipe4", "bench_tile64", "bench_tile32", "bench_deep", "bench_deep32", "bench_attn128", "bench_attn64", "bench_span128", "serve_bench", "make_20b", "serve_bench_20b", "make_tiny", "classify_cpu", "classify_cuda", "memcheck", "racecheck"):
         s = read(name + ".log")
         if not s:

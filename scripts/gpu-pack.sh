@@ -12,11 +12,12 @@ golden=${GOLDEN_SRC:-$root/../shared/golden}
 pack=.gpu-pack
 
 cmake -S . -B "$build" -G Ninja -DARBITER_CUDA_ARCHITECTURES="${ARCHS:-90}" -DCMAKE_BUILD_TYPE=Release >/dev/null
-ninja -C "$build" -j"${JOBS:-2}" gpu_ops_test gpu_model_test gpu_arena_test gpu_bench arbiter
+ninja -C "$build" -j"${JOBS:-2}" gpu_ops_test gpu_model_test gpu_arena_test gpu_dispatch_test gpu_bench arbiter
 
 rm -rf "$pack"
 mkdir -p "$pack/bin" "$pack/lib"
-bins=("$build/tests/gpu/gpu_ops_test" "$build/tests/gpu/gpu_model_test" "$build/tests/gpu/gpu_arena_test" "$build/bench/gpu/gpu_bench"
+bins=("$build/tests/gpu/gpu_ops_test" "$build/tests/gpu/gpu_model_test" "$build/tests/gpu/gpu_arena_test" "$build/tests/gpu/gpu_dispatch_test"
+      "$build/bench/gpu/gpu_bench"
       "$build/arbiter")
 for b in "${bins[@]}"; do
   cp "$b" "$pack/bin/"
@@ -41,13 +42,18 @@ for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
   cp -L "$lib" "$pack/lib/"
 done
 
+# Binaries and libraries travel as one gzip archive (about 40% of their 70 MB; the device tool
+# carries at most 64 MiB); gpu-check.sh unpacks it.
+tar -C "$pack" -cf - bin lib | gzip -9 >"$pack/binlib.tar.gz"
+rm -rf "$pack/bin" "$pack/lib"
+
 # Keep the pack out of git without touching .gitignore.
 exclude=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")"
 grep -qx '/.gpu-pack/' "$exclude" 2>/dev/null || echo '/.gpu-pack/' >>"$exclude"
 
 echo "packed into $pack ($(du -sh "$pack" | cut -f1)):"
-ls "$pack/bin" "$pack/lib"
+tar -tzf "$pack/binlib.tar.gz" | sed -n 's|^\(bin\|lib\)/\(.\)|  \1/\2|p'
 # The device tool carries at most 64 MiB of ignored paths.
 bytes=$(du -sb "$pack" | cut -f1)
 echo "gpu-pack: $pack is $bytes bytes"
