@@ -401,8 +401,8 @@ def gen_cli(binary):
                "decode; faster, but its logits are off by ~2% of their range, [performance.md](performance.md"
                "#aligned-expert-codes-and-an-opt-in-int8-expert-mode-2026-12-06-afternoon)), "
                "`ARBITER_CPU_COPY_WEIGHTS` (`0`: the CPU backend reads the weights from the checkpoint's "
-               "mapping instead of copying them into huge pages at load; slower decode, but no second copy "
-               "of the model in memory while it loads, [performance.md](performance.md"
+               "mapping instead of copying them into huge pages at load; slower decode, for machines whose "
+               "memory cannot hold the whole model, [performance.md](performance.md"
                "#weights-in-huge-pages-2026-12-06-evening)). "
                "The `ARBITER_CUDA_*` switches select kernel variants for benchmarking "
                "([kernels/cuda/NOTES.md](../kernels/cuda/NOTES.md)).")

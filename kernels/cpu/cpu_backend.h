@@ -30,8 +30,9 @@ class CpuBackend final : public Backend {
   // streams every weight, and from the checkpoint's mapping it pays for 4 KiB pages and for tensors
   // that start off a cache line (a checkpoint aligns its tensors to 8 bytes; the one-row MXFP4
   // kernels stream such codes 12-20% slower): docs/performance.md. The copies take the model's size
-  // in anonymous memory (the checkpoint's pages become reclaimable cache); ARBITER_CPU_COPY_WEIGHTS=0
-  // returns the views instead, for machines that cannot hold a second copy during load.
+  // in anonymous memory (the loader releases the checkpoint's pages as it goes);
+  // ARBITER_CPU_COPY_WEIGHTS=0 returns the views instead, for machines whose memory cannot hold the
+  // whole model (a mapping's pages can be dropped and read from the file again).
   Tensor import_weight(const Tensor& host) override;
   void upload(const void* host, const Tensor& dst) override;
   void download(const Tensor& src, void* host) override;
