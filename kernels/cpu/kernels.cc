@@ -40,23 +40,19 @@ void layout_nibbles(const float* x, int64_t n, int lanes, float* out) {
 }
 
 void quantize_q8(const float* x, int64_t n, int group_blocks, int8_t* q, float* half_scales) {
-  const int64_t blocks = n / 32;
-  for (int64_t g0 = 0; g0 < blocks; g0 += group_blocks) {
-    const int64_t nb = std::min<int64_t>(group_blocks, blocks - g0);
-    int8_t* even = q + g0 * 32;
-    int8_t* odd = even + nb * 16;
-    for (int64_t j = 0; j < nb; ++j) {
-      const float* xb = x + (g0 + j) * 32;
-      float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-      half_scales[g0 + j] = 0.5f * d;
-      for (int i = 0; i < 16; ++i) {
-        even[j * 16 + i] = static_cast<int8_t>(std::clamp(std::nearbyint(xb[2 * i] * inv), -127.0f, 127.0f));
-        odd[j * 16 + i] = static_cast<int8_t>(std::clamp(std::nearbyint(xb[2 * i + 1] * inv), -127.0f, 127.0f));
-      }
-    }
-  }
+  quantize_q8_blocks(
+      x, n, group_blocks, q, half_scales,
+      [](const float* xb) {
+        float amax = 0.0f;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        return amax;
+      },
+      [](const float* xb, float inv, int8_t* even, int8_t* odd) {
+        for (int i = 0; i < 16; ++i) {
+          even[i] = static_cast<int8_t>(std::clamp(std::nearbyint(xb[2 * i] * inv), -127.0f, 127.0f));
+          odd[i] = static_cast<int8_t>(std::clamp(std::nearbyint(xb[2 * i + 1] * inv), -127.0f, 127.0f));
+        }
+      });
 }
 
 void pack_xt_blocks(const float* x, int64_t rows, int64_t in, int chunk, int64_t k_begin, int64_t k_end, float* xt) {

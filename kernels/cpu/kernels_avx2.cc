@@ -243,29 +243,21 @@ inline __m128i q8_bytes(__m256 lo, __m256 hi, __m256 inv) {
 
 // quantize_q8 with groups of 2 blocks, one block (four vectors) at a time.
 void quantize_q8_groups(const float* x, int64_t n, int8_t* q, float* half_scales) {
-  const int64_t blocks = n / 32;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  for (int64_t g0 = 0; g0 < blocks; g0 += kQ8GroupBlocks) {
-    const int64_t nb = blocks - g0 < kQ8GroupBlocks ? blocks - g0 : kQ8GroupBlocks;
-    int8_t* even = q + g0 * 32;
-    int8_t* odd = even + nb * 16;
-    for (int64_t j = 0; j < nb; ++j) {
-      const float* xb = x + (g0 + j) * 32;
-      const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
-                   v3 = _mm256_loadu_ps(xb + 24);
-      const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
-                                     _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
-      const float amax = S::hmax(m);
-      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-      half_scales[g0 + j] = 0.5f * d;
-      __m256 e0, o0, e1, o1;
-      S::deinterleave(v0, v1, e0, o0);
-      S::deinterleave(v2, v3, e1, o1);
-      const __m256 vinv = _mm256_set1_ps(inv);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(even + j * 16), q8_bytes(e0, e1, vinv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(odd + j * 16), q8_bytes(o0, o1, vinv));
-    }
-  }
+  quantize_q8_blocks(
+      x, n, kQ8GroupBlocks, q, half_scales,
+      [&](const float* xb) {
+        auto mag = [&](int i) { return _mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask); };
+        return S::hmax(_mm256_max_ps(_mm256_max_ps(mag(0), mag(8)), _mm256_max_ps(mag(16), mag(24))));
+      },
+      [](const float* xb, float inv, int8_t* even, int8_t* odd) {
+        __m256 e0, o0, e1, o1;
+        S::deinterleave(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8), e0, o0);
+        S::deinterleave(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24), e1, o1);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(even), q8_bytes(e0, e1, vinv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(odd), q8_bytes(o0, o1, vinv));
+      });
 }
 
 constexpr KernelTable make_avx2_table() {

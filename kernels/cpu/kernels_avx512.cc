@@ -230,25 +230,19 @@ void mxfp4_q8_rows(const LinearArgs& a, int64_t o_begin, int64_t o_end) {
 
 // quantize_q8 with groups of 4 blocks, one block (two vectors) at a time.
 void quantize_q8_groups(const float* x, int64_t n, int8_t* q, float* half_scales) {
-  const int64_t blocks = n / 32;
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  for (int64_t g0 = 0; g0 < blocks; g0 += kQ8GroupBlocks) {
-    const int64_t nb = blocks - g0 < kQ8GroupBlocks ? blocks - g0 : kQ8GroupBlocks;
-    int8_t* even = q + g0 * 32;
-    int8_t* odd = even + nb * 16;
-    for (int64_t j = 0; j < nb; ++j) {
-      const float* xb = x + (g0 + j) * 32;
-      const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
-      const float amax = S::hmax(_mm512_max_ps(_mm512_and_ps(a, abs_mask), _mm512_and_ps(b, abs_mask)));
-      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-      half_scales[g0 + j] = 0.5f * d;
-      __m512 e, o;
-      S::deinterleave(a, b, e, o);
-      const __m512 vinv = _mm512_set1_ps(inv);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(even + j * 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(e, vinv))));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(odd + j * 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(o, vinv))));
-    }
-  }
+  quantize_q8_blocks(
+      x, n, kQ8GroupBlocks, q, half_scales,
+      [&](const float* xb) {
+        return S::hmax(_mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(xb), abs_mask), _mm512_and_ps(_mm512_loadu_ps(xb + 16), abs_mask)));
+      },
+      [](const float* xb, float inv, int8_t* even, int8_t* odd) {
+        __m512 e, o;
+        S::deinterleave(_mm512_loadu_ps(xb), _mm512_loadu_ps(xb + 16), e, o);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(even), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(e, vinv))));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(odd), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(o, vinv))));
+      });
 }
 
 constexpr KernelTable make_avx512_table() {

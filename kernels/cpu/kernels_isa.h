@@ -49,6 +49,25 @@ void layout_nibbles(const float* x, int64_t n, int lanes, float* out);
 // n blocks' codes meets its activations without shuffles. n must be a multiple of 32. Scalar and
 // shared by every instruction set, so all of them see the same quantized values.
 void quantize_q8(const float* x, int64_t n, int group_blocks, int8_t* q, float* half_scales);
+// The walk over the blocks that quantize_q8 and its vector versions share: per 32-block, d = amax(xb)
+// / 127 (amax: the block's largest magnitude), half_scales = d / 2, and quantize(xb, 1 / d or 0,
+// even, odd) writes its 16 even and 16 odd elements, rounded, where the layout puts them.
+template <typename Amax, typename Quantize>
+inline void quantize_q8_blocks(const float* x, int64_t n, int group_blocks, int8_t* q, float* half_scales, Amax amax,
+                               Quantize quantize) {
+  const int64_t blocks = n / 32;
+  for (int64_t g0 = 0; g0 < blocks; g0 += group_blocks) {
+    const int64_t nb = blocks - g0 < group_blocks ? blocks - g0 : group_blocks;
+    int8_t* even = q + g0 * 32;
+    int8_t* odd = even + nb * 16;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* xb = x + (g0 + j) * 32;
+      const float d = amax(xb) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      half_scales[g0 + j] = 0.5f * d;
+      quantize(xb, inv, even + j * 16, odd + j * 16);
+    }
+  }
+}
 
 // The MXFP4 GEMM reads x transposed in chunks of `chunk` tokens: chunk c is [in][chunk] with
 // xt[c][k'][t] = x[c * chunk + t][k], k' the de-interleaved position of k (as above) and tokens
