@@ -1,6 +1,7 @@
 #include "runtime/generate.h"
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <stdexcept>
 
@@ -80,8 +81,11 @@ std::vector<std::vector<float>> compute_batch_logits(Model& model, const std::ve
 }
 
 std::vector<int32_t> greedy_generate(Model& model, const std::vector<int32_t>& prompt, int max_new_tokens,
-                                     const std::vector<int32_t>& stop_tokens) {
+                                     const std::vector<int32_t>& stop_tokens, GenerateTimings* timings) {
   if (prompt.empty()) throw std::invalid_argument("generate: empty prompt");
+  using Clock = std::chrono::steady_clock;
+  GenerateTimings times;
+  auto start = Clock::now();
   const auto& opt = model.options();
   KvBlockPools pools(opt.kv);
   LocalSequence seq(pools, model.kv_cache().ring_blocks_per_sequence());
@@ -97,6 +101,9 @@ std::vector<int32_t> greedy_generate(Model& model, const std::vector<int32_t>& p
     seq.commit(count);
     if (last) next = ids.at(0);
   }
+  times.prefill_tokens = static_cast<int>(prompt.size());
+  times.prefill_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  start = Clock::now();
   while (static_cast<int>(out.size()) < max_new_tokens) {
     out.push_back(next);
     if (std::find(stop_tokens.begin(), stop_tokens.end(), next) != stop_tokens.end()) break;
@@ -106,7 +113,10 @@ std::vector<int32_t> greedy_generate(Model& model, const std::vector<int32_t>& p
     seq.append_to_step(layout, &next, 1, true);
     next = model.forward_argmax(layout).at(0);
     seq.commit(1);
+    ++times.decode_steps;
   }
+  times.decode_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (timings) *timings = times;
   return out;
 }
 

@@ -46,8 +46,18 @@ std::vector<float> compute_all_logits(Model& model, const std::vector<int32_t>& 
 // Logits at every position of several sequences run together in one prefill step: one
 // [len_i, vocab] block per sequence, in input order. All of them must fit one step.
 std::vector<std::vector<float>> compute_batch_logits(Model& model, const std::vector<std::vector<int32_t>>& sequences);
+// Where a greedy continuation spent its time: the prefill (which also yields the first new token)
+// and the decode steps after it, one per further token.
+struct GenerateTimings {
+  int prefill_tokens = 0;
+  double prefill_seconds = 0;
+  int decode_steps = 0;
+  double decode_seconds = 0;
+};
+
 // Greedy continuation of `prompt`: prefill, then one decode step per new token through the cache.
+// With `timings`, also records how long each part took.
 std::vector<int32_t> greedy_generate(Model& model, const std::vector<int32_t>& prompt, int max_new_tokens,
-                                     const std::vector<int32_t>& stop_tokens = {});
+                                     const std::vector<int32_t>& stop_tokens = {}, GenerateTimings* timings = nullptr);
 
 }  // namespace arbiter

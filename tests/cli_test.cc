@@ -47,6 +47,19 @@ TEST(CliTest, LogitsAndGenerateMatchGolden) {
   ASSERT_EQ(gen.status, 0) << gen.output;
   const auto j = nlohmann::json::parse(gen.output);
   EXPECT_EQ(j.at("tokens").get<std::vector<int32_t>>(), g.greedy);
+  EXPECT_FALSE(j.contains("timings"));
+
+  // --timings: the same tokens, and where the time went.
+  const Result timed = run("generate --device cpu --model " + g.dir + " --tokens " + join(g.tokens) +
+                           " --max-new-tokens " + std::to_string(g.greedy.size()) + " --timings");
+  ASSERT_EQ(timed.status, 0) << timed.output;
+  const auto tj = nlohmann::json::parse(timed.output);
+  EXPECT_EQ(tj.at("tokens").get<std::vector<int32_t>>(), g.greedy);
+  const auto& t = tj.at("timings");
+  EXPECT_EQ(t.at("prefill_tokens").get<int>(), static_cast<int>(g.tokens.size()));
+  EXPECT_EQ(t.at("decode_steps").get<int>(), static_cast<int>(g.greedy.size()) - 1);
+  for (const char* k : {"load_s", "prefill_s", "decode_s", "decode_tokens_per_s"}) EXPECT_GT(t.at(k).get<double>(), 0.0) << k;
+  EXPECT_NEAR(t.at("decode_tokens_per_s").get<double>() * t.at("decode_s").get<double>(), g.greedy.size() - 1.0, 1e-6);
 }
 
 TEST(CliTest, MakeModelWritesALoadableCheckpointWithTheRealVocabulary) {

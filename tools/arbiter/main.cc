@@ -1,5 +1,6 @@
 // The arbiter command: one binary, one subcommand per job (like git). Each subcommand parses its
 // own options, reports errors on stderr with exit status 2 (usage) or 1 (failure).
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -10,6 +11,8 @@
 #include <stdexcept>
 #include <set>
 #include <string>
+
+#include <nlohmann/json.hpp>
 
 #include "kernels/backend.h"
 #include "runtime/config.h"
@@ -81,6 +84,8 @@ const char* const kGenerateUsage =
     "  --model DIR              checkpoint folder (required)\n"
     "  --tokens IDS             comma-separated prompt token ids (required)\n"
     "  --max-new-tokens N       tokens to generate (16)\n"
+    "  --timings                also print \"timings\": seconds to load, prefill (which yields the first new\n"
+    "                           token) and decode (one step per further token), and decode tokens/s\n"
     "  --device cpu|cuda[:N]|auto  (auto: CUDA when a GPU is present)\n"
     "  --step-tokens N          rows per forward step (256)\n" ARBITER_RANK_OPTIONS;
 
@@ -174,15 +179,26 @@ int cmd_generate(const CliArgs& args) {
   const auto tokens = token_arg(args);
   const int max_new = static_cast<int>(args.get_int("max-new-tokens", 16));
   if (max_new < 0) throw std::invalid_argument("--max-new-tokens must be >= 0");
+  const bool timings = args.flag("timings");
   run_ranks(args, [&](const CliArgs& rank_args, const RankContext& rank) {
+    const auto start = std::chrono::steady_clock::now();
     LoadedModel m = load(rank_args, 1, static_cast<int>(tokens.size()) + max_new, rank);
+    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     rank_args.check_all_used();
     if (!rank.leads()) return m.model->serve_peers();
-    const auto out = greedy_generate(*m.model, tokens, max_new);
+    GenerateTimings t;
+    const auto out = greedy_generate(*m.model, tokens, max_new, {}, &t);
     m.model->serve_peers();
-    std::string json = "{\"tokens\":[";
-    for (size_t i = 0; i < out.size(); ++i) json += (i ? "," : "") + std::to_string(out[i]);
-    std::cout << json << "]}\n";
+    nlohmann::ordered_json j;
+    j["tokens"] = out;
+    if (timings)
+      j["timings"] = {{"load_s", load_s},
+                      {"prefill_tokens", t.prefill_tokens},
+                      {"prefill_s", t.prefill_seconds},
+                      {"decode_steps", t.decode_steps},
+                      {"decode_s", t.decode_seconds},
+                      {"decode_tokens_per_s", t.decode_steps > 0 ? t.decode_steps / t.decode_seconds : 0.0}};
+    std::cout << j.dump() << "\n";
   });
   return 0;
 }
@@ -215,7 +231,7 @@ int main(int argc, char** argv) {
       {"tokenize", {"specials", "jsonl"}, kTokenizeUsage, cmd_tokenize},
       {"detokenize", {"jsonl"}, kDetokenizeUsage, cmd_detokenize},
       {"render", {"hf-newlines"}, kRenderUsage, cmd_render},
-      {"generate", {}, kGenerateUsage, cmd_generate},
+      {"generate", {"timings"}, kGenerateUsage, cmd_generate},
       {"serve", {"no-prefix-cache", "policy-db-readonly", "no-decision-log", "no-expert-stats"}, kServeUsage, cmd_serve},
       {"classify", {"no-prefix-cache", "no-reasoning"}, kClassifyUsage, cmd_classify},
       {"bench", {"quick"}, kBenchUsage, cmd_bench},
