@@ -6,7 +6,9 @@
 # llama.cpp comes from npm: node-llama-cpp's package carries llama.cpp's source as a git bundle. It
 # is built here with -march=native (GGML_NATIVE), and the checkpoint is written as GGUF by
 # to_gguf.py (llama.cpp's own converter needs PyTorch and transformers, which Debian 12 lacks).
-# Before timing, each depth checks that both produce the same greedy continuation of a prompt.
+# Before timing, each depth checks that both run the same model: the greedy continuations of a
+# prompt, and llama.cpp's logits at its end against Arbiter's exact ones, next to the distance of
+# Arbiter's own int8 expert mode (the kind of rounding llama.cpp applies) from them.
 #
 # Each side decodes --tokens tokens after a short prompt, 2 threads:
 # - Arbiter: `arbiter generate --timings` (decode_tokens_per_s: the decode steps alone);
@@ -111,17 +113,35 @@ llama_tps() {  # $1 layers, $2 load mode: mmap or none
 results=()
 for l in $layers; do
   prepare "$l"
+  # Same model on both sides: the greedy continuations, and the logits at the prompt's last position
+  # (Arbiter exact, llama.cpp, and Arbiter with int8 expert activations as llama.cpp quantizes them,
+  # one token per step so that every expert product takes the one-row kernels the int8 mode replaces:
+  # where the continuations part, the int8 mode's distance from exact says how far that alone goes).
   mine=$("$arbiter" generate --model "$work/arbiter-$l" --tokens "$prompt" --max-new-tokens 8 |
     $python -c "import json, sys; print(','.join(map(str, json.load(sys.stdin)['tokens'])))")
-  theirs=$("$greedy" "$work/$l.gguf" "$prompt" 8 2>/dev/null |
+  theirs=$("$greedy" "$work/$l.gguf" "$prompt" 8 "$work/llama-$l.f32" 2>/dev/null |
     $python -c "import json, sys; print(','.join(map(str, json.load(sys.stdin)['tokens'])))")
-  same=$($python -c "
-a, b = '$mine'.split(','), '$theirs'.split(',')
-n = 0
-while n < len(a) and n < len(b) and a[n] == b[n]: n += 1
-print(n)")
-  echo "$l layers: greedy continuations agree on the first $same of 8 tokens (Arbiter $mine; llama.cpp $theirs)" >&2
-  a=() b=()
+  "$arbiter" logits --model "$work/arbiter-$l" --tokens "$prompt" --step-tokens 1 --out "$work/arbiter-$l.npy" >/dev/null
+  ARBITER_CPU_MXFP4=int8 "$arbiter" logits --model "$work/arbiter-$l" --tokens "$prompt" --step-tokens 1 --out "$work/arbiter-int8-$l.npy" >/dev/null
+  check=$($python - "$mine" "$theirs" "$work/arbiter-$l.npy" "$work/llama-$l.f32" "$work/arbiter-int8-$l.npy" <<'EOF'
+import json, sys
+import numpy as np
+a, b = sys.argv[1].split(","), sys.argv[2].split(",")
+same = 0
+while same < len(a) and same < len(b) and a[same] == b[same]:
+    same += 1
+exact = np.load(sys.argv[3])[-1].astype(np.float64)
+llama = np.fromfile(sys.argv[4], dtype=np.float32).astype(np.float64)
+int8 = np.load(sys.argv[5])[-1].astype(np.float64)
+def cos(x, y): return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+def err(x, y): return float(np.abs(x - y).max() / np.abs(y).max())
+print(json.dumps({"greedy_agreement_of_8": same, "cosine_llamacpp": cos(llama, exact), "max_err_llamacpp": err(llama, exact),
+                  "cosine_int8": cos(int8, exact), "max_err_int8": err(int8, exact)}))
+EOF
+)
+  echo "$l layers: Arbiter's and llama.cpp's greedy continuations: $mine; $theirs" >&2
+  echo "  agreement and logits at the prompt's end, against Arbiter's: $check" >&2
+  a=() b=() mm=() own=()
   for ((r = 0; r < rounds; r++)); do
     if ((r % 2 == 0)); then
       a+=("$(arbiter_tps "$l")")
@@ -130,14 +150,18 @@ print(n)")
       m0=$(llama_tps "$l" none) m1=$(llama_tps "$l" mmap)
       a+=("$(arbiter_tps "$l")")
     fi
-    b+=("$($python -c "print(max($m0, $m1))")")
+    b+=("$($python -c "print(max($m0, $m1))")") mm+=("$m1") own+=("$m0")
     echo "  round $((r + 1)): Arbiter ${a[-1]} tok/s; llama.cpp ${m1} (mmap) / ${m0} (own buffers) tok/s" >&2
   done
-  results+=("$($python - "$l" "$same" "${a[*]}" "${b[*]}" <<'EOF'
+  results+=("$($python - "$l" "$check" "${a[*]}" "${b[*]}" "${mm[*]}" "${own[*]}" <<'EOF'
 import json, statistics, sys
-l, same, a, b = int(sys.argv[1]), int(sys.argv[2]), list(map(float, sys.argv[3].split())), list(map(float, sys.argv[4].split()))
+l, check = int(sys.argv[1]), json.loads(sys.argv[2])
+a, b, mm, own = ([float(v) for v in arg.split()] for arg in sys.argv[3:7])
 ratios = [x / y for x, y in zip(a, b)]
-print(json.dumps({"layers": l, "greedy_agreement_of_8": same, "arbiter_tok_s": a, "llamacpp_tok_s": b,
+print(json.dumps({"layers": l, **check, "arbiter_tok_s": a, "llamacpp_tok_s": b, "llamacpp_mmap_tok_s": mm,
+                  "llamacpp_own_buffers_tok_s": own,
+                  "ratio_vs_mmap_median": statistics.median(x / y for x, y in zip(a, mm)),
+                  "ratio_vs_own_buffers_median": statistics.median(x / y for x, y in zip(a, own)),
                   "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}))
 EOF
 )")
@@ -148,11 +172,15 @@ import json, sys
 out, version, tokens, rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), [json.loads(r) for r in sys.argv[4:]]
 json.dump({"llamacpp": version, "decode_tokens": tokens, "threads": 2, "depths": rows}, open(out, "w"), indent=2)
 print(f"batch-1 decode, {tokens} tokens, 2 threads; llama.cpp {version} (better load mode per round)")
-print("| layers | Arbiter tok/s | llama.cpp tok/s | Arbiter / llama.cpp (median, range) | greedy agreement |")
-print("|---|---|---|---|---|")
+print("| layers | Arbiter tok/s | llama.cpp tok/s | Arbiter ÷ llama.cpp, median (range) | ÷ mmap / own buffers, medians "
+      "| greedy agreement | llama.cpp's logits: cosine, max err | Arbiter int8's: cosine, max err |")
+print("|---|---|---|---|---|---|---|---|")
 for r in rows:
     a = sorted(r["arbiter_tok_s"]); b = sorted(r["llamacpp_tok_s"])
     print(f"| {r['layers']} | {a[0]:.1f}–{a[-1]:.1f} | {b[0]:.1f}–{b[-1]:.1f} | "
-          f"{r['ratio_median']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) | {r['greedy_agreement_of_8']}/8 |")
+          f"{r['ratio_median']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) | "
+          f"{r['ratio_vs_mmap_median']:.2f}× / {r['ratio_vs_own_buffers_median']:.2f}× | {r['greedy_agreement_of_8']}/8 | "
+          f"{r['cosine_llamacpp']:.4f}, {r['max_err_llamacpp']:.3f} | {r['cosine_int8']:.4f}, {r['max_err_int8']:.3f} |")
+print("(logits at the prompt's last position against Arbiter's exact ones; max err is over max |logit|)")
 print(f"(written to {out})")
 EOF
