@@ -101,6 +101,9 @@ EOF
 # A harmony-formatted prompt (system, user, assistant's start), as token ids.
 prompt=200006,17360,200008,3575,553,261,10297,200007,200006,1428,200008,12194,200007,200006,173781
 
+token_list() {  # the "tokens" of a generate-style JSON object on stdin, comma-separated
+  $python -c "import json, sys; print(','.join(map(str, json.load(sys.stdin)['tokens'])))"
+}
 arbiter_tps() {
   "$arbiter" generate --model "$work/arbiter-$1" --tokens "$prompt" --max-new-tokens $((tokens + 1)) --timings |
     $python -c "import json, sys; print(json.load(sys.stdin)['timings']['decode_tokens_per_s'])"
@@ -117,10 +120,8 @@ for l in $layers; do
   # (Arbiter exact, llama.cpp, and Arbiter with int8 expert activations as llama.cpp quantizes them,
   # one token per step so that every expert product takes the one-row kernels the int8 mode replaces:
   # where the continuations part, the int8 mode's distance from exact says how far that alone goes).
-  mine=$("$arbiter" generate --model "$work/arbiter-$l" --tokens "$prompt" --max-new-tokens 8 |
-    $python -c "import json, sys; print(','.join(map(str, json.load(sys.stdin)['tokens'])))")
-  theirs=$("$greedy" "$work/$l.gguf" "$prompt" 8 "$work/llama-$l.f32" 2>/dev/null |
-    $python -c "import json, sys; print(','.join(map(str, json.load(sys.stdin)['tokens'])))")
+  mine=$("$arbiter" generate --model "$work/arbiter-$l" --tokens "$prompt" --max-new-tokens 8 | token_list)
+  theirs=$("$greedy" "$work/$l.gguf" "$prompt" 8 "$work/llama-$l.f32" 2>/dev/null | token_list)
   "$arbiter" logits --model "$work/arbiter-$l" --tokens "$prompt" --step-tokens 1 --out "$work/arbiter-$l.npy" >/dev/null
   ARBITER_CPU_MXFP4=int8 "$arbiter" logits --model "$work/arbiter-$l" --tokens "$prompt" --step-tokens 1 --out "$work/arbiter-int8-$l.npy" >/dev/null
   check=$($python - "$mine" "$theirs" "$work/arbiter-$l.npy" "$work/llama-$l.f32" "$work/arbiter-int8-$l.npy" <<'EOF'
@@ -141,7 +142,7 @@ EOF
 )
   echo "$l layers: Arbiter's and llama.cpp's greedy continuations: $mine; $theirs" >&2
   echo "  agreement and logits at the prompt's end, against Arbiter's: $check" >&2
-  a=() b=() mm=() own=()
+  a=() mm=() own=()
   for ((r = 0; r < rounds; r++)); do
     if ((r % 2 == 0)); then
       a+=("$(arbiter_tps "$l")")
@@ -150,13 +151,14 @@ EOF
       m0=$(llama_tps "$l" none) m1=$(llama_tps "$l" mmap)
       a+=("$(arbiter_tps "$l")")
     fi
-    b+=("$($python -c "print(max($m0, $m1))")") mm+=("$m1") own+=("$m0")
+    mm+=("$m1") own+=("$m0")
     echo "  round $((r + 1)): Arbiter ${a[-1]} tok/s; llama.cpp ${m1} (mmap) / ${m0} (own buffers) tok/s" >&2
   done
-  results+=("$($python - "$l" "$check" "${a[*]}" "${b[*]}" "${mm[*]}" "${own[*]}" <<'EOF'
+  results+=("$($python - "$l" "$check" "${a[*]}" "${mm[*]}" "${own[*]}" <<'EOF'
 import json, statistics, sys
 l, check = int(sys.argv[1]), json.loads(sys.argv[2])
-a, b, mm, own = ([float(v) for v in arg.split()] for arg in sys.argv[3:7])
+a, mm, own = ([float(v) for v in arg.split()] for arg in sys.argv[3:6])
+b = [max(x, y) for x, y in zip(mm, own)]  # llama.cpp's better load mode in each round
 ratios = [x / y for x, y in zip(a, b)]
 print(json.dumps({"layers": l, **check, "arbiter_tok_s": a, "llamacpp_tok_s": b, "llamacpp_mmap_tok_s": mm,
                   "llamacpp_own_buffers_tok_s": own,

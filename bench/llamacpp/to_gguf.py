@@ -50,12 +50,9 @@ class Checkpoint:
         return data[begin:end].view(dtype).reshape(info["shape"])
 
 
-def bf16_to_f32(a: np.ndarray) -> np.ndarray:
-    return (a.astype(np.uint32) << 16).view(np.float32)
-
-
 def to_f32(a: np.ndarray) -> np.ndarray:
-    return bf16_to_f32(a) if a.dtype == np.uint16 else a.astype(np.float32)
+    """bf16 (read as uint16) or f32 values as f32."""
+    return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a.astype(np.float32)
 
 
 def ggml_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -131,7 +128,7 @@ def main() -> int:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(199998)
+    w.add_bos_token_id(tokens.index("<|startoftext|>"))
     w.add_eos_token_id(cfg["eos_token_id"])
     w.add_pad_token_id(cfg["pad_token_id"])
 
