@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <stdexcept>
+#include <vector>
 
 #include "kernels/cpu/kernels_isa.h"
 #include "kernels/cpu/thread_pool.h"
@@ -24,9 +26,47 @@ bool vnni_available();
 bool vnni_active();
 void set_vnni_active(bool on);
 
-// Runs body(i) for every i in [0, items) on all pool threads (the caller included), handing the
-// items out one at a time from a shared counter: fine-grained dynamic balancing whatever the
-// pool's own chunking, and no harm when a worker wakes late (the others take its items).
+namespace detail {
+// [lo, hi) of one thread's share, packed in one word so that the owner's "take the next item" and a
+// thief's "take the back half" are single compare-and-swaps.
+struct alignas(64) ItemShare {
+  std::atomic<uint64_t> range{0};
+  static uint64_t pack(uint32_t lo, uint32_t hi) { return static_cast<uint64_t>(hi) << 32 | lo; }
+  static uint32_t lo(uint64_t r) { return static_cast<uint32_t>(r); }
+  static uint32_t hi(uint64_t r) { return static_cast<uint32_t>(r >> 32); }
+  // The next item from the front, or -1 when the share is empty.
+  int64_t take_front() {
+    uint64_t r = range.load(std::memory_order_relaxed);
+    while (lo(r) < hi(r))
+      if (range.compare_exchange_weak(r, pack(lo(r) + 1, hi(r)), std::memory_order_relaxed)) return lo(r);
+    return -1;
+  }
+  // Takes the back half (at least one item) of the share: false when it is empty.
+  bool take_back_half(uint32_t& begin, uint32_t& end) {
+    uint64_t r = range.load(std::memory_order_relaxed);
+    while (lo(r) < hi(r)) {
+      const uint32_t mid = lo(r) + (hi(r) - lo(r)) / 2;
+      if (range.compare_exchange_weak(r, pack(lo(r), mid), std::memory_order_relaxed)) {
+        begin = mid;
+        end = hi(r);
+        return true;
+      }
+    }
+    return false;
+  }
+  uint32_t left() const {
+    const uint64_t r = range.load(std::memory_order_relaxed);
+    return hi(r) - lo(r);
+  }
+};
+}  // namespace detail
+
+// Runs body(i) for every i in [0, items) on all pool threads (the caller included). Each thread
+// starts on its own contiguous share of the items and walks it in order, so a thread streaming
+// weights keeps one sequential stream (the hardware prefetcher and the kernels' software prefetch
+// run on into its next item); a thread that runs out takes the back half of the largest share left
+// and walks that in order. Items may differ in cost: the splitting balances them, and a worker
+// that wakes late finds its share taken half by half by the others.
 template <typename F>
 void dynamic_for(ThreadPool& pool, int64_t items, const F& body) {
   if (items <= 0) return;
@@ -34,10 +74,31 @@ void dynamic_for(ThreadPool& pool, int64_t items, const F& body) {
     for (int64_t i = 0; i < items; ++i) body(i);
     return;
   }
-  std::atomic<int64_t> next{0};
-  pool.parallel_for(pool.size(), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items; i = next.fetch_add(1, std::memory_order_relaxed))
-      body(i);
+  if (items >= (int64_t{1} << 32)) throw std::length_error("dynamic_for: too many items");
+  const int threads = pool.size();
+  std::vector<detail::ItemShare> shares(static_cast<size_t>(threads));
+  for (int t = 0; t < threads; ++t)
+    shares[static_cast<size_t>(t)].range.store(
+        detail::ItemShare::pack(static_cast<uint32_t>(items * t / threads), static_cast<uint32_t>(items * (t + 1) / threads)),
+        std::memory_order_relaxed);
+  pool.parallel_for(threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      detail::ItemShare& mine = shares[static_cast<size_t>(t)];
+      for (;;) {
+        for (int64_t i = mine.take_front(); i >= 0; i = mine.take_front()) body(i);
+        // Out of work: move the back half of the largest share left into this one.
+        size_t victim = shares.size();
+        uint32_t most = 0;
+        for (size_t v = 0; v < shares.size(); ++v)
+          if (shares[v].left() > most) {
+            most = shares[v].left();
+            victim = v;
+          }
+        if (victim == shares.size()) break;
+        uint32_t begin = 0, end = 0;
+        if (shares[victim].take_back_half(begin, end)) mine.range.store(detail::ItemShare::pack(begin, end), std::memory_order_relaxed);
+      }
+    }
   });
 }
 

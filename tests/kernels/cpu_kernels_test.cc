@@ -5,6 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <thread>
+#include <mutex>
+#include <map>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -75,6 +79,42 @@ class KernelTest : public ::testing::TestWithParam<Isa> {
 };
 
 // ---------------------------------------------------------------------------------------------
+
+// dynamic_for hands every item out exactly once, whatever the thread count and however uneven
+// the items' cost, and each thread walks its items in runs of consecutive ascending indexes: one
+// for its own share and one per back half it takes from another thread, which stays few (each
+// steal halves the largest share left), where one-at-a-time hand-out interleaves the threads item
+// by item.
+TEST(DynamicFor, EveryItemOnceInFewAscendingRunsPerThread) {
+  std::mt19937 rng(17);
+  for (int threads : {1, 2, 3, 5}) {
+    cpu::ThreadPool pool(threads);
+    for (int trial = 0; trial < 12; ++trial) {
+      const int64_t items = trial == 0 ? 0 : trial == 1 ? 1 : trial == 2 ? threads - 1 : 1 + static_cast<int64_t>(rng() % 6000);
+      const bool uneven = trial % 2 == 1;
+      std::vector<std::atomic<int>> seen(static_cast<size_t>(items));
+      std::mutex mutex;
+      std::map<std::thread::id, std::vector<int64_t>> order;
+      cpu::dynamic_for(pool, items, [&](int64_t i) {
+        ASSERT_GE(i, 0);
+        ASSERT_LT(i, items);
+        seen[static_cast<size_t>(i)].fetch_add(1);
+        // Uneven: one item in 16 costs ~100x the others, clustered at the front.
+        volatile double x = 0;
+        const int work = uneven && (i < items / 4) && i % 16 == 0 ? 20000 : 200;
+        for (int k = 0; k < work; ++k) x = x + std::sqrt(static_cast<double>(k + i));
+        std::lock_guard<std::mutex> lock(mutex);
+        order[std::this_thread::get_id()].push_back(i);
+      });
+      for (int64_t i = 0; i < items; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)].load(), 1) << "item " << i << " of " << items;
+      int64_t runs = 0;
+      for (const auto& [id, v] : order)
+        for (size_t j = 0; j < v.size(); ++j) runs += j == 0 || v[j] != v[j - 1] + 1;
+      const double bound = 2.0 * threads * (std::log2(static_cast<double>(std::max<int64_t>(items, 1))) + 2);
+      EXPECT_LE(static_cast<double>(runs), bound) << threads << " threads, " << items << " items";
+    }
+  }
+}
 
 TEST(KernelCheck, ToleranceCatchesSmallErrors) {
   // The comparison used below must notice an error of one part in 10^4 of the summed magnitude.
