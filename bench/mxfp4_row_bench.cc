@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/huge_page_arena.h"
 #include "kernels/cpu/kernels.h"
 
 #if defined(__x86_64__)
@@ -66,12 +67,13 @@ float read_bytes(const uint8_t* p, size_t n) {
   return plain_read_portable(p, n);
 }
 
-// One expert matrix: codes and scales in one allocation (as in a checkpoint's tensors).
+// One expert matrix: codes and scales in one allocation (as in a checkpoint's tensors), in memory
+// of the kind the CPU backend keeps its weights in (huge pages where the kernel gives them).
 struct Matrix {
-  std::vector<uint8_t> bytes;
+  uint8_t* bytes = nullptr;
   size_t offset = 0;
-  const uint8_t* blocks() const { return bytes.data() + offset; }
-  const uint8_t* scales(int64_t out, int64_t in) const { return bytes.data() + offset + out * in / 2; }
+  const uint8_t* blocks() const { return bytes + offset; }
+  const uint8_t* scales(int64_t out, int64_t in) const { return bytes + offset + out * in / 2; }
 };
 
 struct Variant {
@@ -96,11 +98,11 @@ int run() {
   const size_t matrix_bytes = static_cast<size_t>(out * in / 2 + out * in / 32);
   const int pool_matrices = 48;  // ~420 MB: far beyond any cache
   std::mt19937 rng(5);
+  cpu::HugePageArena arena;
   std::vector<Matrix> matrices(static_cast<size_t>(pool_matrices));
   for (auto& m : matrices) {
-    m.bytes.resize(matrix_bytes + 64);
-    m.offset = (64 - reinterpret_cast<uintptr_t>(m.bytes.data()) % 64) % 64;  // on a cache line
-    uint8_t* base = m.bytes.data() + m.offset;
+    m.bytes = static_cast<uint8_t*>(arena.allocate(matrix_bytes));  // 64-byte aligned: on a cache line
+    uint8_t* base = m.bytes + m.offset;
     for (size_t i = 0; i + 4 <= matrix_bytes; i += 4) {
       const uint32_t r = static_cast<uint32_t>(rng());
       __builtin_memcpy(base + i, &r, 4);
@@ -110,23 +112,20 @@ int run() {
   // bf16 matrices of the same shape (the dense products' kernel, for comparison): 2 bytes a weight.
   // Each with 32 spare weights in front, so that it can start on a cache line (offset 0) or 16 bytes
   // past one (offset 8 weights).
-  std::vector<std::vector<uint16_t>> dense(static_cast<size_t>(pool_matrices / 2));
+  std::vector<uint16_t*> dense(static_cast<size_t>(pool_matrices / 2));
   for (auto& m : dense) {
-    m.resize(static_cast<size_t>(out * in) + 64);
-    for (auto& v : m) v = static_cast<uint16_t>(0x3c00 + (rng() & 0x1ff));
+    m = static_cast<uint16_t*>(arena.allocate(static_cast<size_t>(out * in + 64) * 2));
+    for (int64_t i = 0; i < out * in + 64; ++i) m[i] = static_cast<uint16_t>(0x3c00 + (rng() & 0x1ff));
   }
-  auto dense_at = [](const std::vector<uint16_t>& m, bool shifted) {
-    const size_t skip = (64 - reinterpret_cast<uintptr_t>(m.data()) % 64) % 64 / 2;
-    return m.data() + skip + (shifted ? 8 : 0);
-  };
+  auto dense_at = [](const uint16_t* m, bool shifted) { return m + (shifted ? 8 : 0); };
   size_t next_dense = 0;
   // The same matrices 16 bytes off a cache line (as a checkpoint's tensors may be: their offsets in
   // the file are only 8-byte aligned), for the variants marked "+16 B".
   std::vector<Matrix> shifted(matrices.size());
   for (size_t i = 0; i < matrices.size(); ++i) {
-    shifted[i].bytes.resize(matrix_bytes + 128);
-    shifted[i].offset = (64 - reinterpret_cast<uintptr_t>(shifted[i].bytes.data()) % 64) % 64 + 16;
-    __builtin_memcpy(shifted[i].bytes.data() + shifted[i].offset, matrices[i].blocks(), matrix_bytes);
+    shifted[i].bytes = static_cast<uint8_t*>(arena.allocate(matrix_bytes + 16));
+    shifted[i].offset = 16;
+    __builtin_memcpy(shifted[i].bytes + shifted[i].offset, matrices[i].blocks(), matrix_bytes);
   }
   std::vector<float> x(static_cast<size_t>(in)), y(static_cast<size_t>(out));
   std::normal_distribution<float> nd(0.0f, 1.0f);
