@@ -110,8 +110,8 @@ int run() {
     for (int64_t i = 0; i < out * in / 32; ++i) base[out * in / 2 + i] = static_cast<uint8_t>(118 + rng() % 12);
   }
   // bf16 matrices of the same shape (the dense products' kernel, for comparison): 2 bytes a weight.
-  // Each with 32 spare weights in front, so that it can start on a cache line (offset 0) or 16 bytes
-  // past one (offset 8 weights).
+  // Each starts on a cache line and has 64 spare weights behind, so that it can be read from there
+  // (offset 0) or from 16 bytes past it (offset 8 weights).
   std::vector<uint16_t*> dense(static_cast<size_t>(pool_matrices / 2));
   for (auto& m : dense) {
     m = static_cast<uint16_t*>(arena.allocate(static_cast<size_t>(out * in + 64) * 2));
